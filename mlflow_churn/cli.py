@@ -1,0 +1,174 @@
+"""The ``churn`` command: parses options, calls one module function, prints the result.
+
+Bad input raises :class:`~mlflow_churn.errors.ChurnError` deep down; :func:`main` turns it
+into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import date
+from pathlib import Path
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from mlflow_churn.config import SCENARIOS, ChurnConfig, load_config
+from mlflow_churn.errors import ChurnError
+
+app = typer.Typer(
+    name="churn",
+    help="Guardrails for a production churn model, centred on MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Show the resolved configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+console = Console()
+
+
+def _opt_str(value: str | None) -> str | None:
+    """MLproject passes unset string parameters as ''; treat that as unset."""
+    return value or None
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    config: str = typer.Option(
+        None, "--config", help="YAML config file (default: $CHURN_CONFIG or ./churn.yaml)."
+    ),
+    workspace: str = typer.Option(
+        None, "--workspace", help="Workspace directory (default: $CHURN_WORKSPACE or ./churn-workspace)."
+    ),
+) -> None:
+    ctx.obj = {"config": _opt_str(config), "workspace": _opt_str(workspace)}
+
+
+def get_config(ctx: typer.Context, overrides: dict | None = None) -> ChurnConfig:
+    """Load the config named by the root options, with command-level overrides."""
+    root = ctx.find_root().obj or {}
+    return load_config(root.get("config"), root.get("workspace"), overrides)
+
+
+def parse_date(value: str, option: str) -> date:
+    """Parse YYYY-MM-DD or raise a ChurnError naming ``option``."""
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise ChurnError(f"{option} must be a date like 2026-01-31, got '{value}'") from None
+
+
+@config_app.command("show")
+def config_show(ctx: typer.Context) -> None:
+    """Print the resolved configuration (defaults + churn.yaml + CHURN_* variables)."""
+    cfg = get_config(ctx)
+    data = cfg.model_dump(mode="json")
+    data["resolved_tracking_uri"] = cfg.mlflow_tracking_uri
+    typer.echo(yaml.safe_dump(data, sort_keys=False))
+
+
+@app.command()
+def simulate(
+    ctx: typer.Context,
+    customers: int = typer.Option(None, help="Customers at the start [config: simulation.customers]."),
+    days: int = typer.Option(None, help="Days of daily activity [simulation.days]."),
+    start: str = typer.Option(None, help="First day, YYYY-MM-DD (UTC) [simulation.start]."),
+    scenario: str = typer.Option(None, help=f"One of: {', '.join(SCENARIOS)} [simulation.scenario]."),
+    seed: int = typer.Option(None, help="Random seed; same seed, same bytes [simulation.seed]."),
+    onset_day: int = typer.Option(None, help="Day index where drift starts (default days // 2)."),
+    segment: str = typer.Option(
+        None, help="Segment that shifts in segment_shift, COLUMN=VALUE (default region=pacific)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Simulate customers, daily activity and churn events into <workspace>/data."""
+    from mlflow_churn.data.simulator import SimulationSpec
+    from mlflow_churn.data.simulator import simulate as run_simulation
+
+    seg_col = seg_val = None
+    if segment:
+        if "=" not in segment:
+            raise ChurnError(f"--segment must look like COLUMN=VALUE (e.g. region=pacific), got '{segment}'")
+        seg_col, seg_val = segment.split("=", 1)
+    cfg = get_config(ctx, {
+        "simulation.customers": customers, "simulation.days": days,
+        "simulation.start": parse_date(start, "--start") if start else None,
+        "simulation.scenario": scenario, "simulation.seed": seed,
+        "simulation.onset_day": onset_day, "simulation.segment_column": seg_col,
+        "simulation.segment_value": seg_val,
+    })
+    sim = cfg.simulation
+    spec = SimulationSpec(
+        customers=sim.customers, days=sim.days, start=sim.start, scenario=sim.scenario,
+        seed=sim.seed, onset_day=sim.onset_day, segment_column=sim.segment_column,
+        segment_value=sim.segment_value,
+    )
+    result = _with_progress(
+        f"simulating {spec.customers:,} customers", spec.days, progress,
+        lambda tick: run_simulation(spec, cfg.data_dir, overwrite=overwrite, on_day=tick),
+    )
+    table = Table(title=f"churn simulate: scenario={spec.scenario} seed={spec.seed}")
+    table.add_column("table")
+    table.add_column("rows", justify="right")
+    table.add_column("path")
+    table.add_row("customers", f"{result.customers:,}", str(result.data_dir / "customers.parquet"))
+    table.add_row("activity", f"{result.activity_rows:,}",
+                  str(result.data_dir / "activity" / "date=*" / "part-0.parquet"))
+    table.add_row("churn_events", f"{result.churn_events:,}", str(result.data_dir / "churn_events.parquet"))
+    console.print(table)
+    console.print(
+        f"days {result.first_day} .. {result.last_day}, drift onset {result.onset_day}; "
+        f"manifest: {result.data_dir / 'manifest.json'}"
+    )
+    _log_to_active_project_run(
+        {"customers": spec.customers, "days": spec.days, "start": str(spec.start),
+         "scenario": spec.scenario, "seed": spec.seed, "onset_day": spec.onset},
+        {"activity_rows": result.activity_rows, "churn_events": result.churn_events},
+        result.data_dir / "manifest.json",
+    )
+
+
+def _with_progress(label: str, total: int, enabled: bool, work):
+    """Run ``work(tick)`` under a rich progress bar of ``total`` steps."""
+    if not enabled:
+        return work(lambda _i: None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task(label, total=total)
+        return work(lambda _i: bar.advance(task))
+
+
+def _log_to_active_project_run(params: dict, metrics: dict, artifact: Path) -> None:
+    """Inside ``mlflow run`` (MLFLOW_RUN_ID set), record what this entry point did."""
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        return
+    import mlflow
+
+    with mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"]):
+        mlflow.log_params(params)
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(artifact))
+
+
+def main() -> None:
+    """Console-script entry point: one-line errors, exit code 2 on bad input."""
+    try:
+        app()
+    except ChurnError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

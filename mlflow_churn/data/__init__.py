@@ -1,0 +1,1 @@
+"""Raw tables: the churn simulator, their layout on disk and their loaders."""

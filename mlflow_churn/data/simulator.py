@@ -1,0 +1,426 @@
+"""A churn simulator with drift scenarios, writing Feast-compatible Parquet tables.
+
+Tables (under ``<workspace>/data``):
+
+- ``customers.parquet``: one row per customer, static attributes (plan, region, contract,
+  payment method, monthly charge, ...), ``event_timestamp`` = ``created`` = signup time.
+- ``activity/date=YYYY-MM-DD/part-0.parquet``: one row per live customer and day:
+  sessions, minutes_used, data_used_mb, support_calls, failed_payments, dropped_calls.
+  A daily aggregate is stamped ``event_timestamp`` = the end of its day (midnight UTC of
+  the next day), the instant it became known, so "rows with event_timestamp <= cutoff"
+  is point-in-time correct.
+- ``churn_events.parquet``: customer_id, churn_date (first day without service),
+  ``event_timestamp`` = churn_date at 00:00 UTC.
+- ``manifest.json``: the scenario, seed, sizes, onset and the hazard parameters.
+
+The ground-truth hazard
+-----------------------
+Each customer carries hidden states that evolve daily:
+
+- engagement ``e = e0 * exp(u)``, with ``e0 ~ LogNormal(0, 0.6)`` and ``u`` an AR(1)
+  (phi 0.97, innovation sd 0.06); it drives sessions, minutes and data used;
+- dissatisfaction ``d``, an AR(1) (phi 0.95, sd 0.30), seen through support calls;
+- financial stress ``f``, an AR(1) (phi 0.97, sd 0.10), seen through failed payments;
+- a constant frailty ``z ~ N(0, 0.5)`` that nothing observable reveals (it caps the AUC).
+
+The daily churn probability of a live customer is
+``h = h0 * exp(0.9 mtm + 0.6 new - 0.5 two_year + b_d d - b_u u + 0.8 f + b_p p + z)``
+with ``h0 = 6e-4``, ``mtm`` a month-to-month contract, ``new`` tenure under 180 days,
+``b_d = 0.55``, ``b_u = 1.4``, ``b_p = 0`` and ``p = (monthly_charge - 60) / 25``.
+A model sees ``u`` only through the customer's recent usage against their own history, and
+``d`` / ``f`` only through noisy counts, so a good model reaches an AUC of about 0.75-0.85
+on a 30-day horizon.
+
+Scenarios (each starts at ``onset_day``):
+
+- ``stable``: nothing changes;
+- ``usage_shift``: observed minutes_used is multiplied by ``usage_factor`` (1.5) for
+  everyone; the hazard does not change (covariate drift, AUC roughly stable);
+- ``segment_shift``: in one segment (default region ``pacific``, ~10%) engagement falls
+  by 30%, dissatisfaction rises by 0.8 and the hazard doubles;
+- ``concept_drift``: ``b_d`` and ``b_u`` fall to a fifth and price starts to drive churn
+  (``b_p = 0.9``), so a model trained before the onset loses AUC;
+- ``gradual``: like ``usage_shift``, but the factor ramps linearly over ``ramp_days`` (42);
+- ``data_outage``: data_used_mb turns null for a fixed 30% of customers.
+
+The same arguments give the same bytes: one seeded generator, drawn in a fixed order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mlflow_churn.config import SCENARIOS
+from mlflow_churn.errors import ChurnError
+
+PLANS = ("basic", "standard", "premium", "unlimited")
+PLAN_P = (0.35, 0.35, 0.20, 0.10)
+PLAN_CHARGE = (30.0, 55.0, 80.0, 105.0)
+PLAN_DATA = (0.5, 1.0, 1.6, 2.5)
+REGIONS = (
+    "north", "south", "east", "west", "central",
+    "mountain", "pacific", "atlantic", "lakes", "plains",
+)
+REGION_QUALITY = (1.0, 1.1, 0.9, 1.0, 1.2, 1.6, 1.0, 0.9, 1.1, 1.4)
+CONTRACTS = ("month-to-month", "one-year", "two-year")
+CONTRACT_P = (0.55, 0.25, 0.20)
+PAYMENTS = ("credit-card", "bank-transfer", "electronic-check", "mailed-check")
+PAYMENT_P = (0.3, 0.3, 0.25, 0.15)
+PAYMENT_RISK = (0.0, -0.2, 0.7, 0.3)
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class HazardParams:
+    """The hidden hazard and the drift sizes (see the module docstring)."""
+
+    h0: float = 2e-4
+    b_mtm: float = 1.2
+    b_new: float = 0.6
+    b_two_year: float = -0.5
+    b_dissatisfaction: float = 1.3
+    b_usage: float = 1.5
+    b_engagement: float = 1.3
+    b_stress: float = 1.0
+    b_price: float = 0.0
+    frailty_sd: float = 0.25
+    usage_factor: float = 1.42
+    ramp_days: int = 42
+    segment_engagement: float = 0.7
+    segment_dissatisfaction: float = 0.8
+    segment_hazard: float = 2.0
+    concept_keep: float = 0.2
+    concept_price: float = 0.9
+    outage_fraction: float = 0.3
+    new_signup_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class SimulationSpec:
+    """What to simulate. ``onset_day`` None means ``days // 2``."""
+
+    customers: int
+    days: int
+    start: date
+    scenario: str = "stable"
+    seed: int = 42
+    onset_day: int | None = None
+    segment_column: str = "region"
+    segment_value: str = "pacific"
+    params: HazardParams = field(default_factory=HazardParams)
+
+    @property
+    def onset(self) -> int:
+        """Day index where drift starts."""
+        return self.days // 2 if self.onset_day is None else self.onset_day
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """What ``simulate`` wrote."""
+
+    data_dir: Path
+    customers: int
+    activity_rows: int
+    churn_events: int
+    days: int
+    first_day: date
+    last_day: date
+    onset_day: date
+    files: int
+
+
+def utc_midnight(day: date) -> datetime:
+    """Midnight at the start of ``day``, UTC (tz-aware)."""
+    return datetime.combine(day, time(0), tzinfo=UTC)
+
+
+def validate_spec(spec: SimulationSpec) -> None:
+    """Raise ChurnError naming the first bad argument of ``spec``."""
+    if spec.customers < 1:
+        raise ChurnError(f"--customers must be a positive integer, got {spec.customers}")
+    if spec.days < 1:
+        raise ChurnError(f"--days must be a positive integer, got {spec.days}")
+    if spec.scenario not in SCENARIOS:
+        raise ChurnError(
+            f"unknown scenario '{spec.scenario}'; choose one of: {', '.join(SCENARIOS)}"
+        )
+    if spec.seed < 0:
+        raise ChurnError(f"--seed must be >= 0, got {spec.seed}")
+    if spec.onset_day is not None and not 0 <= spec.onset_day <= spec.days:
+        raise ChurnError(f"--onset-day must be between 0 and --days ({spec.days}), got {spec.onset_day}")
+    allowed = {"region": REGIONS, "plan": PLANS, "contract": CONTRACTS, "payment_method": PAYMENTS}
+    if spec.segment_column not in allowed:
+        raise ChurnError(
+            f"segment column '{spec.segment_column}' cannot shift; choose one of: {', '.join(allowed)}"
+        )
+    if spec.segment_value not in allowed[spec.segment_column]:
+        raise ChurnError(
+            f"segment value '{spec.segment_value}' is not a {spec.segment_column}; choose one of: "
+            f"{', '.join(allowed[spec.segment_column])}"
+        )
+
+
+class _Population:
+    """Static attributes and hidden states of every customer, as numpy vectors."""
+
+    def __init__(self, spec: SimulationSpec, rng: np.random.Generator) -> None:
+        n, p = spec.customers, spec.params
+        self.n = n
+        self.ids = np.arange(1, n + 1, dtype=np.int64)
+        tenure = np.minimum(rng.exponential(900.0, n), 2500.0).astype(np.int64)
+        late = rng.random(n) < p.new_signup_fraction
+        offset = rng.integers(0, max(spec.days, 1), n)
+        # signup day index relative to the start (negative = before the simulation)
+        self.signup_idx = np.where(late, offset, -tenure)
+        self.plan = rng.choice(len(PLANS), n, p=PLAN_P)
+        self.region = rng.integers(0, len(REGIONS), n)
+        self.contract = rng.choice(len(CONTRACTS), n, p=CONTRACT_P)
+        self.payment = rng.choice(len(PAYMENTS), n, p=PAYMENT_P)
+        self.paperless = rng.random(n) < 0.6
+        self.lines = rng.integers(1, 5, n)
+        self.age = rng.integers(18, 86, n)
+        charge = np.asarray(PLAN_CHARGE)[self.plan] + 5.0 * (self.lines - 1)
+        self.charge = np.round(charge + rng.normal(0, 8.0, n), 2).clip(10.0, None)
+        self.e0 = rng.lognormal(0.0, 0.6, n)
+        self.frailty = rng.normal(0.0, p.frailty_sd, n)
+        self.u = rng.normal(0.0, 0.25, n)
+        self.d = rng.normal(0.0, 0.9, n)
+        self.f = rng.normal(0.0, 0.4, n)
+        self.churned = np.zeros(n, dtype=bool)
+        self.outage = rng.random(n) < p.outage_fraction
+        codes = {"region": self.region, "plan": self.plan, "contract": self.contract,
+                 "payment_method": self.payment}
+        names = {"region": REGIONS, "plan": PLANS, "contract": CONTRACTS,
+                 "payment_method": PAYMENTS}
+        col = spec.segment_column
+        self.segment = codes[col] == names[col].index(spec.segment_value)
+
+    def customers_table(self, start: date) -> pa.Table:
+        signup = np.datetime64(start, "D") + self.signup_idx.astype("timedelta64[D]")
+        ts = pa.array(signup.astype("datetime64[us]"), type=pa.timestamp("us", tz="UTC"))
+        return pa.table({
+            "customer_id": self.ids,
+            "signup_date": pa.array(signup.astype("datetime64[D]"), type=pa.date32()),
+            "plan": pa.array(np.asarray(PLANS)[self.plan]),
+            "region": pa.array(np.asarray(REGIONS)[self.region]),
+            "contract": pa.array(np.asarray(CONTRACTS)[self.contract]),
+            "payment_method": pa.array(np.asarray(PAYMENTS)[self.payment]),
+            "paperless_billing": self.paperless,
+            "num_lines": self.lines.astype(np.int16),
+            "age": self.age.astype(np.int16),
+            "monthly_charge": self.charge,
+            "event_timestamp": ts,
+            "created": ts,
+        })
+
+
+def _usage_factor(spec: SimulationSpec, day: int) -> float:
+    p = spec.params
+    if day < spec.onset:
+        return 1.0
+    if spec.scenario == "usage_shift":
+        return p.usage_factor
+    if spec.scenario == "gradual":
+        frac = min(1.0, (day - spec.onset + 1) / p.ramp_days)
+        return 1.0 + (p.usage_factor - 1.0) * frac
+    return 1.0
+
+
+def _simulate_day(
+    spec: SimulationSpec, pop: _Population, rng: np.random.Generator, day: int, current: date
+) -> tuple[pa.Table, np.ndarray]:
+    """Advance every customer by one day; return that day's activity and who churned."""
+    p = spec.params
+    n = pop.n
+    drifting = day >= spec.onset
+    # hidden states: AR(1) steps for everyone (fixed draw order keeps runs reproducible)
+    pop.u = 0.97 * pop.u + rng.normal(0.0, 0.06, n)
+    pop.d = 0.98 * pop.d + rng.normal(0.0, 0.18, n)
+    pop.f = 0.99 * pop.f + rng.normal(0.0, 0.06, n)
+    alive = (pop.signup_idx <= day) & ~pop.churned
+
+    seg = pop.segment & (spec.scenario == "segment_shift") & drifting
+    eng = pop.e0 * np.exp(pop.u) * np.where(seg, p.segment_engagement, 1.0)
+    d_eff = pop.d + np.where(seg, p.segment_dissatisfaction, 0.0)
+    doy = current.timetuple().tm_yday
+    season = (1.0 + 0.15 * math.cos(2 * math.pi * (current.weekday() - 5.5) / 7.0)) * (
+        1.0 + 0.08 * math.sin(2 * math.pi * doy / 365.25)
+    )
+
+    sessions = rng.poisson(2.5 * eng * season)
+    minutes = rng.gamma(2.0, 17.0 * eng * season) * _usage_factor(spec, day)
+    data_mb = rng.gamma(1.5, 120.0 * eng * season * np.asarray(PLAN_DATA)[pop.plan])
+    support = rng.poisson(0.12 * np.exp(0.9 * d_eff))
+    failed = rng.random(n) < 0.02 * np.exp(1.2 * pop.f + np.asarray(PAYMENT_RISK)[pop.payment])
+    dropped = rng.poisson(0.15 * np.asarray(REGION_QUALITY)[pop.region])
+    u_draw = rng.random(n)
+
+    b_d, b_u, b_e, b_p = p.b_dissatisfaction, p.b_usage, p.b_engagement, p.b_price
+    if spec.scenario == "concept_drift" and drifting:
+        keep = p.concept_keep
+        b_d, b_u, b_e, b_p = b_d * keep, b_u * keep, b_e * keep, p.concept_price
+    tenure = day - pop.signup_idx
+    logit = (
+        p.b_mtm * (pop.contract == 0)
+        + p.b_new * (tenure < 180)
+        + p.b_two_year * (pop.contract == 2)
+        + b_d * d_eff
+        - b_u * (pop.u + np.log(np.where(seg, p.segment_engagement, 1.0)))
+        - b_e * np.log(pop.e0)
+        + p.b_stress * pop.f
+        + b_p * (pop.charge - 60.0) / 25.0
+        + pop.frailty
+        + np.where(seg, math.log(p.segment_hazard), 0.0)
+    )
+    hazard = np.minimum(p.h0 * np.exp(logit) * (1.0 + failed), 0.5)
+    churn_now = alive & (u_draw < hazard)
+    pop.churned |= churn_now
+
+    idx = np.flatnonzero(alive)
+    data_col = data_mb[idx].astype(np.float32)
+    mask = None
+    if spec.scenario == "data_outage" and drifting:
+        mask = pop.outage[idx]
+    closes = utc_midnight(current + timedelta(days=1))
+    ts = pa.array(np.full(idx.size, np.datetime64(closes.replace(tzinfo=None), "us")),
+                  type=pa.timestamp("us", tz="UTC"))
+    table = pa.table({
+        "customer_id": pop.ids[idx],
+        "event_timestamp": ts,
+        "created": ts,
+        "sessions": sessions[idx].astype(np.int32),
+        "minutes_used": np.round(minutes[idx], 2).astype(np.float32),
+        "data_used_mb": pa.array(np.round(data_col, 1), mask=mask),
+        "support_calls": support[idx].astype(np.int32),
+        "failed_payments": failed[idx].astype(np.int32),
+        "dropped_calls": dropped[idx].astype(np.int32),
+    })
+    return table, churn_now
+
+
+def simulate(
+    spec: SimulationSpec,
+    data_dir: Path,
+    overwrite: bool = False,
+    on_day: Callable[[int], None] | None = None,
+) -> SimulationResult:
+    """Simulate ``spec`` and write its tables to ``data_dir`` atomically.
+
+    The tables go to a temporary sibling directory first and replace ``data_dir`` only
+    when complete, so a crash or bad input never leaves a half-written dataset behind.
+    ``on_day(i)`` is called after each simulated day (progress reporting).
+    """
+    validate_spec(spec)
+    data_dir = Path(data_dir)
+    if data_dir.exists() and not overwrite:
+        raise ChurnError(
+            f"{data_dir} already holds a dataset; pass --overwrite to replace it "
+            "or choose another --workspace"
+        )
+    parent = data_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / f".{data_dir.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "activity").mkdir(parents=True)
+    except OSError as exc:
+        raise ChurnError(f"cannot write to {parent}: {exc.strerror}; choose a writable --workspace") from None
+
+    try:
+        result = _write_all(spec, tmp, on_day)
+        _swap_in(tmp, data_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return SimulationResult(data_dir=data_dir, **result)
+
+
+def _write_all(spec: SimulationSpec, out: Path, on_day: Callable[[int], None] | None) -> dict:
+    rng = np.random.default_rng(spec.seed)
+    pop = _Population(spec, rng)
+    pq.write_table(pop.customers_table(spec.start), out / "customers.parquet", compression="zstd")
+    churn_ids: list[np.ndarray] = []
+    churn_days: list[np.ndarray] = []
+    rows = 0
+    for day in range(spec.days):
+        current = spec.start + timedelta(days=day)
+        table, churn_now = _simulate_day(spec, pop, rng, day, current)
+        part = out / "activity" / f"date={current.isoformat()}"
+        part.mkdir()
+        pq.write_table(table, part / "part-0.parquet", compression="zstd")
+        rows += table.num_rows
+        ids = pop.ids[churn_now]
+        churn_ids.append(ids)
+        churn_days.append(np.full(ids.size, day + 1, dtype=np.int64))
+        if on_day is not None:
+            on_day(day)
+    ids = np.concatenate(churn_ids) if churn_ids else np.empty(0, np.int64)
+    days = np.concatenate(churn_days) if churn_days else np.empty(0, np.int64)
+    start64 = np.datetime64(spec.start, "D")
+    churn_date = start64 + days.astype("timedelta64[D]")
+    churn = pa.table({
+        "customer_id": ids,
+        "churn_date": pa.array(churn_date, type=pa.date32()),
+        "event_timestamp": pa.array(churn_date.astype("datetime64[us]"), type=pa.timestamp("us", tz="UTC")),
+        "created": pa.array(churn_date.astype("datetime64[us]"), type=pa.timestamp("us", tz="UTC")),
+    })
+    pq.write_table(churn, out / "churn_events.parquet", compression="zstd")
+    last = spec.start + timedelta(days=spec.days - 1)
+    onset = spec.start + timedelta(days=spec.onset)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "scenario": spec.scenario,
+        "seed": spec.seed,
+        "customers": spec.customers,
+        "days": spec.days,
+        "start": spec.start.isoformat(),
+        "last_day": last.isoformat(),
+        "onset_day_index": spec.onset,
+        "onset_date": onset.isoformat(),
+        "segment": {"column": spec.segment_column, "value": spec.segment_value},
+        "hazard": asdict(spec.params),
+        "rows": {"customers": spec.customers, "activity": rows, "churn_events": int(ids.size)},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return {
+        "customers": spec.customers,
+        "activity_rows": rows,
+        "churn_events": int(ids.size),
+        "days": spec.days,
+        "first_day": spec.start,
+        "last_day": last,
+        "onset_day": onset,
+        "files": spec.days + 3,
+    }
+
+
+def _swap_in(tmp: Path, data_dir: Path) -> None:
+    """Replace ``data_dir`` by ``tmp`` with renames only (the old copy goes last)."""
+    old = None
+    if data_dir.exists():
+        old = data_dir.parent / f".{data_dir.name}.old-{os.getpid()}"
+        data_dir.rename(old)
+    tmp.rename(data_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(data_dir: Path) -> dict:
+    """The manifest of a simulated (or imported) dataset; ChurnError if there is none."""
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise ChurnError(f"no dataset at {data_dir}; run `churn simulate` first (or point --workspace at one)")
+    return json.loads(path.read_text())
