@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import date
 from pathlib import Path
 
 import typer
 import yaml
-from rich.console import Console
 from rich.table import Table
 
-from mlflow_churn.config import SCENARIOS, ChurnConfig, load_config
+from mlflow_churn.cli_common import console, get_config, opt_str, parse_date, with_progress
+from mlflow_churn.config import SCENARIOS
 from mlflow_churn.errors import ChurnError
 
 app = typer.Typer(
@@ -28,12 +27,6 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Show the resolved configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-console = Console()
-
-
-def _opt_str(value: str | None) -> str | None:
-    """MLproject passes unset string parameters as ''; treat that as unset."""
-    return value or None
 
 
 @app.callback()
@@ -46,21 +39,7 @@ def _root(
         None, "--workspace", help="Workspace directory (default: $CHURN_WORKSPACE or ./churn-workspace)."
     ),
 ) -> None:
-    ctx.obj = {"config": _opt_str(config), "workspace": _opt_str(workspace)}
-
-
-def get_config(ctx: typer.Context, overrides: dict | None = None) -> ChurnConfig:
-    """Load the config named by the root options, with command-level overrides."""
-    root = ctx.find_root().obj or {}
-    return load_config(root.get("config"), root.get("workspace"), overrides)
-
-
-def parse_date(value: str, option: str) -> date:
-    """Parse YYYY-MM-DD or raise a ChurnError naming ``option``."""
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise ChurnError(f"{option} must be a date like 2026-01-31, got '{value}'") from None
+    ctx.obj = {"config": opt_str(config), "workspace": opt_str(workspace)}
 
 
 @config_app.command("show")
@@ -109,7 +88,7 @@ def simulate(
         seed=sim.seed, onset_day=sim.onset_day, segment_column=sim.segment_column,
         segment_value=sim.segment_value,
     )
-    result = _with_progress(
+    result = with_progress(
         f"simulating {spec.customers:,} customers", spec.days, progress,
         lambda tick: run_simulation(spec, cfg.data_dir, overwrite=overwrite, on_day=tick),
     )
@@ -134,18 +113,6 @@ def simulate(
     )
 
 
-def _with_progress(label: str, total: int, enabled: bool, work):
-    """Run ``work(tick)`` under a rich progress bar of ``total`` steps."""
-    if not enabled:
-        return work(lambda _i: None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=Console(stderr=True), transient=False) as bar:
-        task = bar.add_task(label, total=total)
-        return work(lambda _i: bar.advance(task))
-
-
 def _log_to_active_project_run(params: dict, metrics: dict, artifact: Path) -> None:
     """Inside ``mlflow run`` (MLFLOW_RUN_ID set), record what this entry point did."""
     if not os.environ.get("MLFLOW_RUN_ID"):
@@ -156,6 +123,20 @@ def _log_to_active_project_run(params: dict, metrics: dict, artifact: Path) -> N
         mlflow.log_params(params)
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(artifact))
+
+
+# Each sub-package with commands has a ``cli.py`` with ``register(app)``; list it here.
+_COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(app)
+
+
+_register_commands()
 
 
 def main() -> None:

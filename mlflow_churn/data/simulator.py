@@ -422,5 +422,5 @@ def read_manifest(data_dir: Path) -> dict:
     """The manifest of a simulated (or imported) dataset; ChurnError if there is none."""
     path = Path(data_dir) / "manifest.json"
     if not path.is_file():
-        raise ChurnError(f"no dataset at {data_dir}; run `churn simulate` first (or point --workspace at one)")
+        raise ChurnError(f"no dataset at {data_dir}; run `churn simulate` first or point --workspace at one")
     return json.loads(path.read_text())

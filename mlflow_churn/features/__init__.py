@@ -1,0 +1,1 @@
+"""Feature store: versioned definitions, offline frames, online stores, API."""

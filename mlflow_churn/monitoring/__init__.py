@@ -1,0 +1,1 @@
+"""Monitoring: drift engine, performance tracking, retraining policy."""

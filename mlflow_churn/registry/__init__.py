@@ -1,0 +1,1 @@
+"""Model registry: aliases, the champion/challenger gate, the webhook receiver."""

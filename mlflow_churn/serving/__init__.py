@@ -1,0 +1,1 @@
+"""Serving: online scoring with canary routing, batch scoring, canary analysis."""

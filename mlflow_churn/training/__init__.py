@@ -1,0 +1,1 @@
+"""Training: Optuna-tuned XGBClassifier with nested MLflow runs, registered challenger."""
