@@ -1,0 +1,81 @@
+"""`make bench`: run every bench/bench_*.py in its own process and write bench/RESULTS.md.
+
+Each benchmark prints a Markdown section (medians, ratios, and for each target named in
+the issues a line saying met / not met) on stdout. This runner adds the machine
+description and collects the sections in one file. Nothing here is a test: wall-clock
+numbers are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PACKAGES = ("mlflow", "xgboost", "optuna", "evidently", "duckdb", "pandas", "numpy", "pyarrow",
+            "fastapi", "uvicorn", "redis")
+
+
+def machine() -> str:
+    """A Markdown description of this machine and the package versions."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "unknown"
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kb / 1024**2:.1f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    versions = []
+    for name in PACKAGES:
+        try:
+            versions.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return (
+        f"- CPU: {cpu}, {os.cpu_count()} cores; memory {mem}\n"
+        f"- {platform.platform()}; Python {platform.python_version()}\n"
+        f"- {', '.join(versions)}\n"
+    )
+
+
+def main(argv: list[str]) -> int:
+    """Run the benchmarks named in ``argv`` (default: all) and write RESULTS.md."""
+    wanted = set(argv)
+    scripts = sorted(p for p in HERE.glob("bench_*.py") if not wanted or p.stem in wanted)
+    sections = []
+    failed = 0
+    for script in scripts:
+        print(f"== {script.stem}", flush=True)
+        start = time.perf_counter()
+        res = subprocess.run([sys.executable, "-m", f"bench.{script.stem}"], cwd=HERE.parent,
+                             capture_output=True, text=True, timeout=3600)
+        took = time.perf_counter() - start
+        print(res.stdout[-3000:], flush=True)
+        if res.returncode != 0:
+            failed += 1
+            sections.append(f"## {script.stem}\n\nFAILED (exit {res.returncode}):\n\n```\n"
+                            f"{res.stderr[-2000:]}\n```\n")
+        else:
+            sections.append(res.stdout.strip() + f"\n\n_(benchmark took {took:.0f} s)_\n")
+    header = (f"# Benchmark results\n\nWritten by `make bench` on "
+              f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC.\n\n## Machine\n\n{machine()}\n")
+    (HERE / "RESULTS.md").write_text(header + "\n".join(sections))
+    print(f"wrote {HERE / 'RESULTS.md'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
