@@ -60,6 +60,12 @@ class FeaturesConfig(_Section):
     label_horizon_days: int = Field(30, ge=1, description="churn within this many days = 1")
     freshness_sla_hours: float = Field(26.0, gt=0, description="newest batch older = stale")
     max_ids: int = Field(1000, ge=1, description="most ids one GET /features may ask for")
+    definitions_file: Path | None = Field(
+        None, description="extra feature definitions / feature sets (YAML) merged into the built-in ones"
+    )
+    cache_ttl_seconds: float = Field(60.0, ge=0, description="API cache lifetime; a new batch clears it")
+    host: str = Field("127.0.0.1", description="bind address of `churn features serve`")
+    port: int = Field(8081, ge=1, le=65535, description="port of `churn features serve`")
 
 
 class TrainingConfig(_Section):
@@ -75,6 +81,11 @@ class TrainingConfig(_Section):
     n_trials: int = Field(20, ge=1)
     timeout_seconds: float | None = Field(None, gt=0)
     seed: int = 42
+    storage: str | None = Field(
+        None, description="Optuna RDB storage URL shared by workers (e.g. postgresql://...); None = in memory"
+    )
+    early_stopping_rounds: int = Field(30, ge=1, description="XGBoost early stopping on validation AUC")
+    max_estimators: int = Field(600, ge=10, description="upper bound of n_estimators searched")
 
 
 class EvaluationConfig(_Section):
@@ -88,6 +99,97 @@ class EvaluationConfig(_Section):
     min_auc_delta: float = Field(0.0, ge=0, description="challenger AUC must beat by this")
     segment_tolerance: float = Field(0.02, ge=0, description="max per-segment AUC loss")
     min_auc: float = Field(0.7, ge=0, le=1, description="absolute floor with no champion")
+    holdout_days: int = Field(
+        7, ge=1, description="newest matured days kept out of training and used to evaluate (days)"
+    )
+    recall_tolerance: float = Field(0.02, ge=0, description="max recall@k loss vs champion (absolute)")
+    lift_tolerance: float = Field(0.05, ge=0, description="max revenue-lift loss vs champion (relative)")
+    min_segment_size: int = Field(200, ge=1, description="segments smaller than this are not gated")
+    mirror_stages: bool = Field(
+        False, description="also move legacy stages (canary->Staging, champion->Production)"
+    )
+
+
+class TriggerConfig(_Section):
+    """One retraining trigger: ``metric op value`` (e.g. psi > 0.2 on any feature)."""
+
+    metric: Literal["psi", "ks", "score_psi", "auc_drop", "estimated_auc_drop", "recall_drop",
+                    "lift_drop", "segment_psi"]
+    feature: str = Field("*", description="feature name, or * for any feature")
+    op: Literal[">", ">=", "<", "<="] = ">"
+    value: float
+
+
+class PersistenceConfig(_Section):
+    windows: int = Field(3, ge=1, description="look at the last N monitoring windows")
+    required: int = Field(2, ge=1, description="of which this many must fire")
+
+
+class HysteresisConfig(_Section):
+    clear_below_fraction: float = Field(
+        0.5, gt=0, le=1, description="an alarm clears once the metric falls below value x this"
+    )
+
+
+class PolicyConfig(_Section):
+    """The multi-trigger retraining policy (see mlflow_churn.monitoring.policy)."""
+
+    triggers: list[TriggerConfig] = Field(default_factory=lambda: [
+        TriggerConfig(metric="psi", feature="*", op=">", value=0.2),
+        TriggerConfig(metric="auc_drop", op=">", value=0.05),
+    ])
+    combine: Literal["any", "all", "k_of_n"] = "any"
+    k: int = Field(1, ge=1, description="triggers that must fire when combine = k_of_n")
+    persistence: PersistenceConfig = Field(default_factory=PersistenceConfig)
+    hysteresis: HysteresisConfig = Field(default_factory=HysteresisConfig)
+    cooldown_days: int = Field(7, ge=0, description="no retrain within this many days of the last")
+    integrity: Literal["block", "warn"] = "block"
+    max_null_increase: float = Field(0.05, ge=0, le=1, description="null-rate rise that is an integrity fault")
+    drift_alone: Literal["investigate", "retrain"] = Field(
+        "investigate", description="decision when only drift triggers fire and performance holds"
+    )
+
+
+class MonitoringConfig(_Section):
+    """Drift and performance monitoring windows, statistics and the policy."""
+
+    window_days: int = Field(7, ge=1, description="length of one monitoring window (days)")
+    label_delay_days: int = Field(30, ge=1, description="labels mature this many days after scoring")
+    bins: int = Field(10, ge=2, description="PSI bins (reference quantiles)")
+    psi_epsilon: float = Field(1e-4, gt=0, description="floor of an empty bin's share in PSI")
+    ks_threshold: float = Field(0.1, gt=0, le=1, description="KS D above this = drift")
+    min_segment_size: int = Field(300, ge=1, description="smaller segments are not tested")
+    segments: list[str] = Field(default_factory=lambda: ["plan", "region", "contract"])
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+
+
+class ServingConfig(_Section):
+    """Online scoring service, canary split and canary analysis."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    canary_fraction: float = Field(0.1, ge=0, le=1, description="share of customers routed to canary")
+    routing_salt: str = Field("churn", description="salt of the sticky customer hash")
+    prediction_log: str | None = Field(
+        None, description="sqlite path or postgresql:// URL; None = <workspace>/predictions.db"
+    )
+    admin_token: str | None = Field(None, description="bearer token for reload/promote/rollback")
+    reload_seconds: float = Field(10.0, gt=0, description="how often aliases are re-checked")
+    min_canary_samples: int = Field(500, ge=1, description="canary predictions before any verdict")
+    max_error_rate: float = Field(0.01, ge=0, le=1)
+    max_p99_ms: float = Field(50.0, gt=0)
+    max_score_psi: float = Field(0.2, gt=0, description="PSI between the routes' score distributions")
+    max_auc_drop: float = Field(0.02, ge=0, description="canary AUC below champion by more = rollback")
+    auc_loss_budget: float = Field(0.002, ge=0, description="`churn compress` AUC-loss budget")
+
+
+class HooksConfig(_Section):
+    """Registry webhook receiver (`churn hooks serve`)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8090, ge=1, le=65535)
+    secret: str | None = Field(None, description="webhook HMAC secret; env CHURN_HOOKS__SECRET")
+    max_age_seconds: int = Field(300, ge=1, description="older deliveries are rejected as replays")
 
 
 class ChurnConfig(_Section):
@@ -99,6 +201,9 @@ class ChurnConfig(_Section):
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+    hooks: HooksConfig = Field(default_factory=HooksConfig)
 
     @property
     def data_dir(self) -> Path:
@@ -114,6 +219,16 @@ class ChurnConfig(_Section):
         if self.tracking_uri:
             return self.tracking_uri
         return f"sqlite:///{self.workspace.resolve() / 'mlflow.db'}"
+
+    @property
+    def online_store_path(self) -> Path:
+        """SQLite online store file."""
+        return self.workspace / "online.db"
+
+    @property
+    def prediction_log_url(self) -> str:
+        """Where the serving app logs predictions (SQLite path or PostgreSQL URL)."""
+        return self.serving.prediction_log or str(self.workspace / "predictions.db")
 
     @property
     def artifact_root(self) -> Path:
