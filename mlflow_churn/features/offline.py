@@ -1,0 +1,241 @@
+"""Point-in-time correct feature frames with DuckDB: one SQL path for training and serving.
+
+For a *spine* of (customer_id, cutoff) pairs, every feature sees only rows whose
+``event_timestamp`` is at or before the cutoff (activity within the feature's window,
+the customer's static row if they had signed up by then). The label is 1 when the
+customer's churn event falls in ``(cutoff, cutoff + horizon]``. Customers who signed up
+after the cutoff or had churned by it are not in the spine.
+
+:func:`build_training_frame` (many cutoffs, labels) and :func:`compute_latest` (one
+cutoff = ``as_of``, values for the online store) share :func:`_feature_sql`, so the values
+materialized online are exactly those a training frame holds for the same instant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from mlflow_churn.data.tables import TablePaths, register_views
+from mlflow_churn.errors import ChurnError
+from mlflow_churn.features.registry import FeatureDefinition, FeatureSet
+
+
+@dataclass(frozen=True)
+class DataBounds:
+    """First and last day of activity, and the event times that close them (UTC)."""
+
+    first_day: date
+    last_day: date
+
+    @property
+    def first_event(self) -> datetime:
+        return datetime.combine(self.first_day + timedelta(days=1), time(0), tzinfo=UTC)
+
+    @property
+    def last_event(self) -> datetime:
+        return datetime.combine(self.last_day + timedelta(days=1), time(0), tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class LatestFeatures:
+    """Newest feature values per live customer at ``as_of`` (raw values, strings for
+    categoricals), each row's ``event_time`` (newest event it used) and the batch
+    ``watermark`` (newest event time overall)."""
+
+    frame: pd.DataFrame
+    watermark: datetime | None
+    as_of: datetime
+
+
+def _utc(ts: datetime, what: str) -> datetime:
+    if not isinstance(ts, datetime):
+        raise ChurnError(f"{what} must be a datetime, got {ts!r}")
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def data_bounds(data_dir: Path) -> DataBounds:
+    """First and last activity day, from the partition names (no data is read)."""
+    paths = TablePaths(Path(data_dir))
+    paths.check()
+    days = sorted(
+        date.fromisoformat(p.name.split("=", 1)[1])
+        for p in (paths.data_dir / "activity").glob("date=*") if any(p.glob("*.parquet"))
+    )
+    return DataBounds(days[0], days[-1])
+
+
+def daily_cutoffs(start: datetime, end: datetime, every_days: int = 1) -> list[datetime]:
+    """UTC midnights from ``end`` back to ``start`` every ``every_days`` days, oldest first."""
+    start, end = _utc(start, "start"), _utc(end, "end")
+    if every_days < 1:
+        raise ChurnError(f"every_days must be >= 1, got {every_days}")
+    cur = datetime.combine(end.date(), time(0), tzinfo=UTC)
+    out = []
+    while cur >= start:
+        out.append(cur)
+        cur -= timedelta(days=every_days)
+    return out[::-1]
+
+
+def _connect(data_dir: Path) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    register_views(con, TablePaths(Path(data_dir)))
+    return con
+
+
+def _lit(ts: datetime) -> str:
+    return f"TIMESTAMPTZ '{ts.isoformat()}'"
+
+
+def _feature_sql(features: Sequence[FeatureDefinition], min_cutoff: datetime, max_cutoff: datetime,
+                 with_event_time: bool) -> str:
+    """SELECT over ``spine(customer_id, cutoff)`` computing ``features`` point-in-time."""
+    static = [f for f in features if f.source == "customers"]
+    by_window: dict[int, list[FeatureDefinition]] = {}
+    for f in features:
+        if f.source == "activity":
+            by_window.setdefault(int(f.window_days or 0), []).append(f)
+        elif f.source != "customers":
+            raise ChurnError(f"feature '{f.full_name}' has source '{f.source}', which has no offline table")
+    longest = max(by_window, default=1)
+    # partition pruning: only days that any window of any cutoff can reach
+    first_day = (min_cutoff - timedelta(days=longest + 1)).date().isoformat()
+    last_day = max_cutoff.date().isoformat()
+    ctes = [f"""act AS (
+        SELECT a.*, (epoch(s.cutoff) - epoch(a.event_timestamp)) / 86400.0 AS age_days, s.cutoff
+        FROM spine s JOIN activity a ON a.customer_id = s.customer_id
+        WHERE a.date BETWEEN DATE '{first_day}' AND DATE '{last_day}'
+          AND a.event_timestamp <= s.cutoff
+          AND a.event_timestamp > s.cutoff - INTERVAL '{longest} days')"""]
+    joins, cols = [], []
+    for i, (window, feats) in enumerate(sorted(by_window.items())):
+        aggs = ", ".join(f'({f.expression}) AS "{f.full_name}"' for f in feats)
+        ctes.append(f"""w{i} AS (SELECT customer_id, cutoff, {aggs} FROM act
+            WHERE age_days < {window} GROUP BY customer_id, cutoff)""")
+        joins.append(f"LEFT JOIN w{i} ON w{i}.customer_id = spine.customer_id AND w{i}.cutoff = spine.cutoff")
+        for f in feats:
+            value = f'w{i}."{f.full_name}"'
+            if f.default is not None:
+                value = f"coalesce({value}, {float(f.default)!r})"
+            cols.append(f'{value} AS "{f.full_name}"')
+    static_cols = ", ".join(
+        ["c.event_timestamp AS signup_time"] + [f'({f.expression}) AS "{f.full_name}"' for f in static]
+    )
+    ctes.append(f"stat AS (SELECT customer_id, cutoff, {static_cols} "
+                "FROM spine JOIN customers c USING (customer_id))")
+    if with_event_time:
+        ctes.append("ev AS (SELECT customer_id, cutoff, max(event_timestamp) AS event_time "
+                    "FROM act GROUP BY customer_id, cutoff)")
+        joins.append("LEFT JOIN ev ON ev.customer_id = spine.customer_id AND ev.cutoff = spine.cutoff")
+        cols.append("coalesce(ev.event_time, spine.signup_time) AS event_time")
+    cols += [f'spine."{f.full_name}"' for f in static]
+    select = ",\n  ".join(["spine.customer_id", "spine.cutoff"] + cols)
+    return "WITH " + ",\n".join(ctes) + f"\nSELECT {select}\nFROM stat AS spine\n" + "\n".join(joins)
+
+
+def _spine(con: duckdb.DuckDBPyConnection, cutoffs: Sequence[datetime],
+           customer_ids: Sequence[int] | None) -> None:
+    con.register("cutoffs_df", pd.DataFrame({"cutoff": pd.to_datetime(list(cutoffs), utc=True)}))
+    id_filter = ""
+    if customer_ids is not None:
+        con.register("ids_df", pd.DataFrame({"customer_id": pd.Series(list(customer_ids), dtype="int64")}))
+        id_filter = "AND c.customer_id IN (SELECT customer_id FROM ids_df)"
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE spine AS
+        SELECT c.customer_id, k.cutoff FROM customers c CROSS JOIN cutoffs_df k
+        WHERE c.event_timestamp <= k.cutoff {id_filter}
+          AND NOT EXISTS (SELECT 1 FROM churn_events e
+                          WHERE e.customer_id = c.customer_id AND e.event_timestamp <= k.cutoff)
+    """)
+
+
+def build_training_frame(
+    data_dir: Path,
+    feature_set: FeatureSet,
+    cutoffs: Sequence[datetime],
+    horizon_days: int,
+    label: bool = True,
+    label_as_of: datetime | None = None,
+    customer_ids: Sequence[int] | None = None,
+) -> pd.DataFrame:
+    """One row per (customer alive at the cutoff, cutoff) with the set's features, coerced.
+
+    Columns: ``customer_id`` (int64), ``cutoff`` (UTC), the feature set's columns, and
+    ``label`` (int8: churn in ``(cutoff, cutoff + horizon_days]``) when ``label``.
+    ``label_as_of`` hides churn events after it (a backtest replaying that day); a cutoff
+    whose horizon ends after it raises ChurnError, since its label is not known yet.
+    """
+    if not cutoffs:
+        raise ChurnError("no cutoffs: the time window is empty; widen it or move --as-of")
+    if horizon_days < 1:
+        raise ChurnError(f"horizon_days must be >= 1, got {horizon_days}")
+    cuts = sorted({_utc(c, "cutoff") for c in cutoffs})
+    if label and label_as_of is not None:
+        label_as_of = _utc(label_as_of, "label_as_of")
+        late = [c for c in cuts if c + timedelta(days=horizon_days) > label_as_of]
+        if late:
+            raise ChurnError(
+                f"labels of cutoff {late[0].date()} mature only at "
+                f"{(late[0] + timedelta(days=horizon_days)).date()}, after {label_as_of.date()}; "
+                "use earlier cutoffs"
+            )
+    con = _connect(data_dir)
+    try:
+        _spine(con, cuts, customer_ids)
+        sql = _feature_sql(feature_set.features, cuts[0], cuts[-1], with_event_time=False)
+        if label:
+            known = f"AND e.event_timestamp <= {_lit(label_as_of)}" if label_as_of else ""
+            sql = f"""SELECT f.*, CAST(EXISTS (SELECT 1 FROM churn_events e
+                WHERE e.customer_id = f.customer_id AND e.event_timestamp > f.cutoff
+                  AND e.event_timestamp <= f.cutoff + INTERVAL '{horizon_days} days' {known}) AS TINYINT)
+                AS label FROM ({sql}) f"""
+        raw = con.execute(f"SELECT * FROM ({sql}) ORDER BY cutoff, customer_id").df()
+    finally:
+        con.close()
+    out = pd.concat(
+        [raw[["customer_id", "cutoff"]].reset_index(drop=True),
+         feature_set.coerce(raw).reset_index(drop=True)],
+        axis=1,
+    )
+    out["customer_id"] = out["customer_id"].astype("int64")
+    out["cutoff"] = pd.to_datetime(out["cutoff"], utc=True)
+    if label:
+        out["label"] = raw["label"].astype("int8").to_numpy()
+    return out
+
+
+def compute_latest(
+    data_dir: Path,
+    features: Sequence[FeatureDefinition],
+    as_of: datetime,
+    customer_ids: Sequence[int] | None = None,
+) -> LatestFeatures:
+    """Feature values of every customer alive at ``as_of`` (or of ``customer_ids``).
+
+    Same SQL as :func:`build_training_frame` with the single cutoff ``as_of``; values are
+    raw (strings for categoricals, floats or ints otherwise).
+    """
+    as_of = _utc(as_of, "as_of")
+    con = _connect(data_dir)
+    try:
+        _spine(con, [as_of], customer_ids)
+        sql = _feature_sql(features, as_of, as_of, with_event_time=True)
+        frame = con.execute(f"SELECT * FROM ({sql}) ORDER BY customer_id").df()
+    finally:
+        con.close()
+    frame = frame.drop(columns=["cutoff"])
+    frame["customer_id"] = frame["customer_id"].astype("int64")
+    frame["event_time"] = pd.to_datetime(frame["event_time"], utc=True)
+    watermark = frame["event_time"].max() if len(frame) else None
+    return LatestFeatures(
+        frame=frame,
+        watermark=watermark.to_pydatetime() if watermark is not None and not pd.isna(watermark) else None,
+        as_of=as_of,
+    )
