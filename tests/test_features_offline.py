@@ -155,6 +155,10 @@ def test_label_as_of_and_windows(small_data: Path) -> None:
         build_training_frame(small_data, fs, [CUTOFF], 30, label_as_of=CUTOFF + timedelta(days=10))
     with pytest.raises(ChurnError, match="no cutoffs"):
         build_training_frame(small_data, fs, [], 30)
+    with pytest.raises(ChurnError, match="use cutoffs from 2026-03-02 on"):
+        build_training_frame(small_data, fs, [datetime(2026, 2, 1, tzinfo=UTC)], 30)
+    with pytest.raises(ChurnError, match="after the newest data"):
+        build_training_frame(small_data, fs, [datetime(2026, 6, 1, tzinfo=UTC)], 30, label=False)
     bounds = data_bounds(small_data)
     assert str(bounds.first_day) == "2026-01-01" and str(bounds.last_day) == "2026-04-30"
     cuts = daily_cutoffs(datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 3, 29, 13, tzinfo=UTC), 7)

@@ -83,6 +83,30 @@ def daily_cutoffs(start: datetime, end: datetime, every_days: int = 1) -> list[d
     return out[::-1]
 
 
+def longest_window(features: Sequence[FeatureDefinition]) -> int:
+    """Longest activity window among ``features`` (days; 0 without activity features)."""
+    return max((int(f.window_days or 0) for f in features if f.source == "activity"), default=0)
+
+
+def check_cutoffs(data_dir: Path, features: Sequence[FeatureDefinition], cutoffs: Sequence[datetime]) -> None:
+    """Raise ChurnError when a cutoff lies outside the data or too close to its start for
+    the longest feature window (values would be silently truncated)."""
+    bounds = data_bounds(data_dir)
+    first_ok = bounds.first_event - timedelta(days=1) + timedelta(days=longest_window(features))
+    early = min(cutoffs)
+    late = max(cutoffs)
+    if late > bounds.last_event:
+        raise ChurnError(
+            f"cutoff {late.isoformat()} is after the newest data ({bounds.last_event.isoformat()}); "
+            f"choose an as_of at or before {bounds.last_day + timedelta(days=1)}"
+        )
+    if early < first_ok:
+        raise ChurnError(
+            f"cutoff {early.date()} has less than {longest_window(features)} days of activity before it "
+            f"(data starts {bounds.first_day}); use cutoffs from {first_ok.date()} on"
+        )
+
+
 def _connect(data_dir: Path) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
@@ -186,6 +210,7 @@ def build_training_frame(
                 f"{(late[0] + timedelta(days=horizon_days)).date()}, after {label_as_of.date()}; "
                 "use earlier cutoffs"
             )
+    check_cutoffs(data_dir, feature_set.features, cuts)
     con = _connect(data_dir)
     try:
         _spine(con, cuts, customer_ids)
