@@ -28,7 +28,10 @@ from mlflow_churn.errors import ConfigError
 
 ENV_PREFIX = "CHURN_"
 DEFAULT_WORKSPACE = Path("churn-workspace")
-SCENARIOS = ("stable", "usage_shift", "segment_shift", "concept_drift", "gradual", "data_outage")
+SCENARIOS = (
+    "stable", "usage_shift", "segment_shift", "concept_drift", "gradual", "data_outage",
+    "usage_and_segment",
+)
 
 
 class _Section(BaseModel):

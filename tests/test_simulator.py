@@ -149,6 +149,15 @@ def test_segment_shift_hits_one_segment_only(tmp_path: Path) -> None:
     assert _psi(seg(pre), seg(post)) > 0.1
 
 
+def test_usage_and_segment_combines_both(tmp_path: Path) -> None:
+    data = _sim(tmp_path, "usage_and_segment", customers=6000)
+    pre, post = _monthly(data, 35), _monthly(data, 70)
+    assert _psi(pre.total.to_numpy(), post.total.to_numpy()) > 0.2
+    seg_pre, _ = _segment_churn(data, 0, 35)
+    seg_post, _ = _segment_churn(data, 35, 70)
+    assert seg_post > 1.6 * seg_pre
+
+
 def _usage_auc(data: Path, cutoff_day: int) -> float:
     """AUC of low usage + many support calls as a churn score, 30 days ahead."""
     con = duckdb.connect()

@@ -41,7 +41,8 @@ Scenarios (each starts at ``onset_day``):
 - ``concept_drift``: ``b_d`` and ``b_u`` fall to a fifth and price starts to drive churn
   (``b_p = 0.9``), so a model trained before the onset loses AUC;
 - ``gradual``: like ``usage_shift``, but the factor ramps linearly over ``ramp_days`` (42);
-- ``data_outage``: data_used_mb turns null for a fixed 30% of customers.
+- ``data_outage``: data_used_mb turns null for a fixed 30% of customers;
+- ``usage_and_segment``: ``usage_shift`` and ``segment_shift`` at the same onset (the demo).
 
 The same arguments give the same bytes: one seeded generator, drawn in a fixed order.
 """
@@ -230,7 +231,7 @@ def _usage_factor(spec: SimulationSpec, day: int) -> float:
     p = spec.params
     if day < spec.onset:
         return 1.0
-    if spec.scenario == "usage_shift":
+    if spec.scenario in ("usage_shift", "usage_and_segment"):
         return p.usage_factor
     if spec.scenario == "gradual":
         frac = min(1.0, (day - spec.onset + 1) / p.ramp_days)
@@ -251,7 +252,7 @@ def _simulate_day(
     pop.f = 0.99 * pop.f + rng.normal(0.0, 0.06, n)
     alive = (pop.signup_idx <= day) & ~pop.churned
 
-    seg = pop.segment & (spec.scenario == "segment_shift") & drifting
+    seg = pop.segment & (spec.scenario in ("segment_shift", "usage_and_segment")) & drifting
     eng = pop.e0 * np.exp(pop.u) * np.where(seg, p.segment_engagement, 1.0)
     d_eff = pop.d + np.where(seg, p.segment_dissatisfaction, 0.0)
     doy = current.timetuple().tm_yday
