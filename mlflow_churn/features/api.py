@@ -1,0 +1,408 @@
+"""HTTP feature API (FastAPI): ``GET /features``, ``GET /health``, ``GET /metrics``.
+
+- ``GET /features?ids=1,2,3[&features=a,b | &feature_set=name]``: per id the values, each
+  feature's version, the event time the values were computed from and a status:
+  ``found``; ``missing`` (not in the serving batch: unknown or churned customer);
+  ``stale`` (its event time is older than ``features.freshness_sla_hours`` at request time).
+- ``GET /health``: 200 while the serving batch's watermark is younger than the SLA, else 503;
+  the body gives the age and the SLA in seconds.
+- ``GET /metrics``: Prometheus text: ``feature_freshness_seconds``, request latency
+  histogram ``feature_request_duration_seconds``, request, id-status and cache counters.
+
+Rows are cached in process for ``features.cache_ttl_seconds``; every request reads the
+serving batch id first and a new batch empties the cache, so a fresh batch is served from
+the first request after its flip. The clock is read here, at the HTTP edge, only.
+Bad input is a 4xx with a JSON ``detail``; an unusable store is a 404 (none yet) or 503.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from mlflow_churn.errors import ChurnError
+from mlflow_churn.features.online import BatchInfo, OnlineStore, open_store
+from mlflow_churn.features.registry import FeatureRegistry, UnknownFeatureError, registry_for
+
+INT64_MAX = 2**63 - 1
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_VERSIONED = re.compile(r"^(?P<base>.+)_v(?P<n>\d+)$")
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+class ApiError(Exception):
+    """A 4xx/5xx answer: status, detail and optional extra JSON fields."""
+
+    def __init__(self, status: int, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.extra = status, detail, extra
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"detail": self.detail, **self.extra}, status_code=self.status)
+
+
+RawRow = tuple[int | None, str]  # (event_time_ms, values JSON object text)
+
+
+class RowCache:
+    """Rows of the serving batch by customer id, each kept ``ttl`` seconds (monotonic).
+
+    ``lookup`` empties the cache when the batch id changes. ``ttl <= 0`` disables it.
+    Holds at most ``max_entries`` ids (emptied when full).
+    """
+
+    def __init__(self, ttl: float, max_entries: int = 200_000) -> None:
+        self.ttl, self.max_entries = ttl, max_entries
+        self.batch_id: str | None = None
+        self._rows: dict[int, tuple[float, RawRow | None]] = {}
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.invalidations = 0
+
+    def lookup(self, batch_id: str, ids: Sequence[int],
+               fetch: Callable[[list[int]], dict[int, RawRow]]) -> dict[int, RawRow | None]:
+        now = time.monotonic()
+        out: dict[int, RawRow | None] = {}
+        todo: list[int] = []
+        with self._lock:
+            if batch_id != self.batch_id:
+                if self.batch_id is not None:
+                    self.invalidations += 1
+                self._rows.clear()
+                self.batch_id = batch_id
+            for i in ids:
+                hit = self._rows.get(i) if self.ttl > 0 else None
+                if hit is not None and hit[0] > now:
+                    out[i] = hit[1]
+                else:
+                    todo.append(i)
+            self.hits += len(ids) - len(todo)
+            self.misses += len(todo)
+        if todo:
+            fetched = fetch(todo)
+            with self._lock:
+                if self.ttl > 0 and self.batch_id == batch_id:
+                    if len(self._rows) + len(todo) > self.max_entries:
+                        self._rows.clear()
+                    expires = now + self.ttl
+                    for i in todo:
+                        self._rows[i] = (expires, fetched.get(i))
+            for i in todo:
+                out[i] = fetched.get(i)
+        return out
+
+
+class Metrics:
+    """Counters and a latency histogram, rendered in the Prometheus text format."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.latency: dict[str, list[float]] = {}  # per endpoint: bucket counts + [sum, count]
+        self.id_status: dict[str, int] = {"found": 0, "missing": 0, "stale": 0}
+
+    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+        with self._lock:
+            self.requests[(endpoint, status)] = self.requests.get((endpoint, status), 0) + 1
+            h = self.latency.setdefault(endpoint, [0.0] * (len(LATENCY_BUCKETS) + 2))
+            for j, bound in enumerate(LATENCY_BUCKETS):
+                if seconds <= bound:
+                    h[j] += 1
+            h[-2] += seconds
+            h[-1] += 1
+
+    def count_ids(self, counts: dict[str, int]) -> None:
+        with self._lock:
+            for k, v in counts.items():
+                self.id_status[k] = self.id_status.get(k, 0) + v
+
+    def render(self, freshness: float | None, batch: BatchInfo | None, cache: RowCache) -> str:
+        lines = [
+            "# HELP feature_freshness_seconds Age of the serving batch: now - its watermark (seconds).",
+            "# TYPE feature_freshness_seconds gauge",
+            f"feature_freshness_seconds {freshness if freshness is not None else 'NaN'}",
+            "# HELP feature_batch_rows Customers in the serving batch.",
+            "# TYPE feature_batch_rows gauge",
+            f"feature_batch_rows {batch.rows if batch else 0}",
+            "# HELP feature_request_duration_seconds Request latency inside the app (seconds).",
+            "# TYPE feature_request_duration_seconds histogram",
+        ]
+        with self._lock:
+            for ep, h in sorted(self.latency.items()):
+                for j, bound in enumerate(LATENCY_BUCKETS):
+                    lines.append(f'feature_request_duration_seconds_bucket{{endpoint="{ep}",le="{bound}"}} '
+                                 f"{int(h[j])}")
+                lines.append(f'feature_request_duration_seconds_bucket{{endpoint="{ep}",le="+Inf"}} '
+                             f"{int(h[-1])}")
+                lines.append(f'feature_request_duration_seconds_sum{{endpoint="{ep}"}} {h[-2]}')
+                lines.append(f'feature_request_duration_seconds_count{{endpoint="{ep}"}} {int(h[-1])}')
+            lines += ["# HELP feature_requests_total Requests by endpoint and HTTP status.",
+                      "# TYPE feature_requests_total counter"]
+            for (ep, code), n in sorted(self.requests.items()):
+                lines.append(f'feature_requests_total{{endpoint="{ep}",code="{code}"}} {n}')
+            lines += ["# HELP feature_ids_total Customer ids answered, by status.",
+                      "# TYPE feature_ids_total counter"]
+            for status, n in sorted(self.id_status.items()):
+                lines.append(f'feature_ids_total{{status="{status}"}} {n}')
+        lines += [
+            "# HELP feature_cache_hits_total Ids answered from the in-process cache.",
+            "# TYPE feature_cache_hits_total counter", f"feature_cache_hits_total {cache.hits}",
+            "# HELP feature_cache_misses_total Ids read from the online store.",
+            "# TYPE feature_cache_misses_total counter", f"feature_cache_misses_total {cache.misses}",
+            "# HELP feature_cache_invalidations_total Cache emptied because a new batch landed.",
+            "# TYPE feature_cache_invalidations_total counter",
+            f"feature_cache_invalidations_total {cache.invalidations}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def parse_ids(raw: str | None, max_ids: int) -> list[int]:
+    """Comma-separated integer ids (duplicates dropped, order kept) or ApiError 400."""
+    if raw is None or not raw.strip():
+        raise ApiError(400, "ids is required: comma-separated customer ids, e.g. ?ids=1,2,3")
+    parts = [p.strip() for p in raw.split(",")]
+    out: dict[int, None] = {}
+    for p in parts:
+        if not re.fullmatch(r"\d+", p or ""):
+            raise ApiError(400, f"customer id '{p}' is not a non-negative integer; "
+                                "use comma-separated integers, e.g. ?ids=1,2,3")
+        value = int(p)
+        if value > INT64_MAX:
+            raise ApiError(400, f"customer id '{p}' is larger than {INT64_MAX}")
+        out[value] = None
+    if len(out) > max_ids:
+        raise ApiError(400, f"{len(out)} ids asked, at most {max_ids} per request "
+                            "(features.max_ids); split the request")
+    return list(out)
+
+
+def _unknown_feature(registry: FeatureRegistry, name: str, err: UnknownFeatureError) -> ApiError:
+    m = _VERSIONED.match(name)
+    base = m.group("base") if m else name
+    versions = [d for d in registry.definitions() if d.name == base]
+    if versions:
+        avail = [d.full_name for d in versions]
+        return ApiError(404, f"unknown version '{name}' of feature '{base}'; available versions: "
+                             + ", ".join(f"{d.full_name} (v{d.version})" for d in versions),
+                        available=avail)
+    return ApiError(404, str(err), available=err.available)
+
+
+class FeatureService:
+    """What the endpoints share: config, registry, the store (opened lazily), cache, metrics."""
+
+    def __init__(self, cfg: Any, store: OnlineStore | None = None,
+                 clock: Callable[[], datetime] | None = None) -> None:
+        self.cfg = cfg
+        self.registry = registry_for(cfg)
+        self._store = store
+        self._lock = threading.Lock()
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.cache = RowCache(cfg.features.cache_ttl_seconds)
+        self.metrics = Metrics()
+        self.sla_seconds = cfg.features.freshness_sla_hours * 3600.0
+        self._versions: dict[str, int] = {}
+
+    def store(self) -> OnlineStore:
+        if self._store is None:
+            with self._lock:
+                if self._store is None:
+                    try:
+                        self._store = open_store(self.cfg, must_exist=True)
+                    except ChurnError as exc:
+                        raise ApiError(404, str(exc)) from None
+        return self._store
+
+    def batch(self) -> BatchInfo:
+        store = self.store()
+        batch = store.current_batch()
+        if batch is None:
+            raise ApiError(404, f"the online store {store.location} has no batch yet; "
+                                "run `churn features materialize`")
+        return batch
+
+    def version(self, name: str) -> int:
+        v = self._versions.get(name)
+        if v is None:
+            try:
+                v = self.registry.get(name).version
+            except UnknownFeatureError:
+                m = _VERSIONED.match(name)
+                v = int(m.group("n")) if m else 1
+            self._versions[name] = v
+        return v
+
+    def select(self, batch: BatchInfo, features: str | None,
+               feature_set: str | None) -> tuple[list[str], dict[str, Any]]:
+        if features and feature_set:
+            raise ApiError(400, "give features= or feature_set=, not both")
+        meta: dict[str, Any] = {"feature_set": None, "feature_set_hash": None}
+        if feature_set:
+            try:
+                fs = self.registry.feature_set(feature_set.strip())
+            except UnknownFeatureError as err:
+                raise ApiError(404, str(err), available=err.available) from None
+            names = fs.columns
+            meta = {"feature_set": fs.name, "feature_set_hash": fs.hash}
+        elif features:
+            names = list(dict.fromkeys(n.strip() for n in features.split(",")))
+            if "" in names:
+                raise ApiError(400, f"empty feature name in features='{features}'")
+            for n in names:
+                try:
+                    self.registry.get(n)
+                except UnknownFeatureError as err:
+                    raise _unknown_feature(self.registry, n, err) from None
+        else:
+            return list(batch.features), meta
+        absent = [n for n in names if n not in batch.features]
+        if absent:
+            raise ApiError(404, f"feature(s) {', '.join(absent)} are not in the serving batch "
+                                f"{batch.batch_id}; run `churn features materialize` to add them",
+                           available=list(batch.features))
+        return names, meta
+
+    def features(self, ids_raw: str | None, features: str | None, feature_set: str | None) -> str:
+        """The JSON answer of ``GET /features``, built as text.
+
+        Rows come from the store as ``(event_time_ms, values JSON object)``; when every
+        feature of the batch is asked for, that text is spliced in as is, otherwise only the
+        asked features are re-encoded. The per-id ``versions`` map is encoded once.
+        """
+        ids = parse_ids(ids_raw, self.cfg.features.max_ids)
+        batch = self.batch()
+        names, meta = self.select(batch, features, feature_set)
+        store = self.store()
+        rows = self.cache.lookup(batch.batch_id, ids,
+                                 lambda todo: store.get_raw(todo, batch.batch_id))
+        now = self.clock()
+        sla = self.sla_seconds
+        whole = names == list(batch.features)
+        versions = _dumps({n: self.version(n) for n in names})
+        counts = {"found": 0, "missing": 0, "stale": 0}
+        times: dict[int | None, tuple[str, str]] = {}
+        parts = []
+        for cid in ids:
+            row = rows.get(cid)
+            if row is None:
+                counts["missing"] += 1
+                parts.append(f'{{"customer_id":{cid},"status":"missing","event_time":null,'
+                             f'"values":null,"versions":{versions}}}')
+                continue
+            ms, text = row
+            hit = times.get(ms)
+            if hit is None:
+                if ms is None:
+                    hit = ("null", "stale")
+                else:
+                    et = datetime.fromtimestamp(ms / 1000.0, tz=UTC)
+                    hit = (f'"{et.isoformat()}"', "stale" if (now - et).total_seconds() > sla else "found")
+                times[ms] = hit
+            when, status = hit
+            counts[status] += 1
+            if not whole:
+                obj = json.loads(text)
+                text = _dumps({n: obj[n] for n in names})
+            parts.append(f'{{"customer_id":{cid},"status":"{status}","event_time":{when},'
+                         f'"values":{text},"versions":{versions}}}')
+        self.metrics.count_ids(counts)
+        head = _dumps({"batch_id": batch.batch_id, "as_of": batch.as_of.isoformat(),
+                       "watermark": batch.watermark.isoformat() if batch.watermark else None,
+                       **meta, "features": names})
+        return head[:-1] + ',"results":[' + ",".join(parts) + "]}"
+
+    def health(self) -> tuple[int, dict]:
+        try:
+            batch = self.batch()
+        except ApiError as err:
+            return 503, {"status": "no_batch", "detail": err.detail, "sla_seconds": self.sla_seconds}
+        age = self.age(batch)
+        fresh = age is not None and age <= self.sla_seconds
+        return (200 if fresh else 503), {
+            "status": "ok" if fresh else "stale", "batch_id": batch.batch_id,
+            "as_of": batch.as_of.isoformat(),
+            "watermark": batch.watermark.isoformat() if batch.watermark else None,
+            "age_seconds": age, "sla_seconds": self.sla_seconds, "rows": batch.rows,
+        }
+
+    def age(self, batch: BatchInfo) -> float | None:
+        return (self.clock() - batch.watermark).total_seconds() if batch.watermark else None
+
+
+def create_app(cfg: Any, store: OnlineStore | None = None,
+               clock: Callable[[], datetime] | None = None) -> FastAPI:
+    """The feature API over ``store`` (default: ``open_store(cfg)`` at the first request).
+
+    ``clock`` returns the current UTC time (default: the system clock); tests pin it.
+    """
+    svc = FeatureService(cfg, store, clock)
+    app = FastAPI(title="churn feature store", version="1")
+    app.state.service = svc
+
+    def timed(endpoint: str, work: Callable[[], Response]) -> Response:
+        start = time.perf_counter()
+        try:
+            resp = work()
+        except ApiError as err:
+            resp = err.response()
+        except ChurnError as err:
+            resp = JSONResponse({"detail": str(err)}, status_code=400)
+        except Exception as err:  # noqa: BLE001 - a broken backend is a 503, never a 500
+            resp = JSONResponse({"detail": f"online store unavailable: {type(err).__name__}: {err}"},
+                                status_code=503)
+        svc.metrics.observe(endpoint, resp.status_code, time.perf_counter() - start)
+        return resp
+
+    # async endpoints: a lookup is a sub-millisecond local read (SQLite) or one round trip
+    # (Redis), cheaper than handing it to the thread pool
+    @app.get("/features")
+    async def get_features(ids: str | None = None, features: str | None = None,
+                           feature_set: str | None = None) -> Response:
+        """Values, versions, event time and status per customer id."""
+        return timed("/features", lambda: Response(svc.features(ids, features, feature_set),
+                                                   media_type="application/json"))
+
+    @app.get("/health")
+    async def health() -> Response:
+        """200 while the serving batch is fresher than the SLA, else 503 (age and SLA given)."""
+        def work() -> Response:
+            code, body = svc.health()
+            return JSONResponse(body, status_code=code)
+        return timed("/health", work)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text format."""
+        def work() -> Response:
+            try:
+                batch = svc.batch()
+                age = svc.age(batch)
+            except ApiError:
+                batch, age = None, None
+            return PlainTextResponse(svc.metrics.render(age, batch, svc.cache),
+                                     media_type="text/plain; version=0.0.4")
+        return timed("/metrics", work)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": f"{type(exc).__name__}: {exc}"}, status_code=503)
+
+    return app
+
+
+def serve(cfg: Any, host: str | None = None, port: int | None = None) -> None:
+    """Run the API with uvicorn on ``host:port`` (default: features.host / features.port)."""
+    import uvicorn
+
+    uvicorn.run(create_app(cfg), host=host or cfg.features.host, port=port or cfg.features.port,
+                log_level="warning")
+
+
+__all__ = ["ApiError", "FeatureService", "Metrics", "RowCache", "create_app", "parse_ids", "serve"]

@@ -1,0 +1,251 @@
+"""``churn features ...``: list, describe, materialize, history, serve, check-skew."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from mlflow_churn.cli_common import console, get_config, opt_str, parse_datetime
+from mlflow_churn.errors import ChurnError
+
+features_app = typer.Typer(help="Feature store: definitions, materialization, online API.",
+                           no_args_is_help=True)
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_every(value: str) -> timedelta:
+    """``1h``, ``30m``, ``1h30m``, ``90s``, ``1d`` -> timedelta; ChurnError otherwise."""
+    text = value.strip().lower()
+    if not text or _DURATION.sub("", text) != "":
+        raise ChurnError(f"--every must be a duration like 1h, 30m, 1h30m or 1d, got '{value}'")
+    seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(text))
+    if seconds <= 0:
+        raise ChurnError(f"--every must be longer than 0 s, got '{value}'")
+    return timedelta(seconds=seconds)
+
+
+def _sets_of(cfg) -> dict[str, list[str]]:
+    from mlflow_churn.features.registry import registry_for
+
+    out: dict[str, list[str]] = {}
+    for fs in registry_for(cfg).feature_sets():
+        for col in fs.columns:
+            out.setdefault(col, []).append(fs.name)
+    return out
+
+
+@features_app.command("list")
+def list_features(ctx: typer.Context) -> None:
+    """Every feature definition and version, and the feature sets."""
+    from mlflow_churn.features.registry import registry_for
+
+    cfg = get_config(ctx)
+    reg = registry_for(cfg)
+    sets = _sets_of(cfg)
+    table = Table(title="feature definitions")
+    for col in ("served name", "name", "version", "dtype", "source", "window", "owner", "sets"):
+        table.add_column(col)
+    for d in reg.definitions():
+        table.add_row(d.full_name, d.name, str(d.version), d.dtype, d.source,
+                      f"{d.window_days} d" if d.window_days else "-", d.owner,
+                      ", ".join(sets.get(d.full_name, [])) or "-")
+    console.print(table)
+    sets_table = Table(title="feature sets")
+    for col in ("name", "features", "hash", "description"):
+        sets_table.add_column(col)
+    for fs in reg.feature_sets():
+        sets_table.add_row(fs.name, str(len(fs.columns)), fs.hash[:12], fs.description)
+    console.print(sets_table)
+
+
+@features_app.command("describe")
+def describe(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Feature (any version) or feature set."),
+) -> None:
+    """Every version of a feature (or the members of a feature set), with its SQL."""
+    from mlflow_churn.features.registry import UnknownFeatureError, registry_for
+
+    cfg = get_config(ctx)
+    reg = registry_for(cfg)
+    if name in {fs.name for fs in reg.feature_sets()}:
+        fs = reg.feature_set(name)
+        console.print(f"feature set [bold]{fs.name}[/bold]: {fs.description}")
+        console.print(f"hash {fs.hash}")
+        console.print("features: " + ", ".join(fs.columns))
+        return
+    base = name
+    try:
+        base = reg.get(name).name
+    except UnknownFeatureError:
+        pass
+    try:
+        versions = reg.versions(base)
+    except UnknownFeatureError as err:
+        sets = ", ".join(fs.name for fs in reg.feature_sets())
+        raise ChurnError(f"unknown feature or feature set '{name}'; features: "
+                         f"{', '.join(err.available)}; feature sets: {sets}") from None
+    sets = _sets_of(cfg)
+    for d in versions:
+        console.print(f"[bold]{d.full_name}[/bold] (feature {d.name}, version {d.version})")
+        console.print(f"  {d.description}")
+        console.print(f"  dtype {d.dtype}; source {d.source}; entity {d.entity}; owner {d.owner}")
+        if d.window_days:
+            console.print(f"  window: last {d.window_days} days; default {d.default}")
+        console.print(f"  expression: {d.expression}")
+        if d.categories:
+            console.print(f"  categories: {', '.join(d.categories)}")
+        if d.tags:
+            console.print(f"  tags: {', '.join(d.tags)}")
+        console.print(f"  in feature sets: {', '.join(sets.get(d.full_name, [])) or '-'}")
+
+
+def _batch_table(title: str, batches) -> Table:
+    table = Table(title=title)
+    for col in ("batch id", "mode", "as_of", "watermark", "rows", "updated", "features",
+                "seconds", "finished"):
+        table.add_column(col)
+    for b in batches:
+        table.add_row(b.batch_id, b.mode, b.as_of.isoformat(),
+                      b.watermark.isoformat() if b.watermark else "-", f"{b.rows:,}",
+                      f"{b.updated_rows:,}" if b.updated_rows is not None else "-",
+                      str(len(b.features)), f"{b.duration_s:.2f}" if b.duration_s is not None else "-",
+                      b.finished_at.isoformat(timespec="seconds") if b.finished_at else "-")
+    return table
+
+
+def _log_batch_to_project_run(info) -> None:
+    """Inside ``mlflow run`` (MLFLOW_RUN_ID set), record the batch in that run."""
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        return
+    import mlflow
+
+    with mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"]):
+        # the entry point's own parameters (as_of = "" for newest data) are already logged
+        mlflow.log_params({"batch_as_of": info.as_of.isoformat(), "batch_mode": info.mode,
+                           "batch_id": info.batch_id, "n_features": len(info.features)})
+        mlflow.log_metrics({"rows": info.rows, "updated_rows": info.updated_rows or 0,
+                            "duration_s": info.duration_s or 0.0})
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "batch.json"
+            path.write_text(json.dumps(info.to_dict(), indent=2))
+            mlflow.log_artifact(str(path))
+
+
+@features_app.command("materialize")
+def materialize_cmd(
+    ctx: typer.Context,
+    as_of: str = typer.Option(None, "--as-of",
+                              help="Compute values at this UTC time (default: newest data)."),
+    incremental: bool = typer.Option(False, "--incremental",
+                                     help="Recompute only customers with events since the last batch."),
+    every: str = typer.Option(None, "--every", help="Run on a schedule, e.g. 1h (default: once)."),
+    max_runs: int = typer.Option(None, "--max-runs", help="With --every: stop after this many runs."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Compute every registered feature and swap the batch in online atomically."""
+    from mlflow_churn.features.materialize import materialize, run_every
+    from mlflow_churn.features.offline import data_bounds
+
+    cfg = get_config(ctx)
+    as_of_s, every_s = opt_str(as_of), opt_str(every)
+    if every_s:
+        if as_of_s:
+            raise ChurnError("--as-of and --every exclude each other: a schedule always uses the newest data")
+
+        def report(info, reason: str) -> None:
+            if info is None:
+                console.print(f"no batch: {reason}")
+            else:
+                console.print(_batch_table("churn features materialize", [info]))
+                _log_batch_to_project_run(info)
+
+        run_every(cfg, parse_every(every_s), incremental=incremental, max_runs=max_runs,
+                  progress=progress, on_run=report)
+        return
+    when = parse_datetime(as_of_s, "--as-of") if as_of_s else data_bounds(cfg.data_dir).last_event
+    info = materialize(cfg, when, incremental=incremental, progress=progress)
+    console.print(_batch_table("churn features materialize", [info]))
+    console.print(f"serving batch {info.batch_id} from {cfg.features.online_backend} store")
+    _log_batch_to_project_run(info)
+
+
+@features_app.command("history")
+def history(ctx: typer.Context,
+            limit: int = typer.Option(20, "--limit", help="Newest batches to show.")) -> None:
+    """Every materialized batch, newest first (the first one serves)."""
+    from mlflow_churn.features.online import open_store
+
+    if limit < 1:
+        raise ChurnError(f"--limit must be >= 1, got {limit}")
+    store = open_store(get_config(ctx), must_exist=True)
+    try:
+        batches = store.history(limit)
+        location = store.location
+    finally:
+        store.close()
+    if not batches:
+        raise ChurnError(f"{location} has no batch yet; run `churn features materialize`")
+    console.print(_batch_table(f"batches in {location}", batches))
+
+
+@features_app.command("serve")
+def serve_cmd(
+    ctx: typer.Context,
+    host: str = typer.Option(None, "--host", help="Bind address [features.host]."),
+    port: int = typer.Option(None, "--port", help="Port [features.port]."),
+) -> None:
+    """Serve GET /features, /health and /metrics with uvicorn."""
+    from mlflow_churn.features.api import serve
+
+    cfg = get_config(ctx, {"features.host": opt_str(host), "features.port": port})
+    console.print(f"feature API on http://{cfg.features.host}:{cfg.features.port} "
+                  f"({cfg.features.online_backend} store)")
+    serve(cfg)
+
+
+@features_app.command("check-skew")
+def check_skew_cmd(
+    ctx: typer.Context,
+    sample: int = typer.Option(1000, "--sample", help="Customers to recompute offline."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sample."),
+) -> None:
+    """Recompute a sample of online values offline; exit 1 when any differ."""
+    from mlflow_churn.features.skew import check_skew
+
+    report = check_skew(get_config(ctx), sample=sample, seed=seed)
+    console.print(f"batch {report.batch_id} (as_of {report.as_of}): {report.compared} of "
+                  f"{report.sampled} sampled customers compared on {len(report.features)} features")
+    if report.ok:
+        console.print("no skew: every online value equals its offline recomputation")
+        return
+    table = Table(title=f"skew: {len(report.mismatches)} values differ "
+                        f"({report.mismatch_rate:.2%}); by feature")
+    table.add_column("feature")
+    table.add_column("mismatches", justify="right")
+    table.add_column("example (customer: online vs offline)")
+    examples = {}
+    for m in report.mismatches:
+        examples.setdefault(m.feature, m)
+    for feat, n in report.by_feature().items():
+        m = examples[feat]
+        table.add_row(feat, str(n), f"{m.customer_id}: {m.online!r} vs {m.offline!r}")
+    console.print(table)
+    if report.missing_offline:
+        console.print(f"{len(report.missing_offline)} served customers are absent offline, e.g. "
+                      f"{report.missing_offline[:5]}")
+    raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``churn features ...`` to the root command."""
+    app.add_typer(features_app, name="features")
