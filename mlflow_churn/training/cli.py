@@ -1,0 +1,79 @@
+"""``churn train``: tune, register a challenger; or join a distributed study as a worker."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from mlflow_churn.cli_common import console, get_config, opt_str, parse_datetime
+from mlflow_churn.errors import ChurnError
+
+
+def train_command(
+    ctx: typer.Context,
+    as_of: str = typer.Option(
+        None, "--as-of", help="Training time (ISO, UTC); default: the newest event of the data."),
+    n_trials: int = typer.Option(
+        None, "--n-trials", help="Optuna trials in this process; 0 = config training.n_trials."),
+    timeout: float = typer.Option(
+        None, "--timeout", help="Stop tuning after this many seconds; 0 = no limit "
+        "(config training.timeout_seconds)."),
+    storage: str = typer.Option(
+        None, "--storage", help="Optuna RDB URL shared with workers, e.g. postgresql://user@host/db "
+        "(config training.storage); default in memory."),
+    worker: bool = typer.Option(
+        False, "--worker", help="Join the study --study of a running leader; registers nothing."),
+    study: str = typer.Option(
+        None, "--study", help="Study name (leader: default churn-<parent run id>; worker: required)."),
+    wait: float = typer.Option(
+        600.0, "--wait", help="Seconds a worker waits for the study / the leader for running worker trials."),
+    table: str = typer.Option(
+        None, "--table", help="Train on a flat CSV or Parquet table instead of the workspace data."),
+    label: str = typer.Option(None, "--label", help="With --table: the 0/1 or Yes/No churn column."),
+    id_column: str = typer.Option(
+        None, "--id", help="With --table: the id column (kept out of the features)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar over trials."),
+) -> None:
+    """Tune XGBoost with Optuna (each trial a nested MLflow run), register a version with alias challenger."""
+    from mlflow_churn.training.train import summary_table, train, train_table
+
+    # "Creating initial MLflow database tables..." is noise on stderr, where errors are one line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+
+    cfg = get_config(ctx, {"training.n_trials": n_trials or None,
+                           "training.storage": opt_str(storage)})
+    timeout_s = None if not timeout else float(timeout)
+    if timeout is not None and timeout < 0:
+        raise ChurnError(f"--timeout must be >= 0 seconds (0 = no limit), got {timeout}")
+    table, label, id_column, study = opt_str(table), opt_str(label), opt_str(id_column), opt_str(study)
+    common = {"n_trials": n_trials or None, "timeout": timeout_s, "storage": opt_str(storage),
+              "progress": progress, "study_name": study, "wait_seconds": wait}
+    if worker:
+        result = train(cfg, None, worker=True, **common)
+    elif table:
+        if not label:
+            raise ChurnError("--table needs --label COL: the column that says who churned (Yes/No, 1/0)")
+        result = train_table(cfg, table, label, id_column, **common)
+    else:
+        if label or id_column:
+            raise ChurnError("--label/--id apply to --table only; add --table PATH")
+        if opt_str(as_of):
+            when = parse_datetime(as_of, "--as-of")
+        else:
+            from mlflow_churn.features.offline import data_bounds
+
+            when = data_bounds(cfg.data_dir).last_event
+        result = train(cfg, when, **common)
+    console.print(summary_table(result))
+    if result.version:
+        console.print(f"registered {cfg.training.model_name} version {result.version} "
+                      f"(alias challenger), run {result.run_id}, val AUC {result.val_auc:.4f}")
+    else:
+        console.print(f"worker done: {len(result.trials)} trials in study {result.study_name}, "
+                      f"parent run {result.run_id}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``churn train`` to the root command."""
+    app.command("train")(train_command)

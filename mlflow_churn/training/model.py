@@ -1,0 +1,129 @@
+"""The logged model: an XGBoost booster behind an MLflow pyfunc that returns P(churn).
+
+``mlflow.pyfunc.load_model(uri).predict(df)`` returns a 1-D float array of churn
+probabilities in [0, 1] (not labels, as the xgboost flavor's pyfunc would for a
+classifier), so ``mlflow models serve`` answers with probabilities too. The model carries
+its :class:`~mlflow_churn.features.registry.FeatureSet` (``feature_set.json``): the input
+is coerced by the same code the feature store uses, and serving compares its hash with
+the registry's before feeding the model.
+
+:func:`load_scorer` gives the in-process fast path (the booster and the feature set)
+used by the online service and batch scoring.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import xgboost as xgb
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+from mlflow_churn.errors import ChurnError
+from mlflow_churn.features.registry import FeatureSet
+
+BOOSTER_FILE = "booster.ubj"
+FEATURE_SET_FILE = "feature_set.json"
+
+
+def predict_proba(booster: xgb.Booster, feature_set: FeatureSet, frame: pd.DataFrame,
+                  iteration_range: tuple[int, int] | None = None) -> np.ndarray:
+    """P(churn) per row of ``frame`` (raw or coerced feature values), float64 in [0, 1]."""
+    if len(frame) == 0:
+        return np.zeros(0, dtype="float64")
+    x = feature_set.coerce(frame)
+    kwargs: dict[str, Any] = {"predict_type": "value", "validate_features": False}
+    if iteration_range is not None:
+        kwargs["iteration_range"] = iteration_range
+    return np.asarray(booster.inplace_predict(x, **kwargs), dtype="float64").reshape(-1)
+
+
+class ChurnModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper: ``predict(df)`` -> P(churn) per row."""
+
+    def load_context(self, context: Any) -> None:
+        self.booster = xgb.Booster()
+        self.booster.load_model(context.artifacts["booster"])
+        self.feature_set = FeatureSet.from_dict(json.loads(Path(context.artifacts["feature_set"]).read_text()))
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
+        if not isinstance(model_input, pd.DataFrame):
+            model_input = pd.DataFrame(model_input)
+        return predict_proba(self.booster, self.feature_set, model_input)
+
+
+def signature_for(feature_set: FeatureSet) -> ModelSignature:
+    """Input: the set's columns (string for categoricals, double otherwise, all optional);
+    output: one double column, P(churn)."""
+    cols = [ColSpec("string" if f.dtype == "category" else "double", f.full_name, required=False)
+            for f in feature_set.features]
+    return ModelSignature(inputs=Schema(cols), outputs=Schema([ColSpec("double", "churn_probability")]))
+
+
+def to_model_input(feature_set: FeatureSet, frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame``'s feature columns in the pyfunc's input schema: strings for categoricals,
+    float64 otherwise (MLflow refuses to cast int64 to double on its own)."""
+    out = {}
+    for f in feature_set.features:
+        col = frame[f.full_name]
+        out[f.full_name] = (col.astype("object").where(col.notna(), None) if f.dtype == "category"
+                            else pd.to_numeric(col, errors="coerce").astype("float64"))
+    return pd.DataFrame(out).reset_index(drop=True)
+
+
+def input_example(feature_set: FeatureSet, frame: pd.DataFrame, rows: int = 5) -> pd.DataFrame:
+    """A few rows of ``frame`` as a serving client would send them."""
+    return to_model_input(feature_set, frame.head(rows))
+
+
+def log_churn_model(booster: xgb.Booster, feature_set: FeatureSet, example: pd.DataFrame,
+                    name: str = "model") -> mlflow.models.model.ModelInfo:
+    """Log ``booster`` as a pyfunc returning P(churn) in the active run; return its info."""
+    with tempfile.TemporaryDirectory() as tmp:
+        booster_path = Path(tmp) / BOOSTER_FILE
+        booster.save_model(str(booster_path))
+        fs_path = Path(tmp) / FEATURE_SET_FILE
+        fs_path.write_text(json.dumps(feature_set.to_dict(), indent=2))
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=ChurnModel(),
+            artifacts={"booster": str(booster_path), "feature_set": str(fs_path)},
+            signature=signature_for(feature_set),
+            input_example=input_example(feature_set, example),
+            pip_requirements=[f"mlflow=={mlflow.__version__}", f"xgboost=={xgb.__version__}",
+                              f"pandas=={pd.__version__}", "mlflow-churn"],
+        )
+
+
+@dataclass
+class Scorer:
+    """A loaded churn model for in-process scoring."""
+
+    booster: xgb.Booster
+    feature_set: FeatureSet
+    model_uri: str
+    version: str | None = None
+
+    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        """P(churn) per row (raw or coerced feature values)."""
+        return predict_proba(self.booster, self.feature_set, frame)
+
+
+def load_scorer(model_uri: str, version: str | None = None) -> Scorer:
+    """Load a model logged by :func:`log_churn_model` (any MLflow model URI)."""
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except Exception as exc:  # MLflow raises several types for a missing model
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ChurnError(f"cannot load model {model_uri}: {first[:200]}") from None
+    inner = model.unwrap_python_model()
+    if not isinstance(inner, ChurnModel):
+        raise ChurnError(f"model {model_uri} was not logged by mlflow-churn (no ChurnModel inside)")
+    return Scorer(inner.booster, inner.feature_set, model_uri, version)

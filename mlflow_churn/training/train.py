@@ -1,0 +1,512 @@
+"""The train entry point: window (or flat table) -> Optuna x XGBoost -> registered challenger.
+
+Two sources share one path, :func:`_fit_and_register`:
+
+- :func:`train` (``source=simulator``): point-in-time frames of the feature store for the
+  cutoffs of :func:`~mlflow_churn.training.window.training_window`; validation is the
+  newest ``validation_fraction`` of the production cutoffs (every validation row is newer
+  than every training row); history rows carry ``history_weight``.
+- :func:`train_table` (``source=table``): a user's CSV / Parquet
+  (:mod:`~mlflow_churn.training.table`); validation is a seeded stratified holdout, since a
+  flat table has no time axis.
+
+The parent MLflow run (``MLFLOW_RUN_ID`` inside ``mlflow run``, or ``parent_run_id``, else
+a new run) gets params (window bounds, feature set + hash, best params), metrics (val_auc,
+val_pr_auc, val_log_loss), the dataset (``mlflow.log_input``), a feature-importance PNG,
+``reference/profile.json`` (:func:`mlflow_churn.monitoring.profile.build_profile` on the
+validation rows and scores) and the model (:func:`~mlflow_churn.training.model.log_churn_model`).
+Each Optuna trial is a nested run. The model is registered as a new version of
+``training.model_name`` with the tags of the contract and alias ``challenger``; a failure
+after the version exists deletes it again.
+
+Distributed tuning: the leader (``storage`` = an Optuna RDB URL) publishes its parent run
+id, the data recipe and the tuning settings as study user attributes; ``worker=True``
+processes (:func:`run_worker`) load the study by name, rebuild the same frame (its
+``data_hash`` must match), run trials nested under the leader's parent run and exit. The
+leader waits for running trials before choosing the best one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from rich.table import Table
+
+from mlflow_churn.cli_common import err_console, with_progress
+from mlflow_churn.config import ChurnConfig
+from mlflow_churn.errors import ChurnError
+from mlflow_churn.features.offline import build_training_frame
+from mlflow_churn.features.registry import FeatureSet, registry_for
+from mlflow_churn.registry.aliases import CHALLENGER, move_alias
+from mlflow_churn.tracking import setup_mlflow
+from mlflow_churn.training import tuning
+from mlflow_churn.training.model import log_churn_model, predict_proba
+from mlflow_churn.training.window import TrainingWindow, training_window
+
+LABEL, WEIGHT = "label", "weight"
+DEFAULT_WAIT_SECONDS = 600.0
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced (``version``/``model_uri`` are None for a worker)."""
+
+    run_id: str
+    model_uri: str | None
+    version: str | None
+    val_auc: float
+    best_params: dict[str, Any]
+    feature_set_hash: str
+    window_start: str
+    window_end: str
+    val_pr_auc: float | None = None
+    val_log_loss: float | None = None
+    n_trees: int | None = None
+    study_name: str = ""
+    n_complete: int = 0
+    n_pruned: int = 0
+    rows_train: int = 0
+    rows_valid: int = 0
+    data_hash: str = ""
+    source: str = "simulator"
+    feature_set: str = ""
+    profile_logged: bool = False
+    trials: list[tuning.TrialRecord] = field(default_factory=list)
+
+
+@dataclass
+class Prepared:
+    """Training and validation rows of one source, and what to record about them."""
+
+    source: str
+    feature_set: FeatureSet
+    train: pd.DataFrame
+    valid: pd.DataFrame
+    dataset_source: str
+    params: dict[str, str]
+    recipe: dict[str, Any]
+    window_start: str = ""
+    window_end: str = ""
+    as_of: str = ""
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    segments: tuple[str, ...] = ()
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        """Every row used (training then validation) with a ``split`` column."""
+        return pd.concat([self.train.assign(split="train"), self.valid.assign(split="valid")],
+                         ignore_index=True)
+
+    @property
+    def data_hash(self) -> str:
+        """sha256 (hex) of the frame's column names and row hashes."""
+        frame = self.frame
+        digest = hashlib.sha256("\x1f".join(map(str, frame.columns)).encode())
+        digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+        return digest.hexdigest()
+
+
+def _check_classes(y: np.ndarray, what: str) -> None:
+    classes = np.unique(y)
+    if len(classes) < 2:
+        only = int(classes[0]) if len(classes) else "-"
+        raise ChurnError(f"the {what} rows ({len(y)}) hold a single class ({only}); "
+                         "widen the window (training.window_days / history_days) or use more data")
+
+
+def time_split(frame: pd.DataFrame, window: TrainingWindow,
+               fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, valid): validation = the newest ``round(fraction * n)`` production cutoffs
+    (at least one), training = every older cutoff, history included."""
+    prod = list(window.production_cutoffs)
+    n_valid = max(1, round(fraction * len(prod)))
+    if len(window.cutoffs) - n_valid < 1:
+        raise ChurnError(
+            f"the training window holds {len(window.cutoffs)} cutoff(s) ({window.window_start.date()} .. "
+            f"{window.window_end.date()}), too few for a time-based validation split; raise "
+            "training.window_days or lower training.cutoff_every_days"
+        )
+    first_valid = pd.Timestamp(prod[-n_valid])
+    is_valid = frame["cutoff"] >= first_valid
+    return frame[~is_valid].reset_index(drop=True), frame[is_valid].reset_index(drop=True)
+
+
+def prepare_window(cfg: ChurnConfig, as_of: datetime) -> Prepared:
+    """Frames of the training window ending before ``as_of`` (see the module doc)."""
+    window = training_window(as_of, cfg)
+    fs = registry_for(cfg).feature_set(cfg.features.feature_set)
+    frame = build_training_frame(cfg.data_dir, fs, window.cutoffs, cfg.features.label_horizon_days)
+    if frame.empty:
+        raise ChurnError(f"the training window {window.window_start.date()} .. {window.window_end.date()} "
+                         f"has no customers in {cfg.data_dir}; check the data or --as-of")
+    history = pd.to_datetime(list(window.history_cutoffs), utc=True)
+    frame[WEIGHT] = np.where(frame["cutoff"].isin(history), window.history_weight, 1.0)
+    train, valid = time_split(frame, window, cfg.training.validation_fraction)
+    _check_classes(train[LABEL].to_numpy(), "training")
+    _check_classes(valid[LABEL].to_numpy(), "validation")
+    params = window.to_params() | {"horizon_days": str(cfg.features.label_horizon_days),
+                                   "history_weight": str(window.history_weight),
+                                   "validation_from": valid["cutoff"].min().isoformat()}
+    return Prepared(
+        source="simulator", feature_set=fs, train=train, valid=valid,
+        dataset_source=str(cfg.data_dir.resolve()), params=params,
+        recipe={"source": "simulator", "as_of": window.as_of.isoformat()},
+        window_start=window.window_start.isoformat(), window_end=window.window_end.isoformat(),
+        as_of=window.as_of.isoformat(),
+        segments=tuple(s for s in cfg.monitoring.segments if s in fs.columns),
+    )
+
+
+def prepare_table(cfg: ChurnConfig, path: Path | str, label: str, id_column: str | None = None) -> Prepared:
+    """Frames of a flat table with a seeded stratified holdout (see :mod:`.table`)."""
+    from sklearn.model_selection import train_test_split
+
+    from mlflow_churn.training.table import load_table
+
+    data = load_table(path, label, id_column)
+    fs = data.feature_set
+    frame = data.features.copy()
+    if data.ids is not None:
+        frame.insert(0, "row_id", data.ids.astype(str).to_numpy())
+    frame[LABEL] = data.label
+    frame[WEIGHT] = 1.0
+    counts = np.bincount(data.label, minlength=2)
+    stratify = data.label if counts.min() >= 2 else None
+    train, valid = train_test_split(frame, test_size=cfg.training.validation_fraction,
+                                    random_state=cfg.training.seed, stratify=stratify)
+    train, valid = train.reset_index(drop=True), valid.reset_index(drop=True)
+    _check_classes(train[LABEL].to_numpy(), "training")
+    _check_classes(valid[LABEL].to_numpy(), "validation")
+    resolved = str(Path(path).resolve())
+    return Prepared(
+        source="table", feature_set=fs, train=train, valid=valid, dataset_source=resolved,
+        params={"table": resolved, "label_column": label, "id_column": id_column or "",
+                "validation": "seeded stratified holdout"},
+        recipe={"source": "table", "table": resolved, "label": label, "id": id_column or ""},
+        artifacts={"schema.json": data.schema},
+        segments=(),
+    )
+
+
+def _prepare_from_recipe(cfg: ChurnConfig, recipe: dict[str, Any]) -> Prepared:
+    if recipe.get("source") == "table":
+        return prepare_table(cfg, recipe["table"], recipe["label"], recipe.get("id") or None)
+    return prepare_window(cfg, datetime.fromisoformat(recipe["as_of"]))
+
+
+def _log_params_merging(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    """Log params; one already set to another value (e.g. by ``mlflow run`` from the
+    MLproject's parameters) keeps it and gets the resolved value as a tag of the same name."""
+    existing = client.get_run(run_id).data.params
+    fresh = {k: str(v)[:6000] for k, v in params.items() if k not in existing}
+    if fresh:
+        mlflow.log_params(fresh)
+    for key, value in params.items():
+        if key in existing and existing[key] != str(value):
+            mlflow.set_tag(key, str(value))
+
+
+@contextmanager
+def registered_version(client: MlflowClient, name: str, source: str, run_id: str,
+                       tags: dict[str, str]) -> Iterator[ModelVersion]:
+    """Create a version of ``name`` (the registered model too, if needed); delete it again
+    (and a registered model this call created, when left empty) if the block fails."""
+    created_model = False
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="Churn model: P(churn) within the label horizon.")
+        created_model = True
+    mv = client.create_model_version(name, source, run_id=run_id, tags=tags)
+    try:
+        yield mv
+    except BaseException:
+        client.delete_model_version(name, mv.version)
+        if created_model and not client.search_model_versions(f"name = '{name}'"):
+            client.delete_registered_model(name)
+        raise
+
+
+def _importance_figure(booster: Any, title: str) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gain = booster.get_score(importance_type="gain")
+    items = sorted(gain.items(), key=lambda kv: kv[1])[-25:]
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.3 * len(items) + 1)))
+    ax.barh([k for k, _ in items], [v for _, v in items], color="#3b6ea5")
+    ax.set_xlabel("total gain / split (XGBoost 'gain')")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def _log_profile(prep: Prepared, scores: np.ndarray, bins: int) -> bool:
+    """Log ``reference/profile.json``; False (and a tag) when monitoring.profile is absent."""
+    try:
+        from mlflow_churn.monitoring.profile import build_profile
+    except ImportError:
+        mlflow.set_tag("reference_profile", "missing: mlflow_churn.monitoring.profile not installed")
+        return False
+    profile = build_profile(prep.valid, prep.feature_set, scores, bins=bins, segments=prep.segments)
+    mlflow.log_dict(profile, "reference/profile.json")
+    return True
+
+
+def _parent_run(parent_run_id: str | None, experiment_id: str, run_name: str) -> Any:
+    parent = parent_run_id or os.environ.get("MLFLOW_RUN_ID")
+    if parent:
+        try:
+            parent_exp = MlflowClient().get_run(parent).info.experiment_id
+        except MlflowException as exc:
+            raise ChurnError(f"parent run {parent} (MLFLOW_RUN_ID / parent_run_id) is not in the tracking "
+                             f"store: {exc.message[:200]}") from None
+        mlflow.set_experiment(experiment_id=parent_exp)  # start_run(run_id) needs it to match
+        return mlflow.start_run(run_id=parent)
+    return mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+
+
+def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None, timeout: float | None,
+                      storage: str | None, study_name: str | None, progress: bool,
+                      parent_run_id: str | None,
+                      wait_seconds: float = DEFAULT_WAIT_SECONDS) -> TrainResult:
+    """Tune, fit the best trial, log everything to the parent run, register a challenger."""
+    from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
+
+    t = cfg.training
+    n_trials = n_trials if n_trials is not None else t.n_trials
+    timeout = timeout if timeout is not None else t.timeout_seconds
+    storage = storage or t.storage
+    if n_trials < 1:
+        raise ChurnError(f"n_trials must be >= 1, got {n_trials}")
+    exp_id = setup_mlflow(cfg)
+    client = MlflowClient()
+    fs = prep.feature_set
+    x_train, x_valid = fs.coerce(prep.train), fs.coerce(prep.valid)
+    y_valid = prep.valid[LABEL].to_numpy()
+    dtrain = tuning.make_dmatrix(x_train, prep.train[LABEL].to_numpy(), prep.train[WEIGHT].to_numpy())
+    dvalid = tuning.make_dmatrix(x_valid, y_valid)
+    data_hash = prep.data_hash
+    run_name = f"train-{prep.source}-{prep.as_of[:10] or Path(prep.dataset_source).stem}"
+    with _parent_run(parent_run_id, exp_id, run_name) as run:
+        run_id = run.info.run_id
+        study_name = study_name or f"churn-{run_id}"
+        study = tuning.make_study(study_name, storage, t.seed)
+        if storage and progress:
+            err_console.print(f"study {study_name}: add workers with `churn train --worker --study "
+                              f"{study_name} --storage <same URL>`")
+        settings = {"seed": t.seed, "max_estimators": t.max_estimators,
+                    "early_stopping_rounds": t.early_stopping_rounds}
+        for key, value in {"parent_run_id": run_id, "experiment_id": run.info.experiment_id,
+                           "recipe": prep.recipe, "data_hash": data_hash, "settings": settings}.items():
+            study.set_user_attr(key, value)
+        _log_params_merging(client, run_id, prep.params | {
+            "source": prep.source, "feature_set": fs.name, "feature_set_hash": fs.hash,
+            "data_hash": data_hash, "rows_train": len(prep.train), "rows_valid": len(prep.valid),
+            "n_trials": n_trials, "timeout": timeout or 0, "seed": t.seed, "study_name": study_name,
+            "storage": (storage.split("@")[-1] if storage else "in-memory"),
+            "max_estimators": t.max_estimators, "early_stopping_rounds": t.early_stopping_rounds,
+        })
+        mlflow.set_tags({"source": prep.source, "feature_set": fs.name, "feature_set_hash": fs.hash,
+                         "data_hash": data_hash, "optuna.study": study_name})
+        with_progress(f"tuning: {n_trials} trials", n_trials, progress, lambda tick: tuning.run_trials(
+            study, dtrain, dvalid, seed=t.seed, max_estimators=t.max_estimators,
+            early_stopping_rounds=t.early_stopping_rounds, n_trials=n_trials, timeout=timeout,
+            client=client, experiment_id=run.info.experiment_id, parent_run_id=run_id, on_trial=tick,
+            nthread=t.nthread))
+        if storage:
+            tuning.wait_for_running(study, wait_seconds)
+        tuned = tuning.summarize(study)
+        full = tuning.fit_booster(tuned.best_params, dtrain, dvalid, t.seed, t.early_stopping_rounds,
+                                  nthread=t.nthread)
+        n_trees = int(full.best_iteration) + 1
+        booster = full[:n_trees]
+        scores = predict_proba(booster, fs, x_valid)
+        metrics = {
+            "val_auc": float(roc_auc_score(y_valid, scores)),
+            "val_pr_auc": float(average_precision_score(y_valid, scores)),
+            "val_log_loss": float(log_loss(y_valid, np.clip(scores, 1e-7, 1 - 1e-7), labels=[0, 1])),
+            "val_churn_rate": float(y_valid.mean()), "n_trees": n_trees,
+            "n_trials_complete": tuned.n_complete, "n_trials_pruned": tuned.n_pruned,
+            "best_trial": tuned.best_trial,
+        }
+        mlflow.log_metrics(metrics)
+        _log_params_merging(client, run_id, {f"best_{k}": v for k, v in tuned.best_params.items()})
+        mlflow.log_figure(_importance_figure(booster, f"feature importance: {fs.name}"),
+                          "plots/feature_importance.png")
+        with warnings.catch_warnings():  # source-kind ambiguity and int-column hints: not actionable
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(prep.frame, source=prep.dataset_source, targets=LABEL,
+                                              name=f"{fs.name}-{data_hash[:12]}")
+            mlflow.log_input(dataset, context="training")
+        mlflow.log_dict(fs.to_dict(), "feature_set.json")
+        for name, payload in prep.artifacts.items():
+            mlflow.log_dict(payload, name)
+        profile_logged = _log_profile(prep, scores, cfg.monitoring.bins)
+        info = log_churn_model(booster, fs, prep.valid)
+        tags = {
+            "feature_set": fs.name, "feature_set_hash": fs.hash, "window_start": prep.window_start,
+            "window_end": prep.window_end, "as_of": prep.as_of,
+            "horizon_days": str(cfg.features.label_horizon_days) if prep.source == "simulator" else "",
+            "val_auc": f"{metrics['val_auc']:.6f}", "data_hash": data_hash, "train_run_id": run_id,
+            "source": prep.source,
+        }
+        with registered_version(client, t.model_name, info.model_uri, run_id, tags) as mv:
+            move_alias(client, t.model_name, CHALLENGER, mv.version)
+            client.update_model_version(
+                t.model_name, mv.version,
+                f"Trained on {fs.name} ({prep.source}); val AUC {metrics['val_auc']:.4f}; run {run_id}.")
+            mlflow.set_tags({"registered_model": t.model_name, "registered_version": mv.version})
+    return TrainResult(
+        run_id=run_id, model_uri=f"models:/{t.model_name}/{mv.version}", version=str(mv.version),
+        val_auc=metrics["val_auc"], best_params=tuned.best_params, feature_set_hash=fs.hash,
+        window_start=prep.window_start, window_end=prep.window_end, val_pr_auc=metrics["val_pr_auc"],
+        val_log_loss=metrics["val_log_loss"], n_trees=n_trees, study_name=study_name,
+        n_complete=tuned.n_complete, n_pruned=tuned.n_pruned, rows_train=len(prep.train),
+        rows_valid=len(prep.valid), data_hash=data_hash, source=prep.source, feature_set=fs.name,
+        profile_logged=profile_logged, trials=tuned.trials,
+    )
+
+
+def run_worker(cfg: ChurnConfig, study_name: str, storage: str | None = None, n_trials: int | None = None,
+               timeout: float | None = None, progress: bool = True,
+               wait_seconds: float = DEFAULT_WAIT_SECONDS) -> TrainResult:
+    """Join the leader's study ``study_name`` in ``storage``: rebuild its data, run trials
+    nested under its parent run, register nothing."""
+    storage = storage or cfg.training.storage
+    if not storage:
+        raise ChurnError("a worker needs --storage URL (or training.storage): the Optuna RDB the leader uses")
+    if not study_name:
+        raise ChurnError("a worker needs --study NAME: the study the leader printed (churn-<parent run id>)")
+    setup_mlflow(cfg)
+    attrs = tuning.wait_for_study(study_name, storage, wait_seconds).user_attrs
+    prep = _prepare_from_recipe(cfg, attrs["recipe"])
+    if prep.data_hash != attrs["data_hash"]:
+        raise ChurnError(f"this worker's data (hash {prep.data_hash[:12]}) differs from the leader's "
+                         f"({attrs['data_hash'][:12]}); point --workspace at the leader's data")
+    settings = attrs["settings"]
+    study = tuning.make_study(study_name, storage, seed=None, create=False)
+    n_trials = n_trials if n_trials is not None else cfg.training.n_trials
+    fs = prep.feature_set
+    dtrain = tuning.make_dmatrix(fs.coerce(prep.train), prep.train[LABEL].to_numpy(),
+                                 prep.train[WEIGHT].to_numpy())
+    dvalid = tuning.make_dmatrix(fs.coerce(prep.valid), prep.valid[LABEL].to_numpy())
+    client = MlflowClient()
+    with_progress(f"worker {tuning.WORKER_ID}: {n_trials} trials", n_trials, progress,
+                  lambda tick: tuning.run_trials(
+                      study, dtrain, dvalid, seed=int(settings["seed"]),
+                      max_estimators=int(settings["max_estimators"]),
+                      early_stopping_rounds=int(settings["early_stopping_rounds"]), n_trials=n_trials,
+                      timeout=timeout, client=client, experiment_id=attrs["experiment_id"],
+                      parent_run_id=attrs["parent_run_id"], on_trial=tick, nthread=cfg.training.nthread))
+    tuned = tuning.summarize(study)
+    return TrainResult(
+        run_id=attrs["parent_run_id"], model_uri=None, version=None, val_auc=tuned.best_value,
+        best_params=tuned.best_params, feature_set_hash=fs.hash, window_start=prep.window_start,
+        window_end=prep.window_end, study_name=study_name, n_complete=tuned.n_complete,
+        n_pruned=tuned.n_pruned, rows_train=len(prep.train), rows_valid=len(prep.valid),
+        data_hash=prep.data_hash, source=prep.source, feature_set=fs.name, trials=tuned.trials,
+    )
+
+
+def train(cfg: ChurnConfig, as_of: datetime | None, n_trials: int | None = None, timeout: float | None = None,
+          storage: str | None = None, worker: bool = False, progress: bool = True,
+          parent_run_id: str | None = None, study_name: str | None = None,
+          wait_seconds: float = DEFAULT_WAIT_SECONDS) -> TrainResult:
+    """Train on the window ending before ``as_of`` (tz-aware UTC) and register a challenger.
+
+    ``n_trials``/``timeout`` (seconds)/``storage`` default to the ``training`` config.
+    ``worker=True`` joins the study ``study_name`` instead (``as_of`` comes from the leader).
+    """
+    if worker:
+        return run_worker(cfg, study_name or "", storage, n_trials, timeout, progress, wait_seconds)
+    if as_of is None:
+        raise ChurnError("as_of is required (the CLI defaults it to the newest event of the data)")
+    training_window(as_of, cfg)  # a bad as_of fails before the tracking store is touched
+    setup_mlflow(cfg)  # an unreachable tracking store fails before the frame is built
+    prep = prepare_window(cfg, as_of)
+    return _fit_and_register(cfg, prep, n_trials=n_trials, timeout=timeout, storage=storage,
+                             study_name=study_name, progress=progress, parent_run_id=parent_run_id,
+                             wait_seconds=wait_seconds)
+
+
+def train_table(cfg: ChurnConfig, path: Path | str, label: str, id_column: str | None = None,
+                n_trials: int | None = None, timeout: float | None = None, storage: str | None = None,
+                worker: bool = False, progress: bool = True, parent_run_id: str | None = None,
+                study_name: str | None = None, wait_seconds: float = DEFAULT_WAIT_SECONDS) -> TrainResult:
+    """Train on a flat CSV / Parquet table (``label`` column, optional ``id_column``)."""
+    if worker:
+        return run_worker(cfg, study_name or "", storage, n_trials, timeout, progress, wait_seconds)
+    prep = prepare_table(cfg, path, label, id_column)
+    return _fit_and_register(cfg, prep, n_trials=n_trials, timeout=timeout, storage=storage,
+                             study_name=study_name, progress=progress, parent_run_id=parent_run_id,
+                             wait_seconds=wait_seconds)
+
+
+def train_on_frame(cfg: ChurnConfig, train_frame: pd.DataFrame, valid_frame: pd.DataFrame,
+                   feature_set: FeatureSet, *, source: str = "table", dataset_source: str = "in-memory",
+                   n_trials: int | None = None, timeout: float | None = None, progress: bool = False,
+                   parent_run_id: str | None = None) -> TrainResult:
+    """Tune, log and register from ready frames: ``feature_set`` columns plus ``label``
+    (0/1) and optionally ``weight``; ``valid_frame`` is the validation slice."""
+    for name, frame in (("train_frame", train_frame), ("valid_frame", valid_frame)):
+        if LABEL not in frame.columns:
+            raise ChurnError(f"{name} lacks the '{LABEL}' column (0/1 churn)")
+    train_frame = train_frame.assign(**({} if WEIGHT in train_frame else {WEIGHT: 1.0}))
+    valid_frame = valid_frame.assign(**({} if WEIGHT in valid_frame else {WEIGHT: 1.0}))
+    _check_classes(train_frame[LABEL].to_numpy(), "training")
+    _check_classes(valid_frame[LABEL].to_numpy(), "validation")
+    prep = Prepared(source=source, feature_set=feature_set, train=train_frame.reset_index(drop=True),
+                    valid=valid_frame.reset_index(drop=True), dataset_source=dataset_source,
+                    params={}, recipe={"source": "frame"})
+    return _fit_and_register(cfg, prep, n_trials=n_trials, timeout=timeout, storage=None,
+                             study_name=None, progress=progress, parent_run_id=parent_run_id)
+
+
+def summary_table(result: TrainResult, top: int = 10) -> Table:
+    """A rich table: the best trials, then the registered version and validation metrics."""
+    title = (f"churn train: {result.source}, feature set {result.feature_set}, study {result.study_name}")
+    table = Table(title=title)
+    for col, justify in (("trial", "right"), ("state", "left"), ("val AUC", "right"),
+                         ("trees", "right"), ("learning_rate", "right"), ("max_depth", "right"),
+                         ("worker", "left")):
+        table.add_column(col, justify=justify)
+    ranked = sorted(result.trials, key=lambda r: -(r.val_auc if r.val_auc is not None else -1))
+    for rec in ranked[:top]:
+        table.add_row(str(rec.number), rec.state,
+                      f"{rec.val_auc:.4f}" if rec.val_auc is not None else "-",
+                      str(rec.n_trees or "-"),
+                      f"{rec.params.get('learning_rate', float('nan')):.3f}",
+                      str(rec.params.get("max_depth", "-")), rec.worker)
+    table.caption = (
+        f"{result.n_complete} complete, {result.n_pruned} pruned; rows train {result.rows_train:,} / "
+        f"valid {result.rows_valid:,}; val AUC {result.val_auc:.4f}"
+        + (f", PR-AUC {result.val_pr_auc:.4f}, log loss {result.val_log_loss:.4f}"
+           if result.val_pr_auc is not None else "")
+        + (f"; registered {result.model_uri} (@{CHALLENGER})" if result.version
+           else "; worker: nothing registered")
+        + (f"; window {result.window_start[:10]} .. {result.window_end[:10]}" if result.window_start else "")
+    )
+    return table
+
+
+__all__ = [
+    "Prepared", "TrainResult", "prepare_table", "prepare_window", "registered_version", "run_worker",
+    "summary_table", "time_split", "train", "train_on_frame", "train_table",
+]
