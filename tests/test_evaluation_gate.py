@@ -1,0 +1,172 @@
+"""The champion/challenger gate on real registered models (small_data, sqlite MLflow store).
+
+Each test registers real XGBoost versions with the ``register_version`` fixture and runs
+the whole gate (holdout frame, scoring, metrics, drift report, decision run, alias moves).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mlflow_churn.config import ChurnConfig, load_config
+from mlflow_churn.errors import ChurnError
+from mlflow_churn.evaluation.evaluate import DECISION_FILE, evaluate
+from mlflow_churn.registry.aliases import CANARY, alias_version
+
+pytestmark = pytest.mark.slow
+
+AS_OF = datetime(2026, 5, 1, tzinfo=UTC)
+SAMPLE = 3000  # drift-report rows in tests (the gate's metrics use the whole holdout)
+
+
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One workspace (sqlite MLflow store) for the module: creating a store costs seconds."""
+    return tmp_path_factory.mktemp("gate") / "ws"
+
+
+@pytest.fixture
+def config(workspace: Path, shared_store: Path, request: pytest.FixtureRequest) -> ChurnConfig:
+    """The default config on the shared store, with a model name of this test's own."""
+    return load_config(workspace=shared_store, environ={},
+                       overrides={"training.model_name": f"churn-{request.node.name[5:40]}"})
+
+
+def _json_artifact(client: MlflowClient, run_id: str, path: str, tmp: Path) -> dict:
+    return json.loads(Path(client.download_artifacts(run_id, path, str(tmp))).read_text())
+
+
+def _registry_state(client: MlflowClient, name: str) -> list:
+    return sorted((v.version, dict(v.tags), sorted(v.aliases), v.current_stage)
+                  for v in client.search_model_versions(f"name = '{name}'"))
+
+
+def test_better_challenger_reaches_canary_and_rerun_changes_nothing(config, register_version,
+                                                                    tmp_path) -> None:
+    cfg = config.model_copy(deep=True)
+    cfg.evaluation.mirror_stages = True
+    cfg.evaluation.min_auc_delta = 0.05
+    champ = register_version(cfg, "bad", alias="champion")
+    chal = register_version(cfg, "good", alias="challenger")
+    decision = evaluate(cfg, AS_OF, drift_sample_rows=SAMPLE)
+    assert decision.passed, decision.reasons
+    assert decision.challenger_version == chal.version and decision.champion_version == champ.version
+    auc_rule = next(r for r in decision.rules if r.rule == "auc_vs_champion")
+    assert auc_rule.required == pytest.approx(auc_rule.baseline + 0.05)
+    client = MlflowClient()
+    name = cfg.training.model_name
+    assert alias_version(client, name, CANARY).version == chal.version
+    mv = client.get_model_version(name, chal.version)
+    assert mv.tags["gate"] == "passed" and mv.current_stage == "Staging"  # mirror_stages
+    assert mv.tags["drift_report"] == f"runs:/{decision.run_id}/drift/report.html"
+    run = client.get_run(decision.run_id)
+    assert run.data.metrics["challenger_roc_auc"] > run.data.metrics["champion_roc_auc"] + 0.05
+    arts = {a.path for a in client.list_artifacts(decision.run_id)}
+    assert {"plots", "drift", "segments", DECISION_FILE} <= arts
+    plots = {Path(a.path).name for a in client.list_artifacts(decision.run_id, "plots")}
+    assert plots == {"roc.png", "pr.png", "gain_lift.png", "calibration.png", "segment_auc.png"}
+    html = Path(client.download_artifacts(decision.run_id, "drift/report.html", str(tmp_path)))
+    assert html.stat().st_size > 10_000 and "<html" in html.read_text()[:2000].lower()
+    data = _json_artifact(client, decision.run_id, DECISION_FILE, tmp_path)
+    assert data["passed"] is True and data["holdout"]["start"] > chal.tags["window_end"]
+    assert data["challenger"]["metrics"]["roc_auc"] == pytest.approx(decision.metrics["challenger_roc_auc"])
+    assert data["holdout"]["rows"] == decision.holdout_rows > 0
+    rules = {r["rule"] for r in data["rules"]}
+    assert rules == {"auc_vs_champion", "recall_at_k", "revenue_lift", "segment_auc"}
+    drift = _json_artifact(client, decision.run_id, "drift/drift.json", tmp_path)
+    assert set(drift["features"]) >= {"monthly_usage", "region"} and "psi" in drift["score"]
+
+    # same versions, same holdout, same config: same decision, nothing changes
+    exp_ids = [e.experiment_id for e in client.search_experiments()]
+    runs_before = len(client.search_runs(exp_ids))
+    state_before = _registry_state(client, name)
+    again = evaluate(cfg, AS_OF, drift_sample_rows=SAMPLE)
+    assert again.reused and again.run_id == decision.run_id
+    assert (again.passed, again.reasons) == (decision.passed, decision.reasons)
+    assert again.metrics == decision.metrics
+    assert len(client.search_runs(exp_ids)) == runs_before
+    assert _registry_state(client, name) == state_before
+
+    # a stricter config is a different decision (the config is part of the key)
+    cfg.evaluation.min_auc_delta = 0.5
+    strict = evaluate(cfg, AS_OF, drift_sample_rows=SAMPLE)
+    assert not strict.reused and not strict.passed
+    assert any("min_auc_delta 0.5" in r for r in strict.reasons)
+
+
+def test_worse_challenger_rejected_with_reasons(config, register_version, tmp_path) -> None:
+    register_version(config, "good", alias="champion")
+    chal = register_version(config, "bad", alias="challenger")
+    decision = evaluate(config, AS_OF, drift_sample_rows=SAMPLE)
+    assert not decision.passed
+    failed = {r.rule for r in decision.rules if not r.passed}
+    assert {"auc_vs_champion", "recall_at_k", "revenue_lift"} <= failed
+    assert any("ROC AUC" in r for r in decision.reasons)
+    client = MlflowClient()
+    name = config.training.model_name
+    assert alias_version(client, name, CANARY) is None
+    mv = client.get_model_version(name, chal.version)
+    assert mv.tags["gate"] == "rejected" and "ROC AUC" in mv.tags["gate_reasons"]
+    assert mv.tags["gate_run_id"] == decision.run_id
+    data = _json_artifact(client, decision.run_id, DECISION_FILE, tmp_path)
+    assert data["passed"] is False and data["reasons"] == decision.reasons
+    assert client.get_run(decision.run_id).data.metrics["gate_passed"] == 0.0
+
+
+def test_segment_rule_rejects_good_overall_bad_in_one_segment(config, register_version) -> None:
+    register_version(config, "bad", alias="champion")
+    chal = register_version(config, "bad_segment", alias="challenger", bad_segment=("region", "pacific"))
+    decision = evaluate(config, AS_OF, drift_sample_rows=SAMPLE)
+    by_rule: dict[str, list] = {}
+    for r in decision.rules:
+        by_rule.setdefault(r.rule, []).append(r)
+    # better overall, on recall and on lift ...
+    assert all(r.passed for k in ("auc_vs_champion", "recall_at_k", "revenue_lift") for r in by_rule[k])
+    # ... but one segment collapsed
+    assert [r.metric for r in by_rule["segment_auc"] if not r.passed] == ["roc_auc_region_pacific"]
+    assert not decision.passed and len(decision.reasons) == 1 and "region=pacific" in decision.reasons[0]
+    client = MlflowClient()
+    assert client.get_model_version(config.training.model_name, chal.version).tags["gate"] == "rejected"
+    assert alias_version(client, config.training.model_name, CANARY) is None
+
+
+def test_segment_below_min_size_is_not_gated(config, register_version) -> None:
+    cfg = config.model_copy(deep=True)
+    cfg.evaluation.min_segment_size = 100_000  # every segment too small
+    register_version(cfg, "bad", alias="champion")
+    register_version(cfg, "bad_segment", alias="challenger")
+    decision = evaluate(cfg, AS_OF, drift_sample_rows=SAMPLE)
+    assert decision.passed and not [r for r in decision.rules if r.rule == "segment_auc"]
+
+
+def test_first_model_uses_absolute_floors(config, register_version) -> None:
+    good = register_version(config, "good", alias="challenger")
+    decision = evaluate(config, AS_OF, drift_sample_rows=SAMPLE)
+    assert decision.passed and decision.champion_version is None
+    assert {r.rule for r in decision.rules} == {"auc_floor", "lift_floor"}
+    client = MlflowClient()
+    assert alias_version(client, config.training.model_name, CANARY).version == good.version
+    strict = config.model_copy(deep=True)
+    strict.evaluation.min_auc = 0.9
+    weak = register_version(strict, "bad", alias="challenger")
+    rejected = evaluate(strict, AS_OF, drift_sample_rows=SAMPLE)
+    assert not rejected.passed and rejected.champion_version is None
+    assert any("evaluation.min_auc" in r for r in rejected.reasons)
+    assert client.get_model_version(strict.training.model_name, weak.version).tags["gate"] == "rejected"
+    assert alias_version(client, config.training.model_name, CANARY).version == good.version
+
+
+def test_missing_challenger_and_empty_holdout_are_named(config, register_version) -> None:
+    register_version(config, "good", alias=None)
+    with pytest.raises(ChurnError, match="alias 'challenger'"):
+        evaluate(config, AS_OF)
+    with pytest.raises(ChurnError, match="version 99 "):
+        evaluate(config, AS_OF, challenger_alias="99")
+    register_version(config, "good", alias="challenger", window_end=datetime(2026, 3, 31, tzinfo=UTC))
+    with pytest.raises(ChurnError, match="empty holdout.*2026-03-31"):
+        evaluate(config, datetime(2026, 4, 25, tzinfo=UTC))
