@@ -1,0 +1,348 @@
+"""Replay a simulated scenario through train -> monitor -> policy -> retrain, and score it.
+
+``backtest(cfg, scenario, days)`` simulates ``days`` days into ``cfg.data_dir``, trains
+the first champion at the first feasible day (+ ``warmup_days``), then steps monitoring
+windows every ``step_days`` (default ``cfg.monitoring.window_days``; 1 = overlapping daily
+windows) to the end of the data. Each window runs :func:`monitor` with the in-memory
+history of the current champion and the policy; a ``retrain`` decision calls
+``mlflow_churn.monitoring.retrain.retrain`` when that module exists (train + evaluate +
+gate; a passed challenger is then promoted, standing in for a healthy canary), else
+``training.train.train`` and promotes the new version directly.
+
+Scoring (onset = first drifted day of the simulation):
+
+* an **alarm** is a window whose decision is not ``ok``;
+* **false alarms**: alarms in windows ending at or before the onset (all windows for
+  ``stable``); rate = false alarms / those windows;
+* **detection delay**: days from the onset to the end of the first alarmed window after
+  it, and the same in windows (days / window_days);
+* **attribution** (segment_shift): whether the first post-onset alarm names the
+  scenario's segment (``region=pacific``) and the population PSI max at that time;
+* **AUC over time**: realised AUC per window (labels matured ``label_delay_days`` after
+  scoring); ``pre_drift_auc`` averages windows whose labelled cutoffs precede the onset,
+  ``post_retrain_auc`` windows of the last retrained version whose labelled cutoffs follow
+  its training.
+
+The run (experiment ``<training.experiment>-monitoring``) logs per-window metrics
+(step = window index), the summary, ``backtest.json`` and ``backtest_timeline.png``.
+``fast=True`` skips per-window MLflow runs and Evidently reports (tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, Callable
+
+import numpy as np
+
+from mlflow_churn.config import SCENARIOS, ChurnConfig
+from mlflow_churn.errors import ChurnError
+from mlflow_churn.monitoring.monitor import monitor, monitoring_experiment
+from mlflow_churn.monitoring.policy import WindowStats
+
+
+@dataclass
+class WindowRecord:
+    """One replayed window."""
+
+    index: int
+    as_of: str
+    model_version: str
+    action: str
+    population_psi_max: float
+    top_feature: str
+    score_psi: float | None
+    top_segment: str
+    top_segment_psi: float | None
+    realised_auc: float | None
+    estimated_auc: float
+    post_onset: bool
+    retrained_to: str | None = None
+    reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BacktestResult:
+    """Summary of a replay (see module doc for the definitions)."""
+
+    scenario: str
+    onset: str
+    windows: list[WindowRecord]
+    window_days: int
+    step_days: int
+    pre_onset_windows: int
+    false_alarms: int
+    false_alarm_rate: float
+    detected: bool
+    detection_delay_days: float | None
+    detection_delay_windows: float | None
+    attributed: bool | None
+    population_psi_at_detection: float | None
+    retrains: list[str]
+    pre_drift_auc: float | None
+    post_retrain_auc: float | None
+    run_id: str | None = None
+    segment: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("windows")
+        d["n_windows"] = len(self.windows)
+        return d
+
+
+def _retrain(cfg: ChurnConfig, as_of: datetime, n_trials: int, progress: bool) -> str | None:
+    """Retrain; returns the new champion version (None when the gate rejected it)."""
+    from mlflow import MlflowClient
+
+    from mlflow_churn.registry.aliases import CHAMPION, move_alias
+
+    client = MlflowClient()
+    name = cfg.training.model_name
+    if importlib.util.find_spec("mlflow_churn.monitoring.retrain") is not None:
+        from mlflow_churn.monitoring import retrain as retrain_mod
+
+        res = retrain_mod.retrain(cfg.model_copy(update={"training": cfg.training.model_copy(
+            update={"n_trials": n_trials})}), as_of, force=True, progress=progress)
+        gate = getattr(res, "gate", None)
+        if gate is None or not gate.passed:
+            return None
+        version = str(gate.challenger_version)
+    else:
+        from mlflow_churn.training.train import train
+
+        version = str(train(cfg, as_of, n_trials=n_trials, progress=progress).version)
+    move_alias(client, name, CHAMPION, version, cfg.evaluation.mirror_stages)
+    return version
+
+
+@contextmanager
+def _no_project_run() -> Any:
+    """Hide MLFLOW_RUN_ID while training / monitoring, so each is its own run."""
+    saved = os.environ.pop("MLFLOW_RUN_ID", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["MLFLOW_RUN_ID"] = saved
+
+
+def _log_backtest(cfg: ChurnConfig, exp_id: str, result: BacktestResult, spec: Any, manifest: dict,
+                  step: int, n_trials: int, fast: bool, retrain_days: list[str]) -> str:
+    """One run (nested in the project run under ``mlflow run``) with the replay's evidence."""
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    from mlflow_churn.tracking import setup_mlflow
+
+    setup_mlflow(cfg, monitoring_experiment(cfg))
+    parent = os.environ.get("MLFLOW_RUN_ID")
+    outer = mlflow.start_run(run_id=parent) if parent else None
+    try:
+        with mlflow.start_run(run_name=f"backtest {result.scenario} {spec.days}d",
+                              experiment_id=None if parent else exp_id, nested=bool(parent)) as run:
+            mlflow.set_tags({"backtest.scenario": result.scenario, "backtest.fast": str(fast)})
+            mlflow.log_params({"scenario": result.scenario, "days": spec.days, "customers": spec.customers,
+                               "onset": manifest["onset_date"], "step_days": step,
+                               "window_days": cfg.monitoring.window_days, "n_trials": n_trials,
+                               "label_delay_days": cfg.monitoring.label_delay_days,
+                               "triggers": "; ".join(f"{x.metric}[{x.feature}]{x.op}{x.value}"
+                                                     for x in cfg.monitoring.policy.triggers)[:500]})
+            for w in result.windows:
+                mlflow.log_metrics({k: float(v) for k, v in {
+                    "bt_population_psi_max": w.population_psi_max, "bt_score_psi": w.score_psi,
+                    "bt_realised_auc": w.realised_auc, "bt_estimated_auc": w.estimated_auc,
+                    "bt_alarm": float(w.action != "ok"), "bt_retrain": float(w.retrained_to is not None),
+                    "bt_top_segment_psi": w.top_segment_psi,
+                }.items() if v is not None and math.isfinite(v)}, step=w.index)
+            mlflow.log_metrics({k: float(v) for k, v in result.summary().items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                and math.isfinite(v)})
+            mlflow.log_dict({"summary": result.summary(), "windows": [asdict(w) for w in result.windows]},
+                            "backtest.json")
+            fig = _timeline(result, retrain_days)
+            mlflow.log_figure(fig, "backtest_timeline.png")
+            plt.close(fig)
+            return run.info.run_id
+    finally:
+        if outer is not None:
+            mlflow.end_run()
+
+
+def _first_train_day(cfg: ChurnConfig) -> datetime:
+    from mlflow_churn.features.offline import data_bounds, longest_window
+    from mlflow_churn.features.registry import registry_for
+
+    fs = registry_for(cfg).feature_set(cfg.features.feature_set)
+    first = data_bounds(cfg.data_dir).first_event - timedelta(days=1) + timedelta(days=longest_window(fs.features))
+    return first + timedelta(days=cfg.features.label_horizon_days + cfg.evaluation.holdout_days)
+
+
+def _timeline(result: BacktestResult, retrain_days: list[str]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [datetime.fromisoformat(w.as_of) for w in result.windows]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
+    ax1.plot(x, [w.population_psi_max for w in result.windows], label="population PSI (max feature)")
+    ax1.plot(x, [w.score_psi or 0 for w in result.windows], label="score PSI")
+    ax1.plot(x, [w.top_segment_psi or 0 for w in result.windows], label="top segment PSI", alpha=0.7)
+    alarms = [(xi, w.population_psi_max) for xi, w in zip(x, result.windows) if w.action != "ok"]
+    if alarms:
+        ax1.scatter(*zip(*alarms), color="red", zorder=3, s=18, label="alarm (not ok)")
+    ax1.set_ylabel("PSI")
+    ax1.legend(fontsize=8)
+    ax2.plot(x, [np.nan if w.realised_auc is None else w.realised_auc for w in result.windows],
+             marker=".", label="realised AUC (matured labels)")
+    ax2.plot(x, [w.estimated_auc for w in result.windows], label="estimated AUC (calibration)", alpha=0.7)
+    ax2.set_ylabel("AUC")
+    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.axvline(datetime.fromisoformat(result.onset), color="k", ls="--", lw=1)
+        for r in retrain_days:
+            ax.axvline(datetime.fromisoformat(r), color="tab:green", ls=":", lw=1.5)
+    ax1.set_title(f"backtest {result.scenario}: onset (dashed), retrains (dotted green)")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    return fig
+
+
+def _mean(values: list[float]) -> float | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+def backtest(
+    cfg: ChurnConfig,
+    scenario: str,
+    days: int,
+    customers: int | None = None,
+    onset_day: int | None = None,
+    seed: int | None = None,
+    step_days: int | None = None,
+    warmup_days: int = 14,
+    n_trials: int = 3,
+    fast: bool = False,
+    progress: bool = False,
+    on_window: Callable[[WindowRecord], None] | None = None,
+) -> BacktestResult:
+    """Replay ``scenario`` over ``days`` simulated days (see module doc); returns the scores.
+
+    ``onset_day`` defaults to 28 days after the first training day, so four weekly windows
+    precede the drift. Overwrites ``cfg.data_dir``.
+    """
+    from mlflow import MlflowClient
+
+    from mlflow_churn.data.simulator import SimulationSpec, read_manifest, simulate
+    from mlflow_churn.features.offline import data_bounds
+    from mlflow_churn.registry.aliases import CHAMPION, move_alias
+    from mlflow_churn.tracking import setup_mlflow
+    from mlflow_churn.training.train import train
+
+    if scenario not in SCENARIOS:
+        raise ChurnError(f"--scenario must be one of {', '.join(SCENARIOS)}, got '{scenario}'")
+    sim = cfg.simulation
+    start = sim.start
+    first_train_idx = (cfg.features.label_horizon_days + cfg.evaluation.holdout_days + 60 + warmup_days)
+    onset = onset_day if onset_day is not None else first_train_idx + 28
+    if days < first_train_idx + 2 * cfg.monitoring.window_days:
+        raise ChurnError(f"--days must be at least {first_train_idx + 2 * cfg.monitoring.window_days} "
+                         f"(first training needs {first_train_idx} days of history), got {days}")
+    spec = SimulationSpec(customers=customers or sim.customers, days=days, start=start, scenario=scenario,
+                          seed=sim.seed if seed is None else seed, onset_day=min(onset, days),
+                          segment_column=sim.segment_column, segment_value=sim.segment_value)
+    simulate(spec, cfg.data_dir, overwrite=True)
+    manifest = read_manifest(cfg.data_dir)
+    onset_dt = datetime.combine(date.fromisoformat(manifest["onset_date"]), datetime.min.time()).replace(
+        tzinfo=UTC)
+    exp_id = setup_mlflow(cfg, monitoring_experiment(cfg))
+    client = MlflowClient()
+    name = cfg.training.model_name
+
+    as_of0 = _first_train_day(cfg) + timedelta(days=warmup_days)
+    last = data_bounds(cfg.data_dir).last_event
+    step = step_days or cfg.monitoring.window_days
+    with _no_project_run():
+        first_version = str(train(cfg, as_of0, n_trials=n_trials, progress=False).version)
+    move_alias(client, name, CHAMPION, first_version, cfg.evaluation.mirror_stages)
+    version = first_version
+    history: dict[str, list[WindowStats]] = {}
+    records: list[WindowRecord] = []
+    retrains: list[str] = []
+    retrain_days: list[str] = []
+    times = []
+    t = as_of0 + timedelta(days=step)
+    while t <= last:
+        times.append(t)
+        t += timedelta(days=step)
+    seg_key = f"{sim.segment_column}={sim.segment_value}"
+    horizon = min(cfg.features.label_horizon_days, cfg.monitoring.label_delay_days)
+
+    with _no_project_run():
+        for i, as_of in enumerate(times):
+            hist = history.setdefault(version, [])
+            res = monitor(cfg, as_of, history=list(hist), report=False, log=not fast)
+            s = res.stats
+            hist.append(s)
+            top_feat = max(s.psi.items(), key=lambda kv: kv[1])[0] if s.psi else ""
+            top_seg = max(s.segment_psi.items(), key=lambda kv: kv[1]) if s.segment_psi else ("", None)
+            rec = WindowRecord(
+                index=i, as_of=as_of.isoformat(), model_version=version, action=res.decision.action,
+                population_psi_max=res.population_psi_max, top_feature=top_feat, score_psi=s.score_psi,
+                top_segment=res.decision.segments[0] if res.decision.segments else "",
+                top_segment_psi=top_seg[1], realised_auc=s.realised_auc,
+                estimated_auc=res.performance.estimated_auc, post_onset=as_of > onset_dt,
+                reasons=res.decision.reasons[:4],
+            )
+            if res.decision.action == "retrain":
+                new = _retrain(cfg, as_of, n_trials, progress)
+                if new is not None:
+                    s.retrained = True
+                    rec.retrained_to = new
+                    retrains.append(new)
+                    retrain_days.append(as_of.isoformat())
+                    version = new
+            records.append(rec)
+            if on_window:
+                on_window(rec)
+    result = _score(scenario, onset_dt, records, cfg.monitoring.window_days, step, retrains,
+                    retrain_days, first_version, horizon, seg_key)
+    result.run_id = _log_backtest(cfg, exp_id, result, spec, manifest, step, n_trials, fast, retrain_days)
+    return result
+
+
+def _score(scenario: str, onset: datetime, records: list[WindowRecord], window_days: int, step: int,
+           retrains: list[str], retrain_days: list[str], first_version: str, horizon: int,
+           seg_key: str) -> BacktestResult:
+    pre = [r for r in records if scenario == "stable" or not r.post_onset]
+    false = [r for r in pre if r.action != "ok"]
+    post = [r for r in records if r.post_onset and scenario != "stable"]
+    first = next((r for r in post if r.action != "ok"), None)
+    delay_days = (datetime.fromisoformat(first.as_of) - onset).total_seconds() / 86400 if first else None
+    attributed = None
+    if scenario in ("segment_shift", "usage_and_segment"):
+        attributed = bool(first and any(seg_key == r.top_segment for r in post if r.action != "ok"))
+    lag = timedelta(days=horizon + window_days)
+    pre_auc = _mean([r.realised_auc for r in records
+                     if r.model_version == first_version and datetime.fromisoformat(r.as_of) - lag < onset])
+    post_auc = None
+    if retrain_days:
+        last_day = datetime.fromisoformat(retrain_days[-1])
+        post_auc = _mean([r.realised_auc for r in records if r.model_version == retrains[-1]
+                          and datetime.fromisoformat(r.as_of) - lag >= last_day])
+    return BacktestResult(
+        scenario=scenario, onset=onset.isoformat(), windows=records, window_days=window_days, step_days=step,
+        pre_onset_windows=len(pre), false_alarms=len(false),
+        false_alarm_rate=len(false) / len(pre) if pre else 0.0, detected=first is not None,
+        detection_delay_days=delay_days,
+        detection_delay_windows=delay_days / window_days if delay_days is not None else None,
+        attributed=attributed, population_psi_at_detection=first.population_psi_max if first else None,
+        retrains=retrains, pre_drift_auc=pre_auc, post_retrain_auc=post_auc, segment=seg_key,
+    )

@@ -1,0 +1,215 @@
+"""Reference profile of a model's training data, computed once and logged with the model.
+
+Training calls :func:`build_profile` on its validation (reference) frame and the model's
+scores on it, and logs the result as ``reference/profile.json`` in the training run.
+Monitoring reads it back with :func:`profile_for_version`, so it never re-reads the
+training data.
+
+Layout (JSON-able dict)::
+
+    {"format": 1, "bins": 10, "rows": N, "feature_set": ..., "feature_set_hash": ...,
+     "features": {name: ENTRY, ...},
+     "score": ENTRY (numeric),
+     "segments": {column: {value: {"count": n, "share": s,
+                                    "features": {name: {"shares": [...], "null_rate": r,
+                                                        "count": n}},
+                                    "score": {"shares": [...], "count": n}}}}}
+
+    numeric ENTRY:     {"kind": "numeric", "edges": [interior quantile edges],
+                        "shares": [len(edges)+1 reference shares], "count": non-missing rows,
+                        "null_rate": r, "sample": [sorted sample, <= sample_size],
+                        "mean", "std", "min", "max"}
+    categorical ENTRY: {"kind": "categorical", "categories": [...],
+                        "shares": [per category ..., share of __unseen__ (0)],
+                        "count": n, "null_rate": r}
+
+Segment entries reuse the population's bins (edges / categories), so a segment's current
+window is binned exactly like the population; their ``count`` feeds the size-aware
+PSI threshold (:func:`mlflow_churn.monitoring.drift.psi_threshold`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mlflow_churn.errors import ChurnError
+from mlflow_churn.features.registry import FeatureSet
+from mlflow_churn.monitoring import drift
+
+PROFILE_FORMAT = 1
+PROFILE_ARTIFACT = "reference/profile.json"
+SCORE = "__score__"
+
+
+def _numeric_entry(values: Any, bins: int, sample_size: int, rng: np.random.Generator) -> dict[str, Any]:
+    arr = drift.as_float_array(values)
+    finite = arr[~np.isnan(arr)]
+    edges = drift.quantile_edges(finite, bins)
+    counts = drift.bin_counts(finite, edges)
+    if finite.size > sample_size:
+        sample = np.sort(rng.choice(finite, size=sample_size, replace=False))
+    else:
+        sample = np.sort(finite)
+    return {
+        "kind": "numeric",
+        "edges": edges.tolist(),
+        "shares": drift.shares(counts).tolist(),
+        "count": int(finite.size),
+        "null_rate": float(np.isnan(arr).mean()) if arr.size else 0.0,
+        "sample": sample.tolist(),
+        "mean": float(finite.mean()) if finite.size else None,
+        "std": float(finite.std()) if finite.size else None,
+        "min": float(finite.min()) if finite.size else None,
+        "max": float(finite.max()) if finite.size else None,
+    }
+
+
+def _categorical_entry(values: Any, categories: Sequence[str]) -> dict[str, Any]:
+    s = pd.Series(values)
+    cats = [str(c) for c in categories]
+    observed = sorted({str(v) for v in s[s.notna()].unique()} - set(cats))
+    cats = cats + observed
+    counts = drift.category_counts(s, cats)
+    return {
+        "kind": "categorical",
+        "categories": cats,
+        "shares": drift.shares(counts).tolist(),
+        "count": int(counts.sum()),
+        "null_rate": float(s.isna().mean()) if len(s) else 0.0,
+    }
+
+
+def _segment_entry(entry: dict[str, Any], values: Any) -> dict[str, Any]:
+    counts = drift.current_counts(entry, values)
+    return {
+        "shares": drift.shares(counts).tolist(),
+        "count": int(counts.sum()),
+        "null_rate": drift.null_rate(values),
+    }
+
+
+def build_profile(
+    frame: pd.DataFrame,
+    feature_set: FeatureSet,
+    scores: np.ndarray,
+    bins: int = 10,
+    segments: Sequence[str] = (),
+    sample_size: int = 10_000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The reference profile (see module doc) of ``frame``'s feature-set columns and scores.
+
+    ``frame`` holds the set's columns (raw or coerced); ``scores`` are the model's
+    P(churn) on the same rows (same order); ``segments`` are categorical columns of
+    ``frame`` whose every value gets its own shares. Raises ChurnError on missing columns
+    or a length mismatch.
+    """
+    missing = [c for c in feature_set.columns if c not in frame.columns]
+    if missing:
+        raise ChurnError(
+            f"profile frame lacks feature column(s) {', '.join(missing)} of set '{feature_set.name}'"
+        )
+    bad_segments = [s for s in segments if s not in frame.columns]
+    if bad_segments:
+        raise ChurnError(
+            f"segment column(s) {', '.join(bad_segments)} not in the frame; "
+            f"use categorical columns such as {', '.join(feature_set.categorical) or 'plan'}"
+        )
+    score_arr = np.asarray(scores, dtype="float64").ravel()
+    if score_arr.size != len(frame):
+        raise ChurnError(f"scores has {score_arr.size} values but the frame has {len(frame)} rows")
+    if len(frame) == 0:
+        raise ChurnError("cannot profile an empty frame; pass the reference (validation) rows")
+    rng = np.random.default_rng(seed)
+    categorical = feature_set.categorical
+    features: dict[str, dict[str, Any]] = {}
+    for name in feature_set.columns:
+        if name in categorical:
+            features[name] = _categorical_entry(frame[name], categorical[name])
+        else:
+            features[name] = _numeric_entry(frame[name], bins, sample_size, rng)
+    score_entry = _numeric_entry(score_arr, bins, sample_size, rng)
+
+    seg_out: dict[str, dict[str, Any]] = {}
+    n = len(frame)
+    for col in segments:
+        keys = frame[col].astype("object").where(frame[col].notna(), None).map(
+            lambda v: None if v is None else str(v)
+        )
+        codes, uniques = pd.factorize(keys, sort=True)
+        seg_out[col] = {}
+        for i, value in enumerate(uniques):
+            pos = np.flatnonzero(codes == i)
+            part = frame.iloc[pos]
+            seg_out[col][str(value)] = {
+                "count": int(pos.size),
+                "share": float(pos.size / n),
+                "features": {f: _segment_entry(features[f], part[f]) for f in feature_set.columns},
+                "score": _segment_entry(score_entry, score_arr[pos]),
+            }
+    return {
+        "format": PROFILE_FORMAT,
+        "bins": int(bins),
+        "rows": int(n),
+        "feature_set": feature_set.name,
+        "feature_set_hash": feature_set.hash,
+        "features": features,
+        "score": score_entry,
+        "segments": seg_out,
+    }
+
+
+def save_profile(profile: dict[str, Any], path: str | Path) -> Path:
+    """Write ``profile`` as JSON to ``path`` (parents created); returns the path."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(profile, separators=(",", ":"), allow_nan=False))
+    return p
+
+
+def load_profile(path: str | Path) -> dict[str, Any]:
+    """Read a profile written by :func:`save_profile`; ChurnError if absent or not one."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except OSError as exc:
+        raise ChurnError(f"cannot read profile {p}: {exc.strerror}; was the model trained with a profile?") from exc
+    except json.JSONDecodeError as exc:
+        raise ChurnError(f"profile {p} is not valid JSON ({exc.msg}); re-log it with save_profile") from exc
+    if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT or "features" not in data:
+        raise ChurnError(f"{p} is not a format-{PROFILE_FORMAT} reference profile; rebuild it with build_profile")
+    return data
+
+
+def profile_for_version(client: Any, name: str, version: str | int) -> dict[str, Any]:
+    """The profile logged by the training run of registered model ``name`` version ``version``.
+
+    Uses the version's ``train_run_id`` tag (else the version's own run id) and downloads
+    ``reference/profile.json``. Raises ChurnError naming the version when it is missing.
+    """
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        raise ChurnError(f"model '{name}' version {version} not found in the registry: {exc.message}") from exc
+    run_id = (mv.tags or {}).get("train_run_id") or mv.run_id
+    if not run_id:
+        raise ChurnError(f"model '{name}' version {version} has no train_run_id tag nor run; cannot find its profile")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, PROFILE_ARTIFACT, tmp)
+        except (MlflowException, OSError) as exc:
+            raise ChurnError(
+                f"run {run_id} of model '{name}' version {version} has no {PROFILE_ARTIFACT}; "
+                "retrain it (training logs the profile) or log one with save_profile"
+            ) from exc
+        return load_profile(local)

@@ -1,0 +1,73 @@
+"""monitor(): a real trained champion, real MLflow store, segment_shift data."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from mlflow_churn.config import load_config
+from mlflow_churn.data.simulator import SimulationSpec, simulate
+from mlflow_churn.errors import ChurnError
+from mlflow_churn.monitoring.monitor import latest_decision, monitor, read_history
+from mlflow_churn.registry.aliases import move_alias
+from mlflow_churn.training.train import train
+
+AS_OF = datetime(2026, 4, 20, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    ws = tmp_path_factory.mktemp("mon") / "ws"
+    simulate(SimulationSpec(customers=3000, days=150, start=date(2026, 1, 1), seed=3,
+                            scenario="segment_shift", onset_day=110), ws / "data")
+    cfg = load_config(workspace=ws, environ={}, overrides={
+        "training.n_trials": 1, "monitoring.min_segment_size": 100})
+    res = train(cfg, AS_OF, n_trials=1, progress=False)
+    move_alias(MlflowClient(), cfg.training.model_name, "champion", res.version)
+    return cfg, res
+
+
+def test_monitor_logs_a_run_with_evidence_and_reads_history(trained) -> None:
+    cfg, res = trained
+    first = monitor(cfg, AS_OF, report=True, report_rows=3000)
+    assert first.model_version == res.version
+    assert first.rows > 0 and first.run_id
+    assert first.decision.action in ("ok", "investigate")
+    client = MlflowClient()
+    run = client.get_run(first.run_id)
+    assert run.data.tags["monitor.action"] == first.decision.action
+    assert "psi.monthly_usage" in run.data.metrics and "score_psi" in run.data.metrics
+    hist = client.get_metric_history(first.run_id, "daily_psi.monthly_usage")
+    assert sorted(m.step for m in hist) == list(range(cfg.monitoring.window_days))
+    names = {a.path for a in client.list_artifacts(first.run_id)}
+    assert {"decision.json", "window_stats.json", "psi_heatmap.png", "drift_report.html"} <= names
+    # the pre-onset window is quiet: population PSI small
+    assert first.population_psi_max < 0.2
+
+    # 5 weeks after onset: pacific moved, the population barely
+    late = AS_OF + timedelta(days=35)
+    second = monitor(cfg, late, report=False)
+    back = read_history(cfg, cfg.training.model_name, res.version, late + timedelta(days=1))
+    assert [w.as_of for w in back] == [AS_OF, late]
+    assert second.stats.segment_psi["region=pacific"] == max(second.stats.segment_psi.values())
+    assert "region=pacific" in second.decision.segments
+    assert second.population_psi_max < 0.1
+    latest = latest_decision(cfg)
+    assert latest["run_id"] == second.run_id
+    assert latest["decision"]["action"] == second.decision.action
+    decision = json.loads(Path(client.download_artifacts(second.run_id, "decision.json")).read_text())
+    assert decision["stats"]["segment_psi"]["region=pacific"] > 0
+
+
+def test_monitor_errors_name_the_fix(trained) -> None:
+    cfg, _ = trained
+    with pytest.raises(ChurnError, match="no alias 'canary'"):
+        monitor(cfg, AS_OF, alias="canary", log=False)
+    with pytest.raises(ChurnError, match="timezone"):
+        monitor(cfg, datetime(2026, 4, 20), log=False)
+    with pytest.raises(ChurnError):
+        monitor(cfg, AS_OF + timedelta(days=400), log=False)

@@ -1,0 +1,152 @@
+"""Retraining policy: each rule on hand-made window histories."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from mlflow_churn.config import PolicyConfig, load_config
+from mlflow_churn.errors import ChurnError
+from mlflow_churn.monitoring.policy import WindowStats, decide
+
+T0 = datetime(2026, 4, 1, tzinfo=UTC)
+
+
+def win(i: int, psi: float = 0.02, auc_drop: float | None = 0.0, **kw) -> WindowStats:
+    return WindowStats(
+        as_of=T0 + timedelta(days=7 * i), psi={"monthly_usage": psi, "age": 0.01},
+        psi_threshold={"monthly_usage": 0.2, "age": 0.2}, auc_drop=auc_drop,
+        null_rate={"data_mb_30d": 0.0}, ref_null_rate={"data_mb_30d": 0.0}, **kw,
+    )
+
+
+def cfg(**kw) -> PolicyConfig:
+    base = PolicyConfig().model_dump()
+    base.update(kw)
+    return PolicyConfig.model_validate(base)
+
+
+def test_seed_case_psi_035_auc_steady_is_investigate_with_segments() -> None:
+    seg = {"segment_psi": {"region=pacific": 0.6, "region=north": 0.03},
+           "segment_threshold": {"region=pacific": 0.25, "region=north": 0.25},
+           "segment_features": {"region=pacific": ["monthly_usage", "sessions_30d"]}}
+    hist = [win(0, 0.35, 0.0, **seg), win(1, 0.35, 0.0, **seg)]
+    d = decide(hist, cfg(), hist[-1].as_of)
+    assert d.action == "investigate"
+    assert "monthly_usage" in d.features
+    assert d.segments == ["region=pacific"]
+    assert any("drift without evidence" in r for r in d.reasons)
+    # a config can choose otherwise: drift alone retrains
+    assert decide(hist, cfg(drift_alone="retrain"), hist[-1].as_of).action == "retrain"
+
+
+def test_quiet_history_is_ok_and_auc_drop_retrains() -> None:
+    quiet = [win(i) for i in range(3)]
+    assert decide(quiet, cfg(), quiet[-1].as_of).action == "ok"
+    drop = [win(0), win(1, auc_drop=0.08), win(2, auc_drop=0.09)]
+    d = decide(drop, cfg(), drop[-1].as_of)
+    assert d.action == "retrain"
+    assert d.fired == ["auc_drop > 0.05"]
+
+
+def test_persistence_needs_m_of_n_windows() -> None:
+    once = [win(0), win(1), win(2, auc_drop=0.1)]
+    d = decide(once, cfg(), once[-1].as_of)
+    assert d.action == "ok"
+    assert any("only in 1 of the last 3" in r for r in d.reasons)
+    # one window required -> the single spike is enough
+    one = cfg(persistence={"windows": 3, "required": 1})
+    assert decide(once, one, once[-1].as_of).action == "retrain"
+
+
+def test_hysteresis_keeps_alarm_until_clearly_below() -> None:
+    p = cfg(triggers=[{"metric": "auc_drop", "op": ">", "value": 0.05}],
+            persistence={"windows": 2, "required": 2}, cooldown_days=0)
+    # 0.06, 0.06 fire; then 0.04 is below 0.05 but above 0.05 * 0.5 -> still active
+    hist = [win(0, auc_drop=0.06), win(1, auc_drop=0.06), win(2, auc_drop=0.04)]
+    assert decide(hist, p, hist[-1].as_of).action == "retrain"
+    # without hysteresis (fraction 1) the alarm clears at 0.04
+    no_h = cfg(triggers=[{"metric": "auc_drop", "op": ">", "value": 0.05}],
+               persistence={"windows": 2, "required": 2}, hysteresis={"clear_below_fraction": 1.0})
+    assert decide(hist, no_h, hist[-1].as_of).action == "ok"
+    # clearly below (0.02 < 0.025) clears it
+    hist2 = hist[:2] + [win(2, auc_drop=0.02)]
+    assert decide(hist2, p, hist2[-1].as_of).action == "ok"
+
+
+def test_cooldown_turns_retrain_into_investigate() -> None:
+    hist = [win(0, auc_drop=0.1), win(1, auc_drop=0.1)]
+    last = hist[-1].as_of - timedelta(days=3)
+    d = decide(hist, cfg(cooldown_days=7), hist[-1].as_of, last_retrain=last)
+    assert d.action == "investigate"
+    assert any("cooldown" in r for r in d.reasons)
+    assert decide(hist, cfg(cooldown_days=2), hist[-1].as_of, last_retrain=last).action == "retrain"
+    # a retrain recorded in the history counts too
+    hist_r = [win(0, auc_drop=0.1, retrained=True), win(1, auc_drop=0.1)]
+    assert decide(hist_r, cfg(cooldown_days=10), hist_r[-1].as_of).action == "investigate"
+
+
+def test_integrity_blocks_never_retrains() -> None:
+    bad = win(1, psi=0.9, auc_drop=0.2)
+    bad.null_rate = {"data_mb_30d": 0.3}
+    hist = [win(0, psi=0.9, auc_drop=0.2), bad]
+    d = decide(hist, cfg(), bad.as_of)
+    assert d.action == "blocked"
+    assert d.features == ["data_mb_30d"]
+    assert "null rate of 'data_mb_30d' rose" in d.reasons[0]
+    missing = win(1)
+    missing.missing_features = ["tenure_days"]
+    assert decide([missing], cfg(), missing.as_of).action == "blocked"
+    # warn mode: the fault is a reason, the triggers decide
+    assert decide(hist, cfg(integrity="warn"), bad.as_of).action == "retrain"
+
+
+def test_segment_attribution_uses_size_aware_thresholds() -> None:
+    p = cfg(triggers=[{"metric": "segment_psi", "feature": "region", "op": ">", "value": 0.2}],
+            persistence={"windows": 1, "required": 1})
+    w = win(0)
+    # pacific moved beyond its threshold; tiny 'islands' has a bigger PSI but a noise
+    # threshold above it (small segment), so it is not named
+    w.segment_psi = {"region=pacific": 0.45, "region=islands": 0.5, "plan=basic": 0.1}
+    w.segment_threshold = {"region=pacific": 0.2, "region=islands": 0.8, "plan=basic": 0.2}
+    w.segment_features = {"region=pacific": ["monthly_usage"]}
+    d = decide([w], p, w.as_of)
+    assert d.action == "investigate"
+    assert d.segments[0] == "region=pacific"
+    assert "region=islands" not in d.segments
+    assert "monthly_usage" in d.features
+
+
+def test_combine_all_and_k_of_n_and_strict_preset() -> None:
+    hist = [win(0, psi=0.3, auc_drop=0.0), win(1, psi=0.3, auc_drop=0.0)]
+    assert decide(hist, cfg(combine="all"), hist[-1].as_of).action == "ok"
+    both = [win(0, psi=0.3, auc_drop=0.06), win(1, psi=0.3, auc_drop=0.06)]
+    assert decide(both, cfg(combine="all"), both[-1].as_of).action == "retrain"
+    assert decide(hist, cfg(combine="k_of_n", k=2), hist[-1].as_of).action == "ok"
+    # stricter preset: one config line (YAML/env) changes the triggers
+    strict = load_config(environ={"CHURN_MONITORING__POLICY__TRIGGERS":
+                                  '[{"metric": "psi", "value": 0.15}, {"metric": "auc_drop", "value": 0.03}]'})
+    mild = [win(0, psi=0.17, auc_drop=0.04), win(1, psi=0.17, auc_drop=0.04)]
+    assert decide(mild, cfg(), mild[-1].as_of).action == "ok"
+    assert decide(mild, strict.monitoring.policy, mild[-1].as_of).action == "retrain"
+
+
+def test_round_trip_and_errors() -> None:
+    w = win(0, psi=0.3)
+    assert WindowStats.from_dict(w.to_dict()) == w
+    assert decide([w.to_dict()], cfg(), w.as_of).action in ("ok", "investigate")
+    with pytest.raises(ChurnError, match="at least one"):
+        decide([], cfg(), T0)
+    with pytest.raises(ChurnError, match="timezone"):
+        decide([w], cfg(), datetime(2026, 1, 1))
+
+
+def test_auc_drop_threshold_is_size_aware() -> None:
+    noisy = [win(0, auc_drop=0.08), win(1, auc_drop=0.08)]
+    for w in noisy:
+        w.auc_drop_threshold = 0.1  # small window: a 0.08 drop is within noise
+    assert decide(noisy, cfg(), noisy[-1].as_of).action == "ok"
+    for w in noisy:
+        w.auc_drop_threshold = 0.03
+    assert decide(noisy, cfg(), noisy[-1].as_of).action == "retrain"
