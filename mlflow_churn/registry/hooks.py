@@ -1,0 +1,255 @@
+"""Receiver of MLflow model-registry webhooks: runs the gate when a challenger appears.
+
+``mlflow server`` (SQL backend, MLflow >= 3.3) POSTs JSON deliveries
+``{"entity", "action", "timestamp", "data"}`` with headers ``X-MLflow-Delivery-Id``,
+``X-MLflow-Timestamp`` (Unix seconds) and ``X-MLflow-Signature`` = ``v1,`` + base64
+HMAC-SHA256 of ``{delivery_id}.{timestamp}.{body}`` keyed with the webhook's secret.
+
+``POST /webhook``, in this order:
+
+1. missing or wrong signature -> 401 (``hooks.secret`` is the key; the app refuses to
+   start without one);
+2. timestamp more than ``hooks.max_age_seconds`` away from the receiver's clock -> 401
+   (replay protection);
+3. a delivery id already recorded -> 200 ``{"status": "duplicate"}``, nothing runs again
+   (ids persist in SQLite ``<workspace>/hooks.db``, so restarts keep them);
+4. body not a JSON delivery -> 400;
+5. ``model_version_alias.created`` with alias ``challenger`` on ``training.model_name`` ->
+   202 ``{"status": "queued"}``: the gate (:func:`mlflow_churn.evaluation.evaluate.evaluate`
+   on that version vs the champion) runs on one background worker thread, so the answer
+   is fast and gates never overlap; anything else -> 200 ``{"status": "ignored"}``.
+
+``GET /deliveries/{id}`` tells what became of a delivery (queued, running, done with the
+decision run id, failed with the error); ``GET /health``. Errors are ``{"detail": ...}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from mlflow_churn.config import ChurnConfig
+from mlflow_churn.errors import ChurnError
+from mlflow_churn.registry.aliases import CHALLENGER, CHAMPION
+
+SIGNATURE_HEADER = "X-MLflow-Signature"
+TIMESTAMP_HEADER = "X-MLflow-Timestamp"
+DELIVERY_HEADER = "X-MLflow-Delivery-Id"
+SIGNATURE_VERSION = "v1"
+EVENT = "model_version_alias.created"
+_log = logging.getLogger(__name__)
+
+
+def sign(secret: str, delivery_id: str, timestamp: str, body: bytes | str) -> str:
+    """The ``X-MLflow-Signature`` value MLflow sends for this delivery."""
+    payload = body.decode("utf-8") if isinstance(body, bytes) else body
+    signed = f"{delivery_id}.{timestamp}.{payload}".encode()
+    digest = hmac.new(secret.encode(), signed, hashlib.sha256).digest()
+    return f"{SIGNATURE_VERSION},{base64.b64encode(digest).decode()}"
+
+
+def verify_signature(secret: str, delivery_id: str, timestamp: str, body: bytes, header: str | None) -> bool:
+    """True when ``header`` holds a valid v1 signature (constant-time compare)."""
+    if not header or not delivery_id or not timestamp:
+        return False
+    try:
+        expected = sign(secret, delivery_id, timestamp, body)
+    except UnicodeDecodeError:
+        return False
+    # tolerate several space-separated signatures (secret rotation)
+    return any(hmac.compare_digest(expected, part.strip()) for part in header.split(" ") if part.strip())
+
+
+class DeliveryLog:
+    """Processed delivery ids and their outcome, in SQLite (one connection per call)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as con:
+            con.execute("""CREATE TABLE IF NOT EXISTS deliveries (
+                delivery_id TEXT PRIMARY KEY, received_at REAL NOT NULL, event TEXT NOT NULL,
+                status TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '', run_id TEXT)""")
+
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=30)
+        con.execute("PRAGMA journal_mode=WAL")
+        return con
+
+    def claim(self, delivery_id: str, event: str, received_at: float) -> bool:
+        """Record ``delivery_id``; False when it was already there (a duplicate)."""
+        with self._connect() as con:
+            cur = con.execute(
+                "INSERT OR IGNORE INTO deliveries (delivery_id, received_at, event, status) "
+                "VALUES (?, ?, ?, ?)",
+                (delivery_id, received_at, event, "received"),
+            )
+            return cur.rowcount == 1
+
+    def update(self, delivery_id: str, status: str, detail: str = "", run_id: str | None = None) -> None:
+        with self._connect() as con:
+            con.execute("UPDATE deliveries SET status = ?, detail = ?, run_id = ? WHERE delivery_id = ?",
+                        (status, detail[:2000], run_id, delivery_id))
+
+    def get(self, delivery_id: str) -> dict[str, Any] | None:
+        with self._connect() as con:
+            row = con.execute("SELECT delivery_id, received_at, event, status, detail, run_id "
+                              "FROM deliveries WHERE delivery_id = ?", (delivery_id,)).fetchone()
+        if row is None:
+            return None
+        keys = ("delivery_id", "received_at", "event", "status", "detail", "run_id")
+        return dict(zip(keys, row, strict=True))
+
+
+@dataclass(frozen=True)
+class GateJob:
+    delivery_id: str
+    model: str
+    version: str
+
+
+class GateWorker:
+    """One background thread running queued gates in order."""
+
+    def __init__(self, run: Callable[[GateJob], str], log: DeliveryLog) -> None:
+        self._run, self._log = run, log
+        self._queue: queue.Queue[GateJob | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="churn-gate-worker", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: GateJob) -> None:
+        self._log.update(job.delivery_id, "queued")
+        self._queue.put(job)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                self._log.update(job.delivery_id, "running")
+                try:
+                    run_id = self._run(job)
+                    self._log.update(job.delivery_id, "done", f"gate on version {job.version}", run_id)
+                except ChurnError as exc:
+                    self._log.update(job.delivery_id, "failed", str(exc))
+                except Exception as exc:  # keep the worker alive; the reason is recorded
+                    _log.exception("gate for delivery %s failed", job.delivery_id)
+                    self._log.update(job.delivery_id, "failed", f"{type(exc).__name__}: {exc}")
+            finally:
+                self._queue.task_done()
+
+    def join(self) -> None:
+        """Wait until every queued gate has run."""
+        self._queue.join()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+
+def default_as_of(cfg: ChurnConfig) -> datetime:
+    """The gate's as_of for a hook: the newest event of the workspace data (as the CLI)."""
+    from mlflow_churn.features.offline import data_bounds
+
+    return data_bounds(cfg.data_dir).last_event
+
+
+def run_gate(cfg: ChurnConfig, job: GateJob, as_of: Callable[[ChurnConfig], datetime] = default_as_of) -> str:
+    """Gate ``job.version`` against the champion; returns the decision run id."""
+    from mlflow_churn.evaluation.evaluate import evaluate
+
+    decision = evaluate(cfg, as_of(cfg), challenger_alias=job.version, champion_alias=CHAMPION)
+    _log.info("gate on version %s: %s (run %s)", job.version, decision.decision, decision.run_id)
+    return decision.run_id
+
+
+def _error(status: int, detail: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+def create_app(cfg: ChurnConfig, clock: Callable[[], float] = time.time,
+               gate: Callable[[GateJob], str] | None = None) -> FastAPI:
+    """The receiver app. ``clock`` (Unix seconds) judges staleness; ``gate`` runs one job
+    (default :func:`run_gate` with ``cfg``). Raises ChurnError without ``hooks.secret``."""
+    secret = cfg.hooks.secret
+    if not secret:
+        raise ChurnError("hooks.secret is not set: pass --secret or set CHURN_HOOKS__SECRET to the "
+                         "secret given to `churn hooks register`")
+    log = DeliveryLog(cfg.workspace / "hooks.db")
+    run = gate or (lambda job: run_gate(cfg, job))
+    state: dict[str, GateWorker] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state["worker"] = GateWorker(run, log)
+        app.state.worker = state["worker"]
+        try:
+            yield
+        finally:
+            state["worker"].stop()
+
+    app = FastAPI(title="churn registry hooks", lifespan=lifespan)
+    app.state.deliveries = log
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok", "model": cfg.training.model_name}
+
+    @app.get("/deliveries/{delivery_id}")
+    def delivery(delivery_id: str):
+        row = log.get(delivery_id)
+        return row if row is not None else _error(404, f"no delivery {delivery_id} was received")
+
+    @app.post("/webhook")
+    async def webhook(request: Request):
+        body = await request.body()
+        delivery_id = request.headers.get(DELIVERY_HEADER, "")
+        stamp = request.headers.get(TIMESTAMP_HEADER, "")
+        if not verify_signature(secret, delivery_id, stamp, body, request.headers.get(SIGNATURE_HEADER)):
+            return _error(401, f"missing or invalid {SIGNATURE_HEADER} (check hooks.secret against the "
+                               "webhook's secret)")
+        try:
+            sent = int(stamp)
+        except ValueError:
+            return _error(401, f"{TIMESTAMP_HEADER} must be Unix seconds, got '{stamp[:40]}'")
+        now = clock()
+        if abs(now - sent) > cfg.hooks.max_age_seconds:
+            return _error(401, f"stale delivery: sent at {sent}, {abs(now - sent):.0f} s from now, more than "
+                               f"hooks.max_age_seconds={cfg.hooks.max_age_seconds}")
+        try:
+            payload = json.loads(body)
+            event = f"{payload['entity']}.{payload['action']}"
+            data = payload.get("data") or {}
+            if not isinstance(data, dict):
+                raise TypeError("data")
+        except (ValueError, KeyError, TypeError):
+            return _error(400, "body must be an MLflow webhook delivery: JSON with entity, action, data")
+        if not log.claim(delivery_id, event, now):
+            return JSONResponse({"status": "duplicate", "delivery_id": delivery_id}, status_code=200)
+        wanted = (event == EVENT and data.get("alias") == CHALLENGER
+                  and data.get("name") == cfg.training.model_name and str(data.get("version", "")).isdigit())
+        if not wanted:
+            log.update(delivery_id, "ignored", f"{event} {data.get('name')}@{data.get('alias')}")
+            return JSONResponse({"status": "ignored", "delivery_id": delivery_id}, status_code=200)
+        state["worker"].submit(GateJob(delivery_id, str(data["name"]), str(data["version"])))
+        return JSONResponse({"status": "queued", "delivery_id": delivery_id, "version": str(data["version"])},
+                            status_code=202)
+
+    return app

@@ -1,0 +1,234 @@
+"""Registry webhook receiver: signature, staleness, duplicates over the ASGI app, and an
+end-to-end run against a real `mlflow server` firing a real webhook at `churn hooks serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from mlflow_churn.config import ChurnConfig
+from mlflow_churn.errors import ChurnError
+from mlflow_churn.registry.hooks import (
+    DELIVERY_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    GateJob,
+    create_app,
+    sign,
+)
+
+SECRET = "s3cret-for-tests"
+NOW = 1_790_000_000.0
+
+
+def _cfg(config: ChurnConfig) -> ChurnConfig:
+    cfg = config.model_copy(deep=True)
+    cfg.hooks.secret = SECRET
+    return cfg
+
+
+def _delivery(alias: str = "challenger", name: str = "churn-model", version: str = "3",
+              delivery_id: str | None = None, ts: float = NOW, secret: str = SECRET) -> tuple[bytes, dict]:
+    body = json.dumps({"entity": "model_version_alias", "action": "created",
+                       "timestamp": "2026-11-25T00:00:00+00:00",
+                       "data": {"name": name, "alias": alias, "version": version}})
+    did = delivery_id or str(uuid.uuid4())
+    stamp = str(int(ts))
+    return body.encode(), {DELIVERY_HEADER: did, TIMESTAMP_HEADER: stamp,
+                           SIGNATURE_HEADER: sign(secret, did, stamp, body),
+                           "Content-Type": "application/json"}
+
+
+class _Recorder:
+    """The gate as a plain function that records its jobs (the real gate runs in the e2e test)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[GateJob] = []
+
+    def __call__(self, job: GateJob) -> str:
+        self.jobs.append(job)
+        return f"run-{job.version}"
+
+
+def test_signature_matches_mlflow_sender() -> None:
+    from mlflow.webhooks.delivery import _generate_hmac_signature
+
+    assert sign("k", "d1", "123", '{"a": 1}') == _generate_hmac_signature("k", "d1", "123", '{"a": 1}')
+
+
+def test_missing_bad_signature_and_stale_are_401(config) -> None:
+    cfg = _cfg(config)
+    gate = _Recorder()
+    with TestClient(create_app(cfg, clock=lambda: NOW, gate=gate)) as client:
+        body, headers = _delivery()
+        no_sig = {k: v for k, v in headers.items() if k != SIGNATURE_HEADER}
+        assert client.post("/webhook", content=body, headers=no_sig).status_code == 401
+        _, wrong = _delivery(secret="other-secret", delivery_id=headers[DELIVERY_HEADER])
+        res = client.post("/webhook", content=body, headers=wrong)
+        assert res.status_code == 401 and SIGNATURE_HEADER in res.json()["detail"]
+        tampered = body.replace(b'"3"', b'"4"')
+        assert client.post("/webhook", content=tampered, headers=headers).status_code == 401
+        old_body, old = _delivery(ts=NOW - cfg.hooks.max_age_seconds - 1)
+        res = client.post("/webhook", content=old_body, headers=old)
+        assert res.status_code == 401 and "stale" in res.json()["detail"]
+        future_body, future = _delivery(ts=NOW + cfg.hooks.max_age_seconds + 5)
+        assert client.post("/webhook", content=future_body, headers=future).status_code == 401
+        ok_body, ok = _delivery(ts=NOW - cfg.hooks.max_age_seconds + 5)
+        assert client.post("/webhook", content=ok_body, headers=ok).status_code == 202
+        client.app.state.worker.join()
+    assert [j.version for j in gate.jobs] == ["3"]
+
+
+def test_duplicates_ignored_across_restarts_and_other_events_ignored(config) -> None:
+    cfg = _cfg(config)
+    gate = _Recorder()
+    body, headers = _delivery(version="7")
+    with TestClient(create_app(cfg, clock=lambda: NOW, gate=gate)) as client:
+        first = client.post("/webhook", content=body, headers=headers)
+        assert first.status_code == 202 and first.json()["status"] == "queued"
+        second = client.post("/webhook", content=body, headers=headers)
+        assert second.status_code == 200 and second.json()["status"] == "duplicate"
+        client.app.state.worker.join()
+        done = client.get(f"/deliveries/{headers[DELIVERY_HEADER]}").json()
+        assert done["status"] == "done" and done["run_id"] == "run-7"
+        for kwargs in ({"alias": "canary"}, {"name": "another-model"}):
+            b, h = _delivery(**kwargs)
+            res = client.post("/webhook", content=b, headers=h)
+            assert res.status_code == 200 and res.json()["status"] == "ignored"
+        bad = b"not json"
+        did, stamp = str(uuid.uuid4()), str(int(NOW))
+        res = client.post("/webhook", content=bad, headers={
+            DELIVERY_HEADER: did, TIMESTAMP_HEADER: stamp, SIGNATURE_HEADER: sign(SECRET, did, stamp, bad)})
+        assert res.status_code == 400 and "detail" in res.json()
+        assert client.get("/deliveries/unknown").status_code == 404
+    # a restarted receiver (same workspace) still knows the delivery
+    with TestClient(create_app(cfg, clock=lambda: NOW, gate=gate)) as client:
+        assert client.post("/webhook", content=body, headers=headers).json()["status"] == "duplicate"
+        client.app.state.worker.join()
+    assert [j.version for j in gate.jobs] == ["7"]
+
+
+def test_failed_gate_is_recorded_and_no_secret_refused(config) -> None:
+    cfg = _cfg(config)
+
+    def failing(job: GateJob) -> str:
+        raise ChurnError(f"model has no version {job.version}")
+
+    with TestClient(create_app(cfg, clock=lambda: NOW, gate=failing)) as client:
+        body, headers = _delivery(version="9")
+        assert client.post("/webhook", content=body, headers=headers).status_code == 202
+        client.app.state.worker.join()
+        row = client.get(f"/deliveries/{headers[DELIVERY_HEADER]}").json()
+        assert row["status"] == "failed" and "no version 9" in row["detail"]
+    with pytest.raises(ChurnError, match="hooks.secret"):
+        create_app(config)
+
+
+# ------------------------------------------------------------------------- end to end
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{url} process exited {proc.returncode}: {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{url} did not come up in {timeout} s: {log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.slow
+def test_end_to_end_real_mlflow_server_fires_the_gate(config, register_version, tmp_path,
+                                                       monkeypatch) -> None:
+    from cryptography.fernet import Fernet
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_churn.registry.aliases import CANARY, alias_version
+
+    mlflow_port, hook_port = _free_port(), _free_port()
+    server_url = f"http://127.0.0.1:{mlflow_port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHURN_", "MLFLOW_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    server_env = dict(env, MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=Fernet.generate_key().decode(),
+                      MLFLOW_WEBHOOK_ALLOWED_SCHEMES="http,https", MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS="true",
+                      MLFLOW_WEBHOOK_CACHE_TTL="1")
+    server_log, hook_log = tmp_path / "mlflow-server.log", tmp_path / "hooks.log"
+    procs = []
+    try:
+        with server_log.open("w") as out:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+                 "--port", str(mlflow_port),
+                 "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                 "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+                env=server_env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+        procs.append(server)
+        _wait_http(f"{server_url}/health", server, 120, server_log)
+
+        client_env = dict(env, MLFLOW_TRACKING_URI=server_url, CHURN_HOOKS__SECRET=SECRET)
+        with hook_log.open("w") as out:
+            receiver = subprocess.Popen(
+                [sys.executable, "-m", "mlflow_churn.cli", "--workspace", str(config.workspace), "hooks",
+                 "serve", "--port", str(hook_port)],
+                env=client_env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+        procs.append(receiver)
+        _wait_http(f"http://127.0.0.1:{hook_port}/health", receiver, 180, hook_log)
+
+        reg = subprocess.run(
+            [sys.executable, "-m", "mlflow_churn.cli", "--workspace", str(config.workspace), "hooks",
+             "register", "--url", f"http://127.0.0.1:{hook_port}/webhook"],
+            env=client_env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert reg.returncode == 0, reg.stderr[-2000:]
+        assert "created" in reg.stdout
+
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server_url)
+        register_version(config, "bad", alias="champion")
+        chal = register_version(config, "good", alias=None)
+        client = MlflowClient(server_url, server_url)
+        name = config.training.model_name
+        client.set_registered_model_alias(name, "challenger", chal.version)
+
+        deadline = time.monotonic() + 120
+        run_id = None
+        while time.monotonic() < deadline and run_id is None:
+            run_id = client.get_model_version(name, chal.version).tags.get("gate_run_id")
+            if run_id is None:
+                time.sleep(1)
+        assert run_id, f"no gate decision within 120 s; receiver log: {hook_log.read_text()[-3000:]}"
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["gate"] == "passed"
+        assert run.data.tags["challenger_version"] == chal.version
+        assert alias_version(client, name, CANARY).version == chal.version
+        assert "decision.json" in {a.path for a in client.list_artifacts(run_id)}
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
