@@ -1,0 +1,823 @@
+"""Online scoring service: champion + canary behind one ``POST /predict``, sticky split.
+
+``create_app(cfg)`` builds the FastAPI app that ``churn serve`` runs under uvicorn.
+
+- ``POST /predict`` takes ``{"customer_ids": [...]}`` (features read in process from the
+  online store, only the columns of each model's feature set) or ``{"records": [{...}]}``
+  (raw feature values; a record may carry ``customer_id`` for routing and the log).
+  Each id gets ``churn_probability`` (0..1), ``model_version``, ``route``
+  (champion|canary) and ``status`` (ok|not_found). Optional ``as_of`` (ISO time, UTC) is
+  the business time logged with the prediction; by default the online batch's ``as_of``
+  (customer ids) or the serving time (records).
+- The versions behind aliases ``champion`` and ``canary`` are loaded by a background
+  reloader that polls the registry every ``serving.reload_seconds`` (and on
+  ``POST /admin/reload``) and swaps both models in one reference assignment, so a request
+  sees either the old pair or the new one and none is dropped. A version whose
+  ``feature_set_hash`` tag or ``feature_set.json`` differs from the feature registry's
+  definition of that set is refused (visible in ``/ready`` and ``/admin/status``).
+- ``serving.canary_fraction`` of customers (sticky hash of the id with
+  ``serving.routing_salt``, :mod:`mlflow_churn.serving.routing`) go to the canary.
+  When the canary fails to score, those customers get the champion's score and the
+  canary error is logged (it counts against the canary in ``churn canary evaluate``).
+- Every scored id goes to the durable prediction log through a background writer that
+  batches rows off the request path and is flushed on shutdown. A row's ``latency_ms`` is
+  the request's parsing and feature fetch plus the scoring time of its own route's model.
+- ``GET /health`` (process alive), ``/ready`` (503 until a champion is loaded),
+  ``/metrics`` (Prometheus text: requests and errors by route and version, latency
+  histograms), admin ``POST /admin/reload|promote|rollback`` and ``GET /admin/status``
+  behind the optional bearer token ``serving.admin_token`` (401 otherwise).
+
+Errors are JSON ``{"detail": ...}``: 422 for malformed JSON, wrong types or missing
+feature columns (naming them), 401 bad token, 409 a registry conflict, 503 no model or
+no online store. Never a 500.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from mlflow_churn.config import ChurnConfig
+from mlflow_churn.errors import ChurnError
+from mlflow_churn.features.registry import FeatureSet
+from mlflow_churn.serving.prediction_log import PredictionLog, PredictionRecord
+from mlflow_churn.serving.routing import routes
+from mlflow_churn.training.model import Scorer
+
+log = logging.getLogger("mlflow_churn.serving")
+
+CHAMPION_ROUTE, CANARY_ROUTE = "champion", "canary"
+ANONYMOUS_ID = -1  # logged customer_id of a raw record without one
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ServiceError(Exception):
+    """An HTTP error with a status code and a message for the client."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+# --------------------------------------------------------------------------- request models
+Value = StrictStr | StrictInt | StrictFloat | StrictBool | None
+
+
+class PredictRequest(BaseModel):
+    """Exactly one of ``customer_ids`` or ``records``."""
+
+    model_config = ConfigDict(extra="forbid")
+    customer_ids: list[StrictInt] | None = Field(None, description="customers to score (online store)")
+    records: list[dict[str, Value]] | None = Field(None, description="raw feature records")
+    as_of: datetime | None = Field(None, description="business time logged with the predictions")
+
+
+class AdminRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field("requested through the serving API", max_length=500)
+    version: str | None = Field(None, description="expected canary version (no-op if already done)")
+
+
+# --------------------------------------------------------------------------- metrics
+class Metrics:
+    """Minimal thread-safe Prometheus registry (counters and histograms, text format)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counters: dict[tuple[str, tuple], float] = defaultdict(float)
+        self._hist: dict[tuple[str, tuple], list] = {}
+        self._help: dict[str, tuple[str, str]] = {}
+
+    def describe(self, name: str, kind: str, text: str) -> None:
+        self._help[name] = (kind, text)
+
+    def inc(self, name: str, labels: dict[str, str], value: float = 1.0) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            self._counters[key] += value
+
+    def observe(self, name: str, labels: dict[str, str], seconds: float) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            h = self._hist.get(key)
+            if h is None:
+                h = self._hist[key] = [[0] * len(LATENCY_BUCKETS), 0.0, 0]
+            for i, edge in enumerate(LATENCY_BUCKETS):
+                if seconds <= edge:
+                    h[0][i] += 1
+            h[1] += seconds
+            h[2] += 1
+
+    @staticmethod
+    def _fmt(labels: tuple | list) -> str:
+        if not labels:
+            return ""
+        body = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+                        for k, v in labels)
+        return "{" + body + "}"
+
+    def render(self, gauges: list[tuple[str, dict[str, str], float]]) -> str:
+        lines: list[str] = []
+        seen: set[str] = set()
+
+        def head(name: str) -> None:
+            if name not in seen and name in self._help:
+                kind, text = self._help[name]
+                lines.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}"])
+            seen.add(name)
+
+        with self._lock:
+            counters = sorted(self._counters.items())
+            hists = sorted((k, (list(v[0]), v[1], v[2])) for k, v in self._hist.items())
+        for (name, labels), value in counters:
+            head(name)
+            lines.append(f"{name}{self._fmt(labels)} {value:g}")
+        for (name, labels), (buckets, total, count) in hists:
+            head(name)
+            for edge, n in zip(LATENCY_BUCKETS, buckets, strict=True):
+                lines.append(f"{name}_bucket{self._fmt([*labels, ('le', f'{edge:g}')])} {n}")
+            lines.append(f"{name}_bucket{self._fmt([*labels, ('le', '+Inf')])} {count}")
+            lines.append(f"{name}_sum{self._fmt(labels)} {total:.6f}")
+            lines.append(f"{name}_count{self._fmt(labels)} {count}")
+        for name, labels, value in gauges:
+            head(name)
+            lines.append(f"{name}{self._fmt(sorted(labels.items()))} {value:g}")
+        return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- models
+class InputEncoder:
+    """Raw feature values (dicts, as the online store and clients hold them) -> the float
+    matrix XGBoost scores: numerics as float64, categoricals as their category code in the
+    feature set's category order, missing / unknown categories as NaN.
+
+    The same values as :meth:`FeatureSet.coerce` followed by XGBoost's own categorical
+    encoding (the tests compare with :meth:`Scorer.predict_proba`), without building pandas
+    objects per request: one-customer scoring drops from milliseconds to tens of microseconds.
+    """
+
+    def __init__(self, feature_set: FeatureSet) -> None:
+        self.columns = feature_set.columns
+        cats = feature_set.categorical
+        self._codes = [{v: float(i) for i, v in enumerate(cats[c])} if c in cats else None
+                       for c in self.columns]
+
+    def encode(self, rows: list[dict[str, Any]]) -> np.ndarray:
+        """Matrix (len(rows) x features); ChurnError naming a non-numeric numeric feature."""
+        out = np.full((len(rows), len(self.columns)), np.nan)
+        for j, (col, codes) in enumerate(zip(self.columns, self._codes, strict=True)):
+            for i, row in enumerate(rows):
+                v = row.get(col)
+                if v is None:
+                    continue
+                if codes is not None:
+                    out[i, j] = codes.get(str(v), np.nan)
+                    continue
+                try:
+                    out[i, j] = float(v)
+                except (TypeError, ValueError):
+                    raise ChurnError(f"feature '{col}' must be numeric, got {v!r}") from None
+        return out
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """One registered version loaded for in-process scoring."""
+
+    alias: str
+    version: str
+    scorer: Scorer
+    encoder: InputEncoder
+
+    @property
+    def columns(self) -> list[str]:
+        return self.encoder.columns
+
+
+@dataclass(frozen=True)
+class ModelPair:
+    """The immutable snapshot a request scores with (swapped whole on reload)."""
+
+    champion: LoadedModel | None = None
+    canary: LoadedModel | None = None
+    refused: dict[str, str] = field(default_factory=dict)  # alias -> why it is not served
+    error: str | None = None  # last registry / load error
+    loaded_at: datetime | None = None
+
+
+def check_feature_set(cfg: ChurnConfig, tags: dict[str, str], scorer: Scorer) -> str | None:
+    """Why ``scorer`` must not be served, or None when its feature set is the registry's.
+
+    Compares the version tag ``feature_set_hash`` (when present) and the model's own
+    ``feature_set.json`` with the feature registry's definition of that set.
+    """
+    from mlflow_churn.features.registry import UnknownFeatureError, registry_for
+
+    fs = scorer.feature_set
+    tagged = tags.get("feature_set_hash")
+    if tagged and tagged != fs.hash:
+        return (f"version tag feature_set_hash={tagged[:12]}.. differs from the model's feature set "
+                f"'{fs.name}' hash {fs.hash[:12]}..; re-register the model")
+    if fs.from_table:
+        return None
+    try:
+        defined = registry_for(cfg).feature_set(fs.name)
+    except UnknownFeatureError as exc:
+        return f"feature set '{fs.name}' of the model is not in the feature registry ({exc})"
+    if defined.hash != fs.hash:
+        return (f"feature set '{fs.name}' of the model (hash {fs.hash[:12]}..) differs from the "
+                f"registry's definition (hash {defined.hash[:12]}..); retrain on the current "
+                "definitions or restore the old ones")
+    return None
+
+
+class ModelManager:
+    """Loads the versions behind ``champion`` and ``canary`` and swaps them atomically."""
+
+    def __init__(self, cfg: ChurnConfig, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.name = cfg.training.model_name
+        self.metrics = metrics
+        self.pair = ModelPair()
+        self._lock = threading.Lock()  # one reload at a time
+        self._cache: dict[str, tuple[LoadedModel | None, str | None]] = {}  # version -> (model, refusal)
+        self._client: Any = None
+
+    def _connect(self) -> Any:
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            from mlflow_churn.tracking import setup_mlflow
+
+            setup_mlflow(self.cfg)
+            uri = self.cfg.mlflow_tracking_uri
+            self._client = MlflowClient(uri, uri)
+        return self._client
+
+    def _load(self, alias: str, mv: Any) -> tuple[LoadedModel | None, str | None]:
+        from mlflow_churn.training.model import load_scorer
+
+        version = str(mv.version)
+        if version not in self._cache:
+            try:
+                scorer = load_scorer(f"models:/{self.name}/{version}", version)
+                # one thread per prediction: a request scores a few rows, and a thread pool per
+                # call costs more than it saves (x5-10 on a busy 2-core machine)
+                scorer.booster.set_param({"nthread": 1})
+            except ChurnError as exc:
+                self._cache[version] = (None, str(exc))
+            else:
+                refusal = check_feature_set(self.cfg, dict(mv.tags or {}), scorer)
+                model = (None if refusal
+                         else LoadedModel(alias, version, scorer, InputEncoder(scorer.feature_set)))
+                self._cache[version] = (model, refusal)
+        model, refusal = self._cache[version]
+        if model is not None and model.alias != alias:
+            model = LoadedModel(alias, model.version, model.scorer, model.encoder)
+        return model, refusal
+
+    def reload(self) -> ModelPair:
+        """Re-read both aliases; load what changed; swap. Keeps the old pair on registry errors."""
+        from mlflow_churn.registry.aliases import CANARY, CHAMPION, alias_version
+
+        with self._lock:
+            try:
+                client = self._connect()
+                found = {a: alias_version(client, self.name, a) for a in (CHAMPION, CANARY)}
+                loaded, refused = {}, {}
+                for alias, mv in found.items():
+                    if mv is None:
+                        loaded[alias] = None
+                        continue
+                    loaded[alias], why = self._load(alias, mv)
+                    if why:
+                        refused[alias] = f"version {mv.version}: {why}"
+                keep = {m.version for m in loaded.values() if m is not None}
+                self._cache = {v: c for v, c in self._cache.items() if v in keep or c[0] is None}
+                new = ModelPair(loaded[CHAMPION], loaded[CANARY], refused, None, datetime.now(UTC))
+                self.metrics.inc("churn_model_reloads_total", {"result": "ok"})
+            except Exception as exc:  # registry unreachable, bad store: keep serving the old pair
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                old = self.pair
+                new = ModelPair(old.champion, old.canary, old.refused, first, old.loaded_at)
+                self.metrics.inc("churn_model_reloads_total", {"result": "error"})
+                log.warning("model reload failed: %s", first)
+            old = self.pair
+            self.pair = new  # the atomic swap
+            if _versions(old) != _versions(new):
+                log.info("serving champion=%s canary=%s", *_versions(new))
+            return new
+
+
+def _versions(pair: ModelPair) -> tuple[str | None, str | None]:
+    return (pair.champion.version if pair.champion else None, pair.canary.version if pair.canary else None)
+
+
+# --------------------------------------------------------------------------- prediction log
+class LogWriter:
+    """Writes prediction records in batches on a background thread; flushed on close.
+
+    A request hands over its records as one list (one queue operation per request); the
+    thread commits up to ``batch_rows`` rows at a time, at least every ``max_wait_s``
+    seconds. A failed write keeps the rows and retries, so nothing answered is lost.
+    """
+
+    def __init__(self, url: str, metrics: Metrics, batch_rows: int = 512, max_wait_s: float = 0.2) -> None:
+        self.url = url
+        self.metrics = metrics
+        self.batch_rows, self.max_wait_s = batch_rows, max_wait_s
+        self._queue: queue.Queue[list[PredictionRecord] | None] = queue.Queue()
+        self._log: PredictionLog | None = None
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self._pending: list[PredictionRecord] = []
+        self._waiting = 0  # rows submitted and not yet committed
+        self._count_lock = threading.Lock()
+        self._idle = threading.Event()
+        self._idle.set()
+
+    def start(self) -> None:
+        self._log = PredictionLog(self.url)
+        self._thread.start()
+
+    def submit(self, records: list[PredictionRecord]) -> None:
+        if not records:
+            return
+        with self._count_lock:
+            self._waiting += len(records)
+            self._idle.clear()
+        self._queue.put(records)
+
+    def pending(self) -> int:
+        return self._waiting
+
+    def _write(self) -> None:
+        if not self._pending or self._log is None:
+            return
+        try:
+            self._log.write(self._pending)
+        except Exception as exc:  # keep the rows and retry: the log must not lose them
+            self.metrics.inc("churn_prediction_log_failures_total", {})
+            log.warning("prediction log write failed (%d rows kept): %s", len(self._pending), exc)
+            time.sleep(0.5)
+            return
+        self.metrics.inc("churn_prediction_log_written_total", {}, len(self._pending))
+        with self._count_lock:
+            self._waiting -= len(self._pending)
+            if self._waiting == 0:
+                self._idle.set()
+        self._pending = []
+
+    def _take(self, item: list[PredictionRecord] | None) -> bool:
+        """Add a queue item to the pending rows; False for the stop sentinel."""
+        if item is None:
+            return False
+        self._pending.extend(item)
+        return True
+
+    def _run(self) -> None:
+        stop = False
+        while not stop or self._pending:
+            deadline = time.monotonic() + self.max_wait_s
+            while not stop and len(self._pending) < self.batch_rows:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                stop = not self._take(item)
+            if stop:  # drain what is left
+                while True:
+                    try:
+                        self._take(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+            self._write()
+            if stop and self._pending and self._log is None:
+                break
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every submitted record is committed (True) or ``timeout`` passes."""
+        return self._idle.wait(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write everything still queued, then close the log."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+class CountRequests:
+    """ASGI middleware counting requests by path and status code (cheaper than Starlette's
+    ``BaseHTTPMiddleware``); an exception that escapes is answered 503 by the app's handler."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        code = {"status": 503}
+
+        async def _send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                code["status"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, _send)
+        finally:
+            path = scope.get("path", "")
+            self.metrics.inc("churn_http_requests_total",
+                             {"path": path if path in _PATHS else "other", "code": str(code["status"])})
+
+
+# --------------------------------------------------------------------------- the service
+class ScoringService:
+    """Everything one app instance holds: models, store, log writer, metrics."""
+
+    def __init__(self, cfg: ChurnConfig) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        for name, kind, text in (
+            ("churn_http_requests_total", "counter", "HTTP requests by path and status code"),
+            ("churn_predictions_total", "counter", "scored ids by route, model version and status"),
+            ("churn_prediction_errors_total", "counter", "failed scorings by route and model version"),
+            ("churn_predict_latency_seconds", "histogram", "POST /predict latency by route and version"),
+            ("churn_model_reloads_total", "counter", "alias polls by result"),
+            ("churn_prediction_log_written_total", "counter", "rows committed to the prediction log"),
+            ("churn_prediction_log_failures_total", "counter", "failed prediction log writes (retried)"),
+            ("churn_model_loaded", "gauge", "1 for each alias and the version it serves"),
+            ("churn_prediction_log_pending", "gauge", "rows waiting for the prediction log"),
+        ):
+            self.metrics.describe(name, kind, text)
+        self.models = ModelManager(cfg, self.metrics)
+        self.writer = LogWriter(cfg.prediction_log_url, self.metrics)
+        self._store: Any = None
+        self._store_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._reloader: threading.Thread | None = None
+
+    # lifecycle
+    def start(self) -> None:
+        self.writer.start()
+        self._reloader = threading.Thread(target=self._poll, name="alias-reloader", daemon=True)
+        self._reloader.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.models.reload()
+            self._stop.wait(self.cfg.serving.reload_seconds)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._reloader is not None:
+            self._reloader.join(timeout=30)
+        self.writer.close()
+        with self._store_lock:
+            if self._store is not None:
+                try:
+                    self._store.close()
+                finally:
+                    self._store = None
+
+    # online store
+    def store(self) -> Any:
+        with self._store_lock:
+            if self._store is None:
+                try:
+                    from mlflow_churn.features.online import open_store
+                except ImportError:
+                    raise ServiceError(503, "the online feature store is not available in this "
+                                       "installation; send raw feature records instead") from None
+                try:
+                    self._store = open_store(self.cfg)
+                except ChurnError as exc:
+                    raise ServiceError(503, f"online feature store: {exc}") from None
+            return self._store
+
+    # scoring
+    def predict(self, req: PredictRequest) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        pair = self.models.pair  # one snapshot for the whole request
+        if pair.champion is None:
+            why = pair.refused.get(CHAMPION_ROUTE) or pair.error or (
+                f"no version of '{self.models.name}' has alias champion yet")
+            status = 409 if CHAMPION_ROUTE in pair.refused else 503
+            raise ServiceError(status, f"no champion model is being served: {why}")
+        if (req.customer_ids is None) == (req.records is None):
+            raise ServiceError(422, "send exactly one of 'customer_ids' (list of integers) or "
+                                    "'records' (list of feature objects)")
+        n = len(req.customer_ids if req.customer_ids is not None else req.records)
+        if n == 0:
+            raise ServiceError(422, "'customer_ids' / 'records' is empty; send at least one")
+        if n > self.cfg.features.max_ids:
+            raise ServiceError(422, f"{n} items in one request; at most {self.cfg.features.max_ids} "
+                                    "(features.max_ids)")
+        served_at = datetime.now(UTC)
+        as_of = None
+        if req.as_of is not None:
+            as_of = req.as_of.replace(tzinfo=UTC) if req.as_of.tzinfo is None else req.as_of.astimezone(UTC)
+        if req.customer_ids is not None:
+            ids = [int(i) for i in req.customer_ids]
+            values, found, batch_as_of = self._fetch(ids, pair)
+            as_of = as_of or batch_as_of or served_at
+        else:
+            records = req.records or []
+            ids = [_record_id(r, i) for i, r in enumerate(records)]
+            values = records
+            found = np.ones(len(ids), dtype=bool)
+            as_of = as_of or served_at
+        known = np.array([i != ANONYMOUS_ID for i in ids], dtype=bool)
+        to_canary = np.zeros(len(ids), dtype=bool)
+        if pair.canary is not None and self.cfg.serving.canary_fraction > 0:
+            to_canary[known] = routes([i for i, k in zip(ids, known, strict=True) if k],
+                                      self.cfg.serving.canary_fraction, self.cfg.serving.routing_salt)
+        scores = np.full(len(ids), np.nan)
+        route = np.where(to_canary, CANARY_ROUTE, CHAMPION_ROUTE).astype(object)
+        version = np.where(to_canary, pair.canary.version if pair.canary else "",
+                           pair.champion.version).astype(object)
+        errors: list[tuple[int, str, str]] = []  # (row, route, version) of failed canary scorings
+        prepared = time.perf_counter() - t0  # parsing + feature fetch, shared by both routes
+        spent = {CHAMPION_ROUTE: 0.0, CANARY_ROUTE: 0.0}  # seconds each route's model took
+        if to_canary.any():
+            rows = np.flatnonzero(to_canary & found)
+            t1 = time.perf_counter()
+            try:
+                scores[rows] = self._score(pair.canary, values, rows, req.records is not None)
+                spent[CANARY_ROUTE] = time.perf_counter() - t1
+            except ServiceError:
+                raise
+            except Exception as exc:  # a broken canary must not hurt customers: fall back
+                log.warning("canary version %s failed, champion serves: %s", pair.canary.version, exc)
+                errors += [(int(r), CANARY_ROUTE, pair.canary.version) for r in rows]
+                route[rows], version[rows] = CHAMPION_ROUTE, pair.champion.version
+        champ_rows = np.flatnonzero((route == CHAMPION_ROUTE) & found)
+        t1 = time.perf_counter()
+        try:
+            scores[champ_rows] = self._score(pair.champion, values, champ_rows, req.records is not None)
+            spent[CHAMPION_ROUTE] = time.perf_counter() - t1
+        except ServiceError:
+            raise
+        except Exception as exc:
+            self.metrics.inc("churn_prediction_errors_total",
+                             {"route": CHAMPION_ROUTE, "version": pair.champion.version}, len(champ_rows))
+            self._log_errors(ids, [(int(r), CHAMPION_ROUTE, pair.champion.version) for r in champ_rows],
+                             served_at, as_of, t0)
+            raise ServiceError(503, f"champion version {pair.champion.version} failed to score: "
+                                    f"{type(exc).__name__}: {exc}"[:500]) from None
+        # a row's latency: the shared preparation plus its own route's scoring (ms), so a slow
+        # canary shows in the canary's numbers only
+        latency_ms = {r: (prepared + spent[r]) * 1000.0 for r in spent}
+        request_id = uuid.uuid4().hex
+        out, records_out = [], []
+        for i, cid in enumerate(ids):
+            ok = bool(found[i])
+            status = "ok" if ok else "not_found"
+            p = float(scores[i]) if ok else None
+            out.append({"customer_id": None if cid == ANONYMOUS_ID else cid, "churn_probability": p,
+                        "model_version": version[i], "route": route[i], "status": status})
+            records_out.append(PredictionRecord(request_id, cid, version[i], route[i], p,
+                                                latency_ms[route[i]], status, served_at, as_of))
+        for row, r, v in errors:
+            self.metrics.inc("churn_prediction_errors_total", {"route": r, "version": v})
+            records_out.append(PredictionRecord(request_id, ids[row], v, r, None, latency_ms[r], "error",
+                                                served_at, as_of))
+        self.writer.submit(records_out)
+        for (r, v, s), count in _tally(route, version, found).items():
+            self.metrics.inc("churn_predictions_total", {"route": r, "version": v, "status": s}, count)
+        for r, v in {(r, v) for r, v in zip(route, version, strict=True)}:
+            self.metrics.observe("churn_predict_latency_seconds", {"route": r, "version": v},
+                                 latency_ms[r] / 1000.0)
+        return {"request_id": request_id, "as_of": as_of.isoformat(), "predictions": out}
+
+    def _fetch(self, ids: list[int],
+               pair: ModelPair) -> tuple[list[dict[str, Any]], np.ndarray, datetime | None]:
+        columns: list[str] = []
+        for m in (pair.champion, pair.canary):
+            if m is not None:
+                columns += [c for c in m.columns if c not in columns]
+        store = self.store()
+        try:
+            batch = store.current_batch()  # then read that batch: ids and as_of stay consistent
+            if batch is None:
+                raise ServiceError(503, "the online store has no batch yet; run `churn features materialize`")
+            rows = store.get(ids, columns, batch_id=batch.batch_id)
+        except ChurnError as exc:
+            raise ServiceError(503, f"online feature store: {exc}") from None
+        found = np.array([i in rows for i in ids], dtype=bool)
+        values = [_values(rows[i].values, columns) if i in rows else {} for i in ids]
+        return values, found, batch.as_of
+
+    def _score(self, model: LoadedModel, values: list[dict[str, Any]], rows: np.ndarray,
+               from_client: bool) -> np.ndarray:
+        if len(rows) == 0:
+            return np.zeros(0)
+        chosen = [values[r] for r in rows]
+        missing = [c for c in model.columns if any(c not in v for v in chosen)]
+        if missing:
+            what = f"of feature set '{model.scorer.feature_set.name}' (model version {model.version})"
+            if from_client:
+                raise ServiceError(422, f"records lack feature column(s) {', '.join(missing)} {what}")
+            raise ServiceError(503, f"the online batch lacks feature(s) {', '.join(missing)} {what}; "
+                                    "re-run `churn features materialize`")
+        try:
+            x = model.encoder.encode(chosen)
+        except ChurnError as exc:
+            raise ServiceError(422, f"{exc} (model version {model.version})") from None
+        return np.asarray(model.scorer.booster.inplace_predict(
+            x, predict_type="value", validate_features=False), dtype="float64").reshape(-1)
+
+    def _log_errors(self, ids: list[int], errors: list[tuple[int, str, str]], served_at: datetime,
+                    as_of: datetime, t0: float) -> None:
+        latency = (time.perf_counter() - t0) * 1000.0
+        rid = uuid.uuid4().hex
+        self.writer.submit([PredictionRecord(rid, ids[row], v, r, None, latency, "error", served_at, as_of)
+                            for row, r, v in errors])
+
+    def gauges(self) -> list[tuple[str, dict[str, str], float]]:
+        pair = self.models.pair
+        out = [("churn_model_loaded", {"alias": m.alias, "version": m.version}, 1.0)
+               for m in (pair.champion, pair.canary) if m is not None]
+        out.append(("churn_prediction_log_pending", {}, float(self.writer.pending())))
+        return out
+
+    def status(self) -> dict[str, Any]:
+        pair = self.models.pair
+        return {
+            "model_name": self.models.name,
+            "champion": pair.champion.version if pair.champion else None,
+            "canary": pair.canary.version if pair.canary else None,
+            "canary_fraction": self.cfg.serving.canary_fraction,
+            "refused": pair.refused,
+            "error": pair.error,
+            "loaded_at": pair.loaded_at.isoformat() if pair.loaded_at else None,
+        }
+
+
+def _record_id(record: dict[str, Any], index: int) -> int:
+    cid = record.get("customer_id", ANONYMOUS_ID)
+    if cid is None:
+        return ANONYMOUS_ID
+    if isinstance(cid, bool) or not isinstance(cid, int):
+        raise ServiceError(422, f"records[{index}].customer_id must be an integer, got {cid!r}")
+    return int(cid)
+
+
+def _values(values: Any, columns: list[str]) -> dict[str, Any]:
+    if isinstance(values, dict):
+        return values
+    return dict(zip(columns, values, strict=False))
+
+
+def _tally(route: np.ndarray, version: np.ndarray, found: np.ndarray) -> dict[tuple[str, str, str], int]:
+    out: dict[tuple[str, str, str], int] = defaultdict(int)
+    for r, v, f in zip(route, version, found, strict=True):
+        out[(str(r), str(v), "ok" if f else "not_found")] += 1
+    return out
+
+
+def _field_errors(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if err.get("type") == "json_invalid":
+            ctx = err.get("ctx") or {}
+            parts.append(f"malformed JSON: {ctx.get('error', err.get('msg'))} (at character "
+                         f"{loc[0] if loc else '?'})")
+            continue
+        where = ".".join(loc) or "body"
+        parts.append(f"{where}: {err.get('msg')}")
+    return "; ".join(parts) or "invalid request body"
+
+
+def create_app(cfg: ChurnConfig, start_background: bool = True) -> FastAPI:
+    """The scoring app for ``cfg`` (models, store and log are opened on startup)."""
+    service = ScoringService(cfg)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if start_background:
+            service.start()
+        try:
+            yield
+        finally:
+            service.stop()
+
+    app = FastAPI(title="mlflow-churn scoring", version="1", lifespan=lifespan)
+    app.state.service = service
+
+    def _json(status: int, detail: Any) -> JSONResponse:
+        return JSONResponse({"detail": detail}, status_code=status)
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_req: Request, exc: ServiceError) -> JSONResponse:
+        return _json(exc.status, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        return _json(422, _field_errors(exc))
+
+    @app.exception_handler(ChurnError)
+    async def _churn_error(_req: Request, exc: ChurnError) -> JSONResponse:
+        return _json(409, str(exc))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_req: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return _json(503, f"the service could not answer: {type(exc).__name__}: {exc}"[:500])
+
+    app.add_middleware(CountRequests, metrics=service.metrics)
+
+    def _admin(request: Request) -> None:
+        token = cfg.serving.admin_token
+        if not token:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise ServiceError(401, "admin endpoints need 'Authorization: Bearer <serving.admin_token>'")
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        st = service.status()
+        if st["champion"] is None:
+            why = st["refused"].get(CHAMPION_ROUTE) or st["error"] or "no champion loaded yet"
+            return _json(503, f"not ready: {why}")
+        return JSONResponse({"status": "ready", **st})
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(service.metrics.render(service.gauges()),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.post("/predict")
+    async def predict(req: PredictRequest) -> JSONResponse:
+        return JSONResponse(service.predict(req))
+
+    @app.get("/admin/status")
+    def admin_status(request: Request) -> dict[str, Any]:
+        _admin(request)
+        return service.status()
+
+    @app.post("/admin/reload")
+    def admin_reload(request: Request) -> dict[str, Any]:
+        _admin(request)
+        service.models.reload()
+        return service.status()
+
+    @app.post("/admin/promote")
+    def admin_promote(request: Request, body: AdminRequest | None = None) -> dict[str, Any]:
+        _admin(request)
+        from mlflow_churn.serving.canary import promote
+
+        body = body or AdminRequest()
+        result = promote(cfg, body.reason, version=body.version)
+        service.models.reload()
+        return {"transition": result.to_dict(), "serving": service.status()}
+
+    @app.post("/admin/rollback")
+    def admin_rollback(request: Request, body: AdminRequest | None = None) -> dict[str, Any]:
+        _admin(request)
+        from mlflow_churn.serving.canary import rollback
+
+        body = body or AdminRequest()
+        result = rollback(cfg, body.reason, version=body.version)
+        service.models.reload()
+        return {"transition": result.to_dict(), "serving": service.status()}
+
+    return app
+
+
+_PATHS = {"/predict", "/health", "/ready", "/metrics", "/admin/status", "/admin/reload",
+          "/admin/promote", "/admin/rollback"}
+
+
+def serve(cfg: ChurnConfig, host: str | None = None, port: int | None = None) -> None:
+    """Run the app under uvicorn until interrupted (flushes the prediction log on exit)."""
+    import uvicorn
+
+    uvicorn.run(create_app(cfg), host=host or cfg.serving.host, port=port or cfg.serving.port,
+                log_level="warning", access_log=False, timeout_graceful_shutdown=10)

@@ -1,0 +1,432 @@
+"""Batch scoring of every customer at one instant: streaming, bounded memory, all cores.
+
+``score_batch(cfg, as_of)`` computes the model's features for every customer alive at
+``as_of`` with the offline builder's SQL (the same point-in-time query that builds
+training frames: one cutoff, no label), streams them out of DuckDB as Arrow record
+batches of ``batch_rows`` rows, scores each batch with the booster's ``inplace_predict``
+on all cores and appends it to one Parquet file::
+
+    <out_dir>/date=YYYY-MM-DD/part-0.parquet
+        customer_id int64, churn_probability float64, model_version string,
+        as_of timestamp[us, UTC], feature_set_hash string
+
+Memory is bounded by DuckDB's ``memory_limit`` (it spills to a temporary directory
+beyond it) plus a few batches in Python, whatever the number of customers. A partition
+is written to a temporary name and renamed when complete, so readers never see half a
+day; scoring the same day again replaces it.
+
+``engine="spark"`` scores the same features through ``mlflow.pyfunc.spark_udf`` on a
+Spark session (``local[2]`` unless one is passed): the path for customer bases beyond one
+machine. Both engines give the same probabilities (the pyfunc runs the same booster on
+the same values).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mlflow_churn.config import ChurnConfig
+from mlflow_churn.errors import ChurnError
+from mlflow_churn.features.offline import _connect, _feature_sql, _spine, _utc, check_cutoffs
+from mlflow_churn.features.registry import FeatureSet, registry_for
+from mlflow_churn.training.model import Scorer, load_scorer
+
+#: rows per Arrow record batch: large enough that per-batch overhead vanishes next to
+#: ``inplace_predict``, small enough that a batch is ~20 MB of features
+DEFAULT_BATCH_ROWS = 131_072
+#: DuckDB memory cap while computing features; beyond it DuckDB spills to disk
+DUCKDB_MEMORY_LIMIT = "2GB"
+PART_FILE = "part-0.parquet"
+ENGINES = ("local", "spark")
+
+OUTPUT_SCHEMA = pa.schema([
+    ("customer_id", pa.int64()),
+    ("churn_probability", pa.float64()),
+    ("model_version", pa.string()),
+    ("as_of", pa.timestamp("us", tz="UTC")),
+    ("feature_set_hash", pa.string()),
+])
+# what the writer is handed: the two constant string columns dictionary-encoded (one value,
+# no per-row copies); without the Arrow schema stored, the file reads back as OUTPUT_SCHEMA
+_WRITE_SCHEMA = pa.schema([
+    f.with_type(pa.dictionary(pa.int32(), pa.string())) if f.name in ("model_version", "feature_set_hash")
+    else f for f in OUTPUT_SCHEMA
+])
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """What one batch-scoring run wrote.
+
+    ``path`` is the date partition directory; ``seconds`` the wall time of feature
+    computation + scoring + writing; ``rows_per_second`` = rows / seconds.
+    """
+
+    rows: int
+    path: Path
+    version: str | None
+    seconds: float
+    rows_per_second: float
+    model_uri: str
+    as_of: datetime
+    engine: str
+    feature_set_hash: str
+
+
+@dataclass
+class FeatureStream:
+    """Feature rows of every customer alive at ``as_of``: their count and an Arrow stream."""
+
+    rows: int
+    batches: pa.RecordBatchReader
+
+
+@contextmanager
+def stream_features(data_dir: Path, feature_set: FeatureSet, as_of: datetime,
+                    batch_rows: int = DEFAULT_BATCH_ROWS,
+                    memory_limit: str = DUCKDB_MEMORY_LIMIT) -> Iterator[FeatureStream]:
+    """Stream ``feature_set``'s raw values at the single cutoff ``as_of`` as Arrow batches.
+
+    The SQL is the offline builder's (``build_training_frame(..., label=False)`` with one
+    cutoff: cheaper than ``compute_latest``, which also tracks each row's event time).
+    Columns: ``customer_id``, ``cutoff`` and the set's columns, raw (strings for
+    categoricals). Rows come in no particular order. Raises ChurnError for an ``as_of``
+    outside the data or without a full feature window before it.
+    """
+    if batch_rows < 1:
+        raise ChurnError(f"batch_rows must be >= 1, got {batch_rows}")
+    as_of = _utc(as_of, "as_of")
+    if feature_set.from_table:
+        raise ChurnError(
+            f"feature set '{feature_set.name}' was inferred from a flat table; batch scoring "
+            "computes features from the registry's definitions, so score that table directly"
+        )
+    check_cutoffs(data_dir, feature_set.features, [as_of])
+    spill = tempfile.mkdtemp(prefix="churn-duckdb-")
+    con = _connect(data_dir)
+    try:
+        con.execute(f"SET memory_limit = '{memory_limit}'")
+        con.execute(f"SET temp_directory = '{spill}'")
+        _spine(con, [as_of], None)
+        rows = int(con.execute("SELECT count(*) FROM spine").fetchall()[0][0])
+        sql = _feature_sql(feature_set.features, as_of, as_of, with_event_time=False)
+        yield FeatureStream(rows, con.sql(sql).to_arrow_reader(batch_rows))
+    finally:
+        con.close()
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def coerce_batch(feature_set: FeatureSet, batch: pa.RecordBatch | pa.Table) -> pd.DataFrame:
+    """The model input of one Arrow batch, column-wise in Arrow compute (no Python loop
+    per row): float64 numerics with NaN for nulls, categoricals with the set's fixed
+    categories (values outside them become missing). Equal to ``feature_set.coerce`` of
+    the same rows as a pandas frame."""
+    names = set(batch.schema.names)
+    missing = [c for c in feature_set.columns if c not in names]
+    if missing:
+        raise ChurnError(
+            f"input lacks feature column(s) {', '.join(missing)} of feature set '{feature_set.name}'"
+        )
+    out: dict[str, Any] = {}
+    for f in feature_set.features:
+        col = batch.column(f.full_name)
+        if isinstance(col, pa.ChunkedArray):
+            col = col.combine_chunks()
+        if f.dtype == "category":
+            cats = list(f.categories or ())
+            if pa.types.is_dictionary(col.type):
+                col = col.dictionary_decode()
+            if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
+                col = pc.cast(col, pa.string())
+            codes = pc.fill_null(pc.index_in(col, value_set=pa.array(cats, pa.string())), -1)
+            out[f.full_name] = pd.Categorical.from_codes(codes.to_numpy(zero_copy_only=False),
+                                                         categories=cats)
+        else:
+            try:
+                values = pc.cast(col, pa.float64())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise ChurnError(
+                    f"feature '{f.full_name}' must be numeric, got Arrow type {col.type}"
+                ) from None
+            out[f.full_name] = values.to_numpy(zero_copy_only=False)
+    return pd.DataFrame(out)
+
+
+def _constant(value: str, n: int) -> pa.DictionaryArray:
+    """``n`` copies of one string, dictionary-encoded (one value, ``n`` zero indices)."""
+    indices = pa.array(np.zeros(n, dtype="int32"))
+    return pa.DictionaryArray.from_arrays(indices, pa.array([value], pa.string()))
+
+
+def score_stream(scorer: Scorer, batches: Iterable[pa.RecordBatch], as_of: datetime, path: Path,
+                 version: str, on_batch: Callable[[int], None] | None = None) -> int:
+    """Score every batch with ``scorer``'s booster and write the rows to Parquet ``path``.
+
+    Each batch needs ``customer_id`` and the scorer's feature columns (raw values).
+    ``version`` fills ``model_version``; ``on_batch(rows)`` is called after each batch.
+    Returns the number of rows written. ``path`` is written even for zero rows.
+    """
+    fs = scorer.feature_set
+    booster = scorer.booster
+    booster.set_param({"nthread": os.cpu_count() or 1})
+    as_of = _utc(as_of, "as_of")
+    as_of_us = round(as_of.timestamp() * 1_000_000)
+    rows = 0
+    # batch i is written by a second thread while batch i + 1 is scored (both release the GIL)
+    with pq.ParquetWriter(str(path), _WRITE_SCHEMA, compression="snappy", store_schema=False) as writer, \
+            ThreadPoolExecutor(1, thread_name_prefix="churn-score-writer") as pool:
+        pending: Future | None = None
+        for batch in batches:
+            n = batch.num_rows
+            if n == 0:
+                continue
+            x = coerce_batch(fs, batch)
+            prob = np.asarray(booster.inplace_predict(x, predict_type="value", validate_features=False),
+                              dtype="float64").reshape(-1)
+            ids = pc.cast(batch.column("customer_id"), pa.int64())
+            out = pa.RecordBatch.from_arrays([
+                ids, pa.array(prob, pa.float64()), _constant(version, n),
+                pa.array(np.full(n, as_of_us, dtype="int64")).cast(OUTPUT_SCHEMA.field("as_of").type),
+                _constant(fs.hash, n),
+            ], schema=_WRITE_SCHEMA)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(writer.write_batch, out)
+            rows += n
+            if on_batch is not None:
+                on_batch(n)
+        if pending is not None:
+            pending.result()
+    return rows
+
+
+def resolve_model(cfg: ChurnConfig, model_uri: str | None) -> tuple[str, str | None]:
+    """``(model_uri, registered version or None)``; default ``models:/<name>@champion``."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_churn.registry.aliases import CHAMPION
+    from mlflow_churn.registry.aliases import model_uri as alias_uri
+
+    uri = model_uri or alias_uri(cfg.training.model_name, CHAMPION)
+    if not uri.startswith("models:/"):
+        return uri, None
+    ref = uri[len("models:/"):]
+    client = MlflowClient()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return uri, str(client.get_model_version_by_alias(name, alias).version)
+        name, _, tail = ref.partition("/")
+        if tail.isdigit():
+            return uri, tail
+        with warnings.catch_warnings():  # stages are deprecated, still honoured
+            warnings.simplefilter("ignore", FutureWarning)
+            latest = client.get_latest_versions(name, stages=[tail] if tail else None)
+        return uri, str(latest[0].version) if latest else None
+    except MlflowException as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        hint = ("; register a model and set the alias (e.g. `churn train`, then promote it), "
+                "or pass --model-uri") if model_uri is None else ""
+        raise ChurnError(f"cannot resolve model {uri}: {first[:200]}{hint}") from None
+
+
+def _check_feature_set(cfg: ChurnConfig, fs: FeatureSet, uri: str) -> None:
+    """The model's feature set must still be the registry's (same definitions, same hash)."""
+    current = registry_for(cfg).feature_set(fs.name)
+    if current.hash != fs.hash:
+        raise ChurnError(
+            f"model {uri} was trained on feature set '{fs.name}' with hash {fs.hash[:12]}, but the "
+            f"registry's '{fs.name}' now has hash {current.hash[:12]}; retrain the model or restore "
+            "the feature definitions"
+        )
+
+
+def partition_dir(out_dir: Path, as_of: datetime) -> Path:
+    """``<out_dir>/date=YYYY-MM-DD`` for ``as_of`` (UTC)."""
+    return Path(out_dir) / f"date={_utc(as_of, 'as_of').date().isoformat()}"
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move the complete ``tmp`` partition into place, replacing an older one."""
+    old = None
+    if final.exists():
+        old = final.with_name(final.name + f".old-{os.getpid()}")
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def _row_progress(label: str, total_rows: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar counted in rows (batches vary in size); yields ``advance(rows)``."""
+    if not enabled:
+        yield lambda _n: None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from mlflow_churn.cli_common import err_console
+
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed:,.0f}/{task.total:,.0f} rows"), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=err_console) as bar:
+        task = bar.add_task(label, total=max(total_rows, 1))
+        yield lambda n: bar.advance(task, n)
+
+
+def score_batch(
+    cfg: ChurnConfig,
+    as_of: datetime,
+    model_uri: str | None = None,
+    out_dir: Path | str | None = None,
+    engine: Literal["local", "spark"] = "local",
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    progress: bool = False,
+    spark: Any = None,
+) -> ScoreResult:
+    """Score every customer alive at ``as_of`` and write ``<out_dir>/date=<as_of date>/``.
+
+    ``model_uri`` defaults to ``models:/<training.model_name>@champion``; ``out_dir`` to
+    ``<workspace>/scores``. ``engine="spark"`` uses ``mlflow.pyfunc.spark_udf`` on
+    ``spark`` (a SparkSession; default: a ``local[2]`` one started and stopped here).
+    ``progress`` shows a rich progress bar on stderr, counted in rows.
+    """
+    from mlflow_churn.tracking import setup_mlflow
+
+    if engine not in ENGINES:
+        raise ChurnError(f"engine must be one of {', '.join(ENGINES)}, got '{engine}'")
+    as_of = _utc(as_of, "as_of")
+    setup_mlflow(cfg)
+    uri, version = resolve_model(cfg, model_uri)
+    scorer = load_scorer(uri, version)
+    fs = scorer.feature_set
+    _check_feature_set(cfg, fs, uri)
+    label = version or uri
+    out = Path(out_dir) if out_dir else cfg.workspace / "scores"
+    final = partition_dir(out, as_of)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    start = time.perf_counter()
+    try:
+        with stream_features(cfg.data_dir, fs, as_of, batch_rows) as stream:
+            desc = f"scoring {stream.rows:,} customers ({engine}, model {label})"
+            with _row_progress(desc, stream.rows, progress) as tick:
+                if engine == "local":
+                    rows = score_stream(scorer, stream.batches, as_of, tmp / PART_FILE, label, tick)
+                else:
+                    rows = _score_spark(spark, uri, fs, stream.batches, as_of, label, tmp, tick)
+        _replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    return ScoreResult(rows=rows, path=final, version=version, seconds=seconds,
+                       rows_per_second=rows / seconds if seconds > 0 else float("inf"),
+                       model_uri=uri, as_of=as_of, engine=engine, feature_set_hash=fs.hash)
+
+
+# --- Spark --------------------------------------------------------------------------------
+
+def local_spark(master: str = "local[2]") -> Any:
+    """A Spark session for scoring on this machine (UTC, Arrow on, this Python on workers)."""
+    import sys
+
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        raise ChurnError(
+            "engine 'spark' needs pyspark: pip install 'mlflow-churn[spark]' (and Java 17+)"
+        ) from None
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    return (SparkSession.builder.master(master).appName("churn-score")
+            .config("spark.sql.session.timeZone", "UTC")
+            .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+            .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
+            .config("spark.ui.enabled", "false")
+            .config("spark.driver.memory", "1g")
+            .getOrCreate())
+
+
+def _write_model_input(fs: FeatureSet, batches: Iterable[pa.RecordBatch], path: Path,
+                       on_batch: Callable[[int], None] | None) -> int:
+    """Write ``customer_id`` + the pyfunc's input schema (strings, float64) to Parquet."""
+    fields = [("customer_id", pa.int64())] + [
+        (f.full_name, pa.string() if f.dtype == "category" else pa.float64()) for f in fs.features
+    ]
+    schema = pa.schema(fields)
+    rows = 0
+    with pq.ParquetWriter(str(path), schema) as writer:
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            cols = [pc.cast(batch.column(name), typ) for name, typ in fields]
+            writer.write_batch(pa.RecordBatch.from_arrays(cols, schema=schema))
+            rows += batch.num_rows
+            if on_batch is not None:
+                on_batch(batch.num_rows)
+    return rows
+
+
+def _score_spark(spark: Any, uri: str, fs: FeatureSet, batches: Iterable[pa.RecordBatch],
+                 as_of: datetime, version: str, out: Path,
+                 on_batch: Callable[[int], None] | None) -> int:
+    """Stage the features as Parquet, score them with ``spark_udf``, write ``out``."""
+    staging = Path(tempfile.mkdtemp(prefix="churn-spark-input-"))
+    own = spark is None
+    try:
+        rows = _write_model_input(fs, batches, staging / "features.parquet", on_batch)
+        if own:
+            spark = local_spark()
+        score_parquet_spark(spark, uri, fs, str(staging / "features.parquet"), as_of, version, str(out))
+        return rows
+    finally:
+        if own and spark is not None:
+            spark.stop()
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def score_parquet_spark(spark: Any, model_uri: str, fs: FeatureSet, features_path: str,
+                        as_of: datetime, version: str, out: str) -> None:
+    """Score the model-input Parquet at ``features_path`` with ``mlflow.pyfunc.spark_udf``
+    and write Parquet with the batch output columns to the directory ``out``."""
+    import mlflow.pyfunc
+    from pyspark.sql import functions as F
+
+    udf = mlflow.pyfunc.spark_udf(spark, model_uri, result_type="double", env_manager="local")
+    frame = spark.read.parquet(features_path)
+    as_of = _utc(as_of, "as_of")
+    scored = frame.select(
+        F.col("customer_id").cast("long").alias("customer_id"),
+        udf(*[F.col(c) for c in fs.columns]).alias("churn_probability"),
+        F.lit(version).alias("model_version"),
+        F.lit(as_of).cast("timestamp").alias("as_of"),  # aware datetime: converted as UTC
+        F.lit(fs.hash).alias("feature_set_hash"),
+    )
+    scored.write.mode("overwrite").parquet(out)
+
+
+def read_scores(out_dir: Path | str, as_of: datetime | None = None) -> pd.DataFrame:
+    """Scores written by :func:`score_batch` (one day when ``as_of`` is given), any engine."""
+    path = partition_dir(Path(out_dir), as_of) if as_of is not None else Path(out_dir)
+    if not path.exists():
+        raise ChurnError(f"no scores at {path}; run `churn score` first")
+    table = pq.read_table(str(path), schema=OUTPUT_SCHEMA if as_of is not None else None)
+    return table.to_pandas()

@@ -1,0 +1,67 @@
+"""`churn score`: batch-score every customer at one date into date-partitioned Parquet."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+from rich.table import Table
+
+from mlflow_churn.cli_common import console, get_config, opt_str, parse_datetime
+from mlflow_churn.errors import ChurnError
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``churn score`` to ``app``."""
+
+    @app.command()
+    def score(
+        ctx: typer.Context,
+        as_of: str = typer.Option(
+            None, "--as-of", help="Score at this instant, ISO date/time UTC (default: the newest data)."
+        ),
+        engine: str = typer.Option("local", help="local (Arrow batches, all cores) or spark (spark_udf)."),
+        model_uri: str = typer.Option(
+            None, "--model-uri", help="MLflow model URI (default: models:/<training.model_name>@champion)."
+        ),
+        out: str = typer.Option(None, "--out", help="Output directory (default: <workspace>/scores)."),
+        batch_rows: int = typer.Option(None, "--batch-rows", help="Rows per Arrow batch (default 131072)."),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    ) -> None:
+        """Score every customer alive at --as-of from the offline features; write Parquet
+        <out>/date=YYYY-MM-DD/ (customer_id, churn_probability, model_version, as_of,
+        feature_set_hash)."""
+        from mlflow_churn.features.offline import data_bounds
+        from mlflow_churn.serving.batch import DEFAULT_BATCH_ROWS, ENGINES, score_batch
+
+        cfg = get_config(ctx)
+        if engine not in ENGINES:
+            raise ChurnError(f"--engine must be one of {', '.join(ENGINES)}, got '{engine}'")
+        if batch_rows is not None and batch_rows < 1:
+            raise ChurnError(f"--batch-rows must be >= 1, got {batch_rows}")
+        when = (parse_datetime(as_of, "--as-of") if opt_str(as_of)
+                else data_bounds(cfg.data_dir).last_event)
+        result = score_batch(cfg, when, model_uri=opt_str(model_uri), out_dir=opt_str(out),
+                             engine=engine, batch_rows=batch_rows or DEFAULT_BATCH_ROWS,
+                             progress=progress)
+        table = Table(title=f"churn score: {result.engine} engine")
+        table.add_column("as_of")
+        table.add_column("model")
+        table.add_column("rows", justify="right")
+        table.add_column("seconds", justify="right")
+        table.add_column("rows/s", justify="right")
+        table.add_column("path")
+        table.add_row(result.as_of.isoformat(), f"{result.model_uri} (v{result.version})",
+                      f"{result.rows:,}", f"{result.seconds:.2f}", f"{result.rows_per_second:,.0f}",
+                      str(result.path))
+        console.print(table)
+        if os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run . -e score`: log into that run
+            import mlflow
+
+            with mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"]):
+                mlflow.log_params({"as_of": result.as_of.isoformat(), "engine": result.engine,
+                                   "model_uri": result.model_uri, "model_version": result.version,
+                                   "feature_set_hash": result.feature_set_hash,
+                                   "output": str(result.path)})
+                mlflow.log_metrics({"rows": result.rows, "seconds": result.seconds,
+                                    "rows_per_second": result.rows_per_second})

@@ -1,0 +1,552 @@
+"""Live canary analysis from the prediction log, and the promote / rollback transitions.
+
+:func:`evaluate_canary` compares the canary with the champion on the traffic they served
+(rows of the prediction log with ``as_of`` in ``[since, as_of]``, each route restricted
+to the version its alias points at now):
+
+- error rate (rows with status ``error`` / all rows of the route), p99 latency (ms);
+- the PSI of the canary's score distribution against the champion's
+  (:func:`mlflow_churn.monitoring.drift.psi`, champion = reference);
+- once labels have matured (``churn_events`` of the data, horizon
+  ``features.label_horizon_days``, :func:`~mlflow_churn.serving.prediction_log.attach_labels`)
+  AUC and recall@k per route (:func:`mlflow_churn.evaluation.metrics.classification_metrics`).
+
+Verdict: ``wait`` until the canary has ``serving.min_canary_samples`` scored rows; then
+``rollback`` if its error rate > ``max_error_rate``, p99 > ``max_p99_ms``, score PSI >
+``max_score_psi``, or (with at least ``min_canary_samples`` labelled rows on both routes)
+AUC below the champion's by more than ``max_auc_drop`` or recall@k by more than
+``evaluation.recall_tolerance`` (each widened to 2.326 standard errors of the difference:
+the routes score disjoint random customers, so small samples differ by chance); else
+``promote``.
+
+:func:`promote` moves ``champion`` to the canary version, ``previous-champion`` to the old
+champion and removes ``canary``; :func:`rollback` removes ``canary`` and tags the version
+with the reason. Both run under a cross-process lock (a PostgreSQL advisory lock when the
+tracking store is PostgreSQL, else ``fcntl`` on ``<workspace>/locks/registry-<model>.lock``)
+and re-read the aliases after taking it, so of two concurrent promotions one acts and the
+other is a no-op ("already promoted"). Every evaluation and transition is an MLflow run
+(tags ``decision``, metrics, params and ``decision.json``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from mlflow_churn.config import ChurnConfig
+from mlflow_churn.errors import ChurnError
+from mlflow_churn.registry.aliases import (
+    CANARY,
+    CHAMPION,
+    PREVIOUS_CHAMPION,
+    alias_version,
+    aliases_of,
+    move_alias,
+    remove_alias,
+)
+from mlflow_churn.serving.prediction_log import PredictionLog, attach_labels
+from mlflow_churn.tracking import setup_mlflow
+
+ROUTES = ("champion", "canary")
+
+
+@dataclass
+class RouteStats:
+    """What one route served: counts, errors, latency, score summary, labelled metrics."""
+
+    route: str
+    version: str | None
+    rows: int = 0
+    scored: int = 0
+    not_found: int = 0
+    errors: int = 0
+    error_rate: float = float("nan")
+    p50_latency_ms: float = float("nan")
+    p99_latency_ms: float = float("nan")
+    mean_score: float = float("nan")
+    labelled: int = 0
+    positives: int = 0
+    auc: float = float("nan")
+    recall_at_k: float = float("nan")
+
+
+@dataclass
+class CanaryEvaluation:
+    """The verdict (promote | rollback | wait), why, and the evidence."""
+
+    verdict: str
+    reasons: list[str]
+    model_name: str
+    champion_version: str | None
+    canary_version: str | None
+    as_of: datetime
+    since: datetime | None
+    routes: dict[str, RouteStats]
+    score_psi: float = float("nan")
+    run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["as_of"] = self.as_of.isoformat()
+        out["since"] = self.since.isoformat() if self.since else None
+        return _jsonable(out)
+
+
+@dataclass
+class TransitionResult:
+    """What a promote / rollback did (``noop`` when another process already did it)."""
+
+    action: str  # promote | rollback
+    noop: bool
+    message: str
+    model_name: str
+    version: str | None
+    before: dict[str, str]
+    after: dict[str, str]
+    reason: str
+    run_id: str | None = None
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+@dataclass
+class CanaryStatus:
+    """Aliases and the traffic logged per route and version."""
+
+    model_name: str
+    aliases: dict[str, str]
+    canary_fraction: float
+    logged: dict[str, int]  # "route/version" -> rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    return obj
+
+
+def _aliases(client: MlflowClient, name: str) -> dict[str, str]:
+    """Alias -> version number as a string (the registry may hand out ints)."""
+    return {a: str(v) for a, v in aliases_of(client, name).items()}
+
+
+def _client(cfg: ChurnConfig) -> MlflowClient:
+    setup_mlflow(cfg)
+    uri = cfg.mlflow_tracking_uri
+    return MlflowClient(uri, uri)
+
+
+def _utc(ts: datetime) -> datetime:
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def canary_status(cfg: ChurnConfig) -> CanaryStatus:
+    """Aliases of the configured model and the rows logged per route/version."""
+    client = _client(cfg)
+    name = cfg.training.model_name
+    log = PredictionLog(cfg.prediction_log_url)
+    try:
+        frame = log.read()
+    finally:
+        log.close()
+    logged: dict[str, int] = {}
+    if len(frame):
+        for (r, v), n in frame.groupby(["route", "model_version"]).size().items():
+            logged[f"{r}/v{v}"] = int(n)
+    return CanaryStatus(name, _aliases(client, name), cfg.serving.canary_fraction, logged)
+
+
+# --------------------------------------------------------------------------- evaluation
+def _route_stats(route: str, version: str | None, rows: pd.DataFrame) -> RouteStats:
+    st = RouteStats(route, version, rows=len(rows))
+    if not len(rows):
+        return st
+    ok = rows[rows["status"] == "ok"]
+    st.scored = len(ok)
+    st.not_found = int((rows["status"] == "not_found").sum())
+    st.errors = int((rows["status"] == "error").sum())
+    st.error_rate = st.errors / len(rows)
+    lat = rows["latency_ms"].dropna().to_numpy(dtype="float64")
+    if lat.size:
+        st.p50_latency_ms = float(np.percentile(lat, 50))
+        st.p99_latency_ms = float(np.percentile(lat, 99))
+    if len(ok):
+        st.mean_score = float(ok["score"].mean())
+    return st
+
+
+def _churn_events(cfg: ChurnConfig) -> pd.DataFrame | None:
+    path = cfg.data_dir / "churn_events.parquet"
+    if not path.is_file():
+        return None
+    events = pd.read_parquet(path, columns=["customer_id", "event_timestamp"])
+    events["event_timestamp"] = pd.to_datetime(events["event_timestamp"], utc=True)
+    return events
+
+
+def evaluate_canary(
+    cfg: ChurnConfig,
+    as_of: datetime,
+    since: datetime | None = None,
+    churn_events: pd.DataFrame | None = None,
+    log_run: bool = True,
+) -> CanaryEvaluation:
+    """Compare canary and champion on the logged traffic of ``[since, as_of]``.
+
+    ``as_of`` (tz-aware UTC) also decides which predictions have matured labels;
+    ``churn_events`` defaults to ``<data_dir>/churn_events.parquet`` (no labels when
+    absent). ``log_run`` records the evaluation as an MLflow run with ``decision.json``.
+    """
+    as_of = _utc(as_of)
+    since = _utc(since) if since else None
+    sv = cfg.serving
+    client = _client(cfg)
+    name = cfg.training.model_name
+    versions = {r: (str(mv.version) if (mv := alias_version(client, name, r)) else None) for r in ROUTES}
+    log = PredictionLog(cfg.prediction_log_url)
+    try:
+        frame = log.read(since=since, until=as_of + timedelta(microseconds=1))  # as_of inclusive
+    finally:
+        log.close()
+    per_route = {r: frame[(frame["route"] == r) & (frame["model_version"] == versions[r])] if versions[r]
+                 else frame.iloc[0:0] for r in ROUTES}
+    stats = {r: _route_stats(r, versions[r], per_route[r]) for r in ROUTES}
+    reasons: list[str] = []
+    score_psi = float("nan")
+    champ_scores = per_route["champion"].loc[per_route["champion"]["status"] == "ok", "score"].to_numpy(float)
+    canary_scores = per_route["canary"].loc[per_route["canary"]["status"] == "ok", "score"].to_numpy(float)
+    if champ_scores.size and canary_scores.size:
+        from mlflow_churn.monitoring.drift import psi
+
+        score_psi = psi(champ_scores, canary_scores, bins=cfg.monitoring.bins,
+                        epsilon=cfg.monitoring.psi_epsilon)
+    events = churn_events if churn_events is not None else _churn_events(cfg)
+    if events is not None and len(frame):
+        from mlflow_churn.evaluation.metrics import classification_metrics
+
+        horizon = cfg.features.label_horizon_days
+        for r in ROUTES:
+            ok = per_route[r][(per_route[r]["status"] == "ok") & (per_route[r]["customer_id"] >= 0)]
+            labelled = attach_labels(ok, events, horizon, as_of) if len(ok) else ok
+            st = stats[r]
+            st.labelled = len(labelled)
+            if st.labelled:
+                st.positives = int(labelled["label"].sum())
+                m = classification_metrics(labelled["label"].to_numpy(), labelled["score"].to_numpy(float),
+                                           cfg.evaluation)
+                st.auc, st.recall_at_k = float(m["roc_auc"]), float(m["recall_at_k"])
+    champ, can = stats["champion"], stats["canary"]
+    if versions["canary"] is None:
+        verdict = "wait"
+        reasons.append(f"no version of '{name}' has alias canary")
+    elif can.rows < sv.min_canary_samples:
+        verdict = "wait"
+        reasons.append(f"canary version {versions['canary']} has {can.rows} logged predictions; "
+                       f"a verdict needs serving.min_canary_samples={sv.min_canary_samples}")
+    else:
+        if can.error_rate > sv.max_error_rate:
+            reasons.append(f"canary error rate {can.error_rate:.4f} > serving.max_error_rate "
+                           f"{sv.max_error_rate}")
+        if can.p99_latency_ms > sv.max_p99_ms:
+            reasons.append(f"canary p99 latency {can.p99_latency_ms:.1f} ms > serving.max_p99_ms "
+                           f"{sv.max_p99_ms}")
+        if math.isfinite(score_psi) and score_psi > sv.max_score_psi:
+            reasons.append(f"score PSI canary vs champion {score_psi:.3f} > serving.max_score_psi "
+                           f"{sv.max_score_psi}")
+        labelled_enough = min(champ.labelled, can.labelled) >= sv.min_canary_samples
+        if labelled_enough and math.isfinite(champ.auc) and math.isfinite(can.auc):
+            auc_limit, recall_limit = _performance_limits(cfg, champ, can)
+            if can.auc < champ.auc - auc_limit:
+                reasons.append(f"canary AUC {can.auc:.4f} < champion {champ.auc:.4f} - {auc_limit:.4f} "
+                               f"(max of serving.max_auc_drop {sv.max_auc_drop} and the sampling noise)")
+            if can.recall_at_k < champ.recall_at_k - recall_limit:
+                reasons.append(f"canary recall@k {can.recall_at_k:.4f} < champion {champ.recall_at_k:.4f} "
+                               f"- {recall_limit:.4f} (max of evaluation.recall_tolerance "
+                               f"{cfg.evaluation.recall_tolerance} and the sampling noise)")
+        verdict = "rollback" if reasons else "promote"
+        if verdict == "promote":
+            reasons.append(f"canary version {versions['canary']} within every limit on {can.rows} "
+                           "predictions")
+            if not labelled_enough:
+                reasons.append(f"labels: {can.labelled} canary / {champ.labelled} champion predictions have "
+                               "matured; performance not compared yet (operational checks only)")
+    result = CanaryEvaluation(verdict, reasons, name, versions["champion"], versions["canary"], as_of,
+                              since, stats, score_psi)
+    if log_run:
+        with decision_run(cfg, f"canary-evaluate v{versions['canary']}") as run:
+            mlflow.set_tags({"decision": verdict, "kind": "canary-evaluate", "model_name": name,
+                             "champion_version": str(versions["champion"]),
+                             "canary_version": str(versions["canary"])})
+            mlflow.log_params({"as_of": as_of.isoformat(), "since": since.isoformat() if since else "",
+                               "min_canary_samples": sv.min_canary_samples,
+                               "max_error_rate": sv.max_error_rate, "max_p99_ms": sv.max_p99_ms,
+                               "max_score_psi": sv.max_score_psi, "max_auc_drop": sv.max_auc_drop})
+            mlflow.log_metrics(_metrics_of(result))
+            log_json(result.to_dict(), "decision.json")
+            result.run_id = run.info.run_id
+    return result
+
+
+#: one-sided z of the noise allowance (~1 %, as monitoring uses): a drop smaller than z x its
+#: standard error between two disjoint random sets of customers is not evidence against the canary
+NOISE_Z = 2.326
+
+
+def _performance_limits(cfg: ChurnConfig, champ: RouteStats, can: RouteStats) -> tuple[float, float]:
+    """Allowed AUC and recall@k drops of the canary: the configured tolerance, widened to
+    NOISE_Z standard errors of the difference (Hanley-McNeil for AUC, binomial for recall)
+    when the labelled samples are small (the two routes see different customers)."""
+    from mlflow_churn.monitoring.performance import auc_standard_error
+
+    se_auc = math.hypot(*(auc_standard_error(st.auc, st.positives, st.labelled - st.positives)
+                          for st in (champ, can)))
+    se_recall = math.hypot(*(math.sqrt(max(st.recall_at_k * (1 - st.recall_at_k), 0.0) / st.positives)
+                             if st.positives and math.isfinite(st.recall_at_k) else 0.0
+                             for st in (champ, can)))
+    auc_limit = max(cfg.serving.max_auc_drop, NOISE_Z * se_auc if math.isfinite(se_auc) else 0.0)
+    return auc_limit, max(cfg.evaluation.recall_tolerance, NOISE_Z * se_recall)
+
+
+def _metrics_of(ev: CanaryEvaluation) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if math.isfinite(ev.score_psi):
+        out["score_psi"] = ev.score_psi
+    for r, st in ev.routes.items():
+        for key in ("rows", "errors", "error_rate", "p50_latency_ms", "p99_latency_ms", "mean_score",
+                    "labelled", "auc", "recall_at_k"):
+            value = float(getattr(st, key))
+            if math.isfinite(value):
+                out[f"{r}_{key}"] = value
+    return out
+
+
+# --------------------------------------------------------------------------- runs, locks
+@contextmanager
+def decision_run(cfg: ChurnConfig, run_name: str) -> Iterator[Any]:
+    """An MLflow run for one decision; nested in the ``mlflow run`` project run when set."""
+    setup_mlflow(cfg)
+    parent = os.environ.get("MLFLOW_RUN_ID")
+    if parent and mlflow.active_run() is None:
+        # the decision run lives next to its parent (the `mlflow run` project run)
+        mlflow.set_experiment(experiment_id=MlflowClient().get_run(parent).info.experiment_id)
+        with mlflow.start_run(run_id=parent), mlflow.start_run(run_name=run_name, nested=True) as run:
+            yield run
+        return
+    with mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None) as run:
+        yield run
+
+
+def log_json(data: dict[str, Any], name: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(data, indent=2, sort_keys=True))
+        mlflow.log_artifact(str(path))
+
+
+def _pg_url(uri: str) -> str | None:
+    for prefix in ("postgresql+psycopg2://", "postgresql+psycopg://", "postgresql://", "postgres://"):
+        if uri.startswith(prefix):
+            return "postgresql://" + uri[len(prefix):]
+    return None
+
+
+@contextmanager
+def registry_lock(cfg: ChurnConfig, timeout_s: float = 120.0) -> Iterator[str]:
+    """Hold the cross-process lock of the model's aliases; yields a description of it.
+
+    PostgreSQL tracking store: ``pg_advisory_lock`` on a key derived from the model name
+    (every machine using that store is serialised); otherwise an exclusive ``fcntl`` lock
+    on ``<workspace>/locks/registry-<model>.lock`` (processes sharing the workspace).
+    """
+    name = cfg.training.model_name
+    pg = _pg_url(cfg.mlflow_tracking_uri)
+    if pg:
+        import psycopg2
+
+        key = int.from_bytes(hashlib.blake2b(f"mlflow-churn:{name}".encode(), digest_size=8).digest(),
+                             "big", signed=True)
+        con = psycopg2.connect(pg)
+        con.autocommit = True
+        try:
+            with con.cursor() as cur:
+                cur.execute("SET lock_timeout = %s", (f"{int(timeout_s * 1000)}ms",))
+                cur.execute("SELECT pg_advisory_lock(%s)", (key,))
+            try:
+                yield f"pg_advisory_lock({key})"
+            finally:
+                with con.cursor() as cur:
+                    cur.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        finally:
+            con.close()
+        return
+    lock_dir = cfg.workspace / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    path = lock_dir / f"registry-{''.join(c if c.isalnum() or c in '-_' else '_' for c in name)}.lock"
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield f"flock({path})"
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- transitions
+def promote(cfg: ChurnConfig, reason: str, version: str | None = None,
+            evidence: CanaryEvaluation | None = None) -> TransitionResult:
+    """Make the canary the champion (old champion -> ``previous-champion``; canary removed).
+
+    ``version``: the canary version the caller saw; when another process promoted it
+    already, this is a no-op. Raises ChurnError when there is no canary to promote.
+    """
+    client = _client(cfg)
+    name = cfg.training.model_name
+    mirror = cfg.evaluation.mirror_stages
+    with registry_lock(cfg) as lock:
+        before = _aliases(client, name)  # re-read under the lock
+        canary = before.get(CANARY)
+        if canary is None or (version is not None and str(version) != canary):
+            if version is not None and before.get(CHAMPION) == str(version):
+                return _noop(cfg, "promote", name, str(version), before, reason,
+                             f"already promoted: version {version} is the champion of '{name}'")
+            if canary is None:
+                raise ChurnError(f"'{name}' has no canary to promote (aliases: {before or 'none'}); "
+                                 "pass a challenger through `churn evaluate` first")
+            raise ChurnError(f"version {version} is not the canary of '{name}' (canary is {canary}); "
+                             "check --version")
+        old = before.get(CHAMPION)
+        with decision_run(cfg, f"promote v{canary}") as run:
+            move_alias(client, name, CHAMPION, canary, mirror)
+            if old is not None and old != canary:
+                move_alias(client, name, PREVIOUS_CHAMPION, old, mirror)
+            client.delete_registered_model_alias(name, CANARY)  # champion owns the stage now
+            after = _aliases(client, name)
+            stamp = datetime.now(UTC).isoformat()
+            for key, value in {"promoted_at": stamp, "promote_reason": reason[:500],
+                               "promote_run_id": run.info.run_id}.items():
+                client.set_model_version_tag(name, canary, key, value)
+            if old is not None and old != canary:
+                client.set_model_version_tag(name, old, "replaced_by", canary)
+            result = TransitionResult("promote", False,
+                                      f"version {canary} is now champion of '{name}'"
+                                      + (f"; version {old} is previous-champion" if old else ""),
+                                      name, canary, before, after, reason, run.info.run_id,
+                                      evidence.to_dict() if evidence else {})
+            _log_transition(result, lock)
+        return result
+
+
+def rollback(cfg: ChurnConfig, reason: str, version: str | None = None,
+             evidence: CanaryEvaluation | None = None) -> TransitionResult:
+    """Remove ``canary`` and tag its version with ``reason`` (champion untouched).
+
+    ``version``: the canary version the caller saw; a no-op when it was already rolled
+    back or promoted by another process. Raises ChurnError when there is no canary.
+    """
+    client = _client(cfg)
+    name = cfg.training.model_name
+    with registry_lock(cfg) as lock:
+        before = _aliases(client, name)
+        canary = before.get(CANARY)
+        if canary is None or (version is not None and str(version) != canary):
+            if version is not None:
+                mv = client.get_model_version(name, str(version))
+                if mv.tags.get("rolled_back") == "true":
+                    return _noop(cfg, "rollback", name, str(version), before, reason,
+                                 f"already rolled back: version {version} ({mv.tags.get('rollback_reason')})")
+                if before.get(CHAMPION) == str(version):
+                    raise ChurnError(f"version {version} was promoted to champion already; to undo, move "
+                                     "champion back to previous-champion")
+            if canary is None:
+                raise ChurnError(f"'{name}' has no canary to roll back (aliases: {before or 'none'})")
+            raise ChurnError(f"version {version} is not the canary of '{name}' (canary is {canary})")
+        with decision_run(cfg, f"rollback v{canary}") as run:
+            remove_alias(client, name, CANARY, cfg.evaluation.mirror_stages)
+            for key, value in {"rolled_back": "true", "rollback_reason": reason[:500],
+                               "rolled_back_at": datetime.now(UTC).isoformat(),
+                               "rollback_run_id": run.info.run_id}.items():
+                client.set_model_version_tag(name, canary, key, value)
+            after = _aliases(client, name)
+            result = TransitionResult("rollback", False, f"canary version {canary} of '{name}' rolled back",
+                                      name, canary, before, after, reason, run.info.run_id,
+                                      evidence.to_dict() if evidence else {})
+            _log_transition(result, lock)
+        return result
+
+
+def _log_transition(result: TransitionResult, lock: str) -> None:
+    mlflow.set_tags({"decision": {"promote": "promoted", "rollback": "rolled_back"}[result.action],
+                     "kind": f"canary-{result.action}", "model_name": result.model_name,
+                     "version": str(result.version), "lock": lock})
+    mlflow.log_params({"reason": result.reason[:500], "version": result.version,
+                       "champion_before": result.before.get(CHAMPION, ""),
+                       "canary_before": result.before.get(CANARY, ""),
+                       "champion_after": result.after.get(CHAMPION, "")})
+    ev = result.evidence
+    if ev:
+        mlflow.log_metrics({k: float(v) for k, v in _flat_numbers(ev).items()})
+    log_json(result.to_dict(), "decision.json")
+
+
+def _flat_numbers(ev: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if isinstance(ev.get("score_psi"), int | float):
+        out["score_psi"] = float(ev["score_psi"])
+    for r, st in (ev.get("routes") or {}).items():
+        for key in ("rows", "error_rate", "p99_latency_ms", "auc", "recall_at_k"):
+            v = st.get(key)
+            if isinstance(v, int | float) and math.isfinite(float(v)):
+                out[f"{r}_{key}"] = float(v)
+    return out
+
+
+def _noop(cfg: ChurnConfig, action: str, name: str, version: str, before: dict[str, str],
+          reason: str, message: str) -> TransitionResult:
+    """Record a transition that another process already made (decision ``noop``)."""
+    with decision_run(cfg, f"{action} v{version} (no-op)") as run:
+        result = TransitionResult(action, True, message, name, version, before, before, reason,
+                                  run.info.run_id)
+        mlflow.set_tags({"decision": "noop", "kind": f"canary-{action}", "model_name": name,
+                         "version": version})
+        mlflow.log_params({"reason": reason[:500], "version": version})
+        log_json(result.to_dict(), "decision.json")
+    return result
+
+
+def auto(cfg: ChurnConfig, as_of: datetime, since: datetime | None = None,
+         reason: str | None = None) -> tuple[CanaryEvaluation, TransitionResult | None]:
+    """Evaluate, then promote / roll back on the verdict (nothing on ``wait``)."""
+    ev = evaluate_canary(cfg, as_of, since)
+    why = (reason + ": " if reason else "") + "; ".join(ev.reasons)
+    if ev.verdict == "promote":
+        return ev, promote(cfg, f"auto: {why}", version=ev.canary_version, evidence=ev)
+    if ev.verdict == "rollback":
+        return ev, rollback(cfg, f"auto: {why}", version=ev.canary_version, evidence=ev)
+    return ev, None

@@ -1,0 +1,218 @@
+"""`churn serve`, `churn canary status|evaluate|auto|promote|rollback`, `churn compress`."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import typer
+from rich.table import Table
+
+from mlflow_churn.cli_common import console, get_config, opt_str, parse_datetime
+from mlflow_churn.config import ChurnConfig
+from mlflow_churn.errors import ChurnError
+
+canary_app = typer.Typer(help="Canary analysis and transitions: status, evaluate, promote, rollback.",
+                         no_args_is_help=True)
+
+_AS_OF = typer.Option(None, "--as-of", help="Evaluation time, ISO UTC (default: the data's newest event).")
+_SINCE = typer.Option(None, "--since", help="Only predictions with as_of at or after this time (ISO UTC).")
+_REASON = typer.Option("", "--reason", help="Why (recorded on the run and the version).")
+_VERSION = typer.Option(None, "--version", help="The canary version you expect; a no-op if already done.")
+_JSON = typer.Option(False, "--json", help="Print the result as JSON.")
+
+
+def _as_of(cfg: ChurnConfig, value: str | None) -> datetime:
+    if opt_str(value):
+        return parse_datetime(value, "--as-of")
+    from mlflow_churn.features.offline import data_bounds
+
+    try:
+        return data_bounds(cfg.data_dir).last_event
+    except ChurnError as exc:
+        raise ChurnError(f"{exc}; or pass --as-of") from None
+
+
+def _num(value: float) -> str:
+    return "-" if value != value else f"{value:.4g}"  # NaN -> '-'
+
+
+def _print_evaluation(ev: object) -> None:
+    from mlflow_churn.serving.canary import CanaryEvaluation
+
+    assert isinstance(ev, CanaryEvaluation)
+    table = Table(title=f"canary evaluation of '{ev.model_name}' at {ev.as_of.isoformat()}")
+    for col in ("route", "version", "rows", "errors", "error rate", "p99 ms", "mean score", "labelled",
+                "AUC", "recall@k"):
+        table.add_column(col, justify="left" if col == "route" else "right")
+    for st in ev.routes.values():
+        table.add_row(st.route, str(st.version or "-"), str(st.rows), str(st.errors), _num(st.error_rate),
+                      _num(st.p99_latency_ms), _num(st.mean_score), str(st.labelled), _num(st.auc),
+                      _num(st.recall_at_k))
+    console.print(table)
+    console.print(f"score PSI canary vs champion: {_num(ev.score_psi)}")
+    console.print(f"verdict: [bold]{ev.verdict}[/bold]")
+    for r in ev.reasons:
+        console.print(f"  - {r}")
+    if ev.run_id:
+        console.print(f"run: {ev.run_id}")
+
+
+def _print_transition(res: object) -> None:
+    from mlflow_churn.serving.canary import TransitionResult
+
+    assert isinstance(res, TransitionResult)
+    console.print(f"{res.action}{' (no-op)' if res.noop else ''}: {res.message}")
+    console.print(f"aliases before: {res.before}  after: {res.after}")
+    if res.run_id:
+        console.print(f"run: {res.run_id}")
+
+
+@canary_app.command("status")
+def canary_status_cmd(ctx: typer.Context, as_json: bool = _JSON) -> None:
+    """Aliases of the model and the predictions logged per route and version."""
+    from mlflow_churn.serving.canary import canary_status
+
+    st = canary_status(get_config(ctx))
+    if as_json:
+        typer.echo(json.dumps(st.to_dict(), indent=2))
+        return
+    console.print(f"model '{st.model_name}', canary fraction {st.canary_fraction}")
+    console.print("aliases: " + (", ".join(f"{a}=v{v}" for a, v in sorted(st.aliases.items())) or "none"))
+    logged = ", ".join(f"{k}: {n}" for k, n in sorted(st.logged.items()))
+    console.print("logged: " + (logged or "nothing yet"))
+
+
+def _evaluate(ctx: typer.Context, as_of: str | None, since: str | None, reason: str, as_json: bool,
+              act: bool) -> None:
+    from mlflow_churn.serving.canary import auto, evaluate_canary
+
+    cfg = get_config(ctx)
+    when = _as_of(cfg, as_of)
+    start = parse_datetime(since, "--since") if opt_str(since) else None
+    if act:
+        ev, res = auto(cfg, when, start, opt_str(reason))
+    else:
+        ev, res = evaluate_canary(cfg, when, start), None
+    if as_json:
+        typer.echo(json.dumps({"evaluation": ev.to_dict(), "transition": res.to_dict() if res else None},
+                              indent=2))
+        return
+    _print_evaluation(ev)
+    if res is not None:
+        _print_transition(res)
+    elif act:
+        console.print("auto: waiting (no transition)")
+
+
+@canary_app.command("evaluate")
+def canary_evaluate_cmd(
+    ctx: typer.Context, as_of: str = _AS_OF, since: str = _SINCE, reason: str = _REASON,
+    auto_mode: bool = typer.Option(False, "--auto", help="Then promote / roll back on the verdict."),
+    as_json: bool = _JSON,
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Accepted for MLproject."),
+) -> None:
+    """Compare canary and champion on logged traffic: verdict promote | rollback | wait."""
+    _evaluate(ctx, as_of, since, reason, as_json, auto_mode)
+
+
+@canary_app.command("auto")
+def canary_auto_cmd(
+    ctx: typer.Context, as_of: str = _AS_OF, since: str = _SINCE, reason: str = _REASON,
+    as_json: bool = _JSON,
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Accepted for MLproject."),
+) -> None:
+    """Same as `evaluate --auto`: evaluate, then promote / roll back / wait."""
+    _evaluate(ctx, as_of, since, reason, as_json, True)
+
+
+def _transition(ctx: typer.Context, action: str, reason: str, version: str | None, as_of: str | None,
+                since: str | None, as_json: bool) -> None:
+    from mlflow_churn.serving.canary import evaluate_canary, promote, rollback
+
+    cfg = get_config(ctx)
+    if not opt_str(reason):
+        raise ChurnError(f"`churn canary {action}` needs --reason TEXT (it is recorded on the version)")
+    evidence = None
+    if opt_str(as_of):  # attach the live evidence at that time to the transition run
+        start = parse_datetime(since, "--since") if opt_str(since) else None
+        evidence = evaluate_canary(cfg, _as_of(cfg, as_of), start, log_run=False)
+    fn = promote if action == "promote" else rollback
+    res = fn(cfg, reason, version=opt_str(version), evidence=evidence)
+    if as_json:
+        typer.echo(json.dumps(res.to_dict(), indent=2))
+    else:
+        _print_transition(res)
+
+
+@canary_app.command("promote")
+def canary_promote_cmd(
+    ctx: typer.Context, reason: str = _REASON, version: str = _VERSION,
+    as_of: str = typer.Option(None, "--as-of", help="Attach the canary evidence at this time (ISO UTC)."),
+    since: str = _SINCE, as_json: bool = _JSON,
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Accepted for MLproject."),
+) -> None:
+    """champion -> the canary version; old champion -> previous-champion; canary removed."""
+    _transition(ctx, "promote", reason, version, as_of, since, as_json)
+
+
+@canary_app.command("rollback")
+def canary_rollback_cmd(
+    ctx: typer.Context, reason: str = _REASON, version: str = _VERSION,
+    as_of: str = typer.Option(None, "--as-of", help="Attach the canary evidence at this time (ISO UTC)."),
+    since: str = _SINCE, as_json: bool = _JSON,
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Accepted for MLproject."),
+) -> None:
+    """Remove alias canary and tag its version with the reason (champion untouched)."""
+    _transition(ctx, "rollback", reason, version, as_of, since, as_json)
+
+
+def serve_cmd(
+    ctx: typer.Context,
+    host: str = typer.Option(None, "--host", help="Bind address [serving.host]."),
+    port: int = typer.Option(None, "--port", help="Port [serving.port]."),
+    canary_fraction: float = typer.Option(None, "--canary-fraction", help="[serving.canary_fraction]"),
+    admin_token: str = typer.Option(None, "--admin-token", envvar="CHURN_ADMIN_TOKEN",
+                                    help="Bearer token of the admin endpoints [serving.admin_token]."),
+) -> None:
+    """Online scoring: POST /predict (champion + canary, sticky split), /health, /ready, /metrics."""
+    from mlflow_churn.serving.app import serve
+
+    cfg = get_config(ctx, {"serving.host": opt_str(host), "serving.port": port,
+                           "serving.canary_fraction": canary_fraction,
+                           "serving.admin_token": opt_str(admin_token)})
+    console.print(f"serving '{cfg.training.model_name}' (canary {cfg.serving.canary_fraction:.0%}) "
+                  f"on http://{cfg.serving.host}:{cfg.serving.port}; prediction log {cfg.prediction_log_url}")
+    serve(cfg)
+
+
+def compress_cmd(
+    ctx: typer.Context,
+    version: str = typer.Option(..., "--version", help="Registered version to prune."),
+    budget: float = typer.Option(None, "--budget", help="Allowed AUC loss [serving.auc_loss_budget]."),
+    as_of: str = typer.Option(None, "--as-of", help="Labels known up to (ISO UTC; default newest data)."),
+    alias: str = typer.Option(None, "--alias", help="Point this alias (e.g. challenger) at the new version."),
+    as_json: bool = _JSON,
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Accepted for MLproject."),
+) -> None:
+    """Register the fewest-trees copy of a version whose holdout AUC is within the budget."""
+    from mlflow_churn.serving.compress import compress
+
+    cfg = get_config(ctx)
+    res = compress(cfg, version, _as_of(cfg, as_of), budget, opt_str(alias))
+    if as_json:
+        typer.echo(json.dumps(res.to_dict(), indent=2))
+        return
+    console.print(
+        f"version {res.version} of '{res.model_name}' = version {res.parent_version} pruned to "
+        f"{res.trees}/{res.parent_trees} trees: AUC {res.auc:.4f} vs {res.parent_auc:.4f} "
+        f"(budget {res.budget}), {res.size_bytes:,} vs {res.parent_size_bytes:,} bytes, one-row p50/p99 "
+        f"{res.latency_p50_ms:.3f}/{res.latency_p99_ms:.3f} ms vs "
+        f"{res.parent_latency_p50_ms:.3f}/{res.parent_latency_p99_ms:.3f} ms; run {res.run_id}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the serving commands to the `churn` app."""
+    app.command("serve")(serve_cmd)
+    app.command("compress")(compress_cmd)
+    app.add_typer(canary_app, name="canary")

@@ -1,0 +1,116 @@
+"""Real processes: two promotions racing, `churn serve` restarted with its prediction log,
+and the PostgreSQL advisory lock."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import httpx
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+from serving_support import ServeProcess, cli_env, log_rows, two_versions, wait_ready
+
+from mlflow_churn.config import load_config
+from mlflow_churn.features.online import open_store
+from mlflow_churn.serving.canary import registry_lock
+from mlflow_churn.serving.prediction_log import PredictionLog
+
+_PROMOTER = textwrap.dedent("""
+    import json, sys, time
+    from mlflow_churn.config import load_config
+    from mlflow_churn.serving.canary import promote
+    cfg = load_config()
+    start_at, version, who = float(sys.argv[1]), sys.argv[2], sys.argv[3]
+    time.sleep(max(0.0, start_at - time.time()))  # both processes call promote at the same instant
+    res = promote(cfg, f"race {who}", version=version)
+    print(json.dumps({"noop": res.noop, "message": res.message, "run_id": res.run_id}))
+""")
+
+
+@pytest.mark.slow
+def test_two_processes_promoting_at_once_end_with_one_champion(config, register_version) -> None:
+    champ, canary = two_versions(config, register_version)
+    start_at = time.time() + 6.0  # after both interpreters have imported mlflow
+    procs = [subprocess.Popen([sys.executable, "-c", _PROMOTER, str(start_at), canary, who],
+                              env=cli_env(config), cwd=config.workspace, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for who in ("a", "b")]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    assert sorted(o["noop"] for o in outs) == [False, True]
+    (noop,) = [o for o in outs if o["noop"]]
+    assert f"already promoted: version {canary}" in noop["message"]
+    client = MlflowClient(config.mlflow_tracking_uri)
+    aliases = {a: str(v) for a, v in client.get_registered_model(config.training.model_name).aliases.items()}
+    assert aliases == {"champion": canary, "previous-champion": champ}
+    mlflow.set_tracking_uri(config.mlflow_tracking_uri)
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.kind = 'canary-promote'",
+                              output_format="list")
+    assert sorted(r.data.tags["decision"] for r in runs) == ["noop", "promoted"]
+    (acted,) = [r for r in runs if r.data.tags["decision"] == "promoted"]
+    assert acted.data.params["champion_before"] == champ and acted.data.params["canary_before"] == canary
+    tags = client.get_model_version(config.training.model_name, canary).tags
+    assert tags["promote_run_id"] == acted.info.run_id  # the audit trail names the run that acted
+
+
+def _score_all(url: str, ids: list[int]) -> None:
+    with httpx.Client(base_url=url, timeout=30) as client:
+        wait_ready(client, timeout=120)
+        for start in range(0, len(ids), 200):
+            res = client.post("/predict", json={"customer_ids": ids[start:start + 200]})
+            assert res.status_code == 200, res.text
+
+
+@pytest.mark.slow
+def test_prediction_log_survives_a_restart_of_churn_serve(config, register_version) -> None:
+    two_versions(config, register_version)
+    store = open_store(config)
+    ids = store.customer_ids()[:600]
+    store.close()
+    with ServeProcess(config) as srv:
+        _score_all(srv.url, ids)
+        code, err = srv.stop()  # SIGTERM: graceful shutdown flushes the batched writer
+    # uvicorn re-raises the captured SIGTERM after its graceful shutdown
+    assert code in (0, -signal.SIGTERM) and "Traceback" not in err, err[-2000:]
+    assert log_rows(config) == len(ids)
+    with ServeProcess(config) as srv:
+        _score_all(srv.url, ids)
+        srv.stop()
+    log = PredictionLog(config.prediction_log_url)
+    frame = log.read()
+    log.close()
+    assert len(frame) == 2 * len(ids) and frame["request_id"].nunique() == 6
+    assert (frame.groupby("customer_id")["route"].nunique() == 1).all()  # sticky across restarts
+    assert frame.groupby("customer_id")["score"].nunique().max() == 1
+
+
+@pytest.mark.postgres
+def test_postgres_advisory_lock_serialises_holders(workspace, postgres_url) -> None:
+    cfg = load_config(workspace=workspace, environ={}, overrides={"tracking_uri": postgres_url})
+    events: list[str] = []
+    held = threading.Event()
+
+    def first() -> None:
+        with registry_lock(cfg) as how:
+            assert how.startswith("pg_advisory_lock")
+            events.append("a-in")
+            held.set()
+            time.sleep(0.5)
+            events.append("a-out")
+
+    t = threading.Thread(target=first)
+    t.start()
+    held.wait(30)
+    with registry_lock(cfg):  # another session: must wait for the first holder
+        events.append("b-in")
+    t.join()
+    assert events == ["a-in", "a-out", "b-in"]
