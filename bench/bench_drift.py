@@ -1,0 +1,154 @@
+"""Drift engine speed: PSI + KS for 20 features + score drift + 10 segments, 1M vs 1M rows.
+
+Targets (issue 6): <= 3 s on 2 cores; >= 15x faster than Evidently 0.7 DataDriftPreset
+with PSI (method="psi") on the same data at 100k and 1M rows; 10M rows streamed from
+Parquet with peak RSS < 2 GB.
+
+The timed path is the one ``monitor`` runs: ``monitor.window_drift`` against a profile
+built once beforehand (training does that), i.e. PSI, KS against the profile's sorted
+sample, null rates, score PSI and per-segment PSI. Usage: ``python -m bench.bench_drift
+[--quick]`` (``--quick``: 200k rows, Evidently at 100k only, 1M streamed).
+"""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+N_NUM, N_CAT, N_SEG = 17, 3, 10
+
+
+def make_frame(n: int, seed: int, shift: float = 0.0) -> tuple[pd.DataFrame, np.ndarray]:
+    """n rows: 17 numeric + 3 categorical features, a 10-value segment column, scores."""
+    rng = np.random.default_rng(seed)
+    data: dict[str, object] = {
+        "customer_id": np.arange(n, dtype=np.int64),
+        "cutoff": pd.Timestamp("2026-05-01", tz="UTC"),
+    }
+    for i in range(N_NUM):
+        data[f"x{i}"] = rng.gamma(2.0 + i % 3, 10.0, n) * (1.0 + shift * (i == 0))
+    for i in range(N_CAT):
+        data[f"c{i}"] = pd.Categorical.from_codes(rng.integers(0, 4, n), [f"v{j}" for j in range(4)])
+    data["region"] = pd.Categorical.from_codes(rng.integers(0, N_SEG, n), [f"r{j}" for j in range(N_SEG)])
+    frame = pd.DataFrame(data)
+    scores = 1.0 / (1.0 + np.exp(-(frame["x0"].to_numpy() / 20.0 - 2.0 + rng.normal(0, 1, n))))
+    return frame, scores
+
+
+def feature_set(frame: pd.DataFrame):
+    from mlflow_churn.features.registry import table_feature_set
+
+    cols = [f"x{i}" for i in range(N_NUM)] + [f"c{i}" for i in range(N_CAT)] + ["region"]
+    return table_feature_set("bench", frame[cols])
+
+
+def median_time(fn, repeat: int = 3) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def evidently_seconds(ref: pd.DataFrame, cur: pd.DataFrame, ref_s: np.ndarray, cur_s: np.ndarray) -> float:
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.presets import DataDriftPreset
+
+    num = [f"x{i}" for i in range(N_NUM)] + ["score"]
+    cat = [f"c{i}" for i in range(N_CAT)]
+
+    def prep(f: pd.DataFrame, s: np.ndarray) -> pd.DataFrame:
+        out = f[num[:-1]].copy()
+        for c in cat:
+            out[c] = f[c].astype(str)
+        out["score"] = s
+        return out
+
+    r, c = prep(ref, ref_s), prep(cur, cur_s)
+    dd = DataDefinition(numerical_columns=num, categorical_columns=cat)
+    t = time.perf_counter()
+    Report([DataDriftPreset(method="psi")]).run(Dataset.from_pandas(c, data_definition=dd),
+                                                Dataset.from_pandas(r, data_definition=dd))
+    return time.perf_counter() - t
+
+
+def stream_child(path: str, profile_path: str) -> None:
+    """Child process: stream the Parquet against the profile, print seconds and peak RSS."""
+    from mlflow_churn.monitoring.drift import stream_drift
+    from mlflow_churn.monitoring.profile import load_profile
+
+    profile = load_profile(profile_path)
+    t = time.perf_counter()
+    out = stream_drift(path, profile, batch_rows=500_000)
+    secs = time.perf_counter() - t
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{secs:.3f} {rss_mb:.1f} {sum(v.n for v in out.values())}")
+
+
+def main(quick: bool = False) -> None:
+    from mlflow_churn.config import load_config
+    from mlflow_churn.monitoring.monitor import window_drift
+    from mlflow_churn.monitoring.profile import build_profile, save_profile
+
+    n = 200_000 if quick else 1_000_000
+    ref, ref_s = make_frame(n, 1)
+    cur, cur_s = make_frame(n, 2, shift=0.1)
+    fs = feature_set(ref)
+    profile = build_profile(ref, fs, ref_s, segments=["region"])
+    cfg = load_config(environ={}, overrides={"monitoring.segments": ["region"], "monitoring.min_segment_size": 100})
+    ours = median_time(lambda: window_drift(cur, cur_s, profile, cfg), repeat=3)
+    stats, _ = window_drift(cur, cur_s, profile, cfg)
+    print(f"## Drift engine (issue 6)\n")
+    print(f"{len(profile['features'])} features + score + {len(stats.segment_psi)} segments, "
+          f"{n:,} reference vs {n:,} current rows; PSI, KS (vs 10k-row reference sample), "
+          f"null rates, score PSI, per-segment PSI.\n")
+    print("| measure | value |\n|---|---|")
+    print(f"| ours, median of 3 (s) | {ours:.2f} |")
+    target_s = "met" if ours <= 3.0 else "not met"
+
+    ratios = {}
+    for m in ([100_000] if quick else [100_000, 1_000_000]):
+        ours_m = median_time(lambda: window_drift(cur.iloc[:m], cur_s[:m], profile, cfg), repeat=3)
+        ev = evidently_seconds(ref.iloc[:m], cur.iloc[:m], ref_s[:m], cur_s[:m])
+        ratios[m] = ev / ours_m
+        print(f"| {m:,} rows: ours (s) / Evidently DataDriftPreset(method=psi) (s) / ratio | "
+              f"{ours_m:.2f} / {ev:.1f} / {ev / ours_m:.0f}x |")
+
+    rows = 1_000_000 if quick else 10_000_000
+    with tempfile.TemporaryDirectory() as tmp:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = Path(tmp) / "big"
+        path.mkdir()
+        chunk = 1_000_000
+        for i in range(rows // chunk):
+            f, s = make_frame(chunk, 100 + i, shift=0.1)
+            f = f.drop(columns=["cutoff"])
+            pq.write_table(pa.Table.from_pandas(f, preserve_index=False), path / f"part-{i}.parquet")
+        prof_path = save_profile(profile, Path(tmp) / "profile.json")
+        out = subprocess.run([sys.executable, "-m", "bench.bench_drift", "--stream-child", str(path),
+                              str(prof_path)], capture_output=True, text=True, check=True)
+        secs, rss, _ = out.stdout.split()
+    print(f"| {rows:,} rows streamed from Parquet: seconds / peak RSS (MB) | {float(secs):.1f} / {float(rss):.0f} |")
+    print()
+    print(f"- target <= 3 s for 1M vs 1M: {target_s} ({ours:.2f} s{', quick mode: 200k rows' if quick else ''})")
+    for m, r in ratios.items():
+        print(f"- target >= 15x faster than Evidently at {m:,} rows: {'met' if r >= 15 else 'not met'} ({r:.0f}x)")
+    print(f"- target peak RSS < 2 GB streaming {rows:,} rows: {'met' if float(rss) < 2048 else 'not met'} "
+          f"({float(rss):.0f} MB)")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--stream-child":
+        stream_child(sys.argv[2], sys.argv[3])
+    else:
+        main(quick="--quick" in sys.argv)

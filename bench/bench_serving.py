@@ -1,0 +1,243 @@
+"""Online scoring latency and throughput: `churn serve` vs `mlflow models serve`, same model.
+
+Simulates ``--customers`` customers, trains one XGBoost model (``--rounds`` trees, depth 6),
+logs and registers it as the project does (alias champion), materializes the online store
+at the newest event, then starts each server in its own process on 127.0.0.1 and measures:
+
+- latency of a one-customer ``POST /predict {"customer_ids": [id]}`` on `churn serve`
+  (online-store feature fetch + routing + scoring + prediction log included) over ONE
+  keep-alive connection, ``--requests`` requests after a warm-up: p50 / p99 (ms).
+  Target (issue 7): p99 <= 15 ms;
+- the same one-row request against `mlflow models serve -m models:/<name>@champion
+  --env-manager local` (``POST /invocations`` with the row's features, which the client
+  must already hold: no feature fetch): p50 / p99;
+- throughput (requests/s) of both over one connection (sequential) and over
+  ``--clients`` concurrent keep-alive connections.
+
+Prints one Markdown section on stdout. Wall-clock numbers are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+import httpx
+import mlflow
+import numpy as np
+import xgboost as xgb
+
+from mlflow_churn.config import load_config
+from mlflow_churn.data.simulator import SimulationSpec, simulate
+from mlflow_churn.features.materialize import materialize
+from mlflow_churn.features.offline import build_training_frame, daily_cutoffs, data_bounds
+from mlflow_churn.features.online import open_store
+from mlflow_churn.features.registry import registry_for
+from mlflow_churn.registry.aliases import CHAMPION, move_alias
+from mlflow_churn.tracking import setup_mlflow
+from mlflow_churn.training.model import log_churn_model, to_model_input
+
+TARGET_P99_MS = 15.0
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(url: str, path: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+        try:
+            if httpx.get(url + path, timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url}{path} not ready after {timeout} s")
+
+
+def _latencies(url: str, path: str, bodies: list[dict], n: int) -> np.ndarray:
+    with httpx.Client(base_url=url, timeout=30) as client:  # one keep-alive connection
+        for body in bodies[:50]:
+            client.post(path, json=body).raise_for_status()
+        out = np.empty(n)
+        for i in range(n):
+            body = bodies[i % len(bodies)]
+            t0 = time.perf_counter()
+            res = client.post(path, json=body)
+            out[i] = (time.perf_counter() - t0) * 1000.0
+            if res.status_code != 200:
+                raise RuntimeError(f"{path}: {res.status_code} {res.text[:300]}")
+    return out
+
+
+def _throughput(url: str, path: str, bodies: list[dict], clients: int, seconds: float) -> float:
+    counts = [0] * clients
+    stop = time.perf_counter() + seconds
+
+    def work(k: int) -> None:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            i = k
+            while time.perf_counter() < stop:
+                client.post(path, json=bodies[i % len(bodies)]).raise_for_status()
+                counts[k] += 1
+                i += clients
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - start)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--customers", type=int, default=20_000)
+    ap.add_argument("--days", type=int, default=120)
+    ap.add_argument("--rounds", type=int, default=300)
+    ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    args = ap.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp_name:
+        ws = Path(tmp_name) / "ws"
+        cfg = load_config(workspace=ws, environ={})
+        _log(f"simulating {args.customers:,} customers x {args.days} days")
+        simulate(SimulationSpec(customers=args.customers, days=args.days, start=date(2026, 1, 1), seed=11),
+                 cfg.data_dir)
+        as_of = data_bounds(cfg.data_dir).last_event
+        fs = registry_for(cfg).feature_set(cfg.features.feature_set)
+        horizon = cfg.features.label_horizon_days
+        end = as_of - timedelta(days=horizon)
+        cutoffs = daily_cutoffs(end - timedelta(days=14), end, 7)
+        frame = build_training_frame(cfg.data_dir, fs, cutoffs, horizon)
+        _log(f"training {args.rounds} trees on {len(frame):,} rows")
+        booster = xgb.train({"objective": "binary:logistic", "max_depth": 6, "eta": 0.05, "nthread": 2},
+                            xgb.DMatrix(fs.coerce(frame), label=frame["label"], enable_categorical=True),
+                            args.rounds)
+        setup_mlflow(cfg)
+        with mlflow.start_run(run_name="bench-serving-model"):
+            info = log_churn_model(booster, fs, frame)
+        mv = mlflow.register_model(info.model_uri, cfg.training.model_name)
+        client = mlflow.MlflowClient()
+        for key, value in {"feature_set": fs.name, "feature_set_hash": fs.hash}.items():
+            client.set_model_version_tag(cfg.training.model_name, mv.version, key, value)
+        move_alias(client, cfg.training.model_name, CHAMPION, mv.version)
+        batch = materialize(cfg, as_of)
+        store = open_store(cfg)
+        ids = store.customer_ids()
+        rng = np.random.default_rng(0)
+        sample = [int(i) for i in rng.choice(ids, size=min(2000, len(ids)), replace=False)]
+        rows = store.get(sample, fs.columns)
+        store.close()
+        ours = [{"customer_ids": [i]} for i in sample]
+        import pandas as pd
+
+        raw = pd.DataFrame([rows[i].values for i in sample])[fs.columns]
+        model_input = to_model_input(fs, raw)
+        theirs = []
+        for k in range(len(model_input)):
+            split = model_input.iloc[[k]].to_dict(orient="split")
+            data = [[None if isinstance(v, float) and v != v else v for v in row] for row in split["data"]]
+            theirs.append({"dataframe_split": {"columns": split["columns"], "data": data}})
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHURN_")}
+        env.update({"CHURN_WORKSPACE": str(ws), "MLFLOW_TRACKING_URI": cfg.mlflow_tracking_uri})
+        bindir = os.path.dirname(sys.executable)
+        env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+        results = {}
+        port = _free_port()
+        ours_proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow_churn.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--canary-fraction", "0"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait(url, "/ready", ours_proc)
+            _log("measuring churn serve")
+            lat = _latencies(url, "/predict", ours, args.requests)
+            results["churn serve (customer id, online features)"] = (
+                lat, _throughput(url, "/predict", ours, 1, args.seconds),
+                _throughput(url, "/predict", ours, args.clients, args.seconds))
+        finally:
+            _stop(ours_proc)
+        port = _free_port()
+        theirs_proc = subprocess.Popen(
+            [os.path.join(bindir, "mlflow"), "models", "serve", "-m",
+             f"models:/{cfg.training.model_name}@champion", "--env-manager", "local", "-h", "127.0.0.1",
+             "-p", str(port), "-w", "1"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait(url, "/ping", theirs_proc)
+            _log("measuring mlflow models serve")
+            lat = _latencies(url, "/invocations", theirs, args.requests)
+            results["mlflow models serve (features in the request)"] = (
+                lat, _throughput(url, "/invocations", theirs, 1, args.seconds),
+                _throughput(url, "/invocations", theirs, args.clients, args.seconds))
+        finally:
+            _stop(theirs_proc)
+
+    ours_lat, ours_seq, ours_conc = results["churn serve (customer id, online features)"]
+    their_lat, their_seq, their_conc = results["mlflow models serve (features in the request)"]
+    p99 = float(np.percentile(ours_lat, 99))
+    lines = [
+        "## Online scoring (`churn serve`) vs `mlflow models serve`",
+        "",
+        f"{args.customers:,} simulated customers, online batch of {batch.rows:,} rows (SQLite), one "
+        f"XGBoost model of {args.rounds} trees (depth 6, {len(fs.columns)} features) served by both. "
+        f"{args.requests:,} one-customer requests over one keep-alive connection after 50 warm-up "
+        f"requests; throughput for {args.seconds:.0f} s on 1 and {args.clients} connections.",
+        "",
+        "| server | p50 ms | p99 ms | req/s, 1 connection | req/s, "
+        f"{args.clients} connections |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, (lat, seq, conc) in results.items():
+        lines.append(f"| {name} | {np.percentile(lat, 50):.2f} | {np.percentile(lat, 99):.2f} | "
+                     f"{seq:.0f} | {conc:.0f} |")
+    lines += [
+        "",
+        f"- Throughput ratio churn serve / mlflow models serve: {ours_seq / their_seq:.2f} (1 connection), "
+        f"{ours_conc / their_conc:.2f} ({args.clients} connections). churn serve also fetches the "
+        "features, routes, logs every prediction and counts metrics.",
+        f"- Target (issue 7): one-customer POST /predict p99 <= {TARGET_P99_MS:.0f} ms on one "
+        f"connection: {p99:.2f} ms -> **{'met' if p99 <= TARGET_P99_MS else 'not met'}**.",
+        f"- Median one-customer latency ratio churn serve / mlflow models serve: "
+        f"{np.percentile(ours_lat, 50) / np.percentile(their_lat, 50):.2f}.",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
