@@ -1,0 +1,279 @@
+"""`make demo`: the whole loop, end to end, on embedded defaults.
+
+simulate (usage + segment shift) -> materialize -> train a champion -> gate -> promote ->
+days pass, weekly monitoring -> the policy asks for a retrain -> retrain (train + gate) ->
+canary with simulated traffic through the real scoring service -> canary analysis ->
+promotion. Every step is an MLflow run in ``<workspace>/mlflow.db``.
+
+The story's dates (day indexes from ``start``): the champion is trained at ``champion_day``
+(its window ends ``horizon + holdout`` days earlier, all before the drift), the drift
+starts at ``onset_day``, monitoring runs weekly after it, and the retrain happens at the
+end of the data, when a full window of post-drift labels has matured.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dtime
+from pathlib import Path
+
+import httpx
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from mlflow_churn.config import ChurnConfig, load_config
+from mlflow_churn.data.simulator import SimulationSpec, simulate
+
+console = Console()
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """Sizes and dates of the demo (defaults: ~5 minutes on 2 cores)."""
+
+    customers: int = 50_000
+    days: int = 200
+    start: date = date(2026, 1, 1)
+    onset_day: int = 130
+    champion_day: int = 130
+    monitor_every_days: int = 7
+    early_windows: int = 3
+    n_trials: int = 8
+    traffic_customers: int = 12_000
+    min_canary_samples: int = 500
+    seed: int = 42
+
+
+@dataclass
+class DemoStep:
+    """One line of the summary table."""
+
+    step: str
+    outcome: str
+    evidence: str
+    seconds: float
+
+
+@dataclass
+class DemoReport:
+    """What the demo did, step by step."""
+
+    steps: list[DemoStep] = field(default_factory=list)
+    tracking_uri: str = ""
+
+    def add(self, step: str, outcome: str, evidence: str, started: float) -> None:
+        self.steps.append(DemoStep(step, outcome, evidence, time.perf_counter() - started))
+        console.print(f"[bold green]✓[/] {step}: {outcome}  [dim]{evidence}[/]")
+
+
+def demo_config(workspace: Path, spec: DemoSpec) -> ChurnConfig:
+    """The embedded defaults, with the two demo choices spelled out.
+
+    ``monitoring.policy.drift_alone = retrain``: drift alone triggers a retrain (the default,
+    ``investigate``, waits for evidence of lost performance). ``training.n_trials`` is kept
+    small so the demo finishes in minutes.
+    """
+    return load_config(workspace=workspace, overrides={
+        "training.n_trials": spec.n_trials,
+        "monitoring.policy.drift_alone": "retrain",
+        "serving.min_canary_samples": spec.min_canary_samples,
+    })
+
+
+def _day(spec: DemoSpec, index: int) -> datetime:
+    return datetime.combine(spec.start + timedelta(days=index), dtime(0), tzinfo=UTC)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _traffic(cfg: ChurnConfig, customer_ids: np.ndarray, batch: int = 100) -> dict[str, int]:
+    """Serve ``customer_ids`` through the real scoring app over a socket; count routes."""
+    import uvicorn
+
+    from mlflow_churn.serving.app import create_app
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(cfg), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    counts: dict[str, int] = {}
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            for _ in range(300):
+                try:
+                    if client.get("/ready").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+            for i in range(0, len(customer_ids), batch):
+                ids = [int(c) for c in customer_ids[i:i + batch]]
+                res = client.post("/predict", json={"customer_ids": ids})
+                res.raise_for_status()
+                for row in res.json()["predictions"]:
+                    counts[row["route"]] = counts.get(row["route"], 0) + 1
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    return counts
+
+
+@dataclass
+class DemoContext:
+    """What the steps share: the config, the spec, the MLflow client and the report."""
+
+    cfg: ChurnConfig
+    spec: DemoSpec
+    report: DemoReport
+
+    @property
+    def end(self) -> datetime:
+        return _day(self.spec, self.spec.days)
+
+
+def start_demo(workspace: Path, spec: DemoSpec = DemoSpec()) -> DemoContext:
+    """Configure MLflow on ``workspace`` and return the context the steps share."""
+    from mlflow_churn.tracking import setup_mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    cfg = demo_config(workspace, spec)
+    setup_mlflow(cfg)
+    return DemoContext(cfg, spec, DemoReport(tracking_uri=cfg.mlflow_tracking_uri))
+
+
+def step_simulate(ctx: DemoContext) -> None:
+    """Simulate the customers with a usage and a segment shift at ``onset_day``."""
+    spec, t = ctx.spec, time.perf_counter()
+    sim = simulate(SimulationSpec(customers=spec.customers, days=spec.days, start=spec.start,
+                                  scenario="usage_and_segment", seed=spec.seed,
+                                  onset_day=spec.onset_day), ctx.cfg.data_dir, overwrite=True)
+    ctx.report.add("simulate", f"{sim.customers:,} customers x {sim.days} days, usage+segment shift "
+                   f"from {sim.onset_day}", f"{sim.activity_rows:,} activity rows", t)
+
+
+def step_champion(ctx: DemoContext) -> str:
+    """Materialize, train the first model, gate it on the floors and promote it; its version."""
+    from mlflow_churn.evaluation.evaluate import evaluate
+    from mlflow_churn.features.materialize import materialize
+    from mlflow_churn.serving.canary import promote
+    from mlflow_churn.training.train import train
+
+    cfg, as_of = ctx.cfg, _day(ctx.spec, ctx.spec.champion_day)
+    t = time.perf_counter()
+    batch = materialize(cfg, as_of)
+    ctx.report.add("materialize", f"{batch.rows:,} customers online at {as_of.date()}",
+                   f"batch {batch.batch_id}", t)
+    t = time.perf_counter()
+    first = train(cfg, as_of, progress=True)
+    ctx.report.add("train champion", f"version {first.version}, validation AUC {first.val_auc:.3f}",
+                   f"run {first.run_id}", t)
+    t = time.perf_counter()
+    gate = evaluate(cfg, as_of)
+    if not gate.passed:
+        raise RuntimeError(f"the first model failed the gate's floors: {gate.reasons}")
+    promote(cfg, reason="first model: passed the absolute floors of the gate", version=first.version)
+    ctx.report.add("gate + promote", f"version {first.version} -> champion (no champion yet: floors)",
+                   f"decision run {gate.run_id}", t)
+    return str(first.version)
+
+
+def monitor_days(spec: DemoSpec) -> list[int]:
+    """Day indexes of the monitoring windows: a few weeks after the champion, then the end."""
+    days = [spec.champion_day + spec.monitor_every_days * (i + 1) for i in range(spec.early_windows)]
+    return days + [spec.days - spec.monitor_every_days, spec.days]
+
+
+def step_monitor(ctx: DemoContext) -> list:
+    """Weekly monitoring of the champion; the MonitorResult of each window."""
+    from mlflow_churn.monitoring.monitor import monitor
+
+    results = []
+    for day in monitor_days(ctx.spec):
+        t = time.perf_counter()
+        result = monitor(ctx.cfg, _day(ctx.spec, day))
+        d = result.decision
+        moved = ", ".join(list(d.features[:3]) + list(d.segments[:2])) or "-"
+        ctx.report.add(f"monitor {_day(ctx.spec, day).date()}", d.action, f"moved: {moved}", t)
+        results.append(result)
+    return results
+
+
+def step_retrain(ctx: DemoContext):
+    """Materialize the newest values, then retrain + gate on the policy's request."""
+    from mlflow_churn.features.materialize import materialize
+    from mlflow_churn.monitoring.retrain import retrain
+
+    t = time.perf_counter()
+    materialize(ctx.cfg, ctx.end)
+    outcome = retrain(ctx.cfg, ctx.end, progress=True)
+    if outcome.train is None or outcome.gate is None or not outcome.gate.passed:
+        raise RuntimeError(f"retrain did not reach canary: {outcome.reason} "
+                           f"{outcome.gate.reasons if outcome.gate else ''}")
+    m = outcome.gate.metrics
+    ctx.report.add("retrain + gate", f"version {outcome.train.version} -> canary (holdout AUC "
+                   f"{m.get('challenger_roc_auc', float('nan')):.3f} vs champion "
+                   f"{m.get('champion_roc_auc', float('nan')):.3f})", f"run {outcome.run_id}", t)
+    return outcome
+
+
+def step_canary(ctx: DemoContext):
+    """Simulated traffic through the real service, canary analysis, promotion."""
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_churn.registry import aliases
+    from mlflow_churn.serving.canary import evaluate_canary, promote
+
+    cfg, spec = ctx.cfg, ctx.spec
+    t = time.perf_counter()
+    ids = np.random.default_rng(spec.seed).permutation(np.arange(1, spec.customers + 1))
+    counts = _traffic(cfg, ids[:spec.traffic_customers])
+    ctx.report.add("canary traffic", f"{sum(counts.values()):,} predictions over HTTP",
+                   ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())), t)
+    t = time.perf_counter()
+    verdict = evaluate_canary(cfg, ctx.end)
+    if verdict.verdict != "promote":
+        raise RuntimeError(f"canary analysis did not approve: {verdict.reasons}")
+    promote(cfg, reason="canary analysis passed: " + "; ".join(verdict.reasons),
+            version=verdict.canary_version, evidence=verdict)
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    name = cfg.training.model_name
+    champion = aliases.alias_version(client, name, aliases.CHAMPION)
+    previous = aliases.alias_version(client, name, aliases.PREVIOUS_CHAMPION)
+    ctx.report.add("canary -> champion", f"champion = version {champion.version}, previous-champion = "
+                   f"version {previous.version if previous else '-'}",
+                   f"canary PSI {verdict.score_psi:.3f}, run {verdict.run_id}", t)
+    return verdict
+
+
+def run_demo(workspace: Path, spec: DemoSpec = DemoSpec()) -> DemoReport:
+    """Run the loop end to end in ``workspace`` (its data is replaced); return the report."""
+    ctx = start_demo(workspace, spec)
+    step_simulate(ctx)
+    step_champion(ctx)
+    step_monitor(ctx)
+    step_retrain(ctx)
+    step_canary(ctx)
+    return ctx.report
+
+
+def print_report(report: DemoReport, workspace: Path) -> None:
+    """The summary table and the command to open the MLflow UI on the workspace."""
+    table = Table(title="make demo: the loop, end to end")
+    for col in ("step", "outcome", "evidence", "seconds"):
+        table.add_column(col, justify="right" if col == "seconds" else "left")
+    for s in report.steps:
+        table.add_row(s.step, s.outcome, s.evidence, f"{s.seconds:.1f}")
+    console.print(table)
+    console.print(f"total {sum(s.seconds for s in report.steps):.0f} s. Open the MLflow UI on the workspace:")
+    console.print(f"  .venv/bin/mlflow ui --backend-store-uri {report.tracking_uri}", soft_wrap=True)
