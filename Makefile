@@ -17,8 +17,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/churn --workspace $(WORKSPACE) simulate --customers 20000 --days 90 \
-		--scenario usage_shift --overwrite
+	$(BIN)/churn --workspace $(WORKSPACE) demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -113,6 +113,26 @@ def simulate(
     )
 
 
+@app.command()
+def demo(
+    ctx: typer.Context,
+    customers: int = typer.Option(50_000, help="Simulated customers."),
+    n_trials: int = typer.Option(8, help="Optuna trials per training."),
+) -> None:
+    """Run the whole loop end to end in the workspace (what `make demo` runs)."""
+    from mlflow_churn.demo import DemoSpec, print_report, run_demo
+
+    if customers < 2000:
+        raise ChurnError(f"--customers must be at least 2000 for the demo's segments, got {customers}")
+    if n_trials < 1:
+        raise ChurnError(f"--n-trials must be >= 1, got {n_trials}")
+    cfg = get_config(ctx)
+    spec = DemoSpec(customers=customers, n_trials=n_trials,
+                    traffic_customers=min(12_000, customers // 2))
+    report = run_demo(cfg.workspace, spec)
+    print_report(report, cfg.workspace)
+
+
 def _log_to_active_project_run(params: dict, metrics: dict, artifact: Path) -> None:
     """Inside ``mlflow run`` (MLFLOW_RUN_ID set), record what this entry point did."""
     if not os.environ.get("MLFLOW_RUN_ID"):
@@ -126,7 +146,16 @@ def _log_to_active_project_run(params: dict, metrics: dict, artifact: Path) -> N
 
 
 # Each sub-package with commands has a ``cli.py`` with ``register(app)``; list it here.
-_COMMAND_MODULES: tuple[str, ...] = ()
+_COMMAND_MODULES: tuple[str, ...] = (
+    "mlflow_churn.serving.batch_cli",
+    "mlflow_churn.monitoring.retrain_cli",
+    "mlflow_churn.serving.cli",
+    "mlflow_churn.features.cli",
+    "mlflow_churn.training.cli",
+    "mlflow_churn.monitoring.cli",
+    "mlflow_churn.evaluation.cli",
+    "mlflow_churn.registry.cli",
+)
 
 
 def _register_commands() -> None:

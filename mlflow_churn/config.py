@@ -89,6 +89,9 @@ class TrainingConfig(_Section):
     )
     early_stopping_rounds: int = Field(30, ge=1, description="XGBoost early stopping on validation AUC")
     max_estimators: int = Field(600, ge=10, description="upper bound of n_estimators searched")
+    nthread: int = Field(
+        0, ge=0, description="XGBoost threads per trial; 0 = all cores (1 is faster on an oversubscribed machine)"
+    )
 
 
 class EvaluationConfig(_Section):

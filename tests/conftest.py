@@ -109,3 +109,115 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("small") / "data"
     simulate(SimulationSpec(customers=3000, days=120, start=date(2026, 1, 1), seed=7), out)
     return out
+
+
+# --- registered model versions for gate / serving / monitoring tests (issue 5) ---------------
+
+#: newest training cutoff of versions made by ``register_version`` unless told otherwise
+from datetime import UTC as _UTC  # noqa: E402
+from datetime import datetime as _datetime  # noqa: E402
+
+TEST_WINDOW_END = _datetime(2026, 3, 20, tzinfo=_UTC)
+
+
+@pytest.fixture
+def register_version(small_data: Path):
+    """Factory: train a small XGBoost model on real features, register it, tag it, alias it.
+
+    ``register_version(cfg, quality="good", window_end=TEST_WINDOW_END, alias="challenger",
+    window_days=18, seed=0, bad_segment=("region", "pacific"), feature_set=None,
+    mirror_stages=False) -> ModelVersion``
+
+    - ``cfg.data_dir`` is linked to the shared ``small_data`` when it does not exist yet;
+    - training cutoffs every ``cfg.training.cutoff_every_days`` in
+      ``[window_end - window_days, window_end]``; horizon ``cfg.features.label_horizon_days``;
+    - quality ``good``: 30 rounds, depth 4 (holdout AUC ~0.84 on small_data);
+      ``bad``: 12 numeric features shuffled, depth 1, 2 rounds (~0.65);
+      ``bad_segment``: good overall, but inside ``bad_segment`` (column, value) the labels
+      are re-assigned to the customers a good model ranks lowest (same churn rate, inverted
+      ranking), so that segment's AUC collapses;
+    - version tags as training sets them (contracts.md): feature_set, feature_set_hash,
+      window_start, window_end, as_of (= window_end + horizon + evaluation.holdout_days),
+      horizon_days, val_auc (newest cutoff held out), data_hash, train_run_id,
+      source=simulator, plus test_quality;
+    - ``alias`` (None = no alias) is moved with ``registry.aliases.move_alias``.
+    """
+    import os
+    from datetime import timedelta
+
+    import mlflow
+    import numpy as np
+    import xgboost as xgb
+    from mlflow.tracking import MlflowClient
+    from sklearn.metrics import roc_auc_score
+
+    from mlflow_churn.features.offline import build_training_frame, daily_cutoffs
+    from mlflow_churn.features.registry import registry_for
+    from mlflow_churn.registry.aliases import move_alias
+    from mlflow_churn.tracking import setup_mlflow
+    from mlflow_churn.training.model import log_churn_model, predict_proba
+
+    def _fit(fs, frame, rounds: int, depth: int, seed: int) -> xgb.Booster:
+        dm = xgb.DMatrix(fs.coerce(frame), label=frame["label"].to_numpy(), enable_categorical=True)
+        params = {"objective": "binary:logistic", "max_depth": depth, "eta": 0.1, "seed": seed,
+                  "nthread": 1}
+        return xgb.train(params, dm, rounds)
+
+    def _register(cfg: ChurnConfig, quality: str = "good", window_end=TEST_WINDOW_END,
+                  alias: str | None = "challenger", window_days: int = 18, seed: int = 0,
+                  bad_segment: tuple[str, str] = ("region", "pacific"), feature_set: str | None = None,
+                  mirror_stages: bool = False):
+        if quality not in ("good", "bad", "bad_segment"):
+            raise ValueError(f"quality must be good, bad or bad_segment, got {quality!r}")
+        if not cfg.data_dir.exists():
+            cfg.workspace.mkdir(parents=True, exist_ok=True)
+            os.symlink(small_data, cfg.data_dir)
+        setup_mlflow(cfg)
+        fs = registry_for(cfg).feature_set(feature_set or cfg.features.feature_set)
+        horizon = cfg.features.label_horizon_days
+        start = window_end - timedelta(days=window_days)
+        cutoffs = daily_cutoffs(start, window_end, cfg.training.cutoff_every_days)
+        frame = build_training_frame(cfg.data_dir, fs, cutoffs, horizon)
+        rng = np.random.default_rng(seed)
+        if quality == "bad":
+            numeric = [c for c in fs.columns if c not in fs.categorical]
+            for col in numeric[:12]:
+                frame[col] = rng.permutation(frame[col].to_numpy())
+        elif quality == "bad_segment":
+            col, value = bad_segment
+            ref = predict_proba(_fit(fs, frame, 30, 4, seed), fs, frame)
+            inside = (frame[col].astype("object") == value).to_numpy()
+            idx = np.flatnonzero(inside)
+            lowest = idx[np.argsort(ref[idx], kind="stable")[: int(frame["label"].to_numpy()[idx].sum())]]
+            label = frame["label"].to_numpy().copy()
+            label[idx] = 0
+            label[lowest] = 1
+            frame["label"] = label.astype("int8")
+        newest = frame["cutoff"] == frame["cutoff"].max()
+        rounds, depth = (2, 1) if quality == "bad" else (30, 4)
+        booster = _fit(fs, frame[~newest], rounds, depth, seed)
+        val = frame[newest]
+        val_auc = float(roc_auc_score(val["label"], predict_proba(booster, fs, val)))
+        booster = _fit(fs, frame, rounds, depth, seed)
+        as_of = window_end + timedelta(days=horizon + cfg.evaluation.holdout_days)
+        tags = {
+            "feature_set": fs.name, "feature_set_hash": fs.hash,
+            "window_start": cutoffs[0].isoformat(), "window_end": cutoffs[-1].isoformat(),
+            "as_of": as_of.isoformat(), "horizon_days": str(horizon), "val_auc": f"{val_auc:.6f}",
+            "data_hash": "small_data-seed7", "source": "simulator", "test_quality": quality,
+        }
+        nested = mlflow.active_run() is not None
+        with mlflow.start_run(run_name=f"test-train-{quality}", nested=nested) as run:
+            mlflow.log_params({k: tags[k] for k in ("window_start", "window_end", "as_of", "feature_set",
+                                                    "feature_set_hash")})
+            mlflow.log_metric("val_auc", val_auc)
+            info = log_churn_model(booster, fs, frame)
+        client = MlflowClient()
+        mv = mlflow.register_model(info.model_uri, cfg.training.model_name)
+        for key, value in {**tags, "train_run_id": run.info.run_id}.items():
+            client.set_model_version_tag(cfg.training.model_name, mv.version, key, value)
+        if alias:
+            move_alias(client, cfg.training.model_name, alias, mv.version, mirror_stages)
+        return client.get_model_version(cfg.training.model_name, mv.version)
+
+    return _register
