@@ -90,7 +90,9 @@ class TrainingConfig(_Section):
     early_stopping_rounds: int = Field(30, ge=1, description="XGBoost early stopping on validation AUC")
     max_estimators: int = Field(600, ge=10, description="upper bound of n_estimators searched")
     nthread: int = Field(
-        0, ge=0, description="XGBoost threads per trial; 0 = all cores (1 is faster on an oversubscribed machine)"
+        0,
+        ge=0,
+        description="XGBoost threads per trial; 0 = all cores (1 is faster on an oversubscribed machine)",
     )
 
 
@@ -119,8 +121,9 @@ class EvaluationConfig(_Section):
 class TriggerConfig(_Section):
     """One retraining trigger: ``metric op value`` (e.g. psi > 0.2 on any feature)."""
 
-    metric: Literal["psi", "ks", "score_psi", "auc_drop", "estimated_auc_drop", "recall_drop",
-                    "lift_drop", "segment_psi"]
+    metric: Literal[
+        "psi", "ks", "score_psi", "auc_drop", "estimated_auc_drop", "recall_drop", "lift_drop", "segment_psi"
+    ]
     feature: str = Field("*", description="feature name, or * for any feature")
     op: Literal[">", ">=", "<", "<="] = ">"
     value: float
@@ -140,17 +143,21 @@ class HysteresisConfig(_Section):
 class PolicyConfig(_Section):
     """The multi-trigger retraining policy (see mlflow_churn.monitoring.policy)."""
 
-    triggers: list[TriggerConfig] = Field(default_factory=lambda: [
-        TriggerConfig(metric="psi", feature="*", op=">", value=0.2),
-        TriggerConfig(metric="auc_drop", op=">", value=0.05),
-    ])
+    triggers: list[TriggerConfig] = Field(
+        default_factory=lambda: [
+            TriggerConfig(metric="psi", feature="*", op=">", value=0.2),
+            TriggerConfig(metric="auc_drop", op=">", value=0.05),
+        ]
+    )
     combine: Literal["any", "all", "k_of_n"] = "any"
     k: int = Field(1, ge=1, description="triggers that must fire when combine = k_of_n")
     persistence: PersistenceConfig = Field(default_factory=PersistenceConfig)
     hysteresis: HysteresisConfig = Field(default_factory=HysteresisConfig)
     cooldown_days: int = Field(7, ge=0, description="no retrain within this many days of the last")
     integrity: Literal["block", "warn"] = "block"
-    max_null_increase: float = Field(0.05, ge=0, le=1, description="null-rate rise that is an integrity fault")
+    max_null_increase: float = Field(
+        0.05, ge=0, le=1, description="null-rate rise that is an integrity fault"
+    )
     drift_alone: Literal["investigate", "retrain"] = Field(
         "investigate", description="decision when only drift triggers fire and performance holds"
     )
@@ -183,7 +190,18 @@ class ServingConfig(_Section):
     reload_seconds: float = Field(10.0, gt=0, description="how often aliases are re-checked")
     min_canary_samples: int = Field(500, ge=1, description="canary predictions before any verdict")
     max_error_rate: float = Field(0.01, ge=0, le=1)
-    max_p99_ms: float = Field(50.0, gt=0)
+    max_p99_ms: float = Field(
+        50.0,
+        gt=0,
+        description="canary p99 latency SLO (ms); breached only "
+        "when the canary is also slower than the champion (max_p99_ratio)",
+    )
+    max_p99_ratio: float = Field(
+        1.5,
+        gt=0,
+        description="canary p99 / champion p99 above which an SLO "
+        "breach is the canary's (a loaded host slows both routes)",
+    )
     max_score_psi: float = Field(0.2, gt=0, description="PSI between the routes' score distributions")
     max_auc_drop: float = Field(0.02, ge=0, description="canary AUC below champion by more = rollback")
     auc_loss_budget: float = Field(0.002, ge=0, description="`churn compress` AUC-loss budget")
@@ -269,7 +287,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX) or name == "CHURN_CONFIG":
             continue
-        dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
+        dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
         if dotted not in known:
             raise ConfigError(
                 f"unknown environment variable {name} (config key '{dotted}'); "
@@ -317,12 +335,10 @@ def _validate(tree: dict[str, Any], source: str) -> ChurnConfig:
         key = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             raise ConfigError(
-                f"unknown config key '{key}' in {source}; known keys: "
-                f"{', '.join(_known_keys(ChurnConfig))}"
+                f"unknown config key '{key}' in {source}; known keys: {', '.join(_known_keys(ChurnConfig))}"
             ) from None
         raise ConfigError(
-            f"bad value for config key '{key}' in {source}: {err['msg']} "
-            f"(got {err.get('input')!r})"
+            f"bad value for config key '{key}' in {source}: {err['msg']} (got {err.get('input')!r})"
         ) from None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import uuid
 from collections.abc import Iterator
 from datetime import date
@@ -39,6 +40,24 @@ def _need(service: str, host: str, port: int) -> None:
     if IN_CI:
         pytest.fail(f"{msg} (CI=true: a missing service is a failure, not a skip)")
     pytest.skip(msg)
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_environ() -> Iterator[None]:
+    """Undo what a test's ``setup_mlflow`` left behind: MLFLOW_* variables (``set_tracking_uri``
+    exports one) and the process-wide tracking / registry URIs that a later test's
+    ``MlflowClient(uri)`` would otherwise silently use for the registry."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_registry_uri(None)
+        mlflow.set_tracking_uri(None)
+    for name in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        if name not in saved:
+            del os.environ[name]
+    os.environ.update(saved)
 
 
 @pytest.fixture

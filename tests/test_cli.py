@@ -84,3 +84,16 @@ def test_config_show_resolves_tracking_uri(tmp_path: Path) -> None:
     assert f"sqlite:///{tmp_path / 'ws' / 'mlflow.db'}" in res.stdout
     res = run(["config", "show"], tmp_path, env={"CHURN_TRAINING__WINDOW_DAYS": "oops"})
     assert res.returncode == 2 and "training.window_days" in res.stderr
+
+
+def test_help_does_not_import_heavy_modules(tmp_path: Path) -> None:
+    """`churn --help` (and every command's parsing) must not pay for MLflow / sklearn imports."""
+    code = (
+        "import sys, mlflow_churn.cli; "  # importing it registers every command
+        "heavy = [m for m in ('mlflow', 'sklearn', 'xgboost', 'evidently', 'duckdb') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stdout + res.stderr

@@ -81,8 +81,12 @@ def test_cli_backtest_and_monitor_errors(workspace: Path) -> None:
     from mlflow_churn.cli import app
 
     runner = CliRunner()
-    out = runner.invoke(app, ["--workspace", str(workspace), "backtest", "--scenario", "meteor", "--no-progress"])
+    out = runner.invoke(
+        app, ["--workspace", str(workspace), "backtest", "--scenario", "meteor", "--no-progress"]
+    )
     assert out.exit_code != 0
     assert isinstance(out.exception, ChurnError) and "--scenario" in str(out.exception)
-    out = runner.invoke(app, ["--workspace", str(workspace), "monitor", "--as-of", "yesterday", "--no-progress"])
+    out = runner.invoke(
+        app, ["--workspace", str(workspace), "monitor", "--as-of", "yesterday", "--no-progress"]
+    )
     assert isinstance(out.exception, ChurnError) and "--as-of" in str(out.exception)

@@ -106,7 +106,9 @@ def test_ks_against_sorted_sample_is_ks_of_the_sample() -> None:
     rng = np.random.default_rng(3)
     sample = np.sort(rng.normal(size=1000))
     cur = rng.normal(0.3, size=5000)
-    assert drift.ks_against_sample(sample, cur) == pytest.approx(stats.ks_2samp(sample, cur).statistic, abs=1e-12)
+    assert drift.ks_against_sample(sample, cur) == pytest.approx(
+        stats.ks_2samp(sample, cur).statistic, abs=1e-12
+    )
 
 
 def test_categorical_psi_unseen_bucket_by_hand() -> None:
@@ -148,14 +150,25 @@ def test_size_aware_threshold_tracks_the_noise() -> None:
 def test_streaming_equals_in_memory(tmp_path: Path) -> None:
     rng = np.random.default_rng(11)
     ref = pd.DataFrame({"x": rng.normal(size=5000), "c": rng.choice(["a", "b"], 5000)})
-    profile = {"features": {
-        "x": {"kind": "numeric", "edges": drift.quantile_edges(ref.x, 10).tolist(),
-              "shares": drift.shares(drift.bin_counts(ref.x, drift.quantile_edges(ref.x, 10))).tolist(),
-              "count": 5000, "null_rate": 0.0, "sample": np.sort(ref.x.to_numpy()[:2000]).tolist()},
-        "c": {"kind": "categorical", "categories": ["a", "b"],
-              "shares": drift.shares(drift.category_counts(ref.c, ["a", "b"])).tolist(), "count": 5000,
-              "null_rate": 0.0},
-    }}
+    profile = {
+        "features": {
+            "x": {
+                "kind": "numeric",
+                "edges": drift.quantile_edges(ref.x, 10).tolist(),
+                "shares": drift.shares(drift.bin_counts(ref.x, drift.quantile_edges(ref.x, 10))).tolist(),
+                "count": 5000,
+                "null_rate": 0.0,
+                "sample": np.sort(ref.x.to_numpy()[:2000]).tolist(),
+            },
+            "c": {
+                "kind": "categorical",
+                "categories": ["a", "b"],
+                "shares": drift.shares(drift.category_counts(ref.c, ["a", "b"])).tolist(),
+                "count": 5000,
+                "null_rate": 0.0,
+            },
+        }
+    }
     cur = pd.DataFrame({"x": rng.normal(0.2, size=30_000), "c": rng.choice(["a", "b", "q"], 30_000)})
     cur.loc[::100, "x"] = np.nan
     pq.write_table(pa.Table.from_pandas(cur), tmp_path / "cur.parquet", row_group_size=4000)
@@ -165,8 +178,9 @@ def test_streaming_equals_in_memory(tmp_path: Path) -> None:
         assert streamed[c].psi == pytest.approx(whole.psi, rel=1e-12)
         assert streamed[c].null_rate == pytest.approx(whole.null_rate)
     # streamed KS at the sample's points equals the exact KS of sample vs current
-    assert streamed["x"].ks == pytest.approx(drift.ks_against_sample(np.array(profile["features"]["x"]["sample"]),
-                                                                     cur.x), abs=1e-12)
+    assert streamed["x"].ks == pytest.approx(
+        drift.ks_against_sample(np.array(profile["features"]["x"]["sample"]), cur.x), abs=1e-12
+    )
     with pytest.raises(ChurnError, match="not in the profile"):
         drift.stream_drift(tmp_path / "cur.parquet", profile, columns=["nope"])
 

@@ -125,8 +125,8 @@ def test_combine_all_and_k_of_n_and_strict_preset() -> None:
     assert decide(both, cfg(combine="all"), both[-1].as_of).action == "retrain"
     assert decide(hist, cfg(combine="k_of_n", k=2), hist[-1].as_of).action == "ok"
     # stricter preset: one config line (YAML/env) changes the triggers
-    strict = load_config(environ={"CHURN_MONITORING__POLICY__TRIGGERS":
-                                  '[{"metric": "psi", "value": 0.15}, {"metric": "auc_drop", "value": 0.03}]'})
+    triggers = '[{"metric": "psi", "value": 0.15}, {"metric": "auc_drop", "value": 0.03}]'
+    strict = load_config(environ={"CHURN_MONITORING__POLICY__TRIGGERS": triggers})
     mild = [win(0, psi=0.17, auc_drop=0.04), win(1, psi=0.17, auc_drop=0.04)]
     assert decide(mild, cfg(), mild[-1].as_of).action == "ok"
     assert decide(mild, strict.monitoring.policy, mild[-1].as_of).action == "retrain"

@@ -67,7 +67,7 @@ def test_profile_categorical_and_segments(ref_frame) -> None:
     # last share is the unseen bucket, empty in the reference
     assert reg["shares"][-1] == 0.0
     observed = frame["region"].astype(str).value_counts(normalize=True)
-    for cat, share in zip(reg["categories"], reg["shares"][:-1]):
+    for cat, share in zip(reg["categories"], reg["shares"][:-1], strict=True):
         assert share == pytest.approx(observed.get(cat, 0.0))
     segs = prof["segments"]["region"]
     assert sum(s["count"] for s in segs.values()) == len(frame)
@@ -114,8 +114,12 @@ def test_profile_for_version_reads_the_training_runs_artifact(ref_frame, config,
         mlflow.log_artifact(str(local), artifact_path="reference")
     name = "churn-model"
     client.create_registered_model(name)
-    mv = client.create_model_version(name, source=f"runs:/{run.info.run_id}/reference", run_id=run.info.run_id,
-                                     tags={"train_run_id": run.info.run_id})
+    mv = client.create_model_version(
+        name,
+        source=f"runs:/{run.info.run_id}/reference",
+        run_id=run.info.run_id,
+        tags={"train_run_id": run.info.run_id},
+    )
     got = profile_for_version(client, name, mv.version)
     assert got["features"]["monthly_usage"] == json.loads(json.dumps(prof))["features"]["monthly_usage"]
     assert got["segments"]["region"].keys() == prof["segments"]["region"].keys()

@@ -73,8 +73,8 @@ def test_wait_then_promote_through_cli(config, register_version) -> None:
     for st in late.routes.values():
         assert st.labelled == st.rows and st.positives > 0 and 0.7 < st.auc < 1.0 and st.errors == 0
         assert 0 < st.p50_latency_ms <= st.p99_latency_ms
-    slow = evaluate_canary(serving_config(cfg, min_canary_samples=300, max_p99_ms=1e-6), LABELS_AS_OF,
-                           log_run=False)
+    slow = evaluate_canary(serving_config(cfg, min_canary_samples=300, max_p99_ms=1e-6, max_p99_ratio=1e-6),
+                           LABELS_AS_OF, log_run=False)
     assert slow.verdict == "rollback" and "p99 latency" in slow.reasons[0]
     env = {"CHURN_SERVING__MIN_CANARY_SAMPLES": "300", "CHURN_SERVING__CANARY_FRACTION": "0.5",
            "CHURN_SERVING__MAX_P99_MS": "60000"}

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
 from mlflow_churn.cli_common import console, get_config, opt_str, parse_datetime, with_progress
-from mlflow_churn.evaluation.evaluate import GateDecision
+
+if TYPE_CHECKING:  # importing the gate pulls in MLflow and sklearn: keep `churn --help` fast
+    from mlflow_churn.evaluation.evaluate import GateDecision
 
 
 def summary_table(decision: GateDecision) -> Table:

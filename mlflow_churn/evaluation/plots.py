@@ -10,23 +10,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from sklearn.metrics import precision_recall_curve, roc_curve
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
-
-from mlflow_churn.evaluation.metrics import calibration_bins  # noqa: E402
+from mlflow_churn.evaluation.metrics import calibration_bins
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 
@@ -34,7 +30,8 @@ def roc_plot(y: np.ndarray, scores: Mapping[str, np.ndarray], path: Path) -> Pat
     """ROC curves (true vs false positive rate), AUC in the legend."""
     from sklearn.metrics import roc_auc_score
 
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
     for label, p in scores.items():
         fpr, tpr, _ = roc_curve(y, p)
         ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc_score(y, p):.3f})")
@@ -48,7 +45,8 @@ def pr_plot(y: np.ndarray, scores: Mapping[str, np.ndarray], path: Path) -> Path
     """Precision-recall curves; the churn base rate as the random baseline."""
     from sklearn.metrics import average_precision_score
 
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
     for label, p in scores.items():
         prec, rec, _ = precision_recall_curve(y, p)
         ax.plot(rec, prec, label=f"{label} (AP {average_precision_score(y, p):.3f})")
@@ -67,7 +65,8 @@ def _gain(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def gain_lift_plot(y: np.ndarray, scores: Mapping[str, np.ndarray], path: Path, top_k_pct: float) -> Path:
     """Cumulative gain (share of churners caught vs share targeted) and lift, k% marked."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.5))
+    fig = Figure(figsize=(10, 4.5))
+    ax1, ax2 = fig.subplots(1, 2)
     for label, p in scores.items():
         share, caught = _gain(y, p)
         ax1.plot(share * 100, caught * 100, label=label)
@@ -84,7 +83,8 @@ def gain_lift_plot(y: np.ndarray, scores: Mapping[str, np.ndarray], path: Path, 
 
 def calibration_plot(y: np.ndarray, scores: Mapping[str, np.ndarray], path: Path, bins: int = 10) -> Path:
     """Reliability diagram: churn rate vs mean score per score bin, ECE in the legend."""
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
     for label, p in scores.items():
         ece, rows = calibration_bins(y, p, bins)
         pts = [(r["mean_score"], r["churn_rate"]) for r in rows if r["count"]]
@@ -104,7 +104,8 @@ def segment_auc_plot(segments: Mapping[str, pd.DataFrame], path: Path, tolerance
     labels = list(segments)
     base = next(iter(segments.values()))
     cols = list(dict.fromkeys(base["segment"]))
-    fig, axes = plt.subplots(len(cols), 1, figsize=(10, 3.2 * max(1, len(cols))), squeeze=False)
+    fig = Figure(figsize=(10, 3.2 * max(1, len(cols))))
+    axes = fig.subplots(len(cols), 1, squeeze=False)
     width = 0.8 / max(1, len(labels))
     for ax, col in zip(axes[:, 0], cols, strict=True):
         values = list(base.loc[base["segment"] == col, "value"])

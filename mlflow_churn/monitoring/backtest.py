@@ -33,10 +33,11 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -135,7 +136,6 @@ def _no_project_run() -> Any:
 def _log_backtest(cfg: ChurnConfig, exp_id: str, result: BacktestResult, spec: Any, manifest: dict,
                   step: int, n_trials: int, fast: bool, retrain_days: list[str]) -> str:
     """One run (nested in the project run under ``mlflow run``) with the replay's evidence."""
-    import matplotlib.pyplot as plt
     import mlflow
 
     from mlflow_churn.tracking import setup_mlflow
@@ -167,7 +167,6 @@ def _log_backtest(cfg: ChurnConfig, exp_id: str, result: BacktestResult, spec: A
                             "backtest.json")
             fig = _timeline(result, retrain_days)
             mlflow.log_figure(fig, "backtest_timeline.png")
-            plt.close(fig)
             return run.info.run_id
     finally:
         if outer is not None:
@@ -179,28 +178,31 @@ def _first_train_day(cfg: ChurnConfig) -> datetime:
     from mlflow_churn.features.registry import registry_for
 
     fs = registry_for(cfg).feature_set(cfg.features.feature_set)
-    first = data_bounds(cfg.data_dir).first_event - timedelta(days=1) + timedelta(days=longest_window(fs.features))
+    first = data_bounds(cfg.data_dir).first_event - timedelta(days=1)
+    first += timedelta(days=longest_window(fs.features))
     return first + timedelta(days=cfg.features.label_horizon_days + cfg.evaluation.holdout_days)
 
 
 def _timeline(result: BacktestResult, retrain_days: list[str]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     x = [datetime.fromisoformat(w.as_of) for w in result.windows]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
+    fig = Figure(figsize=(12, 7))
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
     ax1.plot(x, [w.population_psi_max for w in result.windows], label="population PSI (max feature)")
     ax1.plot(x, [w.score_psi or 0 for w in result.windows], label="score PSI")
     ax1.plot(x, [w.top_segment_psi or 0 for w in result.windows], label="top segment PSI", alpha=0.7)
-    alarms = [(xi, w.population_psi_max) for xi, w in zip(x, result.windows) if w.action != "ok"]
+    alarms = [(xi, w.population_psi_max) for xi, w in zip(x, result.windows, strict=True) if w.action != "ok"]
     if alarms:
-        ax1.scatter(*zip(*alarms), color="red", zorder=3, s=18, label="alarm (not ok)")
+        ax1.scatter(*zip(*alarms, strict=True), color="red", zorder=3, s=18, label="alarm (not ok)")
     ax1.set_ylabel("PSI")
     ax1.legend(fontsize=8)
-    ax2.plot(x, [np.nan if w.realised_auc is None else w.realised_auc for w in result.windows],
-             marker=".", label="realised AUC (matured labels)")
+    ax2.plot(
+        x,
+        [np.nan if w.realised_auc is None else w.realised_auc for w in result.windows],
+        marker=".",
+        label="realised AUC (matured labels)",
+    )
     ax2.plot(x, [w.estimated_auc for w in result.windows], label="estimated AUC (calibration)", alpha=0.7)
     ax2.set_ylabel("AUC")
     ax2.legend(fontsize=8)
@@ -250,18 +252,28 @@ def backtest(
         raise ChurnError(f"--scenario must be one of {', '.join(SCENARIOS)}, got '{scenario}'")
     sim = cfg.simulation
     start = sim.start
-    first_train_idx = (cfg.features.label_horizon_days + cfg.evaluation.holdout_days + 60 + warmup_days)
+    first_train_idx = cfg.features.label_horizon_days + cfg.evaluation.holdout_days + 60 + warmup_days
     onset = onset_day if onset_day is not None else first_train_idx + 28
     if days < first_train_idx + 2 * cfg.monitoring.window_days:
-        raise ChurnError(f"--days must be at least {first_train_idx + 2 * cfg.monitoring.window_days} "
-                         f"(first training needs {first_train_idx} days of history), got {days}")
-    spec = SimulationSpec(customers=customers or sim.customers, days=days, start=start, scenario=scenario,
-                          seed=sim.seed if seed is None else seed, onset_day=min(onset, days),
-                          segment_column=sim.segment_column, segment_value=sim.segment_value)
+        raise ChurnError(
+            f"--days must be at least {first_train_idx + 2 * cfg.monitoring.window_days} "
+            f"(first training needs {first_train_idx} days of history), got {days}"
+        )
+    spec = SimulationSpec(
+        customers=customers or sim.customers,
+        days=days,
+        start=start,
+        scenario=scenario,
+        seed=sim.seed if seed is None else seed,
+        onset_day=min(onset, days),
+        segment_column=sim.segment_column,
+        segment_value=sim.segment_value,
+    )
     simulate(spec, cfg.data_dir, overwrite=True)
     manifest = read_manifest(cfg.data_dir)
     onset_dt = datetime.combine(date.fromisoformat(manifest["onset_date"]), datetime.min.time()).replace(
-        tzinfo=UTC)
+        tzinfo=UTC
+    )
     exp_id = setup_mlflow(cfg, monitoring_experiment(cfg))
     client = MlflowClient()
     name = cfg.training.model_name
@@ -294,11 +306,18 @@ def backtest(
             top_feat = max(s.psi.items(), key=lambda kv: kv[1])[0] if s.psi else ""
             top_seg = max(s.segment_psi.items(), key=lambda kv: kv[1]) if s.segment_psi else ("", None)
             rec = WindowRecord(
-                index=i, as_of=as_of.isoformat(), model_version=version, action=res.decision.action,
-                population_psi_max=res.population_psi_max, top_feature=top_feat, score_psi=s.score_psi,
+                index=i,
+                as_of=as_of.isoformat(),
+                model_version=version,
+                action=res.decision.action,
+                population_psi_max=res.population_psi_max,
+                top_feature=top_feat,
+                score_psi=s.score_psi,
                 top_segment=res.decision.segments[0] if res.decision.segments else "",
-                top_segment_psi=top_seg[1], realised_auc=s.realised_auc,
-                estimated_auc=res.performance.estimated_auc, post_onset=as_of > onset_dt,
+                top_segment_psi=top_seg[1],
+                realised_auc=s.realised_auc,
+                estimated_auc=res.performance.estimated_auc,
+                post_onset=as_of > onset_dt,
                 reasons=res.decision.reasons[:4],
             )
             if res.decision.action == "retrain":
@@ -312,15 +331,34 @@ def backtest(
             records.append(rec)
             if on_window:
                 on_window(rec)
-    result = _score(scenario, onset_dt, records, cfg.monitoring.window_days, step, retrains,
-                    retrain_days, first_version, horizon, seg_key)
+    result = _score(
+        scenario,
+        onset_dt,
+        records,
+        cfg.monitoring.window_days,
+        step,
+        retrains,
+        retrain_days,
+        first_version,
+        horizon,
+        seg_key,
+    )
     result.run_id = _log_backtest(cfg, exp_id, result, spec, manifest, step, n_trials, fast, retrain_days)
     return result
 
 
-def _score(scenario: str, onset: datetime, records: list[WindowRecord], window_days: int, step: int,
-           retrains: list[str], retrain_days: list[str], first_version: str, horizon: int,
-           seg_key: str) -> BacktestResult:
+def _score(
+    scenario: str,
+    onset: datetime,
+    records: list[WindowRecord],
+    window_days: int,
+    step: int,
+    retrains: list[str],
+    retrain_days: list[str],
+    first_version: str,
+    horizon: int,
+    seg_key: str,
+) -> BacktestResult:
     pre = [r for r in records if scenario == "stable" or not r.post_onset]
     false = [r for r in pre if r.action != "ok"]
     post = [r for r in records if r.post_onset and scenario != "stable"]
@@ -330,19 +368,39 @@ def _score(scenario: str, onset: datetime, records: list[WindowRecord], window_d
     if scenario in ("segment_shift", "usage_and_segment"):
         attributed = bool(first and any(seg_key == r.top_segment for r in post if r.action != "ok"))
     lag = timedelta(days=horizon + window_days)
-    pre_auc = _mean([r.realised_auc for r in records
-                     if r.model_version == first_version and datetime.fromisoformat(r.as_of) - lag < onset])
+    pre_auc = _mean(
+        [
+            r.realised_auc
+            for r in records
+            if r.model_version == first_version and datetime.fromisoformat(r.as_of) - lag < onset
+        ]
+    )
     post_auc = None
     if retrain_days:
         last_day = datetime.fromisoformat(retrain_days[-1])
-        post_auc = _mean([r.realised_auc for r in records if r.model_version == retrains[-1]
-                          and datetime.fromisoformat(r.as_of) - lag >= last_day])
+        post_auc = _mean(
+            [
+                r.realised_auc
+                for r in records
+                if r.model_version == retrains[-1] and datetime.fromisoformat(r.as_of) - lag >= last_day
+            ]
+        )
     return BacktestResult(
-        scenario=scenario, onset=onset.isoformat(), windows=records, window_days=window_days, step_days=step,
-        pre_onset_windows=len(pre), false_alarms=len(false),
-        false_alarm_rate=len(false) / len(pre) if pre else 0.0, detected=first is not None,
+        scenario=scenario,
+        onset=onset.isoformat(),
+        windows=records,
+        window_days=window_days,
+        step_days=step,
+        pre_onset_windows=len(pre),
+        false_alarms=len(false),
+        false_alarm_rate=len(false) / len(pre) if pre else 0.0,
+        detected=first is not None,
         detection_delay_days=delay_days,
         detection_delay_windows=delay_days / window_days if delay_days is not None else None,
-        attributed=attributed, population_psi_at_detection=first.population_psi_max if first else None,
-        retrains=retrains, pre_drift_auc=pre_auc, post_retrain_auc=post_auc, segment=seg_key,
+        attributed=attributed,
+        population_psi_at_detection=first.population_psi_max if first else None,
+        retrains=retrains,
+        pre_drift_auc=pre_auc,
+        post_retrain_auc=post_auc,
+        segment=seg_key,
     )

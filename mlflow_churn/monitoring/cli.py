@@ -48,8 +48,10 @@ def register(app: typer.Typer) -> None:
             console.print("top segments: " + ", ".join(
                 f"{k} {v:.3f} (noise {res.stats.segment_threshold.get(k, 0):.3f})" for k, v in segs))
         perf = res.performance
-        console.print(f"estimated AUC {_fmt(perf.estimated_auc)} (reference {_fmt(perf.reference_estimated_auc)}); "
-                      f"realised AUC {_fmt(res.stats.realised_auc)} vs baseline {_fmt(res.stats.auc_baseline)}")
+        console.print(
+            f"estimated AUC {_fmt(perf.estimated_auc)} (reference {_fmt(perf.reference_estimated_auc)}); "
+            f"realised AUC {_fmt(res.stats.realised_auc)} vs baseline {_fmt(res.stats.auc_baseline)}"
+        )
         console.print(f"[bold]decision: {d.action}[/bold]; " + "; ".join(d.reasons))
         if d.segments:
             console.print("segments that moved: " + ", ".join(d.segments))
@@ -61,8 +63,12 @@ def register(app: typer.Typer) -> None:
         scenario: str = typer.Option("stable", help=f"One of: {', '.join(SCENARIOS)}."),
         days: int = typer.Option(200, help="Simulated days."),
         customers: int = typer.Option(None, help="Simulated customers [simulation.customers]."),
-        onset_day: int = typer.Option(None, help="Drift onset day index (default: 4 windows after first training)."),
-        step_days: int = typer.Option(None, help="Days between windows (default monitoring.window_days; 1 = daily)."),
+        onset_day: int = typer.Option(
+            None, help="Drift onset day index (default: 4 windows after first training)."
+        ),
+        step_days: int = typer.Option(
+            None, help="Days between windows (default monitoring.window_days; 1 = daily)."
+        ),
         n_trials: int = typer.Option(3, help="Optuna trials per (re)training."),
         seed: int = typer.Option(None, help="Simulation seed [simulation.seed]."),
         fast: bool = typer.Option(False, "--fast", help="No per-window MLflow runs / reports."),
@@ -76,17 +82,52 @@ def register(app: typer.Typer) -> None:
         cfg = get_config(ctx)
         step = step_days or cfg.monitoring.window_days
         total = max(1, days // step)
-        res = with_progress(f"backtest {scenario}", total, progress, lambda tick: backtest(
-            cfg, scenario, days, customers=customers, onset_day=onset_day, seed=seed, step_days=step_days,
-            n_trials=n_trials, fast=fast, on_window=tick))
+        res = with_progress(
+            f"backtest {scenario}",
+            total,
+            progress,
+            lambda tick: backtest(
+                cfg,
+                scenario,
+                days,
+                customers=customers,
+                onset_day=onset_day,
+                seed=seed,
+                step_days=step_days,
+                n_trials=n_trials,
+                fast=fast,
+                on_window=tick,
+            ),
+        )
         table = Table(title=f"churn backtest: {scenario}, onset {res.onset[:10]}")
-        for col in ("#", "as_of", "model", "decision", "pop PSI", "top feature", "top segment", "seg PSI",
-                    "realised AUC", "est. AUC", "retrained"):
+        for col in (
+            "#",
+            "as_of",
+            "model",
+            "decision",
+            "pop PSI",
+            "top feature",
+            "top segment",
+            "seg PSI",
+            "realised AUC",
+            "est. AUC",
+            "retrained",
+        ):
             table.add_column(col)
         for w in res.windows:
-            table.add_row(str(w.index), w.as_of[:10], w.model_version, w.action, _fmt(w.population_psi_max),
-                          w.top_feature, w.top_segment or "-", _fmt(w.top_segment_psi), _fmt(w.realised_auc),
-                          _fmt(w.estimated_auc), w.retrained_to or "")
+            table.add_row(
+                str(w.index),
+                w.as_of[:10],
+                w.model_version,
+                w.action,
+                _fmt(w.population_psi_max),
+                w.top_feature,
+                w.top_segment or "-",
+                _fmt(w.top_segment_psi),
+                _fmt(w.realised_auc),
+                _fmt(w.estimated_auc),
+                w.retrained_to or "",
+            )
         console.print(table)
         summ = Table(title="detection quality")
         summ.add_column("measure")

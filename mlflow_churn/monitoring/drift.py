@@ -456,19 +456,26 @@ class StreamAccumulator:
                 d = float(np.abs(ref_cdf - self.ecdf[c] / n).max())
             n_ref = int(entry.get("count", 0))
             out[c] = FeatureDrift(
-                name=c, kind=entry["kind"],
+                name=c,
+                kind=entry["kind"],
                 psi=psi_from_shares(entry["shares"], cur_sh, epsilon) if n else float("nan"),
-                ks=d, js=js_from_shares(entry["shares"], cur_sh),
+                ks=d,
+                js=js_from_shares(entry["shares"], cur_sh),
                 null_rate=self.nulls[c] / self.rows if self.rows else 0.0,
-                ref_null_rate=float(entry.get("null_rate", 0.0)), n=n, n_ref=n_ref,
+                ref_null_rate=float(entry.get("null_rate", 0.0)),
+                n=n,
+                n_ref=n_ref,
                 n_bins=len(entry["shares"]),
-                threshold=psi_threshold(psi_value_threshold, n_ref, n, len(entry["shares"])) if n else float("inf"),
+                threshold=psi_threshold(psi_value_threshold, n_ref, n, len(entry["shares"]))
+                if n
+                else float("inf"),
             )
         return out
 
 
-def iter_parquet_batches(path: str | Path, columns: Sequence[str],
-                         batch_rows: int = 262_144) -> Iterable[pd.DataFrame]:
+def iter_parquet_batches(
+    path: str | Path, columns: Sequence[str], batch_rows: int = 262_144
+) -> Iterable[pd.DataFrame]:
     """Record batches of a Parquet file or directory as small DataFrames (pyarrow)."""
     import pyarrow.dataset as ds
 
@@ -478,14 +485,21 @@ def iter_parquet_batches(path: str | Path, columns: Sequence[str],
     dataset = ds.dataset(str(p), format="parquet")
     missing = [c for c in columns if c not in dataset.schema.names]
     if missing:
-        raise ChurnError(f"{p} lacks column(s) {', '.join(missing)}; it has {', '.join(dataset.schema.names)}")
+        raise ChurnError(
+            f"{p} lacks column(s) {', '.join(missing)}; it has {', '.join(dataset.schema.names)}"
+        )
     for batch in dataset.to_batches(columns=list(columns), batch_size=batch_rows):
         yield batch.to_pandas()
 
 
-def stream_drift(path: str | Path, profile: Mapping[str, Any], columns: Sequence[str] | None = None,
-                 psi_value_threshold: float = 0.2, epsilon: float = DEFAULT_EPSILON,
-                 batch_rows: int = 262_144) -> dict[str, FeatureDrift]:
+def stream_drift(
+    path: str | Path,
+    profile: Mapping[str, Any],
+    columns: Sequence[str] | None = None,
+    psi_value_threshold: float = 0.2,
+    epsilon: float = DEFAULT_EPSILON,
+    batch_rows: int = 262_144,
+) -> dict[str, FeatureDrift]:
     """Drift of a (large) Parquet dataset against a profile, one record batch at a time."""
     cols = list(columns) if columns is not None else list(profile["features"])
     acc = StreamAccumulator(profile, cols)

@@ -168,12 +168,14 @@ def window_drift(
         counts = drift.grouped_counts(idx[name], day_codes, len(days), len(entry["shares"]))
         for j, d in enumerate(days):
             if counts[j].sum():
-                daily[pd.Timestamp(d)][name] = drift.psi_from_shares(entry["shares"], drift.shares(counts[j]), eps)
+                share = drift.shares(counts[j])
+                daily[pd.Timestamp(d)][name] = drift.psi_from_shares(entry["shares"], share, eps)
     return stats, pd.DataFrame.from_dict(daily, orient="index")
 
 
-def _matured(cfg: ChurnConfig, fs: Any, scorer: Any, as_of: datetime,
-             not_before: datetime | None = None) -> tuple[np.ndarray, np.ndarray, int, float] | None:
+def _matured(
+    cfg: ChurnConfig, fs: Any, scorer: Any, as_of: datetime, not_before: datetime | None = None
+) -> tuple[np.ndarray, np.ndarray, int, float] | None:
     """Labels and scores of the window whose labels have matured at ``as_of`` (or None).
 
     Only cutoffs at or after ``not_before`` (the version's training as_of) count: earlier
@@ -204,16 +206,25 @@ def _reference_frame(profile: dict[str, Any], rows: int, seed: int = 0) -> pd.Da
     out = {}
     for name, e in list(profile["features"].items()) + [("score", profile["score"])]:
         if e["kind"] == "numeric":
-            out[name] = rng.choice(np.asarray(e["sample"], float), size=rows, replace=True) if e["sample"] \
+            out[name] = (
+                rng.choice(np.asarray(e["sample"], float), size=rows, replace=True)
+                if e["sample"]
                 else np.full(rows, np.nan)
+            )
         else:
             p = np.asarray(e["shares"][:-1], float)
             out[name] = rng.choice(e["categories"], size=rows, p=p / p.sum())
     return pd.DataFrame(out)
 
 
-def evidently_report(frame: pd.DataFrame, scores: np.ndarray, profile: dict[str, Any], path: Path,
-                     rows: int = 20_000, seed: int = 0) -> Path:
+def evidently_report(
+    frame: pd.DataFrame,
+    scores: np.ndarray,
+    profile: dict[str, Any],
+    path: Path,
+    rows: int = 20_000,
+    seed: int = 0,
+) -> Path:
     """Evidently 0.7 DataDriftPreset HTML of a sample of the window vs the profile's marginals."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
@@ -222,34 +233,46 @@ def evidently_report(frame: pd.DataFrame, scores: np.ndarray, profile: dict[str,
     cols = [c for c in feats if c in frame.columns]
     take = min(rows, len(frame))
     idx = np.random.default_rng(seed).choice(len(frame), size=take, replace=False)
-    cur = pd.DataFrame({c: (frame[c].iloc[idx].astype("object").astype(str).to_numpy()
-                            if feats[c]["kind"] == "categorical" else frame[c].iloc[idx].to_numpy(float))
-                        for c in cols})
+    cur = pd.DataFrame(
+        {
+            c: (
+                frame[c].iloc[idx].astype("object").astype(str).to_numpy()
+                if feats[c]["kind"] == "categorical"
+                else frame[c].iloc[idx].to_numpy(float)
+            )
+            for c in cols
+        }
+    )
     cur["score"] = np.asarray(scores)[idx]
     ref = _reference_frame(profile, take, seed)[cols + ["score"]]
     num = [c for c in cols if feats[c]["kind"] == "numeric"] + ["score"]
     cat = [c for c in cols if feats[c]["kind"] == "categorical"]
     dd = DataDefinition(numerical_columns=num, categorical_columns=cat)
-    snap = Report([DataDriftPreset()]).run(Dataset.from_pandas(cur, data_definition=dd),
-                                           Dataset.from_pandas(ref, data_definition=dd))
+    snap = Report([DataDriftPreset()]).run(
+        Dataset.from_pandas(cur, data_definition=dd), Dataset.from_pandas(ref, data_definition=dd)
+    )
     snap.save_html(str(path))
     return path
 
 
 def psi_figure(daily: pd.DataFrame, stats: WindowStats, title: str) -> Any:
     """Heatmap of daily PSI (features x days) and the top segments' PSI."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [2, 1]})
+    fig = Figure(figsize=(14, 6))
+    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
     if not daily.empty:
         mat = daily.T.fillna(0.0)
-        im = ax1.imshow(mat.to_numpy(), aspect="auto", cmap="magma_r", vmin=0, vmax=max(0.3, float(mat.max().max())))
+        im = ax1.imshow(
+            mat.to_numpy(), aspect="auto", cmap="magma_r", vmin=0, vmax=max(0.3, float(mat.max().max()))
+        )
         ax1.set_yticks(range(len(mat.index)), mat.index, fontsize=7)
-        ax1.set_xticks(range(len(mat.columns)), [pd.Timestamp(c).strftime("%m-%d") for c in mat.columns],
-                       fontsize=7, rotation=45)
+        ax1.set_xticks(
+            range(len(mat.columns)),
+            [pd.Timestamp(c).strftime("%m-%d") for c in mat.columns],
+            fontsize=7,
+            rotation=45,
+        )
         fig.colorbar(im, ax=ax1, label="PSI")
     ax1.set_title(f"daily PSI vs reference: {title}")
     segs = sorted(stats.segment_psi.items(), key=lambda kv: -kv[1])[:10]
@@ -264,16 +287,20 @@ def psi_figure(daily: pd.DataFrame, stats: WindowStats, title: str) -> Any:
     return fig
 
 
-def read_history(cfg: ChurnConfig, model_name: str, version: str, before: datetime,
-                 limit: int = 12) -> list[WindowStats]:
+def read_history(
+    cfg: ChurnConfig, model_name: str, version: str, before: datetime, limit: int = 12
+) -> list[WindowStats]:
     """Earlier windows of this model version, read back from MLflow (oldest first)."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
     exps = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(
-        exps, filter_string=(f"tags.`{TAG_PREFIX}model_name` = '{model_name}' and "
-                             f"tags.`{TAG_PREFIX}model_version` = '{version}'"),
+        exps,
+        filter_string=(
+            f"tags.`{TAG_PREFIX}model_name` = '{model_name}' and "
+            f"tags.`{TAG_PREFIX}model_version` = '{version}'"
+        ),
         max_results=500,
     )
     items = []
@@ -342,8 +369,10 @@ def monitor(
     name = cfg.training.model_name
     mv = alias_version(client, name, alias)
     if mv is None:
-        raise ChurnError(f"model '{name}' has no alias '{alias}'; train and promote a model first "
-                         f"(churn train, then churn evaluate / promote)")
+        raise ChurnError(
+            f"model '{name}' has no alias '{alias}'; train and promote a model first "
+            f"(churn train, then churn evaluate / promote)"
+        )
     version = str(mv.version)
     profile = profile_for_version(client, name, version)
     scorer = load_scorer(model_uri(name, alias), version)
@@ -364,9 +393,15 @@ def monitor(
     baseline = auc_baseline(history, version)
     trained_at = datetime.fromisoformat(tags["as_of"]) if tags.get("as_of") else None
     matured = _matured(cfg, fs, scorer, as_of, trained_at)
-    perf = assess(scores, profile["score"]["sample"], cfg.evaluation, baseline,
-                  *(matured[:2] if matured else (None, None)), label_horizon_days=matured[2] if matured else None,
-                  effective_fraction=matured[3] if matured else 1.0)
+    perf = assess(
+        scores,
+        profile["score"]["sample"],
+        cfg.evaluation,
+        baseline,
+        *(matured[:2] if matured else (None, None)),
+        label_horizon_days=matured[2] if matured else None,
+        effective_fraction=matured[3] if matured else 1.0,
+    )
     stats.auc_drop_threshold = perf.auc_drop_threshold
     stats.realised_auc = _clean(perf.realised["roc_auc"]) if perf.realised else None
     stats.auc_baseline = baseline if baseline is not None else stats.realised_auc
@@ -377,7 +412,9 @@ def monitor(
 
     decision = decide([*history, stats], cfg.monitoring.policy, as_of, last_retrain=trained_at)
     pop_max = max(stats.psi.values()) if stats.psi else 0.0
-    result = MonitorResult(decision, None, as_of, cutoffs[0], version, stats, perf, pop_max, len(frame), daily)
+    result = MonitorResult(
+        decision, None, as_of, cutoffs[0], version, stats, perf, pop_max, len(frame), daily
+    )
     if not log:
         return result
 
@@ -388,8 +425,9 @@ def monitor(
     if parent and (active is None or active.info.run_id != parent):
         outer = mlflow.start_run(run_id=parent)
     try:
-        with mlflow.start_run(run_name=run_name, experiment_id=None if parent else exp_id,
-                              nested=bool(parent)) as run:
+        with mlflow.start_run(
+            run_name=run_name, experiment_id=None if parent else exp_id, nested=bool(parent)
+        ) as run:
             _log_window(result, profile, frame, scores, daily, cfg, name, alias, report, report_rows, tags)
             result.run_id = run.info.run_id
     finally:
@@ -402,20 +440,35 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "._-/ " else "_" for ch in name)
 
 
-def _log_window(result: MonitorResult, profile: dict[str, Any], frame: pd.DataFrame, scores: np.ndarray,
-                daily: pd.DataFrame, cfg: ChurnConfig, name: str, alias: str, report: bool,
-                report_rows: int, mv_tags: dict[str, str] | None = None) -> None:
+def _log_window(
+    result: MonitorResult,
+    profile: dict[str, Any],
+    frame: pd.DataFrame,
+    scores: np.ndarray,
+    daily: pd.DataFrame,
+    cfg: ChurnConfig,
+    name: str,
+    alias: str,
+    report: bool,
+    report_rows: int,
+    mv_tags: dict[str, str] | None = None,
+) -> None:
     import mlflow
-    import matplotlib.pyplot as plt
 
     s = result.stats
-    mlflow.log_params({
-        "as_of": result.as_of.isoformat(), "window_start": result.window_start.isoformat(),
-        "window_days": cfg.monitoring.window_days, "model_name": name, "alias": alias,
-        "model_version": result.model_version, "rows": result.rows,
-        "label_horizon_days": result.performance.label_horizon_days,
-        "val_auc": (mv_tags or {}).get("val_auc", ""),
-    })
+    mlflow.log_params(
+        {
+            "as_of": result.as_of.isoformat(),
+            "window_start": result.window_start.isoformat(),
+            "window_days": cfg.monitoring.window_days,
+            "model_name": name,
+            "alias": alias,
+            "model_version": result.model_version,
+            "rows": result.rows,
+            "label_horizon_days": result.performance.label_horizon_days,
+            "val_auc": (mv_tags or {}).get("val_auc", ""),
+        }
+    )
     metrics: dict[str, float] = {}
     for f, v in s.psi.items():
         metrics[f"psi.{_safe(f)}"] = v
@@ -431,22 +484,31 @@ def _log_window(result: MonitorResult, profile: dict[str, Any], frame: pd.DataFr
     metrics.update(result.performance.metrics())
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)})
     for step, (_, row) in enumerate(daily.iterrows()):
-        mlflow.log_metrics({("daily_score_psi" if k == "__score__" else f"daily_psi.{_safe(k)}"): float(v)
-                            for k, v in row.items() if pd.notna(v)}, step=step)
+        mlflow.log_metrics(
+            {
+                ("daily_score_psi" if k == "__score__" else f"daily_psi.{_safe(k)}"): float(v)
+                for k, v in row.items()
+                if pd.notna(v)
+            },
+            step=step,
+        )
     d = result.decision
-    mlflow.set_tags({
-        f"{TAG_PREFIX}model_name": name, f"{TAG_PREFIX}model_version": result.model_version,
-        f"{TAG_PREFIX}as_of": result.as_of.isoformat(), f"{TAG_PREFIX}action": d.action,
-        f"{TAG_PREFIX}features": ",".join(d.features)[:4000],
-        f"{TAG_PREFIX}segments": ",".join(d.segments)[:4000],
-        f"{TAG_PREFIX}fired": "; ".join(d.fired)[:4000],
-        "decision": d.action,
-    })
+    mlflow.set_tags(
+        {
+            f"{TAG_PREFIX}model_name": name,
+            f"{TAG_PREFIX}model_version": result.model_version,
+            f"{TAG_PREFIX}as_of": result.as_of.isoformat(),
+            f"{TAG_PREFIX}action": d.action,
+            f"{TAG_PREFIX}features": ",".join(d.features)[:4000],
+            f"{TAG_PREFIX}segments": ",".join(d.segments)[:4000],
+            f"{TAG_PREFIX}fired": "; ".join(d.fired)[:4000],
+            "decision": d.action,
+        }
+    )
     mlflow.log_dict(result.to_dict(), "decision.json")
     mlflow.log_dict(s.to_dict(), "window_stats.json")
     fig = psi_figure(daily, s, f"{name} v{result.model_version}, window to {result.as_of:%Y-%m-%d}")
     mlflow.log_figure(fig, "psi_heatmap.png")
-    plt.close(fig)
     if report:
         with tempfile.TemporaryDirectory() as tmp:
             path = evidently_report(frame, scores, profile, Path(tmp) / "drift_report.html", report_rows)
@@ -466,12 +528,16 @@ def latest_decision(cfg: ChurnConfig, model_name: str | None = None) -> dict[str
     client = MlflowClient()
     name = model_name or cfg.training.model_name
     exps = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(exps, filter_string=f"tags.`{TAG_PREFIX}model_name` = '{name}'", max_results=1000)
+    runs = client.search_runs(
+        exps, filter_string=f"tags.`{TAG_PREFIX}model_name` = '{name}'", max_results=1000
+    )
     runs = [r for r in runs if r.info.status == "FINISHED" and r.data.tags.get(f"{TAG_PREFIX}as_of")]
     if not runs:
         return None
     newest = max(runs, key=lambda r: r.data.tags[f"{TAG_PREFIX}as_of"])
     with tempfile.TemporaryDirectory() as tmp:
-        data = json.loads(Path(client.download_artifacts(newest.info.run_id, "decision.json", tmp)).read_text())
+        data = json.loads(
+            Path(client.download_artifacts(newest.info.run_id, "decision.json", tmp)).read_text()
+        )
     data["run_id"] = newest.info.run_id
     return data

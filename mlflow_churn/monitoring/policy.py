@@ -211,10 +211,21 @@ def decide(
 
     faults = _integrity(cur, policy_cfg)
     if faults and policy_cfg.integrity == "block":
-        return PolicyDecision("blocked", [f"integrity: {f}" for f in faults], sorted(
-            set(cur.missing_features) | {f for f, r in cur.null_rate.items()
-                                         if r - cur.ref_null_rate.get(f, 0.0) > policy_cfg.max_null_increase}),
-            [], [], as_of)
+        return PolicyDecision(
+            "blocked",
+            [f"integrity: {f}" for f in faults],
+            sorted(
+                set(cur.missing_features)
+                | {
+                    f
+                    for f, r in cur.null_rate.items()
+                    if r - cur.ref_null_rate.get(f, 0.0) > policy_cfg.max_null_increase
+                }
+            ),
+            [],
+            [],
+            as_of,
+        )
     reasons += [f"integrity warning: {f}" for f in faults]
 
     n, required = policy_cfg.persistence.windows, policy_cfg.persistence.required
@@ -235,8 +246,10 @@ def decide(
             if t.metric == "segment_psi":
                 segments.update(now)
         elif now:
-            reasons.append(f"{trigger_name(t)} fired but only in {hits} of the last "
-                           f"{len(per_window)} windows (need {required})")
+            reasons.append(
+                f"{trigger_name(t)} fired but only in {hits} of the last "
+                f"{len(per_window)} windows (need {required})"
+            )
 
     # the segments that moved (beyond their noise level and the smallest PSI trigger value),
     # whatever trigger fired: the evidence behind investigate
@@ -253,14 +266,15 @@ def decide(
     fired = [trigger_name(t) for t in persistent]
     if not alarm:
         if persistent:
-            reasons.append(f"{len(persistent)} trigger(s) persistent, combine={policy_cfg.combine} "
-                           f"needs {k}")
+            reasons.append(f"{len(persistent)} trigger(s) persistent, combine={policy_cfg.combine} needs {k}")
         action: Action = "investigate" if (seg_list and not faults) else "ok"
         if action == "investigate":
             reasons.append("segments moved beyond their size-aware threshold: " + ", ".join(seg_list[:5]))
         if faults:
             action = "investigate"
-        return PolicyDecision(action, reasons or ["no trigger fired"], sorted(features), seg_list, fired, as_of)
+        return PolicyDecision(
+            action, reasons or ["no trigger fired"], sorted(features), seg_list, fired, as_of
+        )
 
     perf = [t for t in persistent if t.metric in PERFORMANCE_METRICS]
     if perf:
@@ -271,7 +285,9 @@ def decide(
     if action == "retrain":
         last = _last_retrain(wins[:-1], last_retrain)
         if last is not None and as_of - last < timedelta(days=policy_cfg.cooldown_days):
-            reasons.append(f"cooldown: last retrain {last.isoformat()} is within "
-                           f"{policy_cfg.cooldown_days} days -> investigate")
+            reasons.append(
+                f"cooldown: last retrain {last.isoformat()} is within "
+                f"{policy_cfg.cooldown_days} days -> investigate"
+            )
             action = "investigate"
     return PolicyDecision(action, reasons, sorted(features), seg_list, fired, as_of)

@@ -179,11 +179,15 @@ def load_profile(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(p.read_text())
     except OSError as exc:
-        raise ChurnError(f"cannot read profile {p}: {exc.strerror}; was the model trained with a profile?") from exc
+        raise ChurnError(
+            f"cannot read profile {p}: {exc.strerror}; was the model trained with a profile?"
+        ) from exc
     except json.JSONDecodeError as exc:
         raise ChurnError(f"profile {p} is not valid JSON ({exc.msg}); re-log it with save_profile") from exc
     if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT or "features" not in data:
-        raise ChurnError(f"{p} is not a format-{PROFILE_FORMAT} reference profile; rebuild it with build_profile")
+        raise ChurnError(
+            f"{p} is not a format-{PROFILE_FORMAT} reference profile; rebuild it with build_profile"
+        )
     return data
 
 
@@ -200,10 +204,14 @@ def profile_for_version(client: Any, name: str, version: str | int) -> dict[str,
     try:
         mv = client.get_model_version(name, str(version))
     except MlflowException as exc:
-        raise ChurnError(f"model '{name}' version {version} not found in the registry: {exc.message}") from exc
+        raise ChurnError(
+            f"model '{name}' version {version} not found in the registry: {exc.message}"
+        ) from exc
     run_id = (mv.tags or {}).get("train_run_id") or mv.run_id
     if not run_id:
-        raise ChurnError(f"model '{name}' version {version} has no train_run_id tag nor run; cannot find its profile")
+        raise ChurnError(
+            f"model '{name}' version {version} has no train_run_id tag nor run; cannot find its profile"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = client.download_artifacts(run_id, PROFILE_ARTIFACT, tmp)

@@ -28,13 +28,17 @@ def register(app: typer.Typer) -> None:
     def retrain(
         ctx: typer.Context,
         as_of: str = typer.Option(
-            None, "--as-of",
+            None,
+            "--as-of",
             help="Decide and train as of this instant, ISO date/time UTC (default: the newest data).",
         ),
         force: bool = typer.Option(False, "--force", help="Retrain whatever the decision and the cooldown."),
-        force_value: str = typer.Option(None, "--force-value", hidden=True,
-                                        help="true/false form of --force (MLproject parameter)."),
-        n_trials: int = typer.Option(None, "--n-trials", help="Optuna trials (default: config training.n_trials)."),
+        force_value: str = typer.Option(
+            None, "--force-value", hidden=True, help="true/false form of --force (MLproject parameter)."
+        ),
+        n_trials: int = typer.Option(
+            None, "--n-trials", help="Optuna trials (default: config training.n_trials)."
+        ),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     ) -> None:
         """Retrain when the newest monitoring decision about the champion says so (or --force):
@@ -48,8 +52,7 @@ def register(app: typer.Typer) -> None:
             raise ChurnError(f"--n-trials must be >= 1, got {n_trials}")
         cfg = get_config(ctx, {"training.n_trials": n_trials})
         forced = force or (_bool(force_value, "--force-value") if force_value is not None else False)
-        when = (parse_datetime(as_of, "--as-of") if opt_str(as_of)
-                else data_bounds(cfg.data_dir).last_event)
+        when = parse_datetime(as_of, "--as-of") if opt_str(as_of) else data_bounds(cfg.data_dir).last_event
         result = run_retrain(cfg, when, force=forced, progress=progress)
         table = Table(title=f"churn retrain as of {when.isoformat()}: {result.action}")
         table.add_column("step")
@@ -57,8 +60,11 @@ def register(app: typer.Typer) -> None:
         table.add_row("decision", result.reason)
         if result.action == RETRAINED and result.train is not None:
             t = result.train
-            table.add_row("train", f"challenger v{t.version}, val_auc {t.val_auc:.4f}, window "
-                                   f"{t.window_start[:10]} .. {t.window_end[:10]} (run {t.run_id})")
+            table.add_row(
+                "train",
+                f"challenger v{t.version}, val_auc {t.val_auc:.4f}, window "
+                f"{t.window_start[:10]} .. {t.window_end[:10]} (run {t.run_id})",
+            )
         if result.gate is not None:
             g = result.gate
             verdict = "passed -> canary" if g.passed else "rejected: " + "; ".join(g.reasons)

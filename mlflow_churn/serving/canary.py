@@ -12,7 +12,8 @@ to the version its alias points at now):
   AUC and recall@k per route (:func:`mlflow_churn.evaluation.metrics.classification_metrics`).
 
 Verdict: ``wait`` until the canary has ``serving.min_canary_samples`` scored rows; then
-``rollback`` if its error rate > ``max_error_rate``, p99 > ``max_p99_ms``, score PSI >
+``rollback`` if its error rate > ``max_error_rate``, p99 > ``max_p99_ms`` while also above
+``max_p99_ratio`` x the champion's p99 (a loaded host slows both routes), score PSI >
 ``max_score_psi``, or (with at least ``min_canary_samples`` labelled rows on both routes)
 AUC below the champion's by more than ``max_auc_drop`` or recall@k by more than
 ``evaluation.recall_tolerance`` (each widened to 2.326 standard errors of the difference:
@@ -275,9 +276,11 @@ def evaluate_canary(
         if can.error_rate > sv.max_error_rate:
             reasons.append(f"canary error rate {can.error_rate:.4f} > serving.max_error_rate "
                            f"{sv.max_error_rate}")
-        if can.p99_latency_ms > sv.max_p99_ms:
+        slower = not can.p99_latency_ms <= champ.p99_latency_ms * sv.max_p99_ratio  # NaN champion: slower
+        if can.p99_latency_ms > sv.max_p99_ms and slower:
             reasons.append(f"canary p99 latency {can.p99_latency_ms:.1f} ms > serving.max_p99_ms "
-                           f"{sv.max_p99_ms}")
+                           f"{sv.max_p99_ms} and > {sv.max_p99_ratio} x champion p99 "
+                           f"{champ.p99_latency_ms:.1f} ms")
         if math.isfinite(score_psi) and score_psi > sv.max_score_psi:
             reasons.append(f"score PSI canary vs champion {score_psi:.3f} > serving.max_score_psi "
                            f"{sv.max_score_psi}")
@@ -308,6 +311,7 @@ def evaluate_canary(
             mlflow.log_params({"as_of": as_of.isoformat(), "since": since.isoformat() if since else "",
                                "min_canary_samples": sv.min_canary_samples,
                                "max_error_rate": sv.max_error_rate, "max_p99_ms": sv.max_p99_ms,
+                               "max_p99_ratio": sv.max_p99_ratio,
                                "max_score_psi": sv.max_score_psi, "max_auc_drop": sv.max_auc_drop})
             mlflow.log_metrics(_metrics_of(result))
             log_json(result.to_dict(), "decision.json")

@@ -51,7 +51,9 @@ class ChurnModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         self.booster = xgb.Booster()
         self.booster.load_model(context.artifacts["booster"])
-        self.feature_set = FeatureSet.from_dict(json.loads(Path(context.artifacts["feature_set"]).read_text()))
+        self.feature_set = FeatureSet.from_dict(
+            json.loads(Path(context.artifacts["feature_set"]).read_text())
+        )
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         if not isinstance(model_input, pd.DataFrame):
@@ -62,8 +64,10 @@ class ChurnModel(mlflow.pyfunc.PythonModel):
 def signature_for(feature_set: FeatureSet) -> ModelSignature:
     """Input: the set's columns (string for categoricals, double otherwise, all optional);
     output: one double column, P(churn)."""
-    cols = [ColSpec("string" if f.dtype == "category" else "double", f.full_name, required=False)
-            for f in feature_set.features]
+    cols = [
+        ColSpec("string" if f.dtype == "category" else "double", f.full_name, required=False)
+        for f in feature_set.features
+    ]
     return ModelSignature(inputs=Schema(cols), outputs=Schema([ColSpec("double", "churn_probability")]))
 
 
@@ -73,8 +77,11 @@ def to_model_input(feature_set: FeatureSet, frame: pd.DataFrame) -> pd.DataFrame
     out = {}
     for f in feature_set.features:
         col = frame[f.full_name]
-        out[f.full_name] = (col.astype("object").where(col.notna(), None) if f.dtype == "category"
-                            else pd.to_numeric(col, errors="coerce").astype("float64"))
+        out[f.full_name] = (
+            col.astype("object").where(col.notna(), None)
+            if f.dtype == "category"
+            else pd.to_numeric(col, errors="coerce").astype("float64")
+        )
     return pd.DataFrame(out).reset_index(drop=True)
 
 
@@ -83,8 +90,9 @@ def input_example(feature_set: FeatureSet, frame: pd.DataFrame, rows: int = 5) -
     return to_model_input(feature_set, frame.head(rows))
 
 
-def log_churn_model(booster: xgb.Booster, feature_set: FeatureSet, example: pd.DataFrame,
-                    name: str = "model") -> mlflow.models.model.ModelInfo:
+def log_churn_model(
+    booster: xgb.Booster, feature_set: FeatureSet, example: pd.DataFrame, name: str = "model"
+) -> mlflow.models.model.ModelInfo:
     """Log ``booster`` as a pyfunc returning P(churn) in the active run; return its info."""
     with tempfile.TemporaryDirectory() as tmp:
         booster_path = Path(tmp) / BOOSTER_FILE
@@ -97,8 +105,12 @@ def log_churn_model(booster: xgb.Booster, feature_set: FeatureSet, example: pd.D
             artifacts={"booster": str(booster_path), "feature_set": str(fs_path)},
             signature=signature_for(feature_set),
             input_example=input_example(feature_set, example),
-            pip_requirements=[f"mlflow=={mlflow.__version__}", f"xgboost=={xgb.__version__}",
-                              f"pandas=={pd.__version__}", "mlflow-churn"],
+            pip_requirements=[
+                f"mlflow=={mlflow.__version__}",
+                f"xgboost=={xgb.__version__}",
+                f"pandas=={pd.__version__}",
+                "mlflow-churn",
+            ],
         )
 
 

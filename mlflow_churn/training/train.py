@@ -242,14 +242,12 @@ def registered_version(client: MlflowClient, name: str, source: str, run_id: str
 
 
 def _importance_figure(booster: Any, title: str) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     gain = booster.get_score(importance_type="gain")
     items = sorted(gain.items(), key=lambda kv: kv[1])[-25:]
-    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.3 * len(items) + 1)))
+    fig = Figure(figsize=(7, max(2.5, 0.3 * len(items) + 1)))
+    ax = fig.subplots()
     ax.barh([k for k, _ in items], [v for _, v in items], color="#3b6ea5")
     ax.set_xlabel("total gain / split (XGBoost 'gain')")
     ax.set_title(title)
