@@ -118,6 +118,23 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def _measure_server(label: str, cmd: list[str], ready: str, path: str, payloads: list[dict],
+                    env: dict[str, str], args: argparse.Namespace) -> tuple:
+    """Start ``cmd`` (``{port}`` filled in) and measure latencies and throughput of ``path``."""
+    port = _free_port()
+    proc = subprocess.Popen([c.replace("{port}", str(port)) for c in cmd], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait(url, ready, proc)
+        _log(f"measuring {label}")
+        return (_latencies(url, path, payloads, args.requests),
+                _throughput(url, path, payloads, 1, args.seconds),
+                _throughput(url, path, payloads, args.clients, args.seconds))
+    finally:
+        _stop(proc)
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--customers", type=int, default=20_000)
@@ -175,37 +192,15 @@ def main(argv: list[str]) -> int:
         bindir = os.path.dirname(sys.executable)
         env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
         results = {}
-        port = _free_port()
-        ours_proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow_churn.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-             "--canary-fraction", "0"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            _wait(url, "/ready", ours_proc)
-            _log("measuring churn serve")
-            lat = _latencies(url, "/predict", ours, args.requests)
-            results["churn serve (customer id, online features)"] = (
-                lat, _throughput(url, "/predict", ours, 1, args.seconds),
-                _throughput(url, "/predict", ours, args.clients, args.seconds))
-        finally:
-            _stop(ours_proc)
-        port = _free_port()
-        theirs_proc = subprocess.Popen(
-            [os.path.join(bindir, "mlflow"), "models", "serve", "-m",
-             f"models:/{cfg.training.model_name}@champion", "--env-manager", "local", "-h", "127.0.0.1",
-             "-p", str(port), "-w", "1"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            _wait(url, "/ping", theirs_proc)
-            _log("measuring mlflow models serve")
-            lat = _latencies(url, "/invocations", theirs, args.requests)
-            results["mlflow models serve (features in the request)"] = (
-                lat, _throughput(url, "/invocations", theirs, 1, args.seconds),
-                _throughput(url, "/invocations", theirs, args.clients, args.seconds))
-        finally:
-            _stop(theirs_proc)
+        ours_cmd = [sys.executable, "-m", "mlflow_churn.cli", "serve", "--host", "127.0.0.1",
+                    "--port", "{port}", "--canary-fraction", "0"]
+        theirs_cmd = [os.path.join(bindir, "mlflow"), "models", "serve", "-m",
+                      f"models:/{cfg.training.model_name}@champion", "--env-manager", "local",
+                      "-h", "127.0.0.1", "-p", "{port}", "-w", "1"]
+        results["churn serve (customer id, online features)"] = _measure_server(
+            "churn serve", ours_cmd, "/ready", "/predict", ours, env, args)
+        results["mlflow models serve (features in the request)"] = _measure_server(
+            "mlflow models serve", theirs_cmd, "/ping", "/invocations", theirs, env, args)
 
     ours_lat, ours_seq, ours_conc = results["churn serve (customer id, online features)"]
     their_lat, their_seq, their_conc = results["mlflow models serve (features in the request)"]

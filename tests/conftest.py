@@ -42,12 +42,16 @@ def _need(service: str, host: str, port: int) -> None:
     pytest.skip(msg)
 
 
+#: MLFLOW_* variables as the session found them (before any fixture ran ``setup_mlflow``)
+_BASE_MLFLOW_ENV = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+
+
 @pytest.fixture(autouse=True)
 def _restore_mlflow_environ() -> Iterator[None]:
-    """Undo what a test's ``setup_mlflow`` left behind: MLFLOW_* variables (``set_tracking_uri``
-    exports one) and the process-wide tracking / registry URIs that a later test's
-    ``MlflowClient(uri)`` would otherwise silently use for the registry."""
-    saved = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    """After each test, undo what ``setup_mlflow`` left behind (also from module fixtures):
+    MLFLOW_* variables (``set_tracking_uri`` / ``set_registry_uri`` export them) and the
+    process-wide tracking / registry URIs, which a later ``MlflowClient(uri)`` would
+    otherwise silently use as its registry."""
     yield
     if "mlflow" in sys.modules:
         import mlflow
@@ -55,9 +59,9 @@ def _restore_mlflow_environ() -> Iterator[None]:
         mlflow.set_registry_uri(None)
         mlflow.set_tracking_uri(None)
     for name in [k for k in os.environ if k.startswith("MLFLOW_")]:
-        if name not in saved:
+        if name not in _BASE_MLFLOW_ENV:
             del os.environ[name]
-    os.environ.update(saved)
+    os.environ.update(_BASE_MLFLOW_ENV)
 
 
 @pytest.fixture

@@ -27,7 +27,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     cfg = load_config(workspace=ws, environ={}, overrides={
         "training.n_trials": 1, "monitoring.min_segment_size": 100})
     res = train(cfg, AS_OF, n_trials=1, progress=False)
-    move_alias(MlflowClient(), cfg.training.model_name, "champion", res.version)
+    move_alias(MlflowClient(cfg.mlflow_tracking_uri, cfg.mlflow_tracking_uri), cfg.training.model_name,
+               "champion", res.version)
     return cfg, res
 
 
@@ -37,7 +38,7 @@ def test_monitor_logs_a_run_with_evidence_and_reads_history(trained) -> None:
     assert first.model_version == res.version
     assert first.rows > 0 and first.run_id
     assert first.decision.action in ("ok", "investigate")
-    client = MlflowClient()
+    client = MlflowClient(cfg.mlflow_tracking_uri, cfg.mlflow_tracking_uri)
     run = client.get_run(first.run_id)
     assert run.data.tags["monitor.action"] == first.decision.action
     assert "psi.monthly_usage" in run.data.metrics and "score_psi" in run.data.metrics

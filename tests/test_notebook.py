@@ -37,4 +37,4 @@ def test_walkthrough_notebook_runs(workspace: Path, monkeypatch: pytest.MonkeyPa
 
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     aliases = client.get_registered_model("churn-model").aliases
-    assert aliases["champion"] == "2" and aliases["previous-champion"] == "1"
+    assert str(aliases["champion"]) == "2" and str(aliases["previous-champion"]) == "1"

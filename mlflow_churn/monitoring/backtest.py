@@ -5,9 +5,8 @@ the first champion at the first feasible day (+ ``warmup_days``), then steps mon
 windows every ``step_days`` (default ``cfg.monitoring.window_days``; 1 = overlapping daily
 windows) to the end of the data. Each window runs :func:`monitor` with the in-memory
 history of the current champion and the policy; a ``retrain`` decision calls
-``mlflow_churn.monitoring.retrain.retrain`` when that module exists (train + evaluate +
-gate; a passed challenger is then promoted, standing in for a healthy canary), else
-``training.train.train`` and promotes the new version directly.
+``mlflow_churn.monitoring.retrain.retrain`` (train + evaluate + gate; a passed challenger
+is then promoted, standing in for a healthy canary).
 
 Scoring (onset = first drifted day of the simulation):
 
@@ -30,7 +29,6 @@ The run (experiment ``<training.experiment>-monitoring``) logs per-window metric
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from collections.abc import Callable
@@ -101,23 +99,17 @@ def _retrain(cfg: ChurnConfig, as_of: datetime, n_trials: int, progress: bool) -
     """Retrain; returns the new champion version (None when the gate rejected it)."""
     from mlflow import MlflowClient
 
+    from mlflow_churn.monitoring.retrain import retrain
     from mlflow_churn.registry.aliases import CHAMPION, move_alias
 
     client = MlflowClient()
     name = cfg.training.model_name
-    if importlib.util.find_spec("mlflow_churn.monitoring.retrain") is not None:
-        from mlflow_churn.monitoring import retrain as retrain_mod
-
-        res = retrain_mod.retrain(cfg.model_copy(update={"training": cfg.training.model_copy(
-            update={"n_trials": n_trials})}), as_of, force=True, progress=progress)
-        gate = getattr(res, "gate", None)
-        if gate is None or not gate.passed:
-            return None
-        version = str(gate.challenger_version)
-    else:
-        from mlflow_churn.training.train import train
-
-        version = str(train(cfg, as_of, n_trials=n_trials, progress=progress).version)
+    res = retrain(cfg.model_copy(update={"training": cfg.training.model_copy(update={"n_trials": n_trials})}),
+                  as_of, force=True, progress=progress)
+    gate = getattr(res, "gate", None)
+    if gate is None or not gate.passed:
+        return None
+    version = str(gate.challenger_version)
     move_alias(client, name, CHAMPION, version, cfg.evaluation.mirror_stages)
     return version
 
