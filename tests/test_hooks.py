@@ -218,13 +218,13 @@ def test_end_to_end_real_mlflow_server_fires_the_gate(config, register_version, 
         client.set_registered_model_alias(name, "challenger", chal.version)
 
         deadline = time.monotonic() + 120
-        run_id = None
-        while time.monotonic() < deadline and run_id is None:
+        run = None  # the gate tags the version from inside its run: wait for the run to end too
+        while time.monotonic() < deadline and (run is None or run.info.status == "RUNNING"):
             run_id = client.get_model_version(name, chal.version).tags.get("gate_run_id")
-            if run_id is None:
+            run = client.get_run(run_id) if run_id else None
+            if run is None or run.info.status == "RUNNING":
                 time.sleep(1)
-        assert run_id, f"no gate decision within 120 s; receiver log: {hook_log.read_text()[-3000:]}"
-        run = client.get_run(run_id)
+        assert run, f"no gate decision within 120 s; receiver log: {hook_log.read_text()[-3000:]}"
         assert run.info.status == "FINISHED" and run.data.tags["gate"] == "passed"
         assert run.data.tags["challenger_version"] == chal.version
         assert alias_version(client, name, CANARY).version == chal.version
