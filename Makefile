@@ -22,7 +22,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
-bench: $(STAMP)
+# Feast is a benchmark peer only: its own venv, never a dependency of the project.
+FEAST_VENV := bench/.feast-venv
+$(FEAST_VENV)/bin/python:
+	$(PY) -m venv $(FEAST_VENV)
+	$(FEAST_VENV)/bin/pip install --quiet 'feast==0.67.*' || \
+		(rm -rf $(FEAST_VENV); echo "Feast 0.67 could not be installed: bench_features reports it")
+
+bench: $(STAMP) $(FEAST_VENV)/bin/python
 	$(BIN)/python -m bench.run
 
 lint: $(STAMP)

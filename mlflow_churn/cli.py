@@ -170,6 +170,8 @@ _register_commands()
 
 def main() -> None:
     """Console-script entry point: one-line errors, exit code 2 on bad input."""
+    # MLflow's per-download bars would interleave with the commands' own progress and tables
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         app()
     except ChurnError as exc:
