@@ -788,25 +788,22 @@ def create_app(cfg: ChurnConfig, start_background: bool = True) -> FastAPI:
         service.models.reload()
         return service.status()
 
-    @app.post("/admin/promote")
-    def admin_promote(request: Request, body: AdminRequest | None = None) -> dict[str, Any]:
+    def _transition(request: Request, body: AdminRequest | None, kind: str) -> dict[str, Any]:
         _admin(request)
-        from mlflow_churn.serving.canary import promote
+        from mlflow_churn.serving import canary
 
         body = body or AdminRequest()
-        result = promote(cfg, body.reason, version=body.version)
+        result = getattr(canary, kind)(cfg, body.reason, version=body.version)
         service.models.reload()
         return {"transition": result.to_dict(), "serving": service.status()}
+
+    @app.post("/admin/promote")
+    def admin_promote(request: Request, body: AdminRequest | None = None) -> dict[str, Any]:
+        return _transition(request, body, "promote")
 
     @app.post("/admin/rollback")
     def admin_rollback(request: Request, body: AdminRequest | None = None) -> dict[str, Any]:
-        _admin(request)
-        from mlflow_churn.serving.canary import rollback
-
-        body = body or AdminRequest()
-        result = rollback(cfg, body.reason, version=body.version)
-        service.models.reload()
-        return {"transition": result.to_dict(), "serving": service.status()}
+        return _transition(request, body, "rollback")
 
     return app
 
