@@ -62,16 +62,37 @@ def _verdict(scenario: str, r: BacktestResult) -> list[str]:
     return out
 
 
+def _one(scenario: str, customers: int, out: Path) -> None:
+    """Replay one scenario in a temporary workspace; write its result as JSON to ``out``."""
+    import json
+    from dataclasses import asdict
+
+    days, step = PLAN[scenario]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(workspace=Path(tmp) / "ws", environ={})
+        start = time.perf_counter()
+        r = backtest(cfg, scenario, days, customers=customers, step_days=step, fast=True, seed=11)
+        out.write_text(json.dumps({"result": asdict(r), "seconds": time.perf_counter() - start}))
+
+
 def main(argv: list[str]) -> int:
+    import json
+    import subprocess
+
+    if "--one" in argv:  # a child: one scenario per process, so no MLflow / SQLite state is shared
+        _one(argv[argv.index("--one") + 1], int(argv[argv.index("--customers") + 1]), Path(argv[-1]))
+        return 0
     quick = "--quick" in argv
     customers = 8000 if quick else 20_000
     rows, verdicts = [], []
-    for scenario, (days, step) in PLAN.items():
+    for scenario, (_days, step) in PLAN.items():
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = load_config(workspace=Path(tmp) / "ws", environ={})
-            start = time.perf_counter()
-            r = backtest(cfg, scenario, days, customers=customers, step_days=step, fast=True, seed=11)
-            took = time.perf_counter() - start
+            out = Path(tmp) / "result.json"
+            subprocess.run([sys.executable, "-m", "bench.bench_detection", "--one", scenario,
+                            "--customers", str(customers), str(out)], check=True, stdout=subprocess.DEVNULL)
+            data = json.loads(out.read_text())
+        raw, took = data["result"], data["seconds"]
+        r = BacktestResult(**{k: v for k, v in raw.items() if k != "windows"}, windows=raw["windows"])
         print(f"{scenario}: {took:.0f} s", file=sys.stderr, flush=True)
         attributed = "-" if r.attributed is None else str(r.attributed)
         rows.append(f"| `{scenario}` | {len(r.windows)} (every {step} d) | {r.onset[:10]} | "
@@ -89,7 +110,6 @@ def main(argv: list[str]) -> int:
     print()
     print("\n".join(verdicts))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
