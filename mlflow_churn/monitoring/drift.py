@@ -488,7 +488,9 @@ def iter_parquet_batches(
         raise ChurnError(
             f"{p} lacks column(s) {', '.join(missing)}; it has {', '.join(dataset.schema.names)}"
         )
-    for batch in dataset.to_batches(columns=list(columns), batch_size=batch_rows):
+    # no read-ahead: pyarrow's default (16 batches, 4 files) would hold ~20x batch_rows in memory
+    for batch in dataset.to_batches(columns=list(columns), batch_size=batch_rows,
+                                    batch_readahead=0, fragment_readahead=0):
         yield batch.to_pandas()
 
 
