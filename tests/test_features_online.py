@@ -255,3 +255,18 @@ def test_run_every_writes_then_waits_for_new_data(cfg: ChurnConfig, store: Onlin
     assert len(naps) == 2 and all(0 < n <= 3600 for n in naps)
     with pytest.raises(ChurnError, match="--every"):
         run_every(cfg, timedelta(0), store=store)
+
+
+def test_non_finite_values_round_trip(tmp_path: Path) -> None:
+    """DuckDB writes NaN / Infinity literals for non-finite doubles; the fast parser falls back."""
+    frame = pd.DataFrame({"customer_id": [1, 2], "event_time": [pd.Timestamp(T1)] * 2,
+                          "x": [float("nan"), float("inf")], "y": [1.5, -2.0]})
+    store = SqliteStore(tmp_path / "online.db")
+    info = BatchInfo(batch_id=online.new_batch_id(T1), as_of=T1, watermark=T1, rows=2,
+                     features=("x", "y"), started_at=datetime.now(UTC))
+    store.write_batch(frame, info)
+    rows = store.get([1, 2])
+    assert rows[1].values == {"x": None, "y": 1.5}  # pandas NaN is SQL NULL in DuckDB
+    assert rows[2].values == {"x": float("inf"), "y": -2.0}
+    assert online.loads_payloads('[{"a":1.25}]') == [{"a": 1.25}]
+    store.close()
