@@ -80,7 +80,13 @@ class TrainingConfig(_Section):
     history_days: int = Field(0, ge=0, description="extra rolling history before the window")
     history_weight: float = Field(0.5, ge=0, le=1, description="sample weight of history rows")
     cutoff_every_days: int = Field(7, ge=1, description="spacing of training cutoffs (days)")
-    validation_fraction: float = Field(0.25, gt=0, lt=1, description="newest share for validation")
+    validation_fraction: float = Field(
+        0.25, gt=0, lt=1, description="newest share of the production cutoffs that validates"
+    )
+    validation_customer_fraction: float = Field(
+        0.2, gt=0, lt=1,
+        description="share of the non-holdout customers whose newest rows validate; never trained on",
+    )
     n_trials: int = Field(20, ge=1)
     timeout_seconds: float | None = Field(None, gt=0)
     seed: int = 42
@@ -106,13 +112,28 @@ class EvaluationConfig(_Section):
     segments: list[str] = Field(default_factory=lambda: ["plan", "region", "contract"])
     min_auc_delta: float = Field(0.0, ge=0, description="challenger AUC must beat by this")
     segment_tolerance: float = Field(0.02, ge=0, description="max per-segment AUC loss")
-    min_auc: float = Field(0.7, ge=0, le=1, description="absolute floor with no champion")
+    segment_z: float = Field(
+        1.645, ge=0,
+        description="segment rule widens segment_tolerance by this many bootstrap SEs of the paired "
+        "AUC difference (1.645 = one-sided 95%; 0 = point estimates only)",
+    )
+    min_auc: float = Field(
+        0.65, ge=0, le=1,
+        description="absolute ROC AUC floor with no champion (honest holdout AUC on the simulator ~0.72)",
+    )
     holdout_days: int = Field(
         7, ge=1, description="newest matured days kept out of training and used to evaluate (days)"
     )
+    holdout_customer_fraction: float = Field(
+        0.2, gt=0, lt=1,
+        description="customers no model trains on (stable hash of the id); the gate scores only them",
+    )
     recall_tolerance: float = Field(0.02, ge=0, description="max recall@k loss vs champion (absolute)")
     lift_tolerance: float = Field(0.05, ge=0, description="max revenue-lift loss vs champion (relative)")
-    min_segment_size: int = Field(200, ge=1, description="segments smaller than this are not gated")
+    min_segment_size: int = Field(200, ge=1, description="segments with fewer rows are not gated")
+    min_segment_churners: int = Field(
+        20, ge=1, description="segments with fewer distinct churned customers are not gated"
+    )
     mirror_stages: bool = Field(
         False, description="also move legacy stages (canary->Staging, champion->Production)"
     )

@@ -154,14 +154,16 @@ def register_version(small_data: Path):
     - ``cfg.data_dir`` is linked to the shared ``small_data`` when it does not exist yet;
     - training cutoffs every ``cfg.training.cutoff_every_days`` in
       ``[window_end - window_days, window_end]``; horizon ``cfg.features.label_horizon_days``;
-    - quality ``good``: 30 rounds, depth 4 (holdout AUC ~0.84 on small_data);
-      ``bad``: 12 numeric features shuffled, depth 1, 2 rounds (~0.65);
+      holdout and validation customers (``mlflow_churn.data.groups``) are left out, as in training;
+    - quality ``good``: 30 rounds, depth 4 (holdout AUC ~0.70 on small_data's holdout customers);
+      ``bad``: labels shuffled, depth 1, 2 rounds (~0.5);
       ``bad_segment``: good overall, but inside ``bad_segment`` (column, value) the labels
       are re-assigned to the customers a good model ranks lowest (same churn rate, inverted
-      ranking), so that segment's AUC collapses;
+      ranking) and the model is deeper (150 rounds, depth 6) to learn it, so that segment's AUC
+      collapses;
     - version tags as training sets them (contracts.md): feature_set, feature_set_hash,
       window_start, window_end, as_of (= window_end + horizon + evaluation.holdout_days),
-      horizon_days, val_auc (newest cutoff held out), data_hash, train_run_id,
+      horizon_days, val_auc (newest cutoff of the validation customers), data_hash, train_run_id,
       source=simulator, plus test_quality;
     - ``alias`` (None = no alias) is moved with ``registry.aliases.move_alias``.
     """
@@ -174,6 +176,7 @@ def register_version(small_data: Path):
     from mlflow.tracking import MlflowClient
     from sklearn.metrics import roc_auc_score
 
+    from mlflow_churn.data.groups import holdout_mask, validation_mask
     from mlflow_churn.features.offline import build_training_frame, daily_cutoffs
     from mlflow_churn.features.registry import registry_for
     from mlflow_churn.registry.aliases import move_alias
@@ -201,11 +204,10 @@ def register_version(small_data: Path):
         start = window_end - timedelta(days=window_days)
         cutoffs = daily_cutoffs(start, window_end, cfg.training.cutoff_every_days)
         frame = build_training_frame(cfg.data_dir, fs, cutoffs, horizon)
+        frame = frame[~holdout_mask(frame["customer_id"], cfg)].reset_index(drop=True)  # as training does
         rng = np.random.default_rng(seed)
-        if quality == "bad":
-            numeric = [c for c in fs.columns if c not in fs.categorical]
-            for col in numeric[:12]:
-                frame[col] = rng.permutation(frame[col].to_numpy())
+        if quality == "bad":  # labels shuffled: the model learns noise (AUC ~0.5)
+            frame["label"] = rng.permutation(frame["label"].to_numpy())
         elif quality == "bad_segment":
             col, value = bad_segment
             ref = predict_proba(_fit(fs, frame, 30, 4, seed), fs, frame)
@@ -216,12 +218,12 @@ def register_version(small_data: Path):
             label[idx] = 0
             label[lowest] = 1
             frame["label"] = label.astype("int8")
-        newest = frame["cutoff"] == frame["cutoff"].max()
-        rounds, depth = (2, 1) if quality == "bad" else (30, 4)
-        booster = _fit(fs, frame[~newest], rounds, depth, seed)
-        val = frame[newest]
+        newest = (frame["cutoff"] == frame["cutoff"].max()).to_numpy()
+        validation = validation_mask(frame["customer_id"], cfg)
+        rounds, depth = {"bad": (2, 1), "good": (30, 4), "bad_segment": (150, 6)}[quality]
+        booster = _fit(fs, frame[~validation], rounds, depth, seed)
+        val = frame[validation & newest]
         val_auc = float(roc_auc_score(val["label"], predict_proba(booster, fs, val)))
-        booster = _fit(fs, frame, rounds, depth, seed)
         as_of = window_end + timedelta(days=horizon + cfg.evaluation.holdout_days)
         tags = {
             "feature_set": fs.name, "feature_set_hash": fs.hash,

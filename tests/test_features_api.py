@@ -222,7 +222,7 @@ def test_real_socket_on_redis(workspace: Path, small_data: Path, redis_url: str,
             body = http.get("/features", params={"ids": ids, "feature_set": "churn_default"}).json()
             assert len(body["results"]) == 100
             found = [r for r in body["results"] if r["status"] == "found"]
-            assert len(found) >= 80 and all(r["versions"]["monthly_usage"] == 1 for r in found)
+            assert len(found) >= 60 and all(r["versions"]["monthly_usage"] == 1 for r in found)  # alive ones
             bad = http.get("/features", params={"ids": "1;2"})
             assert bad.status_code == 400 and "detail" in bad.json()
             assert "feature_freshness_seconds 7200.0" in http.get("/metrics").text

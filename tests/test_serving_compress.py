@@ -10,8 +10,7 @@ from mlflow.tracking import MlflowClient
 from serving_support import LABELS_AS_OF, run_cli
 from sklearn.metrics import roc_auc_score
 
-from mlflow_churn.evaluation.holdout import holdout_cutoffs, parse_tag_time
-from mlflow_churn.features.offline import build_training_frame
+from mlflow_churn.evaluation.holdout import holdout_cutoffs, holdout_frame, parse_tag_time
 from mlflow_churn.serving.compress import compress
 from mlflow_churn.training.model import load_scorer, predict_proba
 
@@ -34,8 +33,7 @@ def test_compress_registers_smaller_version_within_budget(config, register_versi
     small = load_scorer(f"models:/{name}@challenger")
     assert small.booster.num_boosted_rounds() == out["trees"]
     cutoffs = holdout_cutoffs(LABELS_AS_OF, config, parse_tag_time(parent.tags["window_end"], "window_end"))
-    horizon = config.features.label_horizon_days
-    frame = build_training_frame(config.data_dir, full.feature_set, cutoffs, horizon)
+    frame = holdout_frame(config, full.feature_set, cutoffs)
     p_small = small.predict_proba(frame)
     np.testing.assert_allclose(
         p_small, predict_proba(full.booster, full.feature_set, frame, iteration_range=(0, out["trees"])),

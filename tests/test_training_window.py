@@ -5,10 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from mlflow_churn.config import ChurnConfig, load_config
+from mlflow_churn.data.groups import holdout_mask, validation_mask
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.training.train import prepare_window
 from mlflow_churn.training.window import training_cutoffs, training_window
@@ -68,15 +70,22 @@ def test_frame_has_no_rows_outside_the_window(workspace: Path, small_data: Path)
     assert prep.params["window_end"] == win.window_end.isoformat()
 
 
-def test_validation_rows_are_strictly_newer(workspace: Path, small_data: Path) -> None:
+def test_validation_is_the_newest_slice_of_unseen_customers(workspace: Path, small_data: Path) -> None:
     cfg = _cfg(workspace, small_data, **{"training.window_days": 28})
     prep = prepare_window(cfg, AS_OF)
-    assert prep.train["cutoff"].max() < prep.valid["cutoff"].min()
     assert prep.valid["cutoff"].nunique() == 1  # round(0.25 * 4 cutoffs) = the newest one
     assert prep.valid["cutoff"].min() == pd.Timestamp("2026-03-25", tz="UTC")
+    assert prep.valid["cutoff"].min() == prep.train["cutoff"].max()  # training keeps the newest data
     assert set(prep.train["label"]) == {0, 1} and set(prep.valid["label"]) == {0, 1}
-    # the same customer appears in both slices, at different times: a split by time, not by row
-    assert set(prep.train["customer_id"]) & set(prep.valid["customer_id"])
+    # no customer is in both: a customer's rows a week apart share most of their label period
+    train_ids, valid_ids = set(prep.train["customer_id"]), set(prep.valid["customer_id"])
+    assert not train_ids & valid_ids
+    # holdout customers (the gate's) are in neither, and the groups are stable across runs
+    ids = prep.frame["customer_id"].to_numpy()
+    assert not holdout_mask(ids, cfg).any() and validation_mask(prep.valid["customer_id"], cfg).all()
+    everyone = np.arange(1, 20_001)
+    share = holdout_mask(everyone, cfg).mean(), validation_mask(everyone, cfg).mean()
+    assert abs(share[0] - 0.2) < 0.02 and abs(share[1] - 0.8 * 0.2) < 0.02
     assert prep.data_hash == prepare_window(cfg, AS_OF).data_hash
 
 

@@ -18,18 +18,25 @@ The ground-truth hazard
 Each customer carries hidden states that evolve daily:
 
 - engagement ``e = e0 * exp(u)``, with ``e0 ~ LogNormal(0, 0.6)`` and ``u`` an AR(1)
-  (phi 0.97, innovation sd 0.06); it drives sessions, minutes and data used;
-- dissatisfaction ``d``, an AR(1) (phi 0.95, sd 0.30), seen through support calls;
-- financial stress ``f``, an AR(1) (phi 0.97, sd 0.10), seen through failed payments;
-- a constant frailty ``z ~ N(0, 0.5)`` that nothing observable reveals (it caps the AUC).
+  (start N(0, 0.25), phi 0.97, innovation sd 0.06); it drives sessions, minutes and data;
+- dissatisfaction ``d``, an AR(1) (start N(0, 0.9), phi 0.98, sd 0.18), seen through
+  support calls ~ Poisson(0.12 exp(0.9 d));
+- financial stress ``f``, an AR(1) (start N(0, 0.4), phi 0.99, sd 0.06), seen through
+  failed payments (daily probability 0.02 exp(1.2 f + payment-method risk));
+- a constant frailty ``z ~ N(0, 0.25)`` that nothing observable reveals (it caps the AUC).
 
-The daily churn probability of a live customer is
-``h = h0 * exp(0.9 mtm + 0.6 new - 0.5 two_year + b_d d - b_u u + 0.8 f + b_p p + z)``
-with ``h0 = 6e-4``, ``mtm`` a month-to-month contract, ``new`` tenure under 180 days,
-``b_d = 0.55``, ``b_u = 1.4``, ``b_p = 0`` and ``p = (monthly_charge - 60) / 25``.
-A model sees ``u`` only through the customer's recent usage against their own history, and
-``d`` / ``f`` only through noisy counts, so a good model reaches an AUC of about 0.75-0.85
-on a 30-day horizon.
+The daily churn probability of a live customer is (:class:`HazardParams` holds the numbers)::
+
+    h = min(0.5, h0 * exp(b_mtm mtm + b_new new + b_two two_year + b_d d - b_u u
+                          - b_e log(e0) + b_f f + b_p p + z) * (1 + failed_payment_today))
+
+with ``h0 = 2e-4``, ``mtm`` / ``two_year`` the contract, ``new`` tenure under 180 days,
+``b_mtm = 1.8``, ``b_new = 1.0``, ``b_two = -1.0``, ``b_d = 1.3``, ``b_u = 1.5``,
+``b_e = 1.3``, ``b_f = 1.0``, ``b_p = 0`` and ``p = (monthly_charge - 60) / 25``: about 5%
+of customers churn within 30 days. A model sees ``u`` only through recent usage against
+the customer's own history, and ``d`` / ``f`` only through noisy counts: a good model
+reaches a ROC AUC of about 0.75-0.80 on customers it never trained on (0.776 measured with
+15,000 customers, a 30-day horizon and a fixed 250-tree XGBoost).
 
 Scenarios (each starts at ``onset_day``):
 
@@ -38,8 +45,10 @@ Scenarios (each starts at ``onset_day``):
   everyone; the hazard does not change (covariate drift, AUC roughly stable);
 - ``segment_shift``: in one segment (default region ``pacific``, ~10%) engagement falls
   by 30%, dissatisfaction rises by 0.8 and the hazard doubles;
-- ``concept_drift``: ``b_d`` and ``b_u`` fall to a fifth and price starts to drive churn
-  (``b_p = 0.9``), so a model trained before the onset loses AUC;
+- ``concept_drift``: every behavioural and contract / tenure coefficient falls to a fifth
+  (``concept_keep``) and price starts to drive churn (``b_p = concept_price = 1.2``): a
+  model trained before the onset drops from ~0.78 to ~0.67 AUC, one retrained after it
+  reaches ~0.78 again;
 - ``gradual``: like ``usage_shift``, but the factor ramps linearly over ``ramp_days`` (42);
 - ``data_outage``: data_used_mb turns null for a fixed 30% of customers;
 - ``usage_and_segment``: ``usage_shift`` and ``segment_shift`` at the same onset (the demo).
@@ -87,9 +96,9 @@ class HazardParams:
     """The hidden hazard and the drift sizes (see the module docstring)."""
 
     h0: float = 2e-4
-    b_mtm: float = 1.2
-    b_new: float = 0.6
-    b_two_year: float = -0.5
+    b_mtm: float = 1.8
+    b_new: float = 1.0
+    b_two_year: float = -1.0
     b_dissatisfaction: float = 1.3
     b_usage: float = 1.5
     b_engagement: float = 1.3
@@ -102,7 +111,7 @@ class HazardParams:
     segment_dissatisfaction: float = 0.8
     segment_hazard: float = 2.0
     concept_keep: float = 0.2
-    concept_price: float = 0.9
+    concept_price: float = 1.2
     outage_fraction: float = 0.3
     new_signup_fraction: float = 0.1
 
@@ -269,14 +278,16 @@ def _simulate_day(
     u_draw = rng.random(n)
 
     b_d, b_u, b_e, b_p = p.b_dissatisfaction, p.b_usage, p.b_engagement, p.b_price
+    b_mtm, b_new, b_two = p.b_mtm, p.b_new, p.b_two_year
     if spec.scenario == "concept_drift" and drifting:
         keep = p.concept_keep
         b_d, b_u, b_e, b_p = b_d * keep, b_u * keep, b_e * keep, p.concept_price
+        b_mtm, b_new, b_two = b_mtm * keep, b_new * keep, b_two * keep
     tenure = day - pop.signup_idx
     logit = (
-        p.b_mtm * (pop.contract == 0)
-        + p.b_new * (tenure < 180)
-        + p.b_two_year * (pop.contract == 2)
+        b_mtm * (pop.contract == 0)
+        + b_new * (tenure < 180)
+        + b_two * (pop.contract == 2)
         + b_d * d_eff
         - b_u * (pop.u + np.log(np.where(seg, p.segment_engagement, 1.0)))
         - b_e * np.log(pop.e0)

@@ -12,8 +12,12 @@ rule               passes when
 auc_vs_champion    challenger roc_auc >= champion roc_auc + ``min_auc_delta``. MLflow requires
                    ``min_absolute_change > 0``; with ``min_auc_delta = 0`` the rule is a
                    plain ``threshold = champion roc_auc`` (a tie passes).
-segment_auc        for every segment value with ``n >= min_segment_size`` and both AUCs
-                   defined: challenger AUC >= champion AUC - ``segment_tolerance``.
+segment_auc        for every segment value with ``n >= min_segment_size`` rows, at least
+                   ``min_segment_churners`` churned customers and both AUCs defined:
+                   challenger AUC >= champion AUC - ``segment_tolerance`` - ``segment_z`` x SE,
+                   SE = bootstrap standard error of the paired AUC difference over the
+                   segment's customers (:mod:`.uncertainty`), so a
+                   segment of a few dozen customers does not reject a model on noise.
 recall_at_k        challenger recall@k >= champion recall@k - ``recall_tolerance`` (absolute).
 revenue_lift       challenger revenue_lift >= champion revenue_lift - ``lift_tolerance`` x
                    abs(champion revenue_lift) (relative).
@@ -62,15 +66,15 @@ from mlflow.tracking import MlflowClient
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.evaluation import plots
-from mlflow_churn.evaluation.holdout import holdout_cutoffs, parse_tag_time
+from mlflow_churn.evaluation.holdout import holdout_cutoffs, holdout_frame, parse_tag_time
 from mlflow_churn.evaluation.metrics import (
     add_segment_columns,
     classification_metrics,
     scalar_metrics,
     segment_metrics,
 )
-from mlflow_churn.features.offline import build_training_frame, daily_cutoffs
-from mlflow_churn.features.registry import FeatureSet
+from mlflow_churn.evaluation.uncertainty import segment_auc_diff_se
+from mlflow_churn.features.offline import daily_cutoffs
 from mlflow_churn.registry.aliases import CANARY, alias_version, move_alias
 from mlflow_churn.tracking import setup_mlflow
 from mlflow_churn.training.model import Scorer, load_scorer
@@ -267,23 +271,23 @@ def apply_gate(cfg: ChurnConfig, chal: dict[str, Any], champ: dict[str, Any] | N
         for row in both.itertuples(index=False):
             if not (row.gated and math.isfinite(row.roc_auc) and math.isfinite(row.roc_auc_champion)):
                 continue
-            need = row.roc_auc_champion - ev.segment_tolerance
+            if getattr(row, "churners", math.inf) < ev.min_segment_churners:
+                continue  # an AUC over a handful of churned customers says nothing
+            se = getattr(row, "auc_diff_se", float("nan"))
+            margin = ev.segment_z * se if math.isfinite(se) else 0.0
+            need = row.roc_auc_champion - ev.segment_tolerance - margin
             metric = f"roc_auc_{row.segment}_{row.value}"
             res = _check("segment_auc", metric, row.roc_auc,
                          MetricThreshold(threshold=need, greater_is_better=True), None, need,
                          f"segment {row.segment}={row.value} (n={row.n}) ROC AUC fell more than "
-                         f"segment_tolerance {ev.segment_tolerance} below champion "
-                         f"{row.roc_auc_champion:.4f}")
+                         f"segment_tolerance {ev.segment_tolerance} + {ev.segment_z:g} x SE {se:.4f} "
+                         f"below champion {row.roc_auc_champion:.4f}")
             res.baseline = float(row.roc_auc_champion)
             out.append(res)
     return out
 
 
 # ----------------------------------------------------------------------------- data
-def _frame(cfg: ChurnConfig, fs: FeatureSet, cutoffs: list[datetime]) -> pd.DataFrame:
-    return build_training_frame(cfg.data_dir, fs, cutoffs, cfg.features.label_horizon_days)
-
-
 def _sample(frame: pd.DataFrame, rows: int, seed: int = 0) -> pd.DataFrame:
     return frame if len(frame) <= rows else frame.sample(n=rows, random_state=seed).sort_index()
 
@@ -385,7 +389,7 @@ def evaluate(
     chal_scorer = load_scorer(f"models:/{name}/{chal_mv.version}", chal_mv.version)
     champ_scorer = (load_scorer(f"models:/{name}/{champ_mv.version}", champ_mv.version)
                     if champ_mv is not None else None)
-    frame = add_segment_columns(_frame(cfg, chal_scorer.feature_set, cutoffs))
+    frame = add_segment_columns(holdout_frame(cfg, chal_scorer.feature_set, cutoffs))
     y = frame["label"].to_numpy()
     p_chal = chal_scorer.predict_proba(frame)
     scores = {f"challenger v{chal_mv.version}": p_chal}
@@ -394,7 +398,7 @@ def evaluate(
         if champ_scorer.feature_set.hash == chal_scorer.feature_set.hash:
             champ_frame = frame
         else:
-            champ_frame = _frame(cfg, champ_scorer.feature_set, cutoffs)
+            champ_frame = holdout_frame(cfg, champ_scorer.feature_set, cutoffs)
             keys = ["customer_id", "cutoff"]
             if not champ_frame[keys].reset_index(drop=True).equals(frame[keys].reset_index(drop=True)):
                 raise ChurnError("holdout rows differ between the two feature sets; rebuild the data")
@@ -410,6 +414,9 @@ def evaluate(
     chal_seg = segment_metrics(scored, "score", "label", segs, ev, ev.min_segment_size)
     champ_seg = (segment_metrics(frame.assign(score=p_champ), "score", "label", segs, ev, ev.min_segment_size)
                  if p_champ is not None else None)
+    if p_champ is not None:
+        se = segment_auc_diff_se(frame, p_chal, p_champ, segs, seed=cfg.training.seed)
+        chal_seg = chal_seg.merge(se, on=["segment", "value"], how="left")
     rules = apply_gate(cfg, chal_m, champ_m, chal_seg, champ_seg)
     failed = [r for r in rules if not r.passed]
     passed = not failed
@@ -426,7 +433,8 @@ def evaluate(
 
     step("metrics, segments and gate rules")
     ref_cutoffs = reference_cutoffs(cfg, chal_mv)
-    ref_frame = _sample(_frame(cfg, chal_scorer.feature_set, ref_cutoffs), drift_sample_rows)
+    # the holdout customers at the training cutoffs: scores of customers the model never saw
+    ref_frame = _sample(holdout_frame(cfg, chal_scorer.feature_set, ref_cutoffs), drift_sample_rows)
     cur_frame = _sample(frame, drift_sample_rows)
     ref_scores = chal_scorer.predict_proba(ref_frame)
     cur_scores = chal_scorer.predict_proba(cur_frame)
@@ -497,7 +505,8 @@ def evaluate(
                       "holdout_end": cutoffs[-1].isoformat(), "top_k_pct": ev.top_k_pct,
                       "min_auc_delta": ev.min_auc_delta, "segment_tolerance": ev.segment_tolerance,
                       "recall_tolerance": ev.recall_tolerance, "lift_tolerance": ev.lift_tolerance,
-                      "min_auc": ev.min_auc, "min_segment_size": ev.min_segment_size}
+                      "min_auc": ev.min_auc, "min_segment_size": ev.min_segment_size,
+                      "min_segment_churners": ev.min_segment_churners, "segment_z": ev.segment_z}
             now = int(as_of.timestamp() * 1000)
             client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
                              params=[Param(k, str(v)) for k, v in params.items()])

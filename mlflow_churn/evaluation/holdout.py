@@ -7,6 +7,11 @@ Cutoffs are daily UTC midnights ``c`` with
   those rows' labels as training targets;
 - ``c > as_of - horizon_days - holdout_days`` (the newest ``evaluation.holdout_days`` matured
   days: recent enough to say how the model does now; training leaves exactly these out).
+
+Rows: only the holdout customers (:mod:`mlflow_churn.data.groups`), whom no model trained
+or validated on. Later cutoffs alone are not enough: their label periods overlap the
+newest training labels of the same customers, which favours the most recently trained
+model by memory, not skill.
 """
 
 from __future__ import annotations
@@ -14,9 +19,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime, time, timedelta
 
+import pandas as pd
+
 from mlflow_churn.config import ChurnConfig
+from mlflow_churn.data.groups import holdout_rows
 from mlflow_churn.errors import ChurnError
-from mlflow_churn.features.offline import daily_cutoffs
+from mlflow_churn.features.offline import build_training_frame, daily_cutoffs
+from mlflow_churn.features.registry import FeatureSet
 
 
 def _utc(ts: datetime, what: str) -> datetime:
@@ -61,3 +70,12 @@ def holdout_cutoffs(as_of: datetime, cfg: ChurnConfig,
             f"evaluate with an as_of after {(max(ends) + timedelta(days=horizon + 1)).date()}"
         )
     return cutoffs
+
+
+def holdout_frame(cfg: ChurnConfig, fs: FeatureSet, cutoffs: Sequence[datetime],
+                  label_as_of: datetime | None = None) -> pd.DataFrame:
+    """Point-in-time rows of the holdout customers at ``cutoffs`` with their labels
+    (``label_as_of``: hide churn events after it, as in a backtest)."""
+    frame = build_training_frame(cfg.data_dir, fs, cutoffs, cfg.features.label_horizon_days,
+                                 label=True, label_as_of=label_as_of)
+    return holdout_rows(frame, cfg)

@@ -124,8 +124,7 @@ def compress(cfg: ChurnConfig, version: str | int, as_of: datetime, budget: floa
     AUC loss (default ``serving.auc_loss_budget``). ``alias``: optionally point this
     alias (e.g. ``challenger``) at the new version.
     """
-    from mlflow_churn.evaluation.holdout import holdout_cutoffs, parse_tag_time
-    from mlflow_churn.features.offline import build_training_frame
+    from mlflow_churn.evaluation.holdout import holdout_cutoffs, holdout_frame, parse_tag_time
     from mlflow_churn.registry.aliases import move_alias
     from mlflow_churn.tracking import setup_mlflow
     from mlflow_churn.training.model import input_example, load_scorer, log_churn_model
@@ -148,8 +147,7 @@ def compress(cfg: ChurnConfig, version: str | int, as_of: datetime, budget: floa
                          "simulator/feature-store data to build a holdout")
     window_end = parse_tag_time(parent.tags.get("window_end"), f"tag window_end of version {parent.version}")
     cutoffs = holdout_cutoffs(as_of, cfg, window_end)
-    frame = build_training_frame(cfg.data_dir, fs, cutoffs, cfg.features.label_horizon_days,
-                                 label=True, label_as_of=as_of)
+    frame = holdout_frame(cfg, fs, cutoffs, label_as_of=as_of)
     y = frame["label"].to_numpy()
     if len(frame) == 0 or y.min() == y.max():
         raise ChurnError(f"the holdout ({cutoffs[0].date()}..{cutoffs[-1].date()}) needs churners and "

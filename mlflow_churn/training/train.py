@@ -4,8 +4,9 @@ Two sources share one path, :func:`_fit_and_register`:
 
 - :func:`train` (``source=simulator``): point-in-time frames of the feature store for the
   cutoffs of :func:`~mlflow_churn.training.window.training_window`; validation is the
-  newest ``validation_fraction`` of the production cutoffs (every validation row is newer
-  than every training row); history rows carry ``history_weight``.
+  newest ``validation_fraction`` of the production cutoffs, restricted to validation
+  customers whom training never sees, and holdout customers are left out for the gate
+  (:mod:`mlflow_churn.data.groups` says why); history rows carry ``history_weight``.
 - :func:`train_table` (``source=table``): a user's CSV / Parquet
   (:mod:`~mlflow_churn.training.table`); validation is a seeded stratified holdout, since a
   flat table has no time axis.
@@ -13,8 +14,9 @@ Two sources share one path, :func:`_fit_and_register`:
 The parent MLflow run (``MLFLOW_RUN_ID`` inside ``mlflow run``, or ``parent_run_id``, else
 a new run) gets params (window bounds, feature set + hash, best params), metrics (val_auc,
 val_pr_auc, val_log_loss), the dataset (``mlflow.log_input``), a feature-importance PNG,
-``reference/profile.json`` (:func:`mlflow_churn.monitoring.profile.build_profile` on the
-validation rows and scores) and the model (:func:`~mlflow_churn.training.model.log_churn_model`).
+``reference/profile.json`` (:func:`mlflow_churn.monitoring.profile.build_profile` on every
+customer at the newest training cutoff, and the model's scores) and the model
+(:func:`~mlflow_churn.training.model.log_churn_model`).
 Each Optuna trial is a nested run. The model is registered as a new version of
 ``training.model_name`` with the tags of the contract and alias ``challenger``; a failure
 after the version exists deletes it again.
@@ -48,6 +50,7 @@ from rich.table import Table
 
 from mlflow_churn.cli_common import err_console, with_progress
 from mlflow_churn.config import ChurnConfig
+from mlflow_churn.data.groups import holdout_mask, validation_mask
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.offline import build_training_frame
 from mlflow_churn.features.registry import FeatureSet, registry_for
@@ -104,6 +107,7 @@ class Prepared:
     as_of: str = ""
     artifacts: dict[str, Any] = field(default_factory=dict)
     segments: tuple[str, ...] = ()
+    reference: pd.DataFrame | None = None  # the monitoring reference rows; None = ``valid``
 
     @property
     def frame(self) -> pd.DataFrame:
@@ -128,10 +132,15 @@ def _check_classes(y: np.ndarray, what: str) -> None:
                          "widen the window (training.window_days / history_days) or use more data")
 
 
-def time_split(frame: pd.DataFrame, window: TrainingWindow,
-               fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, valid): validation = the newest ``round(fraction * n)`` production cutoffs
-    (at least one), training = every older cutoff, history included."""
+def time_split(frame: pd.DataFrame, window: TrainingWindow, fraction: float,
+               cfg: ChurnConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, valid) of the training window's rows, see :mod:`mlflow_churn.data.groups`:
+
+    - holdout customers are dropped (the gate scores them later);
+    - valid = validation customers at the newest ``round(fraction * n)`` production
+      cutoffs (at least one): the most recent slice, of customers training never sees;
+    - train = every other customer at every cutoff, history included.
+    """
     prod = list(window.production_cutoffs)
     n_valid = max(1, round(fraction * len(prod)))
     if len(window.cutoffs) - n_valid < 1:
@@ -140,9 +149,12 @@ def time_split(frame: pd.DataFrame, window: TrainingWindow,
             f"{window.window_end.date()}), too few for a time-based validation split; raise "
             "training.window_days or lower training.cutoff_every_days"
         )
-    first_valid = pd.Timestamp(prod[-n_valid])
-    is_valid = frame["cutoff"] >= first_valid
-    return frame[~is_valid].reset_index(drop=True), frame[is_valid].reset_index(drop=True)
+    ids = frame["customer_id"]
+    holdout, validation = holdout_mask(ids, cfg), validation_mask(ids, cfg)
+    newest = (frame["cutoff"] >= pd.Timestamp(prod[-n_valid])).to_numpy()
+    train = frame[~holdout & ~validation]
+    valid = frame[validation & newest]
+    return train.reset_index(drop=True), valid.reset_index(drop=True)
 
 
 def prepare_window(cfg: ChurnConfig, as_of: datetime) -> Prepared:
@@ -155,12 +167,19 @@ def prepare_window(cfg: ChurnConfig, as_of: datetime) -> Prepared:
                          f"has no customers in {cfg.data_dir}; check the data or --as-of")
     history = pd.to_datetime(list(window.history_cutoffs), utc=True)
     frame[WEIGHT] = np.where(frame["cutoff"].isin(history), window.history_weight, 1.0)
-    train, valid = time_split(frame, window, cfg.training.validation_fraction)
+    train, valid = time_split(frame, window, cfg.training.validation_fraction, cfg)
+    # the monitoring reference: every customer at the newest cutoff, one row each, like the
+    # population that production scores (trained customers included, as in production)
+    reference = frame[frame["cutoff"] == frame["cutoff"].max()]
     _check_classes(train[LABEL].to_numpy(), "training")
     _check_classes(valid[LABEL].to_numpy(), "validation")
     params = window.to_params() | {"horizon_days": str(cfg.features.label_horizon_days),
                                    "history_weight": str(window.history_weight),
-                                   "validation_from": valid["cutoff"].min().isoformat()}
+                                   "validation_from": valid["cutoff"].min().isoformat(),
+                                   "validation": "newest cutoffs of validation customers (never trained on)",
+                                   "holdout_customer_fraction": str(cfg.evaluation.holdout_customer_fraction),
+                                   "validation_customer_fraction":
+                                       str(cfg.training.validation_customer_fraction)}
     return Prepared(
         source="simulator", feature_set=fs, train=train, valid=valid,
         dataset_source=str(cfg.data_dir.resolve()), params=params,
@@ -168,6 +187,7 @@ def prepare_window(cfg: ChurnConfig, as_of: datetime) -> Prepared:
         window_start=window.window_start.isoformat(), window_end=window.window_end.isoformat(),
         as_of=window.as_of.isoformat(),
         segments=tuple(s for s in cfg.monitoring.segments if s in fs.columns),
+        reference=reference.reset_index(drop=True),
     )
 
 
@@ -255,14 +275,18 @@ def _importance_figure(booster: Any, title: str) -> Any:
     return fig
 
 
-def _log_profile(prep: Prepared, scores: np.ndarray, bins: int) -> bool:
-    """Log ``reference/profile.json``; False (and a tag) when monitoring.profile is absent."""
+def _log_profile(prep: Prepared, booster: Any, bins: int) -> bool:
+    """Log ``reference/profile.json`` of ``prep.reference`` (every customer at the newest
+    cutoff; for a table, the validation rows) with the model's scores; False (and a tag)
+    when monitoring.profile is absent."""
     try:
         from mlflow_churn.monitoring.profile import build_profile
     except ImportError:
         mlflow.set_tag("reference_profile", "missing: mlflow_churn.monitoring.profile not installed")
         return False
-    profile = build_profile(prep.valid, prep.feature_set, scores, bins=bins, segments=prep.segments)
+    rows = prep.valid if prep.reference is None else prep.reference
+    scores = predict_proba(booster, prep.feature_set, prep.feature_set.coerce(rows))
+    profile = build_profile(rows, prep.feature_set, scores, bins=bins, segments=prep.segments)
     mlflow.log_dict(profile, "reference/profile.json")
     return True
 
@@ -278,6 +302,14 @@ def _parent_run(parent_run_id: str | None, experiment_id: str, run_name: str) ->
         mlflow.set_experiment(experiment_id=parent_exp)  # start_run(run_id) needs it to match
         return mlflow.start_run(run_id=parent)
     return mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+
+
+def _fit_data(prep: Prepared) -> tuning.FitData:
+    """The coerced frames the tuner fits on (training rows carry their sample weights)."""
+    fs = prep.feature_set
+    return tuning.FitData(x_train=fs.coerce(prep.train), y_train=prep.train[LABEL].to_numpy(),
+                          w_train=prep.train[WEIGHT].to_numpy(), x_valid=fs.coerce(prep.valid),
+                          y_valid=prep.valid[LABEL].to_numpy())
 
 
 def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None, timeout: float | None,
@@ -296,10 +328,8 @@ def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None,
     exp_id = setup_mlflow(cfg)
     client = MlflowClient()
     fs = prep.feature_set
-    x_train, x_valid = fs.coerce(prep.train), fs.coerce(prep.valid)
-    y_valid = prep.valid[LABEL].to_numpy()
-    dtrain = tuning.make_dmatrix(x_train, prep.train[LABEL].to_numpy(), prep.train[WEIGHT].to_numpy())
-    dvalid = tuning.make_dmatrix(x_valid, y_valid)
+    data = _fit_data(prep)
+    x_valid, y_valid = data.x_valid, data.y_valid
     data_hash = prep.data_hash
     run_name = f"train-{prep.source}-{prep.as_of[:10] or Path(prep.dataset_source).stem}"
     with _parent_run(parent_run_id, exp_id, run_name) as run:
@@ -324,17 +354,17 @@ def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None,
         mlflow.set_tags({"source": prep.source, "feature_set": fs.name, "feature_set_hash": fs.hash,
                          "data_hash": data_hash, "optuna.study": study_name})
         with_progress(f"tuning: {n_trials} trials", n_trials, progress, lambda tick: tuning.run_trials(
-            study, dtrain, dvalid, seed=t.seed, max_estimators=t.max_estimators,
+            study, data, seed=t.seed, max_estimators=t.max_estimators,
             early_stopping_rounds=t.early_stopping_rounds, n_trials=n_trials, timeout=timeout,
             client=client, experiment_id=run.info.experiment_id, parent_run_id=run_id, on_trial=tick,
             nthread=t.nthread))
         if storage:
             tuning.wait_for_running(study, wait_seconds)
         tuned = tuning.summarize(study)
-        full = tuning.fit_booster(tuned.best_params, dtrain, dvalid, t.seed, t.early_stopping_rounds,
-                                  nthread=t.nthread)
-        n_trees = int(full.best_iteration) + 1
-        booster = full[:n_trees]
+        clf = tuning.fit_classifier(tuned.best_params, data, t.seed, t.early_stopping_rounds,
+                                    nthread=t.nthread)
+        n_trees = int(clf.best_iteration) + 1
+        booster = clf.get_booster()[:n_trees]
         scores = predict_proba(booster, fs, x_valid)
         metrics = {
             "val_auc": float(roc_auc_score(y_valid, scores)),
@@ -356,7 +386,7 @@ def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None,
         mlflow.log_dict(fs.to_dict(), "feature_set.json")
         for name, payload in prep.artifacts.items():
             mlflow.log_dict(payload, name)
-        profile_logged = _log_profile(prep, scores, cfg.monitoring.bins)
+        profile_logged = _log_profile(prep, booster, cfg.monitoring.bins)
         info = log_churn_model(booster, fs, prep.valid)
         tags = {
             "feature_set": fs.name, "feature_set_hash": fs.hash, "window_start": prep.window_start,
@@ -402,13 +432,11 @@ def run_worker(cfg: ChurnConfig, study_name: str, storage: str | None = None, n_
     study = tuning.make_study(study_name, storage, seed=None, create=False)
     n_trials = n_trials if n_trials is not None else cfg.training.n_trials
     fs = prep.feature_set
-    dtrain = tuning.make_dmatrix(fs.coerce(prep.train), prep.train[LABEL].to_numpy(),
-                                 prep.train[WEIGHT].to_numpy())
-    dvalid = tuning.make_dmatrix(fs.coerce(prep.valid), prep.valid[LABEL].to_numpy())
+    data = _fit_data(prep)
     client = MlflowClient()
     with_progress(f"worker {tuning.WORKER_ID}: {n_trials} trials", n_trials, progress,
                   lambda tick: tuning.run_trials(
-                      study, dtrain, dvalid, seed=int(settings["seed"]),
+                      study, data, seed=int(settings["seed"]),
                       max_estimators=int(settings["max_estimators"]),
                       early_stopping_rounds=int(settings["early_stopping_rounds"]), n_trials=n_trials,
                       timeout=timeout, client=client, experiment_id=attrs["experiment_id"],

@@ -1,4 +1,5 @@
-"""Optuna (TPE, seeded) over XGBoost (hist, native categoricals), every trial a nested MLflow run.
+"""Optuna (TPE, seeded) over ``xgboost.XGBClassifier`` (hist, native categoricals), every trial a
+nested MLflow run.
 
 Search space (:func:`suggest_params`): learning_rate [0.01, 0.3] (log), max_depth [2, 8],
 min_child_weight [0.5, 20] (log), subsample [0.5, 1], colsample_bytree [0.4, 1],
@@ -87,22 +88,27 @@ def suggest_params(trial: optuna.Trial, max_estimators: int) -> dict[str, Any]:
     }
 
 
-def booster_params(params: dict[str, Any], seed: int, nthread: int = 0) -> dict[str, Any]:
-    """XGBClassifier-style params -> ``xgb.train`` params (hist, binary:logistic, AUC);
-    ``nthread`` 0 = all cores."""
-    out = {k: v for k, v in params.items() if k != "n_estimators"}
-    out.update({"objective": "binary:logistic", "eval_metric": "auc", "tree_method": "hist",
-                "seed": int(seed), "verbosity": 0})
-    if nthread:
-        out["nthread"] = int(nthread)
-    return out
+@dataclass(frozen=True)
+class FitData:
+    """Coerced training and validation frames (float64 + pd.Categorical) with labels."""
+
+    x_train: pd.DataFrame
+    y_train: np.ndarray
+    w_train: np.ndarray | None
+    x_valid: pd.DataFrame
+    y_valid: np.ndarray
 
 
-def make_dmatrix(x: pd.DataFrame, y: np.ndarray, weight: np.ndarray | None = None) -> xgb.DMatrix:
-    """DMatrix over a coerced feature frame (float64 + pd.Categorical), categoricals native."""
-    return xgb.DMatrix(x, label=np.asarray(y, dtype="float32"),
-                       weight=None if weight is None else np.asarray(weight, dtype="float32"),
-                       enable_categorical=True)
+def make_classifier(params: dict[str, Any], seed: int, early_stopping_rounds: int,
+                    callbacks: list[xgb.callback.TrainingCallback] | None = None,
+                    nthread: int = 0) -> xgb.XGBClassifier:
+    """An ``XGBClassifier`` of sampled ``params`` (hist, native categoricals, binary:logistic,
+    early stopping on validation AUC); ``nthread`` 0 = all cores."""
+    return xgb.XGBClassifier(
+        **params, objective="binary:logistic", eval_metric="auc", tree_method="hist",
+        enable_categorical=True, early_stopping_rounds=early_stopping_rounds, random_state=int(seed),
+        n_jobs=int(nthread) or None, callbacks=callbacks, verbosity=0,
+    )
 
 
 class _PruningCallback(xgb.callback.TrainingCallback):
@@ -117,7 +123,7 @@ class _PruningCallback(xgb.callback.TrainingCallback):
     def after_iteration(self, model: xgb.Booster, epoch: int, evals_log: dict) -> bool:
         if (epoch + 1) % REPORT_EVERY:
             return False
-        self.last_auc = float(evals_log["valid"]["auc"][-1])
+        self.last_auc = float(next(iter(evals_log.values()))["auc"][-1])
         self.trial.report(self.last_auc, epoch)
         if self.trial.should_prune():
             self.pruned_at = epoch
@@ -125,16 +131,14 @@ class _PruningCallback(xgb.callback.TrainingCallback):
         return False
 
 
-def fit_booster(params: dict[str, Any], dtrain: xgb.DMatrix, dvalid: xgb.DMatrix, seed: int,
-                early_stopping_rounds: int,
-                callbacks: list[xgb.callback.TrainingCallback] | None = None,
-                nthread: int = 0) -> xgb.Booster:
-    """Train with early stopping on validation AUC; ``best_iteration`` is set on the booster."""
-    return xgb.train(
-        booster_params(params, seed, nthread), dtrain, num_boost_round=int(params["n_estimators"]),
-        evals=[(dvalid, "valid")], early_stopping_rounds=early_stopping_rounds,
-        callbacks=callbacks or [], verbose_eval=False,
-    )
+def fit_classifier(params: dict[str, Any], data: FitData, seed: int, early_stopping_rounds: int,
+                   callbacks: list[xgb.callback.TrainingCallback] | None = None,
+                   nthread: int = 0) -> xgb.XGBClassifier:
+    """Fit with early stopping on the validation AUC (``best_iteration`` / ``best_score`` set)."""
+    clf = make_classifier(params, seed, early_stopping_rounds, callbacks, nthread)
+    clf.fit(data.x_train, data.y_train, sample_weight=data.w_train,
+            eval_set=[(data.x_valid, data.y_valid)], verbose=False)
+    return clf
 
 
 def storage_url(url: str | None) -> str | None:
@@ -208,7 +212,7 @@ def _log_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str,
     return run.info.run_id
 
 
-def run_trials(study: optuna.Study, dtrain: xgb.DMatrix, dvalid: xgb.DMatrix, *, seed: int,
+def run_trials(study: optuna.Study, data: FitData, *, seed: int,
                max_estimators: int, early_stopping_rounds: int, n_trials: int | None,
                timeout: float | None, client: MlflowClient, experiment_id: str,
                parent_run_id: str, on_trial: Callable[[Any], None] | None = None, nthread: int = 0) -> None:
@@ -219,7 +223,7 @@ def run_trials(study: optuna.Study, dtrain: xgb.DMatrix, dvalid: xgb.DMatrix, *,
     def objective(trial: optuna.Trial) -> float:
         params = suggest_params(trial, max_estimators)
         pruning = _PruningCallback(trial)
-        booster = fit_booster(params, dtrain, dvalid, seed, early_stopping_rounds, [pruning], nthread)
+        clf = fit_classifier(params, data, seed, early_stopping_rounds, [pruning], nthread)
         trial.set_user_attr("worker", WORKER_ID)
         if pruning.pruned_at is not None:
             run_id = _log_trial_run(client, experiment_id, parent_run_id, name, trial, params,
@@ -227,8 +231,8 @@ def run_trials(study: optuna.Study, dtrain: xgb.DMatrix, dvalid: xgb.DMatrix, *,
                                      "n_trees": pruning.pruned_at + 1}, "PRUNED")
             trial.set_user_attr("run_id", run_id)
             raise optuna.TrialPruned(f"pruned at round {pruning.pruned_at + 1}")
-        auc = float(booster.best_score)
-        n_trees = int(booster.best_iteration) + 1
+        auc = float(clf.best_score)
+        n_trees = int(clf.best_iteration) + 1
         trial.set_user_attr("n_trees", n_trees)
         run_id = _log_trial_run(client, experiment_id, parent_run_id, name, trial, params,
                                 {"val_auc": auc, "n_trees": n_trees}, "COMPLETE")
@@ -281,7 +285,7 @@ def summarize(study: optuna.Study) -> TuningResult:
 
 
 __all__ = [
-    "REPORT_EVERY", "TrialRecord", "TuningResult", "booster_params", "fit_booster", "make_dmatrix",
+    "REPORT_EVERY", "FitData", "TrialRecord", "TuningResult", "fit_classifier", "make_classifier",
     "storage_url",
     "make_study", "run_trials", "suggest_params", "summarize", "wait_for_running", "wait_for_study",
 ]
