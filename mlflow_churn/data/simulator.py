@@ -18,15 +18,20 @@ The ground-truth hazard
 Each customer carries hidden states that evolve daily:
 
 - engagement ``e = e0 * exp(u)``, with ``e0 ~ LogNormal(0, 0.6)`` and ``u`` an AR(1)
-  (phi 0.97, innovation sd 0.06); it drives sessions, minutes and data used;
-- dissatisfaction ``d``, an AR(1) (phi 0.95, sd 0.30), seen through support calls;
-- financial stress ``f``, an AR(1) (phi 0.97, sd 0.10), seen through failed payments;
-- a constant frailty ``z ~ N(0, 0.5)`` that nothing observable reveals (it caps the AUC).
+  (phi 0.97, innovation sd 0.06, start sd 0.25); it drives sessions, minutes and data used;
+- dissatisfaction ``d``, an AR(1) (phi 0.98, sd 0.18, start sd 0.9), seen through support
+  calls;
+- financial stress ``f``, an AR(1) (phi 0.99, sd 0.06, start sd 0.4), seen through failed
+  payments;
+- a constant frailty ``z ~ N(0, 0.25)`` that nothing observable reveals (it caps the AUC).
 
 The daily churn probability of a live customer is
-``h = h0 * exp(0.9 mtm + 0.6 new - 0.5 two_year + b_d d - b_u u + 0.8 f + b_p p + z)``
-with ``h0 = 6e-4``, ``mtm`` a month-to-month contract, ``new`` tenure under 180 days,
-``b_d = 0.55``, ``b_u = 1.4``, ``b_p = 0`` and ``p = (monthly_charge - 60) / 25``.
+``h = min(0.5, h0 * exp(1.2 mtm + 0.6 new - 0.5 two_year + b_d d - b_u u - b_e log(e0)
++ 1.0 f + b_p p + z) * (1 + failed))``
+with ``h0 = 2e-4``, ``mtm`` a month-to-month contract, ``new`` tenure under 180 days,
+``failed`` 1 on a day with a failed payment, ``b_d = 1.3``, ``b_u = 1.5``, ``b_e = 1.3``,
+``b_p = 0`` and ``p = (monthly_charge - 60) / 25`` (every number is a field of
+:class:`HazardParams`). About 10% of the customers sign up during the simulated days.
 A model sees ``u`` only through the customer's recent usage against their own history, and
 ``d`` / ``f`` only through noisy counts, so a good model reaches an AUC of about 0.75-0.85
 on a 30-day horizon.
@@ -34,11 +39,11 @@ on a 30-day horizon.
 Scenarios (each starts at ``onset_day``):
 
 - ``stable``: nothing changes;
-- ``usage_shift``: observed minutes_used is multiplied by ``usage_factor`` (1.5) for
+- ``usage_shift``: observed minutes_used is multiplied by ``usage_factor`` (1.42) for
   everyone; the hazard does not change (covariate drift, AUC roughly stable);
 - ``segment_shift``: in one segment (default region ``pacific``, ~10%) engagement falls
   by 30%, dissatisfaction rises by 0.8 and the hazard doubles;
-- ``concept_drift``: ``b_d`` and ``b_u`` fall to a fifth and price starts to drive churn
+- ``concept_drift``: ``b_d``, ``b_u`` and ``b_e`` fall to a fifth and price starts to drive churn
   (``b_p = 0.9``), so a model trained before the onset loses AUC;
 - ``gradual``: like ``usage_shift``, but the factor ramps linearly over ``ramp_days`` (42);
 - ``data_outage``: data_used_mb turns null for a fixed 30% of customers;
@@ -63,6 +68,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mlflow_churn.config import SCENARIOS
+from mlflow_churn.data.tables import ACTIVITY_SCHEMA, CHURN_EVENTS_SCHEMA, CUSTOMERS_SCHEMA
 from mlflow_churn.errors import ChurnError
 
 PLANS = ("basic", "standard", "premium", "unlimited")
@@ -224,7 +230,7 @@ class _Population:
             "monthly_charge": self.charge,
             "event_timestamp": ts,
             "created": ts,
-        })
+        }, schema=CUSTOMERS_SCHEMA)
 
 
 def _usage_factor(spec: SimulationSpec, day: int) -> float:
@@ -307,7 +313,7 @@ def _simulate_day(
         "support_calls": support[idx].astype(np.int32),
         "failed_payments": failed[idx].astype(np.int32),
         "dropped_calls": dropped[idx].astype(np.int32),
-    })
+    }, schema=ACTIVITY_SCHEMA)
     return table, churn_now
 
 
@@ -377,7 +383,7 @@ def _write_all(spec: SimulationSpec, out: Path, on_day: Callable[[int], None] | 
         "churn_date": pa.array(churn_date, type=pa.date32()),
         "event_timestamp": pa.array(churn_date.astype("datetime64[us]"), type=pa.timestamp("us", tz="UTC")),
         "created": pa.array(churn_date.astype("datetime64[us]"), type=pa.timestamp("us", tz="UTC")),
-    })
+    }, schema=CHURN_EVENTS_SCHEMA)
     pq.write_table(churn, out / "churn_events.parquet", compression="zstd")
     last = spec.start + timedelta(days=spec.days - 1)
     onset = spec.start + timedelta(days=spec.onset)
