@@ -146,8 +146,9 @@ def materialize_cmd(
     ctx: typer.Context,
     as_of: str = typer.Option(None, "--as-of",
                               help="Compute values at this UTC time (default: newest data)."),
-    incremental: bool = typer.Option(False, "--incremental",
-                                     help="Recompute only customers with events since the last batch."),
+    incremental: bool = typer.Option(
+        False, "--incremental",
+        help="Build on the serving batch: same values, only customers active in its windows recomputed."),
     every: str = typer.Option(None, "--every", help="Run on a schedule, e.g. 1h (default: once)."),
     max_runs: int = typer.Option(None, "--max-runs", help="With --every: stop after this many runs."),
     force: bool = typer.Option(False, "--force",
@@ -188,7 +189,7 @@ def materialize_cmd(
 @features_app.command("history")
 def history(ctx: typer.Context,
             limit: int = typer.Option(20, "--limit", help="Newest batches to show.")) -> None:
-    """Every materialized batch, newest first (the first one serves)."""
+    """Every completed batch, newest first (the first one serves)."""
     from mlflow_churn.features.online import open_store
 
     if limit < 1:
