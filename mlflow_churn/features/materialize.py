@@ -106,16 +106,17 @@ def _incremental(cfg: Any, features: list[FeatureDefinition], prev: BatchInfo, a
     static = [f.full_name for f in features if f.source == "customers"]
     live = compute_latest(cfg.data_dir, [f for f in features if f.source == "customers"], as_of,
                           with_event_time=False).frame
-    old = store.scan(prev.batch_id)
     quiet_since = prev.as_of - timedelta(days=longest_window(features))
     active = _active(cfg.data_dir, quiet_since, as_of)
-    carry = set(old["customer_id"]) & set(live["customer_id"]) - active
+    carry = (set(store.customer_ids(prev.batch_id)) & set(live["customer_id"])) - active
     redo = sorted(set(live["customer_id"]) - carry)
     fresh = compute_latest(cfg.data_dir, features, as_of, customer_ids=redo).frame
-    carried = old.loc[old["customer_id"].isin(carry)].drop(columns=static).merge(
-        live[["customer_id", *static]], on="customer_id", how="inner")
     cols = ["customer_id", "event_time", *names]
-    parts = [p[cols] for p in (fresh, carried) if len(p)]
+    parts = [fresh[cols]] if len(fresh) else []
+    if carry:  # read the previous rows only when some are carried over
+        old = store.scan(prev.batch_id)
+        parts.append(old.loc[old["customer_id"].isin(carry)].drop(columns=static).merge(
+            live[["customer_id", *static]], on="customer_id", how="inner")[cols])
     frame = pd.concat(parts, ignore_index=True) if parts else fresh[cols]
     return frame.sort_values("customer_id", ignore_index=True), len(fresh)
 

@@ -47,7 +47,7 @@ import orjson
 import pandas as pd
 
 from mlflow_churn.errors import ChurnError
-from mlflow_churn.features.writer_lock import FileWriterLock, RedisWriterLock
+from mlflow_churn.features.writer_lock import FileWriterLock, RedisWriterLock, WriterLock
 
 CHUNK_ROWS = 50_000
 RETAINED_BATCHES = 2  # the serving batch and the one before it keep their rows
@@ -133,7 +133,7 @@ class OnlineStore(Protocol):
 
     location: str
 
-    def writer(self) -> Any:
+    def writer(self) -> WriterLock:
         """The store's writer lock: a re-entrant context manager (ChurnError if another
         writer holds it)."""
 

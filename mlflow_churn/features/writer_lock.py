@@ -56,8 +56,8 @@ def _busy(location: str, holder: str | bytes | None, tail: str) -> ChurnError:
                       f"wait for it to finish, then re-run{tail}")
 
 
-class _Reentrant:
-    """Depth counting shared by both locks: ``_take`` / ``_drop`` run at depth 0 only."""
+class WriterLock:
+    """A re-entrant writer lock (base of both): ``_take`` / ``_drop`` run at depth 0 only."""
 
     def __init__(self) -> None:
         self._depth = 0
@@ -80,12 +80,16 @@ class _Reentrant:
     def held(self) -> bool:
         return self._depth > 0
 
-    def __enter__(self) -> _Reentrant:
+    def __enter__(self) -> WriterLock:
         self.acquire()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+    def owned(self) -> bool:  # pragma: no cover - overridden
+        """True while this writer still holds the lock."""
+        raise NotImplementedError
 
     def _take(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -94,7 +98,7 @@ class _Reentrant:
         raise NotImplementedError
 
 
-class FileWriterLock(_Reentrant):
+class FileWriterLock(WriterLock):
     """``flock`` on ``path`` (created if needed); the file holds the holder's JSON."""
 
     def __init__(self, path: Path, location: str) -> None:
@@ -126,7 +130,7 @@ class FileWriterLock(_Reentrant):
         return self._fd is not None
 
 
-class RedisWriterLock(_Reentrant):
+class RedisWriterLock(WriterLock):
     """A Redis lease at ``key``, renewed every ``ttl_s / 3`` seconds while held."""
 
     def __init__(self, client: Any, key: str, location: str, ttl_s: float = 30.0) -> None:
@@ -178,4 +182,4 @@ class RedisWriterLock(_Reentrant):
         return raw is not None and raw.decode() == self.value
 
 
-__all__ = ["FileWriterLock", "RedisWriterLock"]
+__all__ = ["FileWriterLock", "RedisWriterLock", "WriterLock"]
