@@ -1,11 +1,13 @@
 """The ``churn`` command: parses options, calls one module function, prints the result.
 
-Bad input raises :class:`~mlflow_churn.errors.ChurnError` deep down; :func:`main` turns it
-into one line on stderr and exit code 2.
+Bad input raises :class:`~mlflow_churn.errors.ChurnError` deep down; :func:`main` turns it,
+and Click's usage errors (a wrong option type, an unknown option or command), into one line
+``error: ...`` on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -168,18 +170,45 @@ def _register_commands() -> None:
 _register_commands()
 
 
+#: Click's exceptions, wherever this typer takes Click from (newer typers vendor it)
+_click = importlib.import_module(typer.BadParameter.__module__)
+#: `churn` / `churn features` without a command: Click shows the help (click >= 8.2)
+_NO_ARGS = getattr(_click, "NoArgsIsHelpError", ())
+
+
+def _one_line(exc: Exception) -> str:
+    """Click's message on one line, naming the rejected value, with where to find the usage."""
+    text = " ".join(exc.format_message().split()).rstrip(".")
+    errors = getattr(exc.__cause__, "errors", None)  # typer's pydantic coercion hides the value
+    if callable(errors) and errors() and "input" in errors()[0]:
+        text += f", got {errors()[0]['input']!r}"
+    ctx = getattr(exc, "ctx", None)
+    return f"{text} (see `{ctx.command_path if ctx else 'churn'} --help`)"
+
+
 def main() -> None:
     """Console-script entry point: one-line errors, exit code 2 on bad input."""
     # MLflow's per-download bars would interleave with the commands' own progress and tables
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        app()
+        code = app(standalone_mode=False)  # Click raises its errors instead of boxing them
+    except _NO_ARGS as exc:
+        typer.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
+        sys.exit(2)
+    except _click.ClickException as exc:
+        typer.echo(f"error: {_one_line(exc)}", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
     except ChurnError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    if isinstance(code, int) and code:  # typer.Exit(n) of a command (e.g. check-skew's 1)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,31 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], needle: s
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["simulate", "--customers", "abc"], "Invalid value for '--customers'"),
+        (["simulate", "--days", "1.5"], "'1.5'"),
+        (["simulate", "--bogus"], "No such option: --bogus"),
+        (["simulate", "--seed"], "'--seed' requires an argument"),
+        (["nosuch"], "No such command 'nosuch'"),
+        (["config", "nosuch"], "No such command 'nosuch'"),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(tmp_path: Path, args: list[str], needle: str) -> None:
+    """Click's own errors (types, unknown options and commands): no boxed usage, one line."""
+    res = run(args, tmp_path)
+    assert res.returncode == 2, res
+    assert res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert needle in res.stderr and "--help" in res.stderr
+    assert "╭" not in res.stderr and "Usage:" not in res.stderr and res.stdout == ""
+
+
+def test_no_command_shows_the_help(tmp_path: Path) -> None:
+    res = run([], tmp_path)
+    assert res.returncode == 2 and "simulate" in res.stdout and "Traceback" not in res.stderr
+
+
 def test_unwritable_output_is_one_line(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -17,7 +18,7 @@ from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.features.api import create_app
 from mlflow_churn.features.materialize import materialize, served_features
 from mlflow_churn.features.offline import compute_latest
-from mlflow_churn.features.online import open_store
+from mlflow_churn.features.online import BatchInfo, new_batch_id, open_store
 from mlflow_churn.features.registry import load_registry
 from mlflow_churn.features.skew import same_value
 
@@ -150,6 +151,13 @@ def test_new_batch_invalidates_the_cache(cfg: ChurnConfig, served) -> None:
         ({"ids": "1", "features": "no_such_feature"}, 404, "monthly_usage_v2"),
         ({"ids": "1", "feature_set": "churn_v9"}, 404, "churn_default"),
         ({"ids": "1", "features": "plan", "feature_set": "churn_v2"}, 400, "not both"),
+        ({"ids": "1", "features": ""}, 400, "features= is empty"),
+        ({"ids": "1", "features": " "}, 400, "features= is empty"),
+        ({"ids": "1", "feature_set": ""}, 400, "feature_set= is empty"),
+        ({"ids": "1", "features": "", "feature_set": ""}, 400, "not both"),
+        ([("ids", "1"), ("feature_set", "churn_v2"), ("feature_set", "churn_default")], 400,
+         "feature_set= given more than once"),
+        ([("ids", "1,2,3"), ("ids", "4,5,6")], 400, "at most 5"),  # repeated ids count together
     ],
 )
 def test_bad_input_is_a_4xx_with_detail(workspace: Path, small_data: Path, params: dict, code: int,
@@ -164,6 +172,76 @@ def test_bad_input_is_a_4xx_with_detail(workspace: Path, small_data: Path, param
     assert needle in resp.json()["detail"]
     if code == 404 and "features" in params:
         assert "monthly_usage_v2" in resp.json()["available"]
+
+
+def test_repeated_ids_and_features_are_merged(served) -> None:
+    client, store, _batch, _clock = served
+    a, b, c = store.customer_ids()[:3]
+    resp = client.get("/features", params=[("ids", f"{a},{b}"), ("ids", str(c)), ("ids", str(a)),
+                                           ("features", "plan"), ("features", "monthly_usage")])
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert [r["customer_id"] for r in body["results"]] == [a, b, c]
+    assert body["features"] == ["plan", "monthly_usage"]
+
+
+def _user_definitions(workspace: Path, expression: str) -> Path:
+    """A definitions file with feature ``calls_x2`` (v1, ``expression``) and set ``mine``."""
+    path = workspace / "features.yaml"
+    path.write_text(
+        "features:\n"
+        "  - {name: calls_x2, version: 1, dtype: float64, source: activity, window_days: 30,\n"
+        f"     expression: '{expression}', default: 0, description: support calls x2}}\n"
+        "feature_sets:\n"
+        "  - {name: mine, base: churn_default, add: [calls_x2]}\n")
+    return path
+
+
+def test_values_under_another_definition_are_refused(workspace: Path, small_data: Path) -> None:
+    """The definition of calls_x2 is edited without a version bump after materialize: the
+    features and sets holding it get a 409 naming it; the others are still served."""
+    path = _user_definitions(workspace, "sum(support_calls) * 2")
+    cfg = _cfg(workspace, small_data, **{"features.definitions_file": str(path)})
+    batch = materialize(cfg, T1)
+    assert batch.feature_hashes["calls_x2"] == load_registry(path).get("calls_x2").hash
+    _user_definitions(workspace, "sum(support_calls) * 3")  # same name and version, new SQL
+    os.utime(path, (time.time() + 5, time.time() + 5))  # a new mtime however fast the edit
+    with TestClient(create_app(cfg, clock=Clock(T1))) as client:
+        for params in ({"feature_set": "mine"}, {"features": "plan,calls_x2"}, {}):
+            resp = client.get("/features", params={"ids": "1,2", **params})
+            assert resp.status_code == 409, resp.text
+            assert resp.json()["features"] == ["calls_x2"]
+            assert "calls_x2" in resp.json()["detail"] and "another definition" in resp.json()["detail"]
+        resp = client.get("/features", params={"ids": "1,2", "feature_set": "churn_default"})
+        assert resp.status_code == 200, resp.text
+
+
+def test_batch_without_definition_hashes_is_served(cfg: ChurnConfig) -> None:
+    """Batches written before hashes were recorded stay readable."""
+    latest = compute_latest(cfg.data_dir, served_features(cfg), T1)
+    store = open_store(cfg, must_exist=False)
+    names = tuple(f.full_name for f in served_features(cfg))
+    store.write_batch(latest.frame, BatchInfo(new_batch_id(T1), T1, latest.watermark, len(latest.frame),
+                                              names, datetime.now(UTC)))
+    with TestClient(create_app(cfg, store=store, clock=Clock(T1))) as client:
+        resp = client.get("/features", params={"ids": "1,2", "feature_set": "churn_v2"})
+    store.close()
+    assert resp.status_code == 200, resp.text
+
+
+@pytest.mark.redis
+def test_store_that_lost_its_rows_is_503(workspace: Path, small_data: Path, redis_url: str,
+                                        redis_prefix: str) -> None:
+    """Redis evicted the serving batch's rows (maxmemory): the store's fault, not the client's."""
+    cfg = _cfg(workspace, small_data, **{"features.online_backend": "redis", "features.redis_url": redis_url,
+                                         "features.redis_prefix": redis_prefix})
+    batch = materialize(cfg, T1)
+    store = open_store(cfg)
+    store._r.unlink(store._k("rows", batch.batch_id))
+    with TestClient(create_app(cfg, store=store, clock=Clock(T1))) as client:
+        resp = client.get("/features", params={"ids": "1,2"})
+    store.close()
+    assert resp.status_code == 503 and "no longer keeps its rows" in resp.json()["detail"]
 
 
 def test_missing_store_is_404_then_served_once_materialized(cfg: ChurnConfig) -> None:
@@ -229,3 +307,36 @@ def test_real_socket_on_redis(workspace: Path, small_data: Path, redis_url: str,
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_scoring_refuses_online_values_under_other_definitions(workspace: Path, small_data: Path,
+                                                              register_version) -> None:
+    """The scoring service's online path: a champion trained on set ``mine`` (calls_x2 v1 =
+    2 x calls). (1) The batch was materialized with another definitions file (3 x calls):
+    409 naming calls_x2. (2) The server's registry itself changed: the model is refused."""
+    from serving_support import wait_ready
+
+    from mlflow_churn.serving.app import create_app as scoring_app
+
+    trained = _cfg(workspace, small_data, **{"features.definitions_file": str(
+        _user_definitions(workspace, "sum(support_calls) * 2").rename(workspace / "a.yaml"))})
+    edited = load_config(workspace=workspace, environ={}, overrides={"features.definitions_file": str(
+        _user_definitions(workspace, "sum(support_calls) * 3").rename(workspace / "b.yaml"))})
+    register_version(trained, alias="champion", feature_set="mine")
+    materialize(edited, T1)  # the materializer reads another definitions file
+    ids = {"customer_ids": [1, 2, 3]}
+    with TestClient(scoring_app(trained)) as client:
+        wait_ready(client)
+        resp = client.post("/predict", json=ids)
+        assert resp.status_code == 409, resp.text
+        assert "calls_x2" in resp.json()["detail"] and "model version 1" in resp.json()["detail"]
+    materialize(trained, T1)  # same definitions again: served
+    with TestClient(scoring_app(trained)) as client:
+        wait_ready(client)
+        assert client.post("/predict", json=ids).status_code == 200
+    with TestClient(scoring_app(edited)) as client:  # the registry's definition changed
+        deadline = time.monotonic() + 60  # 503 until the champion was looked at, then 409
+        while (resp := client.post("/predict", json=ids)).status_code == 503:
+            assert time.monotonic() < deadline, resp.text
+            time.sleep(0.1)
+        assert resp.status_code == 409 and "differs from the registry's definition" in resp.json()["detail"]

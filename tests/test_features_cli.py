@@ -138,11 +138,52 @@ def test_every_runs_on_a_schedule(ws: Path, churn) -> None:
         (["history"], "churn features materialize"),
         (["check-skew"], "churn features materialize"),
         (["describe", "monthly_usage_v9"], "monthly_usage_v2"),
+        (["materialize", "--max-runs", "2"], "--max-runs 2 needs --every"),
+        (["materialize", "--every", "1h", "--force"], "exclude each other"),
+        (["materialize", "--max-runs", "abc"], "Invalid value for '--max-runs'"),
+        (["materialize", "--bogus"], "No such option: --bogus"),
+        (["nosuch"], "No such command 'nosuch'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(ws: Path, args: list[str], needle: str, churn) -> None:
     extra = ["--no-progress"] if args[0] == "materialize" else []
     _one_line_error(churn(["--workspace", str(ws), "features", *args, *extra]), needle)
+
+
+def test_older_as_of_needs_force(ws: Path, churn) -> None:
+    base = ["--workspace", str(ws), "features", "materialize", "--no-progress"]
+    assert churn(base + ["--as-of", "2026-03-27"]).returncode == 0
+    _one_line_error(churn(base + ["--as-of", "2026-03-20"]), "--force")
+    res = churn(base + ["--as-of", "2026-03-20", "--force"])
+    assert res.returncode == 0 and "2026-03-20T00:00:00+00:00" in res.stdout, res.stderr
+
+
+def _definitions(ws: Path, text: str) -> list[str]:
+    """Root options of a config whose features.definitions_file holds ``text``."""
+    (ws / "features.yaml").write_text(text)
+    (ws / "churn.yaml").write_text(f"features:\n  definitions_file: {ws / 'features.yaml'}\n")
+    return ["--config", str(ws / "churn.yaml"), "--workspace", str(ws)]
+
+
+@pytest.mark.parametrize(
+    ("definitions", "needle"),
+    [
+        ("features:\n  - {name: broken, version: 1, dtype: float64, source: activity, window_days: 7,"
+         " expression: 'sum(nonexistent_col)', description: d}\n",
+         "feature 'broken' (v1, source activity)"),
+        ("features:\n  - {name: broken, version: 1, dtype: float64, source: activity, window_days: 7,"
+         " expression: 'sum(', description: d}\n", "expression 'sum(' does not run"),
+        ("feature_sets:\n  - {name: churn_default, features: [plan]}\n",
+         "would redefine the built-in set"),
+    ],
+)
+def test_bad_definitions_file_is_one_line_exit_2(ws: Path, definitions: str, needle: str) -> None:
+    """Over the real console script: no DuckDB traceback, exit 2, for every command that loads them."""
+    root = _definitions(ws, definitions)
+    for args in (["features", "materialize", "--no-progress"], ["features", "list"]):
+        res = run(root + args, ws)
+        _one_line_error(res, needle)
+        assert "features.yaml" in res.stderr
 
 
 def _free_port() -> int:

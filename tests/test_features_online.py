@@ -1,16 +1,22 @@
-"""One contract suite for the online store, run against SQLite (WAL file) and the real Redis."""
+"""One contract suite for the online store, run against SQLite (WAL file) and the real Redis:
+values, swap and retention, crashes, concurrent writers, incremental batches, the scheduler."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from mlflow_churn.config import ChurnConfig, load_config
@@ -164,6 +170,7 @@ from mlflow_churn.features.materialize import served_features
 from mlflow_churn.features.offline import compute_latest
 cfg = load_config(workspace=sys.argv[1], overrides=__import__("json").loads(sys.argv[2]), environ={})
 online.CHUNK_ROWS = 300
+online.RedisStore.LOCK_TTL_S = float(sys.argv[3])
 store = online.open_store(cfg, must_exist=True)
 as_of = datetime(2026, 3, 27, tzinfo=UTC)
 latest = compute_latest(cfg.data_dir, served_features(cfg), as_of)
@@ -172,9 +179,30 @@ info = online.BatchInfo(online.new_batch_id(as_of), as_of, latest.watermark, len
 print(info.batch_id, flush=True)
 def tick(n):
     print("chunk", n, flush=True)
-    time.sleep(60)
+    if n == 300:
+        sys.stdin.readline()  # hold the writer lock mid-batch until the test says go on
 store.write_batch(latest.frame, info, on_chunk=tick)
+print("flipped", flush=True)
 """
+
+
+def _start_writer(cfg: ChurnConfig, backend: dict, lock_ttl_s: float = 30.0) -> tuple[subprocess.Popen, str]:
+    """A writer process stopped mid-batch (its first chunk written, the lock held)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(cfg.workspace), json.dumps(backend), str(lock_ttl_s)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=cfg.workspace)
+    batch_id = proc.stdout.readline().strip()
+    assert proc.stdout.readline().startswith("chunk 300")  # rows are being written
+    return proc, batch_id
+
+
+def _wait_for_lock_release(store: OnlineStore) -> None:
+    """A killed Redis writer's lease runs out after its TTL (a file lock goes with the process)."""
+    if isinstance(store, RedisStore):
+        deadline = time.monotonic() + 60
+        while store._r.exists(store.writer().key):
+            assert time.monotonic() < deadline, "the dead writer's lease never expired"
+            time.sleep(0.1)
 
 
 @pytest.mark.slow
@@ -183,11 +211,8 @@ def test_killed_writer_leaves_previous_batch_serving(cfg: ChurnConfig, store: On
     first = materialize(cfg, T1, store=store)
     ids = store.customer_ids()[:20]
     before = store.get(ids)
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(cfg.workspace), json.dumps(backend)],
-                            stdout=subprocess.PIPE, text=True, cwd=cfg.workspace)
+    proc, batch_id = _start_writer(cfg, backend, lock_ttl_s=1.0)
     try:
-        batch_id = proc.stdout.readline().strip()
-        assert proc.stdout.readline().startswith("chunk 300")  # rows are being written
         os.kill(proc.pid, signal.SIGKILL)  # crash mid-batch
         proc.wait(timeout=30)
     finally:
@@ -198,11 +223,97 @@ def test_killed_writer_leaves_previous_batch_serving(cfg: ChurnConfig, store: On
         assert fresh.current_batch() == first
         assert fresh.get(ids) == before
         assert [h.batch_id for h in fresh.history()] == [first.batch_id]
+        _wait_for_lock_release(fresh)
         second = materialize(cfg, T2, store=fresh)
         assert fresh.current_batch() == second
         _assert_half_written_batch_dropped(fresh, batch_id)
     finally:
         fresh.close()
+
+
+@pytest.mark.slow
+def test_second_writer_is_refused_while_one_writes(cfg: ChurnConfig, store: OnlineStore,
+                                                   backend: dict) -> None:
+    """Two materialize runs at once (real processes): the second fails at once, naming the
+    first; the first's batch goes live intact; the previous batch serves meanwhile."""
+    first = materialize(cfg, T1, store=store)
+    ids = store.customer_ids()[:30]
+    before = store.get(ids)
+    proc, batch_id = _start_writer(cfg, backend)
+    try:
+        with pytest.raises(ChurnError, match=f"another `churn features materialize`.*pid {proc.pid}"):
+            materialize(cfg, T3, store=store)
+        with pytest.raises(ChurnError, match="another `churn features materialize`"):
+            materialize(cfg, T3)  # its own store object, as another process would open it
+        assert store.current_batch() == first and store.get(ids) == before
+        proc.stdin.write("go on\n")
+        proc.stdin.flush()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "flipped" in out
+    assert store.current_batch().batch_id == batch_id
+    _assert_rows_equal(store.get(ids), _expected(cfg, T2, ids))  # the writer's values, all there
+    assert [h.batch_id for h in store.history()] == [batch_id, first.batch_id]
+    third = materialize(cfg, T3, store=store)  # the lock was released
+    assert store.current_batch() == third
+
+
+def _take_over(store: OnlineStore, cfg: ChurnConfig) -> BatchInfo | None:
+    """What another writer does after this one lost its lock (Redis: the lease ran out while
+    the writer stalled; SQLite: a writer that ignores the lock cleans up 'writing' batches)."""
+    if isinstance(store, RedisStore):
+        store._r.delete(store.writer().key)  # the lease expires
+        return materialize(cfg, T3)  # a new writer takes the lock and drops the stalled batch
+    con = store._con()
+    con.execute("UPDATE batches SET state = 'failed' WHERE state = 'writing'")
+    return None
+
+
+def test_writer_that_lost_its_batch_cannot_flip(cfg: ChurnConfig, store: OnlineStore) -> None:
+    first = materialize(cfg, T1, store=store)
+    latest = compute_latest(cfg.data_dir, served_features(cfg), T2)
+    info = BatchInfo(online.new_batch_id(T2), T2, latest.watermark, len(latest.frame), first.features,
+                     datetime.now(UTC))
+    taken: list[BatchInfo | None] = []
+    with pytest.raises(ChurnError, match="lost its writer lock or was cleaned up"):
+        store.write_batch(latest.frame, info, on_chunk=lambda n: taken.append(_take_over(store, cfg)))
+    winner = taken[0] or first
+    assert store.current_batch() == winner  # no flip to the stalled writer's batch
+    ids = store.customer_ids()[:25]
+    _assert_rows_equal(store.get(ids), _expected(cfg, winner.as_of, ids))  # lookups still work
+    assert info.batch_id not in [h.batch_id for h in store.history()]
+    _assert_half_written_batch_dropped(store, info.batch_id)
+    assert materialize(cfg, T3 + timedelta(days=1), store=store).rows > 0  # the store is usable
+
+
+def test_older_as_of_is_refused_unless_forced(cfg: ChurnConfig, store: OnlineStore) -> None:
+    newer = materialize(cfg, T2, store=store)
+    with pytest.raises(ChurnError, match="older than that of the serving batch.*--force"):
+        materialize(cfg, T1, store=store)
+    assert store.current_batch() == newer and store.history() == [newer]
+    again = materialize(cfg, T2, store=store)  # the same as_of may be recomputed
+    older = materialize(cfg, T1, store=store, force=True)
+    assert store.current_batch() == older and store.history() == [older, again, newer]
+
+
+@pytest.mark.redis
+def test_redis_lease_is_renewed_while_held(redis_url: str, redis_prefix: str) -> None:
+    store = RedisStore(redis_url, redis_prefix, lock_ttl_s=2.0)
+    other = RedisStore(redis_url, redis_prefix)
+    try:
+        with store.writer() as lock:
+            time.sleep(3.0)  # longer than the lease: the heartbeat keeps it
+            assert lock.owned()
+            with pytest.raises(ChurnError, match="another `churn features materialize`.*expires in"):
+                other.writer().acquire()
+        assert not store._r.exists(lock.key)  # released on exit
+        with other.writer():
+            pass
+    finally:
+        store.close()
+        other.close()
 
 
 def test_incremental_recomputes_customers_with_new_events(cfg: ChurnConfig, store: OnlineStore) -> None:
@@ -216,8 +327,72 @@ def test_incremental_recomputes_customers_with_new_events(cfg: ChurnConfig, stor
     assert 0 < inc.updated_rows <= inc.rows == len(expected)
     sample = [int(i) for i in expected.index[::97]]
     _assert_rows_equal(store.get(sample), expected.loc[sample])
+    assert inc.feature_hashes == full.feature_hashes == {f.full_name: f.hash for f in served_features(cfg)}
     with pytest.raises(ChurnError, match="not after"):
-        materialize(cfg, T1, incremental=True, store=store)
+        materialize(cfg, inc.as_of, incremental=True, store=store)
+
+
+def _silence(data: Path, ids: set[int], since: datetime) -> None:
+    """Remove the activity of ``ids`` from the day ``since`` on (they stop using the service)."""
+    for part in sorted((data / "activity").glob("date=*/part-0.parquet")):
+        if datetime.fromisoformat(part.parent.name.split("=")[1]).replace(tzinfo=UTC) >= since:
+            table = pq.read_table(part)
+            keep = ~pd.Series(table.column("customer_id").to_numpy()).isin(ids).to_numpy()
+            pq.write_table(table.filter(keep), part, compression="zstd")
+
+
+def test_incremental_equals_a_full_batch_when_customers_go_quiet(
+    workspace: Path, small_data: Path, backend: dict
+) -> None:
+    """Customers without new events: their windows slide and tenure_days moves with as_of.
+    (The simulator writes a row for every live customer every day, so this needs quiet ones.)"""
+    shutil.copytree(small_data, workspace / "data")
+    cfg = load_config(workspace=workspace, overrides=backend, environ={})
+    quiet = set(range(1, 301))  # no activity at all in the longest window of both batches
+    stopping = set(range(301, 601))  # active inside the window, nothing after March 10
+    _silence(cfg.data_dir, quiet, datetime(2026, 1, 10, tzinfo=UTC))
+    _silence(cfg.data_dir, stopping, datetime(2026, 3, 10, tzinfo=UTC))
+    store = open_store(cfg, must_exist=False)
+    try:
+        full = materialize(cfg, T1, store=store)
+        inc = materialize(cfg, T2, incremental=True, store=store)
+        assert inc.mode == "incremental" and inc.parent_batch_id == full.batch_id
+        assert 0 < inc.updated_rows < inc.rows  # the quiet customers were carried over
+        expected = _expected(cfg, T2)
+        assert inc.rows == len(expected) and inc.watermark == expected["event_time"].max().to_pydatetime()
+        _assert_rows_equal(store.get([int(i) for i in expected.index]), expected)
+        report = check_skew(cfg, sample=inc.rows, store=store)
+        assert report.ok and report.compared == inc.rows, report.by_feature()
+        carried = [i for i in quiet if i in expected.index][:5]
+        old, new = store.get(carried, batch_id=full.batch_id), store.get(carried)
+        assert carried and all(new[i].values["tenure_days"] == old[i].values["tenure_days"] + 7
+                               for i in carried)
+    finally:
+        store.close()
+
+
+def test_incremental_refuses_a_parent_under_other_definitions(cfg: ChurnConfig, store: OnlineStore) -> None:
+    full = materialize(cfg, T1, store=store)
+    latest = compute_latest(cfg.data_dir, served_features(cfg), T1)
+    hashes = dict(full.feature_hashes, monthly_usage="0" * 64)
+    for recorded, why in ((hashes, "definition of monthly_usage changed"),
+                          (None, "does not record its definition hashes")):
+        info = BatchInfo(online.new_batch_id(T1), T1, latest.watermark, len(latest.frame), full.features,
+                         datetime.now(UTC), feature_hashes=recorded)
+        store.write_batch(latest.frame, info)
+        with pytest.raises(ChurnError, match=why):
+            materialize(cfg, T2, incremental=True, store=store)
+
+
+def test_batch_info_reads_older_and_newer_records() -> None:
+    info = BatchInfo("b-1", T1, T1, 3, ("a", "b"), T1, feature_hashes={"a": "1", "b": "2"})
+    assert BatchInfo.from_dict(json.loads(info.to_json())) == info
+    old = info.to_dict()
+    del old["feature_hashes"]  # written before hashes were recorded
+    assert BatchInfo.from_dict(old).feature_hashes is None
+    assert BatchInfo.from_dict(old).definition_conflicts({"a": "x"}) == []
+    assert BatchInfo.from_dict({**info.to_dict(), "from_a_newer_writer": 1}) == info
+    assert info.definition_conflicts({"a": "1", "b": "9", "c": None}) == ["b"]
 
 
 def test_check_skew_finds_no_skew_then_a_rewritten_partition(cfg: ChurnConfig, store: OnlineStore,
@@ -243,6 +418,87 @@ def test_check_skew_finds_no_skew_then_a_rewritten_partition(cfg: ChurnConfig, s
     assert "plan" not in by and "sessions_30d" not in by
     first = report.mismatches[0]
     assert not same_value(first.online, first.offline)
+
+
+class _Proxy:
+    """A TCP forwarder to the machine's Redis that the test can cut and restore (a real
+    connection failure, not a mock)."""
+
+    def __init__(self, port: int = 0) -> None:
+        self._socks: list[socket.socket] = []
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", port))
+        self.listener.listen()
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", 6379))
+            self._socks += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (Linux)
+        except OSError:
+            pass
+        self.listener.close()
+        for s in self._socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+@pytest.mark.redis
+def test_run_every_survives_a_lost_redis_connection(workspace: Path, small_data: Path,
+                                                   redis_prefix: str) -> None:
+    proxy = _Proxy()
+    overrides = {"features.online_backend": "redis", "features.redis_prefix": redis_prefix,
+                 "features.redis_url": f"redis://127.0.0.1:{proxy.port}/0"}
+    (workspace / "data").symlink_to(small_data, target_is_directory=True)
+    cfg = load_config(workspace=workspace, overrides=overrides, environ={})
+    store = open_store(cfg, must_exist=False)
+    seen: list[str] = []
+    state = {"proxy": proxy}
+
+    def nap(_seconds: float) -> None:
+        if len(seen) == 1:
+            state["proxy"].close()  # Redis becomes unreachable before the second run
+        elif len(seen) == 2:
+            state["proxy"] = _Proxy(proxy.port)  # and comes back before the third
+
+    try:
+        written = run_every(cfg, timedelta(hours=1), max_runs=3, store=store, sleep=nap,
+                            on_run=lambda info, why: seen.append(why))
+    finally:
+        store.close()
+        state["proxy"].close()
+    assert len(written) == 1 and seen[0] == "written"
+    assert seen[1].startswith("error: ConnectionError") and "retrying at the next run" in seen[1]
+    assert seen[2].startswith("no data after")  # the schedule went on and reached Redis again
 
 
 def test_run_every_writes_then_waits_for_new_data(cfg: ChurnConfig, store: OnlineStore) -> None:

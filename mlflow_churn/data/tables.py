@@ -2,7 +2,9 @@
 
 Layout under ``<workspace>/data`` (Feast-compatible: entity id, ``event_timestamp``,
 ``created``): ``customers.parquet``, ``activity/date=YYYY-MM-DD/part-*.parquet`` and
-``churn_events.parquet``.
+``churn_events.parquet``. The column types are :data:`CUSTOMERS_SCHEMA`,
+:data:`ACTIVITY_SCHEMA` (plus the ``date`` partition column) and :data:`CHURN_EVENTS_SCHEMA`;
+the simulator writes them and the feature registry compiles definitions against them.
 """
 
 from __future__ import annotations
@@ -11,8 +13,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 
 from mlflow_churn.errors import ChurnError
+
+_TS = pa.timestamp("us", tz="UTC")
+CUSTOMERS_SCHEMA = pa.schema([
+    ("customer_id", pa.int64()), ("signup_date", pa.date32()), ("plan", pa.string()),
+    ("region", pa.string()), ("contract", pa.string()), ("payment_method", pa.string()),
+    ("paperless_billing", pa.bool_()), ("num_lines", pa.int16()), ("age", pa.int16()),
+    ("monthly_charge", pa.float64()), ("event_timestamp", _TS), ("created", _TS),
+])
+ACTIVITY_SCHEMA = pa.schema([
+    ("customer_id", pa.int64()), ("event_timestamp", _TS), ("created", _TS),
+    ("sessions", pa.int32()), ("minutes_used", pa.float32()), ("data_used_mb", pa.float32()),
+    ("support_calls", pa.int32()), ("failed_payments", pa.int32()), ("dropped_calls", pa.int32()),
+])
+CHURN_EVENTS_SCHEMA = pa.schema([
+    ("customer_id", pa.int64()), ("churn_date", pa.date32()), ("event_timestamp", _TS),
+    ("created", _TS),
+])
 
 
 @dataclass(frozen=True)
@@ -57,3 +77,13 @@ def register_views(con: duckdb.DuckDBPyConnection, paths: TablePaths) -> None:
     con.execute(
         f"CREATE OR REPLACE VIEW churn_events AS SELECT * FROM read_parquet('{paths.churn_events}')"
     )
+
+
+def register_empty_views(con: duckdb.DuckDBPyConnection) -> None:
+    """Create empty ``customers``, ``activity`` (with its ``date`` partition column) and
+    ``churn_events`` relations of the layout's types on ``con`` (to compile SQL without data)."""
+    activity = ACTIVITY_SCHEMA.append(pa.field("date", pa.date32()))
+    for name, schema in (("customers", CUSTOMERS_SCHEMA), ("activity", activity),
+                         ("churn_events", CHURN_EVENTS_SCHEMA)):
+        con.register(f"{name}_empty", schema.empty_table())
+        con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM {name}_empty")

@@ -3,7 +3,11 @@
 - ``GET /features?ids=1,2,3[&features=a,b | &feature_set=name]``: per id the values, each
   feature's version, the event time the values were computed from and a status:
   ``found``; ``missing`` (not in the serving batch: unknown or churned customer);
-  ``stale`` (its event time is older than ``features.freshness_sla_hours`` at request time).
+  ``stale`` (the row's own event time, i.e. the newest event its values used, is older than
+  ``features.freshness_sla_hours`` at request time: a customer without recent activity is
+  stale even in a fresh batch). Repeated ``ids=`` or ``features=`` are merged; an empty
+  ``features=`` or ``feature_set=`` is a 400. A 409 names the answered features whose
+  values the batch computed under another definition than this server's registry holds.
 - ``GET /health``: 200 while the serving batch's watermark is younger than the SLA, else 503;
   the body gives the age and the SLA in seconds.
 - ``GET /metrics``: Prometheus text: ``feature_freshness_seconds``, request latency
@@ -12,7 +16,8 @@
 Rows are cached in process for ``features.cache_ttl_seconds``; every request reads the
 serving batch id first and a new batch empties the cache, so a fresh batch is served from
 the first request after its flip. The clock is read here, at the HTTP edge, only.
-Bad input is a 4xx with a JSON ``detail``; an unusable store is a 404 (none yet) or 503.
+Bad input is a 4xx with a JSON ``detail``; an unusable store is a 404 (none yet) or 503
+(including a batch whose rows were retired under a request).
 """
 
 from __future__ import annotations
@@ -209,6 +214,7 @@ class FeatureService:
         self.metrics = Metrics()
         self.sla_seconds = cfg.features.freshness_sla_hours * 3600.0
         self._versions: dict[str, int] = {}
+        self._conflicts: dict[tuple[str, tuple[str, ...]], list[str]] = {}
 
     def store(self) -> OnlineStore:
         if self._store is None:
@@ -241,17 +247,23 @@ class FeatureService:
 
     def select(self, batch: BatchInfo, features: str | None,
                feature_set: str | None) -> tuple[list[str], dict[str, Any]]:
-        if features and feature_set:
+        if features is not None and feature_set is not None:
             raise ApiError(400, "give features= or feature_set=, not both")
         meta: dict[str, Any] = {"feature_set": None, "feature_set_hash": None}
-        if feature_set:
+        if feature_set is not None:
+            if not feature_set.strip():
+                raise ApiError(400, "feature_set= is empty; name a feature set, e.g. "
+                                    "feature_set=churn_default, or leave it out for every feature")
             try:
                 fs = self.registry.feature_set(feature_set.strip())
             except UnknownFeatureError as err:
                 raise ApiError(404, str(err), available=err.available) from None
             names = fs.columns
             meta = {"feature_set": fs.name, "feature_set_hash": fs.hash}
-        elif features:
+        elif features is not None:
+            if not features.strip():
+                raise ApiError(400, "features= is empty; give comma-separated feature names, "
+                                    "e.g. features=monthly_usage,plan, or leave it out for every feature")
             names = list(dict.fromkeys(n.strip() for n in features.split(",")))
             if "" in names:
                 raise ApiError(400, f"empty feature name in features='{features}'")
@@ -261,13 +273,34 @@ class FeatureService:
                 except UnknownFeatureError as err:
                     raise _unknown_feature(self.registry, n, err) from None
         else:
-            return list(batch.features), meta
+            names = list(batch.features)
         absent = [n for n in names if n not in batch.features]
         if absent:
             raise ApiError(404, f"feature(s) {', '.join(absent)} are not in the serving batch "
                                 f"{batch.batch_id}; run `churn features materialize` to add them",
                            available=list(batch.features))
+        self.check_definitions(batch, names)
         return names, meta
+
+    def check_definitions(self, batch: BatchInfo, names: list[str]) -> None:
+        """ApiError 409 naming the features of ``names`` that ``batch`` computed under another
+        definition than this server's registry holds (cached per batch and selection)."""
+        key = (batch.batch_id, tuple(names))
+        conflicts = self._conflicts.get(key)
+        if conflicts is None:
+            expected = {}
+            for n in names:
+                try:
+                    expected[n] = self.registry.get(n).hash
+                except UnknownFeatureError:
+                    expected[n] = None
+            conflicts = batch.definition_conflicts(expected)
+            if len(self._conflicts) > 1000:
+                self._conflicts.clear()
+            self._conflicts[key] = conflicts
+        if conflicts:
+            raise ApiError(409, batch.conflict_detail(conflicts, "this server's feature registry"),
+                           features=conflicts)
 
     def features(self, ids_raw: str | None, features: str | None, feature_set: str | None) -> str:
         """The JSON answer of ``GET /features``, built as text.
@@ -352,8 +385,8 @@ def create_app(cfg: Any, store: OnlineStore | None = None,
             resp = work()
         except ApiError as err:
             resp = err.response()
-        except ChurnError as err:
-            resp = JSONResponse({"detail": str(err)}, status_code=400)
+        except ChurnError as err:  # input errors are ApiErrors: this is the store's
+            resp = JSONResponse({"detail": f"online store unavailable: {err}"}, status_code=503)
         except Exception as err:  # noqa: BLE001 - a broken backend is a 503, never a 500
             resp = JSONResponse({"detail": f"online store unavailable: {type(err).__name__}: {err}"},
                                 status_code=503)
@@ -363,11 +396,19 @@ def create_app(cfg: Any, store: OnlineStore | None = None,
     # async endpoints: a lookup is a sub-millisecond local read (SQLite) or one round trip
     # (Redis), cheaper than handing it to the thread pool
     @app.get("/features")
-    async def get_features(ids: str | None = None, features: str | None = None,
+    async def get_features(request: Request, ids: str | None = None, features: str | None = None,
                            feature_set: str | None = None) -> Response:
-        """Values, versions, event time and status per customer id."""
-        return timed("/features", lambda: Response(svc.features(ids, features, feature_set),
-                                                   media_type="application/json"))
+        """Values, versions, event time and status per customer id (``ids`` and ``features``
+        may repeat: the lists are merged)."""
+        def work() -> Response:
+            query = request.query_params
+            if len(query.getlist("feature_set")) > 1:
+                raise ApiError(400, "feature_set= given more than once; name one feature set")
+            merged = {k: ",".join(query.getlist(k)) if len(query.getlist(k)) > 1 else v
+                      for k, v in (("ids", ids), ("features", features))}
+            return Response(svc.features(merged["ids"], merged["features"], feature_set),
+                            media_type="application/json")
+        return timed("/features", work)
 
     @app.get("/health")
     async def health() -> Response:

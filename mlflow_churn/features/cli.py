@@ -146,10 +146,13 @@ def materialize_cmd(
     ctx: typer.Context,
     as_of: str = typer.Option(None, "--as-of",
                               help="Compute values at this UTC time (default: newest data)."),
-    incremental: bool = typer.Option(False, "--incremental",
-                                     help="Recompute only customers with events since the last batch."),
+    incremental: bool = typer.Option(
+        False, "--incremental",
+        help="Build on the serving batch: same values, only customers active in its windows recomputed."),
     every: str = typer.Option(None, "--every", help="Run on a schedule, e.g. 1h (default: once)."),
     max_runs: int = typer.Option(None, "--max-runs", help="With --every: stop after this many runs."),
+    force: bool = typer.Option(False, "--force",
+                               help="Accept an --as-of older than the serving one (roll back)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Compute every registered feature and swap the batch in online atomically."""
@@ -158,9 +161,13 @@ def materialize_cmd(
 
     cfg = get_config(ctx)
     as_of_s, every_s = opt_str(as_of), opt_str(every)
+    if max_runs is not None and not every_s:
+        raise ChurnError(f"--max-runs {max_runs} needs --every (it bounds a schedule); add e.g. --every 1h")
     if every_s:
         if as_of_s:
             raise ChurnError("--as-of and --every exclude each other: a schedule always uses the newest data")
+        if force:
+            raise ChurnError("--force and --every exclude each other: a schedule only moves forward")
 
         def report(info, reason: str) -> None:
             if info is None:
@@ -173,7 +180,7 @@ def materialize_cmd(
                   progress=progress, on_run=report)
         return
     when = parse_datetime(as_of_s, "--as-of") if as_of_s else data_bounds(cfg.data_dir).last_event
-    info = materialize(cfg, when, incremental=incremental, progress=progress)
+    info = materialize(cfg, when, incremental=incremental, progress=progress, force=force)
     console.print(_batch_table("churn features materialize", [info]))
     console.print(f"serving batch {info.batch_id} from {cfg.features.online_backend} store")
     _log_batch_to_project_run(info)
@@ -182,7 +189,7 @@ def materialize_cmd(
 @features_app.command("history")
 def history(ctx: typer.Context,
             limit: int = typer.Option(20, "--limit", help="Newest batches to show.")) -> None:
-    """Every materialized batch, newest first (the first one serves)."""
+    """Every completed batch, newest first (the first one serves)."""
     from mlflow_churn.features.online import open_store
 
     if limit < 1:

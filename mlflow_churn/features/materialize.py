@@ -3,33 +3,58 @@
 :func:`materialize` computes, with :func:`mlflow_churn.features.offline.compute_latest`
 (the same SQL as the training frames), every registered feature of every version
 (``monthly_usage`` and ``monthly_usage_v2`` both) for every customer alive at ``as_of``,
-and writes them as one new batch that replaces the serving one atomically.
+and writes them as one new batch that replaces the serving one atomically. It holds the
+store's writer lock from reading the serving batch to the flip, so two runs never
+interleave (the second one fails at once, naming the first), and it refuses an ``as_of``
+older than the serving batch's unless ``force``. The batch records each feature's
+definition hash.
 
-Incremental mode recomputes only customers with events after the previous batch's
-watermark (new activity or signup), drops customers who churned since, keeps every other
-row of the previous batch as it was, and writes the merge as a new full batch. Values of a
-customer without new events then stay those of the previous ``as_of`` (their windows are
-not slid forward); a full batch, or ``churn features check-skew``, shows the difference.
+Incremental mode gives the same values as a full batch at the same ``as_of`` while
+recomputing the activity features of fewer customers. It recomputes in full every
+customer alive at ``as_of`` who has any activity in ``(prev.as_of - longest window,
+as_of]`` or is not in the previous batch (new signups); the others have empty windows at
+both instants, so their activity features and event time are carried over from the previous
+batch, and only their customer-level features (a scan of the customers table; some depend
+on the cutoff, e.g. ``tenure_days``) are recomputed. Customers who churned are dropped.
+``updated_rows`` counts the customers recomputed in full. It needs a previous batch with
+the same features and definition hashes; otherwise run a full batch. When everyone is
+active (the simulator writes a row per live customer and day), it recomputes everyone.
 
 :func:`run_every` is the ``--every 1h`` scheduler.
 """
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import duckdb
 import pandas as pd
+import redis
 
 from mlflow_churn.data.tables import TablePaths, register_views
 from mlflow_churn.errors import ChurnError
-from mlflow_churn.features.offline import _utc, check_cutoffs, compute_latest, data_bounds
-from mlflow_churn.features.online import CHUNK_ROWS, BatchInfo, OnlineStore, new_batch_id, open_store
+from mlflow_churn.features.offline import _utc, check_cutoffs, compute_latest, data_bounds, longest_window
+from mlflow_churn.features.online import (
+    CHUNK_ROWS,
+    BatchInfo,
+    OnlineStore,
+    check_order,
+    new_batch_id,
+    open_store,
+)
 from mlflow_churn.features.registry import FeatureDefinition, registry_for
+
+log = logging.getLogger(__name__)
+
+#: backend errors a scheduled run survives (reported, retried at the next tick)
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    sqlite3.OperationalError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+)
 
 
 def served_features(cfg: Any) -> list[FeatureDefinition]:
@@ -37,31 +62,63 @@ def served_features(cfg: Any) -> list[FeatureDefinition]:
     return [d for d in registry_for(cfg).definitions() if d.source in ("customers", "activity")]
 
 
-@dataclass(frozen=True)
-class _Delta:
-    changed: list[int]
-    churned: list[int]
-
-
-def _delta(data_dir: Any, since: datetime, as_of: datetime) -> _Delta:
-    """Customers with activity or signup in ``(since, as_of]``, and those who churned then."""
+def _active(data_dir: Any, lo: datetime, hi: datetime) -> set[int]:
+    """Customers with an activity row whose event time lies in ``(lo, hi]`` (UTC)."""
     con = duckdb.connect()
     try:
         con.execute("SET TimeZone = 'UTC'")
         register_views(con, TablePaths(data_dir))
-        lo, hi = f"TIMESTAMPTZ '{since.isoformat()}'", f"TIMESTAMPTZ '{as_of.isoformat()}'"
-        changed = con.execute(f"""
+        rows = con.execute(f"""
             SELECT DISTINCT customer_id FROM activity
-            WHERE date >= DATE '{since.date().isoformat()}' AND date <= DATE '{as_of.date().isoformat()}'
-              AND event_timestamp > {lo} AND event_timestamp <= {hi}
-            UNION
-            SELECT customer_id FROM customers WHERE event_timestamp > {lo} AND event_timestamp <= {hi}
+            WHERE date >= DATE '{(lo - timedelta(days=1)).date().isoformat()}'
+              AND date <= DATE '{hi.date().isoformat()}'
+              AND event_timestamp > TIMESTAMPTZ '{lo.isoformat()}'
+              AND event_timestamp <= TIMESTAMPTZ '{hi.isoformat()}'
         """).fetchall()
-        churned = con.execute(
-            f"SELECT customer_id FROM churn_events WHERE event_timestamp <= {hi}").fetchall()
     finally:
         con.close()
-    return _Delta(sorted(r[0] for r in changed), sorted(r[0] for r in churned))
+    return {int(r[0]) for r in rows}
+
+
+def _check_parent(prev: BatchInfo, features: list[FeatureDefinition], as_of: datetime) -> None:
+    """ChurnError unless an incremental batch at ``as_of`` can build on ``prev``."""
+    hint = "run a full `churn features materialize` (without --incremental) first"
+    if tuple(prev.features) != tuple(f.full_name for f in features):
+        raise ChurnError(f"the registered features changed since batch {prev.batch_id}; {hint}")
+    if prev.feature_hashes is None:
+        raise ChurnError(f"batch {prev.batch_id} does not record its definition hashes; {hint}")
+    changed = [f.full_name for f in features if prev.feature_hashes.get(f.full_name) != f.hash]
+    if changed:
+        raise ChurnError(
+            f"the definition of {', '.join(changed)} changed since batch {prev.batch_id}; {hint}")
+    if as_of <= prev.as_of:
+        raise ChurnError(
+            f"--as-of {as_of.isoformat()} is not after the serving batch's as_of "
+            f"{prev.as_of.isoformat()}; an incremental batch must move forward"
+        )
+
+
+def _incremental(cfg: Any, features: list[FeatureDefinition], prev: BatchInfo, as_of: datetime,
+                 store: OnlineStore) -> tuple[pd.DataFrame, int]:
+    """The merged frame of an incremental batch on ``prev`` and how many rows were
+    recomputed in full (see the module docstring for why the carried rows are exact)."""
+    names = [f.full_name for f in features]
+    static = [f.full_name for f in features if f.source == "customers"]
+    live = compute_latest(cfg.data_dir, [f for f in features if f.source == "customers"], as_of,
+                          with_event_time=False).frame
+    quiet_since = prev.as_of - timedelta(days=longest_window(features))
+    active = _active(cfg.data_dir, quiet_since, as_of)
+    carry = (set(store.customer_ids(prev.batch_id)) & set(live["customer_id"])) - active
+    redo = sorted(set(live["customer_id"]) - carry)
+    fresh = compute_latest(cfg.data_dir, features, as_of, customer_ids=redo).frame
+    cols = ["customer_id", "event_time", *names]
+    parts = [fresh[cols]] if len(fresh) else []
+    if carry:  # read the previous rows only when some are carried over
+        old = store.scan(prev.batch_id)
+        parts.append(old.loc[old["customer_id"].isin(carry)].drop(columns=static).merge(
+            live[["customer_id", *static]], on="customer_id", how="inner")[cols])
+    frame = pd.concat(parts, ignore_index=True) if parts else fresh[cols]
+    return frame.sort_values("customer_id", ignore_index=True), len(fresh)
 
 
 def materialize(
@@ -70,14 +127,16 @@ def materialize(
     incremental: bool = False,
     store: OnlineStore | None = None,
     progress: bool = False,
+    force: bool = False,
 ) -> BatchInfo:
     """Compute every registered feature at ``as_of`` (UTC) and make it the serving batch.
 
-    ``incremental``: recompute only customers with events after the previous batch's
-    watermark (falls back to a full batch when there is no previous one). Raises ChurnError
-    when ``as_of`` is outside the data, not after the previous batch's ``as_of``
-    (incremental), or when the registered features changed since the previous batch
-    (incremental; run a full batch).
+    ``incremental``: build on the serving batch (see the module docstring; falls back to a
+    full batch when there is none). ``force``: accept an ``as_of`` older than the serving
+    batch's (a deliberate roll back). Raises ChurnError when ``as_of`` is outside the data
+    or older than the serving batch's, when another writer holds the store's lock, when
+    the writer lost its lock before the flip, or (incremental) when ``as_of`` is not after
+    the serving batch's or its features or definitions changed.
     """
     as_of = _utc(as_of, "as_of")
     features = served_features(cfg)
@@ -86,45 +145,34 @@ def materialize(
     own = store is None
     store = open_store(cfg, must_exist=False) if own else store
     try:
-        started = datetime.now(UTC)
-        prev = store.current_batch() if incremental else None
-        if prev is None:
-            latest = compute_latest(cfg.data_dir, features, as_of)
-            frame, watermark, mode, updated = latest.frame, latest.watermark, "full", len(latest.frame)
-        else:
-            if tuple(prev.features) != names:
-                raise ChurnError(
-                    f"the registered features changed since batch {prev.batch_id}; run a full "
-                    "`churn features materialize` (without --incremental) first"
-                )
-            if as_of <= prev.as_of:
-                raise ChurnError(
-                    f"--as-of {as_of.isoformat()} is not after the serving batch's as_of "
-                    f"{prev.as_of.isoformat()}; an incremental batch must move forward"
-                )
-            since = prev.watermark or prev.as_of
-            delta = _delta(cfg.data_dir, since, as_of)
-            latest = compute_latest(cfg.data_dir, features, as_of, customer_ids=delta.changed)
-            old = store.scan(prev.batch_id)
-            drop = set(delta.changed) | set(delta.churned)
-            kept = old[~old["customer_id"].isin(drop)]
-            parts = [p for p in (kept, latest.frame[["customer_id", "event_time", *names]]) if len(p)]
-            frame = (pd.concat(parts, ignore_index=True) if parts else old.iloc[0:0])
-            frame = frame.sort_values("customer_id", ignore_index=True)
-            marks = [m for m in (prev.watermark, latest.watermark) if m is not None]
-            watermark, mode, updated = (max(marks) if marks else None), "incremental", len(latest.frame)
-        info = BatchInfo(
-            batch_id=new_batch_id(as_of), as_of=as_of, watermark=watermark, rows=len(frame),
-            features=names, started_at=started, mode=mode, updated_rows=updated,
-            parent_batch_id=prev.batch_id if prev else None,
-        )
-        if progress:
-            from mlflow_churn.cli_common import with_progress
+        with store.writer():
+            started = datetime.now(UTC)
+            current = store.current_batch()
+            check_order(current, as_of, force, store.location)
+            prev = current if incremental else None
+            if prev is None:
+                frame = compute_latest(cfg.data_dir, features, as_of).frame
+                mode, updated = "full", len(frame)
+            else:
+                _check_parent(prev, features, as_of)
+                frame, updated = _incremental(cfg, features, prev, as_of, store)
+                mode = "incremental"
+            newest = frame["event_time"].max() if len(frame) else None
+            info = BatchInfo(
+                batch_id=new_batch_id(as_of), as_of=as_of,
+                watermark=None if newest is None or pd.isna(newest) else newest.to_pydatetime(),
+                rows=len(frame), features=names, started_at=started, mode=mode, updated_rows=updated,
+                parent_batch_id=prev.batch_id if prev else None,
+                feature_hashes={f.full_name: f.hash for f in features},
+            )
+            if progress:
+                from mlflow_churn.cli_common import with_progress
 
-            chunks = max(1, -(-len(frame) // CHUNK_ROWS))
-            return with_progress(f"writing {len(frame):,} rows ({mode})", chunks, True,
-                                 lambda tick: store.write_batch(frame, info, on_chunk=tick))
-        return store.write_batch(frame, info)
+                chunks = max(1, -(-len(frame) // CHUNK_ROWS))
+                return with_progress(
+                    f"writing {len(frame):,} rows ({mode})", chunks, True,
+                    lambda tick: store.write_batch(frame, info, on_chunk=tick, allow_older=force))
+            return store.write_batch(frame, info, allow_older=force)
     finally:
         if own:
             store.close()
@@ -145,7 +193,9 @@ def run_every(
     A run whose data has no event after the serving batch's ``as_of`` writes nothing
     (``on_run(None, reason)``). With ``incremental`` every run after the first batch is
     incremental. A ChurnError in a later run is reported through ``on_run`` and the
-    schedule goes on; one in the first run is raised. Stops after ``max_runs`` runs
+    schedule goes on; one in the first run is raised. A transient backend error
+    (:data:`TRANSIENT_ERRORS`: SQLite busy or locked, Redis unreachable) is logged and
+    reported in any run, and the next tick retries. Stops after ``max_runs`` runs
     (None = forever). Returns the batches written.
     """
     if every.total_seconds() <= 0:
@@ -176,6 +226,11 @@ def run_every(
                     raise
                 if on_run:
                     on_run(None, f"error: {exc}")
+            except TRANSIENT_ERRORS as exc:
+                log.warning("materialize run failed (%s: %s); retrying at the next run",
+                            type(exc).__name__, exc)
+                if on_run:
+                    on_run(None, f"error: {type(exc).__name__}: {exc}; retrying at the next run")
             runs += 1
             if max_runs is not None and runs >= max_runs:
                 return written

@@ -21,7 +21,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from mlflow_churn.data.tables import TablePaths, register_views
+from mlflow_churn.data.tables import TablePaths, register_empty_views, register_views
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.registry import FeatureDefinition, FeatureSet
 
@@ -112,6 +112,68 @@ def _connect(data_dir: Path) -> duckdb.DuckDBPyConnection:
     con.execute("SET TimeZone = 'UTC'")
     register_views(con, TablePaths(Path(data_dir)))
     return con
+
+
+_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def _first_line(exc: Exception) -> str:
+    return " ".join(str(exc).strip().splitlines()[0].split())
+
+
+def _compile_error(con: duckdb.DuckDBPyConnection, feature: FeatureDefinition,
+                   where: str) -> ChurnError | None:
+    """ChurnError naming ``feature`` when its SQL does not run on ``con``'s tables, else None."""
+    try:
+        con.execute(f"SELECT * FROM ({_feature_sql([feature], _EPOCH, _EPOCH, False)}) LIMIT 0")
+        return None
+    except duckdb.Error as exc:
+        try:
+            cols = [d[0] for d in con.execute(f"SELECT * FROM {feature.source} LIMIT 0").description]
+        except duckdb.Error:
+            cols = []
+        extra = ["cutoff"] + (["age_days"] if feature.source == "activity" else [])
+        return ChurnError(
+            f"feature '{feature.full_name}' (v{feature.version}, source {feature.source}) in {where}: "
+            f"expression '{feature.expression}' does not run: {_first_line(exc)}; fix the expression "
+            f"(usable columns: {', '.join(cols + extra)})"
+        )
+
+
+def validate_definitions(features: Sequence[FeatureDefinition], where: str | Path) -> None:
+    """Compile every offline (customers / activity) definition against empty tables of the data
+    layout; raise ChurnError naming the first one whose SQL does not bind (bad column, syntax,
+    a non-aggregate activity expression)."""
+    offline = [f for f in features if f.source in ("customers", "activity")]
+    if not offline:
+        return
+    con = duckdb.connect()
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        register_empty_views(con)
+        con.execute("CREATE TEMP TABLE spine (customer_id BIGINT, cutoff TIMESTAMPTZ)")
+        for f in offline:
+            err = _compile_error(con, f, str(where))
+            if err is not None:
+                raise err
+    finally:
+        con.close()
+
+
+def _query(con: duckdb.DuckDBPyConnection, sql: str, features: Sequence[FeatureDefinition],
+           data_dir: Path) -> pd.DataFrame:
+    """``sql`` as a frame; a DuckDB error becomes a ChurnError naming the failing feature
+    (checked one by one on the same data) or, failing that, the data directory."""
+    try:
+        return con.execute(sql).df()
+    except duckdb.Error as exc:
+        where = f"the data at {data_dir}"
+        for f in features:
+            err = _compile_error(con, f, where)
+            if err is not None:
+                raise err from None
+        raise ChurnError(f"computing features on {where} failed: {_first_line(exc)}; check the "
+                         "tables against the layout in mlflow_churn/data/tables.py") from None
 
 
 def _lit(ts: datetime) -> str:
@@ -221,7 +283,8 @@ def build_training_frame(
                 WHERE e.customer_id = f.customer_id AND e.event_timestamp > f.cutoff
                   AND e.event_timestamp <= f.cutoff + INTERVAL '{horizon_days} days' {known}) AS TINYINT)
                 AS label FROM ({sql}) f"""
-        raw = con.execute(f"SELECT * FROM ({sql}) ORDER BY cutoff, customer_id").df()
+        raw = _query(con, f"SELECT * FROM ({sql}) ORDER BY cutoff, customer_id", feature_set.features,
+                     data_dir)
     finally:
         con.close()
     out = pd.concat(
@@ -241,22 +304,27 @@ def compute_latest(
     features: Sequence[FeatureDefinition],
     as_of: datetime,
     customer_ids: Sequence[int] | None = None,
+    with_event_time: bool = True,
 ) -> LatestFeatures:
     """Feature values of every customer alive at ``as_of`` (or of ``customer_ids``).
 
     Same SQL as :func:`build_training_frame` with the single cutoff ``as_of``; values are
-    raw (strings for categoricals, floats or ints otherwise).
+    raw (strings for categoricals, floats or ints otherwise). ``with_event_time=False``
+    leaves out the ``event_time`` column (and the watermark), which needs the activity
+    of the longest window even for customer-level features.
     """
     as_of = _utc(as_of, "as_of")
     con = _connect(data_dir)
     try:
         _spine(con, [as_of], customer_ids)
-        sql = _feature_sql(features, as_of, as_of, with_event_time=True)
-        frame = con.execute(f"SELECT * FROM ({sql}) ORDER BY customer_id").df()
+        sql = _feature_sql(features, as_of, as_of, with_event_time=with_event_time)
+        frame = _query(con, f"SELECT * FROM ({sql}) ORDER BY customer_id", features, data_dir)
     finally:
         con.close()
     frame = frame.drop(columns=["cutoff"])
     frame["customer_id"] = frame["customer_id"].astype("int64")
+    if not with_event_time:
+        return LatestFeatures(frame=frame, watermark=None, as_of=as_of)
     frame["event_time"] = pd.to_datetime(frame["event_time"], utc=True)
     watermark = frame["event_time"].max() if len(frame) else None
     return LatestFeatures(

@@ -9,12 +9,19 @@ Two backends behind one :class:`OnlineStore` protocol:
   ``cfg.features.redis_prefix``.
 
 A batch is written in full under a new batch id first; then one transaction (SQLite) or
-one MULTI/EXEC (Redis) flips the ``current`` pointer and records the batch in the history.
+one Lua script (Redis) flips the ``current`` pointer and records the batch in the history.
 A crash while rows are written leaves the previous batch serving; its half-written rows are
-dropped by the next write. The serving batch and the one before it keep their rows (a
-reader that looked up the pointer just before a flip still finds its rows); older batches
-keep only their :class:`BatchInfo` in the history. One writer at a time is assumed
-(``churn features materialize`` or its ``--every`` scheduler).
+dropped at once on an exception, or by the next writer when the process was killed. The
+serving batch and the one before it keep their rows (a reader that looked up the pointer
+just before a flip still finds its rows); older batches keep only their :class:`BatchInfo`
+in the history. A failed batch is not in the history.
+
+One writer at a time (:mod:`mlflow_churn.features.writer_lock`): a file lock beside the
+SQLite file, a Redis lease with a token. A second writer gets a ChurnError at once. The
+flip happens only while the writer still owns its lock and its batch is still marked
+``writing``; a writer only cleans up ``writing`` batches of writers that no longer hold the
+lock. A batch whose ``as_of`` is older than the serving one's is refused unless
+``allow_older`` (``--force``): older values never replace newer ones by accident.
 
 A row is stored as one text ``<event_time_ms>|<JSON object of the values>`` in the batch's
 feature order; values are raw (strings for categoricals, numbers, null). The API splices
@@ -28,8 +35,8 @@ import json
 import sqlite3
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from numbers import Integral
 from pathlib import Path
@@ -40,6 +47,7 @@ import orjson
 import pandas as pd
 
 from mlflow_churn.errors import ChurnError
+from mlflow_churn.features.writer_lock import FileWriterLock, RedisWriterLock, WriterLock
 
 CHUNK_ROWS = 50_000
 RETAINED_BATCHES = 2  # the serving batch and the one before it keep their rows
@@ -55,7 +63,10 @@ class BatchInfo:
     newest event time among the rows (UTC; None for an empty batch); ``rows``: customers;
     ``features``: served feature names in storage order; ``duration_s``: seconds from the
     start of the computation to the flip; ``mode``: ``full`` or ``incremental``;
-    ``updated_rows``: rows recomputed in this batch (= rows for a full batch).
+    ``updated_rows``: rows whose values were all recomputed (= rows for a full batch; see
+    :mod:`mlflow_churn.features.materialize` for what an incremental batch carries over);
+    ``feature_hashes``: feature name -> :attr:`FeatureDefinition.hash` of the definition
+    the values were computed with (None for batches written before hashes were recorded).
     """
 
     batch_id: str
@@ -69,17 +80,20 @@ class BatchInfo:
     mode: str = "full"
     updated_rows: int | None = None
     parent_batch_id: str | None = None
+    feature_hashes: Mapping[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         for key in ("as_of", "watermark", "started_at", "finished_at"):
             out[key] = out[key].isoformat() if out[key] is not None else None
         out["features"] = list(self.features)
+        out["feature_hashes"] = dict(self.feature_hashes) if self.feature_hashes is not None else None
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BatchInfo:
-        d = dict(data)
+        """Inverse of :meth:`to_dict`; keys it does not know (a newer writer's) are ignored."""
+        d = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         for key in ("as_of", "watermark", "started_at", "finished_at"):
             d[key] = datetime.fromisoformat(d[key]) if d.get(key) else None
         d["features"] = tuple(d["features"])
@@ -87,6 +101,22 @@ class BatchInfo:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    def definition_conflicts(self, expected: Mapping[str, str | None]) -> list[str]:
+        """Names of ``expected`` (feature name -> the reader's definition hash, None when the
+        reader does not define it) whose values in this batch were computed under another
+        definition. Empty when the batch records no hashes (written before they existed)."""
+        if self.feature_hashes is None:
+            return []
+        return [n for n, h in expected.items() if n in self.feature_hashes and self.feature_hashes[n] != h]
+
+    def conflict_detail(self, conflicts: Sequence[str], reader: str) -> str:
+        """One-line explanation of :meth:`definition_conflicts` for ``reader`` (e.g. 'model
+        version 3')."""
+        return (f"feature(s) {', '.join(conflicts)} of batch {self.batch_id} were computed under "
+                f"another definition than {reader} uses (edited without a version bump, or another "
+                "features.definitions_file); materialize with the same definitions, or bump the "
+                "feature's version")
 
 
 class OnlineRow(NamedTuple):
@@ -103,10 +133,16 @@ class OnlineStore(Protocol):
 
     location: str
 
+    def writer(self) -> WriterLock:
+        """The store's writer lock: a re-entrant context manager (ChurnError if another
+        writer holds it)."""
+
     def write_batch(self, frame: pd.DataFrame, info: BatchInfo,
-                    on_chunk: ChunkCallback | None = None) -> BatchInfo:
+                    on_chunk: ChunkCallback | None = None, allow_older: bool = False) -> BatchInfo:
         """Write ``frame`` (customer_id, event_time, ``info.features``) as a new batch and
-        make it current atomically; returns the recorded info (finished_at set)."""
+        make it current atomically, under the writer lock; returns the recorded info
+        (finished_at set). ChurnError when ``info.as_of`` is older than the serving batch's
+        (unless ``allow_older``) or when the writer lost its lock or batch meanwhile."""
 
     def get(self, ids: Sequence[int], features: Sequence[str] | None = None,
             batch_id: str | None = None) -> dict[int, OnlineRow]:
@@ -250,9 +286,25 @@ def _check_ids(ids: Sequence[int]) -> list[int]:
 
 def _finish(info: BatchInfo, rows: int) -> BatchInfo:
     finished = datetime.now(UTC)
-    return BatchInfo(**{**asdict(info), "features": tuple(info.features), "rows": rows,
-                        "finished_at": finished,
-                        "duration_s": (finished - info.started_at).total_seconds()})
+    return replace(info, features=tuple(info.features), rows=rows, finished_at=finished,
+                   duration_s=(finished - info.started_at).total_seconds())
+
+
+def check_order(current: BatchInfo | None, as_of: datetime, allow_older: bool, location: str) -> None:
+    """ChurnError when ``as_of`` is older than the serving batch's, unless ``allow_older``."""
+    if current is not None and as_of < current.as_of and not allow_older:
+        raise ChurnError(
+            f"as_of {as_of.isoformat()} is older than that of the serving batch {current.batch_id} "
+            f"({current.as_of.isoformat()}) in {location}; older values would replace newer ones. "
+            "Pass --force to roll back on purpose"
+        )
+
+
+def _lost(batch_id: str, location: str) -> ChurnError:
+    return ChurnError(
+        f"batch {batch_id} lost its writer lock or was cleaned up while it was written to {location} "
+        "(another writer took over); the serving batch is unchanged; re-run `churn features materialize`"
+    )
 
 
 # --------------------------------------------------------------------------- SQLite
@@ -268,6 +320,7 @@ class SqliteStore:
         self._local = threading.local()
         self._tables: dict[str, tuple[str, tuple[str, ...]]] = {}
         self._info_cache: tuple[str, BatchInfo] | None = None
+        self._lock = FileWriterLock(self.path.with_name(self.path.name + ".writer.lock"), self.location)
         con = self._con()
         con.execute("PRAGMA journal_mode=WAL")
         con.executescript("""
@@ -305,13 +358,29 @@ class SqliteStore:
         self._tables[batch_id] = hit
         return hit
 
+    def writer(self) -> FileWriterLock:
+        return self._lock
+
     def write_batch(self, frame: pd.DataFrame, info: BatchInfo,
-                    on_chunk: ChunkCallback | None = None) -> BatchInfo:
-        con = self._con()
-        self._drop_abandoned(con)
-        cur = con.execute("INSERT INTO batches (batch_id, state, info) VALUES (?, 'writing', ?)",
-                          (info.batch_id, info.to_json()))
-        table = f"rows_{int(cur.lastrowid)}"
+                    on_chunk: ChunkCallback | None = None, allow_older: bool = False) -> BatchInfo:
+        with self._lock:
+            con = self._con()
+            check_order(self.current_batch(), info.as_of, allow_older, self.location)
+            self._drop_abandoned(con)
+            seq = int(con.execute("INSERT INTO batches (batch_id, state, info) VALUES (?, 'writing', ?)",
+                                  (info.batch_id, info.to_json())).lastrowid)
+            try:
+                done = self._write_rows(con, seq, frame, info, on_chunk)
+                self._flip(con, seq, done)
+            except BaseException:
+                self._abandon(con, seq)
+                raise
+            self._retire(con)
+            return done
+
+    def _write_rows(self, con: sqlite3.Connection, seq: int, frame: pd.DataFrame, info: BatchInfo,
+                    on_chunk: ChunkCallback | None) -> BatchInfo:
+        table = f"rows_{seq}"
         con.execute(f"CREATE TABLE {table} (customer_id INTEGER PRIMARY KEY, payload TEXT NOT NULL)")
         rows = encode_rows(frame, info.features)
         con.execute("BEGIN")
@@ -324,23 +393,39 @@ class SqliteStore:
         except BaseException:
             con.execute("ROLLBACK")
             raise
-        done = _finish(info, len(rows))
+        return _finish(info, len(rows))
+
+    def _flip(self, con: sqlite3.Connection, seq: int, done: BatchInfo) -> None:
+        """Make batch ``seq`` current, only if it is still this writer's 'writing' batch."""
         con.execute("BEGIN IMMEDIATE")
         try:
-            con.execute("UPDATE batches SET state = 'retained' WHERE state = 'current'")
-            con.execute("UPDATE batches SET state = 'current', info = ? WHERE batch_id = ?",
-                        (done.to_json(), done.batch_id))
+            ours = con.execute("UPDATE batches SET state = 'current', info = ? WHERE seq = ? AND "
+                               "state = 'writing'", (done.to_json(), seq)).rowcount == 1
+            table = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                (f"rows_{seq}",)).fetchone()
+            if not (ours and table and self._lock.owned()):
+                raise _lost(done.batch_id, self.location)
+            con.execute("UPDATE batches SET state = 'retained' WHERE state = 'current' AND seq != ?", (seq,))
             con.execute("INSERT OR REPLACE INTO current (id, batch_id, info) VALUES (1, ?, ?)",
                         (done.batch_id, done.to_json()))
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
             raise
-        self._retire(con)
-        return done
+
+    def _abandon(self, con: sqlite3.Connection, seq: int) -> None:
+        """Best effort after a failed write: drop the batch's rows and mark it failed."""
+        try:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            con.execute(f"DROP TABLE IF EXISTS rows_{seq}")
+            con.execute("UPDATE batches SET state = 'failed' WHERE seq = ? AND state = 'writing'", (seq,))
+        except sqlite3.Error:
+            pass  # the next writer drops it (it holds the lock, so this writer is gone)
 
     def _drop_abandoned(self, con: sqlite3.Connection) -> None:
-        """Drop the rows of batches a crashed writer left half-written."""
+        """Drop the rows of batches a dead writer left half-written (call with the lock held:
+        every other 'writing' batch then belongs to a writer that is gone)."""
         for (seq,) in con.execute("SELECT seq FROM batches WHERE state = 'writing'").fetchall():
             con.execute(f"DROP TABLE IF EXISTS rows_{int(seq)}")
             con.execute("UPDATE batches SET state = 'failed' WHERE seq = ?", (seq,))
@@ -376,22 +461,28 @@ class SqliteStore:
         bid = self._resolve(batch_id)
         if bid is None or not ids:
             return {}
-        table, names = self._table(bid)
-        marks = ",".join("?" * len(ids))
-        rows = self._con().execute(
-            f"SELECT customer_id, payload FROM {table} WHERE customer_id IN ({marks})", ids).fetchall()
-        return _decode(rows, names, features)
+        return _decode(self._pairs(bid, ids), self._table(bid)[1], features)
 
     def get_raw(self, ids: Sequence[int], batch_id: str) -> dict[int, tuple[int | None, str]]:
         """``{id: (event_time_ms, values JSON object text)}`` of the ids found in the batch."""
-        table, _ = self._table(batch_id)
+        self._table(batch_id)
         ids = _check_ids(ids)
-        if not ids:
-            return {}
+        return {cid: split_payload(p) for cid, p in self._pairs(batch_id, ids)} if ids else {}
+
+    def _pairs(self, batch_id: str, ids: list[int]) -> list[tuple[int, str]]:
+        """(customer_id, payload) of the ``ids`` found in the batch; ChurnError when the batch's
+        rows were dropped since this store looked it up (retired by a writer elsewhere)."""
+        table, _ = self._table(batch_id)
         marks = ",".join("?" * len(ids))
-        rows = self._con().execute(
-            f"SELECT customer_id, payload FROM {table} WHERE customer_id IN ({marks})", ids).fetchall()
-        return {cid: split_payload(p) for cid, p in rows}
+        try:
+            return self._con().execute(
+                f"SELECT customer_id, payload FROM {table} WHERE customer_id IN ({marks})", ids).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+            self._tables.pop(batch_id, None)
+            raise ChurnError(f"batch {batch_id} no longer keeps its rows in {self.location} (only the "
+                             "current and the previous batch keep theirs)") from None
 
     def history(self, n: int = 20) -> list[BatchInfo]:
         rows = self._con().execute(
@@ -426,11 +517,28 @@ class SqliteStore:
 
 # --------------------------------------------------------------------------- Redis
 
+# The flip, atomic in Redis: only while the caller's lease (ARGV[1]) is the lock and its
+# batch (ARGV[2]) is still registered as written by it. KEYS: lock, writers, batch info,
+# current, current_info, history.
+_FLIP = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[2], ARGV[2]) ~= ARGV[1] then return -1 end
+redis.call('SET', KEYS[3], ARGV[3])
+redis.call('SET', KEYS[4], ARGV[2])
+redis.call('SET', KEYS[5], ARGV[3])
+redis.call('LPUSH', KEYS[6], ARGV[2])
+redis.call('HDEL', KEYS[2], ARGV[2])
+return 1
+"""
+
 
 class RedisStore:
     """Online store in Redis: hash ``<prefix>:rows:<batch_id>`` (customer id -> payload)."""
 
-    def __init__(self, url: str, prefix: str) -> None:
+    #: seconds a writer's lease lives without renewal (a killed writer blocks others this long)
+    LOCK_TTL_S = 30.0
+
+    def __init__(self, url: str, prefix: str, lock_ttl_s: float | None = None) -> None:
         import redis
 
         self.url, self.prefix = url, prefix
@@ -443,6 +551,8 @@ class RedisStore:
                              "features.redis_url") from None
         self._info_cache: tuple[bytes, BatchInfo] | None = None
         self._infos: dict[str, BatchInfo] = {}  # batch infos never change once written
+        self._lock = RedisWriterLock(self._r, self._k("writer_lock"), self.location,
+                                     self.LOCK_TTL_S if lock_ttl_s is None else lock_ttl_s)
 
     def _k(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -450,35 +560,62 @@ class RedisStore:
     def exists(self) -> bool:
         return bool(self._r.exists(self._k("current_info")))
 
+    def writer(self) -> RedisWriterLock:
+        return self._lock
+
     def write_batch(self, frame: pd.DataFrame, info: BatchInfo,
-                    on_chunk: ChunkCallback | None = None) -> BatchInfo:
-        r = self._r
-        for stale in r.smembers(self._k("writing")):
-            r.unlink(self._k("rows", stale.decode()))
-            r.srem(self._k("writing"), stale)
-        r.sadd(self._k("writing"), info.batch_id)
-        rows_key = self._k("rows", info.batch_id)
+                    on_chunk: ChunkCallback | None = None, allow_older: bool = False) -> BatchInfo:
+        r, lock = self._r, self._lock
+        with lock:
+            check_order(self.current_batch(), info.as_of, allow_older, self.location)
+            self._drop_abandoned()
+            r.hset(self._k("writers"), info.batch_id, lock.value)
+            rows_key = self._k("rows", info.batch_id)
+            try:
+                done = self._write_rows(rows_key, frame, info, on_chunk)
+                payload = done.to_json()
+                flipped = r.eval(_FLIP, 6, lock.key, self._k("writers"), self._k("batch", done.batch_id),
+                                 self._k("current"), self._k("current_info"), self._k("history"),
+                                 lock.value, done.batch_id, payload)
+                if flipped != 1:
+                    raise _lost(done.batch_id, self.location)
+            except BaseException:
+                self._abandon(info.batch_id)
+                raise
+            for old in r.lrange(self._k("history"), RETAINED_BATCHES, RETAINED_BATCHES + 4):
+                r.unlink(self._k("rows", old.decode()))
+            return done
+
+    def _write_rows(self, rows_key: str, frame: pd.DataFrame, info: BatchInfo,
+                    on_chunk: ChunkCallback | None) -> BatchInfo:
         rows = encode_rows(frame, info.features)
         for start in range(0, len(rows), CHUNK_ROWS):
             chunk = rows[start:start + CHUNK_ROWS]
-            pipe = r.pipeline(transaction=False)
+            pipe = self._r.pipeline(transaction=False)
             for i in range(0, len(chunk), 5000):
                 pipe.hset(rows_key, mapping=dict(chunk[i:i + 5000]))
             pipe.execute()
             if on_chunk:
                 on_chunk(min(start + CHUNK_ROWS, len(rows)))
-        done = _finish(info, len(rows))
-        payload = done.to_json()
-        pipe = r.pipeline(transaction=True)  # MULTI ... EXEC: the flip
-        pipe.set(self._k("batch", done.batch_id), payload)
-        pipe.set(self._k("current"), done.batch_id)
-        pipe.set(self._k("current_info"), payload)
-        pipe.lpush(self._k("history"), done.batch_id)
-        pipe.srem(self._k("writing"), done.batch_id)
-        pipe.execute()
-        for old in r.lrange(self._k("history"), RETAINED_BATCHES, RETAINED_BATCHES + 4):
-            r.unlink(self._k("rows", old.decode()))
-        return done
+        return _finish(info, len(rows))
+
+    def _abandon(self, batch_id: str) -> None:
+        """Best effort after a failed write: drop the batch's rows unless it went live."""
+        try:
+            current = self._r.get(self._k("current"))
+            if current is None or current.decode() != batch_id:
+                self._r.unlink(self._k("rows", batch_id))
+            self._r.hdel(self._k("writers"), batch_id)
+        except Exception:  # noqa: BLE001 - the next writer drops it
+            pass
+
+    def _drop_abandoned(self) -> None:
+        """Drop batches left 'writing' by writers that no longer hold the lock (call with the
+        lock held)."""
+        for batch_id, owner in self._r.hgetall(self._k("writers")).items():
+            if owner.decode() != self._lock.value:
+                self._r.unlink(self._k("rows", batch_id.decode()))
+                self._r.hdel(self._k("writers"), batch_id)
 
     def current_batch(self) -> BatchInfo | None:
         raw = self._r.get(self._k("current_info"))
@@ -590,6 +727,6 @@ def open_store(cfg: Any, must_exist: bool = True) -> OnlineStore:
 
 
 __all__ = [
-    "BatchInfo", "OnlineRow", "OnlineStore", "RedisStore", "SqliteStore", "encode_rows",
+    "BatchInfo", "OnlineRow", "OnlineStore", "RedisStore", "SqliteStore", "check_order", "encode_rows",
     "new_batch_id", "open_store", "split_payload",
 ]

@@ -25,6 +25,13 @@ Built-in definitions live in :data:`BUILTIN_FEATURES`; a YAML file (config
          expression: "sum(minutes_used)", default: 0, description: "minutes, last 28 days"}
     feature_sets:
       - {name: churn_v3, base: churn_default, replace: {monthly_usage: monthly_usage_v3}}
+
+The file may add features and sets, never replace built-in ones: a feature already
+defined (same name and version) or a set named like a built-in one is refused. Every
+definition is compiled when the registry loads, against empty tables of the data layout
+(:mod:`mlflow_churn.data.tables`), so a bad expression fails there, naming the feature.
+Each definition has its own :attr:`FeatureDefinition.hash`; an online batch records them,
+and the API and the scoring service refuse values computed under another definition.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +129,13 @@ class FeatureDefinition:
         for cosmetic in ("description", "owner", "tags"):
             d.pop(cosmetic)
         return d
+
+    @cached_property
+    def hash(self) -> str:
+        """sha256 (hex) of this definition's value-changing fields (not description, owner,
+        tags); an online batch records it per feature."""
+        canon = json.dumps(self._identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -314,7 +328,8 @@ class FeatureRegistry:
         return [self._sets[n] for n in sorted(self._sets)]
 
 
-def _read_extra(path: Path) -> tuple[list[FeatureDefinition], dict[str, tuple[list[str], str]], dict]:
+def _read_extra(path: Path) -> tuple[list[FeatureDefinition], dict[str, dict]]:
+    """The definitions and the feature-set specs (by name) of a YAML file."""
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as exc:
@@ -323,8 +338,25 @@ def _read_extra(path: Path) -> tuple[list[FeatureDefinition], dict[str, tuple[li
         raise ChurnError(f"feature definitions file {path} is not valid YAML") from None
     if not isinstance(data, dict) or set(data) - {"features", "feature_sets"}:
         raise ChurnError(f"feature definitions file {path} must hold 'features' and/or 'feature_sets' lists")
+    for key in ("features", "feature_sets"):
+        items = data.get(key) or []
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise ChurnError(f"'{key}' in {path} must be a list of mappings (one per entry)")
     defs = [FeatureDefinition.from_dict(d) for d in data.get("features") or []]
-    return defs, {}, {s["name"]: s for s in data.get("feature_sets") or []}
+    sets: dict[str, dict] = {}
+    for spec in data.get("feature_sets") or []:
+        name = spec.get("name")
+        if not isinstance(name, str) or not name:
+            raise ChurnError(f"a feature set in {path} has no 'name'; give each set a name")
+        if name in BUILTIN_SETS:
+            raise ChurnError(
+                f"feature set '{name}' in {path} would redefine the built-in set of that name; "
+                f"give yours another name (e.g. {name}_custom), with 'base: {name}' to start from it"
+            )
+        if name in sets:
+            raise ChurnError(f"feature set '{name}' is defined twice in {path}; keep one")
+        sets[name] = spec
+    return defs, sets
 
 
 def _resolve_set(spec: dict, sets: dict[str, tuple[Sequence[str], str]]) -> tuple[list[str], str]:
@@ -349,11 +381,15 @@ def _load(extra_file: str | None, mtime: float | None) -> FeatureRegistry:
     defs = list(BUILTIN_FEATURES)
     sets: dict[str, tuple[Sequence[str], str]] = dict(BUILTIN_SETS)
     if extra_file:
-        extra_defs, _, extra_sets = _read_extra(Path(extra_file))
+        extra_defs, extra_sets = _read_extra(Path(extra_file))
         defs += extra_defs
         for name, spec in extra_sets.items():
             sets[name] = _resolve_set(spec, sets)
-    return FeatureRegistry(defs, sets)
+    registry = FeatureRegistry(defs, sets)
+    from mlflow_churn.features.offline import validate_definitions  # offline imports this module
+
+    validate_definitions(registry.definitions(), extra_file or "the built-in registry")
+    return registry
 
 
 def load_registry(extra_file: Path | str | None = None) -> FeatureRegistry:

@@ -4,8 +4,8 @@ The serving batch says at which ``as_of`` its values were computed; :func:`check
 recomputes a random sample of its customers with
 :func:`mlflow_churn.features.offline.compute_latest` (the training SQL) at that instant and
 reports every value that differs. Causes: data rewritten or arriving late after the batch,
-a definition edited without a version bump, incremental batches whose untouched rows kept
-older windows, or a bug in a store.
+a definition edited without a version bump (the batch's definition hashes show it too), or
+a bug in a store or in incremental materialization.
 """
 
 from __future__ import annotations

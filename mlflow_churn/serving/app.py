@@ -28,7 +28,8 @@
   behind the optional bearer token ``serving.admin_token`` (401 otherwise).
 
 Errors are JSON ``{"detail": ...}``: 422 for malformed JSON, wrong types or missing
-feature columns (naming them), 401 bad token, 409 a registry conflict, 503 no model or
+feature columns (naming them), 401 bad token, 409 a registry conflict (or an online
+batch computed under other feature definitions than the model's), 503 no model or
 no online store. Never a 500.
 """
 
@@ -623,6 +624,11 @@ class ScoringService:
             rows = store.get(ids, columns, batch_id=batch.batch_id)
         except ChurnError as exc:
             raise ServiceError(503, f"online feature store: {exc}") from None
+        for m in (pair.champion, pair.canary):  # only values computed under the model's definitions
+            defs = m.scorer.feature_set.features if m else ()
+            clash = batch.definition_conflicts({f.full_name: f.hash for f in defs})
+            if clash:
+                raise ServiceError(409, batch.conflict_detail(clash, f"model version {m.version}"))
         found = np.array([i in rows for i in ids], dtype=bool)
         values = [_values(rows[i].values, columns) if i in rows else {} for i in ids]
         return values, found, batch.as_of
