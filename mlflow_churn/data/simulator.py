@@ -34,9 +34,10 @@ with ``h0 = 2e-4``, ``mtm`` / ``two_year`` the contract, ``new`` tenure under 18
 ``b_mtm = 1.8``, ``b_new = 1.0``, ``b_two = -1.0``, ``b_d = 1.3``, ``b_u = 1.5``,
 ``b_e = 1.3``, ``b_f = 1.0``, ``b_p = 0`` and ``p = (monthly_charge - 60) / 25``: about 5%
 of customers churn within 30 days; about 10% sign up during the simulated days. A model
-sees ``u`` only through recent usage against the customer's own history, and ``d`` / ``f`` only through noisy counts: a good model
-reaches a ROC AUC of about 0.75-0.80 on customers it never trained on (0.776 measured with
-15,000 customers, a 30-day horizon and a fixed 250-tree XGBoost).
+sees ``u`` only through recent usage against the customer's own history, and ``d`` / ``f``
+only through noisy counts: a good model reaches a ROC AUC of about 0.75-0.80 on customers
+it never trained on (0.776 measured with 15,000 customers, a 30-day horizon and a fixed
+250-tree XGBoost).
 
 Scenarios (each starts at ``onset_day``):
 
