@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -116,6 +117,31 @@ def test_duplicates_ignored_across_restarts_and_other_events_ignored(config) -> 
         assert client.post("/webhook", content=body, headers=headers).json()["status"] == "duplicate"
         client.app.state.worker.join()
     assert [j.version for j in gate.jobs] == ["7"]
+
+
+def test_accepted_gate_interrupted_by_a_stop_runs_after_restart(config) -> None:
+    cfg = _cfg(config)
+    started, release = threading.Event(), threading.Event()
+
+    def slow(job: GateJob) -> str:  # the receiver stops while this gate runs
+        started.set()
+        release.wait(5)
+        raise SystemExit  # the process dies mid-gate: nothing is recorded as done
+
+    body, headers = _delivery(version="5")
+    with TestClient(create_app(cfg, clock=lambda: NOW, gate=slow)) as client:
+        assert client.post("/webhook", content=body, headers=headers).status_code == 202
+        assert started.wait(10)
+        assert client.get(f"/deliveries/{headers[DELIVERY_HEADER]}").json()["status"] == "running"
+        release.set()
+    gate = _Recorder()
+    with TestClient(create_app(cfg, clock=lambda: NOW, gate=gate)) as client:
+        client.app.state.worker.join()
+        done = client.get(f"/deliveries/{headers[DELIVERY_HEADER]}").json()
+        # MLflow would not redeliver it (answered 202), so the new receiver resumes it
+        assert done["status"] == "done" and done["run_id"] == "run-5"
+        assert client.post("/webhook", content=body, headers=headers).json()["status"] == "duplicate"
+    assert [j.version for j in gate.jobs] == ["5"]
 
 
 def test_failed_gate_is_recorded_and_no_secret_refused(config) -> None:

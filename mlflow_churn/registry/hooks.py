@@ -19,6 +19,10 @@ HMAC-SHA256 of ``{delivery_id}.{timestamp}.{body}`` keyed with the webhook's sec
    on that version vs the champion) runs on one background worker thread, so the answer
    is fast and gates never overlap; anything else -> 200 ``{"status": "ignored"}``.
 
+A delivery answered 202 whose gate had not finished when the receiver stopped is queued
+again at the next start (its version is kept in ``hooks.db``); the gate is idempotent, so
+a gate that had in fact finished just returns its earlier decision.
+
 ``GET /deliveries/{id}`` tells what became of a delivery (queued, running, done with the
 decision run id, failed with the error); ``GET /health``. Errors are ``{"detail": ...}``.
 """
@@ -86,6 +90,10 @@ class DeliveryLog:
             con.execute("""CREATE TABLE IF NOT EXISTS deliveries (
                 delivery_id TEXT PRIMARY KEY, received_at REAL NOT NULL, event TEXT NOT NULL,
                 status TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '', run_id TEXT)""")
+            have = {row[1] for row in con.execute("PRAGMA table_info(deliveries)")}
+            for column in ("model", "version"):  # added later: older logs lack them
+                if column not in have:
+                    con.execute(f"ALTER TABLE deliveries ADD COLUMN {column} TEXT")
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, timeout=30)
@@ -106,6 +114,20 @@ class DeliveryLog:
         with self._connect() as con:
             con.execute("UPDATE deliveries SET status = ?, detail = ?, run_id = ? WHERE delivery_id = ?",
                         (status, detail[:2000], run_id, delivery_id))
+
+    def set_job(self, job: GateJob) -> None:
+        """Remember which version a delivery gates, so a restart can run it again."""
+        with self._connect() as con:
+            con.execute("UPDATE deliveries SET model = ?, version = ? WHERE delivery_id = ?",
+                        (job.model, job.version, job.delivery_id))
+
+    def unfinished(self) -> list[GateJob]:
+        """Jobs accepted (202) but not finished when the receiver stopped, oldest first."""
+        with self._connect() as con:
+            rows = con.execute(
+                "SELECT delivery_id, model, version FROM deliveries WHERE status IN ('queued', 'running') "
+                "AND version IS NOT NULL ORDER BY received_at").fetchall()
+        return [GateJob(*row) for row in rows]
 
     def get(self, delivery_id: str) -> dict[str, Any] | None:
         with self._connect() as con:
@@ -135,7 +157,17 @@ class GateWorker:
 
     def submit(self, job: GateJob) -> None:
         self._log.update(job.delivery_id, "queued")
+        self._log.set_job(job)
         self._queue.put(job)
+
+    def resume(self) -> int:
+        """Queue again the jobs a previous receiver accepted but did not finish (MLflow does
+        not redeliver an answered delivery); returns how many."""
+        jobs = self._log.unfinished()
+        for job in jobs:
+            _log.info("resuming the gate of delivery %s (version %s)", job.delivery_id, job.version)
+            self._queue.put(job)
+        return len(jobs)
 
     def _loop(self) -> None:
         while True:
@@ -199,6 +231,7 @@ def create_app(cfg: ChurnConfig, clock: Callable[[], float] = time.time,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state["worker"] = GateWorker(run, log)
+        state["worker"].resume()
         app.state.worker = state["worker"]
         try:
             yield
