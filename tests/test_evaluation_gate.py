@@ -179,3 +179,21 @@ def test_missing_challenger_and_empty_holdout_are_named(config, register_version
     register_version(config, "good", alias="challenger", window_end=datetime(2026, 3, 31, tzinfo=UTC))
     with pytest.raises(ChurnError, match="empty holdout.*2026-03-31"):
         evaluate(config, datetime(2026, 4, 25, tzinfo=UTC))
+
+
+def test_table_version_is_refused_and_a_later_pass_clears_old_reasons(config, register_version) -> None:
+    table = register_version(config, "good", alias="challenger")
+    client = MlflowClient()
+    name = config.training.model_name
+    client.set_model_version_tag(name, table.version, "source", "table")
+    with pytest.raises(ChurnError, match="trained from a flat table"):
+        evaluate(config, AS_OF, drift_sample_rows=SAMPLE)
+    # a version rejected once (say, by a stricter config) and passing now keeps no stale reasons
+    chal = register_version(config, "good", alias="challenger", seed=5)
+    strict = config.model_copy(deep=True)
+    strict.evaluation.min_auc = 0.99
+    assert not evaluate(strict, AS_OF, drift_sample_rows=SAMPLE).passed
+    assert "gate_reasons" in client.get_model_version(name, chal.version).tags
+    assert evaluate(config, AS_OF, drift_sample_rows=SAMPLE).passed
+    tags = client.get_model_version(name, chal.version).tags
+    assert tags["gate"] == "passed" and "gate_reasons" not in tags

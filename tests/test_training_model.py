@@ -85,3 +85,41 @@ def test_bad_inputs_name_the_problem(config: ChurnConfig, tmp_path: Path) -> Non
         info = mlflow.pyfunc.log_model(name="plain", python_model=Plain())
     with pytest.raises(ChurnError, match="not logged by mlflow-churn"):
         load_scorer(info.model_uri)
+
+
+_FOREIGN = """
+import sys, importlib.util
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+sys.path[:] = [p for p in sys.path if p not in ("", {root!r})]
+for name in [m for m in sys.modules if m.startswith("mlflow_churn")]:
+    del sys.modules[name]
+assert importlib.util.find_spec("mlflow_churn") is None, "mlflow_churn is still importable"
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model({uri!r})
+print(float(model.predict(pd.read_json({rows!r}, orient="split"))[0]))
+"""
+
+
+def test_logged_model_carries_its_code_and_real_requirements(config: ChurnConfig, tmp_path: Path) -> None:
+    """A process without mlflow-churn installed (as `mlflow models serve` builds one) loads it."""
+    import subprocess
+    import sys
+
+    frame, y = _data()
+    booster, fs = _booster(frame, y)
+    setup_mlflow(config)
+    with mlflow.start_run():
+        info = log_churn_model(booster, fs, frame)
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "m")))
+    reqs = (local / "requirements.txt").read_text().split()
+    assert not [r for r in reqs if r.startswith("mlflow-churn")]
+    assert {r.split("==")[0] for r in reqs} >= {"mlflow", "xgboost", "pandas", "duckdb"}
+    assert (local / "code" / "mlflow_churn" / "training" / "model.py").exists()
+    assert not list((local / "code").rglob("__pycache__"))
+    rows = to_model_input(fs, frame.head(1)).to_json(orient="split", index=False)
+    root = str(Path(__file__).resolve().parents[1])
+    res = subprocess.run([sys.executable, "-c", _FOREIGN.format(root=root, uri=str(local), rows=rows)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert float(res.stdout.strip().splitlines()[-1]) == pytest.approx(
+        predict_proba(booster, fs, frame.head(1))[0], rel=1e-6)

@@ -156,6 +156,7 @@ def _bad_table(tmp: Path, kind: str) -> Path:
         ("empty_window", "holds no cutoff"),
         ("as_of_after_data", "after the newest data"),
         ("unreachable_tracking", "cannot reach the MLflow tracking server"),
+        ("as_of_with_table", "--as-of applies to the feature-store window"),
     ],
 )
 def test_bad_input_one_line_exit_2_no_version(tmp_path: Path, small_data: Path, case: str,
@@ -173,6 +174,8 @@ def test_bad_input_one_line_exit_2_no_version(tmp_path: Path, small_data: Path, 
         args += ["--table", str(_bad_table(tmp_path, "single")), "--label", "Churn", "--id", "id"]
     elif case == "garbage_numeric":
         args += ["--table", str(_bad_table(tmp_path, "garbage")), "--label", "Churn", "--id", "id"]
+    elif case == "as_of_with_table":
+        args += ["--table", str(_bad_table(tmp_path, "ok")), "--label", "Churn", "--as-of", "2026-04-01"]
     elif case == "empty_window":
         args += ["--as-of", "2026-03-20"]
     elif case == "as_of_after_data":

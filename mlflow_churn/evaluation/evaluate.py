@@ -376,6 +376,12 @@ def evaluate(
     if champ_mv is not None and champ_mv.version == chal_mv.version:
         raise ChurnError(f"version {chal_mv.version} is both challenger and champion; "
                          "register a new challenger or pass --champion VERSION")
+    for mv in (chal_mv, champ_mv):
+        if mv is not None and mv.tags.get("source") == "table":
+            raise ChurnError(
+                f"version {mv.version} of '{name}' was trained from a flat table (`churn train --table`): "
+                "the gate needs feature-store data with time, a holdout window and matured labels; "
+                "register table models under their own training.model_name (CHURN_TRAINING__MODEL_NAME)")
     ends = [parse_tag_time(mv.tags.get("window_end"), f"tag window_end of version {mv.version}")
             for mv in (chal_mv, champ_mv) if mv is not None]
     cutoffs = holdout_cutoffs(as_of, cfg, ends)
@@ -545,5 +551,7 @@ def _act(client: MlflowClient, cfg: ChurnConfig, version: str, passed: bool, rea
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, v)
     if passed:
+        if "gate_reasons" in client.get_model_version(name, version).tags:  # an earlier rejection
+            client.delete_model_version_tag(name, version, "gate_reasons")
         move_alias(client, name, CANARY, version, cfg.evaluation.mirror_stages)
 

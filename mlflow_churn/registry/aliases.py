@@ -43,12 +43,20 @@ def aliases_of(client: MlflowClient, name: str) -> dict[str, str]:
 
 def move_alias(client: MlflowClient, name: str, alias: str, version: str | int,
                mirror_stages: bool = False) -> None:
-    """Point ``alias`` at ``version`` (and its legacy stage, when ``mirror_stages``)."""
+    """Point ``alias`` at ``version``. With ``mirror_stages`` the version also enters the
+    alias's legacy stage, and the version the alias leaves drops out of Staging / Production
+    (to ``None``), so those stages hold at most the one version their alias points at
+    (Archived keeps every retired champion)."""
+    previous = alias_version(client, name, alias) if mirror_stages and alias in STAGE_OF else None
     client.set_registered_model_alias(name, alias, str(version))
     if mirror_stages and alias in STAGE_OF:
+        stage = STAGE_OF[alias]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            client.transition_model_version_stage(name, str(version), STAGE_OF[alias])
+            client.transition_model_version_stage(name, str(version), stage)
+            left = previous is not None and previous.version != str(version)
+            if left and stage != "Archived" and previous.current_stage == stage:
+                client.transition_model_version_stage(name, previous.version, "None")
 
 
 def remove_alias(client: MlflowClient, name: str, alias: str, mirror_stages: bool = False) -> str | None:

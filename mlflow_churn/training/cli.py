@@ -54,6 +54,9 @@ def train_command(
     elif table:
         if not label:
             raise ChurnError("--table needs --label COL: the column that says who churned (Yes/No, 1/0)")
+        if opt_str(as_of):
+            raise ChurnError("--as-of applies to the feature-store window, not to --table (a flat table "
+                             "has no time axis); drop one of them")
         result = train_table(cfg, table, label, id_column, **common)
     else:
         if label or id_column:

@@ -90,6 +90,26 @@ def input_example(feature_set: FeatureSet, frame: pd.DataFrame, rows: int = 5) -
     return to_model_input(feature_set, frame.head(rows))
 
 
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+#: distributions the pyfunc imports at load time (mlflow_churn.training.model and its imports)
+MODEL_DISTRIBUTIONS = ("mlflow", "xgboost", "pandas", "numpy", "pyarrow", "duckdb", "pydantic", "pyyaml")
+
+
+def model_requirements() -> list[str]:
+    """``name==version`` of :data:`MODEL_DISTRIBUTIONS` as installed here."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in MODEL_DISTRIBUTIONS]
+
+
+def _package_copy(tmp: Path) -> Path:
+    """The package's sources (no caches) under ``tmp``, for ``code_paths``."""
+    import shutil
+
+    return Path(shutil.copytree(PACKAGE_DIR, tmp / "code" / PACKAGE_DIR.name,
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc")))
+
+
 def log_churn_model(
     booster: xgb.Booster, feature_set: FeatureSet, example: pd.DataFrame, name: str = "model"
 ) -> mlflow.models.model.ModelInfo:
@@ -105,12 +125,10 @@ def log_churn_model(
             artifacts={"booster": str(booster_path), "feature_set": str(fs_path)},
             signature=signature_for(feature_set),
             input_example=input_example(feature_set, example),
-            pip_requirements=[
-                f"mlflow=={mlflow.__version__}",
-                f"xgboost=={xgb.__version__}",
-                f"pandas=={pd.__version__}",
-                "mlflow-churn",
-            ],
+            # the package travels with the model, so any MLflow environment manager (virtualenv,
+            # conda, docker) can load it without mlflow-churn on an index
+            code_paths=[str(_package_copy(Path(tmp)))],
+            pip_requirements=model_requirements(),
         )
 
 
