@@ -40,14 +40,12 @@ from mlflow_churn.features.registry import registry_for
 from mlflow_churn.registry.aliases import CHAMPION, move_alias
 from mlflow_churn.serving.batch import (
     DEFAULT_BATCH_ROWS,
-    _write_model_input,
     coerce_batch,
-    local_spark,
     score_batch,
-    score_parquet_spark,
     score_stream,
     stream_features,
 )
+from mlflow_churn.serving.batch_spark import score_parquet_spark, spark_session, write_model_input
 from mlflow_churn.tracking import setup_mlflow
 from mlflow_churn.training.model import load_scorer, log_churn_model
 
@@ -198,9 +196,9 @@ def mlflow_churn_read(path: Path, features: pa.Table) -> np.ndarray:
 def _bench_spark(scorer, fs, features: pa.Table, n: int, as_of, version: str, tmp: Path) -> list[str]:
     part = features.slice(0, min(n, features.num_rows))
     path = tmp / "spark-input.parquet"
-    _write_model_input(fs, part.to_batches(DEFAULT_BATCH_ROWS), path, None)
+    write_model_input(fs, part.to_batches(DEFAULT_BATCH_ROWS), path)
     t0 = time.perf_counter()
-    spark = local_spark()
+    spark = spark_session("local[2]")
     start_s = time.perf_counter() - t0
     try:
         runs = []
