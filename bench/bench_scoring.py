@@ -40,14 +40,12 @@ from mlflow_churn.features.registry import registry_for
 from mlflow_churn.registry.aliases import CHAMPION, move_alias
 from mlflow_churn.serving.batch import (
     DEFAULT_BATCH_ROWS,
-    _write_model_input,
     coerce_batch,
-    local_spark,
     score_batch,
-    score_parquet_spark,
     score_stream,
     stream_features,
 )
+from mlflow_churn.serving.batch_spark import score_parquet_spark, spark_session, write_model_input
 from mlflow_churn.tracking import setup_mlflow
 from mlflow_churn.training.model import load_scorer, log_churn_model
 
@@ -178,9 +176,12 @@ def main(argv: list[str]) -> int:
     print(f"\nFeature computation alone (DuckDB, offline SQL, one cutoff): {feature_seconds:.1f} s "
           f"({rows / feature_seconds:,.0f} rows/s). Scores equal raw xgboost's exactly.\n")
     print(f"- Target: batch-scoring throughput within 15% of raw `inplace_predict` on the same matrix "
-          f"(ratio >= {TARGET_RATIO}): **{met}** (ratio {ratio:.3f} = median of {args.repeats} interleaved "
-          f"pairs; pairs ranged {pair_ratios[0]:.2f} .. {pair_ratios[-1]:.2f}; load average at the end "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores).")
+          f"(ratio >= {TARGET_RATIO}): **{met}** for the scoring path (features already computed: "
+          f"Arrow batches -> coerce -> `inplace_predict` -> Parquet; ratio {ratio:.3f} = median of "
+          f"{args.repeats} interleaved pairs; pairs ranged {pair_ratios[0]:.2f} .. {pair_ratios[-1]:.2f}; "
+          f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores). The ratio does "
+          f"not include feature computation: end to end, `churn score` runs at {e2e_rps / raw_rps:.2f}x "
+          f"raw, most of its time in DuckDB computing the features.")
     print(f"- CPU time (all threads of this process, less sensitive to other processes on a shared "
           f"machine): raw {statistics.median(raw_cpu):.2f} s, this project "
           f"{statistics.median(ours_cpu):.2f} s per {rows:,} rows: ratio {cpu_ratio:.3f}.")
@@ -198,9 +199,9 @@ def mlflow_churn_read(path: Path, features: pa.Table) -> np.ndarray:
 def _bench_spark(scorer, fs, features: pa.Table, n: int, as_of, version: str, tmp: Path) -> list[str]:
     part = features.slice(0, min(n, features.num_rows))
     path = tmp / "spark-input.parquet"
-    _write_model_input(fs, part.to_batches(DEFAULT_BATCH_ROWS), path, None)
+    write_model_input(fs, part.to_batches(DEFAULT_BATCH_ROWS), path)
     t0 = time.perf_counter()
-    spark = local_spark()
+    spark = spark_session("local[2]")
     start_s = time.perf_counter() - t0
     try:
         runs = []

@@ -207,6 +207,16 @@ class ServingConfig(_Section):
     prediction_log: str | None = Field(
         None, description="sqlite path or postgresql:// URL; None = <workspace>/predictions.db"
     )
+    prediction_log_mode: Literal["sync", "async"] = Field(
+        "sync",
+        description="sync: a request's rows are committed before its response is sent (a kill "
+        "loses nothing answered; the log down = 503); async: a background writer commits "
+        "every 0.2 s or 512 rows (a hard kill loses what is not committed yet, SIGTERM flushes)",
+    )
+    prediction_log_max_pending: int = Field(
+        100_000, ge=1, description="async mode: uncommitted rows held at most; more are dropped "
+        "and counted in churn_prediction_log_dropped_total"
+    )
     admin_token: str | None = Field(None, description="bearer token for reload/promote/rollback")
     reload_seconds: float = Field(10.0, gt=0, description="how often aliases are re-checked")
     min_canary_samples: int = Field(500, ge=1, description="canary predictions before any verdict")

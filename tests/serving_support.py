@@ -101,7 +101,7 @@ def run_cli(config: ChurnConfig, args: list[str], timeout: float = 180,
 
 
 class ServeProcess:
-    """`churn serve` in a subprocess on a free port; stopped with SIGTERM (graceful)."""
+    """`churn serve` in a subprocess on a free port; ``stop()`` = SIGTERM (graceful), ``kill()``."""
 
     def __init__(self, config: ChurnConfig, **extra: str) -> None:
         self.port = free_port()
@@ -125,6 +125,13 @@ class ServeProcess:
             self.proc.kill()
             _, err = self.proc.communicate()
         return self.proc.returncode, err
+
+    def kill(self) -> int:
+        """SIGKILL: no shutdown code runs (what an OOM kill or a crashed host does)."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.communicate(timeout=60)
+        return self.proc.returncode
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -109,6 +109,8 @@ def test_bad_input_names_the_fix(config: ChurnConfig, register_version) -> None:
         score_batch(config, AS_OF, model_uri=uri, engine="dask")  # type: ignore[arg-type]
     with pytest.raises(ChurnError, match="batch_rows"):
         score_batch(config, AS_OF, model_uri=uri, batch_rows=0)
+    with pytest.raises(ChurnError, match="spark://10.0.0.1:7077.*--staging"):
+        score_batch(config, AS_OF, model_uri=uri, engine="spark", spark_master="spark://10.0.0.1:7077")
     assert not (config.workspace / "scores" / "date=2026-04-20").exists()
 
 
@@ -148,17 +150,21 @@ def test_cli_scores_into_the_project_run(config: ChurnConfig, champion, tmp_path
 
 
 @pytest.mark.slow
-def test_spark_engine_gives_identical_scores(config: ChurnConfig, champion) -> None:
+def test_spark_engine_gives_identical_scores(config: ChurnConfig, champion, tmp_path: Path) -> None:
     pytest.importorskip("pyspark")
     local = score_batch(config, AS_OF, out_dir=config.workspace / "local")
-    spark = score_batch(config, AS_OF, out_dir=config.workspace / "spark", engine="spark")
+    staging = tmp_path / "staging"  # stands for the shared storage of a cluster
+    spark = score_batch(config, AS_OF, out_dir=config.workspace / "spark", engine="spark",
+                        spark_master="local[2]", staging=str(staging))
     assert spark.engine == "spark" and spark.rows == local.rows
+    assert staging.is_dir() and not any(staging.iterdir())  # the run's staged files are removed
     a = read_scores(config.workspace / "local", AS_OF)
     b = read_scores(config.workspace / "spark", AS_OF)
     assert len(b) == len(a)
     merged = a.merge(b, on="customer_id", suffixes=("_local", "_spark"), validate="1:1")
     assert len(merged) == len(a)
-    np.testing.assert_allclose(merged["churn_probability_spark"], merged["churn_probability_local"],
-                               rtol=0, atol=1e-9)
+    # bit-identical: both engines run the same booster on the same float64 inputs (XGBoost
+    # casts them to float32 the same way and returns float32 probabilities, widened to float64)
+    np.testing.assert_array_equal(merged["churn_probability_spark"], merged["churn_probability_local"])
     for col in ("model_version", "as_of", "feature_set_hash"):
         assert (merged[f"{col}_local"] == merged[f"{col}_spark"]).all(), col

@@ -1,6 +1,7 @@
 """The scoring service over a real socket: split and stickiness, records, bad input,
-no model, admin token, feature-set hash refusal, reload without dropped requests,
-and `mlflow models serve` of the same champion."""
+no model, admin token, feature-set hash refusal, reload without dropped requests, a
+failing canary, a missing or broken online store, and `mlflow models serve` of the same
+champion."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from serving_support import (
     BATCH_AS_OF,
+    LABELS_AS_OF,
     ServerThread,
     free_port,
     serving_config,
@@ -24,8 +26,10 @@ from serving_support import (
     wait_ready,
 )
 
+from mlflow_churn.features.materialize import materialize
 from mlflow_churn.features.online import open_store
 from mlflow_churn.serving.app import create_app
+from mlflow_churn.serving.canary import evaluate_canary
 from mlflow_churn.serving.prediction_log import PredictionLog
 from mlflow_churn.serving.routing import route
 from mlflow_churn.training.model import load_scorer
@@ -41,7 +45,8 @@ def _all_ids(cfg) -> list[int]:
 
 def test_split_stickiness_and_log_over_socket(config, register_version) -> None:
     champ, canary = two_versions(config, register_version)
-    cfg = serving_config(config, canary_fraction=0.3, routing_salt="s1")
+    # the background writer: its rows must all be committed by the graceful shutdown
+    cfg = serving_config(config, canary_fraction=0.3, routing_salt="s1", prediction_log_mode="async")
     ids = _all_ids(cfg)
     assert len(ids) > 2000
     app = create_app(cfg)
@@ -81,6 +86,7 @@ def test_split_stickiness_and_log_over_socket(config, register_version) -> None:
         assert "churn_predict_latency_seconds_bucket" in metrics
         assert 'churn_http_requests_total{code="200",path="/predict"}' in metrics
         assert f'churn_model_loaded{{alias="champion",version="{champ}"}} 1' in metrics
+        assert "churn_prediction_log_dropped_total 0" in metrics
     # shutdown flushed the log: every scored id, with its route, version and batch time
     log = PredictionLog(cfg.prediction_log_url)
     frame = log.read()
@@ -163,8 +169,8 @@ def test_feature_set_hash_mismatch_is_refused(config, register_version) -> None:
             time.sleep(0.1)
             res = client.get("/ready")
         assert f"version {champ}" in res.json()["detail"] and "feature_set_hash" in res.json()["detail"]
-        res = client.post("/predict", json={"customer_ids": [1, 2, 3]})
-        assert res.status_code == 409 and "feature_set_hash" in res.json()["detail"]
+        res = client.post("/predict", json={"customer_ids": [1, 2, 3]})  # refused = no model loaded
+        assert res.status_code == 503 and "feature_set_hash" in res.json()["detail"]
 
 
 def test_alias_move_reloads_without_dropping_requests(config, register_version) -> None:
@@ -192,6 +198,8 @@ def test_alias_move_reloads_without_dropping_requests(config, register_version) 
                           json={"reason": "live promotion test", "version": canary})
         assert res.status_code == 200, res.text
         assert res.json()["serving"] == {**res.json()["serving"], "champion": canary, "canary": None}
+        evidence = res.json()["transition"]["evidence"]  # the canary analysis rides along
+        assert evidence["canary_version"] == canary and evidence["routes"]["canary"]["rows"] > 0
         time.sleep(0.5)
         stop.set()
         worker.join()
@@ -199,8 +207,76 @@ def test_alias_move_reloads_without_dropping_requests(config, register_version) 
     assert codes and set(codes) == {200}  # nothing dropped or failed while the models swapped
     assert {champ, canary} <= set(versions)
     assert {p["model_version"] for p in after} == {canary} and {p["route"] for p in after} == {"champion"}
-    aliases = MlflowClient(cfg.mlflow_tracking_uri).get_registered_model(cfg.training.model_name).aliases
+    client_ml = MlflowClient(cfg.mlflow_tracking_uri)
+    aliases = client_ml.get_registered_model(cfg.training.model_name).aliases
     assert {a: str(v) for a, v in aliases.items()} == {"champion": canary, "previous-champion": champ}
+    run = client_ml.get_run(res.json()["transition"]["run_id"])
+    assert run.data.tags["evidence"] in ("promote", "wait", "rollback")
+    assert run.data.metrics["canary_rows"] == evidence["routes"]["canary"]["rows"]
+
+
+def test_failing_canary_falls_back_and_its_error_rate_rolls_it_back(config, register_version) -> None:
+    champ = str(register_version(config, quality="good", alias="champion", seed=0).version)
+    # the canary needs monthly_usage_v2, which the clients' records (the champion's set) lack
+    canary = str(register_version(config, quality="good", alias="canary", seed=1,
+                                  feature_set="churn_v2").version)
+    materialize(config, BATCH_AS_OF)
+    cfg = serving_config(config, canary_fraction=0.5, routing_salt="fb", min_canary_samples=20)
+    scorer = load_scorer(f"models:/{cfg.training.model_name}/{champ}")
+    store = open_store(cfg)
+    ids = store.customer_ids()[:200]
+    rows = store.get(ids)
+    store.close()
+    records = [{"customer_id": i, **{c: rows[i].values[c] for c in scorer.feature_set.columns}} for i in ids]
+    to_canary = [i for i in ids if route(i, 0.5, "fb") == "canary"]
+    assert 60 < len(to_canary) < 140
+    with ServerThread(create_app(cfg)) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
+        assert wait_ready(client).json()["canary"] == canary
+        got = []
+        for start in range(0, len(records), 50):
+            res = client.post("/predict", json={"records": records[start:start + 50],
+                                                "as_of": BATCH_AS_OF.isoformat()})
+            assert res.status_code == 200, res.text
+            got += res.json()["predictions"]
+        assert {(p["status"], p["route"], p["model_version"]) for p in got} == {("ok", "champion", champ)}
+        expect = scorer.predict_proba(pd.DataFrame([{c: r[c] for c in scorer.feature_set.columns}
+                                                    for r in records]))
+        np.testing.assert_allclose([p["churn_probability"] for p in got], expect, rtol=0, atol=1e-9)
+        metrics = client.get("/metrics").text
+        assert (f'churn_prediction_errors_total{{route="canary",version="{canary}"}} '
+                f"{len(to_canary)}") in metrics
+    log = PredictionLog(cfg.prediction_log_url)
+    frame = log.read()
+    log.close()
+    errors = frame[frame["status"] == "error"]
+    assert sorted(errors["customer_id"]) == sorted(to_canary)
+    assert set(zip(errors["route"], errors["model_version"], strict=True)) == {("canary", canary)}
+    ev = evaluate_canary(cfg, LABELS_AS_OF, log_run=False)
+    assert ev.verdict == "rollback" and ev.routes["canary"].error_rate == 1.0
+    assert any("error rate" in r and "max_error_rate" in r for r in ev.reasons), ev.reasons
+
+
+def test_missing_or_broken_online_store_is_503_never_500(config, register_version) -> None:
+    champ = str(register_version(config, quality="good", alias="champion").version)
+    cfg = serving_config(config, canary_fraction=0.0)
+    scorer = load_scorer(f"models:/{cfg.training.model_name}/{champ}")
+    with ServerThread(create_app(cfg)) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
+        wait_ready(client)  # never materialized: no online store at all
+        res = client.post("/predict", json={"customer_ids": [1, 2]})
+        assert res.status_code == 503, res.text
+        assert "online store" in res.json()["detail"] and "materialize" in res.json()["detail"]
+        record = {c: None for c in scorer.feature_set.columns}  # raw records need no store
+        assert client.post("/predict", json={"records": [record]}).status_code == 200
+    # a store file that is not a database: an error no code path expects -> the catch-all
+    cfg.online_store_path.write_bytes(b"not a database, " * 256)
+    with ServerThread(create_app(cfg)) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
+        wait_ready(client)
+        res = client.post("/predict", json={"customer_ids": [1, 2]})
+        assert res.status_code == 503, res.text
+        assert res.headers["content-type"] == "application/json"
+        assert "could not answer" in res.json()["detail"] and "DatabaseError" in res.json()["detail"]
+        assert client.get("/health").status_code == 200
+        assert 'churn_http_requests_total{code="503",path="/predict"} 1' in client.get("/metrics").text
 
 
 @pytest.mark.postgres

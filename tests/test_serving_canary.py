@@ -23,6 +23,7 @@ from serving_support import (
 from mlflow_churn.features.online import open_store
 from mlflow_churn.serving.app import create_app
 from mlflow_churn.serving.canary import evaluate_canary
+from mlflow_churn.serving.prediction_log import PredictionLog, PredictionRecord
 
 
 def _traffic(cfg) -> int:
@@ -133,10 +134,21 @@ def test_bad_canary_rolls_back_automatically(config, register_version) -> None:
 
 def test_manual_rollback_through_cli(config, register_version) -> None:
     champ, canary = two_versions(config, register_version)
+    log = PredictionLog(config.prediction_log_url)  # traffic the canary served before the spike
+    log.write([PredictionRecord(f"r{i}", i, canary, "canary", 0.2, 80.0 if i % 2 else 3.0, "ok",
+                                BATCH_AS_OF, BATCH_AS_OF) for i in range(1, 41)])
+    log.close()
     res = run_cli(config, ["canary", "rollback", "--reason", "latency spike after deploy"])
     assert res.returncode == 0, res.stderr
     assert _aliases(config) == {"champion": champ}
     tags = MlflowClient(config.mlflow_tracking_uri).get_model_version(config.training.model_name, canary).tags
     assert tags["rollback_reason"] == "latency spike after deploy"
+    # no --as-of: the run still carries the canary evidence logged so far
+    (run,) = _runs(config, "canary-rollback")
+    assert run.data.metrics["canary_rows"] == 40 and run.data.metrics["canary_p99_latency_ms"] > 70
+    assert run.data.tags["evidence"] == "wait"  # 40 < serving.min_canary_samples
+    assert run.data.params["evidence_as_of"].startswith("2026-05-01")  # the data's newest day
+    evidence = _decision(config, run)["evidence"]
+    assert evidence["canary_version"] == canary and evidence["routes"]["canary"]["rows"] == 40
     res = run_cli(config, ["canary", "promote", "--reason", "x"])
     assert res.returncode == 2 and "no canary" in res.stderr

@@ -1,7 +1,9 @@
-"""Sticky canary routing and the durable prediction log (SQLite and real PostgreSQL)."""
+"""Sticky canary routing, the durable prediction log (SQLite and real PostgreSQL) and its
+writer: bounded while the database is locked (async), failing loudly then reconnecting (sync)."""
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -10,6 +12,8 @@ import pandas as pd
 import pytest
 
 from mlflow_churn.errors import ChurnError
+from mlflow_churn.serving.log_writer import LogWriter, PredictionLogUnavailable
+from mlflow_churn.serving.metrics import Metrics
 from mlflow_churn.serving.prediction_log import PredictionLog, PredictionRecord, attach_labels
 from mlflow_churn.serving.routing import bucket, route, routes
 
@@ -79,3 +83,49 @@ def test_attach_labels_uses_only_mature_predictions() -> None:
     out = attach_labels(preds, events, 30, T0 + timedelta(days=31))
     assert list(out["customer_id"]) == [1, 2, 3]  # customer 4's horizon has not passed
     assert list(out["label"]) == [1, 0, 0]
+
+
+def test_async_writer_is_bounded_while_the_database_is_locked(tmp_path: Path) -> None:
+    url = str(tmp_path / "predictions.sqlite")
+    metrics = Metrics()
+    writer = LogWriter(url, metrics, mode="async", max_pending=25)
+    writer.start()
+    blocker = sqlite3.connect(url, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock: nothing commits
+    try:
+        for start in range(0, 50, 5):
+            writer.submit(_records(50)[start:start + 5])
+        assert writer.pending() == 25 and writer.dropped() == 25  # bounded, the excess counted
+        text = metrics.render([])
+        assert "churn_prediction_log_dropped_total 25" in text
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert writer.flush(timeout=60)  # the lock is gone: the kept rows are retried and committed
+    writer.close()
+    log = PredictionLog(url)
+    assert log.count() == 25 and writer.pending() == 0
+    assert sorted(log.read()["customer_id"]) == list(range(1, 26))
+    log.close()
+
+
+@pytest.mark.postgres
+def test_sync_writer_fails_loudly_then_reconnects(postgres_url: str) -> None:
+    import psycopg2
+
+    writer = LogWriter(postgres_url, Metrics(), mode="sync")
+    writer.start()
+    writer.submit(_records(3))  # committed when submit returns
+    admin = psycopg2.connect(postgres_url)
+    admin.autocommit = True
+    with admin.cursor() as cur:  # the server drops the writer's session
+        cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    admin.close()
+    with pytest.raises(PredictionLogUnavailable, match="cannot write the prediction log"):
+        writer.submit(_records(2))
+    writer.submit(_records(4))  # a new session
+    writer.close()
+    log = PredictionLog(postgres_url)
+    assert log.count() == 7 and log.newest_as_of() == T0 + timedelta(days=2)
+    log.close()

@@ -1,5 +1,5 @@
-"""Real processes: two promotions racing, `churn serve` restarted with its prediction log,
-and the PostgreSQL advisory lock."""
+"""Real processes: two promotions racing, `churn serve` restarted (SIGTERM) and killed
+(SIGKILL) with its prediction log, and the PostgreSQL advisory lock."""
 
 from __future__ import annotations
 
@@ -62,33 +62,40 @@ def test_two_processes_promoting_at_once_end_with_one_champion(config, register_
     assert tags["promote_run_id"] == acted.info.run_id  # the audit trail names the run that acted
 
 
-def _score_all(url: str, ids: list[int]) -> None:
+def _score_all(url: str, ids: list[int]) -> int:
+    """Score ``ids`` 200 at a time; the number of predictions answered (all of them)."""
+    answered = 0
     with httpx.Client(base_url=url, timeout=30) as client:
         wait_ready(client, timeout=120)
         for start in range(0, len(ids), 200):
             res = client.post("/predict", json={"customer_ids": ids[start:start + 200]})
             assert res.status_code == 200, res.text
+            answered += len(res.json()["predictions"])
+    return answered
 
 
 @pytest.mark.slow
-def test_prediction_log_survives_a_restart_of_churn_serve(config, register_version) -> None:
+def test_prediction_log_survives_a_restart_and_a_kill_9(config, register_version) -> None:
     two_versions(config, register_version)
     store = open_store(config)
     ids = store.customer_ids()[:600]
     store.close()
-    with ServeProcess(config) as srv:
-        _score_all(srv.url, ids)
-        code, err = srv.stop()  # SIGTERM: graceful shutdown flushes the batched writer
+    # async writer: rows are batched in the background; SIGTERM (graceful) commits them all
+    with ServeProcess(config, CHURN_SERVING__PREDICTION_LOG_MODE="async") as srv:
+        answered = _score_all(srv.url, ids)
+        code, err = srv.stop()
     # uvicorn re-raises the captured SIGTERM after its graceful shutdown
     assert code in (0, -signal.SIGTERM) and "Traceback" not in err, err[-2000:]
-    assert log_rows(config) == len(ids)
+    assert log_rows(config) == answered == len(ids)
+    # sync writer (the default): every answered row was committed before its response, so a
+    # SIGKILL right after the last answer, with no shutdown code running, loses none of them
     with ServeProcess(config) as srv:
-        _score_all(srv.url, ids)
-        srv.stop()
+        answered += _score_all(srv.url, ids)
+        assert srv.kill() == -signal.SIGKILL
     log = PredictionLog(config.prediction_log_url)
     frame = log.read()
     log.close()
-    assert len(frame) == 2 * len(ids) and frame["request_id"].nunique() == 6
+    assert len(frame) == answered == 2 * len(ids) and frame["request_id"].nunique() == 6
     assert (frame.groupby("customer_id")["route"].nunique() == 1).all()  # sticky across restarts
     assert frame.groupby("customer_id")["score"].nunique().max() == 1
 

@@ -17,27 +17,32 @@
   definition of that set is refused (visible in ``/ready`` and ``/admin/status``).
 - ``serving.canary_fraction`` of customers (sticky hash of the id with
   ``serving.routing_salt``, :mod:`mlflow_churn.serving.routing`) go to the canary.
-  When the canary fails to score, those customers get the champion's score and the
-  canary error is logged (it counts against the canary in ``churn canary evaluate``).
-- Every scored id goes to the durable prediction log through a background writer that
-  batches rows off the request path and is flushed on shutdown. A row's ``latency_ms`` is
-  the request's parsing and feature fetch plus the scoring time of its own route's model.
+  When the canary fails to score them, whatever the reason (its model raised, records or
+  the online batch lack a column only the canary uses), they get the champion's score and
+  the canary error is logged (it counts against the canary in ``churn canary evaluate``).
+- Every scored id goes to the durable prediction log (:mod:`mlflow_churn.serving.log_writer`:
+  ``serving.prediction_log_mode`` sync commits a request's rows before its response is
+  sent; async batches them off the request path, bounded, flushed on shutdown). A row's
+  ``latency_ms`` is the request's parsing and feature fetch plus the scoring time of its
+  own route's model.
 - ``GET /health`` (process alive), ``/ready`` (503 until a champion is loaded),
   ``/metrics`` (Prometheus text: requests and errors by route and version, latency
-  histograms), admin ``POST /admin/reload|promote|rollback`` and ``GET /admin/status``
-  behind the optional bearer token ``serving.admin_token`` (401 otherwise).
+  histograms, prediction-log counters), admin ``POST /admin/reload|promote|rollback`` and
+  ``GET /admin/status`` behind the optional bearer token ``serving.admin_token`` (401
+  otherwise). Promote / rollback attach the canary evidence to their MLflow run.
 
 Errors are JSON ``{"detail": ...}``: 422 for malformed JSON, wrong types or missing
-feature columns (naming them), 401 bad token, 409 a registry conflict (or an online
-batch computed under other feature definitions than the model's), 503 no model or
-no online store. Never a 500.
+feature columns (naming them); 401 a bad token; 409 a registry conflict of an admin
+transition (no canary, another version is the canary) or an online batch computed under
+other feature definitions than the model's; 503 when no champion is served
+(none has the alias, or it was refused), the online store has no batch, the prediction
+log cannot be written (sync mode) or anything unexpected fails. Never a 500.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -57,7 +62,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.registry import FeatureSet
-from mlflow_churn.serving.prediction_log import PredictionLog, PredictionRecord
+from mlflow_churn.serving.log_writer import LogWriter, PredictionLogUnavailable
+from mlflow_churn.serving.metrics import Metrics
+from mlflow_churn.serving.prediction_log import PredictionRecord
 from mlflow_churn.serving.routing import routes
 from mlflow_churn.training.model import Scorer
 
@@ -65,7 +72,6 @@ log = logging.getLogger("mlflow_churn.serving")
 
 CHAMPION_ROUTE, CANARY_ROUTE = "champion", "canary"
 ANONYMOUS_ID = -1  # logged customer_id of a raw record without one
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class ServiceError(Exception):
@@ -93,73 +99,8 @@ class AdminRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reason: str = Field("requested through the serving API", max_length=500)
     version: str | None = Field(None, description="expected canary version (no-op if already done)")
-
-
-# --------------------------------------------------------------------------- metrics
-class Metrics:
-    """Minimal thread-safe Prometheus registry (counters and histograms, text format)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counters: dict[tuple[str, tuple], float] = defaultdict(float)
-        self._hist: dict[tuple[str, tuple], list] = {}
-        self._help: dict[str, tuple[str, str]] = {}
-
-    def describe(self, name: str, kind: str, text: str) -> None:
-        self._help[name] = (kind, text)
-
-    def inc(self, name: str, labels: dict[str, str], value: float = 1.0) -> None:
-        key = (name, tuple(sorted(labels.items())))
-        with self._lock:
-            self._counters[key] += value
-
-    def observe(self, name: str, labels: dict[str, str], seconds: float) -> None:
-        key = (name, tuple(sorted(labels.items())))
-        with self._lock:
-            h = self._hist.get(key)
-            if h is None:
-                h = self._hist[key] = [[0] * len(LATENCY_BUCKETS), 0.0, 0]
-            for i, edge in enumerate(LATENCY_BUCKETS):
-                if seconds <= edge:
-                    h[0][i] += 1
-            h[1] += seconds
-            h[2] += 1
-
-    @staticmethod
-    def _fmt(labels: tuple | list) -> str:
-        if not labels:
-            return ""
-        body = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-                        for k, v in labels)
-        return "{" + body + "}"
-
-    def render(self, gauges: list[tuple[str, dict[str, str], float]]) -> str:
-        lines: list[str] = []
-        seen: set[str] = set()
-
-        def head(name: str) -> None:
-            if name not in seen and name in self._help:
-                kind, text = self._help[name]
-                lines.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}"])
-            seen.add(name)
-
-        with self._lock:
-            counters = sorted(self._counters.items())
-            hists = sorted((k, (list(v[0]), v[1], v[2])) for k, v in self._hist.items())
-        for (name, labels), value in counters:
-            head(name)
-            lines.append(f"{name}{self._fmt(labels)} {value:g}")
-        for (name, labels), (buckets, total, count) in hists:
-            head(name)
-            for edge, n in zip(LATENCY_BUCKETS, buckets, strict=True):
-                lines.append(f"{name}_bucket{self._fmt([*labels, ('le', f'{edge:g}')])} {n}")
-            lines.append(f"{name}_bucket{self._fmt([*labels, ('le', '+Inf')])} {count}")
-            lines.append(f"{name}_sum{self._fmt(labels)} {total:.6f}")
-            lines.append(f"{name}_count{self._fmt(labels)} {count}")
-        for name, labels, value in gauges:
-            head(name)
-            lines.append(f"{name}{self._fmt(sorted(labels.items()))} {value:g}")
-        return "\n".join(lines) + "\n"
+    as_of: datetime | None = Field(None, description="evidence up to this time (default: newest data)")
+    since: datetime | None = Field(None, description="evidence from this time (default: all logged)")
 
 
 # --------------------------------------------------------------------------- models
@@ -330,104 +271,11 @@ def _versions(pair: ModelPair) -> tuple[str | None, str | None]:
     return (pair.champion.version if pair.champion else None, pair.canary.version if pair.canary else None)
 
 
-# --------------------------------------------------------------------------- prediction log
-class LogWriter:
-    """Writes prediction records in batches on a background thread; flushed on close.
-
-    A request hands over its records as one list (one queue operation per request); the
-    thread commits up to ``batch_rows`` rows at a time, at least every ``max_wait_s``
-    seconds. A failed write keeps the rows and retries, so nothing answered is lost.
-    """
-
-    def __init__(self, url: str, metrics: Metrics, batch_rows: int = 512, max_wait_s: float = 0.2) -> None:
-        self.url = url
-        self.metrics = metrics
-        self.batch_rows, self.max_wait_s = batch_rows, max_wait_s
-        self._queue: queue.Queue[list[PredictionRecord] | None] = queue.Queue()
-        self._log: PredictionLog | None = None
-        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
-        self._pending: list[PredictionRecord] = []
-        self._waiting = 0  # rows submitted and not yet committed
-        self._count_lock = threading.Lock()
-        self._idle = threading.Event()
-        self._idle.set()
-
-    def start(self) -> None:
-        self._log = PredictionLog(self.url)
-        self._thread.start()
-
-    def submit(self, records: list[PredictionRecord]) -> None:
-        if not records:
-            return
-        with self._count_lock:
-            self._waiting += len(records)
-            self._idle.clear()
-        self._queue.put(records)
-
-    def pending(self) -> int:
-        return self._waiting
-
-    def _write(self) -> None:
-        if not self._pending or self._log is None:
-            return
-        try:
-            self._log.write(self._pending)
-        except Exception as exc:  # keep the rows and retry: the log must not lose them
-            self.metrics.inc("churn_prediction_log_failures_total", {})
-            log.warning("prediction log write failed (%d rows kept): %s", len(self._pending), exc)
-            time.sleep(0.5)
-            return
-        self.metrics.inc("churn_prediction_log_written_total", {}, len(self._pending))
-        with self._count_lock:
-            self._waiting -= len(self._pending)
-            if self._waiting == 0:
-                self._idle.set()
-        self._pending = []
-
-    def _take(self, item: list[PredictionRecord] | None) -> bool:
-        """Add a queue item to the pending rows; False for the stop sentinel."""
-        if item is None:
-            return False
-        self._pending.extend(item)
-        return True
-
-    def _run(self) -> None:
-        stop = False
-        while not stop or self._pending:
-            deadline = time.monotonic() + self.max_wait_s
-            while not stop and len(self._pending) < self.batch_rows:
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                stop = not self._take(item)
-            if stop:  # drain what is left
-                while True:
-                    try:
-                        self._take(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-            self._write()
-            if stop and self._pending and self._log is None:
-                break
-
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every submitted record is committed (True) or ``timeout`` passes."""
-        return self._idle.wait(timeout)
-
-    def close(self, timeout: float = 30.0) -> None:
-        """Write everything still queued, then close the log."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join(timeout)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-
 class CountRequests:
     """ASGI middleware counting requests by path and status code (cheaper than Starlette's
-    ``BaseHTTPMiddleware``); an exception that escapes is answered 503 by the app's handler."""
+    ``BaseHTTPMiddleware``). An exception no handler took is answered here, 503 JSON, so it
+    never reaches Starlette's server-error middleware (a 500 page, or a 503 followed by a
+    re-raise that makes uvicorn drop the keep-alive connection)."""
 
     def __init__(self, app: Any, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
@@ -436,7 +284,7 @@ class CountRequests:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        code = {"status": 503}
+        code = {"status": 0}
 
         async def _send(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -445,10 +293,16 @@ class CountRequests:
 
         try:
             await self.app(scope, receive, _send)
+        except Exception as exc:
+            if code["status"]:  # the response has started: nothing can be sent any more
+                raise
+            log.exception("unexpected error answering %s", scope.get("path", ""))
+            detail = f"the service could not answer: {type(exc).__name__}: {exc}"[:500]
+            await JSONResponse({"detail": detail}, status_code=503)(scope, receive, _send)
         finally:
             path = scope.get("path", "")
-            self.metrics.inc("churn_http_requests_total",
-                             {"path": path if path in _PATHS else "other", "code": str(code["status"])})
+            self.metrics.inc("churn_http_requests_total", {"path": path if path in _PATHS else "other",
+                                                           "code": str(code["status"] or 503)})
 
 
 # --------------------------------------------------------------------------- the service
@@ -464,14 +318,13 @@ class ScoringService:
             ("churn_prediction_errors_total", "counter", "failed scorings by route and model version"),
             ("churn_predict_latency_seconds", "histogram", "POST /predict latency by route and version"),
             ("churn_model_reloads_total", "counter", "alias polls by result"),
-            ("churn_prediction_log_written_total", "counter", "rows committed to the prediction log"),
-            ("churn_prediction_log_failures_total", "counter", "failed prediction log writes (retried)"),
             ("churn_model_loaded", "gauge", "1 for each alias and the version it serves"),
-            ("churn_prediction_log_pending", "gauge", "rows waiting for the prediction log"),
         ):
             self.metrics.describe(name, kind, text)
         self.models = ModelManager(cfg, self.metrics)
-        self.writer = LogWriter(cfg.prediction_log_url, self.metrics)
+        sv = cfg.serving
+        self.writer = LogWriter(cfg.prediction_log_url, self.metrics, sv.prediction_log_mode,
+                                sv.prediction_log_max_pending)
         self._store: Any = None
         self._store_lock = threading.Lock()
         self._stop = threading.Event()
@@ -522,8 +375,7 @@ class ScoringService:
         if pair.champion is None:
             why = pair.refused.get(CHAMPION_ROUTE) or pair.error or (
                 f"no version of '{self.models.name}' has alias champion yet")
-            status = 409 if CHAMPION_ROUTE in pair.refused else 503
-            raise ServiceError(status, f"no champion model is being served: {why}")
+            raise ServiceError(503, f"no champion model is being served: {why}")
         if (req.customer_ids is None) == (req.records is None):
             raise ServiceError(422, "send exactly one of 'customer_ids' (list of integers) or "
                                     "'records' (list of feature objects)")
@@ -552,39 +404,32 @@ class ScoringService:
         if pair.canary is not None and self.cfg.serving.canary_fraction > 0:
             to_canary[known] = routes([i for i, k in zip(ids, known, strict=True) if k],
                                       self.cfg.serving.canary_fraction, self.cfg.serving.routing_salt)
-        scores = np.full(len(ids), np.nan)
         route = np.where(to_canary, CANARY_ROUTE, CHAMPION_ROUTE).astype(object)
         version = np.where(to_canary, pair.canary.version if pair.canary else "",
                            pair.champion.version).astype(object)
-        errors: list[tuple[int, str, str]] = []  # (row, route, version) of failed canary scorings
+        scores = np.full(len(ids), np.nan)
         prepared = time.perf_counter() - t0  # parsing + feature fetch, shared by both routes
         spent = {CHAMPION_ROUTE: 0.0, CANARY_ROUTE: 0.0}  # seconds each route's model took
+        errors: list[tuple[int, str, str]] = []  # (row, route, version) of failed canary scorings
+        from_client = req.records is not None
         if to_canary.any():
             rows = np.flatnonzero(to_canary & found)
-            t1 = time.perf_counter()
-            try:
-                scores[rows] = self._score(pair.canary, values, rows, req.records is not None)
-                spent[CANARY_ROUTE] = time.perf_counter() - t1
-            except ServiceError:
-                raise
-            except Exception as exc:  # a broken canary must not hurt customers: fall back
-                log.warning("canary version %s failed, champion serves: %s", pair.canary.version, exc)
+            failure = self._score_into(scores, pair.canary, values, rows, from_client, spent)
+            if failure is not None:  # a broken canary must not hurt customers: the champion serves
+                log.warning("canary version %s failed, champion serves: %s", pair.canary.version, failure)
                 errors += [(int(r), CANARY_ROUTE, pair.canary.version) for r in rows]
                 route[rows], version[rows] = CHAMPION_ROUTE, pair.champion.version
         champ_rows = np.flatnonzero((route == CHAMPION_ROUTE) & found)
-        t1 = time.perf_counter()
-        try:
-            scores[champ_rows] = self._score(pair.champion, values, champ_rows, req.records is not None)
-            spent[CHAMPION_ROUTE] = time.perf_counter() - t1
-        except ServiceError:
-            raise
-        except Exception as exc:
+        failure = self._score_into(scores, pair.champion, values, champ_rows, from_client, spent)
+        if failure is not None:
+            if isinstance(failure, ServiceError):  # the request's fault (422) or the batch's (503)
+                raise failure
             self.metrics.inc("churn_prediction_errors_total",
                              {"route": CHAMPION_ROUTE, "version": pair.champion.version}, len(champ_rows))
             self._log_errors(ids, [(int(r), CHAMPION_ROUTE, pair.champion.version) for r in champ_rows],
                              served_at, as_of, t0)
             raise ServiceError(503, f"champion version {pair.champion.version} failed to score: "
-                                    f"{type(exc).__name__}: {exc}"[:500]) from None
+                                    f"{type(failure).__name__}: {failure}"[:500])
         # a row's latency: the shared preparation plus its own route's scoring (ms), so a slow
         # canary shows in the canary's numbers only
         latency_ms = {r: (prepared + spent[r]) * 1000.0 for r in spent}
@@ -602,7 +447,7 @@ class ScoringService:
             self.metrics.inc("churn_prediction_errors_total", {"route": r, "version": v})
             records_out.append(PredictionRecord(request_id, ids[row], v, r, None, latency_ms[r], "error",
                                                 served_at, as_of))
-        self.writer.submit(records_out)
+        self._submit(records_out)  # sync mode: committed before the response is sent
         for (r, v, s), count in _tally(route, version, found).items():
             self.metrics.inc("churn_predictions_total", {"route": r, "version": v, "status": s}, count)
         for r, v in {(r, v) for r, v in zip(route, version, strict=True)}:
@@ -633,6 +478,19 @@ class ScoringService:
         values = [_values(rows[i].values, columns) if i in rows else {} for i in ids]
         return values, found, batch.as_of
 
+    def _score_into(self, scores: np.ndarray, model: LoadedModel, values: list[dict[str, Any]],
+                    rows: np.ndarray, from_client: bool, spent: dict[str, float]) -> Exception | None:
+        """Score ``rows`` with ``model`` into ``scores`` and add the seconds it took to
+        ``spent[model.alias]``; the exception instead when it fails (nothing written)."""
+        t1 = time.perf_counter()
+        try:
+            scores[rows] = self._score(model, values, rows, from_client)
+        except Exception as exc:  # the caller decides: canary -> fall back, champion -> 4xx/503
+            return exc
+        finally:
+            spent[model.alias] += time.perf_counter() - t1
+        return None
+
     def _score(self, model: LoadedModel, values: list[dict[str, Any]], rows: np.ndarray,
                from_client: bool) -> np.ndarray:
         if len(rows) == 0:
@@ -656,8 +514,18 @@ class ScoringService:
                     as_of: datetime, t0: float) -> None:
         latency = (time.perf_counter() - t0) * 1000.0
         rid = uuid.uuid4().hex
-        self.writer.submit([PredictionRecord(rid, ids[row], v, r, None, latency, "error", served_at, as_of)
-                            for row, r, v in errors])
+        try:
+            self._submit([PredictionRecord(rid, ids[row], v, r, None, latency, "error", served_at, as_of)
+                          for row, r, v in errors])
+        except ServiceError as exc:  # the scoring failure is what the client must hear about
+            log.warning("prediction log: error rows not logged: %s", exc.detail)
+
+    def _submit(self, records: list[PredictionRecord]) -> None:
+        try:
+            self.writer.submit(records)
+        except PredictionLogUnavailable as exc:
+            raise ServiceError(503, f"{exc}; with serving.prediction_log_mode=sync no prediction is "
+                                    "answered before it is logged") from None
 
     def gauges(self) -> list[tuple[str, dict[str, str], float]]:
         pair = self.models.pair
@@ -746,11 +614,6 @@ def create_app(cfg: ChurnConfig, start_background: bool = True) -> FastAPI:
     async def _churn_error(_req: Request, exc: ChurnError) -> JSONResponse:
         return _json(409, str(exc))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_req: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return _json(503, f"the service could not answer: {type(exc).__name__}: {exc}"[:500])
-
     app.add_middleware(CountRequests, metrics=service.metrics)
 
     def _admin(request: Request) -> None:
@@ -779,8 +642,10 @@ def create_app(cfg: ChurnConfig, start_background: bool = True) -> FastAPI:
         return PlainTextResponse(service.metrics.render(service.gauges()),
                                  media_type="text/plain; version=0.0.4")
 
+    # a plain def: FastAPI runs it in its thread pool, so the blocking work (SQLite reads and
+    # the sync prediction-log commit, XGBoost) never stalls the event loop and other requests
     @app.post("/predict")
-    async def predict(req: PredictRequest) -> JSONResponse:
+    def predict(req: PredictRequest) -> JSONResponse:
         return JSONResponse(service.predict(req))
 
     @app.get("/admin/status")
@@ -799,7 +664,10 @@ def create_app(cfg: ChurnConfig, start_background: bool = True) -> FastAPI:
         from mlflow_churn.serving import canary
 
         body = body or AdminRequest()
-        result = getattr(canary, kind)(cfg, body.reason, version=body.version)
+        # the transition attaches the canary evidence of [since, as_of] (default: the same
+        # window `churn canary evaluate` looks at) to its MLflow run
+        result = getattr(canary, kind)(cfg, body.reason, version=body.version, as_of=body.as_of,
+                                       since=body.since)
         service.models.reload()
         return {"transition": result.to_dict(), "serving": service.status()}
 

@@ -16,9 +16,10 @@ is written to a temporary name and renamed when complete, so readers never see h
 day; scoring the same day again replaces it.
 
 ``engine="spark"`` scores the same features through ``mlflow.pyfunc.spark_udf`` on a
-Spark session (``local[2]`` unless one is passed): the path for customer bases beyond one
-machine. Both engines give the same probabilities (the pyfunc runs the same booster on
-the same values).
+Spark cluster (``spark_master``, default ``local[*]``), staged through a directory every
+executor can read (:mod:`mlflow_churn.serving.batch_spark` says what runs where: the
+features are still computed by DuckDB on this machine; Spark spreads the scoring). Both
+engines give the same probabilities (the pyfunc runs the same booster on the same values).
 """
 
 from __future__ import annotations
@@ -301,18 +302,28 @@ def score_batch(
     batch_rows: int = DEFAULT_BATCH_ROWS,
     progress: bool = False,
     spark: Any = None,
+    spark_master: str | None = None,
+    staging: str | None = None,
 ) -> ScoreResult:
     """Score every customer alive at ``as_of`` and write ``<out_dir>/date=<as_of date>/``.
 
     ``model_uri`` defaults to ``models:/<training.model_name>@champion``; ``out_dir`` to
     ``<workspace>/scores``. ``engine="spark"`` uses ``mlflow.pyfunc.spark_udf`` on
-    ``spark`` (a SparkSession; default: a ``local[2]`` one started and stopped here).
-    ``progress`` shows a rich progress bar on stderr, counted in rows.
+    ``spark`` (a SparkSession; default: one on ``spark_master``, default ``local[*]``,
+    started and stopped here), staging features and scores under ``staging`` (a path or URI every executor
+    can read; default a local temporary directory, local masters only):
+    :mod:`mlflow_churn.serving.batch_spark`. ``progress`` shows a rich progress bar on
+    stderr, counted in rows.
     """
     from mlflow_churn.tracking import setup_mlflow
 
     if engine not in ENGINES:
         raise ChurnError(f"engine must be one of {', '.join(ENGINES)}, got '{engine}'")
+    if engine == "spark":
+        from mlflow_churn.serving.batch_spark import DEFAULT_SPARK_MASTER, check_staging
+
+        spark_master = spark_master or DEFAULT_SPARK_MASTER
+        check_staging(staging, spark_master)
     as_of = _utc(as_of, "as_of")
     setup_mlflow(cfg)
     uri, version = resolve_model(cfg, model_uri)
@@ -332,7 +343,10 @@ def score_batch(
                 if engine == "local":
                     rows = score_stream(scorer, stream.batches, as_of, tmp / PART_FILE, label, tick)
                 else:
-                    rows = _score_spark(spark, uri, fs, stream.batches, as_of, label, tmp, tick)
+                    from mlflow_churn.serving.batch_spark import score_spark
+
+                    rows = score_spark(spark, spark_master, staging, uri, fs, stream.batches, as_of,
+                                       label, tmp, tick)
         _replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -340,87 +354,6 @@ def score_batch(
     return ScoreResult(rows=rows, path=final, version=version, seconds=seconds,
                        rows_per_second=rows / seconds if seconds > 0 else float("inf"),
                        model_uri=uri, as_of=as_of, engine=engine, feature_set_hash=fs.hash)
-
-
-# --- Spark --------------------------------------------------------------------------------
-
-def local_spark(master: str = "local[2]") -> Any:
-    """A Spark session for scoring on this machine (UTC, Arrow on, this Python on workers)."""
-    import sys
-
-    try:
-        from pyspark.sql import SparkSession
-    except ImportError:
-        raise ChurnError(
-            "engine 'spark' needs pyspark: pip install 'mlflow-churn[spark]' (and Java 17+)"
-        ) from None
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    return (SparkSession.builder.master(master).appName("churn-score")
-            .config("spark.sql.session.timeZone", "UTC")
-            .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-            .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
-            .config("spark.ui.enabled", "false")
-            .config("spark.driver.memory", "1g")
-            .getOrCreate())
-
-
-def _write_model_input(fs: FeatureSet, batches: Iterable[pa.RecordBatch], path: Path,
-                       on_batch: Callable[[int], None] | None) -> int:
-    """Write ``customer_id`` + the pyfunc's input schema (strings, float64) to Parquet."""
-    fields = [("customer_id", pa.int64())] + [
-        (f.full_name, pa.string() if f.dtype == "category" else pa.float64()) for f in fs.features
-    ]
-    schema = pa.schema(fields)
-    rows = 0
-    with pq.ParquetWriter(str(path), schema) as writer:
-        for batch in batches:
-            if batch.num_rows == 0:
-                continue
-            cols = [pc.cast(batch.column(name), typ) for name, typ in fields]
-            writer.write_batch(pa.RecordBatch.from_arrays(cols, schema=schema))
-            rows += batch.num_rows
-            if on_batch is not None:
-                on_batch(batch.num_rows)
-    return rows
-
-
-def _score_spark(spark: Any, uri: str, fs: FeatureSet, batches: Iterable[pa.RecordBatch],
-                 as_of: datetime, version: str, out: Path,
-                 on_batch: Callable[[int], None] | None) -> int:
-    """Stage the features as Parquet, score them with ``spark_udf``, write ``out``."""
-    staging = Path(tempfile.mkdtemp(prefix="churn-spark-input-"))
-    own = spark is None
-    try:
-        rows = _write_model_input(fs, batches, staging / "features.parquet", on_batch)
-        if own:
-            spark = local_spark()
-        score_parquet_spark(spark, uri, fs, str(staging / "features.parquet"), as_of, version, str(out))
-        return rows
-    finally:
-        if own and spark is not None:
-            spark.stop()
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def score_parquet_spark(spark: Any, model_uri: str, fs: FeatureSet, features_path: str,
-                        as_of: datetime, version: str, out: str) -> None:
-    """Score the model-input Parquet at ``features_path`` with ``mlflow.pyfunc.spark_udf``
-    and write Parquet with the batch output columns to the directory ``out``."""
-    import mlflow.pyfunc
-    from pyspark.sql import functions as F
-
-    udf = mlflow.pyfunc.spark_udf(spark, model_uri, result_type="double", env_manager="local")
-    frame = spark.read.parquet(features_path)
-    as_of = _utc(as_of, "as_of")
-    scored = frame.select(
-        F.col("customer_id").cast("long").alias("customer_id"),
-        udf(*[F.col(c) for c in fs.columns]).alias("churn_probability"),
-        F.lit(version).alias("model_version"),
-        F.lit(as_of).cast("timestamp").alias("as_of"),  # aware datetime: converted as UTC
-        F.lit(fs.hash).alias("feature_set_hash"),
-    )
-    scored.write.mode("overwrite").parquet(out)
 
 
 def read_scores(out_dir: Path | str, as_of: datetime | None = None) -> pd.DataFrame:

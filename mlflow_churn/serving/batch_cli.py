@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
 from mlflow_churn.cli_common import console, get_config, opt_str, parse_datetime
 from mlflow_churn.errors import ChurnError
+
+if TYPE_CHECKING:
+    from mlflow_churn.serving.batch import ScoreResult
 
 
 def register(app: typer.Typer) -> None:
@@ -26,6 +30,14 @@ def register(app: typer.Typer) -> None:
         ),
         out: str = typer.Option(None, "--out", help="Output directory (default: <workspace>/scores)."),
         batch_rows: int = typer.Option(None, "--batch-rows", help="Rows per Arrow batch (default 131072)."),
+        spark_master: str = typer.Option(
+            None, "--spark-master", help="engine spark: Spark master URL, e.g. spark://HOST:7077, yarn "
+            "(default local[*]: this machine)."
+        ),
+        staging: str = typer.Option(
+            None, "--staging", help="engine spark: directory (path or URI) the driver and every executor "
+            "can read, for the staged features and scores (default: a local temporary directory)."
+        ),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     ) -> None:
         """Score every customer alive at --as-of from the offline features; write Parquet
@@ -43,7 +55,8 @@ def register(app: typer.Typer) -> None:
                 else data_bounds(cfg.data_dir).last_event)
         result = score_batch(cfg, when, model_uri=opt_str(model_uri), out_dir=opt_str(out),
                              engine=engine, batch_rows=batch_rows or DEFAULT_BATCH_ROWS,
-                             progress=progress)
+                             progress=progress, spark_master=opt_str(spark_master),
+                             staging=opt_str(staging))
         table = Table(title=f"churn score: {result.engine} engine")
         table.add_column("as_of")
         table.add_column("model")
@@ -56,12 +69,22 @@ def register(app: typer.Typer) -> None:
                       str(result.path))
         console.print(table)
         if os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run . -e score`: log into that run
-            import mlflow
+            _log_to_project_run(os.environ["MLFLOW_RUN_ID"], result)
 
-            with mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"]):
-                mlflow.log_params({"as_of": result.as_of.isoformat(), "engine": result.engine,
-                                   "model_uri": result.model_uri, "model_version": result.version,
-                                   "feature_set_hash": result.feature_set_hash,
-                                   "output": str(result.path)})
-                mlflow.log_metrics({"rows": result.rows, "seconds": result.seconds,
-                                    "rows_per_second": result.rows_per_second})
+
+def _log_to_project_run(run_id: str, result: ScoreResult) -> None:
+    """Params and metrics of ``result`` on the ``mlflow run`` project run, by explicit client
+    calls (the fluent API would insist that the active experiment is the run's)."""
+    import time
+
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    # resolved values under their own keys: the project run holds the raw as_of / model_uri
+    params = {"scored_as_of": result.as_of.isoformat(), "engine": result.engine,
+              "resolved_model_uri": result.model_uri, "model_version": result.version,
+              "feature_set_hash": result.feature_set_hash, "output": str(result.path)}
+    metrics = {"rows": result.rows, "seconds": result.seconds, "rows_per_second": result.rows_per_second}
+    now_ms = int(time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now_ms, 0) for k, v in metrics.items()],
+                             params=[Param(k, str(v)) for k, v in params.items()])

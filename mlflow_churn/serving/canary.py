@@ -121,7 +121,8 @@ class TransitionResult:
     after: dict[str, str]
     reason: str
     run_id: str | None = None
-    evidence: dict[str, Any] = field(default_factory=dict)
+    evidence: dict[str, Any] = field(default_factory=dict)  # CanaryEvaluation.to_dict()
+    evidence_error: str | None = None  # why no evidence could be computed
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
@@ -169,20 +170,46 @@ def _utc(ts: datetime) -> datetime:
     return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
 
 
-def canary_status(cfg: ChurnConfig) -> CanaryStatus:
-    """Aliases of the configured model and the rows logged per route/version."""
+def canary_status(cfg: ChurnConfig, as_of: datetime | None = None,
+                  since: datetime | None = None) -> CanaryStatus:
+    """Aliases of the configured model and the rows logged per route/version, restricted
+    to business times in ``[since, as_of]`` when given (tz-aware UTC)."""
     client = _client(cfg)
     name = cfg.training.model_name
-    log = PredictionLog(cfg.prediction_log_url)
-    try:
-        frame = log.read()
-    finally:
-        log.close()
+    frame = _logged(cfg, as_of, since)
     logged: dict[str, int] = {}
     if len(frame):
         for (r, v), n in frame.groupby(["route", "model_version"]).size().items():
             logged[f"{r}/v{v}"] = int(n)
     return CanaryStatus(name, _aliases(client, name), cfg.serving.canary_fraction, logged)
+
+
+def _logged(cfg: ChurnConfig, as_of: datetime | None, since: datetime | None) -> pd.DataFrame:
+    """Rows of the prediction log with ``since <= as_of column <= as_of`` (bounds optional)."""
+    log = PredictionLog(cfg.prediction_log_url)
+    try:
+        until = _utc(as_of) + timedelta(microseconds=1) if as_of else None  # as_of inclusive
+        return log.read(since=_utc(since) if since else None, until=until)
+    finally:
+        log.close()
+
+
+def default_as_of(cfg: ChurnConfig, now: datetime) -> datetime:
+    """The evaluation time when none is given: the newest event of the data (labels are
+    known up to it); without data, the newest business time in the prediction log (every
+    logged row counts, no labels); with neither, ``now`` (tz-aware UTC)."""
+    from mlflow_churn.features.offline import data_bounds
+
+    try:
+        return data_bounds(cfg.data_dir).last_event
+    except ChurnError:
+        pass
+    log = PredictionLog(cfg.prediction_log_url)
+    try:
+        newest = log.newest_as_of()
+    finally:
+        log.close()
+    return newest or _utc(now)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -232,11 +259,7 @@ def evaluate_canary(
     client = _client(cfg)
     name = cfg.training.model_name
     versions = {r: (str(mv.version) if (mv := alias_version(client, name, r)) else None) for r in ROUTES}
-    log = PredictionLog(cfg.prediction_log_url)
-    try:
-        frame = log.read(since=since, until=as_of + timedelta(microseconds=1))  # as_of inclusive
-    finally:
-        log.close()
+    frame = _logged(cfg, as_of, since)
     per_route = {r: frame[(frame["route"] == r) & (frame["model_version"] == versions[r])] if versions[r]
                  else frame.iloc[0:0] for r in ROUTES}
     stats = {r: _route_stats(r, versions[r], per_route[r]) for r in ROUTES}
@@ -361,8 +384,14 @@ def decision_run(cfg: ChurnConfig, run_name: str) -> Iterator[Any]:
     if parent and mlflow.active_run() is None:
         # the decision run lives next to its parent (the `mlflow run` project run)
         mlflow.set_experiment(experiment_id=MlflowClient().get_run(parent).info.experiment_id)
-        with mlflow.start_run(run_id=parent), mlflow.start_run(run_name=run_name, nested=True) as run:
-            yield run
+        # while MLFLOW_RUN_ID is set, MLflow's start_run (even nested=True) resumes that run
+        # instead of creating a child; hide it for this run, keep it for the next decision
+        del os.environ["MLFLOW_RUN_ID"]
+        try:
+            with mlflow.start_run(run_id=parent), mlflow.start_run(run_name=run_name, nested=True) as run:
+                yield run
+        finally:
+            os.environ["MLFLOW_RUN_ID"] = parent
         return
     with mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None) as run:
         yield run
@@ -424,11 +453,14 @@ def registry_lock(cfg: ChurnConfig, timeout_s: float = 120.0) -> Iterator[str]:
 
 # --------------------------------------------------------------------------- transitions
 def promote(cfg: ChurnConfig, reason: str, version: str | None = None,
-            evidence: CanaryEvaluation | None = None) -> TransitionResult:
+            evidence: CanaryEvaluation | None = None, as_of: datetime | None = None,
+            since: datetime | None = None) -> TransitionResult:
     """Make the canary the champion (old champion -> ``previous-champion``; canary removed).
 
     ``version``: the canary version the caller saw; when another process promoted it
     already, this is a no-op. Raises ChurnError when there is no canary to promote.
+    The run carries ``evidence``, by default the canary analysis of the logged traffic in
+    ``[since, as_of]`` (see :func:`transition_evidence`).
     """
     client = _client(cfg)
     name = cfg.training.model_name
@@ -446,6 +478,7 @@ def promote(cfg: ChurnConfig, reason: str, version: str | None = None,
             raise ChurnError(f"version {version} is not the canary of '{name}' (canary is {canary}); "
                              "check --version")
         old = before.get(CHAMPION)
+        proof, proof_error = transition_evidence(cfg, evidence, as_of, since)
         with decision_run(cfg, f"promote v{canary}") as run:
             move_alias(client, name, CHAMPION, canary, mirror)
             if old is not None and old != canary:
@@ -461,18 +494,19 @@ def promote(cfg: ChurnConfig, reason: str, version: str | None = None,
             result = TransitionResult("promote", False,
                                       f"version {canary} is now champion of '{name}'"
                                       + (f"; version {old} is previous-champion" if old else ""),
-                                      name, canary, before, after, reason, run.info.run_id,
-                                      evidence.to_dict() if evidence else {})
-            _log_transition(result, lock)
+                                      name, canary, before, after, reason, run.info.run_id)
+            _log_transition(result, lock, proof, proof_error)
         return result
 
 
 def rollback(cfg: ChurnConfig, reason: str, version: str | None = None,
-             evidence: CanaryEvaluation | None = None) -> TransitionResult:
+             evidence: CanaryEvaluation | None = None, as_of: datetime | None = None,
+             since: datetime | None = None) -> TransitionResult:
     """Remove ``canary`` and tag its version with ``reason`` (champion untouched).
 
     ``version``: the canary version the caller saw; a no-op when it was already rolled
     back or promoted by another process. Raises ChurnError when there is no canary.
+    Evidence as in :func:`promote`; its failure never blocks a rollback.
     """
     client = _client(cfg)
     name = cfg.training.model_name
@@ -491,6 +525,7 @@ def rollback(cfg: ChurnConfig, reason: str, version: str | None = None,
             if canary is None:
                 raise ChurnError(f"'{name}' has no canary to roll back (aliases: {before or 'none'})")
             raise ChurnError(f"version {version} is not the canary of '{name}' (canary is {canary})")
+        proof, proof_error = transition_evidence(cfg, evidence, as_of, since)
         with decision_run(cfg, f"rollback v{canary}") as run:
             remove_alias(client, name, CANARY, cfg.evaluation.mirror_stages)
             for key, value in {"rolled_back": "true", "rollback_reason": reason[:500],
@@ -499,36 +534,50 @@ def rollback(cfg: ChurnConfig, reason: str, version: str | None = None,
                 client.set_model_version_tag(name, canary, key, value)
             after = _aliases(client, name)
             result = TransitionResult("rollback", False, f"canary version {canary} of '{name}' rolled back",
-                                      name, canary, before, after, reason, run.info.run_id,
-                                      evidence.to_dict() if evidence else {})
-            _log_transition(result, lock)
+                                      name, canary, before, after, reason, run.info.run_id)
+            _log_transition(result, lock, proof, proof_error)
         return result
 
 
-def _log_transition(result: TransitionResult, lock: str) -> None:
+def transition_evidence(cfg: ChurnConfig, evidence: CanaryEvaluation | None, as_of: datetime | None,
+                        since: datetime | None) -> tuple[CanaryEvaluation | None, str | None]:
+    """``(evidence, None)``; when none is given, the canary analysis of ``[since, as_of]``
+    (``as_of`` default :func:`default_as_of`) without a run of its own. When it cannot be
+    computed (prediction log unreachable, unreadable labels): ``(None, why)``, so that a
+    transition, above all a rollback during an incident, never waits on its evidence."""
+    if evidence is not None:
+        return evidence, None
+    try:
+        when = as_of or default_as_of(cfg, datetime.now(UTC))
+        return evaluate_canary(cfg, when, since, log_run=False), None
+    except Exception as exc:  # any failure: record why, do not block the alias move
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        return None, f"{type(exc).__name__}: {first}"
+
+
+def _log_transition(result: TransitionResult, lock: str, evidence: CanaryEvaluation | None,
+                    evidence_error: str | None) -> None:
+    """Tags, params, the evidence's metrics (as a canary-evaluate run names them) and
+    ``decision.json`` of a transition run; fills ``result.evidence``."""
+    if evidence is not None:
+        result.evidence = evidence.to_dict()
+    result.evidence_error = evidence_error
     mlflow.set_tags({"decision": {"promote": "promoted", "rollback": "rolled_back"}[result.action],
                      "kind": f"canary-{result.action}", "model_name": result.model_name,
-                     "version": str(result.version), "lock": lock})
-    mlflow.log_params({"reason": result.reason[:500], "version": result.version,
-                       "champion_before": result.before.get(CHAMPION, ""),
-                       "canary_before": result.before.get(CANARY, ""),
-                       "champion_after": result.after.get(CHAMPION, "")})
-    ev = result.evidence
-    if ev:
-        mlflow.log_metrics({k: float(v) for k, v in _flat_numbers(ev).items()})
+                     "version": str(result.version), "lock": lock,
+                     "evidence": evidence.verdict if evidence else "unavailable"})
+    params = {"reason": result.reason[:500], "version": result.version,
+              "champion_before": result.before.get(CHAMPION, ""),
+              "canary_before": result.before.get(CANARY, ""),
+              "champion_after": result.after.get(CHAMPION, "")}
+    if evidence is not None:
+        params.update({"evidence_as_of": evidence.as_of.isoformat(),
+                       "evidence_since": evidence.since.isoformat() if evidence.since else ""})
+        mlflow.log_metrics(_metrics_of(evidence))
+    else:
+        params["evidence_error"] = (evidence_error or "")[:500]
+    mlflow.log_params(params)
     log_json(result.to_dict(), "decision.json")
-
-
-def _flat_numbers(ev: dict[str, Any]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    if isinstance(ev.get("score_psi"), int | float):
-        out["score_psi"] = float(ev["score_psi"])
-    for r, st in (ev.get("routes") or {}).items():
-        for key in ("rows", "error_rate", "p99_latency_ms", "auc", "recall_at_k"):
-            v = st.get(key)
-            if isinstance(v, int | float) and math.isfinite(float(v)):
-                out[f"{r}_{key}"] = float(v)
-    return out
 
 
 def _noop(cfg: ChurnConfig, action: str, name: str, version: str, before: dict[str, str],

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 import typer
 from rich.table import Table
@@ -15,22 +16,25 @@ from mlflow_churn.errors import ChurnError
 canary_app = typer.Typer(help="Canary analysis and transitions: status, evaluate, promote, rollback.",
                          no_args_is_help=True)
 
-_AS_OF = typer.Option(None, "--as-of", help="Evaluation time, ISO UTC (default: the data's newest event).")
+_AS_OF = typer.Option(None, "--as-of", help="Evaluation time, ISO UTC (default: the data's newest event, "
+                      "else the newest logged prediction).")
 _SINCE = typer.Option(None, "--since", help="Only predictions with as_of at or after this time (ISO UTC).")
 _REASON = typer.Option("", "--reason", help="Why (recorded on the run and the version).")
 _VERSION = typer.Option(None, "--version", help="The canary version you expect; a no-op if already done.")
 _JSON = typer.Option(False, "--json", help="Print the result as JSON.")
+_PROGRESS = typer.Option(True, "--progress/--no-progress", hidden=True,
+                         help="Accepted so that one MLproject command line fits every action.")
 
 
-def _as_of(cfg: ChurnConfig, value: str | None) -> datetime:
-    if opt_str(value):
-        return parse_datetime(value, "--as-of")
-    from mlflow_churn.features.offline import data_bounds
+def _when(cfg: ChurnConfig, value: str | None) -> datetime:
+    """--as-of, else the newest data, else the newest logged prediction, else now."""
+    from mlflow_churn.serving.canary import default_as_of
 
-    try:
-        return data_bounds(cfg.data_dir).last_event
-    except ChurnError as exc:
-        raise ChurnError(f"{exc}; or pass --as-of") from None
+    return parse_datetime(value, "--as-of") if opt_str(value) else default_as_of(cfg, datetime.now(UTC))
+
+
+def _since(value: str | None) -> datetime | None:
+    return parse_datetime(value, "--since") if opt_str(value) else None
 
 
 def _num(value: float) -> str:
@@ -69,11 +73,20 @@ def _print_transition(res: object) -> None:
 
 
 @canary_app.command("status")
-def canary_status_cmd(ctx: typer.Context, as_json: bool = _JSON) -> None:
+def canary_status_cmd(
+    ctx: typer.Context, as_json: bool = _JSON,
+    as_of: str = typer.Option(None, "--as-of", help="Count predictions with as_of up to this time."),
+    since: str = _SINCE,
+    reason: str = typer.Option("", "--reason", hidden=True, help="Must be empty: status changes nothing."),
+    progress: bool = _PROGRESS,
+) -> None:
     """Aliases of the model and the predictions logged per route and version."""
     from mlflow_churn.serving.canary import canary_status
 
-    st = canary_status(get_config(ctx))
+    if opt_str(reason):
+        raise ChurnError(f"`churn canary status` changes nothing, so it takes no --reason (got '{reason}')")
+    until = parse_datetime(as_of, "--as-of") if opt_str(as_of) else None
+    st = canary_status(get_config(ctx), until, _since(since))
     if as_json:
         typer.echo(json.dumps(st.to_dict(), indent=2))
         return
@@ -88,8 +101,7 @@ def _evaluate(ctx: typer.Context, as_of: str | None, since: str | None, reason: 
     from mlflow_churn.serving.canary import auto, evaluate_canary
 
     cfg = get_config(ctx)
-    when = _as_of(cfg, as_of)
-    start = parse_datetime(since, "--since") if opt_str(since) else None
+    when, start = _when(cfg, as_of), _since(since)
     if act:
         ev, res = auto(cfg, when, start, opt_str(reason))
     else:
@@ -109,8 +121,7 @@ def _evaluate(ctx: typer.Context, as_of: str | None, since: str | None, reason: 
 def canary_evaluate_cmd(
     ctx: typer.Context, as_of: str = _AS_OF, since: str = _SINCE, reason: str = _REASON,
     auto_mode: bool = typer.Option(False, "--auto", help="Then promote / roll back on the verdict."),
-    as_json: bool = _JSON,
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Accepted for MLproject."),
+    as_json: bool = _JSON, progress: bool = _PROGRESS,
 ) -> None:
     """Compare canary and champion on logged traffic: verdict promote | rollback | wait."""
     _evaluate(ctx, as_of, since, reason, as_json, auto_mode)
@@ -119,8 +130,7 @@ def canary_evaluate_cmd(
 @canary_app.command("auto")
 def canary_auto_cmd(
     ctx: typer.Context, as_of: str = _AS_OF, since: str = _SINCE, reason: str = _REASON,
-    as_json: bool = _JSON,
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Accepted for MLproject."),
+    as_json: bool = _JSON, progress: bool = _PROGRESS,
 ) -> None:
     """Same as `evaluate --auto`: evaluate, then promote / roll back / wait."""
     _evaluate(ctx, as_of, since, reason, as_json, True)
@@ -128,43 +138,39 @@ def canary_auto_cmd(
 
 def _transition(ctx: typer.Context, action: str, reason: str, version: str | None, as_of: str | None,
                 since: str | None, as_json: bool) -> None:
-    from mlflow_churn.serving.canary import evaluate_canary, promote, rollback
+    from mlflow_churn.serving.canary import promote, rollback
 
     cfg = get_config(ctx)
     if not opt_str(reason):
         raise ChurnError(f"`churn canary {action}` needs --reason TEXT (it is recorded on the version)")
-    evidence = None
-    if opt_str(as_of):  # attach the live evidence at that time to the transition run
-        start = parse_datetime(since, "--since") if opt_str(since) else None
-        evidence = evaluate_canary(cfg, _as_of(cfg, as_of), start, log_run=False)
+    # the transition run always carries the canary evidence of [--since, --as-of]
     fn = promote if action == "promote" else rollback
-    res = fn(cfg, reason, version=opt_str(version), evidence=evidence)
+    res = fn(cfg, reason, version=opt_str(version), as_of=_when(cfg, as_of), since=_since(since))
     if as_json:
         typer.echo(json.dumps(res.to_dict(), indent=2))
     else:
         _print_transition(res)
 
 
-@canary_app.command("promote")
-def canary_promote_cmd(
-    ctx: typer.Context, reason: str = _REASON, version: str = _VERSION,
-    as_of: str = typer.Option(None, "--as-of", help="Attach the canary evidence at this time (ISO UTC)."),
-    since: str = _SINCE, as_json: bool = _JSON,
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Accepted for MLproject."),
-) -> None:
-    """champion -> the canary version; old champion -> previous-champion; canary removed."""
-    _transition(ctx, "promote", reason, version, as_of, since, as_json)
+def _transition_command(action: str, doc: str) -> Callable[..., None]:
+    def command(
+        ctx: typer.Context, reason: str = _REASON, version: str = _VERSION,
+        as_of: str = typer.Option(None, "--as-of", help="Evidence up to this time, ISO UTC (default: the "
+                                  "data's newest event, else the newest logged prediction)."),
+        since: str = _SINCE, as_json: bool = _JSON, progress: bool = _PROGRESS,
+    ) -> None:
+        _transition(ctx, action, reason, version, as_of, since, as_json)
+
+    command.__doc__ = doc
+    return command
 
 
-@canary_app.command("rollback")
-def canary_rollback_cmd(
-    ctx: typer.Context, reason: str = _REASON, version: str = _VERSION,
-    as_of: str = typer.Option(None, "--as-of", help="Attach the canary evidence at this time (ISO UTC)."),
-    since: str = _SINCE, as_json: bool = _JSON,
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Accepted for MLproject."),
-) -> None:
-    """Remove alias canary and tag its version with the reason (champion untouched)."""
-    _transition(ctx, "rollback", reason, version, as_of, since, as_json)
+canary_app.command("promote")(_transition_command(
+    "promote", "champion -> the canary version; old champion -> previous-champion; canary removed. "
+    "The run carries the canary evidence."))
+canary_app.command("rollback")(_transition_command(
+    "rollback", "Remove alias canary and tag its version with the reason (champion untouched). "
+    "The run carries the canary evidence."))
 
 
 def serve_cmd(
@@ -189,17 +195,26 @@ def serve_cmd(
 def compress_cmd(
     ctx: typer.Context,
     version: str = typer.Option(..., "--version", help="Registered version to prune."),
-    budget: float = typer.Option(None, "--budget", help="Allowed AUC loss [serving.auc_loss_budget]."),
+    budget: str = typer.Option(None, "--budget", help="Allowed AUC loss, e.g. 0.002 "
+                               "[serving.auc_loss_budget]."),
     as_of: str = typer.Option(None, "--as-of", help="Labels known up to (ISO UTC; default newest data)."),
     alias: str = typer.Option(None, "--alias", help="Point this alias (e.g. challenger) at the new version."),
-    as_json: bool = _JSON,
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Accepted for MLproject."),
+    as_json: bool = _JSON, progress: bool = _PROGRESS,
 ) -> None:
     """Register the fewest-trees copy of a version whose holdout AUC is within the budget."""
     from mlflow_churn.serving.compress import compress
 
     cfg = get_config(ctx)
-    res = compress(cfg, version, _as_of(cfg, as_of), budget, opt_str(alias))
+    if opt_str(as_of):
+        when = parse_datetime(as_of, "--as-of")
+    else:
+        from mlflow_churn.features.offline import data_bounds
+
+        try:
+            when = data_bounds(cfg.data_dir).last_event
+        except ChurnError as exc:
+            raise ChurnError(f"{exc}; or pass --as-of") from None
+    res = compress(cfg, version, when, _budget(budget), opt_str(alias))
     if as_json:
         typer.echo(json.dumps(res.to_dict(), indent=2))
         return
@@ -209,6 +224,19 @@ def compress_cmd(
         f"(budget {res.budget}), {res.size_bytes:,} vs {res.parent_size_bytes:,} bytes, one-row p50/p99 "
         f"{res.latency_p50_ms:.3f}/{res.latency_p99_ms:.3f} ms vs "
         f"{res.parent_latency_p50_ms:.3f}/{res.parent_latency_p99_ms:.3f} ms; run {res.run_id}")
+
+
+def _budget(value: str | None) -> float | None:
+    """--budget as a float ('' = the config's, for MLproject), ChurnError naming a bad one."""
+    if not opt_str(value):
+        return None
+    try:
+        budget = float(value)
+    except ValueError:
+        budget = float("nan")
+    if not budget >= 0:
+        raise ChurnError(f"--budget must be an AUC loss >= 0 such as 0.002, got '{value}'")
+    return budget
 
 
 def register(app: typer.Typer) -> None:

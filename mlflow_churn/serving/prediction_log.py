@@ -6,8 +6,12 @@ business time its features describe (``as_of``; equal to ``served_at`` unless a 
 or simulation says otherwise). Labels are joined later on ``as_of`` (see
 :func:`attach_labels`) and feed canary analysis and monitoring.
 
-Rows are committed before the response leaves, so a restart of the service loses nothing
-it answered.
+Each :meth:`PredictionLog.write` is one committed transaction. What a crash of the
+scoring service can lose depends on ``serving.prediction_log_mode``
+(:mod:`mlflow_churn.serving.log_writer`): ``sync`` (default) commits a request's rows
+before its response is sent, so even ``kill -9`` loses nothing answered; ``async``
+commits in the background at least every 0.2 s, so a hard kill loses the rows not
+committed yet (SIGTERM flushes them). A graceful restart loses nothing in either mode.
 """
 
 from __future__ import annotations
@@ -87,14 +91,32 @@ class PredictionLog:
         rows = [self._row(r) for r in records]
         sql = f"INSERT INTO predictions VALUES ({', '.join([self._ph] * len(COLUMNS))})"
         with self._lock:
+            if self._pg and self._con.closed:  # the server went away earlier: reconnect
+                import psycopg2
+
+                self._con = psycopg2.connect(self.url)
             cur = self._con.cursor()
+            try:
+                if self._pg:
+                    cur.executemany(sql, rows)
+                    self._con.commit()
+                else:
+                    cur.execute("BEGIN")
+                    cur.executemany(sql, rows)
+                    cur.execute("COMMIT")
+            except Exception:
+                self._abort()  # leave no half-open transaction behind for the next write
+                raise
+
+    def _abort(self) -> None:
+        try:
             if self._pg:
-                cur.executemany(sql, rows)
-                self._con.commit()
-            else:
-                cur.execute("BEGIN")
-                cur.executemany(sql, rows)
-                cur.execute("COMMIT")
+                if not self._con.closed:
+                    self._con.rollback()
+            elif self._con.in_transaction:
+                self._con.execute("ROLLBACK")
+        except Exception:  # the connection is gone: the next write reconnects (PostgreSQL)
+            pass
 
     def _row(self, r: PredictionRecord) -> tuple:
         row = list(astuple(r))
@@ -120,6 +142,16 @@ class PredictionLog:
         for col in ("served_at", "as_of"):
             frame[col] = pd.to_datetime(frame[col], utc=True, format="ISO8601")
         return frame
+
+    def newest_as_of(self) -> datetime | None:
+        """The latest business time (``as_of``, UTC) logged, None for an empty log."""
+        with self._lock:
+            cur = self._con.cursor()
+            cur.execute("SELECT max(as_of) FROM predictions")
+            value = cur.fetchone()[0]
+        if value is None:
+            return None
+        return pd.Timestamp(value).tz_convert("UTC").to_pydatetime()
 
     def count(self) -> int:
         """Number of rows logged."""

@@ -1,0 +1,184 @@
+"""``churn score --engine spark``: score the batch features with ``mlflow.pyfunc.spark_udf``.
+
+What runs where:
+
+- the driver (the machine running ``churn score``) resolves the model, computes the
+  features for every customer with DuckDB from ``<workspace>/data`` (the same streaming,
+  spilling query as the local engine: one machine's work), writes them as Parquet into a
+  fresh directory under ``staging``, and finally copies the score files Spark wrote back
+  into the output partition;
+- the Spark executors (``spark_master``: ``local[*]`` = this machine, or e.g.
+  ``spark://host:7077``, ``yarn``) read the staged features, score them with the
+  registered model (``spark_udf`` ships the model to them; ``env_manager="local"``, so
+  their Python needs mlflow, xgboost, pandas and pyarrow) and write the scores, also
+  under ``staging``.
+
+``staging`` must be a directory both the driver (pyarrow) and every executor (Spark) can
+open under the same name: a local path for ``local[*]``, a shared mount, ``hdfs://``, or
+``s3://`` when Spark maps that scheme to S3A (``spark.hadoop.fs.s3.impl``). The default,
+a local temporary directory, is refused for a non-local master. The run's directory under
+``staging`` is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from mlflow_churn.errors import ChurnError
+from mlflow_churn.features.offline import _utc
+from mlflow_churn.features.registry import FeatureSet
+
+DEFAULT_SPARK_MASTER = "local[*]"
+
+
+def spark_session(master: str = DEFAULT_SPARK_MASTER) -> Any:
+    """A Spark session for scoring (UTC, Arrow on; this Python on local workers)."""
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        raise ChurnError(
+            "engine 'spark' needs pyspark: pip install 'mlflow-churn[spark]' (and Java 17+)"
+        ) from None
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    return (SparkSession.builder.master(master).appName("churn-score")
+            .config("spark.sql.session.timeZone", "UTC")
+            .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+            .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
+            .config("spark.ui.enabled", "false")
+            .config("spark.driver.memory", "1g")
+            .getOrCreate())
+
+
+def is_local_master(master: str) -> bool:
+    """True for ``local``, ``local[N]``, ``local[*]`` (driver and executors on this machine)."""
+    return master == "local" or master.startswith("local[")
+
+
+def check_staging(staging: str | None, master: str) -> None:
+    """ChurnError when executors of ``master`` could not read the default local staging."""
+    if staging is None and not is_local_master(master):
+        raise ChurnError(
+            f"--spark-master {master} runs executors on other machines, which cannot read this "
+            "machine's temporary directory; pass --staging DIR on storage every executor can read "
+            "(hdfs://..., s3://..., a shared mount)")
+
+
+class Staging:
+    """One run's directory under ``staging`` (a path or URI), for pyarrow and for Spark."""
+
+    def __init__(self, staging: str | None, master: str) -> None:
+        check_staging(staging, master)
+        if staging is None:
+            self._own_tmp: str | None = tempfile.mkdtemp(prefix="churn-spark-")
+            base = self._own_tmp
+        else:
+            self._own_tmp = None
+            base = staging
+        name = f"churn-score-{uuid.uuid4().hex[:12]}"
+        if "://" in base:
+            try:
+                self.fs, root = pafs.FileSystem.from_uri(base)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+                raise ChurnError(f"--staging {base}: pyarrow cannot open it ({exc}); use a path or an "
+                                 "hdfs://, s3://, gs:// URI") from None
+            spark_base = base.rstrip("/")
+        else:
+            self.fs, root = pafs.LocalFileSystem(), str(Path(base).resolve())
+            spark_base = f"file://{root}"  # not the cluster's default filesystem
+        self.path = f"{root.rstrip('/')}/{name}"  # for pyarrow
+        self.uri = f"{spark_base}/{name}"  # the same directory, for Spark
+        try:
+            self.fs.create_dir(self.path, recursive=True)
+        except OSError as exc:
+            raise ChurnError(f"--staging {base}: cannot create {self.path} ({exc})") from None
+
+    def cleanup(self) -> None:
+        """Delete this run's directory (and the temporary base when it made one)."""
+        try:
+            self.fs.delete_dir(self.path)
+        except OSError:
+            pass
+        if self._own_tmp is not None:
+            shutil.rmtree(self._own_tmp, ignore_errors=True)
+
+
+def write_model_input(fs: FeatureSet, batches: Iterable[pa.RecordBatch], path: str | Path,
+                      on_batch: Callable[[int], None] | None = None,
+                      filesystem: pafs.FileSystem | None = None) -> int:
+    """Write ``customer_id`` + the pyfunc's input schema (strings, float64) to Parquet
+    ``path`` (on ``filesystem``, default local); returns the rows written."""
+    fields = [("customer_id", pa.int64())] + [
+        (f.full_name, pa.string() if f.dtype == "category" else pa.float64()) for f in fs.features
+    ]
+    schema = pa.schema(fields)
+    rows = 0
+    with pq.ParquetWriter(str(path), schema, filesystem=filesystem) as writer:
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            cols = [pc.cast(batch.column(name), typ) for name, typ in fields]
+            writer.write_batch(pa.RecordBatch.from_arrays(cols, schema=schema))
+            rows += batch.num_rows
+            if on_batch is not None:
+                on_batch(batch.num_rows)
+    return rows
+
+
+def score_parquet_spark(spark: Any, model_uri: str, fs: FeatureSet, features_path: str,
+                        as_of: datetime, version: str, out: str) -> None:
+    """Score the model-input Parquet at ``features_path`` with ``mlflow.pyfunc.spark_udf``
+    and write Parquet with the batch output columns to the directory ``out`` (Spark URIs)."""
+    import mlflow.pyfunc
+    from pyspark.sql import functions as F
+
+    udf = mlflow.pyfunc.spark_udf(spark, model_uri, result_type="double", env_manager="local")
+    frame = spark.read.parquet(features_path)
+    as_of = _utc(as_of, "as_of")
+    scored = frame.select(
+        F.col("customer_id").cast("long").alias("customer_id"),
+        udf(*[F.col(c) for c in fs.columns]).alias("churn_probability"),
+        F.lit(version).alias("model_version"),
+        F.lit(as_of).cast("timestamp").alias("as_of"),  # aware datetime: converted as UTC
+        F.lit(fs.hash).alias("feature_set_hash"),
+    )
+    scored.write.mode("overwrite").parquet(out)
+
+
+def score_spark(spark: Any, master: str, staging: str | None, uri: str, fs: FeatureSet,
+                batches: Iterable[pa.RecordBatch], as_of: datetime, version: str, out: Path,
+                on_batch: Callable[[int], None] | None) -> int:
+    """Stage the features under ``staging``, score them with ``spark_udf`` on ``spark``
+    (default: a session on ``master``, started and stopped here) and copy the score files
+    into the local directory ``out``. Returns the rows scored."""
+    stage = Staging(staging, master)
+    own = spark is None
+    try:
+        rows = write_model_input(fs, batches, stage.path + "/features.parquet", on_batch, stage.fs)
+        if own:
+            spark = spark_session(master)
+        score_parquet_spark(spark, uri, fs, stage.uri + "/features.parquet", as_of, version,
+                            stage.uri + "/scores")
+        files = stage.fs.get_file_info(pafs.FileSelector(stage.path + "/scores"))
+        for info in files:
+            if info.is_file and info.base_name.endswith(".parquet"):
+                pafs.copy_files(info.path, str(out / info.base_name), source_filesystem=stage.fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+        return rows
+    finally:
+        if own and spark is not None:
+            spark.stop()
+        stage.cleanup()

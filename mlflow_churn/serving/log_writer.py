@@ -1,0 +1,177 @@
+"""How the scoring service hands its rows to the prediction log, and what survives a crash.
+
+``serving.prediction_log_mode``:
+
+- ``sync`` (default): :meth:`LogWriter.submit` commits the request's rows in the request
+  thread, before the response is sent. A killed process (even ``kill -9``) loses nothing
+  it answered. A failed commit raises :class:`PredictionLogUnavailable` and the request
+  is answered 503 instead of with unlogged predictions. Cost: one transaction per request
+  (SQLite WAL with ``synchronous=NORMAL``: no fsync, so an OS crash or power cut, not a
+  process kill, may lose the last transactions; PostgreSQL: its own ``synchronous_commit``).
+- ``async``: rows are queued and committed by a background thread in batches of up to
+  ``BATCH_ROWS`` rows at least every ``MAX_WAIT_S`` (0.2) seconds while the database keeps
+  up; SIGTERM (graceful shutdown) commits everything queued. A hard kill loses the rows
+  not committed yet: normally those answered in the last 0.2 s, more while the database
+  is slow or down, never more than ``serving.prediction_log_max_pending`` rows. Beyond
+  that bound new rows are dropped (``churn_prediction_log_dropped_total``) rather than
+  letting the queue grow without limit; a failed write is retried, keeping its rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Literal
+
+from mlflow_churn.errors import ChurnError
+from mlflow_churn.serving.metrics import Metrics
+from mlflow_churn.serving.prediction_log import PredictionLog, PredictionRecord
+
+log = logging.getLogger("mlflow_churn.serving")
+
+BATCH_ROWS = 512  # async: rows per transaction at most
+MAX_WAIT_S = 0.2  # async: a queued row waits at most this long for its transaction (s)
+RETRY_S = 0.5  # async: pause after a failed write before retrying (s)
+
+WRITTEN, FAILURES, DROPPED = ("churn_prediction_log_written_total", "churn_prediction_log_failures_total",
+                              "churn_prediction_log_dropped_total")
+METRICS = (
+    (WRITTEN, "counter", "rows committed to the prediction log"),
+    (FAILURES, "counter", "failed prediction log writes (sync: the request got 503; async: retried)"),
+    (DROPPED, "counter", "async mode: rows dropped because max_pending rows were uncommitted"),
+    ("churn_prediction_log_pending", "gauge", "rows handed to the prediction log, not committed yet"),
+)
+
+
+class PredictionLogUnavailable(ChurnError):
+    """Sync mode: the rows of a request could not be committed."""
+
+
+class LogWriter:
+    """Delivers prediction records to the :class:`PredictionLog` at ``url`` (see module doc)."""
+
+    def __init__(self, url: str, metrics: Metrics, mode: Literal["sync", "async"] = "sync",
+                 max_pending: int = 100_000) -> None:
+        if mode not in ("sync", "async"):
+            raise ChurnError(f"serving.prediction_log_mode must be sync or async, got '{mode}'")
+        self.url, self.metrics, self.mode, self.max_pending = url, metrics, mode, max_pending
+        for name, kind, text in METRICS:
+            metrics.describe(name, kind, text)
+            if kind == "counter":
+                metrics.inc(name, {}, 0.0)  # exported (as 0) before the first event
+        self._queue: queue.Queue[list[PredictionRecord] | None] = queue.Queue()
+        self._log: PredictionLog | None = None
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self._batch: list[PredictionRecord] = []  # async: taken off the queue, not committed
+        self._waiting = 0  # rows submitted and not yet committed
+        self._count_lock = threading.Lock()
+        self._idle = threading.Event()
+        self._idle.set()
+
+    def start(self) -> None:
+        """Open the log (ChurnError naming it when it cannot be opened); async: start the thread."""
+        self._log = PredictionLog(self.url)
+        if self.mode == "async":
+            self._thread.start()
+
+    def submit(self, records: list[PredictionRecord]) -> None:
+        """Sync: commit ``records`` now (PredictionLogUnavailable on failure). Async: queue
+        them, or drop and count them when ``max_pending`` rows are already uncommitted."""
+        if not records:
+            return
+        if self.mode == "sync":
+            self._write_now(records)
+            return
+        with self._count_lock:
+            if self._waiting + len(records) > self.max_pending:
+                self.metrics.inc(DROPPED, {}, len(records))
+                return
+            self._waiting += len(records)
+            self._idle.clear()
+        self._queue.put(records)
+
+    def _write_now(self, records: list[PredictionRecord]) -> None:
+        if self._log is None:
+            raise PredictionLogUnavailable(f"the prediction log at {self.url} is not open")
+        try:
+            self._log.write(records)
+        except Exception as exc:  # sqlite3 / psycopg2 errors differ
+            self.metrics.inc(FAILURES, {})
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise PredictionLogUnavailable(
+                f"cannot write the prediction log at {self.url}: {first}") from None
+        self.metrics.inc(WRITTEN, {}, len(records))
+
+    def pending(self) -> int:
+        """Rows submitted and not committed yet (always 0 in sync mode)."""
+        return self._waiting
+
+    def dropped(self) -> int:
+        """Rows dropped so far (async mode with ``max_pending`` uncommitted rows)."""
+        return int(self.metrics.counter(DROPPED))
+
+    # async: the background thread
+    def _commit_batch(self) -> None:
+        if not self._batch or self._log is None:
+            return
+        try:
+            self._log.write(self._batch)
+        except Exception as exc:  # keep the rows and retry: the log must not lose them
+            self.metrics.inc(FAILURES, {})
+            log.warning("prediction log write failed (%d rows kept): %s", len(self._batch), exc)
+            time.sleep(RETRY_S)
+            return
+        self.metrics.inc(WRITTEN, {}, len(self._batch))
+        with self._count_lock:
+            self._waiting -= len(self._batch)
+            if self._waiting == 0:
+                self._idle.set()
+        self._batch = []
+
+    def _take(self, item: list[PredictionRecord] | None) -> bool:
+        """Add a queue item to the batch; False for the stop sentinel."""
+        if item is None:
+            return False
+        self._batch.extend(item)
+        return True
+
+    def _run(self) -> None:
+        stop = False
+        while not stop or self._batch:
+            deadline = time.monotonic() + MAX_WAIT_S
+            while not stop and len(self._batch) < BATCH_ROWS:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                stop = not self._take(item)
+            if stop:  # drain what is left
+                while True:
+                    try:
+                        self._take(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+            self._commit_batch()
+            if stop and self._batch and self._log is None:
+                break
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every submitted record is committed (True) or ``timeout`` (s) passes."""
+        return self._idle.wait(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Commit everything still queued (waiting at most ``timeout`` s), then close the log.
+        Rows still uncommitted after ``timeout`` (the database down) are counted as dropped."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                with self._count_lock:
+                    lost, self._waiting = self._waiting, 0
+                self.metrics.inc(DROPPED, {}, lost)
+                log.error("prediction log: %d rows not committed at shutdown (%s)", lost, self.url)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
