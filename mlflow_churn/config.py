@@ -112,10 +112,10 @@ class EvaluationConfig(_Section):
     segments: list[str] = Field(default_factory=lambda: ["plan", "region", "contract"])
     min_auc_delta: float = Field(0.0, ge=0, description="challenger AUC must beat by this")
     segment_tolerance: float = Field(0.02, ge=0, description="max per-segment AUC loss")
-    segment_z: float = Field(
-        1.645, ge=0,
-        description="segment rule widens segment_tolerance by this many bootstrap SEs of the paired "
-        "AUC difference (1.645 = one-sided 95%; 0 = point estimates only)",
+    segment_alpha: float = Field(
+        0.05, ge=0, lt=1,
+        description="segment rule: chance of rejecting an equally good model on noise, over all tested "
+        "segments (widens segment_tolerance by Bonferroni z x bootstrap SE; 0 = point estimates only)",
     )
     min_auc: float = Field(
         0.65, ge=0, le=1,

@@ -125,8 +125,8 @@ def test_worse_challenger_rejected_with_reasons(config, register_version, tmp_pa
 
 
 def test_segment_rule_rejects_good_overall_bad_in_one_segment(config, register_version) -> None:
-    # the rule on point estimates (segment_z = 0); the SE widening is tested on its own
-    config.evaluation.segment_z = 0.0
+    # the rule on point estimates (segment_alpha = 0); the SE widening is tested on its own
+    config.evaluation.segment_alpha = 0.0
     register_version(config, "bad", alias="champion")
     chal = register_version(config, "bad_segment", alias="challenger", bad_segment=("plan", "premium"))
     decision = evaluate(config, AS_OF, drift_sample_rows=SAMPLE)

@@ -11,6 +11,7 @@ from mlflow_churn.evaluation.uncertainty import (
     customer_weights,
     paired_auc_diff_se,
     segment_auc_diff_se,
+    segment_z,
     weighted_auc,
 )
 
@@ -70,3 +71,9 @@ def test_segment_table_counts_customers_and_churners() -> None:
     churned = d[d["label"] == 1].groupby("seg")["customer_id"].nunique()
     assert list(out["churners"]) == [churned["even"], churned["odd"]]
     assert (out["auc_diff_se"] > 0).all()
+
+
+def test_segment_z_is_bonferroni() -> None:
+    assert segment_z(0.05, 1) == pytest.approx(1.6449, abs=1e-4)
+    assert segment_z(0.05, 17) == pytest.approx(2.7543, abs=1e-3)  # 17 segments: plan, region, contract
+    assert segment_z(0.0, 17) == 0.0 and segment_z(0.05, 0) == 0.0

@@ -14,10 +14,11 @@ auc_vs_champion    challenger roc_auc >= champion roc_auc + ``min_auc_delta``. M
                    plain ``threshold = champion roc_auc`` (a tie passes).
 segment_auc        for every segment value with ``n >= min_segment_size`` rows, at least
                    ``min_segment_churners`` churned customers and both AUCs defined:
-                   challenger AUC >= champion AUC - ``segment_tolerance`` - ``segment_z`` x SE,
+                   challenger AUC >= champion AUC - ``segment_tolerance`` - z x SE,
                    SE = bootstrap standard error of the paired AUC difference over the
-                   segment's customers (:mod:`.uncertainty`), so a
-                   segment of a few dozen customers does not reject a model on noise.
+                   segment's customers and z = Phi^-1(1 - ``segment_alpha`` / m) over the m
+                   tested segments (Bonferroni: about one good model in 20 is rejected
+                   on noise at 0.05, whatever m; :mod:`.uncertainty`).
 recall_at_k        challenger recall@k >= champion recall@k - ``recall_tolerance`` (absolute).
 revenue_lift       challenger revenue_lift >= champion revenue_lift - ``lift_tolerance`` x
                    abs(champion revenue_lift) (relative).
@@ -73,7 +74,7 @@ from mlflow_churn.evaluation.metrics import (
     scalar_metrics,
     segment_metrics,
 )
-from mlflow_churn.evaluation.uncertainty import segment_auc_diff_se
+from mlflow_churn.evaluation.uncertainty import segment_auc_diff_se, segment_z
 from mlflow_churn.features.offline import daily_cutoffs
 from mlflow_churn.registry.aliases import CANARY, alias_version, move_alias
 from mlflow_churn.tracking import setup_mlflow
@@ -268,19 +269,19 @@ def apply_gate(cfg: ChurnConfig, chal: dict[str, Any], champ: dict[str, Any] | N
     out[-1].baseline = float(champ["revenue_lift"])
     if champ_seg is not None:
         both = chal_seg.merge(champ_seg, on=["segment", "value"], suffixes=("", "_champion"))
-        for row in both.itertuples(index=False):
-            if not (row.gated and math.isfinite(row.roc_auc) and math.isfinite(row.roc_auc_champion)):
-                continue
-            if getattr(row, "churners", math.inf) < ev.min_segment_churners:
-                continue  # an AUC over a handful of churned customers says nothing
+        tested = [row for row in both.itertuples(index=False)
+                  if row.gated and math.isfinite(row.roc_auc) and math.isfinite(row.roc_auc_champion)
+                  and getattr(row, "churners", math.inf) >= ev.min_segment_churners]
+        z = segment_z(ev.segment_alpha, len(tested))
+        for row in tested:
             se = getattr(row, "auc_diff_se", float("nan"))
-            margin = ev.segment_z * se if math.isfinite(se) else 0.0
+            margin = z * se if math.isfinite(se) else 0.0
             need = row.roc_auc_champion - ev.segment_tolerance - margin
             metric = f"roc_auc_{row.segment}_{row.value}"
             res = _check("segment_auc", metric, row.roc_auc,
                          MetricThreshold(threshold=need, greater_is_better=True), None, need,
                          f"segment {row.segment}={row.value} (n={row.n}) ROC AUC fell more than "
-                         f"segment_tolerance {ev.segment_tolerance} + {ev.segment_z:g} x SE {se:.4f} "
+                         f"segment_tolerance {ev.segment_tolerance} + {z:.2f} x SE {se:.4f} "
                          f"below champion {row.roc_auc_champion:.4f}")
             res.baseline = float(row.roc_auc_champion)
             out.append(res)
@@ -512,7 +513,8 @@ def evaluate(
                       "min_auc_delta": ev.min_auc_delta, "segment_tolerance": ev.segment_tolerance,
                       "recall_tolerance": ev.recall_tolerance, "lift_tolerance": ev.lift_tolerance,
                       "min_auc": ev.min_auc, "min_segment_size": ev.min_segment_size,
-                      "min_segment_churners": ev.min_segment_churners, "segment_z": ev.segment_z}
+                      "min_segment_churners": ev.min_segment_churners,
+                      "segment_alpha": ev.segment_alpha}
             now = int(as_of.timestamp() * 1000)
             client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
                              params=[Param(k, str(v)) for k, v in params.items()])

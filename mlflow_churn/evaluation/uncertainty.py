@@ -6,7 +6,8 @@ moves by 0.1 from one sample to the next. The gate therefore widens its segment 
 by the standard error of the *paired* AUC difference, estimated with a Poisson bootstrap
 over customers (every customer's rows share one weight ~ Poisson(1) per replicate, so the
 correlation between a customer's rows and between the two models' scores on the same rows
-is kept).
+is kept). With many segments tested at once, one of them falls by chance: the margin is
+``z`` standard errors with a Bonferroni ``z`` over the tested segments (:func:`segment_z`).
 
 AUC with weights ``w`` (ties count one half)::
 
@@ -23,6 +24,16 @@ import numpy as np
 import pandas as pd
 
 DEFAULT_REPLICATES = 200
+
+
+def segment_z(alpha: float, tests: int) -> float:
+    """One-sided z of a Bonferroni family: ``Phi^-1(1 - alpha / tests)``; 0 when ``alpha``
+    is 0 (point estimates only) or nothing is tested."""
+    if alpha <= 0 or tests < 1:
+        return 0.0
+    from scipy.stats import norm
+
+    return float(norm.ppf(1.0 - alpha / tests))
 
 
 def weighted_auc(y: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -77,4 +88,4 @@ def segment_auc_diff_se(frame: pd.DataFrame, p_a: np.ndarray, p_b: np.ndarray, s
     return pd.DataFrame(rows, columns=["segment", "value", "customers", "churners", "auc_diff_se"])
 
 
-__all__ = ["customer_weights", "paired_auc_diff_se", "segment_auc_diff_se", "weighted_auc"]
+__all__ = ["customer_weights", "paired_auc_diff_se", "segment_auc_diff_se", "segment_z", "weighted_auc"]
