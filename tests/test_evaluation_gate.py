@@ -70,6 +70,9 @@ def test_better_challenger_reaches_canary_and_rerun_changes_nothing(config, regi
     mv = client.get_model_version(name, chal.version)
     assert mv.tags["gate"] == "passed" and mv.current_stage == "Staging"  # mirror_stages
     assert mv.tags["drift_report"] == f"runs:/{decision.run_id}/drift/report.html"
+    assert mv.tags["gate_champion_version"] == str(champ.version)  # the canary analysis reads these two
+    expected_psi = decision.metrics["score_psi_vs_champion"]
+    assert float(mv.tags["gate_score_psi"]) == pytest.approx(expected_psi, abs=1e-6)
     run = client.get_run(decision.run_id)
     assert run.data.metrics["challenger_roc_auc"] > run.data.metrics["champion_roc_auc"] + 0.05
     arts = {a.path for a in client.list_artifacts(decision.run_id)}

@@ -74,6 +74,17 @@ def test_wait_then_promote_through_cli(config, register_version) -> None:
     for st in late.routes.values():
         assert st.labelled == st.rows and st.positives > 0 and 0.7 < st.auc < 1.0 and st.errors == 0
         assert 0 < st.p50_latency_ms <= st.p99_latency_ms
+    # the score-PSI limit adds what the gate measured between the same two versions offline
+    tight = serving_config(cfg, canary_fraction=0.5, min_canary_samples=300, max_p99_ms=60_000,
+                           max_score_psi=1e-9)
+    assert any("score PSI" in r for r in evaluate_canary(tight, LABELS_AS_OF, log_run=False).reasons)
+    registry = MlflowClient(cfg.mlflow_tracking_uri)
+    gate_tags = {"gate_score_psi": f"{late.score_psi + 0.05:.6f}", "gate_champion_version": champ}
+    for key, value in gate_tags.items():
+        registry.set_model_version_tag(cfg.training.model_name, canary, key, value)
+    assert not any("score PSI" in r for r in evaluate_canary(tight, LABELS_AS_OF, log_run=False).reasons)
+    registry.set_model_version_tag(cfg.training.model_name, canary, "gate_champion_version", "99")
+    assert any("score PSI" in r for r in evaluate_canary(tight, LABELS_AS_OF, log_run=False).reasons)
     slow = evaluate_canary(serving_config(cfg, min_canary_samples=300, max_p99_ms=1e-6, max_p99_ratio=1e-6),
                            LABELS_AS_OF, log_run=False)
     assert slow.verdict == "rollback" and "p99 latency" in slow.reasons[0]

@@ -76,6 +76,7 @@ from mlflow_churn.evaluation.metrics import (
 )
 from mlflow_churn.evaluation.uncertainty import segment_auc_diff_se, segment_z
 from mlflow_churn.features.offline import daily_cutoffs
+from mlflow_churn.monitoring.drift import psi
 from mlflow_churn.registry.aliases import CANARY, alias_version, move_alias
 from mlflow_churn.tracking import setup_mlflow
 from mlflow_churn.training.model import Scorer, load_scorer
@@ -437,6 +438,9 @@ def evaluate(
     metrics["gate_passed"] = float(passed)
     metrics["rules_failed"] = float(len(failed))
     metrics["holdout_rows"] = float(len(frame))
+    if p_champ is not None:  # what the canary's live score split should look like (serving.canary)
+        metrics["score_psi_vs_champion"] = float(psi(p_champ, p_chal, bins=cfg.monitoring.bins,
+                                                     epsilon=cfg.monitoring.psi_epsilon))
 
     step("metrics, segments and gate rules")
     ref_cutoffs = reference_cutoffs(cfg, chal_mv)
@@ -523,7 +527,8 @@ def evaluate(
             client.log_artifacts(run_id, str(tmp / "drift"), "drift")
             client.log_artifact(run_id, str(tmp / DECISION_FILE))
             # act last, once the evidence is stored
-            _act(client, cfg, chal_mv.version, passed, reasons, run_id)
+            _act(client, cfg, chal_mv.version, passed, reasons, run_id,
+                 str(champ_mv.version) if champ_mv else None, metrics.get("score_psi_vs_champion"))
             step("decision run and registry")
         except BaseException:
             client.set_terminated(run_id, "FAILED")
@@ -543,11 +548,13 @@ def evaluate(
 
 
 def _act(client: MlflowClient, cfg: ChurnConfig, version: str, passed: bool, reasons: list[str],
-         run_id: str) -> None:
+         run_id: str, champion: str | None = None, score_psi: float | None = None) -> None:
     name = cfg.training.model_name
     tags = {"gate": "passed" if passed else "rejected", "gate_run_id": run_id,
             "drift_report": f"runs:/{run_id}/{DRIFT_HTML}", "drift_json": f"runs:/{run_id}/{DRIFT_JSON}",
-            "decision": f"runs:/{run_id}/{DECISION_FILE}"}
+            "decision": f"runs:/{run_id}/{DECISION_FILE}", "gate_champion_version": champion or ""}
+    if score_psi is not None:
+        tags["gate_score_psi"] = f"{score_psi:.6f}"
     if not passed:
         tags["gate_reasons"] = "; ".join(reasons)[:_TAG_LIMIT]
     for k, v in tags.items():

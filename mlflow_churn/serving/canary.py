@@ -14,11 +14,13 @@ to the version its alias points at now):
 Verdict: ``wait`` until the canary has ``serving.min_canary_samples`` scored rows; then
 ``rollback`` if its error rate > ``max_error_rate``, p99 > ``max_p99_ms`` while also above
 ``max_p99_ratio`` x the champion's p99 (a loaded host slows both routes), score PSI >
-``max_score_psi``, or (with at least ``min_canary_samples`` labelled rows on both routes)
-AUC below the champion's by more than ``max_auc_drop`` or recall@k by more than
-``evaluation.recall_tolerance`` (each widened to 2.326 standard errors of the difference:
-the routes score disjoint random customers, so small samples differ by chance); else
-``promote``.
+``max_score_psi`` + the PSI the gate measured between the same two versions on its holdout
+(tag ``gate_score_psi``: a retrained model scores differently from a drifted champion by
+design; the live split should not differ much more than that), or (with at least
+``min_canary_samples`` labelled rows on both routes) AUC below the champion's by more than
+``max_auc_drop`` or recall@k by more than ``evaluation.recall_tolerance`` (each widened to
+2.326 standard errors of the difference: the routes score disjoint random customers, so
+small samples differ by chance); else ``promote``.
 
 :func:`promote` moves ``champion`` to the canary version, ``previous-champion`` to the old
 champion and removes ``canary``; :func:`rollback` removes ``canary`` and tags the version
@@ -47,6 +49,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig
@@ -240,6 +243,19 @@ def _churn_events(cfg: ChurnConfig) -> pd.DataFrame | None:
     return events
 
 
+def gate_score_psi(canary: ModelVersion | None, champion_version: str | None) -> float:
+    """The score PSI the gate measured offline between ``canary`` and the champion it was
+    gated against (its ``gate_score_psi`` tag), when that champion is still the one served;
+    else 0. Two models trained on different windows legitimately score differently."""
+    if canary is None or canary.tags.get("gate_champion_version") != champion_version:
+        return 0.0
+    try:
+        value = float(canary.tags.get("gate_score_psi", "0"))
+    except ValueError:
+        return 0.0
+    return value if math.isfinite(value) and value > 0 else 0.0
+
+
 def evaluate_canary(
     cfg: ChurnConfig,
     as_of: datetime,
@@ -258,7 +274,9 @@ def evaluate_canary(
     sv = cfg.serving
     client = _client(cfg)
     name = cfg.training.model_name
-    versions = {r: (str(mv.version) if (mv := alias_version(client, name, r)) else None) for r in ROUTES}
+    holders = {r: alias_version(client, name, r) for r in ROUTES}
+    versions = {r: (str(mv.version) if mv else None) for r, mv in holders.items()}
+    expected_psi = gate_score_psi(holders["canary"], versions["champion"])
     frame = _logged(cfg, as_of, since)
     per_route = {r: frame[(frame["route"] == r) & (frame["model_version"] == versions[r])] if versions[r]
                  else frame.iloc[0:0] for r in ROUTES}
@@ -304,9 +322,10 @@ def evaluate_canary(
             reasons.append(f"canary p99 latency {can.p99_latency_ms:.1f} ms > serving.max_p99_ms "
                            f"{sv.max_p99_ms} and > {sv.max_p99_ratio} x champion p99 "
                            f"{champ.p99_latency_ms:.1f} ms")
-        if math.isfinite(score_psi) and score_psi > sv.max_score_psi:
+        if math.isfinite(score_psi) and score_psi > sv.max_score_psi + expected_psi:
             reasons.append(f"score PSI canary vs champion {score_psi:.3f} > serving.max_score_psi "
-                           f"{sv.max_score_psi}")
+                           f"{sv.max_score_psi} + {expected_psi:.3f}, the PSI the gate measured between "
+                           "the two versions on its holdout")
         labelled_enough = min(champ.labelled, can.labelled) >= sv.min_canary_samples
         if labelled_enough and math.isfinite(champ.auc) and math.isfinite(can.auc):
             auc_limit, recall_limit = _performance_limits(cfg, champ, can)
