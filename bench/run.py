@@ -51,11 +51,27 @@ def machine() -> str:
     )
 
 
+MARK = "<!-- bench:{} -->"
+
+
+def previous_sections(text: str) -> dict[str, str]:
+    """The sections of an earlier RESULTS.md, by benchmark name (from their markers)."""
+    out: dict[str, str] = {}
+    parts = text.split("<!-- bench:")
+    for part in parts[1:]:
+        name, _, body = part.partition(" -->")
+        out[name.strip()] = body.strip("\n")
+    return out
+
+
 def main(argv: list[str]) -> int:
-    """Run the benchmarks named in ``argv`` (default: all) and write RESULTS.md."""
+    """Run the benchmarks named in ``argv`` (default: all) and write RESULTS.md. With names,
+    the other benchmarks' sections of the existing RESULTS.md are kept as they were (each
+    says when it ran)."""
     wanted = set(argv)
     scripts = sorted(p for p in HERE.glob("bench_*.py") if not wanted or p.stem in wanted)
-    sections = []
+    path = HERE / "RESULTS.md"
+    sections = previous_sections(path.read_text()) if wanted and path.exists() else {}
     failed = 0
     for script in scripts:
         print(f"== {script.stem}", flush=True)
@@ -64,16 +80,18 @@ def main(argv: list[str]) -> int:
                              capture_output=True, text=True, timeout=3600)
         took = time.perf_counter() - start
         print(res.stdout[-3000:], flush=True)
+        stamp = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
         if res.returncode != 0:
             failed += 1
-            sections.append(f"## {script.stem}\n\nFAILED (exit {res.returncode}):\n\n```\n"
-                            f"{res.stderr[-2000:]}\n```\n")
+            sections[script.stem] = (f"## {script.stem}\n\nFAILED (exit {res.returncode}, {stamp}):\n\n"
+                                     f"```\n{res.stderr[-2000:]}\n```\n")
         else:
-            sections.append(res.stdout.strip() + f"\n\n_(benchmark took {took:.0f} s)_\n")
-    header = (f"# Benchmark results\n\nWritten by `make bench` on "
-              f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC.\n\n## Machine\n\n{machine()}\n")
-    (HERE / "RESULTS.md").write_text(header + "\n".join(sections))
-    print(f"wrote {HERE / 'RESULTS.md'}")
+            sections[script.stem] = res.stdout.strip() + f"\n\n_(benchmark took {took:.0f} s, ran {stamp})_\n"
+    header = (f"# Benchmark results\n\nWritten by `make bench` (`python -m bench.run [names]`); last "
+              f"written {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.\n\n## Machine\n\n{machine()}\n")
+    body = "\n".join(f"{MARK.format(name)}\n{sections[name]}\n" for name in sorted(sections))
+    path.write_text(header + body)
+    print(f"wrote {path}")
     return 1 if failed else 0
 
 
