@@ -94,7 +94,7 @@ def test_integrity_blocks_never_retrains() -> None:
     d = decide(hist, cfg(), bad.as_of)
     assert d.action == "blocked"
     assert d.features == ["data_mb_30d"]
-    assert "null rate of 'data_mb_30d' rose" in d.reasons[0]
+    assert "null rate of feature 'data_mb_30d' rose" in d.reasons[0]
     missing = win(1)
     missing.missing_features = ["tenure_days"]
     assert decide([missing], cfg(), missing.as_of).action == "blocked"
@@ -119,10 +119,13 @@ def test_segment_attribution_uses_size_aware_thresholds() -> None:
 
 
 def test_combine_all_and_k_of_n_and_strict_preset() -> None:
+    two = [{"metric": "psi", "value": 0.2}, {"metric": "auc_drop", "value": 0.05}]
     hist = [win(0, psi=0.3, auc_drop=0.0), win(1, psi=0.3, auc_drop=0.0)]
-    assert decide(hist, cfg(combine="all"), hist[-1].as_of).action == "ok"
+    assert decide(hist, cfg(combine="all", triggers=two), hist[-1].as_of).action == "ok"
     both = [win(0, psi=0.3, auc_drop=0.06), win(1, psi=0.3, auc_drop=0.06)]
-    assert decide(both, cfg(combine="all"), both[-1].as_of).action == "retrain"
+    assert decide(both, cfg(combine="all", triggers=two), both[-1].as_of).action == "retrain"
+    # the default's third trigger (early_auc_drop) is not measured here: "all" cannot hold
+    assert decide(both, cfg(combine="all"), both[-1].as_of).action == "ok"
     assert decide(hist, cfg(combine="k_of_n", k=2), hist[-1].as_of).action == "ok"
     # stricter preset: one config line (YAML/env) changes the triggers
     triggers = '[{"metric": "psi", "value": 0.15}, {"metric": "auc_drop", "value": 0.03}]'

@@ -13,7 +13,9 @@ Layout (JSON-able dict)::
      "segments": {column: {value: {"count": n, "share": s,
                                     "features": {name: {"shares": [...], "null_rate": r,
                                                         "count": n}},
-                                    "score": {"shares": [...], "count": n}}}}}
+                                    "score": {"shares": [...], "count": n}}}},
+     "calibration": {"method": "platt", "a": .., "b": .., "rows": n, "positives": k} | None,
+     "sources": {"activity.<column>": {"null_rate": r, "rows": n}} | None}
 
     numeric ENTRY:     {"kind": "numeric", "edges": [interior quantile edges],
                         "shares": [len(edges)+1 reference shares], "count": non-missing rows,
@@ -25,7 +27,10 @@ Layout (JSON-able dict)::
 
 Segment entries reuse the population's bins (edges / categories), so a segment's current
 window is binned exactly like the population; their ``count`` feeds the size-aware
-PSI threshold (:func:`mlflow_churn.monitoring.drift.psi_threshold`).
+PSI threshold (:func:`mlflow_churn.monitoring.drift.psi_threshold`). ``calibration`` (the
+Platt map of the scores, fitted on the validation rows) and ``sources`` (null rates of the
+raw source columns over the training window, :mod:`mlflow_churn.monitoring.sources`) are
+given by training (:mod:`mlflow_churn.monitoring.baseline`); older profiles lack them.
 """
 
 from __future__ import annotations
@@ -102,6 +107,8 @@ def build_profile(
     segments: Sequence[str] = (),
     sample_size: int = 10_000,
     seed: int = 0,
+    calibration: dict[str, Any] | None = None,
+    sources: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The reference profile (see module doc) of ``frame``'s feature-set columns and scores.
 
@@ -162,6 +169,8 @@ def build_profile(
         "features": features,
         "score": score_entry,
         "segments": seg_out,
+        "calibration": calibration,
+        "sources": sources,
     }
 
 
