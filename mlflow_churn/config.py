@@ -220,9 +220,11 @@ class MonitoringConfig(_Section):
     )
     min_segment_size: int = Field(300, ge=1, description="smaller segments are not tested")
     segments: list[str] = Field(default_factory=lambda: ["plan", "region", "contract"])
-    auc_baseline: Literal["val_auc", "first_window"] = Field(
-        "val_auc",
-        description="what auc_drop compares the realised AUC with: the version's val_auc (training) or "
+    auc_baseline: Literal["val_auc_unselected", "val_auc", "first_window"] = Field(
+        "val_auc_unselected",
+        description="what auc_drop compares the realised AUC (customers never trained on) with: the "
+        "version's AUC at training on such customers' rows that model selection never saw "
+        "(val_auc_unselected), its val_auc (optimistic: tuned and early-stopped on those rows), or "
         "its first measured window (kept for the version's life, never a sliding one)",
     )
     auc_noise_z: float = Field(

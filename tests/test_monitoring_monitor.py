@@ -49,7 +49,8 @@ def test_monitor_logs_a_run_with_evidence_and_reads_history(trained) -> None:
             "drift_report.html"} <= names
     # categorical drift, KS thresholds and the raw sources' null rates are logged too
     metrics = run.data.metrics
-    assert {"js.plan", "chi2_p.plan", "ks.monthly_usage", "source_null_rate.activity.data_used_mb"} <= set(metrics)
+    assert {"js.plan", "chi2_p.plan", "ks.monthly_usage",
+            "source_null_rate.activity.data_used_mb"} <= set(metrics)
     assert first.stats.ks_threshold["monthly_usage"] > 0
     seg_hist = client.get_metric_history(first.run_id, "daily_segment_psi.region.pacific")
     assert sorted(m.step for m in seg_hist) == list(range(cfg.monitoring.window_days))

@@ -25,7 +25,6 @@ What the run holds: :mod:`mlflow_churn.monitoring.runs`.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -41,7 +40,7 @@ from mlflow_churn.monitoring.frames import FrameCache, window_frame
 from mlflow_churn.monitoring.performance import AucCheck, Performance, assess, auc_check
 from mlflow_churn.monitoring.policy import PolicyDecision, WindowStats, decide
 from mlflow_churn.monitoring.profile import profile_for_version
-from mlflow_churn.monitoring.runs import TAG_PREFIX, latest_decision, log_window, read_history
+from mlflow_churn.monitoring.runs import TAG_PREFIX, latest_decision, log_window, nested_run, read_history
 from mlflow_churn.monitoring.sources import daily_source_nulls, source_integrity
 from mlflow_churn.monitoring.window import window_drift
 
@@ -130,15 +129,18 @@ def _labelled(cfg: ChurnConfig, fs: Any, scorer: Any, as_of: datetime, horizon: 
 
 def _auc_against_baseline(cfg: ChurnConfig, matured: _Labelled | None, base: Baseline,
                           history: Sequence[WindowStats], version: str) -> AucCheck | None:
-    """``auc_drop`` of the matured window on unseen customers against the configured baseline:
-    ``val_auc``, or the version's first measured window (carried forward in every window's
-    stats, so the history's length never moves it)."""
+    """``auc_drop`` of the matured window on unseen customers against the configured baseline
+    (``val_auc_unselected``, ``val_auc``, or the version's first measured window, carried
+    forward in every window's stats so the history's length never moves it; always the
+    latter when the matured labels are shorter than training's)."""
     if matured is None:
         return None
     y, s, ids = matured.unseen(cfg)
     z = cfg.monitoring.auc_noise_z
-    if cfg.monitoring.auc_baseline == "val_auc":
-        return auc_check(y, s, ids, base.val_auc, base.val_auc_se, z)
+    # labels shorter than training's (label_delay_days < label_horizon_days) match no training baseline
+    same_labels = matured.horizon == cfg.features.label_horizon_days
+    if same_labels and cfg.monitoring.auc_baseline != "first_window":
+        return auc_check(y, s, ids, *base.auc(cfg.monitoring.auc_baseline), z)
     first = next((w for w in history if w.model_version == version and w.auc_baseline is not None), None)
     if first is not None:
         return auc_check(y, s, ids, first.auc_baseline, first.auc_baseline_se, z)
@@ -259,19 +261,8 @@ def _log_run(cfg: ChurnConfig, exp_id: str, result: MonitorResult, profile: dict
              frame: pd.DataFrame, scores: np.ndarray, alias: str, report: bool, report_rows: int,
              tags: dict[str, str], parent_run_id: str | None) -> str:
     """One run for the window (nested in ``parent_run_id`` / ``MLFLOW_RUN_ID`` when set)."""
-    import mlflow
-
-    name = cfg.training.model_name
-    parent = parent_run_id or os.environ.get("MLFLOW_RUN_ID")
-    active = mlflow.active_run()
-    outer = None
-    if parent and (active is None or active.info.run_id != parent):
-        outer = mlflow.start_run(run_id=parent)
-    try:
-        with mlflow.start_run(run_name=f"monitor {result.as_of:%Y-%m-%d} v{result.model_version}",
-                              experiment_id=None if parent else exp_id, nested=bool(parent)) as run:
-            log_window(result, profile, frame, scores, cfg, name, alias, report, report_rows, tags)
-            return run.info.run_id
-    finally:
-        if outer is not None:
-            mlflow.end_run()
+    name = f"monitor {result.as_of:%Y-%m-%d} v{result.model_version}"
+    with nested_run(name, exp_id, parent_run_id) as run:
+        log_window(result, profile, frame, scores, cfg, cfg.training.model_name, alias, report, report_rows,
+                   tags)
+        return run.info.run_id

@@ -215,6 +215,7 @@ class Performance:
     matured_rows: int = 0
     auc: AucCheck | None = None
     early: AucCheck | None = None
+    uncalibrated_estimated_auc: float = float("nan")
 
     @property
     def auc_drop(self) -> float | None:
@@ -230,6 +231,7 @@ class Performance:
             "estimated_auc": self.estimated_auc,
             "reference_estimated_auc": self.reference_estimated_auc,
             "estimated_auc_drop": self.estimated_auc_drop,
+            "uncalibrated_estimated_auc": self.uncalibrated_estimated_auc,
             "recall_drop": self.recall_drop,
             "lift_drop": self.lift_drop,
         }
@@ -286,5 +288,5 @@ def assess(
         realised=realised, estimated_auc=est, reference_estimated_auc=ref, expected=expected,
         estimated_auc_drop=float(ref - est) if math.isfinite(ref - est) else 0.0,
         recall_drop=recall_drop, lift_drop=lift_drop, label_horizon_days=label_horizon_days,
-        matured_rows=n_mat,
+        matured_rows=n_mat, uncalibrated_estimated_auc=expected_auc(current_scores),
     )

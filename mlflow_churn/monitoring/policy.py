@@ -326,12 +326,17 @@ def _persistence(t: TriggerConfig, cfg: PolicyConfig) -> PersistenceConfig:
     return t.persistence or cfg.persistence
 
 
+def psi_floor(cfg: PolicyConfig) -> float:
+    """The smallest PSI / segment-PSI trigger value (0.2 without one): the level a segment must
+    exceed (besides its noise threshold) to count as moved."""
+    return min((t.value for t in cfg.triggers if t.metric in ("psi", "segment_psi") and t.value is not None),
+               default=0.2)
+
+
 def _moved_segments(wins: Sequence[WindowStats], cfg: PolicyConfig) -> tuple[dict[str, float], list[str]]:
     """Segments whose PSI exceeds max(smallest PSI trigger value, their noise threshold) with
     hysteresis and, per segment, the policy's persistence -> (key -> PSI now, reasons)."""
-    floor = min((t.value for t in cfg.triggers if t.metric in ("psi", "segment_psi") and t.value is not None),
-                default=0.2)
-    rule = TriggerConfig(metric="segment_psi", feature="*", op=">", value=floor)
+    rule = TriggerConfig(metric="segment_psi", feature="*", op=">", value=psi_floor(cfg))
     per_window = _active_keys(wins, rule, cfg.hysteresis.clear_below_fraction)[-cfg.persistence.windows:]
     moved, reasons = {}, []
     for key, value in per_window[-1].items():

@@ -3,7 +3,7 @@
 A window's run (experiment ``<training.experiment>-monitoring``, or nested in a parent):
 
 - params: as_of, window bounds, model name / alias / version, rows, label horizons, the
-  version's val_auc and val_auc_<d>d;
+  version's val_auc, val_auc_unselected and val_auc_<d>d;
 - metrics: ``psi.<feature>``, ``ks.<feature>`` (D against the reference sample),
   ``js.<feature>`` / ``chi2.<feature>`` / ``chi2_p.<feature>`` (categoricals),
   ``null_rate.<feature>``, ``source_null_rate.activity.<column>`` (highest daily share),
@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from mlflow_churn.config import ChurnConfig
-from mlflow_churn.monitoring.policy import WindowStats
+from mlflow_churn.monitoring.policy import WindowStats, psi_floor
 
 if TYPE_CHECKING:
     from mlflow_churn.monitoring.monitor import MonitorResult
@@ -86,7 +89,7 @@ def log_window(result: MonitorResult, profile: dict[str, Any], frame: pd.DataFra
     """Log one window into the active run (see the module doc)."""
     import mlflow
 
-    from mlflow_churn.monitoring.baseline import early_key
+    from mlflow_churn.monitoring.baseline import UNSELECTED, early_key
     from mlflow_churn.monitoring.report import evidently_report, psi_figure, timeline_figure
 
     tags = mv_tags or {}
@@ -97,7 +100,7 @@ def log_window(result: MonitorResult, profile: dict[str, Any], frame: pd.DataFra
         "model_version": result.model_version, "rows": result.rows,
         "label_horizon_days": result.performance.label_horizon_days,
         "early_label_days": cfg.monitoring.early_label_days, "auc_baseline": cfg.monitoring.auc_baseline,
-        "val_auc": tags.get("val_auc", ""), early: tags.get(early, ""),
+        "val_auc": tags.get("val_auc", ""), UNSELECTED: tags.get(UNSELECTED, ""), early: tags.get(early, ""),
     })
     mlflow.log_metrics(window_metrics(result))
     for step, values in enumerate(daily_metrics(result)):
@@ -115,13 +118,38 @@ def log_window(result: MonitorResult, profile: dict[str, Any], frame: pd.DataFra
     mlflow.log_dict(result.stats.to_dict(), "window_stats.json")
     title = f"{name} v{result.model_version}, window to {result.as_of:%Y-%m-%d}"
     mlflow.log_figure(psi_figure(result.daily_psi, result.stats, title), "psi_heatmap.png")
-    floor = min((t.value for t in cfg.monitoring.policy.triggers
-                 if t.metric in ("psi", "segment_psi") and t.value is not None), default=0.2)
-    mlflow.log_figure(timeline_figure(result.daily_psi, result.daily_segments, floor, title), "psi_timeline.png")
+    floor = psi_floor(cfg.monitoring.policy)
+    mlflow.log_figure(timeline_figure(result.daily_psi, result.daily_segments, floor, title),
+                      "psi_timeline.png")
     if report:
         with tempfile.TemporaryDirectory() as tmp:
             path = evidently_report(frame, scores, profile, Path(tmp) / "drift_report.html", report_rows)
             mlflow.log_artifact(str(path))
+
+
+@contextmanager
+def nested_run(run_name: str, experiment_id: str, parent_run_id: str | None = None) -> Iterator[Any]:
+    """A new run named ``run_name``: a child of ``parent_run_id`` (or ``MLFLOW_RUN_ID``, the
+    project run of ``mlflow run``) in that run's experiment when there is one, else a
+    top-level run in ``experiment_id``. The child is created explicitly: a fluent
+    ``start_run(nested=True)`` would resume the ``MLFLOW_RUN_ID`` run instead."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    parent = parent_run_id or os.environ.get("MLFLOW_RUN_ID")
+    if not parent:
+        with mlflow.start_run(run_name=run_name, experiment_id=experiment_id,
+                              nested=mlflow.active_run() is not None) as run:
+            yield run
+        return
+    client = MlflowClient()
+    exp = client.get_run(parent).info.experiment_id
+    child = client.create_run(exp, run_name=run_name,
+                              tags={MLFLOW_PARENT_RUN_ID: parent, MLFLOW_RUN_NAME: run_name})
+    mlflow.set_experiment(experiment_id=exp)  # start_run(run_id) refuses a run of another experiment
+    with mlflow.start_run(run_id=child.info.run_id, nested=mlflow.active_run() is not None) as run:
+        yield run
 
 
 def _version_runs(client: Any, model_name: str, version: str | None = None) -> list[Any]:
@@ -137,7 +165,7 @@ def read_history(cfg: ChurnConfig, model_name: str, version: str, before: dateti
                  limit: int = 12) -> list[WindowStats]:
     """The newest ``limit`` earlier windows of this model version (oldest first), read back
     from MLflow. Enough for persistence and hysteresis; the AUC baseline never depends on
-    it (``val_auc``, or the first window's value carried in every window's stats)."""
+    it (training's baselines, or the first window's value carried in every window's stats)."""
     from mlflow import MlflowClient
 
     client = MlflowClient()

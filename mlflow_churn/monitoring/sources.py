@@ -5,8 +5,9 @@ source column turns null for a third of the customers the feature merely shrinks
 PSI creeps up over weeks. Integrity is therefore also checked at the source: for every
 non-key column of the ``activity`` table, the share of NULLs on each day of the window
 (``activity/date=YYYY-MM-DD`` partitions whose rows' ``event_timestamp`` lies in
-``(start, end]``), against the share in the version's training window (``sources`` of the
-reference profile, computed once at training by :func:`source_reference`).
+``(start, end]``; NaN counts as missing in a float column, as it does in the features),
+against the share in the version's training window (``sources`` of the reference profile,
+computed once at training by :func:`source_reference`).
 
 The size-aware allowance (:func:`mlflow_churn.monitoring.drift.null_rise_noise`) accounts
 for the rows of the day and of the reference; the policy blocks when a day's rise exceeds
@@ -63,8 +64,11 @@ def daily_source_nulls(data_dir: Path, start: datetime, end: datetime) -> Source
     con = duckdb.connect()
     try:
         register_views(con, TablePaths(Path(data_dir)))
-        cols = [r[0] for r in con.execute(f"DESCRIBE {TABLE}").fetchall() if r[0] not in KEY_COLUMNS]
-        nulls = ", ".join(f'count(*) - count("{c}") AS "{c}"' for c in cols)
+        described = [r[:2] for r in con.execute(f"DESCRIBE {TABLE}").fetchall() if r[0] not in KEY_COLUMNS]
+        cols = [c for c, _ in described]
+        nulls = ", ".join(
+            f'count(*) FILTER (WHERE "{c}" IS NULL OR isnan("{c}")) AS "{c}"' if kind in ("FLOAT", "DOUBLE")
+            else f'count(*) - count("{c}") AS "{c}"' for c, kind in described)
         lo = (days[0] if days else start.date()).isoformat()
         hi = (days[-1] if days else end.date()).isoformat()
         rows = con.execute(

@@ -21,6 +21,7 @@ threshold is the 99% noise quantile split over the window's tests (Bonferroni):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -67,7 +68,8 @@ def _feature_stats(stats: WindowStats, name: str, entry: dict[str, Any], counts:
         return
     n_cur = min(n, size.n_eff)
     stats.psi[name] = drift.psi_from_shares(entry["shares"], drift.shares(counts), size.eps)
-    stats.psi_threshold[name] = drift.psi_noise_quantile(int(entry["count"]), n_cur, len(entry["shares"]), size.q)
+    stats.psi_threshold[name] = drift.psi_noise_quantile(
+        int(entry["count"]), n_cur, len(entry["shares"]), size.q)
     if entry["kind"] == "numeric" and entry.get("sample"):
         sample = np.asarray(entry["sample"], dtype="float64")
         stats.ks[name] = drift.ks_at_sample_points(sample, values)
@@ -132,7 +134,8 @@ def window_drift(frame: pd.DataFrame, scores: np.ndarray, profile: dict[str, Any
     n_eff = int(frame["customer_id"].nunique()) if "customer_id" in frame else len(frame)
     size = _Sizes(n_eff=n_eff, ref_rows=int(profile.get("rows", 0)),
                   q=1.0 - (1.0 - NOISE_QUANTILE) / (len(feats) + 1), eps=cfg.monitoring.psi_epsilon)
-    as_of = frame["cutoff"].max().to_pydatetime() if len(frame) else pd.Timestamp.now(tz="UTC").to_pydatetime()
+    # the newest cutoff (the caller sets the window's as_of); no clock read for an empty frame
+    as_of = frame["cutoff"].max().to_pydatetime() if len(frame) else datetime.fromtimestamp(0, UTC)
     stats = WindowStats(as_of=as_of)
     stats.missing_features = [f for f in feats if f not in frame.columns]
     present = [f for f in feats if f in frame.columns]
