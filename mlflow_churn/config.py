@@ -204,6 +204,12 @@ class PolicyConfig(_Section):
     drift_alone: Literal["investigate", "retrain"] = Field(
         "investigate", description="decision when only drift triggers fire and performance holds"
     )
+    refresh_after_drift: bool = Field(
+        True,
+        description="a retrain on a performance drop trains on labels from before the drop; retrain "
+        "once more when the training window holds only later data (label horizon + holdout + "
+        "training window days after the drop was seen)",
+    )
 
 
 class MonitoringConfig(_Section):

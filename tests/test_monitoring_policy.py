@@ -225,3 +225,33 @@ def test_segment_alarm_has_persistence_and_hysteresis() -> None:
     # below the 0.2 floor but above half of it: still moved (hysteresis); clearly below: cleared
     assert decide([*twice, seg(2, 0.15)], cfg(), seg(2, 0.15).as_of).action == "investigate"
     assert decide([*twice, seg(2, 0.05)], cfg(), seg(2, 0.05).as_of).action == "ok"
+
+
+def test_refresh_after_drift_retrains_once_the_window_holds_later_data() -> None:
+    quiet = [win(0), win(1)]
+    now = quiet[-1].as_of
+    d = decide(quiet, cfg(), now, refresh_due=now - timedelta(days=1))
+    assert d.action == "retrain" and d.fired == ["refresh_after_drift"]
+    assert any("refresh due since" in r for r in d.reasons)
+    assert decide(quiet, cfg(), now, refresh_due=now + timedelta(days=1)).action == "ok"
+    assert decide(quiet, cfg(refresh_after_drift=False), now, refresh_due=now).action == "ok"
+    # the cooldown still applies
+    d = decide(quiet, cfg(), now, last_retrain=now - timedelta(days=2), refresh_due=now)
+    assert d.action == "investigate" and any("cooldown" in r for r in d.reasons)
+
+
+def test_refresh_due_tag_of_a_challenger() -> None:
+    from mlflow_churn.monitoring.retrain import refresh_due
+
+    c = load_config(environ={})
+    lag = timedelta(days=30 + 7 + 30)  # label horizon + holdout + training window
+    drop = {"as_of": T0.isoformat(), "fired": ["early_auc_drop > 0.05"]}
+    assert refresh_due(c, drop, {}) == (T0 + lag).isoformat()
+    # a pending refresh of the champion carries over (the earlier one wins)
+    pending = {"refresh_due": (T0 + timedelta(days=10)).isoformat()}
+    assert refresh_due(c, drop, pending) == pending["refresh_due"]
+    # drift alone or the refresh itself schedules none
+    assert refresh_due(c, {"as_of": T0.isoformat(), "fired": ["psi[*] > 0.2"]}, {}) is None
+    assert refresh_due(c, {"as_of": T0.isoformat(), "fired": ["refresh_after_drift"]}, pending) is None
+    assert refresh_due(load_config(environ={"CHURN_MONITORING__POLICY__REFRESH_AFTER_DRIFT": "false"}),
+                       drop, {}) is None

@@ -107,7 +107,8 @@ class BacktestResult:
         return d
 
 
-def _retrain(cfg: ChurnConfig, as_of: datetime, n_trials: int, progress: bool) -> str | None:
+def _retrain(cfg: ChurnConfig, as_of: datetime, n_trials: int, progress: bool,
+             decision: dict[str, Any]) -> str | None:
     """Retrain; returns the new champion version (None when the gate rejected it)."""
     from mlflow import MlflowClient
 
@@ -117,7 +118,7 @@ def _retrain(cfg: ChurnConfig, as_of: datetime, n_trials: int, progress: bool) -
     client = MlflowClient()
     name = cfg.training.model_name
     res = retrain(cfg.model_copy(update={"training": cfg.training.model_copy(update={"n_trials": n_trials})}),
-                  as_of, force=True, progress=progress)
+                  as_of, force=True, progress=progress, decision=decision)
     gate = getattr(res, "gate", None)
     if gate is None or not gate.passed:
         return None
@@ -331,7 +332,7 @@ def backtest(
                 early_auc_drop=s.early_auc_drop,
             )
             if res.decision.action == "retrain":
-                new = _retrain(cfg, as_of, n_trials, progress)
+                new = _retrain(cfg, as_of, n_trials, progress, res.decision.to_dict())
                 if new is not None:
                     s.retrained = True
                     rec.retrained_to = new

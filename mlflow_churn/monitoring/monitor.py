@@ -38,7 +38,7 @@ from mlflow_churn.errors import ChurnError
 from mlflow_churn.monitoring.baseline import Baseline, unseen_mask, version_baseline
 from mlflow_churn.monitoring.frames import FrameCache, window_frame
 from mlflow_churn.monitoring.performance import AucCheck, Performance, assess, auc_check
-from mlflow_churn.monitoring.policy import PolicyDecision, WindowStats, decide
+from mlflow_churn.monitoring.policy import REFRESH_TAG, PolicyDecision, WindowStats, decide
 from mlflow_churn.monitoring.profile import profile_for_version
 from mlflow_churn.monitoring.runs import TAG_PREFIX, latest_decision, log_window, nested_run, read_history
 from mlflow_churn.monitoring.sources import daily_source_nulls, source_integrity
@@ -247,7 +247,9 @@ def monitor(
                                mon.early_auc_noise_z, mon.early_min_churners)
     _fill_performance(stats, perf)
 
-    decision = decide([*history, stats], mon.policy, as_of, last_retrain=trained_at)
+    due = tags.get(REFRESH_TAG)
+    decision = decide([*history, stats], mon.policy, as_of, last_retrain=trained_at,
+                      refresh_due=datetime.fromisoformat(due) if due else None)
     pop_max = max(stats.psi.values()) if stats.psi else 0.0
     result = MonitorResult(decision, None, as_of, cutoffs[0], version, stats, perf, pop_max, len(frame),
                            wd.daily, wd.daily_segments, source_daily)

@@ -34,7 +34,12 @@ Rules, in order:
 7. **Segments**: a segment whose PSI exceeds max(smallest PSI trigger value, its size-aware
    threshold) with the same hysteresis and persistence (per segment) is named; with no
    alarm it alone gives ``investigate``.
-8. **Cooldown**: a ``retrain`` within ``cooldown_days`` of the last retrain becomes
+8. **Refresh** (``refresh_after_drift``): a version trained because performance dropped
+   learnt from labels that predate the drop (labels mature ``label_horizon_days`` +
+   ``holdout_days`` after their cutoff); its ``refresh_due`` tag (set by
+   :mod:`mlflow_churn.monitoring.retrain`) asks for one more ``retrain`` once the training
+   window holds only data from after the drop was seen.
+9. **Cooldown**: a ``retrain`` within ``cooldown_days`` of the last retrain becomes
    ``investigate`` with the reason.
 
 A stricter preset is one config line, e.g.
@@ -54,6 +59,10 @@ from mlflow_churn.errors import ChurnError
 
 Action = Literal["ok", "investigate", "retrain", "blocked"]
 PERFORMANCE_METRICS = ("auc_drop", "early_auc_drop", "estimated_auc_drop", "recall_drop", "lift_drop")
+#: the ``fired`` entry of a decision that retrains because a refresh is due
+REFRESH = "refresh_after_drift"
+#: model-version tag: when a version trained on a performance drop is due for its refresh
+REFRESH_TAG = "refresh_due"
 KEYED_METRICS = ("psi", "ks", "js", "chi2_p", "segment_psi")
 #: a ks trigger without a value (a PolicyConfig built outside MonitoringConfig) uses this
 KS_DEFAULT = float(MonitoringConfig.model_fields["ks_threshold"].default)
@@ -247,11 +256,13 @@ def decide(
     policy_cfg: PolicyConfig,
     as_of: datetime,
     last_retrain: datetime | None = None,
+    refresh_due: datetime | None = None,
 ) -> PolicyDecision:
     """Decide on the newest window of ``history`` (oldest first) at ``as_of`` (UTC).
 
     ``last_retrain``: time of the last retrain when the history does not show it (e.g. the
-    model version's training as_of). See the module doc for the rules.
+    model version's training as_of). ``refresh_due``: the version's ``refresh_due`` tag.
+    See the module doc for the rules.
     """
     if not history:
         raise ChurnError("policy needs at least one monitoring window in the history")
@@ -301,16 +312,17 @@ def decide(
         action: Action = "investigate" if (seg_list or faults) else "ok"
         if seg_list:
             reasons.append("segments moved beyond their size-aware threshold: " + ", ".join(seg_list[:5]))
-        return PolicyDecision(
-            action, reasons or ["no trigger fired"], sorted(features), seg_list, fired, as_of
-        )
-
-    perf = [t for t in persistent if t.metric in PERFORMANCE_METRICS]
-    if perf:
+    elif any(t.metric in PERFORMANCE_METRICS for t in persistent):
         action = "retrain"
     else:
         action = policy_cfg.drift_alone
         reasons.append(f"drift without evidence of lost performance -> {action} (policy.drift_alone)")
+    if action != "retrain" and policy_cfg.refresh_after_drift and refresh_due and as_of >= refresh_due:
+        action = "retrain"
+        fired.append(REFRESH)
+        reasons.append(f"refresh due since {refresh_due.isoformat()}: this version learnt from labels "
+                       "before the performance drop; the training window now holds only later data "
+                       "(policy.refresh_after_drift)")
     if action == "retrain":
         last = _last_retrain(wins[:-1], last_retrain)
         if last is not None and as_of - last < timedelta(days=policy_cfg.cooldown_days):
@@ -319,7 +331,7 @@ def decide(
                 f"{policy_cfg.cooldown_days} days -> investigate"
             )
             action = "investigate"
-    return PolicyDecision(action, reasons, sorted(features), seg_list, fired, as_of)
+    return PolicyDecision(action, reasons or ["no trigger fired"], sorted(features), seg_list, fired, as_of)
 
 
 def _persistence(t: TriggerConfig, cfg: PolicyConfig) -> PersistenceConfig:
