@@ -78,10 +78,10 @@ def test_frame_cache_builds_only_missing_cutoffs(small_data: Path) -> None:
                           cache=cache)
     direct = build_training_frame(small_data, fs, later, 7, label=True, label_as_of=AS_OF + timedelta(days=8))
     assert cached.equals(direct)
-    assert len(cache._items) == 4 and len(first) > 0
+    assert len(cache) == 4 and len(first) > 0
     # another label horizon is another entry
     window_frame(small_data, fs, later, 30, cache=cache)
-    assert len(cache._items) == 7
+    assert len(cache) == 7
 
 
 def test_source_null_rates_per_day_and_missing_days(small_data: Path, tmp_path: Path) -> None:

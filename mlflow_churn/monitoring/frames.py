@@ -34,6 +34,9 @@ class FrameCache:
         self.max_entries = max_entries
         self._items: OrderedDict[tuple[str, datetime, int | None], pd.DataFrame] = OrderedDict()
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def get(self, key: tuple[str, datetime, int | None]) -> pd.DataFrame | None:
         frame = self._items.get(key)
         if frame is not None:

@@ -115,7 +115,8 @@ def build_profile(
     ``frame`` holds the set's columns (raw or coerced); ``scores`` are the model's
     P(churn) on the same rows (same order); ``segments`` are categorical columns of
     ``frame`` whose every value gets its own shares. Raises ChurnError on missing columns
-    or a length mismatch.
+    or a length mismatch. ``calibration`` / ``sources`` are stored as given (see the module
+    doc; :func:`mlflow_churn.monitoring.baseline.training_baselines` computes them).
     """
     missing = [c for c in feature_set.columns if c not in frame.columns]
     if missing:
