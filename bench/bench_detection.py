@@ -6,9 +6,16 @@ Targets (issue 6): ``stable``: false alarms in <= 1% of windows over >= 100 wind
 stays below 0.1; after a retrain, realised AUC within 0.01 of its pre-drift level.
 
 Each scenario is a real replay (simulate -> train -> monitor window by window -> policy ->
-retrain + gate) in a temporary workspace, with the default configuration. ``stable``
-steps daily (overlapping 7-day windows) to reach 100 windows; the others step weekly.
-Usage: ``python -m bench.bench_detection [--quick]`` (``--quick``: 8,000 customers).
+retrain + gate) in a temporary workspace, with the default configuration (7-day windows).
+``stable``, ``usage_shift`` and ``segment_shift`` monitor daily (a 7-day window every day,
+as a daily job would; with weekly steps the default persistence, 2 of 3 windows, adds a
+week); ``concept_drift`` steps weekly (its early-label trigger acts on one window) over a
+long replay with a later onset, so that the first model's pre-drift AUC is measured on
+labels that end before the onset and a model retrained on drifted data has its own labels
+mature (a 30-day label horizon: ~``onset + 2 x 37 + 7`` days). Under the default policy
+drift alone gives ``investigate``, so only ``concept_drift`` retrains and the retrain target
+applies to it alone. Usage: ``python -m bench.bench_detection [--quick]`` (``--quick``:
+8,000 customers; the early-label trigger then rarely has its 30 churners).
 """
 
 from __future__ import annotations
@@ -19,14 +26,14 @@ import time
 from pathlib import Path
 
 from mlflow_churn.config import load_config
-from mlflow_churn.monitoring.backtest import BacktestResult, backtest
+from mlflow_churn.monitoring.backtest import BacktestResult, backtest, first_training_index
 
-#: scenario -> (days, step_days)
-PLAN: dict[str, tuple[int, int]] = {
-    "stable": (225, 1),
-    "usage_shift": (200, 7),
-    "concept_drift": (200, 7),
-    "segment_shift": (200, 7),
+#: scenario -> (days, step_days, onset in days after the first training)
+PLAN: dict[str, tuple[int, int, int]] = {
+    "stable": (225, 1, 28),
+    "usage_shift": (170, 1, 28),
+    "concept_drift": (320, 7, 49),
+    "segment_shift": (170, 1, 28),
 }
 
 
@@ -51,14 +58,18 @@ def _verdict(scenario: str, r: BacktestResult) -> list[str]:
         ok = bool(r.detected and r.attributed and psi is not None and psi < 0.1)
         out.append(f"detected, attributed to {r.segment}, population PSI < 0.1: "
                    f"{'met' if ok else 'not met'} (attributed {r.attributed}, PSI {_fmt(psi)})")
-    if r.retrains and r.pre_drift_auc is not None and r.post_retrain_auc is not None:
+    if scenario != "concept_drift":
+        out.append(f"retrains: {len(r.retrains)} (drift alone gives investigate; the retrain target "
+                   "applies to concept_drift)")
+    elif r.retrains and r.pre_drift_auc is not None and r.post_retrain_auc is not None:
         gap = r.pre_drift_auc - r.post_retrain_auc
         out.append(f"AUC after retrain within 0.01 of pre-drift: {'met' if gap <= 0.01 else 'not met'} "
-                   f"({r.post_retrain_auc:.3f} vs {r.pre_drift_auc:.3f})")
+                   f"(v{r.post_retrain_version}: {r.post_retrain_auc:.3f} over {r.post_retrain_windows} "
+                   f"windows vs {r.pre_drift_auc:.3f} over {r.pre_drift_windows})")
     elif r.retrains:
-        out.append("AUC after retrain: not measurable (labels of the retrained model not matured)")
+        out.append("AUC after retrain: not measured (no retrained model's labels matured in the replay)")
     else:
-        out.append("AUC after retrain: no retrain happened")
+        out.append("AUC after retrain: not met (no retrain happened)")
     return out
 
 
@@ -67,11 +78,12 @@ def _one(scenario: str, customers: int, out: Path) -> None:
     import json
     from dataclasses import asdict
 
-    days, step = PLAN[scenario]
+    days, step, onset_after = PLAN[scenario]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(workspace=Path(tmp) / "ws", environ={})
         start = time.perf_counter()
-        r = backtest(cfg, scenario, days, customers=customers, step_days=step, fast=True, seed=11)
+        r = backtest(cfg, scenario, days, customers=customers, step_days=step, fast=True, seed=11,
+                     onset_day=first_training_index(cfg) + onset_after)
         out.write_text(json.dumps({"result": asdict(r), "seconds": time.perf_counter() - start}))
 
 
@@ -85,7 +97,7 @@ def main(argv: list[str]) -> int:
     quick = "--quick" in argv
     customers = 8000 if quick else 20_000
     rows, verdicts = [], []
-    for scenario, (_days, step) in PLAN.items():
+    for scenario, (_days, step, _onset) in PLAN.items():
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "result.json"
             subprocess.run([sys.executable, "-m", "bench.bench_detection", "--one", scenario,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mlflow_churn.errors import ConfigError
 
@@ -139,20 +139,38 @@ class EvaluationConfig(_Section):
     )
 
 
-class TriggerConfig(_Section):
-    """One retraining trigger: ``metric op value`` (e.g. psi > 0.2 on any feature)."""
-
-    metric: Literal[
-        "psi", "ks", "score_psi", "auc_drop", "estimated_auc_drop", "recall_drop", "lift_drop", "segment_psi"
-    ]
-    feature: str = Field("*", description="feature name, or * for any feature")
-    op: Literal[">", ">=", "<", "<="] = ">"
-    value: float
-
-
 class PersistenceConfig(_Section):
     windows: int = Field(3, ge=1, description="look at the last N monitoring windows")
     required: int = Field(2, ge=1, description="of which this many must fire")
+
+
+#: trigger metrics; the feature-level ones (psi, ks, js, chi2_p, segment_psi) take ``feature``
+TRIGGER_METRICS = (
+    "psi", "ks", "js", "chi2_p", "score_psi", "segment_psi", "auc_drop", "early_auc_drop",
+    "estimated_auc_drop", "recall_drop", "lift_drop",
+)
+
+
+class TriggerConfig(_Section):
+    """One retraining trigger: ``metric op value`` (e.g. psi > 0.2 on any feature).
+
+    ``value`` may be left out only for ``ks``: it is then ``monitoring.ks_threshold``.
+    ``persistence`` overrides the policy's persistence for this trigger (e.g. a
+    noise-thresholded performance trigger that may act on one window).
+    """
+
+    metric: Literal[TRIGGER_METRICS]  # type: ignore[valid-type]
+    feature: str = Field("*", description="feature name, or * for any feature")
+    op: Literal[">", ">=", "<", "<="] = ">"
+    value: float | None = None
+    persistence: PersistenceConfig | None = None
+
+    @model_validator(mode="after")
+    def _needs_value(self) -> TriggerConfig:
+        if self.value is None and self.metric != "ks":
+            raise ValueError(f"trigger on '{self.metric}' needs a value, e.g. {{metric: {self.metric}, "
+                             "value: 0.05}")
+        return self
 
 
 class HysteresisConfig(_Section):
@@ -168,6 +186,8 @@ class PolicyConfig(_Section):
         default_factory=lambda: [
             TriggerConfig(metric="psi", feature="*", op=">", value=0.2),
             TriggerConfig(metric="auc_drop", op=">", value=0.05),
+            TriggerConfig(metric="early_auc_drop", op=">", value=0.05,
+                          persistence=PersistenceConfig(windows=1, required=1)),
         ]
     )
     combine: Literal["any", "all", "k_of_n"] = "any"
@@ -177,10 +197,18 @@ class PolicyConfig(_Section):
     cooldown_days: int = Field(7, ge=0, description="no retrain within this many days of the last")
     integrity: Literal["block", "warn"] = "block"
     max_null_increase: float = Field(
-        0.05, ge=0, le=1, description="null-rate rise that is an integrity fault"
+        0.05, ge=0, le=1,
+        description="null-rate rise (absolute) of a feature or a raw source column that is an integrity "
+        "fault, when it is also beyond sampling noise (size-aware)",
     )
     drift_alone: Literal["investigate", "retrain"] = Field(
         "investigate", description="decision when only drift triggers fire and performance holds"
+    )
+    refresh_after_drift: bool = Field(
+        True,
+        description="a retrain on a performance drop trains on labels from before the drop; retrain "
+        "once more when the training window holds only later data (label horizon + holdout + "
+        "training window days after the drop was seen)",
     )
 
 
@@ -191,10 +219,42 @@ class MonitoringConfig(_Section):
     label_delay_days: int = Field(30, ge=1, description="labels mature this many days after scoring")
     bins: int = Field(10, ge=2, description="PSI bins (reference quantiles)")
     psi_epsilon: float = Field(1e-4, gt=0, description="floor of an empty bin's share in PSI")
-    ks_threshold: float = Field(0.1, gt=0, le=1, description="KS D above this = drift")
+    ks_threshold: float = Field(
+        0.1, gt=0, le=1,
+        description="KS D (vs the reference sample) above which a `{metric: ks}` trigger without a value "
+        "fires; not in the default triggers",
+    )
     min_segment_size: int = Field(300, ge=1, description="smaller segments are not tested")
     segments: list[str] = Field(default_factory=lambda: ["plan", "region", "contract"])
+    auc_baseline: Literal["val_auc_unselected", "val_auc", "first_window"] = Field(
+        "val_auc_unselected",
+        description="what auc_drop compares the realised AUC (customers never trained on) with: the "
+        "version's AUC at training on such customers' rows that model selection never saw "
+        "(val_auc_unselected), its val_auc (optimistic: tuned and early-stopped on those rows), or "
+        "its first measured window (kept for the version's life, never a sliding one)",
+    )
+    auc_noise_z: float = Field(
+        2.326, gt=0, description="one-sided z of the auc_drop noise level (2.326: 1% per window)"
+    )
+    early_label_days: int = Field(
+        7, ge=1, description="short label horizon (days) of the early-label AUC (early_auc_drop)"
+    )
+    early_auc_noise_z: float = Field(
+        3.09, gt=0,
+        description="one-sided z of the early_auc_drop noise level (3.09: 0.1% per window; stricter than "
+        "auc_noise_z because the default early trigger acts on one window)",
+    )
+    early_min_churners: int = Field(
+        30, ge=1, description="distinct churners a window needs before its early-label AUC counts"
+    )
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+
+    @model_validator(mode="after")
+    def _ks_default(self) -> MonitoringConfig:
+        for t in self.policy.triggers:
+            if t.metric == "ks" and t.value is None:
+                t.value = self.ks_threshold
+        return self
 
 
 class ServingConfig(_Section):

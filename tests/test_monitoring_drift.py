@@ -206,3 +206,25 @@ def test_grouped_fast_path_equals_direct_counts() -> None:
     fast = drift.ks_at_sample_points(sample, cur)
     exact = drift.ks_against_sample(sample, cur)
     assert fast <= exact + 1e-12 and exact - fast <= 1 / 2000 + 1e-3
+
+
+def test_ks_and_null_noise_levels_match_simulation() -> None:
+    rng = np.random.default_rng(8)
+    crit = drift.ks_noise_quantile(1000, 3000, 0.99)
+    ds = [stats.ks_2samp(rng.normal(size=1000), rng.normal(size=3000)).statistic for _ in range(400)]
+    assert np.mean(np.array(ds) > crit) < 0.03
+    assert crit == pytest.approx(stats.kstwo.ppf(0.99, round(1000 * 3000 / 4000)), rel=0.05)
+    # a null rate of 2% on 500 rows vs a reference of 2% on 10,000: the rise noise alone reaches
+    noise = drift.null_rise_noise(0.02, 10_000, 0.02, 500, 0.99)
+    rises = [rng.binomial(500, 0.02) / 500 - rng.binomial(10_000, 0.02) / 10_000 for _ in range(2000)]
+    assert np.mean(np.array(rises) > noise) < 0.02
+    assert drift.null_rise_noise(0.0, 0, 0.0, 0) == float("inf")
+
+
+def test_psi_rows_equals_psi_per_row() -> None:
+    ref = np.array([0.25, 0.25, 0.5])
+    counts = np.array([[10, 20, 30], [0, 0, 0], [5, 0, 5]])
+    got = drift.psi_rows(ref, counts)
+    assert got[0] == pytest.approx(drift.psi_from_shares(ref, drift.shares(counts[0])))
+    assert np.isnan(got[1])
+    assert got[2] == pytest.approx(drift.psi_from_shares(ref, drift.shares(counts[2])))

@@ -45,17 +45,31 @@ def test_monitor_logs_a_run_with_evidence_and_reads_history(trained) -> None:
     hist = client.get_metric_history(first.run_id, "daily_psi.monthly_usage")
     assert sorted(m.step for m in hist) == list(range(cfg.monitoring.window_days))
     names = {a.path for a in client.list_artifacts(first.run_id)}
-    assert {"decision.json", "window_stats.json", "psi_heatmap.png", "drift_report.html"} <= names
+    assert {"decision.json", "window_stats.json", "psi_heatmap.png", "psi_timeline.png",
+            "drift_report.html"} <= names
+    # categorical drift, KS thresholds and the raw sources' null rates are logged too
+    metrics = run.data.metrics
+    assert {"js.plan", "chi2_p.plan", "ks.monthly_usage",
+            "source_null_rate.activity.data_used_mb"} <= set(metrics)
+    assert first.stats.ks_threshold["monthly_usage"] > 0
+    seg_hist = client.get_metric_history(first.run_id, "daily_segment_psi.region.pacific")
+    assert sorted(m.step for m in seg_hist) == list(range(cfg.monitoring.window_days))
+    nulls = client.get_metric_history(first.run_id, "daily_null_rate.activity.data_used_mb")
+    assert len(nulls) == cfg.monitoring.window_days and all(m.value == 0 for m in nulls)
     # the pre-onset window is quiet: population PSI small
     assert first.population_psi_max < 0.2
 
-    # 5 weeks after onset: pacific moved, the population barely
+    # 4 and 5 weeks after onset: pacific moved (in 2 of the last 3 windows), the population barely
     late = AS_OF + timedelta(days=35)
+    middle = monitor(cfg, late - timedelta(days=7), report=False)
+    assert middle.decision.segments == []  # once is not persistent
+    assert any("region=pacific moved" in r and "only in 1" in r for r in middle.decision.reasons)
     second = monitor(cfg, late, report=False)
     back = read_history(cfg, cfg.training.model_name, res.version, late + timedelta(days=1))
-    assert [w.as_of for w in back] == [AS_OF, late]
+    assert [w.as_of for w in back] == [AS_OF, late - timedelta(days=7), late]
     assert second.stats.segment_psi["region=pacific"] == max(second.stats.segment_psi.values())
     assert "region=pacific" in second.decision.segments
+    assert second.decision.action == "investigate"
     assert second.population_psi_max < 0.1
     latest = latest_decision(cfg)
     assert latest["run_id"] == second.run_id

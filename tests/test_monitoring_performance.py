@@ -37,18 +37,18 @@ def test_expected_business_and_realised_drops() -> None:
     real = classification_metrics(y, p, cfg)
     assert exp["recall_at_k"] == pytest.approx(real["recall_at_k"], abs=0.03)
     assert exp["revenue_lift"] == pytest.approx(real["revenue_lift"], rel=0.1)
-    perf = assess(p, p[:5000], cfg, val_auc=0.80, matured_labels=y, matured_scores=p, label_horizon_days=30)
-    assert perf.auc_drop == pytest.approx(0.80 - real["roc_auc"])
+    perf = assess(p, p[:5000], cfg, matured_labels=y, matured_scores=p, label_horizon_days=30)
+    assert perf.realised["roc_auc"] == pytest.approx(real["roc_auc"])
     assert abs(perf.recall_drop) < 0.03
     assert abs(perf.estimated_auc_drop) < 0.02
     assert "realised_roc_auc" in perf.metrics()
     # labels that no longer follow the scores (concept drift): realised drops, estimate cannot see it
     y_shuffled = rng.permutation(y)
-    bad = assess(p, p, cfg, val_auc=0.80, matured_labels=y_shuffled, matured_scores=p)
-    assert bad.auc_drop > 0.2 and bad.recall_drop > 0.1 and bad.lift_drop > 0.5
+    bad = assess(p, p, cfg, matured_labels=y_shuffled, matured_scores=p)
+    assert bad.realised["roc_auc"] < 0.55 and bad.recall_drop > 0.1 and bad.lift_drop > 0.5
     assert bad.estimated_auc_drop == pytest.approx(0.0)
     # no matured labels: realised metrics are None
-    none = assess(p, p, cfg, val_auc=0.8)
+    none = assess(p, p, cfg)
     assert none.auc_drop is None and none.realised is None
 
 
@@ -64,3 +64,38 @@ def test_auc_noise_level_matches_simulation() -> None:
         aucs.append(roc_auc_score(y, s))
     se = auc_standard_error(float(np.mean(aucs)), 100, 900)
     assert se == pytest.approx(np.std(aucs), rel=0.2)
+
+
+def test_platt_calibration_restores_the_cbpe_estimate() -> None:
+    from mlflow_churn.monitoring.performance import calibrate, fit_calibration
+
+    rng = np.random.default_rng(2)
+    true_p = rng.beta(1.2, 20, size=30_000)
+    y = (rng.random(true_p.size) < true_p).astype(int)
+    logit = np.log(true_p / (1 - true_p))
+    squeezed = 1 / (1 + np.exp(-(0.3 * logit - 2.2)))  # an early-stopped booster: scores near the base rate
+    realised = roc_auc_score(y, squeezed)
+    assert expected_auc(squeezed) < realised - 0.05
+    cal = fit_calibration(squeezed, y)
+    assert cal["a"] == pytest.approx(1 / 0.3, rel=0.1) and cal["positives"] == y.sum()
+    assert expected_auc(calibrate(squeezed, cal)) == pytest.approx(realised, abs=0.01)
+    assert fit_calibration(squeezed, np.zeros_like(y))["a"] == 1.0  # one class: the identity
+    np.testing.assert_allclose(calibrate(squeezed, None), squeezed)
+
+
+def test_auc_check_counts_distinct_customers_and_combines_both_errors() -> None:
+    from mlflow_churn.monitoring.performance import auc_check, auc_standard_error
+
+    rng = np.random.default_rng(3)
+    ids = np.repeat(np.arange(2000), 7)  # one customer on 7 cutoffs
+    churner = rng.random(2000) < 0.05
+    y = np.repeat(churner, 7).astype(int)
+    s = rng.normal(size=ids.size) + y
+    check = auc_check(y, s, ids, baseline=0.8, baseline_se=0.02, z=2.0)
+    pos = int(churner.sum())
+    assert check.churners == pos
+    assert check.se == pytest.approx(auc_standard_error(check.auc, pos, 2000 - pos))
+    assert check.drop == pytest.approx(0.8 - check.auc)
+    assert check.threshold == pytest.approx(2.0 * np.hypot(check.se, 0.02))
+    assert auc_check(y, s, ids, 0.8, 0.02, 2.0, min_churners=pos + 1) is None
+    assert auc_check(y, s, ids, None, None, 2.0).drop is None

@@ -94,7 +94,7 @@ def test_integrity_blocks_never_retrains() -> None:
     d = decide(hist, cfg(), bad.as_of)
     assert d.action == "blocked"
     assert d.features == ["data_mb_30d"]
-    assert "null rate of 'data_mb_30d' rose" in d.reasons[0]
+    assert "null rate of feature 'data_mb_30d' rose" in d.reasons[0]
     missing = win(1)
     missing.missing_features = ["tenure_days"]
     assert decide([missing], cfg(), missing.as_of).action == "blocked"
@@ -119,10 +119,13 @@ def test_segment_attribution_uses_size_aware_thresholds() -> None:
 
 
 def test_combine_all_and_k_of_n_and_strict_preset() -> None:
+    two = [{"metric": "psi", "value": 0.2}, {"metric": "auc_drop", "value": 0.05}]
     hist = [win(0, psi=0.3, auc_drop=0.0), win(1, psi=0.3, auc_drop=0.0)]
-    assert decide(hist, cfg(combine="all"), hist[-1].as_of).action == "ok"
+    assert decide(hist, cfg(combine="all", triggers=two), hist[-1].as_of).action == "ok"
     both = [win(0, psi=0.3, auc_drop=0.06), win(1, psi=0.3, auc_drop=0.06)]
-    assert decide(both, cfg(combine="all"), both[-1].as_of).action == "retrain"
+    assert decide(both, cfg(combine="all", triggers=two), both[-1].as_of).action == "retrain"
+    # the default's third trigger (early_auc_drop) is not measured here: "all" cannot hold
+    assert decide(both, cfg(combine="all"), both[-1].as_of).action == "ok"
     assert decide(hist, cfg(combine="k_of_n", k=2), hist[-1].as_of).action == "ok"
     # stricter preset: one config line (YAML/env) changes the triggers
     triggers = '[{"metric": "psi", "value": 0.15}, {"metric": "auc_drop", "value": 0.03}]'
@@ -150,3 +153,105 @@ def test_auc_drop_threshold_is_size_aware() -> None:
     for w in noisy:
         w.auc_drop_threshold = 0.03
     assert decide(noisy, cfg(), noisy[-1].as_of).action == "retrain"
+
+
+def test_early_auc_drop_acts_on_one_window_beyond_its_noise() -> None:
+    quiet = win(0)
+    drop = win(1, early_auc_drop=0.12, early_auc_drop_threshold=0.08)
+    d = decide([quiet, drop], cfg(), drop.as_of)
+    assert d.action == "retrain" and d.fired == ["early_auc_drop > 0.05"]
+    assert any("in 1 of the last 1 windows" in r for r in d.reasons)
+    drop.early_auc_drop_threshold = 0.15  # a small window: within noise
+    assert decide([quiet, drop], cfg(), drop.as_of).action == "ok"
+    # the same trigger under the policy's persistence (2 of 3) waits for a second window
+    drop.early_auc_drop_threshold = 0.08
+    p = cfg(triggers=[{"metric": "early_auc_drop", "value": 0.05}])
+    assert decide([quiet, drop], p, drop.as_of).action == "ok"
+    assert decide([quiet, drop, drop], p, drop.as_of).action == "retrain"
+
+
+def test_raw_source_null_spike_and_missing_day_block() -> None:
+    col = "activity.data_used_mb"
+    w = win(0, source_null_rate={col: 0.3}, ref_source_null_rate={col: 0.0},
+            source_null_threshold={col: 0.01})
+    d = decide([w], cfg(), w.as_of)
+    assert d.action == "blocked" and d.features == ["data_used_mb"]
+    assert "null rate of source column 'activity.data_used_mb' rose from 0.0% to 30.0%" in d.reasons[0]
+    # size-aware: on a small day an 8% rise is within noise; on a big one it is not
+    w.source_null_rate, w.source_null_threshold = {col: 0.08}, {col: 0.1}
+    assert decide([w], cfg(), w.as_of).action == "ok"
+    w.source_null_threshold = {col: 0.01}
+    assert decide([w], cfg(), w.as_of).action == "blocked"
+    gap = win(0, missing_days=["2026-04-01"])
+    d = decide([gap], cfg(), gap.as_of)
+    assert d.action == "blocked" and "no source rows on 2026-04-01" in d.reasons[0]
+
+
+def test_categorical_and_ks_triggers() -> None:
+    once = {"windows": 1, "required": 1}
+    w = win(0, js={"plan": 0.3, "region": 0.01}, chi2_p={"plan": 1e-9, "region": 0.4},
+            ks={"monthly_usage": 0.15}, ks_threshold={"monthly_usage": 0.02})
+    d = decide([w], cfg(triggers=[{"metric": "js", "value": 0.1}], persistence=once), w.as_of)
+    assert d.action == "investigate" and d.features == ["plan"]
+    chi2_policy = cfg(triggers=[{"metric": "chi2_p", "op": "<", "value": 0.001}], persistence=once)
+    d = decide([w], chi2_policy, w.as_of)
+    assert d.action == "investigate" and d.features == ["plan"] and d.fired == ["chi2_p[*] < 0.001"]
+    # a ks trigger without a value takes monitoring.ks_threshold (KS D, default 0.1)
+    env = {"CHURN_MONITORING__POLICY__TRIGGERS": '[{"metric": "ks"}]',
+           "CHURN_MONITORING__POLICY__PERSISTENCE__REQUIRED": "1",
+           "CHURN_MONITORING__POLICY__PERSISTENCE__WINDOWS": "1"}
+    ks_policy = load_config(environ=env).monitoring.policy
+    assert ks_policy.triggers[0].value == 0.1
+    assert decide([w], ks_policy, w.as_of).features == ["monthly_usage"]
+    strict = load_config(environ={**env, "CHURN_MONITORING__KS_THRESHOLD": "0.2"}).monitoring.policy
+    assert decide([w], strict, w.as_of).action == "ok"
+    # size-aware: D below the critical value of a small sample does not fire
+    w.ks_threshold = {"monthly_usage": 0.3}
+    assert decide([w], ks_policy, w.as_of).action == "ok"
+    with pytest.raises(Exception, match="needs a value"):
+        load_config(environ={"CHURN_MONITORING__POLICY__TRIGGERS": '[{"metric": "psi"}]'})
+
+
+def test_segment_alarm_has_persistence_and_hysteresis() -> None:
+    def seg(i: int, value: float) -> WindowStats:
+        return win(i, segment_psi={"region=pacific": value}, segment_threshold={"region=pacific": 0.1},
+                   segment_features={"region=pacific": ["monthly_usage"]})
+
+    once = decide([seg(0, 0.01), seg(1, 0.5)], cfg(), seg(1, 0.5).as_of)
+    assert once.action == "ok" and once.segments == []
+    assert any("region=pacific moved" in r and "only in 1 of the last 2" in r for r in once.reasons)
+    twice = [seg(0, 0.5), seg(1, 0.5)]
+    assert decide(twice, cfg(), twice[-1].as_of).segments == ["region=pacific"]
+    # below the 0.2 floor but above half of it: still moved (hysteresis); clearly below: cleared
+    assert decide([*twice, seg(2, 0.15)], cfg(), seg(2, 0.15).as_of).action == "investigate"
+    assert decide([*twice, seg(2, 0.05)], cfg(), seg(2, 0.05).as_of).action == "ok"
+
+
+def test_refresh_after_drift_retrains_once_the_window_holds_later_data() -> None:
+    quiet = [win(0), win(1)]
+    now = quiet[-1].as_of
+    d = decide(quiet, cfg(), now, refresh_due=now - timedelta(days=1))
+    assert d.action == "retrain" and d.fired == ["refresh_after_drift"]
+    assert any("refresh due since" in r for r in d.reasons)
+    assert decide(quiet, cfg(), now, refresh_due=now + timedelta(days=1)).action == "ok"
+    assert decide(quiet, cfg(refresh_after_drift=False), now, refresh_due=now).action == "ok"
+    # the cooldown still applies
+    d = decide(quiet, cfg(), now, last_retrain=now - timedelta(days=2), refresh_due=now)
+    assert d.action == "investigate" and any("cooldown" in r for r in d.reasons)
+
+
+def test_refresh_due_tag_of_a_challenger() -> None:
+    from mlflow_churn.monitoring.retrain import refresh_due
+
+    c = load_config(environ={})
+    lag = timedelta(days=30 + 7 + 30)  # label horizon + holdout + training window
+    drop = {"as_of": T0.isoformat(), "fired": ["early_auc_drop > 0.05"]}
+    assert refresh_due(c, drop, {}) == (T0 + lag).isoformat()
+    # a pending refresh of the champion carries over (the earlier one wins)
+    pending = {"refresh_due": (T0 + timedelta(days=10)).isoformat()}
+    assert refresh_due(c, drop, pending) == pending["refresh_due"]
+    # drift alone or the refresh itself schedules none
+    assert refresh_due(c, {"as_of": T0.isoformat(), "fired": ["psi[*] > 0.2"]}, {}) is None
+    assert refresh_due(c, {"as_of": T0.isoformat(), "fired": ["refresh_after_drift"]}, pending) is None
+    assert refresh_due(load_config(environ={"CHURN_MONITORING__POLICY__REFRESH_AFTER_DRIFT": "false"}),
+                       drop, {}) is None

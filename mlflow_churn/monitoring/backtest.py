@@ -17,10 +17,15 @@ Scoring (onset = first drifted day of the simulation):
   it, and the same in windows (days / window_days);
 * **attribution** (segment_shift): whether the first post-onset alarm names the
   scenario's segment (``region=pacific``) and the population PSI max at that time;
-* **AUC over time**: realised AUC per window (labels matured ``label_delay_days`` after
-  scoring); ``pre_drift_auc`` averages windows whose labelled cutoffs precede the onset,
-  ``post_retrain_auc`` windows of the last retrained version whose labelled cutoffs follow
-  its training.
+* **AUC over time**: realised AUC per window on every customer (labels matured
+  ``label_delay_days`` after scoring) and the early-label AUC; ``pre_drift_auc`` averages
+  the first model's windows whose label periods end by the onset (``as_of <= onset``);
+  ``post_retrain_auc`` the windows of the newest retrained champion that has any, whose
+  labelled cutoffs all follow its training (``as_of - label horizon - window >= retrain
+  day``): ``post_retrain_version`` / ``post_retrain_windows`` say which and how many.
+  With a 30-day label horizon a retrain on drifted data needs the drift's labels to
+  mature first, so measuring it takes about ``onset + 2 x (horizon + holdout) + window``
+  days of replay.
 
 The run (experiment ``<training.experiment>-monitoring``) logs per-window metrics
 (step = window index), the summary, ``backtest.json`` and ``backtest_timeline.png``.
@@ -43,6 +48,7 @@ from mlflow_churn.config import SCENARIOS, ChurnConfig
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.monitoring.monitor import monitor, monitoring_experiment
 from mlflow_churn.monitoring.policy import WindowStats
+from mlflow_churn.monitoring.runs import nested_run
 
 
 @dataclass
@@ -61,6 +67,9 @@ class WindowRecord:
     realised_auc: float | None
     estimated_auc: float
     post_onset: bool
+    early_auc: float | None = None
+    auc_drop: float | None = None
+    early_auc_drop: float | None = None
     retrained_to: str | None = None
     reasons: list[str] = field(default_factory=list)
 
@@ -87,6 +96,9 @@ class BacktestResult:
     post_retrain_auc: float | None
     run_id: str | None = None
     segment: str = ""
+    post_retrain_version: str | None = None
+    post_retrain_windows: int = 0
+    pre_drift_windows: int = 0
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
@@ -95,7 +107,8 @@ class BacktestResult:
         return d
 
 
-def _retrain(cfg: ChurnConfig, as_of: datetime, n_trials: int, progress: bool) -> str | None:
+def _retrain(cfg: ChurnConfig, as_of: datetime, n_trials: int, progress: bool,
+             decision: dict[str, Any]) -> str | None:
     """Retrain; returns the new champion version (None when the gate rejected it)."""
     from mlflow import MlflowClient
 
@@ -105,7 +118,7 @@ def _retrain(cfg: ChurnConfig, as_of: datetime, n_trials: int, progress: bool) -
     client = MlflowClient()
     name = cfg.training.model_name
     res = retrain(cfg.model_copy(update={"training": cfg.training.model_copy(update={"n_trials": n_trials})}),
-                  as_of, force=True, progress=progress)
+                  as_of, force=True, progress=progress, decision=decision)
     gate = getattr(res, "gate", None)
     if gate is None or not gate.passed:
         return None
@@ -133,36 +146,35 @@ def _log_backtest(cfg: ChurnConfig, exp_id: str, result: BacktestResult, spec: A
     from mlflow_churn.tracking import setup_mlflow
 
     setup_mlflow(cfg, monitoring_experiment(cfg))
-    parent = os.environ.get("MLFLOW_RUN_ID")
-    outer = mlflow.start_run(run_id=parent) if parent else None
-    try:
-        with mlflow.start_run(run_name=f"backtest {result.scenario} {spec.days}d",
-                              experiment_id=None if parent else exp_id, nested=bool(parent)) as run:
-            mlflow.set_tags({"backtest.scenario": result.scenario, "backtest.fast": str(fast)})
-            mlflow.log_params({"scenario": result.scenario, "days": spec.days, "customers": spec.customers,
-                               "onset": manifest["onset_date"], "step_days": step,
-                               "window_days": cfg.monitoring.window_days, "n_trials": n_trials,
-                               "label_delay_days": cfg.monitoring.label_delay_days,
-                               "triggers": "; ".join(f"{x.metric}[{x.feature}]{x.op}{x.value}"
-                                                     for x in cfg.monitoring.policy.triggers)[:500]})
-            for w in result.windows:
-                mlflow.log_metrics({k: float(v) for k, v in {
-                    "bt_population_psi_max": w.population_psi_max, "bt_score_psi": w.score_psi,
-                    "bt_realised_auc": w.realised_auc, "bt_estimated_auc": w.estimated_auc,
-                    "bt_alarm": float(w.action != "ok"), "bt_retrain": float(w.retrained_to is not None),
-                    "bt_top_segment_psi": w.top_segment_psi,
-                }.items() if v is not None and math.isfinite(v)}, step=w.index)
-            mlflow.log_metrics({k: float(v) for k, v in result.summary().items()
-                                if isinstance(v, (int, float)) and not isinstance(v, bool)
-                                and math.isfinite(v)})
-            mlflow.log_dict({"summary": result.summary(), "windows": [asdict(w) for w in result.windows]},
-                            "backtest.json")
-            fig = _timeline(result, retrain_days)
-            mlflow.log_figure(fig, "backtest_timeline.png")
-            return run.info.run_id
-    finally:
-        if outer is not None:
-            mlflow.end_run()
+    with nested_run(f"backtest {result.scenario} {spec.days}d", exp_id) as run:
+        mlflow.set_tags({"backtest.scenario": result.scenario, "backtest.fast": str(fast)})
+        mlflow.log_params({"scenario": result.scenario, "days": spec.days, "customers": spec.customers,
+                           "onset": manifest["onset_date"], "step_days": step,
+                           "window_days": cfg.monitoring.window_days, "n_trials": n_trials,
+                           "label_delay_days": cfg.monitoring.label_delay_days,
+                           "triggers": "; ".join(f"{x.metric}[{x.feature}]{x.op}{x.value}"
+                                                 for x in cfg.monitoring.policy.triggers)[:500]})
+        for w in result.windows:
+            mlflow.log_metrics({k: float(v) for k, v in {
+                "bt_population_psi_max": w.population_psi_max, "bt_score_psi": w.score_psi,
+                "bt_realised_auc": w.realised_auc, "bt_estimated_auc": w.estimated_auc,
+                "bt_alarm": float(w.action != "ok"), "bt_retrain": float(w.retrained_to is not None),
+                "bt_top_segment_psi": w.top_segment_psi, "bt_early_auc": w.early_auc,
+            }.items() if v is not None and math.isfinite(v)}, step=w.index)
+        mlflow.log_metrics({k: float(v) for k, v in result.summary().items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)
+                            and math.isfinite(v)})
+        mlflow.log_dict({"summary": result.summary(), "windows": [asdict(w) for w in result.windows]},
+                        "backtest.json")
+        fig = _timeline(result, retrain_days)
+        mlflow.log_figure(fig, "backtest_timeline.png")
+        return run.info.run_id
+
+
+def first_training_index(cfg: ChurnConfig, warmup_days: int = 14) -> int:
+    """Day index (from the simulation start) of the replay's first training: a full feature
+    window (60 days), the label horizon, the holdout days and ``warmup_days``."""
+    return cfg.features.label_horizon_days + cfg.evaluation.holdout_days + 60 + warmup_days
 
 
 def _first_train_day(cfg: ChurnConfig) -> datetime:
@@ -196,6 +208,8 @@ def _timeline(result: BacktestResult, retrain_days: list[str]) -> Any:
         label="realised AUC (matured labels)",
     )
     ax2.plot(x, [w.estimated_auc for w in result.windows], label="estimated AUC (calibration)", alpha=0.7)
+    ax2.plot(x, [np.nan if w.early_auc is None else w.early_auc for w in result.windows], marker="x",
+             label="early-label AUC (unseen customers)", alpha=0.7)
     ax2.set_ylabel("AUC")
     ax2.legend(fontsize=8)
     for ax in (ax1, ax2):
@@ -236,6 +250,7 @@ def backtest(
 
     from mlflow_churn.data.simulator import SimulationSpec, read_manifest, simulate
     from mlflow_churn.features.offline import data_bounds
+    from mlflow_churn.monitoring.frames import FrameCache
     from mlflow_churn.registry.aliases import CHAMPION, move_alias
     from mlflow_churn.tracking import setup_mlflow
     from mlflow_churn.training.train import train
@@ -244,7 +259,7 @@ def backtest(
         raise ChurnError(f"--scenario must be one of {', '.join(SCENARIOS)}, got '{scenario}'")
     sim = cfg.simulation
     start = sim.start
-    first_train_idx = cfg.features.label_horizon_days + cfg.evaluation.holdout_days + 60 + warmup_days
+    first_train_idx = first_training_index(cfg, warmup_days)
     onset = onset_day if onset_day is not None else first_train_idx + 28
     if days < first_train_idx + 2 * cfg.monitoring.window_days:
         raise ChurnError(
@@ -289,10 +304,11 @@ def backtest(
     seg_key = f"{sim.segment_column}={sim.segment_value}"
     horizon = min(cfg.features.label_horizon_days, cfg.monitoring.label_delay_days)
 
+    cache = FrameCache()
     with _no_project_run():
         for i, as_of in enumerate(times):
             hist = history.setdefault(version, [])
-            res = monitor(cfg, as_of, history=list(hist), report=False, log=not fast)
+            res = monitor(cfg, as_of, history=list(hist), report=False, log=not fast, cache=cache)
             s = res.stats
             hist.append(s)
             top_feat = max(s.psi.items(), key=lambda kv: kv[1])[0] if s.psi else ""
@@ -311,9 +327,12 @@ def backtest(
                 estimated_auc=res.performance.estimated_auc,
                 post_onset=as_of > onset_dt,
                 reasons=res.decision.reasons[:4],
+                early_auc=s.early_auc,
+                auc_drop=s.auc_drop,
+                early_auc_drop=s.early_auc_drop,
             )
             if res.decision.action == "retrain":
-                new = _retrain(cfg, as_of, n_trials, progress)
+                new = _retrain(cfg, as_of, n_trials, progress, res.decision.to_dict())
                 if new is not None:
                     s.retrained = True
                     rec.retrained_to = new
@@ -351,8 +370,8 @@ def _score(
     horizon: int,
     seg_key: str,
 ) -> BacktestResult:
-    pre = [r for r in records if scenario == "stable" or not r.post_onset]
-    false = [r for r in pre if r.action != "ok"]
+    quiet = [r for r in records if scenario == "stable" or not r.post_onset]
+    false = [r for r in quiet if r.action != "ok"]
     post = [r for r in records if r.post_onset and scenario != "stable"]
     first = next((r for r in post if r.action != "ok"), None)
     delay_days = (datetime.fromisoformat(first.as_of) - onset).total_seconds() / 86400 if first else None
@@ -360,39 +379,35 @@ def _score(
     if scenario in ("segment_shift", "usage_and_segment"):
         attributed = bool(first and any(seg_key == r.top_segment for r in post if r.action != "ok"))
     lag = timedelta(days=horizon + window_days)
-    pre_auc = _mean(
-        [
-            r.realised_auc
-            for r in records
-            if r.model_version == first_version and datetime.fromisoformat(r.as_of) - lag < onset
-        ]
-    )
-    post_auc = None
-    if retrain_days:
-        last_day = datetime.fromisoformat(retrain_days[-1])
-        post_auc = _mean(
-            [
-                r.realised_auc
-                for r in records
-                if r.model_version == retrains[-1] and datetime.fromisoformat(r.as_of) - lag >= last_day
-            ]
-        )
+    pre = [r for r in records if r.model_version == first_version and datetime.fromisoformat(r.as_of) <= onset
+           and r.realised_auc is not None]
+    post_version, post = None, []
+    for version, day in reversed(list(zip(retrains, retrain_days, strict=True))):
+        start = datetime.fromisoformat(day)
+        post = [r for r in records if r.model_version == version and r.realised_auc is not None
+                and datetime.fromisoformat(r.as_of) - lag >= start]
+        if post:
+            post_version = version
+            break
     return BacktestResult(
         scenario=scenario,
         onset=onset.isoformat(),
         windows=records,
         window_days=window_days,
         step_days=step,
-        pre_onset_windows=len(pre),
+        pre_onset_windows=len(quiet),
         false_alarms=len(false),
-        false_alarm_rate=len(false) / len(pre) if pre else 0.0,
+        false_alarm_rate=len(false) / len(quiet) if quiet else 0.0,
         detected=first is not None,
         detection_delay_days=delay_days,
         detection_delay_windows=delay_days / window_days if delay_days is not None else None,
         attributed=attributed,
         population_psi_at_detection=first.population_psi_max if first else None,
         retrains=retrains,
-        pre_drift_auc=pre_auc,
-        post_retrain_auc=post_auc,
+        pre_drift_auc=_mean([r.realised_auc for r in pre]),
+        post_retrain_auc=_mean([r.realised_auc for r in post]),
         segment=seg_key,
+        post_retrain_version=post_version,
+        post_retrain_windows=len(post),
+        pre_drift_windows=len(pre),
     )

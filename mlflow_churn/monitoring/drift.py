@@ -320,6 +320,39 @@ def psi_threshold(configured: float, n_ref: int, n_cur: int, n_bins: int,
     return max(float(configured), psi_noise_quantile(n_ref, n_cur, n_bins, quantile))
 
 
+def ks_noise_quantile(n_ref: int, n_cur: int, quantile: float = 0.99) -> float:
+    """KS D that sampling noise alone exceeds with probability 1 - ``quantile`` (two samples of
+    ``n_ref`` and ``n_cur`` rows; Smirnov's asymptotic c(alpha) sqrt((n + m) / (n m)))."""
+    if n_ref <= 0 or n_cur <= 0:
+        return float("inf")
+    c = math.sqrt(-math.log((1.0 - quantile) / 2.0) / 2.0)
+    return float(c * math.sqrt((n_ref + n_cur) / (n_ref * n_cur)))
+
+
+def null_rise_noise(ref_rate: float, n_ref: int, rate: float, n_cur: int, quantile: float = 0.99) -> float:
+    """Rise of a null rate (absolute, current - reference) that sampling noise alone exceeds with
+    probability 1 - ``quantile``: z_q * sqrt(p0 (1 - p0) / N + p1 (1 - p1) / M); ``inf`` when
+    the current sample is empty (nothing to judge)."""
+    if n_cur <= 0:
+        return float("inf")
+    var = rate * (1.0 - rate) / n_cur + (ref_rate * (1.0 - ref_rate) / n_ref if n_ref > 0 else 0.0)
+    return float(stats.norm.ppf(quantile) * math.sqrt(var))
+
+
+def psi_rows(reference: Any, counts: np.ndarray, epsilon: float = DEFAULT_EPSILON) -> np.ndarray:
+    """PSI of every row of a (groups x bins) count matrix against one share vector (or one
+    share vector per row); rows without counts give NaN."""
+    c = np.atleast_2d(np.asarray(counts, dtype="float64"))
+    total = c.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cur = np.where(total > 0, c / np.where(total > 0, total, 1.0), 0.0)
+    r = np.broadcast_to(np.asarray(reference, dtype="float64"), cur.shape)
+    r = np.where(r > 0, r, epsilon)
+    cur = np.where(cur > 0, cur, epsilon)
+    out = np.sum((cur - r) * np.log(cur / r), axis=1)
+    return np.where(total[:, 0] > 0, out, np.nan)
+
+
 # --------------------------------------------------------------------------- profiles
 def feature_psi_against_profile(entry: Mapping[str, Any], current: Any,
                                 epsilon: float = DEFAULT_EPSILON) -> float:

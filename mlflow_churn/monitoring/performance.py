@@ -6,13 +6,37 @@ cutoffs in the monitoring window ending ``label_delay_days`` before ``as_of``, l
 with churn in the next ``min(label_horizon_days, label_delay_days)`` days, using only
 churn events up to ``as_of``.
 
+Comparisons with a baseline (:func:`auc_check`) use customers no model trained on (the
+``holdout`` and ``validation`` groups of :mod:`mlflow_churn.data.groups`), the population the
+baseline was measured on: a model is worse on the customers it trained on (it learned their
+past), so the realised AUC on everyone sits below ``val_auc`` without any degradation.
+
+- ``auc_drop`` = baseline - realised AUC on matured ``label_horizon_days`` labels; the
+  baseline is the version's ``val_auc`` (``monitoring.auc_baseline: val_auc``) or its first
+  measured window (``first_window``);
+- ``early_auc_drop`` = ``val_auc_7d`` - AUC on short labels (churn within
+  ``monitoring.early_label_days``, mature after that many days) of the newest cutoffs whose
+  short labels have matured, against the same short-horizon AUC measured at training on
+  customers no model trained on (:mod:`mlflow_churn.monitoring.baseline`). It sees concept
+  drift weeks before the 30-day labels do.
+
+Each comparison's noise level is ``z * sqrt(SE_baseline^2 + SE_current^2)`` with Hanley &
+McNeil standard errors over *distinct* customers (one customer scored on several cutoffs is
+one cluster: counting rows would understate the noise); a window with fewer than
+``early_min_churners`` distinct churners is not measured.
+
 Estimated AUC without labels (CBPE-style, confidence-based performance estimation):
 
-* **Assumption 1, calibration**: a customer with score p churns with probability p.
+* **Assumption 1, calibration**: a customer with score p churns with probability p. The
+  raw scores are not calibrated (early stopping on a small validation set stops a
+  low-learning-rate booster after a few trees, leaving scores squeezed around the base
+  rate: the estimate then falls towards 0.5; measured 0.55 vs a realised 0.73), so training
+  fits a Platt map (logistic regression of the validation labels on logit(score),
+  :func:`fit_calibration`) and stores it in the profile; every estimate applies it first.
 * **Assumption 2, independence**: labels are independent Bernoulli(p_i) draws.
 * **Assumption 3, no concept drift**: P(churn | features) is what the model learned;
   concept drift (the scenario ``concept_drift``) is invisible to this estimate, only
-  realised metrics catch it.
+  realised and early-label metrics catch it.
 
 Under 1-2, each pair (i, j) with s_j > s_i is concordant with probability
 p_j (1 - p_i). The expected AUC is approximated by the ratio of expectations
@@ -25,12 +49,13 @@ E[concordant pairs] / E[positive x negative pairs]:
 computed in O(n log n) by sorting the scores (ties in groups). The expected recall@k and
 revenue lift follow the same way (expected churners in the top k = sum of their scores).
 ``estimated_auc_drop`` compares AUC_hat of the reference scores (the profile's sample)
-with AUC_hat of the current scores, so a miscalibrated model's bias cancels out.
+with AUC_hat of the current scores, both calibrated.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,10 +116,88 @@ def auc_standard_error(auc: float, positives: float, negatives: float) -> float:
     return math.sqrt(max(var, 0.0))
 
 
-def auc_drop_noise(auc: float, positives: float, negatives: float, z: float = 2.326) -> float:
-    """AUC drop that sampling noise alone exceeds with ~1% probability: z * sqrt(2) * SE
-    (two independent windows of this size: the baseline and the current one)."""
-    return z * math.sqrt(2.0) * auc_standard_error(auc, positives, negatives)
+def fit_calibration(scores: Any, labels: Any, iterations: int = 50) -> dict[str, Any]:
+    """Platt map of ``scores`` to P(label = 1): logistic regression of ``labels`` on logit(score)
+    (Newton steps) -> ``{"method": "platt", "a", "b", "rows", "positives"}``; the identity
+    (a = 1, b = 0) when both classes are not present."""
+    p = np.clip(np.asarray(scores, dtype="float64").ravel(), 1e-6, 1 - 1e-6)
+    y = np.asarray(labels, dtype="float64").ravel()
+    out = {"method": "platt", "a": 1.0, "b": 0.0, "rows": int(y.size), "positives": int(y.sum())}
+    if y.size == 0 or not 0 < y.sum() < y.size:
+        return out
+    x = np.log(p / (1 - p))
+    coef = np.array([1.0, 0.0])
+    design = np.column_stack([x, np.ones_like(x)])
+    for _ in range(iterations):
+        q = 1.0 / (1.0 + np.exp(-(design @ coef)))
+        grad = design.T @ (y - q)
+        hess = (design * (q * (1 - q))[:, None]).T @ design + 1e-9 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        coef += step
+        if np.abs(step).max() < 1e-10:
+            break
+    if np.isfinite(coef).all():
+        out["a"], out["b"] = float(coef[0]), float(coef[1])
+    return out
+
+
+def calibrate(scores: Any, calibration: Mapping[str, Any] | None) -> np.ndarray:
+    """``scores`` through a :func:`fit_calibration` map (None: unchanged)."""
+    p = np.asarray(scores, dtype="float64").ravel()
+    if not calibration:
+        return p
+    q = np.clip(p, 1e-6, 1 - 1e-6)
+    return 1.0 / (1.0 + np.exp(-(calibration["a"] * np.log(q / (1 - q)) + calibration["b"])))
+
+
+def cluster_counts(labels: Any, customer_ids: Any | None) -> tuple[int, int]:
+    """(distinct churners, distinct non-churners): customers with a positive row, and the rest."""
+    y = np.asarray(labels).astype(bool)
+    if customer_ids is None:
+        return int(y.sum()), int((~y).sum())
+    ids = np.asarray(customer_ids)
+    pos = np.unique(ids[y])
+    return int(pos.size), int(np.setdiff1d(np.unique(ids), pos).size)
+
+
+def auc_se(auc: float, labels: Any, customer_ids: Any | None = None) -> float:
+    """Hanley-McNeil standard error of ``auc`` over distinct customers (see module doc)."""
+    pos, neg = cluster_counts(labels, customer_ids)
+    return auc_standard_error(auc, pos, neg)
+
+
+@dataclass
+class AucCheck:
+    """A realised AUC against its baseline: ``drop`` = baseline - auc, ``threshold`` = its noise
+    level (``z * sqrt(baseline_se^2 + se^2)``), ``churners`` = distinct churners measured."""
+
+    auc: float
+    se: float
+    churners: int
+    baseline: float | None = None
+    baseline_se: float | None = None
+    drop: float | None = None
+    threshold: float | None = None
+
+
+def auc_check(labels: Any, scores: Any, customer_ids: Any | None, baseline: float | None,
+              baseline_se: float | None, z: float, min_churners: int = 1) -> AucCheck | None:
+    """ROC AUC of ``scores`` on ``labels`` compared with ``baseline`` (None: no comparison);
+    None when there are fewer than ``min_churners`` distinct churners or one class only."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(labels).astype(int)
+    pos, neg = cluster_counts(y, customer_ids)
+    if pos < max(min_churners, 1) or neg == 0:
+        return None
+    auc = float(roc_auc_score(y, np.asarray(scores, dtype="float64")))
+    check = AucCheck(auc=auc, se=auc_standard_error(auc, pos, neg), churners=pos)
+    if baseline is not None and math.isfinite(baseline):
+        check.baseline, check.baseline_se = float(baseline), baseline_se
+        check.drop = float(baseline - auc)
+        var = check.se**2 + (baseline_se or 0.0) ** 2
+        check.threshold = float(z * math.sqrt(var)) if math.isfinite(var) else None
+    return check
 
 
 @dataclass
@@ -105,29 +208,44 @@ class Performance:
     estimated_auc: float
     reference_estimated_auc: float
     expected: dict[str, float] | None
-    auc_drop: float | None
     estimated_auc_drop: float
     recall_drop: float | None
     lift_drop: float | None
     label_horizon_days: int | None = None
     matured_rows: int = 0
-    auc_drop_threshold: float | None = None
+    auc: AucCheck | None = None
+    early: AucCheck | None = None
+    uncalibrated_estimated_auc: float = float("nan")
+
+    @property
+    def auc_drop(self) -> float | None:
+        return self.auc.drop if self.auc else None
+
+    @property
+    def auc_drop_threshold(self) -> float | None:
+        return self.auc.threshold if self.auc else None
 
     def metrics(self) -> dict[str, float]:
         """Finite numbers for ``mlflow.log_metrics``."""
-        out: dict[str, float] = {
+        out: dict[str, float | None] = {
             "estimated_auc": self.estimated_auc,
             "reference_estimated_auc": self.reference_estimated_auc,
             "estimated_auc_drop": self.estimated_auc_drop,
+            "uncalibrated_estimated_auc": self.uncalibrated_estimated_auc,
+            "recall_drop": self.recall_drop,
+            "lift_drop": self.lift_drop,
         }
         if self.realised:
             from mlflow_churn.evaluation.metrics import scalar_metrics
 
             out.update(scalar_metrics(self.realised, "realised_"))
-        for key in ("auc_drop", "recall_drop", "lift_drop"):
-            v = getattr(self, key)
-            if v is not None:
-                out[key] = v
+        for names, check in ((("realised_auc_unseen", "auc_baseline", "auc_drop", "auc_drop_threshold",
+                                "matured_churners"), self.auc),
+                              (("early_auc", "early_auc_baseline", "early_auc_drop",
+                                "early_auc_drop_threshold", "early_churners"), self.early)):
+            if check is not None:
+                values = (check.auc, check.baseline, check.drop, check.threshold, float(check.churners))
+                out.update(dict(zip(names, values, strict=True)))
         return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(v)}
 
 
@@ -135,28 +253,25 @@ def assess(
     current_scores: Any,
     reference_scores: Any,
     eval_cfg: EvaluationConfig,
-    val_auc: float | None = None,
     matured_labels: Any = None,
     matured_scores: Any = None,
     label_horizon_days: int | None = None,
-    effective_fraction: float = 1.0,
+    calibration: Mapping[str, Any] | None = None,
 ) -> Performance:
-    """Performance of a window: estimated from ``current_scores`` and, when labels have
-    matured, realised on ``(matured_labels, matured_scores)``.
+    """Performance of a window: estimated from ``current_scores`` (calibrated) and, when labels
+    have matured, realised on ``(matured_labels, matured_scores)`` (all rows: the business KPIs).
 
-    ``auc_drop`` = ``val_auc`` (the version's tag) - realised AUC; ``recall_drop`` =
-    expected - realised recall@k (absolute); ``lift_drop`` = (expected - realised revenue
-    lift) / |expected| (relative), both on the matured rows, so drops measure the model
-    falling short of what its own calibrated scores promise. ``effective_fraction``
-    (distinct customers / rows, when one customer is scored on several cutoffs) scales the
-    class counts of the AUC noise level ``auc_drop_threshold``.
+    ``recall_drop`` = expected - realised recall@k (absolute); ``lift_drop`` = (expected -
+    realised revenue lift) / |expected| (relative), both on the matured rows with the
+    calibrated scores' expectations, so drops measure the model falling short of what its
+    own calibrated scores promise. The AUC comparisons (:func:`auc_check`) are added by the
+    caller, which knows the customer groups and the baselines.
     """
-    est = expected_auc(current_scores)
-    ref = expected_auc(reference_scores)
+    est = expected_auc(calibrate(current_scores, calibration))
+    ref = expected_auc(calibrate(reference_scores, calibration))
     realised = expected = None
-    auc_drop = recall_drop = lift_drop = None
+    recall_drop = lift_drop = None
     n_mat = 0
-    noise = None
     if matured_labels is not None and matured_scores is not None and len(matured_labels):
         from mlflow_churn.evaluation.metrics import classification_metrics
 
@@ -164,18 +279,14 @@ def assess(
         n_mat = int(y.size)
         if 0 < y.sum() < y.size:
             realised = classification_metrics(y, matured_scores, eval_cfg)
-            expected = expected_business(matured_scores, eval_cfg)
-            if val_auc is not None and math.isfinite(realised["roc_auc"]):
-                auc_drop = float(val_auc - realised["roc_auc"])
-                pos = float(y.sum()) * effective_fraction
-                noise = auc_drop_noise(realised["roc_auc"], pos, y.size * effective_fraction - pos)
+            expected = expected_business(calibrate(matured_scores, calibration), eval_cfg)
             recall_drop = float(expected["recall_at_k"] - realised["recall_at_k"])
             if abs(expected["revenue_lift"]) > 0:
                 lift_drop = float((expected["revenue_lift"] - realised["revenue_lift"])
                                   / abs(expected["revenue_lift"]))
     return Performance(
         realised=realised, estimated_auc=est, reference_estimated_auc=ref, expected=expected,
-        auc_drop=auc_drop, estimated_auc_drop=float(ref - est) if math.isfinite(ref - est) else 0.0,
+        estimated_auc_drop=float(ref - est) if math.isfinite(ref - est) else 0.0,
         recall_drop=recall_drop, lift_drop=lift_drop, label_horizon_days=label_horizon_days,
-        matured_rows=n_mat, auc_drop_threshold=noise if noise is not None and math.isfinite(noise) else None,
+        matured_rows=n_mat, uncalibrated_estimated_auc=expected_auc(current_scores),
     )

@@ -7,26 +7,39 @@ segments that moved.
 
 Rules, in order:
 
-1. **Integrity** (``integrity: block``): a feature missing from the current window, or a
-   null rate above the reference's by more than ``max_null_increase`` -> ``blocked``
-   (never retrain on broken data). With ``integrity: warn`` it is only a reason.
-2. **Triggers** ``metric op value`` on each window. Feature-level metrics (``psi``, ``ks``,
-   ``segment_psi``) take ``feature`` = a name or ``*`` (any). For PSI metrics and ``>``
-   / ``>=``, the threshold is the size-aware one recorded by monitoring
-   (max(value, noise quantile), :func:`mlflow_churn.monitoring.drift.psi_threshold`).
-   A performance metric missing in a window (labels not matured) does not fire; for
-   ``auc_drop`` the threshold is likewise max(value, the noise level of the AUC
-   difference recorded by monitoring, ``auc_drop_threshold``).
+1. **Integrity** (``integrity: block``): a feature missing from the current window, a day of
+   the window without source rows, or a null rate above the reference's by more than
+   max(``max_null_increase``, its sampling noise recorded by monitoring) -> ``blocked``
+   (never retrain on broken data). Null rates are those of the model's features *and* of
+   the raw source columns per day (:mod:`mlflow_churn.monitoring.sources`: a sum over a
+   column that turned null only shrinks, it does not go null). With ``integrity: warn`` it
+   is only a reason.
+2. **Triggers** ``metric op value`` on each window. Feature-level metrics (``psi``, ``ks``
+   = KS D against the reference sample, ``js`` = Jensen-Shannon distance and ``chi2_p`` =
+   chi-square p-value of the categorical features, ``segment_psi``) take ``feature`` = a
+   name or ``*`` (any). For ``>`` / ``>=`` on ``psi``, ``ks``, ``segment_psi``,
+   ``score_psi``, ``auc_drop`` and ``early_auc_drop`` the threshold is max(value, the
+   size-aware noise level monitoring recorded for that value). A performance metric missing
+   in a window (labels not matured) does not fire.
 3. **Hysteresis**: once a trigger fires, it stays active until its metric falls below
    ``value x clear_below_fraction`` (above ``value / fraction`` for ``<`` / ``<=``).
 4. **Persistence**: a trigger counts when it is active in at least ``required`` of the
-   last ``windows`` windows.
+   last ``windows`` windows (the policy's, or the trigger's own ``persistence``).
 5. **Combine** the persistent triggers: ``any`` | ``all`` | ``k_of_n`` (``k``).
-6. **Action**: alarm with a performance trigger (auc_drop, estimated_auc_drop,
-   recall_drop, lift_drop) among the persistent ones -> ``retrain``; alarm on drift
-   triggers alone -> ``drift_alone`` (``investigate`` by default, so PSI(monthly_usage)
-   = 0.35 with AUC steady gives ``investigate`` naming the segments that moved).
-7. **Cooldown**: a ``retrain`` within ``cooldown_days`` of the last retrain becomes
+6. **Action**: alarm with a performance trigger (auc_drop, early_auc_drop,
+   estimated_auc_drop, recall_drop, lift_drop) among the persistent ones -> ``retrain``;
+   alarm on drift triggers alone -> ``drift_alone`` (``investigate`` by default, so
+   PSI(monthly_usage) = 0.35 with AUC steady gives ``investigate`` naming the segments
+   that moved).
+7. **Segments**: a segment whose PSI exceeds max(smallest PSI trigger value, its size-aware
+   threshold) with the same hysteresis and persistence (per segment) is named; with no
+   alarm it alone gives ``investigate``.
+8. **Refresh** (``refresh_after_drift``): a version trained because performance dropped
+   learnt from labels that predate the drop (labels mature ``label_horizon_days`` +
+   ``holdout_days`` after their cutoff); its ``refresh_due`` tag (set by
+   :mod:`mlflow_churn.monitoring.retrain`) asks for one more ``retrain`` once the training
+   window holds only data from after the drop was seen.
+9. **Cooldown**: a ``retrain`` within ``cooldown_days`` of the last retrain becomes
    ``investigate`` with the reason.
 
 A stricter preset is one config line, e.g.
@@ -41,44 +54,69 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from mlflow_churn.config import PolicyConfig, TriggerConfig
+from mlflow_churn.config import MonitoringConfig, PersistenceConfig, PolicyConfig, TriggerConfig
 from mlflow_churn.errors import ChurnError
 
 Action = Literal["ok", "investigate", "retrain", "blocked"]
-PERFORMANCE_METRICS = ("auc_drop", "estimated_auc_drop", "recall_drop", "lift_drop")
-KEYED_METRICS = ("psi", "ks", "segment_psi")
+PERFORMANCE_METRICS = ("auc_drop", "early_auc_drop", "estimated_auc_drop", "recall_drop", "lift_drop")
+#: the ``fired`` entry of a decision that retrains because a refresh is due
+REFRESH = "refresh_after_drift"
+#: model-version tag: when a version trained on a performance drop is due for its refresh
+REFRESH_TAG = "refresh_due"
+KEYED_METRICS = ("psi", "ks", "js", "chi2_p", "segment_psi")
+#: a ks trigger without a value (a PolicyConfig built outside MonitoringConfig) uses this
+KS_DEFAULT = float(MonitoringConfig.model_fields["ks_threshold"].default)
 _OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
 
 
 @dataclass
 class WindowStats:
-    """What monitoring measured in one window (JSON-able; stored in the run's decision.json).
+    """What monitoring measured in one window (JSON-able; stored in the run's window_stats.json).
 
-    ``psi`` / ``ks`` / ``psi_threshold``: per feature; ``segment_psi`` /
-    ``segment_threshold``: per segment key ``column=value`` (max PSI over the segment's
-    features and scores); performance drops are absolute (e.g. val_auc - realised AUC),
-    ``None`` when not measurable yet. ``segment_features`` names the features that moved
-    most in each segment.
+    Per feature: ``psi`` / ``psi_threshold`` (size-aware noise level), ``ks`` (D against the
+    reference sample) / ``ks_threshold``, and for categoricals ``js`` (Jensen-Shannon
+    distance), ``chi2`` / ``chi2_p`` (on distinct-customer counts); per segment key
+    ``column=value``: ``segment_psi`` (max PSI over the segment's features and scores),
+    ``segment_threshold`` (of that feature's bin count), ``segment_features`` (the features
+    that moved most). Performance drops are absolute (e.g. val_auc - realised AUC), ``None``
+    when not measurable yet; ``*_threshold`` are their noise levels. Integrity: feature
+    ``null_rate`` / ``ref_null_rate`` / ``null_threshold`` (noise of the rise) and the same
+    for the raw ``source_*`` columns (highest daily null rate of the window), ``missing_days``.
     """
 
     as_of: datetime
     psi: dict[str, float] = field(default_factory=dict)
     ks: dict[str, float] = field(default_factory=dict)
+    js: dict[str, float] = field(default_factory=dict)
+    chi2: dict[str, float] = field(default_factory=dict)
+    chi2_p: dict[str, float] = field(default_factory=dict)
     psi_threshold: dict[str, float] = field(default_factory=dict)
+    ks_threshold: dict[str, float] = field(default_factory=dict)
     score_psi: float | None = None
     score_psi_threshold: float | None = None
     segment_psi: dict[str, float] = field(default_factory=dict)
     segment_threshold: dict[str, float] = field(default_factory=dict)
     segment_features: dict[str, list[str]] = field(default_factory=dict)
     auc_drop: float | None = None
+    early_auc_drop: float | None = None
     estimated_auc_drop: float | None = None
     recall_drop: float | None = None
     lift_drop: float | None = None
     realised_auc: float | None = None
+    realised_auc_unseen: float | None = None
     auc_baseline: float | None = None
+    auc_baseline_se: float | None = None
     auc_drop_threshold: float | None = None
+    early_auc: float | None = None
+    early_auc_baseline: float | None = None
+    early_auc_drop_threshold: float | None = None
     null_rate: dict[str, float] = field(default_factory=dict)
     ref_null_rate: dict[str, float] = field(default_factory=dict)
+    null_threshold: dict[str, float] = field(default_factory=dict)
+    source_null_rate: dict[str, float] = field(default_factory=dict)
+    ref_source_null_rate: dict[str, float] = field(default_factory=dict)
+    source_null_threshold: dict[str, float] = field(default_factory=dict)
+    missing_days: list[str] = field(default_factory=list)
     missing_features: list[str] = field(default_factory=list)
     model_version: str | None = None
     retrained: bool = False
@@ -119,12 +157,25 @@ def trigger_name(t: TriggerConfig) -> str:
     return f"{t.metric}{feat} {t.op} {t.value:g}"
 
 
+def _keyed(w: WindowStats, metric: str) -> tuple[dict[str, float], dict[str, float]]:
+    """(values, recorded noise thresholds) of a feature-level metric."""
+    return {
+        "psi": (w.psi, w.psi_threshold), "ks": (w.ks, w.ks_threshold), "js": (w.js, {}),
+        "chi2_p": (w.chi2_p, {}), "segment_psi": (w.segment_psi, w.segment_threshold),
+    }[metric]
+
+
+#: scalar metric -> the WindowStats field holding its recorded noise threshold
+_SCALAR_NOISE = {"score_psi": "score_psi_threshold", "auc_drop": "auc_drop_threshold",
+                 "early_auc_drop": "early_auc_drop_threshold"}
+
+
 def _values(w: WindowStats, t: TriggerConfig) -> dict[str, tuple[float, float]]:
     """key -> (metric value, effective threshold) for trigger ``t`` in window ``w``."""
     raising = t.op in (">", ">=")
-    if t.metric in ("psi", "ks", "segment_psi"):
-        table = {"psi": w.psi, "ks": w.ks, "segment_psi": w.segment_psi}[t.metric]
-        thr = {"psi": w.psi_threshold, "segment_psi": w.segment_threshold}.get(t.metric, {})
+    value = float(t.value if t.value is not None else KS_DEFAULT)
+    if t.metric in KEYED_METRICS:
+        table, thr = _keyed(w, t.metric)
         if t.feature == "*":
             keys = list(table)
         elif t.metric == "segment_psi":
@@ -136,19 +187,13 @@ def _values(w: WindowStats, t: TriggerConfig) -> dict[str, tuple[float, float]]:
             v = table[k]
             if v is None or v != v:
                 continue
-            limit = max(t.value, thr.get(k, t.value)) if raising else t.value
+            limit = max(value, thr.get(k, value)) if raising else value
             out[k] = (float(v), float(limit))
         return out
-    if t.metric == "score_psi":
-        if w.score_psi is None:
-            return {}
-        limit = max(t.value, w.score_psi_threshold or t.value) if raising else t.value
-        return {"score": (float(w.score_psi), float(limit))}
-    value = getattr(w, t.metric)
-    limit = t.value
-    if t.metric == "auc_drop" and raising and w.auc_drop_threshold is not None:
-        limit = max(t.value, w.auc_drop_threshold)
-    return {} if value is None else {t.metric: (float(value), float(limit))}
+    v = getattr(w, t.metric)
+    noise = getattr(w, _SCALAR_NOISE[t.metric]) if t.metric in _SCALAR_NOISE else None
+    limit = max(value, noise) if raising and noise is not None else value
+    return {} if v is None or v != v else {t.metric: (float(v), float(limit))}
 
 
 def _cleared(value: float, limit: float, t: TriggerConfig, fraction: float) -> bool:
@@ -173,14 +218,30 @@ def _active_keys(history: Sequence[WindowStats], t: TriggerConfig, fraction: flo
     return out
 
 
-def _integrity(w: WindowStats, cfg: PolicyConfig) -> list[str]:
+def _null_faults(w: WindowStats, cfg: PolicyConfig) -> dict[str, str]:
+    """column -> fault text for null rates risen beyond max(max_null_increase, noise)."""
+    out = {}
+    for rates, refs, noise, what in ((w.null_rate, w.ref_null_rate, w.null_threshold, "feature"),
+                                     (w.source_null_rate, w.ref_source_null_rate,
+                                      w.source_null_threshold, "source column")):
+        for col, rate in sorted(rates.items()):
+            ref = refs.get(col, 0.0)
+            allowed = max(cfg.max_null_increase, noise.get(col, 0.0))
+            if rate - ref > allowed:
+                out[col] = (f"null rate of {what} '{col}' rose from {ref:.1%} to {rate:.1%} "
+                            f"(> +{allowed:.1%}: policy.max_null_increase or sampling noise)")
+    return out
+
+
+def _integrity(w: WindowStats, cfg: PolicyConfig) -> tuple[list[str], list[str]]:
+    """(fault texts, columns at fault) of window ``w``."""
+    nulls = _null_faults(w, cfg)
     faults = [f"feature '{f}' missing from the current window" for f in w.missing_features]
-    for f, rate in sorted(w.null_rate.items()):
-        ref = w.ref_null_rate.get(f, 0.0)
-        if rate - ref > cfg.max_null_increase:
-            faults.append(f"null rate of '{f}' rose from {ref:.1%} to {rate:.1%} "
-                          f"(> +{cfg.max_null_increase:.1%})")
-    return faults
+    faults += [f"no source rows on {d}" for d in w.missing_days]
+    faults += list(nulls.values())
+    cols = sorted(set(w.missing_features) | {c.split(".", 1)[-1] if c.startswith("activity.") else c
+                                             for c in nulls})
+    return faults, cols
 
 
 def _last_retrain(history: Sequence[WindowStats], last_retrain: datetime | None) -> datetime | None:
@@ -195,11 +256,13 @@ def decide(
     policy_cfg: PolicyConfig,
     as_of: datetime,
     last_retrain: datetime | None = None,
+    refresh_due: datetime | None = None,
 ) -> PolicyDecision:
     """Decide on the newest window of ``history`` (oldest first) at ``as_of`` (UTC).
 
     ``last_retrain``: time of the last retrain when the history does not show it (e.g. the
-    model version's training as_of). See the module doc for the rules.
+    model version's training as_of). ``refresh_due``: the version's ``refresh_due`` tag.
+    See the module doc for the rules.
     """
     if not history:
         raise ChurnError("policy needs at least one monitoring window in the history")
@@ -209,54 +272,33 @@ def decide(
     cur = wins[-1]
     reasons: list[str] = []
 
-    faults = _integrity(cur, policy_cfg)
+    faults, fault_cols = _integrity(cur, policy_cfg)
     if faults and policy_cfg.integrity == "block":
-        return PolicyDecision(
-            "blocked",
-            [f"integrity: {f}" for f in faults],
-            sorted(
-                set(cur.missing_features)
-                | {
-                    f
-                    for f, r in cur.null_rate.items()
-                    if r - cur.ref_null_rate.get(f, 0.0) > policy_cfg.max_null_increase
-                }
-            ),
-            [],
-            [],
-            as_of,
-        )
+        return PolicyDecision("blocked", [f"integrity: {f}" for f in faults], fault_cols, [], [], as_of)
     reasons += [f"integrity warning: {f}" for f in faults]
 
-    n, required = policy_cfg.persistence.windows, policy_cfg.persistence.required
     frac = policy_cfg.hysteresis.clear_below_fraction
     persistent: list[TriggerConfig] = []
     features: set[str] = set()
-    segments: dict[str, float] = {}
     for t in policy_cfg.triggers:
-        per_window = _active_keys(wins, t, frac)[-n:]
+        per_window = _active_keys(wins, t, frac)[-_persistence(t, policy_cfg).windows:]
         hits = sum(1 for keys in per_window if keys)
         now = per_window[-1]
+        required = _persistence(t, policy_cfg).required
         if hits >= required and now:
             persistent.append(t)
             shown = ", ".join(f"{k}={v:.3f}" for k, v in sorted(now.items(), key=lambda kv: -kv[1])[:5])
             reasons.append(f"{trigger_name(t)} in {hits} of the last {len(per_window)} windows ({shown})")
-            if t.metric in ("psi", "ks"):
+            if t.metric in ("psi", "ks", "js", "chi2_p"):
                 features |= set(now)
-            if t.metric == "segment_psi":
-                segments.update(now)
         elif now:
             reasons.append(
                 f"{trigger_name(t)} fired but only in {hits} of the last "
                 f"{len(per_window)} windows (need {required})"
             )
 
-    # the segments that moved (beyond their noise level and the smallest PSI trigger value),
-    # whatever trigger fired: the evidence behind investigate
-    floor = min((t.value for t in policy_cfg.triggers if t.metric in ("psi", "segment_psi")), default=0.2)
-    for key, v in cur.segment_psi.items():
-        if v is not None and v == v and v > max(floor, cur.segment_threshold.get(key, float("inf"))):
-            segments.setdefault(key, v)
+    segments, seg_reasons = _moved_segments(wins, policy_cfg)
+    reasons += seg_reasons
     for key in segments:
         features |= set(cur.segment_features.get(key, [])[:3])
 
@@ -267,21 +309,20 @@ def decide(
     if not alarm:
         if persistent:
             reasons.append(f"{len(persistent)} trigger(s) persistent, combine={policy_cfg.combine} needs {k}")
-        action: Action = "investigate" if (seg_list and not faults) else "ok"
-        if action == "investigate":
+        action: Action = "investigate" if (seg_list or faults) else "ok"
+        if seg_list:
             reasons.append("segments moved beyond their size-aware threshold: " + ", ".join(seg_list[:5]))
-        if faults:
-            action = "investigate"
-        return PolicyDecision(
-            action, reasons or ["no trigger fired"], sorted(features), seg_list, fired, as_of
-        )
-
-    perf = [t for t in persistent if t.metric in PERFORMANCE_METRICS]
-    if perf:
+    elif any(t.metric in PERFORMANCE_METRICS for t in persistent):
         action = "retrain"
     else:
         action = policy_cfg.drift_alone
         reasons.append(f"drift without evidence of lost performance -> {action} (policy.drift_alone)")
+    if action != "retrain" and policy_cfg.refresh_after_drift and refresh_due and as_of >= refresh_due:
+        action = "retrain"
+        fired.append(REFRESH)
+        reasons.append(f"refresh due since {refresh_due.isoformat()}: this version learnt from labels "
+                       "before the performance drop; the training window now holds only later data "
+                       "(policy.refresh_after_drift)")
     if action == "retrain":
         last = _last_retrain(wins[:-1], last_retrain)
         if last is not None and as_of - last < timedelta(days=policy_cfg.cooldown_days):
@@ -290,4 +331,31 @@ def decide(
                 f"{policy_cfg.cooldown_days} days -> investigate"
             )
             action = "investigate"
-    return PolicyDecision(action, reasons, sorted(features), seg_list, fired, as_of)
+    return PolicyDecision(action, reasons or ["no trigger fired"], sorted(features), seg_list, fired, as_of)
+
+
+def _persistence(t: TriggerConfig, cfg: PolicyConfig) -> PersistenceConfig:
+    return t.persistence or cfg.persistence
+
+
+def psi_floor(cfg: PolicyConfig) -> float:
+    """The smallest PSI / segment-PSI trigger value (0.2 without one): the level a segment must
+    exceed (besides its noise threshold) to count as moved."""
+    return min((t.value for t in cfg.triggers if t.metric in ("psi", "segment_psi") and t.value is not None),
+               default=0.2)
+
+
+def _moved_segments(wins: Sequence[WindowStats], cfg: PolicyConfig) -> tuple[dict[str, float], list[str]]:
+    """Segments whose PSI exceeds max(smallest PSI trigger value, their noise threshold) with
+    hysteresis and, per segment, the policy's persistence -> (key -> PSI now, reasons)."""
+    rule = TriggerConfig(metric="segment_psi", feature="*", op=">", value=psi_floor(cfg))
+    per_window = _active_keys(wins, rule, cfg.hysteresis.clear_below_fraction)[-cfg.persistence.windows:]
+    moved, reasons = {}, []
+    for key, value in per_window[-1].items():
+        hits = sum(1 for keys in per_window if key in keys)
+        if hits >= cfg.persistence.required:
+            moved[key] = value
+        else:
+            reasons.append(f"segment {key} moved (PSI {value:.3f}) but only in {hits} of the last "
+                           f"{len(per_window)} windows (need {cfg.persistence.required})")
+    return moved, reasons

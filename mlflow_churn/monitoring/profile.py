@@ -13,7 +13,9 @@ Layout (JSON-able dict)::
      "segments": {column: {value: {"count": n, "share": s,
                                     "features": {name: {"shares": [...], "null_rate": r,
                                                         "count": n}},
-                                    "score": {"shares": [...], "count": n}}}}}
+                                    "score": {"shares": [...], "count": n}}}},
+     "calibration": {"method": "platt", "a": .., "b": .., "rows": n, "positives": k} | None,
+     "sources": {"activity.<column>": {"null_rate": r, "rows": n}} | None}
 
     numeric ENTRY:     {"kind": "numeric", "edges": [interior quantile edges],
                         "shares": [len(edges)+1 reference shares], "count": non-missing rows,
@@ -25,7 +27,10 @@ Layout (JSON-able dict)::
 
 Segment entries reuse the population's bins (edges / categories), so a segment's current
 window is binned exactly like the population; their ``count`` feeds the size-aware
-PSI threshold (:func:`mlflow_churn.monitoring.drift.psi_threshold`).
+PSI threshold (:func:`mlflow_churn.monitoring.drift.psi_threshold`). ``calibration`` (the
+Platt map of the scores, fitted on the validation rows) and ``sources`` (null rates of the
+raw source columns over the training window, :mod:`mlflow_churn.monitoring.sources`) are
+given by training (:mod:`mlflow_churn.monitoring.baseline`); older profiles lack them.
 """
 
 from __future__ import annotations
@@ -102,13 +107,16 @@ def build_profile(
     segments: Sequence[str] = (),
     sample_size: int = 10_000,
     seed: int = 0,
+    calibration: dict[str, Any] | None = None,
+    sources: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The reference profile (see module doc) of ``frame``'s feature-set columns and scores.
 
     ``frame`` holds the set's columns (raw or coerced); ``scores`` are the model's
     P(churn) on the same rows (same order); ``segments`` are categorical columns of
     ``frame`` whose every value gets its own shares. Raises ChurnError on missing columns
-    or a length mismatch.
+    or a length mismatch. ``calibration`` / ``sources`` are stored as given (see the module
+    doc; :func:`mlflow_churn.monitoring.baseline.training_baselines` computes them).
     """
     missing = [c for c in feature_set.columns if c not in frame.columns]
     if missing:
@@ -162,6 +170,8 @@ def build_profile(
         "features": features,
         "score": score_entry,
         "segments": seg_out,
+        "calibration": calibration,
+        "sources": sources,
     }
 
 

@@ -14,7 +14,14 @@ tagged ``monitor.model_name`` / ``monitor.model_version`` / ``monitor.as_of`` /
   ``ok`` / ``investigate`` / ``blocked``, already acted on, or in cooldown).
 
 ``force=True`` retrains whatever the decision and the cooldown (the reason says what they
-were). Either way the outcome is one MLflow run named ``retrain <date>`` (in
+were). A challenger trained because performance dropped (a performance trigger among the
+decision's ``fired``) gets the version tag ``refresh_due`` (``policy.refresh_after_drift``):
+the drop was seen at the decision's ``as_of``, and only a model trained
+``label_horizon_days + holdout_days + training.window_days`` later learns from labels that
+all follow it; monitoring then asks for that one more retrain (a pending ``refresh_due`` of
+the champion carries over, the earlier one wins; the refresh itself sets none).
+
+Either way the outcome is one MLflow run named ``retrain <date>`` (in
 ``training.experiment``; inside ``mlflow run`` the project run itself) with params, the
 metrics ``retrained``, ``val_auc`` and ``gate_passed``, tags ``retrain.*`` and ``decision``,
 and ``decision.json``. The training run (with its nested Optuna trials) and the gate run
@@ -34,6 +41,7 @@ from typing import Any
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.evaluation.evaluate import GateDecision
+from mlflow_churn.monitoring.policy import PERFORMANCE_METRICS, REFRESH, REFRESH_TAG
 from mlflow_churn.training.train import TrainResult
 
 RETRAINED = "retrained"
@@ -195,8 +203,29 @@ def plan(cfg: ChurnConfig, client: Any, as_of: datetime, force: bool) -> tuple[b
     return True, f"{what}{': ' + why if why else ''}", version, decision
 
 
-def retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: bool = False) -> RetrainResult:
+def refresh_due(cfg: ChurnConfig, decision: dict[str, Any] | None,
+                champion_tags: dict[str, str]) -> str | None:
+    """The ``refresh_due`` tag (ISO time) of a challenger trained on ``decision``; None for none."""
+
+    if not cfg.monitoring.policy.refresh_after_drift:
+        return None
+    fired = list((decision or {}).get("fired") or [])
+    if REFRESH in fired:
+        return None  # this is the refresh
+    pending = champion_tags.get(REFRESH_TAG)
+    due = [datetime.fromisoformat(pending)] if pending else []
+    if decision and any(f.split(" ")[0].split("[")[0] in PERFORMANCE_METRICS for f in fired):
+        lag = cfg.features.label_horizon_days + cfg.evaluation.holdout_days + cfg.training.window_days
+        due.append(datetime.fromisoformat(str(decision["as_of"])) + timedelta(days=lag))
+    return min(due).isoformat() if due else None
+
+
+def retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: bool = False,
+            decision: dict[str, Any] | None = None) -> RetrainResult:
     """Act on the newest monitoring decision at ``as_of`` (tz-aware UTC); see the module doc.
+
+    ``decision``: the monitoring decision to act on when it was not logged (a fast replay);
+    None reads the newest one from MLflow.
 
     Training uses ``cfg.training`` (window, history, trials); the gate ``cfg.evaluation``.
     Returns the :class:`RetrainResult`. Raises ChurnError for bad input (e.g. an ``as_of``
@@ -225,7 +254,8 @@ def retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: bo
     result = RetrainResult(action=NOOP, reason="", train=None, gate=None, run_id=parent_id, as_of=as_of,
                            forced=force)
     try:
-        do_train, reason, champ_version, decision = plan(cfg, client, as_of, force)
+        do_train, reason, champ_version, found = plan(cfg, client, as_of, force)
+        decision = decision or found
         result.reason, result.champion_version, result.monitor_decision = reason, champ_version, decision
         t, pol = cfg.training, cfg.monitoring.policy
         for key, value in {"as_of": as_of.isoformat(), "force": force, "model_name": name,
@@ -235,7 +265,7 @@ def retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: bo
             client.log_param(parent_id, key, value)
         client.set_tag(parent_id, f"{TAG_PREFIX}model_name", name)
         client.set_tag(parent_id, f"{TAG_PREFIX}as_of", as_of.isoformat())
-        client.set_tag(parent_id, f"{TAG_PREFIX}decision_run_id", decision["run_id"] if decision else "none")
+        client.set_tag(parent_id, f"{TAG_PREFIX}decision_run_id", (decision or {}).get("run_id", "none"))
         client.set_tag(parent_id, "churn.decision", "retrain")
         if do_train:
             child = client.create_run(exp_id, run_name=f"train {as_of:%Y-%m-%d}",
@@ -243,6 +273,10 @@ def retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: bo
                                             MLFLOW_RUN_NAME: f"train {as_of:%Y-%m-%d}"})
             result.train = train(cfg, as_of, progress=progress, parent_run_id=child.info.run_id)
             result.action = RETRAINED
+            champ_tags = client.get_model_version(name, champ_version).tags if champ_version else {}
+            due = refresh_due(cfg, decision, champ_tags or {})
+            if due:
+                client.set_model_version_tag(name, str(result.train.version), REFRESH_TAG, due)
             result.gate = evaluate(cfg, as_of, str(result.train.version), CHAMPION, parent_run_id=parent_id)
         _record(result)
     except BaseException:

@@ -12,7 +12,8 @@ _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off", "")
 
 
-def _bool(value: str, option: str) -> bool:
+def parse_bool(value: str, option: str) -> bool:
+    """``true``/``false`` (also 1/0, yes/no, on/off; empty = false) -> bool; ChurnError otherwise."""
     low = value.strip().lower()
     if low in _TRUE:
         return True
@@ -51,7 +52,7 @@ def register(app: typer.Typer) -> None:
         if n_trials is not None and n_trials < 1:
             raise ChurnError(f"--n-trials must be >= 1, got {n_trials}")
         cfg = get_config(ctx, {"training.n_trials": n_trials})
-        forced = force or (_bool(force_value, "--force-value") if force_value is not None else False)
+        forced = force or (parse_bool(force_value, "--force-value") if force_value is not None else False)
         when = parse_datetime(as_of, "--as-of") if opt_str(as_of) else data_bounds(cfg.data_dir).last_event
         result = run_retrain(cfg, when, force=forced, progress=progress)
         table = Table(title=f"churn retrain as of {when.isoformat()}: {result.action}")

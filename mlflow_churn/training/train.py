@@ -275,10 +275,10 @@ def _importance_figure(booster: Any, title: str) -> Any:
     return fig
 
 
-def _log_profile(prep: Prepared, booster: Any, bins: int) -> bool:
+def _log_profile(prep: Prepared, booster: Any, bins: int, extras: dict[str, Any]) -> bool:
     """Log ``reference/profile.json`` of ``prep.reference`` (every customer at the newest
-    cutoff; for a table, the validation rows) with the model's scores; False (and a tag)
-    when monitoring.profile is absent."""
+    cutoff; for a table, the validation rows) with the model's scores and ``extras``
+    (calibration, source null rates); False (and a tag) when monitoring.profile is absent."""
     try:
         from mlflow_churn.monitoring.profile import build_profile
     except ImportError:
@@ -286,7 +286,7 @@ def _log_profile(prep: Prepared, booster: Any, bins: int) -> bool:
         return False
     rows = prep.valid if prep.reference is None else prep.reference
     scores = predict_proba(booster, prep.feature_set, prep.feature_set.coerce(rows))
-    profile = build_profile(rows, prep.feature_set, scores, bins=bins, segments=prep.segments)
+    profile = build_profile(rows, prep.feature_set, scores, bins=bins, segments=prep.segments, **extras)
     mlflow.log_dict(profile, "reference/profile.json")
     return True
 
@@ -374,6 +374,10 @@ def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None,
             "n_trials_complete": tuned.n_complete, "n_trials_pruned": tuned.n_pruned,
             "best_trial": tuned.best_trial,
         }
+        from mlflow_churn.monitoring.baseline import training_baselines
+
+        baselines = training_baselines(cfg, prep, booster, y_valid, scores)  # what monitoring compares with
+        metrics |= baselines.metrics
         mlflow.log_metrics(metrics)
         _log_params_merging(client, run_id, {f"best_{k}": v for k, v in tuned.best_params.items()})
         mlflow.log_figure(_importance_figure(booster, f"feature importance: {fs.name}"),
@@ -386,7 +390,7 @@ def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None,
         mlflow.log_dict(fs.to_dict(), "feature_set.json")
         for name, payload in prep.artifacts.items():
             mlflow.log_dict(payload, name)
-        profile_logged = _log_profile(prep, booster, cfg.monitoring.bins)
+        profile_logged = _log_profile(prep, booster, cfg.monitoring.bins, baselines.profile_extras)
         info = log_churn_model(booster, fs, prep.valid)
         tags = {
             "feature_set": fs.name, "feature_set_hash": fs.hash, "window_start": prep.window_start,
@@ -395,6 +399,7 @@ def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None,
             "val_auc": f"{metrics['val_auc']:.6f}", "data_hash": data_hash, "train_run_id": run_id,
             "source": prep.source,
         }
+        tags |= baselines.tags
         with registered_version(client, t.model_name, info.model_uri, run_id, tags) as mv:
             move_alias(client, t.model_name, CHALLENGER, mv.version)
             client.update_model_version(

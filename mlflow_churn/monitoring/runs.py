@@ -1,0 +1,207 @@
+"""Monitoring windows as MLflow runs: what one run logs, and reading earlier ones back.
+
+A window's run (experiment ``<training.experiment>-monitoring``, or nested in a parent):
+
+- params: as_of, window bounds, model name / alias / version, rows, label horizons, the
+  version's val_auc, val_auc_unselected and val_auc_<d>d;
+- metrics: ``psi.<feature>``, ``ks.<feature>`` (D against the reference sample),
+  ``js.<feature>`` / ``chi2.<feature>`` / ``chi2_p.<feature>`` (categoricals),
+  ``null_rate.<feature>``, ``source_null_rate.activity.<column>`` (highest daily share),
+  ``score_psi``, ``segment_psi.<col>.<value>``, performance (``estimated_auc``,
+  ``realised_*``, ``auc_drop``, ``early_auc``, ``early_auc_drop``, their thresholds); with
+  step = day index in the window: ``daily_psi.<feature>``, ``daily_score_psi``,
+  ``daily_segment_psi.<col>.<value>``, ``daily_null_rate.activity.<column>``;
+- tags ``monitor.*`` (model, version, as_of, action, features, segments, fired) and
+  ``decision``;
+- artifacts ``decision.json`` (decision + window stats), ``window_stats.json``,
+  ``psi_heatmap.png``, ``psi_timeline.png`` and, unless ``report=False``,
+  ``drift_report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from mlflow_churn.config import ChurnConfig
+from mlflow_churn.monitoring.policy import WindowStats, psi_floor
+
+if TYPE_CHECKING:
+    from mlflow_churn.monitoring.monitor import MonitorResult
+
+TAG_PREFIX = "monitor."
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "._-/ " else "_" for ch in name)
+
+
+def _finite(metrics: dict[str, float | None]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+
+
+def window_metrics(result: MonitorResult) -> dict[str, float]:
+    """The window-level metrics of ``result`` (see the module doc)."""
+    s = result.stats
+    metrics: dict[str, float | None] = {}
+    for prefix, table in (("psi", s.psi), ("ks", s.ks), ("js", s.js), ("chi2", s.chi2), ("chi2_p", s.chi2_p),
+                          ("null_rate", s.null_rate), ("source_null_rate", s.source_null_rate)):
+        metrics.update({f"{prefix}.{_safe(k)}": v for k, v in table.items()})
+    metrics.update({f"segment_psi.{_safe(k.replace('=', '.'))}": v for k, v in s.segment_psi.items()})
+    metrics["score_psi"] = s.score_psi
+    metrics["population_psi_max"] = result.population_psi_max
+    metrics.update(result.performance.metrics())
+    return _finite(metrics)
+
+
+def daily_metrics(result: MonitorResult) -> list[dict[str, float]]:
+    """Per day of the window (step = index): daily PSI of features, score, segments and the
+    raw columns' null rates."""
+    tables = [
+        result.daily_psi.rename(columns=lambda k: "daily_score_psi" if k == "__score__"
+                                else f"daily_psi.{_safe(k)}"),
+        result.daily_segments.rename(columns=lambda k: f"daily_segment_psi.{_safe(k.replace('=', '.'))}"),
+    ]
+    steps: list[dict[str, float]] = [{} for _ in range(len(result.daily_psi.index))]
+    for table in tables:
+        for step, (_, row) in enumerate(table.iterrows()):
+            if step < len(steps):
+                steps[step].update(_finite(dict(row.items())))
+    for col, rates in result.source_daily.items():
+        for step, v in enumerate(np.asarray(rates, dtype="float64")[: len(steps)]):
+            steps[step].update(_finite({f"daily_null_rate.{_safe(col)}": float(v)}))
+    return steps
+
+
+def log_window(result: MonitorResult, profile: dict[str, Any], frame: pd.DataFrame, scores: np.ndarray,
+               cfg: ChurnConfig, name: str, alias: str, report: bool, report_rows: int,
+               mv_tags: dict[str, str] | None = None) -> None:
+    """Log one window into the active run (see the module doc)."""
+    import mlflow
+
+    from mlflow_churn.monitoring.baseline import UNSELECTED, early_key
+    from mlflow_churn.monitoring.report import evidently_report, psi_figure, timeline_figure
+
+    tags = mv_tags or {}
+    early = early_key(cfg.monitoring.early_label_days)
+    mlflow.log_params({
+        "as_of": result.as_of.isoformat(), "window_start": result.window_start.isoformat(),
+        "window_days": cfg.monitoring.window_days, "model_name": name, "alias": alias,
+        "model_version": result.model_version, "rows": result.rows,
+        "label_horizon_days": result.performance.label_horizon_days,
+        "early_label_days": cfg.monitoring.early_label_days, "auc_baseline": cfg.monitoring.auc_baseline,
+        "val_auc": tags.get("val_auc", ""), UNSELECTED: tags.get(UNSELECTED, ""), early: tags.get(early, ""),
+    })
+    mlflow.log_metrics(window_metrics(result))
+    for step, values in enumerate(daily_metrics(result)):
+        if values:
+            mlflow.log_metrics(values, step=step)
+    d = result.decision
+    mlflow.set_tags({
+        f"{TAG_PREFIX}model_name": name, f"{TAG_PREFIX}model_version": result.model_version,
+        f"{TAG_PREFIX}as_of": result.as_of.isoformat(), f"{TAG_PREFIX}action": d.action,
+        f"{TAG_PREFIX}features": ",".join(d.features)[:4000],
+        f"{TAG_PREFIX}segments": ",".join(d.segments)[:4000],
+        f"{TAG_PREFIX}fired": "; ".join(d.fired)[:4000], "decision": d.action,
+    })
+    mlflow.log_dict(result.to_dict(), "decision.json")
+    mlflow.log_dict(result.stats.to_dict(), "window_stats.json")
+    title = f"{name} v{result.model_version}, window to {result.as_of:%Y-%m-%d}"
+    mlflow.log_figure(psi_figure(result.daily_psi, result.stats, title), "psi_heatmap.png")
+    floor = psi_floor(cfg.monitoring.policy)
+    mlflow.log_figure(timeline_figure(result.daily_psi, result.daily_segments, floor, title),
+                      "psi_timeline.png")
+    if report:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = evidently_report(frame, scores, profile, Path(tmp) / "drift_report.html", report_rows)
+            mlflow.log_artifact(str(path))
+
+
+@contextmanager
+def nested_run(run_name: str, experiment_id: str, parent_run_id: str | None = None) -> Iterator[Any]:
+    """A new run named ``run_name``: a child of ``parent_run_id`` (or ``MLFLOW_RUN_ID``, the
+    project run of ``mlflow run``) in that run's experiment when there is one, else a
+    top-level run in ``experiment_id``. The child is created explicitly: a fluent
+    ``start_run(nested=True)`` would resume the ``MLFLOW_RUN_ID`` run instead."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    parent = parent_run_id or os.environ.get("MLFLOW_RUN_ID")
+    if not parent:
+        with mlflow.start_run(run_name=run_name, experiment_id=experiment_id,
+                              nested=mlflow.active_run() is not None) as run:
+            yield run
+        return
+    client = MlflowClient()
+    exp = client.get_run(parent).info.experiment_id
+    child = client.create_run(exp, run_name=run_name,
+                              tags={MLFLOW_PARENT_RUN_ID: parent, MLFLOW_RUN_NAME: run_name})
+    mlflow.set_experiment(experiment_id=exp)  # start_run(run_id) refuses a run of another experiment
+    with mlflow.start_run(run_id=child.info.run_id, nested=mlflow.active_run() is not None) as run:
+        yield run
+
+
+def _version_runs(client: Any, model_name: str, version: str | None = None) -> list[Any]:
+    exps = [e.experiment_id for e in client.search_experiments()]
+    flt = f"tags.`{TAG_PREFIX}model_name` = '{model_name}'"
+    if version is not None:
+        flt += f" and tags.`{TAG_PREFIX}model_version` = '{version}'"
+    runs = client.search_runs(exps, filter_string=flt, max_results=1000)
+    return [r for r in runs if r.info.status == "FINISHED" and r.data.tags.get(f"{TAG_PREFIX}as_of")]
+
+
+def read_history(cfg: ChurnConfig, model_name: str, version: str, before: datetime,
+                 limit: int = 12) -> list[WindowStats]:
+    """The newest ``limit`` earlier windows of this model version (oldest first), read back
+    from MLflow. Enough for persistence and hysteresis; the AUC baseline never depends on
+    it (training's baselines, or the first window's value carried in every window's stats)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    items = sorted((datetime.fromisoformat(r.data.tags[f"{TAG_PREFIX}as_of"]), r.info.run_id)
+                   for r in _version_runs(client, model_name, version))
+    items = [(t, run_id) for t, run_id in items if t < before]
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _, run_id in items[-limit:]:
+            try:
+                local = client.download_artifacts(run_id, "window_stats.json", tmp)
+            except Exception:  # a run without the artifact (crashed window): skip it
+                continue
+            out.append(WindowStats.from_dict(json.loads(Path(local).read_text())))
+    return out
+
+
+def latest_decision(cfg: ChurnConfig, model_name: str | None = None) -> dict[str, Any] | None:
+    """The newest monitoring run's ``decision.json`` content plus ``run_id`` (None if none).
+
+    For ``retrain`` (issue 6): retrain when ``["decision"]["action"] == "retrain"``.
+    """
+    from mlflow import MlflowClient
+
+    from mlflow_churn.monitoring.monitor import monitoring_experiment
+    from mlflow_churn.tracking import setup_mlflow
+
+    setup_mlflow(cfg, monitoring_experiment(cfg))
+    client = MlflowClient()
+    runs = _version_runs(client, model_name or cfg.training.model_name)
+    if not runs:
+        return None
+    newest = max(runs, key=lambda r: r.data.tags[f"{TAG_PREFIX}as_of"])
+    with tempfile.TemporaryDirectory() as tmp:
+        data = json.loads(
+            Path(client.download_artifacts(newest.info.run_id, "decision.json", tmp)).read_text()
+        )
+    data["run_id"] = newest.info.run_id
+    return data
