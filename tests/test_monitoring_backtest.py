@@ -97,3 +97,32 @@ def test_cli_backtest_and_monitor_errors(workspace: Path) -> None:
         app, ["--workspace", str(workspace), "monitor", "--as-of", "yesterday", "--no-progress"]
     )
     assert isinstance(out.exception, ChurnError) and "--as-of" in str(out.exception)
+
+
+@pytest.mark.slow
+def test_backtest_data_outage_blocks_and_never_retrains(workspace: Path) -> None:
+    res = backtest(_cfg(workspace), "data_outage", DAYS, **KW)
+    pre = [w for w in res.windows if not w.post_onset]
+    post = [w for w in res.windows if w.post_onset]
+    assert pre and post
+    assert all(w.action != "blocked" for w in pre)
+    blocked = [w for w in post if w.action == "blocked"]
+    assert blocked, [w.action for w in post]
+    assert any("data_mb" in r or "null" in r for r in blocked[0].reasons), blocked[0].reasons
+    assert not res.retrains  # integrity problems block, they never retrain
+
+
+@pytest.mark.slow
+def test_backtest_gradual_drift_is_caught_late_and_not_retrained(workspace: Path) -> None:
+    # the usage factor ramps over 42 days: replay four more weeks than the other scenarios
+    res = backtest(_cfg(workspace), "gradual", DAYS + 28, **KW)
+    pre = [w for w in res.windows if not w.post_onset]
+    post = [w for w in res.windows if w.post_onset]
+    assert all(w.action == "ok" for w in pre)
+    assert post[0].action == "ok"  # a week into the ramp nothing has moved beyond noise
+    assert res.detected
+    # later than the step change of usage_shift (third window), before the ramp ends
+    assert res.detection_delay_windows is not None and 3 < res.detection_delay_windows <= 6
+    assert post[-1].population_psi_max > 0.2 > post[0].population_psi_max
+    assert post[-1].top_feature in ("usage_trend", "minutes_7d", "monthly_usage")
+    assert not res.retrains  # drift alone: investigate
