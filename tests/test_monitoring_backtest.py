@@ -19,6 +19,11 @@ KW = {"customers": 1500, "warmup_days": 7, "onset_day": 118, "n_trials": 1, "fas
 DAYS = 139
 
 
+def _split(res):
+    """(windows ending at or before the onset, windows after it)."""
+    return ([w for w in res.windows if not w.post_onset], [w for w in res.windows if w.post_onset])
+
+
 def _cfg(ws: Path, **over):
     return load_config(workspace=ws, environ={}, overrides={"monitoring.min_segment_size": 50,
                                                             "training.max_estimators": 80, **over})
@@ -52,7 +57,7 @@ def test_backtest_usage_shift_is_detected(workspace: Path) -> None:
 @pytest.mark.slow
 def test_backtest_segment_shift_names_the_segment_with_low_population_psi(workspace: Path) -> None:
     res = backtest(_cfg(workspace), "segment_shift", DAYS, **KW)
-    post = [w for w in res.windows if w.post_onset]
+    _, post = _split(res)
     assert post
     assert res.attributed is True
     alarm = next(w for w in post if w.action != "ok")
@@ -102,8 +107,7 @@ def test_cli_backtest_and_monitor_errors(workspace: Path) -> None:
 @pytest.mark.slow
 def test_backtest_data_outage_blocks_and_never_retrains(workspace: Path) -> None:
     res = backtest(_cfg(workspace), "data_outage", DAYS, **KW)
-    pre = [w for w in res.windows if not w.post_onset]
-    post = [w for w in res.windows if w.post_onset]
+    pre, post = _split(res)
     assert pre and post
     assert all(w.action != "blocked" for w in pre)
     blocked = [w for w in post if w.action == "blocked"]
@@ -116,8 +120,7 @@ def test_backtest_data_outage_blocks_and_never_retrains(workspace: Path) -> None
 def test_backtest_gradual_drift_is_caught_late_and_not_retrained(workspace: Path) -> None:
     # the usage factor ramps over 42 days: replay four more weeks than the other scenarios
     res = backtest(_cfg(workspace), "gradual", DAYS + 28, **KW)
-    pre = [w for w in res.windows if not w.post_onset]
-    post = [w for w in res.windows if w.post_onset]
+    pre, post = _split(res)
     assert all(w.action == "ok" for w in pre)
     assert post[0].action == "ok"  # a week into the ramp nothing has moved beyond noise
     assert res.detected

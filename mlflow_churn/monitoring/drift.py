@@ -528,11 +528,11 @@ def iter_parquet_batches(
         raise ChurnError(
             f"{p} lacks column(s) {', '.join(missing)}; it has {', '.join(dataset.schema.names)}"
         )
-    pool = pa.default_memory_pool()
+    cols, pool = list(columns), pa.default_memory_pool()
     for file in dataset.files:
         reader = pq.ParquetFile(file)
         try:
-            for batch in reader.iter_batches(batch_size=batch_rows, columns=list(columns)):
+            for batch in reader.iter_batches(batch_size=batch_rows, columns=cols):
                 yield batch.to_pandas()
                 del batch
                 pool.release_unused()
