@@ -246,3 +246,24 @@ def register_version(small_data: Path):
         return client.get_model_version(cfg.training.model_name, mv.version)
 
     return _register
+
+
+# --- a real `mlflow server` on PostgreSQL (issue 14) -------------------------------------------
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real ``mlflow server`` for the session (per xdist worker): its own PostgreSQL
+    database (dropped after), artifacts proxied from a temp dir, webhooks enabled for loopback
+    receivers. Yields a :class:`mlflow_churn.tracking_server.TrackingServer` (``.url``)."""
+    _need("PostgreSQL", PG_HOST, PG_PORT)
+    from mlflow_churn.tracking_server import create_database, drop_database, start_tracking_server
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    url = create_database(f"postgresql+psycopg2://postgres@{PG_HOST}:{PG_PORT}/test")
+    try:
+        server = start_tracking_server(url, root / "mlartifacts", log_path=root / "server.log", cwd=root)
+        try:
+            yield server
+        finally:
+            server.stop()
+    finally:
+        drop_database(url)

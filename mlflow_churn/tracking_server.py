@@ -1,0 +1,262 @@
+"""Start and stop a real ``mlflow server`` as a child process (the demo's server mode, tests).
+
+:func:`start_tracking_server` runs ``python -m mlflow server`` on 127.0.0.1 and a free port
+with ``--backend-store-uri`` (PostgreSQL, or a SQLite file) and ``--artifacts-destination``
+(artifacts proxied by the server: clients never touch the directory), waits until
+``/health`` answers and returns a :class:`TrackingServer` that stops it (terminate, then
+kill) on :meth:`TrackingServer.stop` or on leaving a ``with`` block.
+
+Webhooks are enabled in the child's environment (:func:`webhook_env`): an encryption key
+for webhook secrets, and loopback receivers allowed (``http``, private IPs), which is what
+a receiver on the same machine needs.
+
+:func:`create_database` / :func:`drop_database` make and remove a PostgreSQL database for
+one server (a new database per demo run or test session).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from mlflow_churn.errors import ChurnError
+
+LOOPBACK = "127.0.0.1"
+READY_TIMEOUT_S = 120.0
+_PORT_TRIES = 5
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port that was free on ``host`` a moment ago (the OS picks it). A child that
+    binds it later can still lose a race: :func:`start_tracking_server` retries."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def webhook_env(encryption_key: str | None = None) -> dict[str, str]:
+    """Environment for an ``mlflow server`` that delivers webhooks to a receiver on this
+    machine: ``MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY`` (a new Fernet key unless given),
+    ``http`` allowed, private IPs allowed, and a 1 s webhook cache so a new webhook fires at
+    once."""
+    if encryption_key is None:
+        from cryptography.fernet import Fernet  # a dependency of mlflow
+
+        encryption_key = Fernet.generate_key().decode()
+    return {
+        "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": encryption_key,
+        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+        "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+    }
+
+
+@dataclass
+class TrackingServer:
+    """A running ``mlflow server`` child process."""
+
+    url: str
+    backend_uri: str
+    artifacts_dir: Path
+    process: subprocess.Popen
+    log_path: Path
+    env: dict[str, str] = field(repr=False, default_factory=dict)
+
+    @property
+    def port(self) -> int:
+        return int(urlsplit(self.url).port or 0)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Terminate the server (and its workers), kill it after ``timeout`` seconds."""
+        stop_process(self.process, timeout)
+
+    def __enter__(self) -> TrackingServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Terminate ``proc``'s process group (it was started in its own session), then kill."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, 15)
+    except (ProcessLookupError, PermissionError):
+        proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, 9)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
+        proc.wait(timeout)
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float, log_path: Path | None = None) -> None:
+    """Poll ``url`` until it answers 200; ChurnError when ``proc`` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:] if log_path and log_path.exists() else ""
+            raise ChurnError(f"{url}: the process exited with code {proc.returncode} before answering"
+                             + (f"; its log ends with: {tail}" if tail else ""))
+        try:
+            with urllib.request.urlopen(url, timeout=2.0) as resp:  # noqa: S310 (our own child)
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    raise ChurnError(f"{url} did not answer within {timeout:.0f} s"
+                     + (f" (log: {log_path})" if log_path else ""))
+
+
+def _address_in_use(log_path: Path) -> bool:
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return False
+    return "address already in use" in text.lower() or "errno 98" in text.lower()
+
+
+def start_tracking_server(
+    backend_uri: str,
+    artifacts_dir: Path | str,
+    *,
+    app_name: str | None = None,
+    host: str = LOOPBACK,
+    port: int | None = None,
+    env: Mapping[str, str] | None = None,
+    log_path: Path | str | None = None,
+    workers: int = 1,
+    ready_timeout: float = READY_TIMEOUT_S,
+    cwd: Path | str | None = None,
+) -> TrackingServer:
+    """Start ``mlflow server`` and wait for ``/health``.
+
+    - ``backend_uri``: ``postgresql://...`` or ``sqlite:///...`` (webhooks need a SQL store);
+    - ``artifacts_dir``: ``--artifacts-destination`` (created; proxied by the server);
+    - ``app_name``: ``--app-name`` (an ``mlflow.app`` entry point, e.g. ``churn-guard``);
+    - ``env``: the child's environment (default: ours, without ``MLFLOW_TRACKING_URI`` /
+      ``MLFLOW_RUN_ID``, plus :func:`webhook_env`);
+    - ``port``: None picks a free one (retried when another process takes it first).
+
+    Raises ChurnError, with the end of the server's log, when it does not come up.
+    """
+    artifacts = Path(artifacts_dir).resolve()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID",
+                                                                 "MLFLOW_EXPERIMENT_ID")}
+        env.update(webhook_env())
+    child_env = dict(env)
+    child_env.setdefault("PYTHONUNBUFFERED", "1")
+    log = Path(log_path) if log_path else artifacts.parent / f"mlflow-server-{uuid.uuid4().hex[:8]}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    tries = 1 if port else _PORT_TRIES
+    for attempt in range(tries):
+        chosen = port or free_port(host)
+        args = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(chosen),
+                "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
+                "--workers", str(workers)]
+        if app_name:
+            args += ["--app-name", app_name]
+        with log.open("w") as out:
+            proc = subprocess.Popen(args, env=child_env, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, cwd=cwd, start_new_session=True)
+        url = f"http://{host}:{chosen}"
+        try:
+            wait_http(f"{url}/health", proc, ready_timeout, log)
+        except ChurnError:
+            stop_process(proc, 5.0)
+            if attempt + 1 < tries and _address_in_use(log):
+                continue
+            raise
+        return TrackingServer(url=url, backend_uri=backend_uri, artifacts_dir=artifacts, process=proc,
+                              log_path=log, env=child_env)
+    raise ChurnError(f"mlflow server could not find a free port on {host}")  # pragma: no cover
+
+
+# ------------------------------------------------------------------ PostgreSQL databases
+def _admin_connect(url: str):
+    """A psycopg2 connection in autocommit to the server of ``url`` (its database)."""
+    import psycopg2
+
+    parts = urlsplit(_plain_postgres(url))
+    return psycopg2.connect(host=parts.hostname or LOOPBACK, port=parts.port or 5432,
+                            user=parts.username or None, password=parts.password or None,
+                            dbname=(parts.path or "/").lstrip("/") or "postgres")
+
+
+def _plain_postgres(url: str) -> str:
+    """``postgresql+driver://`` -> ``postgresql://`` (libpq does not know the driver part)."""
+    scheme, rest = url.split("://", 1)
+    return f"{scheme.split('+', 1)[0]}://{rest}"
+
+
+def create_database(admin_url: str, name: str | None = None) -> str:
+    """Create database ``name`` (default ``churn_<random>``) on the PostgreSQL server of
+    ``admin_url`` (any existing database there, e.g. ``postgresql://postgres@127.0.0.1/test``)
+    and return the URL of the new one, in ``admin_url``'s scheme."""
+    name = name or f"churn_{uuid.uuid4().hex[:12]}"
+    if not name.replace("_", "").isalnum():
+        raise ChurnError(f"database name must be letters, digits and _, got '{name}'")
+    try:
+        conn = _admin_connect(admin_url)
+    except Exception as exc:  # psycopg2.OperationalError and friends
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ChurnError(f"cannot connect to PostgreSQL at {_redact(admin_url)} ({first}); start it or fix "
+                         "mlflow.server_backend_uri / CHURN_MLFLOW_BACKEND_URI") from None
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        conn.close()
+    parts = urlsplit(admin_url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def drop_database(url: str) -> None:
+    """Drop the database of ``url`` (connecting to its server's ``postgres`` database)."""
+    parts = urlsplit(url)
+    name = (parts.path or "/").lstrip("/")
+    if not name:
+        return
+    conn = _admin_connect(urlunsplit(parts._replace(path="/postgres")))
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        conn.close()
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
