@@ -1,5 +1,5 @@
 """`churn features ...`: in process through main() (fast), over real subprocesses (exit codes),
-the README's newcomer steps verbatim, and `mlflow run -e materialize`."""
+the docs' newcomer steps verbatim, and `mlflow run -e materialize`."""
 
 from __future__ import annotations
 
@@ -194,10 +194,9 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_readme_newcomer_steps(tmp_path: Path) -> None:
-    """The README's 'define a new feature version, materialize it, read it' block, verbatim
-    except for a free port and waiting on /health instead of a fixed sleep."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Feature store", 1)[1]
+    """docs/feature-store.md's 'define a new feature version, materialize it, read it' block,
+    verbatim except for a free port and waiting on /health instead of a fixed sleep."""
+    section = (ROOT / "docs" / "feature-store.md").read_text()
     script = section.split("```bash\n", 1)[1].split("\n```", 1)[0]
     port = str(_free_port())
     wait = f"until curl -s -o /dev/null http://127.0.0.1:{port}/health; do sleep 0.2; done"
