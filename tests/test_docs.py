@@ -39,7 +39,8 @@ def test_readme_is_short_and_links_every_page() -> None:
 
 def test_pages_copy_no_benchmark_figures() -> None:
     """Measured figures live in bench/RESULTS.md; pages link there instead of copying them."""
-    figures = set(re.findall(r"\b\d+\.\d+ (?:ms|s)\b|\b\d+(?:\.\d+)?x\b", (ROOT / "bench" / "RESULTS.md").read_text()))
+    results = (ROOT / "bench" / "RESULTS.md").read_text()
+    figures = set(re.findall(r"\b\d+\.\d+ (?:ms|s)\b|\b\d+(?:\.\d+)?x\b", results))
     for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
         text = page.read_text()
         copied = sorted(f for f in figures if f in text and f not in {"1.5x", "2x"})
