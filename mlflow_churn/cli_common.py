@@ -67,7 +67,10 @@ def print_json(data: Any) -> None:
             return [clean(v) for v in value]
         return value
 
-    typer.echo(json.dumps(clean(data), indent=2, default=str))
+    def other(value: Any) -> Any:  # numpy scalars -> numbers; dates, paths -> text
+        return clean(value.item()) if hasattr(value, "item") and callable(value.item) else str(value)
+
+    typer.echo(json.dumps(clean(data), indent=2, default=other))
 
 
 def opt_str(value: str | None) -> str | None:

@@ -201,7 +201,7 @@ def serve_cmd(
 def traffic_cmd(
     ctx: typer.Context,
     customers: int = typer.Option(..., "--customers", help="Customers to score, drawn at random from the "
-                                  "workspace's customer table (each once)."),
+                                  "workspace's live customers (each once)."),
     rate: float = typer.Option(None, "--rate", help="At most this many requests per second "
                                "(default: as fast as the service answers)."),
     url: str = typer.Option(None, "--url", help="The running service; loopback only "

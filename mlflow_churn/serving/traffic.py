@@ -68,15 +68,21 @@ def loopback_url(url: str) -> tuple[str, int, str]:
 
 
 def draw_customers(data_dir: Path, n: int, seed: int = 0) -> np.ndarray:
-    """``n`` distinct customer ids drawn at random from ``<data_dir>/customers.parquet``."""
+    """``n`` distinct ids drawn at random from the live customers of ``<data_dir>``: those of
+    ``customers.parquet`` without a churn event in ``churn_events.parquet`` (the ones the
+    online store serves at the end of the data, so the service answers ``ok`` for them)."""
     import pyarrow.parquet as pq
 
     path = Path(data_dir) / "customers.parquet"
     if not path.is_file():
         raise ChurnError(f"no customer table at {path}; run `churn simulate` first (or pass --workspace)")
     ids = pq.read_table(path, columns=["customer_id"]).column("customer_id").to_numpy()
+    events = Path(data_dir) / "churn_events.parquet"
+    if events.is_file():
+        churned = pq.read_table(events, columns=["customer_id"]).column("customer_id").to_numpy()
+        ids = np.setdiff1d(ids, churned)
     if n > len(ids):
-        raise ChurnError(f"--customers {n:,} is more than the workspace's {len(ids):,} customers; "
+        raise ChurnError(f"--customers {n:,} is more than the workspace's {len(ids):,} live customers; "
                          f"pass at most {len(ids):,}")
     return np.random.default_rng(seed).choice(ids, size=n, replace=False)
 
