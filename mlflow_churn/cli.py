@@ -16,7 +16,7 @@ import typer
 import yaml
 from rich.table import Table
 
-from mlflow_churn.cli_common import console, get_config, opt_str, parse_date, with_progress
+from mlflow_churn.cli_common import console, from_config, get_config, opt_str, parse_date, with_progress
 from mlflow_churn.config import SCENARIOS
 from mlflow_churn.errors import ChurnError
 
@@ -56,11 +56,13 @@ def config_show(ctx: typer.Context) -> None:
 @app.command()
 def simulate(
     ctx: typer.Context,
-    customers: int = typer.Option(None, help="Customers at the start [config: simulation.customers]."),
-    days: int = typer.Option(None, help="Days of daily activity [simulation.days]."),
-    start: str = typer.Option(None, help="First day, YYYY-MM-DD (UTC) [simulation.start]."),
-    scenario: str = typer.Option(None, help=f"One of: {', '.join(SCENARIOS)} [simulation.scenario]."),
-    seed: int = typer.Option(None, help="Random seed; same seed, same bytes [simulation.seed]."),
+    customers: int = typer.Option(None, help=from_config("Customers at the start.", "simulation.customers")),
+    days: int = typer.Option(None, help=from_config("Days of daily activity.", "simulation.days")),
+    start: str = typer.Option(None, help=from_config("First day, YYYY-MM-DD (UTC).", "simulation.start")),
+    scenario: str = typer.Option(None, help=from_config(f"One of: {', '.join(SCENARIOS)}.",
+                                                        "simulation.scenario")),
+    seed: int = typer.Option(None, help=from_config("Random seed; same seed, same bytes.",
+                                                    "simulation.seed")),
     onset_day: int = typer.Option(None, help="Day index where drift starts (default days // 2)."),
     segment: str = typer.Option(
         None, help="Segment that shifts in segment_shift, COLUMN=VALUE (default region=pacific)."

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
+from ports import ServerThread, free_port, start_on_free_port
 
 from mlflow_churn.config import ChurnConfig, load_config
 
@@ -26,34 +24,7 @@ LABELS_AS_OF = datetime(2026, 4, 30, tzinfo=UTC)
 CHURN = [sys.executable, "-m", "mlflow_churn.cli"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ServerThread:
-    """uvicorn serving ``app`` in a thread on 127.0.0.1:<free port> (lifespan included)."""
-
-    def __init__(self, app: Any) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+__all__ = ["ServerThread", "free_port"]  # from ports: the one way the tests get a port
 
 
 def wait_ready(client: httpx.Client, timeout: float = 60.0, expect: int = 200) -> httpx.Response:
@@ -101,36 +72,44 @@ def run_cli(config: ChurnConfig, args: list[str], timeout: float = 180,
 
 
 class ServeProcess:
-    """`churn serve` in a subprocess on a free port; ``stop()`` = SIGTERM (graceful), ``kill()``."""
+    """`churn serve` in a subprocess on a free port (started again on another one if the port
+    was taken meanwhile); ``stop()`` = SIGTERM (graceful), ``kill()``. Its stderr goes to a file
+    in the workspace, so a chatty server never blocks on a full pipe."""
 
     def __init__(self, config: ChurnConfig, **extra: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = CHURN + ["serve", "--host", "127.0.0.1", "--port", str(self.port)]
         self.env = cli_env(config, **extra)
         self.cwd = config.workspace
         self.proc: subprocess.Popen | None = None
+        self.port, self.url, self.log = 0, "", Path()
+
+    def _start(self, port: int) -> tuple[subprocess.Popen, Path]:
+        log = Path(self.cwd) / f"serve-{port}.stderr"
+        with log.open("w") as err:
+            proc = subprocess.Popen(CHURN + ["serve", "--host", "127.0.0.1", "--port", str(port)],
+                                    env=self.env, cwd=self.cwd, stdout=subprocess.DEVNULL, stderr=err,
+                                    text=True)
+        return proc, log
 
     def __enter__(self) -> ServeProcess:
-        self.proc = subprocess.Popen(self.args, env=self.env, cwd=self.cwd, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+        self.port, self.proc, self.log = start_on_free_port(self._start)
+        self.url = f"http://127.0.0.1:{self.port}"
         return self
 
     def stop(self) -> tuple[int, str]:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         try:
-            _, err = self.proc.communicate(timeout=60)
+            self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            _, err = self.proc.communicate()
-        return self.proc.returncode, err
+            self.proc.wait()
+        return self.proc.returncode, self.log.read_text()
 
     def kill(self) -> int:
         """SIGKILL: no shutdown code runs (what an OOM kill or a crashed host does)."""
         assert self.proc is not None
         self.proc.kill()
-        self.proc.communicate(timeout=60)
+        self.proc.wait(timeout=60)
         return self.proc.returncode
 
     def __exit__(self, *exc: object) -> None:

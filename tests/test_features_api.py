@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
-import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
+from ports import ServerThread
 
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.features.api import create_app
@@ -271,42 +269,25 @@ def test_metrics_prometheus_text(served) -> None:
     assert 'feature_requests_total{endpoint="/features",code="400"} 1' in text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.redis
 def test_real_socket_on_redis(workspace: Path, small_data: Path, redis_url: str, redis_prefix: str) -> None:
     cfg = _cfg(workspace, small_data, **{"features.online_backend": "redis",
                                          "features.redis_url": redis_url,
                                          "features.redis_prefix": redis_prefix})
     batch = materialize(cfg, T1)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(cfg, clock=Clock(T1 + timedelta(hours=2))),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
-            health = http.get("/health")
-            assert health.status_code == 200 and health.json()["batch_id"] == batch.batch_id
-            ids = ",".join(str(i) for i in range(100))
-            body = http.get("/features", params={"ids": ids, "feature_set": "churn_default"}).json()
-            assert len(body["results"]) == 100
-            found = [r for r in body["results"] if r["status"] == "found"]
-            assert len(found) >= 60 and all(r["versions"]["monthly_usage"] == 1 for r in found)  # alive ones
-            bad = http.get("/features", params={"ids": "1;2"})
-            assert bad.status_code == 400 and "detail" in bad.json()
-            assert "feature_freshness_seconds 7200.0" in http.get("/metrics").text
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    # the socket is bound before uvicorn starts (tests/ports.py): no port can be lost meanwhile
+    with ServerThread(create_app(cfg, clock=Clock(T1 + timedelta(hours=2)))) as srv, \
+            httpx.Client(base_url=srv.url) as http:
+        health = http.get("/health")
+        assert health.status_code == 200 and health.json()["batch_id"] == batch.batch_id
+        ids = ",".join(str(i) for i in range(100))
+        body = http.get("/features", params={"ids": ids, "feature_set": "churn_default"}).json()
+        assert len(body["results"]) == 100
+        found = [r for r in body["results"] if r["status"] == "found"]
+        assert len(found) >= 60 and all(r["versions"]["monthly_usage"] == 1 for r in found)  # alive ones
+        bad = http.get("/features", params={"ids": "1;2"})
+        assert bad.status_code == 400 and "detail" in bad.json()
+        assert "feature_freshness_seconds 7200.0" in http.get("/metrics").text
 
 
 def test_scoring_refuses_online_values_under_other_definitions(workspace: Path, small_data: Path,

@@ -300,11 +300,21 @@ def test_older_as_of_is_refused_unless_forced(cfg: ChurnConfig, store: OnlineSto
 
 @pytest.mark.redis
 def test_redis_lease_is_renewed_while_held(redis_url: str, redis_prefix: str) -> None:
-    store = RedisStore(redis_url, redis_prefix, lock_ttl_s=2.0)
+    ttl = 3.0
+    store = RedisStore(redis_url, redis_prefix, lock_ttl_s=ttl)
     other = RedisStore(redis_url, redis_prefix)
     try:
         with store.writer() as lock:
-            time.sleep(3.0)  # longer than the lease: the heartbeat keeps it
+            # Watch the lease instead of sleeping a fixed time: its remaining time only goes up
+            # when the heartbeat renews it. Held past its first term after two renewals = kept.
+            taken, renewals, last = time.monotonic(), 0, store._r.pttl(lock.key)
+            while renewals < 2 or time.monotonic() - taken <= ttl * 1.2:
+                assert time.monotonic() - taken < 60, f"{renewals} renewals in 60 s"
+                left = store._r.pttl(lock.key)
+                assert left > 0, "the lease expired while held"
+                renewals += left > last + 100
+                last = left
+                time.sleep(0.05)
             assert lock.owned()
             with pytest.raises(ChurnError, match="another `churn features materialize`.*expires in"):
                 other.writer().acquire()

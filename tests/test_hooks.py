@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from ports import start_on_free_port
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
@@ -161,10 +161,9 @@ def test_failed_gate_is_recorded_and_no_secret_refused(config) -> None:
 
 
 # ------------------------------------------------------------------------- end to end
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _spawn(args: list[str], env: dict, log: Path, cwd: Path) -> subprocess.Popen:
+    with log.open("w") as out:
+        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
@@ -199,8 +198,6 @@ def test_end_to_end_real_mlflow_server_fires_the_gate(config, register_version, 
 
     from mlflow_churn.registry.aliases import CANARY, alias_version
 
-    mlflow_port, hook_port = _free_port(), _free_port()
-    server_url = f"http://127.0.0.1:{mlflow_port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CHURN_", "MLFLOW_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
@@ -210,22 +207,20 @@ def test_end_to_end_real_mlflow_server_fires_the_gate(config, register_version, 
     server_log, hook_log = tmp_path / "mlflow-server.log", tmp_path / "hooks.log"
     procs = []
     try:
-        with server_log.open("w") as out:
-            server = subprocess.Popen(
-                [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-                 "--port", str(mlflow_port),
-                 "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                 "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-                env=server_env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+        # each server binds its own port: start_on_free_port retries if another process took it
+        mlflow_port, server, _ = start_on_free_port(lambda port: (_spawn(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+             "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+            server_env, server_log, tmp_path), server_log))
         procs.append(server)
+        server_url = f"http://127.0.0.1:{mlflow_port}"
         _wait_http(f"{server_url}/health", server, 120, server_log)
 
         client_env = dict(env, MLFLOW_TRACKING_URI=server_url, CHURN_HOOKS__SECRET=SECRET)
-        with hook_log.open("w") as out:
-            receiver = subprocess.Popen(
-                [sys.executable, "-m", "mlflow_churn.cli", "--workspace", str(config.workspace), "hooks",
-                 "serve", "--port", str(hook_port)],
-                env=client_env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+        hook_port, receiver, _ = start_on_free_port(lambda port: (_spawn(
+            [sys.executable, "-m", "mlflow_churn.cli", "--workspace", str(config.workspace), "hooks",
+             "serve", "--port", str(port)], client_env, hook_log, tmp_path), hook_log), timeout=180)
         procs.append(receiver)
         _wait_http(f"http://127.0.0.1:{hook_port}/health", receiver, 180, hook_log)
 

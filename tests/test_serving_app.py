@@ -10,17 +10,18 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from ports import start_on_free_port
 from serving_support import (
     BATCH_AS_OF,
     LABELS_AS_OF,
     ServerThread,
-    free_port,
     serving_config,
     two_versions,
     wait_ready,
@@ -178,8 +179,8 @@ def test_alias_move_reloads_without_dropping_requests(config, register_version) 
     cfg = serving_config(config, canary_fraction=0.5, reload_seconds=0.3, admin_token="tok")
     ids = _all_ids(cfg)[:40]
     codes: list[int] = []
-    versions: list[str] = []
-    stop = threading.Event()
+    answers: list[set[tuple[str, str]]] = []  # per answered request: {(route, version)}
+    stop, warmed, swapped = threading.Event(), threading.Event(), threading.Event()
     with ServerThread(create_app(cfg)) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
         wait_ready(client)
 
@@ -189,29 +190,39 @@ def test_alias_move_reloads_without_dropping_requests(config, register_version) 
                     res = c.post("/predict", json={"customer_ids": ids})
                     codes.append(res.status_code)
                     if res.status_code == 200:
-                        versions.extend(p["model_version"] for p in res.json()["predictions"])
+                        answers.append({(p["route"], p["model_version"]) for p in res.json()["predictions"]})
+                        if len(answers) >= 3:
+                            warmed.set()
+                        if answers[-1] == {("champion", canary)}:
+                            swapped.set()  # a request served wholly by the new champion
 
         worker = threading.Thread(target=hammer)
         worker.start()
-        time.sleep(0.5)
-        res = client.post("/admin/promote", headers={"Authorization": "Bearer tok"},
-                          json={"reason": "live promotion test", "version": canary})
-        assert res.status_code == 200, res.text
-        assert res.json()["serving"] == {**res.json()["serving"], "champion": canary, "canary": None}
-        evidence = res.json()["transition"]["evidence"]  # the canary analysis rides along
-        assert evidence["canary_version"] == canary and evidence["routes"]["canary"]["rows"] > 0
-        time.sleep(0.5)
-        stop.set()
-        worker.join()
+        try:
+            assert warmed.wait(60), "the client sent no requests before the promotion"
+            res = client.post("/admin/promote", headers={"Authorization": "Bearer tok"},
+                              json={"reason": "live promotion test", "version": canary})
+            assert res.status_code == 200, res.text
+            serving = res.json()["serving"]
+            assert serving["champion"] == canary and serving["canary"] is None, serving
+            evidence = res.json()["transition"]["evidence"]  # the canary analysis rides along
+            assert evidence["canary_version"] == canary and evidence["routes"]["canary"]["rows"] > 0
+            # the same client kept sending through the swap until it got the new models' answer
+            assert swapped.wait(60), "no request was answered by the promoted model"
+        finally:
+            stop.set()
+            worker.join()
         after = client.post("/predict", json={"customer_ids": ids}).json()["predictions"]
     assert codes and set(codes) == {200}  # nothing dropped or failed while the models swapped
-    assert {champ, canary} <= set(versions)
+    # requests before the swap saw the old pair (both routes), after it the new champion alone
+    assert {("champion", champ), ("canary", canary)} <= answers[0]
+    assert answers[-1] == {("champion", canary)}
     assert {p["model_version"] for p in after} == {canary} and {p["route"] for p in after} == {"champion"}
     client_ml = MlflowClient(cfg.mlflow_tracking_uri)
     aliases = client_ml.get_registered_model(cfg.training.model_name).aliases
     assert {a: str(v) for a, v in aliases.items()} == {"champion": canary, "previous-champion": champ}
     run = client_ml.get_run(res.json()["transition"]["run_id"])
-    assert run.data.tags["evidence"] in ("promote", "wait", "rollback")
+    assert run.data.tags["evidence"] == evidence["verdict"]  # the run records the evidence it carried
     assert run.data.metrics["canary_rows"] == evidence["routes"]["canary"]["rows"]
 
 
@@ -300,16 +311,21 @@ def test_prediction_log_on_postgres(config, register_version, postgres_url) -> N
 @pytest.mark.slow
 def test_mlflow_models_serve_returns_probabilities(config, register_version) -> None:
     champ, _ = two_versions(config, register_version)
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHURN_")}
     env["MLFLOW_TRACKING_URI"] = config.mlflow_tracking_uri
     bindir = os.path.dirname(sys.executable)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
-    proc = subprocess.Popen(
-        [os.path.join(bindir, "mlflow"), "models", "serve", "-m",
-         f"models:/{config.training.model_name}@champion", "--env-manager", "local", "-p", str(port),
-         "-h", "127.0.0.1", "-w", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = config.workspace / "models-serve.log"
+
+    def start(port: int) -> tuple[subprocess.Popen, Path]:
+        with log.open("w") as err:
+            return subprocess.Popen(
+                [os.path.join(bindir, "mlflow"), "models", "serve", "-m",
+                 f"models:/{config.training.model_name}@champion", "--env-manager", "local", "-p", str(port),
+                 "-h", "127.0.0.1", "-w", "1"],
+                env=env, stdout=subprocess.DEVNULL, stderr=err, text=True), log
+
+    port, proc, _ = start_on_free_port(start)  # it binds the port itself: retried if taken meanwhile
     try:
         store = open_store(config)
         some = store.customer_ids()[:20]
@@ -329,7 +345,7 @@ def test_mlflow_models_serve_returns_probabilities(config, register_version) -> 
             except httpx.TransportError:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise AssertionError(
-                        f"mlflow models serve did not start: {proc.stderr.read()[-2000:]}") from None
+                        f"mlflow models serve did not start: {log.read_text()[-2000:]}") from None
                 time.sleep(0.5)
         assert res.status_code == 200, res.text
         preds = np.array(res.json()["predictions"], dtype=float).reshape(-1)

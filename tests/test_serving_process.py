@@ -27,25 +27,47 @@ _PROMOTER = textwrap.dedent("""
     from mlflow_churn.config import load_config
     from mlflow_churn.serving.canary import promote
     cfg = load_config()
-    start_at, version, who = float(sys.argv[1]), sys.argv[2], sys.argv[3]
-    time.sleep(max(0.0, start_at - time.time()))  # both processes call promote at the same instant
+    version, who = sys.argv[1], sys.argv[2]
+    print("ready", flush=True)  # imported: a barrier, not a head start, lines the two up
+    sys.stdin.readline()
+    began = time.time()
     res = promote(cfg, f"race {who}", version=version)
-    print(json.dumps({"noop": res.noop, "message": res.message, "run_id": res.run_id}))
+    print(json.dumps({"noop": res.noop, "message": res.message, "run_id": res.run_id,
+                      "began": began, "ended": time.time()}), flush=True)
 """)
+
+
+def _line(proc: subprocess.Popen, timeout: float) -> str:
+    """The next stdout line of ``proc`` within ``timeout`` seconds (else fail with its stderr)."""
+    import selectors
+
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            proc.kill()
+            raise AssertionError(f"no line within {timeout} s: {proc.communicate()[1][-3000:]}")
+    return proc.stdout.readline()
 
 
 @pytest.mark.slow
 def test_two_processes_promoting_at_once_end_with_one_champion(config, register_version) -> None:
     champ, canary = two_versions(config, register_version)
-    start_at = time.time() + 6.0  # after both interpreters have imported mlflow
-    procs = [subprocess.Popen([sys.executable, "-c", _PROMOTER, str(start_at), canary, who],
-                              env=cli_env(config), cwd=config.workspace, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", _PROMOTER, canary, who], env=cli_env(config),
+                              cwd=config.workspace, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for who in ("a", "b")]
+    for p in procs:  # both interpreters have imported everything ...
+        assert _line(p, 180).strip() == "ready"
+    for p in procs:  # ... then both are released together
+        p.stdin.write("go\n")
+        p.stdin.flush()
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=180)
         assert p.returncode == 0, err[-3000:]
         outs.append(json.loads(out.strip().splitlines()[-1]))
+    # the calls overlapped in time: each began before the other ended, so the lock decided
+    a, b = outs
+    assert a["began"] < b["ended"] and b["began"] < a["ended"], outs
     assert sorted(o["noop"] for o in outs) == [False, True]
     (noop,) = [o for o in outs if o["noop"]]
     assert f"already promoted: version {canary}" in noop["message"]

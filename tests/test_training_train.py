@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -16,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from ports import free_port
 
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.errors import ChurnError
@@ -37,9 +37,12 @@ def _cfg(workspace: Path, small_data: Path, **extra: object) -> ChurnConfig:
     return load_config(workspace=workspace, environ={}, overrides=FAST | extra)
 
 
-def test_train_registers_a_tagged_challenger(workspace: Path, small_data: Path) -> None:
+def test_train_registers_a_tagged_challenger(workspace: Path, small_data: Path, register_version,
+                                            capfd: pytest.CaptureFixture[str]) -> None:
     cfg = _cfg(workspace, small_data)
     result = train(cfg, AS_OF, n_trials=3, progress=False)
+    # our log_model call filters MLflow's CloudPickle notice (training/model.py); nothing else does
+    assert "CloudPickle" not in capfd.readouterr().err
     client = MlflowClient(cfg.mlflow_tracking_uri)
     fs = registry_for(cfg).feature_set("churn_default")
 
@@ -95,6 +98,17 @@ def test_train_registers_a_tagged_challenger(workspace: Path, small_data: Path) 
     assert again.version == "2"
     assert str(client.get_model_version_by_alias("churn-model", "challenger").version) == "2"
 
+    # the register_version fixture (conftest.py) stands in for train() in many tests: the tags it
+    # writes must be tags train() writes, in the same formats (test_quality is its own marker)
+    fake = register_version(cfg, alias=None)
+    fake_tags = {k: v for k, v in fake.tags.items() if k != "test_quality"}
+    assert set(fake_tags) <= set(tags), sorted(set(fake_tags) - set(tags))
+    for key in ("window_start", "window_end", "as_of"):
+        assert datetime.fromisoformat(fake_tags[key]).tzinfo is not None
+        assert datetime.fromisoformat(tags[key]).tzinfo is not None
+    assert fake_tags["source"] == tags["source"] and fake_tags["horizon_days"] == tags["horizon_days"]
+    assert fake_tags["feature_set_hash"] == tags["feature_set_hash"]
+
 
 def test_same_seed_same_best_params_and_auc(tmp_path: Path, small_data: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
@@ -124,12 +138,6 @@ def test_failure_after_registration_deletes_the_version(config: ChurnConfig) -> 
             raise ChurnError("alias step failed")
     assert client.search_model_versions("name = 'churn-model'") == []
     assert client.search_registered_models() == []
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bad_table(tmp: Path, kind: str) -> Path:
@@ -182,7 +190,7 @@ def test_bad_input_one_line_exit_2_no_version(tmp_path: Path, small_data: Path, 
         args += ["--as-of", "2026-09-01"]
     else:
         # MLflow's own defaults (7 retries, 120 s timeout) would take minutes: the probe does not
-        env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{_free_port()}"
+        env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     res = subprocess.run(CHURN + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2, res.stderr[-2000:]
     lines = [line for line in res.stderr.strip().splitlines() if line.strip()]

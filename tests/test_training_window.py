@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +110,16 @@ def test_a_single_cutoff_cannot_be_split_by_time(workspace: Path, small_data: Pa
     cfg = _cfg(workspace, small_data, **{"training.window_days": 5})
     with pytest.raises(ChurnError, match="too few for a time-based validation split"):
         prepare_window(cfg, AS_OF)
+
+
+def test_too_little_data_says_how_many_days_are_needed(workspace: Path, small_data: Path) -> None:
+    """No valid as_of at all: the error names the days training needs and the days there are,
+    not an empty range like "valid as_of: 2026-05-08 .. 2026-05-01"."""
+    cfg = _cfg(workspace, small_data, **{"evaluation.holdout_days": 60})
+    bounds_days = (date(2026, 5, 1) - date(2026, 1, 1)).days  # small_data: 2026-01-01 .. 2026-04-30
+    with pytest.raises(ChurnError) as err:
+        training_window(datetime(2026, 4, 30, tzinfo=UTC), cfg)
+    text = str(err.value)
+    assert "no as_of is valid" in text and "valid as_of: 2026" not in text, text
+    assert f"the data has {bounds_days} " in text and "training needs 150 days" in text, text
+    assert "60-day feature window + 30-day label horizon + 60-day holdout" in text, text

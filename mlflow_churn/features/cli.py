@@ -12,7 +12,15 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from mlflow_churn.cli_common import console, get_config, opt_str, parse_datetime
+from mlflow_churn.cli_common import (
+    JSON_OPTION,
+    console,
+    from_config,
+    get_config,
+    opt_str,
+    parse_datetime,
+    print_json,
+)
 from mlflow_churn.errors import ChurnError
 
 features_app = typer.Typer(help="Feature store: definitions, materialization, online API.",
@@ -44,13 +52,21 @@ def _sets_of(cfg) -> dict[str, list[str]]:
 
 
 @features_app.command("list")
-def list_features(ctx: typer.Context) -> None:
+def list_features(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
     """Every feature definition and version, and the feature sets."""
     from mlflow_churn.features.registry import registry_for
 
     cfg = get_config(ctx)
     reg = registry_for(cfg)
     sets = _sets_of(cfg)
+    if as_json:
+        print_json({
+            "features": [{"served_name": d.full_name, **d.to_dict(), "sets": sets.get(d.full_name, [])}
+                         for d in reg.definitions()],
+            "feature_sets": [{"name": fs.name, "description": fs.description, "hash": fs.hash,
+                              "features": list(fs.columns)} for fs in reg.feature_sets()],
+        })
+        return
     table = Table(title="feature definitions")
     for col in ("served name", "name", "version", "dtype", "source", "window", "owner", "sets"):
         table.add_column(col)
@@ -71,6 +87,7 @@ def list_features(ctx: typer.Context) -> None:
 def describe(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Feature (any version) or feature set."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Every version of a feature (or the members of a feature set), with its SQL."""
     from mlflow_churn.features.registry import UnknownFeatureError, registry_for
@@ -79,6 +96,9 @@ def describe(
     reg = registry_for(cfg)
     if name in {fs.name for fs in reg.feature_sets()}:
         fs = reg.feature_set(name)
+        if as_json:
+            print_json({"feature_set": fs.to_dict()})
+            return
         console.print(f"feature set [bold]{fs.name}[/bold]: {fs.description}")
         console.print(f"hash {fs.hash}")
         console.print("features: " + ", ".join(fs.columns))
@@ -95,6 +115,11 @@ def describe(
         raise ChurnError(f"unknown feature or feature set '{name}'; features: "
                          f"{', '.join(err.available)}; feature sets: {sets}") from None
     sets = _sets_of(cfg)
+    if as_json:
+        print_json({"feature": base, "versions": [
+            {"served_name": d.full_name, **d.to_dict(), "sets": sets.get(d.full_name, [])}
+            for d in versions]})
+        return
     for d in versions:
         console.print(f"[bold]{d.full_name}[/bold] (feature {d.name}, version {d.version})")
         console.print(f"  {d.description}")
@@ -150,7 +175,8 @@ def materialize_cmd(
         False, "--incremental",
         help="Build on the serving batch: same values, only customers active in its windows recomputed."),
     every: str = typer.Option(None, "--every", help="Run on a schedule, e.g. 1h (default: once)."),
-    max_runs: int = typer.Option(None, "--max-runs", help="With --every: stop after this many runs."),
+    max_runs: int = typer.Option(None, "--max-runs",
+                                 help="With --every: stop after this many runs (default: never)."),
     force: bool = typer.Option(False, "--force",
                                help="Accept an --as-of older than the serving one (roll back)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -188,7 +214,8 @@ def materialize_cmd(
 
 @features_app.command("history")
 def history(ctx: typer.Context,
-            limit: int = typer.Option(20, "--limit", help="Newest batches to show.")) -> None:
+            limit: int = typer.Option(20, "--limit", help="Newest batches to show."),
+            as_json: bool = JSON_OPTION) -> None:
     """Every completed batch, newest first (the first one serves)."""
     from mlflow_churn.features.online import open_store
 
@@ -202,14 +229,17 @@ def history(ctx: typer.Context,
         store.close()
     if not batches:
         raise ChurnError(f"{location} has no batch yet; run `churn features materialize`")
+    if as_json:
+        print_json({"store": location, "batches": [b.to_dict() for b in batches]})
+        return
     console.print(_batch_table(f"batches in {location}", batches))
 
 
 @features_app.command("serve")
 def serve_cmd(
     ctx: typer.Context,
-    host: str = typer.Option(None, "--host", help="Bind address [features.host]."),
-    port: int = typer.Option(None, "--port", help="Port [features.port]."),
+    host: str = typer.Option(None, "--host", help=from_config("Bind address.", "features.host")),
+    port: int = typer.Option(None, "--port", help=from_config("Port.", "features.port")),
 ) -> None:
     """Serve GET /features, /health and /metrics with uvicorn."""
     from mlflow_churn.features.api import serve
@@ -225,11 +255,17 @@ def check_skew_cmd(
     ctx: typer.Context,
     sample: int = typer.Option(1000, "--sample", help="Customers to recompute offline."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Recompute a sample of online values offline; exit 1 when any differ."""
     from mlflow_churn.features.skew import check_skew
 
     report = check_skew(get_config(ctx), sample=sample, seed=seed)
+    if as_json:
+        print_json(report.to_dict())
+        if not report.ok:
+            raise typer.Exit(1)
+        return
     console.print(f"batch {report.batch_id} (as_of {report.as_of}): {report.compared} of "
                   f"{report.sampled} sampled customers compared on {len(report.features)} features")
     if report.ok:

@@ -5,13 +5,63 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from mlflow_churn.cli_common import console, get_config, opt_str, parse_datetime, with_progress
+from mlflow_churn.cli_common import (
+    JSON_OPTION,
+    console,
+    get_config,
+    opt_str,
+    parse_datetime,
+    print_json,
+    with_progress,
+)
 from mlflow_churn.config import SCENARIOS
 from mlflow_churn.errors import ChurnError
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _trigger_line(st) -> str:
+    """E.g. ``psi[*] > 0.2: pending, active in 1 of the last 1 window(s) (needs 2 before it counts):
+    monthly_usage 0.626 (limit 0.2)``."""
+    shown = ", ".join(f"{k} {v:.3f} (limit {st.limits.get(k, float('nan')):.3g})"
+                      for k, v in list(st.values.items())[:3])
+    if st.state == "quiet":
+        return f"{st.trigger}: quiet" + (f", largest {shown}" if shown else ", no value in this window "
+                                         "(e.g. labels not matured yet)")
+    span = f"active in {st.hits} of the last {st.windows} window(s)"
+    if st.state == "fired":
+        return f"{st.trigger}: FIRED, {span} (needs {st.required}): {shown}"
+    return f"{st.trigger}: pending, {span} (needs {st.required} before it counts): {shown}"
+
+
+def decision_lines(decision, segment_psi: dict[str, float], top: int = 5) -> list[str]:
+    """The decision in a few lines: one per trigger (fired / pending / quiet and the values), the
+    segments summarised (how many moved, the top movers), and why the action is what it is."""
+    lines = [_trigger_line(st) for st in decision.triggers]
+    moved, pending = list(decision.segments), dict(decision.pending_segments)
+    if moved or pending:
+        psi = {**pending, **{k: segment_psi.get(k, float("nan")) for k in moved}}
+        tops = sorted(psi.items(), key=lambda kv: -kv[1])[:top]
+        lines.append(f"segments: {len(moved)} moved in enough windows, {len(pending)} pending, of "
+                     f"{len(segment_psi)} tested; top: " + ", ".join(f"{k} {v:.3f}" for k, v in tops))
+    elif segment_psi:
+        lines.append(f"segments: none of {len(segment_psi)} tested moved beyond its threshold")
+    fired = [st.trigger for st in decision.triggers if st.state == "fired"]
+    waiting = [st.trigger for st in decision.triggers if st.state == "pending"]
+    why = {
+        "blocked": "integrity fault: never act on broken data",
+        "retrain": f"performance trigger(s) fired: {', '.join(decision.fired)}",
+        "investigate": (f"drift trigger(s) fired without a performance trigger: {', '.join(fired)}" if fired
+                        else "segments moved (or an integrity warning) without a persistent trigger"),
+        "ok": ("nothing fired" + (f"; pending: {', '.join(waiting)} (not yet in enough windows)"
+                                  if waiting else "")),
+    }[decision.action]
+    detail = [r for r in decision.reasons
+              if r.startswith(("integrity", "cooldown", "refresh", "drift without"))]
+    lines.append(f"decision: {decision.action}, because {why}" + (f"; {'; '.join(detail)}" if detail else ""))
+    return lines
 
 
 def register(app: typer.Typer) -> None:
@@ -27,6 +77,7 @@ def register(app: typer.Typer) -> None:
             None, "--report-value", hidden=True, help="true/false form of --report (MLproject parameter)."
         ),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
+        as_json: bool = JSON_OPTION,
     ) -> None:
         """Monitor the last monitoring.window_days days: drift, performance, policy decision."""
         from mlflow_churn.features.offline import data_bounds
@@ -37,10 +88,12 @@ def register(app: typer.Typer) -> None:
             report = parse_bool(report_value, "--report-value")
         cfg = get_config(ctx)
         when = parse_datetime(as_of, "--as-of") if opt_str(as_of) else data_bounds(cfg.data_dir).last_event
-        res = with_progress("monitoring window", 1, progress,
+        res = with_progress("monitoring window", 1, progress and not as_json,
                             lambda tick: (monitor(cfg, when, alias=opt_str(alias) or "champion",
                                                   report=report), tick(1))[0])
-        d = res.decision
+        if as_json:
+            print_json(res.to_dict())
+            return
         table = Table(title=f"churn monitor: {cfg.training.model_name} v{res.model_version} "
                             f"window {res.window_start:%Y-%m-%d} .. {res.as_of:%Y-%m-%d}")
         s = res.stats
@@ -50,10 +103,6 @@ def register(app: typer.Typer) -> None:
             table.add_row(f, _fmt(v), _fmt(s.ks.get(f)), _fmt(s.js.get(f)), _fmt(s.null_rate.get(f)))
         table.add_row("(model score)", _fmt(s.score_psi), "-", "-", "-")
         console.print(table)
-        segs = sorted(res.stats.segment_psi.items(), key=lambda kv: -kv[1])[:5]
-        if segs:
-            console.print("top segments: " + ", ".join(
-                f"{k} {v:.3f} (noise {res.stats.segment_threshold.get(k, 0):.3f})" for k, v in segs))
         perf = res.performance
         src = [f"{c} {v:.1%}" for c, v in s.source_null_rate.items() if v > 0]
         if src:
@@ -64,9 +113,10 @@ def register(app: typer.Typer) -> None:
             f"baseline {_fmt(s.auc_baseline)}); early-label AUC {_fmt(s.early_auc)} vs "
             f"{_fmt(s.early_auc_baseline)}"
         )
-        console.print(f"[bold]decision: {d.action}[/bold]; " + "; ".join(d.reasons))
-        if d.segments:
-            console.print("segments that moved: " + ", ".join(d.segments))
+        lines = decision_lines(res.decision, res.stats.segment_psi)
+        for line in lines[:-1]:
+            console.print(f"  {line}", markup=False, highlight=False)
+        console.print(lines[-1], style="bold", markup=False, highlight=False)
         console.print(f"MLflow run: {res.run_id}")
 
     @app.command("backtest")
@@ -74,20 +124,22 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         scenario: str = typer.Option("stable", help=f"One of: {', '.join(SCENARIOS)}."),
         days: int = typer.Option(200, help="Simulated days."),
-        customers: int = typer.Option(None, help="Simulated customers; 0 = simulation.customers."),
+        customers: int = typer.Option(
+            None, help="Simulated customers (default and 0: config simulation.customers)."),
         onset_day: int = typer.Option(
             None, help="Drift onset day index; -1 = default (4 windows after the first training)."
         ),
         step_days: int = typer.Option(
-            None, help="Days between windows; 0 = monitoring.window_days (1 = daily)."
+            None, help="Days between windows, 1 = daily (default and 0: config monitoring.window_days)."
         ),
         n_trials: int = typer.Option(3, help="Optuna trials per (re)training."),
-        seed: int = typer.Option(None, help="Simulation seed; -1 = simulation.seed."),
+        seed: int = typer.Option(None, help="Simulation seed (default and -1: config simulation.seed)."),
         fast: bool = typer.Option(False, "--fast", help="No per-window MLflow runs / reports."),
         fast_value: str = typer.Option(
             None, "--fast-value", hidden=True, help="true/false form of --fast (MLproject parameter)."
         ),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
+        as_json: bool = JSON_OPTION,
     ) -> None:
         """Replay a scenario: simulate, train, monitor window by window, retrain; score detection."""
         from mlflow_churn.monitoring.backtest import backtest
@@ -111,7 +163,7 @@ def register(app: typer.Typer) -> None:
         res = with_progress(
             f"backtest {scenario}",
             total,
-            progress,
+            progress and not as_json,
             lambda tick: backtest(
                 cfg,
                 scenario,
@@ -125,6 +177,11 @@ def register(app: typer.Typer) -> None:
                 on_window=tick,
             ),
         )
+        if as_json:
+            from dataclasses import asdict
+
+            print_json({"summary": res.summary(), "windows": [asdict(w) for w in res.windows]})
+            return
         table = Table(title=f"churn backtest: {scenario}, onset {res.onset[:10]}")
         for col in (
             "#",

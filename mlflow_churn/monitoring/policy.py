@@ -135,6 +135,20 @@ class WindowStats:
 
 
 @dataclass
+class TriggerStatus:
+    """One trigger in the newest window: ``fired`` (persistent, counts for the decision),
+    ``pending`` (active now, not yet in enough windows) or ``quiet``."""
+
+    trigger: str
+    state: Literal["fired", "pending", "quiet"]
+    hits: int  # windows of the persistence span in which it was active
+    windows: int  # the span looked at (<= persistence.windows: fewer in a short history)
+    required: int
+    values: dict[str, float]  # the newest window's values (active keys, else the largest), top 5
+    limits: dict[str, float]  # their effective thresholds (max(value, recorded noise))
+
+
+@dataclass
 class PolicyDecision:
     """The policy's verdict on the newest window."""
 
@@ -144,6 +158,9 @@ class PolicyDecision:
     segments: list[str]
     fired: list[str]
     as_of: datetime
+    triggers: list[TriggerStatus] = field(default_factory=list)
+    #: segments beyond their threshold now but not yet in enough windows -> PSI now
+    pending_segments: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -280,11 +297,13 @@ def decide(
     frac = policy_cfg.hysteresis.clear_below_fraction
     persistent: list[TriggerConfig] = []
     features: set[str] = set()
+    statuses: list[TriggerStatus] = []
     for t in policy_cfg.triggers:
         per_window = _active_keys(wins, t, frac)[-_persistence(t, policy_cfg).windows:]
         hits = sum(1 for keys in per_window if keys)
         now = per_window[-1]
         required = _persistence(t, policy_cfg).required
+        statuses.append(_status(cur, t, now, hits, len(per_window), required))
         if hits >= required and now:
             persistent.append(t)
             shown = ", ".join(f"{k}={v:.3f}" for k, v in sorted(now.items(), key=lambda kv: -kv[1])[:5])
@@ -297,7 +316,7 @@ def decide(
                 f"{len(per_window)} windows (need {required})"
             )
 
-    segments, seg_reasons = _moved_segments(wins, policy_cfg)
+    segments, pending_segments, seg_reasons = _moved_segments(wins, policy_cfg)
     reasons += seg_reasons
     for key in segments:
         features |= set(cur.segment_features.get(key, [])[:3])
@@ -331,7 +350,23 @@ def decide(
                 f"{policy_cfg.cooldown_days} days -> investigate"
             )
             action = "investigate"
-    return PolicyDecision(action, reasons or ["no trigger fired"], sorted(features), seg_list, fired, as_of)
+    return PolicyDecision(action, reasons or ["no trigger fired"], sorted(features), seg_list, fired, as_of,
+                          statuses, pending_segments)
+
+
+def _status(w: WindowStats, t: TriggerConfig, now: dict[str, float], hits: int, windows: int,
+            required: int) -> TriggerStatus:
+    """What trigger ``t`` looks like in window ``w`` (the values shown: the active keys, else the
+    largest values, so a quiet trigger still says how far it is from firing)."""
+    vals = _values(w, t)
+    raising = t.op in (">", ">=")
+    keys = sorted(now, key=lambda k: -now[k]) if now else sorted(
+        vals, key=lambda k: -vals[k][0] if raising else vals[k][0])
+    keys = keys[:5]
+    state = "fired" if now and hits >= required else ("pending" if now else "quiet")
+    return TriggerStatus(trigger_name(t), state, hits, windows, required,
+                         {k: vals[k][0] for k in keys if k in vals},
+                         {k: vals[k][1] for k in keys if k in vals})
 
 
 def _persistence(t: TriggerConfig, cfg: PolicyConfig) -> PersistenceConfig:
@@ -345,17 +380,28 @@ def psi_floor(cfg: PolicyConfig) -> float:
                default=0.2)
 
 
-def _moved_segments(wins: Sequence[WindowStats], cfg: PolicyConfig) -> tuple[dict[str, float], list[str]]:
+def _moved_segments(
+    wins: Sequence[WindowStats], cfg: PolicyConfig
+) -> tuple[dict[str, float], dict[str, float], list[str]]:
     """Segments whose PSI exceeds max(smallest PSI trigger value, their noise threshold) with
-    hysteresis and, per segment, the policy's persistence -> (key -> PSI now, reasons)."""
+    hysteresis and, per segment, the policy's persistence -> (moved: key -> PSI now, pending:
+    key -> PSI now, reasons). Pending segments make one reason per persistence count, naming
+    the top movers and how many more, not one clause per segment."""
     rule = TriggerConfig(metric="segment_psi", feature="*", op=">", value=psi_floor(cfg))
     per_window = _active_keys(wins, rule, cfg.hysteresis.clear_below_fraction)[-cfg.persistence.windows:]
-    moved, reasons = {}, []
+    moved, pending, by_hits = {}, {}, {}
     for key, value in per_window[-1].items():
         hits = sum(1 for keys in per_window if key in keys)
         if hits >= cfg.persistence.required:
             moved[key] = value
         else:
-            reasons.append(f"segment {key} moved (PSI {value:.3f}) but only in {hits} of the last "
-                           f"{len(per_window)} windows (need {cfg.persistence.required})")
-    return moved, reasons
+            pending[key] = value
+            by_hits.setdefault(hits, []).append(key)
+    reasons = []
+    for hits, keys in sorted(by_hits.items()):
+        keys.sort(key=lambda k: -pending[k])
+        top = ", ".join(f"{k} moved (PSI {pending[k]:.3f})" for k in keys[:5])
+        more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+        reasons.append(f"{len(keys)} segment(s) moved but only in {hits} of the last {len(per_window)} "
+                       f"windows (need {cfg.persistence.required}): {top}{more}")
+    return moved, pending, reasons

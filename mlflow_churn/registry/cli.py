@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from mlflow_churn.cli_common import console, get_config, opt_str
+from mlflow_churn.cli_common import console, from_config, get_config, opt_str
 from mlflow_churn.errors import ChurnError
 
 hooks_app = typer.Typer(help="MLflow registry webhooks: run the gate when a challenger is aliased.",
@@ -18,10 +18,10 @@ EVENTS = ("model_version_alias.created",)
 @hooks_app.command("serve")
 def serve(
     ctx: typer.Context,
-    host: str = typer.Option(None, "--host", help="Bind address [config hooks.host]."),
-    port: int = typer.Option(None, "--port", help="Port [config hooks.port]."),
-    secret: str = typer.Option(None, "--secret", help="HMAC secret of the webhook [hooks.secret, "
-                               "env CHURN_HOOKS__SECRET]."),
+    host: str = typer.Option(None, "--host", help=from_config("Bind address.", "hooks.host")),
+    port: int = typer.Option(None, "--port", help=from_config("Port.", "hooks.port")),
+    secret: str = typer.Option(None, "--secret", help=from_config(
+        "HMAC secret of the webhook (or env CHURN_HOOKS__SECRET).", "hooks.secret", secret=True)),
 ) -> None:
     """Receive webhooks on POST /webhook; gate each new `challenger` in the background."""
     import uvicorn
@@ -40,7 +40,8 @@ def serve(
 def register_webhook(
     ctx: typer.Context,
     url: str = typer.Option(..., "--url", help="Receiver URL, e.g. http://127.0.0.1:8090/webhook."),
-    secret: str = typer.Option(None, "--secret", help="HMAC secret [hooks.secret]."),
+    secret: str = typer.Option(None, "--secret",
+                               help=from_config("HMAC secret.", "hooks.secret", secret=True)),
     name: str = typer.Option(WEBHOOK_NAME, "--name", help="Webhook name (an existing one is updated)."),
 ) -> None:
     """Create (or update) the MLflow webhook that calls the receiver on model_version_alias.created."""

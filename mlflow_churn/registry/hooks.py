@@ -181,6 +181,10 @@ class GateWorker:
                     self._log.update(job.delivery_id, "done", f"gate on version {job.version}", run_id)
                 except ChurnError as exc:
                     self._log.update(job.delivery_id, "failed", str(exc))
+                except (SystemExit, KeyboardInterrupt):  # shutting down mid-gate: not a failure;
+                    _log.warning("gate of delivery %s interrupted; it runs again at the next start",
+                                 job.delivery_id)  # the log still says running -> resume()
+                    return
                 except Exception as exc:  # keep the worker alive; the reason is recorded
                     _log.exception("gate for delivery %s failed", job.delivery_id)
                     self._log.update(job.delivery_id, "failed", f"{type(exc).__name__}: {exc}")

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import typer
 from rich.table import Table
 
-from mlflow_churn.cli_common import console, get_config, opt_str, parse_datetime
+from mlflow_churn.cli_common import console, from_config, get_config, opt_str, parse_datetime
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
 
@@ -18,9 +18,12 @@ canary_app = typer.Typer(help="Canary analysis and transitions: status, evaluate
 
 _AS_OF = typer.Option(None, "--as-of", help="Evaluation time, ISO UTC (default: the data's newest event, "
                       "else the newest logged prediction).")
-_SINCE = typer.Option(None, "--since", help="Only predictions with as_of at or after this time (ISO UTC).")
-_REASON = typer.Option("", "--reason", help="Why (recorded on the run and the version).")
-_VERSION = typer.Option(None, "--version", help="The canary version you expect; a no-op if already done.")
+_SINCE = typer.Option(None, "--since", help="Only predictions with as_of at or after this time (ISO UTC; "
+                      "default: from the first).")
+_REASON = typer.Option("", "--reason", help="Why (recorded on the run and the version; default: none, "
+                       "required by promote and rollback).")
+_VERSION = typer.Option(None, "--version", help="The canary version you expect; a no-op if already done "
+                        "(default: whatever version is the canary).")
 _JSON = typer.Option(False, "--json", help="Print the result as JSON.")
 _PROGRESS = typer.Option(True, "--progress/--no-progress", hidden=True,
                          help="Accepted so that one MLproject command line fits every action.")
@@ -75,7 +78,8 @@ def _print_transition(res: object) -> None:
 @canary_app.command("status")
 def canary_status_cmd(
     ctx: typer.Context, as_json: bool = _JSON,
-    as_of: str = typer.Option(None, "--as-of", help="Count predictions with as_of up to this time."),
+    as_of: str = typer.Option(None, "--as-of",
+                              help="Count predictions with as_of up to this time (default: all)."),
     since: str = _SINCE,
     reason: str = typer.Option("", "--reason", hidden=True, help="Must be empty: status changes nothing."),
     progress: bool = _PROGRESS,
@@ -175,11 +179,13 @@ canary_app.command("rollback")(_transition_command(
 
 def serve_cmd(
     ctx: typer.Context,
-    host: str = typer.Option(None, "--host", help="Bind address [serving.host]."),
-    port: int = typer.Option(None, "--port", help="Port [serving.port]."),
-    canary_fraction: float = typer.Option(None, "--canary-fraction", help="[serving.canary_fraction]"),
-    admin_token: str = typer.Option(None, "--admin-token", envvar="CHURN_ADMIN_TOKEN",
-                                    help="Bearer token of the admin endpoints [serving.admin_token]."),
+    host: str = typer.Option(None, "--host", help=from_config("Bind address.", "serving.host")),
+    port: int = typer.Option(None, "--port", help=from_config("Port.", "serving.port")),
+    canary_fraction: float = typer.Option(None, "--canary-fraction", help=from_config(
+        "Share of customers (0..1) routed to the canary by a sticky hash of the id.",
+        "serving.canary_fraction")),
+    admin_token: str = typer.Option(None, "--admin-token", envvar="CHURN_ADMIN_TOKEN", help=from_config(
+        "Bearer token of the admin endpoints.", "serving.admin_token", secret=True)),
 ) -> None:
     """Online scoring: POST /predict (champion + canary, sticky split), /health, /ready, /metrics."""
     from mlflow_churn.serving.app import serve
@@ -192,13 +198,69 @@ def serve_cmd(
     serve(cfg)
 
 
+def traffic_cmd(
+    ctx: typer.Context,
+    customers: int = typer.Option(..., "--customers", help="Customers to score, drawn at random from the "
+                                  "workspace's live customers (each once)."),
+    rate: float = typer.Option(None, "--rate", help="At most this many requests per second "
+                               "(default: as fast as the service answers)."),
+    url: str = typer.Option(None, "--url", help="The running service; loopback only "
+                            "(default: http://127.0.0.1:<serving.port>)."),
+    batch: int = typer.Option(10, "--batch", help="Customer ids per POST /predict request."),
+    max_seconds: float = typer.Option(600.0, "--max-seconds", help="Stop sending after this many seconds."),
+    wait_seconds: float = typer.Option(30.0, "--wait-seconds",
+                                       help="Wait this long for GET /ready to answer 200 first."),
+    token: str = typer.Option(None, "--token", envvar="CHURN_SERVING__API_TOKEN", show_envvar=True,
+                              help="Bearer token of /predict, when the service needs one "
+                              "(default: serving.api_token, if set)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the customer draw."),
+    as_json: bool = _JSON, progress: bool = typer.Option(True, "--progress/--no-progress",
+                                                         help="Show a progress bar."),
+) -> None:
+    """Send realistic POST /predict traffic to the running `churn serve` (for the canary analysis)."""
+    from mlflow_churn.cli_common import with_progress
+    from mlflow_churn.serving.traffic import draw_customers, loopback_url, send_traffic
+
+    if customers < 1:
+        raise ChurnError(f"--customers must be >= 1, got {customers}")
+    cfg = get_config(ctx)
+    host = cfg.serving.host if cfg.serving.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    target = opt_str(url) or f"http://{host}:{cfg.serving.port}"
+    loopback_url(target)  # refuse another machine before reading anything
+    ids = draw_customers(cfg.data_dir, customers, seed)
+    secret = opt_str(token) or getattr(cfg.serving, "api_token", None)
+    res = with_progress(
+        f"POST {target}/predict", len(ids), progress and not as_json,
+        lambda tick: send_traffic(target, ids, batch=batch, rate=rate, max_seconds=max_seconds,
+                                  wait_seconds=wait_seconds, token=secret,
+                                  on_request=lambda n: [tick(1) for _ in range(n)]),
+    )
+    if as_json:
+        typer.echo(json.dumps(res.to_dict(), indent=2))
+        return
+    table = Table(title=f"churn traffic: {res.requests:,} requests to {res.url}/predict "
+                        f"in {res.seconds:.1f} s")
+    for col in ("answered by", "customers"):
+        table.add_column(col, justify="left" if col == "answered by" else "right")
+    for kind, counts in (("route", res.routes), ("version", res.versions), ("status", res.statuses)):
+        for key, n in sorted(counts.items()):
+            table.add_row(f"{kind} {key}", f"{n:,}")
+    console.print(table)
+    if res.failed_requests:
+        console.print(f"{res.failed_requests:,} requests failed (counted by the service as errors)")
+    if res.stopped:
+        console.print(f"stopped early: {res.stopped}")
+    console.print("next: `churn canary status`, then `churn canary evaluate`")
+
+
 def compress_cmd(
     ctx: typer.Context,
     version: str = typer.Option(..., "--version", help="Registered version to prune."),
-    budget: str = typer.Option(None, "--budget", help="Allowed AUC loss, e.g. 0.002 "
-                               "[serving.auc_loss_budget]."),
+    budget: str = typer.Option(None, "--budget", help=from_config("Allowed AUC loss, e.g. 0.002.",
+                                                               "serving.auc_loss_budget")),
     as_of: str = typer.Option(None, "--as-of", help="Labels known up to (ISO UTC; default newest data)."),
-    alias: str = typer.Option(None, "--alias", help="Point this alias (e.g. challenger) at the new version."),
+    alias: str = typer.Option(None, "--alias",
+                              help="Point this alias (e.g. challenger) at the new version (default: none)."),
     as_json: bool = _JSON, progress: bool = _PROGRESS,
 ) -> None:
     """Register the fewest-trees copy of a version whose holdout AUC is within the budget."""
@@ -243,4 +305,5 @@ def register(app: typer.Typer) -> None:
     """Add the serving commands to the `churn` app."""
     app.command("serve")(serve_cmd)
     app.command("compress")(compress_cmd)
+    app.command("traffic")(traffic_cmd)
     app.add_typer(canary_app, name="canary")

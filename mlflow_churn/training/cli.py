@@ -15,10 +15,10 @@ def train_command(
     as_of: str = typer.Option(
         None, "--as-of", help="Training time (ISO, UTC); default: the newest event of the data."),
     n_trials: int = typer.Option(
-        None, "--n-trials", help="Optuna trials in this process; 0 = config training.n_trials."),
+        None, "--n-trials", help="Optuna trials in this process (default and 0: config training.n_trials)."),
     timeout: float = typer.Option(
         None, "--timeout", help="Stop tuning after this many seconds; 0 = no limit "
-        "(config training.timeout_seconds)."),
+        "(default: config training.timeout_seconds)."),
     storage: str = typer.Option(
         None, "--storage", help="Optuna RDB URL shared with workers, e.g. postgresql://user@host/db "
         "(config training.storage); default in memory."),
@@ -29,10 +29,12 @@ def train_command(
     wait: float = typer.Option(
         600.0, "--wait", help="Seconds a worker waits for the study / the leader for running worker trials."),
     table: str = typer.Option(
-        None, "--table", help="Train on a flat CSV or Parquet table instead of the workspace data."),
-    label: str = typer.Option(None, "--label", help="With --table: the 0/1 or Yes/No churn column."),
+        None, "--table", help="Train on a flat CSV or Parquet table instead of the workspace data "
+        "(default: the workspace data)."),
+    label: str = typer.Option(None, "--label", help="With --table: the 0/1 or Yes/No churn column "
+                              "(required with --table; no default)."),
     id_column: str = typer.Option(
-        None, "--id", help="With --table: the id column (kept out of the features)."),
+        None, "--id", help="With --table: the id column, kept out of the features (default: none)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar over trials."),
 ) -> None:
     """Tune XGBoost with Optuna (each trial a nested MLflow run), register a version with alias challenger."""

@@ -13,8 +13,11 @@ used by the online service and batch scoring.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +113,27 @@ def _package_copy(tmp: Path) -> Path:
                                 ignore=shutil.ignore_patterns("__pycache__", "*.pyc")))
 
 
+class _DropCloudPickleNotice(logging.Filter):
+    """MLflow logs, on every ``log_model`` with a Python object as ``python_model``, that the
+    object is saved with CloudPickle. Ours is a stateless class from the package, which travels
+    with the model (``code_paths``); loading it is exactly as safe as importing the package, so
+    the notice says nothing to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Passing a Python object as `python_model`" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_cloudpickle_notice() -> Iterator[None]:
+    """Drop that one notice, only around our own ``log_model`` call."""
+    logger, drop = logging.getLogger("mlflow.pyfunc"), _DropCloudPickleNotice()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def log_churn_model(
     booster: xgb.Booster, feature_set: FeatureSet, example: pd.DataFrame, name: str = "model"
 ) -> mlflow.models.model.ModelInfo:
@@ -119,17 +143,23 @@ def log_churn_model(
         booster.save_model(str(booster_path))
         fs_path = Path(tmp) / FEATURE_SET_FILE
         fs_path.write_text(json.dumps(feature_set.to_dict(), indent=2))
-        return mlflow.pyfunc.log_model(
-            name=name,
-            python_model=ChurnModel(),
-            artifacts={"booster": str(booster_path), "feature_set": str(fs_path)},
-            signature=signature_for(feature_set),
-            input_example=input_example(feature_set, example),
-            # the package travels with the model, so any MLflow environment manager (virtualenv,
-            # conda, docker) can load it without mlflow-churn on an index
-            code_paths=[str(_package_copy(Path(tmp)))],
-            pip_requirements=model_requirements(),
-        )
+        with _quiet_cloudpickle_notice():
+            return _log_pyfunc(name, booster_path, fs_path, feature_set, example, Path(tmp))
+
+
+def _log_pyfunc(name: str, booster_path: Path, fs_path: Path, feature_set: FeatureSet,
+                example: pd.DataFrame, tmp: Path) -> mlflow.models.model.ModelInfo:
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=ChurnModel(),
+        artifacts={"booster": str(booster_path), "feature_set": str(fs_path)},
+        signature=signature_for(feature_set),
+        input_example=input_example(feature_set, example),
+        # the package travels with the model, so any MLflow environment manager (virtualenv,
+        # conda, docker) can load it without mlflow-churn on an index
+        code_paths=[str(_package_copy(tmp))],
+        pip_requirements=model_requirements(),
+    )
 
 
 @dataclass

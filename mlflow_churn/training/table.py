@@ -141,7 +141,7 @@ def load_table(path: Path | str, label: str, id_column: str | None = None) -> Ta
     if not feats:
         raise ChurnError(f"table {path} has no feature columns besides the label and the id")
     x = pd.DataFrame(feats)
-    fs = table_feature_set(f"table_{Path(path).stem}".replace("-", "_"), x)
+    fs = table_feature_set(f"table_{Path(path).name.split('.')[0]}".replace("-", "_"), x)  # x.csv.gz -> x
     schema = {
         "table": str(Path(path)),
         "rows": int(len(frame)),

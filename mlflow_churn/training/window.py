@@ -101,6 +101,13 @@ def training_window(as_of: datetime, cfg: ChurnConfig, data_dir: Path | None = N
     first_as_of = first_cutoff + lag
     valid = f"valid as_of: {first_as_of.date()} .. {bounds.last_event.date()} (data {bounds.first_day} .. "\
             f"{bounds.last_day}, {horizon}-day label horizon + {holdout}-day holdout)"
+    if first_as_of > bounds.last_event:  # no as_of at all: say how much data is missing
+        needed = (first_as_of.date() - bounds.first_day).days
+        have = (bounds.last_day - bounds.first_day).days + 1
+        valid = (f"no as_of is valid: training needs {needed} days of data ({longest_window(features)}-day "
+                 f"feature window + {horizon}-day label horizon + {holdout}-day holdout) and the data has "
+                 f"{have} ({bounds.first_day} .. {bounds.last_day}); simulate at least {needed} days "
+                 f"(churn simulate --days {needed}) or shorten training.window_days / the feature windows")
     if as_of > bounds.last_event:
         raise ChurnError(f"as_of {as_of.isoformat()} is after the newest data "
                          f"({bounds.last_event.isoformat()}); "
