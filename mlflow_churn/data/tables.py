@@ -66,17 +66,26 @@ class TablePaths:
             raise ChurnError(f"no churn_events table at {self.churn_events}")
 
 
+def _quote(path: Path | str) -> str:
+    """``path`` as a SQL string literal."""
+    return "'" + str(path).replace("'", "''") + "'"
+
+
 def register_views(con: duckdb.DuckDBPyConnection, paths: TablePaths) -> None:
-    """Create views ``customers``, ``activity`` and ``churn_events`` on ``con``."""
+    """Create views ``customers``, ``activity`` and ``churn_events`` on ``con``.
+
+    A table that is not Parquet (truncated, corrupt) raises ChurnError naming its path."""
     paths.check()
-    con.execute(f"CREATE OR REPLACE VIEW customers AS SELECT * FROM read_parquet('{paths.customers}')")
-    con.execute(
-        "CREATE OR REPLACE VIEW activity AS SELECT * FROM "
-        f"read_parquet('{paths.activity_glob}', hive_partitioning = true)"
-    )
-    con.execute(
-        f"CREATE OR REPLACE VIEW churn_events AS SELECT * FROM read_parquet('{paths.churn_events}')"
-    )
+    activity = f"read_parquet({_quote(paths.activity_glob)}, hive_partitioning = true)"
+    for name, source in (("customers", f"read_parquet({_quote(paths.customers)})"),
+                         ("activity", activity),
+                         ("churn_events", f"read_parquet({_quote(paths.churn_events)})")):
+        try:
+            con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM {source}")
+        except duckdb.Error as exc:
+            first = " ".join(str(exc).strip().splitlines()[0].split())
+            raise ChurnError(f"cannot read the {name} table under {paths.data_dir}: {first}; "
+                             "rewrite it (e.g. `churn simulate --overwrite`) or fix the file") from None
 
 
 def register_empty_views(con: duckdb.DuckDBPyConnection) -> None:

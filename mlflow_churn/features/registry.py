@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property, lru_cache
@@ -52,6 +53,8 @@ from mlflow_churn.errors import ChurnError
 
 DTYPES = ("float64", "int64", "category")
 SOURCES = ("customers", "activity", "table")
+#: names of features computed by SQL: they become quoted column names of the offline query
+_SQL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 
 class UnknownFeatureError(ChurnError):
@@ -87,6 +90,11 @@ class FeatureDefinition:
             raise ChurnError(f"{where}: dtype '{self.dtype}' is not one of {', '.join(DTYPES)}")
         if self.source not in SOURCES:
             raise ChurnError(f"{where}: source '{self.source}' is not one of {', '.join(SOURCES)}")
+        if self.source in ("customers", "activity") and not (
+                isinstance(self.name, str) and _SQL_NAME.fullmatch(self.name)):
+            raise ChurnError(f"{where}: name must be letters, digits and _ (not starting with a digit)")
+        if not isinstance(self.expression, str):
+            raise ChurnError(f"{where}: expression must be a string of SQL, got {self.expression!r}")
         if self.source == "activity" and not self.window_days:
             raise ChurnError(f"{where}: an activity feature needs window_days >= 1")
         if self.dtype == "category" and not self.categories and self.source != "table":

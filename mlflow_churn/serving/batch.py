@@ -121,10 +121,8 @@ def stream_features(data_dir: Path, feature_set: FeatureSet, as_of: datetime,
         )
     check_cutoffs(data_dir, feature_set.features, [as_of])
     spill = tempfile.mkdtemp(prefix="churn-duckdb-")
-    con = _connect(data_dir)
+    con = _connect(data_dir, {"memory_limit": memory_limit, "temp_directory": spill})
     try:
-        con.execute(f"SET memory_limit = '{memory_limit}'")
-        con.execute(f"SET temp_directory = '{spill}'")
         _spine(con, [as_of], None)
         rows = int(con.execute("SELECT count(*) FROM spine").fetchall()[0][0])
         sql = _feature_sql(feature_set.features, as_of, as_of, with_event_time=False)
