@@ -196,7 +196,12 @@ def lock_down(con: duckdb.DuckDBPyConnection, allowed_directories: Iterable[Path
     """
     for name, value in (settings or {}).items():
         con.execute(f"SET {name} = $1", [value])
-    dirs = [str(Path(d).resolve()).rstrip("/") + "/" for d in allowed_directories]
+    dirs: list[str] = []
+    for d in allowed_directories:  # as given (made absolute) and with symlinks resolved
+        for form in (Path(d).absolute(), Path(d).resolve()):
+            text = str(form).rstrip("/") + "/"
+            if text not in dirs:
+                dirs.append(text)
     con.execute("SET autoinstall_known_extensions = false")
     con.execute("SET autoload_known_extensions = false")
     if dirs:
