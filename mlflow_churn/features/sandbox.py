@@ -62,13 +62,16 @@ FILE_FUNCTIONS = frozenset({
 _ALLOWED_REFS = frozenset({"BASE_TABLE", "SUBQUERY", "JOIN", "EMPTY", "EXPRESSION_LIST"})
 
 _ALIAS = "__churn_feature__"
+#: prefix of a problem that is a syntax error (reported as "does not run", not "is refused")
+_PARSE = "does not run: "
 
 
 def _refuse(where: str, expression: str, why: str, columns: Iterable[str] = ()) -> ChurnError:
     shown = " ".join(str(expression).split())
     shown = shown if len(shown) <= 160 else shown[:157] + "..."
     usable = f"usable columns: {', '.join(columns)}; " if columns else ""
-    return ChurnError(f"{where}: expression '{shown}' is refused: {why}; fix the expression: one SQL "
+    verdict = why if why.startswith(_PARSE) else f"is refused: {why}"
+    return ChurnError(f"{where}: expression '{shown}' {verdict}; fix the expression: one SQL "
                       f"expression over its source table ({usable}see docs/security-features.md)")
 
 
@@ -110,7 +113,7 @@ def _problem(expression: str, source: str) -> str | None:
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as exc:
-        return f"the expression does not parse ({_parser_message(str(exc))})"
+        return _PARSE + _parser_message(str(exc))
     kinds = [s.type.name for s in statements]
     if len(statements) != 1:
         others = sorted({k for k in kinds if k != "SELECT"}) or ["SELECT"]
@@ -120,7 +123,7 @@ def _problem(expression: str, source: str) -> str | None:
         return f"it makes a {kinds[0]} statement, not an expression"
     tree = _serialize(sql)
     if tree.get("error"):
-        return f"the expression does not parse ({_parser_message(tree.get('error_message', '?'))})"
+        return _PARSE + _parser_message(tree.get("error_message", "?"))
     stmts = tree.get("statements") or []
     node = stmts[0].get("node", {}) if len(stmts) == 1 else {}
     select = node.get("select_list") or []

@@ -132,6 +132,20 @@ def stream_features(data_dir: Path, feature_set: FeatureSet, as_of: datetime,
         shutil.rmtree(spill, ignore_errors=True)
 
 
+@contextmanager
+def _data_errors(data_dir: Path) -> Iterator[None]:
+    """DuckDB / Arrow errors while reading the tables (a truncated or corrupt Parquet file)
+    as a ChurnError naming the data directory."""
+    import duckdb
+
+    try:
+        yield
+    except (duckdb.Error, pa.ArrowException) as exc:
+        first = " ".join((str(exc).strip().splitlines() or [type(exc).__name__])[0].split())
+        raise ChurnError(f"cannot read the tables under {data_dir}: {first[:300]}; rewrite or remove "
+                         "the damaged file") from None
+
+
 def coerce_batch(feature_set: FeatureSet, batch: pa.RecordBatch | pa.Table) -> pd.DataFrame:
     """The model input of one Arrow batch, column-wise in Arrow compute (no Python loop
     per row): float64 numerics with NaN for nulls, categoricals with the set's fixed
@@ -331,11 +345,15 @@ def score_batch(
     label = version or uri
     out = Path(out_dir) if out_dir else cfg.workspace / "scores"
     final = partition_dir(out, as_of)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    except OSError as exc:
+        raise ChurnError(f"cannot write scores under {out} ({exc.strerror or exc}); pass a writable "
+                         "--out directory") from None
     start = time.perf_counter()
     try:
-        with stream_features(cfg.data_dir, fs, as_of, batch_rows) as stream:
+        with _data_errors(cfg.data_dir), stream_features(cfg.data_dir, fs, as_of, batch_rows) as stream:
             desc = f"scoring {stream.rows:,} customers ({engine}, model {label})"
             with _row_progress(desc, stream.rows, progress) as tick:
                 if engine == "local":
