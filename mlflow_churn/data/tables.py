@@ -66,6 +66,23 @@ class TablePaths:
             raise ChurnError(f"no churn_events table at {self.churn_events}")
 
 
+def check_parquet_files(paths: TablePaths) -> None:
+    """Raise ChurnError naming the first table file that is not readable Parquet (truncated,
+    corrupt, not Parquet at all); reads only each file's footer, so it is cheap."""
+    import pyarrow.parquet as pq
+
+    paths.check()
+    files = [paths.customers, paths.churn_events,
+             *sorted((paths.data_dir / "activity").glob("*/*.parquet"))]
+    for path in files:
+        try:
+            pq.read_metadata(path)
+        except (OSError, pa.ArrowException) as exc:
+            first = " ".join((str(exc).strip().splitlines() or [type(exc).__name__])[0].split())
+            raise ChurnError(f"table file {path} is not readable Parquet ({first[:200]}); rewrite it "
+                             "(e.g. `churn simulate --overwrite`) or remove it") from None
+
+
 def _quote(path: Path | str) -> str:
     """``path`` as a SQL string literal."""
     return "'" + str(path).replace("'", "''") + "'"

@@ -44,6 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mlflow_churn.config import ChurnConfig
+from mlflow_churn.data.tables import TablePaths, check_parquet_files
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.offline import _connect, _feature_sql, _spine, _utc, check_cutoffs
 from mlflow_churn.features.registry import FeatureSet, registry_for
@@ -337,6 +338,7 @@ def score_batch(
         spark_master = spark_master or DEFAULT_SPARK_MASTER
         check_staging(staging, spark_master)
     as_of = _utc(as_of, "as_of")
+    check_parquet_files(TablePaths(Path(cfg.data_dir)))  # a damaged table fails before the model loads
     setup_mlflow(cfg)
     uri, version = resolve_model(cfg, model_uri)
     scorer = load_scorer(uri, version)
