@@ -208,6 +208,8 @@ _EXPECTED: tuple[tuple[str, str], ...] = (
 
 def expected_failure(exc: BaseException) -> str | None:
     """One line describing ``exc`` when it is an expected failure of the environment, else None."""
+    if isinstance(exc, OverflowError):  # a number or date past what the libraries can hold
+        return f"a value is out of range: {' '.join(str(exc).split())[:200]} (OverflowError)"
     if isinstance(exc, OSError):
         what = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""

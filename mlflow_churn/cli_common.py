@@ -49,7 +49,13 @@ def parse_datetime(value: str, option: str) -> datetime:
         ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        parsed = parsed.astimezone(UTC)
+    except OverflowError:
+        raise ChurnError(f"{option} must lie between the years 1900 and 9000, got '{value}'") from None
+    if not 1900 <= parsed.year <= 9000:  # far outside any data: would overflow windows and horizons
+        raise ChurnError(f"{option} must lie between the years 1900 and 9000, got '{value}'")
+    return parsed
 
 
 def parse_version(value: str, option: str) -> str:

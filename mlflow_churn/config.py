@@ -46,8 +46,10 @@ class _Section(BaseModel):
 class SimulationConfig(_Section):
     """Defaults of ``churn simulate`` (every one can be overridden on the command line)."""
 
-    customers: int = Field(5000, ge=1, description="customers at the start of the simulation")
-    days: int = Field(120, ge=1, description="simulated days of daily activity")
+    customers: int = Field(
+        5000, ge=1, le=1_000_000_000, description="customers at the start of the simulation"
+    )
+    days: int = Field(120, ge=1, le=36_500, description="simulated days of daily activity")
     start: date = Field(date(2026, 1, 1), description="first simulated day (UTC)")
     scenario: Literal[SCENARIOS] = "stable"  # type: ignore[valid-type]
     seed: int = Field(42, ge=0)

@@ -257,3 +257,16 @@ def test_damaged_table_while_scoring_is_one_line(tmp_path: Path, small_data: Pat
         with _data_errors(data), stream_features(data, fs, datetime(2026, 3, 20, tzinfo=UTC)) as stream:
             for _ in stream.batches:
                 pass
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["features", "materialize", "--every", "99999999999999d"], "--every"),
+    (["canary", "status", "--as-of", "9999-12-31T23:59:59-14:00"], "--as-of"),
+    (["monitor", "--as-of", "0001-01-01T00:00:00+14:00"], "--as-of"),
+    (["score", "--as-of", "0001-01-01"], "--as-of"),
+    (["backtest", "--days", "99999999999999999999"], "--days"),
+    (["simulate", "--days", "99999999999999999999", "--overwrite"], "simulation.days"),
+    (["simulate", "--customers", "99999999999999999999", "--overwrite"], "simulation.customers"),
+])
+def test_values_out_of_any_range_are_one_line(churn, args: list[str], needle: str) -> None:
+    _assert_one_line(*churn(["--workspace", "ws", *args]), needle)

@@ -228,3 +228,18 @@ def test_user_definition_materializes_and_builds_frames(tmp_path: Path, small_da
     frame = build_training_frame(cfg.data_dir, fs, daily_cutoffs(T1.replace(day=13), T1, 7), 30)
     assert {"charge_vs_mean", "monthly_usage_v3", "plan", "label"} <= set(frame.columns)
     assert len(frame) > 1000 and frame["monthly_usage_v3"].ge(0).all()
+
+
+@pytest.mark.parametrize(("field", "value", "needle"), [
+    ("default", float("inf"), "default must be a finite number"),
+    ("default", float("nan"), "default must be a finite number"),
+    ("default", "zero", "default must be a finite number"),
+    ("version", "1", "version must be an integer"),
+    ("window_days", 0, "window_days must be an integer"),
+    ("window_days", 7.5, "window_days must be an integer"),
+])
+def test_definition_fields_are_checked(field: str, value: object, needle: str) -> None:
+    data = {"name": "x", "version": 1, "dtype": "float64", "source": "activity", "window_days": 7,
+            "expression": "sum(minutes_used)", "description": "d", "default": 0.0, field: value}
+    with pytest.raises(ChurnError, match=needle):
+        FeatureDefinition.from_dict(data)

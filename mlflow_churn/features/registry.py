@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -84,6 +85,17 @@ class FeatureDefinition:
 
     def __post_init__(self) -> None:
         where = f"feature '{self.name}' v{self.version}"
+        if not isinstance(self.version, int) or isinstance(self.version, bool):
+            raise ChurnError(f"{where}: version must be an integer >= 1, got {self.version!r}")
+        if self.window_days is not None and (not isinstance(self.window_days, int)
+                                             or isinstance(self.window_days, bool)
+                                             or not 1 <= self.window_days <= 3660):
+            raise ChurnError(
+                f"{where}: window_days must be an integer in [1, 3660], got {self.window_days!r}")
+        if self.default is not None and (isinstance(self.default, bool)
+                                         or not isinstance(self.default, int | float)
+                                         or not math.isfinite(self.default)):
+            raise ChurnError(f"{where}: default must be a finite number (or left out), got {self.default!r}")
         if self.version < 1:
             raise ChurnError(f"{where}: version must be >= 1")
         if self.dtype not in DTYPES:
