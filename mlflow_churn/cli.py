@@ -8,6 +8,7 @@ and Click's usage errors (a wrong option type, an unknown option or command), in
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import yaml
 from rich.table import Table
 
 from mlflow_churn.cli_common import console, from_config, get_config, opt_str, parse_date, with_progress
-from mlflow_churn.config import SCENARIOS
+from mlflow_churn.config import SCENARIOS, masked
 from mlflow_churn.errors import ChurnError
 
 app = typer.Typer(
@@ -45,12 +46,20 @@ def _root(
 
 
 @config_app.command("show")
-def config_show(ctx: typer.Context) -> None:
-    """Print the resolved configuration (defaults + churn.yaml + CHURN_* variables)."""
+def config_show(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Print the configuration as JSON."),
+) -> None:
+    """Print the resolved configuration (defaults + churn.yaml + CHURN_* variables); secrets
+    (tokens, hooks.secret, passwords in URLs) are shown as ***."""
     cfg = get_config(ctx)
     data = cfg.model_dump(mode="json")
     data["resolved_tracking_uri"] = cfg.mlflow_tracking_uri
-    typer.echo(yaml.safe_dump(data, sort_keys=False))
+    data = masked(data)
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        typer.echo(yaml.safe_dump(data, sort_keys=False))
 
 
 @app.command()
@@ -188,6 +197,35 @@ def _one_line(exc: Exception) -> str:
     return f"{text} (see `{ctx.command_path if ctx else 'churn'} --help`)"
 
 
+#: (module, exception class) of failures a command can meet in its environment: a path that
+#: is missing or unwritable, a corrupt file, a service that does not answer, a registry that
+#: refuses a value. main() reports them in one line (exit 2) like a ChurnError; the module
+#: is looked up only when already imported (an exception cannot come from one that is not)
+_EXPECTED: tuple[tuple[str, str], ...] = (
+    ("duckdb", "Error"), ("pyarrow", "ArrowException"), ("mlflow.exceptions", "MlflowException"),
+    ("redis.exceptions", "RedisError"), ("sqlite3", "Error"), ("sqlalchemy.exc", "OperationalError"),
+    ("psycopg", "OperationalError"), ("psycopg2", "OperationalError"), ("yaml", "YAMLError"),
+)
+
+
+def expected_failure(exc: BaseException) -> str | None:
+    """One line describing ``exc`` when it is an expected failure of the environment, else None."""
+    if isinstance(exc, OverflowError):  # a number or date past what the libraries can hold
+        return f"a value is out of range: {' '.join(str(exc).split())[:200]} (OverflowError)"
+    if isinstance(exc, OSError):
+        what = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        return f"{what}{where} ({type(exc).__name__})"
+    for module, name in _EXPECTED:
+        mod = sys.modules.get(module)
+        cls = getattr(mod, name, None) if mod is not None else None
+        if isinstance(cls, type) and isinstance(exc, cls):
+            lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+            first = " ".join(lines[0].split()) if lines else ""
+            return f"{first[:300] or 'failed'} ({type(exc).__name__})"
+    return None
+
+
 def main() -> None:
     """Console-script entry point: one-line errors, exit code 2 on bad input."""
     # MLflow's per-download bars would interleave with the commands' own progress and tables
@@ -209,6 +247,12 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except Exception as exc:
+        line = expected_failure(exc)
+        if line is None:
+            raise
+        typer.echo(f"error: {line}", err=True)
+        sys.exit(2)
     if isinstance(code, int) and code:  # typer.Exit(n) of a command (e.g. check-skew's 1)
         sys.exit(code)
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -102,7 +105,48 @@ def parse_datetime(value: str, option: str) -> datetime:
         ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        parsed = parsed.astimezone(UTC)
+    except OverflowError:
+        raise ChurnError(f"{option} must lie between the years 1900 and 9000, got '{value}'") from None
+    if not 1900 <= parsed.year <= 9000:  # far outside any data: would overflow windows and horizons
+        raise ChurnError(f"{option} must lie between the years 1900 and 9000, got '{value}'")
+    return parsed
+
+
+def parse_version(value: str, option: str) -> str:
+    """A registered model version number (ASCII digits, >= 1) or a ChurnError naming ``option``."""
+    text = str(value).strip()
+    if not (text.isascii() and text.isdigit() and int(text) >= 1 and len(text) <= 18):
+        raise ChurnError(f"{option} must be a version number such as 3, got '{value}'; "
+                         "see `churn canary status` for the versions")
+    return str(int(text))
+
+
+def check_number(value: float | None, option: str, low: float | None = None,
+                 high: float | None = None) -> float | None:
+    """``value`` if it is finite and within [low, high] (None passes), else a ChurnError."""
+    if value is None:
+        return None
+    bad = not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high)
+    if bad:
+        span = "" if low is None and high is None else (
+            f" in [{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]")
+        raise ChurnError(f"{option} must be a finite number{span}, got {value}")
+    return value
+
+
+def writable_dir(value: str, option: str) -> Path:
+    """``value`` as a directory this process can write (created if missing), or a ChurnError."""
+    path = Path(value)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ChurnError(f"{option} {value} cannot be created ({exc.strerror or exc}); pass a writable "
+                         "directory") from None
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise ChurnError(f"{option} {value} is not a writable directory; pass a writable directory")
+    return path
 
 
 def with_progress(label: str, total: int, enabled: bool, work: Callable[[Callable[[Any], None]], T]) -> T:

@@ -11,12 +11,17 @@ Sources, later ones win:
 
 The MLflow tracking URI is ``MLFLOW_TRACKING_URI`` when set (as everywhere in MLflow),
 else ``tracking_uri`` from the sources above, else ``sqlite:///<workspace>/mlflow.db``.
-Unknown keys and bad values fail at load time with the dotted key named.
+Unknown keys and bad values fail at load time with the dotted key named: every number must
+be finite (no ``inf`` / ``nan``), shares and probabilities lie in [0, 1], and settings that
+can never work are refused (:func:`sense_problem`: a trigger that always or never fires on
+its metric's range, persistence ``required`` above ``windows``, ``k`` above the number of
+triggers, an early label horizon longer than the label horizon).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from datetime import date
 from pathlib import Path
 from typing import Any, Literal
@@ -35,14 +40,16 @@ SCENARIOS = (
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SimulationConfig(_Section):
     """Defaults of ``churn simulate`` (every one can be overridden on the command line)."""
 
-    customers: int = Field(5000, ge=1, description="customers at the start of the simulation")
-    days: int = Field(120, ge=1, description="simulated days of daily activity")
+    customers: int = Field(
+        5000, ge=1, le=1_000_000_000, description="customers at the start of the simulation"
+    )
+    days: int = Field(120, ge=1, le=36_500, description="simulated days of daily activity")
     start: date = Field(date(2026, 1, 1), description="first simulated day (UTC)")
     scenario: Literal[SCENARIOS] = "stable"  # type: ignore[valid-type]
     seed: int = Field(42, ge=0)
@@ -110,8 +117,8 @@ class EvaluationConfig(_Section):
     offer_cost: float = Field(10.0, ge=0, description="cost of one retention offer")
     save_rate: float = Field(0.3, ge=0, le=1, description="share of targeted churners kept")
     segments: list[str] = Field(default_factory=lambda: ["plan", "region", "contract"])
-    min_auc_delta: float = Field(0.0, ge=0, description="challenger AUC must beat by this")
-    segment_tolerance: float = Field(0.02, ge=0, description="max per-segment AUC loss")
+    min_auc_delta: float = Field(0.0, ge=0, le=1, description="challenger AUC must beat by this")
+    segment_tolerance: float = Field(0.02, ge=0, le=1, description="max per-segment AUC loss")
     segment_alpha: float = Field(
         0.05, ge=0, lt=1,
         description="segment rule: chance of rejecting an equally good model on noise, over all tested "
@@ -128,7 +135,9 @@ class EvaluationConfig(_Section):
         0.2, gt=0, lt=1,
         description="customers no model trains on (stable hash of the id); the gate scores only them",
     )
-    recall_tolerance: float = Field(0.02, ge=0, description="max recall@k loss vs champion (absolute)")
+    recall_tolerance: float = Field(
+        0.02, ge=0, le=1, description="max recall@k loss vs champion (absolute)"
+    )
     lift_tolerance: float = Field(0.05, ge=0, description="max revenue-lift loss vs champion (relative)")
     min_segment_size: int = Field(200, ge=1, description="segments with fewer rows are not gated")
     min_segment_churners: int = Field(
@@ -218,7 +227,7 @@ class MonitoringConfig(_Section):
     window_days: int = Field(7, ge=1, description="length of one monitoring window (days)")
     label_delay_days: int = Field(30, ge=1, description="labels mature this many days after scoring")
     bins: int = Field(10, ge=2, description="PSI bins (reference quantiles)")
-    psi_epsilon: float = Field(1e-4, gt=0, description="floor of an empty bin's share in PSI")
+    psi_epsilon: float = Field(1e-4, gt=0, lt=1, description="floor of an empty bin's share in PSI")
     ks_threshold: float = Field(
         0.1, gt=0, le=1,
         description="KS D (vs the reference sample) above which a `{metric: ks}` trigger without a value "
@@ -294,8 +303,8 @@ class ServingConfig(_Section):
         "breach is the canary's (a loaded host slows both routes)",
     )
     max_score_psi: float = Field(0.2, gt=0, description="PSI between the routes' score distributions")
-    max_auc_drop: float = Field(0.02, ge=0, description="canary AUC below champion by more = rollback")
-    auc_loss_budget: float = Field(0.002, ge=0, description="`churn compress` AUC-loss budget")
+    max_auc_drop: float = Field(0.02, ge=0, le=1, description="canary AUC below champion by more = rollback")
+    auc_loss_budget: float = Field(0.002, ge=0, le=1, description="`churn compress` AUC-loss budget")
 
 
 class HooksConfig(_Section):
@@ -349,6 +358,93 @@ class ChurnConfig(_Section):
     def artifact_root(self) -> Path:
         """Artifact root for experiments we create in the default store."""
         return self.workspace.resolve() / "mlartifacts"
+
+
+#: the values each trigger metric can take (None: unbounded); ``psi`` and its kin are >= 0,
+#: KS D, JS distance (base 2) and the chi-square p-value lie in [0, 1], AUC and recall drops in
+#: [-1, 1]; a trigger that always or never fires on this range is refused at load
+METRIC_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "psi": (0.0, None), "score_psi": (0.0, None), "segment_psi": (0.0, None),
+    "ks": (0.0, 1.0), "js": (0.0, 1.0), "chi2_p": (0.0, 1.0),
+    "auc_drop": (-1.0, 1.0), "early_auc_drop": (-1.0, 1.0), "estimated_auc_drop": (-1.0, 1.0),
+    "recall_drop": (-1.0, 1.0), "lift_drop": (None, None),
+}
+
+
+def _trigger_problem(metric: str, op: str, value: float) -> str | None:
+    """Why ``metric op value`` always or never fires on the metric's range, or None."""
+    lo, hi = METRIC_RANGES.get(metric, (None, None))
+    always = never = False
+    if op == ">":
+        always, never = lo is not None and value < lo, hi is not None and value >= hi
+    elif op == ">=":
+        always, never = lo is not None and value <= lo, hi is not None and value > hi
+    elif op == "<":
+        always, never = hi is not None and value > hi, lo is not None and value <= lo
+    elif op == "<=":
+        always, never = hi is not None and value >= hi, lo is not None and value < lo
+    if not (always or never):
+        return None
+    span = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+    return (f"trigger '{metric} {op} {value:g}' {'always' if always else 'never'} fires ({metric} lies in "
+            f"{span}); choose a value inside that range")
+
+
+def sense_problem(cfg: ChurnConfig) -> tuple[str, str] | None:
+    """(dotted key, message) of the first setting that can never work, or None."""
+    policy = cfg.monitoring.policy
+    pairs = [("monitoring.policy.persistence", policy.persistence)]
+    for i, t in enumerate(policy.triggers):
+        key = f"monitoring.policy.triggers.{i}"
+        if t.value is not None:
+            why = _trigger_problem(t.metric, t.op, t.value)
+            if why:
+                return f"{key}.value", why
+        if t.persistence is not None:
+            pairs.append((f"{key}.persistence", t.persistence))
+    for key, p in pairs:
+        if p.required > p.windows:
+            return (f"{key}.required", f"required {p.required} is more than windows {p.windows}, so it "
+                    "never fires; make required <= windows")
+    if policy.combine == "k_of_n" and policy.k > len(policy.triggers):
+        return ("monitoring.policy.k", f"k {policy.k} is more than the {len(policy.triggers)} trigger(s), "
+                "so the policy never fires; lower k or add triggers")
+    if cfg.monitoring.early_label_days > cfg.features.label_horizon_days:
+        return ("monitoring.early_label_days",
+                f"the early label horizon {cfg.monitoring.early_label_days} is longer than "
+                f"features.label_horizon_days {cfg.features.label_horizon_days}; make it shorter")
+    return None
+
+
+#: what :func:`masked` shows instead of a secret
+MASK = "***"
+#: config keys (last dotted part) that hold a secret: tokens, secrets, passwords, keys
+_SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_key|private_key)$")
+#: ``scheme://user:password@host`` in any string value (PostgreSQL, Redis, MLflow URLs)
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)(?P<pw>[^@/\s]+)(?P<at>@)")
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&](?:password|passwd|pwd|token|secret)=)(?P<pw>[^&\s]+)", re.I)
+
+
+def mask_text(text: str) -> str:
+    """``text`` with the password of every URL in it (``user:PASSWORD@``, ``?password=``) masked."""
+    text = _URL_PASSWORD.sub(lambda m: f"{m['head']}{MASK}{m['at']}", text)
+    return _QUERY_PASSWORD.sub(lambda m: f"{m['head']}{MASK}", text)
+
+
+def masked(data: Any, key: str = "") -> Any:
+    """A copy of a JSON-able config dump with secrets shown as ``***``: every value under a key
+    named like a token, secret or password (``serving.admin_token``, ``serving.api_token``,
+    ``features.api_token``, ``hooks.secret``, ...) that is set, and the password of any URL
+    (``postgresql://user:pw@host/db``, ``redis://:pw@host``) in any string."""
+    if isinstance(data, dict):
+        return {k: masked(v, str(k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [masked(v, key) for v in data]
+    if _SECRET_KEY.search(key.lower()) and data not in (None, ""):
+        return MASK
+    if isinstance(data, str):
+        return mask_text(data)
+    return data
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -420,7 +516,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def _validate(tree: dict[str, Any], source: str) -> ChurnConfig:
     try:
-        return ChurnConfig.model_validate(tree)
+        cfg = ChurnConfig.model_validate(tree)
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
@@ -428,9 +524,14 @@ def _validate(tree: dict[str, Any], source: str) -> ChurnConfig:
             raise ConfigError(
                 f"unknown config key '{key}' in {source}; known keys: {', '.join(_known_keys(ChurnConfig))}"
             ) from None
+        msg = " ".join(str(err["msg"]).split())
         raise ConfigError(
-            f"bad value for config key '{key}' in {source}: {err['msg']} (got {err.get('input')!r})"
+            f"bad value for config key '{key}' in {source}: {msg} (got {err.get('input')!r})"
         ) from None
+    problem = sense_problem(cfg)
+    if problem is not None:
+        raise ConfigError(f"bad value for config key '{problem[0]}' in {source}: {problem[1]}")
+    return cfg
 
 
 def load_config(

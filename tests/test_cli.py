@@ -122,3 +122,24 @@ def test_help_does_not_import_heavy_modules(tmp_path: Path) -> None:
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_config_show_masks_secrets_and_offers_json(tmp_path: Path) -> None:
+    import json
+
+    env = {"CHURN_SERVING__ADMIN_TOKEN": "adm1n-t0ken", "CHURN_HOOKS__SECRET": "h00k-s3cret",
+           "CHURN_SERVING__PREDICTION_LOG": "postgresql://churn:pg-passw0rd@db:5432/churn",
+           "CHURN_FEATURES__REDIS_URL": "redis://:r3dis-pw@cache:6379/0"}
+    res = run(["config", "show", "--json"], tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["serving"]["admin_token"] == "***" and data["hooks"]["secret"] == "***"
+    assert data["serving"]["prediction_log"] == "postgresql://churn:***@db:5432/churn"
+    assert data["features"]["redis_url"] == "redis://:***@cache:6379/0"
+    res = run(["config", "show"], tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    for secret in env.values():
+        assert secret not in res.stdout
+    for secret in ("adm1n-t0ken", "h00k-s3cret", "pg-passw0rd", "r3dis-pw"):
+        assert secret not in res.stdout
+    assert "admin_token: '***'" in res.stdout and "training:" in res.stdout

@@ -76,3 +76,95 @@ def test_bad_env_names_the_variable() -> None:
 def test_missing_config_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml", environ={})
+
+
+# --- settings that can never work (issue 16) ----------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("evaluation:\n  min_auc_delta: .inf\n", "evaluation.min_auc_delta"),
+        ("evaluation:\n  min_auc_delta: 2\n", "evaluation.min_auc_delta"),
+        ("evaluation:\n  save_rate: .nan\n", "evaluation.save_rate"),
+        ("evaluation:\n  segment_tolerance: 1.5\n", "evaluation.segment_tolerance"),
+        ("serving:\n  canary_fraction: 1.2\n", "serving.canary_fraction"),
+        ("serving:\n  reload_seconds: .inf\n", "serving.reload_seconds"),
+        ("serving:\n  max_p99_ms: .nan\n", "serving.max_p99_ms"),
+        ("features:\n  freshness_sla_hours: -.inf\n", "features.freshness_sla_hours"),
+        ("training:\n  timeout_seconds: .inf\n", "training.timeout_seconds"),
+        ("training:\n  history_weight: 1.5\n", "training.history_weight"),
+        ("monitoring:\n  psi_epsilon: 1\n", "monitoring.psi_epsilon"),
+        ("monitoring:\n  auc_noise_z: .inf\n", "monitoring.auc_noise_z"),
+        ("monitoring:\n  policy:\n    max_null_increase: 2\n", "monitoring.policy.max_null_increase"),
+        ("monitoring:\n  policy:\n    triggers:\n      - {metric: psi, op: '>', value: -1}\n",
+         "monitoring.policy.triggers.0.value"),
+        ("monitoring:\n  policy:\n    triggers:\n      - {metric: psi, op: '>=', value: 0}\n",
+         "always fires"),
+        ("monitoring:\n  policy:\n    triggers:\n      - {metric: ks, op: '>', value: 1}\n", "never fires"),
+        ("monitoring:\n  policy:\n    triggers:\n      - {metric: chi2_p, op: '<', value: 1.5}\n",
+         "always fires"),
+        ("monitoring:\n  policy:\n    triggers:\n      - {metric: chi2_p, op: '<', value: 0}\n",
+         "never fires"),
+        ("monitoring:\n  policy:\n    triggers:\n      - {metric: auc_drop, value: 1}\n", "never fires"),
+        ("monitoring:\n  policy:\n    triggers:\n      - {metric: psi, value: .inf}\n",
+         "monitoring.policy.triggers.0.value"),
+        ("monitoring:\n  policy:\n    triggers:\n      - {metric: psi, value: .nan}\n",
+         "monitoring.policy.triggers.0.value"),
+        ("monitoring:\n  policy:\n    persistence: {windows: 2, required: 3}\n",
+         "monitoring.policy.persistence.required"),
+        ("monitoring:\n  policy:\n    triggers:\n      - {metric: psi, value: 0.2, persistence: "
+         "{windows: 1, required: 2}}\n", "monitoring.policy.triggers.0.persistence.required"),
+        ("monitoring:\n  policy:\n    combine: k_of_n\n    k: 4\n", "monitoring.policy.k"),
+        ("monitoring:\n  early_label_days: 40\n", "monitoring.early_label_days"),
+    ],
+)
+def test_settings_that_can_never_work_are_refused(tmp_path: Path, text: str, needle: str) -> None:
+    path = tmp_path / "churn.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("raw", ["inf", "nan", "-inf", "Infinity"])
+def test_env_and_overrides_refuse_non_finite_numbers(raw: str) -> None:
+    with pytest.raises(ConfigError, match="evaluation.min_auc_delta"):
+        load_config(environ={"CHURN_EVALUATION__MIN_AUC_DELTA": raw})
+    with pytest.raises(ConfigError, match="serving.canary_fraction"):
+        load_config(environ={}, overrides={"serving.canary_fraction": float(raw.replace("Infinity", "inf"))})
+
+
+def test_sensible_triggers_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "churn.yaml"
+    path.write_text(
+        "monitoring:\n  policy:\n    combine: k_of_n\n    k: 2\n    persistence: {windows: 3, required: 3}\n"
+        "    triggers:\n"
+        "      - {metric: psi, op: '>', value: 0}\n"
+        "      - {metric: chi2_p, op: '<', value: 0.01}\n"
+        "      - {metric: ks}\n"
+        "      - {metric: auc_drop, op: '>=', value: -0.5}\n"
+        "      - {metric: lift_drop, value: 5}\n")
+    cfg = load_config(path, environ={})
+    assert [t.metric for t in cfg.monitoring.policy.triggers] == ["psi", "chi2_p", "ks", "auc_drop",
+                                                                  "lift_drop"]
+
+
+def test_masked_hides_tokens_secrets_and_url_passwords() -> None:
+    from mlflow_churn.config import masked
+
+    cfg = load_config(environ={"CHURN_SERVING__ADMIN_TOKEN": "adm1n",
+                               "CHURN_HOOKS__SECRET": "h00k",
+                               "CHURN_SERVING__PREDICTION_LOG": "postgresql://churn:pg-pw@db:5432/churn",
+                               "CHURN_FEATURES__REDIS_URL": "redis://:r3dis@cache:6379/0",
+                               "CHURN_TRAINING__STORAGE": "postgresql://u:opt%40pw@db/optuna?sslmode=off"})
+    shown = masked(cfg.model_dump(mode="json"))
+    text = repr(shown)
+    for secret in ("adm1n", "h00k", "pg-pw", "r3dis", "opt%40pw"):
+        assert secret not in text, secret
+    assert shown["serving"]["admin_token"] == "***" and shown["hooks"]["secret"] == "***"
+    assert shown["serving"]["prediction_log"] == "postgresql://churn:***@db:5432/churn"
+    assert shown["features"]["redis_url"] == "redis://:***@cache:6379/0"
+    # keys other helpers add (serving.api_token, features.api_token) are masked by their name
+    assert masked({"serving": {"api_token": "t"}, "features": {"api_token": "u", "max_ids": 3}}) == {
+        "serving": {"api_token": "***"}, "features": {"api_token": "***", "max_ids": 3}}
+    assert masked({"serving": {"admin_token": None}}) == {"serving": {"admin_token": None}}

@@ -98,7 +98,9 @@ def test_telco_reaches_auc_083_and_registers(workspace: Path) -> None:
     assert result.source == "table" and result.version == "1"
     assert result.rows_valid == round(7043 * cfg.training.validation_fraction)
     client = MlflowClient(cfg.mlflow_tracking_uri)
-    mv = client.get_model_version_by_alias("churn-model", "challenger")
+    name = "churn-model-table-telco-customer-churn"  # its own model, never the production one
+    assert result.model_uri == f"models:/{name}/1"
+    mv = client.get_model_version_by_alias(name, "challenger")
     assert mv.tags["source"] == "table" and mv.tags["feature_set"] == "table_telco_customer_churn"
     assert abs(float(mv.tags["val_auc"]) - result.val_auc) < 1e-6
     run = client.get_run(result.run_id)
@@ -107,9 +109,47 @@ def test_telco_reaches_auc_083_and_registers(workspace: Path) -> None:
         run_id=result.run_id, artifact_path="schema.json", tracking_uri=cfg.mlflow_tracking_uri)).read_text())
     assert schema["columns"]["TotalCharges"]["kind"] == "numeric" and schema["label"]["column"] == "Churn"
     raw = pd.read_csv(TELCO).head(20)
-    model = mlflow.pyfunc.load_model("models:/churn-model@challenger")
+    model = mlflow.pyfunc.load_model(f"models:/{name}@challenger")
     from mlflow_churn.training.model import to_model_input
 
     data = load_table(TELCO, "Churn", "customerID")
     p = model.predict(to_model_input(data.feature_set, data.features.head(20)))
     assert p.shape == (len(raw),) and ((p >= 0) & (p <= 1)).all()
+
+
+def test_table_model_name_derives_from_the_file() -> None:
+    from mlflow_churn.training.train import table_model_name
+
+    cfg = load_config(environ={})
+    assert table_model_name(cfg, "/data/Telco Churn (2024).csv") == "churn-model-table-Telco-Churn-2024"
+    assert table_model_name(cfg, "x/.csv") == "churn-model-table-csv"
+
+
+def test_table_training_never_moves_the_production_challenger(workspace: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """`churn train --table` registers into <training.model_name>-table-<stem>; --model-name
+    picks another; the production model's `challenger` alias stays where it was."""
+    import sys
+
+    from mlflow_churn.cli import main
+
+    path = tmp_path / "accounts.csv"
+    _table(n=120, seed=3).to_csv(path, index=False)
+    cfg = load_config(workspace=workspace, environ={}, overrides={"training.nthread": 1})
+    # the production model already has a challenger (here: trained explicitly into it)
+    prod = train_table(cfg, path, "churned", "id", n_trials=1, progress=False, model_name="churn-model")
+    assert prod.model_uri == "models:/churn-model/1"
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    monkeypatch.setattr(sys, "argv", ["churn", "--workspace", str(workspace), "train", "--table", str(path),
+                                      "--label", "churned", "--id", "id", "--n-trials", "1", "--no-progress"])
+    capsys.readouterr()
+    main()
+    out = capsys.readouterr().out
+    assert "registered churn-model-table-accounts version 1" in out, out
+    assert str(client.get_model_version_by_alias("churn-model", "challenger").version) == "1"
+    assert len(client.search_model_versions("name='churn-model'")) == 1
+    own = client.get_model_version_by_alias("churn-model-table-accounts", "challenger")
+    assert str(own.version) == "1" and own.tags["source"] == "table"
+    with pytest.raises(ChurnError, match="model name 'bad name!'"):
+        train_table(cfg, path, "churned", "id", n_trials=1, progress=False, model_name="bad name!")

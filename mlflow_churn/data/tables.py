@@ -66,17 +66,43 @@ class TablePaths:
             raise ChurnError(f"no churn_events table at {self.churn_events}")
 
 
-def register_views(con: duckdb.DuckDBPyConnection, paths: TablePaths) -> None:
-    """Create views ``customers``, ``activity`` and ``churn_events`` on ``con``."""
+def check_parquet_files(paths: TablePaths) -> None:
+    """Raise ChurnError naming the first table file that is not readable Parquet (truncated,
+    corrupt, not Parquet at all); reads only each file's footer, so it is cheap."""
+    import pyarrow.parquet as pq
+
     paths.check()
-    con.execute(f"CREATE OR REPLACE VIEW customers AS SELECT * FROM read_parquet('{paths.customers}')")
-    con.execute(
-        "CREATE OR REPLACE VIEW activity AS SELECT * FROM "
-        f"read_parquet('{paths.activity_glob}', hive_partitioning = true)"
-    )
-    con.execute(
-        f"CREATE OR REPLACE VIEW churn_events AS SELECT * FROM read_parquet('{paths.churn_events}')"
-    )
+    files = [paths.customers, paths.churn_events,
+             *sorted((paths.data_dir / "activity").glob("*/*.parquet"))]
+    for path in files:
+        try:
+            pq.read_metadata(path)
+        except (OSError, pa.ArrowException) as exc:
+            first = " ".join((str(exc).strip().splitlines() or [type(exc).__name__])[0].split())
+            raise ChurnError(f"table file {path} is not readable Parquet ({first[:200]}); rewrite it "
+                             "(e.g. `churn simulate --overwrite`) or remove it") from None
+
+
+def _quote(path: Path | str) -> str:
+    """``path`` as a SQL string literal."""
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def register_views(con: duckdb.DuckDBPyConnection, paths: TablePaths) -> None:
+    """Create views ``customers``, ``activity`` and ``churn_events`` on ``con``.
+
+    A table that is not Parquet (truncated, corrupt) raises ChurnError naming its path."""
+    paths.check()
+    activity = f"read_parquet({_quote(paths.activity_glob)}, hive_partitioning = true)"
+    for name, source in (("customers", f"read_parquet({_quote(paths.customers)})"),
+                         ("activity", activity),
+                         ("churn_events", f"read_parquet({_quote(paths.churn_events)})")):
+        try:
+            con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM {source}")
+        except duckdb.Error as exc:
+            first = " ".join(str(exc).strip().splitlines()[0].split())
+            raise ChurnError(f"cannot read the {name} table under {paths.data_dir}: {first}; "
+                             "rewrite it (e.g. `churn simulate --overwrite`) or fix the file") from None
 
 
 def register_empty_views(con: duckdb.DuckDBPyConnection) -> None:

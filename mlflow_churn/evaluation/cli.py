@@ -42,12 +42,13 @@ def evaluate_command(
                                   help="Show a progress bar over the stages."),
 ) -> None:
     """Score challenger and champion on the holdout; pass -> alias canary, fail -> tag gate=rejected."""
+    cfg = get_config(ctx)
+    when = parse_datetime(as_of, "--as-of") if opt_str(as_of) else None  # bad input first, then imports
     from mlflow_churn.evaluation.evaluate import STEPS, evaluate
     from mlflow_churn.features.offline import data_bounds
 
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-    cfg = get_config(ctx)
-    when = parse_datetime(as_of, "--as-of") if opt_str(as_of) else data_bounds(cfg.data_dir).last_event
+    when = when or data_bounds(cfg.data_dir).last_event
     # inside `mlflow run` the project run is the parent of the decision run
     parent = os.environ.pop("MLFLOW_RUN_ID", None)
     decision = with_progress("registry gate", STEPS, progress, lambda tick: evaluate(

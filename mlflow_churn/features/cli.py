@@ -38,6 +38,8 @@ def parse_every(value: str) -> timedelta:
     seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(text))
     if seconds <= 0:
         raise ChurnError(f"--every must be longer than 0 s, got '{value}'")
+    if seconds > 366 * 86400:
+        raise ChurnError(f"--every must be at most a year (366d), got '{value}'")
     return timedelta(seconds=seconds)
 
 

@@ -32,13 +32,18 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import duckdb
 import pandas as pd
 import redis
 
-from mlflow_churn.data.tables import TablePaths, register_views
 from mlflow_churn.errors import ChurnError
-from mlflow_churn.features.offline import _utc, check_cutoffs, compute_latest, data_bounds, longest_window
+from mlflow_churn.features.offline import (
+    _connect,
+    _utc,
+    check_cutoffs,
+    compute_latest,
+    data_bounds,
+    longest_window,
+)
 from mlflow_churn.features.online import (
     CHUNK_ROWS,
     BatchInfo,
@@ -64,10 +69,8 @@ def served_features(cfg: Any) -> list[FeatureDefinition]:
 
 def _active(data_dir: Any, lo: datetime, hi: datetime) -> set[int]:
     """Customers with an activity row whose event time lies in ``(lo, hi]`` (UTC)."""
-    con = duckdb.connect()
+    con = _connect(data_dir)
     try:
-        con.execute("SET TimeZone = 'UTC'")
-        register_views(con, TablePaths(data_dir))
         rows = con.execute(f"""
             SELECT DISTINCT customer_id FROM activity
             WHERE date >= DATE '{(lo - timedelta(days=1)).date().isoformat()}'

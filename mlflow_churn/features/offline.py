@@ -21,9 +21,16 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from mlflow_churn.data.tables import TablePaths, register_empty_views, register_views
+from mlflow_churn.data.tables import (
+    ACTIVITY_SCHEMA,
+    CUSTOMERS_SCHEMA,
+    TablePaths,
+    register_empty_views,
+    register_views,
+)
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.registry import FeatureDefinition, FeatureSet
+from mlflow_churn.features.sandbox import check_expression, check_statement, lock_down
 
 
 @dataclass(frozen=True)
@@ -107,11 +114,37 @@ def check_cutoffs(data_dir: Path, features: Sequence[FeatureDefinition], cutoffs
         )
 
 
-def _connect(data_dir: Path) -> duckdb.DuckDBPyConnection:
+def _connect(data_dir: Path, settings: dict[str, str] | None = None) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with views of the tables under ``data_dir``, in the feature SQL
+    sandbox: it reads files below ``data_dir`` only, external access off, configuration
+    locked after ``settings`` (e.g. ``memory_limit``, ``temp_directory``) are applied."""
     con = duckdb.connect()
-    con.execute("SET TimeZone = 'UTC'")
-    register_views(con, TablePaths(Path(data_dir)))
-    return con
+    try:
+        register_views(con, TablePaths(Path(data_dir)))
+        return lock_down(con, [data_dir], {"TimeZone": "UTC", **(settings or {})})
+    except BaseException:
+        con.close()
+        raise
+
+
+def _where(feature: FeatureDefinition, where: str | Path) -> str:
+    return f"feature '{feature.full_name}' (v{feature.version}, source {feature.source}) in {where}"
+
+
+def check_sandbox(features: Sequence[FeatureDefinition], where: str | Path) -> None:
+    """Raise ChurnError naming the first offline definition whose expression is not one SQL
+    expression over its declared source table (parsed, never run; see
+    :mod:`mlflow_churn.features.sandbox`)."""
+    for f in features:
+        if f.source in ("customers", "activity"):
+            check_expression(f.expression, f.source, _where(f, where), _usable_columns(f.source))
+
+
+def _usable_columns(source: str) -> list[str]:
+    """Columns an expression over ``source`` may use (the layout's, plus cutoff / age_days)."""
+    if source == "customers":
+        return [*CUSTOMERS_SCHEMA.names, "cutoff"]
+    return [*ACTIVITY_SCHEMA.names, "date", "cutoff", "age_days"]
 
 
 _EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
@@ -124,8 +157,10 @@ def _first_line(exc: Exception) -> str:
 def _compile_error(con: duckdb.DuckDBPyConnection, feature: FeatureDefinition,
                    where: str) -> ChurnError | None:
     """ChurnError naming ``feature`` when its SQL does not run on ``con``'s tables, else None."""
+    sql = f"SELECT * FROM ({_feature_sql([feature], _EPOCH, _EPOCH, False)}) LIMIT 0"
+    check_statement(sql, _where(feature, where))
     try:
-        con.execute(f"SELECT * FROM ({_feature_sql([feature], _EPOCH, _EPOCH, False)}) LIMIT 0")
+        con.execute(sql)
         return None
     except duckdb.Error as exc:
         try:
@@ -134,8 +169,8 @@ def _compile_error(con: duckdb.DuckDBPyConnection, feature: FeatureDefinition,
             cols = []
         extra = ["cutoff"] + (["age_days"] if feature.source == "activity" else [])
         return ChurnError(
-            f"feature '{feature.full_name}' (v{feature.version}, source {feature.source}) in {where}: "
-            f"expression '{feature.expression}' does not run: {_first_line(exc)}; fix the expression "
+            f"{_where(feature, where)}: expression '{feature.expression}' does not run: "
+            f"{_first_line(exc)}; fix the expression "
             f"(usable columns: {', '.join(cols + extra)})"
         )
 
@@ -147,11 +182,12 @@ def validate_definitions(features: Sequence[FeatureDefinition], where: str | Pat
     offline = [f for f in features if f.source in ("customers", "activity")]
     if not offline:
         return
+    check_sandbox(offline, where)  # parsed first: nothing unreviewed is ever executed
     con = duckdb.connect()
     try:
-        con.execute("SET TimeZone = 'UTC'")
         register_empty_views(con)
         con.execute("CREATE TEMP TABLE spine (customer_id BIGINT, cutoff TIMESTAMPTZ)")
+        lock_down(con, (), {"TimeZone": "UTC"})
         for f in offline:
             err = _compile_error(con, f, str(where))
             if err is not None:
@@ -164,6 +200,7 @@ def _query(con: duckdb.DuckDBPyConnection, sql: str, features: Sequence[FeatureD
            data_dir: Path) -> pd.DataFrame:
     """``sql`` as a frame; a DuckDB error becomes a ChurnError naming the failing feature
     (checked one by one on the same data) or, failing that, the data directory."""
+    check_statement(sql, f"computing features on the data at {data_dir}")
     try:
         return con.execute(sql).df()
     except duckdb.Error as exc:
@@ -182,7 +219,11 @@ def _lit(ts: datetime) -> str:
 
 def _feature_sql(features: Sequence[FeatureDefinition], min_cutoff: datetime, max_cutoff: datetime,
                  with_event_time: bool) -> str:
-    """SELECT over ``spine(customer_id, cutoff)`` computing ``features`` point-in-time."""
+    """SELECT over ``spine(customer_id, cutoff)`` computing ``features`` point-in-time.
+
+    Every definition is checked by the sandbox's parser first (cached), wherever it came
+    from (the registry, a model's logged feature set)."""
+    check_sandbox(features, "the feature set")
     static = [f for f in features if f.source == "customers"]
     by_window: dict[int, list[FeatureDefinition]] = {}
     for f in features:

@@ -47,6 +47,7 @@ import orjson
 import pandas as pd
 
 from mlflow_churn.errors import ChurnError
+from mlflow_churn.features.sandbox import lock_down
 from mlflow_churn.features.writer_lock import FileWriterLock, RedisWriterLock, WriterLock
 
 CHUNK_ROWS = 50_000
@@ -183,9 +184,8 @@ def encode_rows(frame: pd.DataFrame, features: Sequence[str]) -> list[tuple[int,
         return []
     pairs = ", ".join(f"'{f}', \"{f}\"" for f in features)
     sel = frame[["customer_id", "event_time", *features]]
-    con = duckdb.connect()
+    con = lock_down(duckdb.connect(), (), {"TimeZone": "UTC"})  # no file access at all
     try:
-        con.execute("SET TimeZone = 'UTC'")
         con.register("batch_frame", sel)
         rows = con.execute(
             "SELECT CAST(customer_id AS BIGINT), coalesce(CAST(epoch_ms(event_time) AS VARCHAR), '') "

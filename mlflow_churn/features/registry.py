@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property, lru_cache
@@ -52,6 +54,8 @@ from mlflow_churn.errors import ChurnError
 
 DTYPES = ("float64", "int64", "category")
 SOURCES = ("customers", "activity", "table")
+#: names of features computed by SQL: they become quoted column names of the offline query
+_SQL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 
 class UnknownFeatureError(ChurnError):
@@ -81,12 +85,28 @@ class FeatureDefinition:
 
     def __post_init__(self) -> None:
         where = f"feature '{self.name}' v{self.version}"
+        if not isinstance(self.version, int) or isinstance(self.version, bool):
+            raise ChurnError(f"{where}: version must be an integer >= 1, got {self.version!r}")
+        if self.window_days is not None and (not isinstance(self.window_days, int)
+                                             or isinstance(self.window_days, bool)
+                                             or not 1 <= self.window_days <= 3660):
+            raise ChurnError(
+                f"{where}: window_days must be an integer in [1, 3660], got {self.window_days!r}")
+        if self.default is not None and (isinstance(self.default, bool)
+                                         or not isinstance(self.default, int | float)
+                                         or not math.isfinite(self.default)):
+            raise ChurnError(f"{where}: default must be a finite number (or left out), got {self.default!r}")
         if self.version < 1:
             raise ChurnError(f"{where}: version must be >= 1")
         if self.dtype not in DTYPES:
             raise ChurnError(f"{where}: dtype '{self.dtype}' is not one of {', '.join(DTYPES)}")
         if self.source not in SOURCES:
             raise ChurnError(f"{where}: source '{self.source}' is not one of {', '.join(SOURCES)}")
+        if self.source in ("customers", "activity") and not (
+                isinstance(self.name, str) and _SQL_NAME.fullmatch(self.name)):
+            raise ChurnError(f"{where}: name must be letters, digits and _ (not starting with a digit)")
+        if not isinstance(self.expression, str):
+            raise ChurnError(f"{where}: expression must be a string of SQL, got {self.expression!r}")
         if self.source == "activity" and not self.window_days:
             raise ChurnError(f"{where}: an activity feature needs window_days >= 1")
         if self.dtype == "category" and not self.categories and self.source != "table":

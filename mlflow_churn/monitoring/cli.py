@@ -147,6 +147,10 @@ def register(app: typer.Typer) -> None:
 
         if n_trials < 1:
             raise ChurnError(f"--n-trials must be >= 1, got {n_trials}")
+        if scenario not in SCENARIOS:
+            raise ChurnError(f"--scenario must be one of {', '.join(SCENARIOS)}, got '{scenario}'")
+        if not 1 <= days <= 36_500:
+            raise ChurnError(f"--days must be between 1 and 36500 (100 years), got {days}")
         for option, value, low in (("--customers", customers, 0), ("--step-days", step_days, 0),
                                    ("--onset-day", onset_day, -1), ("--seed", seed, -1)):
             if value is not None and value < low:

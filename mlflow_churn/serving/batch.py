@@ -44,6 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mlflow_churn.config import ChurnConfig
+from mlflow_churn.data.tables import TablePaths, check_parquet_files
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.offline import _connect, _feature_sql, _spine, _utc, check_cutoffs
 from mlflow_churn.features.registry import FeatureSet, registry_for
@@ -121,10 +122,8 @@ def stream_features(data_dir: Path, feature_set: FeatureSet, as_of: datetime,
         )
     check_cutoffs(data_dir, feature_set.features, [as_of])
     spill = tempfile.mkdtemp(prefix="churn-duckdb-")
-    con = _connect(data_dir)
+    con = _connect(data_dir, {"memory_limit": memory_limit, "temp_directory": spill})
     try:
-        con.execute(f"SET memory_limit = '{memory_limit}'")
-        con.execute(f"SET temp_directory = '{spill}'")
         _spine(con, [as_of], None)
         rows = int(con.execute("SELECT count(*) FROM spine").fetchall()[0][0])
         sql = _feature_sql(feature_set.features, as_of, as_of, with_event_time=False)
@@ -132,6 +131,20 @@ def stream_features(data_dir: Path, feature_set: FeatureSet, as_of: datetime,
     finally:
         con.close()
         shutil.rmtree(spill, ignore_errors=True)
+
+
+@contextmanager
+def _data_errors(data_dir: Path) -> Iterator[None]:
+    """DuckDB / Arrow errors while reading the tables (a truncated or corrupt Parquet file)
+    as a ChurnError naming the data directory."""
+    import duckdb
+
+    try:
+        yield
+    except (duckdb.Error, pa.ArrowException) as exc:
+        first = " ".join((str(exc).strip().splitlines() or [type(exc).__name__])[0].split())
+        raise ChurnError(f"cannot read the tables under {data_dir}: {first[:300]}; rewrite or remove "
+                         "the damaged file") from None
 
 
 def coerce_batch(feature_set: FeatureSet, batch: pa.RecordBatch | pa.Table) -> pd.DataFrame:
@@ -325,6 +338,7 @@ def score_batch(
         spark_master = spark_master or DEFAULT_SPARK_MASTER
         check_staging(staging, spark_master)
     as_of = _utc(as_of, "as_of")
+    check_parquet_files(TablePaths(Path(cfg.data_dir)))  # a damaged table fails before the model loads
     setup_mlflow(cfg)
     uri, version = resolve_model(cfg, model_uri)
     scorer = load_scorer(uri, version)
@@ -333,11 +347,15 @@ def score_batch(
     label = version or uri
     out = Path(out_dir) if out_dir else cfg.workspace / "scores"
     final = partition_dir(out, as_of)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    except OSError as exc:
+        raise ChurnError(f"cannot write scores under {out} ({exc.strerror or exc}); pass a writable "
+                         "--out directory") from None
     start = time.perf_counter()
     try:
-        with stream_features(cfg.data_dir, fs, as_of, batch_rows) as stream:
+        with _data_errors(cfg.data_dir), stream_features(cfg.data_dir, fs, as_of, batch_rows) as stream:
             desc = f"scoring {stream.rows:,} customers ({engine}, model {label})"
             with _row_progress(desc, stream.rows, progress) as tick:
                 if engine == "local":

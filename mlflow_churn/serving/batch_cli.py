@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from mlflow_churn.cli_common import console, get_config, opt_str, parse_datetime
+from mlflow_churn.cli_common import console, get_config, opt_str, parse_datetime, writable_dir
 from mlflow_churn.errors import ChurnError
 
 if TYPE_CHECKING:
@@ -53,6 +53,8 @@ def register(app: typer.Typer) -> None:
             raise ChurnError(f"--batch-rows must be >= 1, got {batch_rows}")
         when = (parse_datetime(as_of, "--as-of") if opt_str(as_of)
                 else data_bounds(cfg.data_dir).last_event)
+        if opt_str(out):  # before any model is loaded: a bad --out fails at once
+            writable_dir(out, "--out")
         result = score_batch(cfg, when, model_uri=opt_str(model_uri), out_dir=opt_str(out),
                              engine=engine, batch_rows=batch_rows or DEFAULT_BATCH_ROWS,
                              progress=progress, spark_master=opt_str(spark_master),

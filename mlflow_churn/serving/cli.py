@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import typer
 from rich.table import Table
 
-from mlflow_churn.cli_common import console, from_config, get_config, opt_str, parse_datetime
+from mlflow_churn.cli_common import console, from_config, get_config, opt_str, parse_datetime, parse_version
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
 
@@ -147,6 +147,8 @@ def _transition(ctx: typer.Context, action: str, reason: str, version: str | Non
     cfg = get_config(ctx)
     if not opt_str(reason):
         raise ChurnError(f"`churn canary {action}` needs --reason TEXT (it is recorded on the version)")
+    if opt_str(version):
+        version = parse_version(version, "--version")
     # the transition run always carries the canary evidence of [--since, --as-of]
     fn = promote if action == "promote" else rollback
     res = fn(cfg, reason, version=opt_str(version), as_of=_when(cfg, as_of), since=_since(since))
@@ -267,6 +269,8 @@ def compress_cmd(
     from mlflow_churn.serving.compress import compress
 
     cfg = get_config(ctx)
+    version = parse_version(version, "--version")
+    budget_value = _budget(budget)
     if opt_str(as_of):
         when = parse_datetime(as_of, "--as-of")
     else:
@@ -276,7 +280,7 @@ def compress_cmd(
             when = data_bounds(cfg.data_dir).last_event
         except ChurnError as exc:
             raise ChurnError(f"{exc}; or pass --as-of") from None
-    res = compress(cfg, version, when, _budget(budget), opt_str(alias))
+    res = compress(cfg, version, when, budget_value, opt_str(alias))
     if as_json:
         typer.echo(json.dumps(res.to_dict(), indent=2))
         return
@@ -296,8 +300,8 @@ def _budget(value: str | None) -> float | None:
         budget = float(value)
     except ValueError:
         budget = float("nan")
-    if not budget >= 0:
-        raise ChurnError(f"--budget must be an AUC loss >= 0 such as 0.002, got '{value}'")
+    if not 0 <= budget <= 1:
+        raise ChurnError(f"--budget must be an AUC loss in [0, 1] such as 0.002, got '{value}'")
     return budget
 
 

@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from mlflow_churn.cli_common import console, get_config, opt_str, parse_datetime
+from mlflow_churn.cli_common import check_number, console, get_config, opt_str, parse_datetime
 from mlflow_churn.errors import ChurnError
 
 
@@ -35,6 +35,9 @@ def train_command(
                               "(required with --table; no default)."),
     id_column: str = typer.Option(
         None, "--id", help="With --table: the id column, kept out of the features (default: none)."),
+    model_name: str = typer.Option(
+        None, "--model-name", help="With --table: registered model to train into (default "
+        "<training.model_name>-table-<file stem>, never the production model)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar over trials."),
 ) -> None:
     """Tune XGBoost with Optuna (each trial a nested MLflow run), register a version with alias challenger."""
@@ -43,12 +46,18 @@ def train_command(
     # "Creating initial MLflow database tables..." is noise on stderr, where errors are one line
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
+    if n_trials is not None and n_trials < 0:
+        raise ChurnError(f"--n-trials must be >= 0 (0 = config training.n_trials), got {n_trials}")
+    check_number(timeout, "--timeout", 0)
+    check_number(wait, "--wait", 0)
     cfg = get_config(ctx, {"training.n_trials": n_trials or None,
                            "training.storage": opt_str(storage)})
     timeout_s = None if not timeout else float(timeout)
-    if timeout is not None and timeout < 0:
-        raise ChurnError(f"--timeout must be >= 0 seconds (0 = no limit), got {timeout}")
     table, label, id_column, study = opt_str(table), opt_str(label), opt_str(id_column), opt_str(study)
+    model_name = opt_str(model_name)
+    if model_name and not table:
+        raise ChurnError("--model-name applies to --table only (the workspace model is "
+                         "training.model_name); add --table PATH or set training.model_name")
     common = {"n_trials": n_trials or None, "timeout": timeout_s, "storage": opt_str(storage),
               "progress": progress, "study_name": study, "wait_seconds": wait}
     if worker:
@@ -59,7 +68,7 @@ def train_command(
         if opt_str(as_of):
             raise ChurnError("--as-of applies to the feature-store window, not to --table (a flat table "
                              "has no time axis); drop one of them")
-        result = train_table(cfg, table, label, id_column, **common)
+        result = train_table(cfg, table, label, id_column, model_name=model_name, **common)
     else:
         if label or id_column:
             raise ChurnError("--label/--id apply to --table only; add --table PATH")
@@ -72,7 +81,8 @@ def train_command(
         result = train(cfg, when, **common)
     console.print(summary_table(result))
     if result.version:
-        console.print(f"registered {cfg.training.model_name} version {result.version} "
+        registered = result.model_uri.split("/")[1] if result.model_uri else cfg.training.model_name
+        console.print(f"registered {registered} version {result.version} "
                       f"(alias challenger), run {result.run_id}, val AUC {result.val_auc:.4f}")
     else:
         console.print(f"worker done: {len(result.trials)} trials in study {result.study_name}, "

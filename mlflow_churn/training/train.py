@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -477,13 +478,28 @@ def train(cfg: ChurnConfig, as_of: datetime | None, n_trials: int | None = None,
                              wait_seconds=wait_seconds)
 
 
+def table_model_name(cfg: ChurnConfig, path: Path | str) -> str:
+    """The registered model a flat table trains into by default:
+    ``<training.model_name>-table-<file stem>`` (stem reduced to letters, digits, ``.``, ``_``
+    and ``-``), e.g. ``churn-model-table-telco-customer-churn``. Never the production model,
+    so a table experiment cannot move its ``challenger`` alias."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(path).stem).strip("-.") or "data"
+    return f"{cfg.training.model_name}-table-{stem}"[:200]
+
+
 def train_table(cfg: ChurnConfig, path: Path | str, label: str, id_column: str | None = None,
                 n_trials: int | None = None, timeout: float | None = None, storage: str | None = None,
                 worker: bool = False, progress: bool = True, parent_run_id: str | None = None,
-                study_name: str | None = None, wait_seconds: float = DEFAULT_WAIT_SECONDS) -> TrainResult:
-    """Train on a flat CSV / Parquet table (``label`` column, optional ``id_column``)."""
+                study_name: str | None = None, wait_seconds: float = DEFAULT_WAIT_SECONDS,
+                model_name: str | None = None) -> TrainResult:
+    """Train on a flat CSV / Parquet table (``label`` column, optional ``id_column``) and register
+    into ``model_name`` (default :func:`table_model_name`, never ``training.model_name``)."""
     if worker:
         return run_worker(cfg, study_name or "", storage, n_trials, timeout, progress, wait_seconds)
+    name = model_name or table_model_name(cfg, path)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", name):
+        raise ChurnError(f"model name '{name}' must be letters, digits, '.', '_' and '-' (at most 200)")
+    cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"model_name": name})})
     prep = prepare_table(cfg, path, label, id_column)
     return _fit_and_register(cfg, prep, n_trials=n_trials, timeout=timeout, storage=storage,
                              study_name=study_name, progress=progress, parent_run_id=parent_run_id,
