@@ -17,7 +17,7 @@ import yaml
 from rich.table import Table
 
 from mlflow_churn.cli_common import console, get_config, opt_str, parse_date, with_progress
-from mlflow_churn.config import SCENARIOS, masked
+from mlflow_churn.config import SCENARIOS
 from mlflow_churn.errors import ChurnError
 
 app = typer.Typer(
@@ -48,7 +48,7 @@ def _root(
 def config_show(ctx: typer.Context) -> None:
     """Print the resolved configuration (defaults + churn.yaml + CHURN_* variables)."""
     cfg = get_config(ctx)
-    data = masked(cfg.model_dump(mode="json"))  # secrets as ***
+    data = cfg.model_dump(mode="json")
     data["resolved_tracking_uri"] = cfg.mlflow_tracking_uri
     typer.echo(yaml.safe_dump(data, sort_keys=False))
 

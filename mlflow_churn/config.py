@@ -380,21 +380,6 @@ class ChurnConfig(_Section):
         return self.workspace.resolve() / "mlartifacts"
 
 
-#: config keys holding secrets: never printed, logged or logged to MLflow in clear
-SECRET_KEYS = ("serving.admin_token", "serving.api_token", "features.api_token", "hooks.secret")
-MASK = "***"
-
-
-def masked(data: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a config dump (``cfg.model_dump()``) with every set secret shown as ``***``."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
-    for dotted in SECRET_KEYS:
-        section, key = dotted.split(".")
-        if isinstance(out.get(section), dict) and out[section].get(key):
-            out[section][key] = MASK
-    return out
-
-
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():

@@ -99,7 +99,7 @@ def test_exposure_rule() -> None:
         check_exposure("0.0.0.0", "churn serve", {"serving.api_token": None})
 
 
-def test_cli_refuses_open_network_bind_and_masks_secrets(config: ChurnConfig) -> None:
+def test_cli_refuses_open_network_bind(config: ChurnConfig) -> None:
     for args in (["serve", "--host", "0.0.0.0", "--port", "1"],
                  ["features", "serve", "--host", "0.0.0.0", "--port", "1"]):
         res = run_cli(config, args, timeout=120)
@@ -107,13 +107,6 @@ def test_cli_refuses_open_network_bind_and_masks_secrets(config: ChurnConfig) ->
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and "api_token" in lines[0], res.stderr
     assert not (config.workspace / "secrets").exists()  # refused before anything was written
-    res = run_cli(config, ["config", "show"], timeout=120, CHURN_SERVING__ADMIN_TOKEN="adm1n-s3cret",
-                  CHURN_SERVING__API_TOKEN="ap1-s3cret", CHURN_FEATURES__API_TOKEN="f3at-s3cret",
-                  CHURN_HOOKS__SECRET="h00k-s3cret")
-    assert res.returncode == 0, res.stderr
-    for secret in ("adm1n-s3cret", "ap1-s3cret", "f3at-s3cret", "h00k-s3cret"):
-        assert secret not in res.stdout
-    assert res.stdout.count("'***'") + res.stdout.count(" ***") >= 4, res.stdout
 
 
 def test_churn_serve_creates_a_private_admin_token(config: ChurnConfig) -> None:
