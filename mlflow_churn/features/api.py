@@ -32,16 +32,20 @@ circuit is open (it shows the last batch seen).
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import prometheus_client
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPBearer
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.online import BatchInfo, OnlineStore, StoreUnavailable, open_store
@@ -54,6 +58,7 @@ INT64_MAX = 2**63 - 1
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _VERSIONED = re.compile(r"^(?P<base>.+)_v(?P<n>\d+)$")
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
+prometheus_client.disable_created_metrics()  # no `<name>_created` series (as before)
 
 
 #: a 4xx/5xx answer: status, detail and optional extra JSON fields (the apps' shared type)
@@ -111,71 +116,69 @@ class RowCache:
 
 
 class Metrics:
-    """Counters and a latency histogram, rendered in the Prometheus text format."""
+    """Request counters, the latency histogram and id counts on a ``prometheus_client``
+    registry of this app's own; freshness, batch rows, cache and circuit state are
+    collected from the service at scrape time. Names are the ones dashboards use."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = {}
-        self.latency: dict[str, list[float]] = {}  # per endpoint: bucket counts + [sum, count]
-        self.id_status: dict[str, int] = {"found": 0, "missing": 0, "stale": 0}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.requests = Counter("feature_requests_total", "Requests by endpoint and HTTP status.",
+                                ("endpoint", "code"), registry=self.registry)
+        self.latency = Histogram("feature_request_duration_seconds",
+                                 "Request latency inside the app (seconds).", ("endpoint",),
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.ids = Counter("feature_ids_total", "Customer ids answered, by status.", ("status",),
+                           registry=self.registry)
+        for status in ("found", "missing", "stale"):
+            self.ids.labels(status=status)
+        self._render_lock = threading.Lock()
+        self._state: tuple[float | None, BatchInfo | None, RowCache | None, CircuitBreaker | None] = (
+            None, None, None, None)
+        self.registry.register(_ScrapeTime(self))
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
-        with self._lock:
-            self.requests[(endpoint, status)] = self.requests.get((endpoint, status), 0) + 1
-            h = self.latency.setdefault(endpoint, [0.0] * (len(LATENCY_BUCKETS) + 2))
-            for j, bound in enumerate(LATENCY_BUCKETS):
-                if seconds <= bound:
-                    h[j] += 1
-            h[-2] += seconds
-            h[-1] += 1
+        self.requests.labels(endpoint=endpoint, code=str(status)).inc()
+        self.latency.labels(endpoint=endpoint).observe(seconds)
 
     def count_ids(self, counts: dict[str, int]) -> None:
-        with self._lock:
-            for k, v in counts.items():
-                self.id_status[k] = self.id_status.get(k, 0) + v
+        for k, v in counts.items():
+            if v:
+                self.ids.labels(status=k).inc(v)
 
     def render(self, freshness: float | None, batch: BatchInfo | None, cache: RowCache,
                breaker: CircuitBreaker | None = None) -> str:
-        lines = [
-            "# HELP feature_store_circuit_open 1 while the online store's circuit breaker is open.",
-            "# TYPE feature_store_circuit_open gauge",
-            f"feature_store_circuit_open {int(breaker.is_open) if breaker else 0}",
-            "# HELP feature_freshness_seconds Age of the serving batch: now - its watermark (seconds).",
-            "# TYPE feature_freshness_seconds gauge",
-            f"feature_freshness_seconds {freshness if freshness is not None else 'NaN'}",
-            "# HELP feature_batch_rows Customers in the serving batch.",
-            "# TYPE feature_batch_rows gauge",
-            f"feature_batch_rows {batch.rows if batch else 0}",
-            "# HELP feature_request_duration_seconds Request latency inside the app (seconds).",
-            "# TYPE feature_request_duration_seconds histogram",
-        ]
-        with self._lock:
-            for ep, h in sorted(self.latency.items()):
-                for j, bound in enumerate(LATENCY_BUCKETS):
-                    lines.append(f'feature_request_duration_seconds_bucket{{endpoint="{ep}",le="{bound}"}} '
-                                 f"{int(h[j])}")
-                lines.append(f'feature_request_duration_seconds_bucket{{endpoint="{ep}",le="+Inf"}} '
-                             f"{int(h[-1])}")
-                lines.append(f'feature_request_duration_seconds_sum{{endpoint="{ep}"}} {h[-2]}')
-                lines.append(f'feature_request_duration_seconds_count{{endpoint="{ep}"}} {int(h[-1])}')
-            lines += ["# HELP feature_requests_total Requests by endpoint and HTTP status.",
-                      "# TYPE feature_requests_total counter"]
-            for (ep, code), n in sorted(self.requests.items()):
-                lines.append(f'feature_requests_total{{endpoint="{ep}",code="{code}"}} {n}')
-            lines += ["# HELP feature_ids_total Customer ids answered, by status.",
-                      "# TYPE feature_ids_total counter"]
-            for status, n in sorted(self.id_status.items()):
-                lines.append(f'feature_ids_total{{status="{status}"}} {n}')
-        lines += [
-            "# HELP feature_cache_hits_total Ids answered from the in-process cache.",
-            "# TYPE feature_cache_hits_total counter", f"feature_cache_hits_total {cache.hits}",
-            "# HELP feature_cache_misses_total Ids read from the online store.",
-            "# TYPE feature_cache_misses_total counter", f"feature_cache_misses_total {cache.misses}",
-            "# HELP feature_cache_invalidations_total Cache emptied because a new batch landed.",
-            "# TYPE feature_cache_invalidations_total counter",
-            f"feature_cache_invalidations_total {cache.invalidations}",
-        ]
-        return "\n".join(lines) + "\n"
+        with self._render_lock:
+            self._state = (freshness, batch, cache, breaker)
+            try:
+                return generate_latest(self.registry).decode()
+            finally:
+                self._state = (None, None, None, None)
+
+
+class _ScrapeTime:
+    """Collector of the values read at scrape time (see :meth:`Metrics.render`)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        freshness, batch, cache, breaker = self.metrics._state
+        yield GaugeMetricFamily("feature_freshness_seconds",
+                                "Age of the serving batch: now - its watermark (seconds).",
+                                value=freshness if freshness is not None else math.nan)
+        yield GaugeMetricFamily("feature_batch_rows", "Customers in the serving batch.",
+                                value=batch.rows if batch else 0)
+        yield GaugeMetricFamily("feature_store_circuit_open",
+                                "1 while the online store's circuit breaker is open.",
+                                value=int(breaker.is_open) if breaker else 0)
+        if cache is not None:
+            for name, text, value in (
+                ("feature_cache_hits", "Ids answered from the in-process cache.", cache.hits),
+                ("feature_cache_misses", "Ids read from the online store.", cache.misses),
+                ("feature_cache_invalidations", "Cache emptied because a new batch landed.",
+                 cache.invalidations),
+            ):
+                yield CounterMetricFamily(name, text, value=value)
 
 
 def parse_ids(raw: str | None, max_ids: int) -> list[int]:
