@@ -146,6 +146,39 @@ def test_admin_routes_closed_without_a_token(config: ChurnConfig) -> None:
         assert client.get("/health").status_code == 200
 
 
+def test_circuit_breaker_opens_answers_at_once_and_a_probe_closes_it() -> None:
+    from mlflow_churn.web.breaker import CircuitBreaker, Unavailable
+
+    up = threading.Event()
+
+    def probe() -> None:
+        if not up.is_set():
+            raise ConnectionError("still down")
+
+    def down() -> None:
+        raise TimeoutError("no answer")
+
+    breaker = CircuitBreaker("the store", probe, failures=2, probe_seconds=0.05,
+                             is_failure=lambda exc: not isinstance(exc, KeyError))
+    with pytest.raises(KeyError):  # an answer, not a failure: does not count
+        breaker.call(lambda: {}["x"])
+    for _ in range(2):
+        with pytest.raises(TimeoutError):
+            breaker.call(down)
+    assert breaker.is_open
+    calls = []
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable, match="the store is unavailable.*TimeoutError"):
+        breaker.call(lambda: calls.append(1))
+    assert not calls and time.monotonic() - t0 < 0.05  # not called at all
+    up.set()
+    deadline = time.monotonic() + 5
+    while breaker.is_open and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not breaker.is_open and breaker.call(lambda: 7) == 7
+    breaker.stop()
+
+
 # --------------------------------------------------------------------------- scoring: bad input
 def test_scoring_bad_input_tokens_and_limits(config: ChurnConfig, register_version) -> None:
     champ = str(register_version(config, quality="good", alias="champion", seed=0).version)
