@@ -99,6 +99,7 @@ def test_exposure_rule() -> None:
         check_exposure("0.0.0.0", "churn serve", {"serving.api_token": None})
 
 
+@pytest.mark.slow  # subprocesses / a trained version: 10-25 s on a busy machine
 def test_cli_refuses_open_network_bind(config: ChurnConfig) -> None:
     for args in (["serve", "--host", "0.0.0.0", "--port", "1"],
                  ["features", "serve", "--host", "0.0.0.0", "--port", "1"]):
@@ -109,6 +110,7 @@ def test_cli_refuses_open_network_bind(config: ChurnConfig) -> None:
     assert not (config.workspace / "secrets").exists()  # refused before anything was written
 
 
+@pytest.mark.slow  # subprocesses / a trained version: 10-25 s on a busy machine
 def test_churn_serve_creates_a_private_admin_token(config: ChurnConfig) -> None:
     path = config.workspace / "secrets" / "admin_token"
     with ServeProcess(config) as srv, httpx.Client(base_url=srv.url, timeout=10) as client:
@@ -180,6 +182,7 @@ def test_circuit_breaker_opens_answers_at_once_and_a_probe_closes_it() -> None:
 
 
 # --------------------------------------------------------------------------- scoring: bad input
+@pytest.mark.slow  # subprocesses / a trained version: 10-25 s on a busy machine
 def test_scoring_bad_input_tokens_and_limits(config: ChurnConfig, register_version) -> None:
     champ = str(register_version(config, quality="good", alias="champion", seed=0).version)
     materialize(config, BATCH_AS_OF)
