@@ -456,6 +456,8 @@ class ScoringService:
             if batch is None:
                 raise ServiceError(503, "the online store has no batch yet; run `churn features materialize`")
             rows = guard(lambda: store.get(ids, columns, batch_id=batch.batch_id))
+        except ServiceError:
+            raise
         except (ChurnError, Unavailable) as exc:
             raise ServiceError(503, f"online feature store: {exc}") from None
         except Exception as exc:  # Redis / SQLite failed or timed out: the breaker counted it
