@@ -76,6 +76,24 @@ class FeaturesConfig(_Section):
     cache_ttl_seconds: float = Field(60.0, ge=0, description="API cache lifetime; a new batch clears it")
     host: str = Field("127.0.0.1", description="bind address of `churn features serve`")
     port: int = Field(8081, ge=1, le=65535, description="port of `churn features serve`")
+    api_token: str | None = Field(
+        None, description="bearer token of GET /features and /metrics (None = open; needed to bind "
+        "a non-loopback address); a secret: shown as *** by `config show`"
+    )
+    max_body_bytes: int = Field(65_536, ge=1, description="feature API: larger request bodies get 413")
+    redis_timeout_ms: float = Field(
+        50.0, gt=0, description="HTTP apps: Redis connect and socket timeout of one online-store read (ms)"
+    )
+    sqlite_timeout_ms: float = Field(
+        1000.0, gt=0, description="HTTP apps: SQLite busy timeout of one online-store read (ms)"
+    )
+    breaker_failures: int = Field(
+        3, ge=1, description="HTTP apps: consecutive online-store failures that open the circuit (503 at "
+        "once, no request waits on the store)"
+    )
+    breaker_probe_seconds: float = Field(
+        1.0, gt=0, description="HTTP apps: while the circuit is open, probe the store this often (s)"
+    )
 
 
 class TrainingConfig(_Section):
@@ -286,7 +304,15 @@ class ServingConfig(_Section):
         100_000, ge=1, description="async mode: uncommitted rows held at most; more are dropped "
         "and counted in churn_prediction_log_dropped_total"
     )
-    admin_token: str | None = Field(None, description="bearer token for reload/promote/rollback")
+    admin_token: str | None = Field(
+        None, description="bearer token of /admin/* and of a client as_of on /predict; None = `churn "
+        "serve` creates one in <workspace>/secrets/admin_token (mode 0600); a secret"
+    )
+    api_token: str | None = Field(
+        None, description="bearer token of /predict, /ready and /metrics (None = open; needed to bind a "
+        "non-loopback address; the admin token is accepted too); a secret"
+    )
+    max_body_bytes: int = Field(2_097_152, ge=1, description="scoring service: larger bodies get 413")
     reload_seconds: float = Field(10.0, gt=0, description="how often aliases are re-checked")
     min_canary_samples: int = Field(500, ge=1, description="canary predictions before any verdict")
     max_error_rate: float = Field(0.01, ge=0, le=1)
@@ -314,6 +340,9 @@ class HooksConfig(_Section):
     port: int = Field(8090, ge=1, le=65535)
     secret: str | None = Field(None, description="webhook HMAC secret; env CHURN_HOOKS__SECRET")
     max_age_seconds: int = Field(300, ge=1, description="older deliveries are rejected as replays")
+    max_body_bytes: int = Field(
+        1_048_576, ge=1, description="larger deliveries get 413 before any signature or JSON work"
+    )
 
 
 class ChurnConfig(_Section):

@@ -16,42 +16,53 @@
 Rows are cached in process for ``features.cache_ttl_seconds``; every request reads the
 serving batch id first and a new batch empties the cache, so a fresh batch is served from
 the first request after its flip. The clock is read here, at the HTTP edge, only.
-Bad input is a 4xx with a JSON ``detail``; an unusable store is a 404 (none yet) or 503
-(including a batch whose rows were retired under a request).
+Bad input is a 4xx with a JSON ``detail`` (:mod:`mlflow_churn.web.errors`); an unusable
+store is a 404 (none yet) or 503 (unreachable, or a batch whose rows were retired under a
+request), never with an exception's text.
+
+Hardening: with ``features.api_token`` set, ``/features`` and ``/metrics`` need
+``Authorization: Bearer <token>`` (``/health`` stays open). Request bodies over
+``features.max_body_bytes`` get 413. Store reads run in the thread pool (plain ``def``
+handlers), each bounded by ``features.redis_timeout_ms`` / ``features.sqlite_timeout_ms``;
+after ``features.breaker_failures`` failures in a row a circuit breaker answers 503 at
+once and probes the store in the background. ``/metrics`` never reads the store while the
+circuit is open (it shows the last batch seen).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import FastAPI, Request
+import prometheus_client
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPBearer
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from mlflow_churn.errors import ChurnError
-from mlflow_churn.features.online import BatchInfo, OnlineStore, open_store
+from mlflow_churn.features.online import BatchInfo, OnlineStore, StoreUnavailable, open_store
 from mlflow_churn.features.registry import FeatureRegistry, UnknownFeatureError, registry_for
+from mlflow_churn.web import errors as web_errors
+from mlflow_churn.web.auth import check_bearer
+from mlflow_churn.web.breaker import CircuitBreaker, Unavailable
 
 INT64_MAX = 2**63 - 1
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _VERSIONED = re.compile(r"^(?P<base>.+)_v(?P<n>\d+)$")
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
+prometheus_client.disable_created_metrics()  # no `<name>_created` series (as before)
 
 
-class ApiError(Exception):
-    """A 4xx/5xx answer: status, detail and optional extra JSON fields."""
-
-    def __init__(self, status: int, detail: str, **extra: Any) -> None:
-        super().__init__(detail)
-        self.status, self.detail, self.extra = status, detail, extra
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"detail": self.detail, **self.extra}, status_code=self.status)
+#: a 4xx/5xx answer: status, detail and optional extra JSON fields (the apps' shared type)
+ApiError = web_errors.HttpError
 
 
 RawRow = tuple[int | None, str]  # (event_time_ms, values JSON object text)
@@ -105,67 +116,69 @@ class RowCache:
 
 
 class Metrics:
-    """Counters and a latency histogram, rendered in the Prometheus text format."""
+    """Request counters, the latency histogram and id counts on a ``prometheus_client``
+    registry of this app's own; freshness, batch rows, cache and circuit state are
+    collected from the service at scrape time. Names are the ones dashboards use."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = {}
-        self.latency: dict[str, list[float]] = {}  # per endpoint: bucket counts + [sum, count]
-        self.id_status: dict[str, int] = {"found": 0, "missing": 0, "stale": 0}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.requests = Counter("feature_requests_total", "Requests by endpoint and HTTP status.",
+                                ("endpoint", "code"), registry=self.registry)
+        self.latency = Histogram("feature_request_duration_seconds",
+                                 "Request latency inside the app (seconds).", ("endpoint",),
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.ids = Counter("feature_ids_total", "Customer ids answered, by status.", ("status",),
+                           registry=self.registry)
+        for status in ("found", "missing", "stale"):
+            self.ids.labels(status=status)
+        self._render_lock = threading.Lock()
+        self._state: tuple[float | None, BatchInfo | None, RowCache | None, CircuitBreaker | None] = (
+            None, None, None, None)
+        self.registry.register(_ScrapeTime(self))
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
-        with self._lock:
-            self.requests[(endpoint, status)] = self.requests.get((endpoint, status), 0) + 1
-            h = self.latency.setdefault(endpoint, [0.0] * (len(LATENCY_BUCKETS) + 2))
-            for j, bound in enumerate(LATENCY_BUCKETS):
-                if seconds <= bound:
-                    h[j] += 1
-            h[-2] += seconds
-            h[-1] += 1
+        self.requests.labels(endpoint=endpoint, code=str(status)).inc()
+        self.latency.labels(endpoint=endpoint).observe(seconds)
 
     def count_ids(self, counts: dict[str, int]) -> None:
-        with self._lock:
-            for k, v in counts.items():
-                self.id_status[k] = self.id_status.get(k, 0) + v
+        for k, v in counts.items():
+            if v:
+                self.ids.labels(status=k).inc(v)
 
-    def render(self, freshness: float | None, batch: BatchInfo | None, cache: RowCache) -> str:
-        lines = [
-            "# HELP feature_freshness_seconds Age of the serving batch: now - its watermark (seconds).",
-            "# TYPE feature_freshness_seconds gauge",
-            f"feature_freshness_seconds {freshness if freshness is not None else 'NaN'}",
-            "# HELP feature_batch_rows Customers in the serving batch.",
-            "# TYPE feature_batch_rows gauge",
-            f"feature_batch_rows {batch.rows if batch else 0}",
-            "# HELP feature_request_duration_seconds Request latency inside the app (seconds).",
-            "# TYPE feature_request_duration_seconds histogram",
-        ]
-        with self._lock:
-            for ep, h in sorted(self.latency.items()):
-                for j, bound in enumerate(LATENCY_BUCKETS):
-                    lines.append(f'feature_request_duration_seconds_bucket{{endpoint="{ep}",le="{bound}"}} '
-                                 f"{int(h[j])}")
-                lines.append(f'feature_request_duration_seconds_bucket{{endpoint="{ep}",le="+Inf"}} '
-                             f"{int(h[-1])}")
-                lines.append(f'feature_request_duration_seconds_sum{{endpoint="{ep}"}} {h[-2]}')
-                lines.append(f'feature_request_duration_seconds_count{{endpoint="{ep}"}} {int(h[-1])}')
-            lines += ["# HELP feature_requests_total Requests by endpoint and HTTP status.",
-                      "# TYPE feature_requests_total counter"]
-            for (ep, code), n in sorted(self.requests.items()):
-                lines.append(f'feature_requests_total{{endpoint="{ep}",code="{code}"}} {n}')
-            lines += ["# HELP feature_ids_total Customer ids answered, by status.",
-                      "# TYPE feature_ids_total counter"]
-            for status, n in sorted(self.id_status.items()):
-                lines.append(f'feature_ids_total{{status="{status}"}} {n}')
-        lines += [
-            "# HELP feature_cache_hits_total Ids answered from the in-process cache.",
-            "# TYPE feature_cache_hits_total counter", f"feature_cache_hits_total {cache.hits}",
-            "# HELP feature_cache_misses_total Ids read from the online store.",
-            "# TYPE feature_cache_misses_total counter", f"feature_cache_misses_total {cache.misses}",
-            "# HELP feature_cache_invalidations_total Cache emptied because a new batch landed.",
-            "# TYPE feature_cache_invalidations_total counter",
-            f"feature_cache_invalidations_total {cache.invalidations}",
-        ]
-        return "\n".join(lines) + "\n"
+    def render(self, freshness: float | None, batch: BatchInfo | None, cache: RowCache,
+               breaker: CircuitBreaker | None = None) -> str:
+        with self._render_lock:
+            self._state = (freshness, batch, cache, breaker)
+            try:
+                return generate_latest(self.registry).decode()
+            finally:
+                self._state = (None, None, None, None)
+
+
+class _ScrapeTime:
+    """Collector of the values read at scrape time (see :meth:`Metrics.render`)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        freshness, batch, cache, breaker = self.metrics._state
+        yield GaugeMetricFamily("feature_freshness_seconds",
+                                "Age of the serving batch: now - its watermark (seconds).",
+                                value=freshness if freshness is not None else math.nan)
+        yield GaugeMetricFamily("feature_batch_rows", "Customers in the serving batch.",
+                                value=batch.rows if batch else 0)
+        yield GaugeMetricFamily("feature_store_circuit_open",
+                                "1 while the online store's circuit breaker is open.",
+                                value=int(breaker.is_open) if breaker else 0)
+        if cache is not None:
+            for name, text, value in (
+                ("feature_cache_hits", "Ids answered from the in-process cache.", cache.hits),
+                ("feature_cache_misses", "Ids read from the online store.", cache.misses),
+                ("feature_cache_invalidations", "Cache emptied because a new batch landed.",
+                 cache.invalidations),
+            ):
+                yield CounterMetricFamily(name, text, value=value)
 
 
 def parse_ids(raw: str | None, max_ids: int) -> list[int]:
@@ -175,12 +188,14 @@ def parse_ids(raw: str | None, max_ids: int) -> list[int]:
     parts = [p.strip() for p in raw.split(",")]
     out: dict[int, None] = {}
     for p in parts:
-        if not re.fullmatch(r"\d+", p or ""):
-            raise ApiError(400, f"customer id '{p}' is not a non-negative integer; "
-                                "use comma-separated integers, e.g. ?ids=1,2,3")
+        if not re.fullmatch(r"[0-9]{1,19}", p or "", flags=re.ASCII):  # \d would take Arabic-Indic digits
+            if re.fullmatch(r"[0-9]+", p or "", flags=re.ASCII):
+                raise ApiError(400, f"ids: customer id '{p[:40]}' is larger than {INT64_MAX}")
+            raise ApiError(400, f"ids: customer id {web_errors.quote(p)} is not a non-negative integer "
+                                "in ASCII digits; use comma-separated integers, e.g. ?ids=1,2,3")
         value = int(p)
         if value > INT64_MAX:
-            raise ApiError(400, f"customer id '{p}' is larger than {INT64_MAX}")
+            raise ApiError(400, f"ids: customer id '{p}' is larger than {INT64_MAX}")
         out[value] = None
     if len(out) > max_ids:
         raise ApiError(400, f"{len(out)} ids asked, at most {max_ids} per request "
@@ -215,24 +230,48 @@ class FeatureService:
         self.sla_seconds = cfg.features.freshness_sla_hours * 3600.0
         self._versions: dict[str, int] = {}
         self._conflicts: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+        fc = cfg.features
+        self.breaker = CircuitBreaker(f"the online store ({fc.online_backend})", self._probe,
+                                      fc.breaker_failures, fc.breaker_probe_seconds, _store_failure)
+        self.last_batch: BatchInfo | None = None  # the newest batch seen (for /metrics)
+
+    def _probe(self) -> None:
+        self.store().current_batch()
+
+    def guarded(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` (a store read) through the circuit breaker."""
+        return self.breaker.call(fn)
 
     def store(self) -> OnlineStore:
         if self._store is None:
             with self._lock:
                 if self._store is None:
                     try:
-                        self._store = open_store(self.cfg, must_exist=True)
+                        self._store = open_store(self.cfg, must_exist=True, fail_fast=True)
+                    except StoreUnavailable:
+                        raise
                     except ChurnError as exc:
                         raise ApiError(404, str(exc)) from None
         return self._store
 
     def batch(self) -> BatchInfo:
-        store = self.store()
-        batch = store.current_batch()
+        store = self.guarded(self.store)
+        batch = self.guarded(store.current_batch)
         if batch is None:
             raise ApiError(404, f"the online store {store.location} has no batch yet; "
                                 "run `churn features materialize`")
+        self.last_batch = batch
         return batch
+
+    def status_batch(self) -> BatchInfo | None:
+        """The serving batch for /metrics: read (bounded) while the circuit is closed, else
+        the last one seen; never waits on a store known to be down."""
+        if not self.breaker.is_open:
+            try:
+                return self.batch()
+            except Exception:  # noqa: BLE001 - /metrics answers with what it knows
+                pass
+        return self.last_batch
 
     def version(self, name: str) -> int:
         v = self._versions.get(name)
@@ -314,7 +353,7 @@ class FeatureService:
         names, meta = self.select(batch, features, feature_set)
         store = self.store()
         rows = self.cache.lookup(batch.batch_id, ids,
-                                 lambda todo: store.get_raw(todo, batch.batch_id))
+                                 lambda todo: self.guarded(lambda: store.get_raw(todo, batch.batch_id)))
         now = self.clock()
         sla = self.sla_seconds
         whole = names == list(batch.features)
@@ -356,6 +395,9 @@ class FeatureService:
             batch = self.batch()
         except ApiError as err:
             return 503, {"status": "no_batch", "detail": err.detail, "sla_seconds": self.sla_seconds}
+        except Exception as err:  # noqa: BLE001 - unreachable store (or circuit open): at once
+            return 503, {"status": "store_unavailable", "detail": _unavailable(err),
+                         "sla_seconds": self.sla_seconds}
         age = self.age(batch)
         fresh = age is not None and age <= self.sla_seconds
         return (200 if fresh else 503), {
@@ -369,6 +411,21 @@ class FeatureService:
         return (self.clock() - batch.watermark).total_seconds() if batch.watermark else None
 
 
+def _store_failure(exc: BaseException) -> bool:
+    """A failure of the store itself (counts for the breaker), not an answer about the data."""
+    if isinstance(exc, ApiError | Unavailable):
+        return False
+    return isinstance(exc, StoreUnavailable) or not isinstance(exc, ChurnError)
+
+
+def _unavailable(err: BaseException) -> str:
+    """The 503 detail of a store failure: ours, never the exception's text."""
+    if isinstance(err, Unavailable | ChurnError):
+        return f"online store unavailable: {err}"
+    return (f"online store unavailable: {type(err).__name__} (reads wait at most "
+            "features.redis_timeout_ms / features.sqlite_timeout_ms); try again")
+
+
 def create_app(cfg: Any, store: OnlineStore | None = None,
                clock: Callable[[], datetime] | None = None) -> FastAPI:
     """The feature API over ``store`` (default: ``open_store(cfg)`` at the first request).
@@ -378,6 +435,12 @@ def create_app(cfg: Any, store: OnlineStore | None = None,
     svc = FeatureService(cfg, store, clock)
     app = FastAPI(title="churn feature store", version="1")
     app.state.service = svc
+    web_errors.install(app, cfg.features.max_body_bytes, "features.max_body_bytes")
+    bearer_scheme = HTTPBearer(auto_error=False, description="features.api_token (when set)")
+
+    def need_token(request: Request, _scheme: Any = Depends(bearer_scheme)) -> None:
+        if cfg.features.api_token:
+            check_bearer(request, {"features.api_token": cfg.features.api_token}, "/features and /metrics")
 
     def timed(endpoint: str, work: Callable[[], Response]) -> Response:
         start = time.perf_counter()
@@ -385,19 +448,16 @@ def create_app(cfg: Any, store: OnlineStore | None = None,
             resp = work()
         except ApiError as err:
             resp = err.response()
-        except ChurnError as err:  # input errors are ApiErrors: this is the store's
-            resp = JSONResponse({"detail": f"online store unavailable: {err}"}, status_code=503)
         except Exception as err:  # noqa: BLE001 - a broken backend is a 503, never a 500
-            resp = JSONResponse({"detail": f"online store unavailable: {type(err).__name__}: {err}"},
-                                status_code=503)
+            resp = JSONResponse({"detail": _unavailable(err)}, status_code=503)
         svc.metrics.observe(endpoint, resp.status_code, time.perf_counter() - start)
         return resp
 
-    # async endpoints: a lookup is a sub-millisecond local read (SQLite) or one round trip
-    # (Redis), cheaper than handing it to the thread pool
-    @app.get("/features")
-    async def get_features(request: Request, ids: str | None = None, features: str | None = None,
-                           feature_set: str | None = None) -> Response:
+    # plain defs: FastAPI runs them in its thread pool, so a slow store read (bounded by
+    # features.redis_timeout_ms) never stalls the event loop, /health or /metrics
+    @app.get("/features", dependencies=[Depends(need_token)])
+    def get_features(request: Request, ids: str | None = None, features: str | None = None,
+                     feature_set: str | None = None) -> Response:
         """Values, versions, event time and status per customer id (``ids`` and ``features``
         may repeat: the lists are merged)."""
         def work() -> Response:
@@ -411,29 +471,22 @@ def create_app(cfg: Any, store: OnlineStore | None = None,
         return timed("/features", work)
 
     @app.get("/health")
-    async def health() -> Response:
+    def health() -> Response:
         """200 while the serving batch is fresher than the SLA, else 503 (age and SLA given)."""
         def work() -> Response:
             code, body = svc.health()
             return JSONResponse(body, status_code=code)
         return timed("/health", work)
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
+    @app.get("/metrics", dependencies=[Depends(need_token)])
+    def metrics() -> Response:
         """Prometheus text format."""
         def work() -> Response:
-            try:
-                batch = svc.batch()
-                age = svc.age(batch)
-            except ApiError:
-                batch, age = None, None
-            return PlainTextResponse(svc.metrics.render(age, batch, svc.cache),
+            batch = svc.status_batch()
+            age = svc.age(batch) if batch is not None else None
+            return PlainTextResponse(svc.metrics.render(age, batch, svc.cache, svc.breaker),
                                      media_type="text/plain; version=0.0.4")
         return timed("/metrics", work)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": f"{type(exc).__name__}: {exc}"}, status_code=503)
 
     return app
 
@@ -443,7 +496,7 @@ def serve(cfg: Any, host: str | None = None, port: int | None = None) -> None:
     import uvicorn
 
     uvicorn.run(create_app(cfg), host=host or cfg.features.host, port=port or cfg.features.port,
-                log_level="warning")
+                log_level="warning", access_log=False)
 
 
 __all__ = ["ApiError", "FeatureService", "Metrics", "RowCache", "create_app", "parse_ids", "serve"]

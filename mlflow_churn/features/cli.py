@@ -243,12 +243,16 @@ def serve_cmd(
     host: str = typer.Option(None, "--host", help=from_config("Bind address.", "features.host")),
     port: int = typer.Option(None, "--port", help=from_config("Port.", "features.port")),
 ) -> None:
-    """Serve GET /features, /health and /metrics with uvicorn."""
+    """Serve GET /features, /health and /metrics with uvicorn (features.api_token: bearer token;
+    needed to bind a non-loopback address)."""
     from mlflow_churn.features.api import serve
+    from mlflow_churn.web.auth import check_exposure
 
     cfg = get_config(ctx, {"features.host": opt_str(host), "features.port": port})
+    check_exposure(cfg.features.host, "churn features serve", {"features.api_token": cfg.features.api_token})
     console.print(f"feature API on http://{cfg.features.host}:{cfg.features.port} "
-                  f"({cfg.features.online_backend} store)")
+                  f"({cfg.features.online_backend} store; /features and /metrics "
+                  f"{'need features.api_token' if cfg.features.api_token else 'open'})")
     serve(cfg)
 
 

@@ -300,6 +300,10 @@ def check_order(current: BatchInfo | None, as_of: datetime, allow_older: bool, l
         )
 
 
+class StoreUnavailable(ChurnError):
+    """The online store's server cannot be reached (a 503 for the HTTP apps, not a 404)."""
+
+
 def _lost(batch_id: str, location: str) -> ChurnError:
     return ChurnError(
         f"batch {batch_id} lost its writer lock or was cleaned up while it was written to {location} "
@@ -313,9 +317,10 @@ def _lost(batch_id: str, location: str) -> ChurnError:
 class SqliteStore:
     """Online store in one SQLite file (WAL): table ``rows_<seq>`` per batch."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, busy_timeout_s: float = 30.0) -> None:
         self.path = Path(path)
         self.location = f"sqlite:{self.path}"
+        self.busy_timeout_s = float(busy_timeout_s)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._tables: dict[str, tuple[str, tuple[str, ...]]] = {}
@@ -334,10 +339,10 @@ class SqliteStore:
     def _con(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
         if con is None:
-            con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
+            con = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None,
                                   check_same_thread=False)
             con.execute("PRAGMA synchronous=NORMAL")
-            con.execute("PRAGMA busy_timeout=30000")
+            con.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
             self._local.con = con
             self._all = getattr(self, "_all", [])
             self._all.append(con)
@@ -538,17 +543,26 @@ class RedisStore:
     #: seconds a writer's lease lives without renewal (a killed writer blocks others this long)
     LOCK_TTL_S = 30.0
 
-    def __init__(self, url: str, prefix: str, lock_ttl_s: float | None = None) -> None:
+    def __init__(self, url: str, prefix: str, lock_ttl_s: float | None = None,
+                 timeout_s: float | None = None) -> None:
+        """``timeout_s``: connect and socket timeout of every command, without retries (the
+        HTTP apps' fail-fast readers); None = 30 s / 5 s with redis-py's default retries."""
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
         self.url, self.prefix = url, prefix
         self.location = f"{url} (prefix {prefix})"
+        fast = ({} if timeout_s is None else
+                {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
+                 "retry": Retry(NoBackoff(), 0)})
         try:
-            self._r = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5)
+            self._r = redis.Redis.from_url(url, **{"socket_timeout": 30, "socket_connect_timeout": 5,
+                                                   **fast})
             self._r.ping()
         except (redis.RedisError, ValueError) as exc:
-            raise ChurnError(f"Redis at {url} is not reachable ({exc}); start it or fix "
-                             "features.redis_url") from None
+            raise StoreUnavailable(f"Redis at {url} is not reachable ({type(exc).__name__}); start it "
+                                   "or fix features.redis_url") from None
         self._info_cache: tuple[bytes, BatchInfo] | None = None
         self._infos: dict[str, BatchInfo] = {}  # batch infos never change once written
         self._lock = RedisWriterLock(self._r, self._k("writer_lock"), self.location,
@@ -704,11 +718,14 @@ class RedisStore:
 # --------------------------------------------------------------------------- factory
 
 
-def open_store(cfg: Any, must_exist: bool = True) -> OnlineStore:
+def open_store(cfg: Any, must_exist: bool = True, fail_fast: bool = False) -> OnlineStore:
     """The online store configured by ``cfg.features.online_backend``.
 
     ``must_exist=True`` (readers) raises ChurnError when nothing was materialized yet;
-    ``must_exist=False`` (materialize) creates it.
+    ``must_exist=False`` (materialize) creates it. ``fail_fast=True`` (the HTTP apps):
+    every read waits at most ``features.redis_timeout_ms`` (Redis, no retries) or
+    ``features.sqlite_timeout_ms`` (SQLite busy timeout). StoreUnavailable when Redis
+    cannot be reached.
     """
     backend = cfg.features.online_backend
     hint = "run `churn features materialize`"
@@ -716,9 +733,10 @@ def open_store(cfg: Any, must_exist: bool = True) -> OnlineStore:
         path = Path(cfg.online_store_path)
         if must_exist and not path.is_file():
             raise ChurnError(f"no online store at {path}; {hint}")
-        return SqliteStore(path)
+        return SqliteStore(path, cfg.features.sqlite_timeout_ms / 1000.0) if fail_fast else SqliteStore(path)
     if backend == "redis":
-        store = RedisStore(cfg.features.redis_url, cfg.features.redis_prefix)
+        store = RedisStore(cfg.features.redis_url, cfg.features.redis_prefix,
+                           timeout_s=cfg.features.redis_timeout_ms / 1000.0 if fail_fast else None)
         if must_exist and not store.exists():
             store.close()
             raise ChurnError(f"no online store at {store.location}; {hint}")
@@ -727,6 +745,7 @@ def open_store(cfg: Any, must_exist: bool = True) -> OnlineStore:
 
 
 __all__ = [
-    "BatchInfo", "OnlineRow", "OnlineStore", "RedisStore", "SqliteStore", "check_order", "encode_rows",
+    "BatchInfo", "OnlineRow", "OnlineStore", "RedisStore", "SqliteStore", "StoreUnavailable", "check_order",
+    "encode_rows",
     "new_batch_id", "open_store", "split_payload",
 ]

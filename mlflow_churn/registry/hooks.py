@@ -51,6 +51,8 @@ from fastapi.responses import JSONResponse
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.registry.aliases import CHALLENGER, CHAMPION
+from mlflow_churn.web.errors import error_response
+from mlflow_churn.web.errors import install as install_web_errors
 
 SIGNATURE_HEADER = "X-MLflow-Signature"
 TIMESTAMP_HEADER = "X-MLflow-Timestamp"
@@ -217,7 +219,7 @@ def run_gate(cfg: ChurnConfig, job: GateJob, as_of: Callable[[ChurnConfig], date
 
 
 def _error(status: int, detail: str) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status)
+    return error_response(status, detail)  # the apps' one JSON error path
 
 
 def create_app(cfg: ChurnConfig, clock: Callable[[], float] = time.time,
@@ -244,6 +246,9 @@ def create_app(cfg: ChurnConfig, clock: Callable[[], float] = time.time,
 
     app = FastAPI(title="churn registry hooks", lifespan=lifespan)
     app.state.deliveries = log
+    # bodies over hooks.max_body_bytes: 413 from Content-Length, or while streaming, before
+    # the signature check or any JSON work reads them
+    install_web_errors(app, cfg.hooks.max_body_bytes, "hooks.max_body_bytes")
 
     @app.get("/health")
     def health() -> dict[str, str]:

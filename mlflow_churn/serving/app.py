@@ -28,21 +28,32 @@
 - ``GET /health`` (process alive), ``/ready`` (503 until a champion is loaded),
   ``/metrics`` (Prometheus text: requests and errors by route and version, latency
   histograms, prediction-log counters), admin ``POST /admin/reload|promote|rollback`` and
-  ``GET /admin/status`` behind the optional bearer token ``serving.admin_token`` (401
-  otherwise). Promote / rollback attach the canary evidence to their MLflow run.
+  ``GET /admin/status`` behind the bearer token ``serving.admin_token``: closed by default
+  (without a configured token every admin route answers 403; ``churn serve`` creates one
+  in ``<workspace>/secrets/admin_token``). Promote / rollback attach the canary evidence to
+  their MLflow run.
+- ``serving.api_token`` (optional) guards ``/predict``, ``/ready`` and ``/metrics`` (the
+  admin token works there too); ``/health`` stays open. A client ``as_of`` on ``/predict``
+  needs the admin token (it files predictions into a canary window).
+- Request bodies over ``serving.max_body_bytes`` get 413 before any JSON work; online
+  store reads run in the thread pool, bounded by ``features.redis_timeout_ms`` /
+  ``features.sqlite_timeout_ms``, behind a circuit breaker (503 at once while the store
+  is down, probed in the background).
 
-Errors are JSON ``{"detail": ...}``: 422 for malformed JSON, wrong types or missing
-feature columns (naming them); 401 a bad token; 409 a registry conflict of an admin
-transition (no canary, another version is the canary) or an online batch computed under
-other feature definitions than the model's; 503 when no champion is served
-(none has the alias, or it was refused), the online store has no batch, the prediction
-log cannot be written (sync mode) or anything unexpected fails. Never a 500.
+Errors are JSON ``{"detail": ...}`` naming the field (:mod:`mlflow_churn.web.errors`): 422
+for malformed JSON, wrong types, ids outside 0..2**63-1 or missing feature columns; 401 no
+token, 403 a wrong one; 404 an admin transition naming a version that does not exist;
+409 a registry conflict of an admin transition (no canary, another version is the canary)
+or an online batch computed under other feature definitions than the model's; 413 a body
+too large; 503 when no champion is served (none has the alias, or it was refused), the
+online store has no batch or is unreachable, the prediction log cannot be written (sync
+mode) or anything unexpected fails (never with the exception's text). Never a 500.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
+import math
 import threading
 import time
 import uuid
@@ -51,12 +62,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from mlflow_churn.config import ChurnConfig
@@ -67,19 +78,18 @@ from mlflow_churn.serving.metrics import Metrics
 from mlflow_churn.serving.prediction_log import PredictionRecord
 from mlflow_churn.serving.routing import routes
 from mlflow_churn.training.model import Scorer
+from mlflow_churn.web import errors as web_errors
+from mlflow_churn.web.auth import bearer, check_bearer, same_token
+from mlflow_churn.web.breaker import CircuitBreaker, Unavailable
 
 log = logging.getLogger("mlflow_churn.serving")
 
 CHAMPION_ROUTE, CANARY_ROUTE = "champion", "canary"
 ANONYMOUS_ID = -1  # logged customer_id of a raw record without one
+INT64_MAX = 2**63 - 1  # customer ids are int64 >= 0 (the online store's and the log's type)
 
-
-class ServiceError(Exception):
-    """An HTTP error with a status code and a message for the client."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status, self.detail = status, detail
+#: an HTTP error with a status code and a detail for the client (the apps' shared type)
+ServiceError = web_errors.HttpError
 
 
 # --------------------------------------------------------------------------- request models
@@ -90,15 +100,18 @@ class PredictRequest(BaseModel):
     """Exactly one of ``customer_ids`` or ``records``."""
 
     model_config = ConfigDict(extra="forbid")
-    customer_ids: list[StrictInt] | None = Field(None, description="customers to score (online store)")
+    customer_ids: list[Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]] | None = Field(
+        None, description="customers to score (online store): integers 0 .. 2**63-1")
     records: list[dict[str, Value]] | None = Field(None, description="raw feature records")
-    as_of: datetime | None = Field(None, description="business time logged with the predictions")
+    as_of: datetime | None = Field(None, description="business time logged with the predictions "
+                                   "(admin token only)")
 
 
 class AdminRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reason: str = Field("requested through the serving API", max_length=500)
-    version: str | None = Field(None, description="expected canary version (no-op if already done)")
+    version: str | None = Field(None, pattern=r"^[1-9][0-9]{0,18}$",
+                                description="expected canary version, e.g. '3' (no-op if already done)")
     as_of: datetime | None = Field(None, description="evidence up to this time (default: newest data)")
     since: datetime | None = Field(None, description="evidence from this time (default: all logged)")
 
@@ -132,9 +145,12 @@ class InputEncoder:
                     out[i, j] = codes.get(str(v), np.nan)
                     continue
                 try:
-                    out[i, j] = float(v)
-                except (TypeError, ValueError):
-                    raise ChurnError(f"feature '{col}' must be numeric, got {v!r}") from None
+                    out[i, j] = x = float(v)
+                except (TypeError, ValueError, OverflowError):
+                    x = math.nan
+                if not math.isfinite(x):
+                    raise ChurnError(f"feature '{col}' must be a finite number, got "
+                                     f"{web_errors.quote(v)}") from None
         return out
 
 
@@ -271,40 +287,6 @@ def _versions(pair: ModelPair) -> tuple[str | None, str | None]:
     return (pair.champion.version if pair.champion else None, pair.canary.version if pair.canary else None)
 
 
-class CountRequests:
-    """ASGI middleware counting requests by path and status code (cheaper than Starlette's
-    ``BaseHTTPMiddleware``). An exception no handler took is answered here, 503 JSON, so it
-    never reaches Starlette's server-error middleware (a 500 page, or a 503 followed by a
-    re-raise that makes uvicorn drop the keep-alive connection)."""
-
-    def __init__(self, app: Any, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        code = {"status": 0}
-
-        async def _send(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                code["status"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, _send)
-        except Exception as exc:
-            if code["status"]:  # the response has started: nothing can be sent any more
-                raise
-            log.exception("unexpected error answering %s", scope.get("path", ""))
-            detail = f"the service could not answer: {type(exc).__name__}: {exc}"[:500]
-            await JSONResponse({"detail": detail}, status_code=503)(scope, receive, _send)
-        finally:
-            path = scope.get("path", "")
-            self.metrics.inc("churn_http_requests_total", {"path": path if path in _PATHS else "other",
-                                                           "code": str(code["status"] or 503)})
-
-
 # --------------------------------------------------------------------------- the service
 class ScoringService:
     """Everything one app instance holds: models, store, log writer, metrics."""
@@ -329,6 +311,12 @@ class ScoringService:
         self._store_lock = threading.Lock()
         self._stop = threading.Event()
         self._reloader: threading.Thread | None = None
+        fc = cfg.features
+        self.breaker = CircuitBreaker(f"the online store ({fc.online_backend})",
+                                      lambda: self.store().current_batch(), fc.breaker_failures,
+                                      fc.breaker_probe_seconds, _store_failure)
+        self.metrics.describe("churn_online_store_circuit_open", "gauge",
+                              "1 while the online store's circuit breaker is open (503 at once)")
 
     # lifecycle
     def start(self) -> None:
@@ -343,6 +331,7 @@ class ScoringService:
 
     def stop(self) -> None:
         self._stop.set()
+        self.breaker.stop()
         if self._reloader is not None:
             self._reloader.join(timeout=30)
         self.writer.close()
@@ -362,10 +351,7 @@ class ScoringService:
                 except ImportError:
                     raise ServiceError(503, "the online feature store is not available in this "
                                        "installation; send raw feature records instead") from None
-                try:
-                    self._store = open_store(self.cfg)
-                except ChurnError as exc:
-                    raise ServiceError(503, f"online feature store: {exc}") from None
+                self._store = open_store(self.cfg, fail_fast=True)  # ChurnError: the caller's 503
             return self._store
 
     # scoring
@@ -428,8 +414,10 @@ class ScoringService:
                              {"route": CHAMPION_ROUTE, "version": pair.champion.version}, len(champ_rows))
             self._log_errors(ids, [(int(r), CHAMPION_ROUTE, pair.champion.version) for r in champ_rows],
                              served_at, as_of, t0)
-            raise ServiceError(503, f"champion version {pair.champion.version} failed to score: "
-                                    f"{type(failure).__name__}: {failure}"[:500])
+            log.warning("champion version %s failed to score: %s: %s", pair.champion.version,
+                        type(failure).__name__, failure)
+            raise ServiceError(503, f"champion version {pair.champion.version} failed to score "
+                                    f"({type(failure).__name__}; the service log has the details)")
         # a row's latency: the shared preparation plus its own route's scoring (ms), so a slow
         # canary shows in the canary's numbers only
         latency_ms = {r: (prepared + spent[r]) * 1000.0 for r in spent}
@@ -461,14 +449,21 @@ class ScoringService:
         for m in (pair.champion, pair.canary):
             if m is not None:
                 columns += [c for c in m.columns if c not in columns]
-        store = self.store()
+        guard = self.breaker.call
         try:
-            batch = store.current_batch()  # then read that batch: ids and as_of stay consistent
+            store = guard(self.store)
+            batch = guard(store.current_batch)  # then read that batch: ids and as_of stay consistent
             if batch is None:
                 raise ServiceError(503, "the online store has no batch yet; run `churn features materialize`")
-            rows = store.get(ids, columns, batch_id=batch.batch_id)
-        except ChurnError as exc:
+            rows = guard(lambda: store.get(ids, columns, batch_id=batch.batch_id))
+        except ServiceError:
+            raise
+        except (ChurnError, Unavailable) as exc:
             raise ServiceError(503, f"online feature store: {exc}") from None
+        except Exception as exc:  # Redis / SQLite failed or timed out: the breaker counted it
+            raise ServiceError(503, f"online feature store unavailable: {type(exc).__name__} (a read "
+                                    "waits at most features.redis_timeout_ms / features.sqlite_timeout_ms)"
+                               ) from None
         for m in (pair.champion, pair.canary):  # only values computed under the model's definitions
             defs = m.scorer.feature_set.features if m else ()
             clash = batch.definition_conflicts({f.full_name: f.hash for f in defs})
@@ -532,6 +527,7 @@ class ScoringService:
         out = [("churn_model_loaded", {"alias": m.alias, "version": m.version}, 1.0)
                for m in (pair.champion, pair.canary) if m is not None]
         out.append(("churn_prediction_log_pending", {}, float(self.writer.pending())))
+        out.append(("churn_online_store_circuit_open", {}, float(self.breaker.is_open)))
         return out
 
     def status(self) -> dict[str, Any]:
@@ -548,12 +544,22 @@ class ScoringService:
 
 
 def _record_id(record: dict[str, Any], index: int) -> int:
-    cid = record.get("customer_id", ANONYMOUS_ID)
-    if cid is None:
+    cid = record.get("customer_id")
+    if cid is None:  # absent or null: an anonymous record
         return ANONYMOUS_ID
-    if isinstance(cid, bool) or not isinstance(cid, int):
-        raise ServiceError(422, f"records[{index}].customer_id must be an integer, got {cid!r}")
+    if isinstance(cid, bool) or not isinstance(cid, int) or not 0 <= cid <= INT64_MAX:
+        raise ServiceError(422, f"records.{index}.customer_id must be an integer 0 .. {INT64_MAX}, got "
+                                f"{web_errors.quote(cid)}")
     return int(cid)
+
+
+def _store_failure(exc: BaseException) -> bool:
+    """A failure of the online store itself (counts for the breaker), not an answer."""
+    from mlflow_churn.features.online import StoreUnavailable
+
+    if isinstance(exc, ServiceError | Unavailable):
+        return False
+    return isinstance(exc, StoreUnavailable) or not isinstance(exc, ChurnError)
 
 
 def _values(values: Any, columns: list[str]) -> dict[str, Any]:
@@ -569,22 +575,22 @@ def _tally(route: np.ndarray, version: np.ndarray, found: np.ndarray) -> dict[tu
     return out
 
 
-def _field_errors(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        if err.get("type") == "json_invalid":
-            ctx = err.get("ctx") or {}
-            parts.append(f"malformed JSON: {ctx.get('error', err.get('msg'))} (at character "
-                         f"{loc[0] if loc else '?'})")
-            continue
-        where = ".".join(loc) or "body"
-        parts.append(f"{where}: {err.get('msg')}")
-    return "; ".join(parts) or "invalid request body"
+def _registry_error(exc: Exception, what: str) -> ServiceError:
+    """An MlflowException of an admin route as a client answer (never its text)."""
+    code = str(getattr(exc, "error_code", "") or "")
+    if code == "RESOURCE_DOES_NOT_EXIST":
+        return ServiceError(404, f"{what} does not exist in the model registry")
+    if code == "INVALID_PARAMETER_VALUE":
+        return ServiceError(422, f"the model registry refused {what} as invalid")
+    log.warning("model registry error on %s: %s", what, exc)
+    return ServiceError(503, f"the model registry could not answer for {what} ({code or 'no error code'}); "
+                             "try again")
 
 
 def create_app(cfg: ChurnConfig, start_background: bool = True) -> FastAPI:
     """The scoring app for ``cfg`` (models, store and log are opened on startup)."""
+    from mlflow.exceptions import MlflowException
+
     service = ScoringService(cfg)
 
     @asynccontextmanager
@@ -598,38 +604,45 @@ def create_app(cfg: ChurnConfig, start_background: bool = True) -> FastAPI:
 
     app = FastAPI(title="mlflow-churn scoring", version="1", lifespan=lifespan)
     app.state.service = service
+    sv = cfg.serving
 
     def _json(status: int, detail: Any) -> JSONResponse:
-        return JSONResponse({"detail": detail}, status_code=status)
-
-    @app.exception_handler(ServiceError)
-    async def _service_error(_req: Request, exc: ServiceError) -> JSONResponse:
-        return _json(exc.status, exc.detail)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
-        return _json(422, _field_errors(exc))
+        return web_errors.error_response(status, detail)
 
     @app.exception_handler(ChurnError)
     async def _churn_error(_req: Request, exc: ChurnError) -> JSONResponse:
         return _json(409, str(exc))
 
-    app.add_middleware(CountRequests, metrics=service.metrics)
+    @app.exception_handler(MlflowException)
+    async def _mlflow_error(_req: Request, exc: MlflowException) -> JSONResponse:
+        return _registry_error(exc, "the request").response()
 
-    def _admin(request: Request) -> None:
-        token = cfg.serving.admin_token
-        if not token:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise ServiceError(401, "admin endpoints need 'Authorization: Bearer <serving.admin_token>'")
+    def _count(path: str, status: int) -> None:
+        service.metrics.inc("churn_http_requests_total", {"path": path if path in _PATHS else "other",
+                                                          "code": str(status)})
+
+    web_errors.install(app, sv.max_body_bytes, "serving.max_body_bytes", on_response=_count)
+
+    admin_scheme = HTTPBearer(scheme_name="admin", auto_error=False, description="serving.admin_token")
+    api_scheme = HTTPBearer(scheme_name="api", auto_error=False,
+                            description="serving.api_token (when set) or serving.admin_token")
+
+    async def need_admin(request: Request, _scheme: Any = Depends(admin_scheme)) -> None:
+        if not sv.admin_token:
+            raise ServiceError(403, "admin routes are closed: serving.admin_token is not set (`churn serve` "
+                                    "creates one in <workspace>/secrets/admin_token)")
+        check_bearer(request, {"serving.admin_token": sv.admin_token}, "admin routes")
+
+    async def need_api(request: Request, _scheme: Any = Depends(api_scheme)) -> None:
+        if sv.api_token:
+            check_bearer(request, {"serving.api_token": sv.api_token, "serving.admin_token": sv.admin_token},
+                         "/predict, /ready and /metrics")
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", dependencies=[Depends(need_api)])
     async def ready() -> JSONResponse:
         st = service.status()
         if st["champion"] is None:
@@ -637,47 +650,57 @@ def create_app(cfg: ChurnConfig, start_background: bool = True) -> FastAPI:
             return _json(503, f"not ready: {why}")
         return JSONResponse({"status": "ready", **st})
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(need_api)])
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(service.metrics.render(service.gauges()),
                                  media_type="text/plain; version=0.0.4")
 
-    # a plain def: FastAPI runs it in its thread pool, so the blocking work (SQLite reads and
-    # the sync prediction-log commit, XGBoost) never stalls the event loop and other requests
-    @app.post("/predict")
-    def predict(req: PredictRequest) -> JSONResponse:
+    # a plain def: FastAPI runs it in its thread pool, so the blocking work (store reads,
+    # bounded by the store timeouts, the sync prediction-log commit, XGBoost) never stalls
+    # the event loop and other requests
+    @app.post("/predict", dependencies=[Depends(need_api)])
+    def predict(req: PredictRequest, request: Request) -> JSONResponse:
+        if req.as_of is not None and not same_token(bearer(request), sv.admin_token):
+            raise ServiceError(403, "as_of: a client business time needs the admin token "
+                                    "(serving.admin_token); leave as_of out to log the batch's as_of")
         return JSONResponse(service.predict(req))
 
-    @app.get("/admin/status")
-    def admin_status(request: Request) -> dict[str, Any]:
-        _admin(request)
+    @app.get("/admin/status", dependencies=[Depends(need_admin)])
+    def admin_status() -> dict[str, Any]:
         return service.status()
 
-    @app.post("/admin/reload")
-    def admin_reload(request: Request) -> dict[str, Any]:
-        _admin(request)
+    @app.post("/admin/reload", dependencies=[Depends(need_admin)])
+    def admin_reload() -> dict[str, Any]:
         service.models.reload()
         return service.status()
 
-    def _transition(request: Request, body: AdminRequest | None, kind: str) -> dict[str, Any]:
-        _admin(request)
+    def _transition(body: AdminRequest | None, kind: str) -> dict[str, Any]:
         from mlflow_churn.serving import canary
 
         body = body or AdminRequest()
+        name = service.models.name
+        if body.version is not None:  # 404 for a version the registry does not have
+            try:
+                service.models._connect().get_model_version(name, body.version)
+            except MlflowException as exc:
+                raise _registry_error(exc, f"version: version {body.version} of '{name}'") from None
         # the transition attaches the canary evidence of [since, as_of] (default: the same
         # window `churn canary evaluate` looks at) to its MLflow run
-        result = getattr(canary, kind)(cfg, body.reason, version=body.version, as_of=body.as_of,
-                                       since=body.since)
+        try:
+            result = getattr(canary, kind)(cfg, body.reason, version=body.version, as_of=body.as_of,
+                                           since=body.since)
+        except MlflowException as exc:
+            raise _registry_error(exc, f"the {kind} of '{name}'") from None
         service.models.reload()
         return {"transition": result.to_dict(), "serving": service.status()}
 
-    @app.post("/admin/promote")
-    def admin_promote(request: Request, body: AdminRequest | None = None) -> dict[str, Any]:
-        return _transition(request, body, "promote")
+    @app.post("/admin/promote", dependencies=[Depends(need_admin)])
+    def admin_promote(body: AdminRequest | None = None) -> dict[str, Any]:
+        return _transition(body, "promote")
 
-    @app.post("/admin/rollback")
-    def admin_rollback(request: Request, body: AdminRequest | None = None) -> dict[str, Any]:
-        return _transition(request, body, "rollback")
+    @app.post("/admin/rollback", dependencies=[Depends(need_admin)])
+    def admin_rollback(body: AdminRequest | None = None) -> dict[str, Any]:
+        return _transition(body, "rollback")
 
     return app
 

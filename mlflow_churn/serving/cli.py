@@ -189,14 +189,29 @@ def serve_cmd(
     admin_token: str = typer.Option(None, "--admin-token", envvar="CHURN_ADMIN_TOKEN", help=from_config(
         "Bearer token of the admin endpoints.", "serving.admin_token", secret=True)),
 ) -> None:
-    """Online scoring: POST /predict (champion + canary, sticky split), /health, /ready, /metrics."""
+    """Online scoring: POST /predict (champion + canary, sticky split), /health, /ready, /metrics.
+
+    Admin routes need serving.admin_token; without one, a random token is created in
+    <workspace>/secrets/admin_token (mode 0600). A non-loopback --host needs serving.api_token.
+    """
     from mlflow_churn.serving.app import serve
+    from mlflow_churn.web.auth import check_exposure, token_file
 
     cfg = get_config(ctx, {"serving.host": opt_str(host), "serving.port": port,
                            "serving.canary_fraction": canary_fraction,
                            "serving.admin_token": opt_str(admin_token)})
+    check_exposure(cfg.serving.host, "churn serve", {"serving.api_token": cfg.serving.api_token})
+    if cfg.serving.admin_token:
+        console.print("admin routes: bearer token serving.admin_token (from the config)")
+    else:
+        path = cfg.workspace / "secrets" / "admin_token"
+        cfg.serving.admin_token = token_file(path)
+        console.print(f"admin routes: bearer token in {path} (mode 0600; send 'Authorization: Bearer "
+                      "<token>', or set serving.admin_token)")
     console.print(f"serving '{cfg.training.model_name}' (canary {cfg.serving.canary_fraction:.0%}) "
-                  f"on http://{cfg.serving.host}:{cfg.serving.port}; prediction log {cfg.prediction_log_url}")
+                  f"on http://{cfg.serving.host}:{cfg.serving.port}; prediction log "
+                  f"{cfg.prediction_log_url}; "
+                  f"/predict {'needs serving.api_token' if cfg.serving.api_token else 'open'}")
     serve(cfg)
 
 

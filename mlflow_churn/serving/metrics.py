@@ -1,85 +1,99 @@
-"""A minimal thread-safe Prometheus registry for the scoring service: counters, latency
-histograms (seconds) and gauges, rendered in the text exposition format 0.0.4."""
+"""Prometheus metrics of the scoring service on ``prometheus_client``: one
+:class:`~prometheus_client.CollectorRegistry` per app (never the process-global one), so two
+apps in one process (tests, embedding) keep their own counts.
+
+:class:`Metrics` keeps the small API the service uses (``describe``, ``inc``, ``observe``,
+``counter``, ``render(gauges)``); metric names, label names and buckets are the ones the
+dashboards already use. Counters and histograms are created at their first use, with the
+label names of that use (sorted); gauges are the values passed to :meth:`render`.
+"""
 
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 #: upper bounds (seconds) of the latency histogram buckets
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+# no `<name>_created` series: the exposition stays the one the dashboards were built on
+prometheus_client.disable_created_metrics()
 
 
 class Metrics:
     """Counters, histograms and (at render time) gauges; every method is thread-safe."""
 
     def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
         self._lock = threading.Lock()
-        self._counters: dict[tuple[str, tuple], float] = defaultdict(float)
-        self._hist: dict[tuple[str, tuple], list] = {}
+        self._render_lock = threading.Lock()
         self._help: dict[str, tuple[str, str]] = {}
+        self._metrics: dict[str, tuple[Any, tuple[str, ...]]] = {}
+        self._gauges: list[tuple[str, dict[str, str], float]] = []
+        self.registry.register(_Gauges(self))
 
     def describe(self, name: str, kind: str, text: str) -> None:
         """Set the ``# HELP`` text and ``# TYPE`` (counter | histogram | gauge) of ``name``."""
         self._help[name] = (kind, text)
 
+    def _metric(self, name: str, kind: str, labels: dict[str, str]) -> Any:
+        names = tuple(sorted(labels))
+        with self._lock:
+            got = self._metrics.get(name)
+            if got is None:
+                text = self._help.get(name, (kind, name))[1]
+                if kind == "counter":
+                    metric: Any = Counter(name, text, names, registry=self.registry)
+                else:
+                    metric = Histogram(name, text, names, buckets=LATENCY_BUCKETS, registry=self.registry)
+                got = self._metrics[name] = (metric, names)
+        metric, known = got
+        if known != names:
+            raise ValueError(f"metric {name} has labels {known}, not {names}")
+        return metric.labels(**labels) if names else metric
+
     def inc(self, name: str, labels: dict[str, str], value: float = 1.0) -> None:
         """Add ``value`` to the counter ``name{labels}``."""
-        key = (name, tuple(sorted(labels.items())))
-        with self._lock:
-            self._counters[key] += value
+        self._metric(name, "counter", labels).inc(value)
 
     def observe(self, name: str, labels: dict[str, str], seconds: float) -> None:
         """Count one observation of ``seconds`` in the histogram ``name{labels}``."""
-        key = (name, tuple(sorted(labels.items())))
-        with self._lock:
-            h = self._hist.get(key)
-            if h is None:
-                h = self._hist[key] = [[0] * len(LATENCY_BUCKETS), 0.0, 0]
-            for i, edge in enumerate(LATENCY_BUCKETS):
-                if seconds <= edge:
-                    h[0][i] += 1
-            h[1] += seconds
-            h[2] += 1
-
-    @staticmethod
-    def _fmt(labels: tuple | list) -> str:
-        if not labels:
-            return ""
-        body = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-                        for k, v in labels)
-        return "{" + body + "}"
+        self._metric(name, "histogram", labels).observe(seconds)
 
     def counter(self, name: str, labels: dict[str, str] | None = None) -> float:
         """Current value of the counter ``name{labels}`` (0 when never incremented)."""
-        with self._lock:
-            return self._counters.get((name, tuple(sorted((labels or {}).items()))), 0.0)
+        sample = name if name.endswith("_total") else f"{name}_total"
+        return self.registry.get_sample_value(sample, labels or {}) or 0.0
 
     def render(self, gauges: list[tuple[str, dict[str, str], float]]) -> str:
-        """Prometheus text of every counter and histogram plus ``gauges`` (name, labels, value)."""
-        lines: list[str] = []
-        seen: set[str] = set()
+        """Prometheus text (format 0.0.4) of every counter and histogram plus ``gauges``
+        (name, labels, value)."""
+        with self._render_lock:
+            self._gauges = list(gauges)
+            try:
+                return generate_latest(self.registry).decode()
+            finally:
+                self._gauges = []
 
-        def head(name: str) -> None:
-            if name not in seen and name in self._help:
-                kind, text = self._help[name]
-                lines.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}"])
-            seen.add(name)
 
-        with self._lock:
-            counters = sorted(self._counters.items())
-            hists = sorted((k, (list(v[0]), v[1], v[2])) for k, v in self._hist.items())
-        for (name, labels), value in counters:
-            head(name)
-            lines.append(f"{name}{self._fmt(labels)} {value:g}")
-        for (name, labels), (buckets, total, count) in hists:
-            head(name)
-            for edge, n in zip(LATENCY_BUCKETS, buckets, strict=True):
-                lines.append(f"{name}_bucket{self._fmt([*labels, ('le', f'{edge:g}')])} {n}")
-            lines.append(f"{name}_bucket{self._fmt([*labels, ('le', '+Inf')])} {count}")
-            lines.append(f"{name}_sum{self._fmt(labels)} {total:.6f}")
-            lines.append(f"{name}_count{self._fmt(labels)} {count}")
-        for name, labels, value in gauges:
-            head(name)
-            lines.append(f"{name}{self._fmt(sorted(labels.items()))} {value:g}")
-        return "\n".join(lines) + "\n"
+class _Gauges:
+    """Collector of the gauges handed to :meth:`Metrics.render`."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        families: dict[str, GaugeMetricFamily] = {}
+        for name, labels, value in self.metrics._gauges:
+            names = sorted(labels)
+            family = families.get(name)
+            if family is None:
+                text = self.metrics._help.get(name, ("gauge", name))[1]
+                family = families[name] = GaugeMetricFamily(name, text, labels=names)
+            family.add_metric([labels[k] for k in names], value)
+        yield from families.values()

@@ -1,0 +1,12 @@
+"""What the three HTTP apps (scoring service, feature API, webhook receiver) share.
+
+- :mod:`~mlflow_churn.web.errors`: the one error-to-JSON path (``{"detail": ...}``, 4xx
+  naming the field, 503 without internals) and the guard middleware that also enforces
+  the request body limit (413) before any handler, signature or JSON work;
+- :mod:`~mlflow_churn.web.auth`: bearer tokens (constant-time compare), the generated
+  admin token file, the "no open port on the network" rule;
+- :mod:`~mlflow_churn.web.breaker`: a circuit breaker that answers at once while a
+  dependency (Redis) is down and probes it in the background.
+
+A leaf: it imports nothing of the project but :mod:`mlflow_churn.errors`.
+"""
