@@ -309,13 +309,35 @@ class HooksConfig(_Section):
 
 
 class MlflowServerConfig(_Section):
-    """The ``mlflow server`` that `churn demo --server` starts (section ``mlflow``)."""
+    """The MLflow tracking server: how long a client waits on it, and (``churn demo --server``)
+    the backend the demo's own server uses.
+
+    ``setup_mlflow`` exports the three ``http_*`` keys as ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``,
+    ``MLFLOW_HTTP_REQUEST_TIMEOUT`` and ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR`` unless the user
+    set those variables. MLflow's own defaults (7 retries, back-off factor 2, 120 s timeout)
+    stall a command for minutes on a dead server; these fail it in seconds. Worst case of one
+    request to a server that refuses connections: about ``backoff_factor * (2 + 4 + ...)`` over
+    the retries (plus up to 1 s jitter each); to one that accepts but never answers:
+    ``(http_max_retries + 1) * http_timeout_seconds`` more.
+    """
 
     # --- server mode of the demo (churn demo --server) ---
     server_backend_uri: str | None = Field(
         None, description="--backend-store-uri of the demo's `mlflow server`: a PostgreSQL URL "
         "(postgresql://user@host:5432/db or postgresql+psycopg2://...; a new database is created on "
         "that server per run), env CHURN_MLFLOW_BACKEND_URI; None = a SQLite file in the workspace")
+    http_max_retries: int = Field(
+        3, ge=0, le=10, description="retries of one MLflow HTTP request (connection errors, timeouts, "
+        "408/429/5xx) -> MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+    )
+    http_timeout_seconds: int = Field(
+        10, ge=1, description="seconds one MLflow HTTP request may wait on a connect or a read "
+        "-> MLFLOW_HTTP_REQUEST_TIMEOUT"
+    )
+    http_backoff_factor: int = Field(
+        1, ge=0, le=120, description="exponential back-off between retries, seconds (0, 2f, 4f, ...) "
+        "-> MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"
+    )
 
 
 class ChurnConfig(_Section):

@@ -1,9 +1,33 @@
-"""Point MLflow at the configured store and make sure our experiment exists there."""
+"""Point MLflow at the configured store and make sure our experiment exists there.
+
+Against a tracking server (``http(s)://``) this module also keeps MLflow's waits bounded and
+its failures clean (issue 14 item 4, issue 16 "bounded waits"):
+
+- :func:`export_http_limits` (called by :func:`setup_mlflow`) exports the ``mlflow.http_*``
+  config keys as ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``_TIMEOUT`` / ``_BACKOFF_FACTOR``
+  unless the user set those variables, so a dead server costs seconds, not minutes;
+- :func:`fail_fast` turns a server failure inside a command (connection refused or reset,
+  timeout, 5xx after the retries; :func:`server_failure` recognises them) into ONE
+  :class:`ChurnError` naming the server, what was being done and what was left;
+- :func:`end_run_failed` / :func:`terminate_failed` mark a run FAILED with one quick attempt;
+  what cannot be written because the server is gone (a run still RUNNING, a version to
+  delete) goes to a journal, ``<workspace>/mlflow-pending.jsonl``, which the next
+  :func:`setup_mlflow` against the same server replays (:func:`replay_pending`).
+"""
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
+import re
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -16,6 +40,290 @@ PROBE_TIMEOUT_S = 5.0
 #: models), not in GenAI mode (traces, "evaluation runs").
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+#: MLflow's variable -> key of the ``mlflow`` config section
+HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "http_max_retries",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": "http_timeout_seconds",
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "http_backoff_factor"}
+#: what :func:`export_http_limits` last exported (a value still equal to it was not set by the user)
+_exported: dict[str, str] = {}
+#: the timeout (s) of a clean-up request made after the server already failed once
+CLEANUP_TIMEOUT_S = 5
+PENDING_FILE = "mlflow-pending.jsonl"
+
+
+def export_http_limits(cfg: ChurnConfig) -> dict[str, str]:
+    """Export ``cfg.mlflow.http_*`` as MLflow's HTTP retry / timeout / back-off variables,
+    leaving any the user set; return the values in force."""
+    for var, key in HTTP_ENV.items():
+        value = str(getattr(cfg.mlflow, key))
+        current = os.environ.get(var)
+        if current is None or current == _exported.get(var):
+            os.environ[var] = value
+            _exported[var] = value
+    return {var: os.environ[var] for var in HTTP_ENV}
+
+
+@contextmanager
+def one_attempt(timeout_s: int = CLEANUP_TIMEOUT_S) -> Iterator[None]:
+    """MLflow HTTP requests inside the block: no retries, at most ``timeout_s`` (never more
+    than the configured timeout). For clean-up after the server already failed once."""
+    saved = {v: os.environ.get(v) for v in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    configured = int(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or timeout_s)
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, min(timeout_s, configured)))
+    try:
+        yield
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+
+# ------------------------------------------------------------------ recognising a server failure
+_ENDPOINT = re.compile(r"/api/2\.0/mlflow(?:-artifacts)?/([\w./-]+)")
+_STATUS = re.compile(r"too many (\d{3}) error responses|failed with error code (\d{3})")
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen and len(seen) < 12:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
+
+
+def server_failure(exc: BaseException) -> str | None:
+    """A short reason (``"model-versions/create: connection refused"``) when ``exc`` or an
+    exception it was raised from says that the tracking server did not answer, dropped the
+    connection, timed out or answered 5xx; None for every other error (bad input, a
+    missing resource, a bug)."""
+    import requests
+
+    for err in _chain(exc):
+        text = str(err)
+        hit = isinstance(err, requests.exceptions.ConnectionError | requests.exceptions.Timeout
+                         | requests.exceptions.RetryError | ConnectionError | TimeoutError)
+        if not hit and text.startswith("API request to"):
+            status = _STATUS.search(text)
+            hit = ("failed with exception" in text or "failed with timeout exception" in text
+                   or bool(status and (status.group(1) or status.group(2) or "").startswith("5")))
+        if not hit and getattr(err, "error_code", None) in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE") \
+                and type(err).__name__ == "RestException":
+            hit = True
+        if hit:
+            return _reason(text)
+    return None
+
+
+def _reason(text: str) -> str:
+    low = text.lower()
+    status = _STATUS.search(text)
+    if status:
+        why = f"answered HTTP {status.group(1) or status.group(2)}"
+    elif "refused" in low:
+        why = "connection refused"
+    elif "timed out" in low or "timeout" in low:
+        why = f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT', '?')} s"
+    elif "reset" in low or "aborted" in low or "remotedisconnected" in low or "closed" in low:
+        why = "connection dropped"
+    else:
+        why = (text.strip().splitlines() or ["error"])[0][:160]
+    endpoint = _ENDPOINT.search(text)
+    return f"{endpoint.group(1).rstrip('/.')}: {why}" if endpoint else why
+
+
+# ------------------------------------------------------------------ the journal of what is left
+def _journal(cfg: ChurnConfig) -> Path:
+    return cfg.workspace / PENDING_FILE
+
+
+def defer(cfg: ChurnConfig, op: str, **fields: Any) -> Path:
+    """Record a clean-up the server could not take now (``op`` ``end_run``: ``run_id``;
+    ``delete_version``: ``name``, ``version``, optional ``alias`` / ``previous``); the next
+    :func:`setup_mlflow` against the same tracking URI replays it. Returns the journal."""
+    path = _journal(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entry = {"tracking_uri": cfg.mlflow_tracking_uri, "op": op, "at": datetime.now(UTC).isoformat(), **fields}
+    with path.open("a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        fh.write(json.dumps(entry) + "\n")
+    return path
+
+
+def _apply(client: MlflowClient, entry: dict[str, Any]) -> str:
+    from mlflow.exceptions import MlflowException
+
+    if entry["op"] == "end_run":
+        try:
+            run = client.get_run(entry["run_id"])
+        except MlflowException:
+            return "run gone"
+        if run.info.status == "RUNNING":
+            client.set_tag(entry["run_id"], "churn.failed",
+                           f"tracking server unreachable at {entry['at']}; marked FAILED on replay")
+            client.set_terminated(entry["run_id"], "FAILED")
+            return f"run {entry['run_id']} marked FAILED"
+        return f"run {entry['run_id']} already {run.info.status}"
+    if entry["op"] == "delete_version":
+        name, version = entry["name"], str(entry["version"])
+        try:
+            mv = client.get_model_version(name, version)
+        except MlflowException:
+            return "version gone"
+        alias, previous = entry.get("alias"), entry.get("previous")
+        if alias and previous and alias in (mv.aliases or []):
+            try:
+                client.set_registered_model_alias(name, alias, str(previous))
+            except MlflowException as exc:
+                if server_failure(exc):
+                    raise
+        client.delete_model_version(name, version)
+        return f"version {version} of '{name}' deleted"
+    return "unknown op"
+
+
+def replay_pending(cfg: ChurnConfig, client: MlflowClient | None = None) -> list[str]:
+    """Apply the journal's entries for this tracking URI (see :func:`defer`); keep the others
+    and those the server still cannot take. Returns what was done."""
+    path = _journal(cfg)
+    if not path.is_file():
+        return []
+    uri = cfg.mlflow_tracking_uri
+    client = client or MlflowClient(uri, uri)
+    done: list[str] = []
+    with path.open("r+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        entries = [json.loads(line) for line in fh.read().splitlines() if line.strip()]
+        keep = []
+        for entry in entries:
+            if entry.get("tracking_uri") != uri:
+                keep.append(entry)
+                continue
+            try:
+                done.append(_apply(client, entry))
+            except Exception as exc:  # still unreachable, or refused: keep it for the next time
+                if server_failure(exc) is None:
+                    done.append(f"could not replay {entry['op']}: {str(exc)[:120]}")
+                else:
+                    keep.append(entry)
+        fh.seek(0)
+        fh.truncate()
+        fh.write("".join(json.dumps(e) + "\n" for e in keep))
+    if not keep:
+        path.unlink(missing_ok=True)
+    return done
+
+
+# ------------------------------------------------------------------ failing cleanly
+class Failure:
+    """What a command left when the tracking server failed: filled by :func:`end_run_failed`,
+    :func:`terminate_failed` and the registry's registration helper, read by :func:`fail_fast`."""
+
+    def __init__(self, cfg: ChurnConfig) -> None:
+        self.cfg = cfg
+        self.notes: list[str] = []
+        self.pending = False
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def defer(self, op: str, **fields: Any) -> None:
+        defer(self.cfg, op, **fields)
+        self.pending = True
+
+
+_current: list[Failure] = []
+
+
+def current_failure() -> Failure | None:
+    """The innermost :func:`fail_fast` block's record (None outside one)."""
+    return _current[-1] if _current else None
+
+
+def _cleanup(cfg: ChurnConfig, what: str, call: Callable[[], Any], op: str, **fields: Any) -> bool:
+    """Run ``call`` once (no retries, short timeout); on a server failure journal ``op`` with
+    ``fields`` and note it in the current :func:`fail_fast` block. True when it went through."""
+    failure = current_failure()
+    try:
+        with one_attempt():
+            call()
+        return True
+    except Exception as exc:
+        if server_failure(exc) is None:
+            raise
+        if failure is not None:
+            failure.defer(op, **fields)
+            failure.note(f"{what} is left for the next churn command against this server")
+        else:
+            defer(cfg, op, **fields)
+        return False
+
+
+def end_run_failed(cfg: ChurnConfig, run_id: str) -> bool:
+    """End the active (fluent) run ``run_id`` as FAILED with one quick attempt; when the
+    server cannot take it, journal it. True when it was marked."""
+    def end() -> None:
+        if mlflow.active_run() is not None and mlflow.active_run().info.run_id == run_id:
+            mlflow.end_run("FAILED")  # pops the run first: its context manager does nothing more
+        else:
+            MlflowClient(cfg.mlflow_tracking_uri).set_terminated(run_id, "FAILED")
+
+    ok = _cleanup(cfg, f"marking run {run_id} FAILED", end, "end_run", run_id=run_id)
+    failure = current_failure()
+    if ok and failure is not None:
+        failure.note(f"run {run_id} marked FAILED")
+    return ok
+
+
+def terminate_failed(cfg: ChurnConfig, client: MlflowClient, run_id: str) -> bool:
+    """:func:`end_run_failed` for a run made with explicit client calls (no fluent state)."""
+    ok = _cleanup(cfg, f"marking run {run_id} FAILED", lambda: client.set_terminated(run_id, "FAILED"),
+                  "end_run", run_id=run_id)
+    failure = current_failure()
+    if ok and failure is not None:
+        failure.note(f"run {run_id} marked FAILED")
+    return ok
+
+
+@contextmanager
+def failed_on_error(cfg: ChurnConfig) -> Iterator[None]:
+    """Enter inside ``with mlflow.start_run(...)``: an error in the block ends that (active)
+    run FAILED with :func:`end_run_failed` (one quick attempt, journalled when the server
+    is gone) before it goes on."""
+    run = mlflow.active_run()
+    try:
+        yield
+    except BaseException:
+        if run is not None:
+            end_run_failed(cfg, run.info.run_id)
+        raise
+
+
+@contextmanager
+def fail_fast(cfg: ChurnConfig, doing: str) -> Iterator[Failure]:
+    """Inside the block, a tracking-server failure (see :func:`server_failure`) becomes one
+    ChurnError: ``the MLflow tracking server at URI failed while DOING (REASON); NOTES``.
+    Other errors pass unchanged. Blocks nest; the innermost one speaks."""
+    failure = Failure(cfg)
+    _current.append(failure)
+    try:
+        yield failure
+    except ChurnError:
+        raise
+    except Exception as exc:
+        reason = server_failure(exc)
+        if reason is None:
+            raise
+        notes = "; ".join(failure.notes) or "nothing was left half-written"
+        if failure.pending:
+            notes += f" (pending in {_journal(cfg)})"
+        raise ChurnError(f"the MLflow tracking server at {cfg.mlflow_tracking_uri} failed while {doing} "
+                         f"({reason}); {notes}") from None
+    finally:
+        _current.remove(failure)
 
 
 def probe_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
@@ -46,6 +354,7 @@ def setup_mlflow(cfg: ChurnConfig, experiment: str | None = None) -> str:
     uri = cfg.mlflow_tracking_uri
     if uri.startswith("sqlite:///"):
         cfg.workspace.mkdir(parents=True, exist_ok=True)
+    export_http_limits(cfg)
     probe_server(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -62,6 +371,8 @@ def setup_mlflow(cfg: ChurnConfig, experiment: str | None = None) -> str:
             "check MLFLOW_TRACKING_URI / tracking_uri"
         ) from None
     mlflow.set_experiment(experiment_id=exp_id)
+    if _journal(cfg).is_file():
+        replay_pending(cfg, client)
     return exp_id
 
 

@@ -79,7 +79,7 @@ from mlflow_churn.evaluation.uncertainty import segment_auc_diff_se, segment_z
 from mlflow_churn.features.offline import daily_cutoffs
 from mlflow_churn.monitoring.drift import psi
 from mlflow_churn.registry.aliases import CANARY, alias_version, move_alias
-from mlflow_churn.tracking import setup_mlflow
+from mlflow_churn.tracking import fail_fast, setup_mlflow, terminate_failed
 from mlflow_churn.training.model import Scorer, load_scorer
 
 DECISION_FILE = "decision.json"
@@ -359,6 +359,24 @@ def evaluate(
     drift_sample_rows: int = DRIFT_SAMPLE_ROWS,
     on_step: Callable[[str], None] | None = None,
 ) -> GateDecision:
+    """Gate the challenger against the champion (see :func:`_evaluate`). A tracking server
+    that fails mid-way ends it with one ChurnError naming the server: the decision run is
+    marked FAILED (or journalled when the server is gone), the version's ``gate`` verdict
+    and the ``canary`` alias are written last, so they are never half-set."""
+    with fail_fast(cfg, f"gating '{cfg.training.model_name}'"):
+        return _evaluate(cfg, as_of, challenger_alias, champion_alias, parent_run_id, drift_sample_rows,
+                         on_step)
+
+
+def _evaluate(
+    cfg: ChurnConfig,
+    as_of: datetime,
+    challenger_alias: str = "challenger",
+    champion_alias: str = "champion",
+    parent_run_id: str | None = None,
+    drift_sample_rows: int = DRIFT_SAMPLE_ROWS,
+    on_step: Callable[[str], None] | None = None,
+) -> GateDecision:
     """Gate the challenger against the champion on the holdout at ``as_of`` (UTC).
 
     ``challenger_alias`` / ``champion_alias`` are aliases or version numbers;
@@ -536,7 +554,7 @@ def evaluate(
                  str(champ_mv.version) if champ_mv else None, metrics.get("score_psi_vs_champion"))
             step("decision run and registry")
         except BaseException:
-            client.set_terminated(run_id, "FAILED")
+            terminate_failed(cfg, client, run_id)
             raise
         client.set_terminated(run_id, "FINISHED")
         if parent_run_id:
@@ -555,13 +573,16 @@ def evaluate(
 def _act(client: MlflowClient, cfg: ChurnConfig, version: str, passed: bool, reasons: list[str],
          run_id: str, champion: str | None = None, score_psi: float | None = None) -> None:
     name = cfg.training.model_name
-    tags = {"gate": "passed" if passed else "rejected", "gate_run_id": run_id,
+    tags = {"gate_run_id": run_id,
             "drift_report": f"runs:/{run_id}/{DRIFT_HTML}", "drift_json": f"runs:/{run_id}/{DRIFT_JSON}",
             "decision": f"runs:/{run_id}/{DECISION_FILE}", "gate_champion_version": champion or ""}
     if score_psi is not None:
         tags["gate_score_psi"] = f"{score_psi:.6f}"
     if not passed:
         tags["gate_reasons"] = "; ".join(reasons)[:_TAG_LIMIT]
+    # the verdict last among the tags, the alias after it: an interruption never leaves a
+    # verdict without its evidence tags, nor `canary` on a version without its verdict
+    tags["gate"] = "passed" if passed else "rejected"
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, v)
     if passed:

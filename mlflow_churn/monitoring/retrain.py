@@ -222,6 +222,16 @@ def refresh_due(cfg: ChurnConfig, decision: dict[str, Any] | None,
 
 def retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: bool = False,
             decision: dict[str, Any] | None = None, gate: bool = True) -> RetrainResult:
+    """:func:`_retrain`; a tracking server that fails mid-way ends it with one ChurnError
+    naming the server (runs marked FAILED or journalled, see :mod:`mlflow_churn.tracking`)."""
+    from mlflow_churn.tracking import fail_fast
+
+    with fail_fast(cfg, f"retraining '{cfg.training.model_name}'"):
+        return _retrain(cfg, as_of, force, progress, decision, gate)
+
+
+def _retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: bool = False,
+             decision: dict[str, Any] | None = None, gate: bool = True) -> RetrainResult:
     """Act on the newest monitoring decision at ``as_of`` (tz-aware UTC); see the module doc.
 
     ``decision``: the monitoring decision to act on when it was not logged (a fast replay);
@@ -237,7 +247,7 @@ def retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: bo
 
     from mlflow_churn.evaluation.evaluate import evaluate
     from mlflow_churn.registry.aliases import CHAMPION
-    from mlflow_churn.tracking import setup_mlflow
+    from mlflow_churn.tracking import setup_mlflow, terminate_failed
     from mlflow_churn.training.train import train
 
     as_of = _utc(as_of)
@@ -284,7 +294,7 @@ def retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: bo
         _record(result)
     except BaseException:
         if own:
-            client.set_terminated(parent_id, "FAILED")
+            terminate_failed(cfg, client, parent_id)
         raise
     return result
 

@@ -64,7 +64,7 @@ from mlflow_churn.registry.aliases import (
     remove_alias,
 )
 from mlflow_churn.serving.prediction_log import PredictionLog, attach_labels
-from mlflow_churn.tracking import setup_mlflow
+from mlflow_churn.tracking import fail_fast, failed_on_error, setup_mlflow
 
 ROUTES = ("champion", "canary")
 
@@ -498,10 +498,14 @@ def promote(cfg: ChurnConfig, reason: str, version: str | None = None,
                              "check --version")
         old = before.get(CHAMPION)
         proof, proof_error = transition_evidence(cfg, evidence, as_of, since)
-        with decision_run(cfg, f"promote v{canary}") as run:
-            move_alias(client, name, CHAMPION, canary, mirror)
+        with fail_fast(cfg, f"promoting v{canary} of '{name}'"), \
+                decision_run(cfg, f"promote v{canary}") as run, failed_on_error(cfg):
+            # ordered so that an interruption between two moves leaves a consistent registry that
+            # the same command completes: previous-champion first (the champion stays), then
+            # champion, then canary removed (champion and canary on one version until then)
             if old is not None and old != canary:
                 move_alias(client, name, PREVIOUS_CHAMPION, old, mirror)
+            move_alias(client, name, CHAMPION, canary, mirror)
             client.delete_registered_model_alias(name, CANARY)  # champion owns the stage now
             after = _aliases(client, name)
             stamp = datetime.now(UTC).isoformat()
@@ -545,7 +549,8 @@ def rollback(cfg: ChurnConfig, reason: str, version: str | None = None,
                 raise ChurnError(f"'{name}' has no canary to roll back (aliases: {before or 'none'})")
             raise ChurnError(f"version {version} is not the canary of '{name}' (canary is {canary})")
         proof, proof_error = transition_evidence(cfg, evidence, as_of, since)
-        with decision_run(cfg, f"rollback v{canary}") as run:
+        with fail_fast(cfg, f"rolling back v{canary} of '{name}'"), \
+                decision_run(cfg, f"rollback v{canary}") as run, failed_on_error(cfg):
             remove_alias(client, name, CANARY, cfg.evaluation.mirror_stages)
             for key, value in {"rolled_back": "true", "rollback_reason": reason[:500],
                                "rolled_back_at": datetime.now(UTC).isoformat(),

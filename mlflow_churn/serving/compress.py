@@ -125,8 +125,8 @@ def compress(cfg: ChurnConfig, version: str | int, as_of: datetime, budget: floa
     alias (e.g. ``challenger``) at the new version.
     """
     from mlflow_churn.evaluation.holdout import holdout_cutoffs, holdout_frame, parse_tag_time
-    from mlflow_churn.registry.aliases import move_alias
-    from mlflow_churn.tracking import setup_mlflow
+    from mlflow_churn.registry.versions import register_model_version
+    from mlflow_churn.tracking import fail_fast, failed_on_error, setup_mlflow
     from mlflow_churn.training.model import input_example, load_scorer, log_churn_model
 
     budget = cfg.serving.auc_loss_budget if budget is None else float(budget)
@@ -170,7 +170,8 @@ def compress(cfg: ChurnConfig, version: str | int, as_of: datetime, budget: floa
     })
     from mlflow_churn.serving.canary import decision_run, log_json
 
-    with decision_run(cfg, f"compress v{parent.version}") as run:
+    with fail_fast(cfg, f"registering the compressed v{parent.version} of '{name}'"), \
+            decision_run(cfg, f"compress v{parent.version}") as run, failed_on_error(cfg):
         mlflow.set_tags({"kind": "compress", "decision": "compressed", "model_name": name,
                          "parent_version": str(parent.version)})
         mlflow.log_params({"parent_version": parent.version, "budget": budget, "as_of": as_of.isoformat(),
@@ -183,11 +184,11 @@ def compress(cfg: ChurnConfig, version: str | int, as_of: datetime, budget: floa
         for trees, auc in curve:
             mlflow.log_metric("auc_by_trees", auc, step=trees)
         info = log_churn_model(small, fs, input_example(fs, raw))
-        mv = mlflow.register_model(info.model_uri, name)
-        for key, value in {**tags, "compress_run_id": run.info.run_id}.items():
-            client.set_model_version_tag(name, mv.version, key, value)
-        if alias:
-            move_alias(client, name, alias, mv.version, cfg.evaluation.mirror_stages)
+        mv = register_model_version(
+            client, name, info, run_id=run.info.run_id, tags={**tags, "compress_run_id": run.info.run_id},
+            description=f"v{parent.version} cut to its first {k} trees (holdout AUC {auc_k:.4f}, "
+                        f"parent {full_auc:.4f}); run {run.info.run_id}.",
+            alias=alias, mirror_stages=cfg.evaluation.mirror_stages)
         result = CompressResult(name, str(parent.version), str(mv.version), k, booster.num_boosted_rounds(),
                                 auc_k, full_auc, budget, size, parent_size, p50, p99, pp50, pp99, len(frame),
                                 run.info.run_id, curve)

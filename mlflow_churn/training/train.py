@@ -18,8 +18,11 @@ val_pr_auc, val_log_loss), the dataset (``mlflow.log_input``), a feature-importa
 customer at the newest training cutoff, and the model's scores) and the model
 (:func:`~mlflow_churn.training.model.log_churn_model`).
 Each Optuna trial is a nested run. The model is registered as a new version of
-``training.model_name`` with the tags of the contract and alias ``challenger``; a failure
-after the version exists deletes it again.
+``training.model_name`` with the tags of the contract and alias ``challenger``
+(:func:`mlflow_churn.registry.versions.registered_version`: on a tracking server too); a
+failure after the version exists deletes it again. A tracking server that fails mid-way
+ends the command in seconds with one line naming it; the parent run is marked FAILED, or
+journalled for the next command when the server is gone (:mod:`mlflow_churn.tracking`).
 
 Distributed tuning: the leader (``storage`` = an Optuna RDB URL) publishes its parent run
 id, the data recipe and the tuning settings as study user attributes; ``worker=True``
@@ -33,8 +36,6 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -43,7 +44,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from rich.table import Table
@@ -54,8 +54,9 @@ from mlflow_churn.data.groups import holdout_mask, validation_mask
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.offline import build_training_frame
 from mlflow_churn.features.registry import FeatureSet, registry_for
-from mlflow_churn.registry.aliases import CHALLENGER, move_alias
-from mlflow_churn.tracking import setup_mlflow
+from mlflow_churn.registry.aliases import CHALLENGER
+from mlflow_churn.registry.versions import registered_version
+from mlflow_churn.tracking import fail_fast, failed_on_error, setup_mlflow
 from mlflow_churn.training import tuning
 from mlflow_churn.training.model import log_churn_model, predict_proba
 from mlflow_churn.training.window import TrainingWindow, training_window
@@ -240,27 +241,6 @@ def _log_params_merging(client: MlflowClient, run_id: str, params: dict[str, Any
             mlflow.set_tag(key, str(value))
 
 
-@contextmanager
-def registered_version(client: MlflowClient, name: str, source: str, run_id: str,
-                       tags: dict[str, str]) -> Iterator[ModelVersion]:
-    """Create a version of ``name`` (the registered model too, if needed); delete it again
-    (and a registered model this call created, when left empty) if the block fails."""
-    created_model = False
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description="Churn model: P(churn) within the label horizon.")
-        created_model = True
-    mv = client.create_model_version(name, source, run_id=run_id, tags=tags)
-    try:
-        yield mv
-    except BaseException:
-        client.delete_model_version(name, mv.version)
-        if created_model and not client.search_model_versions(f"name = '{name}'"):
-            client.delete_registered_model(name)
-        raise
-
-
 def _importance_figure(booster: Any, title: str) -> Any:
     from matplotlib.figure import Figure
 
@@ -332,7 +312,8 @@ def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None,
     x_valid, y_valid = data.x_valid, data.y_valid
     data_hash = prep.data_hash
     run_name = f"train-{prep.source}-{prep.as_of[:10] or Path(prep.dataset_source).stem}"
-    with _parent_run(parent_run_id, exp_id, run_name) as run:
+    with fail_fast(cfg, f"training '{t.model_name}'"), _parent_run(parent_run_id, exp_id, run_name) as run, \
+            failed_on_error(cfg):
         run_id = run.info.run_id
         study_name = study_name or f"churn-{run_id}"
         study = tuning.make_study(study_name, storage, t.seed)
@@ -400,11 +381,9 @@ def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None,
             "source": prep.source,
         }
         tags |= baselines.tags
-        with registered_version(client, t.model_name, info.model_uri, run_id, tags) as mv:
-            move_alias(client, t.model_name, CHALLENGER, mv.version)
-            client.update_model_version(
-                t.model_name, mv.version,
-                f"Trained on {fs.name} ({prep.source}); val AUC {metrics['val_auc']:.4f}; run {run_id}.")
+        description = f"Trained on {fs.name} ({prep.source}); val AUC {metrics['val_auc']:.4f}; run {run_id}."
+        with registered_version(client, t.model_name, info, run_id, tags, description=description,
+                                alias=CHALLENGER) as mv:
             mlflow.set_tags({"registered_model": t.model_name, "registered_version": mv.version})
     return TrainResult(
         run_id=run_id, model_uri=f"models:/{t.model_name}/{mv.version}", version=str(mv.version),
