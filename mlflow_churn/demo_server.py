@@ -52,6 +52,7 @@ from mlflow_churn.tracking_server import (
     start_tracking_server,
     stop_process,
     wait_http,
+    webhook_env,
 )
 
 SQLITE_FILE = "mlflow-server.db"
@@ -118,6 +119,18 @@ def backend_store(cfg: ChurnConfig) -> str:
                      f"(postgresql://user@host:5432/db) or sqlite:///path, got '{given}'")
 
 
+def server_env() -> dict[str, str]:
+    """The server's environment: ours without the client-side MLflow run variables, webhooks
+    for loopback receivers (:func:`webhook_env`), and MLflow's job runner off unless set
+    (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION``: eight more processes for GenAI jobs the loop
+    does not use; webhooks are delivered from the server's own thread pool)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+    env.update(webhook_env())
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    return env
+
+
 def start_receiver(cfg: ChurnConfig, tracking_url: str, secret: str, log_path: Path,
                    tries: int = 3) -> tuple[subprocess.Popen, str]:
     """``churn hooks serve`` on 127.0.0.1 and a free port, in its own process group, against
@@ -161,7 +174,7 @@ def start_stack(cfg: ChurnConfig, say: Callable[[str], None] = console.print) ->
     artifacts = cfg.workspace.resolve() / "mlartifacts"
     say(f"starting mlflow server on {_redact(backend)} (artifacts {artifacts})")
     server = start_tracking_server(backend, artifacts, log_path=logs / "mlflow-server.log",
-                                   cwd=cfg.workspace.resolve())
+                                   cwd=cfg.workspace.resolve(), env=server_env())
     receiver = None
     try:
         secret = secrets.token_urlsafe(32)

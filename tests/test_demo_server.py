@@ -41,6 +41,17 @@ def _gone(pid: int) -> bool:
     return False
 
 
+def _assert_all_gone(pids: list[int], context: str = "", wait_s: float = 15.0) -> None:
+    """Every process of these groups ends within ``wait_s`` (a stopped leader's workers are
+    reaped a moment after it)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and not all(_gone(pid) for pid in pids):
+        time.sleep(0.2)
+    left = subprocess.run(["ps", "-o", "pid,pgid,stat,cmd", "-g", ",".join(map(str, pids))],
+                          capture_output=True, text=True).stdout
+    assert all(_gone(pid) for pid in pids), f"left running:\n{left}\n{context}"
+
+
 # ------------------------------------------------------------------ fast, embedded store
 def test_config_backend_uri_from_env_and_yaml(tmp_path: Path) -> None:
     assert load_config(workspace=tmp_path, environ={}).mlflow.server_backend_uri is None
@@ -176,7 +187,7 @@ def test_server_mode_children_and_webhook_gate(config, register_version, monkeyp
         pids = stack.pids()
         stack.stop()
         drop_database(stack.backend_uri)
-    assert all(_gone(pid) for pid in pids)
+    _assert_all_gone(pids)
 
 
 @pytest.mark.postgres
@@ -214,10 +225,7 @@ def test_demo_server_stops_its_children_on_signal(tmp_path: Path, sig: int) -> N
         demo.send_signal(sig)
         code = demo.wait(120)
         assert code != 0
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not all(_gone(pid) for pid in pids):
-            time.sleep(0.2)
-        assert all(_gone(pid) for pid in pids), log.read_text()[-3000:]
+        _assert_all_gone(pids, log.read_text()[-3000:])
     finally:
         if demo.poll() is None:
             demo.kill()
