@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKSPACE ?= churn-workspace
 
-.PHONY: demo test bench lint venv clean
+.PHONY: demo demo-server test bench lint venv clean
 
 venv: $(STAMP)
 
@@ -18,6 +18,13 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/churn --workspace $(WORKSPACE) demo
+
+# The same loop against `mlflow server` + the webhook receiver (docs/server-demo.md). The
+# tracking store: a new database on the PostgreSQL server of CHURN_MLFLOW_BACKEND_URI
+# (e.g. postgresql://postgres@127.0.0.1:5432/test) when set, else a SQLite file in the
+# workspace. DEMO_ARGS=--keep-running keeps the servers up until Ctrl-C.
+demo-server: $(STAMP)
+	$(BIN)/churn --workspace $(WORKSPACE) demo --server $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile

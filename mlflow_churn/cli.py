@@ -131,6 +131,12 @@ def demo(
     ctx: typer.Context,
     customers: int = typer.Option(50_000, help="Simulated customers."),
     n_trials: int = typer.Option(8, help="Optuna trials per training."),
+    server: bool = typer.Option(False, "--server", help="Start `mlflow server` (PostgreSQL from "
+                                "mlflow.server_backend_uri / CHURN_MLFLOW_BACKEND_URI, else SQLite in the "
+                                "workspace) and the webhook receiver, run the loop over HTTP with the gate "
+                                "started by the registry's webhook (what `make demo-server` runs)."),
+    keep_running: bool = typer.Option(False, "--keep-running", help="With --server: keep both servers up "
+                                      "after the summary, until Ctrl-C."),
 ) -> None:
     """Run the whole loop end to end in the workspace (what `make demo` runs)."""
     from mlflow_churn.demo import DemoSpec, print_report, run_demo
@@ -139,9 +145,16 @@ def demo(
         raise ChurnError(f"--customers must be at least 2000 for the demo's segments, got {customers}")
     if n_trials < 1:
         raise ChurnError(f"--n-trials must be >= 1, got {n_trials}")
+    if keep_running and not server:
+        raise ChurnError("--keep-running needs --server (it keeps the demo's servers up)")
     cfg = get_config(ctx)
     spec = DemoSpec(customers=customers, n_trials=n_trials,
                     traffic_customers=min(12_000, customers // 2))
+    if server:
+        from mlflow_churn.demo_server import run_server_demo
+
+        run_server_demo(cfg.workspace, spec, keep_running=keep_running)
+        return
     report = run_demo(cfg.workspace, spec)
     print_report(report, cfg.workspace)
 

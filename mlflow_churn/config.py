@@ -6,7 +6,8 @@ Sources, later ones win:
 2. a YAML file: ``--config PATH`` or ``CHURN_CONFIG``, else ``churn.yaml`` in the
    working directory when it exists;
 3. environment variables ``CHURN_<SECTION>__<KEY>`` (e.g. ``CHURN_TRAINING__WINDOW_DAYS=14``),
-   plus ``CHURN_WORKSPACE`` and ``CHURN_TRACKING_URI``;
+   plus ``CHURN_WORKSPACE``, ``CHURN_TRACKING_URI`` and ``CHURN_MLFLOW_BACKEND_URI``
+   (= ``mlflow.server_backend_uri``);
 4. explicit overrides (CLI flags, MLproject parameters).
 
 The MLflow tracking URI is ``MLFLOW_TRACKING_URI`` when set (as everywhere in MLflow),
@@ -358,10 +359,11 @@ class MlflowServerConfig(_Section):
     ``(http_max_retries + 1) * http_timeout_seconds`` more.
     """
 
+    # --- server mode of the demo (churn demo --server) ---
     server_backend_uri: str | None = Field(
-        None, description="backend store of the demo's `mlflow server` (PostgreSQL URL); None = a "
-        "SQLite file in the workspace"
-    )
+        None, description="--backend-store-uri of the demo's `mlflow server`: a PostgreSQL URL "
+        "(postgresql://user@host:5432/db or postgresql+psycopg2://...; a new database is created on "
+        "that server per run), env CHURN_MLFLOW_BACKEND_URI; None = a SQLite file in the workspace")
     http_max_retries: int = Field(
         3, ge=0, le=10, description="retries of one MLflow HTTP request (connection errors, timeouts, "
         "408/429/5xx) -> MLFLOW_HTTP_REQUEST_MAX_RETRIES"
@@ -529,13 +531,17 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+#: short environment names of nested keys (besides ``CHURN_<SECTION>__<KEY>``)
+ENV_ALIASES = {"CHURN_MLFLOW_BACKEND_URI": "mlflow.server_backend_uri"}
+
+
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     known = set(_known_keys(ChurnConfig))
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX) or name == "CHURN_CONFIG":
             continue
-        dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        dotted = ENV_ALIASES.get(name) or name[len(ENV_PREFIX) :].lower().replace("__", ".")
         if dotted not in known:
             raise ConfigError(
                 f"unknown environment variable {name} (config key '{dotted}'); "

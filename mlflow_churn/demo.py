@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dtime
@@ -129,13 +130,29 @@ def _traffic(cfg: ChurnConfig, customer_ids: np.ndarray, batch: int = 100) -> di
     return counts
 
 
+@dataclass(frozen=True)
+class GateOutcome:
+    """What a gate decided, however it was started (in process, or by a webhook delivery)."""
+
+    passed: bool
+    reasons: list[str]
+    run_id: str
+    metrics: dict[str, float]
+    evidence: str = ""  # e.g. "delivery <id>" when the registry's webhook started it
+
+
 @dataclass
 class DemoContext:
-    """What the steps share: the config, the spec, the MLflow client and the report."""
+    """What the steps share: the config, the spec, the MLflow client and the report.
+
+    ``await_gate``: None runs the gate in process after each training; else a callable
+    that waits for the gate the registry's webhook started on a new ``challenger`` version
+    (the server mode, :mod:`mlflow_churn.demo_server`) and returns its outcome."""
 
     cfg: ChurnConfig
     spec: DemoSpec
     report: DemoReport
+    await_gate: Callable[[str], GateOutcome] | None = None
 
     @property
     def end(self) -> datetime:
@@ -179,12 +196,16 @@ def step_champion(ctx: DemoContext) -> str:
     ctx.report.add("train champion", f"version {first.version}, validation AUC {first.val_auc:.3f}",
                    f"run {first.run_id}", t)
     t = time.perf_counter()
-    gate = evaluate(cfg, as_of)
+    if ctx.await_gate is not None:
+        gate = ctx.await_gate(str(first.version))
+    else:
+        d = evaluate(cfg, as_of)
+        gate = GateOutcome(d.passed, list(d.reasons), d.run_id, dict(d.metrics))
     if not gate.passed:
         raise RuntimeError(f"the first model failed the gate's floors: {gate.reasons}")
     promote(cfg, reason="first model: passed the absolute floors of the gate", version=first.version)
     ctx.report.add("gate + promote", f"version {first.version} -> champion (no champion yet: floors)",
-                   f"decision run {gate.run_id}", t)
+                   f"decision run {gate.run_id}" + (f", {gate.evidence}" if gate.evidence else ""), t)
     return str(first.version)
 
 
@@ -216,14 +237,27 @@ def step_retrain(ctx: DemoContext):
 
     t = time.perf_counter()
     materialize(ctx.cfg, ctx.end)
-    outcome = retrain(ctx.cfg, ctx.end, progress=True)
-    if outcome.train is None or outcome.gate is None or not outcome.gate.passed:
-        raise RuntimeError(f"retrain did not reach canary: {outcome.reason} "
-                           f"{outcome.gate.reasons if outcome.gate else ''}")
-    m = outcome.gate.metrics
-    ctx.report.add("retrain + gate", f"version {outcome.train.version} -> canary (holdout AUC "
+    outcome = retrain(ctx.cfg, ctx.end, progress=True, gate=ctx.await_gate is None)
+    if outcome.train is None:
+        raise RuntimeError(f"retrain did not train: {outcome.reason}")
+    if ctx.await_gate is not None:
+        ctx.report.add("retrain", f"version {outcome.train.version} -> challenger",
+                       f"run {outcome.run_id}", t)
+        t = time.perf_counter()
+        gate = ctx.await_gate(str(outcome.train.version))
+        step, evidence = "gate (webhook)", f"{gate.evidence}, decision run {gate.run_id}"
+    elif outcome.gate is not None:
+        d = outcome.gate
+        gate = GateOutcome(d.passed, list(d.reasons), d.run_id, dict(d.metrics))
+        step, evidence = "retrain + gate", f"run {outcome.run_id}"
+    else:
+        raise RuntimeError(f"retrain did not gate version {outcome.train.version}: {outcome.reason}")
+    if not gate.passed:
+        raise RuntimeError(f"retrain did not reach canary: {outcome.reason} {gate.reasons}")
+    m = gate.metrics
+    ctx.report.add(step, f"version {outcome.train.version} -> canary (holdout AUC "
                    f"{m.get('challenger_roc_auc', float('nan')):.3f} vs champion "
-                   f"{m.get('champion_roc_auc', float('nan')):.3f})", f"run {outcome.run_id}", t)
+                   f"{m.get('champion_roc_auc', float('nan')):.3f})", evidence, t)
     return outcome
 
 
@@ -256,9 +290,12 @@ def step_canary(ctx: DemoContext):
     return verdict
 
 
-def run_demo(workspace: Path, spec: DemoSpec = DemoSpec()) -> DemoReport:
-    """Run the loop end to end in ``workspace`` (its data is replaced); return the report."""
+def run_demo(workspace: Path, spec: DemoSpec = DemoSpec(),
+             await_gate: Callable[[str], GateOutcome] | None = None) -> DemoReport:
+    """Run the loop end to end in ``workspace`` (its data is replaced); return the report.
+    ``await_gate``: see :class:`DemoContext` (None: gates run in process)."""
     ctx = start_demo(workspace, spec)
+    ctx.await_gate = await_gate
     step_simulate(ctx)
     step_champion(ctx)
     step_monitor(ctx)
@@ -267,13 +304,19 @@ def run_demo(workspace: Path, spec: DemoSpec = DemoSpec()) -> DemoReport:
     return ctx.report
 
 
-def print_report(report: DemoReport, workspace: Path) -> None:
-    """The summary table and the command to open the MLflow UI on the workspace."""
-    table = Table(title="make demo: the loop, end to end")
+def print_report(report: DemoReport, workspace: Path, ui_url: str | None = None,
+                 title: str = "make demo: the loop, end to end") -> None:
+    """The summary table and the command to open the MLflow UI on the workspace (or, with
+    ``ui_url``, the address of the tracking server's UI, last)."""
+    table = Table(title=title)
     for col in ("step", "outcome", "evidence", "seconds"):
         table.add_column(col, justify="right" if col == "seconds" else "left")
     for s in report.steps:
         table.add_row(s.step, s.outcome, s.evidence, f"{s.seconds:.1f}")
     console.print(table)
-    console.print(f"total {sum(s.seconds for s in report.steps):.0f} s. Open the MLflow UI on the workspace:")
+    total = sum(s.seconds for s in report.steps)
+    if ui_url:
+        console.print(f"total {total:.0f} s. MLflow UI of the tracking server: {ui_url}", soft_wrap=True)
+        return
+    console.print(f"total {total:.0f} s. Open the MLflow UI on the workspace:")
     console.print(f"  .venv/bin/mlflow ui --backend-store-uri {report.tracking_uri}", soft_wrap=True)

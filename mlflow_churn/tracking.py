@@ -36,6 +36,10 @@ from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
 
 PROBE_TIMEOUT_S = 5.0
+#: The MLflow 3 UI opens an experiment with this tag as model training (runs, metrics,
+#: models), not in GenAI mode (traces, "evaluation runs").
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 #: MLflow's variable -> key of the ``mlflow`` config section
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "http_max_retries",
             "MLFLOW_HTTP_REQUEST_TIMEOUT": "http_timeout_seconds",
@@ -357,14 +361,7 @@ def setup_mlflow(cfg: ChurnConfig, experiment: str | None = None) -> str:
     name = experiment or cfg.training.experiment
     client = MlflowClient(uri, uri)
     try:
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            location = None
-            if uri == f"sqlite:///{cfg.workspace.resolve() / 'mlflow.db'}":
-                location = cfg.artifact_root.as_uri()
-            exp_id = client.create_experiment(name, artifact_location=location)
-        else:
-            exp_id = exp.experiment_id
+        exp_id = ensure_experiment(client, cfg, name)
     except ChurnError:
         raise
     except Exception as exc:  # MLflow raises many types for an unreachable store
@@ -377,3 +374,19 @@ def setup_mlflow(cfg: ChurnConfig, experiment: str | None = None) -> str:
     if _journal(cfg).is_file():
         replay_pending(cfg, client)
     return exp_id
+
+
+def ensure_experiment(client: MlflowClient, cfg: ChurnConfig, name: str) -> str:
+    """The id of experiment ``name`` in ``client``'s store, created when missing (artifacts in
+    ``<workspace>/mlartifacts`` for the workspace's own store) and tagged
+    ``mlflow.experimentKind=custom_model_development`` (an existing one lacking the tag gets it)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        location = None
+        if client.tracking_uri == f"sqlite:///{cfg.workspace.resolve() / 'mlflow.db'}":
+            location = cfg.artifact_root.as_uri()
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id

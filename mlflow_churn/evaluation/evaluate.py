@@ -72,6 +72,7 @@ from mlflow_churn.evaluation.metrics import (
     add_segment_columns,
     classification_metrics,
     scalar_metrics,
+    segment_metric_values,
     segment_metrics,
 )
 from mlflow_churn.evaluation.uncertainty import segment_auc_diff_se, segment_z
@@ -538,7 +539,11 @@ def _evaluate(
                       "min_segment_churners": ev.min_segment_churners,
                       "segment_alpha": ev.segment_alpha}
             now = int(as_of.timestamp() * 1000)
-            client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+            # per-segment AUC / recall@k as metrics too, so the UI compares them across gate runs
+            logged = {**metrics, **segment_metric_values(chal_seg)}
+            if champ_seg is not None:
+                logged.update(segment_metric_values(champ_seg, "champion_"))
+            client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in logged.items()],
                              params=[Param(k, str(v)) for k, v in params.items()])
             client.log_artifacts(run_id, str(plot_dir), "plots")
             client.log_artifacts(run_id, str(seg_dir), "segments")

@@ -195,3 +195,29 @@ def segment_metrics(
             rows.append(row)
     cols = ["segment", "value", "gated", *SCALAR_KEYS]
     return pd.DataFrame(rows, columns=cols).sort_values(["segment", "value"], ignore_index=True)
+
+
+#: per-segment metrics logged as MLflow metrics: table column -> metric name prefix
+SEGMENT_METRICS = {"roc_auc": "segment_auc", "recall_at_k": "segment_recall_at_k"}
+
+
+def metric_name_part(text: str) -> str:
+    """``text`` with every character MLflow refuses in a metric name (anything but letters,
+    digits, ``_ - . : /`` and space) replaced by ``_``; ``.`` too, since it separates the parts."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "_-:/ ") else "_" for c in str(text)) or "_"
+
+
+def segment_metric_values(table: pd.DataFrame, prefix: str = "") -> dict[str, float]:
+    """MLflow metrics from a :func:`segment_metrics` table, with the same names in every run:
+    ``<prefix>segment_auc.<column>.<value>`` and ``<prefix>segment_recall_at_k.<column>.<value>``
+    (column and value through :func:`metric_name_part`). Undefined values (a segment with one
+    class) are left out."""
+    out: dict[str, float] = {}
+    for row in table.to_dict(orient="records"):
+        for col, name in SEGMENT_METRICS.items():
+            value = row.get(col)
+            if value is None or not math.isfinite(float(value)):
+                continue
+            out[f"{prefix}{name}.{metric_name_part(row['segment'])}.{metric_name_part(row['value'])}"] = (
+                float(value))
+    return out

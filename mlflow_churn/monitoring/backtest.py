@@ -27,7 +27,7 @@ Scoring (onset = first drifted day of the simulation):
   mature first, so measuring it takes about ``onset + 2 x (horizon + holdout) + window``
   days of replay.
 
-The run (experiment ``<training.experiment>-monitoring``) logs per-window metrics
+The run (experiment ``training.experiment``, beside the training runs) logs per-window metrics
 (step = window index), the summary, ``backtest.json`` and ``backtest_timeline.png``.
 ``fast=True`` skips per-window MLflow runs and Evidently reports (tests).
 """

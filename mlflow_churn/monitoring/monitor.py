@@ -80,8 +80,10 @@ class MonitorResult:
 
 
 def monitoring_experiment(cfg: ChurnConfig) -> str:
-    """Name of the experiment holding monitoring runs."""
-    return f"{cfg.training.experiment}-monitoring"
+    """Name of the experiment holding monitoring runs: ``training.experiment`` itself, the one
+    `mlflow run . -e monitor` uses too, so monitor runs land in one experiment however they
+    were started (told apart by their ``monitor.*`` tags and run names)."""
+    return cfg.training.experiment
 
 
 def window_cutoffs(as_of: datetime, days: int) -> list[datetime]:

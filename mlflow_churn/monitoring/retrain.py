@@ -221,21 +221,22 @@ def refresh_due(cfg: ChurnConfig, decision: dict[str, Any] | None,
 
 
 def retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: bool = False,
-            decision: dict[str, Any] | None = None) -> RetrainResult:
+            decision: dict[str, Any] | None = None, gate: bool = True) -> RetrainResult:
     """:func:`_retrain`; a tracking server that fails mid-way ends it with one ChurnError
     naming the server (runs marked FAILED or journalled, see :mod:`mlflow_churn.tracking`)."""
     from mlflow_churn.tracking import fail_fast
 
     with fail_fast(cfg, f"retraining '{cfg.training.model_name}'"):
-        return _retrain(cfg, as_of, force, progress, decision)
+        return _retrain(cfg, as_of, force, progress, decision, gate)
 
 
 def _retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: bool = False,
-             decision: dict[str, Any] | None = None) -> RetrainResult:
+             decision: dict[str, Any] | None = None, gate: bool = True) -> RetrainResult:
     """Act on the newest monitoring decision at ``as_of`` (tz-aware UTC); see the module doc.
 
     ``decision``: the monitoring decision to act on when it was not logged (a fast replay);
-    None reads the newest one from MLflow.
+    None reads the newest one from MLflow. ``gate=False`` trains only: the gate is left to the
+    registry webhook that the new ``challenger`` alias fires (`churn hooks serve`).
 
     Training uses ``cfg.training`` (window, history, trials); the gate ``cfg.evaluation``.
     Returns the :class:`RetrainResult`. Raises ChurnError for bad input (e.g. an ``as_of``
@@ -287,7 +288,9 @@ def _retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: b
             due = refresh_due(cfg, decision, champ_tags or {})
             if due:
                 client.set_model_version_tag(name, str(result.train.version), REFRESH_TAG, due)
-            result.gate = evaluate(cfg, as_of, str(result.train.version), CHAMPION, parent_run_id=parent_id)
+            if gate:
+                result.gate = evaluate(cfg, as_of, str(result.train.version), CHAMPION,
+                                       parent_run_id=parent_id)
         _record(result)
     except BaseException:
         if own:

@@ -1,6 +1,6 @@
 """Monitoring windows as MLflow runs: what one run logs, and reading earlier ones back.
 
-A window's run (experiment ``<training.experiment>-monitoring``, or nested in a parent):
+A window's run (experiment ``training.experiment``, or nested in a parent):
 
 - params: as_of, window bounds, model name / alias / version, rows, label horizons, the
   version's val_auc, val_auc_unselected and val_auc_<d>d;

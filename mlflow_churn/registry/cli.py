@@ -7,12 +7,10 @@ import logging
 import typer
 
 from mlflow_churn.cli_common import console, from_config, get_config, opt_str
-from mlflow_churn.errors import ChurnError
+from mlflow_churn.registry.webhooks import EVENTS, WEBHOOK_NAME
 
 hooks_app = typer.Typer(help="MLflow registry webhooks: run the gate when a challenger is aliased.",
                         no_args_is_help=True)
-WEBHOOK_NAME = "churn-gate"
-EVENTS = ("model_version_alias.created",)
 
 
 @hooks_app.command("serve")
@@ -45,36 +43,11 @@ def register_webhook(
     name: str = typer.Option(WEBHOOK_NAME, "--name", help="Webhook name (an existing one is updated)."),
 ) -> None:
     """Create (or update) the MLflow webhook that calls the receiver on model_version_alias.created."""
-    from mlflow.tracking import MlflowClient
-
-    from mlflow_churn.tracking import setup_mlflow
+    from mlflow_churn.registry.webhooks import register_webhook as ensure_webhook
 
     cfg = get_config(ctx, {"hooks.secret": opt_str(secret)})
-    if not cfg.hooks.secret:
-        raise ChurnError("no webhook secret: pass --secret or set CHURN_HOOKS__SECRET (the receiver needs "
-                         "the same one)")
-    if not url.startswith(("http://", "https://")):
-        raise ChurnError(f"--url must be an http(s) URL of the receiver's /webhook, got '{url}'")
-    setup_mlflow(cfg)
-    client = MlflowClient()
-    try:
-        existing = [w for w in client.list_webhooks() if w.name == name]
-        if existing:
-            hook = client.update_webhook(existing[0].webhook_id, url=url, events=list(EVENTS),
-                                         secret=cfg.hooks.secret, status="ACTIVE")
-            verb = "updated"
-        else:
-            hook = client.create_webhook(name=name, url=url, events=list(EVENTS), secret=cfg.hooks.secret,
-                                         description="mlflow-churn registry gate")
-            verb = "created"
-    except Exception as exc:  # MLflow raises MlflowException / RestException with the server's reason
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ChurnError(
-            f"cannot create webhook at {cfg.mlflow_tracking_uri}: {first[:300]} (webhooks need `mlflow "
-            "server` with a SQL backend and MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY; for a loopback receiver "
-            "MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https and MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true)"
-        ) from None
-    console.print(f"webhook {hook.name} ({hook.webhook_id}) {verb}: {url} on {', '.join(EVENTS)}")
+    hook = ensure_webhook(cfg, url, name)
+    console.print(f"webhook {hook.name} ({hook.webhook_id}) {hook.verb}: {url} on {', '.join(EVENTS)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -24,7 +24,9 @@ again at the next start (its version is kept in ``hooks.db``); the gate is idemp
 a gate that had in fact finished just returns its earlier decision.
 
 ``GET /deliveries/{id}`` tells what became of a delivery (queued, running, done with the
-decision run id, failed with the error); ``GET /health``. Errors are ``{"detail": ...}``.
+decision run id, failed with the error); ``GET /deliveries?model=&version=`` lists the
+deliveries that queued a gate (newest first), to find the one of a version;
+``GET /health``. Errors are ``{"detail": ...}``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
 from mlflow_churn.config import ChurnConfig
@@ -131,14 +133,25 @@ class DeliveryLog:
                 "AND version IS NOT NULL ORDER BY received_at").fetchall()
         return [GateJob(*row) for row in rows]
 
+    _KEYS = ("delivery_id", "received_at", "event", "status", "detail", "run_id", "model", "version")
+
     def get(self, delivery_id: str) -> dict[str, Any] | None:
         with self._connect() as con:
-            row = con.execute("SELECT delivery_id, received_at, event, status, detail, run_id "
-                              "FROM deliveries WHERE delivery_id = ?", (delivery_id,)).fetchone()
-        if row is None:
-            return None
-        keys = ("delivery_id", "received_at", "event", "status", "detail", "run_id")
-        return dict(zip(keys, row, strict=True))
+            row = con.execute(f"SELECT {', '.join(self._KEYS)} FROM deliveries WHERE delivery_id = ?",
+                              (delivery_id,)).fetchone()
+        return None if row is None else dict(zip(self._KEYS, row, strict=True))
+
+    def find(self, model: str | None = None, version: str | None = None,
+             limit: int = 100) -> list[dict[str, Any]]:
+        """Deliveries that queued a gate, newest first, optionally of one model / version."""
+        sql, args = f"SELECT {', '.join(self._KEYS)} FROM deliveries WHERE version IS NOT NULL", []
+        for column, value in (("model", model), ("version", version)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                args.append(value)
+        with self._connect() as con:
+            rows = con.execute(sql + " ORDER BY received_at DESC LIMIT ?", (*args, limit)).fetchall()
+        return [dict(zip(self._KEYS, row, strict=True)) for row in rows]
 
 
 @dataclass(frozen=True)
@@ -253,6 +266,11 @@ def create_app(cfg: ChurnConfig, clock: Callable[[], float] = time.time,
     @app.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok", "model": cfg.training.model_name}
+
+    @app.get("/deliveries")
+    def deliveries(model: str | None = None, version: str | None = None,
+                   limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
+        return {"deliveries": log.find(model, version, limit)}
 
     @app.get("/deliveries/{delivery_id}")
     def delivery(delivery_id: str):

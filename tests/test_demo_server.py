@@ -1,0 +1,232 @@
+"""Issue 14, items 2-3: the demo's server mode (real `mlflow server` + `churn hooks serve`
+children, the gate started by the registry's webhook), children stopped on SIGINT / SIGTERM,
+PostgreSQL URLs as users type them, per-segment gate metrics, the experiment kind tag, and
+one tracking store for `mlflow run` and `churn` from the same directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mlflow_churn.config import load_config
+from mlflow_churn.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, setup_mlflow
+
+ROOT = Path(__file__).resolve().parents[1]
+PG = "postgres@127.0.0.1:5432/test"
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHURN_", "MLFLOW_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _gone(pid: int) -> bool:
+    """True when no process of ``pid``'s process group is left (children start their own)."""
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _assert_all_gone(pids: list[int], context: str = "", wait_s: float = 15.0) -> None:
+    """Every process of these groups ends within ``wait_s`` (a stopped leader's workers are
+    reaped a moment after it)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and not all(_gone(pid) for pid in pids):
+        time.sleep(0.2)
+    left = subprocess.run(["ps", "-o", "pid,pgid,stat,cmd", "-g", ",".join(map(str, pids))],
+                          capture_output=True, text=True).stdout
+    assert all(_gone(pid) for pid in pids), f"left running:\n{left}\n{context}"
+
+
+# ------------------------------------------------------------------ fast, embedded store
+def test_config_backend_uri_from_env_and_yaml(tmp_path: Path) -> None:
+    assert load_config(workspace=tmp_path, environ={}).mlflow.server_backend_uri is None
+    cfg = load_config(workspace=tmp_path, environ={"CHURN_MLFLOW_BACKEND_URI": f"postgresql://{PG}"})
+    assert cfg.mlflow.server_backend_uri == f"postgresql://{PG}"
+    cfg = load_config(workspace=tmp_path, environ={"CHURN_MLFLOW__SERVER_BACKEND_URI": "sqlite:///x.db"})
+    assert cfg.mlflow.server_backend_uri == "sqlite:///x.db"
+
+
+def test_backend_store_rejects_other_schemes(config) -> None:
+    from mlflow_churn.demo_server import backend_store
+    from mlflow_churn.errors import ChurnError
+
+    cfg = config.model_copy(deep=True)
+    cfg.mlflow.server_backend_uri = "mysql://root@localhost/db"
+    with pytest.raises(ChurnError, match="mysql://root@localhost/db"):
+        backend_store(cfg)
+    cfg.mlflow.server_backend_uri = None
+    assert backend_store(cfg) == f"sqlite:///{cfg.workspace.resolve() / 'mlflow-server.db'}"
+
+
+def test_experiments_carry_the_model_training_kind_tag(config) -> None:
+    exp_id = setup_mlflow(config)
+    client = MlflowClient(config.mlflow_tracking_uri)
+    assert client.get_experiment(exp_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    # an existing experiment lacking the tag gets it
+    other = client.create_experiment("made-elsewhere")
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(other).tags
+    setup_mlflow(config, "made-elsewhere")
+    assert client.get_experiment(other).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+
+
+def test_segment_metric_names_are_sanitized() -> None:
+    import pandas as pd
+
+    from mlflow_churn.evaluation.metrics import segment_metric_values
+
+    table = pd.DataFrame([
+        {"segment": "region", "value": "pacific", "roc_auc": 0.7, "recall_at_k": 0.3},
+        {"segment": "plan", "value": "pro+ (annual)", "roc_auc": float("nan"), "recall_at_k": 0.1},
+    ])
+    out = segment_metric_values(table, "champion_")
+    assert out == {"champion_segment_auc.region.pacific": 0.7,
+                   "champion_segment_recall_at_k.region.pacific": 0.3,
+                   "champion_segment_recall_at_k.plan.pro_ _annual_": 0.1}
+
+
+def test_gate_run_logs_segment_metrics(config, register_version) -> None:
+    from datetime import UTC, datetime
+
+    from mlflow_churn.evaluation.evaluate import evaluate
+
+    register_version(config, "bad", alias="champion")
+    register_version(config, "good", alias="challenger")
+    decision = evaluate(config, datetime(2026, 5, 1, tzinfo=UTC))
+    run = MlflowClient(config.mlflow_tracking_uri).get_run(decision.run_id)
+    names = set(run.data.metrics)
+    for column in config.evaluation.segments:
+        assert any(n.startswith(f"segment_auc.{column}.") for n in names), column
+        assert any(n.startswith(f"segment_recall_at_k.{column}.") for n in names), column
+        assert any(n.startswith(f"champion_segment_auc.{column}.") for n in names), column
+    assert 0 < run.data.metrics["segment_auc.region.pacific"] <= 1
+
+
+# ------------------------------------------------------------------ mlflow run + churn: one store
+@pytest.mark.slow
+def test_mlflow_run_and_churn_share_one_store(small_data: Path, tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("MLproject", "python_env.yaml"):
+        shutil.copy(ROOT / name, project / name)
+    workspace = project / "churn-workspace"
+    workspace.mkdir()
+    os.symlink(small_data, workspace / "data")
+    env = _clean_env()
+    run = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", ".", "-e", "train", "--env-manager", "local",
+         "-P", "n_trials=1"],
+        cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert not (project / "mlflow.db").exists(), "mlflow run wrote MLflow's own ./mlflow.db"
+    # a churn command from the same directory, no variable set, sees that version
+    status = subprocess.run([sys.executable, "-m", "mlflow_churn.cli", "canary", "status", "--json"],
+                            cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert json.loads(status.stdout)["aliases"] == {"challenger": "1"}
+    uri = f"sqlite:///{workspace.resolve() / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)
+    versions = client.search_model_versions("name = 'churn-model'")
+    assert [str(v.version) for v in versions] == ["1"]
+    assert str(client.get_model_version_by_alias("churn-model", "challenger").version) == "1"
+    exp = client.get_experiment_by_name("churn")
+    assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    project_runs = client.search_runs([exp.experiment_id], "tags.`mlflow.project.entryPoint` = 'train'")
+    assert len(project_runs) == 1 and project_runs[0].info.status == "FINISHED"
+    assert client.get_experiment_by_name("Default") is None or not client.search_runs(["0"])
+
+
+# ------------------------------------------------------------------ real servers
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_server_mode_children_and_webhook_gate(config, register_version, monkeypatch) -> None:
+    """start_stack on a plain postgresql:// URL (psycopg 3): both children up, the webhook
+    registered; a new challenger is gated by the receiver; the demo reads the delivery's
+    outcome; the decision run has segment metrics; stop() leaves no process behind."""
+    from mlflow_churn.demo_server import await_webhook_gate, start_stack
+    from mlflow_churn.registry.aliases import CANARY, alias_version
+    from mlflow_churn.tracking_server import drop_database
+
+    cfg = config.model_copy(deep=True)
+    cfg.mlflow.server_backend_uri = f"postgresql://{PG}"
+    lines: list[str] = []
+    stack = start_stack(cfg, say=lines.append)
+    try:
+        assert stack.backend_uri.startswith("postgresql://") and "/churn_" in stack.backend_uri
+        assert stack.tracking.alive() and stack.receiver.poll() is None
+        client = MlflowClient(stack.url, stack.url)
+        assert [w.name for w in client.list_webhooks()] == ["churn-gate"]
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.url)
+        chal = register_version(cfg, "good", alias="challenger")  # the alias move fires the webhook
+        outcome = await_webhook_gate(stack, cfg, chal.version, say=lines.append)
+        assert outcome.passed, outcome.reasons
+        assert outcome.evidence.startswith("webhook delivery ")
+        assert any("webhook delivery" in line and "done" in line for line in lines)
+        run = client.get_run(outcome.run_id)
+        assert run.data.tags["challenger_version"] == chal.version
+        assert any(k.startswith("segment_auc.region.") for k in run.data.metrics)
+        assert any(k.startswith("segment_recall_at_k.plan.") for k in run.data.metrics)
+        assert alias_version(client, cfg.training.model_name, CANARY).version == chal.version
+        exp = client.get_experiment(run.info.experiment_id)
+        assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    finally:
+        pids = stack.pids()
+        stack.stop()
+        drop_database(stack.backend_uri)
+    _assert_all_gone(pids)
+
+
+@pytest.mark.postgres
+def test_psycopg2_url_accepted_by_a_real_server(mlflow_server) -> None:
+    assert mlflow_server.backend_uri.startswith("postgresql+psycopg2://")
+    client = MlflowClient(mlflow_server.url, mlflow_server.url)
+    exp = client.create_experiment(f"psycopg2-{os.getpid()}-{time.time_ns()}")
+    assert client.get_experiment(exp).experiment_id == exp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_demo_server_stops_its_children_on_signal(tmp_path: Path, sig: int) -> None:
+    """`churn demo --server` (SQLite fallback) is interrupted once both children are up:
+    it exits and leaves neither `mlflow server` nor the receiver behind."""
+    log = tmp_path / "demo.log"
+    with log.open("w") as out:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "mlflow_churn.cli", "--workspace", str(tmp_path / "ws"), "demo",
+             "--server", "--customers", "2000", "--n-trials", "1"],
+            cwd=tmp_path, env=_clean_env(), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        pids: list[int] = []
+        while time.monotonic() < deadline and demo.poll() is None:
+            m = re.search(r"mlflow server http://\S+ \(pid (\d+)\); webhook receiver "
+                          r"http://\S+ \(pid (\d+)\)", " ".join(log.read_text().split()))
+            if m:
+                pids = [int(m.group(1)), int(m.group(2))]
+                break
+            time.sleep(0.5)
+        assert pids, log.read_text()[-3000:]
+        assert not any(_gone(pid) for pid in pids)
+        assert (tmp_path / "ws" / "mlflow-server.db").exists()
+        demo.send_signal(sig)
+        code = demo.wait(120)
+        assert code != 0
+        _assert_all_gone(pids, log.read_text()[-3000:])
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait(30)
