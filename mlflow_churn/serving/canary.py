@@ -65,6 +65,7 @@ from mlflow_churn.registry.aliases import (
     move_alias,
     remove_alias,
 )
+from mlflow_churn.registry.promotion import check_approval, record_canary_verdict
 from mlflow_churn.serving.prediction_log import PredictionLog, attach_labels
 from mlflow_churn.tracking import setup_mlflow
 
@@ -360,6 +361,8 @@ def evaluate_canary(
             mlflow.log_metrics(_metrics_of(result))
             log_json(result.to_dict(), "decision.json")
             result.run_id = run.info.run_id
+        if versions["canary"] is not None:  # the verdict the guard / promote read (registry.promotion)
+            record_canary_verdict(client, name, versions["canary"], verdict, result.run_id, as_of)
     return result
 
 
@@ -510,6 +513,9 @@ def promote(cfg: ChurnConfig, reason: str, version: str | None = None,
                                  "pass a challenger through `churn evaluate` first")
             raise ChurnError(f"version {version} is not the canary of '{name}' (canary is {canary}); "
                              "check --version")
+        approval = check_approval(client, name, canary, cfg)  # registry.require_approval
+        if not approval.allowed:
+            raise ChurnError(approval.message)
         old = before.get(CHAMPION)
         proof, proof_error = transition_evidence(cfg, evidence, as_of, since)
         if old is not None and old != canary and not force:
