@@ -305,6 +305,10 @@ class HooksConfig(_Section):
     port: int = Field(8090, ge=1, le=65535)
     secret: str | None = Field(None, description="webhook HMAC secret; env CHURN_HOOKS__SECRET")
     max_age_seconds: int = Field(300, ge=1, description="older deliveries are rejected as replays")
+    alert_url: str | None = Field(
+        None, description="Alertmanager-style webhook (POST JSON list of alerts) told about unguarded "
+        "promotions; None = no alert (the audit run and /metrics still count them)"
+    )
 
 
 class RegistryConfig(_Section):

@@ -195,7 +195,7 @@ def test_alias_move_reloads_without_dropping_requests(config, register_version) 
         worker.start()
         time.sleep(0.5)
         res = client.post("/admin/promote", headers={"Authorization": "Bearer tok"},
-                          json={"reason": "live promotion test", "version": canary})
+                          json={"reason": "live promotion test", "version": canary, "force": True})
         assert res.status_code == 200, res.text
         assert res.json()["serving"] == {**res.json()["serving"], "champion": canary, "canary": None}
         evidence = res.json()["transition"]["evidence"]  # the canary analysis rides along

@@ -29,7 +29,7 @@ _PROMOTER = textwrap.dedent("""
     cfg = load_config()
     start_at, version, who = float(sys.argv[1]), sys.argv[2], sys.argv[3]
     time.sleep(max(0.0, start_at - time.time()))  # both processes call promote at the same instant
-    res = promote(cfg, f"race {who}", version=version)
+    res = promote(cfg, f"race {who}", version=version, force=True)
     print(json.dumps({"noop": res.noop, "message": res.message, "run_id": res.run_id}))
 """)
 

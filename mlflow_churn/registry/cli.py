@@ -33,10 +33,20 @@ def serve(
 
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     cfg = get_config(ctx, {"hooks.host": opt_str(host), "hooks.port": port, "hooks.secret": opt_str(secret)})
-    app = create_app(cfg)
+    app = create_app(cfg, promote_by_hand=_promote_by_hand(cfg))
     console.print(f"churn hooks: http://{cfg.hooks.host}:{cfg.hooks.port}/webhook "
                   f"(model {cfg.training.model_name}, tracking {cfg.mlflow_tracking_uri})")
     uvicorn.run(app, host=cfg.hooks.host, port=cfg.hooks.port, log_level="info")
+
+
+def _promote_by_hand(cfg):
+    """Completes a promotion made in the UI as `churn canary promote` does (serving layer)."""
+    from mlflow_churn.serving.canary import adopt_promotion
+
+    def promote(version, previous, actor, reason, moved_at):
+        return adopt_promotion(cfg, version, previous, actor, reason, moved_at).run_id
+
+    return promote
 
 
 @hooks_app.command("register")

@@ -211,6 +211,7 @@ def _v(version: str | None) -> str:
 def sync(client: MlflowClient, model: str, *, actor: str, reason: str, source: str,
          now: datetime, moved_after: datetime | None = None, wait_s: float = 30.0,
          hint: tuple[str, str | None, datetime] | None = None,
+         describe: Callable[[str, str | None, datetime], tuple[str, str | None] | None] | None = None,
          sleep: Callable[[float], None] = time.sleep) -> list[AliasMove]:
     """Record every difference between the current aliases of ``model`` and its last
     recorded state; return the new moves.
@@ -221,7 +222,9 @@ def sync(client: MlflowClient, model: str, *, actor: str, reason: str, source: s
     that alias has moved on since (the version is neither the recorded nor the current
     one), the intermediate move is recorded at the delivery's time first. ``now`` is the
     time stamped on the other moves; ``moved_after`` (reconcile) marks them as having
-    happened in ``(moved_after, now]``."""
+    happened in ``(moved_after, now]`` (the hinted move keeps the delivery's time).
+    ``describe(alias, to_version, at)`` may name the actor and evidence run of a move
+    (e.g. from the tags the guard plugin wrote on the version)."""
     current = {a: str(v) for a, v in _aliases(client, model).items()}
     deadline = time.monotonic() + wait_s
     while True:
@@ -240,9 +243,11 @@ def sync(client: MlflowClient, model: str, *, actor: str, reason: str, source: s
 
     def add(alias: str, to: str | None, at: datetime, after: datetime | None) -> None:
         count[alias] = count.get(alias, 0) + 1
-        run_id = record_move(client, model, alias, state.get(alias), to, actor=actor, reason=reason,
-                             source=source, moved_at=at, moved_after=after, position=count[alias])
-        new.append(AliasMove(model, alias, state.get(alias), to, at, actor, reason, None, source,
+        who, evidence = (describe(alias, to, at) if describe else None) or (actor, None)
+        run_id = record_move(client, model, alias, state.get(alias), to, actor=who, reason=reason,
+                             evidence_run_id=evidence, source=source, moved_at=at, moved_after=after,
+                             position=count[alias])
+        new.append(AliasMove(model, alias, state.get(alias), to, at, who, reason, evidence, source,
                              move_key(model, alias, count[alias], state.get(alias), to), run_id, after))
         state[alias] = to
 
@@ -254,7 +259,11 @@ def sync(client: MlflowClient, model: str, *, actor: str, reason: str, source: s
             add(alias, version, at, None)
     for alias in sorted(set(current) | {a for a, v in state.items() if v is not None}):
         if current.get(alias) != state.get(alias):
-            add(alias, current.get(alias), now, moved_after)
+            fresh = hint is not None and (last_at.get(alias) is None or hint[2] > last_at[alias])
+            if fresh and hint[0] == alias and hint[1] == current.get(alias) and hint[2] <= now:
+                add(alias, current.get(alias), hint[2], None)  # the delivery says when it moved
+            else:
+                add(alias, current.get(alias), now, moved_after)
     return new
 
 

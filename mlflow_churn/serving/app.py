@@ -101,6 +101,8 @@ class AdminRequest(BaseModel):
     version: str | None = Field(None, description="expected canary version (no-op if already done)")
     as_of: datetime | None = Field(None, description="evidence up to this time (default: newest data)")
     since: datetime | None = Field(None, description="evidence from this time (default: all logged)")
+    force: bool = Field(False, description="promote: override a canary verdict other than promote "
+                        "(the reason is recorded as the version's promotion_override tag)")
 
 
 # --------------------------------------------------------------------------- models
@@ -666,8 +668,9 @@ def create_app(cfg: ChurnConfig, start_background: bool = True) -> FastAPI:
         body = body or AdminRequest()
         # the transition attaches the canary evidence of [since, as_of] (default: the same
         # window `churn canary evaluate` looks at) to its MLflow run
+        extra = {"force": body.force} if kind == "promote" else {}
         result = getattr(canary, kind)(cfg, body.reason, version=body.version, as_of=body.as_of,
-                                       since=body.since)
+                                       since=body.since, **extra)
         service.models.reload()
         return {"transition": result.to_dict(), "serving": service.status()}
 

@@ -65,7 +65,7 @@ from mlflow_churn.registry.aliases import (
     move_alias,
     remove_alias,
 )
-from mlflow_churn.registry.promotion import check_approval, record_canary_verdict
+from mlflow_churn.registry.promotion import OVERRIDE_TAG, check_approval, record_canary_verdict
 from mlflow_churn.serving.prediction_log import PredictionLog, attach_labels
 from mlflow_churn.tracking import setup_mlflow
 
@@ -476,10 +476,6 @@ def registry_lock(cfg: ChurnConfig, timeout_s: float = 120.0) -> Iterator[str]:
 
 
 # --------------------------------------------------------------------------- transitions
-#: version tag carrying a person's reason for an explicit override (the guard accepts it)
-OVERRIDE_TAG = "promotion_override"
-
-
 def promote(cfg: ChurnConfig, reason: str, version: str | None = None,
             evidence: CanaryEvaluation | None = None, as_of: datetime | None = None,
             since: datetime | None = None, force: bool = False, actor: str | None = None) -> TransitionResult:
@@ -517,7 +513,9 @@ def promote(cfg: ChurnConfig, reason: str, version: str | None = None,
         if not approval.allowed:
             raise ChurnError(approval.message)
         old = before.get(CHAMPION)
-        proof, proof_error = transition_evidence(cfg, evidence, as_of, since)
+        # logged as a canary-evaluate run: the verdict tag on the version is what a guarded
+        # server (registry.promotion.check_promotion) reads
+        proof, proof_error = transition_evidence(cfg, evidence, as_of, since, log_run=old is not None)
         if old is not None and old != canary and not force:
             _require_promote_verdict(cfg, canary, proof, proof_error)
         if force:
@@ -542,12 +540,13 @@ def _require_promote_verdict(cfg: ChurnConfig, canary: str, proof: CanaryEvaluat
     need = cfg.serving.min_canary_samples
     if proof.verdict != "promote" or rows < need:
         why = "; ".join(proof.reasons) or "no reason given"
-        raise ChurnError(f"cannot promote version {canary}: the canary verdict is '{proof.verdict}' on {rows} "
-                         f"logged predictions (serving.min_canary_samples={need}): {why}{fix}")
+        raise ChurnError(f"cannot promote version {canary}: the canary verdict is '{proof.verdict}' on "
+                         f"{rows} logged predictions (serving.min_canary_samples={need}): {why}{fix}")
 
 
 def _finish_promotion(cfg: ChurnConfig, client: MlflowClient, canary: str, old: str | None,
-                      before: dict[str, str], reason: str, run_id: str, who: dict[str, Any]) -> TransitionResult:
+                      before: dict[str, str], reason: str, run_id: str,
+                      who: dict[str, Any]) -> TransitionResult:
     """After ``champion`` moved to ``canary``: ``previous-champion`` -> ``old``, ``canary``
     removed, version tags; inside the transition run ``run_id``."""
     name = cfg.training.model_name
@@ -558,7 +557,8 @@ def _finish_promotion(cfg: ChurnConfig, client: MlflowClient, canary: str, old: 
         remove_alias(client, name, CANARY, False, **who)
     after = _aliases(client, name)
     stamp = datetime.now(UTC).isoformat()
-    for key, value in {"promoted_at": stamp, "promote_reason": reason[:500], "promote_run_id": run_id}.items():
+    tags = {"promoted_at": stamp, "promote_reason": reason[:500], "promote_run_id": run_id}
+    for key, value in tags.items():
         client.set_model_version_tag(name, canary, key, value)
     if old is not None and old != canary:
         client.set_model_version_tag(name, old, "replaced_by", canary)
@@ -591,8 +591,10 @@ def adopt_promotion(cfg: ChurnConfig, version: str, previous: str | None, actor:
                     if previous and previous != str(version) and \
                             client.get_model_version(name, previous).current_stage == STAGE_OF[CHAMPION]:
                         client.transition_model_version_stage(name, previous, "None")
-            result = _finish_promotion(cfg, client, str(version), previous, before, reason, run.info.run_id, who)
-            mlflow.set_tags({"promoted_by": actor, "promoted_at": (moved_at or datetime.now(UTC)).isoformat()})
+            result = _finish_promotion(cfg, client, str(version), previous, before, reason, run.info.run_id,
+                                       who)
+            when = (moved_at or datetime.now(UTC)).isoformat()
+            mlflow.set_tags({"promoted_by": actor, "promoted_at": when})
             _log_transition(result, lock, proof, proof_error)
         return result
 
@@ -679,16 +681,18 @@ def _rollback_champion(cfg: ChurnConfig, client: MlflowClient, before: dict[str,
 
 
 def transition_evidence(cfg: ChurnConfig, evidence: CanaryEvaluation | None, as_of: datetime | None,
-                        since: datetime | None) -> tuple[CanaryEvaluation | None, str | None]:
+                        since: datetime | None,
+                        log_run: bool = False) -> tuple[CanaryEvaluation | None, str | None]:
     """``(evidence, None)``; when none is given, the canary analysis of ``[since, as_of]``
-    (``as_of`` default :func:`default_as_of`) without a run of its own. When it cannot be
+    (``as_of`` default :func:`default_as_of`), with a run of its own when ``log_run``. When it
+    cannot be
     computed (prediction log unreachable, unreadable labels): ``(None, why)``, so that a
     transition, above all a rollback during an incident, never waits on its evidence."""
     if evidence is not None:
         return evidence, None
     try:
         when = as_of or default_as_of(cfg, datetime.now(UTC))
-        return evaluate_canary(cfg, when, since, log_run=False), None
+        return evaluate_canary(cfg, when, since, log_run=log_run), None
     except Exception as exc:  # any failure: record why, do not block the alias move
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         return None, f"{type(exc).__name__}: {first}"
