@@ -4,16 +4,12 @@ end-to-end run against a real `mlflow server` firing a real webhook at `churn ho
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -163,100 +159,46 @@ def test_failed_gate_is_recorded_and_no_secret_refused(config) -> None:
 
 
 # ------------------------------------------------------------------------- end to end
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{url} process exited {proc.returncode}: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"{url} did not come up in {timeout} s: {log.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 @pytest.mark.slow
-def test_end_to_end_real_mlflow_server_fires_the_gate(config, register_version, tmp_path,
+def test_end_to_end_real_mlflow_server_fires_the_gate(config, register_version, mlflow_server, tmp_path,
                                                        monkeypatch) -> None:
-    from cryptography.fernet import Fernet
+    from hooks_support import Receiver
     from mlflow.tracking import MlflowClient
 
     from mlflow_churn.registry.aliases import CANARY, alias_version
 
-    mlflow_port, hook_port = _free_port(), _free_port()
-    server_url = f"http://127.0.0.1:{mlflow_port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHURN_", "MLFLOW_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONUNBUFFERED"] = "1"
-    server_env = dict(env, MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=Fernet.generate_key().decode(),
-                      MLFLOW_WEBHOOK_ALLOWED_SCHEMES="http,https", MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS="true",
-                      MLFLOW_WEBHOOK_CACHE_TTL="1")
-    server_log, hook_log = tmp_path / "mlflow-server.log", tmp_path / "hooks.log"
-    procs = []
-    try:
-        with server_log.open("w") as out:
-            server = subprocess.Popen(
-                [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-                 "--port", str(mlflow_port),
-                 "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                 "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-                env=server_env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
-        procs.append(server)
-        _wait_http(f"{server_url}/health", server, 120, server_log)
-
-        client_env = dict(env, MLFLOW_TRACKING_URI=server_url, CHURN_HOOKS__SECRET=SECRET)
-        with hook_log.open("w") as out:
-            receiver = subprocess.Popen(
-                [sys.executable, "-m", "mlflow_churn.cli", "--workspace", str(config.workspace), "hooks",
-                 "serve", "--port", str(hook_port)],
-                env=client_env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
-        procs.append(receiver)
-        _wait_http(f"http://127.0.0.1:{hook_port}/health", receiver, 180, hook_log)
-
+    server_url = mlflow_server.url
+    cfg = config.model_copy(deep=True)
+    cfg.training.model_name = f"churn-{uuid.uuid4().hex[:8]}"  # the session's server is shared
+    name = cfg.training.model_name
+    client = MlflowClient(server_url, server_url)
+    hook_name = f"churn-gate-{name}"
+    with Receiver(cfg, server_url, tmp_path / "hooks.log") as receiver:
         reg = subprocess.run(
-            [sys.executable, "-m", "mlflow_churn.cli", "--workspace", str(config.workspace), "hooks",
-             "register", "--url", f"http://127.0.0.1:{hook_port}/webhook"],
-            env=client_env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+            [sys.executable, "-m", "mlflow_churn.cli", "--workspace", str(cfg.workspace), "hooks",
+             "register", "--url", f"{receiver.url}/webhook", "--name", hook_name],
+            env=receiver.env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert reg.returncode == 0, reg.stderr[-2000:]
-        assert "created" in reg.stdout
+        assert "created" in reg.stdout and "model_version_alias.deleted" in reg.stdout
+        try:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", server_url)
+            register_version(cfg, "bad", alias="champion")
+            chal = register_version(cfg, "good", alias=None)
+            client.set_registered_model_alias(name, "challenger", chal.version)
 
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", server_url)
-        register_version(config, "bad", alias="champion")
-        chal = register_version(config, "good", alias=None)
-        client = MlflowClient(server_url, server_url)
-        name = config.training.model_name
-        client.set_registered_model_alias(name, "challenger", chal.version)
-
-        deadline = time.monotonic() + 120
-        run = None  # the gate tags the version from inside its run: wait for the run to end too
-        while time.monotonic() < deadline and (run is None or run.info.status == "RUNNING"):
-            run_id = client.get_model_version(name, chal.version).tags.get("gate_run_id")
-            run = client.get_run(run_id) if run_id else None
-            if run is None or run.info.status == "RUNNING":
-                time.sleep(1)
-        assert run, f"no gate decision within 120 s; receiver log: {hook_log.read_text()[-3000:]}"
-        assert run.info.status == "FINISHED" and run.data.tags["gate"] == "passed"
-        assert run.data.tags["challenger_version"] == chal.version
-        assert alias_version(client, name, CANARY).version == chal.version
-        assert "decision.json" in {a.path for a in client.list_artifacts(run_id)}
-    finally:
-        for proc in reversed(procs):
-            _stop(proc)
+            deadline = time.monotonic() + 120
+            run = None  # the gate tags the version from inside its run: wait for the run to end too
+            while time.monotonic() < deadline and (run is None or run.info.status == "RUNNING"):
+                run_id = client.get_model_version(name, chal.version).tags.get("gate_run_id")
+                run = client.get_run(run_id) if run_id else None
+                if run is None or run.info.status == "RUNNING":
+                    time.sleep(1)
+            assert run, f"no gate decision within 120 s; receiver log: {receiver.log()}"
+            assert run.info.status == "FINISHED" and run.data.tags["gate"] == "passed"
+            assert run.data.tags["challenger_version"] == chal.version
+            assert alias_version(client, name, CANARY).version == chal.version
+            assert "decision.json" in {a.path for a in client.list_artifacts(run_id)}
+        finally:
+            for hook in client.list_webhooks():
+                if hook.name == hook_name:
+                    client.delete_webhook(hook.webhook_id)

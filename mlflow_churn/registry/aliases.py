@@ -57,7 +57,7 @@ def move_alias(client: MlflowClient, name: str, alias: str, version: str | int,
     ``reason`` and ``evidence_run_id`` (the decision run behind it). Setting an alias to the
     version it already points at is not a move and is not recorded."""
     previous = alias_version(client, name, alias)
-    _set_alias(client, name, alias, str(version), previous.version if previous else None, record,
+    _set_alias(client, name, alias, str(version), str(previous.version) if previous else None, record,
                actor=actor, reason=reason, evidence_run_id=evidence_run_id)
     if mirror_stages and alias in STAGE_OF:
         stage = STAGE_OF[alias]
@@ -97,7 +97,7 @@ def remove_alias(client: MlflowClient, name: str, alias: str, mirror_stages: boo
     mv = alias_version(client, name, alias)
     if mv is None:
         return None
-    _set_alias(client, name, alias, None, mv.version, record, actor=actor, reason=reason,
+    _set_alias(client, name, alias, None, str(mv.version), record, actor=actor, reason=reason,
                evidence_run_id=evidence_run_id)
     if mirror_stages and alias in STAGE_OF:
         with warnings.catch_warnings():
