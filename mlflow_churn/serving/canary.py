@@ -23,8 +23,13 @@ design; the live split should not differ much more than that), or (with at least
 small samples differ by chance); else ``promote``.
 
 :func:`promote` moves ``champion`` to the canary version, ``previous-champion`` to the old
-champion and removes ``canary``; :func:`rollback` removes ``canary`` and tags the version
-with the reason. Both run under a cross-process lock (a PostgreSQL advisory lock when the
+champion and removes ``canary`` (refused unless the canary evidence says ``promote``, or
+``force`` with a reason recorded as the ``promotion_override`` tag);
+:func:`adopt_promotion` does the same for a ``champion`` a person set by hand in the UI;
+:func:`rollback` removes ``canary`` and tags the version with the reason, or, after a
+promotion, puts ``champion`` back on ``previous-champion``. Every alias move is recorded in
+the alias history (:mod:`mlflow_churn.registry.history`) with the run as evidence.
+Transitions run under a cross-process lock (a PostgreSQL advisory lock when the
 tracking store is PostgreSQL, else ``fcntl`` on ``<workspace>/locks/registry-<model>.lock``)
 and re-read the aliases after taking it, so of two concurrent promotions one acts and the
 other is a no-op ("already promoted"). Every evaluation and transition is an MLflow run
@@ -684,9 +689,8 @@ def transition_evidence(cfg: ChurnConfig, evidence: CanaryEvaluation | None, as_
                         since: datetime | None,
                         log_run: bool = False) -> tuple[CanaryEvaluation | None, str | None]:
     """``(evidence, None)``; when none is given, the canary analysis of ``[since, as_of]``
-    (``as_of`` default :func:`default_as_of`), with a run of its own when ``log_run``. When it
-    cannot be
-    computed (prediction log unreachable, unreadable labels): ``(None, why)``, so that a
+    (``as_of`` default :func:`default_as_of`), with a run of its own when ``log_run``. When
+    it cannot be computed (prediction log unreachable, unreadable labels): ``(None, why)``, so that a
     transition, above all a rollback during an incident, never waits on its evidence."""
     if evidence is not None:
         return evidence, None
