@@ -12,8 +12,9 @@ rollback            the version is the one behind ``previous-champion`` (it was 
                     before); needs no approval, so an incident never waits for a person
 override            the version carries tag ``promotion_override`` with a non-empty reason
                     (a person sets it in the UI, ``churn canary promote --force`` sets it)
-first_champion      the model has no champion and no ``previous-champion`` yet, and the
-                    version's gate run says ``passed``
+first_champion      the model has no champion and no ``previous-champion`` and no version of
+                    it was ever promoted (tags ``promoted_at``, ``promotion_rule``,
+                    ``replaced_by``), and the version's gate run says ``passed``
 gate_and_canary     the version's gate run says ``passed`` and its latest canary evaluation
                     run (tag ``canary_run_id``, written by ``churn canary evaluate``) says
                     ``promote``, measured against the champion the model has now
@@ -152,7 +153,8 @@ def check_promotion(client: MlflowClient, name: str, version: str, cfg: ChurnCon
         return result(False, "gate_rejected", f"{refuse_head}: rule gate_rejected (gate run {gate_run_id}: "
                       f"{why[:300]}); train and gate a better version {how_override}")
 
-    if current is None and previous is None:
+    other = current if current != version else None  # the champion this version would replace
+    if other is None and previous is None and not _ever_promoted(client, name, version):
         return approved("first_champion", f"version {version} of '{name}' passed the gate (run "
                         f"{gate_run_id}) and the model has no champion yet")
 
@@ -171,9 +173,9 @@ def check_promotion(client: MlflowClient, name: str, version: str, cfg: ChurnCon
         return result(False, "canary_pending", f"{refuse_head}: rule canary_pending ({why}); serve it as "
                       f"canary until `churn canary evaluate` says promote {how_override}")
     against = canary.get("champion_version")
-    if current is not None and against != current:
+    if other is not None and against != other:
         return result(False, "canary_pending", f"{refuse_head}: rule canary_pending (its canary run "
-                      f"{canary_run_id} compared it with version {against}, the champion is now {current}); "
+                      f"{canary_run_id} compared it with version {against}, the champion is now {other}); "
                       f"re-run `churn canary evaluate` {how_override}")
     return approved("gate_and_canary", f"version {version} of '{name}' passed the gate (run {gate_run_id}) "
                     f"and its canary (run {canary_run_id}: promote)")
@@ -183,6 +185,13 @@ def _unknown(name: str, version: str, alias: str) -> PromotionCheck:
     return PromotionCheck(False, name, version, alias, "unknown_version",
                           f"version {version} of '{name}' may not become {alias}: rule unknown_version "
                           "(no such registered model version); check the model name and version", {})
+
+
+def _ever_promoted(client: MlflowClient, name: str, version: str) -> bool:
+    """Was another version of ``name`` champion at some time (tags promote / the guard write)?"""
+    marks = ("promoted_at", "promotion_rule", "replaced_by")
+    return any(str(mv.version) != version and any(k in mv.tags for k in marks)
+               for mv in client.search_model_versions(f"name = '{name}'"))
 
 
 def _run_tags(client: MlflowClient, run_id: str | None) -> dict[str, str] | None:
