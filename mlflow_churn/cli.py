@@ -243,6 +243,9 @@ def main() -> None:
     """Console-script entry point: one-line errors, exit code 2 on bad input."""
     # MLflow's per-download bars would interleave with the commands' own progress and tables
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # against `mlflow server` MLflow prints "View run ... at: URL" on stdout when a run ends,
+    # which breaks `--json`; the commands print their run ids themselves
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         code = app(standalone_mode=False)  # Click raises its errors instead of boxing them
     except _NO_ARGS as exc:

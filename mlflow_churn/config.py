@@ -344,6 +344,33 @@ class HooksConfig(_Section):
     max_body_bytes: int = Field(
         1_048_576, ge=1, description="larger deliveries get 413 before any signature or JSON work"
     )
+    alert_url: str | None = Field(
+        None, description="Alertmanager-style webhook (POST JSON list of alerts) told about unguarded "
+        "promotions; None = no alert (the audit run and /metrics still count them)"
+    )
+
+
+class RegistryConfig(_Section):
+    """Registry protection: the guard plugin (`mlflow server --app-name churn-guard`), approvals
+    and what the webhook receiver does about unguarded moves (see mlflow_churn.registry.promotion)."""
+
+    protected_aliases: list[str] = Field(
+        default_factory=lambda: ["champion"],
+        description="aliases that only move to a version that may be promoted (gate passed and canary "
+        "says promote, a rollback to the previous champion, or an override tag); [] = none",
+    )
+    require_approval: bool = Field(
+        False, description="a promotion also needs tag approved_by on the version (set by a person)"
+    )
+    guard_auth: Literal["basic-auth"] | None = Field(
+        None, description="the guard also wraps MLflow's basic-auth app, so who moved an alias is known"
+    )
+    revert_unguarded: bool = Field(
+        False, description="the webhook receiver moves an unguarded protected-alias move back"
+    )
+    audit_experiment: str = Field(
+        "churn-registry-audit", description="MLflow experiment of the registry's audit runs"
+    )
 
 
 class MlflowServerConfig(_Section):
@@ -391,6 +418,9 @@ class ChurnConfig(_Section):
     serving: ServingConfig = Field(default_factory=ServingConfig)
     hooks: HooksConfig = Field(default_factory=HooksConfig)
     mlflow: MlflowServerConfig = Field(default_factory=MlflowServerConfig)
+    registry: RegistryConfig = Field(
+        default_factory=RegistryConfig, description="protected aliases, approvals, the guard plugin"
+    )
 
     @property
     def data_dir(self) -> Path:

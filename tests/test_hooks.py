@@ -4,18 +4,14 @@ end-to-end run against a real `mlflow server` firing a real webhook at `churn ho
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
-from ports import start_on_free_port
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
@@ -102,10 +98,12 @@ def test_duplicates_ignored_across_restarts_and_other_events_ignored(config) -> 
         client.app.state.worker.join()
         done = client.get(f"/deliveries/{headers[DELIVERY_HEADER]}").json()
         assert done["status"] == "done" and done["run_id"] == "run-7"
-        for kwargs in ({"alias": "canary"}, {"name": "another-model"}):
-            b, h = _delivery(**kwargs)
-            res = client.post("/webhook", content=b, headers=h)
-            assert res.status_code == 200 and res.json()["status"] == "ignored"
+        b, h = _delivery(name="another-model")
+        res = client.post("/webhook", content=b, headers=h)
+        assert res.status_code == 200 and res.json()["status"] == "ignored"
+        b, h = _delivery(alias="canary")  # every alias of the model goes to the alias watcher
+        res = client.post("/webhook", content=b, headers=h)
+        assert res.status_code == 202 and res.json()["status"] == "queued"
         bad = b"not json"
         did, stamp = str(uuid.uuid4()), str(int(NOW))
         res = client.post("/webhook", content=bad, headers={
@@ -161,95 +159,46 @@ def test_failed_gate_is_recorded_and_no_secret_refused(config) -> None:
 
 
 # ------------------------------------------------------------------------- end to end
-def _spawn(args: list[str], env: dict, log: Path, cwd: Path) -> subprocess.Popen:
-    with log.open("w") as out:
-        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{url} process exited {proc.returncode}: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"{url} did not come up in {timeout} s: {log.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 @pytest.mark.slow
-def test_end_to_end_real_mlflow_server_fires_the_gate(config, register_version, tmp_path,
+def test_end_to_end_real_mlflow_server_fires_the_gate(config, register_version, mlflow_server, tmp_path,
                                                        monkeypatch) -> None:
-    from cryptography.fernet import Fernet
+    from hooks_support import Receiver
     from mlflow.tracking import MlflowClient
 
     from mlflow_churn.registry.aliases import CANARY, alias_version
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHURN_", "MLFLOW_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONUNBUFFERED"] = "1"
-    server_env = dict(env, MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=Fernet.generate_key().decode(),
-                      MLFLOW_WEBHOOK_ALLOWED_SCHEMES="http,https", MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS="true",
-                      MLFLOW_WEBHOOK_CACHE_TTL="1")
-    server_log, hook_log = tmp_path / "mlflow-server.log", tmp_path / "hooks.log"
-    procs = []
-    try:
-        # each server binds its own port: start_on_free_port retries if another process took it
-        mlflow_port, server, _ = start_on_free_port(lambda port: (_spawn(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-             "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-            server_env, server_log, tmp_path), server_log))
-        procs.append(server)
-        server_url = f"http://127.0.0.1:{mlflow_port}"
-        _wait_http(f"{server_url}/health", server, 120, server_log)
-
-        client_env = dict(env, MLFLOW_TRACKING_URI=server_url, CHURN_HOOKS__SECRET=SECRET)
-        hook_port, receiver, _ = start_on_free_port(lambda port: (_spawn(
-            [sys.executable, "-m", "mlflow_churn.cli", "--workspace", str(config.workspace), "hooks",
-             "serve", "--port", str(port)], client_env, hook_log, tmp_path), hook_log), timeout=180)
-        procs.append(receiver)
-        _wait_http(f"http://127.0.0.1:{hook_port}/health", receiver, 180, hook_log)
-
+    server_url = mlflow_server.url
+    cfg = config.model_copy(deep=True)
+    cfg.training.model_name = f"churn-{uuid.uuid4().hex[:8]}"  # the session's server is shared
+    name = cfg.training.model_name
+    client = MlflowClient(server_url, server_url)
+    hook_name = f"churn-gate-{name}"
+    with Receiver(cfg, server_url, tmp_path / "hooks.log") as receiver:
         reg = subprocess.run(
-            [sys.executable, "-m", "mlflow_churn.cli", "--workspace", str(config.workspace), "hooks",
-             "register", "--url", f"http://127.0.0.1:{hook_port}/webhook"],
-            env=client_env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+            [sys.executable, "-m", "mlflow_churn.cli", "--workspace", str(cfg.workspace), "hooks",
+             "register", "--url", f"{receiver.url}/webhook", "--name", hook_name],
+            env=receiver.env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert reg.returncode == 0, reg.stderr[-2000:]
-        assert "created" in reg.stdout
+        assert "created" in reg.stdout and "model_version_alias.deleted" in reg.stdout
+        try:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", server_url)
+            register_version(cfg, "bad", alias="champion")
+            chal = register_version(cfg, "good", alias=None)
+            client.set_registered_model_alias(name, "challenger", chal.version)
 
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", server_url)
-        register_version(config, "bad", alias="champion")
-        chal = register_version(config, "good", alias=None)
-        client = MlflowClient(server_url, server_url)
-        name = config.training.model_name
-        client.set_registered_model_alias(name, "challenger", chal.version)
-
-        deadline = time.monotonic() + 120
-        run = None  # the gate tags the version from inside its run: wait for the run to end too
-        while time.monotonic() < deadline and (run is None or run.info.status == "RUNNING"):
-            run_id = client.get_model_version(name, chal.version).tags.get("gate_run_id")
-            run = client.get_run(run_id) if run_id else None
-            if run is None or run.info.status == "RUNNING":
-                time.sleep(1)
-        assert run, f"no gate decision within 120 s; receiver log: {hook_log.read_text()[-3000:]}"
-        assert run.info.status == "FINISHED" and run.data.tags["gate"] == "passed"
-        assert run.data.tags["challenger_version"] == chal.version
-        assert alias_version(client, name, CANARY).version == chal.version
-        assert "decision.json" in {a.path for a in client.list_artifacts(run_id)}
-    finally:
-        for proc in reversed(procs):
-            _stop(proc)
+            deadline = time.monotonic() + 120
+            run = None  # the gate tags the version from inside its run: wait for the run to end too
+            while time.monotonic() < deadline and (run is None or run.info.status == "RUNNING"):
+                run_id = client.get_model_version(name, chal.version).tags.get("gate_run_id")
+                run = client.get_run(run_id) if run_id else None
+                if run is None or run.info.status == "RUNNING":
+                    time.sleep(1)
+            assert run, f"no gate decision within 120 s; receiver log: {receiver.log()}"
+            assert run.info.status == "FINISHED" and run.data.tags["gate"] == "passed"
+            assert run.data.tags["challenger_version"] == chal.version
+            assert alias_version(client, name, CANARY).version == chal.version
+            assert "decision.json" in {a.path for a in client.list_artifacts(run_id)}
+        finally:
+            for hook in client.list_webhooks():
+                if hook.name == hook_name:
+                    client.delete_webhook(hook.webhook_id)

@@ -26,7 +26,7 @@ def test_stages_follow_canary_promotion_and_replacement(config: ChurnConfig, reg
     # a newer canary replaces an unpromoted one: one version in Staging
     v3 = register_version(cfg, "good", alias="canary", mirror_stages=True, seed=2).version
     assert _stages(client, name) == {v1: "Production", v2: "None", v3: "Staging"}
-    promote(cfg, reason="test", version=v3)
+    promote(cfg, reason="test", version=v3, force=True)
     assert _stages(client, name) == {v1: "Archived", v2: "None", v3: "Production"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -34,5 +34,5 @@ def test_stages_follow_canary_promotion_and_replacement(config: ChurnConfig, reg
     assert prod.metadata.run_id == client.get_model_version(name, v3).run_id
     # the next promotion archives v3 and keeps v1 archived
     v4 = register_version(cfg, "good", alias="canary", mirror_stages=True, seed=3).version
-    promote(cfg, reason="test", version=v4)
+    promote(cfg, reason="test", version=v4, force=True)
     assert _stages(client, name) == {v1: "Archived", v2: "None", v3: "Archived", v4: "Production"}

@@ -205,7 +205,7 @@ def test_alias_move_reloads_without_dropping_requests(config, register_version) 
         try:
             assert warmed.wait(60), "the client sent no requests before the promotion"
             res = client.post("/admin/promote", headers={"Authorization": "Bearer tok"},
-                              json={"reason": "live promotion test", "version": canary})
+                              json={"reason": "live promotion test", "version": canary, "force": True})
             assert res.status_code == 200, res.text
             serving = res.json()["serving"]
             assert serving["champion"] == canary and serving["canary"] is None, serving

@@ -17,7 +17,13 @@ HMAC-SHA256 of ``{delivery_id}.{timestamp}.{body}`` keyed with the webhook's sec
 5. ``model_version_alias.created`` with alias ``challenger`` on ``training.model_name`` ->
    202 ``{"status": "queued"}``: the gate (:func:`mlflow_churn.evaluation.evaluate.evaluate`
    on that version vs the champion) runs on one background worker thread, so the answer
-   is fast and gates never overlap; anything else -> 200 ``{"status": "ignored"}``.
+   is fast and gates never overlap;
+6. every ``model_version_alias.created`` / ``.deleted`` on ``training.model_name`` also goes
+   to the alias watcher (:mod:`mlflow_churn.registry.alias_events`, its own thread): alias
+   history, unguarded protected-alias moves (audit run, ``/metrics``, alert, optional
+   revert) and promotions made by hand in the UI -> 202 ``{"status": "queued"}``;
+   anything else -> 200 ``{"status": "ignored"}``. At every start the watcher reconciles the
+   history with the current aliases (moves made while the receiver was down).
 
 A delivery answered 202 whose gate had not finished when the receiver stopped is queued
 again at the next start (its version is kept in ``hooks.db``); the gate is idempotent, so
@@ -25,8 +31,9 @@ a gate that had in fact finished just returns its earlier decision.
 
 ``GET /deliveries/{id}`` tells what became of a delivery (queued, running, done with the
 decision run id, failed with the error); ``GET /deliveries?model=&version=`` lists the
-deliveries that queued a gate (newest first), to find the one of a version;
-``GET /health``. Errors are ``{"detail": ...}``.
+deliveries that queued a gate (newest first), to find the one of a version; ``GET /health``;
+``GET /metrics`` (Prometheus text: ``churn_hooks_unguarded_promotions_total{alias}``,
+``churn_hooks_alias_moves_recorded_total``). Errors are ``{"detail": ...}``.
 """
 
 from __future__ import annotations
@@ -43,15 +50,16 @@ import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
+from mlflow_churn.registry.alias_events import AliasEvent, AliasWatcher, PromoteByHand
 from mlflow_churn.registry.aliases import CHALLENGER, CHAMPION
 from mlflow_churn.web.errors import error_response
 from mlflow_churn.web.errors import install as install_web_errors
@@ -61,6 +69,7 @@ TIMESTAMP_HEADER = "X-MLflow-Timestamp"
 DELIVERY_HEADER = "X-MLflow-Delivery-Id"
 SIGNATURE_VERSION = "v1"
 EVENT = "model_version_alias.created"
+ALIAS_EVENTS = ("model_version_alias.created", "model_version_alias.deleted")
 _log = logging.getLogger(__name__)
 
 
@@ -235,26 +244,47 @@ def _error(status: int, detail: str) -> JSONResponse:
     return error_response(status, detail)  # the apps' one JSON error path
 
 
+def _event_time(payload: dict[str, Any], stamp: int) -> datetime:
+    """When MLflow sent the delivery: the payload's ``timestamp``, else the header's seconds."""
+    try:
+        at = datetime.fromisoformat(str(payload.get("timestamp")))
+        return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    except ValueError:
+        return datetime.fromtimestamp(stamp, UTC)
+
+
 def create_app(cfg: ChurnConfig, clock: Callable[[], float] = time.time,
-               gate: Callable[[GateJob], str] | None = None) -> FastAPI:
+               gate: Callable[[GateJob], str] | None = None,
+               promote_by_hand: PromoteByHand | None = None) -> FastAPI:
     """The receiver app. ``clock`` (Unix seconds) judges staleness; ``gate`` runs one job
-    (default :func:`run_gate` with ``cfg``). Raises ChurnError without ``hooks.secret``."""
+    (default :func:`run_gate` with ``cfg``); ``promote_by_hand`` completes a promotion a
+    person made in the UI (``churn hooks serve`` wires
+    :func:`mlflow_churn.serving.canary.adopt_promotion`; None = only recorded). Raises
+    ChurnError without ``hooks.secret``."""
     secret = cfg.hooks.secret
     if not secret:
         raise ChurnError("hooks.secret is not set: pass --secret or set CHURN_HOOKS__SECRET to the "
                          "secret given to `churn hooks register`")
     log = DeliveryLog(cfg.workspace / "hooks.db")
     run = gate or (lambda job: run_gate(cfg, job))
-    state: dict[str, GateWorker] = {}
+    state: dict[str, Any] = {}
+
+    def alias_done(event: AliasEvent, status: str, detail: str, run_id: str | None) -> None:
+        if event.delivery_id and event.alias != CHALLENGER:  # a challenger's row tells its gate
+            log.update(event.delivery_id, status, detail, run_id)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state["worker"] = GateWorker(run, log)
         state["worker"].resume()
         app.state.worker = state["worker"]
+        state["aliases"] = AliasWatcher(cfg, promote_by_hand, alias_done)
+        state["aliases"].submit(AliasEvent(cfg.training.model_name, "reconcile"))
+        app.state.aliases = state["aliases"]
         try:
             yield
         finally:
+            state["aliases"].stop()
             state["worker"].stop()
 
     app = FastAPI(title="churn registry hooks", lifespan=lifespan)
@@ -271,6 +301,11 @@ def create_app(cfg: ChurnConfig, clock: Callable[[], float] = time.time,
     def deliveries(model: str | None = None, version: str | None = None,
                    limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
         return {"deliveries": log.find(model, version, limit)}
+    @app.get("/metrics")
+    def metrics() -> PlainTextResponse:
+        watcher = state.get("aliases")
+        return PlainTextResponse(watcher.counters.render() if watcher else "",
+                                 media_type="text/plain; version=0.0.4")
 
     @app.get("/deliveries/{delivery_id}")
     def delivery(delivery_id: str):
@@ -303,13 +338,20 @@ def create_app(cfg: ChurnConfig, clock: Callable[[], float] = time.time,
             return _error(400, "body must be an MLflow webhook delivery: JSON with entity, action, data")
         if not log.claim(delivery_id, event, now):
             return JSONResponse({"status": "duplicate", "delivery_id": delivery_id}, status_code=200)
-        wanted = (event == EVENT and data.get("alias") == CHALLENGER
-                  and data.get("name") == cfg.training.model_name and str(data.get("version", "")).isdigit())
-        if not wanted:
+        ours = data.get("name") == cfg.training.model_name and isinstance(data.get("alias"), str)
+        version = str(data.get("version", ""))
+        gated = ours and event == EVENT and data.get("alias") == CHALLENGER and version.isdigit()
+        watched = ours and event in ALIAS_EVENTS and (version.isdigit() or event != EVENT)
+        if not (gated or watched):
             log.update(delivery_id, "ignored", f"{event} {data.get('name')}@{data.get('alias')}")
             return JSONResponse({"status": "ignored", "delivery_id": delivery_id}, status_code=200)
-        state["worker"].submit(GateJob(delivery_id, str(data["name"]), str(data["version"])))
-        return JSONResponse({"status": "queued", "delivery_id": delivery_id, "version": str(data["version"])},
+        if watched:  # history, unguarded moves, promotions by hand
+            log.update(delivery_id, "queued", f"{event} {data['name']}@{data['alias']}")
+            state["aliases"].submit(AliasEvent(str(data["name"]), payload["action"], data["alias"],
+                                               version or None, _event_time(payload, sent), delivery_id))
+        if gated:
+            state["worker"].submit(GateJob(delivery_id, str(data["name"]), version))
+        return JSONResponse({"status": "queued", "delivery_id": delivery_id, "version": version or None},
                             status_code=202)
 
     return app

@@ -8,7 +8,9 @@ from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
 
 WEBHOOK_NAME = "churn-gate"
-EVENTS = ("model_version_alias.created",)
+#: the gate runs on a new `challenger`; every alias event feeds the alias history and the
+#: unguarded-promotion check
+EVENTS = ("model_version_alias.created", "model_version_alias.deleted")
 
 
 @dataclass(frozen=True)

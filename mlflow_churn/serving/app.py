@@ -114,6 +114,8 @@ class AdminRequest(BaseModel):
                                 description="expected canary version, e.g. '3' (no-op if already done)")
     as_of: datetime | None = Field(None, description="evidence up to this time (default: newest data)")
     since: datetime | None = Field(None, description="evidence from this time (default: all logged)")
+    force: bool = Field(False, description="promote: override a canary verdict other than promote "
+                        "(the reason is recorded as the version's promotion_override tag)")
 
 
 # --------------------------------------------------------------------------- models
@@ -686,9 +688,10 @@ def create_app(cfg: ChurnConfig, start_background: bool = True) -> FastAPI:
                 raise _registry_error(exc, f"version: version {body.version} of '{name}'") from None
         # the transition attaches the canary evidence of [since, as_of] (default: the same
         # window `churn canary evaluate` looks at) to its MLflow run
+        extra = {"force": body.force} if kind == "promote" else {}
         try:
             result = getattr(canary, kind)(cfg, body.reason, version=body.version, as_of=body.as_of,
-                                           since=body.since)
+                                           since=body.since, **extra)
         except MlflowException as exc:
             raise _registry_error(exc, f"the {kind} of '{name}'") from None
         service.models.reload()

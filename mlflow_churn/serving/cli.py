@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from datetime import UTC, datetime
 
 import typer
@@ -141,7 +140,7 @@ def canary_auto_cmd(
 
 
 def _transition(ctx: typer.Context, action: str, reason: str, version: str | None, as_of: str | None,
-                since: str | None, as_json: bool) -> None:
+                since: str | None, as_json: bool, force: bool = False) -> None:
     from mlflow_churn.serving.canary import promote, rollback
 
     cfg = get_config(ctx)
@@ -150,33 +149,44 @@ def _transition(ctx: typer.Context, action: str, reason: str, version: str | Non
     if opt_str(version):
         version = parse_version(version, "--version")
     # the transition run always carries the canary evidence of [--since, --as-of]
-    fn = promote if action == "promote" else rollback
-    res = fn(cfg, reason, version=opt_str(version), as_of=_when(cfg, as_of), since=_since(since))
+    if action == "promote":
+        res = promote(cfg, reason, version=opt_str(version), as_of=_when(cfg, as_of), since=_since(since),
+                      force=force)
+    else:
+        res = rollback(cfg, reason, version=opt_str(version), as_of=_when(cfg, as_of), since=_since(since))
     if as_json:
         typer.echo(json.dumps(res.to_dict(), indent=2))
     else:
         _print_transition(res)
 
 
-def _transition_command(action: str, doc: str) -> Callable[..., None]:
-    def command(
-        ctx: typer.Context, reason: str = _REASON, version: str = _VERSION,
-        as_of: str = typer.Option(None, "--as-of", help="Evidence up to this time, ISO UTC (default: the "
-                                  "data's newest event, else the newest logged prediction)."),
-        since: str = _SINCE, as_json: bool = _JSON, progress: bool = _PROGRESS,
-    ) -> None:
-        _transition(ctx, action, reason, version, as_of, since, as_json)
-
-    command.__doc__ = doc
-    return command
+_EVIDENCE_AS_OF = typer.Option(None, "--as-of", help="Evidence up to this time, ISO UTC (default: the data's "
+                               "newest event, else the newest logged prediction).")
 
 
-canary_app.command("promote")(_transition_command(
-    "promote", "champion -> the canary version; old champion -> previous-champion; canary removed. "
-    "The run carries the canary evidence."))
-canary_app.command("rollback")(_transition_command(
-    "rollback", "Remove alias canary and tag its version with the reason (champion untouched). "
-    "The run carries the canary evidence."))
+@canary_app.command("promote")
+def canary_promote_cmd(
+    ctx: typer.Context, reason: str = _REASON, version: str = _VERSION, as_of: str = _EVIDENCE_AS_OF,
+    since: str = _SINCE,
+    force: bool = typer.Option(False, "--force", help="Promote although the canary verdict is not "
+                               "'promote' (wait, rollback, too few predictions); --reason is recorded as "
+                               "the version's promotion_override tag."),
+    as_json: bool = _JSON, progress: bool = _PROGRESS,
+) -> None:
+    """champion -> the canary version; old champion -> previous-champion; canary removed. Refused
+    unless the canary evidence says promote (serving.min_canary_samples predictions within every
+    limit), or --force --reason. The run carries the canary evidence."""
+    _transition(ctx, "promote", reason, version, as_of, since, as_json, force)
+
+
+@canary_app.command("rollback")
+def canary_rollback_cmd(
+    ctx: typer.Context, reason: str = _REASON, version: str = _VERSION, as_of: str = _EVIDENCE_AS_OF,
+    since: str = _SINCE, as_json: bool = _JSON, progress: bool = _PROGRESS,
+) -> None:
+    """With a canary: remove alias canary and tag its version (champion untouched). After a
+    promotion (no canary): champion back on previous-champion. The run carries the evidence."""
+    _transition(ctx, "rollback", reason, version, as_of, since, as_json)
 
 
 def serve_cmd(

@@ -1,0 +1,316 @@
+"""What the webhook receiver does with alias events: history, unguarded moves, UI promotions.
+
+Each ``model_version_alias.created`` / ``.deleted`` delivery for the configured model, and
+one reconciliation at every start, runs :meth:`AliasWatcher.handle` on one background
+thread (in order, never two at once):
+
+1. :func:`mlflow_churn.registry.history.sync` records every alias move the history does
+   not have yet (the project records its own moves itself; these are moves by people in
+   the UI, by other API clients, or made while the receiver was down: actor ``unknown`` /
+   ``unknown (reconciled)``, or the user the guard plugin recorded on the version).
+2. Each new move of a protected alias (``registry.protected_aliases``) is checked with
+   :func:`mlflow_churn.registry.promotion.check_promotion` (a deletion is checked on the
+   version the alias left):
+
+   - refused -> an ``unguarded_promotion`` audit run in ``registry.audit_experiment``
+     (tags ``decision=unguarded_promotion``, ``rule``, ``alias``, ``from_version``,
+     ``to_version``, ``history_run_id``; ``decision.json``), the counter
+     ``churn_hooks_unguarded_promotions_total{alias}`` of ``GET /metrics``, an alert to
+     ``hooks.alert_url`` when set, and with ``registry.revert_unguarded: true`` the alias
+     moved back to the version it left (deleted when it had none);
+   - ``champion`` allowed onto the version that is the current ``canary`` (its canary
+     passed) -> ``promote_by_hand`` (wired by ``churn hooks serve`` to
+     :func:`mlflow_churn.serving.canary.adopt_promotion`): the same transition run,
+     ``previous-champion``, ``canary`` dropped and stages as ``churn canary promote``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
+
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from mlflow_churn.alerts import post_alert
+from mlflow_churn.config import ChurnConfig
+from mlflow_churn.registry.aliases import CANARY, CHAMPION, aliases_of, move_alias, remove_alias
+from mlflow_churn.registry.history import RECONCILED, UNKNOWN, AliasMove, read_moves, sync
+
+_log = logging.getLogger(__name__)
+UNGUARDED = "unguarded_promotion"
+UNGUARDED_METRIC = "churn_hooks_unguarded_promotions_total"
+#: a version tag `promoted_by` written by the guard this close to a move names its actor
+GUARD_TAG_WINDOW = timedelta(seconds=120)
+
+#: (version, previous champion, actor, reason, moved_at) -> transition run id
+PromoteByHand = Callable[[str, "str | None", str, str, datetime], "str | None"]
+
+
+@dataclass(frozen=True)
+class AliasEvent:
+    """One alias delivery (``action`` created | deleted) or a reconciliation (``reconcile``)."""
+
+    model: str
+    action: str
+    alias: str | None = None
+    version: str | None = None
+    at: datetime | None = None  # when MLflow sent it (the payload's timestamp)
+    delivery_id: str | None = None
+
+
+@dataclass
+class AliasOutcome:
+    """What handling an event did (for ``GET /deliveries/{id}`` and the logs)."""
+
+    moves: list[AliasMove]
+    unguarded: list[str]  # audit run ids
+    reverted: list[str]  # "alias -> version"
+    promotions: list[str]  # transition run ids
+
+    def summary(self) -> str:
+        parts = [f"{len(self.moves)} move(s) recorded"]
+        if self.unguarded:
+            parts.append(f"unguarded: audit run(s) {', '.join(self.unguarded)}")
+        if self.reverted:
+            parts.append(f"reverted {', '.join(self.reverted)}")
+        if self.promotions:
+            parts.append(f"promotion completed: run(s) {', '.join(self.promotions)}")
+        return "; ".join(parts)
+
+
+class Counters:
+    """Thread-safe counters rendered as Prometheus text (what the receiver's /metrics shows)."""
+
+    HELP = {UNGUARDED_METRIC: "protected-alias moves check_promotion refused (made without the guard)",
+            "churn_hooks_alias_moves_recorded_total": "alias moves the receiver recorded in the history"}
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[tuple[str, tuple], float] = defaultdict(float)
+
+    def inc(self, name: str, **labels: str) -> None:
+        with self._lock:
+            self._values[(name, tuple(sorted(labels.items())))] += 1
+
+    def value(self, name: str, **labels: str) -> float:
+        with self._lock:
+            return self._values.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def render(self) -> str:
+        with self._lock:
+            items = sorted(self._values.items())
+        lines = []
+        for name, text in self.HELP.items():
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} counter"]
+            for (n, labels), value in items:
+                if n == name:
+                    body = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+                    lines.append(f"{name}{{{body}}} {value:g}" if body else f"{name} {value:g}")
+        return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class AliasWatcher:
+    """Handles alias events on one background thread (see module doc)."""
+
+    def __init__(self, cfg: ChurnConfig, promote_by_hand: PromoteByHand | None = None,
+                 on_done: Callable[[AliasEvent, str, str, str | None], None] | None = None,
+                 clock: Callable[[], datetime] | None = None) -> None:
+        self.cfg = cfg
+        self.counters = Counters()
+        self._promote_by_hand = promote_by_hand
+        self._on_done = on_done or (lambda *_: None)
+        self._clock = clock or (lambda: datetime.now(UTC))
+        uri = cfg.mlflow_tracking_uri
+        self.client = MlflowClient(uri, uri)
+        self.last_synced: datetime | None = None
+        self._queue: queue.Queue[AliasEvent | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="churn-alias-watcher", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ queue
+    def submit(self, event: AliasEvent) -> None:
+        self._queue.put(event)
+
+    def join(self) -> None:
+        """Wait until every submitted event has been handled."""
+        self._queue.join()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            event = self._queue.get()
+            try:
+                if event is None:
+                    return
+                try:
+                    outcome = self.handle(event)
+                    self._on_done(event, "done", outcome.summary(), (outcome.unguarded or [None])[0])
+                except Exception as exc:  # keep the thread alive; the reason is recorded
+                    _log.exception("alias event %s failed", event)
+                    self._on_done(event, "failed", f"{type(exc).__name__}: {exc}", None)
+            finally:
+                self._queue.task_done()
+
+    # ------------------------------------------------------------------ handling
+    def handle(self, event: AliasEvent) -> AliasOutcome:
+        """Record the moves behind ``event``, then check and act on each protected one."""
+        now = self._clock()
+        if event.action == "reconcile":
+            moves = sync(self.client, event.model, actor=RECONCILED, source="reconcile", now=now,
+                         reason="noticed at the receiver's start (moved while it was down)",
+                         moved_after=self._known_until(event.model))
+        else:
+            hint = (event.alias, event.version if event.action == "created" else None, event.at or now)
+            moves = sync(self.client, event.model, actor=UNKNOWN, source="webhook", now=now,
+                         reason=f"model_version_alias.{event.action} (delivery {event.delivery_id})",
+                         hint=hint if event.alias else None, describe=self._describe)
+        self.last_synced = now
+        outcome = AliasOutcome(moves, [], [], [])
+        for move in moves:
+            self.counters.inc("churn_hooks_alias_moves_recorded_total", alias=move.alias)
+            if move.alias in self.cfg.registry.protected_aliases:
+                self._check(move, outcome)
+        return outcome
+
+    def _known_until(self, model: str) -> datetime | None:
+        """The last time the aliases were known: the newest recorded move (or this process's
+        last sync), so a reconciled move happened in ``(that, now]``."""
+        moves = read_moves(self.client, model)
+        times = [m.moved_at for m in moves] + ([self.last_synced] if self.last_synced else [])
+        return max(times) if times else None
+
+    def _describe(self, alias: str, version: str | None, at: datetime) -> tuple[str, str | None] | None:
+        """(actor, evidence run) from the tags the guard plugin wrote on ``version``, if recent."""
+        if version is None:
+            return None
+        try:
+            tags = self.client.get_model_version(self.cfg.training.model_name, version).tags
+        except MlflowException:
+            return None
+        actor, stamp = tags.get("promoted_by"), tags.get("promotion_at")
+        try:
+            when = datetime.fromisoformat(stamp) if stamp else None
+        except ValueError:
+            when = None
+        if actor and when and abs(when - at) <= GUARD_TAG_WINDOW:
+            return actor, tags.get("promotion_audit_run_id")
+        return None
+
+    def _check(self, move: AliasMove, outcome: AliasOutcome) -> None:
+        from mlflow_churn.registry.promotion import check_promotion
+
+        name = move.model
+        target = move.to_version or move.from_version
+        if target is None:
+            return
+        current = {a: str(v) for a, v in aliases_of(self.client, name).items()}
+        # judged as the guard would have judged it: on the aliases before the move
+        before = {a: v for a, v in current.items() if a != move.alias}
+        if move.from_version is not None:
+            before[move.alias] = move.from_version
+        check = check_promotion(_AliasesAsOf(self.client, name, before), name, target, self.cfg, move.alias)
+        if move.to_version is None:  # a deletion: the alias left a version; nothing was promoted
+            allowed = False
+            rule, message = "deleted", (f"protected alias {move.alias} of '{name}' was deleted from version "
+                                        f"{target} without the guard")
+        else:
+            allowed, rule, message = check.allowed, check.rule, check.message
+        if allowed:
+            canary = current.get(CANARY)
+            if move.alias == CHAMPION and canary == move.to_version and self._promote_by_hand is not None:
+                run_id = self._promote_by_hand(move.to_version, move.from_version, move.actor,
+                                               f"champion set by hand ({move.actor}); {check.message}",
+                                               move.moved_at)
+                if run_id:
+                    outcome.promotions.append(run_id)
+            return
+        run_id = self._audit(move, rule, message, check.evidence)
+        outcome.unguarded.append(run_id)
+        self.counters.inc(UNGUARDED_METRIC, alias=move.alias)
+        if self.cfg.hooks.alert_url:
+            post_alert(self.cfg.hooks.alert_url,
+                       {"alertname": "UnguardedPromotion", "severity": "critical", "model": name,
+                        "alias": move.alias, "version": move.to_version or ""},
+                       {"summary": message, "audit_run_id": run_id, "history_run_id": move.run_id,
+                        "reverted": str(self.cfg.registry.revert_unguarded).lower()}, move.moved_at)
+        if self.cfg.registry.revert_unguarded:
+            self._revert(move, run_id, outcome)
+
+    def _revert(self, move: AliasMove, audit_run_id: str, outcome: AliasOutcome) -> None:
+        name = move.model
+        if aliases_of(self.client, name).get(move.alias) not in (move.to_version, None) and move.to_version:
+            return  # moved on since: do not undo someone else's later move
+        who = {"actor": "churn hooks (revert_unguarded)", "evidence_run_id": audit_run_id,
+               "reason": f"registry.revert_unguarded: {move.alias} moved without the guard"}
+        mirror = self.cfg.evaluation.mirror_stages
+        if move.from_version is None:
+            remove_alias(self.client, name, move.alias, mirror, **who)
+        else:
+            move_alias(self.client, name, move.alias, move.from_version, mirror, **who)
+        outcome.reverted.append(f"{move.alias} -> {move.from_version or '(none)'}")
+        self.client.set_tag(audit_run_id, "reverted_to", move.from_version or "(none)")
+
+    def _audit(self, move: AliasMove, rule: str, message: str, evidence: dict[str, Any]) -> str:
+        """An ``unguarded_promotion`` run in ``registry.audit_experiment``; its id."""
+        exp_name = self.cfg.registry.audit_experiment
+        exp = self.client.get_experiment_by_name(exp_name)
+        try:
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(exp_name)
+        except MlflowException:  # created concurrently
+            exp_id = self.client.get_experiment_by_name(exp_name).experiment_id
+        tags = {"kind": UNGUARDED, "decision": UNGUARDED, "rule": rule, "model_name": move.model,
+                "alias": move.alias, "from_version": move.from_version or "",
+                "to_version": move.to_version or "",
+                "version": move.to_version or move.from_version or "", "actor": move.actor,
+                "moved_at": move.moved_at.isoformat(), "history_run_id": move.run_id,
+                "revert": str(self.cfg.registry.revert_unguarded).lower(),
+                "mlflow.runName": f"unguarded {move.alias} v{move.from_version or '-'} -> "
+                                  f"v{move.to_version or '-'}"}
+        run = self.client.create_run(exp_id, tags=tags)
+        run_id = run.info.run_id
+        self.client.log_param(run_id, "message", message[:5000])
+        decision = {"decision": UNGUARDED, "rule": rule, "message": message, "move": move.to_dict(),
+                    "evidence": evidence, "revert_unguarded": self.cfg.registry.revert_unguarded}
+        try:
+            self.client.log_text(run_id, json.dumps(decision, indent=2, sort_keys=True, default=str),
+                                 "decision.json")
+        except Exception as exc:  # an artifact store the receiver cannot reach: the tags still tell it
+            _log.warning("unguarded_promotion run %s: decision.json not written (%s)", run_id, exc)
+            self.client.set_tag(run_id, "decision_json_error", str(exc)[:500])
+        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+        _log.warning("unguarded promotion: %s (audit run %s)", message, run_id)
+        return run_id
+
+
+class _AliasesAsOf:
+    """``client`` seen with model ``name``'s aliases replaced by ``aliases`` (everything else
+    passes through): :func:`check_promotion` reads the registry as it was before a move."""
+
+    def __init__(self, client: MlflowClient, name: str, aliases: dict[str, str]) -> None:
+        self._client, self._name, self._aliases = client, name, aliases
+
+    def get_registered_model(self, name: str) -> Any:
+        model = self._client.get_registered_model(name)
+        if name != self._name:
+            return model
+        return SimpleNamespace(name=model.name, aliases=dict(self._aliases), tags=model.tags)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._client, attr)

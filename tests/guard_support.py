@@ -1,0 +1,130 @@
+"""Helpers of the guard tests: a real ``mlflow server --app-name churn-guard`` and cheap
+versions whose gate / canary records are written by the project's own recording code."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import requests
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from mlflow_churn.config import ChurnConfig, load_config
+from mlflow_churn.evaluation.evaluate import _act
+from mlflow_churn.registry.aliases import CHAMPION, alias_version
+from mlflow_churn.serving.canary import evaluate_canary
+from mlflow_churn.serving.prediction_log import PredictionLog, PredictionRecord
+from mlflow_churn.tracking import setup_mlflow
+from mlflow_churn.tracking_server import TrackingServer, start_tracking_server
+
+#: business time of the logged canary traffic
+TRAFFIC_AS_OF = datetime(2026, 5, 1, tzinfo=UTC)
+#: rows per route: above serving.min_canary_samples (default 500)
+TRAFFIC_ROWS = 600
+
+
+@contextmanager
+def guard_server(root: Path, **churn_env: str) -> Iterator[TrackingServer]:
+    """``mlflow server --app-name churn-guard`` on SQLite under ``root``; ``churn_env`` are the
+    server's CHURN_* variables (e.g. CHURN_REGISTRY__REQUIRE_APPROVAL="true")."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("CHURN_") and k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID",
+                                                       "MLFLOW_EXPERIMENT_ID")}
+    env.update(churn_env)
+    server = start_tracking_server(f"sqlite:///{root}/db.sqlite", root / "artifacts", app_name="churn-guard",
+                                   env=env, cwd=root, log_path=root / "server.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def guard_config(workspace: Path, server: TrackingServer, **overrides) -> ChurnConfig:
+    """Config of one test: its own workspace and model name, tracking on ``server``."""
+    flat = {"tracking_uri": server.url, "training.model_name": f"guard-{uuid.uuid4().hex[:8]}", **overrides}
+    return load_config(workspace=workspace, environ={}, overrides=flat)
+
+
+def new_version(client: MlflowClient, cfg: ChurnConfig) -> str:
+    """A registered version of ``cfg.training.model_name`` (no model files: the guard does not
+    look at them); the registered model is created on first use."""
+    name = cfg.training.model_name
+    exp_id = setup_mlflow(cfg)
+    run = client.create_run(exp_id, run_name="guard-test-train")
+    client.set_terminated(run.info.run_id)
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name)
+    mv = client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    return str(mv.version)
+
+
+def gate(client: MlflowClient, cfg: ChurnConfig, version: str, passed: bool) -> str:
+    """Record a gate decision on ``version`` the way the gate does: a decision run with the
+    gate's tags, then ``evaluation.evaluate._act`` (version tags; ``canary`` alias on a pass)."""
+    name = cfg.training.model_name
+    champ = alias_version(client, name, CHAMPION)
+    champ_v = str(champ.version) if champ else None
+    exp_id = setup_mlflow(cfg)
+    run = client.create_run(exp_id, run_name=f"gate v{version}", tags={
+        "churn.decision": "gate", "gate": "passed" if passed else "rejected",
+        "challenger_version": version, "champion_version": champ_v or "none"})
+    client.set_terminated(run.info.run_id)
+    _act(client, cfg, version, passed, [] if passed else ["auc_vs_champion: challenger 0.61 < champion 0.70"],
+         run.info.run_id, champ_v, None)
+    return run.info.run_id
+
+
+def canary_verdict(cfg: ChurnConfig, version: str, rows: int = TRAFFIC_ROWS) -> str:
+    """Log ``rows`` healthy predictions per route (champion and canary ``version``) and run the
+    real canary evaluation (which records its verdict on the version); the verdict."""
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    champ = alias_version(client, cfg.training.model_name, CHAMPION)
+    log = PredictionLog(cfg.prediction_log_url)
+    t = TRAFFIC_AS_OF
+    stamp = uuid.uuid4().hex[:6]
+    records = []
+    routes = {"canary": version, "champion": str(champ.version) if champ else None}
+    for i in range(rows):
+        for k, (route, v) in enumerate(routes.items()):
+            if v is not None:
+                records.append(PredictionRecord(f"{stamp}-{route}{i}", 2 * i + k, v, route, (i % 100) / 100,
+                                                4.0, "ok", t, t))
+    log.write(records)
+    log.close()
+    ev = evaluate_canary(cfg, t, since=t - timedelta(hours=1))
+    assert ev.canary_version == version, ev
+    return ev.verdict
+
+
+def rest(server: TrackingServer, method: str, path: str, payload: dict,
+         ui: bool = False) -> requests.Response:
+    """One raw registry call: ``/api/2.0/mlflow/<path>`` or, with ``ui``, ``/ajax-api/2.0/...``."""
+    base = "ajax-api" if ui else "api"
+    return requests.request(method, f"{server.url}/{base}/2.0/mlflow/{path}", json=payload, timeout=30)
+
+
+def set_alias(server: TrackingServer, name: str, alias: str, version: str,
+              ui: bool = False) -> requests.Response:
+    payload = {"name": name, "alias": alias, "version": version}
+    return rest(server, "POST", "registered-models/alias", payload, ui)
+
+
+def delete_alias(server: TrackingServer, name: str, alias: str, ui: bool = False) -> requests.Response:
+    return rest(server, "DELETE", "registered-models/alias", {"name": name, "alias": alias}, ui)
+
+
+def to_stage(server: TrackingServer, name: str, version: str, stage: str = "Production",
+             ui: bool = False) -> requests.Response:
+    return rest(server, "POST", "model-versions/transition-stage",
+                {"name": name, "version": version, "stage": stage, "archive_existing_versions": False}, ui)
+
+
+def aliases(client: MlflowClient, name: str) -> dict[str, str]:
+    return {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}

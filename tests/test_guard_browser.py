@@ -1,0 +1,106 @@
+"""A person in the real MLflow registry UI, against ``mlflow server --app-name churn-guard``
+(issue 15 "A browser test"): headless Chromium (Debian packages ``chromium`` and
+``chromium-driver``; .ci/run installs them) driven by Selenium.
+
+Deselect with ``-m "not browser"``. Skipped when Chromium is missing, except in CI.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from guard_support import canary_verdict, gate, guard_config, guard_server, new_version, set_alias
+from mlflow.tracking import MlflowClient
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--window-size=1400,1000")
+
+
+@pytest.fixture
+def browser(tmp_path: Path):
+    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
+        msg = f"{CHROMIUM} / {CHROMEDRIVER} missing: apt-get install chromium chromium-driver"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never download a driver
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="chromium-", dir=tmp_path)
+    for flag in (*FLAGS, f"--user-data-dir={profile}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(120)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _add_alias(driver, url: str, name: str, version: str, alias: str, shots: Path) -> None:
+    """Open the version page, open the alias editor, type ``alias``, press Save."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, 90)
+    driver.get(f"{url}/#/models/{name}/versions/{version}")
+    editor = "button[title='Add aliases'], button[title='Edit aliases']"  # no alias yet / some
+    wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, editor))).click()
+    field = (By.CSS_SELECTOR, "div[role='dialog'] input[role='combobox']")
+    box = wait.until(ec.presence_of_element_located(field))
+    box.send_keys(alias)
+    box.send_keys(Keys.ENTER)
+    save = "[data-component-id='mlflow.edit-aliases-modal.save-button']"
+    wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, save))).click()
+    driver.save_screenshot(str(shots / f"v{version}-saved.png"))
+
+
+def test_promotion_from_the_registry_ui(browser, tmp_path, workspace) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with guard_server(tmp_path / "srv") as server:
+        cfg = guard_config(workspace, server)
+        client = MlflowClient(server.url, server.url)
+        name = cfg.training.model_name
+        v1, ungated, passed = (new_version(client, cfg) for _ in range(3))
+        gate(client, cfg, v1, passed=True)
+        assert set_alias(server, name, "champion", v1).status_code == 200
+        gate(client, cfg, passed, passed=True)
+        assert canary_verdict(cfg, passed) == "promote"
+        wait = WebDriverWait(browser, 90)
+
+        # refused: the UI shows the guard's message, the alias stays where it was
+        _add_alias(browser, server.url, name, ungated, "champion", tmp_path)
+        dialog = (By.CSS_SELECTOR, "div[role='dialog']")
+        wait.until(ec.text_to_be_present_in_element(dialog, "rule not_gated"))
+        text = browser.find_element(*dialog).text
+        browser.save_screenshot(str(tmp_path / "refused.png"))
+        assert f"version {ungated} of '{name}' may not become champion" in text
+        assert "promotion_override" in text  # how to pass it
+        assert client.get_registered_model(name).aliases["champion"] == v1
+
+        # accepted: the canary-passed version gets the alias, the page shows it
+        _add_alias(browser, server.url, name, passed, "champion", tmp_path)
+        wait.until(ec.invisibility_of_element_located(dialog))
+        badge = (By.CSS_SELECTOR, "[data-component-type='tag'][title='champion']")
+        wait.until(ec.presence_of_element_located(badge))
+        browser.save_screenshot(str(tmp_path / "accepted.png"))
+        assert client.get_registered_model(name).aliases["champion"] == passed
+        tags = client.get_model_version(name, passed).tags
+        assert tags["promotion_rule"] == "gate_and_canary" and tags["promotion_route"] == "ui:set_alias"

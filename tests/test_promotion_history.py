@@ -1,0 +1,320 @@
+"""Issue 15 items 2-5 against a real `mlflow server` (PostgreSQL, webhooks) and a real
+`churn hooks serve`: alias history (project, REST and reconciled moves; `churn registry history
+--at`), unguarded moves (audit run, /metrics, revert), a promotion made in the UI completed by
+the receiver, promote refusals / --force override, rollback after a promotion."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+from hooks_support import Receiver, register_webhook
+from mlflow.tracking import MlflowClient
+from serving_support import BATCH_AS_OF, run_cli
+
+from mlflow_churn.config import ChurnConfig
+from mlflow_churn.errors import ChurnError
+from mlflow_churn.registry.aliases import move_alias
+from mlflow_churn.registry.history import RECONCILED, UNKNOWN, read_moves, version_at
+from mlflow_churn.registry.promotion import OVERRIDE_TAG, record_canary_verdict
+from mlflow_churn.serving.prediction_log import PredictionLog, PredictionRecord
+
+
+@pytest.fixture
+def server_cfg(config: ChurnConfig, mlflow_server, monkeypatch) -> ChurnConfig:
+    """The test's config pointed at the session's `mlflow server`, with its own model name."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    cfg = config.model_copy(deep=True)
+    cfg.training.model_name = f"churn-{uuid.uuid4().hex[:8]}"
+    return cfg
+
+
+def _client(url: str) -> MlflowClient:
+    return MlflowClient(url, url)
+
+
+def _aliases(client: MlflowClient, name: str) -> dict[str, str]:
+    return {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+
+
+def _wait(
+    what: str, ok: Callable[[], object], receiver: Receiver | None = None, timeout: float = 90
+) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = ok()
+        if value:
+            return value
+        time.sleep(0.3)
+    pytest.fail(f"{what} not within {timeout} s" + (f"; receiver log: {receiver.log()}" if receiver else ""))
+
+
+def _ui_set_alias(url: str, name: str, alias: str, version: str) -> None:
+    """What the registry UI sends when a person sets an alias."""
+    res = httpx.post(
+        f"{url}/ajax-api/2.0/mlflow/registered-models/alias",
+        json={"name": name, "alias": alias, "version": version},
+        timeout=30,
+    )
+    assert res.status_code == 200, res.text
+
+
+def _pass_gate_and_canary(client: MlflowClient, name: str, version: str, champion: str) -> None:
+    """Gate and canary decision runs saying passed / promote for ``version`` (as `churn evaluate`
+    and `churn canary evaluate` would leave them; the real ones are tested elsewhere)."""
+    exp = client.get_experiment_by_name("Default").experiment_id
+    gate = client.create_run(
+        exp, tags={"gate": "passed", "challenger_version": version, "decision": "passed"}
+    )
+    client.set_terminated(gate.info.run_id)
+    client.set_model_version_tag(name, version, "gate_run_id", gate.info.run_id)
+    client.set_model_version_tag(name, version, "gate", "passed")
+    canary = client.create_run(
+        exp,
+        tags={
+            "decision": "promote",
+            "kind": "canary-evaluate",
+            "canary_version": version,
+            "champion_version": champion,
+        },
+    )
+    client.set_terminated(canary.info.run_id)
+    record_canary_verdict(client, name, version, "promote", canary.info.run_id, datetime.now(UTC))
+
+
+def _audit_runs(client: MlflowClient, cfg: ChurnConfig, name: str):
+    exp = client.get_experiment_by_name(cfg.registry.audit_experiment)
+    if exp is None:
+        return []
+    return client.search_runs(
+        [exp.experiment_id], f"tags.kind = 'unguarded_promotion' and tags.model_name = '{name}'"
+    )
+
+
+def _counter(receiver: Receiver, alias: str = "champion") -> float:
+    for line in receiver.metrics().splitlines():
+        if line.startswith(f'churn_hooks_unguarded_promotions_total{{alias="{alias}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _history_at(cfg: ChurnConfig, url: str, at: datetime) -> dict:
+    res = run_cli(
+        cfg,
+        ["registry", "history", "--alias", "champion", "--at", at.isoformat(), "--json"],
+        MLFLOW_TRACKING_URI=url,
+        CHURN_TRAINING__MODEL_NAME=cfg.training.model_name,
+    )
+    assert res.returncode == 0, res.stderr
+    (answer,) = json.loads(res.stdout)["aliases"]
+    return answer
+
+
+@pytest.mark.slow
+def test_receiver_history_unguarded_revert_ui_promotion_and_reconcile(
+    server_cfg, register_version, mlflow_server, tmp_path
+) -> None:
+    cfg, url = server_cfg, mlflow_server.url
+    name = cfg.training.model_name
+    client = _client(url)
+    t0 = datetime.now(UTC)
+    v1 = register_version(cfg, "good", alias="champion").version  # a project move (recorded by it)
+    v2 = register_version(cfg, "bad", alias=None, seed=1).version  # never gated
+    v3 = register_version(cfg, "good", alias=None, seed=2).version
+    receiver = Receiver(cfg, url, tmp_path / "hooks.log", CHURN_REGISTRY__REVERT_UNGUARDED="true")
+    hook_id = register_webhook(client, f"{receiver.url}/webhook")
+    try:
+        with receiver:
+            time.sleep(2)  # MLflow's webhook cache (1 s TTL) sees the new webhook
+            t1 = datetime.now(UTC)
+            # 1. unguarded: champion -> the ungated v2 over REST: audit run, counter, moved back to v1
+            client.set_registered_model_alias(name, "champion", v2)
+            (audit,) = _wait(
+                "the unguarded_promotion audit run", lambda: _audit_runs(client, cfg, name), receiver
+            )
+            assert audit.data.tags["rule"] == "not_gated" and audit.data.tags["to_version"] == v2
+            assert audit.data.tags["from_version"] == v1 and "decision.json" in {
+                a.path for a in client.list_artifacts(audit.info.run_id)
+            }
+            _wait("the revert", lambda: _aliases(client, name).get("champion") == v1, receiver)
+            assert _counter(receiver) == 1.0
+            t2 = datetime.now(UTC)
+            # 2. a promotion in the UI of a canary-passed version: the receiver completes it
+            move_alias(client, name, "canary", v3, reason="gate passed")
+            _pass_gate_and_canary(client, name, v3, champion=v1)
+            _ui_set_alias(url, name, "champion", v3)
+            after = _wait(
+                "previous-champion and canary dropped",
+                lambda: (
+                    (a := _aliases(client, name)).get("previous-champion") == v1 and "canary" not in a and a
+                ),
+                receiver,
+            )
+            assert after == {"champion": v3, "previous-champion": v1}
+            run_id = _wait(
+                "the transition run", lambda: client.get_model_version(name, v3).tags.get("promote_run_id")
+            )
+            run = client.get_run(run_id)
+            assert run.data.tags["kind"] == "canary-promote" and run.data.tags["decision"] == "promoted"
+            assert _counter(receiver) == 1.0  # an allowed move is not counted
+            time.sleep(1)
+        t3 = datetime.now(UTC)
+        # 3. receiver down: champion back to v1 by hand (a rollback: allowed), then restart
+        _ui_set_alias(url, name, "champion", v1)
+        t_down = datetime.now(UTC)
+        time.sleep(1)
+        receiver.start()
+        _wait(
+            "the reconciled move",
+            lambda: any(m.actor == RECONCILED for m in read_moves(client, name, "champion")),
+            receiver,
+        )
+        assert _aliases(client, name)["champion"] == v1  # a rollback is not reverted
+        assert _counter(receiver) == 0.0  # a new process
+        t4 = datetime.now(UTC)
+    finally:
+        receiver.stop()
+        client.delete_webhook(hook_id)
+
+    moves = read_moves(client, name, "champion")
+    steps = [
+        (m.from_version, m.to_version, m.actor if m.actor in (UNKNOWN, RECONCILED) else m.source)
+        for m in moves
+    ]
+    assert steps == [
+        (None, v1, "project"),
+        (v1, v2, UNKNOWN),
+        (v2, v1, "project"),
+        (v1, v3, UNKNOWN),
+        (v3, v1, RECONCILED),
+    ], steps
+    assert moves[2].actor.startswith("churn hooks") and moves[2].evidence_run_id == audit.info.run_id
+    assert len({m.move_key for m in moves}) == len(moves)
+    # which version was champion at T: through the CLI, --json
+    assert _history_at(cfg, url, t0)["version"] is None
+    assert _history_at(cfg, url, t1)["version"] == v1
+    assert _history_at(cfg, url, t2)["version"] == v1
+    assert _history_at(cfg, url, t3)["version"] == v3
+    down = _history_at(cfg, url, t_down)
+    assert down["version"] == v3 and down["uncertain"]  # moved while the receiver was down
+    final = _history_at(cfg, url, t4)
+    assert final["version"] == v1 and not final["uncertain"] and final["move"]["actor"] == RECONCILED
+    # previous-champion / canary moves are in the history too
+    assert [m.to_version for m in read_moves(client, name, "previous-champion")] == [v1]
+    assert [(m.from_version, m.to_version) for m in read_moves(client, name, "canary")] == [
+        (None, v3),
+        (v3, None),
+    ]
+    listing = run_cli(cfg, ["registry", "history"], MLFLOW_TRACKING_URI=url, CHURN_TRAINING__MODEL_NAME=name)
+    assert listing.returncode == 0 and "previous-champion" in listing.stdout and RECONCILED in listing.stdout
+
+
+@pytest.mark.slow
+def test_unguarded_move_without_revert_stays_and_is_counted(
+    server_cfg, register_version, mlflow_server, tmp_path
+) -> None:
+    cfg, url = server_cfg, mlflow_server.url
+    name = cfg.training.model_name
+    client = _client(url)
+    v1 = register_version(cfg, "good", alias="champion").version
+    v2 = register_version(cfg, "bad", alias=None, seed=1).version
+    receiver = Receiver(cfg, url, tmp_path / "hooks.log")
+    hook_id = register_webhook(client, f"{receiver.url}/webhook")
+    try:
+        with receiver:
+            time.sleep(2)
+            _ui_set_alias(url, name, "champion", v2)
+            (audit,) = _wait("the audit run", lambda: _audit_runs(client, cfg, name), receiver)
+            assert audit.data.tags["revert"] == "false" and "reverted_to" not in audit.data.tags
+            _wait("the counter", lambda: _counter(receiver) == 1.0, receiver)
+            assert "# TYPE churn_hooks_unguarded_promotions_total counter" in receiver.metrics()
+            assert _aliases(client, name)["champion"] == v2  # recorded and alerted, not moved back
+            (move,) = [m for m in read_moves(client, name, "champion") if m.to_version == v2]
+            assert move.from_version == v1 and move.actor == UNKNOWN
+    finally:
+        client.delete_webhook(hook_id)
+
+
+def _log_canary(cfg: ChurnConfig, version: str, n: int) -> None:
+    log = PredictionLog(cfg.prediction_log_url)
+    try:
+        log.write(
+            [
+                PredictionRecord(
+                    f"r{version}-{i}", i, version, "canary", 0.2, 3.0, "ok", BATCH_AS_OF, BATCH_AS_OF
+                )
+                for i in range(1, n + 1)
+            ]
+        )
+    finally:
+        log.close()
+
+
+def test_promote_refuses_wait_and_few_requests_force_records_override_and_rollback_restores(
+    server_cfg, register_version, mlflow_server
+) -> None:
+    from mlflow_churn.serving.canary import promote, rollback
+
+    cfg, url = server_cfg, mlflow_server.url
+    cfg.evaluation.mirror_stages = True
+    name = cfg.training.model_name
+    client = _client(url)
+    v1 = register_version(cfg, "good", alias="champion", mirror_stages=True).version
+    v2 = register_version(cfg, "good", alias="canary", seed=1, mirror_stages=True).version
+    with pytest.raises(ChurnError, match=r"verdict is 'wait' on 0 logged predictions.*--force"):
+        promote(cfg, "looks fine")
+    _log_canary(cfg, v2, 40)
+    with pytest.raises(ChurnError, match=r"on 40 logged predictions \(serving.min_canary_samples=500\)"):
+        promote(cfg, "looks fine")
+    assert _aliases(client, name) == {"champion": v1, "canary": v2}
+    # enough requests within every limit: promoted without --force
+    cfg.serving.min_canary_samples = 40
+    res = promote(cfg, "canary healthy")
+    assert not res.noop and _aliases(client, name) == {"champion": v2, "previous-champion": v1}
+    assert OVERRIDE_TAG not in client.get_model_version(name, v2).tags
+    # rollback after the promotion: champion back on previous-champion in one step, stages mirrored
+    env = {
+        "MLFLOW_TRACKING_URI": url,
+        "CHURN_TRAINING__MODEL_NAME": name,
+        "CHURN_EVALUATION__MIRROR_STAGES": "true",
+    }
+    back = run_cli(cfg, ["canary", "rollback", "--reason", "conversion dropped", "--json"], **env)
+    assert back.returncode == 0, back.stderr
+    assert json.loads(back.stdout)["after"] == {"champion": v1}
+    assert _aliases(client, name) == {"champion": v1}
+    stages = {v: client.get_model_version(name, v).current_stage for v in (v1, v2)}
+    assert stages == {v1: "Production", v2: "Archived"}
+    demoted = client.get_model_version(name, v2).tags
+    assert demoted["rolled_back"] == "true" and demoted["rollback_reason"] == "conversion dropped"
+    run = client.get_run(demoted["rollback_run_id"])
+    assert run.data.tags["rollback_of"] == "champion" and run.data.tags["restored_version"] == v1
+    history = [(m.from_version, m.to_version) for m in read_moves(client, name, "champion")]
+    assert history == [(None, v1), (v1, v2), (v2, v1)]
+    assert version_at(read_moves(client, name), name, "champion", datetime.now(UTC)).version == v1
+    # nothing left to roll back
+    with pytest.raises(ChurnError, match="no canary to roll back and no previous-champion"):
+        rollback(cfg, "again")
+    # a new canary without traffic: refused, then --force --reason records the override
+    cfg.serving.min_canary_samples = 500
+    v3 = register_version(cfg, "good", alias="canary", seed=2, mirror_stages=True).version
+    refused = run_cli(cfg, ["canary", "promote", "--reason", "x"], **env)
+    assert (
+        refused.returncode == 2
+        and "verdict is 'wait'" in refused.stderr
+        and "Traceback" not in refused.stderr
+    )
+    forced = run_cli(
+        cfg, ["canary", "promote", "--force", "--reason", "hotfix for the pricing bug", "--json"], **env
+    )
+    assert forced.returncode == 0, forced.stderr
+    assert _aliases(client, name) == {"champion": v3, "previous-champion": v1}
+    assert client.get_model_version(name, v3).tags[OVERRIDE_TAG] == "hotfix for the pricing bug"
+    run = client.get_run(json.loads(forced.stdout)["run_id"])
+    assert run.data.tags["override"] == "hotfix for the pricing bug"
+    no_reason = run_cli(cfg, ["canary", "promote", "--force"], **env)
+    assert no_reason.returncode == 2 and "--reason" in no_reason.stderr
