@@ -7,10 +7,10 @@ version's reference profile (``reference/profile.json`` of its training run: the
 data is never re-read):
 
 - **integrity**: null rates of the features and, per day, of the raw source columns
-  (:mod:`mlflow_churn.monitoring.sources`), missing features and days;
+  (:mod:`mlflow_churn.data.sources`), missing features and days;
 - **drift** (:mod:`mlflow_churn.monitoring.window`): PSI, KS, Jensen-Shannon,
   chi-square, score PSI, per segment;
-- **performance** (:mod:`mlflow_churn.monitoring.performance`): the CBPE estimate from the
+- **performance** (:mod:`mlflow_churn.stats.performance`): the CBPE estimate from the
   calibrated scores; realised AUC, recall@k, revenue lift on the cutoffs whose labels have
   matured (``min(label_horizon_days, label_delay_days)`` before ``as_of``); ``auc_drop``
   against the version's baseline (``monitoring.auc_baseline``); ``early_auc_drop`` on the
@@ -34,15 +34,15 @@ import numpy as np
 import pandas as pd
 
 from mlflow_churn.config import ChurnConfig
+from mlflow_churn.data.sources import daily_source_nulls, source_integrity
 from mlflow_churn.errors import ChurnError
-from mlflow_churn.monitoring.baseline import Baseline, unseen_mask, version_baseline
 from mlflow_churn.monitoring.frames import FrameCache, window_frame
-from mlflow_churn.monitoring.performance import AucCheck, Performance, assess, auc_check
 from mlflow_churn.monitoring.policy import REFRESH_TAG, PolicyDecision, WindowStats, decide
-from mlflow_churn.monitoring.profile import profile_for_version
 from mlflow_churn.monitoring.runs import TAG_PREFIX, latest_decision, log_window, nested_run, read_history
-from mlflow_churn.monitoring.sources import daily_source_nulls, source_integrity
 from mlflow_churn.monitoring.window import window_drift
+from mlflow_churn.stats.performance import AucCheck, Performance, assess, auc_check
+from mlflow_churn.training.baseline import Baseline, unseen_mask, version_baseline
+from mlflow_churn.training.profile import profile_for_version
 
 __all__ = ["TAG_PREFIX", "MonitorResult", "latest_decision", "monitor", "monitoring_experiment",
            "read_history", "window_cutoffs"]

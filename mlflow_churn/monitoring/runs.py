@@ -89,8 +89,8 @@ def log_window(result: MonitorResult, profile: dict[str, Any], frame: pd.DataFra
     """Log one window into the active run (see the module doc)."""
     import mlflow
 
-    from mlflow_churn.monitoring.baseline import UNSELECTED, early_key
     from mlflow_churn.monitoring.report import evidently_report, psi_figure, timeline_figure
+    from mlflow_churn.training.baseline import UNSELECTED, early_key
 
     tags = mv_tags or {}
     early = early_key(cfg.monitoring.early_label_days)

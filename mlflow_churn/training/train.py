@@ -14,7 +14,7 @@ Two sources share one path, :func:`_fit_and_register`:
 The parent MLflow run (``MLFLOW_RUN_ID`` inside ``mlflow run``, or ``parent_run_id``, else
 a new run) gets params (window bounds, feature set + hash, best params), metrics (val_auc,
 val_pr_auc, val_log_loss), the dataset (``mlflow.log_input``), a feature-importance PNG,
-``reference/profile.json`` (:func:`mlflow_churn.monitoring.profile.build_profile` on every
+``reference/profile.json`` (:func:`mlflow_churn.training.profile.build_profile` on every
 customer at the newest training cutoff, and the model's scores) and the model
 (:func:`~mlflow_churn.training.model.log_churn_model`).
 Each Optuna trial is a nested run. The model is registered as a new version of
@@ -280,9 +280,9 @@ def _log_profile(prep: Prepared, booster: Any, bins: int, extras: dict[str, Any]
     cutoff; for a table, the validation rows) with the model's scores and ``extras``
     (calibration, source null rates); False (and a tag) when monitoring.profile is absent."""
     try:
-        from mlflow_churn.monitoring.profile import build_profile
+        from mlflow_churn.training.profile import build_profile
     except ImportError:
-        mlflow.set_tag("reference_profile", "missing: mlflow_churn.monitoring.profile not installed")
+        mlflow.set_tag("reference_profile", "missing: mlflow_churn.training.profile not installed")
         return False
     rows = prep.valid if prep.reference is None else prep.reference
     scores = predict_proba(booster, prep.feature_set, prep.feature_set.coerce(rows))
@@ -374,7 +374,7 @@ def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None,
             "n_trials_complete": tuned.n_complete, "n_trials_pruned": tuned.n_pruned,
             "best_trial": tuned.best_trial,
         }
-        from mlflow_churn.monitoring.baseline import training_baselines
+        from mlflow_churn.training.baseline import training_baselines
 
         baselines = training_baselines(cfg, prep, booster, y_valid, scores)  # what monitoring compares with
         metrics |= baselines.metrics
