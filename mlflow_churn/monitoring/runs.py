@@ -26,20 +26,55 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from mlflow_churn.config import ChurnConfig
-from mlflow_churn.monitoring.policy import WindowStats, psi_floor
-
-if TYPE_CHECKING:
-    from mlflow_churn.monitoring.monitor import MonitorResult
+from mlflow_churn.monitoring.policy import PolicyDecision, WindowStats, psi_floor
+from mlflow_churn.stats.performance import Performance
 
 TAG_PREFIX = "monitor."
+
+
+@dataclass
+class MonitorResult:
+    """What one monitoring window found and decided."""
+
+    decision: PolicyDecision
+    run_id: str | None
+    as_of: datetime
+    window_start: datetime
+    model_version: str
+    stats: WindowStats
+    performance: Performance
+    population_psi_max: float
+    rows: int
+    daily_psi: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)
+    daily_segments: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)
+    source_daily: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "decision": self.decision.to_dict(),
+            "run_id": self.run_id,
+            "as_of": self.as_of.isoformat(),
+            "window_start": self.window_start.isoformat(),
+            "model_version": self.model_version,
+            "rows": self.rows,
+            "population_psi_max": self.population_psi_max,
+            "performance": dict(self.performance.metrics()),
+            "stats": self.stats.to_dict(),
+        }
+
+
+def monitoring_experiment(cfg: ChurnConfig) -> str:
+    """Name of the experiment holding monitoring runs."""
+    return f"{cfg.training.experiment}-monitoring"
 
 
 def _safe(name: str) -> str:
@@ -190,7 +225,6 @@ def latest_decision(cfg: ChurnConfig, model_name: str | None = None) -> dict[str
     """
     from mlflow import MlflowClient
 
-    from mlflow_churn.monitoring.monitor import monitoring_experiment
     from mlflow_churn.tracking import setup_mlflow
 
     setup_mlflow(cfg, monitoring_experiment(cfg))
