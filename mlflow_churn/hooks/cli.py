@@ -26,7 +26,7 @@ def serve(
     """Receive webhooks on POST /webhook; gate each new `challenger` in the background."""
     import uvicorn
 
-    from mlflow_churn.registry.hooks import create_app
+    from mlflow_churn.hooks.app import create_app
 
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     cfg = get_config(ctx, {"hooks.host": opt_str(host), "hooks.port": port, "hooks.secret": opt_str(secret)})
