@@ -27,6 +27,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from mlflow_churn.cli_common import rich_progress
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.data.simulator import SimulationSpec, simulate
 
@@ -175,7 +176,7 @@ def step_champion(ctx: DemoContext) -> str:
     ctx.report.add("materialize", f"{batch.rows:,} customers online at {as_of.date()}",
                    f"batch {batch.batch_id}", t)
     t = time.perf_counter()
-    first = train(cfg, as_of, progress=True)
+    first = train(cfg, as_of, progress=rich_progress)
     ctx.report.add("train champion", f"version {first.version}, validation AUC {first.val_auc:.3f}",
                    f"run {first.run_id}", t)
     t = time.perf_counter()
@@ -216,7 +217,7 @@ def step_retrain(ctx: DemoContext):
 
     t = time.perf_counter()
     materialize(ctx.cfg, ctx.end)
-    outcome = retrain(ctx.cfg, ctx.end, progress=True)
+    outcome = retrain(ctx.cfg, ctx.end, progress=rich_progress)
     if outcome.train is None or outcome.gate is None or not outcome.gate.passed:
         raise RuntimeError(f"retrain did not reach canary: {outcome.reason} "
                            f"{outcome.gate.reasons if outcome.gate else ''}")

@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from mlflow_churn.cli_common import console, get_config, opt_str, parse_datetime
+from mlflow_churn.cli_common import console, get_config, opt_str, parse_datetime, progress_arg
 from mlflow_churn.errors import ChurnError
 
 features_app = typer.Typer(help="Feature store: definitions, materialization, online API.",
@@ -177,10 +177,10 @@ def materialize_cmd(
                 _log_batch_to_project_run(info)
 
         run_every(cfg, parse_every(every_s), incremental=incremental, max_runs=max_runs,
-                  progress=progress, on_run=report)
+                  progress=progress_arg(progress), on_run=report)
         return
     when = parse_datetime(as_of_s, "--as-of") if as_of_s else data_bounds(cfg.data_dir).last_event
-    info = materialize(cfg, when, incremental=incremental, progress=progress, force=force)
+    info = materialize(cfg, when, incremental=incremental, progress=progress_arg(progress), force=force)
     console.print(_batch_table("churn features materialize", [info]))
     console.print(f"serving batch {info.batch_id} from {cfg.features.online_backend} store")
     _log_batch_to_project_run(info)

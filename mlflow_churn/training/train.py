@@ -31,6 +31,7 @@ leader waits for running trials before choosing the best one.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import warnings
 from collections.abc import Iterator
@@ -46,14 +47,13 @@ import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from rich.table import Table
 
-from mlflow_churn.cli_common import err_console, with_progress
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.data.groups import holdout_mask, validation_mask
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.offline import build_training_frame
 from mlflow_churn.features.registry import FeatureSet, registry_for
+from mlflow_churn.progress import ProgressArg, resolve
 from mlflow_churn.registry.aliases import CHALLENGER, move_alias
 from mlflow_churn.tracking import setup_mlflow
 from mlflow_churn.training import tuning
@@ -62,6 +62,7 @@ from mlflow_churn.training.window import TrainingWindow, training_window
 
 LABEL, WEIGHT = "label", "weight"
 DEFAULT_WAIT_SECONDS = 600.0
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -313,7 +314,7 @@ def _fit_data(prep: Prepared) -> tuning.FitData:
 
 
 def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None, timeout: float | None,
-                      storage: str | None, study_name: str | None, progress: bool,
+                      storage: str | None, study_name: str | None, progress: ProgressArg,
                       parent_run_id: str | None,
                       wait_seconds: float = DEFAULT_WAIT_SECONDS) -> TrainResult:
     """Tune, fit the best trial, log everything to the parent run, register a challenger."""
@@ -336,9 +337,9 @@ def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None,
         run_id = run.info.run_id
         study_name = study_name or f"churn-{run_id}"
         study = tuning.make_study(study_name, storage, t.seed)
-        if storage and progress:
-            err_console.print(f"study {study_name}: add workers with `churn train --worker --study "
-                              f"{study_name} --storage <same URL>`")
+        if storage:
+            _log.warning("study %s: add workers with `churn train --worker --study %s --storage <same URL>`",
+                         study_name, study_name)
         settings = {"seed": t.seed, "max_estimators": t.max_estimators,
                     "early_stopping_rounds": t.early_stopping_rounds}
         for key, value in {"parent_run_id": run_id, "experiment_id": run.info.experiment_id,
@@ -353,11 +354,12 @@ def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None,
         })
         mlflow.set_tags({"source": prep.source, "feature_set": fs.name, "feature_set_hash": fs.hash,
                          "data_hash": data_hash, "optuna.study": study_name})
-        with_progress(f"tuning: {n_trials} trials", n_trials, progress, lambda tick: tuning.run_trials(
-            study, data, seed=t.seed, max_estimators=t.max_estimators,
-            early_stopping_rounds=t.early_stopping_rounds, n_trials=n_trials, timeout=timeout,
-            client=client, experiment_id=run.info.experiment_id, parent_run_id=run_id, on_trial=tick,
-            nthread=t.nthread))
+        with resolve(progress)(f"tuning: {n_trials} trials", n_trials) as tick:
+            tuning.run_trials(
+                study, data, seed=t.seed, max_estimators=t.max_estimators,
+                early_stopping_rounds=t.early_stopping_rounds, n_trials=n_trials, timeout=timeout,
+                client=client, experiment_id=run.info.experiment_id, parent_run_id=run_id, on_trial=tick,
+                nthread=t.nthread)
         if storage:
             tuning.wait_for_running(study, wait_seconds)
         tuned = tuning.summarize(study)
@@ -418,7 +420,7 @@ def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None,
 
 
 def run_worker(cfg: ChurnConfig, study_name: str, storage: str | None = None, n_trials: int | None = None,
-               timeout: float | None = None, progress: bool = True,
+               timeout: float | None = None, progress: ProgressArg = None,
                wait_seconds: float = DEFAULT_WAIT_SECONDS) -> TrainResult:
     """Join the leader's study ``study_name`` in ``storage``: rebuild its data, run trials
     nested under its parent run, register nothing."""
@@ -439,13 +441,12 @@ def run_worker(cfg: ChurnConfig, study_name: str, storage: str | None = None, n_
     fs = prep.feature_set
     data = _fit_data(prep)
     client = MlflowClient()
-    with_progress(f"worker {tuning.WORKER_ID}: {n_trials} trials", n_trials, progress,
-                  lambda tick: tuning.run_trials(
-                      study, data, seed=int(settings["seed"]),
-                      max_estimators=int(settings["max_estimators"]),
-                      early_stopping_rounds=int(settings["early_stopping_rounds"]), n_trials=n_trials,
-                      timeout=timeout, client=client, experiment_id=attrs["experiment_id"],
-                      parent_run_id=attrs["parent_run_id"], on_trial=tick, nthread=cfg.training.nthread))
+    with resolve(progress)(f"worker {tuning.WORKER_ID}: {n_trials} trials", n_trials) as tick:
+        tuning.run_trials(
+            study, data, seed=int(settings["seed"]), max_estimators=int(settings["max_estimators"]),
+            early_stopping_rounds=int(settings["early_stopping_rounds"]), n_trials=n_trials,
+            timeout=timeout, client=client, experiment_id=attrs["experiment_id"],
+            parent_run_id=attrs["parent_run_id"], on_trial=tick, nthread=cfg.training.nthread)
     tuned = tuning.summarize(study)
     return TrainResult(
         run_id=attrs["parent_run_id"], model_uri=None, version=None, val_auc=tuned.best_value,
@@ -457,7 +458,7 @@ def run_worker(cfg: ChurnConfig, study_name: str, storage: str | None = None, n_
 
 
 def train(cfg: ChurnConfig, as_of: datetime | None, n_trials: int | None = None, timeout: float | None = None,
-          storage: str | None = None, worker: bool = False, progress: bool = True,
+          storage: str | None = None, worker: bool = False, progress: ProgressArg = None,
           parent_run_id: str | None = None, study_name: str | None = None,
           wait_seconds: float = DEFAULT_WAIT_SECONDS) -> TrainResult:
     """Train on the window ending before ``as_of`` (tz-aware UTC) and register a challenger.
@@ -479,7 +480,7 @@ def train(cfg: ChurnConfig, as_of: datetime | None, n_trials: int | None = None,
 
 def train_table(cfg: ChurnConfig, path: Path | str, label: str, id_column: str | None = None,
                 n_trials: int | None = None, timeout: float | None = None, storage: str | None = None,
-                worker: bool = False, progress: bool = True, parent_run_id: str | None = None,
+                worker: bool = False, progress: ProgressArg = None, parent_run_id: str | None = None,
                 study_name: str | None = None, wait_seconds: float = DEFAULT_WAIT_SECONDS) -> TrainResult:
     """Train on a flat CSV / Parquet table (``label`` column, optional ``id_column``)."""
     if worker:
@@ -492,7 +493,7 @@ def train_table(cfg: ChurnConfig, path: Path | str, label: str, id_column: str |
 
 def train_on_frame(cfg: ChurnConfig, train_frame: pd.DataFrame, valid_frame: pd.DataFrame,
                    feature_set: FeatureSet, *, source: str = "table", dataset_source: str = "in-memory",
-                   n_trials: int | None = None, timeout: float | None = None, progress: bool = False,
+                   n_trials: int | None = None, timeout: float | None = None, progress: ProgressArg = None,
                    parent_run_id: str | None = None) -> TrainResult:
     """Tune, log and register from ready frames: ``feature_set`` columns plus ``label``
     (0/1) and optionally ``weight``; ``valid_frame`` is the validation slice."""
@@ -510,34 +511,7 @@ def train_on_frame(cfg: ChurnConfig, train_frame: pd.DataFrame, valid_frame: pd.
                              study_name=None, progress=progress, parent_run_id=parent_run_id)
 
 
-def summary_table(result: TrainResult, top: int = 10) -> Table:
-    """A rich table: the best trials, then the registered version and validation metrics."""
-    title = (f"churn train: {result.source}, feature set {result.feature_set}, study {result.study_name}")
-    table = Table(title=title)
-    for col, justify in (("trial", "right"), ("state", "left"), ("val AUC", "right"),
-                         ("trees", "right"), ("learning_rate", "right"), ("max_depth", "right"),
-                         ("worker", "left")):
-        table.add_column(col, justify=justify)
-    ranked = sorted(result.trials, key=lambda r: -(r.val_auc if r.val_auc is not None else -1))
-    for rec in ranked[:top]:
-        table.add_row(str(rec.number), rec.state,
-                      f"{rec.val_auc:.4f}" if rec.val_auc is not None else "-",
-                      str(rec.n_trees or "-"),
-                      f"{rec.params.get('learning_rate', float('nan')):.3f}",
-                      str(rec.params.get("max_depth", "-")), rec.worker)
-    table.caption = (
-        f"{result.n_complete} complete, {result.n_pruned} pruned; rows train {result.rows_train:,} / "
-        f"valid {result.rows_valid:,}; val AUC {result.val_auc:.4f}"
-        + (f", PR-AUC {result.val_pr_auc:.4f}, log loss {result.val_log_loss:.4f}"
-           if result.val_pr_auc is not None else "")
-        + (f"; registered {result.model_uri} (@{CHALLENGER})" if result.version
-           else "; worker: nothing registered")
-        + (f"; window {result.window_start[:10]} .. {result.window_end[:10]}" if result.window_start else "")
-    )
-    return table
-
-
 __all__ = [
     "Prepared", "TrainResult", "prepare_table", "prepare_window", "registered_version", "run_worker",
-    "summary_table", "time_split", "train", "train_on_frame", "train_table",
+    "time_split", "train", "train_on_frame", "train_table",
 ]
