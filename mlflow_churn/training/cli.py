@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
 from mlflow_churn.cli_common import console, get_config, opt_str, parse_datetime, progress_arg
 from mlflow_churn.errors import ChurnError
-from mlflow_churn.registry.aliases import CHALLENGER
-from mlflow_churn.training.train import TrainResult
+
+if TYPE_CHECKING:
+    from mlflow_churn.training.train import TrainResult
 
 
 def train_command(
@@ -83,6 +85,8 @@ def train_command(
 
 def summary_table(result: TrainResult, top: int = 10) -> Table:
     """A rich table: the best trials, then the registered version and validation metrics."""
+    from mlflow_churn.registry.aliases import CHALLENGER
+
     title = (f"churn train: {result.source}, feature set {result.feature_set}, study {result.study_name}")
     table = Table(title=title)
     for col, justify in (("trial", "right"), ("state", "left"), ("val AUC", "right"),
