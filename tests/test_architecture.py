@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "mlflow_churn"
 
 #: bottom first; a module may import its own package and any package listed before it
 LAYERS: tuple[str, ...] = (
-    "errors", "config", "stats", "progress", "tracking", "tracking_server",
+    "errors", "times", "config", "stats", "progress", "tracking", "tracking_server",
     "data", "features", "registry", "training", "evaluation", "serving", "monitoring",
 )
 #: the shells: on top of everything, nothing below imports them
