@@ -83,8 +83,8 @@ def evidently_seconds(ref: pd.DataFrame, cur: pd.DataFrame, ref_s: np.ndarray, c
 
 def stream_child(path: str, profile_path: str) -> None:
     """Child process: stream the Parquet against the profile, print seconds and peak RSS."""
-    from mlflow_churn.monitoring.drift import stream_drift
-    from mlflow_churn.monitoring.profile import load_profile
+    from mlflow_churn.stats.drift import stream_drift
+    from mlflow_churn.training.profile import load_profile
 
     profile = load_profile(profile_path)
     t = time.perf_counter()
@@ -111,8 +111,8 @@ def peak_rss_mb() -> float:
 
 def main(quick: bool = False) -> None:
     from mlflow_churn.config import load_config
-    from mlflow_churn.monitoring.profile import build_profile, save_profile
     from mlflow_churn.monitoring.window import window_drift
+    from mlflow_churn.training.profile import build_profile, save_profile
 
     n = 200_000 if quick else 1_000_000
     ref, ref_s = make_frame(n, 1)

@@ -44,7 +44,7 @@ def bench_receiver(cfg, n: int) -> dict[str, float]:
     import httpx
     import uvicorn
 
-    from mlflow_churn.registry.hooks import (
+    from mlflow_churn.hooks.app import (
         DELIVERY_HEADER,
         SIGNATURE_HEADER,
         TIMESTAMP_HEADER,

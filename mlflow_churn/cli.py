@@ -180,6 +180,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mlflow_churn.training.cli",
     "mlflow_churn.monitoring.cli",
     "mlflow_churn.evaluation.cli",
+    "mlflow_churn.hooks.cli",
     "mlflow_churn.registry.cli",
 )
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -159,3 +160,19 @@ def with_progress(label: str, total: int, enabled: bool, work: Callable[[Callabl
                   TimeElapsedColumn(), console=err_console, transient=False) as bar:
         task = bar.add_task(label, total=total)
         return work(lambda _i: bar.advance(task))
+
+
+@contextmanager
+def rich_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A :class:`mlflow_churn.progress.ProgressFactory` drawing a rich bar on stderr."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err_console, transient=False) as bar:
+        task = bar.add_task(label, total=max(total, 1))
+        yield lambda n=1: bar.advance(task, n)
+
+
+def progress_arg(enabled: bool):
+    """What a command passes as ``progress=`` to a core function: a rich bar or nothing."""
+    return rich_progress if enabled else None

@@ -28,6 +28,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from mlflow_churn.cli_common import rich_progress
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.data.simulator import SimulationSpec, simulate
 
@@ -192,7 +193,7 @@ def step_champion(ctx: DemoContext) -> str:
     ctx.report.add("materialize", f"{batch.rows:,} customers online at {as_of.date()}",
                    f"batch {batch.batch_id}", t)
     t = time.perf_counter()
-    first = train(cfg, as_of, progress=True)
+    first = train(cfg, as_of, progress=rich_progress)
     ctx.report.add("train champion", f"version {first.version}, validation AUC {first.val_auc:.3f}",
                    f"run {first.run_id}", t)
     t = time.perf_counter()
@@ -237,7 +238,7 @@ def step_retrain(ctx: DemoContext):
 
     t = time.perf_counter()
     materialize(ctx.cfg, ctx.end)
-    outcome = retrain(ctx.cfg, ctx.end, progress=True, gate=ctx.await_gate is None)
+    outcome = retrain(ctx.cfg, ctx.end, progress=rich_progress, gate=ctx.await_gate is None)
     if outcome.train is None:
         raise RuntimeError(f"retrain did not train: {outcome.reason}")
     if ctx.await_gate is not None:

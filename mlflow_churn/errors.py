@@ -13,3 +13,15 @@ class ChurnError(Exception):
 
 class ConfigError(ChurnError):
     """A configuration key or value that cannot be loaded."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of ``exc``'s message, whitespace collapsed, at most ``limit``
+    characters (the exception's type name when the message is empty): what a one-line
+    error may quote of a library's exception."""
+    lines = str(exc).strip().splitlines()
+    text = " ".join(lines[0].split()) if lines else type(exc).__name__
+    return text[:limit]
+
+
+__all__ = ["ChurnError", "ConfigError", "first_line"]

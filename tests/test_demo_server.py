@@ -87,7 +87,7 @@ def test_experiments_carry_the_model_training_kind_tag(config) -> None:
 def test_segment_metric_names_are_sanitized() -> None:
     import pandas as pd
 
-    from mlflow_churn.evaluation.metrics import segment_metric_values
+    from mlflow_churn.stats.metrics import segment_metric_values
 
     table = pd.DataFrame([
         {"segment": "region", "value": "pacific", "roc_auc": 0.7, "recall_at_k": 0.3},

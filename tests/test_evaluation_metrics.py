@@ -8,7 +8,7 @@ import pytest
 
 from mlflow_churn.config import EvaluationConfig
 from mlflow_churn.errors import ChurnError
-from mlflow_churn.evaluation.metrics import (
+from mlflow_churn.stats.metrics import (
     calibration_bins,
     classification_metrics,
     scalar_metrics,

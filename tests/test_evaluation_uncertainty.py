@@ -1,4 +1,4 @@
-"""The paired cluster bootstrap behind the gate's segment rule (mlflow_churn.evaluation.uncertainty)."""
+"""The paired cluster bootstrap behind the gate's segment rule (mlflow_churn.stats.uncertainty)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from mlflow_churn.evaluation.uncertainty import (
+from mlflow_churn.stats.uncertainty import (
     customer_weights,
     paired_auc_diff_se,
     segment_auc_diff_se,

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
-from mlflow_churn.registry.hooks import (
+from mlflow_churn.hooks.app import (
     DELIVERY_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,

@@ -101,7 +101,7 @@ def test_fuzz_feature_api(workspace: Path, small_data: Path) -> None:
 
 
 def test_fuzz_webhook_receiver(config: ChurnConfig) -> None:
-    from mlflow_churn.registry.hooks import create_app
+    from mlflow_churn.hooks.app import create_app
 
     cfg = load_config(workspace=config.workspace, environ={}, overrides={"hooks.secret": "hook-secret"})
     with ServerThread(create_app(cfg, gate=lambda job: "run-id")) as srv:

@@ -14,7 +14,7 @@ from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
 from mlflow_churn.errors import ChurnError
-from mlflow_churn.monitoring import drift
+from mlflow_churn.stats import drift
 
 
 def test_psi_quantile_matches_hand_computation() -> None:

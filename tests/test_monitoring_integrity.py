@@ -56,7 +56,7 @@ def test_training_records_the_monitoring_baselines(stores) -> None:
         assert float(mv.tags[key]) == pytest.approx(metrics[key], abs=1e-6)
         assert 0.5 < metrics[key] < 1 and 0 < metrics[f"{key}_se"] < 0.2
     assert metrics["val_churners_7d"] >= 5 and metrics["val_auc_se"] > 0
-    from mlflow_churn.monitoring.profile import profile_for_version
+    from mlflow_churn.training.profile import profile_for_version
 
     profile = profile_for_version(client, stable.training.model_name, res.version)
     assert profile["calibration"]["method"] == "platt" and profile["calibration"]["positives"] > 0

@@ -7,8 +7,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from mlflow_churn.config import EvaluationConfig
-from mlflow_churn.evaluation.metrics import classification_metrics
-from mlflow_churn.monitoring.performance import assess, expected_auc, expected_business
+from mlflow_churn.stats.metrics import classification_metrics
+from mlflow_churn.stats.performance import assess, expected_auc, expected_business
 
 
 def test_expected_auc_matches_monte_carlo_for_calibrated_scores() -> None:
@@ -53,7 +53,7 @@ def test_expected_business_and_realised_drops() -> None:
 
 
 def test_auc_noise_level_matches_simulation() -> None:
-    from mlflow_churn.monitoring.performance import auc_standard_error
+    from mlflow_churn.stats.performance import auc_standard_error
 
     rng = np.random.default_rng(4)
     x_pos, x_neg = 1.0, 0.0
@@ -67,7 +67,7 @@ def test_auc_noise_level_matches_simulation() -> None:
 
 
 def test_platt_calibration_restores_the_cbpe_estimate() -> None:
-    from mlflow_churn.monitoring.performance import calibrate, fit_calibration
+    from mlflow_churn.stats.performance import calibrate, fit_calibration
 
     rng = np.random.default_rng(2)
     true_p = rng.beta(1.2, 20, size=30_000)
@@ -84,7 +84,7 @@ def test_platt_calibration_restores_the_cbpe_estimate() -> None:
 
 
 def test_auc_check_counts_distinct_customers_and_combines_both_errors() -> None:
-    from mlflow_churn.monitoring.performance import auc_check, auc_standard_error
+    from mlflow_churn.stats.performance import auc_check, auc_standard_error
 
     rng = np.random.default_rng(3)
     ids = np.repeat(np.arange(2000), 7)  # one customer on 7 cutoffs

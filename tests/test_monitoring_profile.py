@@ -15,15 +15,15 @@ from mlflow import MlflowClient
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.offline import build_training_frame
 from mlflow_churn.features.registry import load_registry
-from mlflow_churn.monitoring import drift
-from mlflow_churn.monitoring.profile import (
+from mlflow_churn.stats import drift
+from mlflow_churn.tracking import setup_mlflow
+from mlflow_churn.training.profile import (
     PROFILE_ARTIFACT,
     build_profile,
     load_profile,
     profile_for_version,
     save_profile,
 )
-from mlflow_churn.tracking import setup_mlflow
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from mlflow_churn.config import load_config
+from mlflow_churn.data.sources import daily_source_nulls, source_integrity, source_reference
 from mlflow_churn.features.offline import build_training_frame
 from mlflow_churn.features.registry import load_registry
-from mlflow_churn.monitoring import drift
 from mlflow_churn.monitoring.frames import FrameCache, window_frame
 from mlflow_churn.monitoring.monitor import window_cutoffs
-from mlflow_churn.monitoring.profile import build_profile
-from mlflow_churn.monitoring.sources import daily_source_nulls, source_integrity, source_reference
 from mlflow_churn.monitoring.window import NOISE_QUANTILE, window_drift
+from mlflow_churn.stats import drift
+from mlflow_churn.training.profile import build_profile
 
 AS_OF = datetime(2026, 4, 7, tzinfo=UTC)
 

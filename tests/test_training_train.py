@@ -78,7 +78,7 @@ def test_train_registers_a_tagged_challenger(workspace: Path, small_data: Path, 
     assert {"plots", "reference", "feature_set.json"} <= artifacts
     assert [a.path for a in client.list_artifacts(result.run_id, "plots")] == ["plots/feature_importance.png"]
     assert result.profile_logged
-    from mlflow_churn.monitoring.profile import profile_for_version
+    from mlflow_churn.training.profile import profile_for_version
 
     profile = profile_for_version(client, "churn-model", result.version)
     assert json.dumps(profile)

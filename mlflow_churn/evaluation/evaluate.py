@@ -2,7 +2,7 @@
 
 :func:`evaluate` resolves the two registered versions (aliases or version numbers), builds
 the holdout frame (:mod:`mlflow_churn.evaluation.holdout`), scores both models in process,
-computes :func:`~mlflow_churn.evaluation.metrics.classification_metrics` overall and per
+computes :func:`~mlflow_churn.stats.metrics.classification_metrics` overall and per
 segment, and applies the gate. Each rule is checked with
 ``mlflow.validate_evaluation_results`` and a ``MetricThreshold``:
 
@@ -68,17 +68,17 @@ from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.evaluation import plots
 from mlflow_churn.evaluation.holdout import holdout_cutoffs, holdout_frame, parse_tag_time
-from mlflow_churn.evaluation.metrics import (
+from mlflow_churn.features.offline import daily_cutoffs
+from mlflow_churn.registry.aliases import CANARY, alias_version, move_alias
+from mlflow_churn.stats.drift import psi
+from mlflow_churn.stats.metrics import (
     add_segment_columns,
     classification_metrics,
     scalar_metrics,
     segment_metric_values,
     segment_metrics,
 )
-from mlflow_churn.evaluation.uncertainty import segment_auc_diff_se, segment_z
-from mlflow_churn.features.offline import daily_cutoffs
-from mlflow_churn.monitoring.drift import psi
-from mlflow_churn.registry.aliases import CANARY, alias_version, move_alias
+from mlflow_churn.stats.uncertainty import segment_auc_diff_se, segment_z
 from mlflow_churn.tracking import fail_fast, setup_mlflow, terminate_failed
 from mlflow_churn.training.model import Scorer, load_scorer
 
@@ -309,8 +309,8 @@ def drift_reports(cfg: ChurnConfig, scorer: Scorer, reference: pd.DataFrame, cur
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
-    from mlflow_churn.monitoring.drift import drift_against_entry
-    from mlflow_churn.monitoring.profile import build_profile
+    from mlflow_churn.stats.drift import drift_against_entry
+    from mlflow_churn.training.profile import build_profile
 
     fs = scorer.feature_set
     cats = list(fs.categorical)

@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from mlflow_churn.evaluation.metrics import calibration_bins
+from mlflow_churn.stats.metrics import calibration_bins
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -98,7 +98,7 @@ def calibration_plot(y: np.ndarray, scores: Mapping[str, np.ndarray], path: Path
 def segment_auc_plot(segments: Mapping[str, pd.DataFrame], path: Path, tolerance: float) -> Path:
     """Per-segment AUC bars side by side, one panel per segment column.
 
-    ``segments``: model label -> :func:`~mlflow_churn.evaluation.metrics.segment_metrics`
+    ``segments``: model label -> :func:`~mlflow_churn.stats.metrics.segment_metrics`
     frame. Segments below the gate's minimum size are hatched.
     """
     labels = list(segments)

@@ -20,6 +20,7 @@ from mlflow_churn.cli_common import (
     opt_str,
     parse_datetime,
     print_json,
+    progress_arg,
 )
 from mlflow_churn.errors import ChurnError
 
@@ -205,10 +206,10 @@ def materialize_cmd(
                 _log_batch_to_project_run(info)
 
         run_every(cfg, parse_every(every_s), incremental=incremental, max_runs=max_runs,
-                  progress=progress, on_run=report)
+                  progress=progress_arg(progress), on_run=report)
         return
     when = parse_datetime(as_of_s, "--as-of") if as_of_s else data_bounds(cfg.data_dir).last_event
-    info = materialize(cfg, when, incremental=incremental, progress=progress, force=force)
+    info = materialize(cfg, when, incremental=incremental, progress=progress_arg(progress), force=force)
     console.print(_batch_table("churn features materialize", [info]))
     console.print(f"serving batch {info.batch_id} from {cfg.features.online_backend} store")
     _log_batch_to_project_run(info)

@@ -53,6 +53,7 @@ from mlflow_churn.features.online import (
     open_store,
 )
 from mlflow_churn.features.registry import FeatureDefinition, registry_for
+from mlflow_churn.progress import ProgressArg, resolve
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def materialize(
     as_of: datetime,
     incremental: bool = False,
     store: OnlineStore | None = None,
-    progress: bool = False,
+    progress: ProgressArg = None,
     force: bool = False,
 ) -> BatchInfo:
     """Compute every registered feature at ``as_of`` (UTC) and make it the serving batch.
@@ -168,14 +169,9 @@ def materialize(
                 parent_batch_id=prev.batch_id if prev else None,
                 feature_hashes={f.full_name: f.hash for f in features},
             )
-            if progress:
-                from mlflow_churn.cli_common import with_progress
-
-                chunks = max(1, -(-len(frame) // CHUNK_ROWS))
-                return with_progress(
-                    f"writing {len(frame):,} rows ({mode})", chunks, True,
-                    lambda tick: store.write_batch(frame, info, on_chunk=tick, allow_older=force))
-            return store.write_batch(frame, info, allow_older=force)
+            chunks = max(1, -(-len(frame) // CHUNK_ROWS))
+            with resolve(progress)(f"writing {len(frame):,} rows ({mode})", chunks) as tick:
+                return store.write_batch(frame, info, on_chunk=tick, allow_older=force)
     finally:
         if own:
             store.close()
@@ -187,7 +183,7 @@ def run_every(
     incremental: bool = False,
     max_runs: int | None = None,
     store: OnlineStore | None = None,
-    progress: bool = False,
+    progress: ProgressArg = None,
     sleep: Callable[[float], None] = time.sleep,
     on_run: Callable[[BatchInfo | None, str], None] | None = None,
 ) -> list[BatchInfo]:

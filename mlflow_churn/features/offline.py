@@ -29,7 +29,7 @@ from mlflow_churn.data.tables import (
     register_views,
 )
 from mlflow_churn.errors import ChurnError
-from mlflow_churn.features.registry import FeatureDefinition, FeatureSet
+from mlflow_churn.features.definitions import FeatureDefinition, FeatureSet
 from mlflow_churn.features.sandbox import check_expression, check_statement, lock_down
 
 

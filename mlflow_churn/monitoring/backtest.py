@@ -49,6 +49,7 @@ from mlflow_churn.errors import ChurnError
 from mlflow_churn.monitoring.monitor import monitor, monitoring_experiment
 from mlflow_churn.monitoring.policy import WindowStats
 from mlflow_churn.monitoring.runs import nested_run
+from mlflow_churn.progress import ProgressArg
 
 
 @dataclass
@@ -107,7 +108,7 @@ class BacktestResult:
         return d
 
 
-def _retrain(cfg: ChurnConfig, as_of: datetime, n_trials: int, progress: bool,
+def _retrain(cfg: ChurnConfig, as_of: datetime, n_trials: int, progress: ProgressArg,
              decision: dict[str, Any]) -> str | None:
     """Retrain; returns the new champion version (None when the gate rejected it)."""
     from mlflow import MlflowClient
@@ -238,7 +239,7 @@ def backtest(
     warmup_days: int = 14,
     n_trials: int = 3,
     fast: bool = False,
-    progress: bool = False,
+    progress: ProgressArg = None,
     on_window: Callable[[WindowRecord], None] | None = None,
 ) -> BacktestResult:
     """Replay ``scenario`` over ``days`` simulated days (see module doc); returns the scores.

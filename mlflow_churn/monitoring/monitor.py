@@ -7,10 +7,10 @@ version's reference profile (``reference/profile.json`` of its training run: the
 data is never re-read):
 
 - **integrity**: null rates of the features and, per day, of the raw source columns
-  (:mod:`mlflow_churn.monitoring.sources`), missing features and days;
+  (:mod:`mlflow_churn.data.sources`), missing features and days;
 - **drift** (:mod:`mlflow_churn.monitoring.window`): PSI, KS, Jensen-Shannon,
   chi-square, score PSI, per segment;
-- **performance** (:mod:`mlflow_churn.monitoring.performance`): the CBPE estimate from the
+- **performance** (:mod:`mlflow_churn.stats.performance`): the CBPE estimate from the
   calibrated scores; realised AUC, recall@k, revenue lift on the cutoffs whose labels have
   matured (``min(label_horizon_days, label_delay_days)`` before ``as_of``); ``auc_drop``
   against the version's baseline (``monitoring.auc_baseline``); ``early_auc_drop`` on the
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -34,56 +34,26 @@ import numpy as np
 import pandas as pd
 
 from mlflow_churn.config import ChurnConfig
+from mlflow_churn.data.sources import daily_source_nulls, source_integrity
 from mlflow_churn.errors import ChurnError
-from mlflow_churn.monitoring.baseline import Baseline, unseen_mask, version_baseline
 from mlflow_churn.monitoring.frames import FrameCache, window_frame
-from mlflow_churn.monitoring.performance import AucCheck, Performance, assess, auc_check
-from mlflow_churn.monitoring.policy import REFRESH_TAG, PolicyDecision, WindowStats, decide
-from mlflow_churn.monitoring.profile import profile_for_version
-from mlflow_churn.monitoring.runs import TAG_PREFIX, latest_decision, log_window, nested_run, read_history
-from mlflow_churn.monitoring.sources import daily_source_nulls, source_integrity
+from mlflow_churn.monitoring.policy import REFRESH_TAG, WindowStats, decide
+from mlflow_churn.monitoring.runs import (
+    TAG_PREFIX,
+    MonitorResult,
+    latest_decision,
+    log_window,
+    monitoring_experiment,
+    nested_run,
+    read_history,
+)
 from mlflow_churn.monitoring.window import window_drift
+from mlflow_churn.stats.performance import AucCheck, Performance, assess, auc_check
+from mlflow_churn.training.baseline import Baseline, unseen_mask, version_baseline
+from mlflow_churn.training.profile import profile_for_version
 
 __all__ = ["TAG_PREFIX", "MonitorResult", "latest_decision", "monitor", "monitoring_experiment",
            "read_history", "window_cutoffs"]
-
-
-@dataclass
-class MonitorResult:
-    """What one monitoring window found and decided."""
-
-    decision: PolicyDecision
-    run_id: str | None
-    as_of: datetime
-    window_start: datetime
-    model_version: str
-    stats: WindowStats
-    performance: Performance
-    population_psi_max: float
-    rows: int
-    daily_psi: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)
-    daily_segments: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)
-    source_daily: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "decision": self.decision.to_dict(),
-            "run_id": self.run_id,
-            "as_of": self.as_of.isoformat(),
-            "window_start": self.window_start.isoformat(),
-            "model_version": self.model_version,
-            "rows": self.rows,
-            "population_psi_max": self.population_psi_max,
-            "performance": dict(self.performance.metrics()),
-            "stats": self.stats.to_dict(),
-        }
-
-
-def monitoring_experiment(cfg: ChurnConfig) -> str:
-    """Name of the experiment holding monitoring runs: ``training.experiment`` itself, the one
-    `mlflow run . -e monitor` uses too, so monitor runs land in one experiment however they
-    were started (told apart by their ``monitor.*`` tags and run names)."""
-    return cfg.training.experiment
 
 
 def window_cutoffs(as_of: datetime, days: int) -> list[datetime]:

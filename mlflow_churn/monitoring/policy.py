@@ -11,7 +11,7 @@ Rules, in order:
    the window without source rows, or a null rate above the reference's by more than
    max(``max_null_increase``, its sampling noise recorded by monitoring) -> ``blocked``
    (never retrain on broken data). Null rates are those of the model's features *and* of
-   the raw source columns per day (:mod:`mlflow_churn.monitoring.sources`: a sum over a
+   the raw source columns per day (:mod:`mlflow_churn.data.sources`: a sum over a
    column that turned null only shrinks, it does not go null). With ``integrity: warn`` it
    is only a reason.
 2. **Triggers** ``metric op value`` on each window. Feature-level metrics (``psi``, ``ks``

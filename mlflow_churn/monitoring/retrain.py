@@ -42,6 +42,7 @@ from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.evaluation.evaluate import GateDecision
 from mlflow_churn.monitoring.policy import PERFORMANCE_METRICS, REFRESH, REFRESH_TAG
+from mlflow_churn.progress import ProgressArg
 from mlflow_churn.training.train import TrainResult
 
 RETRAINED = "retrained"
@@ -220,7 +221,7 @@ def refresh_due(cfg: ChurnConfig, decision: dict[str, Any] | None,
     return min(due).isoformat() if due else None
 
 
-def retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: bool = False,
+def retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: ProgressArg = None,
             decision: dict[str, Any] | None = None, gate: bool = True) -> RetrainResult:
     """:func:`_retrain`; a tracking server that fails mid-way ends it with one ChurnError
     naming the server (runs marked FAILED or journalled, see :mod:`mlflow_churn.tracking`)."""
@@ -230,7 +231,7 @@ def retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: bo
         return _retrain(cfg, as_of, force, progress, decision, gate)
 
 
-def _retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: bool = False,
+def _retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: ProgressArg = None,
              decision: dict[str, Any] | None = None, gate: bool = True) -> RetrainResult:
     """Act on the newest monitoring decision at ``as_of`` (tz-aware UTC); see the module doc.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from mlflow_churn.cli_common import console, get_config, opt_str, parse_datetime
+from mlflow_churn.cli_common import console, get_config, opt_str, parse_datetime, progress_arg
 from mlflow_churn.errors import ChurnError
 
 _TRUE = ("true", "1", "yes", "on")
@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
         cfg = get_config(ctx, {"training.n_trials": n_trials})
         forced = force or (parse_bool(force_value, "--force-value") if force_value is not None else False)
         when = parse_datetime(as_of, "--as-of") if opt_str(as_of) else data_bounds(cfg.data_dir).last_event
-        result = run_retrain(cfg, when, force=forced, progress=progress)
+        result = run_retrain(cfg, when, force=forced, progress=progress_arg(progress))
         table = Table(title=f"churn retrain as of {when.isoformat()}: {result.action}")
         table.add_column("step")
         table.add_column("outcome")

@@ -26,20 +26,57 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from mlflow_churn.config import ChurnConfig
-from mlflow_churn.monitoring.policy import WindowStats, psi_floor
-
-if TYPE_CHECKING:
-    from mlflow_churn.monitoring.monitor import MonitorResult
+from mlflow_churn.monitoring.policy import PolicyDecision, WindowStats, psi_floor
+from mlflow_churn.stats.performance import Performance
 
 TAG_PREFIX = "monitor."
+
+
+@dataclass
+class MonitorResult:
+    """What one monitoring window found and decided."""
+
+    decision: PolicyDecision
+    run_id: str | None
+    as_of: datetime
+    window_start: datetime
+    model_version: str
+    stats: WindowStats
+    performance: Performance
+    population_psi_max: float
+    rows: int
+    daily_psi: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)
+    daily_segments: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)
+    source_daily: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "decision": self.decision.to_dict(),
+            "run_id": self.run_id,
+            "as_of": self.as_of.isoformat(),
+            "window_start": self.window_start.isoformat(),
+            "model_version": self.model_version,
+            "rows": self.rows,
+            "population_psi_max": self.population_psi_max,
+            "performance": dict(self.performance.metrics()),
+            "stats": self.stats.to_dict(),
+        }
+
+
+def monitoring_experiment(cfg: ChurnConfig) -> str:
+    """Name of the experiment holding monitoring runs: ``training.experiment`` itself, the one
+    `mlflow run . -e monitor` uses too, so monitor runs land in one experiment however they
+    were started (told apart by their ``monitor.*`` tags and run names)."""
+    return cfg.training.experiment
 
 
 def _safe(name: str) -> str:
@@ -89,8 +126,8 @@ def log_window(result: MonitorResult, profile: dict[str, Any], frame: pd.DataFra
     """Log one window into the active run (see the module doc)."""
     import mlflow
 
-    from mlflow_churn.monitoring.baseline import UNSELECTED, early_key
     from mlflow_churn.monitoring.report import evidently_report, psi_figure, timeline_figure
+    from mlflow_churn.training.baseline import UNSELECTED, early_key
 
     tags = mv_tags or {}
     early = early_key(cfg.monitoring.early_label_days)
@@ -190,7 +227,6 @@ def latest_decision(cfg: ChurnConfig, model_name: str | None = None) -> dict[str
     """
     from mlflow import MlflowClient
 
-    from mlflow_churn.monitoring.monitor import monitoring_experiment
     from mlflow_churn.tracking import setup_mlflow
 
     setup_mlflow(cfg, monitoring_experiment(cfg))

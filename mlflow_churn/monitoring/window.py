@@ -1,9 +1,9 @@
 """Drift of one monitoring window's rows against a version's reference profile (vectorised).
 
-:func:`window_drift` bins every column once (:func:`~mlflow_churn.monitoring.drift.bin_index`)
+:func:`window_drift` bins every column once (:func:`~mlflow_churn.stats.drift.bin_index`)
 and takes every histogram (per day, per segment and day) from one ``bincount`` over
 (group, bin) codes; the window totals are sums over days. Per feature: PSI, KS D at the
-reference sample's points (:func:`~mlflow_churn.monitoring.drift.ks_at_sample_points`),
+reference sample's points (:func:`~mlflow_churn.stats.drift.ks_at_sample_points`),
 for categoricals Jensen-Shannon distance and chi-square, null rates; PSI of the scores;
 per segment the largest PSI over its features and scores, against the segment's own
 reference shares.
@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 
 from mlflow_churn.config import ChurnConfig
-from mlflow_churn.monitoring import drift
 from mlflow_churn.monitoring.policy import WindowStats
+from mlflow_churn.stats import drift
 
 NOISE_QUANTILE = 0.99
 SCORE = "__score__"

@@ -48,6 +48,7 @@ from mlflow_churn.data.tables import TablePaths, check_parquet_files
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.offline import _connect, _feature_sql, _spine, _utc, check_cutoffs
 from mlflow_churn.features.registry import FeatureSet, registry_for
+from mlflow_churn.progress import ProgressArg, resolve
 from mlflow_churn.training.model import Scorer, load_scorer
 
 #: rows per Arrow record batch: large enough that per-batch overhead vanishes next to
@@ -289,23 +290,6 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-@contextmanager
-def _row_progress(label: str, total_rows: int, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar counted in rows (batches vary in size); yields ``advance(rows)``."""
-    if not enabled:
-        yield lambda _n: None
-        return
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from mlflow_churn.cli_common import err_console
-
-    with Progress(TextColumn("{task.description}"), BarColumn(),
-                  TextColumn("{task.completed:,.0f}/{task.total:,.0f} rows"), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=err_console) as bar:
-        task = bar.add_task(label, total=max(total_rows, 1))
-        yield lambda n: bar.advance(task, n)
-
-
 def score_batch(
     cfg: ChurnConfig,
     as_of: datetime,
@@ -313,7 +297,7 @@ def score_batch(
     out_dir: Path | str | None = None,
     engine: Literal["local", "spark"] = "local",
     batch_rows: int = DEFAULT_BATCH_ROWS,
-    progress: bool = False,
+    progress: ProgressArg = None,
     spark: Any = None,
     spark_master: str | None = None,
     staging: str | None = None,
@@ -325,8 +309,8 @@ def score_batch(
     ``spark`` (a SparkSession; default: one on ``spark_master``, default ``local[*]``,
     started and stopped here), staging features and scores under ``staging`` (a path or URI every executor
     can read; default a local temporary directory, local masters only):
-    :mod:`mlflow_churn.serving.batch_spark`. ``progress`` shows a rich progress bar on
-    stderr, counted in rows.
+    :mod:`mlflow_churn.serving.batch_spark`. ``progress`` (:mod:`mlflow_churn.progress`) is
+    advanced in rows.
     """
     from mlflow_churn.tracking import setup_mlflow
 
@@ -357,7 +341,7 @@ def score_batch(
     try:
         with _data_errors(cfg.data_dir), stream_features(cfg.data_dir, fs, as_of, batch_rows) as stream:
             desc = f"scoring {stream.rows:,} customers ({engine}, model {label})"
-            with _row_progress(desc, stream.rows, progress) as tick:
+            with resolve(progress)(desc, stream.rows) as tick:
                 if engine == "local":
                     rows = score_stream(scorer, stream.batches, as_of, tmp / PART_FILE, label, tick)
                 else:

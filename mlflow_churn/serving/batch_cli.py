@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from mlflow_churn.cli_common import console, get_config, opt_str, parse_datetime, writable_dir
+from mlflow_churn.cli_common import console, get_config, opt_str, parse_datetime, progress_arg, writable_dir
 from mlflow_churn.errors import ChurnError
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
             writable_dir(out, "--out")
         result = score_batch(cfg, when, model_uri=opt_str(model_uri), out_dir=opt_str(out),
                              engine=engine, batch_rows=batch_rows or DEFAULT_BATCH_ROWS,
-                             progress=progress, spark_master=opt_str(spark_master),
+                             progress=progress_arg(progress), spark_master=opt_str(spark_master),
                              staging=opt_str(staging))
         table = Table(title=f"churn score: {result.engine} engine")
         table.add_column("as_of")

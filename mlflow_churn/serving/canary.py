@@ -6,10 +6,10 @@ to the version its alias points at now):
 
 - error rate (rows with status ``error`` / all rows of the route), p99 latency (ms);
 - the PSI of the canary's score distribution against the champion's
-  (:func:`mlflow_churn.monitoring.drift.psi`, champion = reference);
+  (:func:`mlflow_churn.stats.drift.psi`, champion = reference);
 - once labels have matured (``churn_events`` of the data, horizon
   ``features.label_horizon_days``, :func:`~mlflow_churn.serving.prediction_log.attach_labels`)
-  AUC and recall@k per route (:func:`mlflow_churn.evaluation.metrics.classification_metrics`).
+  AUC and recall@k per route (:func:`mlflow_churn.stats.metrics.classification_metrics`).
 
 Verdict: ``wait`` until the canary has ``serving.min_canary_samples`` scored rows; then
 ``rollback`` if its error rate > ``max_error_rate``, p99 > ``max_p99_ms`` while also above
@@ -294,13 +294,13 @@ def evaluate_canary(
     champ_scores = per_route["champion"].loc[per_route["champion"]["status"] == "ok", "score"].to_numpy(float)
     canary_scores = per_route["canary"].loc[per_route["canary"]["status"] == "ok", "score"].to_numpy(float)
     if champ_scores.size and canary_scores.size:
-        from mlflow_churn.monitoring.drift import psi
+        from mlflow_churn.stats.drift import psi
 
         score_psi = psi(champ_scores, canary_scores, bins=cfg.monitoring.bins,
                         epsilon=cfg.monitoring.psi_epsilon)
     events = churn_events if churn_events is not None else _churn_events(cfg)
     if events is not None and len(frame):
-        from mlflow_churn.evaluation.metrics import classification_metrics
+        from mlflow_churn.stats.metrics import classification_metrics
 
         horizon = cfg.features.label_horizon_days
         for r in ROUTES:
@@ -380,7 +380,7 @@ def _performance_limits(cfg: ChurnConfig, champ: RouteStats, can: RouteStats) ->
     """Allowed AUC and recall@k drops of the canary: the configured tolerance, widened to
     NOISE_Z standard errors of the difference (Hanley-McNeil for AUC, binomial for recall)
     when the labelled samples are small (the two routes see different customers)."""
-    from mlflow_churn.monitoring.performance import auc_standard_error
+    from mlflow_churn.stats.performance import auc_standard_error
 
     se_auc = math.hypot(*(auc_standard_error(st.auc, st.positives, st.labelled - st.positives)
                           for st in (champ, can)))

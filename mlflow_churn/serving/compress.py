@@ -62,7 +62,7 @@ class CompressResult:
 
 
 def _auc(y: np.ndarray, p: np.ndarray, cfg: ChurnConfig) -> float:
-    from mlflow_churn.evaluation.metrics import classification_metrics
+    from mlflow_churn.stats.metrics import classification_metrics
 
     return float(classification_metrics(y, p, cfg.evaluation)["roc_auc"])
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import typer
+from rich.table import Table
 
-from mlflow_churn.cli_common import check_number, console, get_config, opt_str, parse_datetime
+from mlflow_churn.cli_common import check_number, console, get_config, opt_str, parse_datetime, progress_arg
 from mlflow_churn.errors import ChurnError
+
+if TYPE_CHECKING:
+    from mlflow_churn.training.train import TrainResult
 
 
 def train_command(
@@ -41,7 +46,7 @@ def train_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar over trials."),
 ) -> None:
     """Tune XGBoost with Optuna (each trial a nested MLflow run), register a version with alias challenger."""
-    from mlflow_churn.training.train import summary_table, train, train_table
+    from mlflow_churn.training.train import train, train_table  # heavy: imported when run
 
     # "Creating initial MLflow database tables..." is noise on stderr, where errors are one line
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
@@ -59,7 +64,7 @@ def train_command(
         raise ChurnError("--model-name applies to --table only (the workspace model is "
                          "training.model_name); add --table PATH or set training.model_name")
     common = {"n_trials": n_trials or None, "timeout": timeout_s, "storage": opt_str(storage),
-              "progress": progress, "study_name": study, "wait_seconds": wait}
+              "progress": progress_arg(progress), "study_name": study, "wait_seconds": wait}
     if worker:
         result = train(cfg, None, worker=True, **common)
     elif table:
@@ -88,6 +93,35 @@ def train_command(
         console.print(f"worker done: {len(result.trials)} trials in study {result.study_name}, "
                       f"parent run {result.run_id}")
 
+
+
+def summary_table(result: TrainResult, top: int = 10) -> Table:
+    """A rich table: the best trials, then the registered version and validation metrics."""
+    from mlflow_churn.registry.aliases import CHALLENGER
+
+    title = (f"churn train: {result.source}, feature set {result.feature_set}, study {result.study_name}")
+    table = Table(title=title)
+    for col, justify in (("trial", "right"), ("state", "left"), ("val AUC", "right"),
+                         ("trees", "right"), ("learning_rate", "right"), ("max_depth", "right"),
+                         ("worker", "left")):
+        table.add_column(col, justify=justify)
+    ranked = sorted(result.trials, key=lambda r: -(r.val_auc if r.val_auc is not None else -1))
+    for rec in ranked[:top]:
+        table.add_row(str(rec.number), rec.state,
+                      f"{rec.val_auc:.4f}" if rec.val_auc is not None else "-",
+                      str(rec.n_trees or "-"),
+                      f"{rec.params.get('learning_rate', float('nan')):.3f}",
+                      str(rec.params.get("max_depth", "-")), rec.worker)
+    table.caption = (
+        f"{result.n_complete} complete, {result.n_pruned} pruned; rows train {result.rows_train:,} / "
+        f"valid {result.rows_valid:,}; val AUC {result.val_auc:.4f}"
+        + (f", PR-AUC {result.val_pr_auc:.4f}, log loss {result.val_log_loss:.4f}"
+           if result.val_pr_auc is not None else "")
+        + (f"; registered {result.model_uri} (@{CHALLENGER})" if result.version
+           else "; worker: nothing registered")
+        + (f"; window {result.window_start[:10]} .. {result.window_end[:10]}" if result.window_start else "")
+    )
+    return table
 
 def register(app: typer.Typer) -> None:
     """Add ``churn train`` to the root command."""

@@ -14,7 +14,7 @@ Two sources share one path, :func:`_fit_and_register`:
 The parent MLflow run (``MLFLOW_RUN_ID`` inside ``mlflow run``, or ``parent_run_id``, else
 a new run) gets params (window bounds, feature set + hash, best params), metrics (val_auc,
 val_pr_auc, val_log_loss), the dataset (``mlflow.log_input``), a feature-importance PNG,
-``reference/profile.json`` (:func:`mlflow_churn.monitoring.profile.build_profile` on every
+``reference/profile.json`` (:func:`mlflow_churn.training.profile.build_profile` on every
 customer at the newest training cutoff, and the model's scores) and the model
 (:func:`~mlflow_churn.training.model.log_churn_model`).
 Each Optuna trial is a nested run. The model is registered as a new version of
@@ -34,6 +34,7 @@ leader waits for running trials before choosing the best one.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import warnings
@@ -47,14 +48,13 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from rich.table import Table
 
-from mlflow_churn.cli_common import err_console, with_progress
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.data.groups import holdout_mask, validation_mask
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.offline import build_training_frame
 from mlflow_churn.features.registry import FeatureSet, registry_for
+from mlflow_churn.progress import ProgressArg, resolve
 from mlflow_churn.registry.aliases import CHALLENGER
 from mlflow_churn.registry.versions import registered_version
 from mlflow_churn.tracking import fail_fast, failed_on_error, setup_mlflow
@@ -64,6 +64,7 @@ from mlflow_churn.training.window import TrainingWindow, training_window
 
 LABEL, WEIGHT = "label", "weight"
 DEFAULT_WAIT_SECONDS = 600.0
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -261,9 +262,9 @@ def _log_profile(prep: Prepared, booster: Any, bins: int, extras: dict[str, Any]
     cutoff; for a table, the validation rows) with the model's scores and ``extras``
     (calibration, source null rates); False (and a tag) when monitoring.profile is absent."""
     try:
-        from mlflow_churn.monitoring.profile import build_profile
+        from mlflow_churn.training.profile import build_profile
     except ImportError:
-        mlflow.set_tag("reference_profile", "missing: mlflow_churn.monitoring.profile not installed")
+        mlflow.set_tag("reference_profile", "missing: mlflow_churn.training.profile not installed")
         return False
     rows = prep.valid if prep.reference is None else prep.reference
     scores = predict_proba(booster, prep.feature_set, prep.feature_set.coerce(rows))
@@ -294,7 +295,7 @@ def _fit_data(prep: Prepared) -> tuning.FitData:
 
 
 def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None, timeout: float | None,
-                      storage: str | None, study_name: str | None, progress: bool,
+                      storage: str | None, study_name: str | None, progress: ProgressArg,
                       parent_run_id: str | None,
                       wait_seconds: float = DEFAULT_WAIT_SECONDS) -> TrainResult:
     """Tune, fit the best trial, log everything to the parent run, register a challenger."""
@@ -318,9 +319,9 @@ def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None,
         run_id = run.info.run_id
         study_name = study_name or f"churn-{run_id}"
         study = tuning.make_study(study_name, storage, t.seed)
-        if storage and progress:
-            err_console.print(f"study {study_name}: add workers with `churn train --worker --study "
-                              f"{study_name} --storage <same URL>`")
+        if storage:
+            _log.warning("study %s: add workers with `churn train --worker --study %s --storage <same URL>`",
+                         study_name, study_name)
         settings = {"seed": t.seed, "max_estimators": t.max_estimators,
                     "early_stopping_rounds": t.early_stopping_rounds}
         for key, value in {"parent_run_id": run_id, "experiment_id": run.info.experiment_id,
@@ -335,11 +336,12 @@ def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None,
         })
         mlflow.set_tags({"source": prep.source, "feature_set": fs.name, "feature_set_hash": fs.hash,
                          "data_hash": data_hash, "optuna.study": study_name})
-        with_progress(f"tuning: {n_trials} trials", n_trials, progress, lambda tick: tuning.run_trials(
-            study, data, seed=t.seed, max_estimators=t.max_estimators,
-            early_stopping_rounds=t.early_stopping_rounds, n_trials=n_trials, timeout=timeout,
-            client=client, experiment_id=run.info.experiment_id, parent_run_id=run_id, on_trial=tick,
-            nthread=t.nthread))
+        with resolve(progress)(f"tuning: {n_trials} trials", n_trials) as tick:
+            tuning.run_trials(
+                study, data, seed=t.seed, max_estimators=t.max_estimators,
+                early_stopping_rounds=t.early_stopping_rounds, n_trials=n_trials, timeout=timeout,
+                client=client, experiment_id=run.info.experiment_id, parent_run_id=run_id, on_trial=tick,
+                nthread=t.nthread)
         if storage:
             tuning.wait_for_running(study, wait_seconds)
         tuned = tuning.summarize(study)
@@ -356,7 +358,7 @@ def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None,
             "n_trials_complete": tuned.n_complete, "n_trials_pruned": tuned.n_pruned,
             "best_trial": tuned.best_trial,
         }
-        from mlflow_churn.monitoring.baseline import training_baselines
+        from mlflow_churn.training.baseline import training_baselines
 
         baselines = training_baselines(cfg, prep, booster, y_valid, scores)  # what monitoring compares with
         metrics |= baselines.metrics
@@ -398,7 +400,7 @@ def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None,
 
 
 def run_worker(cfg: ChurnConfig, study_name: str, storage: str | None = None, n_trials: int | None = None,
-               timeout: float | None = None, progress: bool = True,
+               timeout: float | None = None, progress: ProgressArg = None,
                wait_seconds: float = DEFAULT_WAIT_SECONDS) -> TrainResult:
     """Join the leader's study ``study_name`` in ``storage``: rebuild its data, run trials
     nested under its parent run, register nothing."""
@@ -419,13 +421,12 @@ def run_worker(cfg: ChurnConfig, study_name: str, storage: str | None = None, n_
     fs = prep.feature_set
     data = _fit_data(prep)
     client = MlflowClient()
-    with_progress(f"worker {tuning.WORKER_ID}: {n_trials} trials", n_trials, progress,
-                  lambda tick: tuning.run_trials(
-                      study, data, seed=int(settings["seed"]),
-                      max_estimators=int(settings["max_estimators"]),
-                      early_stopping_rounds=int(settings["early_stopping_rounds"]), n_trials=n_trials,
-                      timeout=timeout, client=client, experiment_id=attrs["experiment_id"],
-                      parent_run_id=attrs["parent_run_id"], on_trial=tick, nthread=cfg.training.nthread))
+    with resolve(progress)(f"worker {tuning.WORKER_ID}: {n_trials} trials", n_trials) as tick:
+        tuning.run_trials(
+            study, data, seed=int(settings["seed"]), max_estimators=int(settings["max_estimators"]),
+            early_stopping_rounds=int(settings["early_stopping_rounds"]), n_trials=n_trials,
+            timeout=timeout, client=client, experiment_id=attrs["experiment_id"],
+            parent_run_id=attrs["parent_run_id"], on_trial=tick, nthread=cfg.training.nthread)
     tuned = tuning.summarize(study)
     return TrainResult(
         run_id=attrs["parent_run_id"], model_uri=None, version=None, val_auc=tuned.best_value,
@@ -437,7 +438,7 @@ def run_worker(cfg: ChurnConfig, study_name: str, storage: str | None = None, n_
 
 
 def train(cfg: ChurnConfig, as_of: datetime | None, n_trials: int | None = None, timeout: float | None = None,
-          storage: str | None = None, worker: bool = False, progress: bool = True,
+          storage: str | None = None, worker: bool = False, progress: ProgressArg = None,
           parent_run_id: str | None = None, study_name: str | None = None,
           wait_seconds: float = DEFAULT_WAIT_SECONDS) -> TrainResult:
     """Train on the window ending before ``as_of`` (tz-aware UTC) and register a challenger.
@@ -468,7 +469,7 @@ def table_model_name(cfg: ChurnConfig, path: Path | str) -> str:
 
 def train_table(cfg: ChurnConfig, path: Path | str, label: str, id_column: str | None = None,
                 n_trials: int | None = None, timeout: float | None = None, storage: str | None = None,
-                worker: bool = False, progress: bool = True, parent_run_id: str | None = None,
+                worker: bool = False, progress: ProgressArg = None, parent_run_id: str | None = None,
                 study_name: str | None = None, wait_seconds: float = DEFAULT_WAIT_SECONDS,
                 model_name: str | None = None) -> TrainResult:
     """Train on a flat CSV / Parquet table (``label`` column, optional ``id_column``) and register
@@ -487,7 +488,7 @@ def train_table(cfg: ChurnConfig, path: Path | str, label: str, id_column: str |
 
 def train_on_frame(cfg: ChurnConfig, train_frame: pd.DataFrame, valid_frame: pd.DataFrame,
                    feature_set: FeatureSet, *, source: str = "table", dataset_source: str = "in-memory",
-                   n_trials: int | None = None, timeout: float | None = None, progress: bool = False,
+                   n_trials: int | None = None, timeout: float | None = None, progress: ProgressArg = None,
                    parent_run_id: str | None = None) -> TrainResult:
     """Tune, log and register from ready frames: ``feature_set`` columns plus ``label``
     (0/1) and optionally ``weight``; ``valid_frame`` is the validation slice."""
@@ -505,34 +506,7 @@ def train_on_frame(cfg: ChurnConfig, train_frame: pd.DataFrame, valid_frame: pd.
                              study_name=None, progress=progress, parent_run_id=parent_run_id)
 
 
-def summary_table(result: TrainResult, top: int = 10) -> Table:
-    """A rich table: the best trials, then the registered version and validation metrics."""
-    title = (f"churn train: {result.source}, feature set {result.feature_set}, study {result.study_name}")
-    table = Table(title=title)
-    for col, justify in (("trial", "right"), ("state", "left"), ("val AUC", "right"),
-                         ("trees", "right"), ("learning_rate", "right"), ("max_depth", "right"),
-                         ("worker", "left")):
-        table.add_column(col, justify=justify)
-    ranked = sorted(result.trials, key=lambda r: -(r.val_auc if r.val_auc is not None else -1))
-    for rec in ranked[:top]:
-        table.add_row(str(rec.number), rec.state,
-                      f"{rec.val_auc:.4f}" if rec.val_auc is not None else "-",
-                      str(rec.n_trees or "-"),
-                      f"{rec.params.get('learning_rate', float('nan')):.3f}",
-                      str(rec.params.get("max_depth", "-")), rec.worker)
-    table.caption = (
-        f"{result.n_complete} complete, {result.n_pruned} pruned; rows train {result.rows_train:,} / "
-        f"valid {result.rows_valid:,}; val AUC {result.val_auc:.4f}"
-        + (f", PR-AUC {result.val_pr_auc:.4f}, log loss {result.val_log_loss:.4f}"
-           if result.val_pr_auc is not None else "")
-        + (f"; registered {result.model_uri} (@{CHALLENGER})" if result.version
-           else "; worker: nothing registered")
-        + (f"; window {result.window_start[:10]} .. {result.window_end[:10]}" if result.window_start else "")
-    )
-    return table
-
-
 __all__ = [
     "Prepared", "TrainResult", "prepare_table", "prepare_window", "registered_version", "run_worker",
-    "summary_table", "time_split", "train", "train_on_frame", "train_table",
+    "time_split", "train", "train_on_frame", "train_table",
 ]

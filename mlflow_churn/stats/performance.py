@@ -1,6 +1,6 @@
 """Model performance in production: realised once labels mature, estimated before.
 
-Realised metrics (``classification_metrics`` of :mod:`mlflow_churn.evaluation.metrics`,
+Realised metrics (``classification_metrics`` of :mod:`mlflow_churn.stats.metrics`,
 not re-implemented here) are computed on the scoring cutoffs whose labels have matured:
 cutoffs in the monitoring window ending ``label_delay_days`` before ``as_of``, labelled
 with churn in the next ``min(label_horizon_days, label_delay_days)`` days, using only
@@ -17,7 +17,7 @@ past), so the realised AUC on everyone sits below ``val_auc`` without any degrad
 - ``early_auc_drop`` = ``val_auc_7d`` - AUC on short labels (churn within
   ``monitoring.early_label_days``, mature after that many days) of the newest cutoffs whose
   short labels have matured, against the same short-horizon AUC measured at training on
-  customers no model trained on (:mod:`mlflow_churn.monitoring.baseline`). It sees concept
+  customers no model trained on (:mod:`mlflow_churn.training.baseline`). It sees concept
   drift weeks before the 30-day labels do.
 
 Each comparison's noise level is ``z * sqrt(SE_baseline^2 + SE_current^2)`` with Hanley &
@@ -61,8 +61,8 @@ from typing import Any
 
 import numpy as np
 
-from mlflow_churn.config import EvaluationConfig
 from mlflow_churn.errors import ChurnError
+from mlflow_churn.stats.metrics import BusinessParams, classification_metrics, scalar_metrics, top_k_count
 
 
 def expected_auc(scores: Any) -> float:
@@ -84,14 +84,12 @@ def expected_auc(scores: Any) -> float:
     return numer / denom if denom > 0 else float("nan")
 
 
-def expected_business(scores: Any, eval_cfg: EvaluationConfig) -> dict[str, float]:
+def expected_business(scores: Any, eval_cfg: BusinessParams) -> dict[str, float]:
     """Expected recall@k and revenue lift of calibrated scores (same rules as evaluation).
 
     recall@k = sum of the top-k scores / sum of all scores; revenue_lift =
     (E[TP_k] - k * mean(p)) * save_rate * monthly_revenue / n (currency per customer-month).
     """
-    from mlflow_churn.evaluation.metrics import top_k_count
-
     p = np.asarray(scores, dtype="float64").ravel()
     if p.size == 0:
         raise ChurnError("no scores to estimate performance on")
@@ -158,12 +156,6 @@ def cluster_counts(labels: Any, customer_ids: Any | None) -> tuple[int, int]:
     ids = np.asarray(customer_ids)
     pos = np.unique(ids[y])
     return int(pos.size), int(np.setdiff1d(np.unique(ids), pos).size)
-
-
-def auc_se(auc: float, labels: Any, customer_ids: Any | None = None) -> float:
-    """Hanley-McNeil standard error of ``auc`` over distinct customers (see module doc)."""
-    pos, neg = cluster_counts(labels, customer_ids)
-    return auc_standard_error(auc, pos, neg)
 
 
 @dataclass
@@ -236,8 +228,6 @@ class Performance:
             "lift_drop": self.lift_drop,
         }
         if self.realised:
-            from mlflow_churn.evaluation.metrics import scalar_metrics
-
             out.update(scalar_metrics(self.realised, "realised_"))
         for names, check in ((("realised_auc_unseen", "auc_baseline", "auc_drop", "auc_drop_threshold",
                                 "matured_churners"), self.auc),
@@ -252,7 +242,7 @@ class Performance:
 def assess(
     current_scores: Any,
     reference_scores: Any,
-    eval_cfg: EvaluationConfig,
+    eval_cfg: BusinessParams,
     matured_labels: Any = None,
     matured_scores: Any = None,
     label_horizon_days: int | None = None,
@@ -273,7 +263,6 @@ def assess(
     recall_drop = lift_drop = None
     n_mat = 0
     if matured_labels is not None and matured_scores is not None and len(matured_labels):
-        from mlflow_churn.evaluation.metrics import classification_metrics
 
         y = np.asarray(matured_labels)
         n_mat = int(y.size)

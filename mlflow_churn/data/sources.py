@@ -9,7 +9,7 @@ non-key column of the ``activity`` table, the share of NULLs on each day of the 
 against the share in the version's training window (``sources`` of the reference profile,
 computed once at training by :func:`source_reference`).
 
-The size-aware allowance (:func:`mlflow_churn.monitoring.drift.null_rise_noise`) accounts
+The size-aware allowance (:func:`mlflow_churn.stats.drift.null_rise_noise`) accounts
 for the rows of the day and of the reference; the policy blocks when a day's rise exceeds
 both it and ``policy.max_null_increase``. A day of the window without any activity row is
 a fault too (``missing_days``).
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from mlflow_churn.data.tables import TablePaths, register_views
-from mlflow_churn.monitoring import drift
+from mlflow_churn.stats import drift
 
 TABLE = "activity"
 KEY_COLUMNS = ("customer_id", "event_timestamp", "created", "date")

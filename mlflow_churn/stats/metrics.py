@@ -2,7 +2,8 @@
 
 Every function takes labels ``y`` (0/1, 1 = churned within the horizon) and scores ``p``
 (P(churn) in [0, 1]) as arrays of equal length, and the evaluation config section
-(:class:`mlflow_churn.config.EvaluationConfig`) for ``top_k_pct`` and the revenue model.
+(anything with the attributes of :class:`BusinessParams`, e.g. the ``evaluation`` config
+section) for ``top_k_pct`` and the revenue model.
 
 Top k%: the ``ceil(n * top_k_pct / 100)`` customers with the highest scores (ties broken by
 row order, stable, so the result is deterministic). ``recall_at_k`` = churners among them /
@@ -31,13 +32,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, brier_score_loss, log_loss, roc_auc_score
 
-from mlflow_churn.config import EvaluationConfig
 from mlflow_churn.errors import ChurnError
 
 #: keys of :func:`classification_metrics` that are plain numbers (loggable as MLflow metrics)
@@ -49,6 +49,18 @@ SCALAR_KEYS = (
 #: tenure buckets (days since signup) of the derived segment column ``tenure_bucket``
 TENURE_EDGES = (0, 90, 365, 730, math.inf)
 TENURE_LABELS = ("0-90d", "90-365d", "1-2y", "2y+")
+
+
+
+class BusinessParams(Protocol):
+    """What the business metrics read (the ``evaluation`` config section has these)."""
+
+    top_k_pct: float
+    save_rate: float
+    monthly_revenue: float
+    offer_cost: float
+    segments: Sequence[str]
+    min_segment_size: int
 
 
 def _arrays(y: Any, p: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -92,7 +104,7 @@ def calibration_bins(y: Any, p: Any, bins: int = 10) -> tuple[float, list[dict[s
     return float(ece), out
 
 
-def classification_metrics(y: Any, p: Any, eval_cfg: EvaluationConfig, bins: int = 10) -> dict[str, Any]:
+def classification_metrics(y: Any, p: Any, eval_cfg: BusinessParams, bins: int = 10) -> dict[str, Any]:
     """Every metric of the module docstring for labels ``y`` and scores ``p``.
 
     Returns a dict with the numbers in :data:`SCALAR_KEYS` (``roc_auc``/``pr_auc`` are NaN
@@ -158,10 +170,10 @@ def add_segment_columns(frame: pd.DataFrame) -> pd.DataFrame:
 
 def segment_metrics(
     frame: pd.DataFrame,
-    score_col: str = "score",
-    label_col: str = "label",
-    segments: Sequence[str] | None = None,
-    eval_cfg: EvaluationConfig | None = None,
+    score_col: str,
+    label_col: str,
+    segments: Sequence[str] | None,
+    eval_cfg: BusinessParams,
     min_size: int | None = None,
 ) -> pd.DataFrame:
     """:func:`classification_metrics` per value of each segment column.
@@ -172,7 +184,6 @@ def segment_metrics(
     those count in the gate) and the scalar metrics; sorted by segment then value.
     Raises ChurnError naming a segment column that ``frame`` lacks.
     """
-    eval_cfg = eval_cfg or EvaluationConfig()
     segments = list(eval_cfg.segments if segments is None else segments)
     min_size = eval_cfg.min_segment_size if min_size is None else int(min_size)
     for col in (score_col, label_col):

@@ -111,14 +111,6 @@ def psi_from_shares(reference: Any, current: Any, epsilon: float = DEFAULT_EPSIL
     return float(np.sum((c - r) * np.log(c / r)))
 
 
-def psi_per_bin(reference: Any, current: Any, epsilon: float = DEFAULT_EPSILON) -> np.ndarray:
-    """The per-bin PSI terms (c - r) ln(c / r), same epsilon rule (for reports)."""
-    r = np.where(np.asarray(reference, float) > 0, reference, epsilon)
-    c = np.where(np.asarray(current, float) > 0, current, epsilon)
-    return (c - r) * np.log(c / r)
-
-
-# --------------------------------------------------------------------------- PSI
 def _evidently_fill(p: np.ndarray) -> np.ndarray:
     nz = p[p != 0]
     if nz.size == 0:

@@ -27,10 +27,10 @@ Layout (JSON-able dict)::
 
 Segment entries reuse the population's bins (edges / categories), so a segment's current
 window is binned exactly like the population; their ``count`` feeds the size-aware
-PSI threshold (:func:`mlflow_churn.monitoring.drift.psi_threshold`). ``calibration`` (the
+PSI threshold (:func:`mlflow_churn.stats.drift.psi_threshold`). ``calibration`` (the
 Platt map of the scores, fitted on the validation rows) and ``sources`` (null rates of the
-raw source columns over the training window, :mod:`mlflow_churn.monitoring.sources`) are
-given by training (:mod:`mlflow_churn.monitoring.baseline`); older profiles lack them.
+raw source columns over the training window, :mod:`mlflow_churn.data.sources`) are
+given by training (:mod:`mlflow_churn.training.baseline`); older profiles lack them.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import pandas as pd
 
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.registry import FeatureSet
-from mlflow_churn.monitoring import drift
+from mlflow_churn.stats import drift
 
 PROFILE_FORMAT = 1
 PROFILE_ARTIFACT = "reference/profile.json"
@@ -116,7 +116,7 @@ def build_profile(
     P(churn) on the same rows (same order); ``segments`` are categorical columns of
     ``frame`` whose every value gets its own shares. Raises ChurnError on missing columns
     or a length mismatch. ``calibration`` / ``sources`` are stored as given (see the module
-    doc; :func:`mlflow_churn.monitoring.baseline.training_baselines` computes them).
+    doc; :func:`mlflow_churn.training.baseline.training_baselines` computes them).
     """
     missing = [c for c in feature_set.columns if c not in frame.columns]
     if missing:

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from mlflow_churn.config import ChurnConfig
-from mlflow_churn.monitoring import performance
+from mlflow_churn.stats import performance
 
 UNSELECTED = "val_auc_unselected"
 
@@ -119,7 +119,7 @@ def training_baselines(cfg: ChurnConfig, prep: Any, booster: Any, y_valid: Any,
     metrics = {"val_auc_se": val.se} if val is not None else {}
     extras: dict[str, Any] = {"calibration": performance.fit_calibration(valid_scores, y_valid)}
     if prep.source == "simulator":
-        from mlflow_churn.monitoring.sources import source_reference
+        from mlflow_churn.data.sources import source_reference
         from mlflow_churn.training.window import training_window
 
         as_of = datetime.fromisoformat(prep.as_of)

@@ -1,0 +1,157 @@
+"""The import graph of the package, computed from the source (AST, function-level imports
+included): no cycles between modules or packages, every import points down the layers of
+docs/architecture.md, and only the shells import the CLI / presentation libraries."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "mlflow_churn"
+
+#: bottom first; a module may import its own package and any package listed before it
+LAYERS: tuple[str, ...] = (
+    "errors", "times", "config", "stats", "progress", "web", "alerts", "tracking", "tracking_server",
+    "data", "features", "registry", "training", "evaluation", "serving", "monitoring",
+)
+#: the shells: on top of everything, nothing below imports them
+SHELL_PACKAGES = {"cli", "cli_common", "demo", "demo_server", "hooks", "mlflow_plugin"}
+PRESENTATION = ("rich", "typer", "click")
+
+
+def _is_shell(module: str) -> bool:
+    parts = module.split(".")[1:]
+    if not parts:
+        return True
+    return parts[0] in SHELL_PACKAGES or parts[-1] == "cli" or parts[-1].endswith("_cli")
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for f in ROOT.rglob("*.py"):
+        rel = f.relative_to(ROOT.parent).with_suffix("")
+        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+        mods[".".join(parts)] = f
+    return mods
+
+
+def _imports(module: str, path: Path, known: set[str]) -> tuple[set[str], set[str]]:
+    """(our modules imported, third-party top-level names imported) by ``module``."""
+    ours, other = set(), set()
+    is_pkg = path.name == "__init__.py"
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = module.split(".")[: len(module.split(".")) - node.level + (1 if is_pkg else 0)]
+            targets = [".".join(base + ([node.module] if node.module else []))]
+            targets += [f"{targets[0]}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            targets = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        else:
+            continue
+        for target in targets:
+            if not target.startswith("mlflow_churn"):
+                other.add(target.split(".")[0])
+                continue
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and target != module and not module.startswith(target + "."):
+                ours.add(target)
+    return ours, other
+
+
+@pytest.fixture(scope="module")
+def graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    mods = _modules()
+    edges, third = {}, {}
+    for name, path in mods.items():
+        edges[name], third[name] = _imports(name, path, set(mods))
+    return edges, third
+
+
+def _package(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one node (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in list(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_module_cycles(graph) -> None:
+    edges, _ = graph
+    assert _cycles(edges) == []
+
+
+def test_no_package_cycles(graph) -> None:
+    edges, _ = graph
+    packages: dict[str, set[str]] = {}
+    for a, targets in edges.items():
+        for b in targets:
+            if _package(a) != _package(b):
+                packages.setdefault(_package(a), set()).add(_package(b))
+    assert _cycles(packages) == []
+
+
+def test_imports_point_down_the_layers(graph) -> None:
+    edges, _ = graph
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    upward = []
+    for module, targets in edges.items():
+        if _is_shell(module):
+            continue
+        top = module.split(".")[1] if "." in module else ""
+        assert top in rank, f"{module}: package {top!r} is in no layer; add it to LAYERS and the docs"
+        for target in targets:
+            if _is_shell(target):
+                upward.append(f"{module} -> {target} (a shell)")
+                continue
+            other = target.split(".")[1] if "." in target else ""
+            if rank.get(other, -1) > rank[top]:
+                upward.append(f"{module} -> {target}")
+    assert upward == []
+
+
+def test_only_shells_import_presentation(graph) -> None:
+    _, third = graph
+    offenders = sorted(f"{m} imports {lib}" for m, libs in third.items() if not _is_shell(m)
+                       for lib in libs if lib in PRESENTATION)
+    assert offenders == []
+
+
+def test_stats_is_a_leaf(graph) -> None:
+    edges, _ = graph
+    leaks = sorted(f"{m} -> {t}" for m, ts in edges.items() if m.startswith("mlflow_churn.stats")
+                   for t in ts if not t.startswith(("mlflow_churn.stats", "mlflow_churn.errors")))
+    assert leaks == []
