@@ -33,7 +33,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig
-from mlflow_churn.errors import ChurnError
+from mlflow_churn.errors import ChurnError, first_line
 
 PROBE_TIMEOUT_S = 5.0
 #: The MLflow 3 UI opens an experiment with this tag as model training (runs, metrics,
@@ -365,7 +365,7 @@ def setup_mlflow(cfg: ChurnConfig, experiment: str | None = None) -> str:
     except ChurnError:
         raise
     except Exception as exc:  # MLflow raises many types for an unreachable store
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ChurnError(
             f"cannot reach the MLflow tracking store at {uri} ({first[:200]}); "
             "check MLFLOW_TRACKING_URI / tracking_uri"

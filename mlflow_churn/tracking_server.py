@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from mlflow_churn.errors import ChurnError
+from mlflow_churn.errors import ChurnError, first_line
 
 LOOPBACK = "127.0.0.1"
 READY_TIMEOUT_S = 120.0
@@ -226,7 +226,7 @@ def create_database(admin_url: str, name: str | None = None) -> str:
     try:
         conn = _admin_connect(admin_url)
     except Exception as exc:  # psycopg2.OperationalError and friends
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise ChurnError(f"cannot connect to PostgreSQL at {_redact(admin_url)} ({first}); start it or fix "
                          "mlflow.server_backend_uri / CHURN_MLFLOW_BACKEND_URI") from None
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from mlflow_churn.errors import ChurnError
+from mlflow_churn.errors import ChurnError, first_line
 
 _TS = pa.timestamp("us", tz="UTC")
 CUSTOMERS_SCHEMA = pa.schema([
@@ -78,7 +78,7 @@ def check_parquet_files(paths: TablePaths) -> None:
         try:
             pq.read_metadata(path)
         except (OSError, pa.ArrowException) as exc:
-            first = " ".join((str(exc).strip().splitlines() or [type(exc).__name__])[0].split())
+            first = first_line(exc)
             raise ChurnError(f"table file {path} is not readable Parquet ({first[:200]}); rewrite it "
                              "(e.g. `churn simulate --overwrite`) or remove it") from None
 
@@ -100,8 +100,7 @@ def register_views(con: duckdb.DuckDBPyConnection, paths: TablePaths) -> None:
         try:
             con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM {source}")
         except duckdb.Error as exc:
-            first = " ".join(str(exc).strip().splitlines()[0].split())
-            raise ChurnError(f"cannot read the {name} table under {paths.data_dir}: {first}; "
+            raise ChurnError(f"cannot read the {name} table under {paths.data_dir}: {first_line(exc)}; "
                              "rewrite it (e.g. `churn simulate --overwrite`) or fix the file") from None
 
 

@@ -26,12 +26,7 @@ from mlflow_churn.data.groups import holdout_rows
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.offline import build_training_frame, daily_cutoffs
 from mlflow_churn.features.registry import FeatureSet
-
-
-def _utc(ts: datetime, what: str) -> datetime:
-    if not isinstance(ts, datetime):
-        raise ChurnError(f"{what} must be a datetime, got {ts!r}")
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+from mlflow_churn.times import utc
 
 
 def parse_tag_time(value: str | None, what: str) -> datetime:
@@ -39,7 +34,7 @@ def parse_tag_time(value: str | None, what: str) -> datetime:
     if not value:
         raise ChurnError(f"{what} is missing; was the version registered by `churn train`?")
     try:
-        return _utc(datetime.fromisoformat(value), what)
+        return utc(datetime.fromisoformat(value), what)
     except ValueError:
         raise ChurnError(f"{what} must be an ISO time, got '{value}'") from None
 
@@ -52,11 +47,11 @@ def holdout_cutoffs(as_of: datetime, cfg: ChurnConfig,
     Raises ChurnError naming the dates when the window is empty (e.g. the challenger was
     trained on data up to the newest matured day: move ``as_of`` later or retrain earlier).
     """
-    as_of = _utc(as_of, "as_of")
+    as_of = utc(as_of, "as_of")
     ends = [train_window_end] if isinstance(train_window_end, datetime) else list(train_window_end)
     if not ends:
         raise ChurnError("holdout needs the training window_end of at least one model")
-    ends = [_utc(e, "window_end") for e in ends]
+    ends = [utc(e, "window_end") for e in ends]
     horizon = cfg.features.label_horizon_days
     last = datetime.combine((as_of - timedelta(days=horizon)).date(), time(0), tzinfo=UTC)
     if last + timedelta(days=horizon) > as_of:

@@ -38,7 +38,6 @@ import redis
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.offline import (
     _connect,
-    _utc,
     check_cutoffs,
     compute_latest,
     data_bounds,
@@ -54,6 +53,7 @@ from mlflow_churn.features.online import (
 )
 from mlflow_churn.features.registry import FeatureDefinition, registry_for
 from mlflow_churn.progress import ProgressArg, resolve
+from mlflow_churn.times import utc
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def materialize(
     the writer lost its lock before the flip, or (incremental) when ``as_of`` is not after
     the serving batch's or its features or definitions changed.
     """
-    as_of = _utc(as_of, "as_of")
+    as_of = utc(as_of, "as_of")
     features = served_features(cfg)
     names = tuple(f.full_name for f in features)
     check_cutoffs(cfg.data_dir, features, [as_of])

@@ -28,9 +28,10 @@ from mlflow_churn.data.tables import (
     register_empty_views,
     register_views,
 )
-from mlflow_churn.errors import ChurnError
+from mlflow_churn.errors import ChurnError, first_line
 from mlflow_churn.features.definitions import FeatureDefinition, FeatureSet
 from mlflow_churn.features.sandbox import check_expression, check_statement, lock_down
+from mlflow_churn.times import utc
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,6 @@ class LatestFeatures:
     as_of: datetime
 
 
-def _utc(ts: datetime, what: str) -> datetime:
-    if not isinstance(ts, datetime):
-        raise ChurnError(f"{what} must be a datetime, got {ts!r}")
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
-
 
 def data_bounds(data_dir: Path) -> DataBounds:
     """First and last activity day, from the partition names (no data is read)."""
@@ -79,7 +75,7 @@ def data_bounds(data_dir: Path) -> DataBounds:
 
 def daily_cutoffs(start: datetime, end: datetime, every_days: int = 1) -> list[datetime]:
     """UTC midnights from ``end`` back to ``start`` every ``every_days`` days, oldest first."""
-    start, end = _utc(start, "start"), _utc(end, "end")
+    start, end = utc(start, "start"), utc(end, "end")
     if every_days < 1:
         raise ChurnError(f"every_days must be >= 1, got {every_days}")
     cur = datetime.combine(end.date(), time(0), tzinfo=UTC)
@@ -150,9 +146,6 @@ def _usable_columns(source: str) -> list[str]:
 _EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
 
-def _first_line(exc: Exception) -> str:
-    return " ".join(str(exc).strip().splitlines()[0].split())
-
 
 def _compile_error(con: duckdb.DuckDBPyConnection, feature: FeatureDefinition,
                    where: str) -> ChurnError | None:
@@ -170,7 +163,7 @@ def _compile_error(con: duckdb.DuckDBPyConnection, feature: FeatureDefinition,
         extra = ["cutoff"] + (["age_days"] if feature.source == "activity" else [])
         return ChurnError(
             f"{_where(feature, where)}: expression '{feature.expression}' does not run: "
-            f"{_first_line(exc)}; fix the expression "
+            f"{first_line(exc)}; fix the expression "
             f"(usable columns: {', '.join(cols + extra)})"
         )
 
@@ -209,7 +202,7 @@ def _query(con: duckdb.DuckDBPyConnection, sql: str, features: Sequence[FeatureD
             err = _compile_error(con, f, where)
             if err is not None:
                 raise err from None
-        raise ChurnError(f"computing features on {where} failed: {_first_line(exc)}; check the "
+        raise ChurnError(f"computing features on {where} failed: {first_line(exc)}; check the "
                          "tables against the layout in mlflow_churn/data/tables.py") from None
 
 
@@ -303,9 +296,9 @@ def build_training_frame(
         raise ChurnError("no cutoffs: the time window is empty; widen it or move --as-of")
     if horizon_days < 1:
         raise ChurnError(f"horizon_days must be >= 1, got {horizon_days}")
-    cuts = sorted({_utc(c, "cutoff") for c in cutoffs})
+    cuts = sorted({utc(c, "cutoff") for c in cutoffs})
     if label and label_as_of is not None:
-        label_as_of = _utc(label_as_of, "label_as_of")
+        label_as_of = utc(label_as_of, "label_as_of")
         late = [c for c in cuts if c + timedelta(days=horizon_days) > label_as_of]
         if late:
             raise ChurnError(
@@ -354,7 +347,7 @@ def compute_latest(
     leaves out the ``event_time`` column (and the watermark), which needs the activity
     of the longest window even for customer-level features.
     """
-    as_of = _utc(as_of, "as_of")
+    as_of = utc(as_of, "as_of")
     con = _connect(data_dir)
     try:
         _spine(con, [as_of], customer_ids)

@@ -39,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from mlflow_churn.config import ChurnConfig
-from mlflow_churn.errors import ChurnError
 from mlflow_churn.evaluation.evaluate import GateDecision
 from mlflow_churn.monitoring.policy import PERFORMANCE_METRICS, REFRESH, REFRESH_TAG
 from mlflow_churn.progress import ProgressArg
+from mlflow_churn.times import utc
 from mlflow_churn.training.train import TrainResult
 
 RETRAINED = "retrained"
@@ -93,11 +93,6 @@ class RetrainResult:
             "train": train, "gate": gate,
         }
 
-
-def _utc(as_of: datetime) -> datetime:
-    if not isinstance(as_of, datetime) or as_of.tzinfo is None:
-        raise ChurnError(f"as_of must be a timezone-aware (UTC) datetime, got {as_of!r}")
-    return as_of
 
 
 def _quote(value: str) -> str:
@@ -251,7 +246,7 @@ def _retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: P
     from mlflow_churn.tracking import setup_mlflow, terminate_failed
     from mlflow_churn.training.train import train
 
-    as_of = _utc(as_of)
+    as_of = utc(as_of)
     exp_id = setup_mlflow(cfg)
     client = MlflowClient()
     name = cfg.training.model_name

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mlflow_churn.config import ChurnConfig
-from mlflow_churn.errors import ChurnError
+from mlflow_churn.errors import ChurnError, first_line
 
 WEBHOOK_NAME = "churn-gate"
 #: the gate runs on a new `challenger`; every alias event feeds the alias history and the
@@ -50,7 +50,7 @@ def register_webhook(cfg: ChurnConfig, url: str, name: str = WEBHOOK_NAME) -> We
                                          description="mlflow-churn registry gate")
             verb = "created"
     except Exception as exc:  # MLflow raises MlflowException / RestException with the server's reason
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise ChurnError(
             f"cannot create webhook at {cfg.mlflow_tracking_uri}: {first[:300]} (webhooks need `mlflow "
             "server` with a SQL backend and MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY; for a loopback receiver "

@@ -71,7 +71,7 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from mlflow_churn.config import ChurnConfig
-from mlflow_churn.errors import ChurnError
+from mlflow_churn.errors import ChurnError, first_line
 from mlflow_churn.features.registry import FeatureSet
 from mlflow_churn.serving.log_writer import LogWriter, PredictionLogUnavailable
 from mlflow_churn.serving.metrics import Metrics
@@ -273,7 +273,7 @@ class ModelManager:
                 new = ModelPair(loaded[CHAMPION], loaded[CANARY], refused, None, datetime.now(UTC))
                 self.metrics.inc("churn_model_reloads_total", {"result": "ok"})
             except Exception as exc:  # registry unreachable, bad store: keep serving the old pair
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                first = first_line(exc)
                 old = self.pair
                 new = ModelPair(old.champion, old.canary, old.refused, first, old.loaded_at)
                 self.metrics.inc("churn_model_reloads_total", {"result": "error"})

@@ -45,10 +45,11 @@ import pyarrow.parquet as pq
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.data.tables import TablePaths, check_parquet_files
-from mlflow_churn.errors import ChurnError
-from mlflow_churn.features.offline import _connect, _feature_sql, _spine, _utc, check_cutoffs
+from mlflow_churn.errors import ChurnError, first_line
+from mlflow_churn.features.offline import _connect, _feature_sql, _spine, check_cutoffs
 from mlflow_churn.features.registry import FeatureSet, registry_for
 from mlflow_churn.progress import ProgressArg, resolve
+from mlflow_churn.times import utc
 from mlflow_churn.training.model import Scorer, load_scorer
 
 #: rows per Arrow record batch: large enough that per-batch overhead vanishes next to
@@ -115,7 +116,7 @@ def stream_features(data_dir: Path, feature_set: FeatureSet, as_of: datetime,
     """
     if batch_rows < 1:
         raise ChurnError(f"batch_rows must be >= 1, got {batch_rows}")
-    as_of = _utc(as_of, "as_of")
+    as_of = utc(as_of, "as_of")
     if feature_set.from_table:
         raise ChurnError(
             f"feature set '{feature_set.name}' was inferred from a flat table; batch scoring "
@@ -143,7 +144,7 @@ def _data_errors(data_dir: Path) -> Iterator[None]:
     try:
         yield
     except (duckdb.Error, pa.ArrowException) as exc:
-        first = " ".join((str(exc).strip().splitlines() or [type(exc).__name__])[0].split())
+        first = " ".join(first_line(exc).split())
         raise ChurnError(f"cannot read the tables under {data_dir}: {first[:300]}; rewrite or remove "
                          "the damaged file") from None
 
@@ -201,7 +202,7 @@ def score_stream(scorer: Scorer, batches: Iterable[pa.RecordBatch], as_of: datet
     fs = scorer.feature_set
     booster = scorer.booster
     booster.set_param({"nthread": os.cpu_count() or 1})
-    as_of = _utc(as_of, "as_of")
+    as_of = utc(as_of, "as_of")
     as_of_us = round(as_of.timestamp() * 1_000_000)
     rows = 0
     # batch i is written by a second thread while batch i + 1 is scored (both release the GIL)
@@ -257,7 +258,7 @@ def resolve_model(cfg: ChurnConfig, model_uri: str | None) -> tuple[str, str | N
             latest = client.get_latest_versions(name, stages=[tail] if tail else None)
         return uri, str(latest[0].version) if latest else None
     except MlflowException as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         hint = ("; register a model and set the alias (e.g. `churn train`, then promote it), "
                 "or pass --model-uri") if model_uri is None else ""
         raise ChurnError(f"cannot resolve model {uri}: {first[:200]}{hint}") from None
@@ -276,7 +277,7 @@ def _check_feature_set(cfg: ChurnConfig, fs: FeatureSet, uri: str) -> None:
 
 def partition_dir(out_dir: Path, as_of: datetime) -> Path:
     """``<out_dir>/date=YYYY-MM-DD`` for ``as_of`` (UTC)."""
-    return Path(out_dir) / f"date={_utc(as_of, 'as_of').date().isoformat()}"
+    return Path(out_dir) / f"date={utc(as_of, 'as_of').date().isoformat()}"
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -321,7 +322,7 @@ def score_batch(
 
         spark_master = spark_master or DEFAULT_SPARK_MASTER
         check_staging(staging, spark_master)
-    as_of = _utc(as_of, "as_of")
+    as_of = utc(as_of, "as_of")
     check_parquet_files(TablePaths(Path(cfg.data_dir)))  # a damaged table fails before the model loads
     setup_mlflow(cfg)
     uri, version = resolve_model(cfg, model_uri)

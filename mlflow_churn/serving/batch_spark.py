@@ -38,8 +38,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from mlflow_churn.errors import ChurnError
-from mlflow_churn.features.offline import _utc
 from mlflow_churn.features.registry import FeatureSet
+from mlflow_churn.times import utc
 
 DEFAULT_SPARK_MASTER = "local[*]"
 
@@ -147,7 +147,7 @@ def score_parquet_spark(spark: Any, model_uri: str, fs: FeatureSet, features_pat
 
     udf = mlflow.pyfunc.spark_udf(spark, model_uri, result_type="double", env_manager="local")
     frame = spark.read.parquet(features_path)
-    as_of = _utc(as_of, "as_of")
+    as_of = utc(as_of, "as_of")
     scored = frame.select(
         F.col("customer_id").cast("long").alias("customer_id"),
         udf(*[F.col(c) for c in fs.columns]).alias("churn_probability"),

@@ -59,7 +59,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig
-from mlflow_churn.errors import ChurnError
+from mlflow_churn.errors import ChurnError, first_line
 from mlflow_churn.registry.aliases import (
     CANARY,
     CHAMPION,
@@ -72,6 +72,7 @@ from mlflow_churn.registry.aliases import (
 )
 from mlflow_churn.registry.promotion import OVERRIDE_TAG, check_approval, record_canary_verdict
 from mlflow_churn.serving.prediction_log import PredictionLog, attach_labels
+from mlflow_churn.times import utc
 from mlflow_churn.tracking import fail_fast, failed_on_error, setup_mlflow
 
 ROUTES = ("champion", "canary")
@@ -177,9 +178,6 @@ def _client(cfg: ChurnConfig) -> MlflowClient:
     return MlflowClient(uri, uri)
 
 
-def _utc(ts: datetime) -> datetime:
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
-
 
 def canary_status(cfg: ChurnConfig, as_of: datetime | None = None,
                   since: datetime | None = None) -> CanaryStatus:
@@ -199,8 +197,8 @@ def _logged(cfg: ChurnConfig, as_of: datetime | None, since: datetime | None) ->
     """Rows of the prediction log with ``since <= as_of column <= as_of`` (bounds optional)."""
     log = PredictionLog(cfg.prediction_log_url)
     try:
-        until = _utc(as_of) + timedelta(microseconds=1) if as_of else None  # as_of inclusive
-        return log.read(since=_utc(since) if since else None, until=until)
+        until = utc(as_of) + timedelta(microseconds=1) if as_of else None  # as_of inclusive
+        return log.read(since=utc(since) if since else None, until=until)
     finally:
         log.close()
 
@@ -220,7 +218,7 @@ def default_as_of(cfg: ChurnConfig, now: datetime) -> datetime:
         newest = log.newest_as_of()
     finally:
         log.close()
-    return newest or _utc(now)
+    return newest or utc(now)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -277,8 +275,8 @@ def evaluate_canary(
     ``churn_events`` defaults to ``<data_dir>/churn_events.parquet`` (no labels when
     absent). ``log_run`` records the evaluation as an MLflow run with ``decision.json``.
     """
-    as_of = _utc(as_of)
-    since = _utc(since) if since else None
+    as_of = utc(as_of)
+    since = utc(since) if since else None
     sv = cfg.serving
     client = _client(cfg)
     name = cfg.training.model_name
@@ -706,7 +704,7 @@ def transition_evidence(cfg: ChurnConfig, evidence: CanaryEvaluation | None, as_
         when = as_of or default_as_of(cfg, datetime.now(UTC))
         return evaluate_canary(cfg, when, since, log_run=log_run), None
     except Exception as exc:  # any failure: record why, do not block the alias move
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        first = first_line(exc)
         return None, f"{type(exc).__name__}: {first}"
 
 

@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Literal
 
-from mlflow_churn.errors import ChurnError
+from mlflow_churn.errors import ChurnError, first_line
 from mlflow_churn.serving.metrics import Metrics
 from mlflow_churn.serving.prediction_log import PredictionLog, PredictionRecord
 
@@ -99,7 +99,7 @@ class LogWriter:
             self._log.write(records)
         except Exception as exc:  # sqlite3 / psycopg2 errors differ
             self.metrics.inc(FAILURES, {})
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            first = first_line(exc)
             raise PredictionLogUnavailable(
                 f"cannot write the prediction log at {self.url}: {first}") from None
         self.metrics.inc(WRITTEN, {}, len(records))

@@ -29,7 +29,7 @@ import xgboost as xgb
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from mlflow_churn.errors import ChurnError
+from mlflow_churn.errors import ChurnError, first_line
 from mlflow_churn.features.registry import FeatureSet
 
 BOOSTER_FILE = "booster.ubj"
@@ -181,7 +181,7 @@ def load_scorer(model_uri: str, version: str | None = None) -> Scorer:
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except Exception as exc:  # MLflow raises several types for a missing model
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise ChurnError(f"cannot load model {model_uri}: {first[:200]}") from None
     inner = model.unwrap_python_model()
     if not isinstance(inner, ChurnModel):

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlflow_churn.errors import ChurnError
+from mlflow_churn.errors import ChurnError, first_line
 from mlflow_churn.features.registry import FeatureSet, table_feature_set
 
 TRUE_WORDS = frozenset({"yes", "y", "true", "t", "1", "1.0"})
@@ -55,7 +55,7 @@ def read_table(path: Path | str) -> pd.DataFrame:
             return pd.read_parquet(path)
         return pd.read_csv(path, na_values=[""], keep_default_na=True, low_memory=False)
     except Exception as exc:  # pandas / pyarrow raise many types for unreadable files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise ChurnError(f"cannot read table {path}: {first[:200]}") from None
 
 

@@ -39,7 +39,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from mlflow_churn.errors import ChurnError
+from mlflow_churn.errors import ChurnError, first_line
 
 REPORT_EVERY = 10
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -173,7 +173,7 @@ def make_study(study_name: str, storage: str | None, seed: int | None, create: b
         raise ChurnError(f"no Optuna study '{study_name}' in {storage}; start the leader "
                          "(`churn train --storage URL --study NAME`) first") from None
     except Exception as exc:  # SQLAlchemy / driver errors for an unreachable storage
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise ChurnError(f"cannot open Optuna storage {storage}: {first[:200]}; "
                          "check --storage / training.storage") from None
 

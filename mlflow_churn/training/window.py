@@ -35,6 +35,7 @@ from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.offline import daily_cutoffs, data_bounds, longest_window
 from mlflow_churn.features.registry import registry_for
+from mlflow_churn.times import utc
 
 
 @dataclass(frozen=True)
@@ -73,11 +74,6 @@ class TrainingWindow:
         }
 
 
-def _utc(ts: datetime) -> datetime:
-    if not isinstance(ts, datetime):
-        raise ChurnError(f"as_of must be a datetime, got {ts!r}")
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
-
 
 def _midnight(ts: datetime) -> datetime:
     return datetime.combine(ts.date(), time(0), tzinfo=UTC)
@@ -89,7 +85,7 @@ def training_window(as_of: datetime, cfg: ChurnConfig, data_dir: Path | None = N
     ``data_dir`` defaults to ``cfg.data_dir``. Raises ChurnError when ``as_of`` is after
     the newest data or the window holds no cutoff with a full feature history.
     """
-    as_of = _utc(as_of)
+    as_of = utc(as_of)
     data_dir = Path(data_dir) if data_dir is not None else cfg.data_dir
     t = cfg.training
     horizon = cfg.features.label_horizon_days
