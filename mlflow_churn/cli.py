@@ -161,11 +161,13 @@ def demo(
 
 def _log_to_active_project_run(params: dict, metrics: dict, artifact: Path) -> None:
     """Inside ``mlflow run`` (MLFLOW_RUN_ID set), record what this entry point did."""
-    if not os.environ.get("MLFLOW_RUN_ID"):
+    from mlflow_churn.tracking import project_run_id, step_run
+
+    if project_run_id() is None:
         return
     import mlflow
 
-    with mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"]):
+    with step_run("project", resume=True):
         mlflow.log_params(params)
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(artifact))

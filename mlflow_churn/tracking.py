@@ -390,3 +390,67 @@ def ensure_experiment(client: MlflowClient, cfg: ChurnConfig, name: str) -> str:
     if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
+
+
+# --------------------------------------------------------------- the run a step logs into
+PROJECT_RUN_ENV = "MLFLOW_RUN_ID"
+
+
+def project_run_id() -> str | None:
+    """The run ``mlflow run`` opened for this entry point (``MLFLOW_RUN_ID``), if any."""
+    return os.environ.get(PROJECT_RUN_ENV) or None
+
+
+@contextmanager
+def without_project_run() -> Iterator[str | None]:
+    """Hide ``MLFLOW_RUN_ID`` inside the block (yields it): while it is set, MLflow's fluent
+    ``start_run`` - even ``nested=True`` - resumes that run instead of opening a new one."""
+    saved = os.environ.pop(PROJECT_RUN_ENV, None)
+    try:
+        yield saved
+    finally:
+        if saved is not None:
+            os.environ[PROJECT_RUN_ENV] = saved
+
+
+@contextmanager
+def step_run(run_name: str, experiment_id: str | None = None, parent_run_id: str | None = None, *,
+             resume: bool = False) -> Iterator[Any]:
+    """The one way a step opens the MLflow run it logs into (the active fluent run inside).
+
+    ``parent`` = ``parent_run_id``, else the ``mlflow run`` project run (``MLFLOW_RUN_ID``):
+
+    - ``resume`` and a parent: log into the parent itself (e.g. training inside ``mlflow run``);
+    - a parent: a new child run ``run_name`` of it, in the parent's experiment;
+    - no parent: a new run ``run_name`` in ``experiment_id`` (default: the active
+      experiment), nested under the active fluent run when there is one.
+
+    ``MLFLOW_RUN_ID`` is hidden inside the block, so runs opened there are children, not the
+    project run resumed. ChurnError when the parent run is not in the tracking store.
+    """
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    with without_project_run() as project:
+        parent = parent_run_id or project
+        if not parent:
+            with mlflow.start_run(run_name=run_name, experiment_id=experiment_id,
+                                  nested=mlflow.active_run() is not None) as run:
+                yield run
+            return
+        client = MlflowClient()
+        try:
+            exp = client.get_run(parent).info.experiment_id
+        except Exception as exc:  # MlflowException (not found) or a server failure
+            if server_failure(exc) is not None:
+                raise
+            raise ChurnError(f"parent run {parent} (MLFLOW_RUN_ID / parent_run_id) is not in the tracking "
+                             f"store: {first_line(exc, 200)}") from None
+        mlflow.set_experiment(experiment_id=exp)  # start_run(run_id) refuses a run of another experiment
+        if resume:
+            run_id = parent
+        else:
+            run_id = client.create_run(exp, run_name=run_name, tags={MLFLOW_PARENT_RUN_ID: parent,
+                                                                     MLFLOW_RUN_NAME: run_name}).info.run_id
+        nested = mlflow.active_run() is not None and mlflow.active_run().info.run_id != run_id
+        with mlflow.start_run(run_id=run_id, nested=nested) as run:
+            yield run

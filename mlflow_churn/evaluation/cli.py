@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING
 
 import typer
@@ -46,14 +45,15 @@ def evaluate_command(
     when = parse_datetime(as_of, "--as-of") if opt_str(as_of) else None  # bad input first, then imports
     from mlflow_churn.evaluation.evaluate import STEPS, evaluate
     from mlflow_churn.features.offline import data_bounds
+    from mlflow_churn.tracking import without_project_run
 
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     when = when or data_bounds(cfg.data_dir).last_event
     # inside `mlflow run` the project run is the parent of the decision run
-    parent = os.environ.pop("MLFLOW_RUN_ID", None)
-    decision = with_progress("registry gate", STEPS, progress, lambda tick: evaluate(
-        cfg, when, opt_str(challenger) or "challenger", opt_str(champion) or "champion",
-        parent_run_id=parent, on_step=tick))
+    with without_project_run() as parent:
+        decision = with_progress("registry gate", STEPS, progress, lambda tick: evaluate(
+            cfg, when, opt_str(challenger) or "challenger", opt_str(champion) or "champion",
+            parent_run_id=parent, on_step=tick))
     console.print(summary_table(decision))
     for reason in decision.reasons:
         console.print(f"[red]rejected:[/red] {reason}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import tempfile
 from datetime import timedelta
@@ -153,11 +152,13 @@ def _batch_table(title: str, batches) -> Table:
 
 def _log_batch_to_project_run(info) -> None:
     """Inside ``mlflow run`` (MLFLOW_RUN_ID set), record the batch in that run."""
-    if not os.environ.get("MLFLOW_RUN_ID"):
+    from mlflow_churn.tracking import project_run_id, step_run
+
+    if project_run_id() is None:
         return
     import mlflow
 
-    with mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"]):
+    with step_run("project", resume=True):
         # the entry point's own parameters (as_of = "" for newest data) are already logged
         mlflow.log_params({"batch_as_of": info.as_of.isoformat(), "batch_mode": info.mode,
                            "batch_id": info.batch_id, "n_features": len(info.features)})

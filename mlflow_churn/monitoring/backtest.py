@@ -35,9 +35,7 @@ The run (experiment ``training.experiment``, beside the training runs) logs per-
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -48,8 +46,8 @@ from mlflow_churn.config import SCENARIOS, ChurnConfig
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.monitoring.monitor import monitor, monitoring_experiment
 from mlflow_churn.monitoring.policy import WindowStats
-from mlflow_churn.monitoring.runs import nested_run
 from mlflow_churn.progress import ProgressArg
+from mlflow_churn.tracking import step_run, without_project_run
 
 
 @dataclass
@@ -128,17 +126,6 @@ def _retrain(cfg: ChurnConfig, as_of: datetime, n_trials: int, progress: Progres
     return version
 
 
-@contextmanager
-def _no_project_run() -> Any:
-    """Hide MLFLOW_RUN_ID while training / monitoring, so each is its own run."""
-    saved = os.environ.pop("MLFLOW_RUN_ID", None)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            os.environ["MLFLOW_RUN_ID"] = saved
-
-
 def _log_backtest(cfg: ChurnConfig, exp_id: str, result: BacktestResult, spec: Any, manifest: dict,
                   step: int, n_trials: int, fast: bool, retrain_days: list[str]) -> str:
     """One run (nested in the project run under ``mlflow run``) with the replay's evidence."""
@@ -147,7 +134,7 @@ def _log_backtest(cfg: ChurnConfig, exp_id: str, result: BacktestResult, spec: A
     from mlflow_churn.tracking import setup_mlflow
 
     setup_mlflow(cfg, monitoring_experiment(cfg))
-    with nested_run(f"backtest {result.scenario} {spec.days}d", exp_id) as run:
+    with step_run(f"backtest {result.scenario} {spec.days}d", exp_id) as run:
         mlflow.set_tags({"backtest.scenario": result.scenario, "backtest.fast": str(fast)})
         mlflow.log_params({"scenario": result.scenario, "days": spec.days, "customers": spec.customers,
                            "onset": manifest["onset_date"], "step_days": step,
@@ -289,7 +276,7 @@ def backtest(
     as_of0 = _first_train_day(cfg) + timedelta(days=warmup_days)
     last = data_bounds(cfg.data_dir).last_event
     step = step_days or cfg.monitoring.window_days
-    with _no_project_run():
+    with without_project_run():
         first_version = str(train(cfg, as_of0, n_trials=n_trials, progress=False).version)
     move_alias(client, name, CHAMPION, first_version, cfg.evaluation.mirror_stages)
     version = first_version
@@ -306,7 +293,7 @@ def backtest(
     horizon = min(cfg.features.label_horizon_days, cfg.monitoring.label_delay_days)
 
     cache = FrameCache()
-    with _no_project_run():
+    with without_project_run():
         for i, as_of in enumerate(times):
             hist = history.setdefault(version, [])
             res = monitor(cfg, as_of, history=list(hist), report=False, log=not fast, cache=cache)

@@ -44,11 +44,11 @@ from mlflow_churn.monitoring.runs import (
     latest_decision,
     log_window,
     monitoring_experiment,
-    nested_run,
     read_history,
 )
 from mlflow_churn.monitoring.window import window_drift
 from mlflow_churn.stats.performance import AucCheck, Performance, assess, auc_check
+from mlflow_churn.tracking import step_run
 from mlflow_churn.training.baseline import Baseline, unseen_mask, version_baseline
 from mlflow_churn.training.profile import profile_for_version
 
@@ -236,7 +236,7 @@ def _log_run(cfg: ChurnConfig, exp_id: str, result: MonitorResult, profile: dict
              tags: dict[str, str], parent_run_id: str | None) -> str:
     """One run for the window (nested in ``parent_run_id`` / ``MLFLOW_RUN_ID`` when set)."""
     name = f"monitor {result.as_of:%Y-%m-%d} v{result.model_version}"
-    with nested_run(name, exp_id, parent_run_id) as run:
+    with step_run(name, exp_id, parent_run_id) as run:
         log_window(result, profile, frame, scores, cfg, cfg.training.model_name, alias, report, report_rows,
                    tags)
         return run.info.run_id

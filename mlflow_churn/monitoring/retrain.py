@@ -31,7 +31,6 @@ are nested under it.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -243,7 +242,7 @@ def _retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: P
 
     from mlflow_churn.evaluation.evaluate import evaluate
     from mlflow_churn.registry.aliases import CHAMPION
-    from mlflow_churn.tracking import setup_mlflow, terminate_failed
+    from mlflow_churn.tracking import project_run_id, setup_mlflow, terminate_failed
     from mlflow_churn.training.train import train
 
     as_of = utc(as_of)
@@ -251,12 +250,12 @@ def _retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: P
     client = MlflowClient()
     name = cfg.training.model_name
     run_name = f"retrain {as_of:%Y-%m-%d}"
-    parent_id = os.environ.get("MLFLOW_RUN_ID")
+    parent_id = project_run_id()
     if parent_id:
         exp_id = client.get_run(parent_id).info.experiment_id
     else:
         parent_id = client.create_run(exp_id, run_name=run_name, tags={MLFLOW_RUN_NAME: run_name}).info.run_id
-    own = not os.environ.get("MLFLOW_RUN_ID")
+    own = project_run_id() is None
 
     result = RetrainResult(action=NOOP, reason="", train=None, gate=None, run_id=parent_id, as_of=as_of,
                            forced=force)

@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -162,31 +159,6 @@ def log_window(result: MonitorResult, profile: dict[str, Any], frame: pd.DataFra
         with tempfile.TemporaryDirectory() as tmp:
             path = evidently_report(frame, scores, profile, Path(tmp) / "drift_report.html", report_rows)
             mlflow.log_artifact(str(path))
-
-
-@contextmanager
-def nested_run(run_name: str, experiment_id: str, parent_run_id: str | None = None) -> Iterator[Any]:
-    """A new run named ``run_name``: a child of ``parent_run_id`` (or ``MLFLOW_RUN_ID``, the
-    project run of ``mlflow run``) in that run's experiment when there is one, else a
-    top-level run in ``experiment_id``. The child is created explicitly: a fluent
-    ``start_run(nested=True)`` would resume the ``MLFLOW_RUN_ID`` run instead."""
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-
-    parent = parent_run_id or os.environ.get("MLFLOW_RUN_ID")
-    if not parent:
-        with mlflow.start_run(run_name=run_name, experiment_id=experiment_id,
-                              nested=mlflow.active_run() is not None) as run:
-            yield run
-        return
-    client = MlflowClient()
-    exp = client.get_run(parent).info.experiment_id
-    child = client.create_run(exp, run_name=run_name,
-                              tags={MLFLOW_PARENT_RUN_ID: parent, MLFLOW_RUN_NAME: run_name})
-    mlflow.set_experiment(experiment_id=exp)  # start_run(run_id) refuses a run of another experiment
-    with mlflow.start_run(run_id=child.info.run_id, nested=mlflow.active_run() is not None) as run:
-        yield run
 
 
 def _version_runs(client: Any, model_name: str, version: str | None = None) -> list[Any]:

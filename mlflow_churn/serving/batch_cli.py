@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import typer
@@ -70,8 +69,10 @@ def register(app: typer.Typer) -> None:
                       f"{result.rows:,}", f"{result.seconds:.2f}", f"{result.rows_per_second:,.0f}",
                       str(result.path))
         console.print(table)
-        if os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run . -e score`: log into that run
-            _log_to_project_run(os.environ["MLFLOW_RUN_ID"], result)
+        from mlflow_churn.tracking import project_run_id
+
+        if project_run_id():  # inside `mlflow run . -e score`: log into that run
+            _log_to_project_run(project_run_id(), result)
 
 
 def _log_to_project_run(run_id: str, result: ScoreResult) -> None:

@@ -42,7 +42,6 @@ import fcntl
 import hashlib
 import json
 import math
-import os
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -73,7 +72,7 @@ from mlflow_churn.registry.aliases import (
 from mlflow_churn.registry.promotion import OVERRIDE_TAG, check_approval, record_canary_verdict
 from mlflow_churn.serving.prediction_log import PredictionLog, attach_labels
 from mlflow_churn.times import utc
-from mlflow_churn.tracking import fail_fast, failed_on_error, setup_mlflow
+from mlflow_churn.tracking import fail_fast, failed_on_error, setup_mlflow, step_run
 
 ROUTES = ("champion", "canary")
 
@@ -405,22 +404,10 @@ def _metrics_of(ev: CanaryEvaluation) -> dict[str, float]:
 # --------------------------------------------------------------------------- runs, locks
 @contextmanager
 def decision_run(cfg: ChurnConfig, run_name: str) -> Iterator[Any]:
-    """An MLflow run for one decision; nested in the ``mlflow run`` project run when set."""
+    """An MLflow run for one decision on ``cfg``'s store (:func:`mlflow_churn.tracking.step_run`:
+    a child of the ``mlflow run`` project run when there is one)."""
     setup_mlflow(cfg)
-    parent = os.environ.get("MLFLOW_RUN_ID")
-    if parent and mlflow.active_run() is None:
-        # the decision run lives next to its parent (the `mlflow run` project run)
-        mlflow.set_experiment(experiment_id=MlflowClient().get_run(parent).info.experiment_id)
-        # while MLFLOW_RUN_ID is set, MLflow's start_run (even nested=True) resumes that run
-        # instead of creating a child; hide it for this run, keep it for the next decision
-        del os.environ["MLFLOW_RUN_ID"]
-        try:
-            with mlflow.start_run(run_id=parent), mlflow.start_run(run_name=run_name, nested=True) as run:
-                yield run
-        finally:
-            os.environ["MLFLOW_RUN_ID"] = parent
-        return
-    with mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None) as run:
+    with step_run(run_name) as run:
         yield run
 
 

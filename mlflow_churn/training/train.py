@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -46,7 +45,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig
@@ -57,7 +55,7 @@ from mlflow_churn.features.registry import FeatureSet, registry_for
 from mlflow_churn.progress import ProgressArg, resolve
 from mlflow_churn.registry.aliases import CHALLENGER
 from mlflow_churn.registry.versions import registered_version
-from mlflow_churn.tracking import fail_fast, failed_on_error, setup_mlflow
+from mlflow_churn.tracking import fail_fast, failed_on_error, setup_mlflow, step_run
 from mlflow_churn.training import tuning
 from mlflow_churn.training.model import log_churn_model, predict_proba
 from mlflow_churn.training.window import TrainingWindow, training_window
@@ -273,19 +271,6 @@ def _log_profile(prep: Prepared, booster: Any, bins: int, extras: dict[str, Any]
     return True
 
 
-def _parent_run(parent_run_id: str | None, experiment_id: str, run_name: str) -> Any:
-    parent = parent_run_id or os.environ.get("MLFLOW_RUN_ID")
-    if parent:
-        try:
-            parent_exp = MlflowClient().get_run(parent).info.experiment_id
-        except MlflowException as exc:
-            raise ChurnError(f"parent run {parent} (MLFLOW_RUN_ID / parent_run_id) is not in the tracking "
-                             f"store: {exc.message[:200]}") from None
-        mlflow.set_experiment(experiment_id=parent_exp)  # start_run(run_id) needs it to match
-        return mlflow.start_run(run_id=parent)
-    return mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
-
-
 def _fit_data(prep: Prepared) -> tuning.FitData:
     """The coerced frames the tuner fits on (training rows carry their sample weights)."""
     fs = prep.feature_set
@@ -314,8 +299,8 @@ def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None,
     x_valid, y_valid = data.x_valid, data.y_valid
     data_hash = prep.data_hash
     run_name = f"train-{prep.source}-{prep.as_of[:10] or Path(prep.dataset_source).stem}"
-    with fail_fast(cfg, f"training '{t.model_name}'"), _parent_run(parent_run_id, exp_id, run_name) as run, \
-            failed_on_error(cfg):
+    with fail_fast(cfg, f"training '{t.model_name}'"), \
+            step_run(run_name, exp_id, parent_run_id, resume=True) as run, failed_on_error(cfg):
         run_id = run.info.run_id
         study_name = study_name or f"churn-{run_id}"
         study = tuning.make_study(study_name, storage, t.seed)
