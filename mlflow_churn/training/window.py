@@ -103,7 +103,8 @@ def training_window(as_of: datetime, cfg: ChurnConfig, data_dir: Path | None = N
         valid = (f"no as_of is valid: training needs {needed} days of data ({longest_window(features)}-day "
                  f"feature window + {horizon}-day label horizon + {holdout}-day holdout) and the data has "
                  f"{have} ({bounds.first_day} .. {bounds.last_day}); simulate at least {needed} days "
-                 f"(churn simulate --days {needed}) or shorten training.window_days / the feature windows")
+                 f"(churn simulate --days {needed}) or shorten the feature windows, "
+                 "features.label_horizon_days or evaluation.holdout_days")
     if as_of > bounds.last_event:
         raise ChurnError(f"as_of {as_of.isoformat()} is after the newest data "
                          f"({bounds.last_event.isoformat()}); "
