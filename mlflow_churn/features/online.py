@@ -46,6 +46,7 @@ import duckdb
 import orjson
 import pandas as pd
 
+from mlflow_churn.config import mask_text
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.sandbox import lock_down
 from mlflow_churn.features.writer_lock import FileWriterLock, RedisWriterLock, WriterLock
@@ -542,12 +543,12 @@ class RedisStore:
         import redis
 
         self.url, self.prefix = url, prefix
-        self.location = f"{url} (prefix {prefix})"
+        self.location = f"{mask_text(url)} (prefix {prefix})"
         try:
             self._r = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5)
             self._r.ping()
         except (redis.RedisError, ValueError) as exc:
-            raise ChurnError(f"Redis at {url} is not reachable ({exc}); start it or fix "
+            raise ChurnError(f"Redis at {mask_text(url)} is not reachable ({exc}); start it or fix "
                              "features.redis_url") from None
         self._info_cache: tuple[bytes, BatchInfo] | None = None
         self._infos: dict[str, BatchInfo] = {}  # batch infos never change once written
