@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import yaml
 from rich.table import Table
 
 from mlflow_churn.cli_common import console, from_config, get_config, opt_str, parse_date, with_progress
-from mlflow_churn.config import SCENARIOS, masked
+from mlflow_churn.config import SCENARIOS, mask_text, masked
 from mlflow_churn.errors import ChurnError
 
 app = typer.Typer(
@@ -249,19 +250,21 @@ def main() -> None:
     # against `mlflow server` MLflow prints "View run ... at: URL" on stdout when a run ends,
     # which breaks `--json`; the commands print their run ids themselves
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # "Creating initial MLflow database tables..." is noise on stderr, where errors are one line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     try:
         code = app(standalone_mode=False)  # Click raises its errors instead of boxing them
     except _NO_ARGS as exc:
         typer.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
         sys.exit(2)
     except _click.ClickException as exc:
-        typer.echo(f"error: {_one_line(exc)}", err=True)
+        typer.echo(f"error: {mask_text(_one_line(exc))}", err=True)
         sys.exit(2)
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(1)
     except ChurnError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {mask_text(str(exc))}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
@@ -270,7 +273,7 @@ def main() -> None:
         line = expected_failure(exc)
         if line is None:
             raise
-        typer.echo(f"error: {line}", err=True)
+        typer.echo(f"error: {mask_text(line)}", err=True)
         sys.exit(2)
     if isinstance(code, int) and code:  # typer.Exit(n) of a command (e.g. check-skew's 1)
         sys.exit(code)

@@ -270,3 +270,18 @@ def test_damaged_table_while_scoring_is_one_line(tmp_path: Path, small_data: Pat
 ])
 def test_values_out_of_any_range_are_one_line(churn, args: list[str], needle: str) -> None:
     _assert_one_line(*churn(["--workspace", "ws", *args]), needle)
+
+
+@pytest.mark.parametrize(("env", "args", "needle"), [
+    ({"CHURN_SERVING__PREDICTION_LOG": "postgresql://churn:pg-s3cret@127.0.0.1:1/db"},
+     ["canary", "status"], "postgresql://churn:***@127.0.0.1:1/db"),
+    ({"CHURN_FEATURES__ONLINE_BACKEND": "redis", "CHURN_FEATURES__REDIS_URL": "redis://:r3dis-pw@127.0.0.1:1/0"},
+     ["features", "history"], "redis://:***@127.0.0.1:1/0"),
+])
+def test_unreachable_service_is_one_line_without_its_password(
+        churn, monkeypatch: pytest.MonkeyPatch, env: dict, args: list[str], needle: str) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, out, err = churn(["--workspace", "ws", *args])
+    _assert_one_line(code, out, err, needle)
+    assert "s3cret" not in err and "r3dis-pw" not in err

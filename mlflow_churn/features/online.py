@@ -46,6 +46,7 @@ import duckdb
 import orjson
 import pandas as pd
 
+from mlflow_churn.config import mask_text
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.sandbox import lock_down
 from mlflow_churn.features.writer_lock import FileWriterLock, RedisWriterLock, WriterLock
@@ -552,7 +553,7 @@ class RedisStore:
         from redis.retry import Retry
 
         self.url, self.prefix = url, prefix
-        self.location = f"{url} (prefix {prefix})"
+        self.location = f"{mask_text(url)} (prefix {prefix})"
         fast = ({} if timeout_s is None else
                 {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
                  "retry": Retry(NoBackoff(), 0)})
@@ -561,8 +562,8 @@ class RedisStore:
                                                    **fast})
             self._r.ping()
         except (redis.RedisError, ValueError) as exc:
-            raise StoreUnavailable(f"Redis at {url} is not reachable ({type(exc).__name__}); start it "
-                                   "or fix features.redis_url") from None
+            raise StoreUnavailable(f"Redis at {mask_text(url)} is not reachable ({type(exc).__name__}); "
+                                   "start it or fix features.redis_url") from None
         self._info_cache: tuple[bytes, BatchInfo] | None = None
         self._infos: dict[str, BatchInfo] = {}  # batch infos never change once written
         self._lock = RedisWriterLock(self._r, self._k("writer_lock"), self.location,

@@ -28,8 +28,11 @@ Built-in definitions live in :data:`BUILTIN_FEATURES`; a YAML file (config
 
 The file may add features and sets, never replace built-in ones: a feature already
 defined (same name and version) or a set named like a built-in one is refused. Every
-definition is compiled when the registry loads, against empty tables of the data layout
-(:mod:`mlflow_churn.data.tables`), so a bad expression fails there, naming the feature.
+definition is first parsed by the feature SQL sandbox (:mod:`mlflow_churn.features.sandbox`:
+one expression over its declared source table, no table functions, no other tables, no
+second statement; docs/security-features.md), then compiled when the registry loads, against
+empty tables of the data layout (:mod:`mlflow_churn.data.tables`) on a locked connection, so
+a bad or refused expression fails there, naming the feature.
 Each definition has its own :attr:`FeatureDefinition.hash`; an online batch records them,
 and the API and the scoring service refuse values computed under another definition.
 """

@@ -139,6 +139,19 @@ def _problem(expression: str, source: str) -> str | None:
     if not shape_ok:
         return "it reaches outside its parentheses (extra columns, FROM, WHERE, UNION, LIMIT, ...)"
     allowed = DECLARED_TABLES[source]
+    # every FROM item of every subquery, joins followed: only whitelisted kinds (an unknown
+    # kind of a future DuckDB is refused, not let through)
+    refs = [obj["from_table"] for obj in _walk(select[0]) if isinstance(obj.get("from_table"), dict)]
+    while refs:
+        ref = refs.pop()
+        kind = ref.get("type")
+        if kind == "TABLE_FUNCTION":
+            fn = (ref.get("function") or {}).get("function_name", "?")
+            return f"table function {fn}() is not allowed (no table functions, no file reads)"
+        if kind not in _ALLOWED_REFS:
+            return f"a subquery reads from a {kind} item; only {', '.join(sorted(allowed))} may be read"
+        if kind == "JOIN":
+            refs += [r for r in (ref.get("left"), ref.get("right")) if isinstance(r, dict)]
     for obj in _walk(select[0]):
         kind = obj.get("type")
         if "class" not in obj and kind in _REF_TYPES:  # a FROM item of a subquery

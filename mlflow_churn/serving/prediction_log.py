@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from mlflow_churn.config import mask_text
 from mlflow_churn.errors import ChurnError
 
 COLUMNS = ("request_id", "customer_id", "model_version", "route", "score", "latency_ms",
@@ -66,7 +67,8 @@ class PredictionLog:
                 self._con.execute("PRAGMA synchronous=NORMAL")
                 self._con.execute("PRAGMA busy_timeout=5000")
         except Exception as exc:  # sqlite3 / psycopg2 errors differ
-            raise ChurnError(f"cannot open the prediction log at {self.url}: {exc}".splitlines()[0]) from None
+            first = f"cannot open the prediction log at {self.url}: {exc}".splitlines()[0]
+            raise ChurnError(mask_text(first)) from None
         self._ph = "%s" if self._pg else "?"
         ts = "TIMESTAMPTZ" if self._pg else "TEXT"
         self._execute(
