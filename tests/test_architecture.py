@@ -155,3 +155,15 @@ def test_stats_is_a_leaf(graph) -> None:
     leaks = sorted(f"{m} -> {t}" for m, ts in edges.items() if m.startswith("mlflow_churn.stats")
                    for t in ts if not t.startswith(("mlflow_churn.stats", "mlflow_churn.errors")))
     assert leaks == []
+
+
+@pytest.mark.parametrize("package", ["data", "features", "training", "evaluation", "registry", "serving",
+                                     "monitoring", "stats"])
+def test_public_api_resolves(package: str) -> None:
+    """Each package's ``__all__`` is its public API, and every name in it imports."""
+    import importlib
+
+    mod = importlib.import_module(f"mlflow_churn.{package}")
+    assert mod.__all__, f"mlflow_churn.{package} declares no public API"
+    for name in mod.__all__:
+        assert getattr(mod, name) is not None, f"mlflow_churn.{package}.{name}"

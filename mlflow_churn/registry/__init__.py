@@ -4,3 +4,35 @@ previous-champion), optionally mirrored onto legacy stages.
 The gate lives in :mod:`mlflow_churn.evaluation`, canary transitions in
 :mod:`mlflow_churn.serving.canary`, the webhook receiver in :mod:`mlflow_churn.hooks`.
 """
+
+import importlib
+from typing import Any
+
+#: public name -> the module that defines it (imported on first use: `import mlflow_churn.X` stays light)
+_EXPORTS = {
+    "move_alias": "mlflow_churn.registry.aliases",
+    "remove_alias": "mlflow_churn.registry.aliases",
+    "alias_version": "mlflow_churn.registry.aliases",
+    "aliases_of": "mlflow_churn.registry.aliases",
+    "model_uri": "mlflow_churn.registry.aliases",
+    "CHALLENGER": "mlflow_churn.registry.aliases",
+    "CANARY": "mlflow_churn.registry.aliases",
+    "CHAMPION": "mlflow_churn.registry.aliases",
+    "PREVIOUS_CHAMPION": "mlflow_churn.registry.aliases",
+    "check_promotion": "mlflow_churn.registry.promotion",
+    "PromotionCheck": "mlflow_churn.registry.promotion",
+    "read_moves": "mlflow_churn.registry.history",
+    "version_at": "mlflow_churn.registry.history",
+    "registered_version": "mlflow_churn.registry.versions",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
