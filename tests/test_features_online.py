@@ -126,7 +126,7 @@ def test_exception_mid_batch_leaves_previous_batch_serving(
 ) -> None:
     first = materialize(cfg, T1, store=store)
     before = store.get(store.customer_ids()[:5])
-    monkeypatch.setattr(online, "CHUNK_ROWS", 500)
+    monkeypatch.setattr(online.base, "CHUNK_ROWS", 500)
     latest = compute_latest(cfg.data_dir, served_features(cfg), T2)
     info = BatchInfo(online.new_batch_id(T2), T2, latest.watermark, len(latest.frame),
                      first.features, datetime.now(UTC))
@@ -142,7 +142,7 @@ def test_exception_mid_batch_leaves_previous_batch_serving(
     assert store.current_batch() == first and store.history() == [first]
     assert store.get(list(before)) == before
     # the next batch succeeds and the half-written one leaves nothing behind
-    monkeypatch.setattr(online, "CHUNK_ROWS", 50_000)
+    monkeypatch.setattr(online.base, "CHUNK_ROWS", 50_000)
     second = materialize(cfg, T2, store=store)
     assert store.history() == [second, first]
     _assert_half_written_batch_dropped(store, info.batch_id)
@@ -169,7 +169,7 @@ from mlflow_churn.features import online
 from mlflow_churn.features.materialize import served_features
 from mlflow_churn.features.offline import compute_latest
 cfg = load_config(workspace=sys.argv[1], overrides=__import__("json").loads(sys.argv[2]), environ={})
-online.CHUNK_ROWS = 300
+online.base.CHUNK_ROWS = 300
 online.RedisStore.LOCK_TTL_S = float(sys.argv[3])
 store = online.open_store(cfg, must_exist=True)
 as_of = datetime(2026, 3, 27, tzinfo=UTC)
