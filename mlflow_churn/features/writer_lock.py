@@ -2,8 +2,9 @@
 
 - :class:`FileWriterLock`: ``fcntl.flock`` on a lock file beside the SQLite file; the
   kernel releases it when the holder exits, however it dies.
-- :class:`RedisWriterLock`: ``SET <key> <token> NX PX <ttl>``, renewed by a heartbeat
-  thread every ``ttl / 3`` while held; a writer that dies stops renewing and its lease
+- :class:`RedisWriterLock`: redis-py's :class:`redis.lock.Lock` (``SET <key> <token> NX PX
+  <ttl>``, token-checked renew and release), renewed by a heartbeat thread every ``ttl / 3``
+  while held; a writer that dies stops renewing and its lease
   expires after at most ``ttl`` seconds. A writer whose lease lapsed (stalled longer than
   ``ttl``) loses it: :meth:`RedisWriterLock.owned` turns False and the store refuses its flip.
 
@@ -25,19 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from mlflow_churn.errors import ChurnError
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 
 def _holder_text() -> str:
@@ -139,26 +127,31 @@ class RedisWriterLock(WriterLock):
             raise ChurnError(f"writer lock ttl must be > 0 s, got {ttl_s}")
         self._r, self.key, self.location, self.ttl_s = client, key, location, ttl_s
         self.value: str | None = None
+        self._lease: Any = None  # redis.lock.Lock while held
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
     def _take(self) -> None:
         value = _holder_text()
-        if not self._r.set(self.key, value, nx=True, px=int(self.ttl_s * 1000)):
+        lock = self._r.lock(self.key, timeout=self.ttl_s, blocking=False, thread_local=False)
+        if not lock.acquire(token=value):
             holder, left = self._r.get(self.key), self._r.pttl(self.key)
             tail = f" (if it died, its lease expires in {max(left, 0) / 1000:.0f} s)" if left > 0 else ""
             raise _busy(self.location, holder, tail)
-        self.value = value
+        self._lease, self.value = lock, value
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._renew, name="writer-lock-heartbeat", daemon=True)
         self._beat.start()
 
     def _renew(self) -> None:
-        stop, value = self._stop, self.value
+        from redis.exceptions import LockNotOwnedError
+
+        stop, lease = self._stop, self._lease
         while not stop.wait(self.ttl_s / 3):
             try:
-                if not self._r.eval(_RENEW, 1, self.key, value, int(self.ttl_s * 1000)):
-                    return  # lease lapsed and was taken: owned() is False from now on
+                lease.reacquire()  # the TTL starts again, only while the token is still ours
+            except LockNotOwnedError:
+                return  # lease lapsed and was taken: owned() is False from now on
             except Exception:  # noqa: BLE001 - a blip; the next beat retries before the lease ends
                 continue
 
@@ -167,19 +160,16 @@ class RedisWriterLock(WriterLock):
         if self._beat is not None:
             self._beat.join(timeout=5)
             self._beat = None
-        value, self.value = self.value, None
-        if value is not None:
+        lease, self._lease, self.value = self._lease, None, None
+        if lease is not None:
             try:
-                self._r.eval(_RELEASE, 1, self.key, value)
-            except Exception:  # noqa: BLE001 - unreachable Redis: the lease expires by itself
+                lease.release()
+            except Exception:  # noqa: BLE001 - not ours any more, or Redis unreachable: it expires by itself
                 pass
 
     def owned(self) -> bool:
         """True while the lease at ``key`` is still this writer's."""
-        if self.value is None:
-            return False
-        raw = self._r.get(self.key)
-        return raw is not None and raw.decode() == self.value
+        return self._lease is not None and bool(self._lease.owned())
 
 
 __all__ = ["FileWriterLock", "RedisWriterLock", "WriterLock"]
