@@ -103,17 +103,19 @@ def canary_verdict(cfg: ChurnConfig, version: str, rows: int = TRAFFIC_ROWS) -> 
     return ev.verdict
 
 
-def rest(server: TrackingServer, method: str, path: str, payload: dict,
-         ui: bool = False) -> requests.Response:
-    """One raw registry call: ``/api/2.0/mlflow/<path>`` or, with ``ui``, ``/ajax-api/2.0/...``."""
+def rest(server: TrackingServer, method: str, path: str, payload: dict, ui: bool = False,
+         auth: tuple[str, str] | None = None) -> requests.Response:
+    """One raw registry call: ``/api/2.0/mlflow/<path>`` or, with ``ui``, ``/ajax-api/2.0/...``;
+    ``auth``: HTTP basic (user, password) for a server that wraps basic-auth."""
     base = "ajax-api" if ui else "api"
-    return requests.request(method, f"{server.url}/{base}/2.0/mlflow/{path}", json=payload, timeout=30)
+    return requests.request(method, f"{server.url}/{base}/2.0/mlflow/{path}", json=payload, timeout=30,
+                            auth=auth)
 
 
-def set_alias(server: TrackingServer, name: str, alias: str, version: str,
-              ui: bool = False) -> requests.Response:
+def set_alias(server: TrackingServer, name: str, alias: str, version: str, ui: bool = False,
+              auth: tuple[str, str] | None = None) -> requests.Response:
     payload = {"name": name, "alias": alias, "version": version}
-    return rest(server, "POST", "registered-models/alias", payload, ui)
+    return rest(server, "POST", "registered-models/alias", payload, ui, auth)
 
 
 def delete_alias(server: TrackingServer, name: str, alias: str, ui: bool = False) -> requests.Response:
