@@ -6,6 +6,7 @@ One ``mlflow server --app-name churn-guard`` with CHURN_REGISTRY__REQUIRE_APPROV
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 
 import pytest
 from guard_support import aliases, canary_verdict, gate, guard_config, guard_server, new_version, set_alias
@@ -24,7 +25,13 @@ ADMIN = ("admin", secrets.token_urlsafe(18))
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("guard-approval")
+    import mlflow.server.auth as basic_auth
+
+    ini = (Path(basic_auth.__file__).parent / "basic_auth.ini").read_text()
+    ini = ini.replace("sqlite:///basic_auth.db", f"sqlite:///{root}/basic_auth.db")
+    (root / "basic_auth.ini").write_text(ini + "\nauth_cache_ttl_seconds = 300\n")  # PBKDF2 once
     env = {"CHURN_REGISTRY__REQUIRE_APPROVAL": "true", "CHURN_REGISTRY__GUARD_AUTH": "basic-auth",
+           "MLFLOW_AUTH_CONFIG_PATH": str(root / "basic_auth.ini"),
            "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1], "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
     with guard_server(root, **env) as srv:
         yield srv
