@@ -26,8 +26,9 @@ run too (``decision=refused``), so attempts are visible.
 
 The churn configuration comes from the server's environment (``CHURN_CONFIG``, ``CHURN_*``,
 ``churn.yaml`` in the working directory). With ``registry.guard_auth: basic-auth`` the
-plugin wraps MLflow's ``basic-auth`` app too and records the authenticated user name; run
-``mlflow server --app-name basic-auth`` once beforehand so its admin user exists.
+plugin wraps MLflow's ``basic-auth`` app too (extra ``guard-auth``) and records the
+authenticated user name; basic-auth's settings apply (``MLFLOW_FLASK_SERVER_SECRET_KEY``,
+``MLFLOW_AUTH_ADMIN_PASSWORD`` on the first start, ``MLFLOW_AUTH_CONFIG_PATH``).
 """
 
 from __future__ import annotations
