@@ -25,13 +25,13 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 
 @pytest.fixture
-def browser(tmp_path: Path):
+def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
         msg = f"{CHROMIUM} / {CHROMEDRIVER} missing: apt-get install chromium chromium-driver"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(msg)
         pytest.skip(msg)
-    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never download a driver
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never download a driver
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

@@ -26,8 +26,9 @@ run too (``decision=refused``), so attempts are visible.
 
 The churn configuration comes from the server's environment (``CHURN_CONFIG``, ``CHURN_*``,
 ``churn.yaml`` in the working directory). With ``registry.guard_auth: basic-auth`` the
-plugin wraps MLflow's ``basic-auth`` app too and records the authenticated user name; run
-``mlflow server --app-name basic-auth`` once beforehand so its admin user exists.
+plugin wraps MLflow's ``basic-auth`` app too (extra ``guard-auth``) and records the
+authenticated user name; basic-auth's settings apply (``MLFLOW_FLASK_SERVER_SECRET_KEY``,
+``MLFLOW_AUTH_ADMIN_PASSWORD`` on the first start, ``MLFLOW_AUTH_CONFIG_PATH``).
 """
 
 from __future__ import annotations
@@ -114,10 +115,11 @@ class Guard:
             return None  # MLflow answers the missing parameter itself
         try:
             decision = self._decide(m["op"], request.method, name, params, route)
-        except MlflowException as exc:
+        except Exception as exc:  # the store is unreachable, ...: refuse (closed), never a traceback
             _log.exception("churn-guard could not check %s %s", request.method, request.path)
+            code = exc.error_code if isinstance(exc, MlflowException) else type(exc).__name__
             return _error(503, "TEMPORARILY_UNAVAILABLE",
-                          f"churn-guard could not check this registry change ({exc.error_code}); "
+                          f"churn-guard could not check this registry change ({code}); "
                           "nothing was changed, try again")
         if decision is None:
             return None
