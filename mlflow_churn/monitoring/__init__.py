@@ -1,7 +1,6 @@
 """Monitoring: drift engine, performance tracking, retraining policy."""
 
-import importlib
-from typing import Any
+from mlflow_churn.lazy import lazy_exports
 
 #: public name -> the module that defines it (imported on first use: `import mlflow_churn.X` stays light)
 _EXPORTS = {
@@ -13,14 +12,4 @@ _EXPORTS = {
     "decide": "mlflow_churn.monitoring.policy",
     "PolicyDecision": "mlflow_churn.monitoring.policy",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -5,8 +5,7 @@ The gate lives in :mod:`mlflow_churn.evaluation`, canary transitions in
 :mod:`mlflow_churn.serving.canary`, the webhook receiver in :mod:`mlflow_churn.hooks`.
 """
 
-import importlib
-from typing import Any
+from mlflow_churn.lazy import lazy_exports
 
 #: public name -> the module that defines it (imported on first use: `import mlflow_churn.X` stays light)
 _EXPORTS = {
@@ -25,14 +24,4 @@ _EXPORTS = {
     "version_at": "mlflow_churn.registry.history",
     "registered_version": "mlflow_churn.registry.versions",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -1,7 +1,6 @@
 """stats."""
 
-import importlib
-from typing import Any
+from mlflow_churn.lazy import lazy_exports
 
 #: public name -> the module that defines it (imported on first use: `import mlflow_churn.X` stays light)
 _EXPORTS = {
@@ -15,14 +14,4 @@ _EXPORTS = {
     "expected_auc": "mlflow_churn.stats.performance",
     "auc_standard_error": "mlflow_churn.stats.performance",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

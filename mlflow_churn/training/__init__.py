@@ -1,7 +1,6 @@
 """Training: Optuna-tuned XGBClassifier with nested MLflow runs, registered challenger."""
 
-import importlib
-from typing import Any
+from mlflow_churn.lazy import lazy_exports
 
 #: public name -> the module that defines it (imported on first use: `import mlflow_churn.X` stays light)
 _EXPORTS = {
@@ -13,14 +12,4 @@ _EXPORTS = {
     "log_churn_model": "mlflow_churn.training.model",
     "load_scorer": "mlflow_churn.training.model",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
