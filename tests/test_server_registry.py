@@ -263,6 +263,8 @@ def test_server_killed_after_tuning_fails_fast_and_leaves_nothing(workspace: Pat
         if proc.poll() is None:
             proc.kill()
         stop_process(server.process, 5)
+    (tmp_path / "train.stderr").write_text(err)
+    print(err)
     assert proc.returncode == 2, err[-3000:]
     assert took < 60, f"took {took:.0f} s"
     assert "Traceback" not in err
