@@ -351,7 +351,8 @@ class ChurnConfig(_Section):
     serving: ServingConfig = Field(default_factory=ServingConfig)
     hooks: HooksConfig = Field(default_factory=HooksConfig)
     mlflow: MlflowServerConfig = Field(
-        default_factory=MlflowServerConfig, description="MLflow tracking server: client waits, demo server backend"
+        default_factory=MlflowServerConfig,
+        description="MLflow tracking server: client waits, demo server backend",
     )
 
     @property
