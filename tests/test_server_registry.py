@@ -263,13 +263,11 @@ def test_server_killed_after_tuning_fails_fast_and_leaves_nothing(workspace: Pat
         if proc.poll() is None:
             proc.kill()
         stop_process(server.process, 5)
-    (tmp_path / "train.stderr").write_text(err)
-    print(err)
     assert proc.returncode == 2, err[-3000:]
     assert took < 60, f"took {took:.0f} s"
     assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0] == err.strip().splitlines()[-1], err[-3000:]
+    errors = err.strip().splitlines()
+    assert len(errors) == 1, err[-3000:]  # one line, nothing else on stderr
     assert errors[0].startswith(f"error: the MLflow tracking server at {url} failed while training")
     assert (ws / PENDING_FILE).is_file()  # the parent run could not be ended: journalled
 
