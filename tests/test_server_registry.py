@@ -365,10 +365,8 @@ def test_5xx_mid_gate_and_mid_promotion_leave_a_consistent_registry(mlflow_serve
 
         # the gate: the server fails as it starts tagging the version -> no verdict, no canary
         proxy.fail("/model-versions/set-tag")
-        t0 = time.monotonic()
         with pytest.raises(ChurnError) as err:
             evaluate(cfg, datetime(2026, 5, 1, tzinfo=UTC))
-        assert time.monotonic() - t0 < 60 * 5  # the gate's own work included; the waits are bounded
         msg = str(err.value)
         assert msg.startswith(f"the MLflow tracking server at {proxy.url} failed while gating '{name}' (")
         assert "HTTP 503" in msg and "\n" not in msg
