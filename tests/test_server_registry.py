@@ -266,8 +266,8 @@ def test_server_killed_after_tuning_fails_fast_and_leaves_nothing(workspace: Pat
     assert proc.returncode == 2, err[-3000:]
     assert took < 60, f"took {took:.0f} s"
     assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0] == err.strip().splitlines()[-1], err[-3000:]
+    errors = err.strip().splitlines()
+    assert len(errors) == 1, err[-3000:]  # one line, nothing else on stderr
     assert errors[0].startswith(f"error: the MLflow tracking server at {url} failed while training")
     assert (ws / PENDING_FILE).is_file()  # the parent run could not be ended: journalled
 
@@ -365,10 +365,8 @@ def test_5xx_mid_gate_and_mid_promotion_leave_a_consistent_registry(mlflow_serve
 
         # the gate: the server fails as it starts tagging the version -> no verdict, no canary
         proxy.fail("/model-versions/set-tag")
-        t0 = time.monotonic()
         with pytest.raises(ChurnError) as err:
             evaluate(cfg, datetime(2026, 5, 1, tzinfo=UTC))
-        assert time.monotonic() - t0 < 60 * 5  # the gate's own work included; the waits are bounded
         msg = str(err.value)
         assert msg.startswith(f"the MLflow tracking server at {proxy.url} failed while gating '{name}' (")
         assert "HTTP 503" in msg and "\n" not in msg
