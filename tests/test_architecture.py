@@ -153,7 +153,8 @@ def test_only_shells_import_presentation(graph) -> None:
 def test_stats_is_a_leaf(graph) -> None:
     edges, _ = graph
     leaks = sorted(f"{m} -> {t}" for m, ts in edges.items() if m.startswith("mlflow_churn.stats")
-                   for t in ts if not t.startswith(("mlflow_churn.stats", "mlflow_churn.errors", "mlflow_churn.lazy")))
+                   for t in ts if not t.startswith(("mlflow_churn.stats", "mlflow_churn.errors",
+                                                    "mlflow_churn.lazy")))
     assert leaks == []
 
 
