@@ -261,62 +261,25 @@ def gate_score_psi(canary: ModelVersion | None, champion_version: str | None) ->
     return value if math.isfinite(value) and value > 0 else 0.0
 
 
-def evaluate_canary(
-    cfg: ChurnConfig,
-    as_of: datetime,
-    since: datetime | None = None,
-    churn_events: pd.DataFrame | None = None,
-    log_run: bool = True,
-) -> CanaryEvaluation:
-    """Compare canary and champion on the logged traffic of ``[since, as_of]``.
+def canary_verdict(champ: RouteStats, can: RouteStats, cfg: ChurnConfig, score_psi: float = float("nan"),
+                   expected_psi: float = 0.0) -> tuple[str, list[str]]:
+    """The canary's verdict from what each route served (pure: no MLflow, no I/O).
 
-    ``as_of`` (tz-aware UTC) also decides which predictions have matured labels;
-    ``churn_events`` defaults to ``<data_dir>/churn_events.parquet`` (no labels when
-    absent). ``log_run`` records the evaluation as an MLflow run with ``decision.json``.
+    ``wait`` without a canary or with fewer than ``serving.min_canary_samples`` logged
+    predictions; else ``rollback`` when any limit of ``cfg.serving`` is broken (error rate,
+    p99 latency against the absolute and the champion-relative limit, score PSI beyond what the
+    gate measured between the two versions (``expected_psi``), AUC / recall@k below the
+    champion by more than the tolerance or the sampling noise once enough labels matured),
+    ``promote`` otherwise. Returns ``(verdict, reasons)``.
     """
-    as_of = utc(as_of)
-    since = utc(since) if since else None
     sv = cfg.serving
-    client = _client(cfg)
-    name = cfg.training.model_name
-    holders = {r: alias_version(client, name, r) for r in ROUTES}
-    versions = {r: (str(mv.version) if mv else None) for r, mv in holders.items()}
-    expected_psi = gate_score_psi(holders["canary"], versions["champion"])
-    frame = _logged(cfg, as_of, since)
-    per_route = {r: frame[(frame["route"] == r) & (frame["model_version"] == versions[r])] if versions[r]
-                 else frame.iloc[0:0] for r in ROUTES}
-    stats = {r: _route_stats(r, versions[r], per_route[r]) for r in ROUTES}
     reasons: list[str] = []
-    score_psi = float("nan")
-    champ_scores = per_route["champion"].loc[per_route["champion"]["status"] == "ok", "score"].to_numpy(float)
-    canary_scores = per_route["canary"].loc[per_route["canary"]["status"] == "ok", "score"].to_numpy(float)
-    if champ_scores.size and canary_scores.size:
-        from mlflow_churn.stats.drift import psi
-
-        score_psi = psi(champ_scores, canary_scores, bins=cfg.monitoring.bins,
-                        epsilon=cfg.monitoring.psi_epsilon)
-    events = churn_events if churn_events is not None else _churn_events(cfg)
-    if events is not None and len(frame):
-        from mlflow_churn.stats.metrics import classification_metrics
-
-        horizon = cfg.features.label_horizon_days
-        for r in ROUTES:
-            ok = per_route[r][(per_route[r]["status"] == "ok") & (per_route[r]["customer_id"] >= 0)]
-            labelled = attach_labels(ok, events, horizon, as_of) if len(ok) else ok
-            st = stats[r]
-            st.labelled = len(labelled)
-            if st.labelled:
-                st.positives = int(labelled["label"].sum())
-                m = classification_metrics(labelled["label"].to_numpy(), labelled["score"].to_numpy(float),
-                                           cfg.evaluation)
-                st.auc, st.recall_at_k = float(m["roc_auc"]), float(m["recall_at_k"])
-    champ, can = stats["champion"], stats["canary"]
-    if versions["canary"] is None:
+    if can.version is None:
         verdict = "wait"
-        reasons.append(f"no version of '{name}' has alias canary")
+        reasons.append(f"no version of '{cfg.training.model_name}' has alias canary")
     elif can.rows < sv.min_canary_samples:
         verdict = "wait"
-        reasons.append(f"canary version {versions['canary']} has {can.rows} logged predictions; "
+        reasons.append(f"canary version {can.version} has {can.rows} logged predictions; "
                        f"a verdict needs serving.min_canary_samples={sv.min_canary_samples}")
     else:
         if can.error_rate > sv.max_error_rate:
@@ -343,11 +306,63 @@ def evaluate_canary(
                                f"{cfg.evaluation.recall_tolerance} and the sampling noise)")
         verdict = "rollback" if reasons else "promote"
         if verdict == "promote":
-            reasons.append(f"canary version {versions['canary']} within every limit on {can.rows} "
+            reasons.append(f"canary version {can.version} within every limit on {can.rows} "
                            "predictions")
             if not labelled_enough:
                 reasons.append(f"labels: {can.labelled} canary / {champ.labelled} champion predictions have "
                                "matured; performance not compared yet (operational checks only)")
+    return verdict, reasons
+
+
+def evaluate_canary(
+    cfg: ChurnConfig,
+    as_of: datetime,
+    since: datetime | None = None,
+    churn_events: pd.DataFrame | None = None,
+    log_run: bool = True,
+) -> CanaryEvaluation:
+    """Compare canary and champion on the logged traffic of ``[since, as_of]``.
+
+    ``as_of`` (tz-aware UTC) also decides which predictions have matured labels;
+    ``churn_events`` defaults to ``<data_dir>/churn_events.parquet`` (no labels when
+    absent). ``log_run`` records the evaluation as an MLflow run with ``decision.json``.
+    """
+    as_of = utc(as_of)
+    since = utc(since) if since else None
+    sv = cfg.serving
+    client = _client(cfg)
+    name = cfg.training.model_name
+    holders = {r: alias_version(client, name, r) for r in ROUTES}
+    versions = {r: (str(mv.version) if mv else None) for r, mv in holders.items()}
+    expected_psi = gate_score_psi(holders["canary"], versions["champion"])
+    frame = _logged(cfg, as_of, since)
+    per_route = {r: frame[(frame["route"] == r) & (frame["model_version"] == versions[r])] if versions[r]
+                 else frame.iloc[0:0] for r in ROUTES}
+    stats = {r: _route_stats(r, versions[r], per_route[r]) for r in ROUTES}
+    score_psi = float("nan")
+    champ_scores = per_route["champion"].loc[per_route["champion"]["status"] == "ok", "score"].to_numpy(float)
+    canary_scores = per_route["canary"].loc[per_route["canary"]["status"] == "ok", "score"].to_numpy(float)
+    if champ_scores.size and canary_scores.size:
+        from mlflow_churn.stats.drift import psi
+
+        score_psi = psi(champ_scores, canary_scores, bins=cfg.monitoring.bins,
+                        epsilon=cfg.monitoring.psi_epsilon)
+    events = churn_events if churn_events is not None else _churn_events(cfg)
+    if events is not None and len(frame):
+        from mlflow_churn.stats.metrics import classification_metrics
+
+        horizon = cfg.features.label_horizon_days
+        for r in ROUTES:
+            ok = per_route[r][(per_route[r]["status"] == "ok") & (per_route[r]["customer_id"] >= 0)]
+            labelled = attach_labels(ok, events, horizon, as_of) if len(ok) else ok
+            st = stats[r]
+            st.labelled = len(labelled)
+            if st.labelled:
+                st.positives = int(labelled["label"].sum())
+                m = classification_metrics(labelled["label"].to_numpy(), labelled["score"].to_numpy(float),
+                                           cfg.evaluation)
+                st.auc, st.recall_at_k = float(m["roc_auc"]), float(m["recall_at_k"])
+    verdict, reasons = canary_verdict(stats["champion"], stats["canary"], cfg, score_psi, expected_psi)
     result = CanaryEvaluation(verdict, reasons, name, versions["champion"], versions["canary"], as_of,
                               since, stats, score_psi)
     if log_run:
