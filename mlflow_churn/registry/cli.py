@@ -9,7 +9,8 @@ import typer
 from mlflow_churn.cli_common import console, get_config, opt_str
 from mlflow_churn.errors import ChurnError
 
-hooks_app = typer.Typer(help="MLflow registry webhooks: run the gate when a challenger is aliased.",
+hooks_app = typer.Typer(help="MLflow registry webhooks: run the gate when a challenger is aliased; record "
+                        "every alias move; catch unguarded promotions.",
                         no_args_is_help=True)
 WEBHOOK_NAME = "churn-gate"
 #: the gate runs on a new `challenger`; every alias event feeds the alias history and the
@@ -26,7 +27,9 @@ def serve(
     secret: str = typer.Option(None, "--secret", help="HMAC secret of the webhook [hooks.secret, "
                                "env CHURN_HOOKS__SECRET]."),
 ) -> None:
-    """Receive webhooks on POST /webhook; gate each new `challenger` in the background."""
+    """Receive webhooks on POST /webhook: gate each new `challenger`; record every alias move in the
+    alias history; audit (and with registry.revert_unguarded, revert) protected-alias moves the
+    promotion rules refuse; complete promotions made in the UI. GET /metrics counts them."""
     import uvicorn
 
     from mlflow_churn.registry.hooks import create_app
@@ -95,7 +98,7 @@ def history_cmd(
     alias: str = typer.Option(None, "--alias", help="Only this alias (e.g. champion)."),
     at: str = typer.Option(None, "--at", help="Which version held the alias at this time (ISO UTC, e.g. "
                            "2026-06-01T00:00Z); with --alias, else for every alias."),
-    model: str = typer.Option(None, "--model", help="Registered model [training.model_name]."),
+    model: str = typer.Option(None, "--model", help="Registered model (default: training.model_name)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Every recorded move of the model's aliases (who, when, why, evidence run), or with --at
