@@ -81,9 +81,11 @@ def gate(client: MlflowClient, cfg: ChurnConfig, version: str, passed: bool) -> 
     return run.info.run_id
 
 
-def canary_verdict(cfg: ChurnConfig, version: str, rows: int = TRAFFIC_ROWS) -> str:
-    """Log ``rows`` healthy predictions per route (champion and canary ``version``) and run the
-    real canary evaluation (which records its verdict on the version); the verdict."""
+def canary_verdict(cfg: ChurnConfig, version: str, rows: int = TRAFFIC_ROWS,
+                   canary_status: str = "ok") -> str:
+    """Log ``rows`` predictions per route (champion: healthy; canary ``version``: with status
+    ``canary_status``) and run the real canary evaluation (which records its verdict on the
+    version); the verdict."""
     client = MlflowClient(cfg.mlflow_tracking_uri)
     champ = alias_version(client, cfg.training.model_name, CHAMPION)
     log = PredictionLog(cfg.prediction_log_url)
@@ -94,8 +96,10 @@ def canary_verdict(cfg: ChurnConfig, version: str, rows: int = TRAFFIC_ROWS) -> 
     for i in range(rows):
         for k, (route, v) in enumerate(routes.items()):
             if v is not None:
-                records.append(PredictionRecord(f"{stamp}-{route}{i}", 2 * i + k, v, route, (i % 100) / 100,
-                                                4.0, "ok", t, t))
+                status = canary_status if route == "canary" else "ok"
+                score = (i % 100) / 100 if status == "ok" else None
+                records.append(PredictionRecord(f"{stamp}-{route}{i}", 2 * i + k, v, route, score, 4.0,
+                                                status, t, t))
     log.write(records)
     log.close()
     ev = evaluate_canary(cfg, t, since=t - timedelta(hours=1))
@@ -103,17 +107,19 @@ def canary_verdict(cfg: ChurnConfig, version: str, rows: int = TRAFFIC_ROWS) -> 
     return ev.verdict
 
 
-def rest(server: TrackingServer, method: str, path: str, payload: dict,
-         ui: bool = False) -> requests.Response:
-    """One raw registry call: ``/api/2.0/mlflow/<path>`` or, with ``ui``, ``/ajax-api/2.0/...``."""
+def rest(server: TrackingServer, method: str, path: str, payload: dict, ui: bool = False,
+         auth: tuple[str, str] | None = None) -> requests.Response:
+    """One raw registry call: ``/api/2.0/mlflow/<path>`` or, with ``ui``, ``/ajax-api/2.0/...``;
+    ``auth``: HTTP basic (user, password) for a server that wraps basic-auth."""
     base = "ajax-api" if ui else "api"
-    return requests.request(method, f"{server.url}/{base}/2.0/mlflow/{path}", json=payload, timeout=30)
+    return requests.request(method, f"{server.url}/{base}/2.0/mlflow/{path}", json=payload, timeout=30,
+                            auth=auth)
 
 
-def set_alias(server: TrackingServer, name: str, alias: str, version: str,
-              ui: bool = False) -> requests.Response:
+def set_alias(server: TrackingServer, name: str, alias: str, version: str, ui: bool = False,
+              auth: tuple[str, str] | None = None) -> requests.Response:
     payload = {"name": name, "alias": alias, "version": version}
-    return rest(server, "POST", "registered-models/alias", payload, ui)
+    return rest(server, "POST", "registered-models/alias", payload, ui, auth)
 
 
 def delete_alias(server: TrackingServer, name: str, alias: str, ui: bool = False) -> requests.Response:

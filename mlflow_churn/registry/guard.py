@@ -114,10 +114,11 @@ class Guard:
             return None  # MLflow answers the missing parameter itself
         try:
             decision = self._decide(m["op"], request.method, name, params, route)
-        except MlflowException as exc:
+        except Exception as exc:  # the store is unreachable, ...: refuse (closed), never a traceback
             _log.exception("churn-guard could not check %s %s", request.method, request.path)
+            code = exc.error_code if isinstance(exc, MlflowException) else type(exc).__name__
             return _error(503, "TEMPORARILY_UNAVAILABLE",
-                          f"churn-guard could not check this registry change ({exc.error_code}); "
+                          f"churn-guard could not check this registry change ({code}); "
                           "nothing was changed, try again")
         if decision is None:
             return None
