@@ -161,7 +161,10 @@ def test_receiver_history_unguarded_revert_ui_promotion_and_reconcile(
             run_id = _wait(
                 "the transition run", lambda: client.get_model_version(name, v3).tags.get("promote_run_id")
             )
-            run = client.get_run(run_id)
+            run = _wait(
+                "the transition run's end",
+                lambda: (r := client.get_run(run_id)).info.status == "FINISHED" and r,
+            )
             assert run.data.tags["kind"] == "canary-promote" and run.data.tags["decision"] == "promoted"
             assert _counter(receiver) == 1.0  # an allowed move is not counted
             time.sleep(1)
