@@ -6,10 +6,12 @@ the receiver, promote refusals / --force override, rollback after a promotion.""
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import httpx
 import pytest
@@ -159,7 +161,10 @@ def test_receiver_history_unguarded_revert_ui_promotion_and_reconcile(
             run_id = _wait(
                 "the transition run", lambda: client.get_model_version(name, v3).tags.get("promote_run_id")
             )
-            run = client.get_run(run_id)
+            run = _wait(
+                "the transition run's end",
+                lambda: (r := client.get_run(run_id)).info.status == "FINISHED" and r,
+            )
             assert run.data.tags["kind"] == "canary-promote" and run.data.tags["decision"] == "promoted"
             assert _counter(receiver) == 1.0  # an allowed move is not counted
             time.sleep(1)
@@ -223,7 +228,21 @@ def test_unguarded_move_without_revert_stays_and_is_counted(
     client = _client(url)
     v1 = register_version(cfg, "good", alias="champion").version
     v2 = register_version(cfg, "bad", alias=None, seed=1).version
-    receiver = Receiver(cfg, url, tmp_path / "hooks.log")
+    alerts: list = []
+
+    class AlertSink(BaseHTTPRequestHandler):  # an Alertmanager stand-in on a real socket
+        def do_POST(self) -> None:
+            alerts.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    sink = HTTPServer(("127.0.0.1", 0), AlertSink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    alert_url = f"http://127.0.0.1:{sink.server_address[1]}/api/v2/alerts"
+    receiver = Receiver(cfg, url, tmp_path / "hooks.log", CHURN_HOOKS__ALERT_URL=alert_url)
     hook_id = register_webhook(client, f"{receiver.url}/webhook")
     try:
         with receiver:
@@ -236,8 +255,13 @@ def test_unguarded_move_without_revert_stays_and_is_counted(
             assert _aliases(client, name)["champion"] == v2  # recorded and alerted, not moved back
             (move,) = [m for m in read_moves(client, name, "champion") if m.to_version == v2]
             assert move.from_version == v1 and move.actor == UNKNOWN
+            _wait("the alert", lambda: alerts, receiver)
+            ((alert,),) = alerts
+            assert alert["labels"]["alertname"] == "UnguardedPromotion" and alert["labels"]["version"] == v2
+            assert alert["annotations"]["audit_run_id"] == audit.info.run_id
     finally:
         client.delete_webhook(hook_id)
+        sink.shutdown()
 
 
 def _log_canary(cfg: ChurnConfig, version: str, n: int) -> None:

@@ -9,7 +9,8 @@ import typer
 from mlflow_churn.cli_common import console, from_config, get_config, opt_str
 from mlflow_churn.registry.webhooks import EVENTS, WEBHOOK_NAME
 
-hooks_app = typer.Typer(help="MLflow registry webhooks: run the gate when a challenger is aliased.",
+hooks_app = typer.Typer(help="MLflow registry webhooks: run the gate when a challenger is aliased; record "
+                        "every alias move; catch unguarded promotions.",
                         no_args_is_help=True)
 
 
@@ -21,7 +22,9 @@ def serve(
     secret: str = typer.Option(None, "--secret", help=from_config(
         "HMAC secret of the webhook (or env CHURN_HOOKS__SECRET).", "hooks.secret", secret=True)),
 ) -> None:
-    """Receive webhooks on POST /webhook; gate each new `challenger` in the background."""
+    """Receive webhooks on POST /webhook: gate each new `challenger`; record every alias move in the
+    alias history; audit (and with registry.revert_unguarded, revert) protected-alias moves the
+    promotion rules refuse; complete promotions made in the UI. GET /metrics counts them."""
     import uvicorn
 
     from mlflow_churn.hooks.app import create_app

@@ -15,7 +15,7 @@ def history_cmd(
     alias: str = typer.Option(None, "--alias", help="Only this alias (e.g. champion)."),
     at: str = typer.Option(None, "--at", help="Which version held the alias at this time (ISO UTC, e.g. "
                            "2026-06-01T00:00Z); with --alias, else for every alias."),
-    model: str = typer.Option(None, "--model", help="Registered model [training.model_name]."),
+    model: str = typer.Option(None, "--model", help="Registered model (default: training.model_name)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Every recorded move of the model's aliases (who, when, why, evidence run), or with --at
