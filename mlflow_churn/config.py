@@ -352,7 +352,10 @@ class ChurnConfig(_Section):
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
     hooks: HooksConfig = Field(default_factory=HooksConfig)
-    mlflow: MlflowServerConfig = Field(default_factory=MlflowServerConfig)
+    mlflow: MlflowServerConfig = Field(
+        default_factory=MlflowServerConfig,
+        description="MLflow tracking server: client waits, demo server backend",
+    )
 
     @property
     def data_dir(self) -> Path:

@@ -57,9 +57,12 @@ def _source(model: Any) -> str:
 
 def _link_logged_model(client: MlflowClient, model_id: str, name: str, version: str) -> None:
     """Add (name, version) to the LoggedModel's ``mlflow.modelVersions`` tag, as
-    ``mlflow.register_model`` does (the UI's link from the model to its versions)."""
+    ``mlflow.register_model`` does (the UI's link from the model to its versions), unless it
+    is there already (``mlflow server`` adds it itself; the embedded store does not)."""
     model = client.get_logged_model(model_id)
     links = json.loads(model.tags.get(MODEL_VERSIONS_TAG) or "[]")
+    if any(link.get("name") == name and str(link.get("version")) == str(version) for link in links):
+        return
     links.append({"name": name, "version": str(version)})
     client.set_logged_model_tags(model_id, {MODEL_VERSIONS_TAG: json.dumps(links)})
 
