@@ -17,7 +17,7 @@ def test_defaults_are_documented_and_valid(workspace: Path) -> None:
     assert cfg.mlflow_tracking_uri == f"sqlite:///{workspace.resolve() / 'mlflow.db'}"
     for name, field in ChurnConfig.model_fields.items():
         assert field.description or name in ("simulation", "features", "training", "evaluation",
-                                             "monitoring", "serving", "hooks", "mlflow"), name
+                                             "monitoring", "serving", "hooks"), name
 
 
 def test_yaml_then_env_then_overrides(tmp_path: Path) -> None:
