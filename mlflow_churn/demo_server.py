@@ -305,6 +305,8 @@ def run_server_demo(workspace: Path, spec: DemoSpec = DemoSpec(), keep_running: 
     summary (ending with the UI address) and stop the children; ``keep_running`` waits for
     Ctrl-C / SIGTERM first. ``on_ready`` is called once both children are up (tests)."""
     cfg = demo_config(workspace, spec)
+    # MLflow prints "View run ... at: <url>" for every run over HTTP (trials too): the summary has them
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     with _signals_interrupt():
         stack = start_stack(cfg)
         try:

@@ -99,6 +99,7 @@ def test_segment_metric_names_are_sanitized() -> None:
                    "champion_segment_recall_at_k.plan.pro_ _annual_": 0.1}
 
 
+@pytest.mark.slow
 def test_gate_run_logs_segment_metrics(config, register_version) -> None:
     from datetime import UTC, datetime
 
@@ -191,6 +192,7 @@ def test_server_mode_children_and_webhook_gate(config, register_version, monkeyp
 
 
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_psycopg2_url_accepted_by_a_real_server(mlflow_server) -> None:
     assert mlflow_server.backend_uri.startswith("postgresql+psycopg2://")
     client = MlflowClient(mlflow_server.url, mlflow_server.url)
