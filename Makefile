@@ -20,11 +20,13 @@ demo: $(STAMP)
 	$(BIN)/churn --workspace $(WORKSPACE) demo
 
 # The same loop against `mlflow server` + the webhook receiver (docs/server-demo.md). The
-# tracking store: a new database on the PostgreSQL server of CHURN_MLFLOW_BACKEND_URI
-# (e.g. postgresql://postgres@127.0.0.1:5432/test) when set, else a SQLite file in the
+# tracking store: a new database on the PostgreSQL server of CHURN_MLFLOW_BACKEND_URI (the
+# machine's own by default); CHURN_MLFLOW_BACKEND_URI= (empty) uses a SQLite file in the
 # workspace. DEMO_ARGS=--keep-running keeps the servers up until Ctrl-C.
+CHURN_MLFLOW_BACKEND_URI ?= postgresql://postgres@127.0.0.1:5432/test
+
 demo-server: $(STAMP)
-	$(BIN)/churn --workspace $(WORKSPACE) demo --server $(DEMO_ARGS)
+	CHURN_MLFLOW_BACKEND_URI='$(CHURN_MLFLOW_BACKEND_URI)' $(BIN)/churn --workspace $(WORKSPACE) demo --server $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
