@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from mlflow_churn.config import mask_text
 from mlflow_churn.errors import ChurnError, first_line
 
 LOOPBACK = "127.0.0.1"
@@ -216,6 +217,22 @@ def _plain_postgres(url: str) -> str:
     return f"{scheme.split('+', 1)[0]}://{rest}"
 
 
+def _admin_execute(url: str, sql: str) -> None:
+    """Run one statement in autocommit on the PostgreSQL server of ``url`` (as its database);
+    ChurnError naming the server (password masked) when it cannot be reached."""
+    try:
+        conn = _admin_connect(url)
+    except Exception as exc:  # psycopg2.OperationalError and friends
+        raise ChurnError(f"cannot connect to PostgreSQL at {mask_text(url)} ({first_line(exc)}); start it or "
+                         "fix mlflow.server_backend_uri / CHURN_MLFLOW_BACKEND_URI") from None
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(sql)
+    finally:
+        conn.close()
+
+
 def create_database(admin_url: str, name: str | None = None) -> str:
     """Create database ``name`` (default ``churn_<random>``) on the PostgreSQL server of
     ``admin_url`` (any existing database there, e.g. ``postgresql://postgres@127.0.0.1/test``)
@@ -223,18 +240,7 @@ def create_database(admin_url: str, name: str | None = None) -> str:
     name = name or f"churn_{uuid.uuid4().hex[:12]}"
     if not name.replace("_", "").isalnum():
         raise ChurnError(f"database name must be letters, digits and _, got '{name}'")
-    try:
-        conn = _admin_connect(admin_url)
-    except Exception as exc:  # psycopg2.OperationalError and friends
-        first = first_line(exc)
-        raise ChurnError(f"cannot connect to PostgreSQL at {_redact(admin_url)} ({first}); start it or fix "
-                         "mlflow.server_backend_uri / CHURN_MLFLOW_BACKEND_URI") from None
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        conn.close()
+    _admin_execute(admin_url, f'CREATE DATABASE "{name}"')
     parts = urlsplit(admin_url)
     return urlunsplit(parts._replace(path=f"/{name}"))
 
@@ -243,20 +249,6 @@ def drop_database(url: str) -> None:
     """Drop the database of ``url`` (connecting to its server's ``postgres`` database)."""
     parts = urlsplit(url)
     name = (parts.path or "/").lstrip("/")
-    if not name:
-        return
-    conn = _admin_connect(urlunsplit(parts._replace(path="/postgres")))
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        conn.close()
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+    if name:
+        admin = urlunsplit(parts._replace(path="/postgres"))
+        _admin_execute(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
