@@ -40,19 +40,18 @@ from pathlib import Path
 
 import httpx
 
-from mlflow_churn.config import ChurnConfig
+from mlflow_churn.config import ChurnConfig, mask_text
 from mlflow_churn.demo import DemoReport, DemoSpec, GateOutcome, console, demo_config, print_report, run_demo
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.tracking_server import (
     LOOPBACK,
     TrackingServer,
-    _redact,
     create_database,
     free_port,
+    server_env,
     start_tracking_server,
     stop_process,
     wait_http,
-    webhook_env,
 )
 
 SQLITE_FILE = "mlflow-server.db"
@@ -119,18 +118,6 @@ def backend_store(cfg: ChurnConfig) -> str:
                      f"(postgresql://user@host:5432/db) or sqlite:///path, got '{given}'")
 
 
-def server_env() -> dict[str, str]:
-    """The server's environment: ours without the client-side MLflow run variables, webhooks
-    for loopback receivers (:func:`webhook_env`), and MLflow's job runner off unless set
-    (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION``: eight more processes for GenAI jobs the loop
-    does not use; webhooks are delivered from the server's own thread pool)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
-    env.update(webhook_env())
-    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    return env
-
-
 def start_receiver(cfg: ChurnConfig, tracking_url: str, secret: str, log_path: Path,
                    tries: int = 3) -> tuple[subprocess.Popen, str]:
     """``churn hooks serve`` on 127.0.0.1 and a free port, in its own process group, against
@@ -172,7 +159,7 @@ def start_stack(cfg: ChurnConfig, say: Callable[[str], None] = console.print) ->
     logs = cfg.workspace.resolve() / "logs"
     backend = backend_store(cfg)
     artifacts = cfg.workspace.resolve() / "mlartifacts"
-    say(f"starting mlflow server on {_redact(backend)} (artifacts {artifacts})")
+    say(f"starting mlflow server on {mask_text(backend)} (artifacts {artifacts})")
     server = start_tracking_server(backend, artifacts, log_path=logs / "mlflow-server.log",
                                    cwd=cfg.workspace.resolve(), env=server_env())
     receiver = None
@@ -315,7 +302,7 @@ def run_server_demo(workspace: Path, spec: DemoSpec = DemoSpec(), keep_running: 
             with _tracking_env(stack.url):
                 report = run_demo(workspace, spec,
                                   await_gate=lambda version: await_webhook_gate(stack, cfg, version))
-            console.print(f"tracking store: {_redact(stack.backend_uri)}; artifacts: "
+            console.print(f"tracking store: {mask_text(stack.backend_uri)}; artifacts: "
                           f"{stack.tracking.artifacts_dir}; logs: {stack.logs}", soft_wrap=True)
             print_report(report, workspace, ui_url=stack.url,
                          title="make demo-server: the loop against mlflow server, gates by webhook")

@@ -62,6 +62,18 @@ def webhook_env(encryption_key: str | None = None) -> dict[str, str]:
     }
 
 
+def server_env() -> dict[str, str]:
+    """A server's environment: ours without the client-side MLflow run variables, webhooks
+    for loopback receivers (:func:`webhook_env`), and MLflow's job runner off unless set
+    (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION``: eight more processes for GenAI jobs the loop
+    does not use; webhooks are delivered from the server's own thread pool)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+    env.update(webhook_env())
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    return env
+
+
 @dataclass
 class TrackingServer:
     """A running ``mlflow server`` child process."""
@@ -160,19 +172,14 @@ def start_tracking_server(
     - ``backend_uri``: ``postgresql://...`` or ``sqlite:///...`` (webhooks need a SQL store);
     - ``artifacts_dir``: ``--artifacts-destination`` (created; proxied by the server);
     - ``app_name``: ``--app-name`` (an ``mlflow.app`` entry point, e.g. ``churn-guard``);
-    - ``env``: the child's environment (default: ours, without ``MLFLOW_TRACKING_URI`` /
-      ``MLFLOW_RUN_ID``, plus :func:`webhook_env`);
+    - ``env``: the child's environment (default :func:`server_env`);
     - ``port``: None picks a free one (retried when another process takes it first).
 
     Raises ChurnError, with the end of the server's log, when it does not come up.
     """
     artifacts = Path(artifacts_dir).resolve()
     artifacts.mkdir(parents=True, exist_ok=True)
-    if env is None:
-        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID",
-                                                                 "MLFLOW_EXPERIMENT_ID")}
-        env.update(webhook_env())
-    child_env = dict(env)
+    child_env = dict(server_env() if env is None else env)
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     log = Path(log_path) if log_path else artifacts.parent / f"mlflow-server-{uuid.uuid4().hex[:8]}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
