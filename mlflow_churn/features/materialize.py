@@ -171,7 +171,7 @@ def materialize(
             )
             chunks = max(1, -(-len(frame) // CHUNK_ROWS))
             with resolve(progress)(f"writing {len(frame):,} rows ({mode})", chunks) as tick:
-                return store.write_batch(frame, info, on_chunk=tick, allow_older=force)
+                return store.write_batch(frame, info, on_chunk=lambda _rows: tick(1), allow_older=force)
     finally:
         if own:
             store.close()

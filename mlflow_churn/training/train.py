@@ -325,8 +325,8 @@ def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None,
             tuning.run_trials(
                 study, data, seed=t.seed, max_estimators=t.max_estimators,
                 early_stopping_rounds=t.early_stopping_rounds, n_trials=n_trials, timeout=timeout,
-                client=client, experiment_id=run.info.experiment_id, parent_run_id=run_id, on_trial=tick,
-                nthread=t.nthread)
+                client=client, experiment_id=run.info.experiment_id, parent_run_id=run_id,
+                on_trial=lambda _trial: tick(1), nthread=t.nthread)
         if storage:
             tuning.wait_for_running(study, wait_seconds)
         tuned = tuning.summarize(study)
@@ -411,7 +411,8 @@ def run_worker(cfg: ChurnConfig, study_name: str, storage: str | None = None, n_
             study, data, seed=int(settings["seed"]), max_estimators=int(settings["max_estimators"]),
             early_stopping_rounds=int(settings["early_stopping_rounds"]), n_trials=n_trials,
             timeout=timeout, client=client, experiment_id=attrs["experiment_id"],
-            parent_run_id=attrs["parent_run_id"], on_trial=tick, nthread=cfg.training.nthread)
+            parent_run_id=attrs["parent_run_id"], on_trial=lambda _trial: tick(1),
+            nthread=cfg.training.nthread)
     tuned = tuning.summarize(study)
     return TrainResult(
         run_id=attrs["parent_run_id"], model_uri=None, version=None, val_auc=tuned.best_value,
