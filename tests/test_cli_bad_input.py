@@ -80,6 +80,10 @@ BAD: dict[str, list[tuple[list[str], str]]] = {
     "features serve": [(["--port", "70000"], "features.port"), (["--port", "-1"], "features.port")],
     "features check-skew": [(["--sample", "0"], "--sample"), (["--sample", "lots"], "lots")],
     "hooks serve": [(["--port", "70000"], "hooks.port"), (["--port", "0"], "hooks.port")],
+    "registry history": [(["--at", "whenever"], "whenever"), (["--at", "2026-02-30"], "2026-02-30"),
+                         (["--no-such"], "--no-such")],
+    "traffic": [(["--customers", "0"], "--customers"), (["--customers", "many"], "many"),
+                (["--customers", "5", "--url", "http://192.0.2.1:8080"], "192.0.2.1")],
     "hooks register": [(["--url", "http://127.0.0.1:9/webhook"], "secret"),
                        (["--url", "ftp://x/webhook", "--secret", "s"], "ftp://x/webhook"), ([], "--url")],
 }
@@ -167,7 +171,8 @@ def test_generic_bad_input_is_one_line_exit_2(churn, path: str, name: str, root:
                                               args: list[str], needle: str) -> None:
     extra = {"compress": ["--version", "3"], "canary promote": ["--reason", "r"],
              "canary rollback": ["--reason", "r"], "features describe": ["plan"],
-             "hooks register": ["--url", "http://127.0.0.1:9/webhook", "--secret", "s"]}.get(path, [])
+             "hooks register": ["--url", "http://127.0.0.1:9/webhook", "--secret", "s"],
+             "traffic": ["--customers", "5"]}.get(path, [])
     code, out, err = churn(["--workspace", "ws", *root, *path.split(), *extra, *args])
     _assert_one_line(code, out, err, needle)
 

@@ -12,7 +12,7 @@ registry_app = typer.Typer(help="The model registry: alias history.", no_args_is
 @registry_app.command("history")
 def history_cmd(
     ctx: typer.Context,
-    alias: str = typer.Option(None, "--alias", help="Only this alias (e.g. champion)."),
+    alias: str = typer.Option(None, "--alias", help="Only this alias, e.g. champion (default: every alias)."),
     at: str = typer.Option(None, "--at", help="Which version held the alias at this time (ISO UTC, e.g. "
                            "2026-06-01T00:00Z); with --alias, else for every alias."),
     model: str = typer.Option(None, "--model", help="Registered model (default: training.model_name)."),
@@ -29,14 +29,14 @@ def history_cmd(
     from mlflow_churn.registry.history import read_moves, version_at
     from mlflow_churn.tracking import probe_server
 
+    when = parse_datetime(at, "--at") if opt_str(at) else None  # bad input first
     cfg = get_config(ctx, {"training.model_name": opt_str(model)})
     uri = cfg.mlflow_tracking_uri
     probe_server(uri)
     client = MlflowClient(uri, uri)
     name = cfg.training.model_name
     moves = read_moves(client, name, opt_str(alias))
-    if opt_str(at):
-        when = parse_datetime(at, "--at")
+    if when is not None:
         aliases = [alias] if opt_str(alias) else sorted({m.alias for m in moves})
         answers = [version_at(moves, name, a, when) for a in aliases]
         if as_json:

@@ -449,7 +449,10 @@ def table_model_name(cfg: ChurnConfig, path: Path | str) -> str:
     ``<training.model_name>-table-<file stem>`` (stem reduced to letters, digits, ``.``, ``_``
     and ``-``), e.g. ``churn-model-table-telco-customer-churn``. Never the production model,
     so a table experiment cannot move its ``challenger`` alias."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(path).stem).strip("-.") or "data"
+    name = Path(path).name
+    for suffix in (".gz", ".bz2", ".zst", ".csv", ".parquet", ".pq"):  # x.csv.gz -> x
+        name = name[: -len(suffix)] if name.lower().endswith(suffix) and len(name) > len(suffix) else name
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "data"
     return f"{cfg.training.model_name}-table-{stem}"[:200]
 
 
