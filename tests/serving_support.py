@@ -86,7 +86,7 @@ class ServeProcess:
         log = Path(self.cwd) / f"serve-{port}.stderr"
         with log.open("w") as err:
             proc = subprocess.Popen(CHURN + ["serve", "--host", "127.0.0.1", "--port", str(port)],
-                                    env=self.env, cwd=self.cwd, stdout=subprocess.DEVNULL, stderr=err,
+                                    env=self.env, cwd=self.cwd, stdout=err, stderr=subprocess.STDOUT,
                                     text=True)
         return proc, log
 

@@ -14,7 +14,8 @@ def history_cmd(
     ctx: typer.Context,
     alias: str = typer.Option(None, "--alias", help="Only this alias, e.g. champion (default: every alias)."),
     at: str = typer.Option(None, "--at", help="Which version held the alias at this time (ISO UTC, e.g. "
-                           "2026-06-01T00:00Z); with --alias, else for every alias."),
+                           "2026-06-01T00:00Z); with --alias, else for every alias (default: list the "
+                           "moves)."),
     model: str = typer.Option(None, "--model", help="Registered model (default: training.model_name)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
