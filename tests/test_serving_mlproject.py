@@ -41,10 +41,11 @@ def test_mlproject_command_lines_parse(entry: str, params: dict[str, str]) -> No
     assert res.exit_code == 0, f"{command}\n{res.output}"
 
 
-def _mlflow_run(config, tmp_path: Path, entry: str, **params: str) -> subprocess.CompletedProcess:
+def _mlflow_run(config, tmp_path: Path, entry: str, env_extra: dict[str, str] | None = None,
+                **params: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CHURN_", "MLFLOW_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update({"MLFLOW_TRACKING_URI": config.mlflow_tracking_uri, "COLUMNS": "200"})
+    env.update({"MLFLOW_TRACKING_URI": config.mlflow_tracking_uri, "COLUMNS": "200", **(env_extra or {})})
     args = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local",
             "--experiment-name", "churn-projects", "-P", f"workspace={config.workspace}"]
     for key, value in params.items():
@@ -65,7 +66,9 @@ def test_mlflow_run_canary_status_promote_and_score(config, register_version, tm
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"canary=v{canary}" in res.stdout and f"canary/v{canary}: 30" in res.stdout
 
-    res = _mlflow_run(config, tmp_path, "canary", action="promote", reason="through mlflow run")
+    # promote needs a `promote` verdict: 30 canary predictions within every limit suffice here
+    res = _mlflow_run(config, tmp_path, "canary", env_extra={"CHURN_SERVING__MIN_CANARY_SAMPLES": "20"},
+                      action="promote", reason="through mlflow run")
     assert res.returncode == 0, res.stderr[-3000:]
     client = MlflowClient(config.mlflow_tracking_uri)
     aliases = client.get_registered_model(config.training.model_name).aliases
@@ -75,7 +78,7 @@ def test_mlflow_run_canary_status_promote_and_score(config, register_version, tm
     project = client.get_run(promote.data.tags["mlflow.parentRunId"])
     assert project.data.tags["mlflow.project.entryPoint"] == "canary"
     assert promote.data.metrics["canary_rows"] == 30 and promote.data.metrics["champion_rows"] == 30
-    assert "score_psi" in promote.data.metrics and promote.data.tags["evidence"] == "wait"
+    assert "score_psi" in promote.data.metrics and promote.data.tags["evidence"] == "promote"
     decision = json.loads(Path(client.download_artifacts(promote.info.run_id, "decision.json",
                                                          str(tmp_path))).read_text())
     assert decision["evidence"]["routes"]["canary"]["version"] == canary
