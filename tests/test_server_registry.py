@@ -175,7 +175,8 @@ def test_gate_canary_promote_rollback_compress_on_the_server(mlflow_server, work
     assert client.get_run(decision.run_id).info.status == "FINISHED"
 
     env = _env(mlflow_server.url, name)
-    res = _churn(workspace, env, "canary", "promote", "--reason", "server test", "--json")
+    # no canary traffic in this test: an explicit, recorded override (issue 15)
+    res = _churn(workspace, env, "canary", "promote", "--reason", "server test", "--force", "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     aliases = aliases_of(client, name)
     assert aliases[CHAMPION] == chal.version and aliases[PREVIOUS_CHAMPION] == champ.version
@@ -384,12 +385,12 @@ def test_5xx_mid_gate_and_mid_promotion_leave_a_consistent_registry(mlflow_serve
         # promotion: the server fails on the second alias move -> a consistent prefix, completed by a retry
         proxy.fail("/registered-models/alias", from_nth=2)
         with pytest.raises(ChurnError, match=f"failed while promoting v{chal.version} of '{name}'"):
-            promote(cfg, "5xx test")
+            promote(cfg, "5xx test", force=True)  # no canary traffic here: a recorded override
         aliases = aliases_of(client, name)
         assert aliases == {CHAMPION: champ.version, PREVIOUS_CHAMPION: champ.version, CANARY: chal.version,
                            CHALLENGER: chal.version}
         proxy.fail(None)
-        done = promote(cfg, "5xx test, again")
+        done = promote(cfg, "5xx test, again", force=True)
         assert not done.noop
         assert aliases_of(client, name) == {CHAMPION: chal.version, PREVIOUS_CHAMPION: champ.version,
                                             CHALLENGER: chal.version}
