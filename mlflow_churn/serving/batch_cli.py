@@ -14,65 +14,66 @@ if TYPE_CHECKING:
     from mlflow_churn.serving.batch import ScoreResult
 
 
+def score(
+    ctx: typer.Context,
+    as_of: str = typer.Option(
+        None, "--as-of", help="Score at this instant, ISO date/time UTC (default: the newest data)."
+    ),
+    engine: str = typer.Option("local", help="local (Arrow batches, all cores) or spark (spark_udf)."),
+    model_uri: str = typer.Option(
+        None, "--model-uri", help="MLflow model URI (default: models:/<training.model_name>@champion)."
+    ),
+    out: str = typer.Option(None, "--out", help="Output directory (default: <workspace>/scores)."),
+    batch_rows: int = typer.Option(None, "--batch-rows", help="Rows per Arrow batch (default 131072)."),
+    spark_master: str = typer.Option(
+        None, "--spark-master", help="engine spark: Spark master URL, e.g. spark://HOST:7077, yarn "
+        "(default local[*]: this machine)."
+    ),
+    staging: str = typer.Option(
+        None, "--staging", help="engine spark: directory (path or URI) the driver and every executor "
+        "can read, for the staged features and scores (default: a local temporary directory)."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Score every customer alive at --as-of from the offline features; write Parquet
+    <out>/date=YYYY-MM-DD/ (customer_id, churn_probability, model_version, as_of,
+    feature_set_hash)."""
+    from mlflow_churn.features.offline import data_bounds
+    from mlflow_churn.serving.batch import DEFAULT_BATCH_ROWS, ENGINES, score_batch
+
+    cfg = get_config(ctx)
+    if engine not in ENGINES:
+        raise ChurnError(f"--engine must be one of {', '.join(ENGINES)}, got '{engine}'")
+    if batch_rows is not None and batch_rows < 1:
+        raise ChurnError(f"--batch-rows must be >= 1, got {batch_rows}")
+    when = (parse_datetime(as_of, "--as-of") if opt_str(as_of)
+            else data_bounds(cfg.data_dir).last_event)
+    if opt_str(out):  # before any model is loaded: a bad --out fails at once
+        writable_dir(out, "--out")
+    result = score_batch(cfg, when, model_uri=opt_str(model_uri), out_dir=opt_str(out),
+                         engine=engine, batch_rows=batch_rows or DEFAULT_BATCH_ROWS,
+                         progress=progress_arg(progress), spark_master=opt_str(spark_master),
+                         staging=opt_str(staging))
+    table = Table(title=f"churn score: {result.engine} engine")
+    table.add_column("as_of")
+    table.add_column("model")
+    table.add_column("rows", justify="right")
+    table.add_column("seconds", justify="right")
+    table.add_column("rows/s", justify="right")
+    table.add_column("path")
+    table.add_row(result.as_of.isoformat(), f"{result.model_uri} (v{result.version})",
+                  f"{result.rows:,}", f"{result.seconds:.2f}", f"{result.rows_per_second:,.0f}",
+                  str(result.path))
+    console.print(table)
+    from mlflow_churn.tracking import project_run_id
+
+    if project_run_id():  # inside `mlflow run . -e score`: log into that run
+        _log_to_project_run(project_run_id(), result)
+
+
 def register(app: typer.Typer) -> None:
     """Add ``churn score`` to ``app``."""
-
-    @app.command()
-    def score(
-        ctx: typer.Context,
-        as_of: str = typer.Option(
-            None, "--as-of", help="Score at this instant, ISO date/time UTC (default: the newest data)."
-        ),
-        engine: str = typer.Option("local", help="local (Arrow batches, all cores) or spark (spark_udf)."),
-        model_uri: str = typer.Option(
-            None, "--model-uri", help="MLflow model URI (default: models:/<training.model_name>@champion)."
-        ),
-        out: str = typer.Option(None, "--out", help="Output directory (default: <workspace>/scores)."),
-        batch_rows: int = typer.Option(None, "--batch-rows", help="Rows per Arrow batch (default 131072)."),
-        spark_master: str = typer.Option(
-            None, "--spark-master", help="engine spark: Spark master URL, e.g. spark://HOST:7077, yarn "
-            "(default local[*]: this machine)."
-        ),
-        staging: str = typer.Option(
-            None, "--staging", help="engine spark: directory (path or URI) the driver and every executor "
-            "can read, for the staged features and scores (default: a local temporary directory)."
-        ),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-    ) -> None:
-        """Score every customer alive at --as-of from the offline features; write Parquet
-        <out>/date=YYYY-MM-DD/ (customer_id, churn_probability, model_version, as_of,
-        feature_set_hash)."""
-        from mlflow_churn.features.offline import data_bounds
-        from mlflow_churn.serving.batch import DEFAULT_BATCH_ROWS, ENGINES, score_batch
-
-        cfg = get_config(ctx)
-        if engine not in ENGINES:
-            raise ChurnError(f"--engine must be one of {', '.join(ENGINES)}, got '{engine}'")
-        if batch_rows is not None and batch_rows < 1:
-            raise ChurnError(f"--batch-rows must be >= 1, got {batch_rows}")
-        when = (parse_datetime(as_of, "--as-of") if opt_str(as_of)
-                else data_bounds(cfg.data_dir).last_event)
-        if opt_str(out):  # before any model is loaded: a bad --out fails at once
-            writable_dir(out, "--out")
-        result = score_batch(cfg, when, model_uri=opt_str(model_uri), out_dir=opt_str(out),
-                             engine=engine, batch_rows=batch_rows or DEFAULT_BATCH_ROWS,
-                             progress=progress_arg(progress), spark_master=opt_str(spark_master),
-                             staging=opt_str(staging))
-        table = Table(title=f"churn score: {result.engine} engine")
-        table.add_column("as_of")
-        table.add_column("model")
-        table.add_column("rows", justify="right")
-        table.add_column("seconds", justify="right")
-        table.add_column("rows/s", justify="right")
-        table.add_column("path")
-        table.add_row(result.as_of.isoformat(), f"{result.model_uri} (v{result.version})",
-                      f"{result.rows:,}", f"{result.seconds:.2f}", f"{result.rows_per_second:,.0f}",
-                      str(result.path))
-        console.print(table)
-        from mlflow_churn.tracking import project_run_id
-
-        if project_run_id():  # inside `mlflow run . -e score`: log into that run
-            _log_to_project_run(project_run_id(), result)
+    app.command("score")(score)
 
 
 def _log_to_project_run(run_id: str, result: ScoreResult) -> None:
