@@ -44,11 +44,11 @@ def evaluate_command(
     cfg = get_config(ctx)
     when = parse_datetime(as_of, "--as-of") if opt_str(as_of) else None  # bad input first, then imports
     from mlflow_churn.evaluation.evaluate import STEPS, evaluate
-    from mlflow_churn.features.offline import data_bounds
+    from mlflow_churn.features.offline import latest_as_of
     from mlflow_churn.tracking import without_project_run
 
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-    when = when or data_bounds(cfg.data_dir).last_event
+    when = when or latest_as_of(cfg.data_dir)
     # inside `mlflow run` the project run is the parent of the decision run
     with without_project_run() as parent:
         decision = with_progress("registry gate", STEPS, progress, lambda tick: evaluate(

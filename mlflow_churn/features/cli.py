@@ -187,7 +187,7 @@ def materialize_cmd(
 ) -> None:
     """Compute every registered feature and swap the batch in online atomically."""
     from mlflow_churn.features.materialize import materialize, run_every
-    from mlflow_churn.features.offline import data_bounds
+    from mlflow_churn.features.offline import latest_as_of
 
     cfg = get_config(ctx)
     as_of_s, every_s = opt_str(as_of), opt_str(every)
@@ -209,7 +209,7 @@ def materialize_cmd(
         run_every(cfg, parse_every(every_s), incremental=incremental, max_runs=max_runs,
                   progress=progress_arg(progress), on_run=report)
         return
-    when = parse_datetime(as_of_s, "--as-of") if as_of_s else data_bounds(cfg.data_dir).last_event
+    when = parse_datetime(as_of_s, "--as-of") if as_of_s else latest_as_of(cfg.data_dir)
     info = materialize(cfg, when, incremental=incremental, progress=progress_arg(progress), force=force)
     console.print(_batch_table("churn features materialize", [info]))
     console.print(f"serving batch {info.batch_id} from {cfg.features.online_backend} store")

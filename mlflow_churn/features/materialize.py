@@ -40,7 +40,7 @@ from mlflow_churn.features.offline import (
     _connect,
     check_cutoffs,
     compute_latest,
-    data_bounds,
+    latest_as_of,
     longest_window,
 )
 from mlflow_churn.features.online import (
@@ -209,7 +209,7 @@ def run_every(
         while True:
             tick = time.monotonic()
             try:
-                as_of = data_bounds(cfg.data_dir).last_event
+                as_of = latest_as_of(cfg.data_dir)
                 cur = store.current_batch()
                 if cur is not None and cur.as_of >= as_of:
                     if on_run:

@@ -62,6 +62,12 @@ class LatestFeatures:
 
 
 
+def latest_as_of(data_dir: Path) -> datetime:
+    """The default ``as_of`` of every command and service: the newest event in the data (UTC).
+    ChurnError when the data directory holds no activity."""
+    return data_bounds(data_dir).last_event
+
+
 def data_bounds(data_dir: Path) -> DataBounds:
     """First and last activity day, from the partition names (no data is read)."""
     paths = TablePaths(Path(data_dir))

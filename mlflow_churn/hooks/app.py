@@ -226,9 +226,9 @@ class GateWorker:
 
 def default_as_of(cfg: ChurnConfig) -> datetime:
     """The gate's as_of for a hook: the newest event of the workspace data (as the CLI)."""
-    from mlflow_churn.features.offline import data_bounds
+    from mlflow_churn.features.offline import latest_as_of
 
-    return data_bounds(cfg.data_dir).last_event
+    return latest_as_of(cfg.data_dir)
 
 
 def run_gate(cfg: ChurnConfig, job: GateJob, as_of: Callable[[ChurnConfig], datetime] = default_as_of) -> str:

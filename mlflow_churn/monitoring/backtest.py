@@ -237,7 +237,7 @@ def backtest(
     from mlflow import MlflowClient
 
     from mlflow_churn.data.simulator import SimulationSpec, read_manifest, simulate
-    from mlflow_churn.features.offline import data_bounds
+    from mlflow_churn.features.offline import latest_as_of
     from mlflow_churn.monitoring.frames import FrameCache
     from mlflow_churn.registry.aliases import CHAMPION, move_alias
     from mlflow_churn.tracking import setup_mlflow
@@ -274,7 +274,7 @@ def backtest(
     name = cfg.training.model_name
 
     as_of0 = _first_train_day(cfg) + timedelta(days=warmup_days)
-    last = data_bounds(cfg.data_dir).last_event
+    last = latest_as_of(cfg.data_dir)
     step = step_days or cfg.monitoring.window_days
     with without_project_run():
         first_version = str(train(cfg, as_of0, n_trials=n_trials, progress=False).version)

@@ -41,7 +41,7 @@ def retrain(
     """Retrain when the newest monitoring decision about the champion says so (or --force):
     train a challenger on the latest window, gate it against the champion; else record a
     no-op with the reason."""
-    from mlflow_churn.features.offline import data_bounds
+    from mlflow_churn.features.offline import latest_as_of
     from mlflow_churn.monitoring.retrain import RETRAINED
     from mlflow_churn.monitoring.retrain import retrain as run_retrain
 
@@ -49,7 +49,7 @@ def retrain(
         raise ChurnError(f"--n-trials must be >= 1, got {n_trials}")
     cfg = get_config(ctx, {"training.n_trials": n_trials})
     forced = force or (parse_bool(force_value, "--force-value") if force_value is not None else False)
-    when = parse_datetime(as_of, "--as-of") if opt_str(as_of) else data_bounds(cfg.data_dir).last_event
+    when = parse_datetime(as_of, "--as-of") if opt_str(as_of) else latest_as_of(cfg.data_dir)
     result = run_retrain(cfg, when, force=forced, progress=progress_arg(progress))
     table = Table(title=f"churn retrain as of {when.isoformat()}: {result.action}")
     table.add_column("step")

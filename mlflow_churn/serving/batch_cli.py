@@ -38,7 +38,7 @@ def score(
     """Score every customer alive at --as-of from the offline features; write Parquet
     <out>/date=YYYY-MM-DD/ (customer_id, churn_probability, model_version, as_of,
     feature_set_hash)."""
-    from mlflow_churn.features.offline import data_bounds
+    from mlflow_churn.features.offline import latest_as_of
     from mlflow_churn.serving.batch import DEFAULT_BATCH_ROWS, ENGINES, score_batch
 
     cfg = get_config(ctx)
@@ -47,7 +47,7 @@ def score(
     if batch_rows is not None and batch_rows < 1:
         raise ChurnError(f"--batch-rows must be >= 1, got {batch_rows}")
     when = (parse_datetime(as_of, "--as-of") if opt_str(as_of)
-            else data_bounds(cfg.data_dir).last_event)
+            else latest_as_of(cfg.data_dir))
     if opt_str(out):  # before any model is loaded: a bad --out fails at once
         writable_dir(out, "--out")
     result = score_batch(cfg, when, model_uri=opt_str(model_uri), out_dir=opt_str(out),

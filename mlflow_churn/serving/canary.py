@@ -206,10 +206,10 @@ def default_as_of(cfg: ChurnConfig, now: datetime) -> datetime:
     """The evaluation time when none is given: the newest event of the data (labels are
     known up to it); without data, the newest business time in the prediction log (every
     logged row counts, no labels); with neither, ``now`` (tz-aware UTC)."""
-    from mlflow_churn.features.offline import data_bounds
+    from mlflow_churn.features.offline import latest_as_of
 
     try:
-        return data_bounds(cfg.data_dir).last_event
+        return latest_as_of(cfg.data_dir)
     except ChurnError:
         pass
     log = PredictionLog(cfg.prediction_log_url)

@@ -299,10 +299,10 @@ def compress_cmd(
     if opt_str(as_of):
         when = parse_datetime(as_of, "--as-of")
     else:
-        from mlflow_churn.features.offline import data_bounds
+        from mlflow_churn.features.offline import latest_as_of
 
         try:
-            when = data_bounds(cfg.data_dir).last_event
+            when = latest_as_of(cfg.data_dir)
         except ChurnError as exc:
             raise ChurnError(f"{exc}; or pass --as-of") from None
     res = compress(cfg, version, when, budget_value, opt_str(alias))

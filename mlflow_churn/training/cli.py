@@ -80,9 +80,9 @@ def train_command(
         if opt_str(as_of):
             when = parse_datetime(as_of, "--as-of")
         else:
-            from mlflow_churn.features.offline import data_bounds
+            from mlflow_churn.features.offline import latest_as_of
 
-            when = data_bounds(cfg.data_dir).last_event
+            when = latest_as_of(cfg.data_dir)
         result = train(cfg, when, **common)
     console.print(summary_table(result))
     if result.version:
