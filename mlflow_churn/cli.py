@@ -8,7 +8,6 @@ and Click's usage errors (a wrong option type, an unknown option or command), in
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import sys
@@ -18,7 +17,15 @@ import typer
 import yaml
 from rich.table import Table
 
-from mlflow_churn.cli_common import console, from_config, get_config, opt_str, parse_date, with_progress
+from mlflow_churn.cli_common import (
+    console,
+    from_config,
+    get_config,
+    opt_str,
+    parse_date,
+    print_json,
+    with_progress,
+)
 from mlflow_churn.config import SCENARIOS, mask_text, masked
 from mlflow_churn.errors import ChurnError
 
@@ -58,7 +65,7 @@ def config_show(
     data["resolved_tracking_uri"] = cfg.mlflow_tracking_uri
     data = masked(data)
     if as_json:
-        typer.echo(json.dumps(data, indent=2))
+        print_json(data)
     else:
         typer.echo(yaml.safe_dump(data, sort_keys=False))
 

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.errors import ChurnError
+from mlflow_churn.jsonable import dumps
 
 T = TypeVar("T")
 
@@ -59,22 +60,7 @@ JSON_OPTION = typer.Option(False, "--json", help="Print the result as JSON (for 
 
 def print_json(data: Any) -> None:
     """``data`` as indented JSON on stdout (dates and paths as strings, NaN as null)."""
-    import json
-    import math
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {str(k): clean(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [clean(v) for v in value]
-        return value
-
-    def other(value: Any) -> Any:  # numpy scalars -> numbers; dates, paths -> text
-        return clean(value.item()) if hasattr(value, "item") and callable(value.item) else str(value)
-
-    typer.echo(json.dumps(clean(data), indent=2, default=other))
+    typer.echo(dumps(data))
 
 
 def opt_str(value: str | None) -> str | None:

@@ -107,6 +107,33 @@ def redis_url() -> str:
 
 
 @pytest.fixture
+def churn_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """``churn_main(args) -> CompletedProcess``: the console script's main() in this process
+    (no CHURN_* / MLFLOW_* from the caller's environment, a wide console so tables are whole)."""
+    import subprocess
+
+    from mlflow_churn.cli import main
+    from mlflow_churn.cli_common import console
+
+    for name in [n for n in os.environ if n.startswith(("CHURN_", "MLFLOW_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(console, "width", 250)
+
+    def invoke(args: list[str]) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["churn", *args])
+        code = 0
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return invoke
+
+
+@pytest.fixture
 def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty workspace; MLFLOW_TRACKING_URI and CHURN_* variables cleared."""
     for name in list(os.environ):

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1] / "mlflow_churn"
 
 #: bottom first; a module may import its own package and any package listed before it
 LAYERS: tuple[str, ...] = (
-    "errors", "times", "lazy", "config", "stats", "progress", "web", "alerts", "tracking", "tracking_server",
+    "errors", "times", "jsonable", "lazy", "config", "stats", "progress", "web", "alerts", "tracking",
+    "tracking_server",
     "data", "features", "registry", "training", "evaluation", "serving", "monitoring",
 )
 #: the shells: on top of everything, nothing below imports them
@@ -168,3 +169,24 @@ def test_public_api_resolves(package: str) -> None:
     assert mod.__all__, f"mlflow_churn.{package} declares no public API"
     for name in mod.__all__:
         assert getattr(mod, name) is not None, f"mlflow_churn.{package}.{name}"
+
+
+#: the one deferred import of our own code below the shells: Spark starts only when asked for
+DEFERRED = {"mlflow_churn.serving.batch_spark"}
+
+
+def test_core_imports_our_code_at_module_level() -> None:
+    """Below the shells, our own modules are imported at the top of the file: a function-level
+    import hides an edge from a reader (the shells defer imports to keep ``churn --help`` fast)."""
+    hidden = []
+    for module, path in _modules().items():
+        if _is_shell(module):
+            continue
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(
+                        "mlflow_churn")) and node.module not in DEFERRED:
+                    hidden.append(f"{module}:{node.lineno} imports {node.module}")
+    assert hidden == []

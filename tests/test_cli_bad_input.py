@@ -119,26 +119,13 @@ def cli_dir(tmp_path_factory: pytest.TempPathFactory, small_data: Path) -> Path:
 
 
 @pytest.fixture
-def churn(cli_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+def churn(cli_dir: Path, monkeypatch: pytest.MonkeyPatch, churn_main):
     """``churn(args) -> (code, stdout, stderr)`` through main() in this process, in cli_dir."""
-    from mlflow_churn.cli import main
-    from mlflow_churn.cli_common import console
-
-    for name in [n for n in os.environ if n.startswith(("CHURN_", "MLFLOW_"))]:
-        monkeypatch.delenv(name)
     monkeypatch.chdir(cli_dir)
-    monkeypatch.setattr(console, "width", 250)
 
     def invoke(args: list[str]) -> tuple[int, str, str]:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["churn", *args])
-        code = 0
-        try:
-            main()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        out = capsys.readouterr()
-        return code, out.out, out.err
+        res = churn_main(args)
+        return res.returncode, res.stdout, res.stderr
 
     return invoke
 

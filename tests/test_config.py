@@ -45,6 +45,15 @@ def test_mlflow_tracking_uri_wins(workspace: Path, monkeypatch: pytest.MonkeyPat
     assert cfg.mlflow_tracking_uri == "http://127.0.0.1:5999"
 
 
+def _refused(tmp_path: Path, text: str) -> str:
+    """The ConfigError message load_config gives for ``text`` as churn.yaml."""
+    path = tmp_path / "churn.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    return str(err.value)
+
+
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
@@ -58,12 +67,8 @@ def test_mlflow_tracking_uri_wins(workspace: Path, monkeypatch: pytest.MonkeyPat
     ],
 )
 def test_bad_yaml_names_the_key(tmp_path: Path, text: str, needle: str) -> None:
-    path = tmp_path / "churn.yaml"
-    path.write_text(text)
-    with pytest.raises(ConfigError) as err:
-        load_config(path, environ={})
-    assert needle in str(err.value)
-    assert "\n" not in str(err.value)
+    message = _refused(tmp_path, text)
+    assert needle in message and "\n" not in message
 
 
 def test_bad_env_names_the_variable() -> None:
@@ -119,11 +124,8 @@ def test_missing_config_file_is_named(tmp_path: Path) -> None:
     ],
 )
 def test_settings_that_can_never_work_are_refused(tmp_path: Path, text: str, needle: str) -> None:
-    path = tmp_path / "churn.yaml"
-    path.write_text(text)
-    with pytest.raises(ConfigError) as err:
-        load_config(path, environ={})
-    assert needle in str(err.value) and "\n" not in str(err.value)
+    message = _refused(tmp_path, text)
+    assert needle in message and "\n" not in message
 
 
 @pytest.mark.parametrize("raw", ["inf", "nan", "-inf", "Infinity"])

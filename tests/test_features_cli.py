@@ -41,27 +41,9 @@ def ws(tmp_path: Path, small_data: Path) -> Path:
 
 
 @pytest.fixture
-def churn(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+def churn(churn_main):
     """Run the console script's main() in this process: ``churn(args) -> CompletedProcess``."""
-    from mlflow_churn.cli import main
-    from mlflow_churn.cli_common import console
-
-    for name in [n for n in os.environ if n.startswith(("CHURN_", "MLFLOW_"))]:
-        monkeypatch.delenv(name)
-    monkeypatch.setattr(console, "width", 250)
-
-    def invoke(args: list[str]) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["churn", *args])
-        code = 0
-        try:
-            main()
-        except SystemExit as exc:
-            code = exc.code or 0
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
-
-    return invoke
+    return churn_main
 
 
 def _one_line_error(res: subprocess.CompletedProcess, needle: str) -> None:

@@ -50,7 +50,7 @@ import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +69,9 @@ from mlflow_churn.errors import ChurnError
 from mlflow_churn.evaluation import plots
 from mlflow_churn.evaluation.holdout import holdout_cutoffs, holdout_frame, parse_tag_time
 from mlflow_churn.features.offline import daily_cutoffs
+from mlflow_churn.jsonable import dumps
 from mlflow_churn.registry.aliases import CANARY, alias_version, move_alias
-from mlflow_churn.stats.drift import psi
+from mlflow_churn.stats.drift import drift_against_entry, psi
 from mlflow_churn.stats.metrics import (
     add_segment_columns,
     classification_metrics,
@@ -79,8 +80,10 @@ from mlflow_churn.stats.metrics import (
     segment_metrics,
 )
 from mlflow_churn.stats.uncertainty import segment_auc_diff_se, segment_z
+from mlflow_churn.times import utc
 from mlflow_churn.tracking import fail_fast, setup_mlflow, terminate_failed
 from mlflow_churn.training.model import Scorer, load_scorer
+from mlflow_churn.training.profile import build_profile
 
 DECISION_FILE = "decision.json"
 DRIFT_HTML = "drift/report.html"
@@ -156,20 +159,6 @@ def _resolve(client: MlflowClient, name: str, ref: str, role: str, required: boo
             f"`churn train` or pass --{role} VERSION"
         )
     return mv
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return value
 
 
 def _data_fingerprint(data_dir: Path) -> str:
@@ -309,9 +298,6 @@ def drift_reports(cfg: ChurnConfig, scorer: Scorer, reference: pd.DataFrame, cur
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
-    from mlflow_churn.stats.drift import drift_against_entry
-    from mlflow_churn.training.profile import build_profile
-
     fs = scorer.feature_set
     cats = list(fs.categorical)
     nums = [c for c in fs.columns if c not in fs.categorical]
@@ -345,30 +331,223 @@ def drift_reports(cfg: ChurnConfig, scorer: Scorer, reference: pd.DataFrame, cur
         "psi_threshold": thr, "features": features, "score": score, "drifted_features": drifted,
         "evidently": evidently_summary,
     }
-    (out_dir / "drift.json").write_text(json.dumps(_json_safe(doc), indent=2))
+    (out_dir / "drift.json").write_text(dumps(doc))
     return {"drifted_features": drifted, "score_psi": score["psi"], **evidently_summary}
+
+
+# ----------------------------------------------------------------------------- the steps
+@dataclass
+class _Pair:
+    """Step 1: the two versions, the holdout cutoffs and the decision's idempotence key."""
+
+    name: str
+    challenger: ModelVersion
+    champion: ModelVersion | None
+    cutoffs: list[datetime]
+    key: str
+
+
+@dataclass
+class _Scored:
+    """Step 2: the holdout frame and both models' scores on it."""
+
+    frame: pd.DataFrame
+    y: np.ndarray
+    challenger: Scorer
+    p_challenger: np.ndarray
+    champion: Scorer | None
+    p_champion: np.ndarray | None
+    #: curve label -> scores, for the plots
+    curves: dict[str, np.ndarray]
+
+
+@dataclass
+class _Verdict:
+    """Step 3: metrics overall and per segment, the rules and the verdict."""
+
+    challenger: dict[str, Any]
+    champion: dict[str, Any] | None
+    challenger_segments: pd.DataFrame
+    champion_segments: pd.DataFrame | None
+    rules: list[RuleResult]
+    metrics: dict[str, float]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.rules)
+
+    @property
+    def reasons(self) -> list[str]:
+        return [r.reason for r in self.rules if not r.passed]
+
+
+def _resolve_pair(client: MlflowClient, cfg: ChurnConfig, as_of: datetime, challenger_ref: str,
+                  champion_ref: str) -> _Pair:
+    """The challenger (required) and champion (optional) versions, refusing a version in both
+    roles and models trained from a flat table; the holdout cutoffs and the gate key."""
+    name = cfg.training.model_name
+    chal_mv = _resolve(client, name, challenger_ref, "challenger", True)
+    champ_mv = _resolve(client, name, champion_ref, "champion", False)
+    assert chal_mv is not None
+    if champ_mv is not None and champ_mv.version == chal_mv.version:
+        raise ChurnError(f"version {chal_mv.version} is both challenger and champion; "
+                         "register a new challenger or pass --champion VERSION")
+    for mv in (chal_mv, champ_mv):
+        if mv is not None and mv.tags.get("source") == "table":
+            raise ChurnError(
+                f"version {mv.version} of '{name}' was trained from a flat table (`churn train --table`): "
+                "the gate needs feature-store data with time, a holdout window and matured labels; "
+                "register table models under their own training.model_name (CHURN_TRAINING__MODEL_NAME)")
+    ends = [parse_tag_time(mv.tags.get("window_end"), f"tag window_end of version {mv.version}")
+            for mv in (chal_mv, champ_mv) if mv is not None]
+    cutoffs = holdout_cutoffs(as_of, cfg, ends)
+    key = gate_key(cfg, chal_mv.version, champ_mv.version if champ_mv else None, cutoffs)
+    return _Pair(name, chal_mv, champ_mv, cutoffs, key)
+
+
+def _score_holdout(cfg: ChurnConfig, pair: _Pair) -> _Scored:
+    """Both models scored in process on the same holdout rows (each with its own feature set)."""
+    chal_mv, champ_mv = pair.challenger, pair.champion
+    chal = load_scorer(f"models:/{pair.name}/{chal_mv.version}", chal_mv.version)
+    champ = load_scorer(f"models:/{pair.name}/{champ_mv.version}", champ_mv.version) if champ_mv else None
+    frame = add_segment_columns(holdout_frame(cfg, chal.feature_set, pair.cutoffs))
+    p_chal = chal.predict_proba(frame)
+    curves = {f"challenger v{chal_mv.version}": p_chal}
+    p_champ = None
+    if champ is not None and champ_mv is not None:
+        champ_frame = frame
+        if champ.feature_set.hash != chal.feature_set.hash:
+            champ_frame = holdout_frame(cfg, champ.feature_set, pair.cutoffs)
+            keys = ["customer_id", "cutoff"]
+            if not champ_frame[keys].reset_index(drop=True).equals(frame[keys].reset_index(drop=True)):
+                raise ChurnError("holdout rows differ between the two feature sets; rebuild the data")
+        p_champ = champ.predict_proba(champ_frame)
+        curves[f"champion v{champ_mv.version}"] = p_champ
+    return _Scored(frame, frame["label"].to_numpy(), chal, p_chal, champ, p_champ, curves)
+
+
+def _judge(cfg: ChurnConfig, scored: _Scored) -> _Verdict:
+    """Metrics overall and per segment (with the paired AUC-difference SE), the gate rules,
+    and the flat metrics the decision run logs."""
+    ev = cfg.evaluation
+    frame, y, p_chal, p_champ = scored.frame, scored.y, scored.p_challenger, scored.p_champion
+    segs = list(ev.segments)
+    chal_m = classification_metrics(y, p_chal, ev)
+    chal_seg = segment_metrics(frame.assign(score=p_chal), "score", "label", segs, ev, ev.min_segment_size)
+    champ_m, champ_seg = None, None
+    if p_champ is not None:
+        champ_m = classification_metrics(y, p_champ, ev)
+        champ_seg = segment_metrics(frame.assign(score=p_champ), "score", "label", segs, ev,
+                                    ev.min_segment_size)
+        se = segment_auc_diff_se(frame, p_chal, p_champ, segs, seed=cfg.training.seed)
+        chal_seg = chal_seg.merge(se, on=["segment", "value"], how="left")
+    rules = apply_gate(cfg, chal_m, champ_m, chal_seg, champ_seg)
+
+    metrics = scalar_metrics(chal_m, "challenger_")
+    if champ_m is not None:
+        metrics.update(scalar_metrics(champ_m, "champion_"))
+        for k in ("roc_auc", "pr_auc", "recall_at_k", "revenue_lift"):
+            metrics[f"delta_{k}"] = chal_m[k] - champ_m[k]
+    failed = [r for r in rules if not r.passed]
+    metrics["gate_passed"] = float(not failed)
+    metrics["rules_failed"] = float(len(failed))
+    metrics["holdout_rows"] = float(len(frame))
+    if p_champ is not None:  # what the canary's live score split should look like (serving.canary)
+        metrics["score_psi_vs_champion"] = float(psi(p_champ, p_chal, bins=cfg.monitoring.bins,
+                                                     epsilon=cfg.monitoring.psi_epsilon))
+    return _Verdict(chal_m, champ_m, chal_seg, champ_seg, rules, metrics)
+
+
+def _write_evidence(cfg: ChurnConfig, pair: _Pair, scored: _Scored, verdict: _Verdict,
+                    drift_sample_rows: int, tmp: Path, step: Callable[[str], None]) -> dict[str, Any]:
+    """Drift reports (holdout customers at the training cutoffs vs now), plots and per-segment
+    CSVs under ``tmp`` (``drift/``, ``plots/``, ``segments/``); returns the drift summary."""
+    chal = scored.challenger
+    # the holdout customers at the training cutoffs: scores of customers the model never saw
+    ref_frame = _sample(holdout_frame(cfg, chal.feature_set, reference_cutoffs(cfg, pair.challenger)),
+                        drift_sample_rows)
+    cur_frame = _sample(scored.frame, drift_sample_rows)
+    step("reference window")
+    drift = drift_reports(cfg, chal, ref_frame, cur_frame, chal.predict_proba(ref_frame),
+                          chal.predict_proba(cur_frame), tmp / "drift")
+    step("drift report")
+    y, curves, ev = scored.y, scored.curves, cfg.evaluation
+    plot_dir = tmp / "plots"
+    plots.roc_plot(y, curves, plot_dir / "roc.png")
+    plots.pr_plot(y, curves, plot_dir / "pr.png")
+    plots.gain_lift_plot(y, curves, plot_dir / "gain_lift.png", ev.top_k_pct)
+    plots.calibration_plot(y, curves, plot_dir / "calibration.png")
+    seg_tables = {f"challenger v{pair.challenger.version}": verdict.challenger_segments}
+    if verdict.champion_segments is not None and pair.champion is not None:
+        seg_tables[f"champion v{pair.champion.version}"] = verdict.champion_segments
+    plots.segment_auc_plot(seg_tables, plot_dir / "segment_auc.png", ev.segment_tolerance)
+    step("plots")
+    seg_dir = tmp / "segments"
+    seg_dir.mkdir()
+    verdict.challenger_segments.to_csv(seg_dir / "challenger.csv", index=False)
+    if verdict.champion_segments is not None:
+        verdict.champion_segments.to_csv(seg_dir / "champion.csv", index=False)
+    return drift
+
+
+def _decision_doc(cfg: ChurnConfig, as_of: datetime, refs: tuple[str, str], pair: _Pair, scored: _Scored,
+                  verdict: _Verdict, drift: dict[str, Any], run_id: str,
+                  parent_run_id: str | None) -> dict[str, Any]:
+    """``decision.json``: every number the verdict rests on."""
+    chal_mv, champ_mv, ev = pair.challenger, pair.champion, cfg.evaluation
+
+    def side(mv: ModelVersion, ref: str, metrics: dict[str, Any], scorer: Scorer) -> dict[str, Any]:
+        return {"version": mv.version, "ref": str(ref), "metrics": metrics,
+                "feature_set_hash": scorer.feature_set.hash, "window_end": mv.tags.get("window_end")}
+
+    return {
+        "gate_key": pair.key, "passed": verdict.passed,
+        "decision": "passed" if verdict.passed else "rejected",
+        "reasons": verdict.reasons, "model": pair.name, "as_of": as_of.isoformat(),
+        "challenger": side(chal_mv, refs[0], verdict.challenger, scored.challenger),
+        "champion": (side(champ_mv, refs[1], verdict.champion or {}, scored.champion)
+                     if champ_mv is not None and scored.champion is not None else None),
+        "holdout": {"start": pair.cutoffs[0].isoformat(), "end": pair.cutoffs[-1].isoformat(),
+                    "cutoffs": [c.isoformat() for c in pair.cutoffs], "rows": int(len(scored.frame)),
+                    "churners": int(scored.y.sum()), "horizon_days": cfg.features.label_horizon_days},
+        "thresholds": ev.model_dump(mode="json"),
+        "rules": [asdict(r) for r in verdict.rules],
+        "segments": {"challenger": verdict.challenger_segments.to_dict(orient="records"),
+                     "champion": (verdict.champion_segments.to_dict(orient="records")
+                                  if verdict.champion_segments is not None else None)},
+        "drift": drift, "metrics": verdict.metrics,
+        "actions": ([f"alias {CANARY} -> v{chal_mv.version}"] if verdict.passed
+                    else [f"tag gate=rejected on v{chal_mv.version}"]),
+        "mirror_stages": ev.mirror_stages, "run_id": run_id, "parent_run_id": parent_run_id,
+    }
+
+
+def _log_decision(client: MlflowClient, cfg: ChurnConfig, run_id: str, as_of: datetime, pair: _Pair,
+                  verdict: _Verdict, tmp: Path) -> None:
+    """Params, metrics (per-segment too, so the UI compares them across gate runs) and the
+    artifacts under ``tmp`` into the decision run."""
+    ev = cfg.evaluation
+    params = {"challenger_version": pair.challenger.version,
+              "champion_version": pair.champion.version if pair.champion else "none",
+              "as_of": as_of.isoformat(), "holdout_start": pair.cutoffs[0].isoformat(),
+              "holdout_end": pair.cutoffs[-1].isoformat(), "top_k_pct": ev.top_k_pct,
+              "min_auc_delta": ev.min_auc_delta, "segment_tolerance": ev.segment_tolerance,
+              "recall_tolerance": ev.recall_tolerance, "lift_tolerance": ev.lift_tolerance,
+              "min_auc": ev.min_auc, "min_segment_size": ev.min_segment_size,
+              "min_segment_churners": ev.min_segment_churners, "segment_alpha": ev.segment_alpha}
+    now = int(as_of.timestamp() * 1000)
+    logged = {**verdict.metrics, **segment_metric_values(verdict.challenger_segments)}
+    if verdict.champion_segments is not None:
+        logged.update(segment_metric_values(verdict.champion_segments, "champion_"))
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in logged.items()],
+                     params=[Param(k, str(v)) for k, v in params.items()])
+    for sub in ("plots", "segments", "drift"):
+        client.log_artifacts(run_id, str(tmp / sub), sub)
+    client.log_artifact(run_id, str(tmp / DECISION_FILE))
 
 
 # ----------------------------------------------------------------------------- entry point
 def evaluate(
-    cfg: ChurnConfig,
-    as_of: datetime,
-    challenger_alias: str = "challenger",
-    champion_alias: str = "champion",
-    parent_run_id: str | None = None,
-    drift_sample_rows: int = DRIFT_SAMPLE_ROWS,
-    on_step: Callable[[str], None] | None = None,
-) -> GateDecision:
-    """Gate the challenger against the champion (see :func:`_evaluate`). A tracking server
-    that fails mid-way ends it with one ChurnError naming the server: the decision run is
-    marked FAILED (or journalled when the server is gone), the version's ``gate`` verdict
-    and the ``canary`` alias are written last, so they are never half-set."""
-    with fail_fast(cfg, f"gating '{cfg.training.model_name}'"):
-        return _evaluate(cfg, as_of, challenger_alias, champion_alias, parent_run_id, drift_sample_rows,
-                         on_step)
-
-
-def _evaluate(
     cfg: ChurnConfig,
     as_of: datetime,
     challenger_alias: str = "challenger",
@@ -385,189 +564,73 @@ def _evaluate(
     called after each of the :data:`STEPS` stages (progress bars). Returns the
     :class:`GateDecision`; see the module doc for the rules, side effects and idempotence.
     Raises ChurnError when a model, its tags or the holdout are missing.
+
+    A tracking server that fails mid-way ends it with one ChurnError naming the server: the
+    decision run is marked FAILED (or journalled when the server is gone), the version's
+    ``gate`` verdict and the ``canary`` alias are written last, so they are never half-set.
     """
-    if as_of.tzinfo is None:
-        as_of = as_of.replace(tzinfo=UTC)
-    exp_id = setup_mlflow(cfg)
-    client = MlflowClient()
-    name = cfg.training.model_name
-    chal_mv = _resolve(client, name, challenger_alias, "challenger", True)
-    champ_mv = _resolve(client, name, champion_alias, "champion", False)
-    assert chal_mv is not None
-    if champ_mv is not None and champ_mv.version == chal_mv.version:
-        raise ChurnError(f"version {chal_mv.version} is both challenger and champion; "
-                         "register a new challenger or pass --champion VERSION")
-    for mv in (chal_mv, champ_mv):
-        if mv is not None and mv.tags.get("source") == "table":
-            raise ChurnError(
-                f"version {mv.version} of '{name}' was trained from a flat table (`churn train --table`): "
-                "the gate needs feature-store data with time, a holdout window and matured labels; "
-                "register table models under their own training.model_name (CHURN_TRAINING__MODEL_NAME)")
-    ends = [parse_tag_time(mv.tags.get("window_end"), f"tag window_end of version {mv.version}")
-            for mv in (chal_mv, champ_mv) if mv is not None]
-    cutoffs = holdout_cutoffs(as_of, cfg, ends)
-    key = gate_key(cfg, chal_mv.version, champ_mv.version if champ_mv else None, cutoffs)
+    as_of = utc(as_of)
     step = on_step or (lambda _label: None)
-    found = find_decision(client, key)
-    step("resolve versions and holdout")
-    if found is not None:
-        return found
+    with fail_fast(cfg, f"gating '{cfg.training.model_name}'"):
+        exp_id = setup_mlflow(cfg)
+        client = MlflowClient()
+        pair = _resolve_pair(client, cfg, as_of, challenger_alias, champion_alias)
+        found = find_decision(client, pair.key)
+        step("resolve versions and holdout")
+        if found is not None:
+            return found
+        scored = _score_holdout(cfg, pair)
+        step("build holdout frame and score")
+        verdict = _judge(cfg, scored)
+        step("metrics, segments and gate rules")
+        with tempfile.TemporaryDirectory() as tmp_str:
+            tmp = Path(tmp_str)
+            drift = _write_evidence(cfg, pair, scored, verdict, drift_sample_rows, tmp, step)
+            run_id = _record_decision(client, cfg, exp_id, as_of, (challenger_alias, champion_alias), pair,
+                                      scored, verdict, drift, parent_run_id, tmp)
+            step("decision run and registry")
+    return GateDecision(
+        passed=verdict.passed, reasons=verdict.reasons, challenger_version=pair.challenger.version,
+        champion_version=pair.champion.version if pair.champion else None, run_id=run_id,
+        metrics=verdict.metrics, rules=verdict.rules, holdout_start=pair.cutoffs[0].isoformat(),
+        holdout_end=pair.cutoffs[-1].isoformat(), holdout_rows=int(len(scored.frame)), gate_key=pair.key,
+        reused=False,
+    )
 
-    chal_scorer = load_scorer(f"models:/{name}/{chal_mv.version}", chal_mv.version)
-    champ_scorer = (load_scorer(f"models:/{name}/{champ_mv.version}", champ_mv.version)
-                    if champ_mv is not None else None)
-    frame = add_segment_columns(holdout_frame(cfg, chal_scorer.feature_set, cutoffs))
-    y = frame["label"].to_numpy()
-    p_chal = chal_scorer.predict_proba(frame)
-    scores = {f"challenger v{chal_mv.version}": p_chal}
-    p_champ = None
-    if champ_scorer is not None:
-        if champ_scorer.feature_set.hash == chal_scorer.feature_set.hash:
-            champ_frame = frame
-        else:
-            champ_frame = holdout_frame(cfg, champ_scorer.feature_set, cutoffs)
-            keys = ["customer_id", "cutoff"]
-            if not champ_frame[keys].reset_index(drop=True).equals(frame[keys].reset_index(drop=True)):
-                raise ChurnError("holdout rows differ between the two feature sets; rebuild the data")
-        p_champ = champ_scorer.predict_proba(champ_frame)
-        scores[f"champion v{champ_mv.version}"] = p_champ
 
-    ev = cfg.evaluation
-    step("build holdout frame and score")
-    chal_m = classification_metrics(y, p_chal, ev)
-    champ_m = classification_metrics(y, p_champ, ev) if p_champ is not None else None
-    segs = [s for s in ev.segments]
-    scored = frame.assign(score=p_chal)
-    chal_seg = segment_metrics(scored, "score", "label", segs, ev, ev.min_segment_size)
-    champ_seg = (segment_metrics(frame.assign(score=p_champ), "score", "label", segs, ev, ev.min_segment_size)
-                 if p_champ is not None else None)
-    if p_champ is not None:
-        se = segment_auc_diff_se(frame, p_chal, p_champ, segs, seed=cfg.training.seed)
-        chal_seg = chal_seg.merge(se, on=["segment", "value"], how="left")
-    rules = apply_gate(cfg, chal_m, champ_m, chal_seg, champ_seg)
-    failed = [r for r in rules if not r.passed]
-    passed = not failed
-    reasons = [r.reason for r in failed]
-
-    metrics = scalar_metrics(chal_m, "challenger_")
-    if champ_m is not None:
-        metrics.update(scalar_metrics(champ_m, "champion_"))
-        for k in ("roc_auc", "pr_auc", "recall_at_k", "revenue_lift"):
-            metrics[f"delta_{k}"] = chal_m[k] - champ_m[k]
-    metrics["gate_passed"] = float(passed)
-    metrics["rules_failed"] = float(len(failed))
-    metrics["holdout_rows"] = float(len(frame))
-    if p_champ is not None:  # what the canary's live score split should look like (serving.canary)
-        metrics["score_psi_vs_champion"] = float(psi(p_champ, p_chal, bins=cfg.monitoring.bins,
-                                                     epsilon=cfg.monitoring.psi_epsilon))
-
-    step("metrics, segments and gate rules")
-    ref_cutoffs = reference_cutoffs(cfg, chal_mv)
-    # the holdout customers at the training cutoffs: scores of customers the model never saw
-    ref_frame = _sample(holdout_frame(cfg, chal_scorer.feature_set, ref_cutoffs), drift_sample_rows)
-    cur_frame = _sample(frame, drift_sample_rows)
-    ref_scores = chal_scorer.predict_proba(ref_frame)
-    cur_scores = chal_scorer.predict_proba(cur_frame)
-
-    if parent_run_id:  # the decision run lives next to its parent (e.g. the `mlflow run` run)
+def _record_decision(client: MlflowClient, cfg: ChurnConfig, exp_id: str, as_of: datetime,
+                     refs: tuple[str, str], pair: _Pair, scored: _Scored, verdict: _Verdict,
+                     drift: dict[str, Any], parent_run_id: str | None, tmp: Path) -> str:
+    """The decision run (next to ``parent_run_id`` when given, e.g. the ``mlflow run`` run)
+    with its evidence, then the registry action: the evidence is stored before anything acts.
+    Explicit client calls: no fluent active-run state (MLFLOW_RUN_ID, threads) involved.
+    Returns the run id."""
+    chal_mv, champ_mv, passed = pair.challenger, pair.champion, verdict.passed
+    if parent_run_id:
         exp_id = client.get_run(parent_run_id).info.experiment_id
-    run_name = f"gate v{chal_mv.version} vs " + (f"v{champ_mv.version}" if champ_mv else "floors")
-    tags = {"gate_key": key, "churn.decision": "gate", "gate": "passed" if passed else "rejected",
+    tags = {"gate_key": pair.key, "churn.decision": "gate", "gate": "passed" if passed else "rejected",
             "challenger_version": chal_mv.version,
             "champion_version": champ_mv.version if champ_mv else "none",
             "as_of": as_of.isoformat()}
-
-    with tempfile.TemporaryDirectory() as tmp_str:
-        tmp = Path(tmp_str)
-        step("reference window")
-        drift = drift_reports(cfg, chal_scorer, ref_frame, cur_frame, ref_scores, cur_scores, tmp / "drift")
-        step("drift report")
-        plot_dir = tmp / "plots"
-        plots.roc_plot(y, scores, plot_dir / "roc.png")
-        plots.pr_plot(y, scores, plot_dir / "pr.png")
-        plots.gain_lift_plot(y, scores, plot_dir / "gain_lift.png", ev.top_k_pct)
-        plots.calibration_plot(y, scores, plot_dir / "calibration.png")
-        seg_tables = {f"challenger v{chal_mv.version}": chal_seg}
-        if champ_seg is not None:
-            seg_tables[f"champion v{champ_mv.version}"] = champ_seg
-        plots.segment_auc_plot(seg_tables, plot_dir / "segment_auc.png", ev.segment_tolerance)
-        step("plots")
-        seg_dir = tmp / "segments"
-        seg_dir.mkdir()
-        chal_seg.to_csv(seg_dir / "challenger.csv", index=False)
-        if champ_seg is not None:
-            champ_seg.to_csv(seg_dir / "champion.csv", index=False)
-
-        run_tags = dict(tags)
-        if parent_run_id:
-            run_tags["mlflow.parentRunId"] = parent_run_id
-        # explicit client calls: no fluent active-run state (MLFLOW_RUN_ID, threads) involved
-        run = client.create_run(exp_id, run_name=run_name, tags=run_tags)
-        run_id = run.info.run_id
-        try:
-            decision = {
-                "gate_key": key, "passed": passed, "decision": "passed" if passed else "rejected",
-                "reasons": reasons, "model": name, "as_of": as_of.isoformat(),
-                "challenger": {"version": chal_mv.version, "ref": str(challenger_alias),
-                               "metrics": chal_m, "feature_set_hash": chal_scorer.feature_set.hash,
-                               "window_end": chal_mv.tags.get("window_end")},
-                "champion": ({"version": champ_mv.version, "ref": str(champion_alias), "metrics": champ_m,
-                              "feature_set_hash": champ_scorer.feature_set.hash,
-                              "window_end": champ_mv.tags.get("window_end")} if champ_mv else None),
-                "holdout": {"start": cutoffs[0].isoformat(), "end": cutoffs[-1].isoformat(),
-                            "cutoffs": [c.isoformat() for c in cutoffs], "rows": int(len(frame)),
-                            "churners": int(y.sum()), "horizon_days": cfg.features.label_horizon_days},
-                "thresholds": ev.model_dump(mode="json"),
-                "rules": [asdict(r) for r in rules],
-                "segments": {"challenger": chal_seg.to_dict(orient="records"),
-                             "champion": (champ_seg.to_dict(orient="records")
-                                          if champ_seg is not None else None)},
-                "drift": drift, "metrics": metrics,
-                "actions": ([f"alias {CANARY} -> v{chal_mv.version}"] if passed
-                            else [f"tag gate=rejected on v{chal_mv.version}"]),
-                "mirror_stages": ev.mirror_stages, "run_id": run_id,
-                "parent_run_id": parent_run_id,
-            }
-            (tmp / DECISION_FILE).write_text(json.dumps(_json_safe(decision), indent=2))
-            params = {"challenger_version": chal_mv.version,
-                      "champion_version": champ_mv.version if champ_mv else "none",
-                      "as_of": as_of.isoformat(), "holdout_start": cutoffs[0].isoformat(),
-                      "holdout_end": cutoffs[-1].isoformat(), "top_k_pct": ev.top_k_pct,
-                      "min_auc_delta": ev.min_auc_delta, "segment_tolerance": ev.segment_tolerance,
-                      "recall_tolerance": ev.recall_tolerance, "lift_tolerance": ev.lift_tolerance,
-                      "min_auc": ev.min_auc, "min_segment_size": ev.min_segment_size,
-                      "min_segment_churners": ev.min_segment_churners,
-                      "segment_alpha": ev.segment_alpha}
-            now = int(as_of.timestamp() * 1000)
-            # per-segment AUC / recall@k as metrics too, so the UI compares them across gate runs
-            logged = {**metrics, **segment_metric_values(chal_seg)}
-            if champ_seg is not None:
-                logged.update(segment_metric_values(champ_seg, "champion_"))
-            client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in logged.items()],
-                             params=[Param(k, str(v)) for k, v in params.items()])
-            client.log_artifacts(run_id, str(plot_dir), "plots")
-            client.log_artifacts(run_id, str(seg_dir), "segments")
-            client.log_artifacts(run_id, str(tmp / "drift"), "drift")
-            client.log_artifact(run_id, str(tmp / DECISION_FILE))
-            # act last, once the evidence is stored
-            _act(client, cfg, chal_mv.version, passed, reasons, run_id,
-                 str(champ_mv.version) if champ_mv else None, metrics.get("score_psi_vs_champion"))
-            step("decision run and registry")
-        except BaseException:
-            terminate_failed(cfg, client, run_id)
-            raise
-        client.set_terminated(run_id, "FINISHED")
-        if parent_run_id:
-            client.set_tag(parent_run_id, "gate_run_id", run_id)
-            client.set_tag(parent_run_id, "gate", "passed" if passed else "rejected")
-            client.log_metric(parent_run_id, "gate_passed", float(passed))
-
-    return GateDecision(
-        passed=passed, reasons=reasons, challenger_version=chal_mv.version,
-        champion_version=champ_mv.version if champ_mv else None, run_id=run_id, metrics=metrics,
-        rules=rules, holdout_start=cutoffs[0].isoformat(), holdout_end=cutoffs[-1].isoformat(),
-        holdout_rows=int(len(frame)), gate_key=key, reused=False,
-    )
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run_name = f"gate v{chal_mv.version} vs " + (f"v{champ_mv.version}" if champ_mv else "floors")
+    run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    try:
+        doc = _decision_doc(cfg, as_of, refs, pair, scored, verdict, drift, run_id, parent_run_id)
+        (tmp / DECISION_FILE).write_text(dumps(doc))
+        _log_decision(client, cfg, run_id, as_of, pair, verdict, tmp)
+        _act(client, cfg, chal_mv.version, passed, verdict.reasons, run_id,
+             str(champ_mv.version) if champ_mv else None, verdict.metrics.get("score_psi_vs_champion"))
+    except BaseException:
+        terminate_failed(cfg, client, run_id)
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    if parent_run_id:
+        client.set_tag(parent_run_id, "gate_run_id", run_id)
+        client.set_tag(parent_run_id, "gate", "passed" if passed else "rejected")
+        client.log_metric(parent_run_id, "gate_passed", float(passed))
+    return run_id
 
 
 def _act(client: MlflowClient, cfg: ChurnConfig, version: str, passed: bool, reasons: list[str],

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from sklearn.metrics import precision_recall_curve, roc_curve
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from mlflow_churn.stats.metrics import calibration_bins
 
@@ -26,34 +27,34 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def roc_plot(y: np.ndarray, scores: Mapping[str, np.ndarray], path: Path) -> Path:
-    """ROC curves (true vs false positive rate), AUC in the legend."""
-    from sklearn.metrics import roc_auc_score
-
+def _curve_plot(y: np.ndarray, scores: Mapping[str, np.ndarray], path: Path, curve: Any, summary: Any,
+                baseline: Any, labels: tuple[str, str, str, str]) -> Path:
+    """One curve per model: ``curve(y, p)`` -> (x, y) points, ``summary(y, p)`` in the legend
+    after ``labels[3]``, ``baseline(ax)`` draws the random model; labels = (x, y, title, summary)."""
     fig = Figure(figsize=(5, 5))
     ax = fig.subplots()
     for label, p in scores.items():
-        fpr, tpr, _ = roc_curve(y, p)
-        ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc_score(y, p):.3f})")
-    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="random")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate (recall)", title="ROC")
-    ax.legend(loc="lower right")
+        xs, ys = curve(y, p)
+        ax.plot(xs, ys, label=f"{label} ({labels[3]} {summary(y, p):.3f})")
+    baseline(ax)
+    ax.set(xlabel=labels[0], ylabel=labels[1], title=labels[2])
+    ax.legend(loc="lower right" if labels[3] == "AUC" else "upper right")
     return _save(fig, path)
+
+
+def roc_plot(y: np.ndarray, scores: Mapping[str, np.ndarray], path: Path) -> Path:
+    """ROC curves (true vs false positive rate), AUC in the legend."""
+    return _curve_plot(y, scores, path, lambda t, p: roc_curve(t, p)[:2], roc_auc_score,
+                       lambda ax: ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="random"),
+                       ("false positive rate", "true positive rate (recall)", "ROC", "AUC"))
 
 
 def pr_plot(y: np.ndarray, scores: Mapping[str, np.ndarray], path: Path) -> Path:
     """Precision-recall curves; the churn base rate as the random baseline."""
-    from sklearn.metrics import average_precision_score
-
-    fig = Figure(figsize=(5, 5))
-    ax = fig.subplots()
-    for label, p in scores.items():
-        prec, rec, _ = precision_recall_curve(y, p)
-        ax.plot(rec, prec, label=f"{label} (AP {average_precision_score(y, p):.3f})")
-    ax.axhline(float(np.mean(y)), ls="--", c="grey", lw=1, label="random")
-    ax.set(xlabel="recall", ylabel="precision", title="Precision-recall")
-    ax.legend(loc="upper right")
-    return _save(fig, path)
+    return _curve_plot(y, scores, path, lambda t, p: precision_recall_curve(t, p)[1::-1],
+                       average_precision_score,
+                       lambda ax: ax.axhline(float(np.mean(y)), ls="--", c="grey", lw=1, label="random"),
+                       ("recall", "precision", "Precision-recall", "AP"))
 
 
 def _gain(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from mlflow_churn.data.simulator import CONTRACTS, PAYMENTS, PLANS, REGIONS
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.definitions import (  # noqa: F401 (re-exported: the registry's types)
     DTYPES,
@@ -56,6 +57,7 @@ from mlflow_churn.features.definitions import (  # noqa: F401 (re-exported: the 
     FeatureSet,
     UnknownFeatureError,
 )
+from mlflow_churn.features.offline import validate_definitions  # offline imports this module
 
 
 def _num(name: str, expr: str, description: str, *, version: int = 1, window: int | None = None,
@@ -76,7 +78,6 @@ def _cat(name: str, categories: Iterable[str], description: str) -> FeatureDefin
 
 
 def _builtin() -> tuple[FeatureDefinition, ...]:
-    from mlflow_churn.data.simulator import CONTRACTS, PAYMENTS, PLANS, REGIONS
 
     return (
         _cat("plan", PLANS, "tariff plan"),
@@ -232,7 +233,6 @@ def _load(extra_file: str | None, mtime: float | None) -> FeatureRegistry:
         for name, spec in extra_sets.items():
             sets[name] = _resolve_set(spec, sets)
     registry = FeatureRegistry(defs, sets)
-    from mlflow_churn.features.offline import validate_definitions  # offline imports this module
 
     validate_definitions(registry.definitions(), extra_file or "the built-in registry")
     return registry

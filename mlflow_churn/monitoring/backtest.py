@@ -41,13 +41,21 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import numpy as np
+from mlflow import MlflowClient
 
 from mlflow_churn.config import SCENARIOS, ChurnConfig
+from mlflow_churn.data.simulator import SimulationSpec, read_manifest, simulate
 from mlflow_churn.errors import ChurnError
+from mlflow_churn.features.offline import data_bounds, latest_as_of, longest_window
+from mlflow_churn.features.registry import registry_for
+from mlflow_churn.monitoring.frames import FrameCache
 from mlflow_churn.monitoring.monitor import monitor, monitoring_experiment
 from mlflow_churn.monitoring.policy import WindowStats
+from mlflow_churn.monitoring.retrain import retrain
 from mlflow_churn.progress import ProgressArg
-from mlflow_churn.tracking import step_run, without_project_run
+from mlflow_churn.registry.aliases import CHAMPION, move_alias
+from mlflow_churn.tracking import setup_mlflow, step_run, without_project_run
+from mlflow_churn.training.train import train
 
 
 @dataclass
@@ -109,10 +117,6 @@ class BacktestResult:
 def _retrain(cfg: ChurnConfig, as_of: datetime, n_trials: int, progress: ProgressArg,
              decision: dict[str, Any]) -> str | None:
     """Retrain; returns the new champion version (None when the gate rejected it)."""
-    from mlflow import MlflowClient
-
-    from mlflow_churn.monitoring.retrain import retrain
-    from mlflow_churn.registry.aliases import CHAMPION, move_alias
 
     client = MlflowClient()
     name = cfg.training.model_name
@@ -130,8 +134,6 @@ def _log_backtest(cfg: ChurnConfig, exp_id: str, result: BacktestResult, spec: A
                   step: int, n_trials: int, fast: bool, retrain_days: list[str]) -> str:
     """One run (nested in the project run under ``mlflow run``) with the replay's evidence."""
     import mlflow
-
-    from mlflow_churn.tracking import setup_mlflow
 
     setup_mlflow(cfg, monitoring_experiment(cfg))
     with step_run(f"backtest {result.scenario} {spec.days}d", exp_id) as run:
@@ -166,8 +168,6 @@ def first_training_index(cfg: ChurnConfig, warmup_days: int = 14) -> int:
 
 
 def _first_train_day(cfg: ChurnConfig) -> datetime:
-    from mlflow_churn.features.offline import data_bounds, longest_window
-    from mlflow_churn.features.registry import registry_for
 
     fs = registry_for(cfg).feature_set(cfg.features.feature_set)
     first = data_bounds(cfg.data_dir).first_event - timedelta(days=1)
@@ -215,6 +215,89 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+def _simulate(cfg: ChurnConfig, scenario: str, days: int, customers: int | None, onset_day: int | None,
+              seed: int | None, warmup_days: int) -> tuple[SimulationSpec, dict[str, Any], datetime]:
+    """Step 1: the scenario simulated into ``cfg.data_dir``: (spec, manifest, onset)."""
+    if scenario not in SCENARIOS:
+        raise ChurnError(f"--scenario must be one of {', '.join(SCENARIOS)}, got '{scenario}'")
+    sim = cfg.simulation
+    first_train_idx = first_training_index(cfg, warmup_days)
+    onset = onset_day if onset_day is not None else first_train_idx + 28
+    if days < first_train_idx + 2 * cfg.monitoring.window_days:
+        raise ChurnError(
+            f"--days must be at least {first_train_idx + 2 * cfg.monitoring.window_days} "
+            f"(first training needs {first_train_idx} days of history), got {days}"
+        )
+    spec = SimulationSpec(
+        customers=customers or sim.customers, days=days, start=sim.start, scenario=scenario,
+        seed=sim.seed if seed is None else seed, onset_day=min(onset, days),
+        segment_column=sim.segment_column, segment_value=sim.segment_value,
+    )
+    simulate(spec, cfg.data_dir, overwrite=True)
+    manifest = read_manifest(cfg.data_dir)
+    onset_dt = datetime.combine(date.fromisoformat(manifest["onset_date"]), datetime.min.time())
+    return spec, manifest, onset_dt.replace(tzinfo=UTC)
+
+
+def _window_times(first: datetime, last: datetime, step_days: int) -> list[datetime]:
+    """Step 2: the monitoring times, every ``step_days`` after the first training up to ``last``."""
+    times, t = [], first + timedelta(days=step_days)
+    while t <= last:
+        times.append(t)
+        t += timedelta(days=step_days)
+    return times
+
+
+def _record(index: int, as_of: datetime, version: str, res: Any, onset: datetime) -> WindowRecord:
+    """One window's row of the replay, from its monitoring result."""
+    s = res.stats
+    top_feat = max(s.psi.items(), key=lambda kv: kv[1])[0] if s.psi else ""
+    top_seg = max(s.segment_psi.items(), key=lambda kv: kv[1]) if s.segment_psi else ("", None)
+    return WindowRecord(
+        index=index, as_of=as_of.isoformat(), model_version=version, action=res.decision.action,
+        population_psi_max=res.population_psi_max, top_feature=top_feat, score_psi=s.score_psi,
+        top_segment=res.decision.segments[0] if res.decision.segments else "",
+        top_segment_psi=top_seg[1], realised_auc=s.realised_auc,
+        estimated_auc=res.performance.estimated_auc, post_onset=as_of > onset,
+        reasons=res.decision.reasons[:4], early_auc=s.early_auc, auc_drop=s.auc_drop,
+        early_auc_drop=s.early_auc_drop,
+    )
+
+
+@dataclass
+class _Replay:
+    records: list[WindowRecord] = field(default_factory=list)
+    retrains: list[str] = field(default_factory=list)
+    retrain_days: list[str] = field(default_factory=list)
+
+
+def _replay(cfg: ChurnConfig, times: list[datetime], version: str, onset: datetime, n_trials: int,
+            fast: bool, progress: ProgressArg, on_window: Callable[[WindowRecord], None] | None) -> _Replay:
+    """Step 3: monitor each window with the model in service; retrain (gate, promote) when
+    the policy says so, and go on with the new champion."""
+    out = _Replay()
+    history: dict[str, list[WindowStats]] = {}
+    cache = FrameCache()
+    with without_project_run():
+        for i, as_of in enumerate(times):
+            hist = history.setdefault(version, [])
+            res = monitor(cfg, as_of, history=list(hist), report=False, log=not fast, cache=cache)
+            hist.append(res.stats)
+            rec = _record(i, as_of, version, res, onset)
+            if res.decision.action == "retrain":
+                new = _retrain(cfg, as_of, n_trials, progress, res.decision.to_dict())
+                if new is not None:
+                    res.stats.retrained = True
+                    rec.retrained_to = new
+                    out.retrains.append(new)
+                    out.retrain_days.append(as_of.isoformat())
+                    version = new
+            out.records.append(rec)
+            if on_window:
+                on_window(rec)
+    return out
+
+
 def backtest(
     cfg: ChurnConfig,
     scenario: str,
@@ -234,115 +317,21 @@ def backtest(
     ``onset_day`` defaults to 28 days after the first training day, so four weekly windows
     precede the drift. Overwrites ``cfg.data_dir``.
     """
-    from mlflow import MlflowClient
-
-    from mlflow_churn.data.simulator import SimulationSpec, read_manifest, simulate
-    from mlflow_churn.features.offline import latest_as_of
-    from mlflow_churn.monitoring.frames import FrameCache
-    from mlflow_churn.registry.aliases import CHAMPION, move_alias
-    from mlflow_churn.tracking import setup_mlflow
-    from mlflow_churn.training.train import train
-
-    if scenario not in SCENARIOS:
-        raise ChurnError(f"--scenario must be one of {', '.join(SCENARIOS)}, got '{scenario}'")
-    sim = cfg.simulation
-    start = sim.start
-    first_train_idx = first_training_index(cfg, warmup_days)
-    onset = onset_day if onset_day is not None else first_train_idx + 28
-    if days < first_train_idx + 2 * cfg.monitoring.window_days:
-        raise ChurnError(
-            f"--days must be at least {first_train_idx + 2 * cfg.monitoring.window_days} "
-            f"(first training needs {first_train_idx} days of history), got {days}"
-        )
-    spec = SimulationSpec(
-        customers=customers or sim.customers,
-        days=days,
-        start=start,
-        scenario=scenario,
-        seed=sim.seed if seed is None else seed,
-        onset_day=min(onset, days),
-        segment_column=sim.segment_column,
-        segment_value=sim.segment_value,
-    )
-    simulate(spec, cfg.data_dir, overwrite=True)
-    manifest = read_manifest(cfg.data_dir)
-    onset_dt = datetime.combine(date.fromisoformat(manifest["onset_date"]), datetime.min.time()).replace(
-        tzinfo=UTC
-    )
+    spec, manifest, onset = _simulate(cfg, scenario, days, customers, onset_day, seed, warmup_days)
     exp_id = setup_mlflow(cfg, monitoring_experiment(cfg))
-    client = MlflowClient()
-    name = cfg.training.model_name
-
     as_of0 = _first_train_day(cfg) + timedelta(days=warmup_days)
-    last = latest_as_of(cfg.data_dir)
-    step = step_days or cfg.monitoring.window_days
     with without_project_run():
         first_version = str(train(cfg, as_of0, n_trials=n_trials, progress=False).version)
-    move_alias(client, name, CHAMPION, first_version, cfg.evaluation.mirror_stages)
-    version = first_version
-    history: dict[str, list[WindowStats]] = {}
-    records: list[WindowRecord] = []
-    retrains: list[str] = []
-    retrain_days: list[str] = []
-    times = []
-    t = as_of0 + timedelta(days=step)
-    while t <= last:
-        times.append(t)
-        t += timedelta(days=step)
-    seg_key = f"{sim.segment_column}={sim.segment_value}"
+    move_alias(MlflowClient(), cfg.training.model_name, CHAMPION, first_version, cfg.evaluation.mirror_stages)
+    step = step_days or cfg.monitoring.window_days
+    times = _window_times(as_of0, latest_as_of(cfg.data_dir), step)
+    replay = _replay(cfg, times, first_version, onset, n_trials, fast, progress, on_window)
+    sim = cfg.simulation
     horizon = min(cfg.features.label_horizon_days, cfg.monitoring.label_delay_days)
-
-    cache = FrameCache()
-    with without_project_run():
-        for i, as_of in enumerate(times):
-            hist = history.setdefault(version, [])
-            res = monitor(cfg, as_of, history=list(hist), report=False, log=not fast, cache=cache)
-            s = res.stats
-            hist.append(s)
-            top_feat = max(s.psi.items(), key=lambda kv: kv[1])[0] if s.psi else ""
-            top_seg = max(s.segment_psi.items(), key=lambda kv: kv[1]) if s.segment_psi else ("", None)
-            rec = WindowRecord(
-                index=i,
-                as_of=as_of.isoformat(),
-                model_version=version,
-                action=res.decision.action,
-                population_psi_max=res.population_psi_max,
-                top_feature=top_feat,
-                score_psi=s.score_psi,
-                top_segment=res.decision.segments[0] if res.decision.segments else "",
-                top_segment_psi=top_seg[1],
-                realised_auc=s.realised_auc,
-                estimated_auc=res.performance.estimated_auc,
-                post_onset=as_of > onset_dt,
-                reasons=res.decision.reasons[:4],
-                early_auc=s.early_auc,
-                auc_drop=s.auc_drop,
-                early_auc_drop=s.early_auc_drop,
-            )
-            if res.decision.action == "retrain":
-                new = _retrain(cfg, as_of, n_trials, progress, res.decision.to_dict())
-                if new is not None:
-                    s.retrained = True
-                    rec.retrained_to = new
-                    retrains.append(new)
-                    retrain_days.append(as_of.isoformat())
-                    version = new
-            records.append(rec)
-            if on_window:
-                on_window(rec)
-    result = _score(
-        scenario,
-        onset_dt,
-        records,
-        cfg.monitoring.window_days,
-        step,
-        retrains,
-        retrain_days,
-        first_version,
-        horizon,
-        seg_key,
-    )
-    result.run_id = _log_backtest(cfg, exp_id, result, spec, manifest, step, n_trials, fast, retrain_days)
+    result = _score(scenario, onset, replay.records, cfg.monitoring.window_days, step, replay.retrains,
+                    replay.retrain_days, first_version, horizon, f"{sim.segment_column}={sim.segment_value}")
+    result.run_id = _log_backtest(cfg, exp_id, result, spec, manifest, step, n_trials, fast,
+                                  replay.retrain_days)
     return result
 
 

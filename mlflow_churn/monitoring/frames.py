@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from mlflow_churn.features.offline import build_training_frame
 from mlflow_churn.features.registry import FeatureSet
 
 #: cached (feature-set hash, cutoff, horizon) frames kept at most (LRU)
@@ -56,7 +57,6 @@ def window_frame(data_dir: Path, fs: FeatureSet, cutoffs: Sequence[datetime], ho
     """Rows of every live customer at ``cutoffs`` (oldest first): the feature set's columns and,
     with ``label_horizon``, ``label`` = churn within that many days (events up to
     ``label_as_of``). ``horizon_days`` is the feature store's horizon for unlabelled frames."""
-    from mlflow_churn.features.offline import build_training_frame
 
     def build(cuts: list[datetime]) -> pd.DataFrame:
         return build_training_frame(data_dir, fs, cuts, label_horizon or horizon_days,

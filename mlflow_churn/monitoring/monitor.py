@@ -32,10 +32,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.data.sources import daily_source_nulls, source_integrity
 from mlflow_churn.errors import ChurnError
+from mlflow_churn.features.offline import check_cutoffs, data_bounds, longest_window
 from mlflow_churn.monitoring.frames import FrameCache, window_frame
 from mlflow_churn.monitoring.policy import REFRESH_TAG, WindowStats, decide
 from mlflow_churn.monitoring.runs import (
@@ -47,9 +50,11 @@ from mlflow_churn.monitoring.runs import (
     read_history,
 )
 from mlflow_churn.monitoring.window import window_drift
+from mlflow_churn.registry.aliases import alias_version, model_uri
 from mlflow_churn.stats.performance import AucCheck, Performance, assess, auc_check
-from mlflow_churn.tracking import step_run
+from mlflow_churn.tracking import setup_mlflow, step_run
 from mlflow_churn.training.baseline import Baseline, unseen_mask, version_baseline
+from mlflow_churn.training.model import Scorer, load_scorer
 from mlflow_churn.training.profile import profile_for_version
 
 __all__ = ["TAG_PREFIX", "MonitorResult", "latest_decision", "monitor", "monitoring_experiment",
@@ -83,7 +88,6 @@ def _labelled(cfg: ChurnConfig, fs: Any, scorer: Any, as_of: datetime, horizon: 
               not_before: datetime | None, cache: FrameCache | None) -> _Labelled | None:
     """The window's cutoffs ``horizon`` days before ``as_of`` (only those at or after
     ``not_before``), labelled with churn in the next ``horizon`` days up to ``as_of``."""
-    from mlflow_churn.features.offline import data_bounds, longest_window
 
     cutoffs = window_cutoffs(as_of - timedelta(days=horizon), cfg.monitoring.window_days)
     if not_before is not None:
@@ -146,6 +150,61 @@ def _fill_integrity(stats: WindowStats, cfg: ChurnConfig, profile: dict[str, Any
     return src.daily
 
 
+@dataclass
+class _Window:
+    """Step 1 of :func:`monitor`: the version in service and the window's customers scored."""
+
+    version: ModelVersion
+    profile: dict[str, Any]
+    scorer: Scorer
+    cutoffs: list[datetime]
+    frame: pd.DataFrame
+    scores: np.ndarray
+
+
+def _scored_window(cfg: ChurnConfig, client: MlflowClient, alias: str, as_of: datetime,
+                   cache: FrameCache | None) -> _Window:
+    name = cfg.training.model_name
+    mv = alias_version(client, name, alias)
+    if mv is None:
+        raise ChurnError(
+            f"model '{name}' has no alias '{alias}'; train and promote a model first "
+            f"(churn train, then churn evaluate / promote)"
+        )
+    version = str(mv.version)
+    profile = profile_for_version(client, name, version)
+    scorer = load_scorer(model_uri(name, alias), version)
+    fs = scorer.feature_set
+    cutoffs = window_cutoffs(as_of, cfg.monitoring.window_days)
+    check_cutoffs(cfg.data_dir, list(fs.features), cutoffs)
+    frame = window_frame(cfg.data_dir, fs, cutoffs, cfg.features.label_horizon_days, cache=cache)
+    if frame.empty:
+        raise ChurnError(f"no live customers in the window ending {as_of.isoformat()}")
+    return _Window(mv, profile, scorer, cutoffs, frame, scorer.predict_proba(frame))
+
+
+def _performance(cfg: ChurnConfig, client: MlflowClient, win: _Window, as_of: datetime,
+                 history: Sequence[WindowStats], cache: FrameCache | None) -> Performance:
+    """Step 3 of :func:`monitor`: realised AUC on matured labels against the version's
+    baseline, the early-label check and the label-free estimate."""
+    mon, tags, version = cfg.monitoring, win.version.tags or {}, str(win.version.version)
+    base = version_baseline(client, tags, mon.early_label_days)
+    trained_at = datetime.fromisoformat(tags["as_of"]) if tags.get("as_of") else None
+    horizon = min(cfg.features.label_horizon_days, mon.label_delay_days)
+    fs, scorer = win.scorer.feature_set, win.scorer
+    matured = _labelled(cfg, fs, scorer, as_of, horizon, trained_at, cache)
+    early = _labelled(cfg, fs, scorer, as_of, mon.early_label_days, trained_at, cache)
+    perf = assess(win.scores, win.profile["score"]["sample"], cfg.evaluation,
+                  matured.frame["label"].to_numpy() if matured else None,
+                  matured.scores if matured else None, horizon if matured else None,
+                  calibration=win.profile.get("calibration"))
+    perf.auc = _auc_against_baseline(cfg, matured, base, history, version)
+    if early is not None:
+        perf.early = auc_check(*early.unseen(cfg), base.early_auc, base.early_auc_se,
+                               mon.early_auc_noise_z, mon.early_min_churners)
+    return perf
+
+
 def monitor(
     cfg: ChurnConfig,
     as_of: datetime,
@@ -166,68 +225,35 @@ def monitor(
     windows of a replay (:class:`~mlflow_churn.monitoring.frames.FrameCache`). Raises
     ChurnError when the alias is not set, the version has no profile, or the window is
     outside the data.
+
+    The steps: the window scored, drift against the version's profile, performance, the
+    policy's decision, the run.
     """
-    from mlflow import MlflowClient
-
-    from mlflow_churn.features.offline import check_cutoffs
-    from mlflow_churn.registry.aliases import alias_version, model_uri
-    from mlflow_churn.tracking import setup_mlflow
-    from mlflow_churn.training.model import load_scorer
-
     if as_of.tzinfo is None:
         raise ChurnError(f"as_of must be timezone-aware (UTC), got {as_of.isoformat()}")
     exp_id = setup_mlflow(cfg, monitoring_experiment(cfg))
     client = MlflowClient()
-    name = cfg.training.model_name
-    mv = alias_version(client, name, alias)
-    if mv is None:
-        raise ChurnError(
-            f"model '{name}' has no alias '{alias}'; train and promote a model first "
-            f"(churn train, then churn evaluate / promote)"
-        )
-    version = str(mv.version)
-    profile = profile_for_version(client, name, version)
-    scorer = load_scorer(model_uri(name, alias), version)
-    fs = scorer.feature_set
-    mon = cfg.monitoring
-    cutoffs = window_cutoffs(as_of, mon.window_days)
-    check_cutoffs(cfg.data_dir, list(fs.features), cutoffs)
-    frame = window_frame(cfg.data_dir, fs, cutoffs, cfg.features.label_horizon_days, cache=cache)
-    if frame.empty:
-        raise ChurnError(f"no live customers in the window ending {as_of.isoformat()}")
-    scores = scorer.predict_proba(frame)
-    wd = window_drift(frame, scores, profile, cfg)
+    win = _scored_window(cfg, client, alias, as_of, cache)
+    version, tags = str(win.version.version), win.version.tags or {}
+    wd = window_drift(win.frame, win.scores, win.profile, cfg)
     stats = wd.stats
     stats.as_of, stats.model_version = as_of, version
-    source_daily = _fill_integrity(stats, cfg, profile, as_of)
-
-    tags = mv.tags or {}
+    source_daily = _fill_integrity(stats, cfg, win.profile, as_of)
     if history is None:
-        history = read_history(cfg, name, version, as_of) if log else []
-    base = version_baseline(client, tags, mon.early_label_days)
-    trained_at = datetime.fromisoformat(tags["as_of"]) if tags.get("as_of") else None
-    horizon = min(cfg.features.label_horizon_days, mon.label_delay_days)
-    matured = _labelled(cfg, fs, scorer, as_of, horizon, trained_at, cache)
-    early = _labelled(cfg, fs, scorer, as_of, mon.early_label_days, trained_at, cache)
-    perf = assess(scores, profile["score"]["sample"], cfg.evaluation,
-                  matured.frame["label"].to_numpy() if matured else None,
-                  matured.scores if matured else None, horizon if matured else None,
-                  calibration=profile.get("calibration"))
-    perf.auc = _auc_against_baseline(cfg, matured, base, history, version)
-    if early is not None:
-        perf.early = auc_check(*early.unseen(cfg), base.early_auc, base.early_auc_se,
-                               mon.early_auc_noise_z, mon.early_min_churners)
+        history = read_history(cfg, cfg.training.model_name, version, as_of) if log else []
+    perf = _performance(cfg, client, win, as_of, history, cache)
     _fill_performance(stats, perf)
 
-    due = tags.get(REFRESH_TAG)
-    decision = decide([*history, stats], mon.policy, as_of, last_retrain=trained_at,
+    due, trained = tags.get(REFRESH_TAG), tags.get("as_of")
+    decision = decide([*history, stats], cfg.monitoring.policy, as_of,
+                      last_retrain=datetime.fromisoformat(trained) if trained else None,
                       refresh_due=datetime.fromisoformat(due) if due else None)
     pop_max = max(stats.psi.values()) if stats.psi else 0.0
-    result = MonitorResult(decision, None, as_of, cutoffs[0], version, stats, perf, pop_max, len(frame),
-                           wd.daily, wd.daily_segments, source_daily)
+    result = MonitorResult(decision, None, as_of, win.cutoffs[0], version, stats, perf, pop_max,
+                           len(win.frame), wd.daily, wd.daily_segments, source_daily)
     if log:
-        result.run_id = _log_run(cfg, exp_id, result, profile, frame, scores, alias, report, report_rows,
-                                 tags, parent_run_id)
+        result.run_id = _log_run(cfg, exp_id, result, win.profile, win.frame, win.scores, alias, report,
+                                 report_rows, tags, parent_run_id)
     return result
 
 

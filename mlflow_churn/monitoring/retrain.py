@@ -38,11 +38,14 @@ from pathlib import Path
 from typing import Any
 
 from mlflow_churn.config import ChurnConfig
-from mlflow_churn.evaluation.evaluate import GateDecision
+from mlflow_churn.evaluation.evaluate import GateDecision, evaluate
+from mlflow_churn.monitoring.monitor import TAG_PREFIX as MON
 from mlflow_churn.monitoring.policy import PERFORMANCE_METRICS, REFRESH, REFRESH_TAG
 from mlflow_churn.progress import ProgressArg
+from mlflow_churn.registry.aliases import CHAMPION, alias_version
 from mlflow_churn.times import utc
-from mlflow_churn.training.train import TrainResult
+from mlflow_churn.tracking import fail_fast, project_run_id, setup_mlflow, terminate_failed
+from mlflow_churn.training.train import TrainResult, train
 
 RETRAINED = "retrained"
 NOOP = "noop"
@@ -102,7 +105,6 @@ def champion_decision(client: Any, model_name: str, version: str, as_of: datetim
     """The newest finished monitoring decision about ``model_name`` v``version`` whose window
     ends at or before ``as_of``: ``{action, reasons, features, segments, fired, as_of,
     run_id, model_version}``; None when there is none."""
-    from mlflow_churn.monitoring.monitor import TAG_PREFIX as MON
 
     exps = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(
@@ -162,7 +164,6 @@ def last_training(client: Any, model_name: str, champion_tags: dict[str, str],
 def plan(cfg: ChurnConfig, client: Any, as_of: datetime, force: bool) -> tuple[bool, str, str | None,
                                                                                dict[str, Any] | None]:
     """``(train?, reason, champion version, monitoring decision)`` without side effects."""
-    from mlflow_churn.registry.aliases import CHAMPION, alias_version
 
     name = cfg.training.model_name
     champ = alias_version(client, name, CHAMPION)
@@ -219,7 +220,6 @@ def retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: Pr
             decision: dict[str, Any] | None = None, gate: bool = True) -> RetrainResult:
     """:func:`_retrain`; a tracking server that fails mid-way ends it with one ChurnError
     naming the server (runs marked FAILED or journalled, see :mod:`mlflow_churn.tracking`)."""
-    from mlflow_churn.tracking import fail_fast
 
     with fail_fast(cfg, f"retraining '{cfg.training.model_name}'"):
         return _retrain(cfg, as_of, force, progress, decision, gate)
@@ -239,11 +239,6 @@ def _retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: P
     """
     from mlflow.tracking import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-
-    from mlflow_churn.evaluation.evaluate import evaluate
-    from mlflow_churn.registry.aliases import CHAMPION
-    from mlflow_churn.tracking import project_run_id, setup_mlflow, terminate_failed
-    from mlflow_churn.training.train import train
 
     as_of = utc(as_of)
     exp_id = setup_mlflow(cfg)

@@ -33,7 +33,10 @@ import pandas as pd
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.monitoring.policy import PolicyDecision, WindowStats, psi_floor
+from mlflow_churn.monitoring.report import evidently_report, psi_figure, timeline_figure
 from mlflow_churn.stats.performance import Performance
+from mlflow_churn.tracking import setup_mlflow
+from mlflow_churn.training.baseline import UNSELECTED, early_key
 
 TAG_PREFIX = "monitor."
 
@@ -123,9 +126,6 @@ def log_window(result: MonitorResult, profile: dict[str, Any], frame: pd.DataFra
     """Log one window into the active run (see the module doc)."""
     import mlflow
 
-    from mlflow_churn.monitoring.report import evidently_report, psi_figure, timeline_figure
-    from mlflow_churn.training.baseline import UNSELECTED, early_key
-
     tags = mv_tags or {}
     early = early_key(cfg.monitoring.early_label_days)
     mlflow.log_params({
@@ -198,8 +198,6 @@ def latest_decision(cfg: ChurnConfig, model_name: str | None = None) -> dict[str
     For ``retrain`` (issue 6): retrain when ``["decision"]["action"] == "retrain"``.
     """
     from mlflow import MlflowClient
-
-    from mlflow_churn.tracking import setup_mlflow
 
     setup_mlflow(cfg, monitoring_experiment(cfg))
     client = MlflowClient()

@@ -45,6 +45,7 @@ from mlflow_churn.alerts import post_alert
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.registry.aliases import CANARY, CHAMPION, aliases_of, move_alias, remove_alias
 from mlflow_churn.registry.history import RECONCILED, UNKNOWN, AliasMove, read_moves, sync
+from mlflow_churn.registry.promotion import check_promotion
 
 _log = logging.getLogger(__name__)
 UNGUARDED = "unguarded_promotion"
@@ -214,7 +215,6 @@ class AliasWatcher:
         return None
 
     def _check(self, move: AliasMove, outcome: AliasOutcome) -> None:
-        from mlflow_churn.registry.promotion import check_promotion
 
         name = move.model
         target = move.to_version or move.from_version

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from mlflow_churn.cli_common import console, get_config, opt_str
+from mlflow_churn.cli_common import console, get_config, opt_str, print_json
 
 registry_app = typer.Typer(help="The model registry: alias history.", no_args_is_help=True)
 
@@ -21,7 +21,6 @@ def history_cmd(
 ) -> None:
     """Every recorded move of the model's aliases (who, when, why, evidence run), or with --at
     which version each alias pointed at, at that time."""
-    import json
 
     from mlflow.tracking import MlflowClient
     from rich.table import Table
@@ -41,8 +40,8 @@ def history_cmd(
         aliases = [alias] if opt_str(alias) else sorted({m.alias for m in moves})
         answers = [version_at(moves, name, a, when) for a in aliases]
         if as_json:
-            typer.echo(json.dumps({"model": name, "at": when.isoformat(),
-                                   "aliases": [a.to_dict() for a in answers]}, indent=2))
+            print_json({"model": name, "at": when.isoformat(),
+                                   "aliases": [a.to_dict() for a in answers]})
             return
         if not answers:
             console.print(f"no recorded alias moves of '{name}'")
@@ -53,7 +52,7 @@ def history_cmd(
                           f"{'version ' + a.version if a.version else 'not set'}{since}{note}")
         return
     if as_json:
-        typer.echo(json.dumps({"model": name, "moves": [m.to_dict() for m in moves]}, indent=2))
+        print_json({"model": name, "moves": [m.to_dict() for m in moves]})
         return
     table = Table(title=f"alias history of '{name}'" + (f" ({alias})" if opt_str(alias) else ""))
     for col in ("moved at (UTC)", "alias", "from", "to", "actor", "reason", "evidence run", "source"):

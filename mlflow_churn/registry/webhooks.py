@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError, first_line
+from mlflow_churn.tracking import setup_mlflow
 
 WEBHOOK_NAME = "churn-gate"
 #: the gate runs on a new `challenger`; every alias event feeds the alias history and the
@@ -29,8 +30,6 @@ def register_webhook(cfg: ChurnConfig, url: str, name: str = WEBHOOK_NAME) -> We
     Raises ChurnError without a secret, for a non-http(s) ``url``, or when the server refuses
     (webhooks need `mlflow server` with a SQL backend)."""
     from mlflow.tracking import MlflowClient
-
-    from mlflow_churn.tracking import setup_mlflow
 
     if not cfg.hooks.secret:
         raise ChurnError("no webhook secret: pass --secret or set CHURN_HOOKS__SECRET (the receiver needs "

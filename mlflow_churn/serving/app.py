@@ -67,6 +67,7 @@ from fastapi.security import HTTPBearer
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
+from mlflow_churn.serving import canary
 from mlflow_churn.serving.service import (
     CHAMPION_ROUTE,
     AdminRequest,
@@ -180,7 +181,6 @@ def create_app(cfg: ChurnConfig, start_background: bool = True) -> FastAPI:
         return service.status()
 
     def _transition(body: AdminRequest | None, kind: str) -> dict[str, Any]:
-        from mlflow_churn.serving import canary
 
         body = body or AdminRequest()
         name = service.models.name

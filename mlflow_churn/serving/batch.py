@@ -49,7 +49,10 @@ from mlflow_churn.errors import ChurnError, first_line
 from mlflow_churn.features.offline import _connect, _feature_sql, _spine, check_cutoffs
 from mlflow_churn.features.registry import FeatureSet, registry_for
 from mlflow_churn.progress import ProgressArg, resolve
+from mlflow_churn.registry.aliases import CHAMPION
+from mlflow_churn.registry.aliases import model_uri as alias_uri
 from mlflow_churn.times import utc
+from mlflow_churn.tracking import setup_mlflow
 from mlflow_churn.training.model import Scorer, load_scorer
 
 #: rows per Arrow record batch: large enough that per-batch overhead vanishes next to
@@ -238,9 +241,6 @@ def resolve_model(cfg: ChurnConfig, model_uri: str | None) -> tuple[str, str | N
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from mlflow_churn.registry.aliases import CHAMPION
-    from mlflow_churn.registry.aliases import model_uri as alias_uri
-
     uri = model_uri or alias_uri(cfg.training.model_name, CHAMPION)
     if not uri.startswith("models:/"):
         return uri, None
@@ -313,7 +313,6 @@ def score_batch(
     :mod:`mlflow_churn.serving.batch_spark`. ``progress`` (:mod:`mlflow_churn.progress`) is
     advanced in rows.
     """
-    from mlflow_churn.tracking import setup_mlflow
 
     if engine not in ENGINES:
         raise ChurnError(f"engine must be one of {', '.join(ENGINES)}, got '{engine}'")

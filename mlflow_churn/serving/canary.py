@@ -59,6 +59,8 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError, first_line
+from mlflow_churn.features.offline import latest_as_of
+from mlflow_churn.jsonable import jsonable
 from mlflow_churn.registry.aliases import (
     CANARY,
     CHAMPION,
@@ -71,6 +73,9 @@ from mlflow_churn.registry.aliases import (
 )
 from mlflow_churn.registry.promotion import OVERRIDE_TAG, check_approval, record_canary_verdict
 from mlflow_churn.serving.prediction_log import PredictionLog, attach_labels
+from mlflow_churn.stats.drift import psi
+from mlflow_churn.stats.metrics import classification_metrics
+from mlflow_churn.stats.performance import auc_standard_error
 from mlflow_churn.times import utc
 from mlflow_churn.tracking import fail_fast, failed_on_error, setup_mlflow, step_run
 
@@ -116,7 +121,7 @@ class CanaryEvaluation:
         out = asdict(self)
         out["as_of"] = self.as_of.isoformat()
         out["since"] = self.since.isoformat() if self.since else None
-        return _jsonable(out)
+        return jsonable(out)
 
 
 @dataclass
@@ -136,7 +141,7 @@ class TransitionResult:
     evidence_error: str | None = None  # why no evidence could be computed
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
 
 @dataclass
@@ -150,20 +155,6 @@ class CanaryStatus:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
-    if isinstance(obj, datetime):
-        return obj.isoformat()
-    return obj
 
 
 def _aliases(client: MlflowClient, name: str) -> dict[str, str]:
@@ -206,7 +197,6 @@ def default_as_of(cfg: ChurnConfig, now: datetime) -> datetime:
     """The evaluation time when none is given: the newest event of the data (labels are
     known up to it); without data, the newest business time in the prediction log (every
     logged row counts, no labels); with neither, ``now`` (tz-aware UTC)."""
-    from mlflow_churn.features.offline import latest_as_of
 
     try:
         return latest_as_of(cfg.data_dir)
@@ -343,13 +333,11 @@ def evaluate_canary(
     champ_scores = per_route["champion"].loc[per_route["champion"]["status"] == "ok", "score"].to_numpy(float)
     canary_scores = per_route["canary"].loc[per_route["canary"]["status"] == "ok", "score"].to_numpy(float)
     if champ_scores.size and canary_scores.size:
-        from mlflow_churn.stats.drift import psi
 
         score_psi = psi(champ_scores, canary_scores, bins=cfg.monitoring.bins,
                         epsilon=cfg.monitoring.psi_epsilon)
     events = churn_events if churn_events is not None else _churn_events(cfg)
     if events is not None and len(frame):
-        from mlflow_churn.stats.metrics import classification_metrics
 
         horizon = cfg.features.label_horizon_days
         for r in ROUTES:
@@ -392,7 +380,6 @@ def _performance_limits(cfg: ChurnConfig, champ: RouteStats, can: RouteStats) ->
     """Allowed AUC and recall@k drops of the canary: the configured tolerance, widened to
     NOISE_Z standard errors of the difference (Hanley-McNeil for AUC, binomial for recall)
     when the labelled samples are small (the two routes see different customers)."""
-    from mlflow_churn.stats.performance import auc_standard_error
 
     se_auc = math.hypot(*(auc_standard_error(st.auc, st.positives, st.labelled - st.positives)
                           for st in (champ, can)))

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 
 import typer
 from rich.table import Table
 
-from mlflow_churn.cli_common import console, from_config, get_config, opt_str, parse_datetime, parse_version
+from mlflow_churn.cli_common import (
+    console,
+    from_config,
+    get_config,
+    opt_str,
+    parse_datetime,
+    parse_version,
+    print_json,
+)
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
 
@@ -91,7 +98,7 @@ def canary_status_cmd(
     until = parse_datetime(as_of, "--as-of") if opt_str(as_of) else None
     st = canary_status(get_config(ctx), until, _since(since))
     if as_json:
-        typer.echo(json.dumps(st.to_dict(), indent=2))
+        print_json(st.to_dict())
         return
     console.print(f"model '{st.model_name}', canary fraction {st.canary_fraction}")
     console.print("aliases: " + (", ".join(f"{a}=v{v}" for a, v in sorted(st.aliases.items())) or "none"))
@@ -110,8 +117,7 @@ def _evaluate(ctx: typer.Context, as_of: str | None, since: str | None, reason: 
     else:
         ev, res = evaluate_canary(cfg, when, start), None
     if as_json:
-        typer.echo(json.dumps({"evaluation": ev.to_dict(), "transition": res.to_dict() if res else None},
-                              indent=2))
+        print_json({"evaluation": ev.to_dict(), "transition": res.to_dict() if res else None})
         return
     _print_evaluation(ev)
     if res is not None:
@@ -155,7 +161,7 @@ def _transition(ctx: typer.Context, action: str, reason: str, version: str | Non
     else:
         res = rollback(cfg, reason, version=opt_str(version), as_of=_when(cfg, as_of), since=_since(since))
     if as_json:
-        typer.echo(json.dumps(res.to_dict(), indent=2))
+        print_json(res.to_dict())
     else:
         _print_transition(res)
 
@@ -263,7 +269,7 @@ def traffic_cmd(
                                   on_request=lambda n: [tick(1) for _ in range(n)]),
     )
     if as_json:
-        typer.echo(json.dumps(res.to_dict(), indent=2))
+        print_json(res.to_dict())
         return
     table = Table(title=f"churn traffic: {res.requests:,} requests to {res.url}/predict "
                         f"in {res.seconds:.1f} s")
@@ -307,7 +313,7 @@ def compress_cmd(
             raise ChurnError(f"{exc}; or pass --as-of") from None
     res = compress(cfg, version, when, budget_value, opt_str(alias))
     if as_json:
-        typer.echo(json.dumps(res.to_dict(), indent=2))
+        print_json(res.to_dict())
         return
     console.print(
         f"version {res.version} of '{res.model_name}' = version {res.parent_version} pruned to "

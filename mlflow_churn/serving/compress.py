@@ -27,8 +27,13 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
+from mlflow_churn.evaluation.holdout import holdout_cutoffs, holdout_frame, parse_tag_time
 from mlflow_churn.features.registry import FeatureSet
-from mlflow_churn.training.model import predict_proba
+from mlflow_churn.registry.versions import register_model_version
+from mlflow_churn.serving.canary import decision_run, log_json
+from mlflow_churn.stats.metrics import classification_metrics
+from mlflow_churn.tracking import fail_fast, failed_on_error, setup_mlflow
+from mlflow_churn.training.model import input_example, load_scorer, log_churn_model, predict_proba
 
 #: training tags copied from the parent version to the compressed one
 INHERITED_TAGS = ("feature_set", "feature_set_hash", "window_start", "window_end", "as_of", "horizon_days",
@@ -62,7 +67,6 @@ class CompressResult:
 
 
 def _auc(y: np.ndarray, p: np.ndarray, cfg: ChurnConfig) -> float:
-    from mlflow_churn.stats.metrics import classification_metrics
 
     return float(classification_metrics(y, p, cfg.evaluation)["roc_auc"])
 
@@ -124,10 +128,6 @@ def compress(cfg: ChurnConfig, version: str | int, as_of: datetime, budget: floa
     AUC loss (default ``serving.auc_loss_budget``). ``alias``: optionally point this
     alias (e.g. ``challenger``) at the new version.
     """
-    from mlflow_churn.evaluation.holdout import holdout_cutoffs, holdout_frame, parse_tag_time
-    from mlflow_churn.registry.versions import register_model_version
-    from mlflow_churn.tracking import fail_fast, failed_on_error, setup_mlflow
-    from mlflow_churn.training.model import input_example, load_scorer, log_churn_model
 
     budget = cfg.serving.auc_loss_budget if budget is None else float(budget)
     if budget < 0:
@@ -168,7 +168,6 @@ def compress(cfg: ChurnConfig, version: str | int, as_of: datetime, budget: floa
         "latency_p50_ms": f"{p50:.4f}", "latency_p99_ms": f"{p99:.4f}",
         "holdout": f"{cutoffs[0].date()}..{cutoffs[-1].date()}",
     })
-    from mlflow_churn.serving.canary import decision_run, log_json
 
     with fail_fast(cfg, f"registering the compressed v{parent.version} of '{name}'"), \
             decision_run(cfg, f"compress v{parent.version}") as run, failed_on_error(cfg):

@@ -11,9 +11,12 @@ from typing import Any
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError, first_line
+from mlflow_churn.features.registry import UnknownFeatureError, registry_for
+from mlflow_churn.registry.aliases import CANARY, CHAMPION, alias_version
 from mlflow_churn.serving.encoding import InputEncoder
 from mlflow_churn.serving.metrics import Metrics
-from mlflow_churn.training.model import Scorer
+from mlflow_churn.tracking import setup_mlflow
+from mlflow_churn.training.model import Scorer, load_scorer
 
 log = logging.getLogger("mlflow_churn.serving")
 
@@ -48,7 +51,6 @@ def check_feature_set(cfg: ChurnConfig, tags: dict[str, str], scorer: Scorer) ->
     Compares the version tag ``feature_set_hash`` (when present) and the model's own
     ``feature_set.json`` with the feature registry's definition of that set.
     """
-    from mlflow_churn.features.registry import UnknownFeatureError, registry_for
 
     fs = scorer.feature_set
     tagged = tags.get("feature_set_hash")
@@ -84,15 +86,12 @@ class ModelManager:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
-            from mlflow_churn.tracking import setup_mlflow
-
             setup_mlflow(self.cfg)
             uri = self.cfg.mlflow_tracking_uri
             self._client = MlflowClient(uri, uri)
         return self._client
 
     def _load(self, alias: str, mv: Any) -> tuple[LoadedModel | None, str | None]:
-        from mlflow_churn.training.model import load_scorer
 
         version = str(mv.version)
         if version not in self._cache:
@@ -115,7 +114,6 @@ class ModelManager:
 
     def reload(self) -> ModelPair:
         """Re-read both aliases; load what changed; swap. Keeps the old pair on registry errors."""
-        from mlflow_churn.registry.aliases import CANARY, CHAMPION, alias_version
 
         with self._lock:
             try:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
+from mlflow_churn.features.online import StoreUnavailable, open_store
 from mlflow_churn.serving.log_writer import LogWriter, PredictionLogUnavailable
 from mlflow_churn.serving.metrics import Metrics
 from mlflow_churn.serving.models import LoadedModel, ModelManager, ModelPair
@@ -118,11 +119,6 @@ class ScoringService:
     def store(self) -> Any:
         with self._store_lock:
             if self._store is None:
-                try:
-                    from mlflow_churn.features.online import open_store
-                except ImportError:
-                    raise ServiceError(503, "the online feature store is not available in this "
-                                       "installation; send raw feature records instead") from None
                 self._store = open_store(self.cfg, fail_fast=True)  # ChurnError: the caller's 503
             return self._store
 
@@ -327,7 +323,6 @@ def _record_id(record: dict[str, Any], index: int) -> int:
 
 def _store_failure(exc: BaseException) -> bool:
     """A failure of the online store itself (counts for the breaker), not an answer."""
-    from mlflow_churn.features.online import StoreUnavailable
 
     if isinstance(exc, ServiceError | Unavailable):
         return False

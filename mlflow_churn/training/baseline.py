@@ -40,7 +40,13 @@ import numpy as np
 import pandas as pd
 
 from mlflow_churn.config import ChurnConfig
+from mlflow_churn.data.groups import holdout_mask, validation_mask
+from mlflow_churn.data.sources import source_reference
+from mlflow_churn.data.tables import TablePaths
+from mlflow_churn.features.offline import build_training_frame
 from mlflow_churn.stats import performance
+from mlflow_churn.training.model import predict_proba
+from mlflow_churn.training.window import training_window
 
 UNSELECTED = "val_auc_unselected"
 
@@ -52,7 +58,6 @@ def early_key(days: int) -> str:
 
 def unseen_mask(customer_ids: Any, cfg: ChurnConfig) -> np.ndarray:
     """True for customers no model trains on (holdout and validation groups)."""
-    from mlflow_churn.data.groups import holdout_mask, validation_mask
 
     ids = np.asarray(customer_ids)
     return holdout_mask(ids, cfg) | validation_mask(ids, cfg)
@@ -60,8 +65,6 @@ def unseen_mask(customer_ids: Any, cfg: ChurnConfig) -> np.ndarray:
 
 def _unseen_ids(data_dir: Path, cfg: ChurnConfig) -> list[int]:
     import pyarrow.parquet as pq
-
-    from mlflow_churn.data.tables import TablePaths
 
     ids = pq.read_table(TablePaths(Path(data_dir)).customers, columns=["customer_id"])
     arr = ids.column("customer_id").to_numpy()
@@ -71,7 +74,6 @@ def _unseen_ids(data_dir: Path, cfg: ChurnConfig) -> list[int]:
 def reference_mask(frame: Any, cfg: ChurnConfig, validation_from: datetime, horizon_days: int) -> np.ndarray:
     """Reference rows of ``frame`` (``customer_id``, ``cutoff``): unseen customers, except
     validation customers' rows whose label period ends after ``validation_from``."""
-    from mlflow_churn.data.groups import validation_mask
 
     ids = frame["customer_id"].to_numpy()
     ends = frame["cutoff"] + pd.Timedelta(days=horizon_days)
@@ -92,8 +94,6 @@ class TrainingBaselines:
 def _reference_rows(cfg: ChurnConfig, prep: Any, booster: Any, cutoffs: list[datetime], horizon: int,
                     as_of: datetime) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, scores, customer ids) of the reference rows with ``horizon``-day labels."""
-    from mlflow_churn.features.offline import build_training_frame
-    from mlflow_churn.training.model import predict_proba
 
     frame = build_training_frame(cfg.data_dir, prep.feature_set, cutoffs, horizon, label=True,
                                  label_as_of=as_of, customer_ids=_unseen_ids(cfg.data_dir, cfg))
@@ -119,8 +119,6 @@ def training_baselines(cfg: ChurnConfig, prep: Any, booster: Any, y_valid: Any,
     metrics = {"val_auc_se": val.se} if val is not None else {}
     extras: dict[str, Any] = {"calibration": performance.fit_calibration(valid_scores, y_valid)}
     if prep.source == "simulator":
-        from mlflow_churn.data.sources import source_reference
-        from mlflow_churn.training.window import training_window
 
         as_of = datetime.fromisoformat(prep.as_of)
         cutoffs = list(training_window(as_of, cfg).production_cutoffs)

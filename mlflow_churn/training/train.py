@@ -46,6 +46,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
+from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.data.groups import holdout_mask, validation_mask
@@ -57,7 +58,10 @@ from mlflow_churn.registry.aliases import CHALLENGER
 from mlflow_churn.registry.versions import registered_version
 from mlflow_churn.tracking import fail_fast, failed_on_error, setup_mlflow, step_run
 from mlflow_churn.training import tuning
+from mlflow_churn.training.baseline import training_baselines
 from mlflow_churn.training.model import log_churn_model, predict_proba
+from mlflow_churn.training.profile import build_profile
+from mlflow_churn.training.table import load_table
 from mlflow_churn.training.window import TrainingWindow, training_window
 
 LABEL, WEIGHT = "label", "weight"
@@ -196,8 +200,6 @@ def prepare_table(cfg: ChurnConfig, path: Path | str, label: str, id_column: str
     """Frames of a flat table with a seeded stratified holdout (see :mod:`.table`)."""
     from sklearn.model_selection import train_test_split
 
-    from mlflow_churn.training.table import load_table
-
     data = load_table(path, label, id_column)
     fs = data.feature_set
     frame = data.features.copy()
@@ -258,12 +260,7 @@ def _importance_figure(booster: Any, title: str) -> Any:
 def _log_profile(prep: Prepared, booster: Any, bins: int, extras: dict[str, Any]) -> bool:
     """Log ``reference/profile.json`` of ``prep.reference`` (every customer at the newest
     cutoff; for a table, the validation rows) with the model's scores and ``extras``
-    (calibration, source null rates); False (and a tag) when monitoring.profile is absent."""
-    try:
-        from mlflow_churn.training.profile import build_profile
-    except ImportError:
-        mlflow.set_tag("reference_profile", "missing: mlflow_churn.training.profile not installed")
-        return False
+    (calibration, source null rates)."""
     rows = prep.valid if prep.reference is None else prep.reference
     scores = predict_proba(booster, prep.feature_set, prep.feature_set.coerce(rows))
     profile = build_profile(rows, prep.feature_set, scores, bins=bins, segments=prep.segments, **extras)
@@ -279,13 +276,87 @@ def _fit_data(prep: Prepared) -> tuning.FitData:
                           y_valid=prep.valid[LABEL].to_numpy())
 
 
+def _tune(cfg: ChurnConfig, prep: Prepared, client: MlflowClient, run: Any, data: tuning.FitData,
+          n_trials: int, timeout: float | None, storage: str | None, study_name: str,
+          progress: ProgressArg, wait_seconds: float) -> tuning.TuningResult:
+    """Step 1: the Optuna study (every trial a nested run of ``run``), its settings as params."""
+    t, fs, run_id = cfg.training, prep.feature_set, run.info.run_id
+    study = tuning.make_study(study_name, storage, t.seed)
+    if storage:
+        _log.warning("study %s: add workers with `churn train --worker --study %s --storage <same URL>`",
+                     study_name, study_name)
+    settings = {"seed": t.seed, "max_estimators": t.max_estimators,
+                "early_stopping_rounds": t.early_stopping_rounds}
+    for key, value in {"parent_run_id": run_id, "experiment_id": run.info.experiment_id,
+                       "recipe": prep.recipe, "data_hash": prep.data_hash, "settings": settings}.items():
+        study.set_user_attr(key, value)
+    _log_params_merging(client, run_id, prep.params | {
+        "source": prep.source, "feature_set": fs.name, "feature_set_hash": fs.hash,
+        "data_hash": prep.data_hash, "rows_train": len(prep.train), "rows_valid": len(prep.valid),
+        "n_trials": n_trials, "timeout": timeout or 0, "seed": t.seed, "study_name": study_name,
+        "storage": (storage.split("@")[-1] if storage else "in-memory"),
+        "max_estimators": t.max_estimators, "early_stopping_rounds": t.early_stopping_rounds,
+    })
+    mlflow.set_tags({"source": prep.source, "feature_set": fs.name, "feature_set_hash": fs.hash,
+                     "data_hash": prep.data_hash, "optuna.study": study_name})
+    with resolve(progress)(f"tuning: {n_trials} trials", n_trials) as tick:
+        tuning.run_trials(
+            study, data, seed=t.seed, max_estimators=t.max_estimators,
+            early_stopping_rounds=t.early_stopping_rounds, n_trials=n_trials, timeout=timeout,
+            client=client, experiment_id=run.info.experiment_id, parent_run_id=run_id,
+            on_trial=lambda _trial: tick(1), nthread=t.nthread)
+    if storage:
+        tuning.wait_for_running(study, wait_seconds)
+    return tuning.summarize(study)
+
+
+def _fit_best(cfg: ChurnConfig, prep: Prepared, data: tuning.FitData,
+              tuned: tuning.TuningResult) -> tuple[Any, np.ndarray, dict[str, float]]:
+    """Step 2: the best trial refitted, cut at its best iteration: (booster, validation
+    scores, validation metrics)."""
+    t = cfg.training
+    clf = tuning.fit_classifier(tuned.best_params, data, t.seed, t.early_stopping_rounds, nthread=t.nthread)
+    n_trees = int(clf.best_iteration) + 1
+    booster = clf.get_booster()[:n_trees]
+    y_valid = data.y_valid
+    scores = predict_proba(booster, prep.feature_set, data.x_valid)
+    metrics = {
+        "val_auc": float(roc_auc_score(y_valid, scores)),
+        "val_pr_auc": float(average_precision_score(y_valid, scores)),
+        "val_log_loss": float(log_loss(y_valid, np.clip(scores, 1e-7, 1 - 1e-7), labels=[0, 1])),
+        "val_churn_rate": float(y_valid.mean()), "n_trees": n_trees,
+        "n_trials_complete": tuned.n_complete, "n_trials_pruned": tuned.n_pruned,
+        "best_trial": tuned.best_trial,
+    }
+    return booster, scores, metrics
+
+
+def _log_evidence(cfg: ChurnConfig, prep: Prepared, client: MlflowClient, run_id: str, booster: Any,
+                  metrics: dict[str, float], tuned: tuning.TuningResult,
+                  profile_extras: dict[str, Any]) -> bool:
+    """Step 3: metrics, best params, the importance plot, the training dataset, the feature
+    set and the reference profile into the active run; True when the profile was logged."""
+    fs = prep.feature_set
+    mlflow.log_metrics(metrics)
+    _log_params_merging(client, run_id, {f"best_{k}": v for k, v in tuned.best_params.items()})
+    mlflow.log_figure(_importance_figure(booster, f"feature importance: {fs.name}"),
+                      "plots/feature_importance.png")
+    with warnings.catch_warnings():  # source-kind ambiguity and int-column hints: not actionable
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(prep.frame, source=prep.dataset_source, targets=LABEL,
+                                          name=f"{fs.name}-{prep.data_hash[:12]}")
+        mlflow.log_input(dataset, context="training")
+    mlflow.log_dict(fs.to_dict(), "feature_set.json")
+    for name, payload in prep.artifacts.items():
+        mlflow.log_dict(payload, name)
+    return _log_profile(prep, booster, cfg.monitoring.bins, profile_extras)
+
+
 def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None, timeout: float | None,
                       storage: str | None, study_name: str | None, progress: ProgressArg,
                       parent_run_id: str | None,
                       wait_seconds: float = DEFAULT_WAIT_SECONDS) -> TrainResult:
     """Tune, fit the best trial, log everything to the parent run, register a challenger."""
-    from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
-
     t = cfg.training
     n_trials = n_trials if n_trials is not None else t.n_trials
     timeout = timeout if timeout is not None else t.timeout_seconds
@@ -296,79 +367,27 @@ def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None,
     client = MlflowClient()
     fs = prep.feature_set
     data = _fit_data(prep)
-    x_valid, y_valid = data.x_valid, data.y_valid
-    data_hash = prep.data_hash
     run_name = f"train-{prep.source}-{prep.as_of[:10] or Path(prep.dataset_source).stem}"
     with fail_fast(cfg, f"training '{t.model_name}'"), \
             step_run(run_name, exp_id, parent_run_id, resume=True) as run, failed_on_error(cfg):
         run_id = run.info.run_id
         study_name = study_name or f"churn-{run_id}"
-        study = tuning.make_study(study_name, storage, t.seed)
-        if storage:
-            _log.warning("study %s: add workers with `churn train --worker --study %s --storage <same URL>`",
-                         study_name, study_name)
-        settings = {"seed": t.seed, "max_estimators": t.max_estimators,
-                    "early_stopping_rounds": t.early_stopping_rounds}
-        for key, value in {"parent_run_id": run_id, "experiment_id": run.info.experiment_id,
-                           "recipe": prep.recipe, "data_hash": data_hash, "settings": settings}.items():
-            study.set_user_attr(key, value)
-        _log_params_merging(client, run_id, prep.params | {
-            "source": prep.source, "feature_set": fs.name, "feature_set_hash": fs.hash,
-            "data_hash": data_hash, "rows_train": len(prep.train), "rows_valid": len(prep.valid),
-            "n_trials": n_trials, "timeout": timeout or 0, "seed": t.seed, "study_name": study_name,
-            "storage": (storage.split("@")[-1] if storage else "in-memory"),
-            "max_estimators": t.max_estimators, "early_stopping_rounds": t.early_stopping_rounds,
-        })
-        mlflow.set_tags({"source": prep.source, "feature_set": fs.name, "feature_set_hash": fs.hash,
-                         "data_hash": data_hash, "optuna.study": study_name})
-        with resolve(progress)(f"tuning: {n_trials} trials", n_trials) as tick:
-            tuning.run_trials(
-                study, data, seed=t.seed, max_estimators=t.max_estimators,
-                early_stopping_rounds=t.early_stopping_rounds, n_trials=n_trials, timeout=timeout,
-                client=client, experiment_id=run.info.experiment_id, parent_run_id=run_id,
-                on_trial=lambda _trial: tick(1), nthread=t.nthread)
-        if storage:
-            tuning.wait_for_running(study, wait_seconds)
-        tuned = tuning.summarize(study)
-        clf = tuning.fit_classifier(tuned.best_params, data, t.seed, t.early_stopping_rounds,
-                                    nthread=t.nthread)
-        n_trees = int(clf.best_iteration) + 1
-        booster = clf.get_booster()[:n_trees]
-        scores = predict_proba(booster, fs, x_valid)
-        metrics = {
-            "val_auc": float(roc_auc_score(y_valid, scores)),
-            "val_pr_auc": float(average_precision_score(y_valid, scores)),
-            "val_log_loss": float(log_loss(y_valid, np.clip(scores, 1e-7, 1 - 1e-7), labels=[0, 1])),
-            "val_churn_rate": float(y_valid.mean()), "n_trees": n_trees,
-            "n_trials_complete": tuned.n_complete, "n_trials_pruned": tuned.n_pruned,
-            "best_trial": tuned.best_trial,
-        }
-        from mlflow_churn.training.baseline import training_baselines
-
-        baselines = training_baselines(cfg, prep, booster, y_valid, scores)  # what monitoring compares with
+        tuned = _tune(cfg, prep, client, run, data, n_trials, timeout, storage, study_name, progress,
+                      wait_seconds)
+        booster, scores, metrics = _fit_best(cfg, prep, data, tuned)
+        # what monitoring compares with
+        baselines = training_baselines(cfg, prep, booster, data.y_valid, scores)
         metrics |= baselines.metrics
-        mlflow.log_metrics(metrics)
-        _log_params_merging(client, run_id, {f"best_{k}": v for k, v in tuned.best_params.items()})
-        mlflow.log_figure(_importance_figure(booster, f"feature importance: {fs.name}"),
-                          "plots/feature_importance.png")
-        with warnings.catch_warnings():  # source-kind ambiguity and int-column hints: not actionable
-            warnings.simplefilter("ignore", UserWarning)
-            dataset = mlflow.data.from_pandas(prep.frame, source=prep.dataset_source, targets=LABEL,
-                                              name=f"{fs.name}-{data_hash[:12]}")
-            mlflow.log_input(dataset, context="training")
-        mlflow.log_dict(fs.to_dict(), "feature_set.json")
-        for name, payload in prep.artifacts.items():
-            mlflow.log_dict(payload, name)
-        profile_logged = _log_profile(prep, booster, cfg.monitoring.bins, baselines.profile_extras)
+        profile_logged = _log_evidence(cfg, prep, client, run_id, booster, metrics, tuned,
+                                       baselines.profile_extras)
         info = log_churn_model(booster, fs, prep.valid)
         tags = {
             "feature_set": fs.name, "feature_set_hash": fs.hash, "window_start": prep.window_start,
             "window_end": prep.window_end, "as_of": prep.as_of,
             "horizon_days": str(cfg.features.label_horizon_days) if prep.source == "simulator" else "",
-            "val_auc": f"{metrics['val_auc']:.6f}", "data_hash": data_hash, "train_run_id": run_id,
+            "val_auc": f"{metrics['val_auc']:.6f}", "data_hash": prep.data_hash, "train_run_id": run_id,
             "source": prep.source,
-        }
-        tags |= baselines.tags
+        } | baselines.tags
         description = f"Trained on {fs.name} ({prep.source}); val AUC {metrics['val_auc']:.4f}; run {run_id}."
         with registered_version(client, t.model_name, info, run_id, tags, description=description,
                                 alias=CHALLENGER) as mv:
@@ -377,9 +396,9 @@ def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None,
         run_id=run_id, model_uri=f"models:/{t.model_name}/{mv.version}", version=str(mv.version),
         val_auc=metrics["val_auc"], best_params=tuned.best_params, feature_set_hash=fs.hash,
         window_start=prep.window_start, window_end=prep.window_end, val_pr_auc=metrics["val_pr_auc"],
-        val_log_loss=metrics["val_log_loss"], n_trees=n_trees, study_name=study_name,
+        val_log_loss=metrics["val_log_loss"], n_trees=int(metrics["n_trees"]), study_name=study_name,
         n_complete=tuned.n_complete, n_pruned=tuned.n_pruned, rows_train=len(prep.train),
-        rows_valid=len(prep.valid), data_hash=data_hash, source=prep.source, feature_set=fs.name,
+        rows_valid=len(prep.valid), data_hash=prep.data_hash, source=prep.source, feature_set=fs.name,
         profile_logged=profile_logged, trials=tuned.trials,
     )
 

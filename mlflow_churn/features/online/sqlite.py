@@ -12,20 +12,6 @@ import pandas as pd
 
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.online import base
-from mlflow_churn.features.online.base import (
-    RETAINED_BATCHES,
-    BatchInfo,
-    ChunkCallback,
-    OnlineRow,
-    check_ids,
-    check_order,
-    decode_pairs,
-    encode_rows,
-    finish_batch,
-    frame_from_payloads,
-    lost_batch,
-    split_payload,
-)
 from mlflow_churn.features.writer_lock import FileWriterLock
 
 
@@ -39,7 +25,7 @@ class SqliteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._tables: dict[str, tuple[str, tuple[str, ...]]] = {}
-        self._info_cache: tuple[str, BatchInfo] | None = None
+        self._info_cache: tuple[str, base.BatchInfo] | None = None
         self._lock = FileWriterLock(self.path.with_name(self.path.name + ".writer.lock"), self.location)
         con = self._con()
         con.execute("PRAGMA journal_mode=WAL")
@@ -81,11 +67,11 @@ class SqliteStore:
     def writer(self) -> FileWriterLock:
         return self._lock
 
-    def write_batch(self, frame: pd.DataFrame, info: BatchInfo,
-                    on_chunk: ChunkCallback | None = None, allow_older: bool = False) -> BatchInfo:
+    def write_batch(self, frame: pd.DataFrame, info: base.BatchInfo,
+                    on_chunk: base.ChunkCallback | None = None, allow_older: bool = False) -> base.BatchInfo:
         with self._lock:
             con = self._con()
-            check_order(self.current_batch(), info.as_of, allow_older, self.location)
+            base.check_order(self.current_batch(), info.as_of, allow_older, self.location)
             self._drop_abandoned(con)
             seq = int(con.execute("INSERT INTO batches (batch_id, state, info) VALUES (?, 'writing', ?)",
                                   (info.batch_id, info.to_json())).lastrowid)
@@ -98,11 +84,11 @@ class SqliteStore:
             self._retire(con)
             return done
 
-    def _write_rows(self, con: sqlite3.Connection, seq: int, frame: pd.DataFrame, info: BatchInfo,
-                    on_chunk: ChunkCallback | None) -> BatchInfo:
+    def _write_rows(self, con: sqlite3.Connection, seq: int, frame: pd.DataFrame, info: base.BatchInfo,
+                    on_chunk: base.ChunkCallback | None) -> base.BatchInfo:
         table = f"rows_{seq}"
         con.execute(f"CREATE TABLE {table} (customer_id INTEGER PRIMARY KEY, payload TEXT NOT NULL)")
-        rows = encode_rows(frame, info.features)
+        rows = base.encode_rows(frame, info.features)
         con.execute("BEGIN")
         try:
             for start in range(0, len(rows), base.CHUNK_ROWS):
@@ -113,9 +99,9 @@ class SqliteStore:
         except BaseException:
             con.execute("ROLLBACK")
             raise
-        return finish_batch(info, len(rows))
+        return base.finish_batch(info, len(rows))
 
-    def _flip(self, con: sqlite3.Connection, seq: int, done: BatchInfo) -> None:
+    def _flip(self, con: sqlite3.Connection, seq: int, done: base.BatchInfo) -> None:
         """Make batch ``seq`` current, only if it is still this writer's 'writing' batch."""
         con.execute("BEGIN IMMEDIATE")
         try:
@@ -124,7 +110,7 @@ class SqliteStore:
             table = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
                                 (f"rows_{seq}",)).fetchone()
             if not (ours and table and self._lock.owned()):
-                raise lost_batch(done.batch_id, self.location)
+                raise base.lost_batch(done.batch_id, self.location)
             con.execute("UPDATE batches SET state = 'retained' WHERE state = 'current' AND seq != ?", (seq,))
             con.execute("INSERT OR REPLACE INTO current (id, batch_id, info) VALUES (1, ?, ?)",
                         (done.batch_id, done.to_json()))
@@ -153,19 +139,19 @@ class SqliteStore:
     def _retire(self, con: sqlite3.Connection) -> None:
         keep = con.execute("SELECT seq FROM batches WHERE state IN ('current', 'retained') "
                            "ORDER BY seq DESC").fetchall()
-        for (seq,) in keep[RETAINED_BATCHES:]:
+        for (seq,) in keep[base.RETAINED_BATCHES:]:
             con.execute("UPDATE batches SET state = 'done' WHERE seq = ?", (seq,))
             con.execute(f"DROP TABLE IF EXISTS rows_{int(seq)}")
         self._tables.clear()
 
-    def current_batch(self) -> BatchInfo | None:
+    def current_batch(self) -> base.BatchInfo | None:
         row = self._con().execute("SELECT info FROM current WHERE id = 1").fetchone()
         if row is None:
             return None
         cached = self._info_cache
         if cached is not None and cached[0] == row[0]:
             return cached[1]
-        info = BatchInfo.from_dict(json.loads(row[0]))
+        info = base.BatchInfo.from_dict(json.loads(row[0]))
         self._info_cache = (row[0], info)
         return info
 
@@ -176,18 +162,18 @@ class SqliteStore:
         return info.batch_id if info else None
 
     def get(self, ids: Sequence[int], features: Sequence[str] | None = None,
-            batch_id: str | None = None) -> dict[int, OnlineRow]:
-        ids = check_ids(ids)
+            batch_id: str | None = None) -> dict[int, base.OnlineRow]:
+        ids = base.check_ids(ids)
         bid = self._resolve(batch_id)
         if bid is None or not ids:
             return {}
-        return decode_pairs(self._pairs(bid, ids), self._table(bid)[1], features)
+        return base.decode_pairs(self._pairs(bid, ids), self._table(bid)[1], features)
 
     def get_raw(self, ids: Sequence[int], batch_id: str) -> dict[int, tuple[int | None, str]]:
         """``{id: (event_time_ms, values JSON object text)}`` of the ids found in the batch."""
         self._table(batch_id)
-        ids = check_ids(ids)
-        return {cid: split_payload(p) for cid, p in self._pairs(batch_id, ids)} if ids else {}
+        ids = base.check_ids(ids)
+        return {cid: base.split_payload(p) for cid, p in self._pairs(batch_id, ids)} if ids else {}
 
     def _pairs(self, batch_id: str, ids: list[int]) -> list[tuple[int, str]]:
         """(customer_id, payload) of the ``ids`` found in the batch; ChurnError when the batch's
@@ -204,18 +190,18 @@ class SqliteStore:
             raise ChurnError(f"batch {batch_id} no longer keeps its rows in {self.location} (only the "
                              "current and the previous batch keep theirs)") from None
 
-    def history(self, n: int = 20) -> list[BatchInfo]:
+    def history(self, n: int = 20) -> list[base.BatchInfo]:
         rows = self._con().execute(
             "SELECT info FROM batches WHERE state IN ('current', 'retained', 'done') "
             "ORDER BY seq DESC LIMIT ?", (int(n),)).fetchall()
-        return [BatchInfo.from_dict(json.loads(r[0])) for r in rows]
+        return [base.BatchInfo.from_dict(json.loads(r[0])) for r in rows]
 
     def scan(self, batch_id: str | None = None) -> pd.DataFrame:
         bid = self._resolve(batch_id)
         if bid is None:
             raise ChurnError(f"{self.location} has no batch yet; run `churn features materialize`")
         table, names = self._table(bid)
-        return frame_from_payloads(
+        return base.frame_from_payloads(
             self._con().execute(f"SELECT customer_id, payload FROM {table}"), names)
 
     def customer_ids(self, batch_id: str | None = None) -> list[int]:

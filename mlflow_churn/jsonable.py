@@ -1,0 +1,38 @@
+"""Values made fit for JSON: the one converter every report, decision file and ``--json``
+listing goes through."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import date, datetime
+from pathlib import PurePath
+from typing import Any
+
+import numpy as np
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with dict keys as text, tuples as lists, numpy scalars as Python numbers,
+    NaN / inf as ``None``, dates as ISO text and paths as text (recursively)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | np.ndarray):
+        return [jsonable(v) for v in value]
+    if isinstance(value, datetime | date):  # before numpy: pandas Timestamps are datetimes
+        return value.isoformat()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, PurePath | datetime | date):
+        return str(value) if isinstance(value, PurePath) else value.isoformat()
+    return value
+
+
+def dumps(value: Any, indent: int | None = 2) -> str:
+    """``json.dumps`` of :func:`jsonable` (anything still unknown as its text)."""
+    return json.dumps(jsonable(value), indent=indent, default=str)
+
+
+__all__ = ["dumps", "jsonable"]
