@@ -13,9 +13,9 @@ import pytest
 
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.serving.log_writer import LogWriter, PredictionLogUnavailable
-from mlflow_churn.serving.metrics import Metrics
 from mlflow_churn.serving.prediction_log import PredictionLog, PredictionRecord, attach_labels
 from mlflow_churn.serving.routing import bucket, route, routes
+from mlflow_churn.web.metrics import Metrics
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 

@@ -43,9 +43,7 @@ import hashlib
 import hmac
 import json
 import logging
-import queue
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -57,6 +55,7 @@ from typing import Any
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from mlflow_churn.background import QueueWorker
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.registry.alias_events import AliasEvent, AliasWatcher, PromoteByHand
@@ -175,14 +174,12 @@ class GateWorker:
 
     def __init__(self, run: Callable[[GateJob], str], log: DeliveryLog) -> None:
         self._run, self._log = run, log
-        self._queue: queue.Queue[GateJob | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="churn-gate-worker", daemon=True)
-        self._thread.start()
+        self._worker: QueueWorker[GateJob] = QueueWorker("churn-gate-worker", self._gate, self._failed)
 
     def submit(self, job: GateJob) -> None:
         self._log.update(job.delivery_id, "queued")
         self._log.set_job(job)
-        self._queue.put(job)
+        self._worker.put(job)
 
     def resume(self) -> int:
         """Queue again the jobs a previous receiver accepted but did not finish (MLflow does
@@ -190,38 +187,32 @@ class GateWorker:
         jobs = self._log.unfinished()
         for job in jobs:
             _log.info("resuming the gate of delivery %s (version %s)", job.delivery_id, job.version)
-            self._queue.put(job)
+            self._worker.put(job)
         return len(jobs)
 
-    def _loop(self) -> None:
-        while True:
-            job = self._queue.get()
-            try:
-                if job is None:
-                    return
-                self._log.update(job.delivery_id, "running")
-                try:
-                    run_id = self._run(job)
-                    self._log.update(job.delivery_id, "done", f"gate on version {job.version}", run_id)
-                except ChurnError as exc:
-                    self._log.update(job.delivery_id, "failed", str(exc))
-                except (SystemExit, KeyboardInterrupt):  # shutting down mid-gate: not a failure;
-                    _log.warning("gate of delivery %s interrupted; it runs again at the next start",
-                                 job.delivery_id)  # the log still says running -> resume()
-                    return
-                except Exception as exc:  # keep the worker alive; the reason is recorded
-                    _log.exception("gate for delivery %s failed", job.delivery_id)
-                    self._log.update(job.delivery_id, "failed", f"{type(exc).__name__}: {exc}")
-            finally:
-                self._queue.task_done()
+    def _gate(self, job: GateJob) -> None:
+        self._log.update(job.delivery_id, "running")
+        try:
+            run_id = self._run(job)
+        except ChurnError as exc:
+            self._log.update(job.delivery_id, "failed", str(exc))
+            return
+        except (SystemExit, KeyboardInterrupt):  # shutting down mid-gate: not a failure; the
+            _log.warning("gate of delivery %s interrupted; it runs again at the next start",
+                         job.delivery_id)  # log still says running -> resume()
+            raise
+        self._log.update(job.delivery_id, "done", f"gate on version {job.version}", run_id)
+
+    def _failed(self, job: GateJob, exc: Exception) -> None:
+        _log.error("gate for delivery %s failed", job.delivery_id, exc_info=exc)
+        self._log.update(job.delivery_id, "failed", f"{type(exc).__name__}: {exc}")
 
     def join(self) -> None:
         """Wait until every queued gate has run."""
-        self._queue.join()
+        self._worker.join()
 
     def stop(self, timeout: float = 60.0) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout)
+        self._worker.stop(timeout)
 
 
 def default_as_of(cfg: ChurnConfig) -> datetime:
@@ -304,7 +295,7 @@ def create_app(cfg: ChurnConfig, clock: Callable[[], float] = time.time,
     @app.get("/metrics")
     def metrics() -> PlainTextResponse:
         watcher = state.get("aliases")
-        return PlainTextResponse(watcher.counters.render() if watcher else "",
+        return PlainTextResponse(watcher.metrics.render([]) if watcher else "",
                                  media_type="text/plain; version=0.0.4")
 
     @app.get("/deliveries/{delivery_id}")

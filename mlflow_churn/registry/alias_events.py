@@ -28,9 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
-import threading
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -42,10 +39,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.alerts import post_alert
+from mlflow_churn.background import QueueWorker
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.registry.aliases import CANARY, CHAMPION, aliases_of, move_alias, remove_alias
 from mlflow_churn.registry.history import RECONCILED, UNKNOWN, AliasMove, read_moves, sync
 from mlflow_churn.registry.promotion import check_promotion
+from mlflow_churn.web.metrics import Metrics
 
 _log = logging.getLogger(__name__)
 UNGUARDED = "unguarded_promotion"
@@ -89,39 +88,9 @@ class AliasOutcome:
         return "; ".join(parts)
 
 
-class Counters:
-    """Thread-safe counters rendered as Prometheus text (what the receiver's /metrics shows)."""
-
-    HELP = {UNGUARDED_METRIC: "protected-alias moves check_promotion refused (made without the guard)",
-            "churn_hooks_alias_moves_recorded_total": "alias moves the receiver recorded in the history"}
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._values: dict[tuple[str, tuple], float] = defaultdict(float)
-
-    def inc(self, name: str, **labels: str) -> None:
-        with self._lock:
-            self._values[(name, tuple(sorted(labels.items())))] += 1
-
-    def value(self, name: str, **labels: str) -> float:
-        with self._lock:
-            return self._values.get((name, tuple(sorted(labels.items()))), 0.0)
-
-    def render(self) -> str:
-        with self._lock:
-            items = sorted(self._values.items())
-        lines = []
-        for name, text in self.HELP.items():
-            lines += [f"# HELP {name} {text}", f"# TYPE {name} counter"]
-            for (n, labels), value in items:
-                if n == name:
-                    body = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-                    lines.append(f"{name}{{{body}}} {value:g}" if body else f"{name} {value:g}")
-        return "\n".join(lines) + "\n"
-
-
-def _escape(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+#: the receiver's /metrics: counter name -> help text
+METRICS = {UNGUARDED_METRIC: "protected-alias moves check_promotion refused (made without the guard)",
+           "churn_hooks_alias_moves_recorded_total": "alias moves the receiver recorded in the history"}
 
 
 class AliasWatcher:
@@ -131,43 +100,35 @@ class AliasWatcher:
                  on_done: Callable[[AliasEvent, str, str, str | None], None] | None = None,
                  clock: Callable[[], datetime] | None = None) -> None:
         self.cfg = cfg
-        self.counters = Counters()
+        self.metrics = Metrics()
+        for name, text in METRICS.items():
+            self.metrics.describe(name, "counter", text)
         self._promote_by_hand = promote_by_hand
         self._on_done = on_done or (lambda *_: None)
         self._clock = clock or (lambda: datetime.now(UTC))
         uri = cfg.mlflow_tracking_uri
         self.client = MlflowClient(uri, uri)
         self.last_synced: datetime | None = None
-        self._queue: queue.Queue[AliasEvent | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="churn-alias-watcher", daemon=True)
-        self._thread.start()
+        self._worker: QueueWorker[AliasEvent] = QueueWorker("churn-alias-watcher", self._handle, self._failed)
 
     # ------------------------------------------------------------------ queue
     def submit(self, event: AliasEvent) -> None:
-        self._queue.put(event)
+        self._worker.put(event)
 
     def join(self) -> None:
         """Wait until every submitted event has been handled."""
-        self._queue.join()
+        self._worker.join()
 
     def stop(self, timeout: float = 60.0) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout)
+        self._worker.stop(timeout)
 
-    def _loop(self) -> None:
-        while True:
-            event = self._queue.get()
-            try:
-                if event is None:
-                    return
-                try:
-                    outcome = self.handle(event)
-                    self._on_done(event, "done", outcome.summary(), (outcome.unguarded or [None])[0])
-                except Exception as exc:  # keep the thread alive; the reason is recorded
-                    _log.exception("alias event %s failed", event)
-                    self._on_done(event, "failed", f"{type(exc).__name__}: {exc}", None)
-            finally:
-                self._queue.task_done()
+    def _handle(self, event: AliasEvent) -> None:
+        outcome = self.handle(event)
+        self._on_done(event, "done", outcome.summary(), (outcome.unguarded or [None])[0])
+
+    def _failed(self, event: AliasEvent, exc: Exception) -> None:
+        _log.error("alias event %s failed", event, exc_info=exc)
+        self._on_done(event, "failed", f"{type(exc).__name__}: {exc}", None)
 
     # ------------------------------------------------------------------ handling
     def handle(self, event: AliasEvent) -> AliasOutcome:
@@ -185,7 +146,7 @@ class AliasWatcher:
         self.last_synced = now
         outcome = AliasOutcome(moves, [], [], [])
         for move in moves:
-            self.counters.inc("churn_hooks_alias_moves_recorded_total", alias=move.alias)
+            self.metrics.inc("churn_hooks_alias_moves_recorded_total", {"alias": move.alias})
             if move.alias in self.cfg.registry.protected_aliases:
                 self._check(move, outcome)
         return outcome
@@ -243,7 +204,7 @@ class AliasWatcher:
             return
         run_id = self._audit(move, rule, message, check.evidence)
         outcome.unguarded.append(run_id)
-        self.counters.inc(UNGUARDED_METRIC, alias=move.alias)
+        self.metrics.inc(UNGUARDED_METRIC, {"alias": move.alias})
         if self.cfg.hooks.alert_url:
             post_alert(self.cfg.hooks.alert_url,
                        {"alertname": "UnguardedPromotion", "severity": "critical", "model": name,

@@ -26,8 +26,8 @@ import time
 from typing import Literal
 
 from mlflow_churn.errors import ChurnError, first_line
-from mlflow_churn.serving.metrics import Metrics
 from mlflow_churn.serving.prediction_log import PredictionLog, PredictionRecord
+from mlflow_churn.web.metrics import Metrics
 
 log = logging.getLogger("mlflow_churn.serving")
 

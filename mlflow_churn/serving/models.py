@@ -14,9 +14,9 @@ from mlflow_churn.errors import ChurnError, first_line
 from mlflow_churn.features.registry import UnknownFeatureError, registry_for
 from mlflow_churn.registry.aliases import CANARY, CHAMPION, alias_version
 from mlflow_churn.serving.encoding import InputEncoder
-from mlflow_churn.serving.metrics import Metrics
 from mlflow_churn.tracking import setup_mlflow
 from mlflow_churn.training.model import Scorer, load_scorer
+from mlflow_churn.web.metrics import Metrics
 
 log = logging.getLogger("mlflow_churn.serving")
 

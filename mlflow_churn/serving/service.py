@@ -18,12 +18,12 @@ from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.online import StoreUnavailable, open_store
 from mlflow_churn.serving.log_writer import LogWriter, PredictionLogUnavailable
-from mlflow_churn.serving.metrics import Metrics
 from mlflow_churn.serving.models import LoadedModel, ModelManager, ModelPair
 from mlflow_churn.serving.prediction_log import PredictionRecord
 from mlflow_churn.serving.routing import routes
 from mlflow_churn.web import errors as web_errors
 from mlflow_churn.web.breaker import CircuitBreaker, Unavailable
+from mlflow_churn.web.metrics import Metrics
 
 log = logging.getLogger("mlflow_churn.serving")
 

@@ -6,7 +6,9 @@
 - :mod:`~mlflow_churn.web.auth`: bearer tokens (constant-time compare), the generated
   admin token file, the "no open port on the network" rule;
 - :mod:`~mlflow_churn.web.breaker`: a circuit breaker that answers at once while a
-  dependency (Redis) is down and probes it in the background.
+  dependency (Redis) is down and probes it in the background;
+- :mod:`~mlflow_churn.web.metrics`: Prometheus metrics on ``prometheus_client``, one
+  registry per app.
 
 A leaf: it imports nothing of the project but :mod:`mlflow_churn.errors`.
 """

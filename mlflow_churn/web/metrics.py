@@ -1,6 +1,6 @@
-"""Prometheus metrics of the scoring service on ``prometheus_client``: one
-:class:`~prometheus_client.CollectorRegistry` per app (never the process-global one), so two
-apps in one process (tests, embedding) keep their own counts.
+"""Prometheus metrics of the HTTP apps (scoring service, webhook receiver) on
+``prometheus_client``: one :class:`~prometheus_client.CollectorRegistry` per app (never the
+process-global one), so two apps in one process (tests, embedding) keep their own counts.
 
 :class:`Metrics` keeps the small API the service uses (``describe``, ``inc``, ``observe``,
 ``counter``, ``render(gauges)``); metric names, label names and buckets are the ones the
