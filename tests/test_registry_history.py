@@ -47,15 +47,8 @@ def test_project_moves_are_recorded_once_and_foreign_moves_by_sync(config) -> No
     client.set_registered_model_alias(name, "champion", "3")  # by someone else
     client.set_registered_model_alias(name, "canary", "1")
     hint_at = datetime.now(UTC)
-    new = sync(
-        client,
-        name,
-        actor=UNKNOWN,
-        reason="delivery d1",
-        source="webhook",
-        now=datetime.now(UTC),
-        hint=("champion", "3", hint_at),
-    )
+    new = sync(client, name, actor=UNKNOWN, reason="delivery d1", source="webhook", now=datetime.now(UTC),
+               hint=("champion", "3", hint_at))
     assert [(m.alias, m.from_version, m.to_version, m.actor) for m in new] == [
         ("canary", None, "1", UNKNOWN),
         ("champion", "2", "3", UNKNOWN),
@@ -104,18 +97,9 @@ def test_in_flight_project_move_is_waited_for_not_recorded_twice(config) -> None
         slept.append(seconds)
         end_move(client, run_id)
 
-    assert (
-        sync(
-            client,
-            name,
-            actor=UNKNOWN,
-            reason="d",
-            source="webhook",
-            now=datetime.now(UTC),
-            sleep=finish_then_sleep,
-        )
-        == []
-    )
+    found = sync(client, name, actor=UNKNOWN, reason="d", source="webhook", now=datetime.now(UTC),
+                 sleep=finish_then_sleep)
+    assert found == []
     assert slept and [m.run_id for m in read_moves(client, name)] == [run_id]
     # a failed move (FAILED run) is not history
     failed = begin_move(client, name, "canary", None, "2")
