@@ -334,6 +334,19 @@ class ServingConfig(_Section):
     auc_loss_budget: float = Field(0.002, ge=0, le=1, description="`churn compress` AUC-loss budget")
 
 
+class CanaryConfig(_Section):
+    """Promotion of the canary (`churn canary promote`, the admin route, the auto loop)."""
+
+    min_requests: int | None = Field(
+        None, ge=1, description="logged canary requests `promote` needs (unless --force --reason); "
+        "None = serving.min_canary_samples, the number the canary verdict needs"
+    )
+
+    def needed(self, serving: ServingConfig) -> int:
+        """The request floor of a promotion."""
+        return self.min_requests if self.min_requests is not None else serving.min_canary_samples
+
+
 class HooksConfig(_Section):
     """Registry webhook receiver (`churn hooks serve`)."""
 
@@ -416,6 +429,7 @@ class ChurnConfig(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
+    canary: CanaryConfig = Field(default_factory=CanaryConfig, description="promotion of the canary")
     hooks: HooksConfig = Field(default_factory=HooksConfig)
     mlflow: MlflowServerConfig = Field(
         default_factory=MlflowServerConfig,

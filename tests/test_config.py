@@ -170,3 +170,12 @@ def test_masked_hides_tokens_secrets_and_url_passwords() -> None:
     assert masked({"serving": {"api_token": "t"}, "features": {"api_token": "u", "max_ids": 3}}) == {
         "serving": {"api_token": "***"}, "features": {"api_token": "***", "max_ids": 3}}
     assert masked({"serving": {"admin_token": None}}) == {"serving": {"admin_token": None}}
+
+
+def test_canary_min_requests_is_the_promotion_floor(tmp_path: Path) -> None:
+    """`canary.min_requests` (issue 15's name) defaults to the verdict's serving.min_canary_samples."""
+    cfg = load_config(workspace=tmp_path, environ={})
+    assert cfg.canary.min_requests is None and cfg.canary.needed(cfg.serving) == 500
+    cfg = load_config(workspace=tmp_path, environ={"CHURN_CANARY__MIN_REQUESTS": "5000"})
+    assert cfg.canary.needed(cfg.serving) == 5000
+    assert "canary.min_requests" in _refused(tmp_path, "canary:\n  min_requests: 0\n")

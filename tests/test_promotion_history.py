@@ -293,11 +293,15 @@ def test_promote_refuses_wait_and_few_requests_force_records_override_and_rollba
     with pytest.raises(ChurnError, match=r"verdict is 'wait' on 0 logged predictions.*--force"):
         promote(cfg, "looks fine")
     _log_canary(cfg, v2, 40)
-    with pytest.raises(ChurnError, match=r"on 40 logged predictions \(serving.min_canary_samples=500\)"):
+    with pytest.raises(ChurnError, match=r"on 40 logged predictions \(canary.min_requests=500\)"):
+        promote(cfg, "looks fine")
+    # a promote verdict on 40 predictions, but canary.min_requests asks for more
+    cfg.serving.min_canary_samples, cfg.canary.min_requests = 40, 41
+    with pytest.raises(ChurnError, match=r"is .promote. on 40 logged predictions \(canary.min_requests=41\)"):
         promote(cfg, "looks fine")
     assert _aliases(client, name) == {"champion": v1, "canary": v2}
     # enough requests within every limit: promoted without --force
-    cfg.serving.min_canary_samples = 40
+    cfg.canary.min_requests = 40
     res = promote(cfg, "canary healthy")
     assert not res.noop and _aliases(client, name) == {"champion": v2, "previous-champion": v1}
     assert OVERRIDE_TAG not in client.get_model_version(name, v2).tags

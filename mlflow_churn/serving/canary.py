@@ -535,11 +535,11 @@ def _require_promote_verdict(cfg: ChurnConfig, canary: str, proof: CanaryEvaluat
     if proof is None:
         raise ChurnError(f"cannot promote version {canary}: no canary evidence ({proof_error}){fix}")
     rows = proof.routes["canary"].rows if "canary" in proof.routes else 0
-    need = cfg.serving.min_canary_samples
+    need = cfg.canary.needed(cfg.serving)
     if proof.verdict != "promote" or rows < need:
         why = "; ".join(proof.reasons) or "no reason given"
         raise ChurnError(f"cannot promote version {canary}: the canary verdict is '{proof.verdict}' on "
-                         f"{rows} logged predictions (serving.min_canary_samples={need}): {why}{fix}")
+                         f"{rows} logged predictions (canary.min_requests={need}): {why}{fix}")
 
 
 def _finish_promotion(cfg: ChurnConfig, client: MlflowClient, canary: str, old: str | None,
