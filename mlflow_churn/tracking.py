@@ -1,7 +1,7 @@
 """Point MLflow at the configured store and make sure our experiment exists there.
 
 Against a tracking server (``http(s)://``) this module also keeps MLflow's waits bounded and
-its failures clean (issue 14 item 4, issue 16 "bounded waits"):
+its failures clean:
 
 - :func:`export_http_limits` (called by :func:`setup_mlflow`) exports the ``mlflow.http_*``
   config keys as ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``_TIMEOUT`` / ``_BACKOFF_FACTOR``

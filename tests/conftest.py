@@ -161,7 +161,7 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-# --- registered model versions for gate / serving / monitoring tests (issue 5) ---------------
+# --- registered model versions for gate / serving / monitoring tests ----------------------
 
 #: newest training cutoff of versions made by ``register_version`` unless told otherwise
 from datetime import UTC as _UTC  # noqa: E402
@@ -188,7 +188,8 @@ def register_version(small_data: Path):
       are re-assigned to the customers a good model ranks lowest (same churn rate, inverted
       ranking) and the model is deeper (150 rounds, depth 6) to learn it, so that segment's AUC
       collapses;
-    - version tags as training sets them (contracts.md): feature_set, feature_set_hash,
+    - version tags as training sets them (tests/test_training_train.py checks they are a subset of
+      what ``train()`` writes): feature_set, feature_set_hash,
       window_start, window_end, as_of (= window_end + horizon + evaluation.holdout_days),
       horizon_days, val_auc (newest cutoff of the validation customers), data_hash, train_run_id,
       source=simulator, plus test_quality;
@@ -275,7 +276,7 @@ def register_version(small_data: Path):
     return _register
 
 
-# --- a real `mlflow server` on PostgreSQL (issue 14) -------------------------------------------
+# --- a real `mlflow server` on PostgreSQL ---------------------------------------------------------
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """A real ``mlflow server`` for the session (per xdist worker): its own PostgreSQL

@@ -81,7 +81,7 @@ class Receiver:
 
 def register_webhook(client, url: str, events: tuple[str, ...] | None = None) -> str:
     """Create a webhook (unique name) calling ``url``; returns its id (delete it after)."""
-    from mlflow_churn.registry.webhooks import EVENTS
+    from mlflow_churn.registry.events import EVENTS
 
     hook = client.create_webhook(
         name=f"test-{uuid.uuid4().hex[:8]}", url=url, events=list(events or EVENTS), secret=SECRET

@@ -159,16 +159,18 @@ def test_stats_is_a_leaf(graph) -> None:
     assert leaks == []
 
 
-@pytest.mark.parametrize("package", ["data", "features", "training", "evaluation", "registry", "serving",
-                                     "monitoring", "stats"])
+PACKAGES = sorted(m for m, p in _modules().items() if p.name == "__init__.py")
+
+
+@pytest.mark.parametrize("package", PACKAGES)
 def test_public_api_resolves(package: str) -> None:
-    """Each package's ``__all__`` is its public API, and every name in it imports."""
+    """Every package's ``__all__`` is its public API, and every name in it imports."""
     import importlib
 
-    mod = importlib.import_module(f"mlflow_churn.{package}")
-    assert mod.__all__, f"mlflow_churn.{package} declares no public API"
+    mod = importlib.import_module(package)
+    assert mod.__all__, f"{package} declares no public API"
     for name in mod.__all__:
-        assert getattr(mod, name) is not None, f"mlflow_churn.{package}.{name}"
+        assert getattr(mod, name) is not None, f"{package}.{name}"
 
 
 #: the one deferred import of our own code below the shells: Spark starts only when asked for

@@ -1,4 +1,4 @@
-"""Every `churn` command answers bad input with one line `error: ...` and exit code 2 (issue 16).
+"""Every `churn` command answers bad input with one line `error: ...` and exit code 2.
 
 The command tree is enumerated from the Typer app, so a new command without bad values here
 fails :func:`test_every_command_has_bad_values`. Each command gets at least two bad values of

@@ -83,7 +83,7 @@ def test_missing_config_file_is_named(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.yaml", environ={})
 
 
-# --- settings that can never work (issue 16) ----------------------------------------------------
+# --- settings that can never work ----------------------------------------------------
 
 @pytest.mark.parametrize(
     ("text", "needle"),
@@ -173,7 +173,7 @@ def test_masked_hides_tokens_secrets_and_url_passwords() -> None:
 
 
 def test_canary_min_requests_is_the_promotion_floor(tmp_path: Path) -> None:
-    """`canary.min_requests` (issue 15's name) defaults to the verdict's serving.min_canary_samples."""
+    """`canary.min_requests` defaults to the verdict's serving.min_canary_samples."""
     cfg = load_config(workspace=tmp_path, environ={})
     assert cfg.canary.min_requests is None and cfg.canary.needed(cfg.serving) == 500
     cfg = load_config(workspace=tmp_path, environ={"CHURN_CANARY__MIN_REQUESTS": "5000"})

@@ -1,4 +1,4 @@
-"""Issue 14, items 2-3: the demo's server mode (real `mlflow server` + `churn hooks serve`
+"""The demo's server mode (real `mlflow server` + `churn hooks serve`
 children, the gate started by the registry's webhook), children stopped on SIGINT / SIGTERM,
 PostgreSQL URLs as users type them, per-segment gate metrics, the experiment kind tag, and
 one tracking store for `mlflow run` and `churn` from the same directory."""

@@ -1,4 +1,4 @@
-"""The feature SQL sandbox (issue 16): definitions are checked by DuckDB's parser, never run
+"""The feature SQL sandbox: definitions are checked by DuckDB's parser, never run
 unreviewed; the feature connections read only the workspace's data directory.
 
 Each refused construct names the definition in one line; the two reproductions of the issue

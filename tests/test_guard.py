@@ -1,4 +1,4 @@
-"""The guard plugin (issue 15 item 1) on a real ``mlflow server --app-name churn-guard``.
+"""The guard plugin on a real ``mlflow server --app-name churn-guard``.
 
 One server for the module (SQLite); every test uses its own registered model. Versions are
 gated and canary-evaluated by the project's own recording code (tests/guard_support.py).

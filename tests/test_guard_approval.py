@@ -1,4 +1,4 @@
-"""Approvals (issue 15 item 6): with ``registry.require_approval: true`` a promotion also needs
+"""Approvals: with ``registry.require_approval: true`` a promotion also needs
 tag ``approved_by`` on the version; the guard plugin and ``churn canary promote`` enforce it.
 One ``mlflow server --app-name churn-guard`` with CHURN_REGISTRY__REQUIRE_APPROVAL=true and
 ``registry.guard_auth: basic-auth`` (MLflow's basic-auth wrapped too: who promoted is known)."""

@@ -1,6 +1,6 @@
-"""A person in the real MLflow registry UI, against ``mlflow server --app-name churn-guard``
-(issue 15 "A browser test"): headless Chromium (Debian packages ``chromium`` and
-``chromium-driver``; .ci/run installs them) driven by Selenium.
+"""A person in the real MLflow registry UI, against ``mlflow server --app-name churn-guard``:
+headless Chromium (Debian packages ``chromium`` and ``chromium-driver``; .ci/run installs
+them) driven by Selenium.
 
 Deselect with ``-m "not browser"``. Skipped when Chromium is missing, except in CI.
 """

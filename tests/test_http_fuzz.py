@@ -1,4 +1,4 @@
-"""Schemathesis against each app's OpenAPI over a real socket (issue 16).
+"""Schemathesis against each app's OpenAPI over a real socket.
 
 For every operation of the scoring service, the feature API and the webhook receiver,
 a bounded number of generated requests, schema-conforming and not, each sent with no

@@ -1,4 +1,4 @@
-"""Hardening of the HTTP apps (issue 16): closed by default, tokens, request limits, input
+"""Hardening of the HTTP apps: closed by default, tokens, request limits, input
 validation, bounded waits on a stalled Redis, secrets masked. Real sockets, real
 subprocesses, a real (stalled) TCP peer in place of Redis."""
 

@@ -1,4 +1,4 @@
-"""Issue 15 items 2-5 against a real `mlflow server` (PostgreSQL, webhooks) and a real
+"""Guarded promotion against a real `mlflow server` (PostgreSQL, webhooks) and a real
 `churn hooks serve`: alias history (project, REST and reconciled moves; `churn registry history
 --at`), unguarded moves (audit run, /metrics, revert), a promotion made in the UI completed by
 the receiver, promote refusals / --force override, rollback after a promotion."""

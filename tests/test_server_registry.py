@@ -1,4 +1,4 @@
-"""Registry writes against a real `mlflow server` (issue 14 items 1 and 4, issue 16 bounded waits).
+"""Registry writes against a real `mlflow server`.
 
 Against the session's server on PostgreSQL (fixture ``mlflow_server``): `churn train` and
 `mlflow run . -e train` register a version with alias challenger (the server needs the
@@ -175,7 +175,7 @@ def test_gate_canary_promote_rollback_compress_on_the_server(mlflow_server, work
     assert client.get_run(decision.run_id).info.status == "FINISHED"
 
     env = _env(mlflow_server.url, name)
-    # no canary traffic in this test: an explicit, recorded override (issue 15)
+    # no canary traffic in this test: an explicit, recorded override
     res = _churn(workspace, env, "canary", "promote", "--reason", "server test", "--force", "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     aliases = aliases_of(client, name)

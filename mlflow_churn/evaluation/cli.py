@@ -8,7 +8,13 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from mlflow_churn.cli_common import console, get_config, opt_str, parse_datetime, with_progress
+from mlflow_churn.cli_common import (
+    as_of_or_latest,
+    console,
+    get_config,
+    opt_str,
+    with_progress,
+)
 
 if TYPE_CHECKING:  # importing the gate pulls in MLflow and sklearn: keep `churn --help` fast
     from mlflow_churn.evaluation.evaluate import GateDecision
@@ -42,13 +48,11 @@ def evaluate_command(
 ) -> None:
     """Score challenger and champion on the holdout; pass -> alias canary, fail -> tag gate=rejected."""
     cfg = get_config(ctx)
-    when = parse_datetime(as_of, "--as-of") if opt_str(as_of) else None  # bad input first, then imports
+    when = as_of_or_latest(cfg, as_of)  # bad input first, then the heavy imports
     from mlflow_churn.evaluation.evaluate import STEPS, evaluate
-    from mlflow_churn.features.offline import latest_as_of
     from mlflow_churn.tracking import without_project_run
 
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-    when = when or latest_as_of(cfg.data_dir)
     # inside `mlflow run` the project run is the parent of the decision run
     with without_project_run() as parent:
         decision = with_progress("registry gate", STEPS, progress, lambda tick: evaluate(

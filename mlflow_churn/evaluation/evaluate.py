@@ -293,7 +293,7 @@ def reference_cutoffs(cfg: ChurnConfig, mv: ModelVersion) -> list[datetime]:
 
 def drift_reports(cfg: ChurnConfig, scorer: Scorer, reference: pd.DataFrame, current: pd.DataFrame,
                   ref_scores: np.ndarray, cur_scores: np.ndarray, out_dir: Path) -> dict[str, Any]:
-    """Evidently HTML report + the project's drift JSON (monitoring.drift on a reference
+    """Evidently HTML report + the project's drift JSON (stats.drift on a reference
     profile) of ``current`` against ``reference``; returns the JSON's summary."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset

@@ -13,11 +13,11 @@ from rich.table import Table
 
 from mlflow_churn.cli_common import (
     JSON_OPTION,
+    as_of_or_latest,
     console,
     from_config,
     get_config,
     opt_str,
-    parse_datetime,
     print_json,
     progress_arg,
 )
@@ -187,8 +187,6 @@ def materialize_cmd(
 ) -> None:
     """Compute every registered feature and swap the batch in online atomically."""
     from mlflow_churn.features.materialize import materialize, run_every
-    from mlflow_churn.features.offline import latest_as_of
-
     cfg = get_config(ctx)
     as_of_s, every_s = opt_str(as_of), opt_str(every)
     if max_runs is not None and not every_s:
@@ -209,7 +207,7 @@ def materialize_cmd(
         run_every(cfg, parse_every(every_s), incremental=incremental, max_runs=max_runs,
                   progress=progress_arg(progress), on_run=report)
         return
-    when = parse_datetime(as_of_s, "--as-of") if as_of_s else latest_as_of(cfg.data_dir)
+    when = as_of_or_latest(cfg, as_of_s)
     info = materialize(cfg, when, incremental=incremental, progress=progress_arg(progress), force=force)
     console.print(_batch_table("churn features materialize", [info]))
     console.print(f"serving batch {info.batch_id} from {cfg.features.online_backend} store")

@@ -7,7 +7,7 @@ import logging
 import typer
 
 from mlflow_churn.cli_common import console, from_config, get_config, opt_str
-from mlflow_churn.registry.webhooks import EVENTS, WEBHOOK_NAME
+from mlflow_churn.registry.events import EVENTS, WEBHOOK_NAME
 
 hooks_app = typer.Typer(help="MLflow registry webhooks: run the gate when a challenger is aliased; record "
                         "every alias move; catch unguarded promotions.",

@@ -7,10 +7,10 @@ from rich.table import Table
 
 from mlflow_churn.cli_common import (
     JSON_OPTION,
+    as_of_or_latest,
     console,
     get_config,
     opt_str,
-    parse_datetime,
     print_json,
     with_progress,
 )
@@ -76,14 +76,13 @@ def monitor_cmd(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Monitor the last monitoring.window_days days: drift, performance, policy decision."""
-    from mlflow_churn.features.offline import latest_as_of
     from mlflow_churn.monitoring.monitor import monitor
     from mlflow_churn.monitoring.retrain_cli import parse_bool
 
     if report_value is not None:
         report = parse_bool(report_value, "--report-value")
     cfg = get_config(ctx)
-    when = parse_datetime(as_of, "--as-of") if opt_str(as_of) else latest_as_of(cfg.data_dir)
+    when = as_of_or_latest(cfg, as_of)
     res = with_progress("monitoring window", 1, progress and not as_json,
                         lambda tick: (monitor(cfg, when, alias=opt_str(alias) or "champion",
                                               report=report), tick(1))[0])

@@ -8,7 +8,7 @@ data is never re-read):
 
 - **integrity**: null rates of the features and, per day, of the raw source columns
   (:mod:`mlflow_churn.data.sources`), missing features and days;
-- **drift** (:mod:`mlflow_churn.monitoring.window`): PSI, KS, Jensen-Shannon,
+- **drift** (:mod:`mlflow_churn.monitoring.window_drift`): PSI, KS, Jensen-Shannon,
   chi-square, score PSI, per segment;
 - **performance** (:mod:`mlflow_churn.stats.performance`): the CBPE estimate from the
   calibrated scores; realised AUC, recall@k, revenue lift on the cutoffs whose labels have
@@ -49,7 +49,7 @@ from mlflow_churn.monitoring.runs import (
     monitoring_experiment,
     read_history,
 )
-from mlflow_churn.monitoring.window import window_drift
+from mlflow_churn.monitoring.window_drift import window_drift
 from mlflow_churn.registry.aliases import alias_version, model_uri
 from mlflow_churn.stats.performance import AucCheck, Performance, assess, auc_check
 from mlflow_churn.tracking import setup_mlflow, step_run

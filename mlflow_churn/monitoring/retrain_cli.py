@@ -5,7 +5,12 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from mlflow_churn.cli_common import console, get_config, opt_str, parse_datetime, progress_arg
+from mlflow_churn.cli_common import (
+    as_of_or_latest,
+    console,
+    get_config,
+    progress_arg,
+)
 from mlflow_churn.errors import ChurnError
 
 _TRUE = ("true", "1", "yes", "on")
@@ -41,7 +46,6 @@ def retrain(
     """Retrain when the newest monitoring decision about the champion says so (or --force):
     train a challenger on the latest window, gate it against the champion; else record a
     no-op with the reason."""
-    from mlflow_churn.features.offline import latest_as_of
     from mlflow_churn.monitoring.retrain import RETRAINED
     from mlflow_churn.monitoring.retrain import retrain as run_retrain
 
@@ -49,7 +53,7 @@ def retrain(
         raise ChurnError(f"--n-trials must be >= 1, got {n_trials}")
     cfg = get_config(ctx, {"training.n_trials": n_trials})
     forced = force or (parse_bool(force_value, "--force-value") if force_value is not None else False)
-    when = parse_datetime(as_of, "--as-of") if opt_str(as_of) else latest_as_of(cfg.data_dir)
+    when = as_of_or_latest(cfg, as_of)
     result = run_retrain(cfg, when, force=forced, progress=progress_arg(progress))
     table = Table(title=f"churn retrain as of {when.isoformat()}: {result.action}")
     table.add_column("step")

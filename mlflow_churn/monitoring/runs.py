@@ -195,7 +195,7 @@ def read_history(cfg: ChurnConfig, model_name: str, version: str, before: dateti
 def latest_decision(cfg: ChurnConfig, model_name: str | None = None) -> dict[str, Any] | None:
     """The newest monitoring run's ``decision.json`` content plus ``run_id`` (None if none).
 
-    For ``retrain`` (issue 6): retrain when ``["decision"]["action"] == "retrain"``.
+    For ``retrain``: retrain when ``["decision"]["action"] == "retrain"``.
     """
     from mlflow import MlflowClient
 

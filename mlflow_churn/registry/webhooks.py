@@ -6,12 +6,8 @@ from dataclasses import dataclass
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError, first_line
+from mlflow_churn.registry.events import EVENTS, WEBHOOK_NAME
 from mlflow_churn.tracking import setup_mlflow
-
-WEBHOOK_NAME = "churn-gate"
-#: the gate runs on a new `challenger`; every alias event feeds the alias history and the
-#: unguarded-promotion check
-EVENTS = ("model_version_alias.created", "model_version_alias.deleted")
 
 
 @dataclass(frozen=True)

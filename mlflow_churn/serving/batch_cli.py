@@ -7,7 +7,14 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from mlflow_churn.cli_common import console, get_config, opt_str, parse_datetime, progress_arg, writable_dir
+from mlflow_churn.cli_common import (
+    as_of_or_latest,
+    console,
+    get_config,
+    opt_str,
+    progress_arg,
+    writable_dir,
+)
 from mlflow_churn.errors import ChurnError
 
 if TYPE_CHECKING:
@@ -38,7 +45,6 @@ def score(
     """Score every customer alive at --as-of from the offline features; write Parquet
     <out>/date=YYYY-MM-DD/ (customer_id, churn_probability, model_version, as_of,
     feature_set_hash)."""
-    from mlflow_churn.features.offline import latest_as_of
     from mlflow_churn.serving.batch import DEFAULT_BATCH_ROWS, ENGINES, score_batch
 
     cfg = get_config(ctx)
@@ -46,8 +52,7 @@ def score(
         raise ChurnError(f"--engine must be one of {', '.join(ENGINES)}, got '{engine}'")
     if batch_rows is not None and batch_rows < 1:
         raise ChurnError(f"--batch-rows must be >= 1, got {batch_rows}")
-    when = (parse_datetime(as_of, "--as-of") if opt_str(as_of)
-            else latest_as_of(cfg.data_dir))
+    when = as_of_or_latest(cfg, as_of)
     if opt_str(out):  # before any model is loaded: a bad --out fails at once
         writable_dir(out, "--out")
     result = score_batch(cfg, when, model_uri=opt_str(model_uri), out_dir=opt_str(out),

@@ -390,11 +390,11 @@ def _performance_limits(cfg: ChurnConfig, champ: RouteStats, can: RouteStats) ->
     return auc_limit, max(cfg.evaluation.recall_tolerance, NOISE_Z * se_recall)
 
 
-def _metrics_of(ev: CanaryEvaluation) -> dict[str, float]:
+def _metrics_of(evaluation: CanaryEvaluation) -> dict[str, float]:
     out: dict[str, float] = {}
-    if math.isfinite(ev.score_psi):
-        out["score_psi"] = ev.score_psi
-    for r, st in ev.routes.items():
+    if math.isfinite(evaluation.score_psi):
+        out["score_psi"] = evaluation.score_psi
+    for r, st in evaluation.routes.items():
         for key in ("rows", "errors", "error_rate", "p50_latency_ms", "p99_latency_ms", "mean_score",
                     "labelled", "auc", "recall_at_k"):
             value = float(getattr(st, key))
@@ -735,13 +735,16 @@ def _noop(cfg: ChurnConfig, action: str, name: str, version: str, before: dict[s
     return result
 
 
-def auto(cfg: ChurnConfig, as_of: datetime, since: datetime | None = None,
-         reason: str | None = None) -> tuple[CanaryEvaluation, TransitionResult | None]:
-    """Evaluate, then promote / roll back on the verdict (nothing on ``wait``)."""
-    ev = evaluate_canary(cfg, as_of, since)
-    why = (reason + ": " if reason else "") + "; ".join(ev.reasons)
-    if ev.verdict == "promote":
-        return ev, promote(cfg, f"auto: {why}", version=ev.canary_version, evidence=ev)
-    if ev.verdict == "rollback":
-        return ev, rollback(cfg, f"auto: {why}", version=ev.canary_version, evidence=ev)
-    return ev, None
+def act_on_verdict(cfg: ChurnConfig, as_of: datetime, since: datetime | None = None,
+                   reason: str | None = None) -> tuple[CanaryEvaluation, TransitionResult | None]:
+    """Evaluate, then promote / roll back on the verdict (nothing on ``wait``): what
+    `churn canary auto` and `churn canary evaluate --auto` run."""
+    evaluation = evaluate_canary(cfg, as_of, since)
+    why = (reason + ": " if reason else "") + "; ".join(evaluation.reasons)
+    if evaluation.verdict == "promote":
+        return evaluation, promote(cfg, f"auto: {why}", version=evaluation.canary_version,
+                                   evidence=evaluation)
+    if evaluation.verdict == "rollback":
+        return evaluation, rollback(cfg, f"auto: {why}", version=evaluation.canary_version,
+                                    evidence=evaluation)
+    return evaluation, None

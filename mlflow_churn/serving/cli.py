@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from mlflow_churn.cli_common import (
+    as_of_or_latest,
     console,
     from_config,
     get_config,
@@ -50,25 +51,25 @@ def _num(value: float) -> str:
     return "-" if value != value else f"{value:.4g}"  # NaN -> '-'
 
 
-def _print_evaluation(ev: object) -> None:
+def _print_evaluation(evaluation: object) -> None:
     from mlflow_churn.serving.canary import CanaryEvaluation
 
-    assert isinstance(ev, CanaryEvaluation)
-    table = Table(title=f"canary evaluation of '{ev.model_name}' at {ev.as_of.isoformat()}")
+    assert isinstance(evaluation, CanaryEvaluation)
+    table = Table(title=f"canary evaluation of '{evaluation.model_name}' at {evaluation.as_of.isoformat()}")
     for col in ("route", "version", "rows", "errors", "error rate", "p99 ms", "mean score", "labelled",
                 "AUC", "recall@k"):
         table.add_column(col, justify="left" if col == "route" else "right")
-    for st in ev.routes.values():
+    for st in evaluation.routes.values():
         table.add_row(st.route, str(st.version or "-"), str(st.rows), str(st.errors), _num(st.error_rate),
                       _num(st.p99_latency_ms), _num(st.mean_score), str(st.labelled), _num(st.auc),
                       _num(st.recall_at_k))
     console.print(table)
-    console.print(f"score PSI canary vs champion: {_num(ev.score_psi)}")
-    console.print(f"verdict: [bold]{ev.verdict}[/bold]")
-    for r in ev.reasons:
+    console.print(f"score PSI canary vs champion: {_num(evaluation.score_psi)}")
+    console.print(f"verdict: [bold]{evaluation.verdict}[/bold]")
+    for r in evaluation.reasons:
         console.print(f"  - {r}")
-    if ev.run_id:
-        console.print(f"run: {ev.run_id}")
+    if evaluation.run_id:
+        console.print(f"run: {evaluation.run_id}")
 
 
 def _print_transition(res: object) -> None:
@@ -108,18 +109,18 @@ def canary_status_cmd(
 
 def _evaluate(ctx: typer.Context, as_of: str | None, since: str | None, reason: str, as_json: bool,
               act: bool) -> None:
-    from mlflow_churn.serving.canary import auto, evaluate_canary
+    from mlflow_churn.serving.canary import act_on_verdict, evaluate_canary
 
     cfg = get_config(ctx)
     when, start = _when(cfg, as_of), _since(since)
     if act:
-        ev, res = auto(cfg, when, start, opt_str(reason))
+        evaluation, res = act_on_verdict(cfg, when, start, opt_str(reason))
     else:
-        ev, res = evaluate_canary(cfg, when, start), None
+        evaluation, res = evaluate_canary(cfg, when, start), None
     if as_json:
-        print_json({"evaluation": ev.to_dict(), "transition": res.to_dict() if res else None})
+        print_json({"evaluation": evaluation.to_dict(), "transition": res.to_dict() if res else None})
         return
-    _print_evaluation(ev)
+    _print_evaluation(evaluation)
     if res is not None:
         _print_transition(res)
     elif act:
@@ -302,15 +303,7 @@ def compress_cmd(
     cfg = get_config(ctx)
     version = parse_version(version, "--version")
     budget_value = _budget(budget)
-    if opt_str(as_of):
-        when = parse_datetime(as_of, "--as-of")
-    else:
-        from mlflow_churn.features.offline import latest_as_of
-
-        try:
-            when = latest_as_of(cfg.data_dir)
-        except ChurnError as exc:
-            raise ChurnError(f"{exc}; or pass --as-of") from None
+    when = as_of_or_latest(cfg, as_of)
     res = compress(cfg, version, when, budget_value, opt_str(alias))
     if as_json:
         print_json(res.to_dict())

@@ -45,6 +45,7 @@ from mlflow_churn.data.sources import source_reference
 from mlflow_churn.data.tables import TablePaths
 from mlflow_churn.features.offline import build_training_frame
 from mlflow_churn.stats import performance
+from mlflow_churn.training.frames import TrainingFrames
 from mlflow_churn.training.model import predict_proba
 from mlflow_churn.training.window import training_window
 
@@ -91,8 +92,8 @@ class TrainingBaselines:
     profile_extras: dict[str, Any]
 
 
-def _reference_rows(cfg: ChurnConfig, prep: Any, booster: Any, cutoffs: list[datetime], horizon: int,
-                    as_of: datetime) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _reference_rows(cfg: ChurnConfig, prep: TrainingFrames, booster: Any, cutoffs: list[datetime],
+                    horizon: int, as_of: datetime) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, scores, customer ids) of the reference rows with ``horizon``-day labels."""
 
     frame = build_training_frame(cfg.data_dir, prep.feature_set, cutoffs, horizon, label=True,
@@ -108,7 +109,7 @@ def _auc_metrics(rows: tuple[np.ndarray, np.ndarray, np.ndarray], key: str,
     return {} if check is None else {key: check.auc, f"{key}_se": check.se, churners: float(check.churners)}
 
 
-def training_baselines(cfg: ChurnConfig, prep: Any, booster: Any, y_valid: Any,
+def training_baselines(cfg: ChurnConfig, prep: TrainingFrames, booster: Any, y_valid: Any,
                        valid_scores: Any) -> TrainingBaselines:
     """The baselines of a training run (see module doc). For the feature-store source
     (``prep.source == "simulator"``) from the reference rows: the unselected and short-horizon

@@ -8,7 +8,14 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from mlflow_churn.cli_common import check_number, console, get_config, opt_str, parse_datetime, progress_arg
+from mlflow_churn.cli_common import (
+    as_of_or_latest,
+    check_number,
+    console,
+    get_config,
+    opt_str,
+    progress_arg,
+)
 from mlflow_churn.errors import ChurnError
 
 if TYPE_CHECKING:
@@ -77,12 +84,7 @@ def train_command(
     else:
         if label or id_column:
             raise ChurnError("--label/--id apply to --table only; add --table PATH")
-        if opt_str(as_of):
-            when = parse_datetime(as_of, "--as-of")
-        else:
-            from mlflow_churn.features.offline import latest_as_of
-
-            when = latest_as_of(cfg.data_dir)
+        when = as_of_or_latest(cfg, as_of)
         result = train(cfg, when, **common)
     console.print(summary_table(result))
     if result.version:

@@ -33,7 +33,6 @@ leader waits for running trials before choosing the best one.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import warnings
@@ -59,6 +58,7 @@ from mlflow_churn.registry.versions import registered_version
 from mlflow_churn.tracking import fail_fast, failed_on_error, setup_mlflow, step_run
 from mlflow_churn.training import tuning
 from mlflow_churn.training.baseline import training_baselines
+from mlflow_churn.training.frames import TrainingFrames
 from mlflow_churn.training.model import log_churn_model, predict_proba
 from mlflow_churn.training.profile import build_profile
 from mlflow_churn.training.table import load_table
@@ -96,39 +96,6 @@ class TrainResult:
     trials: list[tuning.TrialRecord] = field(default_factory=list)
 
 
-@dataclass
-class Prepared:
-    """Training and validation rows of one source, and what to record about them."""
-
-    source: str
-    feature_set: FeatureSet
-    train: pd.DataFrame
-    valid: pd.DataFrame
-    dataset_source: str
-    params: dict[str, str]
-    recipe: dict[str, Any]
-    window_start: str = ""
-    window_end: str = ""
-    as_of: str = ""
-    artifacts: dict[str, Any] = field(default_factory=dict)
-    segments: tuple[str, ...] = ()
-    reference: pd.DataFrame | None = None  # the monitoring reference rows; None = ``valid``
-
-    @property
-    def frame(self) -> pd.DataFrame:
-        """Every row used (training then validation) with a ``split`` column."""
-        return pd.concat([self.train.assign(split="train"), self.valid.assign(split="valid")],
-                         ignore_index=True)
-
-    @property
-    def data_hash(self) -> str:
-        """sha256 (hex) of the frame's column names and row hashes."""
-        frame = self.frame
-        digest = hashlib.sha256("\x1f".join(map(str, frame.columns)).encode())
-        digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
-        return digest.hexdigest()
-
-
 def _check_classes(y: np.ndarray, what: str) -> None:
     classes = np.unique(y)
     if len(classes) < 2:
@@ -162,7 +129,7 @@ def time_split(frame: pd.DataFrame, window: TrainingWindow, fraction: float,
     return train.reset_index(drop=True), valid.reset_index(drop=True)
 
 
-def prepare_window(cfg: ChurnConfig, as_of: datetime) -> Prepared:
+def prepare_window(cfg: ChurnConfig, as_of: datetime) -> TrainingFrames:
     """Frames of the training window ending before ``as_of`` (see the module doc)."""
     window = training_window(as_of, cfg)
     fs = registry_for(cfg).feature_set(cfg.features.feature_set)
@@ -185,7 +152,7 @@ def prepare_window(cfg: ChurnConfig, as_of: datetime) -> Prepared:
                                    "holdout_customer_fraction": str(cfg.evaluation.holdout_customer_fraction),
                                    "validation_customer_fraction":
                                        str(cfg.training.validation_customer_fraction)}
-    return Prepared(
+    return TrainingFrames(
         source="simulator", feature_set=fs, train=train, valid=valid,
         dataset_source=str(cfg.data_dir.resolve()), params=params,
         recipe={"source": "simulator", "as_of": window.as_of.isoformat()},
@@ -196,7 +163,8 @@ def prepare_window(cfg: ChurnConfig, as_of: datetime) -> Prepared:
     )
 
 
-def prepare_table(cfg: ChurnConfig, path: Path | str, label: str, id_column: str | None = None) -> Prepared:
+def prepare_table(cfg: ChurnConfig, path: Path | str, label: str,
+                  id_column: str | None = None) -> TrainingFrames:
     """Frames of a flat table with a seeded stratified holdout (see :mod:`.table`)."""
     from sklearn.model_selection import train_test_split
 
@@ -215,7 +183,7 @@ def prepare_table(cfg: ChurnConfig, path: Path | str, label: str, id_column: str
     _check_classes(train[LABEL].to_numpy(), "training")
     _check_classes(valid[LABEL].to_numpy(), "validation")
     resolved = str(Path(path).resolve())
-    return Prepared(
+    return TrainingFrames(
         source="table", feature_set=fs, train=train, valid=valid, dataset_source=resolved,
         params={"table": resolved, "label_column": label, "id_column": id_column or "",
                 "validation": "seeded stratified holdout"},
@@ -225,7 +193,7 @@ def prepare_table(cfg: ChurnConfig, path: Path | str, label: str, id_column: str
     )
 
 
-def _prepare_from_recipe(cfg: ChurnConfig, recipe: dict[str, Any]) -> Prepared:
+def _prepare_from_recipe(cfg: ChurnConfig, recipe: dict[str, Any]) -> TrainingFrames:
     if recipe.get("source") == "table":
         return prepare_table(cfg, recipe["table"], recipe["label"], recipe.get("id") or None)
     return prepare_window(cfg, datetime.fromisoformat(recipe["as_of"]))
@@ -257,7 +225,7 @@ def _importance_figure(booster: Any, title: str) -> Any:
     return fig
 
 
-def _log_profile(prep: Prepared, booster: Any, bins: int, extras: dict[str, Any]) -> bool:
+def _log_profile(prep: TrainingFrames, booster: Any, bins: int, extras: dict[str, Any]) -> bool:
     """Log ``reference/profile.json`` of ``prep.reference`` (every customer at the newest
     cutoff; for a table, the validation rows) with the model's scores and ``extras``
     (calibration, source null rates)."""
@@ -268,7 +236,7 @@ def _log_profile(prep: Prepared, booster: Any, bins: int, extras: dict[str, Any]
     return True
 
 
-def _fit_data(prep: Prepared) -> tuning.FitData:
+def _fit_data(prep: TrainingFrames) -> tuning.FitData:
     """The coerced frames the tuner fits on (training rows carry their sample weights)."""
     fs = prep.feature_set
     return tuning.FitData(x_train=fs.coerce(prep.train), y_train=prep.train[LABEL].to_numpy(),
@@ -276,7 +244,7 @@ def _fit_data(prep: Prepared) -> tuning.FitData:
                           y_valid=prep.valid[LABEL].to_numpy())
 
 
-def _tune(cfg: ChurnConfig, prep: Prepared, client: MlflowClient, run: Any, data: tuning.FitData,
+def _tune(cfg: ChurnConfig, prep: TrainingFrames, client: MlflowClient, run: Any, data: tuning.FitData,
           n_trials: int, timeout: float | None, storage: str | None, study_name: str,
           progress: ProgressArg, wait_seconds: float) -> tuning.TuningResult:
     """Step 1: the Optuna study (every trial a nested run of ``run``), its settings as params."""
@@ -310,7 +278,7 @@ def _tune(cfg: ChurnConfig, prep: Prepared, client: MlflowClient, run: Any, data
     return tuning.summarize(study)
 
 
-def _fit_best(cfg: ChurnConfig, prep: Prepared, data: tuning.FitData,
+def _fit_best(cfg: ChurnConfig, prep: TrainingFrames, data: tuning.FitData,
               tuned: tuning.TuningResult) -> tuple[Any, np.ndarray, dict[str, float]]:
     """Step 2: the best trial refitted, cut at its best iteration: (booster, validation
     scores, validation metrics)."""
@@ -331,7 +299,7 @@ def _fit_best(cfg: ChurnConfig, prep: Prepared, data: tuning.FitData,
     return booster, scores, metrics
 
 
-def _log_evidence(cfg: ChurnConfig, prep: Prepared, client: MlflowClient, run_id: str, booster: Any,
+def _log_evidence(cfg: ChurnConfig, prep: TrainingFrames, client: MlflowClient, run_id: str, booster: Any,
                   metrics: dict[str, float], tuned: tuning.TuningResult,
                   profile_extras: dict[str, Any]) -> bool:
     """Step 3: metrics, best params, the importance plot, the training dataset, the feature
@@ -352,7 +320,7 @@ def _log_evidence(cfg: ChurnConfig, prep: Prepared, client: MlflowClient, run_id
     return _log_profile(prep, booster, cfg.monitoring.bins, profile_extras)
 
 
-def _fit_and_register(cfg: ChurnConfig, prep: Prepared, *, n_trials: int | None, timeout: float | None,
+def _fit_and_register(cfg: ChurnConfig, prep: TrainingFrames, *, n_trials: int | None, timeout: float | None,
                       storage: str | None, study_name: str | None, progress: ProgressArg,
                       parent_run_id: str | None,
                       wait_seconds: float = DEFAULT_WAIT_SECONDS) -> TrainResult:
@@ -507,7 +475,7 @@ def train_on_frame(cfg: ChurnConfig, train_frame: pd.DataFrame, valid_frame: pd.
     valid_frame = valid_frame.assign(**({} if WEIGHT in valid_frame else {WEIGHT: 1.0}))
     _check_classes(train_frame[LABEL].to_numpy(), "training")
     _check_classes(valid_frame[LABEL].to_numpy(), "validation")
-    prep = Prepared(source=source, feature_set=feature_set, train=train_frame.reset_index(drop=True),
+    prep = TrainingFrames(source=source, feature_set=feature_set, train=train_frame.reset_index(drop=True),
                     valid=valid_frame.reset_index(drop=True), dataset_source=dataset_source,
                     params={}, recipe={"source": "frame"})
     return _fit_and_register(cfg, prep, n_trials=n_trials, timeout=timeout, storage=None,
@@ -515,6 +483,6 @@ def train_on_frame(cfg: ChurnConfig, train_frame: pd.DataFrame, valid_frame: pd.
 
 
 __all__ = [
-    "Prepared", "TrainResult", "prepare_table", "prepare_window", "registered_version", "run_worker",
+    "TrainingFrames", "TrainResult", "prepare_table", "prepare_window", "registered_version", "run_worker",
     "time_split", "train", "train_on_frame", "train_table",
 ]

@@ -10,5 +10,21 @@
 - :mod:`~mlflow_churn.web.metrics`: Prometheus metrics on ``prometheus_client``, one
   registry per app.
 
-A leaf: it imports nothing of the project but :mod:`mlflow_churn.errors`.
+A leaf: it imports nothing of the project but :mod:`mlflow_churn.errors` (and
+:mod:`mlflow_churn.lazy` for these exports).
 """
+
+from mlflow_churn.lazy import lazy_exports
+
+_EXPORTS = {
+    "HttpError": "mlflow_churn.web.errors",
+    "error_response": "mlflow_churn.web.errors",
+    "install": "mlflow_churn.web.errors",
+    "check_bearer": "mlflow_churn.web.auth",
+    "check_exposure": "mlflow_churn.web.auth",
+    "token_file": "mlflow_churn.web.auth",
+    "CircuitBreaker": "mlflow_churn.web.breaker",
+    "Unavailable": "mlflow_churn.web.breaker",
+    "Metrics": "mlflow_churn.web.metrics",
+}
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

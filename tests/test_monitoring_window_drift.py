@@ -16,7 +16,7 @@ from mlflow_churn.features.offline import build_training_frame
 from mlflow_churn.features.registry import load_registry
 from mlflow_churn.monitoring.frames import FrameCache, window_frame
 from mlflow_churn.monitoring.monitor import window_cutoffs
-from mlflow_churn.monitoring.window import NOISE_QUANTILE, window_drift
+from mlflow_churn.monitoring.window_drift import NOISE_QUANTILE, window_drift
 from mlflow_churn.stats import drift
 from mlflow_churn.training.profile import build_profile
 
