@@ -143,8 +143,9 @@ def test_records_and_bad_input_get_4xx_naming_fields(config, register_version) -
 def test_no_model_503_and_admin_token_401(config) -> None:
     cfg = serving_config(config, admin_token="s3cret", reload_seconds=0.2)
     with ServerThread(create_app(cfg)) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
-        time.sleep(0.5)  # the reloader has polled the empty registry
-        res = client.get("/ready")
+        deadline = time.monotonic() + 30  # until the reloader has polled the empty registry
+        while "champion" not in (res := client.get("/ready")).text and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert res.status_code == 503 and "champion" in res.json()["detail"]
         res = client.post("/predict", json={"customer_ids": [1]})
         assert res.status_code == 503 and "no champion" in res.json()["detail"]
