@@ -6,7 +6,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,6 +16,7 @@ from rich.console import Console
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.jsonable import dumps
+from mlflow_churn.times import utc
 
 T = TypeVar("T")
 
@@ -90,10 +91,8 @@ def parse_datetime(value: str, option: str) -> datetime:
         raise ChurnError(
             f"{option} must be an ISO date or time like 2026-03-01 or 2026-03-01T12:00Z, got '{value}'"
         ) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
     try:
-        parsed = parsed.astimezone(UTC)
+        parsed = utc(parsed, option)
     except OverflowError:
         raise ChurnError(f"{option} must lie between the years 1900 and 9000, got '{value}'") from None
     if not 1900 <= parsed.year <= 9000:  # far outside any data: would overflow windows and horizons

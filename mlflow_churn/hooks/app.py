@@ -60,6 +60,7 @@ from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.registry.alias_events import AliasEvent, AliasWatcher, PromoteByHand
 from mlflow_churn.registry.aliases import CHALLENGER, CHAMPION
+from mlflow_churn.times import utc
 from mlflow_churn.web.errors import error_response
 from mlflow_churn.web.errors import install as install_web_errors
 
@@ -239,7 +240,7 @@ def _event_time(payload: dict[str, Any], stamp: int) -> datetime:
     """When MLflow sent the delivery: the payload's ``timestamp``, else the header's seconds."""
     try:
         at = datetime.fromisoformat(str(payload.get("timestamp")))
-        return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+        return utc(at)
     except ValueError:
         return datetime.fromtimestamp(stamp, UTC)
 
