@@ -135,18 +135,6 @@ def writable_dir(value: str, option: str) -> Path:
     return path
 
 
-def with_progress(label: str, total: int, enabled: bool, work: Callable[[Callable[[Any], None]], T]) -> T:
-    """Run ``work(tick)`` under a rich progress bar of ``total`` steps."""
-    if not enabled:
-        return work(lambda _i: None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err_console, transient=False) as bar:
-        task = bar.add_task(label, total=total)
-        return work(lambda _i: bar.advance(task))
-
-
 @contextmanager
 def rich_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
     """A :class:`mlflow_churn.progress.ProgressFactory` drawing a rich bar on stderr."""
@@ -156,6 +144,15 @@ def rich_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
                   TimeElapsedColumn(), console=err_console, transient=False) as bar:
         task = bar.add_task(label, total=max(total, 1))
         yield lambda n=1: bar.advance(task, n)
+
+
+def with_progress(label: str, total: int, enabled: bool, work: Callable[[Callable[[Any], None]], T]) -> T:
+    """Run ``work(tick)`` under a :func:`rich_progress` bar of ``total`` steps; each call of
+    ``tick`` advances it one step, whatever it is passed (a day index, a step name)."""
+    if not enabled:
+        return work(lambda _i: None)
+    with rich_progress(label, total) as advance:
+        return work(lambda _i: advance(1))
 
 
 def progress_arg(enabled: bool):
