@@ -42,6 +42,7 @@ from mlflow_churn.data.simulator import SimulationSpec, read_manifest, simulate
 from mlflow_churn.features.materialize import materialize, served_features
 from mlflow_churn.features.offline import compute_latest, data_bounds
 from mlflow_churn.features.online import BatchInfo, OnlineStore, new_batch_id, open_store
+from mlflow_churn.tracking_server import free_port
 
 HERE = Path(__file__).resolve().parent
 FEAST_PY = HERE / ".feast-venv" / "bin" / "python"
@@ -90,12 +91,6 @@ def _lookups(store: OnlineStore, id_lists: list[list[int]], n: int) -> tuple[lis
     return times, cpu
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _proc_cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -104,7 +99,7 @@ def _proc_cpu_s(pid: int) -> float:
 def _http(workspace: Path, id_lists: list[list[int]], n: int, cache_ttl: float) -> tuple[list[float], float]:
     """Wall milliseconds of GET /features over one keep-alive connection to `churn features
     serve`, and the server process's mean CPU milliseconds per request."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHURN_")}
     env["CHURN_FEATURES__CACHE_TTL_SECONDS"] = str(cache_ttl)
     proc = subprocess.Popen([sys.executable, "-m", "mlflow_churn.cli", "--workspace", str(workspace),

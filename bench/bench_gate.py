@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import tempfile
 import threading
@@ -27,16 +26,12 @@ import uuid
 from datetime import UTC, date, datetime
 from pathlib import Path
 
+from mlflow_churn.tracking_server import free_port
+
 
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bench_receiver(cfg, n: int) -> dict[str, float]:
@@ -54,7 +49,7 @@ def bench_receiver(cfg, n: int) -> dict[str, float]:
 
     jobs: list[str] = []
     app = create_app(cfg, gate=lambda job: jobs.append(job.version) or "bench")
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

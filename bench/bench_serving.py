@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from mlflow_churn.features.online import open_store
 from mlflow_churn.features.registry import registry_for
 from mlflow_churn.registry.aliases import CHAMPION, move_alias
 from mlflow_churn.tracking import setup_mlflow
+from mlflow_churn.tracking_server import free_port
 from mlflow_churn.training.model import log_churn_model, to_model_input
 
 TARGET_P99_MS = 15.0
@@ -51,12 +51,6 @@ TARGET_P99_MS = 15.0
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait(url: str, path: str, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -121,7 +115,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def _measure_server(label: str, cmd: list[str], ready: str, path: str, payloads: list[dict],
                     env: dict[str, str], args: argparse.Namespace) -> tuple:
     """Start ``cmd`` (``{port}`` filled in) and measure latencies and throughput of ``path``."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([c.replace("{port}", str(port)) for c in cmd], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

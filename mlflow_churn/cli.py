@@ -27,7 +27,7 @@ from mlflow_churn.cli_common import (
     with_progress,
 )
 from mlflow_churn.config import SCENARIOS, mask_text, masked
-from mlflow_churn.errors import ChurnError
+from mlflow_churn.errors import ChurnError, first_line
 
 app = typer.Typer(
     name="churn",
@@ -244,9 +244,7 @@ def expected_failure(exc: BaseException) -> str | None:
         mod = sys.modules.get(module)
         cls = getattr(mod, name, None) if mod is not None else None
         if isinstance(cls, type) and isinstance(exc, cls):
-            lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-            first = " ".join(lines[0].split()) if lines else ""
-            return f"{first[:300] or 'failed'} ({type(exc).__name__})"
+            return f"{first_line(exc, empty='failed')} ({type(exc).__name__})"
     return None
 
 

@@ -6,7 +6,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,6 +16,7 @@ from rich.console import Console
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.jsonable import dumps
+from mlflow_churn.times import utc
 
 T = TypeVar("T")
 
@@ -90,10 +91,8 @@ def parse_datetime(value: str, option: str) -> datetime:
         raise ChurnError(
             f"{option} must be an ISO date or time like 2026-03-01 or 2026-03-01T12:00Z, got '{value}'"
         ) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
     try:
-        parsed = parsed.astimezone(UTC)
+        parsed = utc(parsed, option)
     except OverflowError:
         raise ChurnError(f"{option} must lie between the years 1900 and 9000, got '{value}'") from None
     if not 1900 <= parsed.year <= 9000:  # far outside any data: would overflow windows and horizons
@@ -150,18 +149,6 @@ def writable_dir(value: str, option: str) -> Path:
     return path
 
 
-def with_progress(label: str, total: int, enabled: bool, work: Callable[[Callable[[Any], None]], T]) -> T:
-    """Run ``work(tick)`` under a rich progress bar of ``total`` steps."""
-    if not enabled:
-        return work(lambda _i: None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err_console, transient=False) as bar:
-        task = bar.add_task(label, total=total)
-        return work(lambda _i: bar.advance(task))
-
-
 @contextmanager
 def rich_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
     """A :class:`mlflow_churn.progress.ProgressFactory` drawing a rich bar on stderr."""
@@ -171,6 +158,15 @@ def rich_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
                   TimeElapsedColumn(), console=err_console, transient=False) as bar:
         task = bar.add_task(label, total=max(total, 1))
         yield lambda n=1: bar.advance(task, n)
+
+
+def with_progress(label: str, total: int, enabled: bool, work: Callable[[Callable[[Any], None]], T]) -> T:
+    """Run ``work(tick)`` under a :func:`rich_progress` bar of ``total`` steps; each call of
+    ``tick`` advances it one step, whatever it is passed (a day index, a step name)."""
+    if not enabled:
+        return work(lambda _i: None)
+    with rich_progress(label, total) as advance:
+        return work(lambda _i: advance(1))
 
 
 def progress_arg(enabled: bool):

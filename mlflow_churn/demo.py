@@ -14,25 +14,24 @@ end of the data, when a full window of post-drift labels has matured.
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
-from datetime import time as dtime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
-from mlflow_churn.cli_common import rich_progress
+from mlflow_churn.cli_common import make_console, rich_progress
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.data.simulator import SimulationSpec, simulate
+from mlflow_churn.times import midnight
+from mlflow_churn.tracking_server import free_port
 
-console = Console()
+console = make_console()
 
 
 @dataclass(frozen=True)
@@ -89,13 +88,7 @@ def demo_config(workspace: Path, spec: DemoSpec) -> ChurnConfig:
 
 
 def _day(spec: DemoSpec, index: int) -> datetime:
-    return datetime.combine(spec.start + timedelta(days=index), dtime(0), tzinfo=UTC)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return midnight(spec.start + timedelta(days=index))
 
 
 def _traffic(cfg: ChurnConfig, customer_ids: np.ndarray, batch: int = 100) -> dict[str, int]:
@@ -104,7 +97,7 @@ def _traffic(cfg: ChurnConfig, customer_ids: np.ndarray, batch: int = 100) -> di
 
     from mlflow_churn.serving.app import create_app
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(cfg), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -15,12 +15,12 @@ class ConfigError(ChurnError):
     """A configuration key or value that cannot be loaded."""
 
 
-def first_line(exc: BaseException, limit: int = 300) -> str:
+def first_line(exc: BaseException, limit: int = 300, empty: str | None = None) -> str:
     """The first line of ``exc``'s message, whitespace collapsed, at most ``limit``
-    characters (the exception's type name when the message is empty): what a one-line
-    error may quote of a library's exception."""
+    characters (``empty``, by default the exception's type name, when the message is empty):
+    what a one-line error may quote of a library's exception."""
     lines = str(exc).strip().splitlines()
-    text = " ".join(lines[0].split()) if lines else type(exc).__name__
+    text = " ".join(lines[0].split()) if lines else (type(exc).__name__ if empty is None else empty)
     return text[:limit]
 
 

@@ -1,8 +1,8 @@
-"""Time is UTC and tz-aware everywhere: the one helper that makes it so."""
+"""Time is UTC and tz-aware everywhere: the helpers that make it so."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time
 
 from mlflow_churn.errors import ChurnError
 
@@ -15,4 +15,10 @@ def utc(ts: datetime, what: str = "as_of") -> datetime:
     return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
 
 
-__all__ = ["utc"]
+def midnight(day: date) -> datetime:
+    """Midnight at the start of ``day``, UTC (tz-aware). A datetime counts as its own calendar
+    date: its time and zone are dropped, not converted."""
+    return datetime.combine(day, time(0), tzinfo=UTC)
+
+
+__all__ = ["midnight", "utc"]

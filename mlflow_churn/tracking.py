@@ -114,11 +114,12 @@ def server_failure(exc: BaseException) -> str | None:
                 and type(err).__name__ == "RestException":
             hit = True
         if hit:
-            return _reason(text)
+            return _reason(err)
     return None
 
 
-def _reason(text: str) -> str:
+def _reason(err: BaseException) -> str:
+    text = str(err)
     low = text.lower()
     status = _STATUS.search(text)
     if status:
@@ -130,7 +131,7 @@ def _reason(text: str) -> str:
     elif "reset" in low or "aborted" in low or "remotedisconnected" in low or "closed" in low:
         why = "connection dropped"
     else:
-        why = (text.strip().splitlines() or ["error"])[0][:160]
+        why = first_line(err, 160, empty="error")
     endpoint = _ENDPOINT.search(text)
     return f"{endpoint.group(1).rstrip('/.')}: {why}" if endpoint else why
 

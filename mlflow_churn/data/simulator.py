@@ -65,7 +65,7 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +75,7 @@ import pyarrow.parquet as pq
 from mlflow_churn.config import SCENARIOS
 from mlflow_churn.data.tables import ACTIVITY_SCHEMA, CHURN_EVENTS_SCHEMA, CUSTOMERS_SCHEMA
 from mlflow_churn.errors import ChurnError
+from mlflow_churn.times import midnight
 
 PLANS = ("basic", "standard", "premium", "unlimited")
 PLAN_P = (0.35, 0.35, 0.20, 0.10)
@@ -151,11 +152,6 @@ class SimulationResult:
     last_day: date
     onset_day: date
     files: int
-
-
-def utc_midnight(day: date) -> datetime:
-    """Midnight at the start of ``day``, UTC (tz-aware)."""
-    return datetime.combine(day, time(0), tzinfo=UTC)
 
 
 def validate_spec(spec: SimulationSpec) -> None:
@@ -307,7 +303,7 @@ def _simulate_day(
     mask = None
     if spec.scenario == "data_outage" and drifting:
         mask = pop.outage[idx]
-    closes = utc_midnight(current + timedelta(days=1))
+    closes = midnight(current + timedelta(days=1))
     ts = pa.array(np.full(idx.size, np.datetime64(closes.replace(tzinfo=None), "us")),
                   type=pa.timestamp("us", tz="UTC"))
     table = pa.table({

@@ -17,7 +17,7 @@ model by memory, not skill.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime, time, timedelta
+from datetime import datetime, timedelta
 
 import pandas as pd
 
@@ -26,7 +26,7 @@ from mlflow_churn.data.groups import holdout_rows
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.offline import build_training_frame, daily_cutoffs
 from mlflow_churn.features.registry import FeatureSet
-from mlflow_churn.times import utc
+from mlflow_churn.times import midnight, utc
 
 
 def parse_tag_time(value: str | None, what: str) -> datetime:
@@ -53,7 +53,7 @@ def holdout_cutoffs(as_of: datetime, cfg: ChurnConfig,
         raise ChurnError("holdout needs the training window_end of at least one model")
     ends = [utc(e, "window_end") for e in ends]
     horizon = cfg.features.label_horizon_days
-    last = datetime.combine((as_of - timedelta(days=horizon)).date(), time(0), tzinfo=UTC)
+    last = midnight((as_of - timedelta(days=horizon)).date())
     if last + timedelta(days=horizon) > as_of:
         last -= timedelta(days=1)
     after = max(max(ends), last - timedelta(days=cfg.evaluation.holdout_days))

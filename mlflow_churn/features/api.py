@@ -44,7 +44,7 @@ import prometheus_client
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPBearer
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from mlflow_churn.errors import ChurnError
@@ -449,7 +449,7 @@ def create_app(cfg: Any, store: OnlineStore | None = None,
         except ApiError as err:
             resp = err.response()
         except Exception as err:  # noqa: BLE001 - a broken backend is a 503, never a 500
-            resp = JSONResponse({"detail": _unavailable(err)}, status_code=503)
+            resp = web_errors.error_response(503, _unavailable(err))
         svc.metrics.observe(endpoint, resp.status_code, time.perf_counter() - start)
         return resp
 
@@ -485,7 +485,7 @@ def create_app(cfg: Any, store: OnlineStore | None = None,
             batch = svc.status_batch()
             age = svc.age(batch) if batch is not None else None
             return PlainTextResponse(svc.metrics.render(age, batch, svc.cache, svc.breaker),
-                                     media_type="text/plain; version=0.0.4")
+                                     media_type=CONTENT_TYPE_PLAIN_0_0_4)
         return timed("/metrics", work)
 
     return app

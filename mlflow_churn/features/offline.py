@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -31,7 +31,7 @@ from mlflow_churn.data.tables import (
 from mlflow_churn.errors import ChurnError, first_line
 from mlflow_churn.features.definitions import FeatureDefinition, FeatureSet
 from mlflow_churn.features.sandbox import check_expression, check_statement, lock_down
-from mlflow_churn.times import utc
+from mlflow_churn.times import midnight, utc
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,11 @@ class DataBounds:
 
     @property
     def first_event(self) -> datetime:
-        return datetime.combine(self.first_day + timedelta(days=1), time(0), tzinfo=UTC)
+        return midnight(self.first_day + timedelta(days=1))
 
     @property
     def last_event(self) -> datetime:
-        return datetime.combine(self.last_day + timedelta(days=1), time(0), tzinfo=UTC)
+        return midnight(self.last_day + timedelta(days=1))
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def daily_cutoffs(start: datetime, end: datetime, every_days: int = 1) -> list[d
     start, end = utc(start, "start"), utc(end, "end")
     if every_days < 1:
         raise ChurnError(f"every_days must be >= 1, got {every_days}")
-    cur = datetime.combine(end.date(), time(0), tzinfo=UTC)
+    cur = midnight(end.date())
     out = []
     while cur >= start:
         out.append(cur)

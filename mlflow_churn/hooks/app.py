@@ -54,12 +54,14 @@ from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 
 from mlflow_churn.background import QueueWorker
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.registry.alias_events import AliasEvent, AliasWatcher, PromoteByHand
 from mlflow_churn.registry.aliases import CHALLENGER, CHAMPION
+from mlflow_churn.times import utc
 from mlflow_churn.web.errors import error_response
 from mlflow_churn.web.errors import install as install_web_errors
 
@@ -231,15 +233,11 @@ def run_gate(cfg: ChurnConfig, job: GateJob, as_of: Callable[[ChurnConfig], date
     return decision.run_id
 
 
-def _error(status: int, detail: str) -> JSONResponse:
-    return error_response(status, detail)  # the apps' one JSON error path
-
-
 def _event_time(payload: dict[str, Any], stamp: int) -> datetime:
     """When MLflow sent the delivery: the payload's ``timestamp``, else the header's seconds."""
     try:
         at = datetime.fromisoformat(str(payload.get("timestamp")))
-        return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+        return utc(at)
     except ValueError:
         return datetime.fromtimestamp(stamp, UTC)
 
@@ -296,12 +294,12 @@ def create_app(cfg: ChurnConfig, clock: Callable[[], float] = time.time,
     def metrics() -> PlainTextResponse:
         watcher = state.get("aliases")
         return PlainTextResponse(watcher.metrics.render([]) if watcher else "",
-                                 media_type="text/plain; version=0.0.4")
+                                 media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     @app.get("/deliveries/{delivery_id}")
     def delivery(delivery_id: str):
         row = log.get(delivery_id)
-        return row if row is not None else _error(404, f"no delivery {delivery_id} was received")
+        return row if row is not None else error_response(404, f"no delivery {delivery_id} was received")
 
     @app.post("/webhook")
     async def webhook(request: Request):
@@ -309,16 +307,16 @@ def create_app(cfg: ChurnConfig, clock: Callable[[], float] = time.time,
         delivery_id = request.headers.get(DELIVERY_HEADER, "")
         stamp = request.headers.get(TIMESTAMP_HEADER, "")
         if not verify_signature(secret, delivery_id, stamp, body, request.headers.get(SIGNATURE_HEADER)):
-            return _error(401, f"missing or invalid {SIGNATURE_HEADER} (check hooks.secret against the "
-                               "webhook's secret)")
+            return error_response(401, f"missing or invalid {SIGNATURE_HEADER} (check hooks.secret "
+                                       "against the webhook's secret)")
         try:
             sent = int(stamp)
         except ValueError:
-            return _error(401, f"{TIMESTAMP_HEADER} must be Unix seconds, got '{stamp[:40]}'")
+            return error_response(401, f"{TIMESTAMP_HEADER} must be Unix seconds, got '{stamp[:40]}'")
         now = clock()
         if abs(now - sent) > cfg.hooks.max_age_seconds:
-            return _error(401, f"stale delivery: sent at {sent}, {abs(now - sent):.0f} s from now, more than "
-                               f"hooks.max_age_seconds={cfg.hooks.max_age_seconds}")
+            return error_response(401, f"stale delivery: sent at {sent}, {abs(now - sent):.0f} s from now, "
+                                       f"more than hooks.max_age_seconds={cfg.hooks.max_age_seconds}")
         try:
             payload = json.loads(body)
             event = f"{payload['entity']}.{payload['action']}"
@@ -326,7 +324,8 @@ def create_app(cfg: ChurnConfig, clock: Callable[[], float] = time.time,
             if not isinstance(data, dict):
                 raise TypeError("data")
         except (ValueError, KeyError, TypeError):
-            return _error(400, "body must be an MLflow webhook delivery: JSON with entity, action, data")
+            return error_response(400, "body must be an MLflow webhook delivery: JSON with entity, action, "
+                                       "data")
         if not log.claim(delivery_id, event, now):
             return JSONResponse({"status": "duplicate", "delivery_id": delivery_id}, status_code=200)
         ours = data.get("name") == cfg.training.model_name and isinstance(data.get("alias"), str)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -54,6 +54,7 @@ from mlflow_churn.monitoring.policy import WindowStats
 from mlflow_churn.monitoring.retrain import retrain
 from mlflow_churn.progress import ProgressArg
 from mlflow_churn.registry.aliases import CHAMPION, move_alias
+from mlflow_churn.times import midnight
 from mlflow_churn.tracking import setup_mlflow, step_run, without_project_run
 from mlflow_churn.training.train import train
 
@@ -235,8 +236,7 @@ def _simulate(cfg: ChurnConfig, scenario: str, days: int, customers: int | None,
     )
     simulate(spec, cfg.data_dir, overwrite=True)
     manifest = read_manifest(cfg.data_dir)
-    onset_dt = datetime.combine(date.fromisoformat(manifest["onset_date"]), datetime.min.time())
-    return spec, manifest, onset_dt.replace(tzinfo=UTC)
+    return spec, manifest, midnight(date.fromisoformat(manifest["onset_date"]))
 
 
 def _window_times(first: datetime, last: datetime, step_days: int) -> list[datetime]:

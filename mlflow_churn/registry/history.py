@@ -38,6 +38,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.errors import ChurnError
+from mlflow_churn.times import utc
 
 HISTORY_EXPERIMENT = "churn-alias-history"
 #: a RUNNING history run older than this is a writer that died mid-move: ignored
@@ -110,7 +111,7 @@ def _parse_time(value: str | None) -> datetime | None:
         ts = datetime.fromisoformat(value)
     except ValueError:
         return None
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+    return utc(ts)
 
 
 def _move_of(run) -> AliasMove | None:
@@ -175,7 +176,7 @@ def begin_move(client: MlflowClient, model: str, alias: str, from_version: str |
                position: int | None = None) -> str:
     """Create the RUNNING history run of a move about to happen; returns its run id.
     Finish it with :func:`end_move`."""
-    moved_at = (moved_at or datetime.now(UTC)).astimezone(UTC)
+    moved_at = utc(moved_at or datetime.now(UTC), "moved_at")
     if position is None:
         position = len(read_moves(client, model, alias)) + 1
     from_v, to_v = (str(from_version) if from_version is not None else None,
@@ -186,7 +187,7 @@ def begin_move(client: MlflowClient, model: str, alias: str, from_version: str |
             "move_key": move_key(model, alias, position, from_v, to_v),
             "mlflow.runName": f"{model}@{alias}: {_v(from_v)} -> {_v(to_v)}"}
     if moved_after is not None:
-        tags["moved_after"] = moved_after.astimezone(UTC).isoformat()
+        tags["moved_after"] = utc(moved_after, "moved_after").isoformat()
     run = client.create_run(_experiment_id(client), start_time=int(moved_at.timestamp() * 1000), tags=tags)
     return run.info.run_id
 

@@ -64,6 +64,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPBearer
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
@@ -112,12 +113,9 @@ def create_app(cfg: ChurnConfig, start_background: bool = True) -> FastAPI:
     app.state.service = service
     sv = cfg.serving
 
-    def _json(status: int, detail: Any) -> JSONResponse:
-        return web_errors.error_response(status, detail)
-
     @app.exception_handler(ChurnError)
     async def _churn_error(_req: Request, exc: ChurnError) -> JSONResponse:
-        return _json(409, str(exc))
+        return web_errors.error_response(409, str(exc))
 
     @app.exception_handler(MlflowException)
     async def _mlflow_error(_req: Request, exc: MlflowException) -> JSONResponse:
@@ -153,13 +151,13 @@ def create_app(cfg: ChurnConfig, start_background: bool = True) -> FastAPI:
         st = service.status()
         if st["champion"] is None:
             why = st["refused"].get(CHAMPION_ROUTE) or st["error"] or "no champion loaded yet"
-            return _json(503, f"not ready: {why}")
+            return web_errors.error_response(503, f"not ready: {why}")
         return JSONResponse({"status": "ready", **st})
 
     @app.get("/metrics", dependencies=[Depends(need_api)])
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(service.metrics.render(service.gauges()),
-                                 media_type="text/plain; version=0.0.4")
+                                 media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     # a plain def: FastAPI runs it in its thread pool, so the blocking work (store reads,
     # bounded by the store timeouts, the sync prediction-log commit, XGBoost) never stalls

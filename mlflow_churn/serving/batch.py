@@ -147,8 +147,7 @@ def _data_errors(data_dir: Path) -> Iterator[None]:
     try:
         yield
     except (duckdb.Error, pa.ArrowException) as exc:
-        first = " ".join(first_line(exc).split())
-        raise ChurnError(f"cannot read the tables under {data_dir}: {first[:300]}; rewrite or remove "
+        raise ChurnError(f"cannot read the tables under {data_dir}: {first_line(exc)}; rewrite or remove "
                          "the damaged file") from None
 
 

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from mlflow_churn.cli_common import (
+    JSON_OPTION,
     as_of_or_latest,
     console,
     from_config,
@@ -31,7 +32,6 @@ _REASON = typer.Option("", "--reason", help="Why (recorded on the run and the ve
                        "required by promote and rollback).")
 _VERSION = typer.Option(None, "--version", help="The canary version you expect; a no-op if already done "
                         "(default: whatever version is the canary).")
-_JSON = typer.Option(False, "--json", help="Print the result as JSON.")
 _PROGRESS = typer.Option(True, "--progress/--no-progress", hidden=True,
                          help="Accepted so that one MLproject command line fits every action.")
 
@@ -84,7 +84,7 @@ def _print_transition(res: object) -> None:
 
 @canary_app.command("status")
 def canary_status_cmd(
-    ctx: typer.Context, as_json: bool = _JSON,
+    ctx: typer.Context, as_json: bool = JSON_OPTION,
     as_of: str = typer.Option(None, "--as-of",
                               help="Count predictions with as_of up to this time (default: all)."),
     since: str = _SINCE,
@@ -131,7 +131,7 @@ def _evaluate(ctx: typer.Context, as_of: str | None, since: str | None, reason: 
 def canary_evaluate_cmd(
     ctx: typer.Context, as_of: str = _AS_OF, since: str = _SINCE, reason: str = _REASON,
     auto_mode: bool = typer.Option(False, "--auto", help="Then promote / roll back on the verdict."),
-    as_json: bool = _JSON, progress: bool = _PROGRESS,
+    as_json: bool = JSON_OPTION, progress: bool = _PROGRESS,
 ) -> None:
     """Compare canary and champion on logged traffic: verdict promote | rollback | wait."""
     _evaluate(ctx, as_of, since, reason, as_json, auto_mode)
@@ -140,7 +140,7 @@ def canary_evaluate_cmd(
 @canary_app.command("auto")
 def canary_auto_cmd(
     ctx: typer.Context, as_of: str = _AS_OF, since: str = _SINCE, reason: str = _REASON,
-    as_json: bool = _JSON, progress: bool = _PROGRESS,
+    as_json: bool = JSON_OPTION, progress: bool = _PROGRESS,
 ) -> None:
     """Same as `evaluate --auto`: evaluate, then promote / roll back / wait."""
     _evaluate(ctx, as_of, since, reason, as_json, True)
@@ -178,7 +178,7 @@ def canary_promote_cmd(
     force: bool = typer.Option(False, "--force", help="Promote although the canary verdict is not "
                                "'promote' (wait, rollback, too few predictions); --reason is recorded as "
                                "the version's promotion_override tag."),
-    as_json: bool = _JSON, progress: bool = _PROGRESS,
+    as_json: bool = JSON_OPTION, progress: bool = _PROGRESS,
 ) -> None:
     """champion -> the canary version; old champion -> previous-champion; canary removed. Refused
     unless the canary evidence says promote (serving.min_canary_samples predictions within every
@@ -189,7 +189,7 @@ def canary_promote_cmd(
 @canary_app.command("rollback")
 def canary_rollback_cmd(
     ctx: typer.Context, reason: str = _REASON, version: str = _VERSION, as_of: str = _EVIDENCE_AS_OF,
-    since: str = _SINCE, as_json: bool = _JSON, progress: bool = _PROGRESS,
+    since: str = _SINCE, as_json: bool = JSON_OPTION, progress: bool = _PROGRESS,
 ) -> None:
     """With a canary: remove alias canary and tag its version (champion untouched). After a
     promotion (no canary): champion back on previous-champion. The run carries the evidence."""
@@ -248,7 +248,7 @@ def traffic_cmd(
                               help="Bearer token of /predict, when the service needs one "
                               "(default: serving.api_token, if set)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the customer draw."),
-    as_json: bool = _JSON, progress: bool = typer.Option(True, "--progress/--no-progress",
+    as_json: bool = JSON_OPTION, progress: bool = typer.Option(True, "--progress/--no-progress",
                                                          help="Show a progress bar."),
 ) -> None:
     """Send realistic POST /predict traffic to the running `churn serve` (for the canary analysis)."""
@@ -295,7 +295,7 @@ def compress_cmd(
     as_of: str = typer.Option(None, "--as-of", help="Labels known up to (ISO UTC; default newest data)."),
     alias: str = typer.Option(None, "--alias",
                               help="Point this alias (e.g. challenger) at the new version (default: none)."),
-    as_json: bool = _JSON, progress: bool = _PROGRESS,
+    as_json: bool = JSON_OPTION, progress: bool = _PROGRESS,
 ) -> None:
     """Register the fewest-trees copy of a version whose holdout AUC is within the budget."""
     from mlflow_churn.serving.compress import compress

@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from mlflow_churn.config import mask_text
-from mlflow_churn.errors import ChurnError
+from mlflow_churn.errors import ChurnError, first_line
 
 COLUMNS = ("request_id", "customer_id", "model_version", "route", "score", "latency_ms",
            "status", "served_at", "as_of")
@@ -67,7 +67,7 @@ class PredictionLog:
                 self._con.execute("PRAGMA synchronous=NORMAL")
                 self._con.execute("PRAGMA busy_timeout=5000")
         except Exception as exc:  # sqlite3 / psycopg2 errors differ
-            first = f"cannot open the prediction log at {self.url}: {exc}".splitlines()[0]
+            first = f"cannot open the prediction log at {self.url}: {first_line(exc)}"
             raise ChurnError(mask_text(first)) from None
         self._ph = "%s" if self._pg else "?"
         ts = "TIMESTAMPTZ" if self._pg else "TEXT"

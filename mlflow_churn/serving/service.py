@@ -21,6 +21,7 @@ from mlflow_churn.serving.log_writer import LogWriter, PredictionLogUnavailable
 from mlflow_churn.serving.models import LoadedModel, ModelManager, ModelPair
 from mlflow_churn.serving.prediction_log import PredictionRecord
 from mlflow_churn.serving.routing import routes
+from mlflow_churn.times import utc
 from mlflow_churn.web import errors as web_errors
 from mlflow_churn.web.breaker import CircuitBreaker, Unavailable
 from mlflow_churn.web.metrics import Metrics
@@ -140,9 +141,7 @@ class ScoringService:
             raise ServiceError(422, f"{n} items in one request; at most {self.cfg.features.max_ids} "
                                     "(features.max_ids)")
         served_at = datetime.now(UTC)
-        as_of = None
-        if req.as_of is not None:
-            as_of = req.as_of.replace(tzinfo=UTC) if req.as_of.tzinfo is None else req.as_of.astimezone(UTC)
+        as_of = None if req.as_of is None else utc(req.as_of)
         if req.customer_ids is not None:
             ids = [int(i) for i in req.customer_ids]
             values, found, batch_as_of = self._fetch(ids, pair)

@@ -28,14 +28,14 @@ dates and the valid ``as_of`` range.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, time, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.offline import daily_cutoffs, data_bounds, longest_window
 from mlflow_churn.features.registry import registry_for
-from mlflow_churn.times import utc
+from mlflow_churn.times import midnight, utc
 
 
 @dataclass(frozen=True)
@@ -75,10 +75,6 @@ class TrainingWindow:
 
 
 
-def _midnight(ts: datetime) -> datetime:
-    return datetime.combine(ts.date(), time(0), tzinfo=UTC)
-
-
 def training_window(as_of: datetime, cfg: ChurnConfig, data_dir: Path | None = None) -> TrainingWindow:
     """The training cutoffs for a model trained at ``as_of`` (see the module doc).
 
@@ -109,7 +105,7 @@ def training_window(as_of: datetime, cfg: ChurnConfig, data_dir: Path | None = N
         raise ChurnError(f"as_of {as_of.isoformat()} is after the newest data "
                          f"({bounds.last_event.isoformat()}); "
                          f"{valid}")
-    window_end = _midnight(as_of - lag)
+    window_end = midnight((as_of - lag).date())
     window_start = window_end - timedelta(days=t.window_days)  # exclusive
     history_start = window_start - timedelta(days=t.history_days) if t.history_days else None
     oldest = history_start or window_start

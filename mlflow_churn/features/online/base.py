@@ -18,6 +18,7 @@ import pandas as pd
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.sandbox import lock_down
 from mlflow_churn.features.writer_lock import WriterLock
+from mlflow_churn.times import utc
 
 CHUNK_ROWS = 50_000
 RETAINED_BATCHES = 2  # the serving batch and the one before it keep their rows
@@ -140,7 +141,7 @@ class OnlineStore(Protocol):
 
 def new_batch_id(as_of: datetime) -> str:
     """A unique, sortable-by-as_of batch id like ``20260301T000000Z-1a2b3c4d``."""
-    return f"{as_of.astimezone(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    return f"{utc(as_of):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
 
 
 def encode_rows(frame: pd.DataFrame, features: Sequence[str]) -> list[tuple[int, str]]:
