@@ -38,9 +38,10 @@ from pathlib import Path
 import numpy as np
 
 from mlflow_churn.config import load_config
+from mlflow_churn.data.bounds import data_bounds
 from mlflow_churn.data.simulator import SimulationSpec, read_manifest, simulate
 from mlflow_churn.features.materialize import materialize, served_features
-from mlflow_churn.features.offline import compute_latest, data_bounds
+from mlflow_churn.features.offline import compute_latest
 from mlflow_churn.features.online import BatchInfo, OnlineStore, new_batch_id, open_store
 from mlflow_churn.tracking_server import free_port
 

@@ -34,8 +34,9 @@ import pyarrow as pa
 import xgboost as xgb
 
 from mlflow_churn.config import load_config
+from mlflow_churn.data.bounds import data_bounds
 from mlflow_churn.data.simulator import SimulationSpec, simulate
-from mlflow_churn.features.offline import build_training_frame, data_bounds
+from mlflow_churn.features.offline import build_training_frame
 from mlflow_churn.features.registry import registry_for
 from mlflow_churn.registry.aliases import CHAMPION, move_alias
 from mlflow_churn.serving.batch import (

@@ -36,9 +36,10 @@ import numpy as np
 import xgboost as xgb
 
 from mlflow_churn.config import load_config
+from mlflow_churn.data.bounds import data_bounds
 from mlflow_churn.data.simulator import SimulationSpec, simulate
 from mlflow_churn.features.materialize import materialize
-from mlflow_churn.features.offline import build_training_frame, daily_cutoffs, data_bounds
+from mlflow_churn.features.offline import build_training_frame, daily_cutoffs
 from mlflow_churn.features.online import open_store
 from mlflow_churn.features.registry import registry_for
 from mlflow_churn.registry.aliases import CHAMPION, move_alias

@@ -103,11 +103,11 @@ def parse_datetime(value: str, option: str) -> datetime:
 
 def as_of_or_latest(cfg: ChurnConfig, value: str | None, option: str = "--as-of") -> datetime:
     """``value`` parsed as :func:`parse_datetime` (naming ``option`` when bad), or, when not
-    given, the newest event of the workspace data (``features.offline.latest_as_of``): the
+    given, the newest event of the workspace data (``data.bounds.latest_as_of``): the
     one default ``as_of`` of every command."""
     if opt_str(value):
         return parse_datetime(str(value), option)
-    from mlflow_churn.features.offline import latest_as_of
+    from mlflow_churn.data.bounds import latest_as_of
 
     try:
         return latest_as_of(cfg.data_dir)

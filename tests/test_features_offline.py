@@ -12,13 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from mlflow_churn.data.bounds import data_bounds
 from mlflow_churn.errors import ChurnError
-from mlflow_churn.features.offline import (
-    build_training_frame,
-    compute_latest,
-    daily_cutoffs,
-    data_bounds,
-)
+from mlflow_churn.features.offline import build_training_frame, compute_latest, daily_cutoffs
 from mlflow_churn.features.registry import (
     FeatureSet,
     UnknownFeatureError,

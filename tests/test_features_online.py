@@ -20,10 +20,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from mlflow_churn.config import ChurnConfig, load_config
+from mlflow_churn.data.bounds import data_bounds
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features import online
 from mlflow_churn.features.materialize import materialize, run_every, served_features
-from mlflow_churn.features.offline import compute_latest, data_bounds
+from mlflow_churn.features.offline import compute_latest
 from mlflow_churn.features.online import BatchInfo, OnlineStore, RedisStore, SqliteStore, open_store
 from mlflow_churn.features.skew import check_skew, same_value
 

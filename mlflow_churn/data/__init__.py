@@ -8,5 +8,8 @@ _EXPORTS = {
     "simulate": "mlflow_churn.data.simulator",
     "read_manifest": "mlflow_churn.data.simulator",
     "TablePaths": "mlflow_churn.data.tables",
+    "DataBounds": "mlflow_churn.data.bounds",
+    "data_bounds": "mlflow_churn.data.bounds",
+    "latest_as_of": "mlflow_churn.data.bounds",
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

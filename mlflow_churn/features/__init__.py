@@ -10,7 +10,6 @@ _EXPORTS = {
     "load_registry": "mlflow_churn.features.registry",
     "registry_for": "mlflow_churn.features.registry",
     "build_training_frame": "mlflow_churn.features.offline",
-    "data_bounds": "mlflow_churn.features.offline",
     "materialize": "mlflow_churn.features.materialize",
     "OnlineStore": "mlflow_churn.features.online",
     "BatchInfo": "mlflow_churn.features.online",

@@ -35,14 +35,9 @@ from typing import Any
 import pandas as pd
 import redis
 
+from mlflow_churn.data.bounds import latest_as_of
 from mlflow_churn.errors import ChurnError
-from mlflow_churn.features.offline import (
-    _connect,
-    check_cutoffs,
-    compute_latest,
-    latest_as_of,
-    longest_window,
-)
+from mlflow_churn.features.offline import _connect, check_cutoffs, compute_latest, longest_window
 from mlflow_churn.features.online import (
     CHUNK_ROWS,
     BatchInfo,

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
 import pandas as pd
 
+from mlflow_churn.data.bounds import data_bounds
 from mlflow_churn.data.tables import (
     ACTIVITY_SCHEMA,
     CUSTOMERS_SCHEMA,
@@ -35,22 +36,6 @@ from mlflow_churn.times import midnight, utc
 
 
 @dataclass(frozen=True)
-class DataBounds:
-    """First and last day of activity, and the event times that close them (UTC)."""
-
-    first_day: date
-    last_day: date
-
-    @property
-    def first_event(self) -> datetime:
-        return midnight(self.first_day + timedelta(days=1))
-
-    @property
-    def last_event(self) -> datetime:
-        return midnight(self.last_day + timedelta(days=1))
-
-
-@dataclass(frozen=True)
 class LatestFeatures:
     """Newest feature values per live customer at ``as_of`` (raw values, strings for
     categoricals), each row's ``event_time`` (newest event it used) and the batch
@@ -60,23 +45,6 @@ class LatestFeatures:
     watermark: datetime | None
     as_of: datetime
 
-
-
-def latest_as_of(data_dir: Path) -> datetime:
-    """The default ``as_of`` of every command and service: the newest event in the data (UTC).
-    ChurnError when the data directory holds no activity."""
-    return data_bounds(data_dir).last_event
-
-
-def data_bounds(data_dir: Path) -> DataBounds:
-    """First and last activity day, from the partition names (no data is read)."""
-    paths = TablePaths(Path(data_dir))
-    paths.check()
-    days = sorted(
-        date.fromisoformat(p.name.split("=", 1)[1])
-        for p in (paths.data_dir / "activity").glob("date=*") if any(p.glob("*.parquet"))
-    )
-    return DataBounds(days[0], days[-1])
 
 
 def daily_cutoffs(start: datetime, end: datetime, every_days: int = 1) -> list[datetime]:

@@ -219,7 +219,7 @@ class GateWorker:
 
 def default_as_of(cfg: ChurnConfig) -> datetime:
     """The gate's as_of for a hook: the newest event of the workspace data (as the CLI)."""
-    from mlflow_churn.features.offline import latest_as_of
+    from mlflow_churn.data.bounds import latest_as_of
 
     return latest_as_of(cfg.data_dir)
 

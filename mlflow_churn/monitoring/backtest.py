@@ -44,9 +44,10 @@ import numpy as np
 from mlflow import MlflowClient
 
 from mlflow_churn.config import SCENARIOS, ChurnConfig
+from mlflow_churn.data.bounds import data_bounds, latest_as_of
 from mlflow_churn.data.simulator import SimulationSpec, read_manifest, simulate
 from mlflow_churn.errors import ChurnError
-from mlflow_churn.features.offline import data_bounds, latest_as_of, longest_window
+from mlflow_churn.features.offline import longest_window
 from mlflow_churn.features.registry import registry_for
 from mlflow_churn.monitoring.frames import FrameCache
 from mlflow_churn.monitoring.monitor import monitor, monitoring_experiment

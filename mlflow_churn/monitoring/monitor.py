@@ -36,9 +36,10 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
 from mlflow_churn.config import ChurnConfig
+from mlflow_churn.data.bounds import data_bounds
 from mlflow_churn.data.sources import daily_source_nulls, source_integrity
 from mlflow_churn.errors import ChurnError
-from mlflow_churn.features.offline import check_cutoffs, data_bounds, longest_window
+from mlflow_churn.features.offline import check_cutoffs, longest_window
 from mlflow_churn.monitoring.frames import FrameCache, window_frame
 from mlflow_churn.monitoring.policy import REFRESH_TAG, WindowStats, decide
 from mlflow_churn.monitoring.runs import (

@@ -58,8 +58,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig
+from mlflow_churn.data.bounds import latest_as_of
 from mlflow_churn.errors import ChurnError, first_line
-from mlflow_churn.features.offline import latest_as_of
 from mlflow_churn.jsonable import jsonable
 from mlflow_churn.registry.aliases import (
     CANARY,

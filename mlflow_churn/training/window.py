@@ -32,8 +32,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from mlflow_churn.config import ChurnConfig
+from mlflow_churn.data.bounds import data_bounds
 from mlflow_churn.errors import ChurnError
-from mlflow_churn.features.offline import daily_cutoffs, data_bounds, longest_window
+from mlflow_churn.features.offline import daily_cutoffs, longest_window
 from mlflow_churn.features.registry import registry_for
 from mlflow_churn.times import midnight, utc
 
