@@ -70,7 +70,6 @@ def config_show(
         typer.echo(yaml.safe_dump(data, sort_keys=False))
 
 
-@app.command()
 def simulate(
     ctx: typer.Context,
     customers: int = typer.Option(None, help=from_config("Customers at the start.", "simulation.customers")),
@@ -134,7 +133,6 @@ def simulate(
     )
 
 
-@app.command()
 def demo(
     ctx: typer.Context,
     customers: int = typer.Option(50_000, help="Simulated customers."),
@@ -181,7 +179,10 @@ def _log_to_active_project_run(params: dict, metrics: dict, artifact: Path) -> N
         mlflow.log_artifact(str(artifact))
 
 
-# Each sub-package with commands has a ``cli.py`` with ``register(app)``; list it here.
+# One registration style: a command is a module-level function; a package's ``cli.py`` has
+# ``register(app)`` adding its root commands with ``app.command(name)(fn)`` and its command
+# groups (a Typer sub-app whose commands are ``@group.command(name)``) with ``add_typer``.
+# Each sub-package with commands is listed here.
 _COMMAND_MODULES: tuple[str, ...] = (
     "mlflow_churn.serving.batch_cli",
     "mlflow_churn.monitoring.retrain_cli",
@@ -198,6 +199,8 @@ _COMMAND_MODULES: tuple[str, ...] = (
 def _register_commands() -> None:
     import importlib
 
+    app.command("simulate")(simulate)
+    app.command("demo")(demo)
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(app)
 

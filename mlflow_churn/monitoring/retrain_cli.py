@@ -43,9 +43,10 @@ def retrain(
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Retrain when the newest monitoring decision about the champion says so (or --force):
-    train a challenger on the latest window, gate it against the champion; else record a
-    no-op with the reason."""
+    """Retrain when the newest monitoring decision says so (or --force), then gate.
+
+    Trains a challenger on the latest window and gates it against the champion; otherwise
+    records a no-op with the reason."""
     from mlflow_churn.monitoring.retrain import RETRAINED
     from mlflow_churn.monitoring.retrain import retrain as run_retrain
 

@@ -42,8 +42,9 @@ def score(
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Score every customer alive at --as-of from the offline features; write Parquet
-    <out>/date=YYYY-MM-DD/ (customer_id, churn_probability, model_version, as_of,
+    """Score every customer alive at --as-of from the offline features into Parquet.
+
+    Writes <out>/date=YYYY-MM-DD/ (customer_id, churn_probability, model_version, as_of,
     feature_set_hash)."""
     from mlflow_churn.serving.batch import DEFAULT_BATCH_ROWS, ENGINES, score_batch
 
