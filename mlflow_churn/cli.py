@@ -11,7 +11,6 @@ import importlib
 import logging
 import os
 import sys
-from pathlib import Path
 
 import typer
 import yaml
@@ -125,11 +124,13 @@ def simulate(
         f"days {result.first_day} .. {result.last_day}, drift onset {result.onset_day}; "
         f"manifest: {result.data_dir / 'manifest.json'}"
     )
-    _log_to_active_project_run(
-        {"customers": spec.customers, "days": spec.days, "start": str(spec.start),
-         "scenario": spec.scenario, "seed": spec.seed, "onset_day": spec.onset},
-        {"activity_rows": result.activity_rows, "churn_events": result.churn_events},
-        result.data_dir / "manifest.json",
+    from mlflow_churn.tracking import log_to_project_run
+
+    log_to_project_run(  # inside `mlflow run`: what this entry point did
+        params={"customers": spec.customers, "days": spec.days, "start": str(spec.start),
+                "scenario": spec.scenario, "seed": spec.seed, "onset_day": spec.onset},
+        metrics={"activity_rows": result.activity_rows, "churn_events": result.churn_events},
+        artifacts=(result.data_dir / "manifest.json",),
     )
 
 
@@ -163,20 +164,6 @@ def demo(
         return
     report = run_demo(cfg.workspace, spec)
     print_report(report, cfg.workspace)
-
-
-def _log_to_active_project_run(params: dict, metrics: dict, artifact: Path) -> None:
-    """Inside ``mlflow run`` (MLFLOW_RUN_ID set), record what this entry point did."""
-    from mlflow_churn.tracking import project_run_id, step_run
-
-    if project_run_id() is None:
-        return
-    import mlflow
-
-    with step_run("project", resume=True):
-        mlflow.log_params(params)
-        mlflow.log_metrics(metrics)
-        mlflow.log_artifact(str(artifact))
 
 
 # One registration style: a command is a module-level function; a package's ``cli.py`` has

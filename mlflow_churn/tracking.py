@@ -13,6 +13,17 @@ its failures clean:
   what cannot be written because the server is gone (a run still RUNNING, a version to
   delete) goes to a journal, ``<workspace>/mlflow-pending.jsonl``, which the next
   :func:`setup_mlflow` against the same server replays (:func:`replay_pending`).
+
+The run a step logs into has one way per job: :func:`step_run` when the step logs with
+MLflow's fluent API in the calling thread (it opens, nests under or resumes the ``mlflow
+run`` project run); :func:`client_run` when the step logs with explicit ``MlflowClient``
+calls - a worker thread, a server, trials or audit records, where no fluent active-run
+state (``MLFLOW_RUN_ID``, the active run stack) may be involved: it creates the run (a
+child of ``parent_run_id`` when given), marks it FINISHED, or FAILED through
+:func:`terminate_failed` when the block raises; :func:`log_to_project_run` when a CLI
+entry point only adds its params, metrics and artifacts to the ``mlflow run`` project run
+(a no-op outside one). Inside a fluent run, :func:`failed_on_error` ends it FAILED the same
+way.
 """
 
 from __future__ import annotations
@@ -229,7 +240,8 @@ class Failure:
         self.pending = False
 
     def note(self, text: str) -> None:
-        self.notes.append(text)
+        if text not in self.notes:  # a run ended FAILED by a step and again by its opener
+            self.notes.append(text)
 
     def defer(self, op: str, **fields: Any) -> None:
         defer(self.cfg, op, **fields)
@@ -429,8 +441,6 @@ def step_run(run_name: str, experiment_id: str | None = None, parent_run_id: str
     ``MLFLOW_RUN_ID`` is hidden inside the block, so runs opened there are children, not the
     project run resumed. ChurnError when the parent run is not in the tracking store.
     """
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-
     with without_project_run() as project:
         parent = parent_run_id or project
         if not parent:
@@ -439,19 +449,86 @@ def step_run(run_name: str, experiment_id: str | None = None, parent_run_id: str
                 yield run
             return
         client = MlflowClient()
-        try:
-            exp = client.get_run(parent).info.experiment_id
-        except Exception as exc:  # MlflowException (not found) or a server failure
-            if server_failure(exc) is not None:
-                raise
-            raise ChurnError(f"parent run {parent} (MLFLOW_RUN_ID / parent_run_id) is not in the tracking "
-                             f"store: {first_line(exc, 200)}") from None
+        exp = _parent_experiment(client, parent)
         mlflow.set_experiment(experiment_id=exp)  # start_run(run_id) refuses a run of another experiment
-        if resume:
-            run_id = parent
-        else:
-            run_id = client.create_run(exp, run_name=run_name, tags={MLFLOW_PARENT_RUN_ID: parent,
-                                                                     MLFLOW_RUN_NAME: run_name}).info.run_id
+        run_id = parent if resume else _create_run(client, exp, run_name, {}, parent)
         nested = mlflow.active_run() is not None and mlflow.active_run().info.run_id != run_id
         with mlflow.start_run(run_id=run_id, nested=nested) as run:
             yield run
+
+
+@contextmanager
+def client_run(client: MlflowClient, cfg: ChurnConfig, run_name: str, *, experiment_id: str | None = None,
+               parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+               resume: bool = False, start_time: int | None = None) -> Iterator[str]:
+    """The one way a step makes the run it logs into with explicit ``client`` calls (no fluent
+    active-run state: ``MLFLOW_RUN_ID`` and the active run are neither read nor changed);
+    yields the run id.
+
+    A new run ``run_name`` with ``tags`` (and ``mlflow.parentRunId`` = ``parent_run_id`` when
+    given) in ``experiment_id`` (default: the parent's experiment); FINISHED when the block
+    ends, FAILED through :func:`terminate_failed` (one quick attempt, journalled when the
+    server is gone) when it raises - the error goes on. ``resume`` with a parent: the
+    parent itself (e.g. the ``mlflow run`` project run), left for its opener to end.
+    ChurnError when the parent run is not in the tracking store.
+    """
+    if resume and parent_run_id:
+        yield parent_run_id
+        return
+    if experiment_id is None:
+        if not parent_run_id:
+            raise ValueError("client_run needs an experiment_id or a parent_run_id")
+        experiment_id = _parent_experiment(client, parent_run_id)
+    run_id = _create_run(client, experiment_id, run_name, tags or {}, parent_run_id, start_time)
+    try:
+        yield run_id
+    except BaseException:
+        terminate_failed(cfg, client, run_id)
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
+def _parent_experiment(client: MlflowClient, parent: str) -> str:
+    """The experiment of run ``parent``; ChurnError when it is not in the tracking store."""
+    try:
+        return client.get_run(parent).info.experiment_id
+    except Exception as exc:  # MlflowException (not found) or a server failure
+        if server_failure(exc) is not None:
+            raise
+        raise ChurnError(f"parent run {parent} (MLFLOW_RUN_ID / parent_run_id) is not in the tracking "
+                         f"store: {first_line(exc, 200)}") from None
+
+
+def _create_run(client: MlflowClient, experiment_id: str, run_name: str, tags: dict[str, str],
+                parent: str | None, start_time: int | None = None) -> str:
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    tags = {**tags, MLFLOW_RUN_NAME: run_name} | ({MLFLOW_PARENT_RUN_ID: parent} if parent else {})
+    return client.create_run(experiment_id, start_time=start_time, run_name=run_name, tags=tags).info.run_id
+
+
+def log_to_project_run(params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+                       tags: dict[str, str] | None = None, artifacts: tuple[Path, ...] = (),
+                       dicts: dict[str, Any] | None = None) -> str | None:
+    """Inside ``mlflow run`` (``MLFLOW_RUN_ID`` set), add ``params``, ``metrics``, ``tags``, the
+    files ``artifacts`` and the JSON documents ``dicts`` (artifact name -> payload) to that
+    project run and return its id; None (nothing logged) outside one. Explicit client calls:
+    the fluent API would insist that the active experiment is the run's, and ending the run
+    is ``mlflow run``'s job."""
+    import time
+
+    from mlflow.entities import Metric, Param, RunTag
+
+    run_id = project_run_id()
+    if run_id is None:
+        return None
+    client = MlflowClient()
+    now_ms = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now_ms, 0) for k, v in (metrics or {}).items()],
+                     params=[Param(k, str(v)) for k, v in (params or {}).items()],
+                     tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
+    for path in artifacts:
+        client.log_artifact(run_id, str(path))
+    for name, payload in (dicts or {}).items():
+        client.log_dict(run_id, payload, name)
+    return run_id

@@ -81,7 +81,7 @@ from mlflow_churn.stats.metrics import (
 )
 from mlflow_churn.stats.uncertainty import segment_auc_diff_se, segment_z
 from mlflow_churn.times import utc
-from mlflow_churn.tracking import fail_fast, setup_mlflow, terminate_failed
+from mlflow_churn.tracking import client_run, fail_fast, setup_mlflow
 from mlflow_churn.training.model import Scorer, load_scorer
 from mlflow_churn.training.profile import build_profile
 
@@ -603,29 +603,21 @@ def _record_decision(client: MlflowClient, cfg: ChurnConfig, exp_id: str, as_of:
                      drift: dict[str, Any], parent_run_id: str | None, tmp: Path) -> str:
     """The decision run (next to ``parent_run_id`` when given, e.g. the ``mlflow run`` run)
     with its evidence, then the registry action: the evidence is stored before anything acts.
-    Explicit client calls: no fluent active-run state (MLFLOW_RUN_ID, threads) involved.
-    Returns the run id."""
+    Explicit client calls (:func:`~mlflow_churn.tracking.client_run`): no fluent active-run
+    state (MLFLOW_RUN_ID, threads) involved. Returns the run id."""
     chal_mv, champ_mv, passed = pair.challenger, pair.champion, verdict.passed
-    if parent_run_id:
-        exp_id = client.get_run(parent_run_id).info.experiment_id
     tags = {"gate_key": pair.key, "churn.decision": "gate", "gate": "passed" if passed else "rejected",
             "challenger_version": chal_mv.version,
             "champion_version": champ_mv.version if champ_mv else "none",
             "as_of": as_of.isoformat()}
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
     run_name = f"gate v{chal_mv.version} vs " + (f"v{champ_mv.version}" if champ_mv else "floors")
-    run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
-    try:
+    with client_run(client, cfg, run_name, experiment_id=None if parent_run_id else exp_id,
+                    parent_run_id=parent_run_id, tags=tags) as run_id:
         doc = _decision_doc(cfg, as_of, refs, pair, scored, verdict, drift, run_id, parent_run_id)
         (tmp / DECISION_FILE).write_text(dumps(doc))
         _log_decision(client, cfg, run_id, as_of, pair, verdict, tmp)
         _act(client, cfg, chal_mv.version, passed, verdict.reasons, run_id,
              str(champ_mv.version) if champ_mv else None, verdict.metrics.get("score_psi_vs_champion"))
-    except BaseException:
-        terminate_failed(cfg, client, run_id)
-        raise
-    client.set_terminated(run_id, "FINISHED")
     if parent_run_id:
         client.set_tag(parent_run_id, "gate_run_id", run_id)
         client.set_tag(parent_run_id, "gate", "passed" if passed else "rejected")

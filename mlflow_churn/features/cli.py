@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import re
-import tempfile
 from datetime import timedelta
-from pathlib import Path
 
 import typer
 from rich.table import Table
@@ -152,22 +149,14 @@ def _batch_table(title: str, batches) -> Table:
 
 def _log_batch_to_project_run(info) -> None:
     """Inside ``mlflow run`` (MLFLOW_RUN_ID set), record the batch in that run."""
-    from mlflow_churn.tracking import project_run_id, step_run
+    from mlflow_churn.tracking import log_to_project_run
 
-    if project_run_id() is None:
-        return
-    import mlflow
-
-    with step_run("project", resume=True):
-        # the entry point's own parameters (as_of = "" for newest data) are already logged
-        mlflow.log_params({"batch_as_of": info.as_of.isoformat(), "batch_mode": info.mode,
-                           "batch_id": info.batch_id, "n_features": len(info.features)})
-        mlflow.log_metrics({"rows": info.rows, "updated_rows": info.updated_rows or 0,
-                            "duration_s": info.duration_s or 0.0})
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "batch.json"
-            path.write_text(json.dumps(info.to_dict(), indent=2))
-            mlflow.log_artifact(str(path))
+    # the entry point's own parameters (as_of = "" for newest data) are already logged
+    log_to_project_run(params={"batch_as_of": info.as_of.isoformat(), "batch_mode": info.mode,
+                               "batch_id": info.batch_id, "n_features": len(info.features)},
+                       metrics={"rows": info.rows, "updated_rows": info.updated_rows or 0,
+                                "duration_s": info.duration_s or 0.0},
+                       dicts={"batch.json": info.to_dict()})
 
 
 @features_app.command("materialize")

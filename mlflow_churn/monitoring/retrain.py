@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -44,7 +45,7 @@ from mlflow_churn.monitoring.policy import PERFORMANCE_METRICS, REFRESH, REFRESH
 from mlflow_churn.progress import ProgressArg
 from mlflow_churn.registry.aliases import CHAMPION, alias_version
 from mlflow_churn.times import utc
-from mlflow_churn.tracking import fail_fast, project_run_id, setup_mlflow, terminate_failed
+from mlflow_churn.tracking import client_run, fail_fast, project_run_id, setup_mlflow
 from mlflow_churn.training.train import TrainResult, train
 
 RETRAINED = "retrained"
@@ -238,23 +239,17 @@ def _retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: P
     whose window is outside the data) after recording the failed run.
     """
     from mlflow.tracking import MlflowClient
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
     as_of = utc(as_of)
     exp_id = setup_mlflow(cfg)
     client = MlflowClient()
     name = cfg.training.model_name
     run_name = f"retrain {as_of:%Y-%m-%d}"
-    parent_id = project_run_id()
-    if parent_id:
-        exp_id = client.get_run(parent_id).info.experiment_id
-    else:
-        parent_id = client.create_run(exp_id, run_name=run_name, tags={MLFLOW_RUN_NAME: run_name}).info.run_id
-    own = project_run_id() is None
-
-    result = RetrainResult(action=NOOP, reason="", train=None, gate=None, run_id=parent_id, as_of=as_of,
-                           forced=force)
-    try:
+    project = project_run_id()  # inside `mlflow run`: the retrain run is the project run itself
+    with client_run(client, cfg, run_name, experiment_id=exp_id, parent_run_id=project,
+                    resume=True) as parent_id:
+        result = RetrainResult(action=NOOP, reason="", train=None, gate=None, run_id=parent_id, as_of=as_of,
+                               forced=force)
         do_train, reason, champ_version, found = plan(cfg, client, as_of, force)
         decision = decision or found
         result.reason, result.champion_version, result.monitor_decision = reason, champ_version, decision
@@ -269,10 +264,8 @@ def _retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: P
         client.set_tag(parent_id, f"{TAG_PREFIX}decision_run_id", (decision or {}).get("run_id", "none"))
         client.set_tag(parent_id, "churn.decision", "retrain")
         if do_train:
-            child = client.create_run(exp_id, run_name=f"train {as_of:%Y-%m-%d}",
-                                      tags={MLFLOW_PARENT_RUN_ID: parent_id,
-                                            MLFLOW_RUN_NAME: f"train {as_of:%Y-%m-%d}"})
-            result.train = train(cfg, as_of, progress=progress, parent_run_id=child.info.run_id)
+            with client_run(client, cfg, f"train {as_of:%Y-%m-%d}", parent_run_id=parent_id) as child:
+                result.train = train(cfg, as_of, progress=progress, parent_run_id=child)
             result.action = RETRAINED
             champ_tags = client.get_model_version(name, champ_version).tags if champ_version else {}
             due = refresh_due(cfg, decision, champ_tags or {})
@@ -281,30 +274,26 @@ def _retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: P
             if gate:
                 result.gate = evaluate(cfg, as_of, str(result.train.version), CHAMPION,
                                        parent_run_id=parent_id)
-        _record(result)
-    except BaseException:
-        if own:
-            terminate_failed(cfg, client, parent_id)
-        raise
+        _record(client, result)
     return result
 
 
-def _record(result: RetrainResult) -> None:
-    """Log the outcome into the retrain run and finish it."""
-    import mlflow
+def _record(client: Any, result: RetrainResult) -> None:
+    """Log the outcome into the retrain run (its opener ends it)."""
+    from mlflow.entities import Metric, RunTag
 
-    with mlflow.start_run(run_id=result.run_id):
-        tags = {f"{TAG_PREFIX}action": result.action, f"{TAG_PREFIX}reason": result.reason[:4000],
-                "decision": result.action}
-        metrics = {"retrained": float(result.action == RETRAINED)}
-        if result.train is not None:
-            tags[f"{TAG_PREFIX}challenger_version"] = str(result.train.version)
-            tags[f"{TAG_PREFIX}train_run_id"] = result.train.run_id
-            metrics["val_auc"] = float(result.train.val_auc)
-        if result.gate is not None:
-            tags[f"{TAG_PREFIX}gate"] = result.gate.decision
-            tags[f"{TAG_PREFIX}gate_run_id"] = result.gate.run_id
-            metrics["gate_passed"] = float(result.gate.passed)
-        mlflow.set_tags(tags)
-        mlflow.log_metrics(metrics)
-        mlflow.log_dict(result.to_dict(), DECISION_FILE)
+    tags = {f"{TAG_PREFIX}action": result.action, f"{TAG_PREFIX}reason": result.reason[:4000],
+            "decision": result.action}
+    metrics = {"retrained": float(result.action == RETRAINED)}
+    if result.train is not None:
+        tags[f"{TAG_PREFIX}challenger_version"] = str(result.train.version)
+        tags[f"{TAG_PREFIX}train_run_id"] = result.train.run_id
+        metrics["val_auc"] = float(result.train.val_auc)
+    if result.gate is not None:
+        tags[f"{TAG_PREFIX}gate"] = result.gate.decision
+        tags[f"{TAG_PREFIX}gate_run_id"] = result.gate.run_id
+        metrics["gate_passed"] = float(result.gate.passed)
+    now_ms = int(time.time() * 1000)
+    client.log_batch(result.run_id, metrics=[Metric(k, v, now_ms, 0) for k, v in metrics.items()],
+                     tags=[RunTag(k, v) for k, v in tags.items()])
+    client.log_dict(result.run_id, result.to_dict(), DECISION_FILE)

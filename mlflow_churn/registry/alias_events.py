@@ -34,7 +34,6 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
-from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -44,6 +43,7 @@ from mlflow_churn.config import ChurnConfig
 from mlflow_churn.registry.aliases import CANARY, CHAMPION, aliases_of, move_alias, remove_alias
 from mlflow_churn.registry.history import RECONCILED, UNKNOWN, AliasMove, read_moves, sync
 from mlflow_churn.registry.promotion import check_promotion
+from mlflow_churn.tracking import client_run
 from mlflow_churn.web.metrics import Metrics
 
 _log = logging.getLogger(__name__)
@@ -241,21 +241,18 @@ class AliasWatcher:
                 "to_version": move.to_version or "",
                 "version": move.to_version or move.from_version or "", "actor": move.actor,
                 "moved_at": move.moved_at.isoformat(), "history_run_id": move.run_id,
-                "revert": str(self.cfg.registry.revert_unguarded).lower(),
-                "mlflow.runName": f"unguarded {move.alias} v{move.from_version or '-'} -> "
-                                  f"v{move.to_version or '-'}"}
-        run = self.client.create_run(exp_id, tags=tags)
-        run_id = run.info.run_id
-        self.client.log_param(run_id, "message", message[:5000])
-        decision = {"decision": UNGUARDED, "rule": rule, "message": message, "move": move.to_dict(),
-                    "evidence": evidence, "revert_unguarded": self.cfg.registry.revert_unguarded}
-        try:
-            self.client.log_text(run_id, json.dumps(decision, indent=2, sort_keys=True, default=str),
-                                 "decision.json")
-        except Exception as exc:  # an artifact store the receiver cannot reach: the tags still tell it
-            _log.warning("unguarded_promotion run %s: decision.json not written (%s)", run_id, exc)
-            self.client.set_tag(run_id, "decision_json_error", str(exc)[:500])
-        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+                "revert": str(self.cfg.registry.revert_unguarded).lower()}
+        run_name = f"unguarded {move.alias} v{move.from_version or '-'} -> v{move.to_version or '-'}"
+        with client_run(self.client, self.cfg, run_name, experiment_id=exp_id, tags=tags) as run_id:
+            self.client.log_param(run_id, "message", message[:5000])
+            decision = {"decision": UNGUARDED, "rule": rule, "message": message, "move": move.to_dict(),
+                        "evidence": evidence, "revert_unguarded": self.cfg.registry.revert_unguarded}
+            try:
+                self.client.log_text(run_id, json.dumps(decision, indent=2, sort_keys=True, default=str),
+                                     "decision.json")
+            except Exception as exc:  # an artifact store the receiver cannot reach: the tags still tell it
+                _log.warning("unguarded_promotion run %s: decision.json not written (%s)", run_id, exc)
+                self.client.set_tag(run_id, "decision_json_error", str(exc)[:500])
         _log.warning("unguarded promotion: %s (audit run %s)", message, run_id)
         return run_id
 

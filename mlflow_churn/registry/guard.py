@@ -41,13 +41,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.registry.aliases import CHAMPION, aliases_of
 from mlflow_churn.registry.promotion import PromotionCheck, check_promotion
+from mlflow_churn.tracking import client_run
 
 _log = logging.getLogger("mlflow_churn.guard")
 
@@ -207,16 +207,15 @@ class Guard:
         try:
             exp_id = self._audit_experiment()
             client = self.client
-            run = client.create_run(
-                exp_id, run_name=f"guard {decision} {move.action} {chk.alias} v{chk.version}",
-                tags={"kind": "guard-promotion", "decision": decision, "rule": chk.rule,
-                      "action": move.action, "model_name": chk.name, "version": chk.version,
-                      "alias": chk.alias, "actor": actor[:TAG_LIMIT], "route": move.route,
-                      "mlflow.user": actor[:TAG_LIMIT]})
-            run_id = run.info.run_id
-            client.log_param(run_id, "reason", chk.message[:5000])
-            client.log_param(run_id, "evidence", json.dumps(chk.evidence, sort_keys=True, default=str)[:5000])
-            client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+            with client_run(client, self.cfg, f"guard {decision} {move.action} {chk.alias} v{chk.version}",
+                            experiment_id=exp_id,
+                            tags={"kind": "guard-promotion", "decision": decision, "rule": chk.rule,
+                                  "action": move.action, "model_name": chk.name, "version": chk.version,
+                                  "alias": chk.alias, "actor": actor[:TAG_LIMIT], "route": move.route,
+                                  "mlflow.user": actor[:TAG_LIMIT]}) as run_id:
+                client.log_param(run_id, "reason", chk.message[:5000])
+                client.log_param(run_id, "evidence",
+                                 json.dumps(chk.evidence, sort_keys=True, default=str)[:5000])
             return run_id
         except Exception:
             _log.exception("churn-guard could not write the audit run of %s v%s", chk.name, chk.version)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import typer
 from rich.table import Table
 
@@ -16,9 +14,6 @@ from mlflow_churn.cli_common import (
     writable_dir,
 )
 from mlflow_churn.errors import ChurnError
-
-if TYPE_CHECKING:
-    from mlflow_churn.serving.batch import ScoreResult
 
 
 def score(
@@ -71,30 +66,17 @@ def score(
                   f"{result.rows:,}", f"{result.seconds:.2f}", f"{result.rows_per_second:,.0f}",
                   str(result.path))
     console.print(table)
-    from mlflow_churn.tracking import project_run_id
+    from mlflow_churn.tracking import log_to_project_run
 
-    if project_run_id():  # inside `mlflow run . -e score`: log into that run
-        _log_to_project_run(project_run_id(), result)
+    # inside `mlflow run . -e score`: resolved values under their own keys (the project run
+    # holds the raw as_of / model_uri)
+    log_to_project_run(
+        params={"scored_as_of": result.as_of.isoformat(), "engine": result.engine,
+                "resolved_model_uri": result.model_uri, "model_version": result.version,
+                "feature_set_hash": result.feature_set_hash, "output": str(result.path)},
+        metrics={"rows": result.rows, "seconds": result.seconds, "rows_per_second": result.rows_per_second})
 
 
 def register(app: typer.Typer) -> None:
     """Add ``churn score`` to ``app``."""
     app.command("score")(score)
-
-
-def _log_to_project_run(run_id: str, result: ScoreResult) -> None:
-    """Params and metrics of ``result`` on the ``mlflow run`` project run, by explicit client
-    calls (the fluent API would insist that the active experiment is the run's)."""
-    import time
-
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
-
-    # resolved values under their own keys: the project run holds the raw as_of / model_uri
-    params = {"scored_as_of": result.as_of.isoformat(), "engine": result.engine,
-              "resolved_model_uri": result.model_uri, "model_version": result.version,
-              "feature_set_hash": result.feature_set_hash, "output": str(result.path)}
-    metrics = {"rows": result.rows, "seconds": result.seconds, "rows_per_second": result.rows_per_second}
-    now_ms = int(time.time() * 1000)
-    MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now_ms, 0) for k, v in metrics.items()],
-                             params=[Param(k, str(v)) for k, v in params.items()])

@@ -272,7 +272,7 @@ def _tune(cfg: ChurnConfig, prep: TrainingFrames, client: MlflowClient, run: Any
             study, data, seed=t.seed, max_estimators=t.max_estimators,
             early_stopping_rounds=t.early_stopping_rounds, n_trials=n_trials, timeout=timeout,
             client=client, experiment_id=run.info.experiment_id, parent_run_id=run_id,
-            on_trial=lambda _trial: tick(1), nthread=t.nthread)
+            cfg=cfg, on_trial=lambda _trial: tick(1), nthread=t.nthread)
     if storage:
         tuning.wait_for_running(study, wait_seconds)
     return tuning.summarize(study)
@@ -398,7 +398,7 @@ def run_worker(cfg: ChurnConfig, study_name: str, storage: str | None = None, n_
             study, data, seed=int(settings["seed"]), max_estimators=int(settings["max_estimators"]),
             early_stopping_rounds=int(settings["early_stopping_rounds"]), n_trials=n_trials,
             timeout=timeout, client=client, experiment_id=attrs["experiment_id"],
-            parent_run_id=attrs["parent_run_id"], on_trial=lambda _trial: tick(1),
+            parent_run_id=attrs["parent_run_id"], cfg=cfg, on_trial=lambda _trial: tick(1),
             nthread=cfg.training.nthread)
     tuned = tuning.summarize(study)
     return TrainResult(

@@ -35,11 +35,12 @@ import numpy as np
 import optuna
 import pandas as pd
 import xgboost as xgb
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError, first_line
+from mlflow_churn.tracking import client_run
 
 REPORT_EVERY = 10
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -196,28 +197,27 @@ def wait_for_study(study_name: str, storage: str, wait_seconds: float, poll: flo
         time.sleep(poll)
 
 
-def _log_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str, study_name: str,
-                   trial: optuna.Trial, params: dict[str, Any], metrics: dict[str, float],
+def _log_trial_run(client: MlflowClient, cfg: ChurnConfig, experiment_id: str, parent_run_id: str,
+                   study_name: str, trial: optuna.Trial, params: dict[str, Any], metrics: dict[str, float],
                    state: str) -> str:
-    run = client.create_run(experiment_id, run_name=f"trial-{trial.number}", tags={
-        MLFLOW_PARENT_RUN_ID: parent_run_id, "optuna.study": study_name,
-        "optuna.trial": str(trial.number), "optuna.state": state, "worker": WORKER_ID,
-    })
-    now = int(time.time() * 1000)
-    client.log_batch(run.info.run_id,
-                     metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-                     params=[Param(k, str(v)) for k, v in params.items()],
-                     tags=[RunTag("mlflow.runName", f"trial-{trial.number}")])
-    client.set_terminated(run.info.run_id, "FINISHED")
-    return run.info.run_id
+    with client_run(client, cfg, f"trial-{trial.number}", experiment_id=experiment_id,
+                    parent_run_id=parent_run_id,
+                    tags={"optuna.study": study_name, "optuna.trial": str(trial.number),
+                          "optuna.state": state, "worker": WORKER_ID}) as run_id:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                         params=[Param(k, str(v)) for k, v in params.items()])
+    return run_id
 
 
 def run_trials(study: optuna.Study, data: FitData, *, seed: int,
                max_estimators: int, early_stopping_rounds: int, n_trials: int | None,
                timeout: float | None, client: MlflowClient, experiment_id: str,
-               parent_run_id: str, on_trial: Callable[[Any], None] | None = None, nthread: int = 0) -> None:
+               parent_run_id: str, cfg: ChurnConfig, on_trial: Callable[[Any], None] | None = None,
+               nthread: int = 0) -> None:
     """Run ``n_trials`` trials (or until ``timeout`` seconds) of ``study`` in this process,
-    each logged as a nested run of ``parent_run_id``."""
+    each logged as a nested run of ``parent_run_id`` (``cfg``: where a run the tracking
+    server could not end FAILED is journalled, see :func:`mlflow_churn.tracking.client_run`)."""
     name = study.study_name
 
     def objective(trial: optuna.Trial) -> float:
@@ -226,7 +226,7 @@ def run_trials(study: optuna.Study, data: FitData, *, seed: int,
         clf = fit_classifier(params, data, seed, early_stopping_rounds, [pruning], nthread)
         trial.set_user_attr("worker", WORKER_ID)
         if pruning.pruned_at is not None:
-            run_id = _log_trial_run(client, experiment_id, parent_run_id, name, trial, params,
+            run_id = _log_trial_run(client, cfg, experiment_id, parent_run_id, name, trial, params,
                                     {"val_auc": pruning.last_auc or 0.0,
                                      "n_trees": pruning.pruned_at + 1}, "PRUNED")
             trial.set_user_attr("run_id", run_id)
@@ -234,7 +234,7 @@ def run_trials(study: optuna.Study, data: FitData, *, seed: int,
         auc = float(clf.best_score)
         n_trees = int(clf.best_iteration) + 1
         trial.set_user_attr("n_trees", n_trees)
-        run_id = _log_trial_run(client, experiment_id, parent_run_id, name, trial, params,
+        run_id = _log_trial_run(client, cfg, experiment_id, parent_run_id, name, trial, params,
                                 {"val_auc": auc, "n_trees": n_trees}, "COMPLETE")
         trial.set_user_attr("run_id", run_id)
         return auc
