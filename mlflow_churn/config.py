@@ -14,7 +14,7 @@ The MLflow tracking URI is ``MLFLOW_TRACKING_URI`` when set (as everywhere in ML
 else ``tracking_uri`` from the sources above, else ``sqlite:///<workspace>/mlflow.db``.
 Unknown keys and bad values fail at load time with the dotted key named: every number must
 be finite (no ``inf`` / ``nan``), shares and probabilities lie in [0, 1], and settings that
-can never work are refused (:func:`sense_problem`: a trigger that always or never fires on
+can never work are refused (:func:`_sense_problem`: a trigger that always or never fires on
 its metric's range, persistence ``required`` above ``windows``, ``k`` above the number of
 triggers, an early label horizon longer than the label horizon).
 """
@@ -500,7 +500,7 @@ def _trigger_problem(metric: str, op: str, value: float) -> str | None:
             f"{span}); choose a value inside that range")
 
 
-def sense_problem(cfg: ChurnConfig) -> tuple[str, str] | None:
+def _sense_problem(cfg: ChurnConfig) -> tuple[str, str] | None:
     """(dotted key, message) of the first setting that can never work, or None."""
     policy = cfg.monitoring.policy
     pairs = [("monitoring.policy.persistence", policy.persistence)]
@@ -642,7 +642,7 @@ def _validate(tree: dict[str, Any], source: str) -> ChurnConfig:
         raise ConfigError(
             f"bad value for config key '{key}' in {source}: {msg} (got {err.get('input')!r})"
         ) from None
-    problem = sense_problem(cfg)
+    problem = _sense_problem(cfg)
     if problem is not None:
         raise ConfigError(f"bad value for config key '{problem[0]}' in {source}: {problem[1]}")
     return cfg

@@ -9,10 +9,10 @@ its failures clean:
 - :func:`fail_fast` turns a server failure inside a command (connection refused or reset,
   timeout, 5xx after the retries; :func:`server_failure` recognises them) into ONE
   :class:`ChurnError` naming the server, what was being done and what was left;
-- :func:`end_run_failed` / :func:`terminate_failed` mark a run FAILED with one quick attempt;
+- :func:`_end_run_failed` / :func:`_terminate_failed` mark a run FAILED with one quick attempt;
   what cannot be written because the server is gone (a run still RUNNING, a version to
   delete) goes to a journal, ``<workspace>/mlflow-pending.jsonl``, which the next
-  :func:`setup_mlflow` against the same server replays (:func:`replay_pending`).
+  :func:`setup_mlflow` against the same server replays (:func:`_replay_pending`).
 
 The run a step logs into has one way per job: :func:`step_run` when the step logs with
 MLflow's fluent API in the calling thread (it opens, nests under or resumes the ``mlflow
@@ -20,7 +20,7 @@ run`` project run); :func:`client_run` when the step logs with explicit ``Mlflow
 calls - a worker thread, a server, trials or audit records, where no fluent active-run
 state (``MLFLOW_RUN_ID``, the active run stack) may be involved: it creates the run (a
 child of ``parent_run_id`` when given), marks it FINISHED, or FAILED through
-:func:`terminate_failed` when the block raises; :func:`log_to_project_run` when a CLI
+:func:`_terminate_failed` when the block raises; :func:`log_to_project_run` when a CLI
 entry point only adds its params, metrics and artifacts to the ``mlflow run`` project run
 (a no-op outside one). Inside a fluent run, :func:`failed_on_error` ends it FAILED the same
 way.
@@ -197,7 +197,7 @@ def _apply(client: MlflowClient, entry: dict[str, Any]) -> str:
     return "unknown op"
 
 
-def replay_pending(cfg: ChurnConfig, client: MlflowClient | None = None) -> list[str]:
+def _replay_pending(cfg: ChurnConfig, client: MlflowClient | None = None) -> list[str]:
     """Apply the journal's entries for this tracking URI (see :func:`defer`); keep the others
     and those the server still cannot take. Returns what was done."""
     path = _journal(cfg)
@@ -231,8 +231,8 @@ def replay_pending(cfg: ChurnConfig, client: MlflowClient | None = None) -> list
 
 # ------------------------------------------------------------------ failing cleanly
 class Failure:
-    """What a command left when the tracking server failed: filled by :func:`end_run_failed`,
-    :func:`terminate_failed` and the registry's registration helper, read by :func:`fail_fast`."""
+    """What a command left when the tracking server failed: filled by :func:`_end_run_failed`,
+    :func:`_terminate_failed` and the registry's registration helper, read by :func:`fail_fast`."""
 
     def __init__(self, cfg: ChurnConfig) -> None:
         self.cfg = cfg
@@ -275,7 +275,7 @@ def _cleanup(cfg: ChurnConfig, what: str, call: Callable[[], Any], op: str, **fi
         return False
 
 
-def end_run_failed(cfg: ChurnConfig, run_id: str) -> bool:
+def _end_run_failed(cfg: ChurnConfig, run_id: str) -> bool:
     """End the active (fluent) run ``run_id`` as FAILED with one quick attempt; when the
     server cannot take it, journal it. True when it was marked."""
     def end() -> None:
@@ -291,8 +291,8 @@ def end_run_failed(cfg: ChurnConfig, run_id: str) -> bool:
     return ok
 
 
-def terminate_failed(cfg: ChurnConfig, client: MlflowClient, run_id: str) -> bool:
-    """:func:`end_run_failed` for a run made with explicit client calls (no fluent state)."""
+def _terminate_failed(cfg: ChurnConfig, client: MlflowClient, run_id: str) -> bool:
+    """:func:`_end_run_failed` for a run made with explicit client calls (no fluent state)."""
     ok = _cleanup(cfg, f"marking run {run_id} FAILED", lambda: client.set_terminated(run_id, "FAILED"),
                   "end_run", run_id=run_id)
     failure = current_failure()
@@ -304,14 +304,14 @@ def terminate_failed(cfg: ChurnConfig, client: MlflowClient, run_id: str) -> boo
 @contextmanager
 def failed_on_error(cfg: ChurnConfig) -> Iterator[None]:
     """Enter inside ``with mlflow.start_run(...)``: an error in the block ends that (active)
-    run FAILED with :func:`end_run_failed` (one quick attempt, journalled when the server
+    run FAILED with :func:`_end_run_failed` (one quick attempt, journalled when the server
     is gone) before it goes on."""
     run = mlflow.active_run()
     try:
         yield
     except BaseException:
         if run is not None:
-            end_run_failed(cfg, run.info.run_id)
+            _end_run_failed(cfg, run.info.run_id)
         raise
 
 
@@ -385,7 +385,7 @@ def setup_mlflow(cfg: ChurnConfig, experiment: str | None = None) -> str:
         ) from None
     mlflow.set_experiment(experiment_id=exp_id)
     if _journal(cfg).is_file():
-        replay_pending(cfg, client)
+        _replay_pending(cfg, client)
     return exp_id
 
 
@@ -467,7 +467,7 @@ def client_run(client: MlflowClient, cfg: ChurnConfig, run_name: str, *, experim
 
     A new run ``run_name`` with ``tags`` (and ``mlflow.parentRunId`` = ``parent_run_id`` when
     given) in ``experiment_id`` (default: the parent's experiment); FINISHED when the block
-    ends, FAILED through :func:`terminate_failed` (one quick attempt, journalled when the
+    ends, FAILED through :func:`_terminate_failed` (one quick attempt, journalled when the
     server is gone) when it raises - the error goes on. ``resume`` with a parent: the
     parent itself (e.g. the ``mlflow run`` project run), left for its opener to end.
     ChurnError when the parent run is not in the tracking store.
@@ -483,7 +483,7 @@ def client_run(client: MlflowClient, cfg: ChurnConfig, run_name: str, *, experim
     try:
         yield run_id
     except BaseException:
-        terminate_failed(cfg, client, run_id)
+        _terminate_failed(cfg, client, run_id)
         raise
     client.set_terminated(run_id, "FINISHED")
 

@@ -6,7 +6,7 @@ with ``--backend-store-uri`` (PostgreSQL, or a SQLite file) and ``--artifacts-de
 ``/health`` answers and returns a :class:`TrackingServer` that stops it (terminate, then
 kill) on :meth:`TrackingServer.stop` or on leaving a ``with`` block.
 
-Webhooks are enabled in the child's environment (:func:`webhook_env`): an encryption key
+Webhooks are enabled in the child's environment (:func:`_webhook_env`): an encryption key
 for webhook secrets, and loopback receivers allowed (``http``, private IPs), which is what
 a receiver on the same machine needs.
 
@@ -45,7 +45,7 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(sock.getsockname()[1])
 
 
-def webhook_env(encryption_key: str | None = None) -> dict[str, str]:
+def _webhook_env(encryption_key: str | None = None) -> dict[str, str]:
     """Environment for an ``mlflow server`` that delivers webhooks to a receiver on this
     machine: ``MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY`` (a new Fernet key unless given),
     ``http`` allowed, private IPs allowed, and a 1 s webhook cache so a new webhook fires at
@@ -64,12 +64,12 @@ def webhook_env(encryption_key: str | None = None) -> dict[str, str]:
 
 def server_env() -> dict[str, str]:
     """A server's environment: ours without the client-side MLflow run variables, webhooks
-    for loopback receivers (:func:`webhook_env`), and MLflow's job runner off unless set
+    for loopback receivers (:func:`_webhook_env`), and MLflow's job runner off unless set
     (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION``: eight more processes for GenAI jobs the loop
     does not use; webhooks are delivered from the server's own thread pool)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
-    env.update(webhook_env())
+    env.update(_webhook_env())
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     return env
 

@@ -154,7 +154,7 @@ class SimulationResult:
     files: int
 
 
-def validate_spec(spec: SimulationSpec) -> None:
+def _validate_spec(spec: SimulationSpec) -> None:
     """Raise ChurnError naming the first bad argument of ``spec``."""
     if spec.customers < 1:
         raise ChurnError(f"--customers must be a positive integer, got {spec.customers}")
@@ -332,7 +332,7 @@ def simulate(
     when complete, so a crash or bad input never leaves a half-written dataset behind.
     ``on_day(i)`` is called after each simulated day (progress reporting).
     """
-    validate_spec(spec)
+    _validate_spec(spec)
     data_dir = Path(data_dir)
     if data_dir.exists() and not overwrite:
         raise ChurnError(

@@ -122,7 +122,7 @@ class GateDecision:
     holdout_start: str = ""
     holdout_end: str = ""
     holdout_rows: int = 0
-    gate_key: str = ""
+    _gate_key: str = ""
     reused: bool = False
 
     @property
@@ -138,7 +138,7 @@ class GateDecision:
             champion_version=(str(data["champion"]["version"]) if data.get("champion") else None),
             run_id=run_id, metrics=dict(data.get("metrics", {})), rules=rules,
             holdout_start=data["holdout"]["start"], holdout_end=data["holdout"]["end"],
-            holdout_rows=int(data["holdout"]["rows"]), gate_key=data["gate_key"], reused=reused,
+            holdout_rows=int(data["holdout"]["rows"]), _gate_key=data["gate_key"], reused=reused,
         )
 
 
@@ -169,7 +169,7 @@ def _data_fingerprint(data_dir: Path) -> str:
     return hashlib.sha256("\n".join(files).encode()).hexdigest()
 
 
-def gate_key(cfg: ChurnConfig, challenger: str, champion: str | None, cutoffs: list[datetime]) -> str:
+def _gate_key(cfg: ChurnConfig, challenger: str, champion: str | None, cutoffs: list[datetime]) -> str:
     """sha256 identifying one decision (see module doc)."""
     ident = {
         "model": cfg.training.model_name, "challenger": str(challenger), "champion": champion,
@@ -180,7 +180,7 @@ def gate_key(cfg: ChurnConfig, challenger: str, champion: str | None, cutoffs: l
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
-def find_decision(client: MlflowClient, key: str) -> GateDecision | None:
+def _find_decision(client: MlflowClient, key: str) -> GateDecision | None:
     """The finished decision run tagged ``gate_key = key`` (any experiment), or None."""
     exp_ids = [e.experiment_id for e in client.search_experiments()]
     if not exp_ids:
@@ -198,7 +198,7 @@ def find_decision(client: MlflowClient, key: str) -> GateDecision | None:
 
 
 # ----------------------------------------------------------------------------- gate rules
-def _check(rule: str, metric: str, candidate: float, threshold: MetricThreshold,
+def _threshold_rule(rule: str, metric: str, candidate: float, threshold: MetricThreshold,
            baseline: float | None, required: float, describe: str) -> RuleResult:
     """Run one rule through ``mlflow.validate_evaluation_results``."""
     cand = EvaluationResult({metric: float(candidate)}, {}, run_id="gate")
@@ -218,7 +218,7 @@ def _check(rule: str, metric: str, candidate: float, threshold: MetricThreshold,
                       float(required), passed, reason)
 
 
-def apply_gate(cfg: ChurnConfig, chal: dict[str, Any], champ: dict[str, Any] | None,
+def _apply_gate(cfg: ChurnConfig, chal: dict[str, Any], champ: dict[str, Any] | None,
                chal_seg: pd.DataFrame, champ_seg: pd.DataFrame | None) -> list[RuleResult]:
     """Every rule of the module doc on the challenger's (and champion's) metrics."""
     ev = cfg.evaluation
@@ -227,10 +227,10 @@ def apply_gate(cfg: ChurnConfig, chal: dict[str, Any], champ: dict[str, Any] | N
                          "widen evaluation.holdout_days or check the data")
     out: list[RuleResult] = []
     if champ is None:
-        out.append(_check("auc_floor", "roc_auc", chal["roc_auc"],
+        out.append(_threshold_rule("auc_floor", "roc_auc", chal["roc_auc"],
                           MetricThreshold(threshold=ev.min_auc, greater_is_better=True), None, ev.min_auc,
                           "no champion yet and ROC AUC is below the floor evaluation.min_auc"))
-        out.append(_check("lift_floor", "revenue_lift", chal["revenue_lift"],
+        out.append(_threshold_rule("lift_floor", "revenue_lift", chal["revenue_lift"],
                           MetricThreshold(threshold=0.0, greater_is_better=True), None, 0.0,
                           "no champion yet and revenue lift is below 0 (worse than random targeting)"))
         return out
@@ -240,20 +240,20 @@ def apply_gate(cfg: ChurnConfig, chal: dict[str, Any], champ: dict[str, Any] | N
     else:  # MLflow refuses min_absolute_change=0: "not worse than the champion" is a threshold
         auc_thr = MetricThreshold(threshold=champ["roc_auc"], greater_is_better=True)
         auc_base = None
-    res = _check("auc_vs_champion", "roc_auc", chal["roc_auc"], auc_thr, auc_base,
+    res = _threshold_rule("auc_vs_champion", "roc_auc", chal["roc_auc"], auc_thr, auc_base,
                  champ["roc_auc"] + ev.min_auc_delta,
                  f"ROC AUC is not at least champion {champ['roc_auc']:.4f} + min_auc_delta "
                  f"{ev.min_auc_delta}")
     res.baseline = float(champ["roc_auc"])
     out.append(res)
     need = champ["recall_at_k"] - ev.recall_tolerance
-    out.append(_check("recall_at_k", "recall_at_k", chal["recall_at_k"],
+    out.append(_threshold_rule("recall_at_k", "recall_at_k", chal["recall_at_k"],
                       MetricThreshold(threshold=need, greater_is_better=True), None, need,
                       f"recall@{ev.top_k_pct:g}% fell more than recall_tolerance {ev.recall_tolerance} "
                       f"below champion {champ['recall_at_k']:.4f}"))
     out[-1].baseline = float(champ["recall_at_k"])
     need = champ["revenue_lift"] - ev.lift_tolerance * abs(champ["revenue_lift"])
-    out.append(_check("revenue_lift", "revenue_lift", chal["revenue_lift"],
+    out.append(_threshold_rule("revenue_lift", "revenue_lift", chal["revenue_lift"],
                       MetricThreshold(threshold=need, greater_is_better=True), None, need,
                       f"revenue lift fell more than lift_tolerance {ev.lift_tolerance:.0%} below champion "
                       f"{champ['revenue_lift']:.4f}"))
@@ -269,7 +269,7 @@ def apply_gate(cfg: ChurnConfig, chal: dict[str, Any], champ: dict[str, Any] | N
             margin = z * se if math.isfinite(se) else 0.0
             need = row.roc_auc_champion - ev.segment_tolerance - margin
             metric = f"roc_auc_{row.segment}_{row.value}"
-            res = _check("segment_auc", metric, row.roc_auc,
+            res = _threshold_rule("segment_auc", metric, row.roc_auc,
                          MetricThreshold(threshold=need, greater_is_better=True), None, need,
                          f"segment {row.segment}={row.value} (n={row.n}) ROC AUC fell more than "
                          f"segment_tolerance {ev.segment_tolerance} + {z:.2f} x SE {se:.4f} "
@@ -284,14 +284,14 @@ def _sample(frame: pd.DataFrame, rows: int, seed: int = 0) -> pd.DataFrame:
     return frame if len(frame) <= rows else frame.sample(n=rows, random_state=seed).sort_index()
 
 
-def reference_cutoffs(cfg: ChurnConfig, mv: ModelVersion) -> list[datetime]:
+def _reference_cutoffs(cfg: ChurnConfig, mv: ModelVersion) -> list[datetime]:
     """The challenger's training cutoffs, from its window_start / window_end tags."""
     start = parse_tag_time(mv.tags.get("window_start"), f"tag window_start of version {mv.version}")
     end = parse_tag_time(mv.tags.get("window_end"), f"tag window_end of version {mv.version}")
     return daily_cutoffs(start, end, cfg.training.cutoff_every_days)
 
 
-def drift_reports(cfg: ChurnConfig, scorer: Scorer, reference: pd.DataFrame, current: pd.DataFrame,
+def _drift_reports(cfg: ChurnConfig, scorer: Scorer, reference: pd.DataFrame, current: pd.DataFrame,
                   ref_scores: np.ndarray, cur_scores: np.ndarray, out_dir: Path) -> dict[str, Any]:
     """Evidently HTML report + the project's drift JSON (stats.drift on a reference
     profile) of ``current`` against ``reference``; returns the JSON's summary."""
@@ -401,7 +401,7 @@ def _resolve_pair(client: MlflowClient, cfg: ChurnConfig, as_of: datetime, chall
     ends = [parse_tag_time(mv.tags.get("window_end"), f"tag window_end of version {mv.version}")
             for mv in (chal_mv, champ_mv) if mv is not None]
     cutoffs = holdout_cutoffs(as_of, cfg, ends)
-    key = gate_key(cfg, chal_mv.version, champ_mv.version if champ_mv else None, cutoffs)
+    key = _gate_key(cfg, chal_mv.version, champ_mv.version if champ_mv else None, cutoffs)
     return _Pair(name, chal_mv, champ_mv, cutoffs, key)
 
 
@@ -441,7 +441,7 @@ def _judge(cfg: ChurnConfig, scored: _Scored) -> _Verdict:
                                     ev.min_segment_size)
         se = segment_auc_diff_se(frame, p_chal, p_champ, segs, seed=cfg.training.seed)
         chal_seg = chal_seg.merge(se, on=["segment", "value"], how="left")
-    rules = apply_gate(cfg, chal_m, champ_m, chal_seg, champ_seg)
+    rules = _apply_gate(cfg, chal_m, champ_m, chal_seg, champ_seg)
 
     metrics = scalar_metrics(chal_m, "challenger_")
     if champ_m is not None:
@@ -464,11 +464,11 @@ def _write_evidence(cfg: ChurnConfig, pair: _Pair, scored: _Scored, verdict: _Ve
     CSVs under ``tmp`` (``drift/``, ``plots/``, ``segments/``); returns the drift summary."""
     chal = scored.challenger
     # the holdout customers at the training cutoffs: scores of customers the model never saw
-    ref_frame = _sample(holdout_frame(cfg, chal.feature_set, reference_cutoffs(cfg, pair.challenger)),
+    ref_frame = _sample(holdout_frame(cfg, chal.feature_set, _reference_cutoffs(cfg, pair.challenger)),
                         drift_sample_rows)
     cur_frame = _sample(scored.frame, drift_sample_rows)
     step("reference window")
-    drift = drift_reports(cfg, chal, ref_frame, cur_frame, chal.predict_proba(ref_frame),
+    drift = _drift_reports(cfg, chal, ref_frame, cur_frame, chal.predict_proba(ref_frame),
                           chal.predict_proba(cur_frame), tmp / "drift")
     step("drift report")
     y, curves, ev = scored.y, scored.curves, cfg.evaluation
@@ -575,7 +575,7 @@ def evaluate(
         exp_id = setup_mlflow(cfg)
         client = MlflowClient()
         pair = _resolve_pair(client, cfg, as_of, challenger_alias, champion_alias)
-        found = find_decision(client, pair.key)
+        found = _find_decision(client, pair.key)
         step("resolve versions and holdout")
         if found is not None:
             return found
@@ -593,7 +593,7 @@ def evaluate(
         passed=verdict.passed, reasons=verdict.reasons, challenger_version=pair.challenger.version,
         champion_version=pair.champion.version if pair.champion else None, run_id=run_id,
         metrics=verdict.metrics, rules=verdict.rules, holdout_start=pair.cutoffs[0].isoformat(),
-        holdout_end=pair.cutoffs[-1].isoformat(), holdout_rows=int(len(scored.frame)), gate_key=pair.key,
+        holdout_end=pair.cutoffs[-1].isoformat(), holdout_rows=int(len(scored.frame)), _gate_key=pair.key,
         reused=False,
     )
 
@@ -616,7 +616,7 @@ def _record_decision(client: MlflowClient, cfg: ChurnConfig, exp_id: str, as_of:
         doc = _decision_doc(cfg, as_of, refs, pair, scored, verdict, drift, run_id, parent_run_id)
         (tmp / DECISION_FILE).write_text(dumps(doc))
         _log_decision(client, cfg, run_id, as_of, pair, verdict, tmp)
-        _act(client, cfg, chal_mv.version, passed, verdict.reasons, run_id,
+        _record_verdict(client, cfg, chal_mv.version, passed, verdict.reasons, run_id,
              str(champ_mv.version) if champ_mv else None, verdict.metrics.get("score_psi_vs_champion"))
     if parent_run_id:
         client.set_tag(parent_run_id, "gate_run_id", run_id)
@@ -625,7 +625,7 @@ def _record_decision(client: MlflowClient, cfg: ChurnConfig, exp_id: str, as_of:
     return run_id
 
 
-def _act(client: MlflowClient, cfg: ChurnConfig, version: str, passed: bool, reasons: list[str],
+def _record_verdict(client: MlflowClient, cfg: ChurnConfig, version: str, passed: bool, reasons: list[str],
          run_id: str, champion: str | None = None, score_psi: float | None = None) -> None:
     name = cfg.training.model_name
     tags = {"gate_run_id": run_id,

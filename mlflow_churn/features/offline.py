@@ -101,7 +101,7 @@ def _where(feature: FeatureDefinition, where: str | Path) -> str:
     return f"feature '{feature.full_name}' (v{feature.version}, source {feature.source}) in {where}"
 
 
-def check_sandbox(features: Sequence[FeatureDefinition], where: str | Path) -> None:
+def _check_sandbox(features: Sequence[FeatureDefinition], where: str | Path) -> None:
     """Raise ChurnError naming the first offline definition whose expression is not one SQL
     expression over its declared source table (parsed, never run; see
     :mod:`mlflow_churn.features.sandbox`)."""
@@ -149,7 +149,7 @@ def validate_definitions(features: Sequence[FeatureDefinition], where: str | Pat
     offline = [f for f in features if f.source in ("customers", "activity")]
     if not offline:
         return
-    check_sandbox(offline, where)  # parsed first: nothing unreviewed is ever executed
+    _check_sandbox(offline, where)  # parsed first: nothing unreviewed is ever executed
     con = duckdb.connect()
     try:
         register_empty_views(con)
@@ -190,7 +190,7 @@ def _feature_sql(features: Sequence[FeatureDefinition], min_cutoff: datetime, ma
 
     Every definition is checked by the sandbox's parser first (cached), wherever it came
     from (the registry, a model's logged feature set)."""
-    check_sandbox(features, "the feature set")
+    _check_sandbox(features, "the feature set")
     static = [f for f in features if f.source == "customers"]
     by_window: dict[int, list[FeatureDefinition]] = {}
     for f in features:

@@ -168,7 +168,7 @@ class PolicyDecision:
         return out
 
 
-def trigger_name(t: TriggerConfig) -> str:
+def _trigger_name(t: TriggerConfig) -> str:
     """``metric[feature] op value`` (stable, for reasons and MLflow tags)."""
     feat = f"[{t.feature}]" if t.metric in KEYED_METRICS else ""
     return f"{t.metric}{feat} {t.op} {t.value:g}"
@@ -307,12 +307,12 @@ def decide(
         if hits >= required and now:
             persistent.append(t)
             shown = ", ".join(f"{k}={v:.3f}" for k, v in sorted(now.items(), key=lambda kv: -kv[1])[:5])
-            reasons.append(f"{trigger_name(t)} in {hits} of the last {len(per_window)} windows ({shown})")
+            reasons.append(f"{_trigger_name(t)} in {hits} of the last {len(per_window)} windows ({shown})")
             if t.metric in ("psi", "ks", "js", "chi2_p"):
                 features |= set(now)
         elif now:
             reasons.append(
-                f"{trigger_name(t)} fired but only in {hits} of the last "
+                f"{_trigger_name(t)} fired but only in {hits} of the last "
                 f"{len(per_window)} windows (need {required})"
             )
 
@@ -324,7 +324,7 @@ def decide(
     k = {"any": 1, "all": len(policy_cfg.triggers), "k_of_n": policy_cfg.k}[policy_cfg.combine]
     alarm = len(persistent) >= max(k, 1) and bool(policy_cfg.triggers)
     seg_list = [s for s, _ in sorted(segments.items(), key=lambda kv: -kv[1])]
-    fired = [trigger_name(t) for t in persistent]
+    fired = [_trigger_name(t) for t in persistent]
     if not alarm:
         if persistent:
             reasons.append(f"{len(persistent)} trigger(s) persistent, combine={policy_cfg.combine} needs {k}")
@@ -364,7 +364,7 @@ def _status(w: WindowStats, t: TriggerConfig, now: dict[str, float], hits: int, 
         vals, key=lambda k: -vals[k][0] if raising else vals[k][0])
     keys = keys[:5]
     state = "fired" if now and hits >= required else ("pending" if now else "quiet")
-    return TriggerStatus(trigger_name(t), state, hits, windows, required,
+    return TriggerStatus(_trigger_name(t), state, hits, windows, required,
                          {k: vals[k][0] for k in keys if k in vals},
                          {k: vals[k][1] for k in keys if k in vals})
 

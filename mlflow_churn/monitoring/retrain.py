@@ -147,7 +147,7 @@ def _retrain_runs(client: Any, model_name: str, **tags: str) -> list[Any]:
     return client.search_runs(exps, filter_string=flt, max_results=5000)
 
 
-def last_training(client: Any, model_name: str, champion_tags: dict[str, str],
+def _last_training(client: Any, model_name: str, champion_tags: dict[str, str],
                   as_of: datetime) -> datetime | None:
     """When the newest model was trained, as of ``as_of``: the latest of the champion's
     ``as_of`` tag and the ``as_of`` of earlier retrain runs (gated or rejected)."""
@@ -176,7 +176,7 @@ def plan(cfg: ChurnConfig, client: Any, as_of: datetime, force: bool) -> tuple[b
     version = str(champ.version)
     decision = champion_decision(client, name, version, as_of)
     cooldown = cfg.monitoring.policy.cooldown_days
-    last = last_training(client, name, champ.tags or {}, as_of)
+    last = _last_training(client, name, champ.tags or {}, as_of)
     in_cooldown = last is not None and as_of < last + timedelta(days=cooldown)
     what = (f"latest decision for champion v{version}: '{decision['action']}' at {decision['as_of']} "
             f"(run {decision['run_id']})" if decision else f"no monitoring decision for champion v{version}")

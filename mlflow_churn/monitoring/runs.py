@@ -87,7 +87,7 @@ def _finite(metrics: dict[str, float | None]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
 
 
-def window_metrics(result: MonitorResult) -> dict[str, float]:
+def _window_metrics(result: MonitorResult) -> dict[str, float]:
     """The window-level metrics of ``result`` (see the module doc)."""
     s = result.stats
     metrics: dict[str, float | None] = {}
@@ -101,7 +101,7 @@ def window_metrics(result: MonitorResult) -> dict[str, float]:
     return _finite(metrics)
 
 
-def daily_metrics(result: MonitorResult) -> list[dict[str, float]]:
+def _daily_metrics(result: MonitorResult) -> list[dict[str, float]]:
     """Per day of the window (step = index): daily PSI of features, score, segments and the
     raw columns' null rates."""
     tables = [
@@ -136,8 +136,8 @@ def log_window(result: MonitorResult, profile: dict[str, Any], frame: pd.DataFra
         "early_label_days": cfg.monitoring.early_label_days, "auc_baseline": cfg.monitoring.auc_baseline,
         "val_auc": tags.get("val_auc", ""), UNSELECTED: tags.get(UNSELECTED, ""), early: tags.get(early, ""),
     })
-    mlflow.log_metrics(window_metrics(result))
-    for step, values in enumerate(daily_metrics(result)):
+    mlflow.log_metrics(_window_metrics(result))
+    for step, values in enumerate(_daily_metrics(result)):
         if values:
             mlflow.log_metrics(values, step=step)
     d = result.decision

@@ -74,7 +74,7 @@ class AliasMove:
         return out
 
 
-def default_actor() -> str:
+def _default_actor() -> str:
     """``<os user>@mlflow-churn``: who runs this process."""
     try:
         user = getpass.getuser()
@@ -161,7 +161,7 @@ def _quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
-def last_state(moves: list[AliasMove]) -> dict[str, str | None]:
+def _last_state(moves: list[AliasMove]) -> dict[str, str | None]:
     """Alias -> version after the last recorded move (None = deleted)."""
     state: dict[str, str | None] = {}
     for m in moves:
@@ -182,7 +182,7 @@ def begin_move(client: MlflowClient, model: str, alias: str, from_version: str |
     from_v, to_v = (str(from_version) if from_version is not None else None,
                     str(to_version) if to_version is not None else None)
     tags = {"model": model, "alias": alias, "from_version": from_v or "", "to_version": to_v or "",
-            "moved_at": moved_at.isoformat(), "actor": actor or default_actor(), "reason": reason[:4000],
+            "moved_at": moved_at.isoformat(), "actor": actor or _default_actor(), "reason": reason[:4000],
             "evidence_run_id": evidence_run_id or "", "source": source, "position": str(position),
             "move_key": move_key(model, alias, position, from_v, to_v),
             "mlflow.runName": f"{model}@{alias}: {_v(from_v)} -> {_v(to_v)}"}
@@ -197,7 +197,7 @@ def end_move(client: MlflowClient, run_id: str, ok: bool = True) -> None:
     client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
 
-def record_move(client: MlflowClient, model: str, alias: str, from_version: str | None,
+def _record_move(client: MlflowClient, model: str, alias: str, from_version: str | None,
                 to_version: str | None, **kwargs) -> str:
     """Record a move that already happened (arguments as :func:`begin_move`); run id."""
     run_id = begin_move(client, model, alias, from_version, to_version, **kwargs)
@@ -234,7 +234,7 @@ def sync(client: MlflowClient, model: str, *, actor: str, reason: str, source: s
             break
         sleep(0.5)
     moves = [m for m in moves if m.status == _FINISHED]
-    state = last_state(moves)
+    state = _last_state(moves)
     count: dict[str, int] = {}
     last_at: dict[str, datetime] = {}
     for m in moves:
@@ -245,7 +245,7 @@ def sync(client: MlflowClient, model: str, *, actor: str, reason: str, source: s
     def add(alias: str, to: str | None, at: datetime, after: datetime | None) -> None:
         count[alias] = count.get(alias, 0) + 1
         who, evidence = (describe(alias, to, at) if describe else None) or (actor, None)
-        run_id = record_move(client, model, alias, state.get(alias), to, actor=who, reason=reason,
+        run_id = _record_move(client, model, alias, state.get(alias), to, actor=who, reason=reason,
                              evidence_run_id=evidence, source=source, moved_at=at, moved_after=after,
                              position=count[alias])
         new.append(AliasMove(model, alias, state.get(alias), to, at, who, reason, evidence, source,

@@ -235,7 +235,7 @@ def score_stream(scorer: Scorer, batches: Iterable[pa.RecordBatch], as_of: datet
     return rows
 
 
-def resolve_model(cfg: ChurnConfig, model_uri: str | None) -> tuple[str, str | None]:
+def _resolve_model(cfg: ChurnConfig, model_uri: str | None) -> tuple[str, str | None]:
     """``(model_uri, registered version or None)``; default ``models:/<name>@champion``."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -274,7 +274,7 @@ def _check_feature_set(cfg: ChurnConfig, fs: FeatureSet, uri: str) -> None:
         )
 
 
-def partition_dir(out_dir: Path, as_of: datetime) -> Path:
+def _partition_dir(out_dir: Path, as_of: datetime) -> Path:
     """``<out_dir>/date=YYYY-MM-DD`` for ``as_of`` (UTC)."""
     return Path(out_dir) / f"date={utc(as_of, 'as_of').date().isoformat()}"
 
@@ -323,13 +323,13 @@ def score_batch(
     as_of = utc(as_of, "as_of")
     check_parquet_files(TablePaths(Path(cfg.data_dir)))  # a damaged table fails before the model loads
     setup_mlflow(cfg)
-    uri, version = resolve_model(cfg, model_uri)
+    uri, version = _resolve_model(cfg, model_uri)
     scorer = load_scorer(uri, version)
     fs = scorer.feature_set
     _check_feature_set(cfg, fs, uri)
     label = version or uri
     out = Path(out_dir) if out_dir else cfg.workspace / "scores"
-    final = partition_dir(out, as_of)
+    final = _partition_dir(out, as_of)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
@@ -359,7 +359,7 @@ def score_batch(
 
 def read_scores(out_dir: Path | str, as_of: datetime | None = None) -> pd.DataFrame:
     """Scores written by :func:`score_batch` (one day when ``as_of`` is given), any engine."""
-    path = partition_dir(Path(out_dir), as_of) if as_of is not None else Path(out_dir)
+    path = _partition_dir(Path(out_dir), as_of) if as_of is not None else Path(out_dir)
     if not path.exists():
         raise ChurnError(f"no scores at {path}; run `churn score` first")
     table = pq.read_table(str(path), schema=OUTPUT_SCHEMA if as_of is not None else None)

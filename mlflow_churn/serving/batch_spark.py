@@ -63,14 +63,14 @@ def spark_session(master: str = DEFAULT_SPARK_MASTER) -> Any:
             .getOrCreate())
 
 
-def is_local_master(master: str) -> bool:
+def _is_local_master(master: str) -> bool:
     """True for ``local``, ``local[N]``, ``local[*]`` (driver and executors on this machine)."""
     return master == "local" or master.startswith("local[")
 
 
 def check_staging(staging: str | None, master: str) -> None:
     """ChurnError when executors of ``master`` could not read the default local staging."""
-    if staging is None and not is_local_master(master):
+    if staging is None and not _is_local_master(master):
         raise ChurnError(
             f"--spark-master {master} runs executors on other machines, which cannot read this "
             "machine's temporary directory; pass --staging DIR on storage every executor can read "

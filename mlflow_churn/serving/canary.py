@@ -476,7 +476,7 @@ def promote(cfg: ChurnConfig, reason: str, version: str | None = None,
     ``version``: the canary version the caller saw; when another process promoted it
     already, this is a no-op. Raises ChurnError when there is no canary to promote.
     The run carries ``evidence``, by default the canary analysis of the logged traffic in
-    ``[since, as_of]`` (see :func:`transition_evidence`).
+    ``[since, as_of]`` (see :func:`_transition_evidence`).
 
     When there is a champion to replace, the evidence must say ``promote`` (so the canary
     served at least ``serving.min_canary_samples`` logged predictions within every limit);
@@ -507,7 +507,7 @@ def promote(cfg: ChurnConfig, reason: str, version: str | None = None,
         old = before.get(CHAMPION)
         # logged as a canary-evaluate run: the verdict tag on the version is what a guarded
         # server (registry.promotion.check_promotion) reads
-        proof, proof_error = transition_evidence(cfg, evidence, as_of, since, log_run=old is not None)
+        proof, proof_error = _transition_evidence(cfg, evidence, as_of, since, log_run=old is not None)
         if old is not None and old != canary and not force:
             _require_promote_verdict(cfg, canary, proof, proof_error)
         if force:
@@ -579,7 +579,7 @@ def adopt_promotion(cfg: ChurnConfig, version: str, previous: str | None, actor:
         if before.get(CHAMPION) != str(version):
             return _noop(cfg, "promote", name, str(version), before, reason,
                          f"champion of '{name}' is no longer version {version} ({before.get(CHAMPION)})")
-        proof, proof_error = transition_evidence(cfg, None, None, None)
+        proof, proof_error = _transition_evidence(cfg, None, None, None)
         with decision_run(cfg, f"promote v{version} (by hand)") as run:
             who = {"actor": actor, "reason": reason, "evidence_run_id": run.info.run_id}
             if cfg.evaluation.mirror_stages:  # the champion's stage, as move_alias mirrors it
@@ -632,7 +632,7 @@ def rollback(cfg: ChurnConfig, reason: str, version: str | None = None,
                              f"(aliases: {before or 'none'})")
         if version is not None and str(version) != canary:
             raise ChurnError(f"version {version} is not the canary of '{name}' (canary is {canary})")
-        proof, proof_error = transition_evidence(cfg, evidence, as_of, since)
+        proof, proof_error = _transition_evidence(cfg, evidence, as_of, since)
         with fail_fast(cfg, f"rolling back v{canary} of '{name}'"), \
                 decision_run(cfg, f"rollback v{canary}") as run, failed_on_error(cfg):
             who = {"actor": actor, "reason": reason, "evidence_run_id": run.info.run_id}
@@ -658,7 +658,7 @@ def _rollback_champion(cfg: ChurnConfig, client: MlflowClient, before: dict[str,
     name = cfg.training.model_name
     demoted, restored = before[CHAMPION], before[PREVIOUS_CHAMPION]
     mirror = cfg.evaluation.mirror_stages
-    proof, proof_error = transition_evidence(cfg, evidence, as_of, since)
+    proof, proof_error = _transition_evidence(cfg, evidence, as_of, since)
     with fail_fast(cfg, f"rolling champion of '{name}' back to v{restored}"), \
             decision_run(cfg, f"rollback champion v{demoted} -> v{restored}") as run, failed_on_error(cfg):
         who = {"actor": actor, "reason": reason, "evidence_run_id": run.info.run_id}
@@ -680,7 +680,7 @@ def _rollback_champion(cfg: ChurnConfig, client: MlflowClient, before: dict[str,
     return result
 
 
-def transition_evidence(cfg: ChurnConfig, evidence: CanaryEvaluation | None, as_of: datetime | None,
+def _transition_evidence(cfg: ChurnConfig, evidence: CanaryEvaluation | None, as_of: datetime | None,
                         since: datetime | None,
                         log_run: bool = False) -> tuple[CanaryEvaluation | None, str | None]:
     """``(evidence, None)``; when none is given, the canary analysis of ``[since, as_of]``

@@ -71,7 +71,7 @@ def _auc(y: np.ndarray, p: np.ndarray, cfg: ChurnConfig) -> float:
     return float(classification_metrics(y, p, cfg.evaluation)["roc_auc"])
 
 
-def smallest_within_budget(booster: xgb.Booster, feature_set: FeatureSet, frame: pd.DataFrame,
+def _smallest_within_budget(booster: xgb.Booster, feature_set: FeatureSet, frame: pd.DataFrame,
                            y: np.ndarray, cfg: ChurnConfig, budget: float) -> tuple[int, float, float,
                                                                                     list[tuple[int, float]]]:
     """``(k, auc_k, full_auc, curve)``: the smallest tree count ``k`` with
@@ -102,7 +102,7 @@ def smallest_within_budget(booster: xgb.Booster, feature_set: FeatureSet, frame:
     return best, auc_at(best), full, sorted(cache.items())
 
 
-def single_row_latency_ms(booster: xgb.Booster, feature_set: FeatureSet, frame: pd.DataFrame,
+def _single_row_latency_ms(booster: xgb.Booster, feature_set: FeatureSet, frame: pd.DataFrame,
                           repeats: int = 200) -> tuple[float, float]:
     """(p50, p99) milliseconds of scoring one raw row in process, ``repeats`` times, with one
     thread per prediction as the online service scores (``booster`` is set to nthread=1)."""
@@ -152,13 +152,13 @@ def compress(cfg: ChurnConfig, version: str | int, as_of: datetime, budget: floa
     if len(frame) == 0 or y.min() == y.max():
         raise ChurnError(f"the holdout ({cutoffs[0].date()}..{cutoffs[-1].date()}) needs churners and "
                          "non-churners; move --as-of")
-    k, auc_k, full_auc, curve = smallest_within_budget(booster, fs, frame, y, cfg, budget)
+    k, auc_k, full_auc, curve = _smallest_within_budget(booster, fs, frame, y, cfg, budget)
     small = booster[0:k]
     parent_size = len(booster.save_raw("ubj"))
     size = len(small.save_raw("ubj"))
     raw = frame[fs.columns]
-    p50, p99 = single_row_latency_ms(small, fs, raw)
-    pp50, pp99 = single_row_latency_ms(booster, fs, raw)
+    p50, p99 = _single_row_latency_ms(small, fs, raw)
+    pp50, pp99 = _single_row_latency_ms(booster, fs, raw)
     tags = {t: parent.tags[t] for t in INHERITED_TAGS if t in parent.tags}
     tags.update({
         "parent_version": str(parent.version), "compressed": "true", "trees": str(k),

@@ -45,7 +45,7 @@ class ModelPair:
     loaded_at: datetime | None = None
 
 
-def check_feature_set(cfg: ChurnConfig, tags: dict[str, str], scorer: Scorer) -> str | None:
+def _check_feature_set(cfg: ChurnConfig, tags: dict[str, str], scorer: Scorer) -> str | None:
     """Why ``scorer`` must not be served, or None when its feature set is the registry's.
 
     Compares the version tag ``feature_set_hash`` (when present) and the model's own
@@ -103,7 +103,7 @@ class ModelManager:
             except ChurnError as exc:
                 self._cache[version] = (None, str(exc))
             else:
-                refusal = check_feature_set(self.cfg, dict(mv.tags or {}), scorer)
+                refusal = _check_feature_set(self.cfg, dict(mv.tags or {}), scorer)
                 model = (None if refusal
                          else LoadedModel(alias, version, scorer, InputEncoder(scorer.feature_set)))
                 self._cache[version] = (model, refusal)

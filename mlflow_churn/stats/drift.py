@@ -248,7 +248,7 @@ def js(reference: Any, current: Any) -> float:
 
 
 # --------------------------------------------------------------------------- KS
-def ks_statistic_sorted(sorted_reference: np.ndarray, sorted_current: np.ndarray) -> float:
+def _ks_statistic_sorted(sorted_reference: np.ndarray, sorted_current: np.ndarray) -> float:
     """KS D of two already sorted, NaN-free float arrays (vectorised; scipy's definition)."""
     n1, n2 = sorted_reference.size, sorted_current.size
     both = np.concatenate([sorted_reference, sorted_current])
@@ -258,7 +258,7 @@ def ks_statistic_sorted(sorted_reference: np.ndarray, sorted_current: np.ndarray
     return float(max(diff.max(), np.clip(-diff.min(), 0, 1)))
 
 
-def ks_pvalue(d: float, n1: int, n2: int, reference: np.ndarray | None = None,
+def _ks_pvalue(d: float, n1: int, n2: int, reference: np.ndarray | None = None,
               current: np.ndarray | None = None) -> float:
     """Two-sided KS p-value as scipy's ``ks_2samp(method="auto")`` computes it.
 
@@ -282,8 +282,8 @@ def ks(reference: Any, current: Any) -> tuple[float, float]:
     cur = np.sort(_finite(current))
     if ref.size == 0 or cur.size == 0:
         raise ChurnError("KS needs at least one non-missing value on each side")
-    d = ks_statistic_sorted(ref, cur)
-    return d, ks_pvalue(d, ref.size, cur.size, ref, cur)
+    d = _ks_statistic_sorted(ref, cur)
+    return d, _ks_pvalue(d, ref.size, cur.size, ref, cur)
 
 
 def ks_against_sample(sorted_sample: np.ndarray, current: Any) -> float:
@@ -291,7 +291,7 @@ def ks_against_sample(sorted_sample: np.ndarray, current: Any) -> float:
     cur = np.sort(_finite(current))
     if cur.size == 0 or len(sorted_sample) == 0:
         return float("nan")
-    return ks_statistic_sorted(np.asarray(sorted_sample, float), cur)
+    return _ks_statistic_sorted(np.asarray(sorted_sample, float), cur)
 
 
 # --------------------------------------------------------------------------- thresholds
@@ -349,7 +349,7 @@ def psi_rows(reference: Any, counts: np.ndarray, epsilon: float = DEFAULT_EPSILO
 def feature_psi_against_profile(entry: Mapping[str, Any], current: Any,
                                 epsilon: float = DEFAULT_EPSILON) -> float:
     """PSI of ``current`` against one stored profile entry (numeric edges or categories)."""
-    return psi_from_shares(entry["shares"], current_shares(entry, current), epsilon)
+    return psi_from_shares(entry["shares"], _current_shares(entry, current), epsilon)
 
 
 def current_counts(entry: Mapping[str, Any], current: Any) -> np.ndarray:
@@ -359,7 +359,7 @@ def current_counts(entry: Mapping[str, Any], current: Any) -> np.ndarray:
     return bin_counts(current, np.asarray(entry["edges"], dtype="float64"))
 
 
-def current_shares(entry: Mapping[str, Any], current: Any) -> np.ndarray:
+def _current_shares(entry: Mapping[str, Any], current: Any) -> np.ndarray:
     """Shares of ``current`` in the bins of a stored profile entry."""
     return shares(current_counts(entry, current))
 
@@ -498,7 +498,7 @@ class StreamAccumulator:
         return out
 
 
-def iter_parquet_batches(
+def _iter_parquet_batches(
     path: str | Path, columns: Sequence[str], batch_rows: int = 262_144
 ) -> Iterable[pd.DataFrame]:
     """Record batches of a Parquet file or directory as small DataFrames (pyarrow).
@@ -543,7 +543,7 @@ def stream_drift(
     """Drift of a (large) Parquet dataset against a profile, one record batch at a time."""
     cols = list(columns) if columns is not None else list(profile["features"])
     acc = StreamAccumulator(profile, cols)
-    for batch in iter_parquet_batches(path, cols, batch_rows):
+    for batch in _iter_parquet_batches(path, cols, batch_rows):
         acc.update(batch)
     return acc.result(psi_value_threshold, epsilon)
 

@@ -212,7 +212,7 @@ def segment_metrics(
 SEGMENT_METRICS = {"roc_auc": "segment_auc", "recall_at_k": "segment_recall_at_k"}
 
 
-def metric_name_part(text: str) -> str:
+def _metric_name_part(text: str) -> str:
     """``text`` with every character MLflow refuses in a metric name (anything but letters,
     digits, ``_ - . : /`` and space) replaced by ``_``; ``.`` too, since it separates the parts."""
     return "".join(c if c.isascii() and (c.isalnum() or c in "_-:/ ") else "_" for c in str(text)) or "_"
@@ -221,7 +221,7 @@ def metric_name_part(text: str) -> str:
 def segment_metric_values(table: pd.DataFrame, prefix: str = "") -> dict[str, float]:
     """MLflow metrics from a :func:`segment_metrics` table, with the same names in every run:
     ``<prefix>segment_auc.<column>.<value>`` and ``<prefix>segment_recall_at_k.<column>.<value>``
-    (column and value through :func:`metric_name_part`). Undefined values (a segment with one
+    (column and value through :func:`_metric_name_part`). Undefined values (a segment with one
     class) are left out."""
     out: dict[str, float] = {}
     for row in table.to_dict(orient="records"):
@@ -229,6 +229,6 @@ def segment_metric_values(table: pd.DataFrame, prefix: str = "") -> dict[str, fl
             value = row.get(col)
             if value is None or not math.isfinite(float(value)):
                 continue
-            out[f"{prefix}{name}.{metric_name_part(row['segment'])}.{metric_name_part(row['value'])}"] = (
+            out[f"{prefix}{name}.{_metric_name_part(row['segment'])}.{_metric_name_part(row['value'])}"] = (
                 float(value))
     return out

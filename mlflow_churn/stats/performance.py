@@ -148,7 +148,7 @@ def calibrate(scores: Any, calibration: Mapping[str, Any] | None) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-(calibration["a"] * np.log(q / (1 - q)) + calibration["b"])))
 
 
-def cluster_counts(labels: Any, customer_ids: Any | None) -> tuple[int, int]:
+def _cluster_counts(labels: Any, customer_ids: Any | None) -> tuple[int, int]:
     """(distinct churners, distinct non-churners): customers with a positive row, and the rest."""
     y = np.asarray(labels).astype(bool)
     if customer_ids is None:
@@ -179,7 +179,7 @@ def auc_check(labels: Any, scores: Any, customer_ids: Any | None, baseline: floa
     from sklearn.metrics import roc_auc_score
 
     y = np.asarray(labels).astype(int)
-    pos, neg = cluster_counts(y, customer_ids)
+    pos, neg = _cluster_counts(y, customer_ids)
     if pos < max(min_churners, 1) or neg == 0:
         return None
     auc = float(roc_auc_score(y, np.asarray(scores, dtype="float64")))

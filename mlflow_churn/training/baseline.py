@@ -72,7 +72,7 @@ def _unseen_ids(data_dir: Path, cfg: ChurnConfig) -> list[int]:
     return arr[unseen_mask(arr, cfg)].tolist()
 
 
-def reference_mask(frame: Any, cfg: ChurnConfig, validation_from: datetime, horizon_days: int) -> np.ndarray:
+def _reference_mask(frame: Any, cfg: ChurnConfig, validation_from: datetime, horizon_days: int) -> np.ndarray:
     """Reference rows of ``frame`` (``customer_id``, ``cutoff``): unseen customers, except
     validation customers' rows whose label period ends after ``validation_from``."""
 
@@ -98,7 +98,7 @@ def _reference_rows(cfg: ChurnConfig, prep: TrainingFrames, booster: Any, cutoff
 
     frame = build_training_frame(cfg.data_dir, prep.feature_set, cutoffs, horizon, label=True,
                                  label_as_of=as_of, customer_ids=_unseen_ids(cfg.data_dir, cfg))
-    rows = frame[reference_mask(frame, cfg, datetime.fromisoformat(prep.params["validation_from"]), horizon)]
+    rows = frame[_reference_mask(frame, cfg, datetime.fromisoformat(prep.params["validation_from"]), horizon)]
     return (rows["label"].to_numpy(), predict_proba(booster, prep.feature_set, rows),
             rows["customer_id"].to_numpy())
 

@@ -98,7 +98,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]
 MODEL_DISTRIBUTIONS = ("mlflow", "xgboost", "pandas", "numpy", "pyarrow", "duckdb", "pydantic", "pyyaml")
 
 
-def model_requirements() -> list[str]:
+def _model_requirements() -> list[str]:
     """``name==version`` of :data:`MODEL_DISTRIBUTIONS` as installed here."""
     from importlib.metadata import version
 
@@ -158,7 +158,7 @@ def _log_pyfunc(name: str, booster_path: Path, fs_path: Path, feature_set: Featu
         # the package travels with the model, so any MLflow environment manager (virtualenv,
         # conda, docker) can load it without mlflow-churn on an index
         code_paths=[str(_package_copy(tmp))],
-        pip_requirements=model_requirements(),
+        pip_requirements=_model_requirements(),
     )
 
 

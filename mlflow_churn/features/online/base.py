@@ -169,7 +169,7 @@ def encode_rows(frame: pd.DataFrame, features: Sequence[str]) -> list[tuple[int,
 _TIMES: dict[int, datetime] = {}
 
 
-def ms_to_dt(ms: int | None) -> datetime | None:
+def _ms_to_dt(ms: int | None) -> datetime | None:
     """UTC datetime of epoch milliseconds (memoised: a batch holds few distinct times)."""
     if ms is None:
         return None
@@ -223,10 +223,10 @@ def decode_pairs(pairs: Sequence[tuple[int, str | bytes]], all_features: Sequenc
     out: dict[int, OnlineRow] = {}
     if wanted is None:
         for (cid, _), (ms, _), obj in zip(pairs, split, objects, strict=True):
-            out[int(cid)] = OnlineRow(obj, ms_to_dt(ms))
+            out[int(cid)] = OnlineRow(obj, _ms_to_dt(ms))
     else:
         for (cid, _), (ms, _), obj in zip(pairs, split, objects, strict=True):
-            out[int(cid)] = OnlineRow({w: obj[w] for w in wanted}, ms_to_dt(ms))
+            out[int(cid)] = OnlineRow({w: obj[w] for w in wanted}, _ms_to_dt(ms))
     return out
 
 
