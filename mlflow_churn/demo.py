@@ -177,7 +177,7 @@ def step_champion(ctx: DemoContext) -> str:
     """Materialize, train the first model, gate it on the floors and promote it; its version."""
     from mlflow_churn.evaluation.evaluate import evaluate
     from mlflow_churn.features.materialize import materialize
-    from mlflow_churn.serving.canary import promote
+    from mlflow_churn.serving.transitions import promote
     from mlflow_churn.training.train import train
 
     cfg, as_of = ctx.cfg, _day(ctx.spec, ctx.spec.champion_day)
@@ -260,7 +260,8 @@ def step_canary(ctx: DemoContext):
     from mlflow.tracking import MlflowClient
 
     from mlflow_churn.registry import aliases
-    from mlflow_churn.serving.canary import evaluate_canary, promote
+    from mlflow_churn.serving.canary import evaluate_canary
+    from mlflow_churn.serving.transitions import promote
 
     cfg, spec = ctx.cfg, ctx.spec
     t = time.perf_counter()

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.registry.aliases import PREVIOUS_CHAMPION
 from mlflow_churn.registry.promotion import APPROVAL_TAG
-from mlflow_churn.serving.canary import promote
+from mlflow_churn.serving.transitions import promote
 
 pytestmark = pytest.mark.slow  # one server start for the module (~10-30 s)
 
@@ -65,7 +65,7 @@ def test_promotion_needs_approved_by_in_the_guard_and_the_cli(server, workspace,
     tags = client.get_model_version(name, v1).tags
     assert (tags["promotion_rule"], tags["promoted_by"]) == ("first_champion", "admin")
 
-    # `churn canary promote` (serving.canary.promote) refuses a passed canary without approval ...
+    # `churn canary promote` (serving.transitions.promote) refuses a passed canary without approval ...
     gate(client, cfg, v2, passed=True)
     assert canary_verdict(cfg, v2) == "promote"
     with pytest.raises(ChurnError, match="rule approval_missing"):

@@ -282,7 +282,7 @@ def _log_canary(cfg: ChurnConfig, version: str, n: int) -> None:
 def test_promote_refuses_wait_and_few_requests_force_records_override_and_rollback_restores(
     server_cfg, register_version, mlflow_server
 ) -> None:
-    from mlflow_churn.serving.canary import promote, rollback
+    from mlflow_churn.serving.transitions import promote, rollback
 
     cfg, url = server_cfg, mlflow_server.url
     cfg.evaluation.mirror_stages = True

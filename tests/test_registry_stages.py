@@ -8,7 +8,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig
-from mlflow_churn.serving.canary import promote
+from mlflow_churn.serving.transitions import promote
 
 
 def _stages(client: MlflowClient, name: str) -> dict[str, str]:

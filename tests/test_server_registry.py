@@ -352,7 +352,7 @@ class _FlakyProxy:
 def test_5xx_mid_gate_and_mid_promotion_leave_a_consistent_registry(mlflow_server, workspace: Path,
                                                                     register_version) -> None:
     from mlflow_churn.evaluation.evaluate import evaluate
-    from mlflow_churn.serving.canary import promote
+    from mlflow_churn.serving.transitions import promote
 
     name = _name()
     proxy = _FlakyProxy(mlflow_server.url)

@@ -19,13 +19,13 @@ from serving_support import ServeProcess, cli_env, log_rows, two_versions, wait_
 
 from mlflow_churn.config import load_config
 from mlflow_churn.features.online import open_store
-from mlflow_churn.serving.canary import registry_lock
+from mlflow_churn.registry.lock import registry_lock
 from mlflow_churn.serving.prediction_log import PredictionLog
 
 _PROMOTER = textwrap.dedent("""
     import json, sys, time
     from mlflow_churn.config import load_config
-    from mlflow_churn.serving.canary import promote
+    from mlflow_churn.serving.transitions import promote
     cfg = load_config()
     version, who = sys.argv[1], sys.argv[2]
     print("ready", flush=True)  # imported: a barrier, not a head start, lines the two up

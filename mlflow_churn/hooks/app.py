@@ -248,7 +248,7 @@ def create_app(cfg: ChurnConfig, clock: Callable[[], float] = time.time,
     """The receiver app. ``clock`` (Unix seconds) judges staleness; ``gate`` runs one job
     (default :func:`run_gate` with ``cfg``); ``promote_by_hand`` completes a promotion a
     person made in the UI (``churn hooks serve`` wires
-    :func:`mlflow_churn.serving.canary.adopt_promotion`; None = only recorded). Raises
+    :func:`mlflow_churn.serving.transitions.adopt_promotion`; None = only recorded). Raises
     ChurnError without ``hooks.secret``."""
     secret = cfg.hooks.secret
     if not secret:

@@ -39,7 +39,7 @@ def serve(
 
 def _promote_by_hand(cfg):
     """Completes a promotion made in the UI as `churn canary promote` does (serving layer)."""
-    from mlflow_churn.serving.canary import adopt_promotion
+    from mlflow_churn.serving.transitions import adopt_promotion
 
     def promote(version, previous, actor, reason, moved_at):
         return adopt_promotion(cfg, version, previous, actor, reason, moved_at).run_id

@@ -23,5 +23,6 @@ _EXPORTS = {
     "read_moves": "mlflow_churn.registry.history",
     "version_at": "mlflow_churn.registry.history",
     "registered_version": "mlflow_churn.registry.versions",
+    "registry_lock": "mlflow_churn.registry.lock",
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -20,7 +20,7 @@ thread (in order, never two at once):
      moved back to the version it left (deleted when it had none);
    - ``champion`` allowed onto the version that is the current ``canary`` (its canary
      passed) -> ``promote_by_hand`` (wired by ``churn hooks serve`` to
-     :func:`mlflow_churn.serving.canary.adopt_promotion`): the same transition run,
+     :func:`mlflow_churn.serving.transitions.adopt_promotion`): the same transition run,
      ``previous-champion``, ``canary`` dropped and stages as ``churn canary promote``.
 """
 

@@ -36,9 +36,10 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion |
 
 
 def aliases_of(client: MlflowClient, name: str) -> dict[str, str]:
-    """Every alias of model ``name`` -> version number (empty when the model is unknown)."""
+    """Every alias of model ``name`` -> version number as text (the registry may hand out
+    ints; empty when the model is unknown)."""
     try:
-        return dict(client.get_registered_model(name).aliases)
+        return {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
     except MlflowException:
         return {}
 

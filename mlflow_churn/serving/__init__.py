@@ -4,8 +4,8 @@ from mlflow_churn.lazy import lazy_exports
 
 #: public name -> the module that defines it (imported on first use: `import mlflow_churn.X` stays light)
 _EXPORTS = {
-    "promote": "mlflow_churn.serving.canary",
-    "rollback": "mlflow_churn.serving.canary",
+    "promote": "mlflow_churn.serving.transitions",
+    "rollback": "mlflow_churn.serving.transitions",
     "evaluate_canary": "mlflow_churn.serving.canary",
     "canary_status": "mlflow_churn.serving.canary",
     "score_batch": "mlflow_churn.serving.batch",

@@ -68,7 +68,7 @@ from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
-from mlflow_churn.serving import canary
+from mlflow_churn.serving import transitions
 from mlflow_churn.serving.service import (
     CHAMPION_ROUTE,
     AdminRequest,
@@ -191,7 +191,7 @@ def create_app(cfg: ChurnConfig, start_background: bool = True) -> FastAPI:
         # window `churn canary evaluate` looks at) to its MLflow run
         extra = {"force": body.force} if kind == "promote" else {}
         try:
-            result = getattr(canary, kind)(cfg, body.reason, version=body.version, as_of=body.as_of,
+            result = getattr(transitions, kind)(cfg, body.reason, version=body.version, as_of=body.as_of,
                                            since=body.since, **extra)
         except MlflowException as exc:
             raise _registry_error(exc, f"the {kind} of '{name}'") from None

@@ -73,7 +73,7 @@ def _print_evaluation(evaluation: object) -> None:
 
 
 def _print_transition(res: object) -> None:
-    from mlflow_churn.serving.canary import TransitionResult
+    from mlflow_churn.serving.transitions import TransitionResult
 
     assert isinstance(res, TransitionResult)
     console.print(f"{res.action}{' (no-op)' if res.noop else ''}: {res.message}")
@@ -109,7 +109,8 @@ def canary_status_cmd(
 
 def _evaluate(ctx: typer.Context, as_of: str | None, since: str | None, reason: str, as_json: bool,
               act: bool) -> None:
-    from mlflow_churn.serving.canary import act_on_verdict, evaluate_canary
+    from mlflow_churn.serving.canary import evaluate_canary
+    from mlflow_churn.serving.transitions import act_on_verdict
 
     cfg = get_config(ctx)
     when, start = _when(cfg, as_of), _since(since)
@@ -148,7 +149,7 @@ def canary_auto_cmd(
 
 def _transition(ctx: typer.Context, action: str, reason: str, version: str | None, as_of: str | None,
                 since: str | None, as_json: bool, force: bool = False) -> None:
-    from mlflow_churn.serving.canary import promote, rollback
+    from mlflow_churn.serving.transitions import promote, rollback
 
     cfg = get_config(ctx)
     if not opt_str(reason):

@@ -1,0 +1,60 @@
+"""The cross-process lock of a model's aliases, held by every promote / rollback."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from mlflow_churn.config import ChurnConfig
+
+
+def _pg_url(uri: str) -> str | None:
+    for prefix in ("postgresql+psycopg2://", "postgresql+psycopg://", "postgresql://", "postgres://"):
+        if uri.startswith(prefix):
+            return "postgresql://" + uri[len(prefix):]
+    return None
+
+
+@contextmanager
+def registry_lock(cfg: ChurnConfig, timeout_s: float = 120.0) -> Iterator[str]:
+    """Hold the cross-process lock of the model's aliases; yields a description of it.
+
+    PostgreSQL tracking store: ``pg_advisory_lock`` on a key derived from the model name
+    (every machine using that store is serialised); otherwise an exclusive ``fcntl`` lock
+    on ``<workspace>/locks/registry-<model>.lock`` (processes sharing the workspace).
+    """
+    name = cfg.training.model_name
+    pg = _pg_url(cfg.mlflow_tracking_uri)
+    if pg:
+        import psycopg2
+
+        key = int.from_bytes(hashlib.blake2b(f"mlflow-churn:{name}".encode(), digest_size=8).digest(),
+                             "big", signed=True)
+        con = psycopg2.connect(pg)
+        con.autocommit = True
+        try:
+            with con.cursor() as cur:
+                cur.execute("SET lock_timeout = %s", (f"{int(timeout_s * 1000)}ms",))
+                cur.execute("SELECT pg_advisory_lock(%s)", (key,))
+            try:
+                yield f"pg_advisory_lock({key})"
+            finally:
+                with con.cursor() as cur:
+                    cur.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        finally:
+            con.close()
+        return
+    lock_dir = cfg.workspace / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    path = lock_dir / f"registry-{''.join(c if c.isalnum() or c in '-_' else '_' for c in name)}.lock"
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield f"flock({path})"
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+__all__ = ["registry_lock"]
