@@ -36,16 +36,14 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import prometheus_client
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPBearer
-from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.online import BatchInfo, OnlineStore, StoreUnavailable, open_store
@@ -53,12 +51,12 @@ from mlflow_churn.features.registry import FeatureRegistry, UnknownFeatureError,
 from mlflow_churn.web import errors as web_errors
 from mlflow_churn.web.auth import check_bearer
 from mlflow_churn.web.breaker import CircuitBreaker, Unavailable
+from mlflow_churn.web.metrics import Metrics
 
 INT64_MAX = 2**63 - 1
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _VERSIONED = re.compile(r"^(?P<base>.+)_v(?P<n>\d+)$")
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
-prometheus_client.disable_created_metrics()  # no `<name>_created` series (as before)
 
 
 #: a 4xx/5xx answer: status, detail and optional extra JSON fields (the apps' shared type)
@@ -115,70 +113,50 @@ class RowCache:
         return out
 
 
-class Metrics:
-    """Request counters, the latency histogram and id counts on a ``prometheus_client``
-    registry of this app's own; freshness, batch rows, cache and circuit state are
-    collected from the service at scrape time. Names are the ones dashboards use."""
+#: name -> (type, help) of every series of the feature API's /metrics (the dashboards' names)
+_SERIES = {
+    "feature_requests_total": ("counter", "Requests by endpoint and HTTP status."),
+    "feature_request_duration_seconds": ("histogram", "Request latency inside the app (seconds)."),
+    "feature_ids_total": ("counter", "Customer ids answered, by status."),
+    "feature_freshness_seconds": ("gauge", "Age of the serving batch: now - its watermark (seconds)."),
+    "feature_batch_rows": ("gauge", "Customers in the serving batch."),
+    "feature_store_circuit_open": ("gauge", "1 while the online store's circuit breaker is open."),
+    "feature_cache_hits": ("counter", "Ids answered from the in-process cache."),
+    "feature_cache_misses": ("counter", "Ids read from the online store."),
+    "feature_cache_invalidations": ("counter", "Cache emptied because a new batch landed."),
+}
+
+
+class FeatureMetrics(Metrics):
+    """Request counters, the latency histogram and id counts of the feature API (on
+    :class:`~mlflow_churn.web.metrics.Metrics`, one registry per app); freshness, batch rows,
+    cache and circuit state are read at scrape time."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.requests = Counter("feature_requests_total", "Requests by endpoint and HTTP status.",
-                                ("endpoint", "code"), registry=self.registry)
-        self.latency = Histogram("feature_request_duration_seconds",
-                                 "Request latency inside the app (seconds).", ("endpoint",),
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.ids = Counter("feature_ids_total", "Customer ids answered, by status.", ("status",),
-                           registry=self.registry)
-        for status in ("found", "missing", "stale"):
-            self.ids.labels(status=status)
-        self._render_lock = threading.Lock()
-        self._state: tuple[float | None, BatchInfo | None, RowCache | None, CircuitBreaker | None] = (
-            None, None, None, None)
-        self.registry.register(_ScrapeTime(self))
+        super().__init__(buckets=LATENCY_BUCKETS)
+        for name, (kind, text) in _SERIES.items():
+            self.describe(name, kind, text)
+        for status in ("found", "missing", "stale"):  # every status shows, at 0 until counted
+            self.inc("feature_ids_total", {"status": status}, 0)
 
-    def observe(self, endpoint: str, status: int, seconds: float) -> None:
-        self.requests.labels(endpoint=endpoint, code=str(status)).inc()
-        self.latency.labels(endpoint=endpoint).observe(seconds)
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        self.inc("feature_requests_total", {"endpoint": endpoint, "code": str(status)})
+        self.observe("feature_request_duration_seconds", {"endpoint": endpoint}, seconds)
 
     def count_ids(self, counts: dict[str, int]) -> None:
         for k, v in counts.items():
             if v:
-                self.ids.labels(status=k).inc(v)
+                self.inc("feature_ids_total", {"status": k}, v)
 
-    def render(self, freshness: float | None, batch: BatchInfo | None, cache: RowCache,
-               breaker: CircuitBreaker | None = None) -> str:
-        with self._render_lock:
-            self._state = (freshness, batch, cache, breaker)
-            try:
-                return generate_latest(self.registry).decode()
-            finally:
-                self._state = (None, None, None, None)
-
-
-class _ScrapeTime:
-    """Collector of the values read at scrape time (see :meth:`Metrics.render`)."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-
-    def collect(self) -> Iterator[Any]:
-        freshness, batch, cache, breaker = self.metrics._state
-        yield GaugeMetricFamily("feature_freshness_seconds",
-                                "Age of the serving batch: now - its watermark (seconds).",
-                                value=freshness if freshness is not None else math.nan)
-        yield GaugeMetricFamily("feature_batch_rows", "Customers in the serving batch.",
-                                value=batch.rows if batch else 0)
-        yield GaugeMetricFamily("feature_store_circuit_open",
-                                "1 while the online store's circuit breaker is open.",
-                                value=int(breaker.is_open) if breaker else 0)
+    def render_state(self, freshness: float | None, batch: BatchInfo | None, cache: RowCache,
+                     breaker: CircuitBreaker | None = None) -> str:
+        values = [("feature_freshness_seconds", {}, freshness if freshness is not None else math.nan),
+                  ("feature_batch_rows", {}, batch.rows if batch else 0),
+                  ("feature_store_circuit_open", {}, int(breaker.is_open) if breaker else 0)]
         if cache is not None:
-            for name, text, value in (
-                ("feature_cache_hits", "Ids answered from the in-process cache.", cache.hits),
-                ("feature_cache_misses", "Ids read from the online store.", cache.misses),
-                ("feature_cache_invalidations", "Cache emptied because a new batch landed.",
-                 cache.invalidations),
-            ):
-                yield CounterMetricFamily(name, text, value=value)
+            values += [("feature_cache_hits", {}, cache.hits), ("feature_cache_misses", {}, cache.misses),
+                       ("feature_cache_invalidations", {}, cache.invalidations)]
+        return self.render(values)
 
 
 def parse_ids(raw: str | None, max_ids: int) -> list[int]:
@@ -226,7 +204,7 @@ class FeatureService:
         self._lock = threading.Lock()
         self.clock = clock or (lambda: datetime.now(UTC))
         self.cache = RowCache(cfg.features.cache_ttl_seconds)
-        self.metrics = Metrics()
+        self.metrics = FeatureMetrics()
         self.sla_seconds = cfg.features.freshness_sla_hours * 3600.0
         self._versions: dict[str, int] = {}
         self._conflicts: dict[tuple[str, tuple[str, ...]], list[str]] = {}
@@ -450,7 +428,7 @@ def create_app(cfg: Any, store: OnlineStore | None = None,
             resp = err.response()
         except Exception as err:  # noqa: BLE001 - a broken backend is a 503, never a 500
             resp = web_errors.error_response(503, _unavailable(err))
-        svc.metrics.observe(endpoint, resp.status_code, time.perf_counter() - start)
+        svc.metrics.observe_request(endpoint, resp.status_code, time.perf_counter() - start)
         return resp
 
     # plain defs: FastAPI runs them in its thread pool, so a slow store read (bounded by
@@ -484,7 +462,7 @@ def create_app(cfg: Any, store: OnlineStore | None = None,
         def work() -> Response:
             batch = svc.status_batch()
             age = svc.age(batch) if batch is not None else None
-            return PlainTextResponse(svc.metrics.render(age, batch, svc.cache, svc.breaker),
+            return PlainTextResponse(svc.metrics.render_state(age, batch, svc.cache, svc.breaker),
                                      media_type=CONTENT_TYPE_PLAIN_0_0_4)
         return timed("/metrics", work)
 

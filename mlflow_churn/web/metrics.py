@@ -16,7 +16,7 @@ from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 #: upper bounds (seconds) of the latency histogram buckets
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -28,7 +28,8 @@ prometheus_client.disable_created_metrics()
 class Metrics:
     """Counters, histograms and (at render time) gauges; every method is thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.buckets = buckets
         self.registry = CollectorRegistry(auto_describe=False)
         self._lock = threading.Lock()
         self._render_lock = threading.Lock()
@@ -50,7 +51,7 @@ class Metrics:
                 if kind == "counter":
                     metric: Any = Counter(name, text, names, registry=self.registry)
                 else:
-                    metric = Histogram(name, text, names, buckets=LATENCY_BUCKETS, registry=self.registry)
+                    metric = Histogram(name, text, names, buckets=self.buckets, registry=self.registry)
                 got = self._metrics[name] = (metric, names)
         metric, known = got
         if known != names:
@@ -71,8 +72,9 @@ class Metrics:
         return self.registry.get_sample_value(sample, labels or {}) or 0.0
 
     def render(self, gauges: list[tuple[str, dict[str, str], float]]) -> str:
-        """Prometheus text (format 0.0.4) of every counter and histogram plus ``gauges``
-        (name, labels, value)."""
+        """Prometheus text (format 0.0.4) of every counter and histogram plus the values read
+        at scrape time, ``gauges`` (name, labels, value): a gauge, or a counter when ``name``
+        was described as one (a count kept elsewhere, e.g. cache hits)."""
         with self._render_lock:
             self._gauges = list(gauges)
             try:
@@ -82,18 +84,19 @@ class Metrics:
 
 
 class _Gauges:
-    """Collector of the gauges handed to :meth:`Metrics.render`."""
+    """Collector of the scrape-time values handed to :meth:`Metrics.render`."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        families: dict[str, GaugeMetricFamily] = {}
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
         for name, labels, value in self.metrics._gauges:
             names = sorted(labels)
             family = families.get(name)
             if family is None:
-                text = self.metrics._help.get(name, ("gauge", name))[1]
-                family = families[name] = GaugeMetricFamily(name, text, labels=names)
+                kind, text = self.metrics._help.get(name, ("gauge", name))
+                cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                family = families[name] = cls(name, text, labels=names)
             family.add_metric([labels[k] for k in names], value)
         yield from families.values()
