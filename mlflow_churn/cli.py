@@ -23,7 +23,7 @@ from mlflow_churn.cli_common import (
     opt_str,
     parse_date,
     print_json,
-    with_progress,
+    progress_arg,
 )
 from mlflow_churn.config import SCENARIOS, mask_text, masked
 from mlflow_churn.errors import ChurnError, first_line
@@ -107,10 +107,7 @@ def simulate(
         seed=sim.seed, onset_day=sim.onset_day, segment_column=sim.segment_column,
         segment_value=sim.segment_value,
     )
-    result = with_progress(
-        f"simulating {spec.customers:,} customers", spec.days, progress,
-        lambda tick: run_simulation(spec, cfg.data_dir, overwrite=overwrite, on_day=tick),
-    )
+    result = run_simulation(spec, cfg.data_dir, overwrite=overwrite, progress=progress_arg(progress))
     table = Table(title=f"churn simulate: scenario={spec.scenario} seed={spec.seed}")
     table.add_column("table")
     table.add_column("rows", justify="right")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -222,12 +223,19 @@ def test_existing_dataset_is_kept_without_overwrite(tmp_path: Path) -> None:
         simulate(SimulationSpec(customers=60, days=3, start=START), out)
     assert _digest(out) == before
 
-    def boom(day: int) -> None:
-        if day == 1:
-            raise RuntimeError("crash mid-simulation")
+    @contextmanager
+    def boom(label: str, total: int):  # a progress factory whose second tick crashes
+        days = []
+
+        def tick(n: int = 1) -> None:
+            days.append(n)
+            if len(days) == 2:
+                raise RuntimeError("crash mid-simulation")
+
+        yield tick
 
     with pytest.raises(RuntimeError):
-        simulate(SimulationSpec(customers=60, days=3, start=START), out, overwrite=True, on_day=boom)
+        simulate(SimulationSpec(customers=60, days=3, start=START), out, overwrite=True, progress=boom)
     assert _digest(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["data"]
     simulate(SimulationSpec(customers=60, days=3, start=START), out, overwrite=True)

@@ -75,6 +75,7 @@ import pyarrow.parquet as pq
 from mlflow_churn.config import SCENARIOS
 from mlflow_churn.data.tables import ACTIVITY_SCHEMA, CHURN_EVENTS_SCHEMA, CUSTOMERS_SCHEMA
 from mlflow_churn.errors import ChurnError
+from mlflow_churn.progress import ProgressArg, resolve
 from mlflow_churn.times import midnight
 
 PLANS = ("basic", "standard", "premium", "unlimited")
@@ -324,13 +325,13 @@ def simulate(
     spec: SimulationSpec,
     data_dir: Path,
     overwrite: bool = False,
-    on_day: Callable[[int], None] | None = None,
+    progress: ProgressArg = None,
 ) -> SimulationResult:
     """Simulate ``spec`` and write its tables to ``data_dir`` atomically.
 
     The tables go to a temporary sibling directory first and replace ``data_dir`` only
     when complete, so a crash or bad input never leaves a half-written dataset behind.
-    ``on_day(i)`` is called after each simulated day (progress reporting).
+    ``progress`` ticks once per simulated day (:mod:`mlflow_churn.progress`).
     """
     _validate_spec(spec)
     data_dir = Path(data_dir)
@@ -350,7 +351,8 @@ def simulate(
         raise ChurnError(f"cannot write to {parent}: {exc.strerror}; choose a writable --workspace") from None
 
     try:
-        result = _write_all(spec, tmp, on_day)
+        with resolve(progress)(f"simulating {spec.customers:,} customers", spec.days) as tick:
+            result = _write_all(spec, tmp, tick)
         _swap_in(tmp, data_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -358,7 +360,7 @@ def simulate(
     return SimulationResult(data_dir=data_dir, **result)
 
 
-def _write_all(spec: SimulationSpec, out: Path, on_day: Callable[[int], None] | None) -> dict:
+def _write_all(spec: SimulationSpec, out: Path, tick: Callable[[int], None]) -> dict:
     rng = np.random.default_rng(spec.seed)
     pop = _Population(spec, rng)
     pq.write_table(pop.customers_table(spec.start), out / "customers.parquet", compression="zstd")
@@ -375,8 +377,7 @@ def _write_all(spec: SimulationSpec, out: Path, on_day: Callable[[int], None] | 
         ids = pop.ids[churn_now]
         churn_ids.append(ids)
         churn_days.append(np.full(ids.size, day + 1, dtype=np.int64))
-        if on_day is not None:
-            on_day(day)
+        tick(1)
     ids = np.concatenate(churn_ids) if churn_ids else np.empty(0, np.int64)
     days = np.concatenate(churn_days) if churn_days else np.empty(0, np.int64)
     start64 = np.datetime64(spec.start, "D")

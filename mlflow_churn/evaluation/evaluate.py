@@ -70,6 +70,7 @@ from mlflow_churn.evaluation import plots
 from mlflow_churn.evaluation.holdout import holdout_cutoffs, holdout_frame, parse_tag_time
 from mlflow_churn.features.offline import daily_cutoffs
 from mlflow_churn.jsonable import dumps
+from mlflow_churn.progress import ProgressArg, resolve
 from mlflow_churn.registry.aliases import CANARY, alias_version, move_alias
 from mlflow_churn.stats.drift import drift_against_entry, psi
 from mlflow_churn.stats.metrics import (
@@ -91,7 +92,7 @@ DRIFT_JSON = "drift/drift.json"
 #: rows of reference / current data at most in the drift report (seeded sample)
 DRIFT_SAMPLE_ROWS = 20_000
 _TAG_LIMIT = 4000
-#: stages reported through ``evaluate(on_step=...)``
+#: stages ``evaluate(progress=...)`` ticks through
 STEPS = 7
 
 
@@ -554,14 +555,14 @@ def evaluate(
     champion_alias: str = "champion",
     parent_run_id: str | None = None,
     drift_sample_rows: int = DRIFT_SAMPLE_ROWS,
-    on_step: Callable[[str], None] | None = None,
+    progress: ProgressArg = None,
 ) -> GateDecision:
     """Gate the challenger against the champion on the holdout at ``as_of`` (UTC).
 
     ``challenger_alias`` / ``champion_alias`` are aliases or version numbers;
     ``drift_sample_rows`` bounds the reference and current rows of the drift report (a
-    seeded sample; the gate's metrics always use the whole holdout); ``on_step(label)`` is
-    called after each of the :data:`STEPS` stages (progress bars). Returns the
+    seeded sample; the gate's metrics always use the whole holdout); ``progress`` ticks once
+    after each of the :data:`STEPS` stages (:mod:`mlflow_churn.progress`). Returns the
     :class:`GateDecision`; see the module doc for the rules, side effects and idempotence.
     Raises ChurnError when a model, its tags or the holdout are missing.
 
@@ -570,8 +571,9 @@ def evaluate(
     ``gate`` verdict and the ``canary`` alias are written last, so they are never half-set.
     """
     as_of = utc(as_of)
-    step = on_step or (lambda _label: None)
-    with fail_fast(cfg, f"gating '{cfg.training.model_name}'"):
+    with resolve(progress)("registry gate", STEPS) as tick, \
+            fail_fast(cfg, f"gating '{cfg.training.model_name}'"):
+        step: Callable[[str], None] = lambda _stage: tick(1)  # noqa: E731
         exp_id = setup_mlflow(cfg)
         client = MlflowClient()
         pair = _resolve_pair(client, cfg, as_of, challenger_alias, champion_alias)
