@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig, load_config
-from mlflow_churn.evaluation.evaluate import _act
+from mlflow_churn.evaluation.evaluate import _record_verdict
 from mlflow_churn.registry.aliases import CHAMPION, alias_version
 from mlflow_churn.serving.canary import evaluate_canary
 from mlflow_churn.serving.prediction_log import PredictionLog, PredictionRecord
@@ -67,7 +67,7 @@ def new_version(client: MlflowClient, cfg: ChurnConfig) -> str:
 
 def gate(client: MlflowClient, cfg: ChurnConfig, version: str, passed: bool) -> str:
     """Record a gate decision on ``version`` the way the gate does: a decision run with the
-    gate's tags, then ``evaluation.evaluate._act`` (version tags; ``canary`` alias on a pass)."""
+    gate's tags, then ``evaluation.evaluate._record_verdict`` (version tags; ``canary`` alias on a pass)."""
     name = cfg.training.model_name
     champ = alias_version(client, name, CHAMPION)
     champ_v = str(champ.version) if champ else None
@@ -76,8 +76,8 @@ def gate(client: MlflowClient, cfg: ChurnConfig, version: str, passed: bool) -> 
         "churn.decision": "gate", "gate": "passed" if passed else "rejected",
         "challenger_version": version, "champion_version": champ_v or "none"})
     client.set_terminated(run.info.run_id)
-    _act(client, cfg, version, passed, [] if passed else ["auc_vs_champion: challenger 0.61 < champion 0.70"],
-         run.info.run_id, champ_v, None)
+    reasons = [] if passed else ["auc_vs_champion: challenger 0.61 < champion 0.70"]
+    _record_verdict(client, cfg, version, passed, reasons, run.info.run_id, champ_v, None)
     return run.info.run_id
 
 
