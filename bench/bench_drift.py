@@ -110,9 +110,8 @@ def peak_rss_mb() -> float:
 
 
 def main(quick: bool = False) -> None:
-    from mlflow_churn.monitoring.drift import window_drift
-
     from mlflow_churn.config import load_config
+    from mlflow_churn.monitoring.window_drift import window_drift
     from mlflow_churn.training.profile import build_profile, save_profile
 
     n = 200_000 if quick else 1_000_000
