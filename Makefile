@@ -28,8 +28,12 @@ CHURN_MLFLOW_BACKEND_URI ?= postgresql://postgres@127.0.0.1:5432/test
 demo-server: $(STAMP)
 	CHURN_MLFLOW_BACKEND_URI='$(CHURN_MLFLOW_BACKEND_URI)' $(BIN)/churn --workspace $(WORKSPACE) demo --server $(DEMO_ARGS)
 
+# xdist workers: one more than the cores, since much of the suite waits on real servers and
+# subprocesses (on 2 cores: 13 min 38 s with 3 workers vs 15 min 50 s with 2, bench/RESULTS.md)
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Feast is a benchmark peer only: its own venv, never a dependency of the project.
 FEAST_VENV := bench/.feast-venv
