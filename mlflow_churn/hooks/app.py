@@ -171,17 +171,17 @@ class GateJob:
     version: str
 
 
-class GateWorker:
-    """One background thread running queued gates in order."""
+class GateWorker(QueueWorker[GateJob]):
+    """One background thread running queued gates in order (join, stop: QueueWorker)."""
 
     def __init__(self, run: Callable[[GateJob], str], log: DeliveryLog) -> None:
         self._run, self._log = run, log
-        self._worker: QueueWorker[GateJob] = QueueWorker("churn-gate-worker", self._gate, self._failed)
+        super().__init__("churn-gate-worker", self._gate, self._failed)  # starts the thread
 
     def submit(self, job: GateJob) -> None:
         self._log.update(job.delivery_id, "queued")
         self._log.set_job(job)
-        self._worker.put(job)
+        self.put(job)
 
     def resume(self) -> int:
         """Queue again the jobs a previous receiver accepted but did not finish (MLflow does
@@ -189,7 +189,7 @@ class GateWorker:
         jobs = self._log.unfinished()
         for job in jobs:
             _log.info("resuming the gate of delivery %s (version %s)", job.delivery_id, job.version)
-            self._worker.put(job)
+            self.put(job)
         return len(jobs)
 
     def _gate(self, job: GateJob) -> None:
@@ -209,12 +209,6 @@ class GateWorker:
         _log.error("gate for delivery %s failed", job.delivery_id, exc_info=exc)
         self._log.update(job.delivery_id, "failed", f"{type(exc).__name__}: {exc}")
 
-    def join(self) -> None:
-        """Wait until every queued gate has run."""
-        self._worker.join()
-
-    def stop(self, timeout: float = 60.0) -> None:
-        self._worker.stop(timeout)
 
 
 def default_as_of(cfg: ChurnConfig) -> datetime:

@@ -93,7 +93,7 @@ METRICS = {UNGUARDED_METRIC: "protected-alias moves check_promotion refused (mad
            "churn_hooks_alias_moves_recorded_total": "alias moves the receiver recorded in the history"}
 
 
-class AliasWatcher:
+class AliasWatcher(QueueWorker[AliasEvent]):
     """Handles alias events on one background thread (see module doc)."""
 
     def __init__(self, cfg: ChurnConfig, promote_by_hand: PromoteByHand | None = None,
@@ -109,18 +109,11 @@ class AliasWatcher:
         uri = cfg.mlflow_tracking_uri
         self.client = MlflowClient(uri, uri)
         self.last_synced: datetime | None = None
-        self._worker: QueueWorker[AliasEvent] = QueueWorker("churn-alias-watcher", self._handle, self._failed)
+        super().__init__("churn-alias-watcher", self._handle, self._failed)  # starts the thread
 
-    # ------------------------------------------------------------------ queue
+    # ------------------------------------------------------------------ queue (join, stop: QueueWorker)
     def submit(self, event: AliasEvent) -> None:
-        self._worker.put(event)
-
-    def join(self) -> None:
-        """Wait until every submitted event has been handled."""
-        self._worker.join()
-
-    def stop(self, timeout: float = 60.0) -> None:
-        self._worker.stop(timeout)
+        self.put(event)
 
     def _handle(self, event: AliasEvent) -> None:
         outcome = self.handle(event)
