@@ -100,7 +100,6 @@ def parse_datetime(value: str, option: str) -> datetime:
     return parsed
 
 
-
 def as_of_or_latest(cfg: ChurnConfig, value: str | None, option: str = "--as-of") -> datetime:
     """``value`` parsed as :func:`parse_datetime` (naming ``option`` when bad), or, when not
     given, the newest event of the workspace data (``data.bounds.latest_as_of``): the
@@ -113,6 +112,7 @@ def as_of_or_latest(cfg: ChurnConfig, value: str | None, option: str = "--as-of"
         return latest_as_of(cfg.data_dir)
     except ChurnError as exc:
         raise ChurnError(f"{exc}; or pass {option}") from None
+
 
 def parse_version(value: str, option: str) -> str:
     """A registered model version number (ASCII digits, >= 1) or a ChurnError naming ``option``."""

@@ -19,14 +19,14 @@ def jsonable(value: Any) -> Any:
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple | np.ndarray):
         return [jsonable(v) for v in value]
-    if isinstance(value, datetime | date):  # before numpy: pandas Timestamps are datetimes
-        return value.isoformat()
-    if isinstance(value, np.generic):
+    if isinstance(value, np.generic):  # numpy scalars (a datetime64 becomes a datetime)
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    if isinstance(value, PurePath | datetime | date):
-        return str(value) if isinstance(value, PurePath) else value.isoformat()
+    if isinstance(value, datetime | date):  # pandas Timestamps too
+        return value.isoformat()
+    if isinstance(value, PurePath):
+        return str(value)
     return value
 
 
