@@ -384,6 +384,24 @@ class RegistryConfig(_Section):
     audit_experiment: str = Field(
         "churn-registry-audit", description="MLflow experiment of the registry's audit runs"
     )
+    signing_key_file: Path | None = Field(
+        None, description="Ed25519 private key (0600) the project's processes sign decisions with "
+        "(`churn registry keygen`); None = <workspace>/keys/signing.key, made on first use")
+    verify_key_file: Path | None = Field(
+        None, description="public keys (one a line; several while a key is rotated) the guard, "
+        "`churn serve` and `churn registry verify` check signatures with; None = <workspace>/keys/verify.pub")
+    extra_verify_key_files: list[Path] = Field(
+        default_factory=list, description="more verify-key files (e.g. another team's signer)")
+    override_users: list[str] = Field(
+        default_factory=list, description="under basic-auth: users who may set the promotion_override "
+        "tag (users with MANAGE on the model may too); without auth only `churn canary promote --force` "
+        "(signed) overrides")
+    approvers: list[str] = Field(
+        default_factory=list, description="under basic-auth with require_approval: users who may approve "
+        "(tag approved_by) a promotion; never the one who promotes")
+    require_signed_models: bool = Field(
+        True, description="`churn serve` loads a champion / canary only when its files match the digest "
+        "its signed gate decision names")
 
 
 class MlflowServerConfig(_Section):

@@ -1,120 +1,217 @@
-"""``mlflow server --app-name churn-guard``: MLflow's own server with protected aliases.
+"""``mlflow server --app-name churn-guard``: MLflow's own server with protected aliases and
+immutable registered model files.
 
 An ``mlflow.app`` plugin (entry point ``churn-guard`` in pyproject.toml), built like MLflow's
-``basic-auth`` app: :func:`create_app` adds a ``before_request`` / ``after_request`` pair to
-MLflow's Flask app and, under uvicorn (MLflow's default server), wraps it in MLflow's FastAPI
-app exactly as ``mlflow server`` does without a plugin. Every other request passes through
-untouched.
+``basic-auth`` app: :func:`create_app` adds ``before_request`` / ``after_request`` /
+``teardown_request`` hooks to MLflow's Flask app and, under uvicorn (MLflow's default
+server), wraps it in MLflow's FastAPI app exactly as ``mlflow server`` does, with an ASGI
+layer in front for the artifact routes FastAPI serves itself (``PUT mlflow-artifacts``).
 
-Guarded requests (REST ``/api/2.0/...``, the UI's ``/ajax-api/2.0/...``, also ``/preview``):
+Threat model (docs/promotion.md): a user with write access to the registry and no signing
+key. The guard holds only verify keys (``registry.verify_key_file``) and allows a protected
+move only on a decision signed for exactly that move
+(:func:`~mlflow_churn.registry.promotion.check_promotion`). Requests are matched by the
+Flask route MLflow itself resolved (so path, encoding and version variants are the same
+route) and read with MLflow's own request parser (query string, JSON object, JSON string);
+a guarded request that cannot be read is refused (400), never let through.
 
-- ``POST registered-models/alias`` setting a protected alias (``registry.protected_aliases``,
-  default ``[champion]``) to a version other than the one it points at;
-- ``DELETE registered-models/alias`` of a protected alias (checked on the version it points at);
-- ``POST model-versions/transition-stage`` to ``Production`` (legacy stages; checked as the
-  ``champion`` alias) of a version that is not the champion already;
-- ``DELETE model-versions/delete`` of a version, and ``DELETE registered-models/delete`` of a
-  model, that a protected alias points at (delete the alias first; that is checked).
+Guarded (REST ``/api/...`` and the UI's ``/ajax-api/...``, every API version, ``/preview``):
 
-A move :func:`~mlflow_churn.registry.promotion.check_promotion` refuses gets HTTP 403 with
-MLflow's error body ``{"error_code": "PERMISSION_DENIED", "message": ...}`` (the UI shows the
-message). An allowed move, once MLflow has made it, is recorded: version tags
-``promoted_by``, ``promotion_rule``, ``promotion_reason``, ``promotion_route``, ``promotion_at``
-and ``promotion_audit_run_id``, and a run in experiment ``registry.audit_experiment``
-(tags ``kind=guard-promotion``, ``decision``, ``rule``, ``actor``...). Refusals get an audit
-run too (``decision=refused``), so attempts are visible.
+- alias set / delete of ``champion``, ``previous-champion``, ``canary`` and
+  ``registry.protected_aliases``; a ``Production`` stage transition (checked as champion);
+- delete of a version or a model that a guarded alias points at; rename of such a model;
+  a copy (``models:/<name>/<version>`` source) into such a model;
+- the signed-decision tags ``churn.sig.*`` (set only with a signature for exactly that
+  version, never older than the one there; never deleted) and the tags only the guard
+  writes; under basic-auth, ``promotion_override`` only by ``registry.override_users`` (or
+  MANAGE on the model) and ``approved_by`` only by ``registry.approvers``, as themselves;
+- artifact writes and deletes (``mlflow-artifacts`` PUT / DELETE / multipart,
+  ``upload-artifact``) at, under or above the files of a registered version: a registered
+  version's files are immutable.
+
+Check and write happen under one lock per model (:func:`~mlflow_churn.registry.lock.model_lock`:
+a PostgreSQL advisory lock on a PostgreSQL store, ``fcntl`` otherwise), held from the check
+until MLflow has answered, so of concurrent requests each sees the registry the previous
+one left. A refusal is HTTP 403 with MLflow's error body ``{"error_code":
+"PERMISSION_DENIED", "message": ...}`` (the UI shows the message), an audit run
+(``kind=guard-promotion``, ``decision=refused``, the actor named) and an alert to
+``hooks.alert_url``. An allowed protected move is recorded on the version (tags
+``promoted_by``, ``promotion_rule`` ...) and as an audit run; an override or approval is
+consumed by the promotion it served.
 
 The churn configuration comes from the server's environment (``CHURN_CONFIG``, ``CHURN_*``,
-``churn.yaml`` in the working directory). With ``registry.guard_auth: basic-auth`` the
-plugin wraps MLflow's ``basic-auth`` app too (extra ``guard-auth``) and records the
-authenticated user name; basic-auth's settings apply (``MLFLOW_FLASK_SERVER_SECRET_KEY``,
-``MLFLOW_AUTH_ADMIN_PASSWORD`` on the first start, ``MLFLOW_AUTH_CONFIG_PATH``).
+``churn.yaml`` in the working directory). With ``registry.guard_auth: basic-auth`` the plugin
+wraps MLflow's ``basic-auth`` app too (extra ``guard-auth``) and records the authenticated
+user name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import posixpath
 import re
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mlflow_churn.alerts import post_alert
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.registry.aliases import CHAMPION, aliases_of
-from mlflow_churn.registry.promotion import PromotionCheck, check_promotion
+from mlflow_churn.registry.lock import model_lock
+from mlflow_churn.registry.promotion import (
+    APPROVAL_TAG,
+    GUARD_ONLY_TAGS,
+    OVERRIDE_AGAINST_TAG,
+    OVERRIDE_BY_TAG,
+    OVERRIDE_TAG,
+    PromotionCheck,
+    check_promotion,
+    guarded_aliases,
+    read_evidence,
+)
+from mlflow_churn.registry.signing import (
+    SIG_PREFIX,
+    SignatureError,
+    Verifier,
+    verifier_for,
+    verify_key_path,
+    version_identity,
+)
 from mlflow_churn.tracking import client_run
 
 _log = logging.getLogger("mlflow_churn.guard")
 
-#: the registry routes the guard looks at, after the optional static prefix
+#: the registry routes the guard looks at (Flask's resolved rule, after the static prefix)
 _ROUTE = re.compile(
-    r"/(?P<api>api|ajax-api)/\d+\.\d+(?:/preview)?/mlflow/"
-    r"(?P<op>registered-models/alias|model-versions/transition-stage|model-versions/delete"
-    r"|registered-models/delete)/?$"
+    r"/(?P<api>api|ajax-api)/\d+\.\d+(?:/preview)?/mlflow/(?P<op>registered-models/alias"
+    r"|model-versions/transition-stage|model-versions/delete|registered-models/delete"
+    r"|registered-models/rename|model-versions/create|model-versions/set-tag|model-versions/delete-tag)/?"
 )
-_METHOD = {"registered-models/alias": ("POST", "DELETE"), "model-versions/transition-stage": ("POST",),
-           "model-versions/delete": ("DELETE",), "registered-models/delete": ("DELETE",)}
+_ARTIFACT_WRITE = ("PUT", "POST", "DELETE", "PATCH")
+#: the artifact PUT FastAPI serves itself under uvicorn (never reaches Flask's hooks)
+_ASGI_ARTIFACT = re.compile(r"/(?:api|ajax-api)/\d+\.\d+/mlflow-artifacts/artifacts/(?P<path>.*)")
+_COPY_SOURCE = re.compile(r"models:/[^/@]+[/@].+")
 TAG_LIMIT = 4900  # MLflow's tag values hold 5000 characters (8000 on newer stores)
+
+
+def _proto(op: str, method: str) -> Any:
+    """MLflow's request message of a guarded registry route (None: the method is not guarded)."""
+    from mlflow.protos import model_registry_pb2 as pb
+
+    table = {
+        ("registered-models/alias", "POST"): pb.SetRegisteredModelAlias,
+        ("registered-models/alias", "DELETE"): pb.DeleteRegisteredModelAlias,
+        ("model-versions/transition-stage", "POST"): pb.TransitionModelVersionStage,
+        ("model-versions/delete", "DELETE"): pb.DeleteModelVersion,
+        ("registered-models/delete", "DELETE"): pb.DeleteRegisteredModel,
+        ("registered-models/rename", "POST"): pb.RenameRegisteredModel,
+        ("model-versions/create", "POST"): pb.CreateModelVersion,
+        ("model-versions/set-tag", "POST"): pb.SetModelVersionTag,
+        ("model-versions/delete-tag", "DELETE"): pb.DeleteModelVersionTag,
+    }
+    return table.get((op, method))
 
 
 @dataclass(frozen=True)
 class GuardedMove:
-    """One protected move a request asks for, and the check that allowed it."""
+    """One guarded request, and the check that allowed or refused it."""
 
-    action: str  # set_alias | delete_alias | transition_stage
+    action: str  # set_alias | delete_alias | transition_stage | set_tag | delete_tag | ...
     route: str  # "ui" (/ajax-api) or "api"
     check: PromotionCheck
+
+
+class Unreadable(Exception):
+    """A guarded request whose parameters cannot be read as MLflow reads them."""
 
 
 class Guard:
     """The request hooks. ``client`` reads / tags the registry of this server's stores."""
 
-    def __init__(self, cfg: ChurnConfig, client: MlflowClient | None = None) -> None:
+    def __init__(self, cfg: ChurnConfig, client: MlflowClient | None = None,
+                 verifier: Verifier | None = None) -> None:
         self.cfg = cfg
-        self.protected = tuple(cfg.registry.protected_aliases)
+        self.protected = guarded_aliases(cfg)
         self._client = client
+        self._fixed = verifier
+        self._keys: tuple[Any, Verifier] | None = None
+
+    @property
+    def verifier(self) -> Verifier:
+        """The verify keys, re-read when a key file changes (a rotation needs no restart)."""
+        if self._fixed is not None:
+            return self._fixed
+        files = (verify_key_path(self.cfg), *self.cfg.registry.extra_verify_key_files)
+        stamp = tuple(_mtime(p) for p in files)
+        if self._keys is None or self._keys[0] != stamp:
+            self._keys = (stamp, verifier_for(self.cfg))
+        return self._keys[1]
 
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
-            from mlflow.server.constants import BACKEND_STORE_URI_ENV_VAR, REGISTRY_STORE_URI_ENV_VAR
-
-            tracking = os.environ.get(BACKEND_STORE_URI_ENV_VAR)
-            registry = os.environ.get(REGISTRY_STORE_URI_ENV_VAR) or tracking
-            self._client = MlflowClient(tracking, registry)
+            self._client = MlflowClient(self.store_uri, self.registry_uri)
         return self._client
+
+    @property
+    def store_uri(self) -> str:
+        from mlflow.server.constants import BACKEND_STORE_URI_ENV_VAR
+
+        return os.environ.get(BACKEND_STORE_URI_ENV_VAR) or self.cfg.mlflow_tracking_uri
+
+    @property
+    def registry_uri(self) -> str:
+        from mlflow.server.constants import REGISTRY_STORE_URI_ENV_VAR
+
+        return os.environ.get(REGISTRY_STORE_URI_ENV_VAR) or self.store_uri
 
     @property
     def stage_alias(self) -> str:
         """The alias a transition to Production is checked as."""
-        return CHAMPION if CHAMPION in self.protected else self.protected[0]
+        return CHAMPION
 
     # ------------------------------------------------------------------ hooks
     def before_request(self) -> Any:
         from flask import g, request
-        from mlflow.server.handlers import STATIC_PREFIX_ENV_VAR
 
         if not self.protected:
             return None
-        path = request.path
-        prefix = os.environ.get(STATIC_PREFIX_ENV_VAR, "").rstrip("/")
-        if prefix and path.startswith(prefix):
-            path = path[len(prefix):]
-        m = _ROUTE.fullmatch(path)
-        if m is None or request.method not in _METHOD[m["op"]]:
+        rule = _rule(request)
+        if rule is None:
+            return None  # MLflow answers 404 / 405 itself
+        if "mlflow-artifacts" in rule or rule.endswith("/mlflow/upload-artifact"):
+            if request.method not in _ARTIFACT_WRITE:
+                return None
+            return self._artifact_request(request, g, rule)
+        m = _ROUTE.fullmatch(rule)
+        proto = _proto(m["op"], request.method) if m else None
+        if proto is None:
             return None
         route = "ui" if m["api"] == "ajax-api" else "api"
-        params = _params(request)
-        name = str(params.get("name") or "")
-        if not name:
-            return None  # MLflow answers the missing parameter itself
         try:
-            decision = self._decide(m["op"], request.method, name, params, route)
+            msg = _read(request, proto)
+        except Unreadable as exc:
+            return _error(400, "INVALID_PARAMETER_VALUE",
+                          f"churn-guard could not read this request ({exc}); send the parameters as a JSON "
+                          "object (Content-Type: application/json); nothing was changed")
+        name = str(getattr(msg, "name", "") or "")
+        if not name:
+            return _error(400, "INVALID_PARAMETER_VALUE", "churn-guard: the request names no registered "
+                          "model ('name'); nothing was changed")
+        actor = _actor(request, g)
+        try:
+            stack = contextlib.ExitStack()
+            g.churn_guard_lock = stack
+            stack.enter_context(model_lock(self.store_uri, name, self.cfg.workspace / "locks"))
+            decision = self._decide(m["op"], request.method, name, msg, route, actor)
         except Exception as exc:  # the store is unreachable, ...: refuse (closed), never a traceback
             _log.exception("churn-guard could not check %s %s", request.method, request.path)
             code = exc.error_code if isinstance(exc, MlflowException) else type(exc).__name__
@@ -123,10 +220,8 @@ class Guard:
                           "nothing was changed, try again")
         if decision is None:
             return None
-        if isinstance(decision, str):  # a refusal that is not a promotion check
-            return _error(403, "PERMISSION_DENIED", decision)
         if not decision.check.allowed:
-            self._audit(decision, _actor(request, g), "refused")
+            self._refused(decision, actor)
             return _error(403, "PERMISSION_DENIED", f"churn-guard: {decision.check.message}")
         g.churn_guard_move = decision
         return None
@@ -144,62 +239,263 @@ class Guard:
                            move.check.version)
         return response
 
+    def teardown_request(self, exc: BaseException | None = None) -> None:
+        from flask import g
+
+        stack = g.pop("churn_guard_lock", None)
+        if stack is not None:
+            stack.close()
+
     # ------------------------------------------------------------------ decisions
-    def _decide(self, op: str, method: str, name: str, params: dict[str, Any],
-                route: str) -> GuardedMove | str | None:
+    def _decide(self, op: str, method: str, name: str, msg: Any, route: str,
+                actor: str) -> GuardedMove | None:
         client = self.client
 
-        def check(version: str, alias: str) -> PromotionCheck:
-            return check_promotion(client, name, version, self.cfg, alias)
+        def check(version: str | None, alias: str) -> PromotionCheck:
+            return check_promotion(client, name, version, self.cfg, alias, actor=actor,
+                                   verifier=self.verifier)
+
+        def refuse(action: str, version: str, what: str, rule: str, message: str) -> GuardedMove:
+            return GuardedMove(action, route, PromotionCheck(False, name, version, what, rule,
+                                                             f"{message}", {}))
 
         if op == "registered-models/alias":
-            alias = str(params.get("alias") or "")
+            alias = msg.alias
             if alias not in self.protected:
                 return None
-            aliases = {a: str(v) for a, v in aliases_of(client, name).items()}
+            holder = aliases_of(client, name).get(alias)
             if method == "POST":
-                version = str(params.get("version") or "")
-                if not version or aliases.get(alias) == version:
+                if not msg.version or holder == msg.version:
                     return None  # MLflow rejects the request itself / nothing moves
-                return GuardedMove("set_alias", route, check(version, alias))
-            holder = aliases.get(alias)
+                return GuardedMove("set_alias", route, check(msg.version, alias))
             if holder is None:
                 return None
-            return GuardedMove("delete_alias", route, check(holder, alias))
+            return GuardedMove("delete_alias", route, check(None, alias))
         if op == "model-versions/transition-stage":
-            if str(params.get("stage") or "").strip().lower() != "production":
+            if msg.stage.strip().lower() != "production":
                 return None
-            version = str(params.get("version") or "")
-            alias = self.stage_alias
-            if not version or str(aliases_of(client, name).get(alias)) == version:
+            if not msg.version or aliases_of(client, name).get(self.stage_alias) == msg.version:
                 return None  # the alias holder entering its stage (evaluation.mirror_stages)
-            return GuardedMove("transition_stage", route, check(version, alias))
-        held = {a: str(v) for a, v in aliases_of(client, name).items() if a in self.protected}
+            return GuardedMove("transition_stage", route, check(msg.version, self.stage_alias))
+        held = {a: v for a, v in aliases_of(client, name).items() if a in self.protected}
         if op == "model-versions/delete":
-            version = str(params.get("version") or "")
-            hit = sorted(a for a, v in held.items() if v == version)
+            hit = sorted(a for a, v in held.items() if v == msg.version)
             if hit:
-                return (f"churn-guard: version {version} of '{name}' holds protected alias "
-                        f"{', '.join(hit)}; move or delete the alias first (the guard checks that)")
+                return refuse("delete_version", msg.version, ",".join(hit), "lifecycle",
+                              f"version {msg.version} of '{name}' holds protected alias {', '.join(hit)}; "
+                              "move the alias first (the guard checks that)")
             return None
-        if held:  # registered-models/delete
-            return (f"churn-guard: model '{name}' has protected alias(es) "
-                    f"{', '.join(f'{a} -> v{v}' for a, v in sorted(held.items()))}; delete them first "
-                    "(the guard checks that)")
+        if op in ("registered-models/delete", "registered-models/rename"):
+            if held:
+                what = "deleted" if op.endswith("delete") else "renamed"
+                return refuse(op.split("/")[1] + "_model", "", ",".join(sorted(held)), "lifecycle",
+                              f"model '{name}' has protected alias(es) "
+                              f"{', '.join(f'{a} -> v{v}' for a, v in sorted(held.items()))}; it cannot be "
+                              f"{what} while they exist (roll back or remove them through the lifecycle)")
+            return None
+        if op == "model-versions/create":
+            if held and _COPY_SOURCE.fullmatch(msg.source or ""):
+                return refuse("copy_version", "", msg.source[:200], "lifecycle",
+                              f"model '{name}' has protected alias(es) {', '.join(sorted(held))}: a version "
+                              f"copied from {msg.source[:200]} may not be added to it; register the model's "
+                              "files from their run instead")
+            return None
+        return self._tag_request(op, name, msg, route, actor)
+
+    def _tag_request(self, op: str, name: str, msg: Any, route: str, actor: str) -> GuardedMove | None:
+        key, version = msg.key, msg.version
+        action = "set_tag" if op.endswith("set-tag") else "delete_tag"
+
+        def refused(rule: str, message: str) -> GuardedMove:
+            return GuardedMove(action, route, PromotionCheck(False, name, version, key, rule, message, {}))
+
+        def allowed(rule: str, message: str, evidence: dict[str, Any] | None = None) -> GuardedMove:
+            return GuardedMove(action, route, PromotionCheck(True, name, version, key, rule, message,
+                                                             evidence or {}))
+
+        if key in GUARD_ONLY_TAGS:
+            return refused("protected_tag", f"tag '{key}' is written by churn-guard only")
+        if key.startswith(SIG_PREFIX):
+            if action == "delete_tag":
+                return refused("protected_tag", f"signed decision tag '{key}' of version {version} of "
+                               f"'{name}' cannot be deleted (a newer signed decision replaces it)")
+            return self._signed_tag(name, version, key, msg.value, refused, allowed)
+        basic = self.cfg.registry.guard_auth == "basic-auth"
+        if key == OVERRIDE_TAG and basic:
+            if action == "delete_tag":
+                return allowed("override_withdrawn", f"override of version {version} withdrawn")
+            if not self._may(actor, name, self.cfg.registry.override_users):
+                return refused("override_not_allowed", f"user {actor} may not override the promotion "
+                               "rules (not in registry.override_users, no MANAGE on the model); ask an "
+                               "override user, or promote through the gate and canary")
+            return allowed("override_set", f"override of version {version} by {actor}: {msg.value[:300]}")
+        if key == APPROVAL_TAG and basic and action == "set_tag":
+            if not self._may(actor, name, self.cfg.registry.approvers):
+                return refused("approval_not_allowed", f"user {actor} may not approve promotions (not in "
+                               "registry.approvers, no MANAGE on the model)")
+            if msg.value.strip() != actor:
+                return refused("approval_not_allowed", f"an approval names the approver: set "
+                               f"'{APPROVAL_TAG}' = '{actor}' (your user name), not '{msg.value[:100]}'")
+            return allowed("approved", f"version {version} approved by {actor}")
         return None
+
+    def _signed_tag(self, name: str, version: str, key: str, value: str, refused: Any,
+                    allowed: Any) -> GuardedMove:
+        kind = key[len(SIG_PREFIX):]
+        try:
+            d = self.verifier.verify(value)
+            mv = self.client.get_model_version(name, version)
+        except SignatureError as exc:
+            return refused("bad_signature", f"tag '{key}' of version {version} of '{name}': {exc}; only the "
+                           "project's signing key writes it")
+        wrong = [f for f, want in (("kind", kind), ("model", name), ("version", str(mv.version)),
+                                   ("identity", version_identity(mv))) if getattr(d, f) != want]
+        if wrong:
+            return refused("bad_signature", f"tag '{key}' of version {version} of '{name}' is signed for "
+                           f"another {'/'.join(wrong)}")
+        current = read_evidence(self.client, name, version, self.verifier)
+        old = current.decisions.get(kind) if current else None
+        if old is not None and d.issued < old.issued:
+            return refused("stale_signature", f"tag '{key}' of version {version} of '{name}': a decision of "
+                           f"{d.issued_at} may not replace the newer one of {old.issued_at}")
+        return allowed("signed", f"signed {kind} decision {d.decision} of version {version}",
+                       {"decision": d.to_dict()})
+
+    def _may(self, actor: str, name: str, users: list[str]) -> bool:
+        """``actor`` (authenticated) is in ``users`` or has MANAGE on model ``name`` (or is admin)."""
+        from flask import g
+
+        user = getattr(g, "mlflow_authenticated_user", None)
+        if not user:
+            return False
+        if user in users:
+            return True
+        try:
+            from mlflow.server.auth import store as auth_store
+
+            if auth_store.get_user(user).is_admin:
+                return True
+            return auth_store.get_registered_model_permission(name, user).permission == "MANAGE"
+        except Exception:  # no such permission row: the default permission is not MANAGE
+            return False
+
+    # ------------------------------------------------------------------ artifacts
+    def _artifact_request(self, request: Any, g: Any, rule: str) -> Any:
+        if rule.endswith("/mlflow/upload-artifact"):
+            run_id, sub = request.args.get("run_uuid"), request.args.get("path")
+            if not run_id or not sub:
+                return None  # MLflow refuses it itself
+            try:
+                root = self.client.get_run(run_id).info.artifact_uri
+            except MlflowException:
+                return None  # MLflow answers the unknown run
+            path = _relative(root.rstrip("/") + "/" + sub.lstrip("/"))
+        else:
+            raw = (request.view_args or {}).get("artifact_path")
+            if raw is None:
+                return _error(400, "INVALID_PARAMETER_VALUE", "churn-guard: an artifact write must name its "
+                              "path; nothing was changed")
+            path = raw
+        refusal = self.artifact_refusal(path, request.method, _actor(request, g))
+        return None if refusal is None else _error(403, "PERMISSION_DENIED", refusal)
+
+    def artifact_refusal(self, path: str | None, method: str, actor: str) -> str | None:
+        """Why a write / delete of artifact ``path`` (relative to the artifact root) is refused:
+        it is at, under or above the files of a registered version. None when allowed."""
+        if path is None:
+            return "churn-guard: an artifact write must name its path"
+        norm = posixpath.normpath("/" + path.replace("\\", "/")).lstrip("/")
+        try:
+            hit = next(((loc, n, v) for loc, n, v in self._registered_locations()
+                        if norm == loc or norm.startswith(loc + "/") or loc.startswith(norm + "/")
+                        or norm in ("", ".")), None)
+        except Exception as exc:  # the store is unreachable: refuse (closed)
+            _log.exception("churn-guard could not check artifact %s %s", method, path)
+            return (f"churn-guard could not check this artifact write ({type(exc).__name__}); "
+                    "nothing was changed")
+        if hit is None:
+            return None
+        loc, name, version = hit
+        message = (f"churn-guard: {path} is part of the files of version {version} of registered model "
+                   f"'{name}'; a registered version's files are immutable (register a new version instead)")
+        check = PromotionCheck(False, name, version, path[:200], "immutable_files", message,
+                               {"location": loc})
+        self._refused(GuardedMove(f"artifact_{method.lower()}", "api", check), actor)
+        return message
+
+    def _registered_locations(self) -> list[tuple[str, str, str]]:
+        """(artifact-root-relative location, model, version) of every registered version's files."""
+        from mlflow.server.handlers import _get_model_registry_store
+
+        store = _get_model_registry_store()
+        rows: list[tuple[str, str, str]] = []
+        if hasattr(store, "ManagedSessionMaker"):
+            from mlflow.store.model_registry.dbmodels.models import SqlModelVersion
+
+            with store.ManagedSessionMaker() as session:
+                for mv in session.query(SqlModelVersion.name, SqlModelVersion.version,
+                                        SqlModelVersion.storage_location, SqlModelVersion.source):
+                    for uri in {mv.storage_location, mv.source} - {None, ""}:
+                        rel = _relative(uri)
+                        if rel:
+                            rows.append((rel, mv.name, str(mv.version)))
+            return rows
+        for mv in self.client.search_model_versions(max_results=100000):  # a file store
+            uri = self.client.get_model_version_download_uri(mv.name, mv.version)
+            rel = _relative(uri)
+            if rel:
+                rows.append((rel, mv.name, str(mv.version)))
+        return rows
 
     # ------------------------------------------------------------------ records
     def _record(self, move: GuardedMove, actor: str) -> None:
+        chk = move.check
+        client = self.client
+        if move.action in ("set_tag", "delete_tag"):
+            if chk.rule == "override_set":
+                holder = aliases_of(client, chk.name).get(CHAMPION)
+                ref = ""
+                if holder:
+                    ref = f"{holder}:{version_identity(client.get_model_version(chk.name, holder))}"
+                client.set_model_version_tag(chk.name, chk.version, OVERRIDE_BY_TAG, actor[:TAG_LIMIT])
+                client.set_model_version_tag(chk.name, chk.version, OVERRIDE_AGAINST_TAG, ref)
+                self._audit(move, actor, "allowed")
+                self._alert(move, actor, "PromotionOverride", "warning")
+            elif chk.rule == "override_withdrawn":
+                _drop_tags(client, chk.name, chk.version, GUARD_ONLY_TAGS)
+            elif chk.rule == "approved":
+                self._audit(move, actor, "allowed")
+            return
+        if move.action.endswith("_model") or move.action.startswith(("delete_version", "copy_")):
+            return
         run_id = self._audit(move, actor, "allowed")
         if move.action == "delete_alias":
             return
-        chk = move.check
         tags = {"promoted_by": actor, "promotion_rule": chk.rule, "promotion_reason": chk.message,
                 "promotion_route": f"{move.route}:{move.action}", "promotion_at": _now().isoformat()}
         if run_id:
             tags["promotion_audit_run_id"] = run_id
         for key, value in tags.items():
-            self.client.set_model_version_tag(chk.name, chk.version, key, value[:TAG_LIMIT])
+            client.set_model_version_tag(chk.name, chk.version, key, value[:TAG_LIMIT])
+        if chk.alias == CHAMPION and chk.rule in ("override", "gate_and_canary", "first_champion"):
+            # an override or approval ends with the promotion it served
+            _drop_tags(client, chk.name, chk.version, (OVERRIDE_TAG, *GUARD_ONLY_TAGS, APPROVAL_TAG))
+            if chk.rule == "override":
+                self._alert(move, actor, "PromotionOverride", "warning")
+
+    def _refused(self, move: GuardedMove, actor: str) -> None:
+        self._audit(move, actor, "refused")
+        self._alert(move, actor, "PromotionRefused", "warning")
+
+    def _alert(self, move: GuardedMove, actor: str, name: str, severity: str) -> None:
+        url = self.cfg.hooks.alert_url
+        if not url:
+            return
+        chk = move.check
+        labels = {"alertname": name, "severity": severity, "model": chk.name, "alias": chk.alias,
+                  "version": chk.version, "rule": chk.rule}
+        notes = {"summary": chk.message[:1000], "actor": actor, "action": move.action}
+        threading.Thread(target=post_alert, args=(url, labels, notes, _now()), daemon=True).start()
 
     def _audit(self, move: GuardedMove, actor: str, decision: str) -> str | None:
         """An audit run of the move in ``registry.audit_experiment``; its id (None on failure)."""
@@ -211,8 +507,8 @@ class Guard:
                             experiment_id=exp_id,
                             tags={"kind": "guard-promotion", "decision": decision, "rule": chk.rule,
                                   "action": move.action, "model_name": chk.name, "version": chk.version,
-                                  "alias": chk.alias, "actor": actor[:TAG_LIMIT], "route": move.route,
-                                  "mlflow.user": actor[:TAG_LIMIT]}) as run_id:
+                                  "alias": chk.alias[:TAG_LIMIT], "actor": actor[:TAG_LIMIT],
+                                  "route": move.route, "mlflow.user": actor[:TAG_LIMIT]}) as run_id:
                 client.log_param(run_id, "reason", chk.message[:5000])
                 client.log_param(run_id, "evidence",
                                  json.dumps(chk.evidence, sort_keys=True, default=str)[:5000])
@@ -237,23 +533,65 @@ class Guard:
             return exp.experiment_id
 
 
+def _mtime(path: Any) -> float | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _drop_tags(client: MlflowClient, name: str, version: str, keys: tuple[str, ...]) -> None:
+    tags = client.get_model_version(name, version).tags
+    for key in keys:
+        if key in tags:
+            client.delete_model_version_tag(name, version, key)
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _params(request: Any) -> dict[str, Any]:
-    """The request's parameters: JSON body (POST / DELETE as MLflow's client sends them) over
-    the query string (as some UI calls send them)."""
-    out: dict[str, Any] = dict(request.args.items())
-    raw = request.get_data(cache=True)
-    if raw:
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            body = None
-        if isinstance(body, dict):
-            out.update(body)
-    return out
+def _rule(request: Any) -> str | None:
+    """The Flask route MLflow resolved for ``request``, without the static prefix."""
+    from mlflow.server.handlers import STATIC_PREFIX_ENV_VAR
+
+    rule = request.url_rule.rule if request.url_rule is not None else None
+    if rule is None:
+        return None
+    prefix = os.environ.get(STATIC_PREFIX_ENV_VAR, "").rstrip("/")
+    return rule[len(prefix):] if prefix and rule.startswith(prefix) else rule
+
+
+def _read(request: Any, proto: Any) -> Any:
+    """The request's parameters exactly as MLflow's handler will read them (query string for a
+    GET, else the JSON body, a JSON string decoded a second time), as MLflow's message."""
+    from mlflow.server.handlers import _get_request_message
+
+    try:
+        raw = request.get_json(force=True, silent=True)
+        if isinstance(raw, str):
+            raw = json.loads(raw)
+        if raw is not None and not isinstance(raw, dict):
+            raise Unreadable(f"the body is JSON {type(raw).__name__}, not an object")
+        return _get_request_message(proto(), flask_request=request)
+    except Unreadable:
+        raise
+    except (MlflowException, ValueError, TypeError) as exc:
+        raise Unreadable(type(exc).__name__) from None
+
+
+def _relative(uri: str) -> str | None:
+    """An artifact URI as a path relative to the server's proxied artifact root (``mlflow-artifacts:``
+    URIs and the server's ``/api/2.0/mlflow-artifacts/artifacts/`` URLs); None for other schemes."""
+    parts = urlsplit(uri)
+    if parts.scheme == "mlflow-artifacts":
+        path = parts.path
+    elif parts.scheme in ("http", "https") and "/mlflow-artifacts/artifacts/" in parts.path:
+        path = parts.path.split("/mlflow-artifacts/artifacts/", 1)[1]
+    else:
+        return None
+    norm = posixpath.normpath("/" + path).lstrip("/")
+    return norm if norm not in ("", ".") else None
 
 
 def _actor(request: Any, g: Any) -> str:
@@ -275,10 +613,47 @@ def _error(status: int, code: str, message: str) -> Any:
                     mimetype="application/json")
 
 
+class ArtifactGuard:
+    """ASGI layer in front of MLflow's FastAPI app: the artifact ``PUT`` that FastAPI serves
+    itself (``mlflow-artifacts/artifacts/<path>``) is checked like the Flask routes."""
+
+    def __init__(self, app: Any, guard: Guard) -> None:
+        self.app, self.guard = app, guard
+
+    def __getattr__(self, attr: str) -> Any:  # FastAPI attributes (state, routes, ...) pass through
+        return getattr(self.app, attr)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") == "http" and scope.get("method") in _ARTIFACT_WRITE:
+            from mlflow.server.handlers import STATIC_PREFIX_ENV_VAR
+
+            path = scope.get("path", "")
+            prefix = os.environ.get(STATIC_PREFIX_ENV_VAR, "").rstrip("/")
+            if prefix and path.startswith(prefix):
+                path = path[len(prefix):]
+            m = _ASGI_ARTIFACT.fullmatch(path)
+            if m is not None:
+                import anyio
+
+                client = scope.get("client") or ("unknown", 0)
+                actor = f"anonymous@{client[0]}"
+                refusal = await anyio.to_thread.run_sync(self.guard.artifact_refusal, m["path"],
+                                                         scope["method"], actor)
+                if refusal is not None:
+                    body = json.dumps({"error_code": "PERMISSION_DENIED", "message": refusal}).encode()
+                    await send({"type": "http.response.start", "status": 403,
+                                "headers": [(b"content-type", b"application/json"),
+                                            (b"content-length", str(len(body)).encode())]})
+                    await send({"type": "http.response.body", "body": body})
+                    return
+        await self.app(scope, receive, send)
+
+
 def create_app(app: Any = None) -> Any:
     """The ``mlflow.app`` factory: MLflow's server app with the guard's hooks (see module doc).
 
-    Returns MLflow's FastAPI app under uvicorn (``mlflow server``'s default), else the Flask app.
+    Returns MLflow's FastAPI app (behind :class:`ArtifactGuard`) under uvicorn
+    (``mlflow server``'s default), else the Flask app.
     """
     from mlflow.environment_variables import _MLFLOW_SGI_NAME
     from mlflow.server import app as flask_app
@@ -293,12 +668,16 @@ def create_app(app: Any = None) -> Any:
         wrapped = basic_auth_app(app)  # its hooks run first: the user is known to ours
     app.before_request(guard.before_request)
     app.after_request(guard.after_request)
-    _log.warning("churn-guard: protected aliases %s (approval %s) on model registry",
-                 list(guard.protected), "required" if cfg.registry.require_approval else "not required")
-    if wrapped is not None:
-        return wrapped
-    if _MLFLOW_SGI_NAME.get() == "uvicorn":
+    app.teardown_request(guard.teardown_request)
+    keys = guard.verifier.key_ids
+    _log.warning("churn-guard: guarded aliases %s, verify keys %s (approval %s) on model registry",
+                 list(guard.protected),
+                 keys or "NONE (every protected move is refused: registry.verify_key_file)",
+                 "required" if cfg.registry.require_approval else "not required")
+    if _MLFLOW_SGI_NAME.get() != "uvicorn":
+        return wrapped if wrapped is not None else app
+    if wrapped is None:
         from mlflow.server.fastapi_app import create_fastapi_app
 
-        return create_fastapi_app(app)
-    return app
+        wrapped = create_fastapi_app(app)
+    return ArtifactGuard(wrapped, guard)

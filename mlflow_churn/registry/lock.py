@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from mlflow_churn.config import ChurnConfig
 
@@ -25,8 +26,18 @@ def registry_lock(cfg: ChurnConfig, timeout_s: float = 120.0) -> Iterator[str]:
     (every machine using that store is serialised); otherwise an exclusive ``fcntl`` lock
     on ``<workspace>/locks/registry-<model>.lock`` (processes sharing the workspace).
     """
-    name = cfg.training.model_name
-    pg = _pg_url(cfg.mlflow_tracking_uri)
+    with model_lock(cfg.mlflow_tracking_uri, cfg.training.model_name, cfg.workspace / "locks",
+                    timeout_s) as held:
+        yield held
+
+
+@contextmanager
+def model_lock(store_uri: str, name: str, lock_dir: Path, timeout_s: float = 120.0) -> Iterator[str]:
+    """The lock of model ``name``'s aliases on the store at ``store_uri``: a PostgreSQL
+    advisory lock (key from the model name) when it is PostgreSQL, across every process and
+    machine using it; else ``fcntl`` on ``<lock_dir>/registry-<model>.lock``. The guard holds
+    it from its check to MLflow's write, across the server's workers."""
+    pg = _pg_url(store_uri)
     if pg:
         import psycopg2
 
@@ -46,7 +57,6 @@ def registry_lock(cfg: ChurnConfig, timeout_s: float = 120.0) -> Iterator[str]:
         finally:
             con.close()
         return
-    lock_dir = cfg.workspace / "locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
     path = lock_dir / f"registry-{''.join(c if c.isalnum() or c in '-_' else '_' for c in name)}.lock"
     with open(path, "a+") as fh:
@@ -57,4 +67,4 @@ def registry_lock(cfg: ChurnConfig, timeout_s: float = 120.0) -> Iterator[str]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-__all__ = ["registry_lock"]
+__all__ = ["model_lock", "registry_lock"]

@@ -13,6 +13,8 @@ from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError, first_line
 from mlflow_churn.features.registry import UnknownFeatureError, registry_for
 from mlflow_churn.registry.aliases import CANARY, CHAMPION, alias_version
+from mlflow_churn.registry.promotion import read_evidence
+from mlflow_churn.registry.signing import download_version, files_digest, verifier_for
 from mlflow_churn.serving.encoding import InputEncoder
 from mlflow_churn.tracking import setup_mlflow
 from mlflow_churn.training.model import Scorer, load_scorer
@@ -96,7 +98,7 @@ class ModelManager:
         version = str(mv.version)
         if version not in self._cache:
             try:
-                scorer = load_scorer(f"models:/{self.name}/{version}", version)
+                scorer = self._load_verified(version)
                 # one thread per prediction: a request scores a few rows, and a thread pool per
                 # call costs more than it saves (x5-10 on a busy 2-core machine)
                 scorer.booster.set_param({"nthread": 1})
@@ -111,6 +113,28 @@ class ModelManager:
         if model is not None and model.alias != alias:
             model = LoadedModel(alias, model.version, model.scorer, model.encoder)
         return model, refusal
+
+    def _load_verified(self, version: str) -> Scorer:
+        """Load ``version``; with ``registry.require_signed_models`` only from files whose digest
+        is the one its signed gate decision names (ChurnError naming what does not match)."""
+        if not self.cfg.registry.require_signed_models:
+            return load_scorer(f"models:/{self.name}/{version}", version)
+        import tempfile
+
+        client = self._connect()
+        ev = read_evidence(client, self.name, version, verifier_for(self.cfg))
+        gate = ev.decisions.get("gate") if ev else None
+        if gate is None or gate.decision != "passed":
+            why = (ev.problems.get("gate") if ev else None) or "no signed gate decision 'passed'"
+            raise ChurnError(f"not loaded: {why} (registry.require_signed_models is on)")
+        with tempfile.TemporaryDirectory(prefix="churn-serve-") as tmp:
+            local = download_version(client, self.name, version, tmp)
+            digest = files_digest(local)
+            if digest != gate.files_sha256:
+                raise ChurnError(f"not loaded: its files (sha256 {digest[:16]}...) are not the files its "
+                                 f"signed gate decision names ({gate.files_sha256[:16]}...); they were "
+                                 "changed after the gate")
+            return load_scorer(str(local), version)
 
     def reload(self) -> ModelPair:
         """Re-read both aliases; load what changed; swap. Keeps the old pair on registry errors."""
