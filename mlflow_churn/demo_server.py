@@ -159,9 +159,17 @@ def start_stack(cfg: ChurnConfig, say: Callable[[str], None] = console.print) ->
     logs = cfg.workspace.resolve() / "logs"
     backend = backend_store(cfg)
     artifacts = cfg.workspace.resolve() / "mlartifacts"
-    say(f"starting mlflow server on {mask_text(backend)} (artifacts {artifacts})")
-    server = start_tracking_server(backend, artifacts, log_path=logs / "mlflow-server.log",
-                                   cwd=cfg.workspace.resolve(), env=server_env())
+    from mlflow_churn.registry.signing import signer_for, verify_key_path
+
+    signer = signer_for(cfg)  # the demo's processes sign; the server holds only the verify key
+    env = dict(server_env())
+    env["CHURN_REGISTRY__VERIFY_KEY_FILE"] = str(verify_key_path(cfg).resolve())
+    env["CHURN_TRAINING__MODEL_NAME"] = cfg.training.model_name
+    env["CHURN_WORKSPACE"] = str(cfg.workspace.resolve())
+    say(f"starting mlflow server --app-name churn-guard on {mask_text(backend)} (artifacts {artifacts}; "
+        f"decisions signed with key {signer.key_id}, the server holds only its verify key)")
+    server = start_tracking_server(backend, artifacts, app_name="churn-guard",
+                                   log_path=logs / "mlflow-server.log", cwd=cfg.workspace.resolve(), env=env)
     receiver = None
     try:
         secret = secrets.token_urlsafe(32)

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.evaluation.evaluate import _record_verdict
 from mlflow_churn.registry.aliases import CHAMPION, alias_version
+from mlflow_churn.registry.signing import keygen
 from mlflow_churn.serving.canary import evaluate_canary
 from mlflow_churn.serving.prediction_log import PredictionLog, PredictionRecord
 from mlflow_churn.tracking import setup_mlflow
@@ -28,34 +29,48 @@ TRAFFIC_AS_OF = datetime(2026, 5, 1, tzinfo=UTC)
 TRAFFIC_ROWS = 600
 
 
+#: server url -> (signing key file, verify key file) of the project processes that talk to it
+KEYS: dict[str, tuple[Path, Path]] = {}
+
+
 @contextmanager
 def guard_server(root: Path, **churn_env: str) -> Iterator[TrackingServer]:
     """``mlflow server --app-name churn-guard`` on SQLite under ``root``; ``churn_env`` are the
-    server's CHURN_* variables (e.g. CHURN_REGISTRY__REQUIRE_APPROVAL="true")."""
+    server's CHURN_* variables (e.g. CHURN_REGISTRY__REQUIRE_APPROVAL="true"). A key pair is
+    made under ``root/keys``: the server gets only the verify file."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("CHURN_") and k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID",
                                                        "MLFLOW_EXPERIMENT_ID")}
+    sign, verify = root / "keys" / "signing.key", root / "keys" / "verify.pub"
+    keygen(sign, verify)
+    env["CHURN_REGISTRY__VERIFY_KEY_FILE"] = str(verify)
     env.update(churn_env)
     server = start_tracking_server(f"sqlite:///{root}/db.sqlite", root / "artifacts", app_name="churn-guard",
                                    env=env, cwd=root, log_path=root / "server.log")
+    KEYS[server.url] = (sign, verify)
     try:
         yield server
     finally:
+        KEYS.pop(server.url, None)
         server.stop()
 
 
 def guard_config(workspace: Path, server: TrackingServer, **overrides) -> ChurnConfig:
-    """Config of one test: its own workspace and model name, tracking on ``server``."""
-    flat = {"tracking_uri": server.url, "training.model_name": f"guard-{uuid.uuid4().hex[:8]}", **overrides}
+    """Config of one test: its own workspace and model name, tracking on ``server``, signing with
+    the key pair whose verify key the server holds."""
+    sign, verify = KEYS[server.url]
+    flat = {"tracking_uri": server.url, "training.model_name": f"guard-{uuid.uuid4().hex[:8]}",
+            "registry.signing_key_file": str(sign), "registry.verify_key_file": str(verify), **overrides}
     return load_config(workspace=workspace, environ={}, overrides=flat)
 
 
 def new_version(client: MlflowClient, cfg: ChurnConfig) -> str:
-    """A registered version of ``cfg.training.model_name`` (no model files: the guard does not
-    look at them); the registered model is created on first use."""
+    """A registered version of ``cfg.training.model_name`` with a small file of its own under
+    ``model/`` (its digest is what the gate signs); the registered model is created on first use."""
     name = cfg.training.model_name
     exp_id = setup_mlflow(cfg)
     run = client.create_run(exp_id, run_name="guard-test-train")
+    client.log_text(run.info.run_id, f"weights of {run.info.run_id}", "model/booster.txt")
     client.set_terminated(run.info.run_id)
     try:
         client.get_registered_model(name)

@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_churn.registry.aliases import PREVIOUS_CHAMPION
 from mlflow_churn.registry.promotion import OVERRIDE_TAG, check_promotion
+from mlflow_churn.registry.signing import record_signed
 
 pytestmark = pytest.mark.slow  # one server start for the module (~10-30 s)
 
@@ -59,7 +60,13 @@ def _refused(res, version: str, rule: str) -> None:
     body = res.json()
     assert body["error_code"] == "PERMISSION_DENIED"
     assert f"version {version} " in body["message"] and f"rule {rule}" in body["message"]
-    assert OVERRIDE_TAG in body["message"]  # how to pass it
+    assert "--force" in body["message"]  # how to pass it: a signed override
+
+
+def _sign(client, cfg, name, version, kind, decision, champion, reason=""):
+    champ = client.get_model_version(name, champion) if champion else None
+    return record_signed(client, cfg, name, version, kind, decision, champion=champ, run_id="",
+                         reason=reason, actor="test-operator")
 
 
 def test_refused_on_every_route_then_allowed_after_gate_and_canary(server, setup) -> None:
@@ -85,66 +92,79 @@ def test_refused_on_every_route_then_allowed_after_gate_and_canary(server, setup
     audit = client.get_run(tags["promotion_audit_run_id"])
     assert audit.data.tags["decision"] == "allowed" and audit.data.tags["rule"] == "gate_and_canary"
     assert "canary" in audit.data.params["reason"]
-    # refusals are audited too
+    # refusals are audited too, the actor named
     refused = mlflow.search_runs(experiment_names=["churn-registry-audit"], output_format="list",
                                  filter_string=f"tags.model_name = '{name}' and tags.decision = 'refused'")
     assert len(refused) == 13
+    assert {r.data.tags["actor"] for r in refused} == {"anonymous@127.0.0.1"}
 
 
-def test_delete_of_a_protected_alias_is_checked_on_its_version(server, setup) -> None:
+def test_champion_cannot_be_deleted_renamed_or_its_version_removed(server, setup) -> None:
     cfg, client, name, v = setup
-    client.set_model_version_tag(name, v[2], OVERRIDE_TAG, "incident 42: v1 scores NaN for new plans")
-    assert set_alias(server, name, "champion", v[2]).status_code == 200
-    client.delete_model_version_tag(name, v[2], OVERRIDE_TAG)
-    for ui in (False, True):  # its holder no longer may be champion: keep it, refuse the delete
-        _refused(delete_alias(server, name, "champion", ui=ui), v[2], "not_gated")
-    res = rest(server, "DELETE", "model-versions/delete", {"name": name, "version": v[2]})
+    for ui in (False, True):
+        res = delete_alias(server, name, "champion", ui=ui)
+        assert res.status_code == 403 and "rule lifecycle" in res.json()["message"], res.text
+    res = rest(server, "DELETE", "model-versions/delete", {"name": name, "version": v[1]})
     assert res.status_code == 403 and "protected alias champion" in res.json()["message"]
     res = rest(server, "DELETE", "registered-models/delete", {"name": name})
     assert res.status_code == 403 and "champion -> v" in res.json()["message"]
-    assert aliases(client, name)["champion"] == v[2]
-    # with its override back, the holder may be removed from it
-    client.set_model_version_tag(name, v[2], OVERRIDE_TAG, "incident 42 over; v1 comes back via the gate")
-    res = delete_alias(server, name, "champion", ui=True)
-    assert res.status_code == 200, res.text
-    assert "champion" not in aliases(client, name)
+    res = rest(server, "POST", "registered-models/rename", {"name": name, "new_name": name + "-old"})
+    assert res.status_code == 403 and "renamed" in res.json()["message"]
+    with pytest.raises(MlflowException, match="copied"):
+        client.copy_model_version(f"models:/{name}/{v[3]}", name)
+    assert aliases(client, name)["champion"] == v[1]
+    assert client.get_registered_model(name).name == name
 
 
-def test_override_is_allowed_and_recorded(server, setup) -> None:
+def test_override_must_be_signed(server, setup) -> None:
     cfg, client, name, v = setup
     reason = "incident 42: v1 scores NaN for the new plans; v3 is the only one that handles them"
-    client.set_model_version_tag(name, v[3], OVERRIDE_TAG, reason)  # a person, in the UI
+    client.set_model_version_tag(name, v[3], OVERRIDE_TAG, reason)  # typed in the UI: evidence only
+    _refused(set_alias(server, name, "champion", v[3], ui=True), v[3], "gate_rejected")
+    _sign(client, cfg, name, v[3], "override", "override", v[1], reason)  # churn canary promote --force
     res = set_alias(server, name, "champion", v[3], ui=True)
     assert res.status_code == 200, res.text
     tags = client.get_model_version(name, v[3]).tags
     assert tags["promotion_rule"] == "override" and reason in tags["promotion_reason"]
+    assert OVERRIDE_TAG not in tags  # the override ended with the promotion it served
     audit = client.get_run(tags["promotion_audit_run_id"])
     assert audit.data.tags["rule"] == "override" and reason in audit.data.params["evidence"]
 
 
-def test_rollback_to_the_previous_champion(server, setup) -> None:
+def test_rollback_only_to_what_a_signed_promotion_left_behind(server, setup) -> None:
     cfg, client, name, v = setup
     assert set_alias(server, name, "champion", v[5]).status_code == 200
-    assert set_alias(server, name, PREVIOUS_CHAMPION, v[1]).status_code == 200  # not protected
-    # v4's canary never passed: still refused; v1, the champion before, is a rollback
+    # previous-champion goes only onto the version v5's signed promotion replaced
+    res = set_alias(server, name, PREVIOUS_CHAMPION, v[4])
+    assert res.status_code == 403 and "rule lifecycle" in res.json()["message"]
+    assert set_alias(server, name, PREVIOUS_CHAMPION, v[1]).status_code == 200
+    # an unsigned "rollback": refused; v4's canary never passed
     _refused(set_alias(server, name, "champion", v[4]), v[4], "canary_pending")
+    res = set_alias(server, name, "champion", v[1])
+    assert res.status_code == 403, res.text
+    # the signed rollback of v5 (churn canary rollback): previous-champion removed, v1 back
+    _sign(client, cfg, name, v[5], "rollback", "rollback", v[1], "AUC fell on the new plans")
+    assert delete_alias(server, name, PREVIOUS_CHAMPION).status_code == 200
     res = set_alias(server, name, "champion", v[1])
     assert res.status_code == 200, res.text
     assert client.get_model_version(name, v[1]).tags["promotion_rule"] == "rollback"
     # setting the alias to the version it already holds changes nothing and passes
     assert set_alias(server, name, "champion", v[1]).status_code == 200
+    # v5 was rolled back after its canary verdict: that verdict no longer promotes it
+    _refused(set_alias(server, name, "champion", v[5]), v[5], "canary_rollback")
 
 
-def test_check_promotion_reads_the_gate_run_not_a_typed_tag(server, setup) -> None:
+def test_check_promotion_reads_signed_decisions_not_typed_tags(server, setup) -> None:
     cfg, client, name, v = setup
-    client.set_model_version_tag(name, v[2], "gate", "passed")  # typed into the UI: no gate run
+    client.set_model_version_tag(name, v[2], "gate", "passed")  # typed into the UI: not signed
     chk = check_promotion(client, name, v[2], cfg)
     assert (chk.allowed, chk.rule) == (False, "not_gated")
     chk = check_promotion(client, name, "999", cfg)
     assert (chk.allowed, chk.rule) == (False, "unknown_version")
     chk = check_promotion(client, name, v[5], cfg)
     assert (chk.allowed, chk.rule) == (True, "gate_and_canary")
-    assert chk.evidence["canary_decision"] == "promote" and chk.evidence["gate"] == "passed"
+    decisions = chk.evidence["target"]["decisions"]
+    assert decisions["canary"]["decision"] == "promote" and decisions["gate"]["decision"] == "passed"
 
 
 def test_every_other_call_passes_through(server, workspace, tmp_path) -> None:
