@@ -67,6 +67,7 @@ class DemoReport:
 
     steps: list[DemoStep] = field(default_factory=list)
     tracking_uri: str = ""
+    experiment_id: str = ""  # of training.experiment (`churn`)
 
     def add(self, step: str, outcome: str, evidence: str, started: float) -> None:
         self.steps.append(DemoStep(step, outcome, evidence, time.perf_counter() - started))
@@ -159,8 +160,8 @@ def start_demo(workspace: Path, spec: DemoSpec = DemoSpec()) -> DemoContext:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     cfg = demo_config(workspace, spec)
-    setup_mlflow(cfg)
-    return DemoContext(cfg, spec, DemoReport(tracking_uri=cfg.mlflow_tracking_uri))
+    exp_id = setup_mlflow(cfg)
+    return DemoContext(cfg, spec, DemoReport(tracking_uri=cfg.mlflow_tracking_uri, experiment_id=exp_id))
 
 
 def step_simulate(ctx: DemoContext) -> None:
@@ -302,7 +303,10 @@ def run_demo(workspace: Path, spec: DemoSpec = DemoSpec(),
 def print_report(report: DemoReport, workspace: Path, ui_url: str | None = None,
                  title: str = "make demo: the loop, end to end") -> None:
     """The summary table and the command to open the MLflow UI on the workspace (or, with
-    ``ui_url``, the address of the tracking server's UI, last)."""
+    ``ui_url``, the address of the tracking server's UI, last), with the address of the
+    ``churn`` runs in model training mode (:func:`~mlflow_churn.web.mlflow_ui.runs_url`)."""
+    from mlflow_churn.web.mlflow_ui import runs_url
+
     table = Table(title=title)
     for col in ("step", "outcome", "evidence", "seconds"):
         table.add_column(col, justify="right" if col == "seconds" else "left")
@@ -310,8 +314,13 @@ def print_report(report: DemoReport, workspace: Path, ui_url: str | None = None,
         table.add_row(s.step, s.outcome, s.evidence, f"{s.seconds:.1f}")
     console.print(table)
     total = sum(s.seconds for s in report.steps)
+    runs = f"the runs: {runs_url(ui_url or 'http://127.0.0.1:5000', report.experiment_id)}" \
+        if report.experiment_id else ""
     if ui_url:
-        console.print(f"total {total:.0f} s. MLflow UI of the tracking server: {ui_url}", soft_wrap=True)
+        console.print(f"total {total:.0f} s. MLflow UI of the tracking server: {ui_url}"
+                      + (f"; {runs}" if runs else ""), soft_wrap=True)
         return
     console.print(f"total {total:.0f} s. Open the MLflow UI on the workspace:")
     console.print(f"  .venv/bin/mlflow ui --backend-store-uri {report.tracking_uri}", soft_wrap=True)
+    if runs:
+        console.print(f"  then {runs}", soft_wrap=True)

@@ -47,10 +47,14 @@ from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError, first_line
 
 PROBE_TIMEOUT_S = 5.0
-#: The MLflow 3 UI opens an experiment with this tag as model training (runs, metrics,
-#: models), not in GenAI mode (traces, "evaluation runs").
+#: MLflow's declared kind of an experiment, on every experiment the project creates or writes
+#: runs into (:func:`ensure_experiment`, :func:`client_run`). MLflow 3.17's UI reads it only
+#: when its workflow-based navigation is off (it is on in the build): the view an experiment
+#: opens in is chosen per browser, see :mod:`mlflow_churn.web.mlflow_ui`.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+#: (tracking URI, experiment id) pairs whose kind tag this process has checked
+_kind_checked: set[tuple[str, str]] = set()
 #: MLflow's variable -> key of the ``mlflow`` config section
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "http_max_retries",
             "MLFLOW_HTTP_REQUEST_TIMEOUT": "http_timeout_seconds",
@@ -389,20 +393,52 @@ def setup_mlflow(cfg: ChurnConfig, experiment: str | None = None) -> str:
     return exp_id
 
 
-def ensure_experiment(client: MlflowClient, cfg: ChurnConfig, name: str) -> str:
-    """The id of experiment ``name`` in ``client``'s store, created when missing (artifacts in
-    ``<workspace>/mlartifacts`` for the workspace's own store) and tagged
-    ``mlflow.experimentKind=custom_model_development`` (an existing one lacking the tag gets it)."""
+def ensure_experiment(client: MlflowClient, cfg: ChurnConfig | None, name: str,
+                      tags: dict[str, str] | None = None) -> str:
+    """The one way the project makes an experiment: the id of experiment ``name`` in
+    ``client``'s store, created when missing (artifacts in ``<workspace>/mlartifacts`` for
+    ``cfg``'s workspace store; elsewhere, or without ``cfg``, where the store decides) with
+    ``tags`` and ``mlflow.experimentKind=custom_model_development``; an existing one gets
+    those of them it lacks. A concurrent creation of the same name is not an error."""
+    from mlflow.exceptions import MlflowException
+
+    wanted = {**(tags or {}), EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
     exp = client.get_experiment_by_name(name)
     if exp is None:
         location = None
-        if client.tracking_uri == f"sqlite:///{cfg.workspace.resolve() / 'mlflow.db'}":
+        if cfg is not None and client.tracking_uri == f"sqlite:///{cfg.workspace.resolve() / 'mlflow.db'}":
             location = cfg.artifact_root.as_uri()
-        return client.create_experiment(name, artifact_location=location,
-                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
-    if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        try:
+            exp_id = client.create_experiment(name, artifact_location=location, tags=wanted)
+        except MlflowException:  # created concurrently (or refused: then it is still missing)
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+        else:
+            _kind_checked.add((client.tracking_uri, str(exp_id)))
+            return exp_id
+    for key, value in wanted.items():
+        if exp.tags.get(key) != value:
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    _kind_checked.add((client.tracking_uri, str(exp.experiment_id)))
     return exp.experiment_id
+
+
+def _mark_kind(client: MlflowClient, experiment_id: str) -> None:
+    """Tag experiment ``experiment_id`` ``mlflow.experimentKind`` when it lacks it (checked once
+    per process): for experiments made elsewhere, e.g. the guard's audit experiment, which
+    the guard creates through the server's own store. Best effort: a failure leaves it."""
+    key = (client.tracking_uri, str(experiment_id))
+    if key in _kind_checked:
+        return
+    try:
+        if client.get_experiment(experiment_id).tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    except Exception as exc:  # the run itself is what matters; its own calls report a dead server
+        if server_failure(exc) is None:
+            _kind_checked.add(key)  # refused (permissions, a deleted experiment): do not ask again
+        return
+    _kind_checked.add(key)
 
 
 # --------------------------------------------------------------- the run a step logs into
@@ -470,6 +506,8 @@ def client_run(client: MlflowClient, cfg: ChurnConfig, run_name: str, *, experim
     ends, FAILED through :func:`_terminate_failed` (one quick attempt, journalled when the
     server is gone) when it raises - the error goes on. ``resume`` with a parent: the
     parent itself (e.g. the ``mlflow run`` project run), left for its opener to end.
+    The experiment gets the ``mlflow.experimentKind`` tag when it lacks it (:func:`_mark_kind`:
+    experiments made without :func:`ensure_experiment`, e.g. the guard's audit experiment).
     ChurnError when the parent run is not in the tracking store.
     """
     if resume and parent_run_id:
@@ -480,6 +518,7 @@ def client_run(client: MlflowClient, cfg: ChurnConfig, run_name: str, *, experim
             raise ValueError("client_run needs an experiment_id or a parent_run_id")
         experiment_id = _parent_experiment(client, parent_run_id)
     run_id = _create_run(client, experiment_id, run_name, tags or {}, parent_run_id, start_time)
+    _mark_kind(client, experiment_id)  # after the run: a dead server fails the run, not this
     try:
         yield run_id
     except BaseException:

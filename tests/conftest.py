@@ -295,3 +295,40 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
             server.stop()
     finally:
         drop_database(url)
+
+
+# --- headless Chromium (Debian packages chromium + chromium-driver), driven by Selenium ----------
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1400,1000")
+
+
+@pytest.fixture
+def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A Selenium driver of headless Chromium on a FRESH profile (its own user-data dir: no
+    local storage, no cookies). Skipped when Chromium is missing, except in CI."""
+    import shutil
+    import tempfile
+
+    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
+        msg = f"{CHROMIUM} / {CHROMEDRIVER} missing: apt-get install chromium chromium-driver"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never download a driver
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="chromium-", dir=tmp_path)
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(120)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)

@@ -2,14 +2,12 @@
 headless Chromium (Debian packages ``chromium`` and ``chromium-driver``; .ci/run installs
 them) driven by Selenium.
 
-Deselect with ``-m "not browser"``. Skipped when Chromium is missing, except in CI.
+Deselect with ``-m "not browser"``. Skipped when Chromium is missing, except in CI (the
+``browser`` fixture of conftest.py: a fresh profile per test).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,36 +15,6 @@ from guard_support import canary_verdict, gate, guard_config, guard_server, new_
 from mlflow.tracking import MlflowClient
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--window-size=1400,1000")
-
-
-@pytest.fixture
-def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
-        msg = f"{CHROMIUM} / {CHROMEDRIVER} missing: apt-get install chromium chromium-driver"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never download a driver
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    profile = tempfile.mkdtemp(prefix="chromium-", dir=tmp_path)
-    for flag in (*FLAGS, f"--user-data-dir={profile}"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    driver.set_page_load_timeout(120)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def _add_alias(driver, url: str, name: str, version: str, alias: str, shots: Path) -> None:

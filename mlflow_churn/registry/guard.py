@@ -86,6 +86,7 @@ from mlflow_churn.registry.signing import (
     version_identity,
 )
 from mlflow_churn.tracking import client_run
+from mlflow_churn.web.mlflow_ui import open_on_runs
 
 _log = logging.getLogger("mlflow_churn.guard")
 
@@ -659,6 +660,7 @@ def create_app(app: Any = None) -> Any:
     from mlflow.server import app as flask_app
 
     app = flask_app if app is None else app
+    open_on_runs(app)  # the UI opens experiments on their runs, not in GenAI mode
     cfg = load_config()
     guard = Guard(cfg)
     wrapped: Any = None

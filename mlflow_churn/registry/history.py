@@ -39,6 +39,7 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.times import utc
+from mlflow_churn.tracking import ensure_experiment
 
 HISTORY_EXPERIMENT = "churn-alias-history"
 #: a RUNNING history run older than this is a writer that died mid-move: ignored
@@ -90,18 +91,9 @@ def move_key(model: str, alias: str, position: int, from_version: str | None, to
 
 
 def _experiment_id(client: MlflowClient) -> str:
-    exp = client.get_experiment_by_name(HISTORY_EXPERIMENT)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(HISTORY_EXPERIMENT, tags={
-            "mlflow.note.content": "One run per alias move (mlflow-churn alias history). Filter with "
-                                   "tags.model = '<model>' and tags.alias = 'champion'."})
-    except MlflowException:  # created concurrently
-        exp = client.get_experiment_by_name(HISTORY_EXPERIMENT)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    return ensure_experiment(client, None, HISTORY_EXPERIMENT, tags={
+        "mlflow.note.content": "One run per alias move (mlflow-churn alias history). Filter with "
+                               "tags.model = '<model>' and tags.alias = 'champion'."})
 
 
 def _parse_time(value: str | None) -> datetime | None:

@@ -8,7 +8,9 @@
 - :mod:`~mlflow_churn.web.breaker`: a circuit breaker that answers at once while a
   dependency (Redis) is down and probes it in the background;
 - :mod:`~mlflow_churn.web.metrics`: Prometheus metrics on ``prometheus_client``, one
-  registry per app.
+  registry per app;
+- :mod:`~mlflow_churn.web.mlflow_ui`: MLflow's own server app (the guard plugin) serves its
+  UI page so that experiments open on their runs, not in GenAI mode.
 
 A leaf: it imports nothing of the project but :mod:`mlflow_churn.errors` (and
 :mod:`mlflow_churn.lazy` for these exports).
