@@ -82,7 +82,8 @@ def new_version(client: MlflowClient, cfg: ChurnConfig) -> str:
 
 def gate(client: MlflowClient, cfg: ChurnConfig, version: str, passed: bool) -> str:
     """Record a gate decision on ``version`` the way the gate does: a decision run with the
-    gate's tags, then ``evaluation.evaluate._record_verdict`` (version tags; ``canary`` alias on a pass)."""
+    gate's tags, then ``evaluation.evaluate._record_verdict`` (version tags, the signed gate
+    decision over the version's files; ``canary`` alias on a pass)."""
     name = cfg.training.model_name
     champ = alias_version(client, name, CHAMPION)
     champ_v = str(champ.version) if champ else None
@@ -92,7 +93,8 @@ def gate(client: MlflowClient, cfg: ChurnConfig, version: str, passed: bool) -> 
         "challenger_version": version, "champion_version": champ_v or "none"})
     client.set_terminated(run.info.run_id)
     reasons = [] if passed else ["auc_vs_champion: challenger 0.61 < champion 0.70"]
-    _record_verdict(client, cfg, version, passed, reasons, run.info.run_id, champ_v, None)
+    metrics = {"challenger_roc_auc": 0.72 if passed else 0.61, "gate_passed": float(passed)}
+    _record_verdict(client, cfg, version, passed, reasons, run.info.run_id, champ, metrics)
     return run.info.run_id
 
 

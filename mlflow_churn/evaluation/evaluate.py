@@ -29,7 +29,10 @@ lift_floor         (no champion only) revenue_lift >= 0: better than targeting a
 Pass: alias ``canary`` moves to the challenger (``registry.aliases.move_alias``, mirrored onto
 the Staging stage when ``evaluation.mirror_stages``) and the version gets ``gate=passed``.
 Fail: the version gets ``gate=rejected`` and ``gate_reasons``. Both: ``gate_run_id`` and
-``drift_report`` / ``drift_json`` tags (``runs:/<decision run>/drift/...``).
+``drift_report`` / ``drift_json`` tags (``runs:/<decision run>/drift/...``), and, before the
+alias moves, the signed gate decision ``churn.sig.gate`` (:mod:`mlflow_churn.registry.signing`:
+the decision, the decision run, the champion compared with, a digest of the metrics and the
+SHA-256 of the version's files), which is what the guard and ``churn canary promote`` trust.
 
 The decision is one MLflow run (nested under ``parent_run_id`` when given, e.g. the
 ``mlflow run`` project run) with metrics, params, plots, per-segment CSVs, the Evidently
@@ -48,7 +51,7 @@ import json
 import logging
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -72,6 +75,7 @@ from mlflow_churn.features.offline import daily_cutoffs
 from mlflow_churn.jsonable import dumps
 from mlflow_churn.progress import ProgressArg, resolve
 from mlflow_churn.registry.aliases import CANARY, alias_version, move_alias
+from mlflow_churn.registry.signing import Decision, record_signed, version_files_digest
 from mlflow_churn.stats.drift import drift_against_entry, psi
 from mlflow_churn.stats.metrics import (
     add_segment_columns,
@@ -618,8 +622,8 @@ def _record_decision(client: MlflowClient, cfg: ChurnConfig, exp_id: str, as_of:
         doc = _decision_doc(cfg, as_of, refs, pair, scored, verdict, drift, run_id, parent_run_id)
         (tmp / DECISION_FILE).write_text(dumps(doc))
         _log_decision(client, cfg, run_id, as_of, pair, verdict, tmp)
-        _record_verdict(client, cfg, chal_mv.version, passed, verdict.reasons, run_id,
-             str(champ_mv.version) if champ_mv else None, verdict.metrics.get("score_psi_vs_champion"))
+        _record_verdict(client, cfg, chal_mv.version, passed, verdict.reasons, run_id, champ_mv,
+                        verdict.metrics)
     if parent_run_id:
         client.set_tag(parent_run_id, "gate_run_id", run_id)
         client.set_tag(parent_run_id, "gate", "passed" if passed else "rejected")
@@ -628,22 +632,36 @@ def _record_decision(client: MlflowClient, cfg: ChurnConfig, exp_id: str, as_of:
 
 
 def _record_verdict(client: MlflowClient, cfg: ChurnConfig, version: str, passed: bool, reasons: list[str],
-         run_id: str, champion: str | None = None, score_psi: float | None = None) -> None:
+                    run_id: str, champion: ModelVersion | None = None,
+                    metrics: Mapping[str, float] | None = None) -> Decision:
+    """The gate's verdict on ``version`` of the model: evidence tags for people, then the
+    signed gate decision (``churn.sig.gate``: the decision run, the champion it was compared
+    with, a digest of ``metrics`` and the SHA-256 of the version's files as the store serves
+    them now), then, on a pass, alias ``canary``. The signed decision is what the guard and
+    ``churn canary promote`` trust; the tags are for people. Returns the signed decision."""
     name = cfg.training.model_name
+    metrics = dict(metrics or {})
+    score_psi = metrics.get("score_psi_vs_champion")
     tags = {"gate_run_id": run_id,
             "drift_report": f"runs:/{run_id}/{DRIFT_HTML}", "drift_json": f"runs:/{run_id}/{DRIFT_JSON}",
-            "decision": f"runs:/{run_id}/{DECISION_FILE}", "gate_champion_version": champion or ""}
+            "decision": f"runs:/{run_id}/{DECISION_FILE}",
+            "gate_champion_version": str(champion.version) if champion is not None else ""}
     if score_psi is not None:
         tags["gate_score_psi"] = f"{score_psi:.6f}"
     if not passed:
         tags["gate_reasons"] = "; ".join(reasons)[:_TAG_LIMIT]
-    # the verdict last among the tags, the alias after it: an interruption never leaves a
-    # verdict without its evidence tags, nor `canary` on a version without its verdict
+    # the verdict last among the tags, the signed decision after them, the alias last: an
+    # interruption never leaves a verdict without its evidence tags, nor `canary` on a version
+    # without its signed verdict
     tags["gate"] = "passed" if passed else "rejected"
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, v)
+    if passed and "gate_reasons" in client.get_model_version(name, version).tags:  # an earlier rejection
+        client.delete_model_version_tag(name, version, "gate_reasons")
+    signed = record_signed(client, cfg, name, version, "gate", tags["gate"], champion=champion,
+                           run_id=run_id, metrics=metrics, reason="; ".join(reasons),
+                           files_sha256=version_files_digest(client, name, version))
     if passed:
-        if "gate_reasons" in client.get_model_version(name, version).tags:  # an earlier rejection
-            client.delete_model_version_tag(name, version, "gate_reasons")
         move_alias(client, name, CANARY, version, cfg.evaluation.mirror_stages)
+    return signed
 
