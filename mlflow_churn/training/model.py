@@ -177,9 +177,17 @@ class Scorer:
 
 
 def load_scorer(model_uri: str, version: str | None = None) -> Scorer:
-    """Load a model logged by :func:`log_churn_model` (any MLflow model URI)."""
+    """Load a model logged by :func:`log_churn_model` (any MLflow model URI).
+
+    Loaded from a private copy (a temporary directory, removed once the booster is in memory):
+    on a local artifact store MLflow would otherwise load ``models:/`` in place and write its
+    ``registered_model_meta`` file into the registered version's files, changing the digest
+    the version's signed gate decision names (:mod:`mlflow_churn.registry.signing`)."""
+    import tempfile
+
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        with tempfile.TemporaryDirectory(prefix="churn-load-") as tmp:
+            model = mlflow.pyfunc.load_model(model_uri, dst_path=tmp)
     except Exception as exc:  # MLflow raises several types for a missing model
         first = first_line(exc)
         raise ChurnError(f"cannot load model {model_uri}: {first[:200]}") from None
