@@ -22,7 +22,11 @@ design; the live split should not differ much more than that), or (with at least
 2.326 standard errors of the difference: the routes score disjoint random customers, so
 small samples differ by chance); else ``promote``.
 
-The transitions that act on a verdict (promote, rollback) are in
+With ``log_run`` the verdict is recorded on the canary version: tags for people
+(``canary_decision``, ``canary_run_id``) and the signed canary decision ``churn.sig.canary``
+(:mod:`mlflow_churn.registry.signing`: the verdict, the evaluation run, the champion it was
+compared with, a digest of the metrics), which is what the guard and ``churn canary promote``
+trust. The transitions that act on a verdict (promote, rollback) are in
 :mod:`mlflow_churn.serving.transitions`.
 """
 
@@ -53,6 +57,7 @@ from mlflow_churn.registry.aliases import (
     aliases_of,
 )
 from mlflow_churn.registry.promotion import record_canary_verdict
+from mlflow_churn.registry.signing import record_signed
 from mlflow_churn.serving.prediction_log import PredictionLog, attach_labels
 from mlflow_churn.stats.drift import psi
 from mlflow_churn.stats.metrics import classification_metrics
@@ -322,8 +327,16 @@ def evaluate_canary(
             mlflow.log_metrics(metrics_of(result))
             log_json(result.to_dict(), "decision.json")
             result.run_id = run.info.run_id
-        if versions["canary"] is not None:  # the verdict the guard / promote read (registry.promotion)
+        if versions["canary"] is not None:
+            # tags for people, then the signed decision the guard / promote trust
+            # (registry.promotion): this verdict, against exactly this champion
+            # (not while both aliases are on one version, mid-promotion: its signed promotion,
+            # naming the champion it replaces, must stay)
             record_canary_verdict(client, name, versions["canary"], verdict, result.run_id, as_of)
+            if versions["canary"] != versions["champion"]:
+                record_signed(client, cfg, name, versions["canary"], "canary", verdict,
+                              champion=holders["champion"], run_id=result.run_id or "",
+                              metrics=metrics_of(result), reason="; ".join(reasons))
     return result
 
 
