@@ -177,8 +177,8 @@ def canary_promote_cmd(
     ctx: typer.Context, reason: str = _REASON, version: str = _VERSION, as_of: str = _EVIDENCE_AS_OF,
     since: str = _SINCE,
     force: bool = typer.Option(False, "--force", help="Promote although the canary verdict is not "
-                               "'promote' (wait, rollback, too few predictions); --reason is recorded as "
-                               "the version's promotion_override tag."),
+                               "'promote' (wait, rollback, too few predictions); --reason is signed into "
+                               "the version's override decision (tag churn.sig.override)."),
     as_json: bool = JSON_OPTION, progress: bool = _PROGRESS,
 ) -> None:
     """champion -> the canary version; old champion -> previous-champion; canary removed. Refused
@@ -192,8 +192,9 @@ def canary_rollback_cmd(
     ctx: typer.Context, reason: str = _REASON, version: str = _VERSION, as_of: str = _EVIDENCE_AS_OF,
     since: str = _SINCE, as_json: bool = JSON_OPTION, progress: bool = _PROGRESS,
 ) -> None:
-    """With a canary: remove alias canary and tag its version (champion untouched). After a
-    promotion (no canary): champion back on previous-champion. The run carries the evidence."""
+    """With a canary: sign a rollback of its version, remove alias canary and tag the version
+    (champion untouched). After a promotion (no canary): champion back on the version the
+    champion's signed promotion replaced (previous-champion). The run carries the evidence."""
     _transition(ctx, "rollback", reason, version, as_of, since, as_json)
 
 

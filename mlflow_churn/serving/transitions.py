@@ -1,17 +1,22 @@
 """Promote and roll back the canary: the transitions that act on a canary verdict.
 
 :func:`promote` moves ``champion`` to the canary version, ``previous-champion`` to the old
-champion and removes ``canary`` (refused unless the canary evidence says ``promote``, or
-``force`` with a reason recorded as the ``promotion_override`` tag);
-:func:`adopt_promotion` does the same for a ``champion`` a person set by hand in the UI;
-:func:`rollback` removes ``canary`` and tags the version with the reason, or, after a
-promotion, puts ``champion`` back on ``previous-champion``. Every alias move is recorded in
-the alias history (:mod:`mlflow_churn.registry.history`) with the run as evidence.
-Transitions run under a cross-process lock (a PostgreSQL advisory lock when the
-tracking store is PostgreSQL, else ``fcntl`` on ``<workspace>/locks/registry-<model>.lock``)
-and re-read the aliases after taking it, so of two concurrent promotions one acts and the
-other is a no-op ("already promoted"). Every evaluation and transition is an MLflow run
-(tags ``decision``, metrics, params and ``decision.json``).
+champion and removes ``canary`` (refused unless the canary's signed decision says
+``promote`` against the current champion, or ``force`` with a reason: then an override
+decision is signed); :func:`adopt_promotion` does the same for a ``champion`` a person set
+by hand in the UI; :func:`rollback` signs a rollback decision and removes ``canary``, or,
+after a promotion, puts ``champion`` back on the version the champion's signed promotion
+replaced. Every move follows the lifecycle of :mod:`mlflow_churn.registry.promotion` (the
+guard of ``mlflow server --app-name churn-guard`` allows exactly these moves, in this
+order) on decisions signed with the project's key (:mod:`mlflow_churn.registry.signing`).
+Every alias move is recorded in the alias history (:mod:`mlflow_churn.registry.history`)
+with the run as evidence. Transitions run under a cross-process lock (a PostgreSQL advisory
+lock when the tracking store is PostgreSQL, else ``fcntl`` on
+``<workspace>/locks/registry-<model>.lock``) and re-read the aliases after taking it, so of
+two concurrent promotions one acts and the other is a no-op ("already promoted"); an
+interrupted promotion or rollback is completed by running the same command again. Every
+evaluation and transition is an MLflow run (tags ``decision``, metrics, params and
+``decision.json``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig
@@ -37,7 +43,15 @@ from mlflow_churn.registry.aliases import (
     remove_alias,
 )
 from mlflow_churn.registry.lock import registry_lock
-from mlflow_churn.registry.promotion import OVERRIDE_TAG, check_approval
+from mlflow_churn.registry.promotion import check_approval, check_promotion, read_evidence
+from mlflow_churn.registry.signing import (
+    Decision,
+    Verifier,
+    default_actor,
+    record_signed,
+    verifier_for,
+    version_ref,
+)
 from mlflow_churn.serving.canary import (
     CanaryEvaluation,
     decision_run,
@@ -79,19 +93,33 @@ def promote(cfg: ChurnConfig, reason: str, version: str | None = None,
     ``version``: the canary version the caller saw; when another process promoted it
     already, this is a no-op. Raises ChurnError when there is no canary to promote.
     The run carries ``evidence``, by default the canary analysis of the logged traffic in
-    ``[since, as_of]`` (see :func:`_transition_evidence`).
+    ``[since, as_of]`` (see :func:`_transition_evidence`; logged as a canary-evaluate run,
+    which signs its verdict).
 
     When there is a champion to replace, the evidence must say ``promote`` (so the canary
     served at least ``serving.min_canary_samples`` logged predictions within every limit);
-    else ChurnError naming the verdict, unless ``force``: then ``reason`` is recorded as
-    the version's ``promotion_override`` tag (the override a guarded server accepts) and on
-    the run (tag ``override``). ``actor`` (default: the OS user) goes to the alias history.
+    else ChurnError naming the verdict, unless ``force``: then an override decision
+    (``reason``, ``actor``, against the current champion) is signed on the version and
+    ``reason`` goes on the run (tag ``override``). Either way the move must pass
+    :func:`~mlflow_churn.registry.promotion.check_promotion` on the signed decisions
+    (ChurnError with its message otherwise), and, with ``registry.require_approval``, an
+    approval by someone other than ``actor`` (default: the OS user; also the actor of the
+    alias history and of the signed decisions).
+
+    Moves, in the lifecycle's order: ``champion`` -> the canary (allowed by its signed canary
+    ``promote``, its override, or as the first champion), then ``previous-champion`` -> the
+    old champion (the one the new champion's signed promotion names), then ``canary``
+    removed. An interruption between two moves leaves a registry that running the same
+    command again completes (the champion is already on the canary: the old champion is
+    read from its signed promotion).
     """
     client = registry_client(cfg)
     name = cfg.training.model_name
+    actor = actor or default_actor()
     if force and not reason.strip():
-        raise ChurnError("a forced promotion needs a reason (--reason TEXT): it is recorded as the "
-                         f"version's {OVERRIDE_TAG} tag")
+        raise ChurnError("a forced promotion needs a reason (--reason TEXT): it is signed into the "
+                         "version's override decision")
+    verifier = verifier_for(cfg)
     with registry_lock(cfg) as lock:
         before = aliases_of(client, name)  # re-read under the lock
         canary = before.get(CANARY)
@@ -104,31 +132,67 @@ def promote(cfg: ChurnConfig, reason: str, version: str | None = None,
                                  "pass a challenger through `churn evaluate` first")
             raise ChurnError(f"version {version} is not the canary of '{name}' (canary is {canary}); "
                              "check --version")
-        approval = check_approval(client, name, canary, cfg)  # registry.require_approval
-        if not approval.allowed:
-            raise ChurnError(approval.message)
-        old = before.get(CHAMPION)
-        # logged as a canary-evaluate run: the verdict tag on the version is what a guarded
-        # server (registry.promotion.check_promotion) reads
-        proof, proof_error = _transition_evidence(cfg, evidence, as_of, since, log_run=old is not None)
-        if old is not None and old != canary and not force:
-            _require_promote_verdict(cfg, canary, proof, proof_error)
-        if force:
-            client.set_model_version_tag(name, canary, OVERRIDE_TAG, reason[:500])
+        resuming = before.get(CHAMPION) == canary  # an interrupted promotion: champion moved already
+        if resuming:
+            replaced = _replaced_champion(client, name, canary, verifier)
+            old = str(replaced.version) if replaced is not None else None
+            proof, proof_error = _transition_evidence(cfg, evidence, as_of, since)
+        else:
+            old = before.get(CHAMPION)
+            approval = check_approval(client, name, canary, cfg, actor=actor, verifier=verifier)
+            if not approval.allowed:  # registry.require_approval
+                raise ChurnError(approval.message)
+            # logged as a canary-evaluate run: it signs its verdict against the current champion,
+            # the decision a guarded server (registry.promotion.check_promotion) reads
+            proof, proof_error = _transition_evidence(cfg, evidence, as_of, since, log_run=old is not None)
+            if old is not None and not force:
+                _require_promote_verdict(cfg, canary, proof, proof_error)
         with fail_fast(cfg, f"promoting v{canary} of '{name}'"), \
                 decision_run(cfg, f"promote v{canary}") as run, failed_on_error(cfg):
-            who = {"actor": actor, "reason": reason, "evidence_run_id": run.info.run_id}
-            # ordered so that an interruption between two moves leaves a consistent registry that
-            # the same command completes: previous-champion first (the champion stays), then
-            # champion, then canary removed (champion and canary on one version until then)
-            if old is not None and old != canary:
-                move_alias(client, name, PREVIOUS_CHAMPION, old, cfg.evaluation.mirror_stages, **who)
-            move_alias(client, name, CHAMPION, canary, cfg.evaluation.mirror_stages, **who)
-            result = _finish_promotion(cfg, client, canary, old, before, reason, run.info.run_id, who)
+            run_id = run.info.run_id
+            who = {"actor": actor, "reason": reason, "evidence_run_id": run_id}
+            if not resuming:
+                if force:
+                    record_signed(client, cfg, name, canary, "override", "override",
+                                  champion=client.get_model_version(name, old) if old else None,
+                                  run_id=run_id, reason=reason, actor=actor)
+                check = check_promotion(client, name, canary, cfg, CHAMPION, actor=actor, verifier=verifier)
+                if not check.allowed:
+                    raise ChurnError(check.message)
+                mlflow.set_tag("promotion_rule", check.rule)
+                move_alias(client, name, CHAMPION, canary, cfg.evaluation.mirror_stages, **who)
+            result = _finish_promotion(cfg, client, canary, old, before, reason, run_id, who)
             if force:
                 mlflow.set_tag("override", reason[:500])
             _log_transition(result, lock, proof, proof_error)
         return result
+
+
+def _replaced_champion(client: MlflowClient, name: str, champion: str, verifier: Verifier) -> Any:
+    """The version (ModelVersion) the signed promotion of ``champion`` replaced; None when it
+    has no signed promotion (the first champion) or its promotion replaced none. ChurnError
+    when that version is gone or is another version now (its identity changed)."""
+    ev = read_evidence(client, name, champion, verifier)
+    promo = ev.promotion if ev is not None else None
+    if promo is None or not promo.champion:
+        return None
+    return _version_of_ref(client, name, promo.champion, f"the signed promotion of version {champion}")
+
+
+def _version_of_ref(client: MlflowClient, name: str, ref: str, what: str) -> Any:
+    """The ModelVersion ``ref`` (``"<version>:<identity>"``) names; ChurnError when it is gone
+    or the version with that number is another one now."""
+    number = ref.split(":")[0]
+    try:
+        mv = client.get_model_version(name, number)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise ChurnError(f"{what} names version {number} of '{name}', which no longer exists") from None
+    if version_ref(mv) != ref:
+        raise ChurnError(f"{what} names version {number} of '{name}', but that version was re-created "
+                         "since (another identity); nothing was changed")
+    return mv
 
 
 def _require_promote_verdict(cfg: ChurnConfig, canary: str, proof: CanaryEvaluation | None,
@@ -148,8 +212,10 @@ def _require_promote_verdict(cfg: ChurnConfig, canary: str, proof: CanaryEvaluat
 def _finish_promotion(cfg: ChurnConfig, client: MlflowClient, canary: str, old: str | None,
                       before: dict[str, str], reason: str, run_id: str,
                       who: dict[str, Any]) -> TransitionResult:
-    """After ``champion`` moved to ``canary``: ``previous-champion`` -> ``old``, ``canary``
-    removed, version tags; inside the transition run ``run_id``."""
+    """After ``champion`` moved to ``canary``: ``previous-champion`` -> ``old`` (the champion
+    the new champion's signed promotion replaced; the lifecycle allows nothing else), then
+    ``canary`` removed, version tags; inside the transition run ``run_id``. Each step is
+    skipped when it is done already (a re-run after an interruption)."""
     name = cfg.training.model_name
     mirror = cfg.evaluation.mirror_stages
     if old is not None and old != canary and aliases_of(client, name).get(PREVIOUS_CHAMPION) != old:
@@ -172,9 +238,10 @@ def adopt_promotion(cfg: ChurnConfig, version: str, previous: str | None, actor:
                     moved_at: datetime | None = None) -> TransitionResult:
     """Complete a promotion someone made by hand (``champion`` set to the canary ``version``
     in the UI or over REST, away from ``previous``) as :func:`promote` would have: the
-    transition run with the canary evidence, ``previous-champion`` -> ``previous``,
-    ``canary`` removed, stages mirrored when configured. A no-op (decision ``noop``) when
-    ``champion`` is no longer on ``version``."""
+    transition run with the canary evidence, ``previous-champion`` -> the champion the
+    version's signed promotion replaced (``previous`` when it has none, as after the first
+    champion; ChurnError when the two disagree), ``canary`` removed, stages mirrored when
+    configured. A no-op (decision ``noop``) when ``champion`` is no longer on ``version``."""
     client = registry_client(cfg)
     name = cfg.training.model_name
     with registry_lock(cfg) as lock:
@@ -182,6 +249,14 @@ def adopt_promotion(cfg: ChurnConfig, version: str, previous: str | None, actor:
         if before.get(CHAMPION) != str(version):
             return _noop(cfg, "promote", name, str(version), before, reason,
                          f"champion of '{name}' is no longer version {version} ({before.get(CHAMPION)})")
+        replaced = _replaced_champion(client, name, str(version), verifier_for(cfg))
+        if replaced is not None and previous and previous != str(replaced.version):
+            raise ChurnError(f"champion of '{name}' moved from version {previous} to {version} by hand, "
+                             f"but the signed promotion of version {version} replaced version "
+                             f"{replaced.version}; previous-champion left as it is")
+        # previous-champion goes only onto the version the signed promotion names (none after
+        # the first champion, or a promotion no signed decision records)
+        left_behind = str(replaced.version) if replaced is not None else None
         proof, proof_error = _transition_evidence(cfg, None, None, None)
         with decision_run(cfg, f"promote v{version} (by hand)") as run:
             who = {"actor": actor, "reason": reason, "evidence_run_id": run.info.run_id}
@@ -192,8 +267,8 @@ def adopt_promotion(cfg: ChurnConfig, version: str, previous: str | None, actor:
                     if previous and previous != str(version) and \
                             client.get_model_version(name, previous).current_stage == STAGE_OF[CHAMPION]:
                         client.transition_model_version_stage(name, previous, "None")
-            result = _finish_promotion(cfg, client, str(version), previous, before, reason, run.info.run_id,
-                                       who)
+            result = _finish_promotion(cfg, client, str(version), left_behind, before, reason,
+                                       run.info.run_id, who)
             when = (moved_at or datetime.now(UTC)).isoformat()
             mlflow.set_tags({"promoted_by": actor, "promoted_at": when})
             _log_transition(result, lock, proof, proof_error)
@@ -203,34 +278,42 @@ def adopt_promotion(cfg: ChurnConfig, version: str, previous: str | None, actor:
 def rollback(cfg: ChurnConfig, reason: str, version: str | None = None,
              evidence: CanaryEvaluation | None = None, as_of: datetime | None = None,
              since: datetime | None = None, actor: str | None = None) -> TransitionResult:
-    """Undo the last step: with a canary, remove ``canary`` and tag its version with
-    ``reason`` (champion untouched); without one, after a promotion, put ``champion`` back
-    on ``previous-champion`` (the demoted version is tagged, ``previous-champion`` removed,
-    stages mirrored when configured).
+    """Undo the last step: with a canary, sign a rollback decision on its version, remove
+    ``canary`` and tag the version with ``reason`` (champion untouched); without one, after a
+    promotion, put ``champion`` back on the version the champion's signed promotion replaced
+    (:func:`_rollback_champion`).
 
     ``version``: the canary (or champion) version the caller saw; a no-op when it was
     already rolled back. Raises ChurnError when there is nothing to roll back.
-    Evidence as in :func:`promote`; its failure never blocks a rollback.
+    Evidence as in :func:`promote`; its failure never blocks a rollback. ``actor`` (default:
+    the OS user) signs the decision and goes to the alias history.
     """
     client = registry_client(cfg)
     name = cfg.training.model_name
+    actor = actor or default_actor()
+    verifier = verifier_for(cfg)
     with registry_lock(cfg) as lock:
         before = aliases_of(client, name)
-        canary = before.get(CANARY)
-        champion_back = before.get(CHAMPION) is not None and before.get(PREVIOUS_CHAMPION) is not None
+        canary, champion = before.get(CANARY), before.get(CHAMPION)
         if version is not None:
             mv = client.get_model_version(name, str(version))
-            if mv.tags.get("rolled_back") == "true" and str(version) not in (canary, before.get(CHAMPION)):
+            if mv.tags.get("rolled_back") == "true" and str(version) not in (canary, champion):
                 return _noop(cfg, "rollback", name, str(version), before, reason,
                              f"already rolled back: version {version} ({mv.tags.get('rollback_reason')})")
-        if version is not None and str(version) == before.get(CHAMPION) and str(version) != canary:
+        # a champion to go back from: previous-champion is set, or a signed rollback of the
+        # champion was interrupted after previous-champion was removed
+        champion_back = champion is not None and (before.get(PREVIOUS_CHAMPION) is not None
+                                                  or _pending_rollback(client, name, champion, verifier))
+        if version is not None and str(version) == champion and str(version) != canary:
             if not champion_back:
                 raise ChurnError(f"version {version} is the champion of '{name}' but there is no "
                                  "previous-champion to go back to")
-            return _rollback_champion(cfg, client, before, reason, evidence, as_of, since, actor, lock)
+            return _rollback_champion(cfg, client, before, reason, evidence, as_of, since, actor, lock,
+                                      verifier)
         if canary is None:
             if version is None and champion_back:
-                return _rollback_champion(cfg, client, before, reason, evidence, as_of, since, actor, lock)
+                return _rollback_champion(cfg, client, before, reason, evidence, as_of, since, actor, lock,
+                                          verifier)
             raise ChurnError(f"'{name}' has no canary to roll back and no previous-champion to go back to "
                              f"(aliases: {before or 'none'})")
         if version is not None and str(version) != canary:
@@ -239,6 +322,10 @@ def rollback(cfg: ChurnConfig, reason: str, version: str | None = None,
         with fail_fast(cfg, f"rolling back v{canary} of '{name}'"), \
                 decision_run(cfg, f"rollback v{canary}") as run, failed_on_error(cfg):
             who = {"actor": actor, "reason": reason, "evidence_run_id": run.info.run_id}
+            # signed first: the version may never be promoted on its earlier decisions again
+            record_signed(client, cfg, name, canary, "rollback", "rollback",
+                          champion=client.get_model_version(name, champion) if champion else None,
+                          run_id=run.info.run_id, reason=reason, actor=actor)
             remove_alias(client, name, CANARY, cfg.evaluation.mirror_stages, **who)
             _tag_rolled_back(client, name, canary, reason, run.info.run_id)
             after = aliases_of(client, name)
@@ -246,6 +333,13 @@ def rollback(cfg: ChurnConfig, reason: str, version: str | None = None,
                                       name, canary, before, after, reason, run.info.run_id)
             _log_transition(result, lock, proof, proof_error)
         return result
+
+
+def _pending_rollback(client: MlflowClient, name: str, champion: str, verifier: Verifier) -> Decision | None:
+    """The signed rollback of ``champion`` newer than its promotion (a rollback that was
+    interrupted before ``champion`` moved back), or None."""
+    ev = read_evidence(client, name, champion, verifier)
+    return ev.rolled_back_after(ev.promotion) if ev is not None and ev.promotion is not None else None
 
 
 def _tag_rolled_back(client: MlflowClient, name: str, version: str, reason: str, run_id: str) -> None:
@@ -256,18 +350,37 @@ def _tag_rolled_back(client: MlflowClient, name: str, version: str, reason: str,
 
 def _rollback_champion(cfg: ChurnConfig, client: MlflowClient, before: dict[str, str], reason: str,
                        evidence: CanaryEvaluation | None, as_of: datetime | None, since: datetime | None,
-                       actor: str | None, lock: str) -> TransitionResult:
-    """``champion`` back to ``previous-champion`` (caller holds the lock)."""
+                       actor: str, lock: str, verifier: Verifier) -> TransitionResult:
+    """``champion`` back on the version the demoted champion's signed promotion replaced
+    (caller holds the lock). That version must be the one behind ``previous-champion`` when
+    it is set (ChurnError naming both otherwise).
+
+    In the lifecycle's order: a rollback decision naming the restored version is signed on
+    the demoted version, then ``previous-champion`` is removed, then ``champion`` moves to
+    the restored version (a guarded server allows both on that signed rollback). Interrupted
+    after the signature, the same command completes it."""
     name = cfg.training.model_name
-    demoted, restored = before[CHAMPION], before[PREVIOUS_CHAMPION]
+    demoted = before[CHAMPION]
+    replaced = _replaced_champion(client, name, demoted, verifier)
+    left = before.get(PREVIOUS_CHAMPION)
+    if replaced is None:
+        raise ChurnError(f"version {demoted} of '{name}' has no signed promotion naming the champion it "
+                         f"replaced (previous-champion: {left or 'none'}); there is nothing to roll back to "
+                         "(promote another version, or `churn canary promote --force --reason TEXT`)")
+    restored = str(replaced.version)
+    if left is not None and left != restored:
+        raise ChurnError(f"cannot roll back '{name}': previous-champion is version {left} but the signed "
+                         f"promotion of the champion (version {demoted}) replaced version {restored}; "
+                         "run `churn registry verify` and fix previous-champion first")
     mirror = cfg.evaluation.mirror_stages
     proof, proof_error = _transition_evidence(cfg, evidence, as_of, since)
     with fail_fast(cfg, f"rolling champion of '{name}' back to v{restored}"), \
             decision_run(cfg, f"rollback champion v{demoted} -> v{restored}") as run, failed_on_error(cfg):
         who = {"actor": actor, "reason": reason, "evidence_run_id": run.info.run_id}
-        # champion first: a guarded server accepts the version behind previous-champion
+        record_signed(client, cfg, name, demoted, "rollback", "rollback", champion=replaced,
+                      run_id=run.info.run_id, reason=reason, actor=actor)
+        remove_alias(client, name, PREVIOUS_CHAMPION, False, **who)  # its stage becomes Production below
         move_alias(client, name, CHAMPION, restored, mirror, **who)
-        remove_alias(client, name, PREVIOUS_CHAMPION, False, **who)  # its stage is Production now
         if mirror:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
