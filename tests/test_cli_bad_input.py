@@ -82,6 +82,11 @@ BAD: dict[str, list[tuple[list[str], str]]] = {
     "hooks serve": [(["--port", "70000"], "hooks.port"), (["--port", "0"], "hooks.port")],
     "registry history": [(["--at", "whenever"], "whenever"), (["--at", "2026-02-30"], "2026-02-30"),
                          (["--no-such"], "--no-such")],
+    "registry keygen": [(["extra"], "extra"), (["--rotate=yes"], "--rotate")],
+    "registry approve": [(["--version", "abc", "--approver", "alice"], "'abc'"),
+                         (["--version", "3"], "--approver"),
+                         (["--version", "3", "--approver", " "], "--approver")],
+    "registry verify": [(["extra"], "extra"), (["--model"], "--model")],
     "traffic": [(["--customers", "0"], "--customers"), (["--customers", "many"], "many"),
                 (["--customers", "5", "--url", "http://192.0.2.1:8080"], "192.0.2.1")],
     "hooks register": [(["--url", "http://127.0.0.1:9/webhook"], "secret"),
@@ -159,6 +164,7 @@ def test_generic_bad_input_is_one_line_exit_2(churn, path: str, name: str, root:
     extra = {"compress": ["--version", "3"], "canary promote": ["--reason", "r"],
              "canary rollback": ["--reason", "r"], "features describe": ["plan"],
              "hooks register": ["--url", "http://127.0.0.1:9/webhook", "--secret", "s"],
+             "registry approve": ["--version", "3", "--approver", "alice"],
              "traffic": ["--customers", "5"]}.get(path, [])
     code, out, err = churn(["--workspace", "ws", *root, *path.split(), *extra, *args])
     _assert_one_line(code, out, err, needle)

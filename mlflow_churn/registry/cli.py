@@ -1,12 +1,16 @@
-"""``churn registry history``: which version held an alias when, and every recorded move."""
+"""``churn registry history|keygen|approve|verify``: which version held an alias when, the
+signing key, approvals, and whether the registry's protected aliases verify."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import typer
 
 from mlflow_churn.cli_common import console, get_config, opt_str, print_json
 
-registry_app = typer.Typer(help="The model registry: alias history.", no_args_is_help=True)
+registry_app = typer.Typer(help="The model registry: alias history, signing keys, approvals, verification.",
+                            no_args_is_help=True)
 
 
 @registry_app.command("history")
@@ -63,6 +67,136 @@ def history_cmd(
     console.print(table)
     if not moves:
         console.print(f"no recorded alias moves of '{name}'")
+
+
+@registry_app.command("keygen")
+def keygen_cmd(
+    ctx: typer.Context,
+    rotate: bool = typer.Option(False, "--rotate", help="Replace an existing signing key; its public key "
+                                "stays in the verify file, so decisions it signed keep verifying."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Make the Ed25519 key pair decisions are signed with: the private key (mode 0600) at
+    registry.signing_key_file, its public key appended to registry.verify_key_file (give only
+    that file to the guard, `churn serve` and `churn registry verify`). Never prints the
+    private key."""
+    from mlflow_churn.registry.signing import keygen, signing_key_path, verify_key_path
+
+    cfg = get_config(ctx)
+    res = keygen(signing_key_path(cfg), verify_key_path(cfg), rotate)
+    if as_json:
+        print_json(res.to_dict())
+        return
+    rotated = f" (replaces {res.rotated_from})" if res.rotated_from else ""
+    console.print(f"signing key {res.key_id}{rotated}")
+    console.print(f"  private key (keep it, mode 0600): {res.signing_key_file}")
+    console.print(f"  verify keys (public):             {res.verify_key_file}")
+    console.print(f"  verify key ids: {', '.join(res.verify_key_ids)}")
+
+
+@registry_app.command("approve")
+def approve_cmd(
+    ctx: typer.Context,
+    version: str = typer.Option(..., "--version", help="The registered version approved for promotion."),
+    approver: str = typer.Option(..., "--approver", help="Who approves (must not be the one who promotes: "
+                                 "four eyes, checked at promotion)."),
+    reason: str = typer.Option("", "--reason", help="Why (recorded in the signed approval)."),
+    model: str = typer.Option(None, "--model", help="Registered model (default: training.model_name)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Sign an approval of a version (registry.require_approval): an audit run in
+    registry.audit_experiment and the version tag churn.sig.approval. The promotion that
+    follows must be made by someone else than the approver."""
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_churn.cli_common import parse_version
+    from mlflow_churn.errors import ChurnError
+    from mlflow_churn.registry.aliases import CHAMPION, alias_version
+    from mlflow_churn.registry.signing import record_signed
+    from mlflow_churn.tracking import client_run, ensure_experiment, fail_fast, probe_server
+
+    number = parse_version(version, "--version")
+    who = approver.strip()
+    if not who:
+        raise ChurnError("--approver must name the approver")
+    cfg = get_config(ctx, {"training.model_name": opt_str(model)})
+    uri = cfg.mlflow_tracking_uri
+    probe_server(uri)
+    client = MlflowClient(uri, uri)
+    name = cfg.training.model_name
+    with fail_fast(cfg, f"approving version {number} of '{name}'"):
+        _existing_version(client, name, number)
+        champion = alias_version(client, name, CHAMPION)
+        exp_id = ensure_experiment(client, cfg, cfg.registry.audit_experiment)
+        tags = {"kind": "approval", "decision": "approved", "model_name": name, "version": number,
+                "actor": who[:500], "mlflow.user": who[:500],
+                "champion_version": str(champion.version) if champion else ""}
+        with client_run(client, cfg, f"approve v{number}", experiment_id=exp_id, tags=tags) as run_id:
+            if reason:
+                client.log_param(run_id, "reason", reason[:500])
+            signed = record_signed(client, cfg, name, number, "approval", "approved", champion=champion,
+                                   run_id=run_id, reason=reason, actor=who)
+    out = {"model": name, "version": number, "approver": signed.actor, "run_id": run_id,
+           "champion": signed.champion, "issued_at": signed.issued_at, "key_id": signed.key_id}
+    if as_json:
+        print_json(out)
+        return
+    console.print(f"version {number} of '{name}' approved by {signed.actor} (signed, key {signed.key_id}, "
+                  f"audit run {run_id}); someone else must promote it")
+
+
+def _existing_version(client: Any, name: str, version: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    from mlflow_churn.errors import ChurnError
+
+    try:
+        return client.get_model_version(name, version)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise ChurnError(f"version {version} of model '{name}' does not exist; see `churn canary status`") \
+            from None
+
+
+@registry_app.command("verify")
+def verify_cmd(
+    ctx: typer.Context,
+    model: str = typer.Option(None, "--model", help="Registered model (default: training.model_name)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Check the model's protected aliases (champion, previous-champion, canary, ...) and the
+    versions behind them: every signed decision verifies, the model files are the ones the
+    signed gate decision names, and each alias is where the lifecycle can have put it.
+    Exit 0 when everything verifies, 1 when anything does not, 2 on errors (an unreachable
+    server is an error, never "verified")."""
+    from mlflow.tracking import MlflowClient
+    from rich.table import Table
+
+    from mlflow_churn.registry.verify import verify_model
+    from mlflow_churn.tracking import fail_fast, probe_server
+
+    cfg = get_config(ctx, {"training.model_name": opt_str(model)})
+    uri = cfg.mlflow_tracking_uri
+    probe_server(uri)
+    client = MlflowClient(uri, uri)
+    name = cfg.training.model_name
+    with fail_fast(cfg, f"verifying '{name}'"):
+        report = verify_model(client, cfg, name)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        table = Table(title=f"verify '{name}' (keys: {', '.join(report.verify_keys) or 'none'})")
+        for col in ("alias", "version", "check", "ok", "message"):
+            table.add_column(col)
+        for f in report.findings:
+            table.add_row(f.alias, f.version or "-", f.check, "ok" if f.ok else "FAIL", f.message)
+        console.print(table)
+        if not report.findings:
+            console.print(f"'{name}' has no protected alias set; nothing to verify")
+        console.print("verified" if report.ok else f"{len(report.failed)} check(s) do not verify")
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
