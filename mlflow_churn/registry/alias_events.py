@@ -8,9 +8,11 @@ thread (in order, never two at once):
    not have yet (the project records its own moves itself; these are moves by people in
    the UI, by other API clients, or made while the receiver was down: actor ``unknown`` /
    ``unknown (reconciled)``, or the user the guard plugin recorded on the version).
-2. Each new move of a protected alias (``registry.protected_aliases``) is checked with
-   :func:`mlflow_churn.registry.promotion.check_promotion` (a deletion is checked on the
-   version the alias left):
+2. Each new move of a protected alias (:func:`~mlflow_churn.registry.promotion.guarded_aliases`:
+   ``champion``, ``previous-champion``, ``canary`` and ``registry.protected_aliases``) is
+   checked with :func:`mlflow_churn.registry.promotion.check_promotion` on the signed
+   decisions, as the guard would have checked it (on the aliases before the move; a
+   deletion is checked as a deletion of the version the alias left):
 
    - refused -> an ``unguarded_promotion`` audit run in ``registry.audit_experiment``
      (tags ``decision=unguarded_promotion``, ``rule``, ``alias``, ``from_version``,
@@ -22,6 +24,14 @@ thread (in order, never two at once):
      passed) -> ``promote_by_hand`` (wired by ``churn hooks serve`` to
      :func:`mlflow_churn.serving.transitions.adopt_promotion`): the same transition run,
      ``previous-champion``, ``canary`` dropped and stages as ``churn canary promote``.
+
+3. Then, under the model's registry lock (so a promotion in flight is seen finished),
+   :func:`mlflow_churn.registry.verify.verify_model` checks the whole current state:
+   signatures, model-file digests and the lifecycle of every protected alias. Anything that
+   does not verify is unguarded too (rule ``verify``): an allowed move of this event onto an
+   alias that does not verify is audited, alerted and (``registry.revert_unguarded``)
+   reverted as above; a failure no move of this event explains (model files replaced in the
+   artifact store, a tag written past the guard) gets an audit run and an alert.
 """
 
 from __future__ import annotations
@@ -42,7 +52,9 @@ from mlflow_churn.background import QueueWorker
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.registry.aliases import CANARY, CHAMPION, aliases_of, move_alias, remove_alias
 from mlflow_churn.registry.history import RECONCILED, UNKNOWN, AliasMove, read_moves, sync
-from mlflow_churn.registry.promotion import check_promotion
+from mlflow_churn.registry.lock import registry_lock
+from mlflow_churn.registry.promotion import check_promotion, guarded_aliases
+from mlflow_churn.registry.verify import VerifyReport, verify_model
 from mlflow_churn.tracking import client_run
 from mlflow_churn.web.metrics import Metrics
 
@@ -138,11 +150,55 @@ class AliasWatcher(QueueWorker[AliasEvent]):
                          hint=hint if event.alias else None, describe=self._describe)
         self.last_synced = now
         outcome = AliasOutcome(moves, [], [], [])
+        checked: list[tuple[AliasMove, bool]] = []  # (protected move, allowed)
+        guarded = guarded_aliases(self.cfg)
+        current = {a: str(v) for a, v in aliases_of(self.client, event.model).items()} if moves else {}
+        start = dict(current)  # the aliases before this event's moves (all of them undone)
+        for move in reversed(moves):
+            if move.from_version is None:
+                start.pop(move.alias, None)
+            else:
+                start[move.alias] = move.from_version
         for move in moves:
             self.metrics.inc("churn_hooks_alias_moves_recorded_total", {"alias": move.alias})
-            if move.alias in self.cfg.registry.protected_aliases:
-                self._check(move, outcome)
+            if move.alias in guarded:
+                checked.append((move, self._check(move, outcome, current, start)))
+        if guarded and event.model == self.cfg.training.model_name:
+            self._verify(event, checked, outcome)
         return outcome
+
+    def _verify(self, event: AliasEvent, checked: list[tuple[AliasMove, bool]],
+                outcome: AliasOutcome) -> None:
+        """The current state must verify (module doc, step 3); what does not is unguarded: an
+        allowed move of this event onto a failing alias like a refused one; a failure no move of
+        this event touched on its own (a refused move was audited already)."""
+        with registry_lock(self.cfg):  # a promotion / rollback in flight finishes first
+            report = verify_model(self.client, self.cfg, event.model)
+        if report.ok:
+            return
+        failing = {f.alias for f in report.failed}
+        message = "; ".join(f"{f.alias} v{f.version} {f.check}: {f.message}" for f in report.failed)
+        for move, allowed in checked:
+            if allowed and move.alias in failing:
+                self._unguarded(move, "verify", f"{move.alias} of '{move.model}' moved to version "
+                                f"{move.to_version or '(none)'}, and the registry does not verify: {message}",
+                                {"verify": report.to_dict()}, outcome)
+        uncovered = failing - {move.alias for move, _ in checked}
+        if uncovered:
+            first = next(f for f in report.failed if f.alias in uncovered)
+            self._unverified(event, report, first.alias, first.version, message, outcome)
+
+    def _unverified(self, event: AliasEvent, report: VerifyReport, alias: str, version: str | None,
+                    message: str, outcome: AliasOutcome) -> None:
+        """Audit run and alert of a state that does not verify with no move of this event to blame."""
+        move = AliasMove(event.model, alias, version or None, version or None, event.at or self._clock(),
+                         actor=UNKNOWN, reason=f"{event.action} event (delivery {event.delivery_id})",
+                         evidence_run_id=None, source="verify", move_key="", run_id="")
+        run_id = self._audit(move, "verify", f"the registry of '{event.model}' does not verify: {message}",
+                             {"verify": report.to_dict()})
+        outcome.unguarded.append(run_id)
+        self.metrics.inc(UNGUARDED_METRIC, {"alias": alias})
+        self._alert(move, f"the registry of '{event.model}' does not verify: {message}", run_id)
 
     def _known_until(self, model: str) -> datetime | None:
         """The last time the aliases were known: the newest recorded move (or this process's
@@ -168,44 +224,55 @@ class AliasWatcher(QueueWorker[AliasEvent]):
             return actor, tags.get("promotion_audit_run_id")
         return None
 
-    def _check(self, move: AliasMove, outcome: AliasOutcome) -> None:
-
+    def _check(self, move: AliasMove, outcome: AliasOutcome, current: dict[str, str],
+               start: dict[str, str]) -> bool:
+        """Check one protected move as the guard would have, on the aliases before it; act on a
+        refusal. True when allowed. ``current``: the aliases now; ``start``: before every move
+        of this event. The order of several moves noticed at once (a reconciliation) is not
+        known: a move is allowed when it is allowed after the event's other moves, or before
+        them (a rollback removes previous-champion, then moves champion: each is allowed in
+        one of the two)."""
         name = move.model
-        target = move.to_version or move.from_version
-        if target is None:
-            return
-        current = {a: str(v) for a, v in aliases_of(self.client, name).items()}
-        # judged as the guard would have judged it: on the aliases before the move
-        before = {a: v for a, v in current.items() if a != move.alias}
+        if move.to_version is None and move.from_version is None:
+            return True
+        after_others = {a: v for a, v in current.items() if a != move.alias}
         if move.from_version is not None:
-            before[move.alias] = move.from_version
-        check = check_promotion(_AliasesAsOf(self.client, name, before), name, target, self.cfg, move.alias)
-        if move.to_version is None:  # a deletion: the alias left a version; nothing was promoted
-            allowed = False
-            rule, message = "deleted", (f"protected alias {move.alias} of '{name}' was deleted from version "
-                                        f"{target} without the guard")
-        else:
-            allowed, rule, message = check.allowed, check.rule, check.message
-        if allowed:
-            canary = current.get(CANARY)
+            after_others[move.alias] = move.from_version
+        check = check_promotion(_AliasesAsOf(self.client, name, after_others), name, move.to_version,
+                                self.cfg, move.alias)
+        if not check.allowed and start != after_others:
+            first = check_promotion(_AliasesAsOf(self.client, name, start), name, move.to_version, self.cfg,
+                                    move.alias)
+            check = first if first.allowed else check
+        if check.allowed:
+            canary = aliases_of(self.client, name).get(CANARY)  # now (an earlier move may have acted)
             if move.alias == CHAMPION and canary == move.to_version and self._promote_by_hand is not None:
                 run_id = self._promote_by_hand(move.to_version, move.from_version, move.actor,
                                                f"champion set by hand ({move.actor}); {check.message}",
                                                move.moved_at)
                 if run_id:
                     outcome.promotions.append(run_id)
-            return
-        run_id = self._audit(move, rule, message, check.evidence)
+            return True
+        self._unguarded(move, check.rule, check.message, check.evidence, outcome)
+        return False
+
+    def _unguarded(self, move: AliasMove, rule: str, message: str, evidence: dict[str, Any],
+                   outcome: AliasOutcome) -> None:
+        """Audit run, counter, alert and (registry.revert_unguarded) revert of ``move``."""
+        run_id = self._audit(move, rule, message, evidence)
         outcome.unguarded.append(run_id)
         self.metrics.inc(UNGUARDED_METRIC, {"alias": move.alias})
+        self._alert(move, message, run_id)
+        if self.cfg.registry.revert_unguarded:
+            self._revert(move, run_id, outcome)
+
+    def _alert(self, move: AliasMove, message: str, run_id: str) -> None:
         if self.cfg.hooks.alert_url:
             post_alert(self.cfg.hooks.alert_url,
-                       {"alertname": "UnguardedPromotion", "severity": "critical", "model": name,
+                       {"alertname": "UnguardedPromotion", "severity": "critical", "model": move.model,
                         "alias": move.alias, "version": move.to_version or ""},
                        {"summary": message, "audit_run_id": run_id, "history_run_id": move.run_id,
                         "reverted": str(self.cfg.registry.revert_unguarded).lower()}, move.moved_at)
-        if self.cfg.registry.revert_unguarded:
-            self._revert(move, run_id, outcome)
 
     def _revert(self, move: AliasMove, audit_run_id: str, outcome: AliasOutcome) -> None:
         name = move.model
