@@ -295,6 +295,14 @@ class Guard:
                               f"{what} while they exist (roll back or remove them through the lifecycle)")
             return None
         if op == "model-versions/create":
+            # tags a new version may not be born with: set-tag checks who writes them (see _tag_request)
+            basic = self.cfg.registry.guard_auth == "basic-auth"
+            smuggled = sorted({t.key for t in msg.tags if t.key in GUARD_ONLY_TAGS
+                               or (basic and t.key in (OVERRIDE_TAG, APPROVAL_TAG))})
+            if smuggled:
+                return refuse("create_version", "", ",".join(smuggled), "protected_tag",
+                              f"a version of '{name}' may not be created with tag(s) {', '.join(smuggled)}; "
+                              "set them on the version afterwards (churn-guard checks who writes them)")
             if held and _COPY_SOURCE.fullmatch(msg.source or ""):
                 return refuse("copy_version", "", msg.source[:200], "lifecycle",
                               f"model '{name}' has protected alias(es) {', '.join(sorted(held))}: a version "
@@ -349,6 +357,10 @@ class Guard:
         except SignatureError as exc:
             return refused("bad_signature", f"tag '{key}' of version {version} of '{name}': {exc}; only the "
                            "project's signing key writes it")
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            return refused("unknown_version", f"tag '{key}': there is no version {version} of '{name}'")
         wrong = [f for f, want in (("kind", kind), ("model", name), ("version", str(mv.version)),
                                    ("identity", version_identity(mv))) if getattr(d, f) != want]
         if wrong:
@@ -574,7 +586,14 @@ def _read(request: Any, proto: Any) -> Any:
             raw = json.loads(raw)
         if raw is not None and not isinstance(raw, dict):
             raise Unreadable(f"the body is JSON {type(raw).__name__}, not an object")
-        return _get_request_message(proto(), flask_request=request)
+        msg = _get_request_message(proto(), flask_request=request)
+        if "version" in msg.DESCRIPTOR.fields_by_name and msg.version:
+            # the version number as MLflow's store reads it (int(): "02", " 2", "+2" are version 2)
+            try:
+                msg.version = str(int(msg.version))
+            except ValueError:
+                raise Unreadable(f"version {msg.version[:50]!r} is not a version number") from None
+        return msg
     except Unreadable:
         raise
     except (MlflowException, ValueError, TypeError) as exc:
