@@ -41,8 +41,9 @@ def evaluate_command(
                               "of the data. Holdout labels must have matured by then."),
     challenger: str = typer.Option("challenger", "--challenger",
                                    help="Alias or version number of the challenger."),
-    champion: str = typer.Option("champion", "--champion", help="Alias or version number of the champion "
-                                 "(absent alias = first model: absolute floors)."),
+    champion: str = typer.Option("champion", "--champion", help="Alias or version number of the champion. "
+                                 "Only 'champion' may be unset (first model: absolute floors); any other "
+                                 "alias must exist."),
     progress: bool = typer.Option(True, "--progress/--no-progress",
                                   help="Show a progress bar over the stages."),
 ) -> None:

@@ -22,7 +22,7 @@ segment_auc        for every segment value with ``n >= min_segment_size`` rows, 
 recall_at_k        challenger recall@k >= champion recall@k - ``recall_tolerance`` (absolute).
 revenue_lift       challenger revenue_lift >= champion revenue_lift - ``lift_tolerance`` x
                    abs(champion revenue_lift) (relative).
-auc_floor          (no champion only) roc_auc >= ``min_auc``.
+auc_floor          (no champion only: alias ``champion`` not set) roc_auc >= ``min_auc``.
 lift_floor         (no champion only) revenue_lift >= 0: better than targeting at random.
 =================  ==========================================================================
 
@@ -62,9 +62,11 @@ import numpy as np
 import pandas as pd
 from mlflow.entities import Metric, Param
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from mlflow.models import MetricThreshold
 from mlflow.models.evaluation import EvaluationResult
 from mlflow.models.evaluation.validation import ModelValidationFailedException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig
@@ -74,7 +76,7 @@ from mlflow_churn.evaluation.holdout import holdout_cutoffs, holdout_frame, pars
 from mlflow_churn.features.offline import daily_cutoffs
 from mlflow_churn.jsonable import dumps
 from mlflow_churn.progress import ProgressArg, resolve
-from mlflow_churn.registry.aliases import CANARY, alias_version, move_alias
+from mlflow_churn.registry.aliases import CANARY, CHAMPION, move_alias
 from mlflow_churn.registry.signing import Decision, record_signed, version_files_digest
 from mlflow_churn.stats.drift import drift_against_entry, psi
 from mlflow_churn.stats.metrics import (
@@ -148,22 +150,67 @@ class GateDecision:
 
 
 # ----------------------------------------------------------------------------- resolving
+_MISSING = ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+#: error codes with which the registry says "no such alias": RESOURCE_DOES_NOT_EXIST, and
+#: INVALID_PARAMETER_VALUE, which MLflow's own stores (sqlalchemy, file, hence `mlflow
+#: server` too) answer for an alias the model does not have or a malformed alias name.
+#: Any other error (an outage, a 5xx) propagates: it must never read as "no champion".
+_NO_SUCH_ALIAS = frozenset({_MISSING, ErrorCode.Name(INVALID_PARAMETER_VALUE)})
+
+
+def _model_aliases(client: MlflowClient, name: str) -> dict[str, str]:
+    """Alias -> version of model ``name`` ({} when the model does not exist; other errors
+    propagate)."""
+    try:
+        return {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+    except MlflowException as exc:
+        if exc.error_code != _MISSING:
+            raise
+        return {}
+
+
+def _alias_target(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version behind ``alias``; None only when the registry says it has no such alias
+    and the model's alias list agrees. Every other error propagates."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code not in _NO_SUCH_ALIAS or alias in _model_aliases(client, name):
+            raise
+        return None
+
+
+def _alias_listing(client: MlflowClient, name: str) -> str:
+    """``champion -> v1, canary -> v2`` (by version), or ``none``."""
+    aliases = sorted(_model_aliases(client, name).items(),
+                     key=lambda av: (int(av[1]) if av[1].isdigit() else 0, av[0]))
+    return ", ".join(f"{a} -> v{v}" for a, v in aliases) or "none"
+
+
 def _resolve(client: MlflowClient, name: str, ref: str, role: str, required: bool) -> ModelVersion | None:
-    """``ref`` is an alias or a version number."""
+    """``ref`` is an alias or a version number. A missing alias is a ChurnError naming the
+    model's aliases, except, when not ``required``, the champion alias (:data:`CHAMPION`):
+    a model without a champion yet is gated against the absolute floors (returns None).
+    Raised before anything is written."""
     ref = str(ref).strip()
     if ref.isdigit():
         try:
             return client.get_model_version(name, ref)
-        except mlflow.exceptions.MlflowException:
+        except MlflowException:
             raise ChurnError(f"{role} version {ref} of model '{name}' does not exist; "
                              "list versions in the MLflow UI or pass an alias") from None
-    mv = alias_version(client, name, ref)
-    if mv is None and required:
+    mv = _alias_target(client, name, ref)
+    if mv is not None or (not required and ref == CHAMPION):
+        return mv
+    if required:
         raise ChurnError(
-            f"model '{name}' has no version with alias '{ref}' ({role}); train one with "
-            f"`churn train` or pass --{role} VERSION"
+            f"model '{name}' has no version with alias '{ref}' ({role}; aliases: "
+            f"{_alias_listing(client, name)}); train one with `churn train` or pass --{role} VERSION"
         )
-    return mv
+    raise ChurnError(
+        f"--{role} {ref}: model '{name}' has no alias '{ref}' (aliases: {_alias_listing(client, name)}); "
+        f"pass an existing alias or a version number, or omit --{role}"
+    )
 
 
 def _data_fingerprint(data_dir: Path) -> str:
@@ -563,7 +610,10 @@ def evaluate(
 ) -> GateDecision:
     """Gate the challenger against the champion on the holdout at ``as_of`` (UTC).
 
-    ``challenger_alias`` / ``champion_alias`` are aliases or version numbers;
+    ``challenger_alias`` / ``champion_alias`` are aliases or version numbers. Only the
+    champion alias ``"champion"`` may be missing (the first model: absolute floors); any
+    other alias the model does not have is a ChurnError naming the model's aliases, raised
+    before any run, tag or alias is written;
     ``drift_sample_rows`` bounds the reference and current rows of the drift report (a
     seeded sample; the gate's metrics always use the whole holdout); ``progress`` ticks once
     after each of the :data:`STEPS` stages (:mod:`mlflow_churn.progress`). Returns the
