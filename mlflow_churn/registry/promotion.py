@@ -331,14 +331,14 @@ def check_promotion(client: MlflowClient, name: str, version: str | None, cfg: C
                        if cfg.registry.guard_auth == "basic-auth" else ""))
     if override is not None and override.champion == current_ref and ev.rolled_back_after(override) is None:
         evidence["override_reason"] = override.reason
-        return _approved(ev, name, alias, cfg, actor, result, "override",
+        return _approved(ev, name, alias, cfg, actor, result, evidence, "override",
                          f"version {version} of '{name}' carries a signed override by {override.actor}: "
                          f"{override.reason}")
     tags = dict(ev.mv.tags or {})
     if cfg.registry.guard_auth == "basic-auth" and (tags.get(OVERRIDE_TAG) or "").strip() \
             and tags.get(OVERRIDE_BY_TAG) and tags.get(OVERRIDE_AGAINST_TAG) == current_ref:
         evidence["override_reason"] = tags[OVERRIDE_TAG]
-        return _approved(ev, name, alias, cfg, actor, result, "override",
+        return _approved(ev, name, alias, cfg, actor, result, evidence, "override",
                          f"version {version} of '{name}' carries an override by {tags[OVERRIDE_BY_TAG]}: "
                          f"{tags[OVERRIDE_TAG]}")
     refused = _gated(ev, refuse, result, version, keys, how_override)
@@ -352,7 +352,7 @@ def check_promotion(client: MlflowClient, name: str, version: str | None, cfg: C
                else f"canary run {canary.run_id} says rollback")
         return refuse("canary_rollback", why[:300], f"this version failed; train a new one {how_override}")
     if holder is None and aliases.get(PREVIOUS_CHAMPION) is None:
-        return _approved(ev, name, alias, cfg, actor, result, "first_champion",
+        return _approved(ev, name, alias, cfg, actor, result, evidence, "first_champion",
                          f"version {version} of '{name}' passed the gate (signed, run "
                          f"{ev.decisions['gate'].run_id}) and the model has no champion yet")
     if canary is None or canary.decision != "promote":
@@ -367,7 +367,7 @@ def check_promotion(client: MlflowClient, name: str, version: str | None, cfg: C
         return refuse("canary_pending", f"its signed canary decision (run {canary.run_id}) compared it with "
                       f"version {against}, the {alias} is {holder or 'none'}",
                       f"re-run `churn canary evaluate` {how_override}")
-    return _approved(ev, name, alias, cfg, actor, result, "gate_and_canary",
+    return _approved(ev, name, alias, cfg, actor, result, evidence, "gate_and_canary",
                      f"version {version} of '{name}' passed the gate (run {ev.decisions['gate'].run_id}) "
                      f"and its canary (run {canary.run_id}: promote), both signed")
 
@@ -392,8 +392,9 @@ def _gated(ev: VersionEvidence, refuse: Any, result: Any, version: str, keys: st
 
 
 def _approved(ev: VersionEvidence, name: str, alias: str, cfg: ChurnConfig, actor: str | None,
-              result: Any, rule: str, message: str) -> PromotionCheck:
+              result: Any, evidence: dict[str, Any], rule: str, message: str) -> PromotionCheck:
     approval = _approval(ev, name, alias, cfg, actor)
+    evidence.update(approval.evidence)  # who approved, in the audit run
     if not approval.allowed:
         return result(False, approval.rule, approval.message)
     return result(True, rule, message)
