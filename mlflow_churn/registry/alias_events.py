@@ -172,6 +172,12 @@ class AliasWatcher(QueueWorker[AliasEvent]):
         """The current state must verify (module doc, step 3); what does not is unguarded: an
         allowed move of this event onto a failing alias like a refused one; a failure no move of
         this event touched on its own (a refused move was audited already)."""
+        try:
+            self.client.get_registered_model(event.model)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return  # no model (yet, or any more): no alias to verify
+            raise
         with registry_lock(self.cfg):  # a promotion / rollback in flight finishes first
             report = verify_model(self.client, self.cfg, event.model)
         if report.ok:

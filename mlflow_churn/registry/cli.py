@@ -100,7 +100,7 @@ def approve_cmd(
     version: str = typer.Option(..., "--version", help="The registered version approved for promotion."),
     approver: str = typer.Option(..., "--approver", help="Who approves (must not be the one who promotes: "
                                  "four eyes, checked at promotion)."),
-    reason: str = typer.Option("", "--reason", help="Why (recorded in the signed approval)."),
+    reason: str = typer.Option("", "--reason", help="Why (recorded in the signed approval; default: none)."),
     model: str = typer.Option(None, "--model", help="Registered model (default: training.model_name)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
