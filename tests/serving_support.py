@@ -48,12 +48,39 @@ def serving_config(config: ChurnConfig, **serving: Any) -> ChurnConfig:
                        overrides={f"serving.{k}": v for k, v in serving.items()})
 
 
-def two_versions(config: ChurnConfig, register_version: Any, canary_quality: str = "good") -> tuple[str, str]:
-    """Register champion (good) and canary versions; materialize the online store at BATCH_AS_OF."""
-    from mlflow_churn.features.materialize import materialize
+def signed_gate(config: ChurnConfig, version: Any) -> str:
+    """Sign a passed gate decision on ``version`` (the project's own signing code over the
+    version's files, as the gate does), moving no alias: `churn serve` loads only versions
+    with one (registry.require_signed_models). Returns the version as text."""
+    from mlflow.tracking import MlflowClient
 
-    champ = register_version(config, quality="good", alias="champion", seed=0)
-    canary = register_version(config, quality=canary_quality, alias="canary", seed=1)
+    from mlflow_churn.registry.signing import record_signed, version_files_digest
+
+    version = str(getattr(version, "version", version))
+    client = MlflowClient(config.mlflow_tracking_uri, config.mlflow_tracking_uri)
+    name = config.training.model_name
+    record_signed(client, config, name, version, "gate", "passed", champion=None, run_id="",
+                  files_sha256=version_files_digest(client, name, version))
+    return version
+
+
+def two_versions(config: ChurnConfig, register_version: Any, canary_quality: str = "good") -> tuple[str, str]:
+    """Register champion (good) and canary versions, both through the gate's own recording
+    (signed gate decisions over their files: `churn serve` loads only such versions); the
+    champion is a first champion (signed gate, no promotion). Materialize the online store at
+    BATCH_AS_OF."""
+    from guard_support import gate
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_churn.features.materialize import materialize
+    from mlflow_churn.registry.aliases import move_alias
+
+    champ = register_version(config, quality="good", alias=None, seed=0)
+    client = MlflowClient(config.mlflow_tracking_uri, config.mlflow_tracking_uri)
+    gate(client, config, champ.version, passed=True)
+    move_alias(client, config.training.model_name, "champion", champ.version, reason="first champion")
+    canary = register_version(config, quality=canary_quality, alias=None, seed=1)
+    gate(client, config, canary.version, passed=True)  # alias canary
     materialize(config, BATCH_AS_OF)
     return str(champ.version), str(canary.version)
 

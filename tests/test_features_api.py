@@ -296,7 +296,7 @@ def test_scoring_refuses_online_values_under_other_definitions(workspace: Path, 
     2 x calls). (1) The batch was materialized with another definitions file (3 x calls):
     409 naming calls_x2. (2) The server's registry itself changed: the model is refused (503,
     no champion served)."""
-    from serving_support import wait_ready
+    from serving_support import signed_gate, wait_ready
 
     from mlflow_churn.serving.app import create_app as scoring_app
 
@@ -304,7 +304,7 @@ def test_scoring_refuses_online_values_under_other_definitions(workspace: Path, 
         _user_definitions(workspace, "sum(support_calls) * 2").rename(workspace / "a.yaml"))})
     edited = load_config(workspace=workspace, environ={}, overrides={"features.definitions_file": str(
         _user_definitions(workspace, "sum(support_calls) * 3").rename(workspace / "b.yaml"))})
-    register_version(trained, alias="champion", feature_set="mine")
+    signed_gate(trained, register_version(trained, alias="champion", feature_set="mine"))
     materialize(edited, T1)  # the materializer reads another definitions file
     ids = {"customer_ids": [1, 2, 3]}
     with TestClient(scoring_app(trained)) as client:

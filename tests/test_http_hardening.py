@@ -18,7 +18,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serving_support import BATCH_AS_OF, ServeProcess, ServerThread, run_cli, serving_config, wait_ready
+from serving_support import (
+    BATCH_AS_OF,
+    ServeProcess,
+    ServerThread,
+    run_cli,
+    serving_config,
+    signed_gate,
+    wait_ready,
+)
 
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.errors import ChurnError
@@ -182,7 +190,7 @@ def test_circuit_breaker_opens_answers_at_once_and_a_probe_closes_it() -> None:
 # --------------------------------------------------------------------------- scoring: bad input
 @pytest.mark.slow  # subprocesses / a trained version: 10-25 s on a busy machine
 def test_scoring_bad_input_tokens_and_limits(config: ChurnConfig, register_version) -> None:
-    champ = str(register_version(config, quality="good", alias="champion", seed=0).version)
+    champ = signed_gate(config, register_version(config, quality="good", alias="champion", seed=0))
     materialize(config, BATCH_AS_OF)
     cfg = serving_config(config, canary_fraction=0.0, admin_token="adm", api_token="api",
                          max_body_bytes=100_000)
@@ -284,7 +292,7 @@ def test_stalled_redis_answers_503_fast_and_health_stays_fast(config: ChurnConfi
                                                              redis_prefix: str) -> None:
     from mlflow_churn.features.api import create_app as features_app
 
-    register_version(config, quality="good", alias="champion", seed=0)
+    signed_gate(config, register_version(config, quality="good", alias="champion", seed=0))
     with StalledPeer() as peer:
         over = {"features.online_backend": "redis", "features.redis_url": peer.url,
                 "features.redis_prefix": redis_prefix, "features.breaker_probe_seconds": 0.2}

@@ -1,7 +1,8 @@
 """Guarded promotion against a real `mlflow server` (PostgreSQL, webhooks) and a real
 `churn hooks serve`: alias history (project, REST and reconciled moves; `churn registry history
 --at`), unguarded moves (audit run, /metrics, revert), a promotion made in the UI completed by
-the receiver, promote refusals / --force override, rollback after a promotion."""
+the receiver, promote refusals / --force signed override, rollback after a promotion. Every
+decision is signed by the project's own code (gate recording, canary evaluation, transitions)."""
 
 from __future__ import annotations
 
@@ -15,15 +16,16 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import httpx
 import pytest
+from guard_support import canary_verdict, gate
 from hooks_support import Receiver, register_webhook
 from mlflow.tracking import MlflowClient
 from serving_support import BATCH_AS_OF, run_cli
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
-from mlflow_churn.registry.aliases import move_alias
 from mlflow_churn.registry.history import RECONCILED, UNKNOWN, read_moves, version_at
-from mlflow_churn.registry.promotion import OVERRIDE_TAG, record_canary_verdict
+from mlflow_churn.registry.promotion import OVERRIDE_TAG, read_evidence
+from mlflow_churn.registry.signing import record_signed, verifier_for
 from mlflow_churn.serving.prediction_log import PredictionLog, PredictionRecord
 
 
@@ -66,27 +68,27 @@ def _ui_set_alias(url: str, name: str, alias: str, version: str) -> None:
     assert res.status_code == 200, res.text
 
 
-def _pass_gate_and_canary(client: MlflowClient, name: str, version: str, champion: str) -> None:
-    """Gate and canary decision runs saying passed / promote for ``version`` (as `churn evaluate`
-    and `churn canary evaluate` would leave them; the real ones are tested elsewhere)."""
-    exp = client.get_experiment_by_name("Default").experiment_id
-    gate = client.create_run(
-        exp, tags={"gate": "passed", "challenger_version": version, "decision": "passed"}
-    )
-    client.set_terminated(gate.info.run_id)
-    client.set_model_version_tag(name, version, "gate_run_id", gate.info.run_id)
-    client.set_model_version_tag(name, version, "gate", "passed")
-    canary = client.create_run(
-        exp,
-        tags={
-            "decision": "promote",
-            "kind": "canary-evaluate",
-            "canary_version": version,
-            "champion_version": champion,
-        },
-    )
-    client.set_terminated(canary.info.run_id)
-    record_canary_verdict(client, name, version, "promote", canary.info.run_id, datetime.now(UTC))
+def _ui_delete_alias(url: str, name: str, alias: str) -> None:
+    res = httpx.request("DELETE", f"{url}/ajax-api/2.0/mlflow/registered-models/alias",
+                        json={"name": name, "alias": alias}, timeout=30)
+    assert res.status_code == 200, res.text
+
+
+def _gated(cfg: ChurnConfig, register_version, quality: str = "good", seed: int = 0,
+           mirror_stages: bool = False) -> str:
+    """A registered version passed through the gate's own recording (signed; alias canary)."""
+    version = register_version(cfg, quality, alias=None, seed=seed, mirror_stages=mirror_stages).version
+    gate(_client(cfg.mlflow_tracking_uri), cfg, version, passed=True)
+    return version
+
+
+def _first_champion(cfg: ChurnConfig, register_version, mirror_stages: bool = False) -> str:
+    """A version gated and promoted as the model's first champion (signed, like `churn demo`)."""
+    from mlflow_churn.serving.transitions import promote
+
+    version = _gated(cfg, register_version, mirror_stages=mirror_stages)
+    promote(cfg, "first model: passed the absolute floors of the gate", version=version)
+    return version
 
 
 def _audit_runs(client: MlflowClient, cfg: ChurnConfig, name: str):
@@ -125,7 +127,7 @@ def test_receiver_history_unguarded_revert_ui_promotion_and_reconcile(
     name = cfg.training.model_name
     client = _client(url)
     t0 = datetime.now(UTC)
-    v1 = register_version(cfg, "good", alias="champion").version  # a project move (recorded by it)
+    v1 = _first_champion(cfg, register_version)  # project moves (recorded by it)
     v2 = register_version(cfg, "bad", alias=None, seed=1).version  # never gated
     v3 = register_version(cfg, "good", alias=None, seed=2).version
     receiver = Receiver(cfg, url, tmp_path / "hooks.log", CHURN_REGISTRY__REVERT_UNGUARDED="true")
@@ -147,8 +149,8 @@ def test_receiver_history_unguarded_revert_ui_promotion_and_reconcile(
             assert _counter(receiver) == 1.0
             t2 = datetime.now(UTC)
             # 2. a promotion in the UI of a canary-passed version: the receiver completes it
-            move_alias(client, name, "canary", v3, reason="gate passed")
-            _pass_gate_and_canary(client, name, v3, champion=v1)
+            gate(client, cfg, v3, passed=True)  # signed gate, alias canary
+            assert canary_verdict(cfg, v3) == "promote"  # the real evaluation signs its verdict
             _ui_set_alias(url, name, "champion", v3)
             after = _wait(
                 "previous-champion and canary dropped",
@@ -169,7 +171,12 @@ def test_receiver_history_unguarded_revert_ui_promotion_and_reconcile(
             assert _counter(receiver) == 1.0  # an allowed move is not counted
             time.sleep(1)
         t3 = datetime.now(UTC)
-        # 3. receiver down: champion back to v1 by hand (a rollback: allowed), then restart
+        # 3. receiver down: a signed rollback of v3 (as `churn canary rollback` signs it), then
+        # by hand previous-champion removed and champion back on v1 (both allowed by it), restart
+        record_signed(client, cfg, name, v3, "rollback", "rollback",
+                      champion=client.get_model_version(name, v1), run_id="", reason="conversion dropped",
+                      actor="ops")
+        _ui_delete_alias(url, name, "previous-champion")
         _ui_set_alias(url, name, "champion", v1)
         t_down = datetime.now(UTC)
         time.sleep(1)
@@ -210,8 +217,10 @@ def test_receiver_history_unguarded_revert_ui_promotion_and_reconcile(
     final = _history_at(cfg, url, t4)
     assert final["version"] == v1 and not final["uncertain"] and final["move"]["actor"] == RECONCILED
     # previous-champion / canary moves are in the history too
-    assert [m.to_version for m in read_moves(client, name, "previous-champion")] == [v1]
+    assert [m.to_version for m in read_moves(client, name, "previous-champion")] == [v1, None]
     assert [(m.from_version, m.to_version) for m in read_moves(client, name, "canary")] == [
+        (None, v1),
+        (v1, None),
         (None, v3),
         (v3, None),
     ]
@@ -226,7 +235,7 @@ def test_unguarded_move_without_revert_stays_and_is_counted(
     cfg, url = server_cfg, mlflow_server.url
     name = cfg.training.model_name
     client = _client(url)
-    v1 = register_version(cfg, "good", alias="champion").version
+    v1 = _first_champion(cfg, register_version)
     v2 = register_version(cfg, "bad", alias=None, seed=1).version
     alerts: list = []
 
@@ -288,8 +297,8 @@ def test_promote_refuses_wait_and_few_requests_force_records_override_and_rollba
     cfg.evaluation.mirror_stages = True
     name = cfg.training.model_name
     client = _client(url)
-    v1 = register_version(cfg, "good", alias="champion", mirror_stages=True).version
-    v2 = register_version(cfg, "good", alias="canary", seed=1, mirror_stages=True).version
+    v1 = _first_champion(cfg, register_version, mirror_stages=True)
+    v2 = _gated(cfg, register_version, seed=1, mirror_stages=True)
     with pytest.raises(ChurnError, match=r"verdict is 'wait' on 0 logged predictions.*--force"):
         promote(cfg, "looks fine")
     _log_canary(cfg, v2, 40)
@@ -327,9 +336,9 @@ def test_promote_refuses_wait_and_few_requests_force_records_override_and_rollba
     # nothing left to roll back
     with pytest.raises(ChurnError, match="no canary to roll back and no previous-champion"):
         rollback(cfg, "again")
-    # a new canary without traffic: refused, then --force --reason records the override
+    # a new canary without traffic: refused, then --force --reason signs the override
     cfg.serving.min_canary_samples = 500
-    v3 = register_version(cfg, "good", alias="canary", seed=2, mirror_stages=True).version
+    v3 = _gated(cfg, register_version, seed=2, mirror_stages=True)
     refused = run_cli(cfg, ["canary", "promote", "--reason", "x"], **env)
     assert (
         refused.returncode == 2
@@ -341,8 +350,11 @@ def test_promote_refuses_wait_and_few_requests_force_records_override_and_rollba
     )
     assert forced.returncode == 0, forced.stderr
     assert _aliases(client, name) == {"champion": v3, "previous-champion": v1}
-    assert client.get_model_version(name, v3).tags[OVERRIDE_TAG] == "hotfix for the pricing bug"
+    override = read_evidence(client, name, v3, verifier_for(cfg)).get("override")
+    assert override.reason == "hotfix for the pricing bug" and override.champion.startswith(f"{v1}:")
+    assert override.run_id == json.loads(forced.stdout)["run_id"]
     run = client.get_run(json.loads(forced.stdout)["run_id"])
     assert run.data.tags["override"] == "hotfix for the pricing bug"
+    assert run.data.tags["promotion_rule"] == "override"
     no_reason = run_cli(cfg, ["canary", "promote", "--force"], **env)
     assert no_reason.returncode == 2 and "--reason" in no_reason.stderr

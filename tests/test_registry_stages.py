@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import mlflow
+from guard_support import gate
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig
@@ -19,12 +20,19 @@ def test_stages_follow_canary_promotion_and_replacement(config: ChurnConfig, reg
     cfg = config.model_copy(deep=True)
     cfg.evaluation.mirror_stages = True
     name = cfg.training.model_name
-    v1 = register_version(cfg, "good", alias="champion", mirror_stages=True).version
-    v2 = register_version(cfg, "good", alias="canary", mirror_stages=True, seed=1).version
-    client = MlflowClient()
+
+    def gated(seed: int) -> str:  # registered, then passed through the gate's own recording: canary
+        version = register_version(cfg, "good", alias=None, seed=seed).version
+        gate(client, cfg, version, passed=True)
+        return version
+
+    client = MlflowClient(cfg.mlflow_tracking_uri, cfg.mlflow_tracking_uri)
+    v1 = gated(0)
+    promote(cfg, reason="first model", version=v1)  # signed gate, no champion: the first champion
+    v2 = gated(1)
     assert _stages(client, name) == {v1: "Production", v2: "Staging"}
     # a newer canary replaces an unpromoted one: one version in Staging
-    v3 = register_version(cfg, "good", alias="canary", mirror_stages=True, seed=2).version
+    v3 = gated(2)
     assert _stages(client, name) == {v1: "Production", v2: "None", v3: "Staging"}
     promote(cfg, reason="test", version=v3, force=True)
     assert _stages(client, name) == {v1: "Archived", v2: "None", v3: "Production"}
@@ -33,6 +41,6 @@ def test_stages_follow_canary_promotion_and_replacement(config: ChurnConfig, reg
         prod = mlflow.pyfunc.load_model(f"models:/{name}/Production")
     assert prod.metadata.run_id == client.get_model_version(name, v3).run_id
     # the next promotion archives v3 and keeps v1 archived
-    v4 = register_version(cfg, "good", alias="canary", mirror_stages=True, seed=3).version
+    v4 = gated(3)
     promote(cfg, reason="test", version=v4, force=True)
     assert _stages(client, name) == {v1: "Archived", v2: "None", v3: "Archived", v4: "Production"}

@@ -23,6 +23,7 @@ from serving_support import (
     LABELS_AS_OF,
     ServerThread,
     serving_config,
+    signed_gate,
     two_versions,
     wait_ready,
 )
@@ -137,7 +138,8 @@ def test_records_and_bad_input_get_4xx_naming_fields(config, register_version) -
         assert res.status_code == 422 and "malformed JSON" in res.json()["detail"]
         res = client.post("/predict", json={"customer_ids": list(range(cfg.features.max_ids + 1))})
         assert res.status_code == 422 and "max_ids" in res.json()["detail"]
-        assert client.get("/health").json() == {"status": "ok"}
+        assert client.get("/health").json() == {"status": "ok", "model": cfg.training.model_name,
+                                                "canary_fraction": cfg.serving.canary_fraction}
 
 
 def test_no_model_503_and_admin_token_401(config) -> None:
@@ -232,10 +234,10 @@ def test_alias_move_reloads_without_dropping_requests(config, register_version) 
 
 
 def test_failing_canary_falls_back_and_its_error_rate_rolls_it_back(config, register_version) -> None:
-    champ = str(register_version(config, quality="good", alias="champion", seed=0).version)
+    champ = signed_gate(config, register_version(config, quality="good", alias="champion", seed=0))
     # the canary needs monthly_usage_v2, which the clients' records (the champion's set) lack
-    canary = str(register_version(config, quality="good", alias="canary", seed=1,
-                                  feature_set="churn_v2").version)
+    canary = signed_gate(config, register_version(config, quality="good", alias="canary", seed=1,
+                                                  feature_set="churn_v2"))
     materialize(config, BATCH_AS_OF)
     cfg = serving_config(config, canary_fraction=0.5, routing_salt="fb", min_canary_samples=20,
                          admin_token="adm")
@@ -275,7 +277,7 @@ def test_failing_canary_falls_back_and_its_error_rate_rolls_it_back(config, regi
 
 
 def test_missing_or_broken_online_store_is_503_never_500(config, register_version) -> None:
-    champ = str(register_version(config, quality="good", alias="champion").version)
+    champ = signed_gate(config, register_version(config, quality="good", alias="champion"))
     cfg = serving_config(config, canary_fraction=0.0)
     scorer = load_scorer(f"models:/{cfg.training.model_name}/{champ}")
     with ServerThread(create_app(cfg)) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.projects import _project_spec
 from mlflow.tracking import MlflowClient
-from serving_support import BATCH_AS_OF
+from serving_support import BATCH_AS_OF, signed_gate
 from typer.testing import CliRunner
 
 from mlflow_churn.cli import app
@@ -55,8 +55,8 @@ def _mlflow_run(config, tmp_path: Path, entry: str, env_extra: dict[str, str] | 
 
 @pytest.mark.slow
 def test_mlflow_run_canary_status_promote_and_score(config, register_version, tmp_path: Path) -> None:
-    champ = str(register_version(config, alias="champion", seed=0).version)
-    canary = str(register_version(config, alias="canary", seed=1).version)
+    champ = signed_gate(config, register_version(config, alias="champion", seed=0))
+    canary = signed_gate(config, register_version(config, alias="canary", seed=1))  # as the gate signs it
     log = PredictionLog(config.prediction_log_url)
     log.write([PredictionRecord(f"r{i}", i, canary if i % 2 else champ, "canary" if i % 2 else "champion",
                                 0.1 + i / 1000, 2.0, "ok", BATCH_AS_OF, BATCH_AS_OF) for i in range(1, 61)])
