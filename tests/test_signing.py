@@ -318,3 +318,18 @@ def test_approve_then_promote_with_require_approval_and_self_approval_is_refused
     assert ev.get("approval").actor == "alice" and ev.get("override").actor == me
     bad = churn_main([*ws, "registry", "approve", "--version", "99", "--approver", "alice"])
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_a_canary_rollback_is_never_held_up_by_an_unusable_key(config: ChurnConfig) -> None:
+    from mlflow_churn.serving.transitions import rollback
+
+    name = config.training.model_name
+    client = MlflowClient(config.mlflow_tracking_uri, config.mlflow_tracking_uri)
+    v1 = new_version(client, config)
+    gate(client, config, v1, passed=True)  # signed: canary v1
+    os.chmod(signing_key_path(config), 0o644)  # now readable by others: refused for signing
+    res = rollback(config, "incident: canary errors")
+    assert CANARY not in aliases_of(client, name)
+    run = client.get_run(res.run_id)
+    assert "readable by others" in run.data.tags["rollback_unsigned"]
+    assert "rollback" not in read_evidence(client, name, v1, verifier_for(config)).decisions

@@ -21,6 +21,7 @@ evaluation and transition is an MLflow run (tags ``decision``, metrics, params a
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -62,6 +63,8 @@ from mlflow_churn.serving.canary import (
     registry_client,
 )
 from mlflow_churn.tracking import fail_fast, failed_on_error
+
+_log = logging.getLogger("mlflow_churn.transitions")
 
 
 @dataclass
@@ -322,10 +325,16 @@ def rollback(cfg: ChurnConfig, reason: str, version: str | None = None,
         with fail_fast(cfg, f"rolling back v{canary} of '{name}'"), \
                 decision_run(cfg, f"rollback v{canary}") as run, failed_on_error(cfg):
             who = {"actor": actor, "reason": reason, "evidence_run_id": run.info.run_id}
-            # signed first: the version may never be promoted on its earlier decisions again
-            record_signed(client, cfg, name, canary, "rollback", "rollback",
-                          champion=client.get_model_version(name, champion) if champion else None,
-                          run_id=run.info.run_id, reason=reason, actor=actor)
+            # signed first: the version may never be promoted on its earlier decisions again.
+            # Removing a canary is always allowed, so a signing key that cannot be used (missing,
+            # readable by others) does not hold the incident up: the run says it was not signed
+            try:
+                record_signed(client, cfg, name, canary, "rollback", "rollback",
+                              champion=client.get_model_version(name, champion) if champion else None,
+                              run_id=run.info.run_id, reason=reason, actor=actor)
+            except ChurnError as exc:
+                _log.warning("canary v%s of '%s' rolled back unsigned: %s", canary, name, exc)
+                mlflow.set_tag("rollback_unsigned", str(exc)[:500])
             remove_alias(client, name, CANARY, cfg.evaluation.mirror_stages, **who)
             _tag_rolled_back(client, name, canary, reason, run.info.run_id)
             after = aliases_of(client, name)
