@@ -68,6 +68,10 @@ class DemoReport:
     steps: list[DemoStep] = field(default_factory=list)
     tracking_uri: str = ""
     experiment_id: str = ""  # of training.experiment (`churn`)
+    #: (version, kind, decision, compared with, key id, issued at) of every signed decision
+    signed: list[tuple[str, str, str, str, str, str]] = field(default_factory=list)
+    verify: list[str] = field(default_factory=list)  # what `churn registry verify` found wrong
+    verified: bool | None = None
 
     def add(self, step: str, outcome: str, evidence: str, started: float) -> None:
         self.steps.append(DemoStep(step, outcome, evidence, time.perf_counter() - started))
@@ -297,7 +301,36 @@ def run_demo(workspace: Path, spec: DemoSpec = DemoSpec(),
     step_monitor(ctx)
     step_retrain(ctx)
     step_canary(ctx)
+    step_verify(ctx)
     return ctx.report
+
+
+def step_verify(ctx: DemoContext) -> None:
+    """The signed decisions behind the registry's state, and ``churn registry verify`` on it."""
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_churn.registry.promotion import read_evidence
+    from mlflow_churn.registry.signing import verifier_for
+    from mlflow_churn.registry.verify import verify_model
+
+    cfg = ctx.cfg
+    t = time.perf_counter()
+    uri = cfg.mlflow_tracking_uri
+    client = MlflowClient(uri, uri)
+    name = cfg.training.model_name
+    verifier = verifier_for(cfg)
+    versions = sorted((mv.version for mv in client.search_model_versions(f"name = '{name}'")), key=int)
+    for version in versions:
+        ev = read_evidence(client, name, str(version), verifier)
+        for kind, d in sorted((ev.decisions if ev else {}).items(), key=lambda kd: kd[1].issued_at):
+            against = f"v{d.champion.split(':')[0]}" if d.champion else "-"
+            ctx.report.signed.append((str(version), kind, d.decision, against, d.key_id, d.issued_at[:19]))
+    result = verify_model(client, cfg, name, verifier)
+    ctx.report.verified = result.ok
+    ctx.report.verify = [f"{f.alias} v{f.version}: {f.check}: {f.message}" for f in result.failed]
+    ctx.report.add("registry verify", "every protected alias verifies" if result.ok
+                   else f"{len(result.failed)} finding(s) do not verify",
+                   f"{len(ctx.report.signed)} signed decisions, keys {', '.join(verifier.key_ids)}", t)
 
 
 def print_report(report: DemoReport, workspace: Path, ui_url: str | None = None,
@@ -313,6 +346,15 @@ def print_report(report: DemoReport, workspace: Path, ui_url: str | None = None,
     for s in report.steps:
         table.add_row(s.step, s.outcome, s.evidence, f"{s.seconds:.1f}")
     console.print(table)
+    if report.signed:
+        signed = Table(title="signed decisions (Ed25519; the guard and `churn serve` verify them)")
+        for col in ("version", "decision", "outcome", "against champion", "key", "issued (UTC)"):
+            signed.add_column(col)
+        for row in report.signed:
+            signed.add_row(*row)
+        console.print(signed)
+    for line in report.verify:
+        console.print(f"[red]does not verify:[/] {line}", soft_wrap=True)
     total = sum(s.seconds for s in report.steps)
     runs = f"the runs: {runs_url(ui_url or 'http://127.0.0.1:5000', report.experiment_id)}" \
         if report.experiment_id else ""
