@@ -24,9 +24,12 @@ def registry_lock(cfg: ChurnConfig, timeout_s: float = 120.0) -> Iterator[str]:
 
     PostgreSQL tracking store: ``pg_advisory_lock`` on a key derived from the model name
     (every machine using that store is serialised); otherwise an exclusive ``fcntl`` lock
-    on ``<workspace>/locks/registry-<model>.lock`` (processes sharing the workspace).
+    on ``<workspace>/locks/transitions/registry-<model>.lock`` (processes sharing the
+    workspace). Not the file the guard of a server on this workspace locks per request
+    (``<workspace>/locks``): a transition holds its lock across requests to that server, so
+    sharing the file would block the server's check of the transition's own move forever.
     """
-    with model_lock(cfg.mlflow_tracking_uri, cfg.training.model_name, cfg.workspace / "locks",
+    with model_lock(cfg.mlflow_tracking_uri, cfg.training.model_name, cfg.workspace / "locks" / "transitions",
                     timeout_s) as held:
         yield held
 
