@@ -141,23 +141,35 @@ def demo(
                                 "started by the registry's webhook (what `make demo-server` runs)."),
     keep_running: bool = typer.Option(False, "--keep-running", help="With --server: keep both servers up "
                                       "after the summary, until Ctrl-C."),
+    mlflow_port: int = typer.Option(None, "--mlflow-port", min=1, max=65535, help="With --server: the port "
+                                    "of `mlflow server` on 127.0.0.1 (default: a free one)."),
+    hooks_port: int = typer.Option(None, "--hooks-port", min=1, max=65535, help="With --server: the port "
+                                   "of the webhook receiver on 127.0.0.1 (default: a free one)."),
 ) -> None:
-    """Run the whole loop end to end in the workspace (what `make demo` runs)."""
+    """Run the whole loop end to end in the workspace (what `make demo` runs). With --server,
+    Ctrl-C or SIGTERM ends it within seconds, whatever step runs, its servers stopped."""
     from mlflow_churn.demo import DemoSpec, print_report, run_demo
 
     if customers < 2000:
         raise ChurnError(f"--customers must be at least 2000 for the demo's segments, got {customers}")
     if n_trials < 1:
         raise ChurnError(f"--n-trials must be >= 1, got {n_trials}")
-    if keep_running and not server:
-        raise ChurnError("--keep-running needs --server (it keeps the demo's servers up)")
+    for option, given in (("--keep-running", keep_running), ("--mlflow-port", mlflow_port),
+                          ("--hooks-port", hooks_port)):
+        if given and not server:
+            raise ChurnError(f"{option} needs --server (it is about the demo's servers)")
+    if server:  # before the demo's heavy imports: a bad port fails at once
+        from mlflow_churn.tracking_server import check_ports
+
+        check_ports({"--mlflow-port": mlflow_port, "--hooks-port": hooks_port})
     cfg = get_config(ctx)
     spec = DemoSpec(customers=customers, n_trials=n_trials,
                     traffic_customers=min(12_000, customers // 2))
     if server:
         from mlflow_churn.demo_server import run_server_demo
 
-        run_server_demo(cfg.workspace, spec, keep_running=keep_running)
+        run_server_demo(cfg.workspace, spec, keep_running=keep_running, mlflow_port=mlflow_port,
+                        hooks_port=hooks_port)
         return
     report = run_demo(cfg.workspace, spec)
     print_report(report, cfg.workspace)

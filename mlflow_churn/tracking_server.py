@@ -17,6 +17,7 @@ one server (a new database per demo run or test session).
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -111,20 +112,77 @@ class TrackingServer:
 
 def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
     """Terminate ``proc``'s process group (it was started in its own session), then kill."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, 15)
-    except (ProcessLookupError, PermissionError):
-        proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
+    stop_processes([proc], timeout)
+
+
+def stop_processes(procs: Sequence[subprocess.Popen], timeout: float = 15.0) -> None:
+    """Stop several children at once: SIGTERM to each one's process group (each was started in
+    its own session), then SIGKILL to the groups still there ``timeout`` seconds later; waits
+    for the leaders. At most about ``2 * timeout`` in all, however many there are."""
+    live = [p for p in procs if p.poll() is None]
+    for proc in live:
+        _signal_group(proc, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in live:
         try:
-            os.killpg(proc.pid, 9)
-        except (ProcessLookupError, PermissionError):
-            proc.kill()
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    stuck = [p for p in live if p.poll() is None]
+    for proc in stuck:
+        _signal_group(proc, signal.SIGKILL)
+    for proc in stuck:
         proc.wait(timeout)
+    for proc in live:  # the leader is gone; its workers (same group) get the same end
+        _signal_group(proc, signal.SIGKILL)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        if proc.poll() is None:
+            proc.send_signal(sig)
+
+
+def port_taken(host: str, port: int) -> bool:
+    """True when a process listens on ``host:port`` already (a bind with ``SO_REUSEADDR``, as
+    servers do, fails); a port in TIME_WAIT counts as free."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def check_ports(ports: Mapping[str, int | None], host: str = LOOPBACK) -> None:
+    """One-line ChurnErrors for the ports chosen by options (option name -> port, None = a free
+    one will be picked): out of 1..65535, one port given twice, or a port another process
+    listens on (named with its option)."""
+    given = {option: port for option, port in ports.items() if port is not None}
+    for option, port in given.items():
+        if not 1 <= port <= 65535:
+            raise ChurnError(f"{option} must be a TCP port 1..65535, got {port}")
+    seen: dict[int, str] = {}
+    for option, port in given.items():
+        if port in seen:
+            raise ChurnError(f"{seen[port]} and {option} are both {port}; give them different ports")
+        seen[port] = option
+    for option, port in given.items():
+        check_port(host, port, option)
+
+
+def check_port(host: str, port: int, option: str | None = None) -> None:
+    """A one-line ChurnError naming the port (and the ``option`` that chose it) when ``port`` on
+    ``host`` is taken (see :func:`port_taken`)."""
+    if not port_taken(host, port):
+        return
+    if option:
+        raise ChurnError(f"{option} {port}: {host}:{port} is already in use; pick another port or leave "
+                         f"{option} out for a free one")
+    raise ChurnError(f"port {port} on {host} is already in use")
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float, log_path: Path | None = None) -> None:
@@ -173,9 +231,11 @@ def start_tracking_server(
     - ``artifacts_dir``: ``--artifacts-destination`` (created; proxied by the server);
     - ``app_name``: ``--app-name`` (an ``mlflow.app`` entry point, e.g. ``churn-guard``);
     - ``env``: the child's environment (default :func:`server_env`);
-    - ``port``: None picks a free one (retried when another process takes it first).
+    - ``port``: None picks a free one (retried when another process takes it first); a given
+      port that is taken is a one-line ChurnError naming it.
 
-    Raises ChurnError, with the end of the server's log, when it does not come up.
+    Raises ChurnError, with the end of the server's log, when it does not come up. Interrupted
+    (KeyboardInterrupt) while it waits, it stops the child before the interrupt goes on.
     """
     artifacts = Path(artifacts_dir).resolve()
     artifacts.mkdir(parents=True, exist_ok=True)
@@ -184,6 +244,8 @@ def start_tracking_server(
     log = Path(log_path) if log_path else artifacts.parent / f"mlflow-server-{uuid.uuid4().hex[:8]}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     tries = 1 if port else _PORT_TRIES
+    if port:
+        check_port(host, port)
     for attempt in range(tries):
         chosen = port or free_port(host)
         args = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(chosen),
@@ -197,10 +259,14 @@ def start_tracking_server(
         url = f"http://{host}:{chosen}"
         try:
             wait_http(f"{url}/health", proc, ready_timeout, log)
-        except ChurnError:
+        except BaseException as exc:  # a ChurnError, or Ctrl-C / SIGTERM while it starts
             stop_process(proc, 5.0)
-            if attempt + 1 < tries and _address_in_use(log):
-                continue
+            if isinstance(exc, ChurnError) and _address_in_use(log):
+                if attempt + 1 < tries:
+                    continue
+                if port:
+                    raise ChurnError(f"mlflow server could not listen on {host}:{port}: the port is already "
+                                     "in use") from None
             raise
         return TrackingServer(url=url, backend_uri=backend_uri, artifacts_dir=artifacts, process=proc,
                               log_path=log, env=child_env)

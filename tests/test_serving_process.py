@@ -143,3 +143,28 @@ def test_postgres_advisory_lock_serialises_holders(workspace, postgres_url) -> N
         events.append("b-in")
     t.join()
     assert events == ["a-in", "a-out", "b-in"]
+
+
+def test_canary_status_reports_the_running_services_fraction(config) -> None:
+    """`churn canary status` shows the fraction the running `churn serve` routes with (0.3 from
+    its own environment, not the config default 0.1); with no service, the config's, said so."""
+    from serving_support import run_cli
+
+    assert config.serving.canary_fraction == 0.1
+    with ServeProcess(config, CHURN_SERVING__CANARY_FRACTION="0.3") as srv:
+        res = run_cli(config, ["canary", "status", "--json", "--service-url", srv.url])
+        assert res.returncode == 0, res.stderr[-2000:]
+        data = json.loads(res.stdout)
+        assert (data["canary_fraction"], data["canary_fraction_source"]) == (0.3, "service"), data
+        assert data["service_url"] == srv.url and "note" not in data
+        # default address: 127.0.0.1 and serving.port
+        res = run_cli(config, ["canary", "status"], CHURN_SERVING__PORT=str(srv.port))
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert f"canary fraction 0.3 (from the scoring service at {srv.url})" in res.stdout, res.stdout
+    res = run_cli(config, ["canary", "status", "--json", "--service-url", srv.url])
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(res.stdout)
+    assert (data["canary_fraction"], data["canary_fraction_source"]) == (0.1, "config"), data
+    assert f"no scoring service answered at {srv.url}" in data["note"]
+    res = run_cli(config, ["canary", "status", "--service-url", srv.url])
+    assert "canary fraction 0.1 (from the config)" in res.stdout and "note: no scoring service" in res.stdout

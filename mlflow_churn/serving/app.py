@@ -29,7 +29,8 @@ shell (routes, tokens, error answers) over :class:`~mlflow_churn.serving.service
   sent; async batches them off the request path, bounded, flushed on shutdown). A row's
   ``latency_ms`` is the request's parsing and feature fetch plus the scoring time of its
   own route's model.
-- ``GET /health`` (process alive), ``/ready`` (503 until a champion is loaded),
+- ``GET /health`` (process alive; the model name and the canary fraction in use, which
+  ``churn canary status`` asks for), ``/ready`` (503 until a champion is loaded),
   ``/metrics`` (Prometheus text: requests and errors by route and version, latency
   histograms, prediction-log counters), admin ``POST /admin/reload|promote|rollback`` and
   ``GET /admin/status`` behind the bearer token ``serving.admin_token``: closed by default
@@ -143,8 +144,10 @@ def create_app(cfg: ChurnConfig, start_background: bool = True) -> FastAPI:
                          "/predict, /ready and /metrics")
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> dict[str, Any]:
+        """Open: the process answers; the model it serves and its canary fraction (what
+        ``churn canary status`` reports), nothing else."""
+        return {"status": "ok", "model": service.models.name, "canary_fraction": sv.canary_fraction}
 
     @app.get("/ready", dependencies=[Depends(need_api)])
     async def ready() -> JSONResponse:

@@ -47,6 +47,12 @@ def _since(value: str | None) -> datetime | None:
     return parse_datetime(value, "--since") if opt_str(value) else None
 
 
+def _service_url(cfg: ChurnConfig, given: str | None) -> str:
+    """``given``, else where `churn serve` listens by the config (a wildcard bind as 127.0.0.1)."""
+    host = cfg.serving.host if cfg.serving.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    return opt_str(given) or f"http://{host}:{cfg.serving.port}"
+
+
 def _num(value: float) -> str:
     return "-" if value != value else f"{value:.4g}"  # NaN -> '-'
 
@@ -90,18 +96,31 @@ def canary_status_cmd(
     since: str = _SINCE,
     reason: str = typer.Option("", "--reason", hidden=True, help="Must be empty: status changes nothing."),
     progress: bool = _PROGRESS,
+    service_url: str = typer.Option(None, "--service-url", help="The running `churn serve` to ask for "
+                                    "its canary fraction (default: http://127.0.0.1:<serving.port>)."),
 ) -> None:
-    """Aliases of the model and the predictions logged per route and version."""
+    """Aliases of the model, the canary fraction the running scoring service routes with (the
+    config's serving.canary_fraction, said so, when no service answers) and the predictions
+    logged per route and version."""
     from mlflow_churn.serving.canary import canary_status
+    from mlflow_churn.serving.traffic import live_canary_fraction
 
     if opt_str(reason):
         raise ChurnError(f"`churn canary status` changes nothing, so it takes no --reason (got '{reason}')")
     until = parse_datetime(as_of, "--as-of") if opt_str(as_of) else None
-    st = canary_status(get_config(ctx), until, _since(since))
+    cfg = get_config(ctx)
+    st = canary_status(cfg, until, _since(since))
+    live = live_canary_fraction(_service_url(cfg, service_url), st.model_name, st.canary_fraction)
     if as_json:
-        print_json(st.to_dict())
+        print_json({**st.to_dict(), "canary_fraction": live.canary_fraction,
+                    "canary_fraction_source": live.source, "service_url": live.service_url,
+                    **({"note": live.note} if live.note else {})})
         return
-    console.print(f"model '{st.model_name}', canary fraction {st.canary_fraction}")
+    where = f"the scoring service at {live.service_url}" if live.source == "service" else "the config"
+    console.print(f"model '{st.model_name}', canary fraction {live.canary_fraction} (from {where})",
+                  soft_wrap=True)
+    if live.note:
+        console.print(f"note: {live.note}", soft_wrap=True)
     console.print("aliases: " + (", ".join(f"{a}=v{v}" for a, v in sorted(st.aliases.items())) or "none"))
     logged = ", ".join(f"{k}: {n}" for k, n in sorted(st.logged.items()))
     console.print("logged: " + (logged or "nothing yet"))
@@ -260,8 +279,7 @@ def traffic_cmd(
     if customers < 1:
         raise ChurnError(f"--customers must be >= 1, got {customers}")
     cfg = get_config(ctx)
-    host = cfg.serving.host if cfg.serving.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    target = opt_str(url) or f"http://{host}:{cfg.serving.port}"
+    target = _service_url(cfg, url)
     loopback_url(target)  # refuse another machine before reading anything
     ids = draw_customers(cfg.data_dir, customers, seed)
     secret = opt_str(token) or getattr(cfg.serving, "api_token", None)

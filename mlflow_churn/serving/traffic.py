@@ -6,7 +6,8 @@ gives. :func:`send_traffic` posts customer ids drawn from the workspace's custom
 (:func:`draw_customers`) in small requests over one keep-alive connection, optionally paced
 to a rate, and stops after ``max_seconds`` whatever happens. It only talks to a loopback
 address (:func:`loopback_url`): this is a test-traffic generator, not a load tool to point
-at someone else's service.
+at someone else's service. :func:`live_canary_fraction` asks a running service (``GET
+/health``) for the canary fraction it routes with (``churn canary status``).
 """
 
 from __future__ import annotations
@@ -141,6 +142,52 @@ def wait_ready(client: _Client, url: str, wait_seconds: float, clock: Callable[[
         if clock() >= deadline:
             raise ChurnError(f"the scoring service is not ready after {wait_seconds:g} s: {last}")
         sleep(0.2)
+
+
+@dataclass
+class LiveFraction:
+    """The canary fraction to report: the running service's, else the config's (``source``
+    ``service`` / ``config``; ``note`` says why the config's)."""
+
+    canary_fraction: float
+    source: str
+    service_url: str
+    note: str = ""
+
+
+def live_canary_fraction(url: str, model_name: str, configured: float, timeout: float = 2.0) -> LiveFraction:
+    """Ask the scoring service at ``url`` (``GET /health``, one attempt of ``timeout`` s) for
+    the canary fraction it routes with; ``configured`` (``serving.canary_fraction``) with a
+    note when nothing answers there, the answer is not a scoring service's, or it serves
+    another model than ``model_name``."""
+    def fallback(why: str) -> LiveFraction:
+        return LiveFraction(configured, "config", url, f"{why}; showing the config's serving.canary_fraction")
+
+    parts = urlsplit(url)
+    try:
+        port = parts.port or 80
+    except ValueError:
+        port = 0
+    if parts.scheme != "http" or not parts.hostname or not port:
+        return fallback(f"the service URL must look like http://127.0.0.1:8080, got '{url}'")
+    client = _Client(parts.hostname, port, parts.path.rstrip("/"), None, timeout)
+    try:
+        status, body = client.request("GET", "/health")
+    except OSError as exc:
+        return fallback(f"no scoring service answered at {url} ({exc.__class__.__name__})")
+    finally:
+        client.close()
+    try:
+        data = json.loads(body) if status == 200 else None
+    except ValueError:
+        data = None
+    fraction = data.get("canary_fraction") if isinstance(data, dict) else None
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction <= 1:
+        return fallback(f"{url}/health answered {status} without a canary fraction (not `churn serve`?)")
+    served = data.get("model")
+    if served != model_name:
+        return fallback(f"the service at {url} serves model '{served}', not '{model_name}'")
+    return LiveFraction(float(fraction), "service", url)
 
 
 def send_traffic(
