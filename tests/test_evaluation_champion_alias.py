@@ -10,18 +10,15 @@ of a real `mlflow server`.
 
 from __future__ import annotations
 
-import http.client
-import http.server
 import shlex
-import threading
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 from mlflow.projects import _project_spec
 from mlflow.tracking import MlflowClient
+from proxy_support import FlakyProxy
 
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.errors import ChurnError
@@ -137,59 +134,13 @@ def test_python_api_typo_raises_churn_error_with_or_without_a_champion(config, r
     assert _state(client, name) == before
 
 
-class _AliasOutage:
-    """A loopback proxy in front of a real server; while ``failing``, it answers 503 to ``GET
-    .../registered-models/alias`` (looking a version up by alias). It forwards the rest."""
-
-    def __init__(self, target: str) -> None:
-        host = urlsplit(target)
-        self.failing = False
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def _forward(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                path = self.path.split("?", 1)[0]
-                if proxy.failing and self.command == "GET" and path.endswith("/registered-models/alias"):
-                    self.send_response(503)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                conn = http.client.HTTPConnection(host.hostname, host.port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                conn.close()
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward  # noqa: N815
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_an_outage_looking_up_the_champion_is_not_no_champion(mlflow_server, workspace: Path,
                                                              register_version) -> None:
     """The registry failing to answer must not read as "the alias does not exist" (nor as
     "no champion": the old lookup swallowed every error and gated against the floors)."""
     name = f"churn-outage-{uuid.uuid4().hex[:8]}"
     client = MlflowClient(mlflow_server.url)
-    proxy = _AliasOutage(mlflow_server.url)
+    proxy = FlakyProxy(mlflow_server.url)
     try:
         cfg = load_config(workspace=workspace, environ={}, overrides={
             "tracking_uri": proxy.url, "training.model_name": name, "mlflow.http_max_retries": 1,
@@ -197,7 +148,7 @@ def test_an_outage_looking_up_the_champion_is_not_no_champion(mlflow_server, wor
         chal = register_version(cfg, "good", alias="challenger")
         register_version(cfg, "bad", alias=CHAMPION, seed=3)
         before = _state(client, name)
-        proxy.failing = True
+        proxy.fail("/registered-models/alias", method="GET")  # looking a version up by alias
         with pytest.raises(ChurnError) as err:  # the challenger by number: only the champion lookup fails
             evaluate(cfg, AS_OF, challenger_alias=str(chal.version), drift_sample_rows=SAMPLE)
     finally:

@@ -60,7 +60,7 @@ def test_promotion_from_the_registry_ui(browser, tmp_path, workspace) -> None:
         text = browser.find_element(*dialog).text
         browser.save_screenshot(str(tmp_path / "refused.png"))
         assert f"version {ungated} of '{name}' may not become champion" in text
-        assert "promotion_override" in text  # how to pass it
+        assert "churn canary promote --force" in text  # how to pass it: a signed override
         assert client.get_registered_model(name).aliases["champion"] == v1
 
         # accepted: the canary-passed version gets the alias, the page shows it

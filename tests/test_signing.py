@@ -333,3 +333,21 @@ def test_a_canary_rollback_is_never_held_up_by_an_unusable_key(config: ChurnConf
     run = client.get_run(res.run_id)
     assert "readable by others" in run.data.tags["rollback_unsigned"]
     assert "rollback" not in read_evidence(client, name, v1, verifier_for(config)).decisions
+
+
+def test_files_digest_sees_every_model_file_but_mlflows_own_meta(tmp_path: Path) -> None:
+    from mlflow_churn.registry.signing import files_digest
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "MLmodel").write_text("flavors: {}")
+    (tmp_path / "sub" / "booster.ubj").write_bytes(b"\x00\x01")
+    before = files_digest(tmp_path)
+    (tmp_path / "registered_model_meta").write_text("model_name: x")  # MLflow writes it on load
+    assert files_digest(tmp_path) == before
+    (tmp_path / "sub" / "registered_model_meta").write_text("x")  # only at the root
+    assert files_digest(tmp_path) != before
+    (tmp_path / "sub" / "registered_model_meta").unlink()
+    (tmp_path / "sub" / "booster.ubj").write_bytes(b"\x00\x02")
+    assert files_digest(tmp_path) != before
+    (tmp_path / "sub" / "booster.ubj").rename(tmp_path / "sub" / "booster2.ubj")
+    assert files_digest(tmp_path) != before

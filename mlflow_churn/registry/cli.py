@@ -26,19 +26,13 @@ def history_cmd(
     """Every recorded move of the model's aliases (who, when, why, evidence run), or with --at
     which version each alias pointed at, at that time."""
 
-    from mlflow.tracking import MlflowClient
     from rich.table import Table
 
     from mlflow_churn.cli_common import parse_datetime
     from mlflow_churn.registry.history import read_moves, version_at
-    from mlflow_churn.tracking import probe_server
 
     when = parse_datetime(at, "--at") if opt_str(at) else None  # bad input first
-    cfg = get_config(ctx, {"training.model_name": opt_str(model)})
-    uri = cfg.mlflow_tracking_uri
-    probe_server(uri)
-    client = MlflowClient(uri, uri)
-    name = cfg.training.model_name
+    cfg, client, name = _registry(ctx, model)
     moves = read_moves(client, name, opt_str(alias))
     if when is not None:
         aliases = [alias] if opt_str(alias) else sorted({m.alias for m in moves})
@@ -107,23 +101,18 @@ def approve_cmd(
     """Sign an approval of a version (registry.require_approval): an audit run in
     registry.audit_experiment and the version tag churn.sig.approval. The promotion that
     follows must be made by someone else than the approver."""
-    from mlflow.tracking import MlflowClient
 
     from mlflow_churn.cli_common import parse_version
     from mlflow_churn.errors import ChurnError
     from mlflow_churn.registry.aliases import CHAMPION, alias_version
     from mlflow_churn.registry.signing import record_signed
-    from mlflow_churn.tracking import client_run, ensure_experiment, fail_fast, probe_server
+    from mlflow_churn.tracking import client_run, ensure_experiment, fail_fast
 
     number = parse_version(version, "--version")
     who = approver.strip()
     if not who:
         raise ChurnError("--approver must name the approver")
-    cfg = get_config(ctx, {"training.model_name": opt_str(model)})
-    uri = cfg.mlflow_tracking_uri
-    probe_server(uri)
-    client = MlflowClient(uri, uri)
-    name = cfg.training.model_name
+    cfg, client, name = _registry(ctx, model)
     with fail_fast(cfg, f"approving version {number} of '{name}'"):
         _existing_version(client, name, number)
         champion = alias_version(client, name, CHAMPION)
@@ -170,17 +159,12 @@ def verify_cmd(
     signed gate decision names, and each alias is where the lifecycle can have put it.
     Exit 0 when everything verifies, 1 when anything does not, 2 on errors (an unreachable
     server is an error, never "verified")."""
-    from mlflow.tracking import MlflowClient
     from rich.table import Table
 
     from mlflow_churn.registry.verify import verify_model
-    from mlflow_churn.tracking import fail_fast, probe_server
+    from mlflow_churn.tracking import fail_fast
 
-    cfg = get_config(ctx, {"training.model_name": opt_str(model)})
-    uri = cfg.mlflow_tracking_uri
-    probe_server(uri)
-    client = MlflowClient(uri, uri)
-    name = cfg.training.model_name
+    cfg, client, name = _registry(ctx, model)
     with fail_fast(cfg, f"verifying '{name}'"):
         report = verify_model(client, cfg, name)
     if as_json:
@@ -197,6 +181,19 @@ def verify_cmd(
         console.print("verified" if report.ok else f"{len(report.failed)} check(s) do not verify")
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _registry(ctx: typer.Context, model: str | None) -> tuple[Any, Any, str]:
+    """(config, client of its tracking store, model name) of a registry command; the server
+    probed first, so a dead one fails in seconds."""
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_churn.tracking import probe_server
+
+    cfg = get_config(ctx, {"training.model_name": opt_str(model)})
+    uri = cfg.mlflow_tracking_uri
+    probe_server(uri)
+    return cfg, MlflowClient(uri, uri), cfg.training.model_name
 
 
 def register(app: typer.Typer) -> None:

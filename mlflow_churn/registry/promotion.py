@@ -292,15 +292,19 @@ def check_promotion(client: MlflowClient, name: str, version: str | None, cfg: C
             result(True, "gate_passed", f"version {version} of '{name}' passed the gate (signed, run "
                    f"{ev.decisions['gate'].run_id})")
 
+    def removed(of: str | None, rb: Decision | None) -> PromotionCheck:
+        """Deleting ``alias``: allowed only during the signed rollback ``rb`` of version ``of``."""
+        if rb is not None:
+            return result(True, "rollback", f"{alias} of '{name}' removed by the signed rollback of version "
+                          f"{of} (run {rb.run_id})")
+        return refuse("lifecycle", f"only a signed rollback removes {alias}",
+                      "roll back with `churn canary rollback` (it is signed)")
+
     promo = cev.promotion if cev else None
     rollback = cev.rolled_back_after(promo) if cev else None
     if alias == PREVIOUS_CHAMPION:
         if ev is None:
-            if rollback is not None:
-                return result(True, "rollback", f"previous-champion of '{name}' removed by the signed "
-                              f"rollback of version {champ} (run {rollback.run_id})")
-            return refuse("lifecycle", "only a signed rollback removes previous-champion",
-                          "roll back with `churn canary rollback`")
+            return removed(champ, rollback)
         if promo is not None and promo.champion == ev.ref:
             return result(True, "promotion_left_behind", f"version {version} is the champion that the "
                           f"signed promotion of version {champ} replaced")
@@ -314,11 +318,7 @@ def check_promotion(client: MlflowClient, name: str, version: str | None, cfg: C
     hpromo = hev.promotion if hev else None
     hrollback = hev.rolled_back_after(hpromo) if hev else None
     if ev is None:
-        if hrollback is not None:
-            return result(True, "rollback", f"{alias} of '{name}' removed by the signed rollback of version "
-                          f"{holder} (run {hrollback.run_id})")
-        return refuse("lifecycle", "only a signed rollback removes it",
-                      "roll back with `churn canary rollback` (it is signed)")
+        return removed(holder, hrollback)
     if hrollback is not None and hrollback.champion == ev.ref and hpromo is not None \
             and hpromo.champion == ev.ref:
         return result(True, "rollback", f"version {version} of '{name}' is the champion that version "

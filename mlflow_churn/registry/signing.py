@@ -48,6 +48,9 @@ KINDS: dict[str, tuple[str, ...]] = {
     "override": ("override",),
     "approval": ("approved",),
 }
+#: files MLflow itself writes into a registered version's directory (``registered_model_meta``
+#: when ``models:/`` is loaded in place from a local store): not the model, not digested
+UNSIGNED_FILES = frozenset({"registered_model_meta"})
 ENVELOPE_LIMIT = 4900  # a version tag holds 5000 characters on every store
 
 
@@ -112,13 +115,14 @@ def metrics_digest(metrics: Mapping[str, Any]) -> str:
 
 
 def files_digest(root: str | Path) -> str:
-    """SHA-256 over every file under ``root``: sorted relative paths with each file's SHA-256.
-    Any changed, added, removed or renamed file changes it."""
+    """SHA-256 over every file under ``root`` (but :data:`UNSIGNED_FILES`): sorted relative paths
+    with each file's SHA-256. Any changed, added, removed or renamed file changes it."""
     root = Path(root)
     if not root.is_dir():
         raise ChurnError(f"cannot digest model files: {root} is not a directory")
     outer = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix()
+                       not in UNSIGNED_FILES):
         inner = hashlib.sha256()
         with open(path, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
