@@ -173,6 +173,21 @@ def test_first_model_uses_absolute_floors(config, register_version) -> None:
     assert alias_version(client, config.training.model_name, CANARY).version == good.version
 
 
+def test_a_version_number_reused_after_a_delete_is_gated_afresh(config, register_version) -> None:
+    """Versions are known by identity: a model deleted and re-created gets a new v1, which is
+    another model and must not be answered with the old v1's decision."""
+    first = register_version(config, "good", alias="challenger")
+    decision = evaluate(config, AS_OF, drift_sample_rows=SAMPLE)
+    assert decision.passed and not decision.reused
+    client = MlflowClient()
+    client.delete_registered_model(config.training.model_name)
+    second = register_version(config, "bad", alias="challenger")
+    assert second.version == first.version  # the number comes back
+    redo = evaluate(config, AS_OF, drift_sample_rows=SAMPLE)
+    assert not redo.reused and redo.run_id != decision.run_id
+    assert redo.metrics["challenger_roc_auc"] != decision.metrics["challenger_roc_auc"]
+
+
 def test_missing_challenger_and_empty_holdout_are_named(config, register_version) -> None:
     register_version(config, "good", alias=None)
     with pytest.raises(ChurnError, match="alias 'challenger'"):

@@ -38,8 +38,9 @@ The decision is one MLflow run (nested under ``parent_run_id`` when given, e.g. 
 ``mlflow run`` project run) with metrics, params, plots, per-segment CSVs, the Evidently
 HTML drift report, the project's drift JSON and ``decision.json`` holding every number.
 
-Idempotence: the run is tagged ``gate_key`` = sha256 of (model name, challenger version,
-champion version, holdout cutoffs, label horizon, data manifest, evaluation config). When a
+Idempotence: the run is tagged ``gate_key`` = sha256 of (model name, challenger and champion
+versions by identity (:func:`~mlflow_churn.registry.signing.version_ref`: number, model id,
+source run, creation time), holdout cutoffs, label horizon, data manifest, evaluation config). When a
 finished decision run with that key exists, :func:`evaluate` returns its decision
 (``reused=True``) and changes nothing: no run, no alias move, no tag.
 """
@@ -77,7 +78,7 @@ from mlflow_churn.features.offline import daily_cutoffs
 from mlflow_churn.jsonable import dumps
 from mlflow_churn.progress import ProgressArg, resolve
 from mlflow_churn.registry.aliases import CANARY, CHAMPION, move_alias
-from mlflow_churn.registry.signing import Decision, record_signed, version_files_digest
+from mlflow_churn.registry.signing import Decision, record_signed, version_files_digest, version_ref
 from mlflow_churn.stats.drift import drift_against_entry, psi
 from mlflow_churn.stats.metrics import (
     add_segment_columns,
@@ -222,7 +223,8 @@ def _data_fingerprint(data_dir: Path) -> str:
 
 
 def _gate_key(cfg: ChurnConfig, challenger: str, champion: str | None, cutoffs: list[datetime]) -> str:
-    """sha256 identifying one decision (see module doc)."""
+    """sha256 identifying one decision (see module doc); ``challenger`` / ``champion`` are
+    version refs (``<version>:<identity>``)."""
     ident = {
         "model": cfg.training.model_name, "challenger": str(challenger), "champion": champion,
         "cutoffs": [c.isoformat() for c in cutoffs], "horizon": cfg.features.label_horizon_days,
@@ -453,7 +455,8 @@ def _resolve_pair(client: MlflowClient, cfg: ChurnConfig, as_of: datetime, chall
     ends = [parse_tag_time(mv.tags.get("window_end"), f"tag window_end of version {mv.version}")
             for mv in (chal_mv, champ_mv) if mv is not None]
     cutoffs = holdout_cutoffs(as_of, cfg, ends)
-    key = _gate_key(cfg, chal_mv.version, champ_mv.version if champ_mv else None, cutoffs)
+    # versions by identity, not number: a number re-used after a delete is another model
+    key = _gate_key(cfg, version_ref(chal_mv), version_ref(champ_mv) if champ_mv else None, cutoffs)
     return _Pair(name, chal_mv, champ_mv, cutoffs, key)
 
 
