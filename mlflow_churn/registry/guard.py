@@ -207,6 +207,8 @@ class Guard:
         if not name:
             return _error(400, "INVALID_PARAMETER_VALUE", "churn-guard: the request names no registered "
                           "model ('name'); nothing was changed")
+        if not self._may_concern(m["op"], msg):
+            return None  # an ordinary tag or alias: no lock, no store read on the hot path
         actor = _actor(request, g)
         try:
             stack = contextlib.ExitStack()
@@ -248,6 +250,15 @@ class Guard:
             stack.close()
 
     # ------------------------------------------------------------------ decisions
+    def _may_concern(self, op: str, msg: Any) -> bool:
+        """False for requests :meth:`_decide` lets through on their parameters alone (a tag or an
+        alias the guard does not protect), so they take no lock."""
+        if op in ("model-versions/set-tag", "model-versions/delete-tag"):
+            return msg.key.startswith(SIG_PREFIX) or msg.key in (*GUARD_ONLY_TAGS, OVERRIDE_TAG, APPROVAL_TAG)
+        if op == "registered-models/alias":
+            return msg.alias in self.protected
+        return True
+
     def _decide(self, op: str, method: str, name: str, msg: Any, route: str,
                 actor: str) -> GuardedMove | None:
         client = self.client
