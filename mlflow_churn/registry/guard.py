@@ -430,7 +430,7 @@ class Guard:
             return "churn-guard: an artifact write must name its path"
         norm = posixpath.normpath("/" + path.replace("\\", "/")).lstrip("/")
         try:
-            hit = next(((loc, n, v) for loc, n, v in self._registered_locations()
+            hit = next(((loc, n, v) for loc, n, v in self._registered_locations(norm.split("/")[0])
                         if norm == loc or norm.startswith(loc + "/") or loc.startswith(norm + "/")
                         or norm in ("", ".")), None)
         except Exception as exc:  # the store is unreachable: refuse (closed)
@@ -447,18 +447,27 @@ class Guard:
         self._refused(GuardedMove(f"artifact_{method.lower()}", "api", check), actor)
         return message
 
-    def _registered_locations(self) -> list[tuple[str, str, str]]:
-        """(artifact-root-relative location, model, version) of every registered version's files."""
+    def _registered_locations(self, top: str = "") -> list[tuple[str, str, str]]:
+        """(artifact-root-relative location, model, version) of the registered versions' files
+        whose location lies under the root folder ``top`` ("" or ".": every version). On a SQL
+        store the folder filters in the query: an artifact write (every ``log_artifact`` of every
+        run passes here) reads only the versions of its own experiment folder."""
         from mlflow.server.handlers import _get_model_registry_store
 
         store = _get_model_registry_store()
         rows: list[tuple[str, str, str]] = []
         if hasattr(store, "ManagedSessionMaker"):
             from mlflow.store.model_registry.dbmodels.models import SqlModelVersion
+            from sqlalchemy import or_
 
+            uris = (SqlModelVersion.storage_location, SqlModelVersion.source)
             with store.ManagedSessionMaker() as session:
-                for mv in session.query(SqlModelVersion.name, SqlModelVersion.version,
-                                        SqlModelVersion.storage_location, SqlModelVersion.source):
+                query = session.query(SqlModelVersion.name, SqlModelVersion.version, *uris)
+                if top not in ("", "."):  # a location under top has "/<top>/" (or ends "/<top>") in its URI
+                    esc = top.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                    query = query.filter(or_(*(col.like(pattern, escape="\\") for col in uris
+                                               for pattern in (f"%/{esc}/%", f"%/{esc}"))))
+                for mv in query:
                     for uri in {mv.storage_location, mv.source} - {None, ""}:
                         rel = _relative(uri)
                         if rel:
