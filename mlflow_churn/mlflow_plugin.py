@@ -51,7 +51,7 @@ class ChurnProjectExperimentProvider:
         from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
 
         from mlflow_churn.config import load_config
-        from mlflow_churn.tracking import ensure_experiment
+        from mlflow_churn.tracking import ensure_experiment, sqlite_store_ready
 
         cfg = load_config()
         if not is_tracking_uri_set():
@@ -60,4 +60,5 @@ class ChurnProjectExperimentProvider:
                 cfg.workspace.mkdir(parents=True, exist_ok=True)
             mlflow.set_tracking_uri(uri)
             mlflow.set_registry_uri(uri)
+            sqlite_store_ready(uri)
         return ensure_experiment(MlflowClient(), cfg, cfg.training.experiment)

@@ -361,6 +361,32 @@ def probe_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
                          "MLFLOW_TRACKING_URI / tracking_uri") from None
 
 
+_stores_ready: set[str] = set()
+
+
+def sqlite_store_ready(uri: str) -> None:
+    """For a ``sqlite:///`` store, create or upgrade its tables once, under an exclusive
+    ``flock`` on ``<db>.init-lock``: two processes opening a new workspace store at once
+    (``churn serve`` and a ``churn canary status`` beside it) would otherwise both run
+    MLflow's ``CREATE TABLE`` and one would fail with "table ... already exists". Once per
+    process and URI; other schemes: no-op (a server or PostgreSQL migrates on its own)."""
+    if not uri.startswith("sqlite:///") or uri in _stores_ready:
+        return
+    from mlflow.tracking._model_registry.utils import _get_store as registry_store
+    from mlflow.tracking._tracking_service.utils import _get_store as tracking_store
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".init-lock"), "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            tracking_store(uri)
+            registry_store(uri)
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    _stores_ready.add(uri)
+
+
 def setup_mlflow(cfg: ChurnConfig, experiment: str | None = None) -> str:
     """Set the tracking/registry URI from ``cfg`` and return the experiment id.
 
@@ -376,8 +402,9 @@ def setup_mlflow(cfg: ChurnConfig, experiment: str | None = None) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     name = experiment or cfg.training.experiment
-    client = MlflowClient(uri, uri)
     try:
+        sqlite_store_ready(uri)
+        client = MlflowClient(uri, uri)
         exp_id = ensure_experiment(client, cfg, name)
     except ChurnError:
         raise
