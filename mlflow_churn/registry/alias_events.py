@@ -55,7 +55,7 @@ from mlflow_churn.registry.history import RECONCILED, UNKNOWN, AliasMove, read_m
 from mlflow_churn.registry.lock import registry_lock
 from mlflow_churn.registry.promotion import check_promotion, guarded_aliases
 from mlflow_churn.registry.verify import VerifyReport, verify_model
-from mlflow_churn.tracking import client_run
+from mlflow_churn.tracking import client_run, sqlite_store_ready
 from mlflow_churn.web.metrics import Metrics
 
 _log = logging.getLogger(__name__)
@@ -119,6 +119,7 @@ class AliasWatcher(QueueWorker[AliasEvent]):
         self._on_done = on_done or (lambda *_: None)
         self._clock = clock or (lambda: datetime.now(UTC))
         uri = cfg.mlflow_tracking_uri
+        sqlite_store_ready(uri)
         self.client = MlflowClient(uri, uri)
         self.last_synced: datetime | None = None
         super().__init__("churn-alias-watcher", self._handle, self._failed)  # starts the thread

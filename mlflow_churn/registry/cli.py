@@ -188,11 +188,12 @@ def _registry(ctx: typer.Context, model: str | None) -> tuple[Any, Any, str]:
     probed first, so a dead one fails in seconds."""
     from mlflow.tracking import MlflowClient
 
-    from mlflow_churn.tracking import probe_server
+    from mlflow_churn.tracking import probe_server, sqlite_store_ready
 
     cfg = get_config(ctx, {"training.model_name": opt_str(model)})
     uri = cfg.mlflow_tracking_uri
     probe_server(uri)
+    sqlite_store_ready(uri)
     return cfg, MlflowClient(uri, uri), cfg.training.model_name
 
 
