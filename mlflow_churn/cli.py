@@ -27,6 +27,7 @@ from mlflow_churn.cli_common import (
 )
 from mlflow_churn.config import SCENARIOS, mask_text, masked
 from mlflow_churn.errors import ChurnError, first_line
+from mlflow_churn.interrupt import SafeInterrupt
 
 app = typer.Typer(
     name="churn",
@@ -257,7 +258,8 @@ def main() -> None:
     # "Creating initial MLflow database tables..." is noise on stderr, where errors are one line
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     try:
-        code = app(standalone_mode=False)  # Click raises its errors instead of boxing them
+        with SafeInterrupt():  # Ctrl-C raised outside xgboost's ctypes callbacks (no crash)
+            code = app(standalone_mode=False)  # Click raises its errors instead of boxing them
     except _NO_ARGS as exc:
         typer.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
         sys.exit(2)
@@ -279,6 +281,8 @@ def main() -> None:
             raise
         typer.echo(f"error: {mask_text(line)}", err=True)
         sys.exit(2)
+    if code == 130:  # Typer turns a KeyboardInterrupt inside a command into Exit(130), silently
+        typer.echo("interrupted", err=True)
     if isinstance(code, int) and code:  # typer.Exit(n) of a command (e.g. check-skew's 1)
         sys.exit(code)
 

@@ -57,6 +57,7 @@ import httpx
 from mlflow_churn.config import ChurnConfig, mask_text
 from mlflow_churn.demo import DemoReport, DemoSpec, GateOutcome, console, demo_config, print_report, run_demo
 from mlflow_churn.errors import ChurnError
+from mlflow_churn.interrupt import SafeInterrupt
 from mlflow_churn.tracking_server import (
     LOOPBACK,
     TrackingServer,
@@ -83,15 +84,6 @@ EXIT_DEADLINE_S = 9.0
 #: after a stop signal: the timeout (s) of an MLflow request, made once (no retries)
 CLEANUP_HTTP_TIMEOUT_S = 2
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-#: (module, class, function) of Python code that C calls through ctypes and that must not see a
-#: KeyboardInterrupt: xgboost's DataIter callbacks catch Exception only, ctypes drops what gets
-#: through and xgboost then frees its iterator state twice (the process aborts on the spot,
-#: its children left running). Measured with xgboost 3.2 during XGBClassifier.fit.
-FRAGILE_CALLBACKS = (("xgboost.core", "DataIter", "_next_wrapper"),
-                     ("xgboost.core", "DataIter", "_reset_wrapper"),
-                     ("xgboost.core", None, "_log_callback"))
-#: seconds between two tries to interrupt the main thread while it is inside a fragile callback
-RETRY_INTERRUPT_S = 0.02
 
 
 @dataclass
@@ -301,7 +293,7 @@ def _tracking_env(url: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
-class PromptStop:
+class PromptStop(SafeInterrupt):
     """While the block runs (main thread only; elsewhere a no-op): SIGINT, SIGTERM and SIGHUP
     end the command within :data:`EXIT_DEADLINE_S` seconds, children stopped.
 
@@ -327,15 +319,12 @@ class PromptStop:
 
     def __init__(self, unwind_s: float = UNWIND_S, deadline_s: float = EXIT_DEADLINE_S,
                  grace_s: float = CHILD_GRACE_S, exit_at_once: bool = True) -> None:
+        super().__init__(STOP_SIGNALS)
         self.unwind_s, self.deadline_s, self.grace_s = unwind_s, deadline_s, grace_s
         self.exit_at_once = exit_at_once
         self.fired = threading.Event()
         self.children_stopped = threading.Event()
         self._lock = threading.Lock()
-        self._active = False
-        self._raised = False
-        self._retrying = False
-        self._saved: dict[int, object] = {}
         self._old_wakeup = -1
         self._pair: tuple[socket.socket, socket.socket] | None = None
 
@@ -348,8 +337,7 @@ class PromptStop:
         writer.setblocking(False)
         self._pair = (reader, writer)
         self._old_wakeup = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
-        self._saved = {s: signal.signal(s, self._handler) for s in STOP_SIGNALS}
-        self._active = True
+        super().__enter__()
         listener = threading.Thread(target=self._listen, args=(reader,), name="prompt-stop", daemon=True)
         listener.start()
         return self
@@ -357,9 +345,7 @@ class PromptStop:
     def __exit__(self, exc_type: type[BaseException] | None, *_exc: object) -> None:
         if not self._active:
             return
-        self._active = False
-        for sig, handler in self._saved.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+        super().__exit__()
         signal.set_wakeup_fd(self._old_wakeup)
         if self._pair is not None:
             reader, writer = self._pair
@@ -384,28 +370,7 @@ class PromptStop:
     # ------------------------------------------------------------------ the signal
     def _handler(self, signum: int, frame: Any) -> None:
         self._fire()  # the listener has usually done it already
-        if self._raised:
-            return
-        if in_fragile_callback(frame):  # raise it a moment later, outside the callback
-            self._retry_later()
-            return
-        self._raised = True
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    def _retry_later(self) -> None:
-        with self._lock:
-            if self._retrying:
-                return
-            self._retrying = True
-        main = threading.main_thread().ident
-
-        def poke() -> None:
-            while self._active and not self._raised:
-                time.sleep(RETRY_INTERRUPT_S)
-                if self._active and not self._raised and main is not None:
-                    signal.pthread_kill(main, signal.SIGINT)
-
-        threading.Thread(target=poke, name="prompt-stop-retry", daemon=True).start()
+        self._interrupt(signum, frame)
 
     def _listen(self, reader: socket.socket) -> None:
         while True:
@@ -440,22 +405,6 @@ class PromptStop:
             sys.stdout.flush()
         finally:
             os._exit(130)
-
-
-def in_fragile_callback(frame: Any) -> bool:
-    """True when ``frame`` or a frame below it runs one of :data:`FRAGILE_CALLBACKS`."""
-    codes = set()
-    for module, owner, name in FRAGILE_CALLBACKS:
-        mod = sys.modules.get(module)
-        holder = getattr(mod, owner, None) if owner else mod
-        code = getattr(getattr(holder, name, None), "__code__", None)
-        if code is not None:
-            codes.add(code)
-    while codes and frame is not None:
-        if frame.f_code in codes:
-            return True
-        frame = frame.f_back
-    return False
 
 
 def quick_mlflow_requests() -> None:
