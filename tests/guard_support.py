@@ -116,7 +116,7 @@ def canary_verdict(cfg: ChurnConfig, version: str, rows: int = TRAFFIC_ROWS,
                 status = canary_status if route == "canary" else "ok"
                 score = (i % 100) / 100 if status == "ok" else None
                 records.append(PredictionRecord(f"{stamp}-{route}{i}", 2 * i + k, v, route, score, 4.0,
-                                                status, t, t))
+                                                status, datetime.now(UTC), t))
     log.write(records)
     log.close()
     ev = evaluate_canary(cfg, t, since=t - timedelta(hours=1))

@@ -279,7 +279,7 @@ def _log_canary(cfg: ChurnConfig, version: str, n: int) -> None:
         log.write(
             [
                 PredictionRecord(
-                    f"r{version}-{i}", i, version, "canary", 0.2, 3.0, "ok", BATCH_AS_OF, BATCH_AS_OF
+                    f"r{version}-{i}", i, version, "canary", 0.2, 3.0, "ok", datetime.now(UTC), BATCH_AS_OF
                 )
                 for i in range(1, n + 1)
             ]

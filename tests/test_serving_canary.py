@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -21,6 +21,7 @@ from serving_support import (
 )
 
 from mlflow_churn.features.online import open_store
+from mlflow_churn.registry.signing import version_ref
 from mlflow_churn.serving.app import create_app
 from mlflow_churn.serving.canary import evaluate_canary
 from mlflow_churn.serving.prediction_log import PredictionLog, PredictionRecord
@@ -79,11 +80,14 @@ def test_wait_then_promote_through_cli(config, register_version) -> None:
                            max_score_psi=1e-9)
     assert any("score PSI" in r for r in evaluate_canary(tight, LABELS_AS_OF, log_run=False).reasons)
     registry = MlflowClient(cfg.mlflow_tracking_uri)
-    gate_tags = {"gate_score_psi": f"{late.score_psi + 0.05:.6f}", "gate_champion_version": champ}
+    champ_ref = version_ref(registry.get_model_version(cfg.training.model_name, champ))
+    gate_tags = {"gate_score_psi": f"{late.score_psi + 0.05:.6f}", "gate_champion_ref": champ_ref}
     for key, value in gate_tags.items():
         registry.set_model_version_tag(cfg.training.model_name, canary, key, value)
     assert not any("score PSI" in r for r in evaluate_canary(tight, LABELS_AS_OF, log_run=False).reasons)
-    registry.set_model_version_tag(cfg.training.model_name, canary, "gate_champion_version", "99")
+    # gated against another model that had the champion's number (deleted and re-created)
+    other = f"{champ}:{'0' * 64}"
+    registry.set_model_version_tag(cfg.training.model_name, canary, "gate_champion_ref", other)
     assert any("score PSI" in r for r in evaluate_canary(tight, LABELS_AS_OF, log_run=False).reasons)
     slow = evaluate_canary(serving_config(cfg, min_canary_samples=300, max_p99_ms=1e-6, max_p99_ratio=1e-6),
                            LABELS_AS_OF, log_run=False)
@@ -147,7 +151,7 @@ def test_manual_rollback_through_cli(config, register_version) -> None:
     champ, canary = two_versions(config, register_version)
     log = PredictionLog(config.prediction_log_url)  # traffic the canary served before the spike
     log.write([PredictionRecord(f"r{i}", i, canary, "canary", 0.2, 80.0 if i % 2 else 3.0, "ok",
-                                BATCH_AS_OF, BATCH_AS_OF) for i in range(1, 41)])
+                                datetime.now(UTC), BATCH_AS_OF) for i in range(1, 41)])
     log.close()
     res = run_cli(config, ["canary", "rollback", "--reason", "latency spike after deploy"])
     assert res.returncode == 0, res.stderr
@@ -163,3 +167,26 @@ def test_manual_rollback_through_cli(config, register_version) -> None:
     assert evidence["canary_version"] == canary and evidence["routes"]["canary"]["rows"] == 40
     res = run_cli(config, ["canary", "promote", "--reason", "x"])
     assert res.returncode == 2 and "no canary" in res.stderr
+
+
+def test_rows_of_a_deleted_models_version_do_not_count_for_the_new_one(config, register_version) -> None:
+    """Verdicts by identity, not number: the model deleted and re-created, its new v1 at
+    `canary` starts with no logged traffic, although the log holds rows of the old v1."""
+    import time
+
+    cfg = serving_config(config)
+    name = cfg.training.model_name
+    old = register_version(cfg, alias="canary")
+    log = PredictionLog(cfg.prediction_log_url)
+    log.write([PredictionRecord(f"old-{i}", i, str(old.version), "canary", 0.2, 3.0, "ok",
+                                datetime.now(UTC), BATCH_AS_OF) for i in range(1, 41)])
+    log.close()
+    ev = evaluate_canary(cfg, BATCH_AS_OF + timedelta(seconds=1), log_run=False)
+    assert (ev.canary_version, ev.routes["canary"].rows) == (str(old.version), 40), ev
+    MlflowClient(cfg.mlflow_tracking_uri).delete_registered_model(name)
+    time.sleep(0.01)  # the new version is created after the old rows were served
+    new = register_version(cfg, alias="canary")
+    assert str(new.version) == str(old.version)
+    ev = evaluate_canary(cfg, BATCH_AS_OF + timedelta(seconds=1), log_run=False)
+    assert (ev.canary_version, ev.routes["canary"].rows) == (str(new.version), 0), ev
+    assert ev.verdict == "wait", ev.reasons

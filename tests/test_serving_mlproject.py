@@ -9,6 +9,7 @@ import os
 import shlex
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -58,8 +59,9 @@ def test_mlflow_run_canary_status_promote_and_score(config, register_version, tm
     champ = signed_gate(config, register_version(config, alias="champion", seed=0))
     canary = signed_gate(config, register_version(config, alias="canary", seed=1))  # as the gate signs it
     log = PredictionLog(config.prediction_log_url)
+    now = datetime.now(UTC)
     log.write([PredictionRecord(f"r{i}", i, canary if i % 2 else champ, "canary" if i % 2 else "champion",
-                                0.1 + i / 1000, 2.0, "ok", BATCH_AS_OF, BATCH_AS_OF) for i in range(1, 61)])
+                                0.1 + i / 1000, 2.0, "ok", now, BATCH_AS_OF) for i in range(1, 61)])
     log.close()
 
     res = _mlflow_run(config, tmp_path, "canary", action="status")

@@ -202,7 +202,7 @@ def _log_traffic(cfg: ChurnConfig, champion: str, canary: str, rows: int = 600) 
     log = PredictionLog(cfg.prediction_log_url)
     try:
         log.write([PredictionRecord(f"{route}-{i}", 2 * i + k, version, route, (i % 100) / 100, 4.0, "ok",
-                                    TRAFFIC_AT, TRAFFIC_AT)
+                                    datetime.now(UTC), TRAFFIC_AT)
                    for i in range(rows)
                    for k, (route, version) in enumerate((("champion", champion), ("canary", canary)))])
     finally:

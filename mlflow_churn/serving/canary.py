@@ -57,7 +57,7 @@ from mlflow_churn.registry.aliases import (
     aliases_of,
 )
 from mlflow_churn.registry.promotion import record_canary_verdict
-from mlflow_churn.registry.signing import record_signed
+from mlflow_churn.registry.signing import record_signed, version_ref
 from mlflow_churn.serving.prediction_log import PredictionLog, attach_labels
 from mlflow_churn.stats.drift import psi
 from mlflow_churn.stats.metrics import classification_metrics
@@ -154,6 +154,17 @@ def _logged(cfg: ChurnConfig, as_of: datetime | None, since: datetime | None) ->
         log.close()
 
 
+def _served_by(frame: pd.DataFrame, route: str, mv: ModelVersion | None) -> pd.DataFrame:
+    """The rows ``route`` served with version ``mv`` itself: its number, and served after
+    it was created. The log keeps numbers; a number re-used after the model was deleted and
+    re-created is another model (another identity), whose rows all predate the new one."""
+    if mv is None:
+        return frame.iloc[0:0]
+    created = pd.Timestamp(int(mv.creation_timestamp or 0), unit="ms", tz="UTC")
+    keep = (frame["route"] == route) & (frame["model_version"] == str(mv.version))
+    return frame[keep & (frame["served_at"] >= created)]
+
+
 def default_as_of(cfg: ChurnConfig, now: datetime) -> datetime:
     """The evaluation time when none is given: the newest event of the data (labels are
     known up to it); without data, the newest business time in the prediction log (every
@@ -199,11 +210,12 @@ def _churn_events(cfg: ChurnConfig) -> pd.DataFrame | None:
     return events
 
 
-def gate_score_psi(canary: ModelVersion | None, champion_version: str | None) -> float:
+def gate_score_psi(canary: ModelVersion | None, champion: ModelVersion | None) -> float:
     """The score PSI the gate measured offline between ``canary`` and the champion it was
-    gated against (its ``gate_score_psi`` tag), when that champion is still the one served;
-    else 0. Two models trained on different windows legitimately score differently."""
-    if canary is None or canary.tags.get("gate_champion_version") != champion_version:
+    gated against (its ``gate_score_psi`` tag), when that champion, by identity
+    (``gate_champion_ref``, not its number alone), is still the one served; else 0. Two
+    models trained on different windows legitimately score differently."""
+    if canary is None or champion is None or canary.tags.get("gate_champion_ref") != version_ref(champion):
         return 0.0
     try:
         value = float(canary.tags.get("gate_score_psi", "0"))
@@ -285,10 +297,9 @@ def evaluate_canary(
     name = cfg.training.model_name
     holders = {r: alias_version(client, name, r) for r in ROUTES}
     versions = {r: (str(mv.version) if mv else None) for r, mv in holders.items()}
-    expected_psi = gate_score_psi(holders["canary"], versions["champion"])
+    expected_psi = gate_score_psi(holders["canary"], holders["champion"])
     frame = _logged(cfg, as_of, since)
-    per_route = {r: frame[(frame["route"] == r) & (frame["model_version"] == versions[r])] if versions[r]
-                 else frame.iloc[0:0] for r in ROUTES}
+    per_route = {r: _served_by(frame, r, holders[r]) for r in ROUTES}
     stats = {r: _route_stats(r, versions[r], per_route[r]) for r in ROUTES}
     score_psi = float("nan")
     champ_scores = per_route["champion"].loc[per_route["champion"]["status"] == "ok", "score"].to_numpy(float)
