@@ -698,7 +698,8 @@ def _record_verdict(client: MlflowClient, cfg: ChurnConfig, version: str, passed
     tags = {"gate_run_id": run_id,
             "drift_report": f"runs:/{run_id}/{DRIFT_HTML}", "drift_json": f"runs:/{run_id}/{DRIFT_JSON}",
             "decision": f"runs:/{run_id}/{DECISION_FILE}",
-            "gate_champion_version": str(champion.version) if champion is not None else ""}
+            "gate_champion_version": str(champion.version) if champion is not None else "",
+            "gate_champion_ref": version_ref(champion) if champion is not None else ""}
     if score_psi is not None:
         tags["gate_score_psi"] = f"{score_psi:.6f}"
     if not passed:
