@@ -14,7 +14,7 @@ from mlflow_churn.errors import ChurnError, first_line
 from mlflow_churn.features.registry import UnknownFeatureError, registry_for
 from mlflow_churn.registry.aliases import CANARY, CHAMPION, alias_version
 from mlflow_churn.registry.promotion import read_evidence
-from mlflow_churn.registry.signing import download_version, files_digest, verifier_for
+from mlflow_churn.registry.signing import download_version, files_digest, sig_tag, verifier_for, version_ref
 from mlflow_churn.serving.encoding import InputEncoder
 from mlflow_churn.tracking import setup_mlflow
 from mlflow_churn.training.model import Scorer, load_scorer
@@ -96,20 +96,21 @@ class ModelManager:
     def _load(self, alias: str, mv: Any) -> tuple[LoadedModel | None, str | None]:
 
         version = str(mv.version)
-        if version not in self._cache:
+        key = _cache_key(mv)
+        if key not in self._cache:
             try:
                 scorer = self._load_verified(version)
                 # one thread per prediction: a request scores a few rows, and a thread pool per
                 # call costs more than it saves (x5-10 on a busy 2-core machine)
                 scorer.booster.set_param({"nthread": 1})
             except ChurnError as exc:
-                self._cache[version] = (None, str(exc))
+                self._cache[key] = (None, str(exc))
             else:
                 refusal = _check_feature_set(self.cfg, dict(mv.tags or {}), scorer)
                 model = (None if refusal
                          else LoadedModel(alias, version, scorer, InputEncoder(scorer.feature_set)))
-                self._cache[version] = (model, refusal)
-        model, refusal = self._cache[version]
+                self._cache[key] = (model, refusal)
+        model, refusal = self._cache[key]
         if model is not None and model.alias != alias:
             model = LoadedModel(alias, model.version, model.scorer, model.encoder)
         return model, refusal
@@ -151,8 +152,8 @@ class ModelManager:
                     loaded[alias], why = self._load(alias, mv)
                     if why:
                         refused[alias] = f"version {mv.version}: {why}"
-                keep = {m.version for m in loaded.values() if m is not None}
-                self._cache = {v: c for v, c in self._cache.items() if v in keep or c[0] is None}
+                keep = {_cache_key(mv) for mv in found.values() if mv is not None}
+                self._cache = {k: c for k, c in self._cache.items() if k in keep}
                 new = ModelPair(loaded[CHAMPION], loaded[CANARY], refused, None, datetime.now(UTC))
                 self.metrics.inc("churn_model_reloads_total", {"result": "ok"})
             except Exception as exc:  # registry unreachable, bad store: keep serving the old pair
@@ -166,6 +167,13 @@ class ModelManager:
             if _versions(old) != _versions(new):
                 log.info("serving champion=%s canary=%s", *_versions(new))
             return new
+
+
+def _cache_key(mv: Any) -> tuple[str, str]:
+    """What a loaded model (or a refusal) is kept under: the version's identity, not its
+    number (a model deleted and re-created re-uses numbers), and its signed gate decision
+    (a version refused before its gate signed it is looked at again once it has)."""
+    return version_ref(mv), str((mv.tags or {}).get(sig_tag("gate"), ""))
 
 
 def _versions(pair: ModelPair) -> tuple[str | None, str | None]:
