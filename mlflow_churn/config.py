@@ -436,6 +436,61 @@ class MlflowServerConfig(_Section):
     )
 
 
+#: an http(s) URL with a host (the alert outlets)
+_HTTP_URL = r"^https?://[^/\s?#]+(/\S*)?$"
+
+
+class AlertsConfig(_Section):
+    """Alerts that reach a person (mlflow_churn.alerts, docs/alerts.md): where they go and how
+    they are delivered. With no outlet set, alerts are only recorded in the outbox."""
+
+    alertmanager_url: str | None = Field(
+        None, pattern=_HTTP_URL, description="Alertmanager to POST alerts to: its base URL "
+        "(http://alertmanager:9093) or its /api/v2/alerts URL; it groups, deduplicates, routes and "
+        "resolves. None = hooks.alert_url (deprecated), else no Alertmanager outlet"
+    )
+    webhook_url: str | None = Field(
+        None, pattern=_HTTP_URL, description="plain webhook POSTed Alertmanager's webhook payload "
+        "({version: '4', status, alerts: [...]}): one firing message per condition and one resolved "
+        "message when it clears"
+    )
+    outbox: Path | None = Field(None, description="SQLite outbox of conditions and attempts; None = "
+                                "<workspace>/alerts.db")
+    timeout_seconds: float = Field(5.0, gt=0, le=300, description="one POST to an outlet waits this long")
+    retry_initial_seconds: float = Field(
+        2.0, gt=0, le=3600, description="wait after a failed attempt; doubled after each further failure"
+    )
+    retry_max_seconds: float = Field(300.0, gt=0, le=86_400, description="longest wait between two attempts")
+    give_up_hours: float = Field(
+        24.0, gt=0, le=8760, description="a message still failing this long after it was due is given up "
+        "(recorded and logged)"
+    )
+    repeat_seconds: float = Field(
+        600.0, ge=1, le=86_400, description="a running sender re-posts a firing alert to Alertmanager this "
+        "often (Alertmanager deduplicates it); the webhook is never re-sent"
+    )
+    hold_hours: float = Field(
+        72.0, gt=0, le=8760, description="each Alertmanager post says endsAt = now + this: an alert no churn "
+        "process re-posts for this long is resolved by Alertmanager itself"
+    )
+    flush_wait_seconds: float = Field(
+        10.0, ge=0, le=600, description="a process that raised alerts waits at most this long at exit to "
+        "deliver them; what is left stays in the outbox for the next churn process"
+    )
+    poll_seconds: float = Field(
+        5.0, gt=0, le=3600, description="a running sender looks for due rows (other processes') this often"
+    )
+    keep_days: float = Field(30.0, gt=0, description="delivered, resolved conditions are kept this long")
+
+    @model_validator(mode="after")
+    def _sense(self) -> AlertsConfig:
+        if self.hold_hours * 3600 <= self.repeat_seconds:
+            raise ValueError(f"hold_hours {self.hold_hours:g} must be longer than repeat_seconds "
+                             f"{self.repeat_seconds:g}, or Alertmanager resolves a firing alert "
+                             "between two posts")
+        return self
+
+
 class ChurnConfig(_Section):
     """The whole configuration."""
 
@@ -455,6 +510,9 @@ class ChurnConfig(_Section):
     )
     registry: RegistryConfig = Field(
         default_factory=RegistryConfig, description="protected aliases, approvals, the guard plugin"
+    )
+    alerts: AlertsConfig = Field(
+        default_factory=AlertsConfig, description="alert outlets (Alertmanager, webhook), retries, outbox"
     )
 
     @property
