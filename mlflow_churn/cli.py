@@ -190,6 +190,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mlflow_churn.evaluation.cli",
     "mlflow_churn.hooks.cli",
     "mlflow_churn.registry.cli",
+    "mlflow_churn.alerts.cli",
 )
 
 

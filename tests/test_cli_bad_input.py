@@ -80,6 +80,10 @@ BAD: dict[str, list[tuple[list[str], str]]] = {
     "features serve": [(["--port", "70000"], "features.port"), (["--port", "-1"], "features.port")],
     "features check-skew": [(["--sample", "0"], "--sample"), (["--sample", "lots"], "lots")],
     "hooks serve": [(["--port", "70000"], "hooks.port"), (["--port", "0"], "hooks.port")],
+    "alerts list": [(["--key", "no-such-key"], "no-such-key"), (["extra"], "extra")],
+    "alerts test": [(["--wait", "-1"], "--wait"), (["--hold", "soon"], "soon")],
+    "alerts flush": [(["--wait", "-5"], "--wait"), (["--wait", "later"], "later")],
+    "alerts resolve": [([], "Missing argument"), (["no-such-key"], "no-such-key")],
     "registry history": [(["--at", "whenever"], "whenever"), (["--at", "2026-02-30"], "2026-02-30"),
                          (["--no-such"], "--no-such")],
     "registry keygen": [(["extra"], "extra"), (["--rotate=yes"], "--rotate")],
@@ -161,8 +165,9 @@ _GENERIC = [(path, name, root, args, needle) for path in command_paths()
                          ids=[f"{p}:{n}" for p, n, *_ in _GENERIC])
 def test_generic_bad_input_is_one_line_exit_2(churn, path: str, name: str, root: list[str],
                                               args: list[str], needle: str) -> None:
-    extra = {"compress": ["--version", "3"], "canary promote": ["--reason", "r"],
-             "canary rollback": ["--reason", "r"], "features describe": ["plan"],
+    extra = {"alerts resolve": ["some-key"], "compress": ["--version", "3"],
+             "canary promote": ["--reason", "r"], "canary rollback": ["--reason", "r"],
+             "features describe": ["plan"],
              "hooks register": ["--url", "http://127.0.0.1:9/webhook", "--secret", "s"],
              "registry approve": ["--version", "3", "--approver", "alice"],
              "traffic": ["--customers", "5"]}.get(path, [])

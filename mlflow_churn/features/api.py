@@ -10,7 +10,8 @@
   values the batch computed under another definition than this server's registry holds.
 - ``GET /health``: 200 while the serving batch's watermark is younger than the SLA, else 503;
   the body gives the age and the SLA in seconds.
-- ``GET /metrics``: Prometheus text: ``feature_freshness_seconds``, request latency
+- ``GET /metrics``: Prometheus text: ``feature_freshness_seconds`` (and the SLA it is held to,
+  ``feature_freshness_sla_seconds``, for the alert rule in ``deploy/prometheus/``), request latency
   histogram ``feature_request_duration_seconds``, request, id-status and cache counters.
 
 Rows are cached in process for ``features.cache_ttl_seconds``; every request reads the
@@ -119,6 +120,8 @@ _SERIES = {
     "feature_request_duration_seconds": ("histogram", "Request latency inside the app (seconds)."),
     "feature_ids_total": ("counter", "Customer ids answered, by status."),
     "feature_freshness_seconds": ("gauge", "Age of the serving batch: now - its watermark (seconds)."),
+    "feature_freshness_sla_seconds": ("gauge", "features.freshness_sla_hours in seconds: an older batch is "
+                                      "stale (the alert rule compares the two)."),
     "feature_batch_rows": ("gauge", "Customers in the serving batch."),
     "feature_store_circuit_open": ("gauge", "1 while the online store's circuit breaker is open."),
     "feature_cache_hits": ("counter", "Ids answered from the in-process cache."),
@@ -149,10 +152,12 @@ class FeatureMetrics(Metrics):
                 self.inc("feature_ids_total", {"status": k}, v)
 
     def render_state(self, freshness: float | None, batch: BatchInfo | None, cache: RowCache,
-                     breaker: CircuitBreaker | None = None) -> str:
+                     breaker: CircuitBreaker | None = None, sla_seconds: float | None = None) -> str:
         values = [("feature_freshness_seconds", {}, freshness if freshness is not None else math.nan),
                   ("feature_batch_rows", {}, batch.rows if batch else 0),
                   ("feature_store_circuit_open", {}, int(breaker.is_open) if breaker else 0)]
+        if sla_seconds is not None:
+            values.append(("feature_freshness_sla_seconds", {}, sla_seconds))
         if cache is not None:
             values += [("feature_cache_hits", {}, cache.hits), ("feature_cache_misses", {}, cache.misses),
                        ("feature_cache_invalidations", {}, cache.invalidations)]
@@ -462,8 +467,8 @@ def create_app(cfg: Any, store: OnlineStore | None = None,
         def work() -> Response:
             batch = svc.status_batch()
             age = svc.age(batch) if batch is not None else None
-            return PlainTextResponse(svc.metrics.render_state(age, batch, svc.cache, svc.breaker),
-                                     media_type=CONTENT_TYPE_PLAIN_0_0_4)
+            text = svc.metrics.render_state(age, batch, svc.cache, svc.breaker, svc.sla_seconds)
+            return PlainTextResponse(text, media_type=CONTENT_TYPE_PLAIN_0_0_4)
         return timed("/metrics", work)
 
     return app
