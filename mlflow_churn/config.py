@@ -361,6 +361,23 @@ class HooksConfig(_Section):
         None, description="Alertmanager-style webhook (POST JSON list of alerts) told about unguarded "
         "promotions; None = no alert (the audit run and /metrics still count them)"
     )
+    reconcile_seconds: float = Field(
+        60, ge=1, le=86_400, description="the receiver looks for versions left without a gate decision "
+        "(a missed delivery, a gate failed for an outage) at start and then every this many seconds"
+    )
+    reconcile_backoff_seconds: float = Field(
+        60, gt=0, le=86_400, description="wait after a reconcile gate's first failure for an outage before "
+        "it runs again; doubled after each further failure, up to reconcile_backoff_max_seconds"
+    )
+    reconcile_backoff_max_seconds: float = Field(
+        3600, gt=0, le=604_800, description="longest wait between two attempts of a reconcile gate"
+    )
+    max_gate_attempts: int = Field(
+        5, ge=1, le=1000, description="a reconcile gate that failed this many times for an outage raises "
+        "one alert (ChurnGateGaveUp through the alert outbox, the log, /metrics "
+        "churn_hooks_gate_gave_up_total) and is not retried until a new delivery of that version or "
+        "`churn hooks reconcile --once`; the alert resolves when the version is gated"
+    )
 
 
 class RegistryConfig(_Section):

@@ -8,7 +8,9 @@ its failures clean:
   unless the user set those variables, so a dead server costs seconds, not minutes;
 - :func:`fail_fast` turns a server failure inside a command (connection refused or reset,
   timeout, 5xx after the retries; :func:`server_failure` recognises them) into ONE
-  :class:`ChurnError` naming the server, what was being done and what was left;
+  :class:`TrackingUnavailable` (a :class:`ChurnError`: an outage, worth retrying, which the
+  webhook receiver tells from bad input by its type) naming the server, what was being done
+  and what was left;
 - :func:`_end_run_failed` / :func:`_terminate_failed` mark a run FAILED with one quick attempt;
   what cannot be written because the server is gone (a run still RUNNING, a version to
   delete) goes to a journal, ``<workspace>/mlflow-pending.jsonl``, which the next
@@ -64,6 +66,12 @@ _exported: dict[str, str] = {}
 #: the timeout (s) of a clean-up request made after the server already failed once
 CLEANUP_TIMEOUT_S = 5
 PENDING_FILE = "mlflow-pending.jsonl"
+
+
+class TrackingUnavailable(ChurnError):
+    """The tracking server (or store) did not answer, dropped the connection, timed out or
+    answered 5xx: an outage, worth retrying later, as opposed to bad input. Raised by
+    :func:`fail_fast`, :func:`probe_server` and :func:`setup_mlflow`."""
 
 
 def export_http_limits(cfg: ChurnConfig) -> dict[str, str]:
@@ -337,8 +345,8 @@ def fail_fast(cfg: ChurnConfig, doing: str) -> Iterator[Failure]:
         notes = "; ".join(failure.notes) or "nothing was left half-written"
         if failure.pending:
             notes += f" (pending in {_journal(cfg)})"
-        raise ChurnError(f"the MLflow tracking server at {cfg.mlflow_tracking_uri} failed while {doing} "
-                         f"({reason}); {notes}") from None
+        raise TrackingUnavailable(f"the MLflow tracking server at {cfg.mlflow_tracking_uri} failed while "
+                                  f"{doing} ({reason}); {notes}") from None
     finally:
         _current.remove(failure)
 
@@ -357,8 +365,8 @@ def probe_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
         return  # it answers (a proxy or an auth layer may refuse /health): let MLflow talk to it
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise ChurnError(f"cannot reach the MLflow tracking server at {uri} ({reason}); start it or fix "
-                         "MLFLOW_TRACKING_URI / tracking_uri") from None
+        raise TrackingUnavailable(f"cannot reach the MLflow tracking server at {uri} ({reason}); start it "
+                                  "or fix MLFLOW_TRACKING_URI / tracking_uri") from None
 
 
 _stores_ready: set[str] = set()
@@ -410,7 +418,8 @@ def setup_mlflow(cfg: ChurnConfig, experiment: str | None = None) -> str:
         raise
     except Exception as exc:  # MLflow raises many types for an unreachable store
         first = first_line(exc)
-        raise ChurnError(
+        kind = TrackingUnavailable if server_failure(exc) is not None else ChurnError
+        raise kind(
             f"cannot reach the MLflow tracking store at {uri} ({first[:200]}); "
             "check MLFLOW_TRACKING_URI / tracking_uri"
         ) from None

@@ -87,3 +87,100 @@ def register_webhook(client, url: str, events: tuple[str, ...] | None = None) ->
         name=f"test-{uuid.uuid4().hex[:8]}", url=url, events=list(events or EVENTS), secret=SECRET
     )
     return hook.webhook_id
+
+
+class AlertSink:
+    """An Alertmanager stand-in on a real loopback socket: records the JSON of every POST
+    (``alerts``) and sets ``received``. Context manager; ``url`` is its endpoint."""
+
+    def __init__(self) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        sink = self
+        self.alerts: list = []
+        self.received = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                sink.alerts.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                sink.received.set()
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api/v2/alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> AlertSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class TripwireProxy:
+    """A loopback HTTP proxy in front of a real tracking server that calls ``trip()`` (e.g.
+    SIGKILL the server) when the first request matching ``when(method, path, body)`` arrives,
+    before forwarding it: a server that dies at a known point of a client's work. A request
+    the server does not take (it is down) gets its connection dropped, as from a dead server.
+    ``tripped`` is set once it fired."""
+
+    def __init__(self, target: str, when, trip) -> None:
+        import http.client
+        import http.server
+        import threading
+        from urllib.parse import urlsplit
+
+        proxy = self
+        self.tripped = threading.Event()
+        self._lock = threading.Lock()
+        host = urlsplit(target)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with proxy._lock:
+                    if not proxy.tripped.is_set() and when(self.command, self.path.split("?", 1)[0], body):
+                        trip()
+                        proxy.tripped.set()
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                try:
+                    conn = http.client.HTTPConnection(host.hostname, host.port, timeout=120)
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    conn.close()
+                except OSError:  # the server is gone: so is the answer
+                    self.close_connection = True
+                    return
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

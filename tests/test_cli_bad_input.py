@@ -80,6 +80,7 @@ BAD: dict[str, list[tuple[list[str], str]]] = {
     "features serve": [(["--port", "70000"], "features.port"), (["--port", "-1"], "features.port")],
     "features check-skew": [(["--sample", "0"], "--sample"), (["--sample", "lots"], "lots")],
     "hooks serve": [(["--port", "70000"], "hooks.port"), (["--port", "0"], "hooks.port")],
+    "hooks reconcile": [(["extra"], "extra"), (["--once=yes"], "--once")],
     "alerts list": [(["--key", "no-such-key"], "no-such-key"), (["extra"], "extra")],
     "alerts test": [(["--wait", "-1"], "--wait"), (["--hold", "soon"], "soon")],
     "alerts flush": [(["--wait", "-5"], "--wait"), (["--wait", "later"], "later")],

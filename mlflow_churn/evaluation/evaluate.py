@@ -89,7 +89,7 @@ from mlflow_churn.stats.metrics import (
 )
 from mlflow_churn.stats.uncertainty import segment_auc_diff_se, segment_z
 from mlflow_churn.times import utc
-from mlflow_churn.tracking import client_run, fail_fast, setup_mlflow
+from mlflow_churn.tracking import client_run, fail_fast, server_failure, setup_mlflow
 from mlflow_churn.training.model import Scorer, load_scorer
 from mlflow_churn.training.profile import build_profile
 
@@ -197,7 +197,9 @@ def _resolve(client: MlflowClient, name: str, ref: str, role: str, required: boo
     if ref.isdigit():
         try:
             return client.get_model_version(name, ref)
-        except MlflowException:
+        except MlflowException as exc:
+            if server_failure(exc) is not None:  # an outage, not a missing version (fail_fast says so)
+                raise
             raise ChurnError(f"{role} version {ref} of model '{name}' does not exist; "
                              "list versions in the MLflow UI or pass an alias") from None
     mv = _alias_target(client, name, ref)

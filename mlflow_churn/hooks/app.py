@@ -29,11 +29,21 @@ A delivery answered 202 whose gate had not finished when the receiver stopped is
 again at the next start (its version is kept in ``hooks.db``); the gate is idempotent, so
 a gate that had in fact finished just returns its earlier decision.
 
+Reconciliation (:mod:`mlflow_churn.hooks.reconcile`): at start and every
+``hooks.reconcile_seconds`` a pass on its own thread finds the versions a delivery missed
+(at ``challenger``, or newer than the champion, without a gate decision signed for their
+identity) and those whose last gate failed for an outage, and queues their gates on the same
+worker (rows with ``source: reconcile``), with back-off and an alert after
+``hooks.max_gate_attempts``.
+
 ``GET /deliveries/{id}`` tells what became of a delivery (queued, running, done with the
-decision run id, failed with the error); ``GET /deliveries?model=&version=`` lists the
-deliveries that queued a gate (newest first), to find the one of a version; ``GET /health``;
-``GET /metrics`` (Prometheus text: ``churn_hooks_unguarded_promotions_total{alias}``,
-``churn_hooks_alias_moves_recorded_total``). Errors are ``{"detail": ...}``.
+decision run id, failed with the error and its ``failure_kind``: ``outage`` | ``error``);
+``GET /deliveries?model=&version=&source=`` lists the gates (webhook deliveries and
+reconcile gates, newest first, with ``source`` and ``attempts``), to find the one of a
+version; ``GET /health``; ``GET /metrics`` (Prometheus text:
+``churn_hooks_unguarded_promotions_total{alias}``, ``churn_hooks_alias_moves_recorded_total``,
+``churn_hooks_reconcile_gates_total``, ``churn_hooks_gate_gave_up_total``). Errors are
+``{"detail": ...}``.
 """
 
 from __future__ import annotations
@@ -43,27 +53,40 @@ import hashlib
 import hmac
 import json
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 
-from mlflow_churn.background import QueueWorker
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
+from mlflow_churn.hooks.deliveries import (  # noqa: F401 (DeliveryLog, run_gate: this module's API too)
+    WEBHOOK,
+    DeliveryLog,
+    GateJob,
+    GateWorker,
+    default_as_of,
+    run_gate,
+)
+from mlflow_churn.hooks.reconcile import (
+    METRICS,
+    QUEUED_METRIC,
+    FollowUp,
+    ReconcileLoop,
+    reconcile_gates,
+    tracking_client,
+)
 from mlflow_churn.registry.alias_events import AliasEvent, AliasWatcher, PromoteByHand
-from mlflow_churn.registry.aliases import CHALLENGER, CHAMPION
+from mlflow_churn.registry.aliases import CHALLENGER
 from mlflow_churn.times import utc
 from mlflow_churn.web.errors import error_response
 from mlflow_churn.web.errors import install as install_web_errors
+from mlflow_churn.web.metrics import Metrics
 
 SIGNATURE_HEADER = "X-MLflow-Signature"
 TIMESTAMP_HEADER = "X-MLflow-Timestamp"
@@ -94,139 +117,6 @@ def verify_signature(secret: str, delivery_id: str, timestamp: str, body: bytes,
     return any(hmac.compare_digest(expected, part.strip()) for part in header.split(" ") if part.strip())
 
 
-class DeliveryLog:
-    """Processed delivery ids and their outcome, in SQLite (one connection per call)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as con:
-            con.execute("""CREATE TABLE IF NOT EXISTS deliveries (
-                delivery_id TEXT PRIMARY KEY, received_at REAL NOT NULL, event TEXT NOT NULL,
-                status TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '', run_id TEXT)""")
-            have = {row[1] for row in con.execute("PRAGMA table_info(deliveries)")}
-            for column in ("model", "version"):  # added later: older logs lack them
-                if column not in have:
-                    con.execute(f"ALTER TABLE deliveries ADD COLUMN {column} TEXT")
-
-    def _connect(self) -> sqlite3.Connection:
-        con = sqlite3.connect(self.path, timeout=30)
-        con.execute("PRAGMA journal_mode=WAL")
-        return con
-
-    def claim(self, delivery_id: str, event: str, received_at: float) -> bool:
-        """Record ``delivery_id``; False when it was already there (a duplicate)."""
-        with self._connect() as con:
-            cur = con.execute(
-                "INSERT OR IGNORE INTO deliveries (delivery_id, received_at, event, status) "
-                "VALUES (?, ?, ?, ?)",
-                (delivery_id, received_at, event, "received"),
-            )
-            return cur.rowcount == 1
-
-    def update(self, delivery_id: str, status: str, detail: str = "", run_id: str | None = None) -> None:
-        with self._connect() as con:
-            con.execute("UPDATE deliveries SET status = ?, detail = ?, run_id = ? WHERE delivery_id = ?",
-                        (status, detail[:2000], run_id, delivery_id))
-
-    def set_job(self, job: GateJob) -> None:
-        """Remember which version a delivery gates, so a restart can run it again."""
-        with self._connect() as con:
-            con.execute("UPDATE deliveries SET model = ?, version = ? WHERE delivery_id = ?",
-                        (job.model, job.version, job.delivery_id))
-
-    def unfinished(self) -> list[GateJob]:
-        """Jobs accepted (202) but not finished when the receiver stopped, oldest first."""
-        with self._connect() as con:
-            rows = con.execute(
-                "SELECT delivery_id, model, version FROM deliveries WHERE status IN ('queued', 'running') "
-                "AND version IS NOT NULL ORDER BY received_at").fetchall()
-        return [GateJob(*row) for row in rows]
-
-    _KEYS = ("delivery_id", "received_at", "event", "status", "detail", "run_id", "model", "version")
-
-    def get(self, delivery_id: str) -> dict[str, Any] | None:
-        with self._connect() as con:
-            row = con.execute(f"SELECT {', '.join(self._KEYS)} FROM deliveries WHERE delivery_id = ?",
-                              (delivery_id,)).fetchone()
-        return None if row is None else dict(zip(self._KEYS, row, strict=True))
-
-    def find(self, model: str | None = None, version: str | None = None,
-             limit: int = 100) -> list[dict[str, Any]]:
-        """Deliveries that queued a gate, newest first, optionally of one model / version."""
-        sql, args = f"SELECT {', '.join(self._KEYS)} FROM deliveries WHERE version IS NOT NULL", []
-        for column, value in (("model", model), ("version", version)):
-            if value is not None:
-                sql += f" AND {column} = ?"
-                args.append(value)
-        with self._connect() as con:
-            rows = con.execute(sql + " ORDER BY received_at DESC LIMIT ?", (*args, limit)).fetchall()
-        return [dict(zip(self._KEYS, row, strict=True)) for row in rows]
-
-
-@dataclass(frozen=True)
-class GateJob:
-    delivery_id: str
-    model: str
-    version: str
-
-
-class GateWorker(QueueWorker[GateJob]):
-    """One background thread running queued gates in order (join, stop: QueueWorker)."""
-
-    def __init__(self, run: Callable[[GateJob], str], log: DeliveryLog) -> None:
-        self._run, self._log = run, log
-        super().__init__("churn-gate-worker", self._gate, self._failed)  # starts the thread
-
-    def submit(self, job: GateJob) -> None:
-        self._log.update(job.delivery_id, "queued")
-        self._log.set_job(job)
-        self.put(job)
-
-    def resume(self) -> int:
-        """Queue again the jobs a previous receiver accepted but did not finish (MLflow does
-        not redeliver an answered delivery); returns how many."""
-        jobs = self._log.unfinished()
-        for job in jobs:
-            _log.info("resuming the gate of delivery %s (version %s)", job.delivery_id, job.version)
-            self.put(job)
-        return len(jobs)
-
-    def _gate(self, job: GateJob) -> None:
-        self._log.update(job.delivery_id, "running")
-        try:
-            run_id = self._run(job)
-        except ChurnError as exc:
-            self._log.update(job.delivery_id, "failed", str(exc))
-            return
-        except (SystemExit, KeyboardInterrupt):  # shutting down mid-gate: not a failure; the
-            _log.warning("gate of delivery %s interrupted; it runs again at the next start",
-                         job.delivery_id)  # log still says running -> resume()
-            raise
-        self._log.update(job.delivery_id, "done", f"gate on version {job.version}", run_id)
-
-    def _failed(self, job: GateJob, exc: Exception) -> None:
-        _log.error("gate for delivery %s failed", job.delivery_id, exc_info=exc)
-        self._log.update(job.delivery_id, "failed", f"{type(exc).__name__}: {exc}")
-
-
-
-def default_as_of(cfg: ChurnConfig) -> datetime:
-    """The gate's as_of for a hook: the newest event of the workspace data (as the CLI)."""
-    from mlflow_churn.data.bounds import latest_as_of
-
-    return latest_as_of(cfg.data_dir)
-
-
-def run_gate(cfg: ChurnConfig, job: GateJob, as_of: Callable[[ChurnConfig], datetime] = default_as_of) -> str:
-    """Gate ``job.version`` against the champion; returns the decision run id."""
-    from mlflow_churn.evaluation.evaluate import evaluate
-
-    decision = evaluate(cfg, as_of(cfg), challenger_alias=job.version, champion_alias=CHAMPION)
-    _log.info("gate on version %s: %s (run %s)", job.version, decision.decision, decision.run_id)
-    return decision.run_id
-
-
 def _event_time(payload: dict[str, Any], stamp: int) -> datetime:
     """When MLflow sent the delivery: the payload's ``timestamp``, else the header's seconds."""
     try:
@@ -248,9 +138,21 @@ def create_app(cfg: ChurnConfig, clock: Callable[[], float] = time.time,
     if not secret:
         raise ChurnError("hooks.secret is not set: pass --secret or set CHURN_HOOKS__SECRET to the "
                          "secret given to `churn hooks register`")
-    log = DeliveryLog(cfg.workspace / "hooks.db")
+    log = DeliveryLog(cfg.workspace / "hooks.db", clock)
     run = gate or (lambda job: run_gate(cfg, job))
     state: dict[str, Any] = {}
+    gate_metrics = Metrics()  # the gates' counters (the alias watcher keeps its own)
+    for name, text in METRICS.items():
+        gate_metrics.describe(name, "counter", text)
+        gate_metrics.inc(name, {}, 0.0)  # exposed at 0 from the start, so alert rules see them
+
+    def reconcile_pass() -> None:
+        report = reconcile_gates(cfg, tracking_client(cfg), log, state["worker"].submit, now=clock())
+        gate_metrics.inc(QUEUED_METRIC, {}, float(len(report.queued)))
+        if report.error:
+            _log.warning("reconciliation: %s", report.summary())
+        elif report.items:
+            _log.info("reconciliation: %s", report.summary())
 
     def alias_done(event: AliasEvent, status: str, detail: str, run_id: str | None) -> None:
         if event.delivery_id and event.alias != CHALLENGER:  # a challenger's row tells its gate
@@ -258,15 +160,19 @@ def create_app(cfg: ChurnConfig, clock: Callable[[], float] = time.time,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state["worker"] = GateWorker(run, log)
+        state["worker"] = GateWorker(run, log, FollowUp(cfg, log, clock, gate_metrics))
         state["worker"].resume()
         app.state.worker = state["worker"]
         state["aliases"] = AliasWatcher(cfg, promote_by_hand, alias_done)
         state["aliases"].submit(AliasEvent(cfg.training.model_name, "reconcile"))
         app.state.aliases = state["aliases"]
+        # gates the deliveries missed or an outage stopped: at start, then every reconcile_seconds
+        state["reconcile"] = ReconcileLoop(cfg.hooks.reconcile_seconds, reconcile_pass)
+        app.state.reconcile = state["reconcile"]
         try:
             yield
         finally:
+            state["reconcile"].stop()
             state["aliases"].stop()
             state["worker"].stop()
 
@@ -282,13 +188,15 @@ def create_app(cfg: ChurnConfig, clock: Callable[[], float] = time.time,
 
     @app.get("/deliveries")
     def deliveries(model: str | None = None, version: str | None = None,
+                   source: Literal["webhook", "reconcile"] | None = None,
                    limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
-        return {"deliveries": log.find(model, version, limit)}
+        return {"deliveries": log.find(model, version, limit, source)}
+
     @app.get("/metrics")
     def metrics() -> PlainTextResponse:
         watcher = state.get("aliases")
-        return PlainTextResponse(watcher.metrics.render([]) if watcher else "",
-                                 media_type=CONTENT_TYPE_PLAIN_0_0_4)
+        text = (watcher.metrics.render([]) if watcher else "") + gate_metrics.render([])
+        return PlainTextResponse(text, media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     @app.get("/deliveries/{delivery_id}")
     def delivery(delivery_id: str):
@@ -320,7 +228,7 @@ def create_app(cfg: ChurnConfig, clock: Callable[[], float] = time.time,
         except (ValueError, KeyError, TypeError):
             return error_response(400, "body must be an MLflow webhook delivery: JSON with entity, action, "
                                        "data")
-        if not log.claim(delivery_id, event, now):
+        if not log.claim(delivery_id, event, now, source=WEBHOOK):
             return JSONResponse({"status": "duplicate", "delivery_id": delivery_id}, status_code=200)
         ours = data.get("name") == cfg.training.model_name and isinstance(data.get("alias"), str)
         version = str(data.get("version", ""))

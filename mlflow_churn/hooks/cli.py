@@ -1,12 +1,16 @@
-"""``churn hooks serve|register``: the registry webhook receiver and its registration."""
+"""``churn hooks serve|register|reconcile``: the registry webhook receiver, its registration and
+its reconciliation pass run by hand."""
 
 from __future__ import annotations
 
 import logging
+import time
 
 import typer
 
-from mlflow_churn.cli_common import console, from_config, get_config, opt_str
+from mlflow_churn.cli_common import JSON_OPTION, console, from_config, get_config, opt_str, print_json
+from mlflow_churn.errors import ChurnError
+from mlflow_churn.jsonable import dumps
 from mlflow_churn.registry.events import EVENTS, WEBHOOK_NAME
 
 hooks_app = typer.Typer(help="MLflow registry webhooks: run the gate when a challenger is aliased; record "
@@ -61,6 +65,70 @@ def register_webhook(
     cfg = get_config(ctx, {"hooks.secret": opt_str(secret)})
     hook = ensure_webhook(cfg, url, name)
     console.print(f"webhook {hook.name} ({hook.webhook_id}) {hook.verb}: {url} on {', '.join(EVENTS)}")
+
+
+@hooks_app.command("reconcile")
+def reconcile(
+    ctx: typer.Context,
+    once: bool = typer.Option(False, "--once", help="One pass, then exit. It also runs the gates that "
+                              "back-off, a give-up or an earlier error hold back (a person asked for it "
+                              "now); exit 1 when a gate it ran failed, 2 when the registry cannot be read."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Gate the versions the webhooks missed (at `challenger`, or newer than the champion, without a
+    gate decision signed for their identity) and those whose last gate failed for an outage: the
+    pass `churn hooks serve` makes at start and every hooks.reconcile_seconds. The gates run here,
+    one after the other, and are listed in the receiver's GET /deliveries with source reconcile.
+    Without --once: a pass every hooks.reconcile_seconds until Ctrl-C."""
+    from mlflow_churn.hooks.reconcile import reconcile_once
+
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    logging.getLogger("mlflow_churn.hooks.app").setLevel(logging.ERROR)  # the report tells each gate
+    cfg = get_config(ctx)
+    if once:
+        report = reconcile_once(cfg, now=time.time(), clock=time.time, force=True)
+        if as_json:
+            print_json(report.to_dict())
+        else:
+            _show_report(report)
+        if report.error:
+            raise ChurnError(f"{report.error}; start the tracking server or fix MLFLOW_TRACKING_URI")
+        if report.failed:
+            raise typer.Exit(1)
+        return
+    if not as_json:
+        console.print(f"reconciling '{cfg.training.model_name}' every {cfg.hooks.reconcile_seconds:g} s "
+                      f"(tracking {cfg.mlflow_tracking_uri}); Ctrl-C stops")
+    try:
+        while True:
+            report = reconcile_once(cfg, now=time.time(), clock=time.time)
+            if as_json:  # one line a pass
+                typer.echo(dumps(report.to_dict(), indent=None))
+            else:
+                _show_report(report)
+            time.sleep(cfg.hooks.reconcile_seconds)
+    except KeyboardInterrupt:
+        if not as_json:
+            console.print("stopped")
+
+
+def _show_report(report) -> None:
+    stamp = report.at[:19].replace("T", " ")
+    if report.error:
+        console.print(f"{stamp} {report.summary()}", markup=False)
+    else:
+        console.print(f"{stamp} {report.model}: {report.versions_checked} version(s) checked (champion "
+                      f"{report.champion or 'none'}, canary {report.canary or 'none'}, challenger "
+                      f"{report.challenger or 'none'}); {len(report.items)} without a gate decision")
+    for item in report.items:
+        line = f"  v{item.version} ({', '.join(item.reasons)}): "
+        if item.action != "queued":
+            line += f"skipped: {item.detail}"
+        elif item.status == "done":
+            line += f"gated (attempt {item.attempts}), decision run {item.run_id}"
+        else:
+            line += f"gate {item.status} (attempt {item.attempts}): {item.result}"
+        console.print(line, markup=False)
 
 
 def register(app: typer.Typer) -> None:
