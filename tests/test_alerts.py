@@ -38,7 +38,17 @@ import pytest
 import yaml
 from ports import ServerThread, start_on_free_port
 
-from mlflow_churn.alerts import Outbox, fire, flush, outbox_path, resolve, stop_sender
+from mlflow_churn.alerts import (
+    Outbox,
+    Sender,
+    fire,
+    flush,
+    outbox_path,
+    outlets,
+    resolve,
+    stop_sender,
+    timing,
+)
 from mlflow_churn.config import ChurnConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,8 +85,8 @@ class Receiver:
     of each message (its path and ``Idempotency-Key``, else its body) answer 500, later ones 200.
     :meth:`stop` closes the port; :meth:`start` opens it again (the same port)."""
 
-    def __init__(self, fail_first: int = 0, port: int = 0) -> None:
-        self.fail_first, self.port = fail_first, port
+    def __init__(self, fail_first: int = 0, port: int = 0, delay: float = 0.0) -> None:
+        self.fail_first, self.port, self.delay = fail_first, port, delay
         self.tries: Counter[tuple[str, str]] = Counter()  # (path, message id) -> attempts
         self.accepted: list[tuple[str, str, Any]] = []  # (path, message id, body), in arrival order
         self.lock = threading.Lock()
@@ -89,6 +99,7 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                time.sleep(rx.delay)
                 ident = self.headers.get("Idempotency-Key") or json.dumps(body)
                 with rx.lock:
                     rx.tries[(self.path, ident)] += 1
@@ -230,6 +241,30 @@ def test_new_labels_start_a_new_episode_and_events_clear_themselves(workspace: P
         rx.stop()
 
 
+def test_deprecated_hooks_alert_url_is_the_alertmanager_outlet(workspace: Path) -> None:
+    """hooks.alert_url keeps getting what it always got (Alertmanager's API v2 list, at the URL as
+    given), now through the outbox: retried, and resolved."""
+    rx = Receiver(fail_first=1)
+    cfg = load_config(workspace=workspace, environ={}, overrides={
+        "hooks.alert_url": rx.url("/api/v2/alerts"), "alerts.retry_initial_seconds": 0.2})
+    try:
+        assert outlets(cfg) == {"alertmanager": rx.url("/api/v2/alerts")}
+        labels = {"alertname": "UnguardedPromotion", "severity": "critical", "model": "m",
+                  "alias": "champion", "version": "3"}
+        key = fire(cfg, None, labels, {"audit_run_id": "abc"}).key
+        assert flush(cfg, 60) == 0
+        resolve(cfg, key)
+        assert flush(cfg, 60) == 0
+        bodies = [body for _, body in rx.messages("/api/v2/alerts")]
+        assert [b[0]["labels"] for b in bodies] == [labels, labels]
+        assert all(b[0]["annotations"] == {"audit_run_id": "abc"} for b in bodies)
+        ends = [datetime.fromisoformat(b[0]["endsAt"]) for b in bodies]
+        assert ends[0] > datetime.now(UTC) > ends[1]  # held while firing; ended when resolved
+    finally:
+        stop_sender(cfg, wait=0)
+        rx.stop()
+
+
 def test_receiver_down_then_restarted_still_delivered(workspace: Path) -> None:
     rx = Receiver()
     port = rx.port
@@ -252,6 +287,45 @@ def test_receiver_down_then_restarted_still_delivered(workspace: Path) -> None:
         assert flush(cfg, 90) == 0
         ids = Counter(ident for ident, _ in rx.messages("/hook"))
         assert ids == Counter({f"{k}/1/firing": 1 for k in keys} | {f"{keys[0]}/1/resolved": 1})
+    finally:
+        stop_sender(cfg, wait=0)
+        rx.stop()
+
+
+def test_senders_sharing_an_outbox_never_send_a_message_twice(workspace: Path) -> None:
+    """Three senders on one outbox file (as three processes on one workspace), a slow receiver:
+    every message delivered exactly once (steps are leased in the outbox)."""
+    rx = Receiver(fail_first=1, delay=0.05)
+    cfg = _cfg(workspace, webhook_url=rx.url("/hook"))
+    box = Outbox(outbox_path(cfg))
+    now = time.time()
+    keys = [box.fire(None, _labels(i), {}, outlets(cfg), now).key for i in range(12)]
+    for key in keys[:6]:
+        box.resolve(key, now)
+    senders = [Sender(Outbox(box.path), timing(cfg), poll_seconds=0.2).start() for _ in range(3)]
+    try:
+        for s in senders:
+            assert s.drain(90, mine_only=False) == 0
+        ids = Counter(ident for ident, _ in rx.messages("/hook"))
+        assert ids == Counter({f"{k}/1/firing": 1 for k in keys} | {f"{k}/1/resolved": 1 for k in keys[:6]})
+        assert set(rx.tries.values()) == {2}
+    finally:
+        for s in senders:
+            s.stop()
+        rx.stop()
+
+
+def test_a_step_failing_past_give_up_is_given_up_and_recorded(workspace: Path) -> None:
+    rx = Receiver(fail_first=10**6)
+    cfg = _cfg(workspace, webhook_url=rx.url("/hook"), give_up_hours=0.0002)  # 0.72 s
+    try:
+        key = fire(cfg, None, _labels(0)).key
+        assert flush(cfg, 90) == 0  # nothing owed any more: given up
+        ((delivery,),) = [c.deliveries for c in Outbox(outbox_path(cfg)).conditions()]
+        assert delivery.gave_up and delivery.told == "" and "HTTP 500" in delivery.last_error
+        attempts = Outbox(outbox_path(cfg)).attempts(key)
+        assert len(attempts) == rx.tries[("/hook", f"{key}/1/firing")] >= 2
+        assert not rx.accepted
     finally:
         stop_sender(cfg, wait=0)
         rx.stop()

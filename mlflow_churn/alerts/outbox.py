@@ -334,8 +334,10 @@ class Outbox:
             con.close()
         return claims
 
-    def finish(self, claim: Claim, answer: Answer, started: float, now: float, timing: Timing) -> None:
-        """Record the attempt of ``claim`` and move its delivery on (told, or back-off)."""
+    def finish(self, claim: Claim, answer: Answer, started: float, now: float, timing: Timing) -> bool:
+        """Record the attempt of ``claim`` and move its delivery on (told, or back-off); True when
+        this failure gave the step up (``give_up_seconds`` after it was due)."""
+        give_up = False
         con = self._connect()
         try:
             con.execute("BEGIN IMMEDIATE")
@@ -363,6 +365,7 @@ class Outbox:
             con.execute("COMMIT")
         finally:
             con.close()
+        return give_up
 
     def next_due(self, now: float, timing: Timing) -> float | None:
         """When the earliest open step becomes due (``now`` or later), None when there is none:

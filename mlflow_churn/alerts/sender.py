@@ -98,10 +98,13 @@ class Sender:
     def _attempt(self, claim: Claim) -> None:
         started = self.clock()
         answer = send(claim.outlet, claim.url, claim.message, self.timeout)
-        self.outbox.finish(claim, answer, started, self.clock(), self.timing)
+        gave_up = self.outbox.finish(claim, answer, started, self.clock(), self.timing)
         name = claim.message.labels.get("alertname", "")
         if answer.ok:
             _log.info("alert %s (%s) %s delivered to %s", name, claim.key, claim.step, claim.outlet)
+        elif gave_up:
+            _log.error("alert %s (%s) %s to %s given up after alerts.give_up_hours of failures: %s", name,
+                       claim.key, claim.step, claim.outlet, answer.error)
         else:
             _log.warning("alert %s (%s) %s to %s failed: %s (retried with back-off)", name, claim.key,
                          claim.step, claim.outlet, answer.error)
