@@ -86,3 +86,46 @@ def test_monitor_errors_name_the_fix(trained) -> None:
         monitor(cfg, datetime(2026, 4, 20), log=False)
     with pytest.raises(ChurnError):
         monitor(cfg, AS_OF + timedelta(days=400), log=False)
+
+
+def test_monitor_decisions_reach_a_person_and_clear(trained, tmp_path: Path) -> None:
+    """`churn monitor`'s decision as an alert: `investigate` fires `monitor:<model>` to a real
+    webhook receiver (failing its first attempt), once; a later quiet window (`ok`) sends its
+    `resolved` message. Replays without `on_decision` alert nobody."""
+    from test_alerts import Receiver
+
+    from mlflow_churn.alerts import flush
+    from mlflow_churn.monitoring.alerting import alert_decision
+
+    cfg, _res = trained
+    rx = Receiver(fail_first=1)
+    try:
+        acfg = load_config(workspace=cfg.workspace, environ={}, overrides={
+            "training.n_trials": 1, "monitoring.min_segment_size": 100,
+            "alerts.webhook_url": rx.url("/hook"), "alerts.outbox": str(tmp_path / "alerts.db"),
+            "alerts.retry_initial_seconds": 0.2, "alerts.retry_max_seconds": 1.0})
+        late = AS_OF + timedelta(days=35)
+        before = monitor(acfg, late - timedelta(days=7), report=False, log=False, history=[])
+        assert flush(acfg, timeout=5) == 0 and rx.messages("/hook") == []  # no on_decision: no alert
+        now = monitor(acfg, late, report=False, log=False, history=[before.stats],
+                      on_decision=lambda r: alert_decision(acfg, r))
+        assert now.decision.action == "investigate", now.decision.reasons
+        assert flush(acfg, timeout=60) == 0
+        (firing,) = [body for _, body in rx.messages("/hook")]
+        assert firing["status"] == "firing"
+        labels = firing["alerts"][0]["labels"]
+        assert labels == {"alertname": "ChurnMonitorDecision", "severity": "warning",
+                          "model": acfg.training.model_name, "decision": "investigate"}
+        assert "region=pacific" in firing["alerts"][0]["annotations"]["segments"]
+        again = monitor(acfg, late, report=False, log=False, history=[before.stats],
+                        on_decision=lambda r: alert_decision(acfg, r))
+        assert again.decision.action == "investigate" and flush(acfg, timeout=10) == 0
+        assert len(rx.messages("/hook")) == 1  # the same condition again: nothing new
+        quiet = monitor(acfg, AS_OF, report=False, log=False, history=[],
+                        on_decision=lambda r: alert_decision(acfg, r))
+        assert quiet.decision.action == "ok", quiet.decision.reasons
+        assert flush(acfg, timeout=60) == 0
+        statuses = [body["status"] for _, body in rx.messages("/hook")]
+        assert statuses == ["firing", "resolved"], statuses
+    finally:
+        rx.stop()

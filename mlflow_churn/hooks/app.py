@@ -63,6 +63,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 
+from mlflow_churn.alerts import start_sender, stop_sender
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.hooks.deliveries import (  # noqa: F401 (DeliveryLog, run_gate: this module's API too)
@@ -169,12 +170,14 @@ def create_app(cfg: ChurnConfig, clock: Callable[[], float] = time.time,
         # gates the deliveries missed or an outage stopped: at start, then every reconcile_seconds
         state["reconcile"] = ReconcileLoop(cfg.hooks.reconcile_seconds, reconcile_pass)
         app.state.reconcile = state["reconcile"]
+        start_sender(cfg)  # alerts earlier processes left undelivered go out; Alertmanager re-posts
         try:
             yield
         finally:
             state["reconcile"].stop()
             state["aliases"].stop()
             state["worker"].stop()
+            stop_sender(cfg)
 
     app = FastAPI(title="churn registry hooks", lifespan=lifespan)
     app.state.deliveries = log

@@ -76,6 +76,7 @@ def monitor_cmd(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Monitor the last monitoring.window_days days: drift, performance, policy decision."""
+    from mlflow_churn.monitoring.alerting import alert_decision
     from mlflow_churn.monitoring.monitor import monitor
     from mlflow_churn.monitoring.retrain_cli import parse_bool
 
@@ -84,8 +85,8 @@ def monitor_cmd(
     cfg = get_config(ctx)
     when = as_of_or_latest(cfg, as_of)
     res = with_progress("monitoring window", 1, progress and not as_json,
-                        lambda tick: (monitor(cfg, when, alias=opt_str(alias) or "champion",
-                                              report=report), tick(1))[0])
+                        lambda tick: (monitor(cfg, when, alias=opt_str(alias) or "champion", report=report,
+                                              on_decision=lambda r: alert_decision(cfg, r)), tick(1))[0])
     if as_json:
         print_json(res.to_dict())
         return

@@ -25,7 +25,7 @@ What the run holds: :mod:`mlflow_churn.monitoring.runs`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -217,13 +217,16 @@ def monitor(
     parent_run_id: str | None = None,
     log: bool = True,
     cache: FrameCache | None = None,
+    on_decision: Callable[[MonitorResult], Any] | None = None,
 ) -> MonitorResult:
     """Monitor the window ending at ``as_of`` (tz-aware UTC) for ``models:/name@alias``.
 
     ``history``: earlier windows (oldest first) for persistence / hysteresis / cooldown;
     None reads them back from MLflow. ``report=False`` skips the Evidently HTML (fast mode).
     ``log=False`` computes without an MLflow run. ``cache``: per-cutoff frames shared by the
-    windows of a replay (:class:`~mlflow_churn.monitoring.frames.FrameCache`). Raises
+    windows of a replay (:class:`~mlflow_churn.monitoring.frames.FrameCache`).
+    ``on_decision(result)`` is called with the result once its run is logged (the CLI passes
+    :func:`~mlflow_churn.monitoring.alerting.alert_decision`: the decision as an alert). Raises
     ChurnError when the alias is not set, the version has no profile, or the window is
     outside the data.
 
@@ -255,6 +258,8 @@ def monitor(
     if log:
         result.run_id = _log_run(cfg, exp_id, result, win.profile, win.frame, win.scores, alias, report,
                                  report_rows, tags, parent_run_id)
+    if on_decision is not None:  # after the run: an alert links the run that holds the evidence
+        on_decision(result)
     return result
 
 

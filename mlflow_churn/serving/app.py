@@ -67,6 +67,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 
+from mlflow_churn.alerts import start_sender, stop_sender
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.serving import transitions
@@ -105,10 +106,13 @@ def create_app(cfg: ChurnConfig, start_background: bool = True) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if start_background:
             service.start()
+            start_sender(cfg)  # alerts earlier processes left undelivered go out
         try:
             yield
         finally:
             service.stop()
+            if start_background:
+                stop_sender(cfg)
 
     app = FastAPI(title="mlflow-churn scoring", version="1", lifespan=lifespan)
     app.state.service = service
