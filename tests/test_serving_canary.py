@@ -123,12 +123,23 @@ def test_bad_canary_rolls_back_automatically(config, register_version) -> None:
     champ, canary = two_versions(config, register_version, canary_quality="bad")
     cfg = serving_config(config, canary_fraction=0.5, min_canary_samples=300, max_p99_ms=60_000)
     _traffic(cfg)
+    from test_alerts import Receiver
+
+    rx = Receiver(fail_first=1)  # the alert reaches a person through a receiver that fails once
     env = {"CHURN_SERVING__MIN_CANARY_SAMPLES": "300", "CHURN_SERVING__CANARY_FRACTION": "0.5",
-           "CHURN_SERVING__MAX_P99_MS": "60000"}
-    res = run_cli(cfg, ["canary", "evaluate", "--auto", "--as-of", LABELS_AS_OF.isoformat(), "--json"], **env)
+           "CHURN_SERVING__MAX_P99_MS": "60000", "CHURN_ALERTS__WEBHOOK_URL": rx.url("/hook"),
+           "CHURN_ALERTS__RETRY_INITIAL_SECONDS": "0.2"}
+    try:
+        res = run_cli(cfg, ["canary", "evaluate", "--auto", "--as-of", LABELS_AS_OF.isoformat(), "--json"],
+                      **env)
+    finally:
+        rx.stop()
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["evaluation"]["verdict"] == "rollback"
+    (alert,) = [body for _, body in rx.messages("/hook")]  # delivered before the command ended
+    assert alert["status"] == "firing" and alert["alerts"][0]["labels"]["alertname"] == "ChurnCanaryVerdict"
+    assert f"canary v{canary} was rolled back" in alert["alerts"][0]["annotations"]["summary"]
     assert any("AUC" in r for r in out["evaluation"]["reasons"]), out["evaluation"]["reasons"]
     routes = out["evaluation"]["routes"]
     assert routes["canary"]["auc"] < routes["champion"]["auc"] - cfg.serving.max_auc_drop

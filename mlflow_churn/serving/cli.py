@@ -128,6 +128,7 @@ def canary_status_cmd(
 
 def _evaluate(ctx: typer.Context, as_of: str | None, since: str | None, reason: str, as_json: bool,
               act: bool) -> None:
+    from mlflow_churn.serving.alerting import alert_canary
     from mlflow_churn.serving.canary import evaluate_canary
     from mlflow_churn.serving.transitions import act_on_verdict
 
@@ -137,6 +138,7 @@ def _evaluate(ctx: typer.Context, as_of: str | None, since: str | None, reason: 
         evaluation, res = act_on_verdict(cfg, when, start, opt_str(reason))
     else:
         evaluation, res = evaluate_canary(cfg, when, start), None
+    alert_canary(cfg, evaluation, res)
     if as_json:
         print_json({"evaluation": evaluation.to_dict(), "transition": res.to_dict() if res else None})
         return
