@@ -358,8 +358,8 @@ class HooksConfig(_Section):
         1_048_576, ge=1, description="larger deliveries get 413 before any signature or JSON work"
     )
     alert_url: str | None = Field(
-        None, description="Alertmanager-style webhook (POST JSON list of alerts) told about unguarded "
-        "promotions; None = no alert (the audit run and /metrics still count them)"
+        None, description="deprecated: read as alerts.alertmanager_url when that is unset (an Alertmanager "
+        "/api/v2/alerts URL; docs/alerts.md)"
     )
     reconcile_seconds: float = Field(
         60, ge=1, le=86_400, description="the receiver looks for versions left without a gate decision "
