@@ -508,6 +508,54 @@ class AlertsConfig(_Section):
         return self
 
 
+#: the scheduler's job store: SQLite (a file) or PostgreSQL (e.g. the tracking server's)
+_JOB_STORE_URL = r"^(sqlite:///\S+|(postgresql|postgresql\+psycopg2|postgres)://\S+)$"
+
+
+class SchedulerJobConfig(_Section):
+    """One job of ``churn scheduler``: whether it runs and how often."""
+
+    enabled: bool = Field(True, description="run this job on its interval")
+    every_minutes: float = Field(60.0, gt=0, le=525_600, description="interval between two runs (minutes)")
+    every_seconds: float | None = Field(
+        None, gt=0, le=31_536_000, description="interval in seconds; wins over every_minutes when set"
+    )
+
+    @property
+    def interval_seconds(self) -> float:
+        return float(self.every_seconds) if self.every_seconds is not None else self.every_minutes * 60.0
+
+
+class SchedulerConfig(_Section):
+    """``churn scheduler`` (mlflow_churn.scheduler, docs/scheduler.md): the jobs, their intervals
+    and where their state lives (it survives a restart)."""
+
+    job_store: str | None = Field(
+        None, pattern=_JOB_STORE_URL, description="SQLAlchemy URL of the job store and its runs table: "
+        "sqlite:///path or postgresql://user@host/db (e.g. the tracking server's); None = "
+        "sqlite:///<workspace>/scheduler.db"
+    )
+    misfire_grace_seconds: float | None = Field(
+        None, gt=0, description="a run missed (scheduler down) by more than this is skipped; None = a "
+        "missed run always runs, once, however late"
+    )
+    shutdown_wait_seconds: float = Field(
+        60.0, ge=0, le=86_400, description="on Ctrl-C / SIGTERM, wait this long for a running job"
+    )
+    materialize: SchedulerJobConfig = Field(
+        default_factory=lambda: SchedulerJobConfig(every_minutes=60.0),
+        description="`churn features materialize` at the newest data (skipped when nothing is new)")
+    freshness: SchedulerJobConfig = Field(
+        default_factory=lambda: SchedulerJobConfig(every_minutes=15.0),
+        description="serving batch older than features.freshness_sla_hours fires freshness:<backend>")
+    monitor: SchedulerJobConfig = Field(
+        default_factory=lambda: SchedulerJobConfig(every_minutes=1440.0),
+        description="`churn monitor` of the champion; its decision alerts")
+    retrain: SchedulerJobConfig = Field(
+        default_factory=lambda: SchedulerJobConfig(every_minutes=1440.0),
+        description="`churn retrain`: acts on the newest monitoring decision")
+
+
 class ChurnConfig(_Section):
     """The whole configuration."""
 
@@ -531,6 +579,9 @@ class ChurnConfig(_Section):
     alerts: AlertsConfig = Field(
         default_factory=AlertsConfig, description="alert outlets (Alertmanager, webhook), retries, outbox"
     )
+    scheduler: SchedulerConfig = Field(
+        default_factory=SchedulerConfig, description="`churn scheduler`: jobs, intervals, job store"
+    )
 
     @property
     def data_dir(self) -> Path:
@@ -551,6 +602,12 @@ class ChurnConfig(_Section):
     def online_store_path(self) -> Path:
         """SQLite online store file."""
         return self.workspace / "online.db"
+
+    @property
+    def scheduler_store_url(self) -> str:
+        """SQLAlchemy URL of ``churn scheduler``'s job store (``scheduler.job_store`` or a SQLite
+        file in the workspace)."""
+        return self.scheduler.job_store or f"sqlite:///{self.workspace.resolve() / 'scheduler.db'}"
 
     @property
     def prediction_log_url(self) -> str:
