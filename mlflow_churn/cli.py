@@ -191,6 +191,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mlflow_churn.hooks.cli",
     "mlflow_churn.registry.cli",
     "mlflow_churn.alerts.cli",
+    "mlflow_churn.scheduler.cli",
 )
 
 

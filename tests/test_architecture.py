@@ -16,7 +16,7 @@ LAYERS: tuple[str, ...] = (
     "errors", "times", "jsonable", "lazy", "background", "interrupt", "config", "stats", "progress", "web",
     "alerts",
     "tracking", "tracking_server",
-    "data", "features", "registry", "training", "evaluation", "serving", "monitoring",
+    "data", "features", "registry", "training", "evaluation", "serving", "monitoring", "scheduler",
 )
 #: the shells: on top of everything, nothing below imports them
 SHELL_PACKAGES = {"cli", "cli_common", "demo", "demo_server", "hooks", "mlflow_plugin"}
