@@ -1,6 +1,14 @@
-"""MLflow plugin: `mlflow run` in this project's directory uses the project's store and experiment.
+"""MLflow plugins: `mlflow run` in this project's directory uses the project's store and
+experiment; the project's alias moves carry their claim (actor, reason, evidence run) to the server.
 
-Registered as the ``mlflow.default_experiment_provider`` entry point ``churn`` (pyproject.toml).
+:class:`ChurnClaimHeaderProvider` is the ``mlflow.request_header_provider`` entry point
+``churn``: while :func:`mlflow_churn.registry.claims.claiming` is active (a ``move_alias`` /
+``remove_alias`` call), MLflow's HTTP client sends the claim as headers ``X-Churn-Actor``,
+``X-Churn-Reason``, ``X-Churn-Evidence-Run``; a ``churn-guard`` server records them in the
+alias history, marked as claimed. Every other request carries none of them.
+
+:class:`ChurnProjectExperimentProvider` is registered as the
+``mlflow.default_experiment_provider`` entry point ``churn`` (pyproject.toml).
 MLflow asks it for an experiment only when none was given (no ``--experiment-name`` /
 ``--experiment-id``, no ``MLFLOW_EXPERIMENT_NAME`` / ``MLFLOW_EXPERIMENT_ID``), and it answers
 only in a directory whose ``MLproject`` is this project (``name: mlflow-churn``). Then:
@@ -62,3 +70,18 @@ class ChurnProjectExperimentProvider:
             mlflow.set_registry_uri(uri)
             sqlite_store_ready(uri)
         return ensure_experiment(MlflowClient(), cfg, cfg.training.experiment)
+
+
+class ChurnClaimHeaderProvider:
+    """MLflow's RequestHeaderProvider interface (``in_context`` / ``request_headers``): the
+    claim of the alias move being made, as request headers (see module doc)."""
+
+    def in_context(self) -> bool:
+        from mlflow_churn.registry.claims import current
+
+        return current() is not None
+
+    def request_headers(self) -> dict[str, str]:
+        from mlflow_churn.registry.claims import claim_headers, current
+
+        return claim_headers(current())

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mlflow_churn.registry.history import HISTORY_EXPERIMENT, begin_move, end_move
+from mlflow_churn.registry.history import HISTORY_EXPERIMENT, record_move
 from mlflow_churn.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, client_run, ensure_experiment
 from mlflow_churn.web.mlflow_ui import (
     SCRIPT,
@@ -84,8 +84,7 @@ def test_every_experiment_the_project_makes_carries_the_kind(config) -> None:
     assert ensure_experiment(client, None, "bare") == bare
     assert client.get_experiment(bare).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
     # the alias history experiment
-    run_id = begin_move(client, "ui-model", "champion", None, "1", actor="test", reason="ui")
-    end_move(client, run_id)
+    record_move(client, "ui-model", "champion", None, "1", position=1, seq=1, actor="test", reason="ui")
     history = client.get_experiment_by_name(HISTORY_EXPERIMENT)
     assert history.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
     assert "mlflow.note.content" in history.tags

@@ -169,10 +169,16 @@ def test_receiver_history_unguarded_revert_ui_promotion_and_reconcile(
             )
             assert run.data.tags["kind"] == "canary-promote" and run.data.tags["decision"] == "promoted"
             assert _counter(receiver) == 1.0  # an allowed move is not counted
+            # the receiver writes the history here: the completion's moves arrive as deliveries
+            _wait("the completion's moves in the history",
+                  lambda: len(read_moves(client, name, "canary")) == 4, receiver)
             time.sleep(1)
         t3 = datetime.now(UTC)
-        # 3. receiver down: a signed rollback of v3 (as `churn canary rollback` signs it), then
-        # by hand previous-champion removed and champion back on v1 (both allowed by it), restart
+        # 3. receiver down and its webhook gone (MLflow delivers nothing, retries nothing): a
+        # signed rollback of v3 (as `churn canary rollback` signs it), then by hand
+        # previous-champion removed and champion back on v1 (both allowed by it), restart
+        client.delete_webhook(hook_id)
+        time.sleep(2)  # MLflow's webhook cache (1 s TTL) forgets it
         record_signed(client, cfg, name, v3, "rollback", "rollback",
                       champion=client.get_model_version(name, v1), run_id="", reason="conversion dropped",
                       actor="ops")
@@ -180,6 +186,7 @@ def test_receiver_history_unguarded_revert_ui_promotion_and_reconcile(
         _ui_set_alias(url, name, "champion", v1)
         t_down = datetime.now(UTC)
         time.sleep(1)
+        hook_id = register_webhook(client, f"{receiver.url}/webhook")
         receiver.start()
         _wait(
             "the reconciled move",
@@ -199,13 +206,15 @@ def test_receiver_history_unguarded_revert_ui_promotion_and_reconcile(
         for m in moves
     ]
     assert steps == [
-        (None, v1, "project"),
-        (v1, v2, UNKNOWN),
-        (v2, v1, "project"),
+        (None, v1, "project"),  # before the receiver: the project recorded its own move
+        (v1, v2, UNKNOWN),  # from here the receiver records each delivery
+        (v2, v1, "webhook"),  # its own revert, with the claim it made in the model tag
         (v1, v3, UNKNOWN),
         (v3, v1, RECONCILED),
     ], steps
-    assert moves[2].actor.startswith("churn hooks") and moves[2].evidence_run_id == audit.info.run_id
+    assert moves[2].actor == "churn hooks (revert_unguarded) (claimed)" and moves[2].via == "mlflow-churn"
+    assert moves[2].evidence_run_id == audit.info.run_id
+    assert [m.position for m in moves] == [1, 2, 3, 4, 5] and all(m.to_ref for m in moves)
     assert len({m.move_key for m in moves}) == len(moves)
     # which version was champion at T: through the CLI, --json
     assert _history_at(cfg, url, t0)["version"] is None
@@ -218,12 +227,14 @@ def test_receiver_history_unguarded_revert_ui_promotion_and_reconcile(
     assert final["version"] == v1 and not final["uncertain"] and final["move"]["actor"] == RECONCILED
     # previous-champion / canary moves are in the history too
     assert [m.to_version for m in read_moves(client, name, "previous-champion")] == [v1, None]
-    assert [(m.from_version, m.to_version) for m in read_moves(client, name, "canary")] == [
+    canary = read_moves(client, name, "canary")
+    assert [(m.from_version, m.to_version) for m in canary] == [
         (None, v1),
         (v1, None),
         (None, v3),
         (v3, None),
-    ]
+    ], [(m.seq, m.from_version, m.to_version, m.source, m.actor, m.moved_at.isoformat(), m.delivery_id)
+        for m in read_moves(client, name)]
     listing = run_cli(cfg, ["registry", "history"], MLFLOW_TRACKING_URI=url, CHURN_TRAINING__MODEL_NAME=name)
     assert listing.returncode == 0 and "previous-champion" in listing.stdout and RECONCILED in listing.stdout
 

@@ -4,15 +4,27 @@ Each ``model_version_alias.created`` / ``.deleted`` delivery for the configured 
 one reconciliation at every start, runs :meth:`AliasWatcher.handle` on one background
 thread (in order, never two at once):
 
-1. :func:`mlflow_churn.registry.history.sync` records every alias move the history does
-   not have yet (the project records its own moves itself; these are moves by people in
-   the UI, by other API clients, or made while the receiver was down: actor ``unknown`` /
-   ``unknown (reconciled)``, or the user the guard plugin recorded on the version).
+1. The moves of the event, from the history's one writer (:func:`mlflow_churn.registry.history.writer_of`):
+
+   - no guard in front (``receiver``): the receiver IS the writer of its model's history (it
+     tags the model ``churn.history_writer=receiver``): each delivery is recorded once, by
+     its id, in MLflow's event-time order (:func:`~mlflow_churn.registry.history.record_delivery`),
+     with the actor, reason and evidence run the project claimed in the model tag
+     ``churn.claim.<alias>`` (else ``unknown``); at start, moves made while it was down are
+     reconciled under ``registry_lock`` (actor ``unknown (reconciled)``);
+   - a churn-guard in front (``guard``): the guard has recorded the move; the receiver waits
+     for that record and takes the guard's new moves (it records nothing);
+   - the embedded store (``project``, tests): the moves the registry proves under the
+     history lock (:func:`~mlflow_churn.registry.history.reconcile`).
+
 2. Each new move of a protected alias (:func:`~mlflow_churn.registry.promotion.guarded_aliases`:
    ``champion``, ``previous-champion``, ``canary`` and ``registry.protected_aliases``) is
    checked with :func:`mlflow_churn.registry.promotion.check_promotion` on the signed
-   decisions, as the guard would have checked it (on the aliases before the move; a
-   deletion is checked as a deletion of the version the alias left):
+   decisions, as the guard would have checked it, on the aliases before the move (a
+   deletion is checked as a deletion of the version the alias left). Not the guard's moves,
+   which it checked, nor moves that carry the project's claim, which follow the lifecycle:
+   neither is judged nor reverted here; a registry they leave failing still meets step 3,
+   audited and alerted. For the others:
 
    - refused -> an ``unguarded_promotion`` audit run in ``registry.audit_experiment``
      (tags ``decision=unguarded_promotion``, ``rule``, ``alias``, ``from_version``,
@@ -38,9 +50,10 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -50,8 +63,10 @@ from mlflow.tracking import MlflowClient
 from mlflow_churn.alerts import post_alert
 from mlflow_churn.background import QueueWorker
 from mlflow_churn.config import ChurnConfig
+from mlflow_churn.registry import history
 from mlflow_churn.registry.aliases import CANARY, CHAMPION, aliases_of, move_alias, remove_alias
-from mlflow_churn.registry.history import RECONCILED, UNKNOWN, AliasMove, read_moves, sync
+from mlflow_churn.registry.claims import read_tag
+from mlflow_churn.registry.history import UNKNOWN, AliasMove, read_moves
 from mlflow_churn.registry.lock import registry_lock
 from mlflow_churn.registry.promotion import check_promotion, guarded_aliases
 from mlflow_churn.registry.verify import VerifyReport, verify_model
@@ -61,8 +76,8 @@ from mlflow_churn.web.metrics import Metrics
 _log = logging.getLogger(__name__)
 UNGUARDED = "unguarded_promotion"
 UNGUARDED_METRIC = "churn_hooks_unguarded_promotions_total"
-#: a version tag `promoted_by` written by the guard this close to a move names its actor
-GUARD_TAG_WINDOW = timedelta(seconds=120)
+#: seconds the receiver waits for the guard's record of a delivered move
+GUARD_RECORD_WAIT_S = 60.0
 
 #: (version, previous champion, actor, reason, moved_at) -> transition run id
 PromoteByHand = Callable[[str, "str | None", str, str, datetime], "str | None"]
@@ -122,6 +137,9 @@ class AliasWatcher(QueueWorker[AliasEvent]):
         sqlite_store_ready(uri)
         self.client = MlflowClient(uri, uri)
         self.last_synced: datetime | None = None
+        self._guard_cursor: dict[str, int] = {}  # model -> seq of the last guard move taken
+        self._tagged: set[str] = set()  # models tagged churn.history_writer=receiver
+        self._claims_taken: set[str] = set()  # claims already matched to a delivery
         super().__init__("churn-alias-watcher", self._handle, self._failed)  # starts the thread
 
     # ------------------------------------------------------------------ queue (join, stop: QueueWorker)
@@ -138,17 +156,20 @@ class AliasWatcher(QueueWorker[AliasEvent]):
 
     # ------------------------------------------------------------------ handling
     def handle(self, event: AliasEvent) -> AliasOutcome:
-        """Record the moves behind ``event``, then check and act on each protected one."""
+        """Record (or, behind a guard, read) the moves behind ``event``, then check and act on
+        each protected one (module doc)."""
         now = self._clock()
+        mode = self.mode()
         if event.action == "reconcile":
-            moves = sync(self.client, event.model, actor=RECONCILED, source="reconcile", now=now,
-                         reason="noticed at the receiver's start (moved while it was down)",
-                         moved_after=self._known_until(event.model))
+            moves = self._reconciled(event.model, mode, now)
+        elif mode == "guard":
+            moves = self._guard_moves(event)
+        elif mode == "receiver":
+            moves = self._delivered(event, now)
         else:
-            hint = (event.alias, event.version if event.action == "created" else None, event.at or now)
-            moves = sync(self.client, event.model, actor=UNKNOWN, source="webhook", now=now,
-                         reason=f"model_version_alias.{event.action} (delivery {event.delivery_id})",
-                         hint=hint if event.alias else None, describe=self._describe)
+            with history.history_lock(self.client, event.model):
+                moves = history.reconcile(self.client, event.model, now=now, moved_after=self._known_until(
+                    event.model), reason=f"model_version_alias.{event.action} (delivery {event.delivery_id})")
         self.last_synced = now
         outcome = AliasOutcome(moves, [], [], [])
         checked: list[tuple[AliasMove, bool]] = []  # (protected move, allowed)
@@ -161,9 +182,15 @@ class AliasWatcher(QueueWorker[AliasEvent]):
             else:
                 start[move.alias] = move.from_version
         for move in moves:
-            self.metrics.inc("churn_hooks_alias_moves_recorded_total", {"alias": move.alias})
-            if move.alias in guarded:
-                checked.append((move, self._check(move, outcome, current, start)))
+            if mode != "guard":
+                self.metrics.inc("churn_hooks_alias_moves_recorded_total", {"alias": move.alias})
+            if move.alias not in guarded:
+                continue
+            if move.source == "guard" or move.via:  # checked by the guard / the project's own move
+                if move.source == "guard" and not move.via:
+                    self._adopt(move, outcome, "allowed by churn-guard")
+                continue  # not re-judged nor reverted here: step 3 still audits a state that fails
+            checked.append((move, self._check(move, outcome, current, start)))
         if guarded and event.model == self.cfg.training.model_name:
             self._verify(event, checked, outcome)
         return outcome
@@ -207,29 +234,96 @@ class AliasWatcher(QueueWorker[AliasEvent]):
         self.metrics.inc(UNGUARDED_METRIC, {"alias": alias})
         self._alert(move, f"the registry of '{event.model}' does not verify: {message}", run_id)
 
+    # ------------------------------------------------------------------ the moves of an event
+    def mode(self) -> str:
+        """Who writes the history here: ``guard`` (a churn-guard server), ``receiver`` (this
+        receiver, in front of a plain server) or ``project`` (an embedded store)."""
+        uri = self.cfg.mlflow_tracking_uri
+        if not uri.startswith(("http://", "https://")):
+            return "project"
+        return "guard" if history.is_guarded(self.client) else "receiver"
+
+    def _reconciled(self, model: str, mode: str, now: datetime) -> list[AliasMove]:
+        """At start: behind a guard, only where to take the guard's moves from; else the moves
+        the registry proves were made while nobody recorded them (under the writers' lock)."""
+        if mode == "guard":
+            self._guard_cursor[model] = max((m.seq for m in read_moves(self.client, model)), default=0)
+            return []
+        reason = "noticed at the receiver's start (moved while it was down)"
+        if mode == "receiver":
+            self._claim_writer(model)
+            lock = registry_lock(self.cfg)  # the project's transitions hold it across their moves
+        else:
+            lock = history.history_lock(self.client, model)
+        with lock:
+            return history.reconcile(self.client, model, now=now, reason=reason,
+                                     moved_after=self._known_until(model))
+
+    def _claim_writer(self, model: str) -> None:
+        """Tag the model ``churn.history_writer=receiver`` (once): the project then leaves the
+        recording of its moves to this receiver."""
+        if model in self._tagged:
+            return
+        try:
+            tags = self.client.get_registered_model(model).tags
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return  # no model yet: tagged at its first delivery
+            raise
+        if tags.get(history.WRITER_TAG) != "receiver":
+            self.client.set_registered_model_tag(model, history.WRITER_TAG, "receiver")
+        self._tagged.add(model)
+
+    def _delivered(self, event: AliasEvent, now: datetime) -> list[AliasMove]:
+        """The receiver writer: the delivery's move, recorded once (none when it is recorded
+        already or moved nothing)."""
+        self._claim_writer(event.model)
+        to = event.version if event.action == "created" else None
+        at = event.at or now
+        try:
+            tags = self.client.get_registered_model(event.model).tags
+        except MlflowException:
+            tags = {}
+        claim = read_tag(tags, event.alias or "", to, at, self._claims_taken)
+        what = f"model_version_alias.{event.action} (delivery {event.delivery_id})"
+        move = history.record_delivery(
+            self.client, event.model, event.alias or "", to, at, event.delivery_id or f"at-{at.isoformat()}",
+            actor=f"{claim.actor} (claimed)" if claim and claim.actor else UNKNOWN, claimed=bool(claim),
+            reason=(claim.reason if claim else "") or what,
+            evidence_run_id=(claim.evidence_run_id if claim else "") or None,
+            via="mlflow-churn" if claim else "")
+        return [move] if move is not None else []
+
+    def _guard_moves(self, event: AliasEvent) -> list[AliasMove]:
+        """Behind a guard: every move the guard recorded since the last one taken. The guard
+        announces a move (a RUNNING run) before MLflow makes it and sends the delivery, so a
+        delivered move still RUNNING is waited for (up to :data:`GUARD_RECORD_WAIT_S`); a
+        delivery with no record at all moved nothing (a set to the version already there)."""
+        to = event.version if event.action == "created" else None
+        cursor = self._guard_cursor.get(event.model)
+        deadline = time.monotonic() + GUARD_RECORD_WAIT_S
+        while True:
+            moves = read_moves(self.client, event.model, include_running=True)
+            pending = [m for m in moves if m.status == "RUNNING" and m.alias == event.alias
+                       and m.to_version == to and (cursor is None or m.seq > cursor)]
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        done = [m for m in moves if m.status == "FINISHED"]
+        if cursor is None:  # no start seen (a direct call): only this delivery's move
+            new = [m for m in done if m.alias == event.alias and m.to_version == to][-1:]
+        else:
+            new = [m for m in done if m.seq > cursor]
+        if new:
+            self._guard_cursor[event.model] = max(m.seq for m in new)
+        return new
+
     def _known_until(self, model: str) -> datetime | None:
         """The last time the aliases were known: the newest recorded move (or this process's
-        last sync), so a reconciled move happened in ``(that, now]``."""
+        last event), so a reconciled move happened in ``(that, now]``."""
         moves = read_moves(self.client, model)
         times = [m.moved_at for m in moves] + ([self.last_synced] if self.last_synced else [])
         return max(times) if times else None
-
-    def _describe(self, alias: str, version: str | None, at: datetime) -> tuple[str, str | None] | None:
-        """(actor, evidence run) from the tags the guard plugin wrote on ``version``, if recent."""
-        if version is None:
-            return None
-        try:
-            tags = self.client.get_model_version(self.cfg.training.model_name, version).tags
-        except MlflowException:
-            return None
-        actor, stamp = tags.get("promoted_by"), tags.get("promotion_at")
-        try:
-            when = datetime.fromisoformat(stamp) if stamp else None
-        except ValueError:
-            when = None
-        if actor and when and abs(when - at) <= GUARD_TAG_WINDOW:
-            return actor, tags.get("promotion_audit_run_id")
-        return None
 
     def _check(self, move: AliasMove, outcome: AliasOutcome, current: dict[str, str],
                start: dict[str, str]) -> bool:
@@ -252,16 +346,20 @@ class AliasWatcher(QueueWorker[AliasEvent]):
                                     move.alias)
             check = first if first.allowed else check
         if check.allowed:
-            canary = aliases_of(self.client, name).get(CANARY)  # now (an earlier move may have acted)
-            if move.alias == CHAMPION and canary == move.to_version and self._promote_by_hand is not None:
-                run_id = self._promote_by_hand(move.to_version, move.from_version, move.actor,
-                                               f"champion set by hand ({move.actor}); {check.message}",
-                                               move.moved_at)
-                if run_id:
-                    outcome.promotions.append(run_id)
+            self._adopt(move, outcome, check.message)
             return True
         self._unguarded(move, check.rule, check.message, check.evidence, outcome)
         return False
+
+    def _adopt(self, move: AliasMove, outcome: AliasOutcome, why: str) -> None:
+        """``champion`` set by hand onto the current canary: complete the promotion
+        (``promote_by_hand``)."""
+        canary = aliases_of(self.client, move.model).get(CANARY)  # now (an earlier move may have acted)
+        if move.alias == CHAMPION and canary == move.to_version and self._promote_by_hand is not None:
+            run_id = self._promote_by_hand(move.to_version, move.from_version, move.actor,
+                                           f"champion set by hand ({move.actor}); {why}", move.moved_at)
+            if run_id:
+                outcome.promotions.append(run_id)
 
     def _unguarded(self, move: AliasMove, rule: str, message: str, evidence: dict[str, Any],
                    outcome: AliasOutcome) -> None:

@@ -23,8 +23,11 @@ def history_cmd(
     model: str = typer.Option(None, "--model", help="Registered model (default: training.model_name)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Every recorded move of the model's aliases (who, when, why, evidence run), or with --at
-    which version each alias pointed at, at that time."""
+    """Every recorded move of the model's aliases, in order (# = the model's sequence number,
+    pos = the move's position in its alias's history), with who, when, why, the evidence run
+    and each version's identity (<version> (<identity prefix>)); "(claimed)" marks an actor
+    the client named and no server authenticated. With --at: which version each alias
+    pointed at, at that time."""
 
     from rich.table import Table
 
@@ -53,14 +56,25 @@ def history_cmd(
         print_json({"model": name, "moves": [m.to_dict() for m in moves]})
         return
     table = Table(title=f"alias history of '{name}'" + (f" ({alias})" if opt_str(alias) else ""))
-    for col in ("moved at (UTC)", "alias", "from", "to", "actor", "reason", "evidence run", "source"):
+    for col in ("#", "moved at (UTC)", "alias", "pos", "from", "to", "actor", "reason", "evidence run",
+                "source"):
         table.add_column(col)
     for m in moves:
-        table.add_row(m.moved_at.strftime("%Y-%m-%d %H:%M:%S"), m.alias, m.from_version or "-",
-                      m.to_version or "-", m.actor, m.reason[:60], m.evidence_run_id or "-", m.source)
+        table.add_row(str(m.seq or "-"), m.moved_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3], m.alias,
+                      str(m.position or "-"), _version_cell(m.from_version, m.from_ref),
+                      _version_cell(m.to_version, m.to_ref), m.actor, m.reason[:60], m.evidence_run_id or "-",
+                      m.source)
     console.print(table)
     if not moves:
         console.print(f"no recorded alias moves of '{name}'")
+
+
+def _version_cell(version: str | None, ref: str) -> str:
+    """``3 (1a2b3c4d)``: the version and the start of its identity (``-`` for none)."""
+    if not version:
+        return "-"
+    identity = ref.split(":", 1)[1] if ":" in ref else ""
+    return f"{version} ({identity[:8]})" if identity else version
 
 
 @registry_app.command("keygen")

@@ -39,6 +39,16 @@ one left. A refusal is HTTP 403 with MLflow's error body ``{"error_code":
 ``promoted_by``, ``promotion_rule`` ...) and as an audit run; an override or approval is
 consumed by the promotion it served.
 
+The guard is also the one writer of the alias history (:mod:`mlflow_churn.registry.history`)
+of every model on its server: every alias set / delete it lets through, of any alias (and
+the aliases MLflow drops with a deleted version or model), takes the model lock too; under
+it the move is read from the registry, announced as a RUNNING history run numbered after the
+model's last move before MLflow's handler writes, and finished once MLflow answered (FAILED
+when it refused). The actor is the basic-auth user, else what the client claims
+(:mod:`mlflow_churn.registry.claims`, headers ``X-Churn-*``) marked ``(claimed)``, else
+``unknown``. ``GET /churn-guard/health`` and the header ``X-Churn-Guard`` on every response
+tell clients that the guard writes the history (so they do not).
+
 The churn configuration comes from the server's environment (``CHURN_CONFIG``, ``CHURN_*``,
 ``churn.yaml`` in the working directory). With ``registry.guard_auth: basic-auth`` the plugin
 wraps MLflow's ``basic-auth`` app too (extra ``guard-auth``) and records the authenticated
@@ -64,7 +74,9 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_churn.alerts import post_alert
 from mlflow_churn.config import ChurnConfig, load_config
+from mlflow_churn.registry import history
 from mlflow_churn.registry.aliases import CHAMPION, aliases_of
+from mlflow_churn.registry.claims import claim_from_headers
 from mlflow_churn.registry.lock import model_lock
 from mlflow_churn.registry.promotion import (
     APPROVAL_TAG,
@@ -100,6 +112,8 @@ _ARTIFACT_WRITE = ("PUT", "POST", "DELETE", "PATCH")
 #: the artifact PUT FastAPI serves itself under uvicorn (never reaches Flask's hooks)
 _ASGI_ARTIFACT = re.compile(r"/(?:api|ajax-api)/\d+\.\d+/mlflow-artifacts/artifacts/(?P<path>.*)")
 _COPY_SOURCE = re.compile(r"models:/[^/@]+[/@].+")
+#: the requests that move aliases (the guard records each one it lets through in the alias history)
+_MOVES_ALIASES = ("registered-models/alias", "model-versions/delete", "registered-models/delete")
 TAG_LIMIT = 4900  # MLflow's tag values hold 5000 characters (8000 on newer stores)
 
 
@@ -130,6 +144,16 @@ class GuardedMove:
     check: PromotionCheck
 
 
+@dataclass
+class PendingMoves:
+    """The alias moves a request let through will make, announced (RUNNING history runs) under
+    the model lock before MLflow's handler runs; finished once it answered."""
+
+    name: str
+    run_ids: list[str]
+    evidence_from_audit: bool  # the history runs' evidence is the guard's audit run (no claim)
+
+
 class Unreadable(Exception):
     """A guarded request whose parameters cannot be read as MLflow reads them."""
 
@@ -144,6 +168,7 @@ class Guard:
         self._client = client
         self._fixed = verifier
         self._keys: tuple[Any, Verifier] | None = None
+        self._history_exp: str | None = None
 
     @property
     def verifier(self) -> Verifier:
@@ -183,18 +208,19 @@ class Guard:
     def before_request(self) -> Any:
         from flask import g, request
 
-        if not self.protected:
-            return None
         rule = _rule(request)
         if rule is None:
             return None  # MLflow answers 404 / 405 itself
         if "mlflow-artifacts" in rule or rule.endswith("/mlflow/upload-artifact"):
-            if request.method not in _ARTIFACT_WRITE:
+            if not self.protected or request.method not in _ARTIFACT_WRITE:
                 return None
             return self._artifact_request(request, g, rule)
         m = _ROUTE.fullmatch(rule)
         proto = _proto(m["op"], request.method) if m else None
         if proto is None:
+            return None
+        op = m["op"]
+        if not self.protected and op not in _MOVES_ALIASES:
             return None
         route = "ui" if m["api"] == "ajax-api" else "api"
         try:
@@ -207,14 +233,17 @@ class Guard:
         if not name:
             return _error(400, "INVALID_PARAMETER_VALUE", "churn-guard: the request names no registered "
                           "model ('name'); nothing was changed")
-        if not self._may_concern(m["op"], msg):
-            return None  # an ordinary tag or alias: no lock, no store read on the hot path
+        if not self._may_concern(op, msg):
+            return None  # an ordinary tag: no lock, no store read on the hot path
         actor = _actor(request, g)
         try:
             stack = contextlib.ExitStack()
             g.churn_guard_lock = stack
             stack.enter_context(model_lock(self.store_uri, name, self.cfg.workspace / "locks"))
-            decision = self._decide(m["op"], request.method, name, msg, route, actor)
+            decision = self._decide(op, request.method, name, msg, route, actor) if self.protected else None
+            if decision is None or decision.check.allowed:
+                # announced before MLflow writes: a move the history cannot take is not made
+                g.churn_guard_history = self._announce(op, request.method, name, msg, request, g, decision)
         except Exception as exc:  # the store is unreachable, ...: refuse (closed), never a traceback
             _log.exception("churn-guard could not check %s %s", request.method, request.path)
             code = exc.error_code if isinstance(exc, MlflowException) else type(exc).__name__
@@ -232,14 +261,22 @@ class Guard:
     def after_request(self, response: Any) -> Any:
         from flask import g, request
 
+        response.headers[history.GUARD_HEADER] = "1"  # how clients know the guard writes the history
         move: GuardedMove | None = g.pop("churn_guard_move", None)
-        if move is None or response.status_code != 200:
-            return response
-        try:
-            self._record(move, _actor(request, g))
-        except Exception:  # the move is made; a failed record must not turn it into an error
-            _log.exception("churn-guard could not record %s of %s v%s", move.action, move.check.name,
-                           move.check.version)
+        pending: PendingMoves | None = g.pop("churn_guard_history", None)
+        made = response.status_code == 200
+        audit_run_id = None
+        if move is not None and made:
+            try:
+                audit_run_id = self._record(move, _actor(request, g))
+            except Exception:  # the move is made; a failed record must not turn it into an error
+                _log.exception("churn-guard could not record %s of %s v%s", move.action, move.check.name,
+                               move.check.version)
+        if pending is not None:
+            try:
+                self._finish_history(pending, made, audit_run_id)
+            except Exception:  # a RUNNING run left behind is resolved at the model's next move
+                _log.exception("churn-guard could not finish the alias history of %s", pending.name)
         return response
 
     def teardown_request(self, exc: BaseException | None = None) -> None:
@@ -251,13 +288,81 @@ class Guard:
 
     # ------------------------------------------------------------------ decisions
     def _may_concern(self, op: str, msg: Any) -> bool:
-        """False for requests :meth:`_decide` lets through on their parameters alone (a tag or an
-        alias the guard does not protect), so they take no lock."""
+        """False for requests :meth:`_decide` lets through on their parameters alone (a tag the
+        guard does not protect), so they take no lock. Every alias request takes the model's lock:
+        the alias history records each move in server order."""
         if op in ("model-versions/set-tag", "model-versions/delete-tag"):
             return msg.key.startswith(SIG_PREFIX) or msg.key in (*GUARD_ONLY_TAGS, OVERRIDE_TAG, APPROVAL_TAG)
-        if op == "registered-models/alias":
-            return msg.alias in self.protected
         return True
+
+    # ------------------------------------------------------------------ alias history
+    def _announce(self, op: str, method: str, name: str, msg: Any, request: Any, g: Any,
+                  decision: GuardedMove | None) -> PendingMoves | None:
+        """Under the model lock, before MLflow's handler: the alias moves this request makes,
+        read from the registry as it is now, announced as RUNNING history runs numbered after
+        the model's last move (so the history's order is the server's order); None when it moves
+        no alias (a set to the version already there, a delete of an absent alias)."""
+        client = self.client
+        recorded = history.read_moves(client, name, include_running=True, running_max_age_s=float("inf"))
+        current = aliases_of(client, name)  # after the history: no writer is mid-move (we hold the lock)
+        if op == "registered-models/alias":
+            holder = current.get(msg.alias)
+            if method == "POST":
+                moves = [(msg.alias, holder, msg.version)] if msg.version and holder != msg.version else []
+            else:
+                moves = [(msg.alias, holder, None)] if holder is not None else []
+        elif op == "model-versions/delete":  # MLflow drops the aliases of a deleted version
+            moves = [(a, v, None) for a, v in sorted(current.items()) if v == msg.version]
+        elif op == "registered-models/delete" and method == "DELETE":
+            moves = [(a, v, None) for a, v in sorted(current.items())]
+        else:
+            moves = []
+        if not moves:
+            return None
+        recorded = history.resolve_running(client, recorded, current)  # a worker that died mid-move
+        state = history.last_state(recorded)
+        exp = self._history_experiment()
+        now = _now()
+        actor, claimed = _history_actor(request, g)
+        claim = claim_from_headers(request.headers)
+        reason = (claim.reason if claim else "") or (decision.check.message if decision else "")
+        if op != "registered-models/alias":
+            what = f"{op.replace('/', ' ')} of {name}" + (f" v{msg.version}" if msg.version else "")
+            reason = reason or what
+        run_ids: list[str] = []
+        for alias, holder, to in moves:
+            if state.get(alias) != holder:  # moved past the guard (a direct write to the store)
+                recorded.append(history.reconcile_alias(
+                    client, name, alias, state.get(alias), holder, recorded, now, exp,
+                    "found by churn-guard before a move of this alias (moved past the guard)"))
+            position, seq = history.next_numbers(recorded, alias)
+            prev_ref = next((m.to_ref for m in reversed(recorded) if m.alias == alias), "") if holder else ""
+            move = history.record_move(
+                client, name, alias, holder, to, position=position, seq=seq, actor=actor, reason=reason,
+                evidence_run_id=(claim.evidence_run_id if claim else "") or None, source="guard",
+                moved_at=now, from_ref=prev_ref or history.version_ref_of(client, name, holder),
+                to_ref=history.version_ref_of(client, name, to), claimed=claimed,
+                via="mlflow-churn" if claim else "", experiment=exp, running=True)
+            recorded.append(move)
+            state[alias] = to
+            run_ids.append(move.run_id)
+        return PendingMoves(name, run_ids, not (claim and claim.evidence_run_id))
+
+    def _finish_history(self, pending: PendingMoves, made: bool, audit_run_id: str | None) -> None:
+        """After MLflow answered: the announced moves FINISHED (made) or FAILED (refused)."""
+        for run_id in pending.run_ids:
+            if made and audit_run_id and pending.evidence_from_audit:
+                self.client.set_tag(run_id, "evidence_run_id", audit_run_id)
+            history.end_move(self.client, run_id, ok=made)
+
+    def _history_experiment(self) -> str:
+        """The alias-history experiment, made through the server's own store when missing."""
+        if self._history_exp is None:
+            exp = self.client.get_experiment_by_name(history.HISTORY_EXPERIMENT)
+            if exp is None:
+                self._experiment(history.HISTORY_EXPERIMENT)
+            self._history_exp = history.experiment_id(self.client)  # its tags (note, experiment kind)
+        return self._history_exp
 
     def _decide(self, op: str, method: str, name: str, msg: Any, route: str,
                 actor: str) -> GuardedMove | None:
@@ -481,7 +586,8 @@ class Guard:
         return rows
 
     # ------------------------------------------------------------------ records
-    def _record(self, move: GuardedMove, actor: str) -> None:
+    def _record(self, move: GuardedMove, actor: str) -> str | None:
+        """Version tags, audit run and alert of an allowed guarded move; the audit run id."""
         chk = move.check
         client = self.client
         if move.action in ("set_tag", "delete_tag"):
@@ -498,12 +604,12 @@ class Guard:
                 _drop_tags(client, chk.name, chk.version, GUARD_ONLY_TAGS)
             elif chk.rule == "approved":
                 self._audit(move, actor, "allowed")
-            return
+            return None
         if move.action.endswith("_model") or move.action.startswith(("delete_version", "copy_")):
-            return
+            return None
         run_id = self._audit(move, actor, "allowed")
         if move.action == "delete_alias":
-            return
+            return run_id
         tags = {"promoted_by": actor, "promotion_rule": chk.rule, "promotion_reason": chk.message,
                 "promotion_route": f"{move.route}:{move.action}", "promotion_at": _now().isoformat()}
         if run_id:
@@ -515,6 +621,7 @@ class Guard:
             _drop_tags(client, chk.name, chk.version, (OVERRIDE_TAG, *GUARD_ONLY_TAGS, APPROVAL_TAG))
             if chk.rule == "override":
                 self._alert(move, actor, "PromotionOverride", "warning")
+        return run_id
 
     def _refused(self, move: GuardedMove, actor: str) -> None:
         self._audit(move, actor, "refused")
@@ -551,7 +658,9 @@ class Guard:
             return None
 
     def _audit_experiment(self) -> str:
-        name = self.cfg.registry.audit_experiment
+        return self._experiment(self.cfg.registry.audit_experiment)
+
+    def _experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
@@ -646,6 +755,29 @@ def _actor(request: Any, g: Any) -> str:
     return f"anonymous@{request.remote_addr or 'unknown'}"
 
 
+def _history_actor(request: Any, g: Any) -> tuple[str, bool]:
+    """(actor, claimed) of an alias move for the history: the basic-auth user the guard
+    authenticated; else what the client claims (header X-Churn-Actor, else an HTTP basic user
+    name nobody checked), marked ``(claimed)``; else ``unknown``."""
+    user = getattr(g, "mlflow_authenticated_user", None)
+    if user:
+        return str(user), False
+    claim = claim_from_headers(request.headers)
+    if claim is not None and claim.actor:
+        return f"{claim.actor} (claimed)", True
+    auth = request.authorization
+    if auth is not None and auth.username:
+        return f"{auth.username} (claimed)", True
+    return history.UNKNOWN, False
+
+
+def _health() -> Any:
+    """``GET /churn-guard/health``: this server is a churn-guard and writes the alias history."""
+    from flask import jsonify
+
+    return jsonify({"guard": "churn-guard", "history_writer": "guard"})
+
+
 def _error(status: int, code: str, message: str) -> Any:
     from flask import Response
 
@@ -707,6 +839,10 @@ def create_app(app: Any = None) -> Any:
         from mlflow.server.auth import create_app as basic_auth_app
 
         wrapped = basic_auth_app(app)  # its hooks run first: the user is known to ours
+    from mlflow.server.handlers import STATIC_PREFIX_ENV_VAR
+
+    prefix = os.environ.get(STATIC_PREFIX_ENV_VAR, "").rstrip("/")
+    app.add_url_rule(prefix + history.GUARD_ROUTE, "churn_guard_health", _health, methods=["GET"])
     app.before_request(guard.before_request)
     app.after_request(guard.after_request)
     app.teardown_request(guard.teardown_request)

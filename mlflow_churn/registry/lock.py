@@ -35,16 +35,19 @@ def registry_lock(cfg: ChurnConfig, timeout_s: float = 120.0) -> Iterator[str]:
 
 
 @contextmanager
-def model_lock(store_uri: str, name: str, lock_dir: Path, timeout_s: float = 120.0) -> Iterator[str]:
+def model_lock(store_uri: str, name: str, lock_dir: Path, timeout_s: float = 120.0,
+               namespace: str = "mlflow-churn") -> Iterator[str]:
     """The lock of model ``name``'s aliases on the store at ``store_uri``: a PostgreSQL
-    advisory lock (key from the model name) when it is PostgreSQL, across every process and
-    machine using it; else ``fcntl`` on ``<lock_dir>/registry-<model>.lock``. The guard holds
-    it from its check to MLflow's write, across the server's workers."""
+    advisory lock (key from ``namespace`` and the model name) when it is PostgreSQL, across
+    every process and machine using it; else ``fcntl`` on ``<lock_dir>/registry-<model>.lock``.
+    The guard holds it from its check to MLflow's write (and its alias-history record), across
+    the server's workers; the alias history of an embedded store takes it in its own
+    ``namespace`` / ``lock_dir`` (:func:`mlflow_churn.registry.history.history_lock`)."""
     pg = _pg_url(store_uri)
     if pg:
         import psycopg2
 
-        key = int.from_bytes(hashlib.blake2b(f"mlflow-churn:{name}".encode(), digest_size=8).digest(),
+        key = int.from_bytes(hashlib.blake2b(f"{namespace}:{name}".encode(), digest_size=8).digest(),
                              "big", signed=True)
         con = psycopg2.connect(pg)
         con.autocommit = True
