@@ -85,6 +85,7 @@ BAD: dict[str, list[tuple[list[str], str]]] = {
     "alerts test": [(["--wait", "-1"], "--wait"), (["--hold", "soon"], "soon")],
     "alerts flush": [(["--wait", "-5"], "--wait"), (["--wait", "later"], "later")],
     "alerts resolve": [([], "Missing argument"), (["no-such-key"], "no-such-key")],
+    "scheduler status": [(["--job", "nightly"], "nightly"), (["extra"], "extra")],
     "registry history": [(["--at", "whenever"], "whenever"), (["--at", "2026-02-30"], "2026-02-30"),
                          (["--no-such"], "--no-such")],
     "registry keygen": [(["extra"], "extra"), (["--rotate=yes"], "--rotate")],

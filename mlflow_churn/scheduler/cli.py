@@ -78,12 +78,19 @@ def scheduler_cmd(
 
 
 @scheduler_app.command("status")
-def status_cmd(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
+def status_cmd(ctx: typer.Context,
+               job: str = typer.Option(None, "--job", help="Only this job (materialize, freshness, monitor, "
+                                       "retrain)."),
+               as_json: bool = JSON_OPTION) -> None:
     """Every job: enabled, interval, next run time, last outcome."""
+    from mlflow_churn.errors import ChurnError
+    from mlflow_churn.scheduler.jobs import JOBS
     from mlflow_churn.scheduler.service import status
 
+    if job is not None and job not in JOBS:
+        raise ChurnError(f"--job must be one of {', '.join(JOBS)}, got '{job}'")
     cfg = get_config(ctx)
-    rows = status(cfg)
+    rows = [r for r in status(cfg) if job is None or r.job == job]
     if as_json:
         print_json({"job_store": cfg.scheduler_store_url, "jobs": [r.to_dict() for r in rows]})
         return
