@@ -191,3 +191,49 @@ def test_bad_job_store_is_one_line(churn_main, workspace: Path, monkeypatch: pyt
     monkeypatch.setenv("CHURN_SCHEDULER__JOB_STORE", "mysql://nowhere/db")
     res = churn_main(["--workspace", str(workspace), "scheduler", "status"])
     assert res.returncode == 2 and "job_store" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow  # trains a model (about half a minute)
+def test_once_runs_the_due_monitor_job_on_a_trained_champion(workspace: Path, small_data: Path) -> None:
+    """`churn scheduler --once` with the monitor job due: the same monitoring run `churn monitor`
+    makes (an MLflow run with its decision), its id in the runs table, its decision an alert."""
+    from mlflow import MlflowClient
+
+    from mlflow_churn.data.bounds import latest_as_of
+    from mlflow_churn.monitoring.alerting import alert_key
+    from mlflow_churn.registry.aliases import move_alias
+    from mlflow_churn.training.train import train
+
+    (workspace / "data").symlink_to(small_data, target_is_directory=True)
+    cfg = load_config(workspace=workspace, environ={})
+    res = train(cfg, latest_as_of(cfg.data_dir), n_trials=1, progress=False)
+    move_alias(MlflowClient(cfg.mlflow_tracking_uri, cfg.mlflow_tracking_uri), cfg.training.model_name,
+               "champion", res.version)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHURN_", "MLFLOW_"))}
+    env.update({f"CHURN_SCHEDULER__{j}__ENABLED": "false" for j in ("MATERIALIZE", "FRESHNESS", "RETRAIN")})
+    cmd = [sys.executable, "-m", "mlflow_churn.cli", "--workspace", str(workspace), "scheduler", "--once",
+           "--json"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '"monitor": "ok"' in done.stdout
+    [run] = list_runs(cfg.scheduler_store_url, "monitor")
+    assert run.status == OK and run.run_id
+    tags = MlflowClient(cfg.mlflow_tracking_uri).get_run(run.run_id).data.tags
+    assert run.detail.endswith(tags["monitor.action"])
+    [cond] = Outbox(outbox_path(cfg)).conditions(key=alert_key(cfg.training.model_name)) or [None]
+    assert (cond is not None) == (tags["monitor.action"] != "ok")
+
+
+@pytest.mark.postgres
+def test_postgresql_job_store(workspace: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job store, runs table and job locks (pg_advisory_lock) on PostgreSQL."""
+    from mlflow_churn.scheduler import run_due
+
+    for name, value in {**ONLY_FRESHNESS, "CHURN_SCHEDULER__JOB_STORE": postgres_url}.items():
+        monkeypatch.setenv(name, value)
+    cfg = load_config(workspace=workspace)
+    assert run_due(cfg) == {"freshness": OK}
+    assert run_due(cfg) == {}  # not due again for 15 minutes
+    [row] = [s for s in status(cfg) if s.job == "freshness"]
+    assert row.last is not None and row.last.status == OK and row.next_run_time is not None
+    assert not (workspace / "scheduler.db").exists()
