@@ -124,17 +124,23 @@ def test_killed_and_restarted_mid_interval_no_double_run_missed_run_once(workspa
     assert abs(slot(nxt) - round(slot(nxt))) < 1e-3
 
 
-def test_once_runs_what_is_due_and_status_lists_it(workspace: Path) -> None:
+def test_once_runs_what_is_due_and_status_lists_it(workspace: Path, churn_main,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     env = _env(CHURN_SCHEDULER__FRESHNESS__EVERY_MINUTES="60")
     cmd = [sys.executable, "-m", "mlflow_churn.cli", "--workspace", str(workspace), "scheduler"]
     first = subprocess.run([*cmd, "--once", "--json"], env=env, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
     assert '"freshness": "ok"' in first.stdout
-    again = subprocess.run([*cmd, "--once", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert "scheduler job freshness: ok" in first.stderr  # the outcome line
+    for name, value in env.items():
+        if name.startswith("CHURN_"):
+            monkeypatch.setenv(name, value)
+    again = churn_main(["--workspace", str(workspace), "scheduler", "--once", "--json"])
     assert again.returncode == 0 and '"ran": {}' in again.stdout  # not due again for an hour
-    shown = subprocess.run([*cmd, "status", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    shown = churn_main(["--workspace", str(workspace), "scheduler", "status", "--json", "--job", "freshness"])
     assert shown.returncode == 0, shown.stderr
     assert '"status": "ok"' in shown.stdout and "no online store" in shown.stdout
+    assert '"every_seconds": 3600' in shown.stdout
 
 
 def test_a_job_that_ran_meanwhile_in_another_process_is_skipped(workspace: Path) -> None:
