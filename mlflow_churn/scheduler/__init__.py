@@ -2,9 +2,14 @@
 with APScheduler's SQLAlchemy job store (docs/scheduler.md). A shell above the packages whose
 functions it calls: the same ones the commands call."""
 
-from mlflow_churn.scheduler.jobs import JOBS, JobOutcome, freshness_key, job_freshness, run_job
-from mlflow_churn.scheduler.runs import FAILED, OK, SKIPPED, RunRecord, list_runs
-from mlflow_churn.scheduler.service import JobStatus, run_due, serve, status, sync_jobs
+from mlflow_churn.lazy import lazy_exports
 
-__all__ = ["FAILED", "JOBS", "OK", "SKIPPED", "JobOutcome", "JobStatus", "RunRecord", "freshness_key",
-           "job_freshness", "list_runs", "run_due", "run_job", "serve", "status", "sync_jobs"]
+#: public name -> the module that defines it (imported on first use: `import mlflow_churn.X` stays light)
+_EXPORTS = {
+    **{name: "mlflow_churn.scheduler.jobs"
+       for name in ("JOBS", "JobOutcome", "freshness_key", "job_freshness", "run_job")},
+    **{name: "mlflow_churn.scheduler.runs" for name in ("FAILED", "OK", "SKIPPED", "RunRecord", "list_runs")},
+    **{name: "mlflow_churn.scheduler.service" for name in ("JobStatus", "run_due", "serve", "status",
+                                                            "sync_jobs")},
+}
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
