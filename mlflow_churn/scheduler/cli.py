@@ -80,7 +80,7 @@ def scheduler_cmd(
 @scheduler_app.command("status")
 def status_cmd(ctx: typer.Context,
                job: str = typer.Option(None, "--job", help="Only this job (materialize, freshness, monitor, "
-                                       "retrain)."),
+                                       "retrain; default: all)."),
                as_json: bool = JSON_OPTION) -> None:
     """Every job: enabled, interval, next run time, last outcome."""
     from mlflow_churn.errors import ChurnError
