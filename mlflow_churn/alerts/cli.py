@@ -49,7 +49,8 @@ def list_cmd(
     ctx: typer.Context,
     all_episodes: bool = typer.Option(False, "--all", help="Every episode of each condition (default: the "
                                       "latest one)."),
-    key: str = typer.Option(None, "--key", help="Only this condition (its dedup key), with its attempts."),
+    key: str = typer.Option(None, "--key", help="Only this condition (its dedup key), with its attempts "
+                                                "(default: every condition)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Conditions in the outbox (newest change first): key, alert name, status, since when,
