@@ -289,20 +289,21 @@ class Driver:
 
     def burst(self) -> None:
         """Concurrent calls from threads: REST and project moves of distinct free aliases (each
-        thread its own alias, so each alias's order is its thread's), two REST sets of one alias
-        at once (their order is the server's), and a transition."""
+        thread its own alias, so each alias's order is its thread's), four and three REST sets of
+        one alias at once (to distinct versions: each is a move, in the order the server chose),
+        and a transition."""
         free = list(self.FREE)
         self.rng.shuffle(free)
-        contended, rest_alias, project_alias = free[0], free[1], free[2]
-        targets = [v for v in self.versions if v != self.state.get(contended)]
-        a, b = self.rng.sample(targets, 2)
-        contention = self.ledger.group()
+        rest_alias, project_alias = free[0], free[1]
         plans: list[Callable[[], None]] = [
             lambda: [self.rest_free(rest_alias) for _ in range(3)],
             lambda: [self.project_free(project_alias, "burst-bot") for _ in range(3)],
-            lambda: self._contend(contended, a, contention),
-            lambda: self._contend(contended, b, contention),
         ]
+        for contended, n in ((free[2], 4), (free[3], 3)):
+            targets = [v for v in self.versions if v != self.state.get(contended)]
+            group = self.ledger.group()
+            plans += [lambda a=contended, v=v, g=group: self._contend(a, v, g)
+                      for v in self.rng.sample(targets, n)]
         kinds = [k for k, ok in (("promote", CANARY in self.state),
                                  ("rollback", CANARY in self.state or PREVIOUS_CHAMPION in self.state)) if ok]
         if kinds:
@@ -326,7 +327,9 @@ class Driver:
         for t in threads:
             t.join(timeout=600)
         assert not errors, errors
-        self._set(contended, self.snapshot().get(contended))  # whichever the server applied last
+        now = self.snapshot()
+        for contended in free[2:]:
+            self._set(contended, now.get(contended))  # whichever the server applied last
         self.ops["burst"] += 1
 
     def _contend(self, alias: str, version: str, group: int) -> None:
@@ -492,6 +495,15 @@ def test_force_promote_then_rollback_with_the_receiver_running_records_no_phanto
             ], [(m.alias, m.from_version, m.to_version, m.actor, m.source) for m in moves]
             assert {m.source for m in moves} == {"guard"} and [m.seq for m in moves] == list(range(1, 8))
             assert aliases(client, name) == {CHAMPION: v1}
+            # MLflow drops the aliases of a deleted version: the guard records that move too
+            v5 = new_version(client, name, exp_id, b"weights 5" * 30)
+            assert call(server, "POST", "registered-models/alias",
+                        {"name": name, "alias": "shadow", "version": v5}).status_code == 200
+            client.delete_model_version(name, v5)
+            last = read_moves(client, name)[7:]
+            assert [(m.alias, m.from_version, m.to_version, m.seq) for m in last] == [
+                ("shadow", None, v5, 8), ("shadow", v5, None, 9)]
+            assert "model-versions delete" in last[1].reason and "shadow" not in aliases(client, name)
         finally:
             server.stop()
 

@@ -92,11 +92,14 @@ def _first_champion(cfg: ChurnConfig, register_version, mirror_stages: bool = Fa
 
 
 def _audit_runs(client: MlflowClient, cfg: ChurnConfig, name: str):
+    """The finished unguarded-promotion audit runs of model ``name`` (a run still being written
+    may lack its decision.json)."""
     exp = client.get_experiment_by_name(cfg.registry.audit_experiment)
     if exp is None:
         return []
     return client.search_runs(
-        [exp.experiment_id], f"tags.kind = 'unguarded_promotion' and tags.model_name = '{name}'"
+        [exp.experiment_id], f"tags.kind = 'unguarded_promotion' and tags.model_name = '{name}' "
+        "and attributes.status = 'FINISHED'"
     )
 
 
@@ -130,6 +133,10 @@ def test_receiver_history_unguarded_revert_ui_promotion_and_reconcile(
     v1 = _first_champion(cfg, register_version)  # project moves (recorded by it)
     v2 = register_version(cfg, "bad", alias=None, seed=1).version  # never gated
     v3 = register_version(cfg, "good", alias=None, seed=2).version
+    # gated (signed, alias canary) before the receiver starts: its reconciliation gates only
+    # versions above the champion and the canary that have no gate decision, so it leaves v2
+    # (below the canary) and v3 alone instead of racing this test's own moves
+    gate(client, cfg, v3, passed=True)
     receiver = Receiver(cfg, url, tmp_path / "hooks.log", CHURN_REGISTRY__REVERT_UNGUARDED="true")
     hook_id = register_webhook(client, f"{receiver.url}/webhook")
     try:
@@ -149,7 +156,6 @@ def test_receiver_history_unguarded_revert_ui_promotion_and_reconcile(
             assert _counter(receiver) == 1.0
             t2 = datetime.now(UTC)
             # 2. a promotion in the UI of a canary-passed version: the receiver completes it
-            gate(client, cfg, v3, passed=True)  # signed gate, alias canary
             assert canary_verdict(cfg, v3) == "promote"  # the real evaluation signs its verdict
             _ui_set_alias(url, name, "champion", v3)
             after = _wait(

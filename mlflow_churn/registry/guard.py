@@ -302,6 +302,8 @@ class Guard:
         read from the registry as it is now, announced as RUNNING history runs numbered after
         the model's last move (so the history's order is the server's order); None when it moves
         no alias (a set to the version already there, a delete of an absent alias)."""
+        if op not in _MOVES_ALIASES:
+            return None  # a tag, a stage, a new version: no alias moves
         client = self.client
         recorded = history.read_moves(client, name, include_running=True, running_max_age_s=float("inf"))
         current = aliases_of(client, name)  # after the history: no writer is mid-move (we hold the lock)
