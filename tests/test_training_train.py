@@ -239,7 +239,10 @@ def test_sigint_during_training_ends_it_promptly_and_cleanly(tmp_path: Path, sma
                 proc.kill()
                 proc.wait(30)
         assert proc.returncode == 130, (attempt, err[-3000:])
-        assert err.strip().splitlines()[-1] == "interrupted", err[-3000:]
+        # "interrupted" ends the command's own output; xgboost may still print an ignored
+        # exception from DataIter.__del__ at interpreter exit (seen with two suites at once)
+        assert "interrupted" in err.strip().splitlines(), err[-3000:]
+        assert "Fatal Python error" not in err and "Segmentation fault" not in err, err[-3000:]
         assert _running_runs(db) == [], attempt
         assert MlflowClient(f"sqlite:///{db}").search_model_versions() == []
 
