@@ -157,3 +157,25 @@ def test_an_outage_looking_up_the_champion_is_not_no_champion(mlflow_server, wor
     assert msg.startswith(f"the MLflow tracking server at {proxy.url} failed while gating '{name}' (")
     assert "HTTP 503" in msg and "no alias" not in msg
     assert _state(client, name) == before
+
+
+def test_a_gate_the_registry_moved_past_does_not_move_canary_back(config, register_version) -> None:
+    """A gate that started before a promotion and passes after it (the receiver's reconcile
+    gate of v1 while a person promoted v1): `canary` is not put back on the champion, nor
+    taken from a newer canary; otherwise it moves as usual."""
+    from mlflow_churn.evaluation.evaluate import _move_canary
+    from mlflow_churn.registry.aliases import alias_version, move_alias
+
+    client = MlflowClient(config.mlflow_tracking_uri, config.mlflow_tracking_uri)
+    name = config.training.model_name
+    v1 = register_version(config, alias=CHAMPION)
+    v2 = register_version(config, alias=None, seed=1)
+    v3 = register_version(config, alias=None, seed=2)
+    assert _move_canary(client, config, name, str(v1.version)) is False  # v1 is the champion now
+    assert alias_version(client, name, CANARY) is None
+    move_alias(client, name, CANARY, v3.version)
+    assert _move_canary(client, config, name, str(v2.version)) is False  # a newer canary stays
+    assert str(alias_version(client, name, CANARY).version) == str(v3.version)
+    client.delete_registered_model_alias(name, CANARY)
+    assert _move_canary(client, config, name, str(v2.version)) is True
+    assert str(alias_version(client, name, CANARY).version) == str(v2.version)

@@ -77,7 +77,8 @@ from mlflow_churn.evaluation.holdout import holdout_cutoffs, holdout_frame, pars
 from mlflow_churn.features.offline import daily_cutoffs
 from mlflow_churn.jsonable import dumps
 from mlflow_churn.progress import ProgressArg, resolve
-from mlflow_churn.registry.aliases import CANARY, CHAMPION, move_alias
+from mlflow_churn.registry.aliases import CANARY, CHAMPION, alias_version, move_alias
+from mlflow_churn.registry.lock import registry_lock
 from mlflow_churn.registry.signing import Decision, record_signed, version_files_digest, version_ref
 from mlflow_churn.stats.drift import drift_against_entry, psi
 from mlflow_churn.stats.metrics import (
@@ -718,6 +719,26 @@ def _record_verdict(client: MlflowClient, cfg: ChurnConfig, version: str, passed
                            run_id=run_id, metrics=metrics, reason="; ".join(reasons),
                            files_sha256=version_files_digest(client, name, version))
     if passed:
-        move_alias(client, name, CANARY, version, cfg.evaluation.mirror_stages)
+        _move_canary(client, cfg, name, str(version))
     return signed
+
+
+def _move_canary(client: MlflowClient, cfg: ChurnConfig, name: str, version: str) -> bool:
+    """Point ``canary`` at the passed ``version`` unless the registry moved past it while the
+    gate ran (a gate started before a promotion and finished after it): ``version`` is the
+    champion now, or the canary is a newer version. Decided under the transitions' lock, so
+    a promote / rollback is wholly before or after. True when moved."""
+    with registry_lock(cfg):
+        champion, canary = (alias_version(client, name, a) for a in (CHAMPION, CANARY))
+        past = []
+        if champion is not None and str(champion.version) == version:
+            past.append("it is the champion")
+        if canary is not None and int(canary.version) > int(version):
+            past.append(f"canary is v{canary.version}")
+        if past:
+            logging.getLogger(__name__).info("gate passed v%s but the registry moved past it (%s): canary "
+                                             "not moved", version, ", ".join(past))
+            return False
+        move_alias(client, name, CANARY, version, cfg.evaluation.mirror_stages)
+        return True
 
