@@ -68,15 +68,8 @@ from mlflow_churn.hooks.deliveries import (
     run_job,
 )
 from mlflow_churn.registry.aliases import CANARY, CHALLENGER, CHAMPION
-from mlflow_churn.registry.signing import (
-    KINDS,
-    Decision,
-    SignatureError,
-    Verifier,
-    sig_tag,
-    verifier_for,
-    version_identity,
-)
+from mlflow_churn.registry.promotion import verified_decision
+from mlflow_churn.registry.signing import Decision, Verifier, verifier_for, version_identity
 from mlflow_churn.tracking import export_http_limits, probe_server, sqlite_store_ready
 
 _log = logging.getLogger(__name__)
@@ -188,18 +181,9 @@ class ReconcileReport:
 # --------------------------------------------------------------------------- finding
 def gate_decision(mv: Any, name: str, verifier: Verifier) -> Decision | None:
     """``mv``'s gate decision when its ``churn.sig.gate`` tag verifies and names exactly this
-    model, version number and identity (the rule of
-    :func:`mlflow_churn.registry.promotion.read_evidence`, on a version already fetched); else None."""
-    value = (mv.tags or {}).get(sig_tag("gate"))
-    if not value:
-        return None
-    try:
-        d = verifier.verify(value)
-    except SignatureError:
-        return None
-    same = (d.kind == "gate" and d.model == name and d.version == str(mv.version)
-            and d.identity == version_identity(mv) and d.decision in KINDS["gate"])
-    return d if same else None
+    model, version number and identity (:func:`~mlflow_churn.registry.promotion.verified_decision`);
+    else None."""
+    return verified_decision(mv, name, "gate", verifier)[0]
 
 
 def _number(version: str | None) -> int | None:

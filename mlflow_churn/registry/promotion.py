@@ -132,6 +132,27 @@ class VersionEvidence:
                 "problems": dict(self.problems)}
 
 
+def verified_decision(mv: Any, name: str, kind: str,
+                      verifier: Verifier) -> tuple[Decision | None, str | None]:
+    """(the signed ``kind`` decision of the fetched version ``mv``, None) when its tag verifies
+    and names exactly this kind, model, version number and identity; (None, why) when the tag
+    is there but does not; (None, None) without the tag."""
+    value = (mv.tags or {}).get(sig_tag(kind))
+    if value is None:
+        return None, None
+    try:
+        d = verifier.verify(value)
+    except SignatureError as exc:
+        return None, str(exc)
+    wrong = [f for f, want in (("kind", kind), ("model", name), ("version", str(mv.version)),
+                               ("identity", version_identity(mv))) if getattr(d, f) != want]
+    if d.decision not in KINDS[kind]:
+        wrong.append("decision")
+    if wrong:
+        return None, f"the signed {kind} decision is for another {'/'.join(wrong)}"
+    return d, None
+
+
 def read_evidence(client: MlflowClient, name: str, version: str | None,
                   verifier: Verifier) -> VersionEvidence | None:
     """The verified signed decisions of ``version`` (None when it does not exist). A tag whose
@@ -145,27 +166,14 @@ def read_evidence(client: MlflowClient, name: str, version: str | None,
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
-    tags = dict(mv.tags or {})
-    ident = version_identity(mv)
     decisions: dict[str, Decision] = {}
     problems: dict[str, str] = {}
     for kind in KINDS:
-        value = tags.get(sig_tag(kind))
-        if value is None:
-            continue
-        try:
-            d = verifier.verify(value)
-        except SignatureError as exc:
-            problems[kind] = str(exc)
-            continue
-        wrong = [f for f, want in (("kind", kind), ("model", name), ("version", str(mv.version)),
-                                   ("identity", ident)) if getattr(d, f) != want]
-        if d.decision not in KINDS[kind]:
-            wrong.append("decision")
-        if wrong:
-            problems[kind] = f"the signed {kind} decision is for another {'/'.join(wrong)}"
-            continue
-        decisions[kind] = d
+        d, problem = verified_decision(mv, name, kind, verifier)
+        if problem:
+            problems[kind] = problem
+        elif d is not None:
+            decisions[kind] = d
     gate = decisions.get("gate")
     for kind, d in list(decisions.items()):
         if kind != "gate" and (gate is None or d.files_sha256 != gate.files_sha256):
