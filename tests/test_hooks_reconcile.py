@@ -22,8 +22,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hooks_support import AlertSink, Receiver, TripwireProxy, register_webhook
+from hooks_support import AlertSink, Receiver, register_webhook
 from mlflow.tracking import MlflowClient
+from proxy_support import TripwireProxy
 
 from mlflow_churn.alerts import stop_sender
 from mlflow_churn.config import ChurnConfig
