@@ -238,6 +238,16 @@ class PolicyConfig(_Section):
         "once more when the training window holds only later data (label horizon + holdout + "
         "training window days after the drop was seen)",
     )
+    max_serving_mismatch_rate: float = Field(
+        0.01, ge=0, le=1,
+        description="serving-skew check: share of a feature's sampled served values that differ from "
+        "their offline recomputation above which it is an integrity fault",
+    )
+    max_serving_skew_psi: float = Field(
+        0.1, gt=0,
+        description="serving-skew check: PSI of a feature's served values against their offline "
+        "recomputation above which it is an integrity fault",
+    )
 
 
 class MonitoringConfig(_Section):
@@ -275,6 +285,16 @@ class MonitoringConfig(_Section):
     early_min_churners: int = Field(
         30, ge=1, description="distinct churners a window needs before its early-label AUC counts"
     )
+    min_served_rows: int = Field(
+        1000, ge=1,
+        description="`churn monitor --source auto`: the window is built from the prediction log's served "
+        "values when it holds at least this many rows with values of the monitored version, else offline",
+    )
+    serving_skew_sample: int = Field(
+        500, ge=0,
+        description="serving-skew check: served rows of the window recomputed offline and compared per "
+        "feature (0 = no check)",
+    )
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
 
     @model_validator(mode="after")
@@ -304,6 +324,16 @@ class ServingConfig(_Section):
     prediction_log_max_pending: int = Field(
         100_000, ge=1, description="async mode: uncommitted rows held at most; more are dropped "
         "and counted in churn_prediction_log_dropped_total"
+    )
+    log_features_sample_rate: float = Field(
+        1.0, ge=0, le=1,
+        description="share of prediction-log rows (drawn per row) that keep the feature values the model "
+        "was served (monitoring's served data and serving-skew check); 0 = none",
+    )
+    log_features_max_bytes: int = Field(
+        16_384, ge=2,
+        description="longest JSON text of one row's served values; a longer one is not stored, a "
+        "{\"__omitted__\": \"size\"} marker is (counted in churn_prediction_log_features_omitted_total)",
     )
     admin_token: str | None = Field(
         None, description="bearer token of /admin/* and of a client as_of on /predict; None = `churn "

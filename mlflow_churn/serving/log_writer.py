@@ -15,6 +15,11 @@
   is slow or down, never more than ``serving.prediction_log_max_pending`` rows. Beyond
   that bound new rows are dropped (``churn_prediction_log_dropped_total``) rather than
   letting the queue grow without limit; a failed write is retried, keeping its rows.
+
+The served feature values of a row are kept or not by the writer's
+:class:`~mlflow_churn.serving.prediction_log.FeatureSampler` (``serving.log_features_sample_rate``,
+``serving.log_features_max_bytes``), encoded when the row is written (async: off the request
+thread); rows over the size bound are counted in ``churn_prediction_log_features_omitted_total``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import time
 from typing import Literal
 
 from mlflow_churn.errors import ChurnError, first_line
-from mlflow_churn.serving.prediction_log import PredictionLog, PredictionRecord
+from mlflow_churn.serving.prediction_log import FeatureSampler, PredictionLog, PredictionRecord
 from mlflow_churn.web.metrics import Metrics
 
 log = logging.getLogger("mlflow_churn.serving")
@@ -37,11 +42,14 @@ RETRY_S = 0.5  # async: pause after a failed write before retrying (s)
 
 WRITTEN, FAILURES, DROPPED = ("churn_prediction_log_written_total", "churn_prediction_log_failures_total",
                               "churn_prediction_log_dropped_total")
+OMITTED = "churn_prediction_log_features_omitted_total"
 METRICS = (
     (WRITTEN, "counter", "rows committed to the prediction log"),
     (FAILURES, "counter", "failed prediction log writes (sync: the request got 503; async: retried)"),
     (DROPPED, "counter", "async mode: rows dropped because max_pending rows were uncommitted"),
     ("churn_prediction_log_pending", "gauge", "rows handed to the prediction log, not committed yet"),
+    (OMITTED, "counter", "rows whose served feature values were over serving.log_features_max_bytes "
+     "(a size marker is stored instead)"),
 )
 
 
@@ -53,10 +61,11 @@ class LogWriter:
     """Delivers prediction records to the :class:`PredictionLog` at ``url`` (see module doc)."""
 
     def __init__(self, url: str, metrics: Metrics, mode: Literal["sync", "async"] = "sync",
-                 max_pending: int = 100_000) -> None:
+                 max_pending: int = 100_000, sampler: FeatureSampler | None = None) -> None:
         if mode not in ("sync", "async"):
             raise ChurnError(f"serving.prediction_log_mode must be sync or async, got '{mode}'")
         self.url, self.metrics, self.mode, self.max_pending = url, metrics, mode, max_pending
+        self.sampler = sampler or FeatureSampler()
         for name, kind, text in METRICS:
             metrics.describe(name, kind, text)
             if kind == "counter":
@@ -72,7 +81,7 @@ class LogWriter:
 
     def start(self) -> None:
         """Open the log (ChurnError naming it when it cannot be opened); async: start the thread."""
-        self._log = PredictionLog(self.url)
+        self._log = PredictionLog(self.url, self.sampler)
         if self.mode == "async":
             self._thread.start()
 
@@ -102,7 +111,14 @@ class LogWriter:
             first = first_line(exc)
             raise PredictionLogUnavailable(
                 f"cannot write the prediction log at {self.url}: {first}") from None
-        self.metrics.inc(WRITTEN, {}, len(records))
+        self._count_written(len(records))
+
+    def _count_written(self, n: int) -> None:
+        self.metrics.inc(WRITTEN, {}, n)
+        if self._log is not None:
+            omitted = self._log.take_omitted()
+            if omitted:
+                self.metrics.inc(OMITTED, {}, omitted)
 
     def pending(self) -> int:
         """Rows submitted and not committed yet (always 0 in sync mode)."""
@@ -123,7 +139,7 @@ class LogWriter:
             log.warning("prediction log write failed (%d rows kept): %s", len(self._batch), exc)
             time.sleep(RETRY_S)
             return
-        self.metrics.inc(WRITTEN, {}, len(self._batch))
+        self._count_written(len(self._batch))
         with self._count_lock:
             self._waiting -= len(self._batch)
             if self._waiting == 0:
