@@ -19,7 +19,7 @@ from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.online import StoreUnavailable, open_store
 from mlflow_churn.serving.log_writer import LogWriter, PredictionLogUnavailable
 from mlflow_churn.serving.models import LoadedModel, ModelManager, ModelPair
-from mlflow_churn.serving.prediction_log import PredictionRecord
+from mlflow_churn.serving.prediction_log import FeatureSampler, PredictionRecord
 from mlflow_churn.serving.routing import routes
 from mlflow_churn.times import utc
 from mlflow_churn.web import errors as web_errors
@@ -80,7 +80,8 @@ class ScoringService:
         self.models = ModelManager(cfg, self.metrics)
         sv = cfg.serving
         self.writer = LogWriter(cfg.prediction_log_url, self.metrics, sv.prediction_log_mode,
-                                sv.prediction_log_max_pending)
+                                sv.prediction_log_max_pending,
+                                FeatureSampler(sv.log_features_sample_rate, sv.log_features_max_bytes))
         self._store: Any = None
         self._store_lock = threading.Lock()
         self._stop = threading.Event()
@@ -146,12 +147,14 @@ class ScoringService:
             ids = [int(i) for i in req.customer_ids]
             values, found, batch_as_of = self._fetch(ids, pair)
             as_of = as_of or batch_as_of or served_at
+            values_as_of = batch_as_of  # when the logged feature values were computed
         else:
             records = req.records or []
             ids = [_record_id(r, i) for i, r in enumerate(records)]
             values = records
             found = np.ones(len(ids), dtype=bool)
             as_of = as_of or served_at
+            values_as_of = None  # the client's values: no computation time
         known = np.array([i != ANONYMOUS_ID for i in ids], dtype=bool)
         to_canary = np.zeros(len(ids), dtype=bool)
         if pair.canary is not None and self.cfg.serving.canary_fraction > 0:
@@ -197,7 +200,8 @@ class ScoringService:
             out.append({"customer_id": None if cid == ANONYMOUS_ID else cid, "churn_probability": p,
                         "model_version": version[i], "route": route[i], "status": status})
             records_out.append(PredictionRecord(request_id, cid, version[i], route[i], p,
-                                                latency_ms[route[i]], status, served_at, as_of))
+                                                latency_ms[route[i]], status, served_at, as_of,
+                                                values[i] if ok else None, values_as_of))
         for row, r, v in errors:
             self.metrics.inc("churn_prediction_errors_total", {"route": r, "version": v})
             records_out.append(PredictionRecord(request_id, ids[row], v, r, None, latency_ms[r], "error",
