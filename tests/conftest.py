@@ -42,6 +42,13 @@ def _need(service: str, host: str, port: int) -> None:
     pytest.skip(msg)
 
 
+#: Small SQLAlchemy pools for every MLflow store this session opens on PostgreSQL, in this
+#: process and in the servers it starts (they inherit the environment): MLflow's default
+#: (5 kept + 10 overflow per engine, two engines per server process) let two suites on one
+#: machine exhaust PostgreSQL's 100 connections. Requests beyond a pool wait for a connection.
+os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", "2")
+os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW", "6")
+
 #: MLFLOW_* variables as the session found them (before any fixture ran ``setup_mlflow``)
 _BASE_MLFLOW_ENV = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
 

@@ -13,7 +13,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mlflow_churn.training.tuning import storage_url
+from mlflow_churn.training.tuning import study_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 CHURN = [sys.executable, "-m", "mlflow_churn.cli"]
@@ -52,7 +52,7 @@ def test_two_workers_share_one_study_and_one_parent_run(tmp_path: Path, small_da
         deadline = time.monotonic() + 180
         while True:  # the leader creates the study and publishes its parent run
             try:
-                found = optuna.load_study(study_name=study_name, storage=storage_url(postgres_url))
+                found = optuna.load_study(study_name=study_name, storage=study_storage(postgres_url))
                 if "parent_run_id" in found.user_attrs:
                     break
             except KeyError:
@@ -74,7 +74,7 @@ def test_two_workers_share_one_study_and_one_parent_run(tmp_path: Path, small_da
     assert "registered churn-model version 1" in outputs[0][0]
     assert all("worker done" in out for out, _ in outputs[1:])
 
-    study = optuna.load_study(study_name=study_name, storage=storage_url(postgres_url))
+    study = optuna.load_study(study_name=study_name, storage=study_storage(postgres_url))
     trials = study.get_trials(deepcopy=False)
     assert len(trials) == 6
     assert all(t.state.is_finished() for t in trials)

@@ -24,6 +24,7 @@ trials depend on timing.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -158,24 +159,40 @@ def storage_url(url: str | None) -> str | None:
     return url
 
 
+@functools.lru_cache(maxsize=8)
+def _rdb_storage(url: str) -> optuna.storages.RDBStorage:
+    """The Optuna storage of ``url`` for this process, opened once: a study opened with a URL
+    string gets a new SQLAlchemy engine (and its pool of connections) each time, so a loop
+    waiting for the leader's study held one more PostgreSQL connection per poll."""
+    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+
+
+def study_storage(url: str | None) -> optuna.storages.BaseStorage | None:
+    """The storage of ``url`` (:func:`storage_url`) shared by every study this process opens on
+    it; None (in memory) without one. Opening it creates Optuna's tables when they are missing."""
+    plain = storage_url(url)
+    return _rdb_storage(plain) if plain else None
+
+
 def make_study(study_name: str, storage: str | None, seed: int | None, create: bool = True) -> optuna.Study:
     """Create (or, with ``create=False``, load) a maximising TPE study with a median pruner."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = storage_url(storage)
+    url = storage_url(storage)
     sampler = optuna.samplers.TPESampler(seed=seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2 * REPORT_EVERY,
                                          interval_steps=REPORT_EVERY)
     try:
+        storage = study_storage(url)
         if create:
             return optuna.create_study(study_name=study_name, storage=storage, sampler=sampler,
                                        pruner=pruner, direction="maximize", load_if_exists=True)
         return optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
     except KeyError:
-        raise ChurnError(f"no Optuna study '{study_name}' in {storage}; start the leader "
+        raise ChurnError(f"no Optuna study '{study_name}' in {url}; start the leader "
                          "(`churn train --storage URL --study NAME`) first") from None
     except Exception as exc:  # SQLAlchemy / driver errors for an unreachable storage
         first = first_line(exc)
-        raise ChurnError(f"cannot open Optuna storage {storage}: {first[:200]}; "
+        raise ChurnError(f"cannot open Optuna storage {url}: {first[:200]}; "
                          "check --storage / training.storage") from None
 
 
@@ -287,5 +304,6 @@ def summarize(study: optuna.Study) -> TuningResult:
 __all__ = [
     "REPORT_EVERY", "FitData", "TrialRecord", "TuningResult", "fit_classifier", "make_classifier",
     "storage_url",
+    "study_storage",
     "make_study", "run_trials", "suggest_params", "summarize", "wait_for_running", "wait_for_study",
 ]
