@@ -6,6 +6,8 @@ gated and canary-evaluated by the project's own recording code (tests/guard_supp
 
 from __future__ import annotations
 
+import time
+
 import mlflow
 import pytest
 from guard_support import (
@@ -20,6 +22,7 @@ from guard_support import (
     set_alias,
     to_stage,
 )
+from hooks_support import AlertSink
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -31,8 +34,15 @@ pytestmark = pytest.mark.slow  # one server start for the module (~10-30 s)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with guard_server(tmp_path_factory.mktemp("guard")) as srv:
+def sink():
+    with AlertSink() as found:
+        yield found
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, sink):
+    # the guard's alerts go through the project's alert path (a webhook outlet here)
+    with guard_server(tmp_path_factory.mktemp("guard"), CHURN_ALERTS__WEBHOOK_URL=sink.url) as srv:
         yield srv
 
 
@@ -97,6 +107,28 @@ def test_refused_on_every_route_then_allowed_after_gate_and_canary(server, setup
                                  filter_string=f"tags.model_name = '{name}' and tags.decision = 'refused'")
     assert len(refused) == 13
     assert {r.data.tags["actor"] for r in refused} == {"anonymous@127.0.0.1"}
+
+
+def test_a_refusal_and_an_override_are_alerts(server, setup, sink) -> None:
+    cfg, client, name, v = setup
+    _refused(set_alias(server, name, "champion", v[2]), v[2], "not_gated")
+    _sign(client, cfg, name, v[3], "override", "override", v[1], "incident 43")
+    assert set_alias(server, name, "champion", v[3]).status_code == 200
+
+    def mine() -> dict[str, dict]:
+        return {a["labels"]["alertname"]: a for m in list(sink.alerts) for a in m["alerts"]
+                if a["labels"].get("model") == name and m["status"] == "firing"}
+
+    deadline = time.monotonic() + 60
+    while len(mine()) < 2 and time.monotonic() < deadline:
+        sink.received.wait(1.0)
+        sink.received.clear()
+    found = mine()
+    assert set(found) == {"PromotionRefused", "PromotionOverride"}, sink.alerts
+    refusal = found["PromotionRefused"]
+    assert refusal["labels"]["version"] == v[2] and refusal["labels"]["rule"] == "not_gated"
+    assert refusal["labels"]["actor"].startswith("anonymous@127.0.0.1")
+    assert found["PromotionOverride"]["labels"]["version"] == v[3]
 
 
 def test_champion_cannot_be_deleted_renamed_or_its_version_removed(server, setup) -> None:

@@ -7,17 +7,15 @@ decision is signed by the project's own code (gate recording, canary evaluation,
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import httpx
 import pytest
 from guard_support import canary_verdict, gate
-from hooks_support import Receiver, register_webhook
+from hooks_support import AlertSink, Receiver, register_webhook
 from mlflow.tracking import MlflowClient
 from serving_support import BATCH_AS_OF, run_cli
 
@@ -137,7 +135,9 @@ def test_receiver_history_unguarded_revert_ui_promotion_and_reconcile(
     # versions above the champion and the canary that have no gate decision, so it leaves v2
     # (below the canary) and v3 alone instead of racing this test's own moves
     gate(client, cfg, v3, passed=True)
-    receiver = Receiver(cfg, url, tmp_path / "hooks.log", CHURN_REGISTRY__REVERT_UNGUARDED="true")
+    sink = AlertSink()  # a webhook outlet (Alertmanager's webhook payload: firing, then resolved)
+    receiver = Receiver(cfg, url, tmp_path / "hooks.log", CHURN_REGISTRY__REVERT_UNGUARDED="true",
+                        CHURN_ALERTS__WEBHOOK_URL=sink.url)
     hook_id = register_webhook(client, f"{receiver.url}/webhook")
     try:
         with receiver:
@@ -154,6 +154,13 @@ def test_receiver_history_unguarded_revert_ui_promotion_and_reconcile(
             }
             _wait("the revert", lambda: _aliases(client, name).get("champion") == v1, receiver)
             assert _counter(receiver) == 1.0
+            # one alert for the unguarded move, resolved once the revert moved champion back
+            _wait("the alert and its resolution", lambda: len(sink.alerts) >= 2, receiver)
+            fired, cleared = sink.alerts[:2]
+            assert [fired["status"], cleared["status"]] == ["firing", "resolved"]
+            labels = fired["alerts"][0]["labels"]
+            assert labels["alertname"] == "UnguardedPromotion" and labels["version"] == v2
+            assert fired["alerts"][0]["annotations"]["audit_run_id"] == audit.info.run_id
             t2 = datetime.now(UTC)
             # 2. a promotion in the UI of a canary-passed version: the receiver completes it
             assert canary_verdict(cfg, v3) == "promote"  # the real evaluation signs its verdict
@@ -205,6 +212,7 @@ def test_receiver_history_unguarded_revert_ui_promotion_and_reconcile(
     finally:
         receiver.stop()
         client.delete_webhook(hook_id)
+        sink.close()
 
     moves = read_moves(client, name, "champion")
     steps = [
@@ -254,21 +262,9 @@ def test_unguarded_move_without_revert_stays_and_is_counted(
     client = _client(url)
     v1 = _first_champion(cfg, register_version)
     v2 = register_version(cfg, "bad", alias=None, seed=1).version
-    alerts: list = []
-
-    class AlertSink(BaseHTTPRequestHandler):  # an Alertmanager stand-in on a real socket
-        def do_POST(self) -> None:
-            alerts.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    sink = HTTPServer(("127.0.0.1", 0), AlertSink)
-    threading.Thread(target=sink.serve_forever, daemon=True).start()
-    alert_url = f"http://127.0.0.1:{sink.server_address[1]}/api/v2/alerts"
-    receiver = Receiver(cfg, url, tmp_path / "hooks.log", CHURN_HOOKS__ALERT_URL=alert_url)
+    sink = AlertSink()
+    alerts = sink.alerts
+    receiver = Receiver(cfg, url, tmp_path / "hooks.log", CHURN_ALERTS__ALERTMANAGER_URL=sink.url)
     hook_id = register_webhook(client, f"{receiver.url}/webhook")
     try:
         with receiver:
@@ -287,7 +283,7 @@ def test_unguarded_move_without_revert_stays_and_is_counted(
             assert alert["annotations"]["audit_run_id"] == audit.info.run_id
     finally:
         client.delete_webhook(hook_id)
-        sink.shutdown()
+        sink.close()
 
 
 def _log_canary(cfg: ChurnConfig, version: str, n: int) -> None:

@@ -23,7 +23,7 @@ from mlflow_churn.alerts.outbox import (
     Timing,
     fingerprint,
 )
-from mlflow_churn.alerts.outlets import ALERTMANAGER, WEBHOOK, Message, alertmanager_api, post_alert
+from mlflow_churn.alerts.outlets import ALERTMANAGER, WEBHOOK, Message, alertmanager_api
 from mlflow_churn.alerts.sender import (
     Sender,
     fire,
@@ -40,5 +40,5 @@ from mlflow_churn.alerts.sender import (
 __all__ = [
     "ALERTMANAGER", "FIRING", "REPEAT", "RESOLVED", "WEBHOOK", "Attempt", "Condition", "Delivery",
     "Fired", "Message", "Outbox", "Sender", "Timing", "alertmanager_api", "fingerprint", "fire", "flush",
-    "outbox_path", "outlets", "post_alert", "resolve", "sender", "start_sender", "stop_sender", "timing",
+    "outbox_path", "outlets", "resolve", "sender", "start_sender", "stop_sender", "timing",
 ]

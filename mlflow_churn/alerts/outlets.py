@@ -144,19 +144,5 @@ def send(outlet: str, url: str, message: Message, timeout: float) -> Answer:
     return post_json(url, message.body(outlet), timeout, {"Idempotency-Key": message.idempotency_key})
 
 
-def post_alert(url: str, labels: dict[str, str], annotations: dict[str, str], starts_at: datetime,
-               timeout: float = 5.0) -> str | None:
-    """Deprecated one-shot POST of one alert (Alertmanager API v2 list) to ``url``: one attempt,
-    nothing recorded; None when it was accepted (2xx), else why not. Use :func:`mlflow_churn.alerts.fire`
-    (outbox, retries, dedup, resolved) instead."""
-    body = [{"labels": {k: str(v) for k, v in labels.items()},
-             "annotations": {k: str(v) for k, v in annotations.items()},
-             "startsAt": starts_at.isoformat()}]
-    answer = post_json(url, body, timeout)
-    if not answer.ok:
-        _log.warning("alert to %s not delivered: %s", url, answer.error)
-    return answer.error
-
-
 __all__ = ["ALERTMANAGER", "API_PATH", "OUTLETS", "WEBHOOK", "ZERO_TIME", "Answer", "Message",
-           "alertmanager_api", "post_alert", "post_json", "rfc3339", "send"]
+           "alertmanager_api", "post_json", "rfc3339", "send"]

@@ -60,7 +60,7 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mlflow_churn.alerts import post_alert
+from mlflow_churn.alerts import fire, resolve
 from mlflow_churn.background import QueueWorker
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.registry import history
@@ -76,8 +76,14 @@ from mlflow_churn.web.metrics import Metrics
 _log = logging.getLogger(__name__)
 UNGUARDED = "unguarded_promotion"
 UNGUARDED_METRIC = "churn_hooks_unguarded_promotions_total"
+UNGUARDED_ALERT = "UnguardedPromotion"
 #: seconds the receiver waits for the guard's record of a delivered move
 GUARD_RECORD_WAIT_S = 60.0
+
+
+def unguarded_alert_key(model: str, alias: str) -> str:
+    """The alert condition of an unguarded move of ``alias`` of ``model``."""
+    return f"unguarded:{model}:{alias}"
 
 #: (version, previous champion, actor, reason, moved_at) -> transition run id
 PromoteByHand = Callable[[str, "str | None", str, str, datetime], "str | None"]
@@ -372,12 +378,14 @@ class AliasWatcher(QueueWorker[AliasEvent]):
             self._revert(move, run_id, outcome)
 
     def _alert(self, move: AliasMove, message: str, run_id: str) -> None:
-        if self.cfg.hooks.alert_url:
-            post_alert(self.cfg.hooks.alert_url,
-                       {"alertname": "UnguardedPromotion", "severity": "critical", "model": move.model,
-                        "alias": move.alias, "version": move.to_version or ""},
-                       {"summary": message, "audit_run_id": run_id, "history_run_id": move.run_id,
-                        "reverted": str(self.cfg.registry.revert_unguarded).lower()}, move.moved_at)
+        """Fire ``unguarded:<model>:<alias>`` through the alert path; :meth:`_revert` resolves it
+        once the alias is moved back (without revert it fires until a person resolves it:
+        ``churn alerts resolve``)."""
+        fire(self.cfg, unguarded_alert_key(move.model, move.alias),
+             {"alertname": UNGUARDED_ALERT, "severity": "critical", "model": move.model,
+              "alias": move.alias, "version": move.to_version or ""},
+             {"summary": message, "audit_run_id": run_id, "history_run_id": move.run_id,
+              "reverted": str(self.cfg.registry.revert_unguarded).lower()}, starts_at=move.moved_at)
 
     def _revert(self, move: AliasMove, audit_run_id: str, outcome: AliasOutcome) -> None:
         name = move.model
@@ -392,6 +400,7 @@ class AliasWatcher(QueueWorker[AliasEvent]):
             move_alias(self.client, name, move.alias, move.from_version, mirror, **who)
         outcome.reverted.append(f"{move.alias} -> {move.from_version or '(none)'}")
         self.client.set_tag(audit_run_id, "reverted_to", move.from_version or "(none)")
+        resolve(self.cfg, unguarded_alert_key(name, move.alias))
 
     def _audit(self, move: AliasMove, rule: str, message: str, evidence: dict[str, Any]) -> str:
         """An ``unguarded_promotion`` run in ``registry.audit_experiment``; its id."""

@@ -63,7 +63,6 @@ import logging
 import os
 import posixpath
 import re
-import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -72,7 +71,7 @@ from urllib.parse import urlsplit
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mlflow_churn.alerts import post_alert
+from mlflow_churn.alerts import fire
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.registry import history
 from mlflow_churn.registry.aliases import CHAMPION, aliases_of
@@ -114,6 +113,8 @@ _ASGI_ARTIFACT = re.compile(r"/(?:api|ajax-api)/\d+\.\d+/mlflow-artifacts/artifa
 _COPY_SOURCE = re.compile(r"models:/[^/@]+[/@].+")
 #: the requests that move aliases (the guard records each one it lets through in the alias history)
 _MOVES_ALIASES = ("registered-models/alias", "model-versions/delete", "registered-models/delete")
+#: a refusal or an override is an event: its alert clears by itself this long after
+EVENT_ALERT_TTL_S = 3600.0
 TAG_LIMIT = 4900  # MLflow's tag values hold 5000 characters (8000 on newer stores)
 
 
@@ -630,14 +631,14 @@ class Guard:
         self._alert(move, actor, "PromotionRefused", "warning")
 
     def _alert(self, move: GuardedMove, actor: str, name: str, severity: str) -> None:
-        url = self.cfg.hooks.alert_url
-        if not url:
-            return
+        """An event alert through the project's alert path (the outbox, delivered with retries by
+        this process's sender): it clears by itself after an hour. The actor is a label, so
+        another person's refusal within that hour is an alert of its own."""
         chk = move.check
         labels = {"alertname": name, "severity": severity, "model": chk.name, "alias": chk.alias,
-                  "version": chk.version, "rule": chk.rule}
-        notes = {"summary": chk.message[:1000], "actor": actor, "action": move.action}
-        threading.Thread(target=post_alert, args=(url, labels, notes, _now()), daemon=True).start()
+                  "version": chk.version, "rule": chk.rule, "actor": actor}
+        notes = {"summary": chk.message[:1000], "action": move.action, "route": move.route}
+        fire(self.cfg, None, labels, notes, starts_at=_now(), ttl_seconds=EVENT_ALERT_TTL_S)
 
     def _audit(self, move: GuardedMove, actor: str, decision: str) -> str | None:
         """An audit run of the move in ``registry.audit_experiment``; its id (None on failure)."""
