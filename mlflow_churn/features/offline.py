@@ -234,6 +234,12 @@ def _feature_sql(features: Sequence[FeatureDefinition], min_cutoff: datetime, ma
     return "WITH " + ",\n".join(ctes) + f"\nSELECT {select}\nFROM stat AS spine\n" + "\n".join(joins)
 
 
+#: a customer ``c`` is in the spine at cutoff ``k.cutoff``: signed up by then, not churned yet
+_ALIVE = """c.event_timestamp <= k.cutoff
+          AND NOT EXISTS (SELECT 1 FROM churn_events e
+                          WHERE e.customer_id = c.customer_id AND e.event_timestamp <= k.cutoff)"""
+
+
 def _spine(con: duckdb.DuckDBPyConnection, cutoffs: Sequence[datetime],
            customer_ids: Sequence[int] | None) -> None:
     con.register("cutoffs_df", pd.DataFrame({"cutoff": pd.to_datetime(list(cutoffs), utc=True)}))
@@ -244,9 +250,7 @@ def _spine(con: duckdb.DuckDBPyConnection, cutoffs: Sequence[datetime],
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE spine AS
         SELECT c.customer_id, k.cutoff FROM customers c CROSS JOIN cutoffs_df k
-        WHERE c.event_timestamp <= k.cutoff {id_filter}
-          AND NOT EXISTS (SELECT 1 FROM churn_events e
-                          WHERE e.customer_id = c.customer_id AND e.event_timestamp <= k.cutoff)
+        WHERE {_ALIVE} {id_filter}
     """)
 
 
@@ -305,6 +309,35 @@ def build_training_frame(
     if label:
         out["label"] = raw["label"].astype("int8").to_numpy()
     return out
+
+
+def compute_at(data_dir: Path, features: Sequence[FeatureDefinition], pairs: pd.DataFrame) -> pd.DataFrame:
+    """Raw feature values of each (``customer_id``, ``cutoff``) pair of ``pairs``, each at its own
+    cutoff (UTC): the SQL of :func:`compute_latest`, one query for many instants (e.g. served
+    rows recomputed at their business times). Pairs whose customer was not alive at the cutoff
+    are left out. Columns: ``customer_id``, ``cutoff``, the features (strings for categoricals)."""
+    if pairs.empty:
+        return pd.DataFrame(columns=["customer_id", "cutoff", *(f.full_name for f in features)])
+    spine = pd.DataFrame({"customer_id": pairs["customer_id"].astype("int64").to_numpy(),
+                          "cutoff": pd.to_datetime(pairs["cutoff"], utc=True).to_numpy()}).drop_duplicates()
+    spine["cutoff"] = pd.to_datetime(spine["cutoff"], utc=True)
+    first, last = spine["cutoff"].min().to_pydatetime(), spine["cutoff"].max().to_pydatetime()
+    check_cutoffs(data_dir, features, [first, last])
+    con = _connect(data_dir)
+    try:
+        con.register("pairs_df", spine)
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE spine AS
+            SELECT k.customer_id, k.cutoff FROM pairs_df k JOIN customers c USING (customer_id)
+            WHERE {_ALIVE}
+        """)
+        sql = _feature_sql(features, first, last, with_event_time=False)
+        frame = _query(con, f"SELECT * FROM ({sql}) ORDER BY cutoff, customer_id", features, data_dir)
+    finally:
+        con.close()
+    frame["customer_id"] = frame["customer_id"].astype("int64")
+    frame["cutoff"] = pd.to_datetime(frame["cutoff"], utc=True)
+    return frame
 
 
 def compute_latest(

@@ -64,6 +64,21 @@ def decision_lines(decision, segment_psi: dict[str, float], top: int = 5) -> lis
     return lines
 
 
+def serving_skew_line(stats, top: int = 3) -> str:
+    """E.g. ``serving skew: 480 sampled served rows compared; differ most: tenure_days 100% (PSI
+    1.23), ...`` or why it was not checked."""
+    if stats.serving_skew_rows is None:
+        return ("serving skew: not checked (no served feature values in the window, or "
+                "monitoring.serving_skew_sample is 0)")
+    head = f"serving skew: {stats.serving_skew_rows} sampled served rows compared"
+    worst = sorted((kv for kv in stats.serving_mismatch_rate.items() if kv[1] > 0), key=lambda kv: -kv[1])
+    if not worst:
+        return head + ", every value equals its offline recomputation"
+    shown = ", ".join(f"{f} {v:.0%} (PSI {stats.serving_skew_psi.get(f, float('nan')):.2f})"
+                      for f, v in worst[:top])
+    return f"{head}; {len(worst)} feature(s) differ, most: {shown}"
+
+
 def monitor_cmd(
     ctx: typer.Context,
     as_of: str = typer.Option("", "--as-of", help="End of the window, ISO UTC (default: newest event)."),
@@ -73,9 +88,16 @@ def monitor_cmd(
         None, "--report-value", hidden=True, help="true/false form of --report (MLproject parameter)."
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
+    source: str = typer.Option(
+        "auto", "--source",
+        help="Where the window's rows come from: served (the feature values and scores the version "
+        "actually served, from the prediction log), offline (recomputed from the raw data), auto (served "
+        "when the window holds monitoring.min_served_rows served rows, else offline). The serving-skew "
+        "check runs on the window's served values whichever source is used.",
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Monitor the last monitoring.window_days days: drift, performance, policy decision."""
+    """Monitor the last monitoring.window_days days: drift, performance, serving skew, policy decision."""
     from mlflow_churn.monitoring.alerting import alert_decision
     from mlflow_churn.monitoring.monitor import monitor
     from mlflow_churn.monitoring.retrain_cli import parse_bool
@@ -86,7 +108,8 @@ def monitor_cmd(
     when = as_of_or_latest(cfg, as_of)
     res = with_progress("monitoring window", 1, progress and not as_json,
                         lambda tick: (monitor(cfg, when, alias=opt_str(alias) or "champion", report=report,
-                                              on_decision=lambda r: alert_decision(cfg, r)), tick(1))[0])
+                                              on_decision=lambda r: alert_decision(cfg, r),
+                                              source=opt_str(source) or "auto"), tick(1))[0])
     if as_json:
         print_json(res.to_dict())
         return
@@ -99,6 +122,8 @@ def monitor_cmd(
         table.add_row(f, _fmt(v), _fmt(s.ks.get(f)), _fmt(s.js.get(f)), _fmt(s.null_rate.get(f)))
     table.add_row("(model score)", _fmt(s.score_psi), "-", "-", "-")
     console.print(table)
+    console.print(f"source: {s.source} ({s.source_reason})", markup=False, highlight=False)
+    console.print(serving_skew_line(s), markup=False, highlight=False)
     perf = res.performance
     src = [f"{c} {v:.1%}" for c, v in s.source_null_rate.items() if v > 0]
     if src:

@@ -19,6 +19,15 @@ data is never re-read):
   events with the training labels, which inflates the realised AUC;
 - the **policy** (:mod:`mlflow_churn.monitoring.policy`) on the version's history.
 
+``source`` (``churn monitor --source``): ``offline`` builds the window's rows as above;
+``served`` takes them from the prediction log, the feature values and scores the version
+actually served (:mod:`mlflow_churn.monitoring.served`); ``auto`` (default) takes the served
+rows when the window holds at least ``monitoring.min_served_rows`` of them, else offline. The
+run records which (param ``source``, tag ``monitor.source``) and why. Whatever the source,
+when the window holds served values the **serving-skew check** recomputes a sample of them
+offline and compares them per feature (mismatch rate, PSI): an integrity fault of the policy
+beyond ``policy.max_serving_mismatch_rate`` / ``policy.max_serving_skew_psi``.
+
 What the run holds: :mod:`mlflow_churn.monitoring.runs`.
 """
 
@@ -40,6 +49,7 @@ from mlflow_churn.data.bounds import data_bounds
 from mlflow_churn.data.sources import daily_source_nulls, source_integrity
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.offline import check_cutoffs, longest_window
+from mlflow_churn.jsonable import jsonable
 from mlflow_churn.monitoring.frames import FrameCache, window_frame
 from mlflow_churn.monitoring.policy import REFRESH_TAG, WindowStats, decide
 from mlflow_churn.monitoring.runs import (
@@ -49,6 +59,16 @@ from mlflow_churn.monitoring.runs import (
     log_window,
     monitoring_experiment,
     read_history,
+)
+from mlflow_churn.monitoring.served import (
+    SOURCES,
+    ServedRows,
+    ServingSkew,
+    choose_source,
+    read_served,
+    served_frame,
+    serving_skew,
+    skew_figure,
 )
 from mlflow_churn.monitoring.window_drift import window_drift
 from mlflow_churn.registry.aliases import alias_version, model_uri
@@ -161,10 +181,13 @@ class _Window:
     cutoffs: list[datetime]
     frame: pd.DataFrame
     scores: np.ndarray
+    source: str = "offline"
+    source_reason: str = ""
+    served: ServedRows | None = None
 
 
 def _scored_window(cfg: ChurnConfig, client: MlflowClient, alias: str, as_of: datetime,
-                   cache: FrameCache | None) -> _Window:
+                   cache: FrameCache | None, source: str = "auto") -> _Window:
     name = cfg.training.model_name
     mv = alias_version(client, name, alias)
     if mv is None:
@@ -178,10 +201,27 @@ def _scored_window(cfg: ChurnConfig, client: MlflowClient, alias: str, as_of: da
     fs = scorer.feature_set
     cutoffs = window_cutoffs(as_of, cfg.monitoring.window_days)
     check_cutoffs(cfg.data_dir, list(fs.features), cutoffs)
+    served = read_served(cfg.prediction_log_url, as_of, cfg.monitoring.window_days)
+    chosen, reason = choose_source(source, served, version, cfg.monitoring.min_served_rows)
+    if chosen == "served":
+        frame, scores = served_frame(served, fs, version, as_of, cfg.monitoring.window_days)
+        return _Window(mv, profile, scorer, cutoffs, frame, scores, chosen, reason, served)
     frame = window_frame(cfg.data_dir, fs, cutoffs, cfg.features.label_horizon_days, cache=cache)
     if frame.empty:
         raise ChurnError(f"no live customers in the window ending {as_of.isoformat()}")
-    return _Window(mv, profile, scorer, cutoffs, frame, scorer.predict_proba(frame))
+    return _Window(mv, profile, scorer, cutoffs, frame, scorer.predict_proba(frame), chosen, reason, served)
+
+
+def _fill_serving(stats: WindowStats, cfg: ChurnConfig, win: _Window) -> ServingSkew | None:
+    """The window's source and the serving-skew check of its served values (None without any)."""
+    stats.source, stats.source_reason = win.source, win.source_reason
+    skew = serving_skew(cfg, win.served) if win.served is not None else None
+    if skew is not None:
+        stats.serving_mismatch_rate = dict(skew.report.mismatch_rate)
+        stats.serving_skew_psi = dict(skew.report.psi)
+        stats.serving_skew_rows = skew.report.compared
+        stats.serving_values_age_hours = skew.values_age_hours
+    return skew
 
 
 def _performance(cfg: ChurnConfig, client: MlflowClient, win: _Window, as_of: datetime,
@@ -218,6 +258,7 @@ def monitor(
     log: bool = True,
     cache: FrameCache | None = None,
     on_decision: Callable[[MonitorResult], Any] | None = None,
+    source: str = "auto",
 ) -> MonitorResult:
     """Monitor the window ending at ``as_of`` (tz-aware UTC) for ``models:/name@alias``.
 
@@ -228,21 +269,25 @@ def monitor(
     ``on_decision(result)`` is called with the result once its run is logged (the CLI passes
     :func:`~mlflow_churn.monitoring.alerting.alert_decision`: the decision as an alert). Raises
     ChurnError when the alias is not set, the version has no profile, or the window is
-    outside the data.
+    outside the data. ``source``: ``auto`` | ``served`` | ``offline`` (see the module doc);
+    ``served`` with fewer than ``monitoring.min_served_rows`` served rows raises ChurnError.
 
     The steps: the window scored, drift against the version's profile, performance, the
     policy's decision, the run.
     """
     if as_of.tzinfo is None:
         raise ChurnError(f"as_of must be timezone-aware (UTC), got {as_of.isoformat()}")
+    if source not in SOURCES:
+        raise ChurnError(f"source must be one of {', '.join(SOURCES)}, got '{source}'")
     exp_id = setup_mlflow(cfg, monitoring_experiment(cfg))
     client = MlflowClient()
-    win = _scored_window(cfg, client, alias, as_of, cache)
+    win = _scored_window(cfg, client, alias, as_of, cache, source)
     version, tags = str(win.version.version), win.version.tags or {}
     wd = window_drift(win.frame, win.scores, win.profile, cfg)
     stats = wd.stats
     stats.as_of, stats.model_version = as_of, version
     source_daily = _fill_integrity(stats, cfg, win.profile, as_of)
+    skew = _fill_serving(stats, cfg, win)
     if history is None:
         history = read_history(cfg, cfg.training.model_name, version, as_of) if log else []
     perf = _performance(cfg, client, win, as_of, history, cache)
@@ -257,7 +302,7 @@ def monitor(
                            len(win.frame), wd.daily, wd.daily_segments, source_daily)
     if log:
         result.run_id = _log_run(cfg, exp_id, result, win.profile, win.frame, win.scores, alias, report,
-                                 report_rows, tags, parent_run_id)
+                                 report_rows, tags, parent_run_id, skew)
     if on_decision is not None:  # after the run: an alert links the run that holds the evidence
         on_decision(result)
     return result
@@ -265,10 +310,37 @@ def monitor(
 
 def _log_run(cfg: ChurnConfig, exp_id: str, result: MonitorResult, profile: dict[str, Any],
              frame: pd.DataFrame, scores: np.ndarray, alias: str, report: bool, report_rows: int,
-             tags: dict[str, str], parent_run_id: str | None) -> str:
+             tags: dict[str, str], parent_run_id: str | None, skew: ServingSkew | None = None) -> str:
     """One run for the window (nested in ``parent_run_id`` / ``MLFLOW_RUN_ID`` when set)."""
     name = f"monitor {result.as_of:%Y-%m-%d} v{result.model_version}"
     with step_run(name, exp_id, parent_run_id) as run:
         log_window(result, profile, frame, scores, cfg, cfg.training.model_name, alias, report, report_rows,
                    tags)
+        _log_served(result, skew)
         return run.info.run_id
+
+
+def _log_served(result: MonitorResult, skew: ServingSkew | None) -> None:
+    """Into the active run: the source (param ``source``, tags ``monitor.source`` and
+    ``monitor.source_reason``) and the serving-skew check: metrics
+    ``serving_skew.mismatch_rate.<feature>``, ``serving_skew.psi.<feature>``,
+    ``serving_skew.rows``, ``serving_skew.values_age_hours``; artifacts ``serving_skew.json``
+    (per-feature figures and the mismatching sample: customer, feature, served value,
+    recomputed value, instant) and ``serving_skew.png``."""
+    import mlflow
+
+    s = result.stats
+    mlflow.log_param("source", s.source)
+    mlflow.set_tags({f"{TAG_PREFIX}source": s.source, f"{TAG_PREFIX}source_reason": s.source_reason[:4000]})
+    if skew is None:
+        return
+    metrics = {f"serving_skew.mismatch_rate.{k}": v for k, v in skew.report.mismatch_rate.items()}
+    metrics |= {f"serving_skew.psi.{k}": v for k, v in skew.report.psi.items()}
+    metrics["serving_skew.rows"] = float(skew.report.compared)
+    if skew.values_age_hours is not None:
+        metrics["serving_skew.values_age_hours"] = skew.values_age_hours
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if math.isfinite(v)})
+    mlflow.log_dict(jsonable(skew.to_dict()), "serving_skew.json")
+    if skew.report.mismatch_rate:
+        title = f"v{result.model_version}, window to {result.as_of:%Y-%m-%d}"
+        mlflow.log_figure(skew_figure(skew, title), "serving_skew.png")

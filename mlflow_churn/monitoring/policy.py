@@ -8,8 +8,10 @@ segments that moved.
 Rules, in order:
 
 1. **Integrity** (``integrity: block``): a feature missing from the current window, a day of
-   the window without source rows, or a null rate above the reference's by more than
-   max(``max_null_increase``, its sampling noise recorded by monitoring) -> ``blocked``
+   the window without source rows, a null rate above the reference's by more than
+   max(``max_null_increase``, its sampling noise recorded by monitoring), or serving skew (a
+   feature whose sampled served values differ from their offline recomputation in more than
+   ``max_serving_mismatch_rate`` of rows or with a PSI above ``max_serving_skew_psi``) -> ``blocked``
    (never retrain on broken data). Null rates are those of the model's features *and* of
    the raw source columns per day (:mod:`mlflow_churn.data.sources`: a sum over a
    column that turned null only shrinks, it does not go null). With ``integrity: warn`` it
@@ -118,6 +120,16 @@ class WindowStats:
     source_null_threshold: dict[str, float] = field(default_factory=dict)
     missing_days: list[str] = field(default_factory=list)
     missing_features: list[str] = field(default_factory=list)
+    #: where the window's rows came from (served: the prediction log; offline: recomputed) and why
+    source: str = "offline"
+    source_reason: str = ""
+    #: serving-skew check (monitoring.served): per feature the share of sampled served values that
+    #: differ from their offline recomputation, and the PSI served vs recomputed; rows compared;
+    #: the oldest checked values' age (hours between their computation and the request)
+    serving_mismatch_rate: dict[str, float] = field(default_factory=dict)
+    serving_skew_psi: dict[str, float] = field(default_factory=dict)
+    serving_skew_rows: int | None = None
+    serving_values_age_hours: float | None = None
     model_version: str | None = None
     retrained: bool = False
 
@@ -250,14 +262,33 @@ def _null_faults(w: WindowStats, cfg: PolicyConfig) -> dict[str, str]:
     return out
 
 
+def _serving_skew_faults(w: WindowStats, cfg: PolicyConfig) -> tuple[list[str], list[str]]:
+    """(fault texts, features) of served values that differ from their offline recomputation."""
+    rate, psi = w.serving_mismatch_rate, w.serving_skew_psi
+    bad = sorted((f for f in set(rate) | set(psi) if rate.get(f, 0.0) > cfg.max_serving_mismatch_rate
+                  or psi.get(f, 0.0) > cfg.max_serving_skew_psi), key=lambda f: (-rate.get(f, 0.0), f))
+    if not bad:
+        return [], []
+    shown = ", ".join(f"{f} {rate.get(f, 0.0):.0%} (PSI {psi.get(f, 0.0):.2f})" for f in bad[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    age = w.serving_values_age_hours
+    why = (f"; the served values were computed up to {age / 24:.1f} days before their requests: is "
+           "materialization running?" if age is not None and age > 24 else "")
+    return [f"serving skew: {len(bad)} feature(s) served with values that differ from their offline "
+            f"recomputation in {w.serving_skew_rows} sampled rows: {shown}{more} (limits: "
+            f"policy.max_serving_mismatch_rate {cfg.max_serving_mismatch_rate:.1%}, "
+            f"policy.max_serving_skew_psi {cfg.max_serving_skew_psi:g}){why}"], bad
+
+
 def _integrity(w: WindowStats, cfg: PolicyConfig) -> tuple[list[str], list[str]]:
     """(fault texts, columns at fault) of window ``w``."""
     nulls = _null_faults(w, cfg)
+    skew, skewed = _serving_skew_faults(w, cfg)
     faults = [f"feature '{f}' missing from the current window" for f in w.missing_features]
     faults += [f"no source rows on {d}" for d in w.missing_days]
-    faults += list(nulls.values())
-    cols = sorted(set(w.missing_features) | {c.split(".", 1)[-1] if c.startswith("activity.") else c
-                                             for c in nulls})
+    faults += list(nulls.values()) + skew
+    cols = sorted(set(w.missing_features) | set(skewed)
+                  | {c.split(".", 1)[-1] if c.startswith("activity.") else c for c in nulls})
     return faults, cols
 
 

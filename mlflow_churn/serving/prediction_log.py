@@ -15,7 +15,7 @@ drawn, and for rows without values: not found, errors). A JSON text longer than
 ``serving.log_features_max_bytes`` is not stored: the row keeps the marker
 ``{"__omitted__": "size", "bytes": N}`` instead (counted in
 ``churn_prediction_log_features_omitted_total``), so a reader tells "too large" from "not
-sampled". :func:`served_values` parses them back into columns.
+sampled". :func:`served_values` parses them back.
 
 A log written before these columns existed is migrated when opened (``ALTER TABLE ... ADD
 COLUMN``; the old rows keep everything they had and get NULL values). Rows are written and
@@ -45,6 +45,7 @@ import pandas as pd
 
 from mlflow_churn.config import mask_text
 from mlflow_churn.errors import ChurnError, first_line
+from mlflow_churn.features.online import loads_payloads
 from mlflow_churn.jsonable import dumps
 
 #: the columns of the first schema, in table order
@@ -314,17 +315,17 @@ class PredictionLog:
             self._con.close()
 
 
-def served_values(frame: pd.DataFrame) -> pd.DataFrame:
-    """The ``features`` JSON of ``frame``'s rows (read with ``with_features``) as columns, one
-    per feature name, on ``frame``'s index; a row without stored values is all missing."""
+def served_values(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """The served values of ``frame``'s rows (read with ``with_features``), one dict per row
+    (feature name -> raw value; empty for a row without stored values or over the bound)."""
     if "features" not in frame.columns:
         raise ChurnError("the rows were read without their served values; read them with "
                          "with_features=True")
-    records = []
+    out = []
     for text in frame["features"]:
-        value = json.loads(text) if isinstance(text, str) and text else None
-        records.append(value if isinstance(value, dict) and OMITTED not in value else {})
-    return pd.DataFrame.from_records(records, index=frame.index)
+        value = loads_payloads(text) if isinstance(text, str) and text else None
+        out.append(value if isinstance(value, dict) and OMITTED not in value else {})
+    return out
 
 
 def attach_labels(
