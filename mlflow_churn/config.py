@@ -36,7 +36,7 @@ ENV_PREFIX = "CHURN_"
 DEFAULT_WORKSPACE = Path("churn-workspace")
 SCENARIOS = (
     "stable", "usage_shift", "segment_shift", "concept_drift", "gradual", "data_outage",
-    "usage_and_segment",
+    "usage_and_segment", "segment_concept",
 )
 
 
@@ -232,6 +232,16 @@ class PolicyConfig(_Section):
     drift_alone: Literal["investigate", "retrain"] = Field(
         "investigate", description="decision when only drift triggers fire and performance holds"
     )
+    segment_min_drop: float = Field(
+        0.05, ge=0, le=1,
+        description="segment rule: a segment's AUC drop against its baseline (realised, else the label-free "
+        "estimate) must exceed both this and its noise level (monitoring.segment_alpha) to count",
+    )
+    segment_action: Literal["retrain", "investigate"] = Field(
+        "retrain",
+        description="decision when the segment rule names segments (their AUC dropped beyond noise in enough "
+        "windows); retrain: a retrain targeted at those segments (training.segment_weight)",
+    )
     refresh_after_drift: bool = Field(
         True,
         description="a retrain on a performance drop trains on labels from before the drop; retrain "
@@ -284,6 +294,21 @@ class MonitoringConfig(_Section):
     )
     early_min_churners: int = Field(
         30, ge=1, description="distinct churners a window needs before its early-label AUC counts"
+    )
+    segment_min_rows: int = Field(
+        200, ge=1,
+        description="per-segment performance: a segment with fewer rows (matured rows for the realised "
+        "metrics, window rows for the estimate) reports 'too few rows' instead of a number",
+    )
+    segment_min_churners: int = Field(
+        20, ge=1,
+        description="per-segment performance: a segment with fewer distinct churners (expected churners for "
+        "the label-free estimate) reports 'too few churners' instead of a number",
+    )
+    segment_alpha: float = Field(
+        0.01, gt=0, lt=1,
+        description="segment rule: chance per window that noise alone names a segment, over all segments "
+        "measured (the noise level of each segment's AUC drop is a Bonferroni z x its SE)",
     )
     min_served_rows: int = Field(
         1000, ge=1,

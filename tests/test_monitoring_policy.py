@@ -35,7 +35,8 @@ def test_seed_case_psi_035_auc_steady_is_investigate_with_segments() -> None:
     d = decide(hist, cfg(), hist[-1].as_of)
     assert d.action == "investigate"
     assert "monthly_usage" in d.features
-    assert d.segments == ["region=pacific"]
+    # a segment's PSI is context: it never names the segment for the segment rule (performance)
+    assert d.drift_segments == ["region=pacific"] and d.segments == [] and d.segment_drops == []
     assert any("drift without evidence" in r for r in d.reasons)
     # a config can choose otherwise: drift alone retrains
     assert decide(hist, cfg(drift_alone="retrain"), hist[-1].as_of).action == "retrain"
@@ -113,8 +114,9 @@ def test_segment_attribution_uses_size_aware_thresholds() -> None:
     w.segment_features = {"region=pacific": ["monthly_usage"]}
     d = decide([w], p, w.as_of)
     assert d.action == "investigate"
-    assert d.segments[0] == "region=pacific"
-    assert "region=islands" not in d.segments
+    assert d.drift_segments[0] == "region=pacific"
+    assert "region=islands" not in d.drift_segments
+    assert d.segments == []
     assert "monthly_usage" in d.features
 
 
@@ -218,10 +220,11 @@ def test_segment_alarm_has_persistence_and_hysteresis() -> None:
                    segment_features={"region=pacific": ["monthly_usage"]})
 
     once = decide([seg(0, 0.01), seg(1, 0.5)], cfg(), seg(1, 0.5).as_of)
-    assert once.action == "ok" and once.segments == []
+    assert once.action == "ok" and once.drift_segments == []
     assert any("region=pacific moved" in r and "only in 1 of the last 2" in r for r in once.reasons)
     twice = [seg(0, 0.5), seg(1, 0.5)]
-    assert decide(twice, cfg(), twice[-1].as_of).segments == ["region=pacific"]
+    d = decide(twice, cfg(), twice[-1].as_of)
+    assert d.drift_segments == ["region=pacific"] and d.action == "investigate" and d.segments == []
     # below the 0.2 floor but above half of it: still moved (hysteresis); clearly below: cleared
     assert decide([*twice, seg(2, 0.15)], cfg(), seg(2, 0.15).as_of).action == "investigate"
     assert decide([*twice, seg(2, 0.05)], cfg(), seg(2, 0.05).as_of).action == "ok"
@@ -255,3 +258,71 @@ def test_refresh_due_tag_of_a_challenger() -> None:
     assert refresh_due(c, {"as_of": T0.isoformat(), "fired": ["refresh_after_drift"]}, pending) is None
     assert refresh_due(load_config(environ={"CHURN_MONITORING__POLICY__REFRESH_AFTER_DRIFT": "false"}),
                        drop, {}) is None
+
+
+def perf_win(i: int, drops: dict[str, tuple[float, float]], psi: dict[str, float] | None = None) -> WindowStats:
+    """A window whose segments' AUC dropped by ``drop`` with standard error ``se`` (noise level
+    3 x se, as monitoring records it with a Bonferroni z of 3)."""
+    w = win(i)
+    for key, (drop, se) in drops.items():
+        w.segment_auc_drop[key] = drop
+        w.segment_auc_drop_threshold[key] = 3.0 * se
+        w.segment_performance[key] = {"segment": key, "source": "realised", "auc": 0.76 - drop,
+                                      "baseline_auc": 0.76, "baseline_source": "training", "drop": drop,
+                                      "drop_se": se, "z": 3.0}
+    for key, value in (psi or {}).items():
+        w.segment_psi[key], w.segment_threshold[key] = value, 0.1
+    return w
+
+
+def test_segment_rule_fires_on_a_performance_drop_beyond_its_noise() -> None:
+    hist = [perf_win(0, {"region=pacific": (0.14, 0.03), "plan=basic": (0.01, 0.02)}),
+            perf_win(1, {"region=pacific": (0.15, 0.03), "plan=basic": (0.02, 0.02)})]
+    d = decide(hist, cfg(), hist[-1].as_of)
+    assert d.action == "retrain"
+    assert d.segments == ["region=pacific"]
+    (drop,) = d.segment_drops
+    assert (drop.segment, drop.source, drop.baseline_source) == ("region=pacific", "realised", "training")
+    assert drop.drop == pytest.approx(0.15) and drop.se == pytest.approx(0.03)
+    assert drop.auc == pytest.approx(0.61) and drop.baseline == pytest.approx(0.76)
+    assert drop.limit == pytest.approx(0.09) and (drop.hits, drop.windows) == (2, 2)
+    assert d.fired == ["segment_auc_drop[region=pacific] > 0.05"]
+    # the decision text names the segment, its drop and its SE
+    text = " ".join(d.reasons)
+    assert "region=pacific" in text and "drop 0.150" in text and "SE 0.030" in text
+    assert d.to_dict()["segment_drops"][0]["se"] == pytest.approx(0.03)
+    # investigate instead, when the config says so
+    assert decide(hist, cfg(segment_action="investigate"), hist[-1].as_of).action == "investigate"
+
+
+def test_segment_rule_ignores_noise_small_drops_and_psi_alone() -> None:
+    # the same drop in a noisy (small) segment: within 3 x SE, not named
+    noisy = [perf_win(i, {"region=islands": (0.15, 0.06)}) for i in range(3)]
+    d = decide(noisy, cfg(), noisy[-1].as_of)
+    assert d.action == "ok" and d.segments == [] and d.segment_drops == []
+    # beyond its (tiny) noise but below policy.segment_min_drop
+    tiny = [perf_win(i, {"plan=basic": (0.04, 0.005)}) for i in range(3)]
+    assert decide(tiny, cfg(), tiny[-1].as_of).action == "ok"
+    assert decide(tiny, cfg(segment_min_drop=0.03), tiny[-1].as_of).segments == ["plan=basic"]
+    # a segment whose inputs drifted (PSI) but whose AUC holds: context, investigate, never retrain
+    psi = [perf_win(i, {"region=pacific": (0.0, 0.03)}, psi={"region=pacific": 0.6}) for i in range(3)]
+    d = decide(psi, cfg(), psi[-1].as_of)
+    assert d.action == "investigate" and d.segments == [] and d.drift_segments == ["region=pacific"]
+
+
+def test_segment_rule_has_persistence_and_hysteresis() -> None:
+    quiet = perf_win(0, {"region=pacific": (0.0, 0.03)})
+    once = [quiet, perf_win(1, {"region=pacific": (0.2, 0.03)})]
+    d = decide(once, cfg(), once[-1].as_of)
+    assert d.action == "ok" and d.segments == [] and d.pending_drops == {"region=pacific": pytest.approx(0.2)}
+    assert any("not yet in 2 of the last 2" in r and "region=pacific" in r for r in d.reasons)
+    twice = [*once, perf_win(2, {"region=pacific": (0.2, 0.03)})]
+    assert decide(twice, cfg(), twice[-1].as_of).segments == ["region=pacific"]
+    # below the 0.09 noise level but above half of it: still named (hysteresis); clearly below: cleared
+    held = decide([*twice, perf_win(3, {"region=pacific": (0.06, 0.03)})], cfg(), T0 + timedelta(days=21))
+    assert held.segments == ["region=pacific"]
+    cleared = decide([*twice, perf_win(3, {"region=pacific": (0.03, 0.03)})], cfg(), T0 + timedelta(days=21))
+    assert cleared.segments == [] and cleared.action == "ok"
+    # a retrain on a segment drop respects the cooldown
+    d = decide(twice, cfg(), twice[-1].as_of, last_retrain=twice[-1].as_of - timedelta(days=2))
+    assert d.action == "investigate" and d.segments == ["region=pacific"]

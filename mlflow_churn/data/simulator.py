@@ -118,6 +118,8 @@ class HazardParams:
     concept_price: float = 1.2
     outage_fraction: float = 0.3
     new_signup_fraction: float = 0.1
+    segment_concept_keep: float = 0.1
+    segment_concept_price: float = 1.5
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,8 @@ class _Population:
         self.d = rng.normal(0.0, 0.9, n)
         self.f = rng.normal(0.0, 0.4, n)
         self.churned = np.zeros(n, dtype=bool)
+        #: segment_concept: the log-hazard shift that keeps the segment's churn rate at the onset
+        self.concept_offset: float | None = None
         self.outage = rng.random(n) < p.outage_fraction
         codes = {"region": self.region, "plan": self.plan, "contract": self.contract,
                  "payment_method": self.payment}
@@ -245,6 +249,22 @@ def _usage_factor(spec: SimulationSpec, day: int) -> float:
         frac = min(1.0, (day - spec.onset + 1) / p.ramp_days)
         return 1.0 + (p.usage_factor - 1.0) * frac
     return 1.0
+
+
+def _segment_concept_logit(pop: _Population, p: HazardParams, alive: np.ndarray, old: np.ndarray,
+                           behaviour: np.ndarray) -> np.ndarray:
+    """``segment_concept``: the log-hazard ``old`` with its ``behaviour`` terms weighted by
+    ``segment_concept_keep`` and price by ``segment_concept_price`` (``b_price`` is 0 before),
+    shifted by a constant fixed at the onset so that the segment's mean hazard (its churn rate)
+    stays what it was then."""
+    price = (pop.charge - 60.0) / 25.0
+    new = old - (1.0 - p.segment_concept_keep) * behaviour + (p.segment_concept_price - p.b_price) * price
+    if pop.concept_offset is None:
+        live = pop.segment & alive
+        if not live.any():
+            return new
+        pop.concept_offset = float(np.log(np.mean(np.exp(old[live]))) - np.log(np.mean(np.exp(new[live]))))
+    return new + pop.concept_offset
 
 
 def _simulate_day(
@@ -295,6 +315,9 @@ def _simulate_day(
         + pop.frailty
         + np.where(seg, math.log(p.segment_hazard), 0.0)
     )
+    if spec.scenario == "segment_concept" and drifting:
+        behaviour = b_d * pop.d - b_u * pop.u - b_e * np.log(pop.e0)
+        logit = np.where(pop.segment, _segment_concept_logit(pop, p, alive, logit, behaviour), logit)
     hazard = np.minimum(p.h0 * np.exp(logit) * (1.0 + failed), 0.5)
     churn_now = alive & (u_draw < hazard)
     pop.churned |= churn_now
