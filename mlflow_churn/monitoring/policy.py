@@ -2,8 +2,9 @@
 
 Input: the history of monitoring windows (:class:`WindowStats`, oldest first, the window
 being decided last) and the policy config. Output: a :class:`PolicyDecision` with the
-action ``ok | investigate | retrain | blocked``, the reasons, and the features and
-segments that moved.
+action ``ok | investigate | retrain | blocked``, the reasons, the features that moved, the
+segments whose performance dropped (``segments``, with ``segment_drops``: each one's AUC,
+baseline, drop and standard error) and the segments whose inputs drifted (``drift_segments``).
 
 Rules, in order:
 
@@ -33,9 +34,17 @@ Rules, in order:
    alarm on drift triggers alone -> ``drift_alone`` (``investigate`` by default, so
    PSI(monthly_usage) = 0.35 with AUC steady gives ``investigate`` naming the segments
    that moved).
-7. **Segments**: a segment whose PSI exceeds max(smallest PSI trigger value, its size-aware
-   threshold) with the same hysteresis and persistence (per segment) is named; with no
-   alarm it alone gives ``investigate``.
+7. **Segment rule** (performance): a segment whose AUC drop against its own baseline
+   (``segment_auc_drop``: realised on matured labels, else the label-free estimate; see
+   :mod:`mlflow_churn.stats.performance`) exceeds max(``segment_min_drop``, its noise level
+   ``z x SE`` recorded by monitoring, ``z`` Bonferroni over the window's tested segments at
+   ``monitoring.segment_alpha``) in ``required`` of the last ``windows`` windows (the policy's
+   persistence, per segment, with the same hysteresis) is named in ``segments`` (the decision
+   also carries its drop and SE in ``segment_drops``) and gives ``segment_action``
+   (``retrain`` by default: a retrain targeted at those segments). Drift alone never names a
+   segment: a segment whose PSI exceeds max(smallest PSI trigger value, its size-aware
+   threshold), persistent per segment, is context (``drift_segments``); with no alarm it
+   gives ``investigate``, never ``retrain``.
 8. **Refresh** (``refresh_after_drift``): a version trained because performance dropped
    learnt from labels that predate the drop (labels mature ``label_horizon_days`` +
    ``holdout_days`` after their cutoff); its ``refresh_due`` tag (set by
@@ -50,8 +59,9 @@ A stricter preset is one config line, e.g.
 
 from __future__ import annotations
 
+import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -60,7 +70,10 @@ from mlflow_churn.config import MonitoringConfig, PersistenceConfig, PolicyConfi
 from mlflow_churn.errors import ChurnError
 
 Action = Literal["ok", "investigate", "retrain", "blocked"]
-PERFORMANCE_METRICS = ("auc_drop", "early_auc_drop", "estimated_auc_drop", "recall_drop", "lift_drop")
+PERFORMANCE_METRICS = ("auc_drop", "early_auc_drop", "estimated_auc_drop", "recall_drop", "lift_drop",
+                       "segment_auc_drop")
+#: the ``fired`` entry of the segment rule: ``segment_auc_drop[region=pacific] > 0.05``
+SEGMENT_RULE = "segment_auc_drop"
 #: the ``fired`` entry of a decision that retrains because a refresh is due
 REFRESH = "refresh_after_drift"
 #: model-version tag: when a version trained on a performance drop is due for its refresh
@@ -80,7 +93,11 @@ class WindowStats:
     distance), ``chi2`` / ``chi2_p`` (on distinct-customer counts); per segment key
     ``column=value``: ``segment_psi`` (max PSI over the segment's features and scores),
     ``segment_threshold`` (of that feature's bin count), ``segment_features`` (the features
-    that moved most). Performance drops are absolute (e.g. val_auc - realised AUC), ``None``
+    that moved most); ``segment_auc_drop`` (segment baseline - AUC, realised else estimated),
+    ``segment_auc_drop_threshold`` (its noise level z x SE) and ``segment_performance`` (per
+    segment the :class:`~mlflow_churn.stats.performance.SegmentPerformance` as a dict: AUC,
+    recall@k, revenue lift, the estimate, each with its SE, the baseline, or why a number is
+    missing). Performance drops are absolute (e.g. val_auc - realised AUC), ``None``
     when not measurable yet; ``*_threshold`` are their noise levels. Integrity: feature
     ``null_rate`` / ``ref_null_rate`` / ``null_threshold`` (noise of the rise) and the same
     for the raw ``source_*`` columns (highest daily null rate of the window), ``missing_days``.
@@ -112,6 +129,9 @@ class WindowStats:
     early_auc: float | None = None
     early_auc_baseline: float | None = None
     early_auc_drop_threshold: float | None = None
+    segment_auc_drop: dict[str, float] = field(default_factory=dict)
+    segment_auc_drop_threshold: dict[str, float] = field(default_factory=dict)
+    segment_performance: dict[str, dict[str, Any]] = field(default_factory=dict)
     null_rate: dict[str, float] = field(default_factory=dict)
     ref_null_rate: dict[str, float] = field(default_factory=dict)
     null_threshold: dict[str, float] = field(default_factory=dict)
@@ -161,6 +181,23 @@ class TriggerStatus:
 
 
 @dataclass
+class SegmentDrop:
+    """A segment the segment rule named: its AUC in the newest window against its baseline."""
+
+    segment: str  # column=value
+    source: str  # "realised" (matured labels) | "estimated" (label-free CBPE, before labels mature)
+    auc: float
+    baseline: float
+    baseline_source: str  # "training" (the version's reference rows) | "first window" (its first measured)
+    drop: float  # baseline - auc
+    se: float  # standard error of the drop: sqrt(SE_baseline^2 + SE_auc^2)
+    z: float  # the noise level is z x se (Bonferroni over the window's tested segments)
+    limit: float  # what it exceeded: max(policy.segment_min_drop, z x se)
+    hits: int  # windows of the persistence span in which it was beyond
+    windows: int
+
+
+@dataclass
 class PolicyDecision:
     """The policy's verdict on the newest window."""
 
@@ -173,6 +210,12 @@ class PolicyDecision:
     triggers: list[TriggerStatus] = field(default_factory=list)
     #: segments beyond their threshold now but not yet in enough windows -> PSI now
     pending_segments: dict[str, float] = field(default_factory=dict)
+    #: the segments of ``segments`` (same order): AUC, baseline, drop and its standard error
+    segment_drops: list[SegmentDrop] = field(default_factory=list)
+    #: segments whose PSI moved beyond their threshold in enough windows (context, never named)
+    drift_segments: list[str] = field(default_factory=list)
+    #: segments whose AUC dropped beyond their noise now, not yet in enough windows -> drop now
+    pending_drops: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -225,22 +268,29 @@ def _values(w: WindowStats, t: TriggerConfig) -> dict[str, tuple[float, float]]:
     return {} if v is None or v != v else {t.metric: (float(v), float(limit))}
 
 
-def _cleared(value: float, limit: float, t: TriggerConfig, fraction: float) -> bool:
-    if t.op in (">", ">="):
+def _cleared(value: float, limit: float, op: str, fraction: float) -> bool:
+    if op in (">", ">="):
         return value < limit * fraction
     return value > limit / fraction
 
 
 def _active_keys(history: Sequence[WindowStats], t: TriggerConfig, fraction: float) -> list[dict[str, float]]:
     """Per window, the keys for which trigger ``t`` is active (with hysteresis) -> value."""
-    op = _OPS[t.op]
+    return _active_per_window(history, lambda w: _values(w, t), t.op, fraction)
+
+
+def _active_per_window(history: Sequence[WindowStats],
+                       values: Callable[[WindowStats], dict[str, tuple[float, float]]], op: str,
+                       fraction: float) -> list[dict[str, float]]:
+    """Per window, the keys whose ``values(window)`` (key -> (value, limit)) are beyond their
+    limit by ``op``, or still are by hysteresis (active before and not cleared) -> value."""
+    compare = _OPS[op]
     active: dict[str, float] = {}
     out = []
     for w in history:
-        vals = _values(w, t)
         now: dict[str, float] = {}
-        for key, (v, limit) in vals.items():
-            if op(v, limit) or (key in active and not _cleared(v, limit, t, fraction)):
+        for key, (v, limit) in values(w).items():
+            if compare(v, limit) or (key in active and not _cleared(v, limit, op, fraction)):
                 now[key] = v
         active = now
         out.append(dict(now))
@@ -347,26 +397,36 @@ def decide(
                 f"{len(per_window)} windows (need {required})"
             )
 
-    segments, pending_segments, seg_reasons = _moved_segments(wins, policy_cfg)
+    moved, pending_segments, seg_reasons = _moved_segments(wins, policy_cfg)
     reasons += seg_reasons
-    for key in segments:
+    for key in moved:
         features |= set(cur.segment_features.get(key, [])[:3])
+    drops, pending_drops, drop_reasons = _dropped_segments(wins, policy_cfg)
+    reasons += drop_reasons
 
     k = {"any": 1, "all": len(policy_cfg.triggers), "k_of_n": policy_cfg.k}[policy_cfg.combine]
     alarm = len(persistent) >= max(k, 1) and bool(policy_cfg.triggers)
-    seg_list = [s for s, _ in sorted(segments.items(), key=lambda kv: -kv[1])]
+    drift_list = [s for s, _ in sorted(moved.items(), key=lambda kv: -kv[1])]
+    seg_list = [d.segment for d in drops]
     fired = [_trigger_name(t) for t in persistent]
     if not alarm:
         if persistent:
             reasons.append(f"{len(persistent)} trigger(s) persistent, combine={policy_cfg.combine} needs {k}")
-        action: Action = "investigate" if (seg_list or faults) else "ok"
-        if seg_list:
-            reasons.append("segments moved beyond their size-aware threshold: " + ", ".join(seg_list[:5]))
+        action: Action = "investigate" if (drift_list or faults) else "ok"
+        if drift_list:
+            reasons.append("segments drifted (PSI) beyond their size-aware threshold, their performance not "
+                           "shown to drop (context, not the segment rule): " + ", ".join(drift_list[:5]))
     elif any(t.metric in PERFORMANCE_METRICS for t in persistent):
         action = "retrain"
     else:
         action = policy_cfg.drift_alone
         reasons.append(f"drift without evidence of lost performance -> {action} (policy.drift_alone)")
+    if drops:
+        fired += [f"{SEGMENT_RULE}[{d.segment}] > {policy_cfg.segment_min_drop:g}" for d in drops]
+        if action != "retrain":
+            action = "retrain" if policy_cfg.segment_action == "retrain" else "investigate"
+        reasons.append(f"segment rule: performance dropped beyond noise in {', '.join(seg_list[:5])} -> "
+                       f"{policy_cfg.segment_action} (policy.segment_action)")
     if action != "retrain" and policy_cfg.refresh_after_drift and refresh_due and as_of >= refresh_due:
         action = "retrain"
         fired.append(REFRESH)
@@ -382,7 +442,7 @@ def decide(
             )
             action = "investigate"
     return PolicyDecision(action, reasons or ["no trigger fired"], sorted(features), seg_list, fired, as_of,
-                          statuses, pending_segments)
+                          statuses, pending_segments, drops, drift_list, pending_drops)
 
 
 def _status(w: WindowStats, t: TriggerConfig, now: dict[str, float], hits: int, windows: int,
@@ -436,3 +496,64 @@ def _moved_segments(
         reasons.append(f"{len(keys)} segment(s) moved but only in {hits} of the last {len(per_window)} "
                        f"windows (need {cfg.persistence.required}): {top}{more}")
     return moved, pending, reasons
+
+
+def _segment_drop_values(w: WindowStats, min_drop: float) -> dict[str, tuple[float, float]]:
+    """segment -> (AUC drop, limit = max(min_drop, its recorded noise level)) in window ``w``."""
+    out = {}
+    for key, drop in w.segment_auc_drop.items():
+        if drop is None or not math.isfinite(drop):
+            continue
+        noise = w.segment_auc_drop_threshold.get(key)
+        limit = max(min_drop, noise) if noise is not None and math.isfinite(noise) else min_drop
+        out[key] = (float(drop), float(limit))
+    return out
+
+
+def _segment_drop(w: WindowStats, key: str, hits: int, windows: int, cfg: PolicyConfig) -> SegmentDrop:
+    """The :class:`SegmentDrop` of segment ``key`` in window ``w`` (from its recorded performance)."""
+    perf = w.segment_performance.get(key, {})
+    drop, limit = _segment_drop_values(w, cfg.segment_min_drop)[key]
+    source = perf.get("source") or "realised"
+    auc = perf.get("auc" if source == "realised" else "estimated_auc")
+    base = perf.get("baseline_auc" if source == "realised" else "baseline_estimated_auc")
+    nan = float("nan")
+    return SegmentDrop(segment=key, source=source, auc=nan if auc is None else float(auc),
+                       baseline=nan if base is None else float(base),
+                       baseline_source=perf.get("baseline_source") or "", drop=drop,
+                       se=float(perf.get("drop_se") or nan), z=float(perf.get("z") or nan), limit=limit,
+                       hits=hits, windows=windows)
+
+
+def _drop_text(d: SegmentDrop) -> str:
+    """``region=pacific: realised AUC 0.612 vs 0.756 (training baseline), drop 0.144 (SE 0.031)``."""
+    return (f"{d.segment}: {d.source} AUC {d.auc:.3f} vs {d.baseline:.3f} ({d.baseline_source} baseline), "
+            f"drop {d.drop:.3f} (SE {d.se:.3f})")
+
+
+def _dropped_segments(
+    wins: Sequence[WindowStats], cfg: PolicyConfig
+) -> tuple[list[SegmentDrop], dict[str, float], list[str]]:
+    """The segment rule (module doc, rule 7): segments whose AUC drop exceeds max(
+    ``segment_min_drop``, its noise level) with hysteresis and, per segment, the policy's
+    persistence -> (named, largest drop first; pending: key -> drop now; reasons)."""
+    per_window = _active_per_window(wins, lambda w: _segment_drop_values(w, cfg.segment_min_drop), ">",
+                                    cfg.hysteresis.clear_below_fraction)[-cfg.persistence.windows:]
+    named: list[SegmentDrop] = []
+    pending: dict[str, float] = {}
+    for key, value in sorted(per_window[-1].items(), key=lambda kv: -kv[1]):
+        hits = sum(1 for keys in per_window if key in keys)
+        if hits >= cfg.persistence.required:
+            named.append(_segment_drop(wins[-1], key, hits, len(per_window), cfg))
+        else:
+            pending[key] = value
+    reasons = [f"segment {_drop_text(d)} > {d.limit:.3f} (the larger of policy.segment_min_drop "
+               f"{cfg.segment_min_drop:g} and {d.z:.2f} x SE) in {d.hits} of the last {d.windows} windows"
+               for d in named]
+    if pending:
+        cur, n = wins[-1], len(per_window)
+        shown = ", ".join(_drop_text(_segment_drop(cur, k, 1, n, cfg)) for k in list(pending)[:5])
+        more = f" and {len(pending) - 5} more" if len(pending) > 5 else ""
+        reasons.append(f"{len(pending)} segment(s) dropped beyond noise but not yet in "
+                       f"{cfg.persistence.required} of the last {len(per_window)} windows: {shown}{more}")
+    return named, pending, reasons
