@@ -176,6 +176,9 @@ from datetime import datetime as _datetime  # noqa: E402
 
 TEST_WINDOW_END = _datetime(2026, 3, 20, tzinfo=_UTC)
 
+#: ``register_version``'s trainings of this session (see ``_fitted``)
+_FITTED: dict[tuple, tuple] = {}
+
 
 @pytest.fixture
 def register_version(small_data: Path):
@@ -214,7 +217,7 @@ def register_version(small_data: Path):
     from mlflow_churn.data.groups import holdout_mask, validation_mask
     from mlflow_churn.features.offline import build_training_frame, daily_cutoffs
     from mlflow_churn.features.registry import registry_for
-    from mlflow_churn.registry.aliases import move_alias
+    from mlflow_churn.registry.versions import register_model_version
     from mlflow_churn.tracking import setup_mlflow
     from mlflow_churn.training.model import log_churn_model, predict_proba
 
@@ -224,17 +227,15 @@ def register_version(small_data: Path):
                   "nthread": 1}
         return xgb.train(params, dm, rounds)
 
-    def _register(cfg: ChurnConfig, quality: str = "good", window_end=TEST_WINDOW_END,
-                  alias: str | None = "challenger", window_days: int = 18, seed: int = 0,
-                  bad_segment: tuple[str, str] = ("region", "pacific"), feature_set: str | None = None,
-                  mirror_stages: bool = False):
-        if quality not in ("good", "bad", "bad_segment"):
-            raise ValueError(f"quality must be good, bad or bad_segment, got {quality!r}")
-        if not cfg.data_dir.exists():
-            cfg.workspace.mkdir(parents=True, exist_ok=True)
-            os.symlink(small_data, cfg.data_dir)
-        setup_mlflow(cfg)
-        fs = registry_for(cfg).feature_set(feature_set or cfg.features.feature_set)
+    def _fitted(cfg: ChurnConfig, fs, quality: str, window_end, window_days: int, seed: int,
+                bad_segment: tuple[str, str]):
+        """(booster, frame, cutoffs, val_auc) of one training, made once per session per input:
+        the same inputs give the same model, and frame + fit were a third of a registration."""
+        key = (quality, window_end, window_days, seed, bad_segment if quality == "bad_segment" else None,
+               fs.name, fs.hash, cfg.features.label_horizon_days, cfg.training.cutoff_every_days,
+               cfg.evaluation.model_dump_json(), cfg.training.model_dump_json())
+        if key in _FITTED:
+            return _FITTED[key]
         horizon = cfg.features.label_horizon_days
         start = window_end - timedelta(days=window_days)
         cutoffs = daily_cutoffs(start, window_end, cfg.training.cutoff_every_days)
@@ -259,6 +260,23 @@ def register_version(small_data: Path):
         booster = _fit(fs, frame[~validation], rounds, depth, seed)
         val = frame[validation & newest]
         val_auc = float(roc_auc_score(val["label"], predict_proba(booster, fs, val)))
+        _FITTED[key] = booster, frame, cutoffs, val_auc
+        return _FITTED[key]
+
+    def _register(cfg: ChurnConfig, quality: str = "good", window_end=TEST_WINDOW_END,
+                  alias: str | None = "challenger", window_days: int = 18, seed: int = 0,
+                  bad_segment: tuple[str, str] = ("region", "pacific"), feature_set: str | None = None,
+                  mirror_stages: bool = False):
+        if quality not in ("good", "bad", "bad_segment"):
+            raise ValueError(f"quality must be good, bad or bad_segment, got {quality!r}")
+        if not cfg.data_dir.exists():
+            cfg.workspace.mkdir(parents=True, exist_ok=True)
+            os.symlink(small_data, cfg.data_dir)
+        setup_mlflow(cfg)
+        fs = registry_for(cfg).feature_set(feature_set or cfg.features.feature_set)
+        horizon = cfg.features.label_horizon_days
+        booster, frame, cutoffs, val_auc = _fitted(cfg, fs, quality, window_end, window_days, seed,
+                                                   tuple(bad_segment))
         as_of = window_end + timedelta(days=horizon + cfg.evaluation.holdout_days)
         tags = {
             "feature_set": fs.name, "feature_set_hash": fs.hash,
@@ -272,13 +290,10 @@ def register_version(small_data: Path):
                                                     "feature_set_hash")})
             mlflow.log_metric("val_auc", val_auc)
             info = log_churn_model(booster, fs, frame)
-        client = MlflowClient()
-        mv = mlflow.register_model(info.model_uri, cfg.training.model_name)
-        for key, value in {**tags, "train_run_id": run.info.run_id}.items():
-            client.set_model_version_tag(cfg.training.model_name, mv.version, key, value)
-        if alias:
-            move_alias(client, cfg.training.model_name, alias, mv.version, mirror_stages)
-        return client.get_model_version(cfg.training.model_name, mv.version)
+        # as training registers: the version and its tags in one request, then the alias
+        return register_model_version(MlflowClient(), cfg.training.model_name, info, run_id=run.info.run_id,
+                                      tags={**tags, "train_run_id": run.info.run_id}, alias=alias,
+                                      mirror_stages=mirror_stages)
 
     return _register
 
