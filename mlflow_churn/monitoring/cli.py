@@ -101,15 +101,19 @@ def monitor_cmd(
     from mlflow_churn.monitoring.alerting import alert_decision
     from mlflow_churn.monitoring.monitor import monitor
     from mlflow_churn.monitoring.retrain_cli import parse_bool
+    from mlflow_churn.monitoring.served import SOURCES
 
     if report_value is not None:
         report = parse_bool(report_value, "--report-value")
+    source = opt_str(source) or "auto"
+    if source not in SOURCES:
+        raise ChurnError(f"--source must be one of {', '.join(SOURCES)}, got '{source}'")
     cfg = get_config(ctx)
     when = as_of_or_latest(cfg, as_of)
     res = with_progress("monitoring window", 1, progress and not as_json,
                         lambda tick: (monitor(cfg, when, alias=opt_str(alias) or "champion", report=report,
                                               on_decision=lambda r: alert_decision(cfg, r),
-                                              source=opt_str(source) or "auto"), tick(1))[0])
+                                              source=source), tick(1))[0])
     if as_json:
         print_json(res.to_dict())
         return

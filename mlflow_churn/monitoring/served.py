@@ -137,7 +137,7 @@ def served_frame(served: ServedRows, fs: FeatureSet, version: str, as_of: dateti
     coerced = fs.coerce(values)[present]  # a column never served stays out: integrity names it
     frame = pd.concat([rows[["customer_id", "cutoff"]], coerced], axis=1)
     frame["customer_id"] = frame["customer_id"].astype("int64")
-    frame["cutoff"] = pd.to_datetime(frame["cutoff"], utc=True)
+    frame["cutoff"] = pd.to_datetime(frame["cutoff"], utc=True).astype("datetime64[us, UTC]")  # as offline
     return frame, rows["score"].to_numpy(dtype="float64")
 
 
