@@ -105,6 +105,11 @@ class TrainingConfig(_Section):
     window_days: int = Field(30, ge=1, description="production window ending at as_of (days)")
     history_days: int = Field(0, ge=0, description="extra rolling history before the window")
     history_weight: float = Field(0.5, ge=0, le=1, description="sample weight of history rows")
+    segment_weight: float = Field(
+        3.0, ge=1, le=100,
+        description="targeted retrain: sample weight of the production-window rows (and validation rows) "
+        "of the segments the monitoring decision names; 1 = plain retrain",
+    )
     cutoff_every_days: int = Field(7, ge=1, description="spacing of training cutoffs (days)")
     validation_fraction: float = Field(
         0.25, gt=0, lt=1, description="newest share of the production cutoffs that validates"

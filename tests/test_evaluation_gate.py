@@ -7,7 +7,7 @@ the whole gate (holdout frame, scoring, metrics, drift report, decision run, ali
 from __future__ import annotations
 
 import json
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,7 @@ from mlflow_churn.data.simulator import SimulationSpec, simulate
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.evaluation.evaluate import DECISION_FILE, evaluate
 from mlflow_churn.registry.aliases import CANARY, alias_version
+from mlflow_churn.training.targeting import SegmentTargets
 
 pytestmark = pytest.mark.slow
 
@@ -215,3 +216,59 @@ def test_table_version_is_refused_and_a_later_pass_clears_old_reasons(config, re
     assert evaluate(config, AS_OF, drift_sample_rows=SAMPLE).passed
     tags = client.get_model_version(name, chal.version).tags
     assert tags["gate"] == "passed" and "gate_reasons" not in tags
+
+
+def test_targeted_challenger_must_improve_its_segments_and_degrade_no_other(config, register_version,
+                                                                           tmp_path) -> None:
+    """A challenger of a targeted retrain (the targets are tags of its source run) passes only
+    when each named segment improves on the champion beyond noise and no other segment loses
+    more than its tolerance; the decision names the targets."""
+    from tests.conftest import TEST_WINDOW_END
+
+    name, key = config.training.model_name, "contract=month-to-month"
+    random_champ = register_version(config, "bad", alias="champion")
+    client = MlflowClient()  # on the store the fixture set up
+
+    def targeted(mv):
+        for tag, value in SegmentTargets((key,), 3.0).to_tags().items():
+            client.set_tag(mv.run_id, tag, value)
+        return mv
+
+    good = targeted(register_version(config, "good", alias=None))
+    # 1. better than a champion that ranks at random, in the named segment too: passes
+    passed = evaluate(config, AS_OF, good.version, "champion", drift_sample_rows=SAMPLE)
+    assert passed.passed, passed.reasons
+    assert passed.target_segments == [key] and passed.segment_weight == 3.0
+    improves = [r for r in passed.rules if r.rule == "segment_improves"]
+    assert [r.metric for r in improves] == ["roc_auc_contract_month-to-month"] and improves[0].passed
+    assert improves[0].candidate >= improves[0].required > improves[0].baseline
+    data = _json_artifact(client, passed.run_id, DECISION_FILE, tmp_path)
+    assert data["targeted"] == {"segments": [key], "weight": 3.0, "source_run": good.run_id, "applied": True}
+    assert client.get_run(passed.run_id).data.tags["gate.target_segments"] == key
+
+    # 2. a model as good as the champion (the same recipe on cutoffs a few days apart): nothing
+    #    else fails, but the named segment did not improve beyond noise -> rejected; untargeted,
+    #    the same pair passes
+    champ = register_version(config, "good", alias=None)
+    same = register_version(config, "good", alias=None, window_end=TEST_WINDOW_END - timedelta(days=3),
+                            window_days=14)
+    plain = evaluate(config, AS_OF, same.version, champ.version, drift_sample_rows=SAMPLE)
+    plain_failed = {r.rule for r in plain.rules if not r.passed}
+    assert plain.target_segments == [] and "segment_auc" not in plain_failed
+    assert "segment_improves" not in {r.rule for r in plain.rules}
+    targeted(same)
+    refused = evaluate(config, AS_OF, same.version, champ.version, drift_sample_rows=SAMPLE)
+    assert not refused.reused and refused.run_id != plain.run_id  # the targets are part of the gate key
+    assert not refused.passed and {r.rule for r in refused.rules if not r.passed} == plain_failed | {
+        "segment_improves"}
+    assert any(reason.startswith(f"targeted segment {key}") for reason in refused.reasons)
+    assert client.get_model_version(name, same.version).tags["gate"] == "rejected"
+
+    # 3. the named segment improves but another segment collapses -> rejected by segment_auc
+    point = config.model_copy(deep=True)
+    point.evaluation.segment_alpha = 0.0  # as in the segment rule's own test
+    collapsed = targeted(register_version(point, "bad_segment", alias=None, bad_segment=("plan", "premium")))
+    degraded = evaluate(point, AS_OF, collapsed.version, random_champ.version, drift_sample_rows=SAMPLE)
+    failed = {r.metric: r.rule for r in degraded.rules if not r.passed}
+    assert not degraded.passed and failed == {"roc_auc_plan_premium": "segment_auc"}
+    assert all(r.passed for r in degraded.rules if r.rule == "segment_improves")

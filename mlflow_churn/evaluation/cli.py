@@ -32,6 +32,9 @@ def summary_table(decision: GateDecision) -> Table:
         table.add_row(r.rule, r.metric, f"{r.candidate:.4f}",
                       "" if r.baseline is None else f"{r.baseline:.4f}", f"{r.required:.4f}",
                       "yes" if r.passed else "NO")
+    if decision.target_segments:
+        table.caption = (f"targeted challenger (segment weight {decision.segment_weight:g}): "
+                         f"{', '.join(decision.target_segments)} must improve on the champion beyond noise")
     return table
 
 

@@ -22,9 +22,20 @@ segment_auc        for every segment value with ``n >= min_segment_size`` rows, 
 recall_at_k        challenger recall@k >= champion recall@k - ``recall_tolerance`` (absolute).
 revenue_lift       challenger revenue_lift >= champion revenue_lift - ``lift_tolerance`` x
                    abs(champion revenue_lift) (relative).
+segment_improves   (a targeted challenger only: its source run carries the tag
+                   ``churn.target_segments``, :mod:`mlflow_churn.training.targeting`) for every
+                   named segment: challenger AUC >= champion AUC + max(z x SE, 0.0001), SE and
+                   z as in segment_auc with z over the named segments; a named segment too
+                   small to measure (under ``min_segment_size`` rows or
+                   ``min_segment_churners`` churners, AUC or SE undefined) fails: its
+                   improvement cannot be shown. The other segments keep segment_auc.
 auc_floor          (no champion only: alias ``champion`` not set) roc_auc >= ``min_auc``.
 lift_floor         (no champion only) revenue_lift >= 0: better than targeting at random.
 =================  ==========================================================================
+
+A targeted gate's decision names the targets: ``decision.json`` ``targeted`` (segments,
+weight, source run), the decision run's tag ``gate.target_segments`` and
+:attr:`GateDecision.target_segments`.
 
 Pass: alias ``canary`` moves to the challenger (``registry.aliases.move_alias``, mirrored onto
 the Staging stage when ``evaluation.mirror_stages``) and the version gets ``gate=passed``.
@@ -93,6 +104,7 @@ from mlflow_churn.times import utc
 from mlflow_churn.tracking import client_run, fail_fast, server_failure, setup_mlflow
 from mlflow_churn.training.model import Scorer, load_scorer
 from mlflow_churn.training.profile import build_profile
+from mlflow_churn.training.targeting import SegmentTargets, parse_segment_key
 
 DECISION_FILE = "decision.json"
 DRIFT_HTML = "drift/report.html"
@@ -102,6 +114,8 @@ DRIFT_SAMPLE_ROWS = 20_000
 _TAG_LIMIT = 4000
 #: stages ``evaluate(progress=...)`` ticks through
 STEPS = 7
+#: the smallest AUC gain that counts as an improvement of a targeted segment (segment_alpha 0)
+MIN_SEGMENT_IMPROVEMENT = 1e-4
 
 
 @dataclass
@@ -133,6 +147,9 @@ class GateDecision:
     holdout_rows: int = 0
     _gate_key: str = ""
     reused: bool = False
+    #: a targeted challenger's named segments and sample weight (empty / None: a plain gate)
+    target_segments: list[str] = field(default_factory=list)
+    segment_weight: float | None = None
 
     @property
     def decision(self) -> str:
@@ -141,6 +158,7 @@ class GateDecision:
     @classmethod
     def from_json(cls, data: dict[str, Any], run_id: str, reused: bool) -> GateDecision:
         rules = [RuleResult(**r) for r in data.get("rules", [])]
+        targeted = data.get("targeted") or {}
         return cls(
             passed=bool(data["passed"]), reasons=list(data["reasons"]),
             challenger_version=str(data["challenger"]["version"]),
@@ -148,6 +166,7 @@ class GateDecision:
             run_id=run_id, metrics=dict(data.get("metrics", {})), rules=rules,
             holdout_start=data["holdout"]["start"], holdout_end=data["holdout"]["end"],
             holdout_rows=int(data["holdout"]["rows"]), _gate_key=data["gate_key"], reused=reused,
+            target_segments=list(targeted.get("segments") or []), segment_weight=targeted.get("weight"),
         )
 
 
@@ -225,15 +244,19 @@ def _data_fingerprint(data_dir: Path) -> str:
     return hashlib.sha256("\n".join(files).encode()).hexdigest()
 
 
-def _gate_key(cfg: ChurnConfig, challenger: str, champion: str | None, cutoffs: list[datetime]) -> str:
+def _gate_key(cfg: ChurnConfig, challenger: str, champion: str | None, cutoffs: list[datetime],
+              targets: SegmentTargets | None = None) -> str:
     """sha256 identifying one decision (see module doc); ``challenger`` / ``champion`` are
-    version refs (``<version>:<identity>``)."""
-    ident = {
+    version refs (``<version>:<identity>``); a targeted challenger's ``targets`` are part of it
+    (a plain gate's key is as before)."""
+    ident: dict[str, Any] = {
         "model": cfg.training.model_name, "challenger": str(challenger), "champion": champion,
         "cutoffs": [c.isoformat() for c in cutoffs], "horizon": cfg.features.label_horizon_days,
         "data": _data_fingerprint(cfg.data_dir), "evaluation": cfg.evaluation.model_dump(mode="json"),
         "segments_min": cfg.evaluation.min_segment_size,
     }
+    if targets is not None:
+        ident["targets"] = {"segments": list(targets.segments), "weight": targets.weight}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
@@ -276,8 +299,12 @@ def _threshold_rule(rule: str, metric: str, candidate: float, threshold: MetricT
 
 
 def _apply_gate(cfg: ChurnConfig, chal: dict[str, Any], champ: dict[str, Any] | None,
-               chal_seg: pd.DataFrame, champ_seg: pd.DataFrame | None) -> list[RuleResult]:
-    """Every rule of the module doc on the challenger's (and champion's) metrics."""
+               chal_seg: pd.DataFrame, champ_seg: pd.DataFrame | None,
+               targets: SegmentTargets | None = None) -> list[RuleResult]:
+    """Every rule of the module doc on the challenger's (and champion's) metrics; ``targets``
+    (a targeted challenger) adds ``segment_improves`` for its named segments. The segment
+    tables may hold more columns than ``evaluation.segments`` (a named segment's column):
+    ``segment_auc`` looks at ``evaluation.segments`` only."""
     ev = cfg.evaluation
     if not math.isfinite(chal["roc_auc"]):
         raise ChurnError("the holdout has churners or non-churners only: AUC is undefined; "
@@ -318,7 +345,8 @@ def _apply_gate(cfg: ChurnConfig, chal: dict[str, Any], champ: dict[str, Any] | 
     if champ_seg is not None:
         both = chal_seg.merge(champ_seg, on=["segment", "value"], suffixes=("", "_champion"))
         tested = [row for row in both.itertuples(index=False)
-                  if row.gated and math.isfinite(row.roc_auc) and math.isfinite(row.roc_auc_champion)
+                  if row.segment in ev.segments and row.gated
+                  and math.isfinite(row.roc_auc) and math.isfinite(row.roc_auc_champion)
                   and getattr(row, "churners", math.inf) >= ev.min_segment_churners]
         z = segment_z(ev.segment_alpha, len(tested))
         for row in tested:
@@ -333,6 +361,47 @@ def _apply_gate(cfg: ChurnConfig, chal: dict[str, Any], champ: dict[str, Any] | 
                          f"below champion {row.roc_auc_champion:.4f}")
             res.baseline = float(row.roc_auc_champion)
             out.append(res)
+        if targets is not None:
+            out.extend(_targeted_rules(cfg, targets, both))
+    return out
+
+
+def _targeted_rules(cfg: ChurnConfig, targets: SegmentTargets, both: pd.DataFrame) -> list[RuleResult]:
+    """``segment_improves`` for each segment a targeted challenger was trained for: its AUC
+    must beat the champion's by more than the noise of the paired difference (``both``: the
+    challenger's segment table merged with the champion's, ``_champion`` suffix)."""
+    ev = cfg.evaluation
+    z = segment_z(ev.segment_alpha, len(targets.segments))
+    out = []
+    for key in targets.segments:
+        column, value = parse_segment_key(key)
+        metric = f"roc_auc_{column}_{value}"
+        rows = both[(both["segment"] == column) & (both["value"] == value)]
+        row = rows.iloc[0] if len(rows) else None
+        n = int(row["n"]) if row is not None else 0
+        churners = int(row.get("churners", row["positives"])) if row is not None else 0
+        se = float(row.get("auc_diff_se", float("nan"))) if row is not None else float("nan")
+        cand = float(row["roc_auc"]) if row is not None else float("nan")
+        base = float(row["roc_auc_champion"]) if row is not None else float("nan")
+        measurable = (row is not None and bool(row["gated"]) and churners >= ev.min_segment_churners
+                      and math.isfinite(cand) and math.isfinite(base) and math.isfinite(se))
+        if not measurable:
+            out.append(RuleResult(
+                "segment_improves", metric, cand, None if not math.isfinite(base) else base, float("nan"),
+                False, f"targeted segment {key}: its improvement cannot be shown on the holdout ({n} "
+                       f"rows, {churners} churners; needs evaluation.min_segment_size {ev.min_segment_size} "
+                       f"rows and min_segment_churners {ev.min_segment_churners} churners, both AUCs and "
+                       "their SE defined); widen evaluation.holdout_days or retrain without targeting "
+                       "(training.segment_weight: 1)"))
+            continue
+        margin = max(z * se, MIN_SEGMENT_IMPROVEMENT)
+        res = _threshold_rule(
+            "segment_improves", metric, cand,
+            MetricThreshold(min_absolute_change=margin, greater_is_better=True), base, base + margin,
+            f"targeted segment {key} (n={n}) ROC AUC did not improve on champion {base:.4f} by more than "
+            f"{z:.2f} x SE {se:.4f} (noise)")
+        res.baseline = base
+        out.append(res)
     return out
 
 
@@ -402,6 +471,8 @@ class _Pair:
     champion: ModelVersion | None
     cutoffs: list[datetime]
     key: str
+    #: the challenger's targeted segments (from its source run's tags); None = a plain gate
+    targets: SegmentTargets | None = None
 
 
 @dataclass
@@ -459,8 +530,22 @@ def _resolve_pair(client: MlflowClient, cfg: ChurnConfig, as_of: datetime, chall
             for mv in (chal_mv, champ_mv) if mv is not None]
     cutoffs = holdout_cutoffs(as_of, cfg, ends)
     # versions by identity, not number: a number re-used after a delete is another model
-    key = _gate_key(cfg, version_ref(chal_mv), version_ref(champ_mv) if champ_mv else None, cutoffs)
-    return _Pair(name, chal_mv, champ_mv, cutoffs, key)
+    targets = _challenger_targets(client, chal_mv)
+    key = _gate_key(cfg, version_ref(chal_mv), version_ref(champ_mv) if champ_mv else None, cutoffs, targets)
+    return _Pair(name, chal_mv, champ_mv, cutoffs, key, targets)
+
+
+def _challenger_targets(client: MlflowClient, mv: ModelVersion) -> SegmentTargets | None:
+    """What a targeted retrain trained ``mv`` for, from its source run's tags (the version's own
+    tags when the run is gone); None for a plain challenger. An outage propagates."""
+    tags: Mapping[str, str] = mv.tags or {}
+    if mv.run_id:
+        try:
+            tags = client.get_run(mv.run_id).data.tags
+        except MlflowException as exc:
+            if exc.error_code != _MISSING:
+                raise
+    return SegmentTargets.from_tags(tags)
 
 
 def _score_holdout(cfg: ChurnConfig, pair: _Pair) -> _Scored:
@@ -484,12 +569,17 @@ def _score_holdout(cfg: ChurnConfig, pair: _Pair) -> _Scored:
     return _Scored(frame, frame["label"].to_numpy(), chal, p_chal, champ, p_champ, curves)
 
 
-def _judge(cfg: ChurnConfig, scored: _Scored) -> _Verdict:
+def _judge(cfg: ChurnConfig, scored: _Scored, targets: SegmentTargets | None = None) -> _Verdict:
     """Metrics overall and per segment (with the paired AUC-difference SE), the gate rules,
-    and the flat metrics the decision run logs."""
+    and the flat metrics the decision run logs; ``targets``: a targeted challenger's segments
+    (their columns are measured too when ``evaluation.segments`` lacks them)."""
     ev = cfg.evaluation
     frame, y, p_chal, p_champ = scored.frame, scored.y, scored.p_challenger, scored.p_champion
     segs = list(ev.segments)
+    for key in targets.segments if targets is not None else ():
+        column = parse_segment_key(key)[0]
+        if column not in segs and column in frame.columns:
+            segs.append(column)
     chal_m = classification_metrics(y, p_chal, ev)
     chal_seg = segment_metrics(frame.assign(score=p_chal), "score", "label", segs, ev, ev.min_segment_size)
     champ_m, champ_seg = None, None
@@ -499,7 +589,7 @@ def _judge(cfg: ChurnConfig, scored: _Scored) -> _Verdict:
                                     ev.min_segment_size)
         se = segment_auc_diff_se(frame, p_chal, p_champ, segs, seed=cfg.training.seed)
         chal_seg = chal_seg.merge(se, on=["segment", "value"], how="left")
-    rules = _apply_gate(cfg, chal_m, champ_m, chal_seg, champ_seg)
+    rules = _apply_gate(cfg, chal_m, champ_m, chal_seg, champ_seg, targets)
 
     metrics = scalar_metrics(chal_m, "challenger_")
     if champ_m is not None:
@@ -577,6 +667,10 @@ def _decision_doc(cfg: ChurnConfig, as_of: datetime, refs: tuple[str, str], pair
         "actions": ([f"alias {CANARY} -> v{chal_mv.version}"] if verdict.passed
                     else [f"tag gate=rejected on v{chal_mv.version}"]),
         "mirror_stages": ev.mirror_stages, "run_id": run_id, "parent_run_id": parent_run_id,
+        "targeted": ({"segments": list(pair.targets.segments), "weight": pair.targets.weight,
+                      "source_run": chal_mv.run_id,
+                      "applied": champ_mv is not None}  # with no champion only the floors apply
+                     if pair.targets is not None else None),
     }
 
 
@@ -643,7 +737,7 @@ def evaluate(
             return found
         scored = _score_holdout(cfg, pair)
         step("build holdout frame and score")
-        verdict = _judge(cfg, scored)
+        verdict = _judge(cfg, scored, pair.targets)
         step("metrics, segments and gate rules")
         with tempfile.TemporaryDirectory() as tmp_str:
             tmp = Path(tmp_str)
@@ -656,7 +750,8 @@ def evaluate(
         champion_version=pair.champion.version if pair.champion else None, run_id=run_id,
         metrics=verdict.metrics, rules=verdict.rules, holdout_start=pair.cutoffs[0].isoformat(),
         holdout_end=pair.cutoffs[-1].isoformat(), holdout_rows=int(len(scored.frame)), _gate_key=pair.key,
-        reused=False,
+        reused=False, target_segments=list(pair.targets.segments) if pair.targets else [],
+        segment_weight=pair.targets.weight if pair.targets else None,
     )
 
 
@@ -672,6 +767,9 @@ def _record_decision(client: MlflowClient, cfg: ChurnConfig, exp_id: str, as_of:
             "challenger_version": chal_mv.version,
             "champion_version": champ_mv.version if champ_mv else "none",
             "as_of": as_of.isoformat()}
+    if pair.targets is not None:
+        tags["gate.target_segments"] = ",".join(pair.targets.segments)
+        tags["gate.segment_weight"] = f"{pair.targets.weight:g}"
     run_name = f"gate v{chal_mv.version} vs " + (f"v{champ_mv.version}" if champ_mv else "floors")
     with client_run(client, cfg, run_name, experiment_id=None if parent_run_id else exp_id,
                     parent_run_id=parent_run_id, tags=tags) as run_id:

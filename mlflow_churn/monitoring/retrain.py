@@ -21,6 +21,14 @@ the drop was seen at the decision's ``as_of``, and only a model trained
 all follow it; monitoring then asks for that one more retrain (a pending ``refresh_due`` of
 the champion carries over, the earlier one wins; the refresh itself sets none).
 
+**Targeted retrain.** When the decision acted on names segments (its ``segments``,
+``column=value``) and ``training.segment_weight`` is not 1, the challenger is trained with
+those segments' production-window and validation rows weighted by it
+(:mod:`mlflow_churn.training.targeting`); the training run and the version record the targets
+(``churn.target_segments``, ``churn.segment_weight``) and the gate then requires each named
+segment to improve on the champion beyond noise while no other segment degrades beyond
+``evaluation.segment_tolerance`` (:mod:`mlflow_churn.evaluation.evaluate`).
+
 Either way the outcome is one MLflow run named ``retrain <date>`` (in
 ``training.experiment``; inside ``mlflow run`` the project run itself) with params, the
 metrics ``retrained``, ``val_auc`` and ``gate_passed``, tags ``retrain.*`` and ``decision``,
@@ -46,6 +54,7 @@ from mlflow_churn.progress import ProgressArg
 from mlflow_churn.registry.aliases import CHAMPION, alias_version
 from mlflow_churn.times import utc
 from mlflow_churn.tracking import client_run, fail_fast, project_run_id, setup_mlflow
+from mlflow_churn.training.targeting import segment_targets
 from mlflow_churn.training.train import TrainResult, train
 
 RETRAINED = "retrained"
@@ -80,7 +89,9 @@ class RetrainResult:
             train = {"run_id": t.run_id, "model_uri": t.model_uri,
                      "version": str(t.version) if t.version is not None else None,
                      "val_auc": t.val_auc, "window_start": t.window_start, "window_end": t.window_end,
-                     "feature_set_hash": t.feature_set_hash, "best_params": t.best_params}
+                     "feature_set_hash": t.feature_set_hash, "best_params": t.best_params,
+                     "target_segments": list(t.targets.segments) if t.targets else [],
+                     "segment_weight": t.targets.weight if t.targets else None}
         gate = None
         if self.gate is not None:
             g = self.gate
@@ -264,8 +275,12 @@ def _retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: P
         client.set_tag(parent_id, f"{TAG_PREFIX}decision_run_id", (decision or {}).get("run_id", "none"))
         client.set_tag(parent_id, "churn.decision", "retrain")
         if do_train:
+            targets = segment_targets((decision or {}).get("segments"), t.segment_weight)
+            client.log_param(parent_id, "segment_weight", t.segment_weight)
+            client.set_tag(parent_id, f"{TAG_PREFIX}target_segments",
+                           ",".join(targets.segments) if targets else "none")
             with client_run(client, cfg, f"train {as_of:%Y-%m-%d}", parent_run_id=parent_id) as child:
-                result.train = train(cfg, as_of, progress=progress, parent_run_id=child)
+                result.train = train(cfg, as_of, progress=progress, parent_run_id=child, targets=targets)
             result.action = RETRAINED
             champ_tags = client.get_model_version(name, champ_version).tags if champ_version else {}
             due = refresh_due(cfg, decision, champ_tags or {})

@@ -46,7 +46,9 @@ def retrain(
     """Retrain when the newest monitoring decision says so (or --force), then gate.
 
     Trains a challenger on the latest window and gates it against the champion; otherwise
-    records a no-op with the reason."""
+    records a no-op with the reason. A decision naming segments gives a targeted retrain:
+    those segments' recent rows weigh training.segment_weight, and the gate requires them to
+    improve."""
     from mlflow_churn.monitoring.retrain import RETRAINED
     from mlflow_churn.monitoring.retrain import retrain as run_retrain
 
@@ -67,6 +69,9 @@ def retrain(
             f"challenger v{t.version}, val_auc {t.val_auc:.4f}, window "
             f"{t.window_start[:10]} .. {t.window_end[:10]} (run {t.run_id})",
         )
+        if t.targets is not None:
+            table.add_row("targeted", f"{', '.join(t.targets.segments)}: recent rows weighted "
+                                      f"{t.targets.weight:g} (training.segment_weight)")
     if result.gate is not None:
         g = result.gate
         verdict = "passed -> canary" if g.passed else "rejected: " + "; ".join(g.reasons)

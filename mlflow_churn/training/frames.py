@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from mlflow_churn.features.definitions import FeatureSet
+from mlflow_churn.training.targeting import SegmentTargets
 
 
 @dataclass
@@ -29,6 +30,7 @@ class TrainingFrames:
     artifacts: dict[str, Any] = field(default_factory=dict)
     segments: tuple[str, ...] = ()
     reference: pd.DataFrame | None = None  # the monitoring reference rows; None = ``valid``
+    targets: SegmentTargets | None = None  # a targeted retrain's segments and weight; None = plain
 
     @property
     def frame(self) -> pd.DataFrame:

@@ -6,7 +6,9 @@ Two sources share one path, :func:`_fit_and_register`:
   cutoffs of :func:`~mlflow_churn.training.window.training_window`; validation is the
   newest ``validation_fraction`` of the production cutoffs, restricted to validation
   customers whom training never sees, and holdout customers are left out for the gate
-  (:mod:`mlflow_churn.data.groups` says why); history rows carry ``history_weight``.
+  (:mod:`mlflow_churn.data.groups` says why); history rows carry ``history_weight``; a
+  targeted retrain (``targets``, :mod:`~mlflow_churn.training.targeting`) gives the named
+  segments' production-window and validation rows ``training.segment_weight``.
 - :func:`train_table` (``source=table``): a user's CSV / Parquet
   (:mod:`~mlflow_churn.training.table`); validation is a seeded stratified holdout, since a
   flat table has no time axis.
@@ -62,6 +64,7 @@ from mlflow_churn.training.frames import TrainingFrames
 from mlflow_churn.training.model import log_churn_model, predict_proba
 from mlflow_churn.training.profile import build_profile
 from mlflow_churn.training.table import load_table
+from mlflow_churn.training.targeting import SegmentTargets, segment_mask, target_weights
 from mlflow_churn.training.window import TrainingWindow, training_window
 
 LABEL, WEIGHT = "label", "weight"
@@ -94,6 +97,7 @@ class TrainResult:
     feature_set: str = ""
     profile_logged: bool = False
     trials: list[tuning.TrialRecord] = field(default_factory=list)
+    targets: SegmentTargets | None = None
 
 
 def _check_classes(y: np.ndarray, what: str) -> None:
@@ -129,16 +133,19 @@ def time_split(frame: pd.DataFrame, window: TrainingWindow, fraction: float,
     return train.reset_index(drop=True), valid.reset_index(drop=True)
 
 
-def prepare_window(cfg: ChurnConfig, as_of: datetime) -> TrainingFrames:
-    """Frames of the training window ending before ``as_of`` (see the module doc)."""
+def prepare_window(cfg: ChurnConfig, as_of: datetime,
+                   targets: SegmentTargets | None = None) -> TrainingFrames:
+    """Frames of the training window ending before ``as_of`` (see the module doc); with
+    ``targets``, the targeted segments' rows at the production cutoffs weigh ``targets.weight``."""
     window = training_window(as_of, cfg)
     fs = registry_for(cfg).feature_set(cfg.features.feature_set)
     frame = build_training_frame(cfg.data_dir, fs, window.cutoffs, cfg.features.label_horizon_days)
     if frame.empty:
         raise ChurnError(f"the training window {window.window_start.date()} .. {window.window_end.date()} "
                          f"has no customers in {cfg.data_dir}; check the data or --as-of")
-    history = pd.to_datetime(list(window.history_cutoffs), utc=True)
-    frame[WEIGHT] = np.where(frame["cutoff"].isin(history), window.history_weight, 1.0)
+    in_history = frame["cutoff"].isin(pd.to_datetime(list(window.history_cutoffs), utc=True)).to_numpy()
+    frame[WEIGHT], _ = target_weights(frame, np.where(in_history, window.history_weight, 1.0),
+                                      ~in_history, targets)
     train, valid = time_split(frame, window, cfg.training.validation_fraction, cfg)
     # the monitoring reference: every customer at the newest cutoff, one row each, like the
     # population that production scores (trained customers included, as in production)
@@ -152,14 +159,20 @@ def prepare_window(cfg: ChurnConfig, as_of: datetime) -> TrainingFrames:
                                    "holdout_customer_fraction": str(cfg.evaluation.holdout_customer_fraction),
                                    "validation_customer_fraction":
                                        str(cfg.training.validation_customer_fraction)}
+    recipe: dict[str, Any] = {"source": "simulator", "as_of": window.as_of.isoformat()}
+    if targets is not None:
+        weighted = (train[WEIGHT] == targets.weight).to_numpy()  # the training rows that got it
+        rows = {k: int((segment_mask(train, [k]) & weighted).sum()) for k in targets.segments}
+        params |= {"target_segments": ",".join(targets.segments), "segment_weight": f"{targets.weight:g}",
+                   "target_rows": ",".join(f"{k}:{n}" for k, n in rows.items())}
+        recipe |= {"target_segments": list(targets.segments), "segment_weight": targets.weight}
     return TrainingFrames(
         source="simulator", feature_set=fs, train=train, valid=valid,
-        dataset_source=str(cfg.data_dir.resolve()), params=params,
-        recipe={"source": "simulator", "as_of": window.as_of.isoformat()},
+        dataset_source=str(cfg.data_dir.resolve()), params=params, recipe=recipe,
         window_start=window.window_start.isoformat(), window_end=window.window_end.isoformat(),
         as_of=window.as_of.isoformat(),
         segments=tuple(s for s in cfg.monitoring.segments if s in fs.columns),
-        reference=reference.reset_index(drop=True),
+        reference=reference.reset_index(drop=True), targets=targets,
     )
 
 
@@ -196,7 +209,9 @@ def prepare_table(cfg: ChurnConfig, path: Path | str, label: str,
 def _prepare_from_recipe(cfg: ChurnConfig, recipe: dict[str, Any]) -> TrainingFrames:
     if recipe.get("source") == "table":
         return prepare_table(cfg, recipe["table"], recipe["label"], recipe.get("id") or None)
-    return prepare_window(cfg, datetime.fromisoformat(recipe["as_of"]))
+    targets = (SegmentTargets(tuple(recipe["target_segments"]), float(recipe["segment_weight"]))
+               if recipe.get("target_segments") else None)
+    return prepare_window(cfg, datetime.fromisoformat(recipe["as_of"]), targets)
 
 
 def _log_params_merging(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
@@ -237,11 +252,14 @@ def _log_profile(prep: TrainingFrames, booster: Any, bins: int, extras: dict[str
 
 
 def _fit_data(prep: TrainingFrames) -> tuning.FitData:
-    """The coerced frames the tuner fits on (training rows carry their sample weights)."""
+    """The coerced frames the tuner fits on (training rows carry their sample weights; the
+    validation rows too when a targeted retrain weighs them, else the objective is plain AUC)."""
     fs = prep.feature_set
+    w_valid = prep.valid[WEIGHT].to_numpy(dtype="float64")
     return tuning.FitData(x_train=fs.coerce(prep.train), y_train=prep.train[LABEL].to_numpy(),
                           w_train=prep.train[WEIGHT].to_numpy(), x_valid=fs.coerce(prep.valid),
-                          y_valid=prep.valid[LABEL].to_numpy())
+                          y_valid=prep.valid[LABEL].to_numpy(),
+                          w_valid=None if np.all(w_valid == 1.0) else w_valid)
 
 
 def _tune(cfg: ChurnConfig, prep: TrainingFrames, client: MlflowClient, run: Any, data: tuning.FitData,
@@ -266,7 +284,8 @@ def _tune(cfg: ChurnConfig, prep: TrainingFrames, client: MlflowClient, run: Any
         "max_estimators": t.max_estimators, "early_stopping_rounds": t.early_stopping_rounds,
     })
     mlflow.set_tags({"source": prep.source, "feature_set": fs.name, "feature_set_hash": fs.hash,
-                     "data_hash": prep.data_hash, "optuna.study": study_name})
+                     "data_hash": prep.data_hash, "optuna.study": study_name}
+                    | (prep.targets.to_tags() if prep.targets is not None else {}))
     with resolve(progress)(f"tuning: {n_trials} trials", n_trials) as tick:
         tuning.run_trials(
             study, data, seed=t.seed, max_estimators=t.max_estimators,
@@ -355,7 +374,7 @@ def _fit_and_register(cfg: ChurnConfig, prep: TrainingFrames, *, n_trials: int |
             "horizon_days": str(cfg.features.label_horizon_days) if prep.source == "simulator" else "",
             "val_auc": f"{metrics['val_auc']:.6f}", "data_hash": prep.data_hash, "train_run_id": run_id,
             "source": prep.source,
-        } | baselines.tags
+        } | baselines.tags | (prep.targets.to_tags() if prep.targets is not None else {})
         description = f"Trained on {fs.name} ({prep.source}); val AUC {metrics['val_auc']:.4f}; run {run_id}."
         with registered_version(client, t.model_name, info, run_id, tags, description=description,
                                 alias=CHALLENGER) as mv:
@@ -367,7 +386,7 @@ def _fit_and_register(cfg: ChurnConfig, prep: TrainingFrames, *, n_trials: int |
         val_log_loss=metrics["val_log_loss"], n_trees=int(metrics["n_trees"]), study_name=study_name,
         n_complete=tuned.n_complete, n_pruned=tuned.n_pruned, rows_train=len(prep.train),
         rows_valid=len(prep.valid), data_hash=prep.data_hash, source=prep.source, feature_set=fs.name,
-        profile_logged=profile_logged, trials=tuned.trials,
+        profile_logged=profile_logged, trials=tuned.trials, targets=prep.targets,
     )
 
 
@@ -413,11 +432,13 @@ def run_worker(cfg: ChurnConfig, study_name: str, storage: str | None = None, n_
 def train(cfg: ChurnConfig, as_of: datetime | None, n_trials: int | None = None, timeout: float | None = None,
           storage: str | None = None, worker: bool = False, progress: ProgressArg = None,
           parent_run_id: str | None = None, study_name: str | None = None,
-          wait_seconds: float = DEFAULT_WAIT_SECONDS) -> TrainResult:
+          wait_seconds: float = DEFAULT_WAIT_SECONDS, targets: SegmentTargets | None = None) -> TrainResult:
     """Train on the window ending before ``as_of`` (tz-aware UTC) and register a challenger.
 
     ``n_trials``/``timeout`` (seconds)/``storage`` default to the ``training`` config.
     ``worker=True`` joins the study ``study_name`` instead (``as_of`` comes from the leader).
+    ``targets``: a targeted retrain (:mod:`~mlflow_churn.training.targeting`), recorded on
+    the run and the version; None trains plainly.
     """
     if worker:
         return run_worker(cfg, study_name or "", storage, n_trials, timeout, progress, wait_seconds)
@@ -425,7 +446,7 @@ def train(cfg: ChurnConfig, as_of: datetime | None, n_trials: int | None = None,
         raise ChurnError("as_of is required (the CLI defaults it to the newest event of the data)")
     training_window(as_of, cfg)  # a bad as_of fails before the tracking store is touched
     setup_mlflow(cfg)  # an unreachable tracking store fails before the frame is built
-    prep = prepare_window(cfg, as_of)
+    prep = prepare_window(cfg, as_of, targets)
     return _fit_and_register(cfg, prep, n_trials=n_trials, timeout=timeout, storage=storage,
                              study_name=study_name, progress=progress, parent_run_id=parent_run_id,
                              wait_seconds=wait_seconds)

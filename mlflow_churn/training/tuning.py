@@ -92,13 +92,16 @@ def suggest_params(trial: optuna.Trial, max_estimators: int) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class FitData:
-    """Coerced training and validation frames (float64 + pd.Categorical) with labels."""
+    """Coerced training and validation frames (float64 + pd.Categorical) with labels;
+    ``w_valid`` (None = all 1) weighs the validation AUC that early stopping and the trials'
+    objective read (a targeted retrain weighs its segments there as in the fit)."""
 
     x_train: pd.DataFrame
     y_train: np.ndarray
     w_train: np.ndarray | None
     x_valid: pd.DataFrame
     y_valid: np.ndarray
+    w_valid: np.ndarray | None = None
 
 
 def make_classifier(params: dict[str, Any], seed: int, early_stopping_rounds: int,
@@ -136,10 +139,12 @@ class _PruningCallback(xgb.callback.TrainingCallback):
 def fit_classifier(params: dict[str, Any], data: FitData, seed: int, early_stopping_rounds: int,
                    callbacks: list[xgb.callback.TrainingCallback] | None = None,
                    nthread: int = 0) -> xgb.XGBClassifier:
-    """Fit with early stopping on the validation AUC (``best_iteration`` / ``best_score`` set)."""
+    """Fit with early stopping on the validation AUC, weighted by ``data.w_valid`` when given
+    (``best_iteration`` / ``best_score`` set)."""
     clf = make_classifier(params, seed, early_stopping_rounds, callbacks, nthread)
     clf.fit(data.x_train, data.y_train, sample_weight=data.w_train,
-            eval_set=[(data.x_valid, data.y_valid)], verbose=False)
+            eval_set=[(data.x_valid, data.y_valid)], verbose=False,
+            sample_weight_eval_set=None if data.w_valid is None else [data.w_valid])
     return clf
 
 
