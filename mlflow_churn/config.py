@@ -392,6 +392,18 @@ class ServingConfig(_Section):
     max_score_psi: float = Field(0.2, gt=0, description="PSI between the routes' score distributions")
     max_auc_drop: float = Field(0.02, ge=0, le=1, description="canary AUC below champion by more = rollback")
     auc_loss_budget: float = Field(0.002, ge=0, le=1, description="`churn compress` AUC-loss budget")
+    on_invalid: Literal["flag", "reject"] = Field(
+        "flag",
+        description="what /predict does with feature values the scoring version's training profile calls "
+        "invalid (a category training never saw, a number beyond the observed range by more than "
+        "range_margin, a null where training had none): flag = score them and list them in each "
+        "prediction's warnings; reject = answer 422 naming the field and the allowed values",
+    )
+    range_margin: float = Field(
+        0.1, ge=0, le=100,
+        description="input checks: a number is out of range when it lies below the training profile's "
+        "observed min or above its max by more than this fraction of (max - min)",
+    )
 
 
 class CanaryConfig(_Section):

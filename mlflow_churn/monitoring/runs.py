@@ -15,7 +15,11 @@ A window's run (experiment ``training.experiment``, or nested in a parent):
   ``decision``;
 - artifacts ``decision.json`` (decision + window stats), ``window_stats.json``,
   ``psi_heatmap.png``, ``psi_timeline.png`` and, unless ``report=False``,
-  ``drift_report.html``.
+  ``drift_report.html`` (Evidently, judged per column by the policy's triggers: tag
+  ``monitor.report_drifted`` lists the columns it marks drifted, :mod:`mlflow_churn.monitoring.report`);
+- the served requests' input warnings of the window (:mod:`mlflow_churn.monitoring.input_warnings`):
+  metrics ``input_invalid.<feature>.<kind>``, ``input_invalid.<feature>``,
+  ``input_checked_rows``, ``input_flagged_rows``, tag ``monitor.input_warnings``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from mlflow_churn.config import ChurnConfig
+from mlflow_churn.monitoring.input_warnings import log_input_warnings
 from mlflow_churn.monitoring.policy import PolicyDecision, WindowStats, psi_floor
 from mlflow_churn.monitoring.report import evidently_report, psi_figure, timeline_figure
 from mlflow_churn.stats.performance import Performance
@@ -122,8 +128,9 @@ def _daily_metrics(result: MonitorResult) -> list[dict[str, float]]:
 
 def log_window(result: MonitorResult, profile: dict[str, Any], frame: pd.DataFrame, scores: np.ndarray,
                cfg: ChurnConfig, name: str, alias: str, report: bool, report_rows: int,
-               mv_tags: dict[str, str] | None = None) -> None:
-    """Log one window into the active run (see the module doc)."""
+               mv_tags: dict[str, str] | None = None, history: Sequence[WindowStats] = ()) -> None:
+    """Log one window into the active run (see the module doc); ``history``: the earlier
+    windows the policy decided on (the Evidently report applies its hysteresis)."""
     import mlflow
 
     tags = mv_tags or {}
@@ -157,8 +164,12 @@ def log_window(result: MonitorResult, profile: dict[str, Any], frame: pd.DataFra
                       "psi_timeline.png")
     if report:
         with tempfile.TemporaryDirectory() as tmp:
-            path = evidently_report(frame, scores, profile, Path(tmp) / "drift_report.html", report_rows)
-            mlflow.log_artifact(str(path))
+            rep = evidently_report(frame, scores, profile, Path(tmp) / "drift_report.html", report_rows,
+                                   windows=[*history, result.stats], policy=cfg.monitoring.policy,
+                                   psi_epsilon=cfg.monitoring.psi_epsilon)
+            mlflow.log_artifact(str(rep.path))
+        mlflow.set_tag(f"{TAG_PREFIX}report_drifted", ",".join(rep.drifted)[:4000])
+    log_input_warnings(cfg, result.as_of, result.model_version)
 
 
 def _version_runs(client: Any, model_name: str, version: str | None = None) -> list[Any]:

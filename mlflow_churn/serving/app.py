@@ -10,8 +10,13 @@ shell (routes, tokens, error answers) over :class:`~mlflow_churn.serving.service
   online store, only the columns of each model's feature set) or ``{"records": [{...}]}``
   (raw feature values; a record may carry ``customer_id`` for routing and the log).
   Each id gets ``churn_probability`` (0..1), ``model_version``, ``route``
-  (champion|canary) and ``status`` (ok|not_found). Optional ``as_of`` (ISO time, UTC) is
-  the business time logged with the prediction; by default the online batch's ``as_of``
+  (champion|canary), ``status`` (ok|not_found) and ``warnings``: its invalid feature values
+  against the training profile of the version that scored it
+  (:mod:`mlflow_churn.serving.input_checks`: unknown category, number outside the observed
+  range by more than ``serving.range_margin``, null where training had none). With
+  ``serving.on_invalid=reject`` such a request is answered 422 instead, naming each field
+  and what it allows (``invalid`` lists them), before anything is scored. Optional ``as_of``
+  (ISO time, UTC) is the business time logged with the prediction; by default the online batch's ``as_of``
   (customer ids) or the serving time (records).
 - The versions behind aliases ``champion`` and ``canary`` are loaded by a background
   reloader that polls the registry every ``serving.reload_seconds`` (and on
@@ -32,7 +37,8 @@ shell (routes, tokens, error answers) over :class:`~mlflow_churn.serving.service
 - ``GET /health`` (process alive; the model name and the canary fraction in use, which
   ``churn canary status`` asks for), ``/ready`` (503 until a champion is loaded),
   ``/metrics`` (Prometheus text: requests and errors by route and version, latency
-  histograms, prediction-log counters), admin ``POST /admin/reload|promote|rollback`` and
+  histograms, invalid input values by feature / kind / route, prediction-log counters), admin
+  ``POST /admin/reload|promote|rollback`` and
   ``GET /admin/status`` behind the bearer token ``serving.admin_token``: closed by default
   (without a configured token every admin route answers 403; ``churn serve`` creates one
   in ``<workspace>/secrets/admin_token``). Promote / rollback attach the canary evidence to
@@ -46,8 +52,9 @@ shell (routes, tokens, error answers) over :class:`~mlflow_churn.serving.service
   is down, probed in the background).
 
 Errors are JSON ``{"detail": ...}`` naming the field (:mod:`mlflow_churn.web.errors`): 422
-for malformed JSON, wrong types, ids outside 0..2**63-1 or missing feature columns; 401 no
-token, 403 a wrong one; 404 an admin transition naming a version that does not exist;
+for malformed JSON, wrong types, ids outside 0..2**63-1, missing feature columns or (with
+``serving.on_invalid=reject``) invalid feature values; 401 no token, 403 a wrong one; 404
+an admin transition naming a version that does not exist;
 409 a registry conflict of an admin transition (no canary, another version is the canary)
 or an online batch computed under other feature definitions than the model's; 413 a body
 too large; 503 when no champion is served (none has the alias, or it was refused), the

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,8 +16,10 @@ from mlflow_churn.registry.aliases import CANARY, CHAMPION, alias_version
 from mlflow_churn.registry.promotion import read_evidence
 from mlflow_churn.registry.signing import download_version, files_digest, sig_tag, verifier_for, version_ref
 from mlflow_churn.serving.encoding import InputEncoder
+from mlflow_churn.serving.input_checks import InputChecker
 from mlflow_churn.tracking import setup_mlflow
 from mlflow_churn.training.model import Scorer, load_scorer
+from mlflow_churn.training.profile import NoProfile, profile_for_version
 from mlflow_churn.web.metrics import Metrics
 
 log = logging.getLogger("mlflow_churn.serving")
@@ -30,6 +32,9 @@ class LoadedModel:
     version: str
     scorer: Scorer
     encoder: InputEncoder
+    #: the version's input checks (its training profile); None = off, ``checks_off`` says why
+    checker: InputChecker | None = None
+    checks_off: str | None = None
 
     @property
     def columns(self) -> list[str]:
@@ -107,13 +112,26 @@ class ModelManager:
                 self._cache[key] = (None, str(exc))
             else:
                 refusal = _check_feature_set(self.cfg, dict(mv.tags or {}), scorer)
-                model = (None if refusal
-                         else LoadedModel(alias, version, scorer, InputEncoder(scorer.feature_set)))
+                model = None
+                if not refusal:  # an outage reading the profile raises: not cached, tried again
+                    checker, off = self._checker(version, scorer)
+                    encoder = InputEncoder(scorer.feature_set)
+                    model = LoadedModel(alias, version, scorer, encoder, checker, off)
                 self._cache[key] = (model, refusal)
         model, refusal = self._cache[key]
         if model is not None and model.alias != alias:
-            model = LoadedModel(alias, model.version, model.scorer, model.encoder)
+            model = replace(model, alias=alias)
         return model, refusal
+
+    def _checker(self, version: str, scorer: Scorer) -> tuple[InputChecker | None, str | None]:
+        """The input checks of ``version`` from its training profile, or (None, why not) when
+        it has none; ChurnError when the registry or artifact store cannot be read."""
+        try:
+            profile = profile_for_version(self._connect(), self.name, version)
+        except NoProfile as exc:
+            log.warning("version %s is served without input checks: %s", version, exc)
+            return None, f"no training profile: {exc}"
+        return InputChecker(profile, scorer.feature_set.columns, self.cfg.serving.range_margin, version), None
 
     def _load_verified(self, version: str) -> Scorer:
         """Load ``version``; with ``registry.require_signed_models`` only from files whose digest

@@ -17,6 +17,11 @@ drawn, and for rows without values: not found, errors). A JSON text longer than
 ``churn_prediction_log_features_omitted_total``), so a reader tells "too large" from "not
 sampled". :func:`served_values` parses them back.
 
+**Input warnings.** ``input_warnings`` holds the row's invalid feature values as JSON text
+``{"feature": "kind", ...}`` (kind ``unknown_category`` | ``out_of_range`` | ``null``, see
+:mod:`mlflow_churn.serving.input_checks`), NULL when there were none; the monitor run counts
+them per feature.
+
 A log written before these columns existed is migrated when opened (``ALTER TABLE ... ADD
 COLUMN``; the old rows keep everything they had and get NULL values). Rows are written and
 read by column name, so columns added by a migration may sit in any order.
@@ -56,6 +61,7 @@ BASE_COLUMNS = ("request_id", "customer_id", "model_version", "route", "score", 
 ADDED_COLUMNS: dict[str, tuple[str, str]] = {
     "features": ("TEXT", "TEXT"),
     "features_as_of": ("TEXT", "TIMESTAMPTZ"),
+    "input_warnings": ("TEXT", "TEXT"),
 }
 COLUMNS = BASE_COLUMNS + tuple(ADDED_COLUMNS)
 #: columns :meth:`PredictionLog.read` returns unless asked for the served values as well
@@ -85,6 +91,9 @@ class PredictionRecord:
     as_of: datetime
     features: Mapping[str, Any] | None = None
     features_as_of: datetime | None = None
+    #: the row's input warnings (serving.on_invalid=flag) as ``{"feature": "kind"}`` JSON text
+    #: (:func:`mlflow_churn.serving.input_checks.encode_warnings`); None = none
+    input_warnings: str | None = None
 
 
 class FeatureSampler:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.online import StoreUnavailable, open_store
+from mlflow_churn.serving.input_checks import CheckResult, InputIssue, encode_warnings
 from mlflow_churn.serving.log_writer import LogWriter, PredictionLogUnavailable
 from mlflow_churn.serving.models import LoadedModel, ModelManager, ModelPair
 from mlflow_churn.serving.prediction_log import FeatureSampler, PredictionRecord
@@ -29,6 +30,9 @@ from mlflow_churn.web.metrics import Metrics
 log = logging.getLogger("mlflow_churn.serving")
 
 CHAMPION_ROUTE, CANARY_ROUTE = "champion", "canary"
+INVALID_METRIC = "churn_input_invalid_total"
+#: invalid values named in a 422 detail / listed in its ``invalid`` at most
+_SHOW_INVALID, _LIST_INVALID = 5, 100
 ANONYMOUS_ID = -1  # logged customer_id of a raw record without one
 INT64_MAX = 2**63 - 1  # customer ids are int64 >= 0 (the online store's and the log's type)
 
@@ -75,6 +79,9 @@ class ScoringService:
             ("churn_predict_latency_seconds", "histogram", "POST /predict latency by route and version"),
             ("churn_model_reloads_total", "counter", "alias polls by result"),
             ("churn_model_loaded", "gauge", "1 for each alias and the version it serves"),
+            (INVALID_METRIC, "counter", "feature values the scoring version's training profile calls "
+             "invalid, by feature, kind (unknown_category | out_of_range | null) and route (flagged or "
+             "rejected, serving.on_invalid)"),
         ):
             self.metrics.describe(name, kind, text)
         self.models = ModelManager(cfg, self.metrics)
@@ -163,6 +170,8 @@ class ScoringService:
         route = np.where(to_canary, CANARY_ROUTE, CHAMPION_ROUTE).astype(object)
         version = np.where(to_canary, pair.canary.version if pair.canary else "",
                            pair.champion.version).astype(object)
+        if self.cfg.serving.on_invalid == "reject":  # before any scoring: against the routed version
+            self._reject_invalid(self._check_inputs(pair, values, route, found), req, ids)
         scores = np.full(len(ids), np.nan)
         prepared = time.perf_counter() - t0  # parsing + feature fetch, shared by both routes
         spent = {CHAMPION_ROUTE: 0.0, CANARY_ROUTE: 0.0}  # seconds each route's model took
@@ -191,17 +200,23 @@ class ScoringService:
         # a row's latency: the shared preparation plus its own route's scoring (ms), so a slow
         # canary shows in the canary's numbers only
         latency_ms = {r: (prepared + spent[r]) * 1000.0 for r in spent}
+        flagged: dict[int, list[InputIssue]] = {}
+        if self.cfg.serving.on_invalid == "flag":  # against the version that scored each row
+            flagged = self._check_inputs(pair, values, route, found).by_row()
         request_id = uuid.uuid4().hex
         out, records_out = [], []
         for i, cid in enumerate(ids):
             ok = bool(found[i])
             status = "ok" if ok else "not_found"
             p = float(scores[i]) if ok else None
+            warnings = flagged.get(i, [])
             out.append({"customer_id": None if cid == ANONYMOUS_ID else cid, "churn_probability": p,
-                        "model_version": version[i], "route": route[i], "status": status})
+                        "model_version": version[i], "route": route[i], "status": status,
+                        "warnings": [w.to_dict() for w in warnings]})
             records_out.append(PredictionRecord(request_id, cid, version[i], route[i], p,
                                                 latency_ms[route[i]], status, served_at, as_of,
-                                                values[i] if ok else None, values_as_of))
+                                                values[i] if ok else None, values_as_of,
+                                                input_warnings=encode_warnings(warnings)))
         for row, r, v in errors:
             self.metrics.inc("churn_prediction_errors_total", {"route": r, "version": v})
             records_out.append(PredictionRecord(request_id, ids[row], v, r, None, latency_ms[r], "error",
@@ -213,6 +228,37 @@ class ScoringService:
             self.metrics.observe("churn_predict_latency_seconds", {"route": r, "version": v},
                                  latency_ms[r] / 1000.0)
         return {"request_id": request_id, "as_of": as_of.isoformat(), "predictions": out}
+
+    def _check_inputs(self, pair: ModelPair, values: list[dict[str, Any]], route: np.ndarray,
+                      found: np.ndarray) -> CheckResult:
+        """The input issues of the found rows, each against the training profile of the version
+        its ``route`` names (a version without a profile checks nothing); counted in
+        ``churn_input_invalid_total``."""
+        result = CheckResult()
+        for model in (pair.champion, pair.canary):
+            if model is None or model.checker is None:
+                continue
+            rows = np.flatnonzero((route == model.alias) & found)
+            if len(rows):
+                checked = model.checker.check(values, rows)
+                result.issues += checked.issues
+                for (feature, kind), n in checked.counts().items():
+                    labels = {"feature": feature, "kind": kind, "route": model.alias}
+                    self.metrics.inc(INVALID_METRIC, labels, n)
+        return result
+
+    def _reject_invalid(self, result: CheckResult, req: PredictRequest, ids: list[int]) -> None:
+        """``serving.on_invalid=reject``: 422 naming each invalid field and what it allows."""
+        if not result:
+            return
+        issues = sorted(result.issues, key=lambda i: (i.row, i.feature))[:_LIST_INVALID]
+        named = [(_field(req, ids, i), i) for i in issues]
+        shown = "; ".join(f"{f}: {i.message}" for f, i in named[:_SHOW_INVALID])
+        more = len(result.issues) - len(named[:_SHOW_INVALID])
+        raise ServiceError(422, f"invalid input (serving.on_invalid=reject): {shown}"
+                                + (f"; and {more} more (see 'invalid')" if more > 0 else ""),
+                           invalid=[{"field": f, **i.to_dict()} for f, i in named],
+                           invalid_total=len(result.issues))
 
     def _fetch(self, ids: list[int],
                pair: ModelPair) -> tuple[list[dict[str, Any]], np.ndarray, datetime | None]:
@@ -309,6 +355,9 @@ class ScoringService:
             "canary": pair.canary.version if pair.canary else None,
             "canary_fraction": self.cfg.serving.canary_fraction,
             "refused": pair.refused,
+            "input_checks": {m.alias: ("on" if m.checker else f"off: {m.checks_off}")
+                             for m in (pair.champion, pair.canary) if m is not None},
+            "on_invalid": self.cfg.serving.on_invalid,
             "error": pair.error,
             "loaded_at": pair.loaded_at.isoformat() if pair.loaded_at else None,
         }
@@ -322,6 +371,14 @@ def _record_id(record: dict[str, Any], index: int) -> int:
         raise ServiceError(422, f"records.{index}.customer_id must be an integer 0 .. {INT64_MAX}, got "
                                 f"{web_errors.quote(cid)}")
     return int(cid)
+
+
+def _field(req: PredictRequest, ids: list[int], issue: InputIssue) -> str:
+    """Where an invalid value came from: ``records.<i>.<feature>`` of the request, or the
+    online store's feature of ``customer_ids.<i>``."""
+    if req.records is not None:
+        return f"records.{issue.row}.{issue.feature}"
+    return f"customer_ids.{issue.row} (customer {ids[issue.row]}, online store) feature {issue.feature}"
 
 
 def _store_failure(exc: BaseException) -> bool:

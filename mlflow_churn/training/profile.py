@@ -52,6 +52,12 @@ PROFILE_ARTIFACT = "reference/profile.json"
 SCORE = "__score__"
 
 
+class NoProfile(ChurnError):
+    """There is no usable reference profile: the version's training run logged none (a model
+    trained before profiles, or registered from elsewhere) or the file is not a profile.
+    Not an outage of the store (that is a plain ChurnError): asking again will not help."""
+
+
 def _numeric_entry(values: Any, bins: int, sample_size: int, rng: np.random.Generator) -> dict[str, Any]:
     arr = drift.as_float_array(values)
     finite = arr[~np.isnan(arr)]
@@ -184,7 +190,8 @@ def save_profile(profile: dict[str, Any], path: str | Path) -> Path:
 
 
 def load_profile(path: str | Path) -> dict[str, Any]:
-    """Read a profile written by :func:`save_profile`; ChurnError if absent or not one."""
+    """Read a profile written by :func:`save_profile`; ChurnError if unreadable,
+    :class:`NoProfile` if it is not one."""
     p = Path(path)
     try:
         data = json.loads(p.read_text())
@@ -193,9 +200,9 @@ def load_profile(path: str | Path) -> dict[str, Any]:
             f"cannot read profile {p}: {exc.strerror}; was the model trained with a profile?"
         ) from exc
     except json.JSONDecodeError as exc:
-        raise ChurnError(f"profile {p} is not valid JSON ({exc.msg}); re-log it with save_profile") from exc
+        raise NoProfile(f"profile {p} is not valid JSON ({exc.msg}); re-log it with save_profile") from exc
     if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT or "features" not in data:
-        raise ChurnError(
+        raise NoProfile(
             f"{p} is not a format-{PROFILE_FORMAT} reference profile; rebuild it with build_profile"
         )
     return data
@@ -205,7 +212,9 @@ def profile_for_version(client: Any, name: str, version: str | int) -> dict[str,
     """The profile logged by the training run of registered model ``name`` version ``version``.
 
     Uses the version's ``train_run_id`` tag (else the version's own run id) and downloads
-    ``reference/profile.json``. Raises ChurnError naming the version when it is missing.
+    ``reference/profile.json``. Raises :class:`NoProfile` when the run has no profile
+    (the run's artifact listing shows none) or the version has no run, ChurnError naming
+    the version for anything else (version not found, the store unreachable).
     """
     import tempfile
 
@@ -219,15 +228,23 @@ def profile_for_version(client: Any, name: str, version: str | int) -> dict[str,
         ) from exc
     run_id = (mv.tags or {}).get("train_run_id") or mv.run_id
     if not run_id:
-        raise ChurnError(
+        raise NoProfile(
             f"model '{name}' version {version} has no train_run_id tag nor run; cannot find its profile"
         )
+    missing = (f"run {run_id} of model '{name}' version {version} has no {PROFILE_ARTIFACT}; "
+               "retrain it (training logs the profile) or log one with save_profile")
+    folder = PROFILE_ARTIFACT.rsplit("/", 1)[0]
+    try:
+        listed = {f.path for f in client.list_artifacts(run_id, folder)}
+    except (MlflowException, OSError) as exc:
+        raise ChurnError(f"cannot list the artifacts of run {run_id} of model '{name}' version {version}: "
+                         f"{getattr(exc, 'message', exc)}") from exc
+    if PROFILE_ARTIFACT not in listed:
+        raise NoProfile(missing)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = client.download_artifacts(run_id, PROFILE_ARTIFACT, tmp)
         except (MlflowException, OSError) as exc:
-            raise ChurnError(
-                f"run {run_id} of model '{name}' version {version} has no {PROFILE_ARTIFACT}; "
-                "retrain it (training logs the profile) or log one with save_profile"
-            ) from exc
+            raise ChurnError(f"cannot download {PROFILE_ARTIFACT} of run {run_id} (model '{name}' version "
+                             f"{version}): {getattr(exc, 'message', exc)}") from exc
         return load_profile(local)
