@@ -13,6 +13,7 @@ from mlflow_churn.config import load_config
 from mlflow_churn.data.simulator import SimulationSpec, simulate
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.monitoring.monitor import latest_decision, monitor, read_history
+from mlflow_churn.monitoring.runs import window_step
 from mlflow_churn.registry.aliases import move_alias
 from mlflow_churn.training.train import train
 
@@ -58,17 +59,38 @@ def test_monitor_logs_a_run_with_evidence_and_reads_history(trained) -> None:
     assert len(nulls) == cfg.monitoring.window_days and all(m.value == 0 for m in nulls)
     # the pre-onset window is quiet: population PSI small
     assert first.population_psi_max < 0.2
+    # per window (step = days since 1970 of its end): feature PSI, the per-segment estimate, and
+    # the per-segment plot; labels have not matured since training (same day): estimates only
+    step = window_step(AS_OF)
+    assert [m.step for m in client.get_metric_history(first.run_id, "psi.monthly_usage")] == [step]
+    basic = first.performance.segments["plan=basic"]
+    assert basic.auc is None and basic.reason == "labels not matured yet"
+    # 3,000 customers: training's reference rows held too few churners of plan=basic for a
+    # baseline, so its first measured window (this one) is
+    assert basic.estimated_auc is not None and basic.baseline_source == "first window"
+    assert basic.drop == 0.0 and basic.source == "estimated"
+    (est,) = client.get_metric_history(first.run_id, "segment_estimated_auc.plan.basic")
+    assert est.step == step and est.value == pytest.approx(basic.estimated_auc)
+    assert "segment_performance.png" in names
+    assert first.stats.segment_performance["plan=basic"]["estimated_auc_se"] > 0
 
     # 4 and 5 weeks after onset: pacific moved (in 2 of the last 3 windows), the population barely
     late = AS_OF + timedelta(days=35)
     middle = monitor(cfg, late - timedelta(days=7), report=False)
-    assert middle.decision.segments == []  # once is not persistent
+    assert middle.decision.drift_segments == []  # once is not persistent
     assert any("region=pacific moved" in r and "only in 1" in r for r in middle.decision.reasons)
     second = monitor(cfg, late, report=False)
     back = read_history(cfg, cfg.training.model_name, res.version, late + timedelta(days=1))
     assert [w.as_of for w in back] == [AS_OF, late - timedelta(days=7), late]
     assert second.stats.segment_psi["region=pacific"] == max(second.stats.segment_psi.values())
-    assert "region=pacific" in second.decision.segments
+    assert second.decision.drift_segments[0] == "region=pacific" and second.decision.segments == []
+    # labels of the cutoffs after training have matured: each segment's realised AUC against the
+    # baseline training recorded for it on customers no model trained on
+    assert "val_segment_auc.contract.month-to-month" in client.get_run(res.run_id).data.metrics
+    mtm = second.performance.segments["contract=month-to-month"]
+    assert (mtm.source, mtm.baseline_source) == ("realised", "training")
+    assert mtm.drop == pytest.approx(mtm.baseline_auc - mtm.auc) and mtm.threshold > 0
+    assert second.stats.segment_auc_drop["contract=month-to-month"] == pytest.approx(mtm.drop)
     assert second.decision.action == "investigate"
     assert second.population_psi_max < 0.1
     latest = latest_decision(cfg)
@@ -116,7 +138,9 @@ def test_monitor_decisions_reach_a_person_and_clear(trained, tmp_path: Path) -> 
         labels = firing["alerts"][0]["labels"]
         assert labels == {"alertname": "ChurnMonitorDecision", "severity": "warning",
                           "model": acfg.training.model_name, "decision": "investigate"}
-        assert "region=pacific" in firing["alerts"][0]["annotations"]["segments"]
+        # the segment moved (PSI) without a performance drop: drift context, not the segment rule
+        notes = firing["alerts"][0]["annotations"]
+        assert "region=pacific" in notes["drift_segments"] and notes["segments"] == ""
         again = monitor(acfg, late, report=False, log=False, history=[before.stats],
                         on_decision=lambda r: alert_decision(acfg, r))
         assert again.decision.action == "investigate" and flush(acfg, timeout=10) == 0

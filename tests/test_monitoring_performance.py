@@ -7,6 +7,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from mlflow_churn.config import EvaluationConfig
+from mlflow_churn.errors import ChurnError
 from mlflow_churn.stats.metrics import classification_metrics
 from mlflow_churn.stats.performance import assess, expected_auc, expected_business
 
@@ -99,3 +100,151 @@ def test_auc_check_counts_distinct_customers_and_combines_both_errors() -> None:
     assert check.threshold == pytest.approx(2.0 * np.hypot(check.se, 0.02))
     assert auc_check(y, s, ids, 0.8, 0.02, 2.0, min_churners=pos + 1) is None
     assert auc_check(y, s, ids, None, None, 2.0).drop is None
+
+
+def _segment_frame(rng: np.random.Generator, customers: int = 3000, cutoffs: int = 4):
+    """Customers on several cutoffs; in region 'south' the scores follow churn less."""
+    import pandas as pd
+
+    region = rng.choice(["north", "south", "tiny"], size=customers, p=[0.6, 0.39, 0.01])
+    plan = rng.choice(["basic", "premium"], size=customers)
+    churner = rng.random(customers) < 0.08
+    frame = pd.DataFrame({"customer_id": np.repeat(np.arange(customers), cutoffs),
+                          "region": np.repeat(region, cutoffs), "plan": np.repeat(plan, cutoffs),
+                          "label": np.repeat(churner, cutoffs).astype(int)})
+    signal = np.where(frame["region"] == "south", 0.3, 1.2) * frame["label"]
+    # a customer's scores on nearby cutoffs hardly differ (the rows are one cluster)
+    noise = np.repeat(rng.normal(size=customers), cutoffs) + rng.normal(scale=0.1, size=len(frame))
+    scores = 1 / (1 + np.exp(-(noise + signal - 2.5)))
+    return frame, scores
+
+
+def test_segment_auc_is_sklearn_roc_auc_on_the_segments_rows() -> None:
+    from mlflow_churn.stats.performance import auc_standard_error, segment_performance
+
+    rng = np.random.default_rng(11)
+    frame, scores = _segment_frame(rng)
+    cfg = EvaluationConfig()
+    perfs = segment_performance(["region", "plan"], frame, scores, cfg, matured=frame, matured_scores=scores,
+                                min_rows=100, min_churners=20)
+    assert list(perfs) == ["plan=basic", "plan=premium", "region=north", "region=south", "region=tiny"]
+    for key in ("region=north", "region=south", "plan=premium"):
+        col, value = key.split("=")
+        rows = (frame[col] == value).to_numpy()
+        y, s = frame["label"].to_numpy()[rows], scores[rows]
+        p = perfs[key]
+        # by hand on the segment's rows
+        assert p.auc == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        assert p.rows == rows.sum()
+        churners = frame.loc[rows & (frame["label"] == 1).to_numpy(), "customer_id"].nunique()
+        customers = frame.loc[rows, "customer_id"].nunique()
+        assert (p.churners, p.customers) == (churners, customers)
+        assert p.auc_se == pytest.approx(auc_standard_error(p.auc, churners, customers - churners))
+        by_hand = classification_metrics(y, s, cfg)
+        assert p.recall_at_k == pytest.approx(by_hand["recall_at_k"])
+        assert p.revenue_lift == pytest.approx(by_hand["revenue_lift"])
+        r, q, k = by_hand["recall_at_k"], by_hand["precision_at_k"], by_hand["k"]
+        below = (y.sum() - q * k) / (len(y) - k)
+        assert p.recall_at_k_se == pytest.approx(
+            r * (1 - r) * np.sqrt((1 - q) / (r * churners) + (1 - below) / ((1 - r) * churners)))
+        assert p.revenue_lift_se > 0 and p.estimated_auc_se > 0
+        assert p.reason is None and p.estimate_reason is None
+    assert perfs["region=south"].auc < perfs["region=north"].auc - 0.15
+    # the estimate of a segment is the CBPE estimate on its own rows' scores
+    south = (frame["region"] == "south").to_numpy()
+    assert perfs["region=south"].estimated_auc == pytest.approx(expected_auc(scores[south]))
+
+
+def test_small_segments_say_why_instead_of_a_number() -> None:
+    from mlflow_churn.stats.performance import segment_performance
+
+    rng = np.random.default_rng(12)
+    frame, scores = _segment_frame(rng)
+    cfg = EvaluationConfig()
+    perfs = segment_performance(["region"], frame, scores, cfg, matured=frame, matured_scores=scores,
+                                min_rows=200, min_churners=20)
+    tiny = perfs["region=tiny"]  # ~30 customers x 4 cutoffs
+    assert tiny.auc is None and tiny.estimated_auc is None
+    assert tiny.reason.startswith("too few rows") and "monitoring.segment_min_rows" in tiny.reason
+    assert "monitoring.segment_min_rows" in tiny.estimate_reason
+    few = segment_performance(["region"], frame, scores, cfg, matured=frame, matured_scores=scores,
+                              min_rows=10, min_churners=1000)["region=north"]
+    assert few.auc is None and few.reason.startswith("too few churners")
+    assert "monitoring.segment_min_churners" in few.reason and few.churners < 1000
+    assert few.estimate_reason.startswith("too few expected churners")
+    # no matured labels yet: the estimate only, and the reason says so
+    est = segment_performance(["region"], frame, scores, cfg, min_rows=10, min_churners=5)["region=north"]
+    assert est.auc is None and est.reason == "labels not matured yet" and est.estimated_auc is not None
+    with pytest.raises(ChurnError, match="monitoring.segments"):
+        segment_performance(["county"], frame, scores, cfg)
+
+
+def test_segment_standard_errors_match_the_spread_over_samples() -> None:
+    from mlflow_churn.stats.performance import segment_performance
+
+    cfg = EvaluationConfig()
+    samples = []
+    for i in range(80):
+        frame, scores = _segment_frame(np.random.default_rng(200 + i), customers=2000)
+        samples.append(segment_performance(["plan"], frame, scores, cfg, matured=frame, matured_scores=scores,
+                                           min_rows=10, min_churners=5)["plan=basic"])
+    for stat in ("auc", "recall_at_k", "revenue_lift"):
+        spread = np.std([getattr(p, stat) for p in samples])
+        se = np.mean([getattr(p, f"{stat}_se") for p in samples])
+        assert se == pytest.approx(spread, rel=0.3), stat
+
+
+def test_compare_segments_drop_se_and_bonferroni_z() -> None:
+    from mlflow_churn.stats.performance import (
+        SegmentBaseline,
+        compare_segments,
+        segment_baseline,
+        segment_baseline_metrics,
+        segment_performance,
+    )
+    from mlflow_churn.stats.uncertainty import segment_z
+
+    rng = np.random.default_rng(13)
+    frame, scores = _segment_frame(rng)
+    cfg = EvaluationConfig()
+    perfs = segment_performance(["region"], frame, scores, cfg, matured=frame, matured_scores=scores,
+                                min_rows=200, min_churners=20)
+    # what training records round-trips through MLflow metric names
+    metrics = segment_baseline_metrics(perfs)
+    assert metrics["val_segment_auc.region.north"] == pytest.approx(perfs["region=north"].auc)
+    assert "val_segment_auc.region.tiny" not in metrics
+    base = {k: segment_baseline(metrics, k) for k in perfs}
+    assert base["region=tiny"] is None and base["region=south"].source == "training"
+    base["region=south"] = SegmentBaseline(0.9, 0.02, 0.9, 0.03, "first window")
+    z = compare_segments(perfs, base, alpha=0.01)
+    assert z == pytest.approx(segment_z(0.01, 2))  # north and south compared, tiny not
+    south = perfs["region=south"]
+    assert south.source == "realised" and south.baseline_source == "first window"
+    assert south.drop == pytest.approx(0.9 - south.auc)
+    assert south.drop_se == pytest.approx(np.hypot(0.02, south.auc_se))
+    assert south.threshold == pytest.approx(z * south.drop_se)
+    assert perfs["region=north"].drop == pytest.approx(0.0)
+    assert perfs["region=tiny"].drop is None
+    # before labels mature the estimate is compared
+    est = segment_performance(["region"], frame, scores, cfg, min_rows=200, min_churners=20)
+    compare_segments(est, {"region=north": SegmentBaseline(None, None, 0.7, 0.01, "training")}, 0.01)
+    north = est["region=north"]
+    assert north.source == "estimated" and north.drop == pytest.approx(0.7 - north.estimated_auc)
+
+
+def test_estimate_se_is_the_spread_of_the_auc_labels_will_show() -> None:
+    import pandas as pd
+
+    from mlflow_churn.stats.performance import segment_performance
+
+    rng = np.random.default_rng(14)
+    customers, cutoffs = 3000, 5
+    p_customer = rng.beta(1.2, 14, size=customers)  # calibrated: a customer churns with probability p
+    frame = pd.DataFrame({"customer_id": np.repeat(np.arange(customers), cutoffs), "plan": "basic"})
+    scores = np.repeat(p_customer, cutoffs)
+    est = segment_performance(["plan"], frame, scores, EvaluationConfig(), min_rows=10,
+                              min_churners=10)["plan=basic"]
+    aucs = [roc_auc_score(np.repeat(rng.random(customers) < p_customer, cutoffs), scores) for _ in range(200)]
+    assert est.estimated_auc == pytest.approx(np.mean(aucs), abs=0.01)
+    assert est.expected_churners == pytest.approx(p_customer.sum())
+    assert est.estimated_auc_se == pytest.approx(np.std(aucs), rel=0.25)

@@ -35,8 +35,10 @@ def alert_decision(cfg: ChurnConfig, result: MonitorResult) -> str:
     notes = {"summary": f"{model} v{result.model_version}: monitoring decided {d.action} for the window "
                         f"{result.window_start:%Y-%m-%d} .. {result.as_of:%Y-%m-%d}",
              "description": "; ".join(d.reasons)[:2000], "run_id": result.run_id or "",
-             "model_version": result.model_version, "segments": ", ".join(d.segments),
-             "features": ", ".join(d.features)}
+             "model_version": result.model_version,
+             "segments": ", ".join(f"{x.segment} (AUC drop {x.drop:.3f}, SE {x.se:.3f})"
+                                   for x in d.segment_drops),
+             "drift_segments": ", ".join(d.drift_segments), "features": ", ".join(d.features)}
     fire(cfg, alert_key(model), labels, notes, starts_at=result.as_of)
     return "fired"
 

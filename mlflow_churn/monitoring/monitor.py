@@ -16,7 +16,11 @@ data is never re-read):
   against the version's baseline (``monitoring.auc_baseline``); ``early_auc_drop`` on the
   cutoffs whose short labels (``early_label_days``) have matured against ``val_auc_<d>d``.
   Only cutoffs at or after the version's training ``as_of`` count: earlier ones share churn
-  events with the training labels, which inflates the realised AUC;
+  events with the training labels, which inflates the realised AUC. Per segment
+  (``monitoring.segments``): realised AUC, recall@k and revenue lift on the matured rows of
+  every customer, the estimate on the window's rows, each with its standard error, compared
+  with the segment's baseline (training's ``val_segment_*`` metrics, else the segment's first
+  measured window of the version) for the policy's segment rule;
 - the **policy** (:mod:`mlflow_churn.monitoring.policy`) on the version's history.
 
 ``source`` (``churn monitor --source``): ``offline`` builds the window's rows as above;
@@ -35,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -72,7 +76,16 @@ from mlflow_churn.monitoring.served import (
 )
 from mlflow_churn.monitoring.window_drift import window_drift
 from mlflow_churn.registry.aliases import alias_version, model_uri
-from mlflow_churn.stats.performance import AucCheck, Performance, assess, auc_check
+from mlflow_churn.stats.performance import (
+    AucCheck,
+    Performance,
+    SegmentBaseline,
+    SegmentPerformance,
+    assess,
+    auc_check,
+    compare_segments,
+    segment_performance,
+)
 from mlflow_churn.tracking import setup_mlflow, step_run
 from mlflow_churn.training.baseline import Baseline, unseen_mask, version_baseline
 from mlflow_churn.training.model import Scorer, load_scorer
@@ -160,6 +173,60 @@ def _fill_performance(stats: WindowStats, perf: Performance) -> None:
         stats.early_auc, stats.early_auc_baseline = perf.early.auc, perf.early.baseline
         stats.early_auc_drop = _clean(perf.early.drop)
         stats.early_auc_drop_threshold = _clean(perf.early.threshold)
+    for key, seg in perf.segments.items():
+        stats.segment_performance[key] = {k: (_clean(v) if isinstance(v, float) else v)
+                                          for k, v in asdict(seg).items()}
+        drop, noise = _clean(seg.drop), _clean(seg.threshold)
+        if drop is not None and noise is not None:
+            stats.segment_auc_drop[key], stats.segment_auc_drop_threshold[key] = drop, noise
+
+
+def _first_window_part(history: Sequence[WindowStats], version: str, key: str,
+                       stat: str) -> tuple[float, float | None] | None:
+    """(baseline, its SE) of ``stat`` (``auc`` | ``estimated_auc``) of segment ``key`` carried in
+    the version's windows whose segment baseline is their first measured window, or None."""
+    for w in history:
+        entry = (w.segment_performance.get(key) if w.model_version == version else None) or {}
+        if entry.get("baseline_source") == "first window" and entry.get(f"baseline_{stat}") is not None:
+            return float(entry[f"baseline_{stat}"]), entry.get(f"baseline_{stat}_se")
+    return None
+
+
+def _segment_baseline(key: str, seg: SegmentPerformance, base: Baseline, history: Sequence[WindowStats],
+                      version: str, same_labels: bool) -> SegmentBaseline | None:
+    """What segment ``key`` is compared with: training's ``val_segment_*`` metrics, else (a
+    version trained before they were recorded, training measured too few churners of the
+    segment, or labels shorter than training's) the segment's first measured window of the
+    version, carried forward in every window's stats; this window's own numbers when none is."""
+    trained = base.segment(key) if same_labels else None
+    if trained is not None:
+        return trained
+    auc = _first_window_part(history, version, key, "auc")
+    if auc is None and seg.auc is not None:
+        auc = (seg.auc, seg.auc_se)
+    est = _first_window_part(history, version, key, "estimated_auc")
+    if est is None and seg.estimated_auc is not None:
+        est = (seg.estimated_auc, seg.estimated_auc_se)
+    if auc is None and est is None:
+        return None
+    return SegmentBaseline(auc[0] if auc else None, auc[1] if auc else None, est[0] if est else None,
+                           est[1] if est else None, "first window")
+
+
+def _segments(cfg: ChurnConfig, win: _Window, matured: _Labelled | None, base: Baseline,
+              history: Sequence[WindowStats], version: str) -> tuple[dict[str, SegmentPerformance], float]:
+    """Per-segment performance of the window compared with each segment's baseline, and the z
+    of the noise levels."""
+    mon = cfg.monitoring
+    columns = [c for c in mon.segments if c in win.frame.columns or c == "tenure_bucket"]
+    segs = segment_performance(columns, win.frame, win.scores, cfg.evaluation,
+                               matured=matured.frame if matured else None,
+                               matured_scores=matured.scores if matured else None,
+                               calibration=win.profile.get("calibration"), min_rows=mon.segment_min_rows,
+                               min_churners=mon.segment_min_churners)
+    same_labels = matured is None or matured.horizon == cfg.features.label_horizon_days
+    baselines = {k: _segment_baseline(k, seg, base, history, version, same_labels) for k, seg in segs.items()}
+    return segs, compare_segments(segs, baselines, mon.segment_alpha)
 
 
 def _fill_integrity(stats: WindowStats, cfg: ChurnConfig, profile: dict[str, Any],
@@ -243,6 +310,7 @@ def _performance(cfg: ChurnConfig, client: MlflowClient, win: _Window, as_of: da
     if early is not None:
         perf.early = auc_check(*early.unseen(cfg), base.early_auc, base.early_auc_se,
                                mon.early_auc_noise_z, mon.early_min_churners)
+    perf.segments, perf.segment_z = _segments(cfg, win, matured, base, history, version)
     return perf
 
 

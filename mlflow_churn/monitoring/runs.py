@@ -3,18 +3,24 @@
 A window's run (experiment ``training.experiment``, or nested in a parent):
 
 - params: as_of, window bounds, model name / alias / version, rows, label horizons, the
-  version's val_auc, val_auc_unselected and val_auc_<d>d;
-- metrics: ``psi.<feature>``, ``ks.<feature>`` (D against the reference sample),
+  version's val_auc, val_auc_unselected and val_auc_<d>d, ``window_step``;
+- metrics with step = the window (:func:`window_step`: days since 1970-01-01 of the window's
+  end, so the monitor runs of a version line up in order on the MLflow UI's charts, one point
+  per run): ``psi.<feature>``, ``ks.<feature>`` (D against the reference sample),
   ``js.<feature>`` / ``chi2.<feature>`` / ``chi2_p.<feature>`` (categoricals),
   ``null_rate.<feature>``, ``source_null_rate.activity.<column>`` (highest daily share),
   ``score_psi``, ``segment_psi.<col>.<value>``, performance (``estimated_auc``,
-  ``realised_*``, ``auc_drop``, ``early_auc``, ``early_auc_drop``, their thresholds); with
-  step = day index in the window: ``daily_psi.<feature>``, ``daily_score_psi``,
+  ``realised_*``, ``auc_drop``, ``early_auc``, ``early_auc_drop``, their thresholds) and per
+  segment (:data:`SEGMENT_RUN_METRICS`: ``segment_auc.<col>.<value>`` and its ``_se``,
+  ``segment_estimated_auc.*``, ``segment_recall_at_k.*``, ``segment_revenue_lift.*``,
+  ``segment_auc_drop.*`` and its noise level, ``segment_churners.*``); with step = day index
+  in the window: ``daily_psi.<feature>``, ``daily_score_psi``,
   ``daily_segment_psi.<col>.<value>``, ``daily_null_rate.activity.<column>``;
-- tags ``monitor.*`` (model, version, as_of, action, features, segments, fired) and
-  ``decision``;
+- tags ``monitor.*`` (model, version, as_of, action, features, segments, drift_segments,
+  fired) and ``decision``;
 - artifacts ``decision.json`` (decision + window stats), ``window_stats.json``,
-  ``psi_heatmap.png``, ``psi_timeline.png`` and, unless ``report=False``,
+  ``segment_performance.png`` (:func:`segment_figure`), ``psi_heatmap.png``,
+  ``psi_timeline.png`` and, unless ``report=False``,
   ``drift_report.html`` (Evidently, judged per column by the policy's triggers: tag
   ``monitor.report_drifted`` lists the columns it marks drifted, :mod:`mlflow_churn.monitoring.report`);
 - the served requests' input warnings of the window (:mod:`mlflow_churn.monitoring.input_warnings`):
@@ -40,7 +46,7 @@ from mlflow_churn.config import ChurnConfig
 from mlflow_churn.monitoring.input_warnings import log_input_warnings
 from mlflow_churn.monitoring.policy import PolicyDecision, WindowStats, psi_floor
 from mlflow_churn.monitoring.report import evidently_report, psi_figure, timeline_figure
-from mlflow_churn.stats.performance import Performance
+from mlflow_churn.stats.performance import Performance, SegmentPerformance, segment_metric_suffix
 from mlflow_churn.tracking import setup_mlflow
 from mlflow_churn.training.baseline import UNSELECTED, early_key
 
@@ -107,6 +113,86 @@ def _window_metrics(result: MonitorResult) -> dict[str, float]:
     return _finite(metrics)
 
 
+#: per-segment metrics of a window's run: metric name prefix -> :class:`SegmentPerformance` field
+SEGMENT_RUN_METRICS = {
+    "segment_auc": "auc", "segment_auc_se": "auc_se", "segment_estimated_auc": "estimated_auc",
+    "segment_estimated_auc_se": "estimated_auc_se", "segment_recall_at_k": "recall_at_k",
+    "segment_recall_at_k_se": "recall_at_k_se", "segment_revenue_lift": "revenue_lift",
+    "segment_revenue_lift_se": "revenue_lift_se", "segment_auc_drop": "drop",
+    "segment_auc_drop_threshold": "threshold", "segment_churners": "churners",
+}
+
+
+def window_step(as_of: datetime) -> int:
+    """The MLflow ``step`` of the window ending at ``as_of``: whole days since 1970-01-01 (UTC)."""
+    return int(as_of.timestamp() // 86400)
+
+
+def _segment_metrics(result: MonitorResult) -> dict[str, float]:
+    """``<prefix>.<column>.<value>`` of :data:`SEGMENT_RUN_METRICS` for every measured number."""
+    metrics: dict[str, float | None] = {}
+    for key, seg in result.performance.segments.items():
+        suffix = segment_metric_suffix(key)
+        for prefix, attr in SEGMENT_RUN_METRICS.items():
+            value = getattr(seg, attr)
+            metrics[f"{prefix}.{suffix}"] = None if value is None else float(value)
+    return _finite(metrics)
+
+
+def segment_figure(segments: dict[str, SegmentPerformance], decision: PolicyDecision, title: str,
+                   min_drop: float = 0.0) -> Any:
+    """One row per segment: its AUC (realised: dot; estimated before labels mature: diamond) with
+    +-1 SE bars, its baseline (black tick) and the drop limit below it (grey band: max(
+    ``min_drop``, z x SE); a point left of its band dropped beyond it); segments the segment
+    rule named in red, pending ones in orange; an unmeasured segment says why."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    keys = list(segments)[::-1]
+    fig = Figure(figsize=(11, 0.32 * len(keys) + 1.9))
+    ax = fig.subplots()
+    limits = {d.segment: d.limit for d in decision.segment_drops}
+    points = []
+    for y, key in enumerate(keys):
+        seg = segments[key]
+        realised = seg.auc is not None
+        value, se = (seg.auc, seg.auc_se) if realised else (seg.estimated_auc, seg.estimated_auc_se)
+        base = seg.baseline_auc if realised else seg.baseline_estimated_auc
+        if value is None:
+            continue
+        points.append(value)
+        if base is not None:
+            points.append(base)
+            band = limits.get(key, max(seg.threshold or 0.0, min_drop))
+            ax.plot([base - band, base], [y, y], color="0.85", lw=7, solid_capstyle="butt", zorder=1)
+            ax.plot([base], [y], marker="|", color="k", ms=14, mew=2, zorder=3)
+        color = ("tab:red" if key in decision.segments else
+                 "tab:orange" if key in decision.pending_drops else "tab:blue")
+        ax.errorbar([value], [y], xerr=[[se or 0.0], [se or 0.0]], fmt="o" if realised else "D", color=color,
+                    mfc=color if realised else "white", ms=6, capsize=3, zorder=4)
+    lo = min(points, default=0.5) - 0.08
+    for y, key in enumerate(keys):
+        seg = segments[key]
+        if (seg.auc if seg.auc is not None else seg.estimated_auc) is None:
+            ax.text(lo + 0.005, y, f"not measured: {seg.reason or seg.estimate_reason}", va="center",
+                    fontsize=7, color="0.4")
+    ax.set_yticks(range(len(keys)), keys, fontsize=8)
+    ax.set_xlim(max(0.0, lo), min(1.0, max(points, default=0.9) + 0.05))
+    ax.set_xlabel("ROC AUC (bars: +-1 SE)")
+    handles = [Line2D([], [], marker="o", ls="", color="tab:blue", label="realised (matured labels)"),
+               Line2D([], [], marker="D", ls="", color="tab:blue", mfc="white",
+                      label="estimated (no labels yet)"),
+               Line2D([], [], marker="|", ls="", color="k", ms=12, mew=2, label="segment baseline"),
+               Line2D([], [], color="0.85", lw=7, label="drop limit (noise, min drop)"),
+               Line2D([], [], marker="o", ls="", color="tab:red", label="named by the segment rule"),
+               Line2D([], [], marker="o", ls="", color="tab:orange", label="dropped, not yet persistent")]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    named = ", ".join(f"{d.segment} (drop {d.drop:.3f}, SE {d.se:.3f})" for d in decision.segment_drops[:3])
+    ax.set_title(f"{title}\nsegment rule: {named or 'no segment named'}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def _daily_metrics(result: MonitorResult) -> list[dict[str, float]]:
     """Per day of the window (step = index): daily PSI of features, score, segments and the
     raw columns' null rates."""
@@ -142,8 +228,9 @@ def log_window(result: MonitorResult, profile: dict[str, Any], frame: pd.DataFra
         "label_horizon_days": result.performance.label_horizon_days,
         "early_label_days": cfg.monitoring.early_label_days, "auc_baseline": cfg.monitoring.auc_baseline,
         "val_auc": tags.get("val_auc", ""), UNSELECTED: tags.get(UNSELECTED, ""), early: tags.get(early, ""),
+        "window_step": window_step(result.as_of),
     })
-    mlflow.log_metrics(_window_metrics(result))
+    mlflow.log_metrics(_window_metrics(result) | _segment_metrics(result), step=window_step(result.as_of))
     for step, values in enumerate(_daily_metrics(result)):
         if values:
             mlflow.log_metrics(values, step=step)
@@ -153,11 +240,15 @@ def log_window(result: MonitorResult, profile: dict[str, Any], frame: pd.DataFra
         f"{TAG_PREFIX}as_of": result.as_of.isoformat(), f"{TAG_PREFIX}action": d.action,
         f"{TAG_PREFIX}features": ",".join(d.features)[:4000],
         f"{TAG_PREFIX}segments": ",".join(d.segments)[:4000],
+        f"{TAG_PREFIX}drift_segments": ",".join(d.drift_segments)[:4000],
         f"{TAG_PREFIX}fired": "; ".join(d.fired)[:4000], "decision": d.action,
     })
     mlflow.log_dict(result.to_dict(), "decision.json")
     mlflow.log_dict(result.stats.to_dict(), "window_stats.json")
     title = f"{name} v{result.model_version}, window to {result.as_of:%Y-%m-%d}"
+    if result.performance.segments:
+        mlflow.log_figure(segment_figure(result.performance.segments, d, f"per-segment performance: {title}",
+                                         cfg.monitoring.policy.segment_min_drop), "segment_performance.png")
     mlflow.log_figure(psi_figure(result.daily_psi, result.stats, title), "psi_heatmap.png")
     floor = psi_floor(cfg.monitoring.policy)
     mlflow.log_figure(timeline_figure(result.daily_psi, result.daily_segments, floor, title),

@@ -50,19 +50,55 @@ computed in O(n log n) by sorting the scores (ties in groups). The expected reca
 revenue lift follow the same way (expected churners in the top k = sum of their scores).
 ``estimated_auc_drop`` compares AUC_hat of the reference scores (the profile's sample)
 with AUC_hat of the current scores, both calibrated.
+
+Per segment (:func:`segment_performance`, one :class:`SegmentPerformance` per key
+``column=value``):
+
+* realised, on the segment's matured rows: ROC AUC with its Hanley-McNeil SE over distinct
+  customers (:func:`auc_check`); recall@k and revenue lift as the evaluation defines them
+  (:func:`~mlflow_churn.stats.metrics.classification_metrics` on the segment's rows, its own
+  top k%) with standard errors from binomial counts over customers (a customer's rows move
+  together): recall@k r = A / (A + B) with A = r P churners in the top k and B = (1 - r) P
+  outside it (P distinct churners), each binomial, so SE(r) = r (1 - r) sqrt((1 - q) / A +
+  (1 - q') / B) with q the precision in the top k and q' the churn rate below it (the delta
+  method; sqrt(r (1 - r) / P) when A or B is 0); SE(revenue lift) = value / n *
+  sqrt(c (k q (1 - q) + k^2 b (1 - b) / n)), b the base rate, value = save_rate x
+  monthly_revenue, c = rows per customer (a binomial count of customers scaled to rows);
+* estimated, on the segment's current rows: AUC_hat of the calibrated scores with SE =
+  Hanley-McNeil at the expected class counts over distinct customers (sum of p / c and
+  sum of (1 - p) / c): the spread of the AUC these customers' labels will show if the CBPE
+  assumptions hold;
+* fewer than ``min_rows`` rows or ``min_churners`` distinct churners (expected churners for
+  the estimate) give ``reason`` / ``estimate_reason`` instead of a number.
+
+:func:`compare_segments` sets each segment's drop against its baseline
+(:class:`SegmentBaseline`: training's reference rows, :func:`segment_baseline_metrics` /
+:func:`segment_baseline`, or the version's first window): ``drop = baseline - AUC`` on the
+realised AUC when both are measured, else on the estimate; ``drop_se = sqrt(SE_baseline^2 +
+SE^2)``; noise level ``threshold = z * drop_se`` with ``z`` one-sided Bonferroni over the
+segments compared (:func:`~mlflow_churn.stats.uncertainty.segment_z`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from mlflow_churn.errors import ChurnError
-from mlflow_churn.stats.metrics import BusinessParams, classification_metrics, scalar_metrics, top_k_count
+from mlflow_churn.stats.metrics import (
+    BusinessParams,
+    _metric_name_part,
+    add_segment_columns,
+    classification_metrics,
+    scalar_metrics,
+    top_k_count,
+)
+from mlflow_churn.stats.uncertainty import segment_z
 
 
 def expected_auc(scores: Any) -> float:
@@ -208,6 +244,10 @@ class Performance:
     auc: AucCheck | None = None
     early: AucCheck | None = None
     uncalibrated_estimated_auc: float = float("nan")
+    #: per segment key ``column=value`` (:func:`segment_performance`, compared by the caller)
+    segments: dict[str, SegmentPerformance] = field(default_factory=dict)
+    #: the Bonferroni z of the segments' noise levels (:func:`compare_segments`)
+    segment_z: float | None = None
 
     @property
     def auc_drop(self) -> float | None:
@@ -279,3 +319,239 @@ def assess(
         recall_drop=recall_drop, lift_drop=lift_drop, label_horizon_days=label_horizon_days,
         matured_rows=n_mat, uncalibrated_estimated_auc=expected_auc(current_scores),
     )
+
+
+#: prefix of the per-segment baselines training logs: ``val_segment_<stat>.<column>.<value>``
+SEGMENT_BASELINE_PREFIX = "val_segment_"
+#: the per-segment statistics training logs as baselines (``<stat>`` above)
+SEGMENT_BASELINE_STATS = ("auc", "auc_se", "churners", "estimated_auc", "estimated_auc_se")
+
+
+@dataclass
+class SegmentPerformance:
+    """One segment's performance in a window (module doc, "Per segment"); None = not measured,
+    with ``reason`` (realised) / ``estimate_reason`` (estimate) saying why.
+
+    ``rows`` / ``customers`` / ``churners`` count the matured rows; ``window_rows`` the current
+    ones. :func:`compare_segments` fills the rest: the segment's ``baseline_*`` and where it
+    comes from (``baseline_source``), ``source`` (``realised`` | ``estimated``: which AUC the drop
+    is on), ``drop`` = baseline - AUC, ``drop_se``, ``z`` and ``threshold`` = z x drop_se."""
+
+    segment: str
+    rows: int = 0
+    customers: int = 0
+    churners: int | None = None
+    auc: float | None = None
+    auc_se: float | None = None
+    recall_at_k: float | None = None
+    recall_at_k_se: float | None = None
+    revenue_lift: float | None = None
+    revenue_lift_se: float | None = None
+    reason: str | None = None
+    window_rows: int = 0
+    expected_churners: float | None = None
+    estimated_auc: float | None = None
+    estimated_auc_se: float | None = None
+    estimate_reason: str | None = None
+    baseline_auc: float | None = None
+    baseline_auc_se: float | None = None
+    baseline_estimated_auc: float | None = None
+    baseline_estimated_auc_se: float | None = None
+    baseline_source: str | None = None
+    source: str | None = None
+    drop: float | None = None
+    drop_se: float | None = None
+    z: float | None = None
+    threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class SegmentBaseline:
+    """What a segment's performance is compared with; ``source``: ``training`` (the version's
+    reference rows) or ``first window`` (the version's first measured window)."""
+
+    auc: float | None
+    auc_se: float | None
+    estimated_auc: float | None
+    estimated_auc_se: float | None
+    source: str
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def segment_rows(frame: pd.DataFrame, columns: Sequence[str]) -> dict[str, np.ndarray]:
+    """Row positions of each segment ``column=value`` of ``frame`` (values as text; rows without a
+    value belong to none); ``tenure_bucket`` is derived from ``tenure_days`` when asked for.
+    ChurnError names a column ``frame`` lacks."""
+    frame = add_segment_columns(frame) if "tenure_bucket" in columns else frame
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ChurnError(f"segment column(s) {', '.join(missing)} not in the window's rows; available: "
+                         f"{', '.join(map(str, frame.columns))} (config monitoring.segments)")
+    out: dict[str, np.ndarray] = {}
+    for col in columns:
+        values = frame[col].astype("object")
+        present = values.notna().to_numpy()
+        for value, idx in values[present].astype(str).groupby(values[present].astype(str)).indices.items():
+            out[f"{col}={value}"] = np.flatnonzero(present)[idx]
+    return out
+
+
+def _ids(frame: pd.DataFrame) -> np.ndarray:
+    return frame["customer_id"].to_numpy() if "customer_id" in frame.columns else np.arange(len(frame))
+
+
+def _fill_realised(p: SegmentPerformance, y: np.ndarray, s: np.ndarray, ids: np.ndarray,
+                   eval_cfg: BusinessParams, min_rows: int, min_churners: int) -> None:
+    """The realised numbers of segment ``p`` from its matured rows (labels ``y``, scores ``s``)."""
+    pos, neg = _cluster_counts(y, ids)
+    p.rows, p.customers, p.churners = int(y.size), int(np.unique(ids).size), pos
+    if y.size < min_rows:
+        p.reason = f"too few rows: {y.size} < {min_rows} (monitoring.segment_min_rows)"
+        return
+    if pos < min_churners:
+        p.reason = f"too few churners: {pos} < {min_churners} (monitoring.segment_min_churners)"
+        return
+    if neg == 0 or y.sum() == y.size:
+        p.reason = "every customer churned: no AUC"
+        return
+    check = auc_check(y, s, ids, None, None, 0.0)
+    if check is None:
+        p.reason = "one class only: no AUC"
+        return
+    p.auc, p.auc_se = check.auc, check.se
+    m = classification_metrics(y, s, eval_cfg)
+    r, n, k = float(m["recall_at_k"]), float(y.size), float(m["k"])
+    c = n / max(p.customers, 1)
+    q, b = float(m["precision_at_k"]), float(m["base_rate"])
+    below = (float(y.sum()) - q * k) / (n - k) if n > k else 0.0
+    inside, outside = r * pos, (1 - r) * pos
+    p.recall_at_k = r
+    p.recall_at_k_se = (r * (1 - r) * math.sqrt((1 - q) / inside + (1 - below) / outside)
+                        if inside > 0 and outside > 0 else math.sqrt(max(r * (1 - r), 0.0) / pos))
+    value = eval_cfg.save_rate * eval_cfg.monthly_revenue
+    p.revenue_lift = float(m["revenue_lift"])
+    p.revenue_lift_se = value / n * math.sqrt(c * (k * q * (1 - q) + k * k * b * (1 - b) / n))
+
+
+def _fill_estimate(p: SegmentPerformance, calibrated: np.ndarray, ids: np.ndarray, min_rows: int,
+                   min_churners: int) -> None:
+    """The label-free estimate of segment ``p`` from its current rows' calibrated scores."""
+    n = int(calibrated.size)
+    c = n / max(int(np.unique(ids).size), 1)
+    expected_pos = float(calibrated.sum()) / c if n else 0.0
+    p.window_rows, p.expected_churners = n, expected_pos
+    if n < min_rows:
+        p.estimate_reason = f"too few rows: {n} < {min_rows} (monitoring.segment_min_rows)"
+    elif expected_pos < min_churners:
+        p.estimate_reason = (f"too few expected churners: {expected_pos:.1f} < {min_churners} "
+                             "(monitoring.segment_min_churners)")
+    else:
+        est = expected_auc(calibrated)
+        if math.isfinite(est):
+            p.estimated_auc = est
+            p.estimated_auc_se = _finite(auc_standard_error(est, expected_pos, n / c - expected_pos))
+        else:
+            p.estimate_reason = "no estimate: the scores are all equal"
+
+
+def segment_performance(
+    columns: Sequence[str],
+    current: pd.DataFrame,
+    current_scores: Any,
+    eval_cfg: BusinessParams,
+    *,
+    matured: pd.DataFrame | None = None,
+    matured_scores: Any = None,
+    calibration: Mapping[str, Any] | None = None,
+    min_rows: int = 1,
+    min_churners: int = 1,
+) -> dict[str, SegmentPerformance]:
+    """Performance of every segment (key ``column=value`` of ``columns``), sorted by key: the
+    estimate on ``current`` rows with their ``current_scores`` (through ``calibration``) and,
+    when given, the realised numbers on ``matured`` rows (with ``label``) and ``matured_scores``.
+    Frames carry the segment columns and ``customer_id`` (each row its own customer without it).
+    See the module doc for the numbers and their standard errors."""
+    out: dict[str, SegmentPerformance] = {}
+    if matured is not None and len(matured):
+        y = np.asarray(matured["label"]).astype(int)
+        s = np.asarray(matured_scores, dtype="float64").ravel()
+        if s.size != y.size:
+            raise ChurnError(f"matured scores have {s.size} values but the matured rows are {y.size}")
+        ids = _ids(matured)
+        for key, idx in segment_rows(matured, columns).items():
+            out[key] = SegmentPerformance(key)
+            _fill_realised(out[key], y[idx], s[idx], ids[idx], eval_cfg, min_rows, min_churners)
+    no_labels = "labels not matured yet" if matured is None else "no matured rows of this segment"
+    cal = calibrate(current_scores, calibration)
+    if cal.size != len(current):
+        raise ChurnError(f"scores have {cal.size} values but the window has {len(current)} rows")
+    ids = _ids(current)
+    for key, idx in segment_rows(current, columns).items():
+        perf = out.setdefault(key, SegmentPerformance(key, reason=no_labels))
+        _fill_estimate(perf, cal[idx], ids[idx], min_rows, min_churners)
+    for perf in out.values():
+        if perf.window_rows == 0 and perf.estimate_reason is None:
+            perf.estimate_reason = "no rows of this segment in the window"
+    return dict(sorted(out.items()))
+
+
+def compare_segments(perfs: Mapping[str, SegmentPerformance],
+                     baselines: Mapping[str, SegmentBaseline | None], alpha: float) -> float:
+    """Each segment's drop against its baseline (module doc), in place; returns the Bonferroni z
+    over the segments compared (0 when none is)."""
+    pairs: dict[str, tuple[str, float, float, float, float]] = {}
+    for key, p in perfs.items():
+        base = baselines.get(key)
+        if base is None:
+            continue
+        p.baseline_auc, p.baseline_auc_se = base.auc, base.auc_se
+        p.baseline_estimated_auc, p.baseline_estimated_auc_se = base.estimated_auc, base.estimated_auc_se
+        p.baseline_source = base.source
+        if p.auc is not None and base.auc is not None:
+            pairs[key] = ("realised", base.auc, base.auc_se or 0.0, p.auc, p.auc_se or 0.0)
+        elif p.estimated_auc is not None and base.estimated_auc is not None:
+            pairs[key] = ("estimated", base.estimated_auc, base.estimated_auc_se or 0.0, p.estimated_auc,
+                          p.estimated_auc_se or 0.0)
+    z = segment_z(alpha, len(pairs))
+    for key, (source, base_auc, base_se, auc, se) in pairs.items():
+        p = perfs[key]
+        p.source, p.drop, p.drop_se, p.z = source, base_auc - auc, math.hypot(base_se, se), z
+        p.threshold = z * p.drop_se
+    return z
+
+
+def segment_metric_suffix(key: str) -> str:
+    """``<column>.<value>`` of segment ``column=value`` as it appears in MLflow metric names."""
+    column, _, value = key.partition("=")
+    return f"{_metric_name_part(column)}.{_metric_name_part(value)}"
+
+
+def segment_baseline_metrics(perfs: Mapping[str, SegmentPerformance]) -> dict[str, float]:
+    """What training logs as the segments' baselines: ``val_segment_<stat>.<column>.<value>`` for
+    each of :data:`SEGMENT_BASELINE_STATS` that was measured."""
+    out: dict[str, float] = {}
+    for key, p in perfs.items():
+        for stat in SEGMENT_BASELINE_STATS:
+            value = _finite(getattr(p, stat))
+            if value is not None:
+                out[f"{SEGMENT_BASELINE_PREFIX}{stat}.{segment_metric_suffix(key)}"] = value
+    return out
+
+
+def segment_baseline(metrics: Mapping[str, Any], key: str,
+                     source: str = "training") -> SegmentBaseline | None:
+    """Segment ``key``'s baseline from a training run's metrics (:func:`segment_baseline_metrics`);
+    None when training recorded neither its AUC nor its estimate."""
+    suffix = segment_metric_suffix(key)
+    got = {stat: _finite(metrics.get(f"{SEGMENT_BASELINE_PREFIX}{stat}.{suffix}"))
+           for stat in SEGMENT_BASELINE_STATS}
+    if got["auc"] is None and got["estimated_auc"] is None:
+        return None
+    return SegmentBaseline(got["auc"], got["auc_se"], got["estimated_auc"], got["estimated_auc_se"], source)

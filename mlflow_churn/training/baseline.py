@@ -19,7 +19,13 @@ version tags):
   default 7): AUC on the reference rows with *short* labels (churn within ``d`` days): the
   ``early_auc_drop`` baseline. Nothing is selected on these numbers, and the holdout
   customers' rows inside the training window are not the gate's (it scores later
-  cutoffs), so using them leaks nothing.
+  cutoffs), so using them leaks nothing;
+- ``val_segment_<stat>.<column>.<value>`` (``stat``: ``auc``, ``auc_se``, ``churners``,
+  ``estimated_auc``, ``estimated_auc_se``): per segment of ``monitoring.segments``, the same
+  on the reference rows with the training horizon, and the calibrated label-free estimate:
+  each segment's baseline for monitoring's segment rule
+  (:func:`mlflow_churn.stats.performance.segment_performance`; a segment under
+  ``monitoring.segment_min_rows`` / ``segment_min_churners`` gets none).
 
 The reference profile gets the Platt calibration of the scores, fitted on the reference rows
 with the training horizon (for the CBPE estimate: on the validation rows it would inherit
@@ -31,7 +37,7 @@ window (for the integrity check). Monitoring reads the baselines back with
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -93,20 +99,34 @@ class TrainingBaselines:
 
 
 def _reference_rows(cfg: ChurnConfig, prep: TrainingFrames, booster: Any, cutoffs: list[datetime],
-                    horizon: int, as_of: datetime) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, scores, customer ids) of the reference rows with ``horizon``-day labels."""
+                    horizon: int, as_of: datetime) -> tuple[np.ndarray, np.ndarray, np.ndarray, pd.DataFrame]:
+    """(labels, scores, customer ids, the rows) of the reference rows with ``horizon``-day labels."""
 
     frame = build_training_frame(cfg.data_dir, prep.feature_set, cutoffs, horizon, label=True,
                                  label_as_of=as_of, customer_ids=_unseen_ids(cfg.data_dir, cfg))
     rows = frame[_reference_mask(frame, cfg, datetime.fromisoformat(prep.params["validation_from"]), horizon)]
     return (rows["label"].to_numpy(), predict_proba(booster, prep.feature_set, rows),
-            rows["customer_id"].to_numpy())
+            rows["customer_id"].to_numpy(), rows)
 
 
-def _auc_metrics(rows: tuple[np.ndarray, np.ndarray, np.ndarray], key: str,
+def _auc_metrics(rows: tuple[np.ndarray, np.ndarray, np.ndarray, pd.DataFrame], key: str,
                  churners: str) -> dict[str, float]:
-    check = performance.auc_check(*rows, None, None, 0.0)
+    check = performance.auc_check(*rows[:3], None, None, 0.0)
     return {} if check is None else {key: check.auc, f"{key}_se": check.se, churners: float(check.churners)}
+
+
+def _segment_baselines(cfg: ChurnConfig, rows: tuple[np.ndarray, np.ndarray, np.ndarray, pd.DataFrame],
+                       calibration: dict[str, Any] | None) -> dict[str, float]:
+    """``val_segment_*`` metrics: each segment's realised AUC and calibrated estimate on the
+    reference rows (module doc)."""
+    _, scores, _, frame = rows
+    mon = cfg.monitoring
+    columns = [c for c in mon.segments if c in frame.columns or c == "tenure_bucket"]
+    perfs = performance.segment_performance(columns, frame, scores, cfg.evaluation, matured=frame,
+                                            matured_scores=scores, calibration=calibration,
+                                            min_rows=mon.segment_min_rows,
+                                            min_churners=mon.segment_min_churners)
+    return performance.segment_baseline_metrics(perfs)
 
 
 def training_baselines(cfg: ChurnConfig, prep: TrainingFrames, booster: Any, y_valid: Any,
@@ -130,6 +150,7 @@ def training_baselines(cfg: ChurnConfig, prep: TrainingFrames, booster: Any, y_v
                                 f"val_churners_{days}d")
         if 0 < full[0].sum() < full[0].size:
             extras["calibration"] = performance.fit_calibration(full[1], full[0])
+        metrics |= _segment_baselines(cfg, full, extras["calibration"])
         end = datetime.fromisoformat(prep.window_end)
         start = end - timedelta(days=cfg.training.window_days)
         extras["sources"] = source_reference(cfg.data_dir, start, end)
@@ -140,7 +161,8 @@ def training_baselines(cfg: ChurnConfig, prep: TrainingFrames, booster: Any, y_v
 
 @dataclass(frozen=True)
 class Baseline:
-    """A version's training-time baselines (None = not recorded)."""
+    """A version's training-time baselines (None = not recorded); ``segment_metrics``: its
+    training run's ``val_segment_*`` metrics (empty for a version trained before they were)."""
 
     val_auc: float | None
     val_auc_se: float | None
@@ -148,6 +170,11 @@ class Baseline:
     unselected_auc_se: float | None
     early_auc: float | None
     early_auc_se: float | None
+    segment_metrics: dict[str, float] = field(default_factory=dict)
+
+    def segment(self, key: str) -> performance.SegmentBaseline | None:
+        """Segment ``key``'s (``column=value``) baseline recorded by training, or None."""
+        return performance.segment_baseline(self.segment_metrics, key, "training")
 
     def auc(self, which: str) -> tuple[float | None, float | None]:
         """(baseline, its standard error) of ``monitoring.auc_baseline`` = ``which``."""
@@ -180,4 +207,6 @@ def version_baseline(client: Any, tags: dict[str, str], early_days: int) -> Base
     early = early_key(early_days)
     return Baseline(val_auc=value("val_auc"), val_auc_se=value("val_auc_se"),
                     unselected_auc=value(UNSELECTED), unselected_auc_se=value(f"{UNSELECTED}_se"),
-                    early_auc=value(early), early_auc_se=value(f"{early}_se"))
+                    early_auc=value(early), early_auc_se=value(f"{early}_se"),
+                    segment_metrics={k: v for k, v in metrics.items()
+                                     if k.startswith(performance.SEGMENT_BASELINE_PREFIX)})
