@@ -370,7 +370,7 @@ def monitor(
                            len(win.frame), wd.daily, wd.daily_segments, source_daily)
     if log:
         result.run_id = _log_run(cfg, exp_id, result, win.profile, win.frame, win.scores, alias, report,
-                                 report_rows, tags, parent_run_id, skew)
+                                 report_rows, tags, parent_run_id, skew, history)
     if on_decision is not None:  # after the run: an alert links the run that holds the evidence
         on_decision(result)
     return result
@@ -378,12 +378,13 @@ def monitor(
 
 def _log_run(cfg: ChurnConfig, exp_id: str, result: MonitorResult, profile: dict[str, Any],
              frame: pd.DataFrame, scores: np.ndarray, alias: str, report: bool, report_rows: int,
-             tags: dict[str, str], parent_run_id: str | None, skew: ServingSkew | None = None) -> str:
+             tags: dict[str, str], parent_run_id: str | None, skew: ServingSkew | None = None,
+             history: Sequence[WindowStats] = ()) -> str:
     """One run for the window (nested in ``parent_run_id`` / ``MLFLOW_RUN_ID`` when set)."""
     name = f"monitor {result.as_of:%Y-%m-%d} v{result.model_version}"
     with step_run(name, exp_id, parent_run_id) as run:
         log_window(result, profile, frame, scores, cfg, cfg.training.model_name, alias, report, report_rows,
-                   tags)
+                   tags, history)
         _log_served(result, skew)
         return run.info.run_id
 
