@@ -29,8 +29,9 @@ module turns a window of those rows into what monitoring needs:
 
 A real-time service that logs the online batch's ``as_of`` as every request's business time
 (no ``as_of`` in the request) compares fresh values with their own instant; the age of its
-values is what ``churn features freshness`` watches. A client (or a replay) that sends the
-request's business time makes a stopped materialization visible here as well.
+values is what the freshness check watches (the scheduler's ``freshness`` job). A client (or
+a replay) that sends the request's business time makes a stopped materialization visible here
+as well.
 """
 
 from __future__ import annotations
