@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def test_monitor_lines_say_what_fired_what_is_pending_and_why() -> None:
     psi_line = next(line for line in lines if line.startswith("psi[*] > 0.2"))
     assert "pending" in psi_line and "needs 2" in psi_line and "monthly_usage 0.626" in psi_line
     assert any(line.startswith("auc_drop > 0.05: quiet") for line in lines), lines
-    seg_line = next(line for line in lines if line.startswith("segments:"))
+    seg_line = next(line for line in lines if line.startswith("segment drift (PSI, context):"))
     assert "17 pending" in seg_line and "plan=p16 0.660" in seg_line and seg_line.count("plan=") == 5
     assert lines[-1].startswith("decision: ok, because nothing fired; pending: psi[*] > 0.2"), lines[-1]
     assert len(lines) == len(policy.triggers) + 2
@@ -138,6 +139,46 @@ def test_monitor_lines_say_what_fired_what_is_pending_and_why() -> None:
     assert d2.action == "investigate"
     assert any(line.startswith("psi[*] > 0.2: FIRED") for line in lines), lines
     assert lines[-1].startswith("decision: investigate, because drift trigger(s) fired"), lines[-1]
+
+
+def test_monitor_lines_name_the_segment_its_drop_and_se() -> None:
+    from mlflow_churn.monitoring.cli import segment_table
+    from mlflow_churn.stats.performance import SegmentPerformance
+
+    policy = load_config(environ={}).monitoring.policy
+    perf = SegmentPerformance("region=pacific", churners=61, auc=0.61, auc_se=0.02, source="realised",
+                              baseline_auc=0.76, baseline_auc_se=0.0224, baseline_source="training",
+                              drop=0.15, drop_se=0.03, z=3.0, threshold=0.09)
+    quiet = SegmentPerformance("plan=basic",
+                               reason="too few churners: 12 < 20 (monitoring.segment_min_churners)",
+                               estimate_reason="too few expected churners: 9.5 < 20 "
+                                               "(monitoring.segment_min_churners)")
+
+    def window(day: int) -> WindowStats:
+        w = _window(day, segment_auc_drop={"region=pacific": 0.15},
+                    segment_auc_drop_threshold={"region=pacific": 0.09})
+        w.segment_performance = {"region=pacific": asdict(perf), "plan=basic": asdict(quiet)}
+        return w
+
+    hist = [window(1), window(8)]
+    d = decide(hist, policy, hist[-1].as_of)
+    lines = decision_lines(d, {}, segment_drop=hist[-1].segment_auc_drop)
+    rule = next(line for line in lines if line.startswith("segment rule: region=pacific NAMED"))
+    assert "realised AUC 0.610 vs baseline 0.760 (training), drop 0.150, SE 0.030 > limit 0.090" in rule
+    assert "in 2 of the last 2 windows" in rule
+    assert lines[-1].startswith("decision: retrain, because performance trigger(s) fired: "
+                                "segment_auc_drop[region=pacific] > 0.05"), lines[-1]
+    once = decide(hist[:1], policy, hist[0].as_of)
+    assert any(line.startswith("segment rule: pending") and "region=pacific drop 0.150" in line
+               for line in decision_lines(once, {}))
+    quiet_lines = decision_lines(decide([_window(1)], policy, _window(1).as_of), {}, segment_drop={})
+    assert any(line.startswith("segment rule: no segment compared") for line in quiet_lines)
+    from rich.console import Console
+
+    out = Console(width=250, record=True)
+    out.print(segment_table({"plan=basic": quiet, "region=pacific": perf}, d, policy.segment_min_drop))
+    text = out.export_text()
+    assert "0.610 +- 0.020" in text and "NAMED" in text and "too few churners: 12 < 20" in text
 
 
 @pytest.mark.parametrize("width", [None, "60"])

@@ -36,25 +36,53 @@ def _trigger_line(st) -> str:
     return f"{st.trigger}: pending, {span} (needs {st.required} before it counts): {shown}"
 
 
-def decision_lines(decision, segment_psi: dict[str, float], top: int = 5) -> list[str]:
+def _segment_rule_lines(decision, segment_drop: dict[str, float] | None, top: int) -> list[str]:
+    """E.g. ``segment rule: region=pacific NAMED: realised AUC 0.612 vs baseline 0.756 (training),
+    drop 0.144, SE 0.031 > limit 0.101, in 2 of the last 3 windows``."""
+    lines = [f"segment rule: {d.segment} NAMED: {d.source} AUC {d.auc:.3f} vs baseline {d.baseline:.3f} "
+             f"({d.baseline_source}), drop {d.drop:.3f}, SE {d.se:.3f} > limit {d.limit:.3f}, in {d.hits} "
+             f"of the last {d.windows} windows" for d in decision.segment_drops[:top]]
+    if len(decision.segment_drops) > top:
+        lines.append(f"segment rule: and {len(decision.segment_drops) - top} more segment(s) named")
+    if decision.pending_drops:
+        tops = sorted(decision.pending_drops.items(), key=lambda kv: -kv[1])[:top]
+        lines.append("segment rule: pending (AUC dropped beyond noise, not yet in enough windows): "
+                     + ", ".join(f"{k} drop {v:.3f}" for k, v in tops))
+    if not lines and segment_drop is not None:
+        lines.append(f"segment rule: none of {len(segment_drop)} segments compared with their baseline "
+                     "dropped beyond its noise" if segment_drop else
+                     "segment rule: no segment compared (too few rows or churners, see the segment table)")
+    return lines
+
+
+def decision_lines(decision, segment_psi: dict[str, float], top: int = 5,
+                   segment_drop: dict[str, float] | None = None) -> list[str]:
     """The decision in a few lines: one per trigger (fired / pending / quiet and the values), the
-    segments summarised (how many moved, the top movers), and why the action is what it is."""
+    segment rule (the segments named with their AUC drop and its SE, the pending ones; with
+    ``segment_drop``, the window's drops, also how many were compared), the segments' drift as
+    context (how many moved, the top movers), and why the action is what it is."""
     lines = [_trigger_line(st) for st in decision.triggers]
-    moved, pending = list(decision.segments), dict(decision.pending_segments)
+    lines += _segment_rule_lines(decision, segment_drop, top)
+    moved, pending = list(decision.drift_segments), dict(decision.pending_segments)
     if moved or pending:
         psi = {**pending, **{k: segment_psi.get(k, float("nan")) for k in moved}}
         tops = sorted(psi.items(), key=lambda kv: -kv[1])[:top]
-        lines.append(f"segments: {len(moved)} moved in enough windows, {len(pending)} pending, of "
-                     f"{len(segment_psi)} tested; top: " + ", ".join(f"{k} {v:.3f}" for k, v in tops))
+        lines.append(f"segment drift (PSI, context): {len(moved)} moved in enough windows, {len(pending)} "
+                     f"pending, of {len(segment_psi)} tested; top: "
+                     + ", ".join(f"{k} {v:.3f}" for k, v in tops))
     elif segment_psi:
-        lines.append(f"segments: none of {len(segment_psi)} tested moved beyond its threshold")
+        lines.append(f"segment drift (PSI, context): none of {len(segment_psi)} tested moved beyond its "
+                     "threshold")
     fired = [st.trigger for st in decision.triggers if st.state == "fired"]
     waiting = [st.trigger for st in decision.triggers if st.state == "pending"]
     why = {
         "blocked": "integrity fault: never act on broken data",
         "retrain": f"performance trigger(s) fired: {', '.join(decision.fired)}",
         "investigate": (f"drift trigger(s) fired without a performance trigger: {', '.join(fired)}" if fired
-                        else "segments moved (or an integrity warning) without a persistent trigger"),
+                        else "the segment rule named " + ", ".join(decision.segments)
+                        + " (policy.segment_action: investigate, or a retrain within the cooldown)"
+                        if decision.segments
+                        else "segments drifted (or an integrity warning) without a persistent trigger"),
         "ok": ("nothing fired" + (f"; pending: {', '.join(waiting)} (not yet in enough windows)"
                                   if waiting else "")),
     }[decision.action]
@@ -62,6 +90,36 @@ def decision_lines(decision, segment_psi: dict[str, float], top: int = 5) -> lis
               if r.startswith(("integrity", "cooldown", "refresh", "drift without"))]
     lines.append(f"decision: {decision.action}, because {why}" + (f"; {'; '.join(detail)}" if detail else ""))
     return lines
+
+
+def _pm(value: float | None, se: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} +- {se:.3f}" if se is not None else f"{value:.3f}"
+
+
+def segment_table(segments, decision, min_drop: float = 0.0) -> Table:
+    """Per segment: realised AUC, recall@k, revenue lift and the estimate, each +- its SE, the
+    baseline, the drop against its limit (max(``min_drop``, z x SE)), and the segment rule's
+    verdict (or why the segment was not measured)."""
+    table = Table(title="per-segment performance (+- standard error; drop = baseline - AUC)")
+    for col in ("segment", "churners", "AUC", "recall@k", "revenue lift", "estimated AUC", "baseline",
+                "drop (limit)", "segment rule"):
+        table.add_column(col, justify="left" if col in ("segment", "segment rule") else "right")
+    for key, p in segments.items():
+        base = p.baseline_auc if p.source == "realised" else p.baseline_estimated_auc
+        drop = "-" if p.drop is None else f"{p.drop:.3f} ({max(p.threshold or 0.0, min_drop):.3f})"
+        if key in {d.segment for d in decision.segment_drops}:
+            verdict = "NAMED"
+        elif key in decision.pending_drops:
+            verdict = "pending"
+        elif p.source:
+            verdict = f"{p.source} vs {p.baseline_source} baseline"
+        else:
+            verdict = ("no baseline" if p.estimated_auc is not None or p.auc is not None
+                       else "; ".join(r for r in (p.reason, p.estimate_reason) if r))
+        table.add_row(key, "-" if p.churners is None else str(p.churners), _pm(p.auc, p.auc_se),
+                      _pm(p.recall_at_k, p.recall_at_k_se), _pm(p.revenue_lift, p.revenue_lift_se),
+                      _pm(p.estimated_auc, p.estimated_auc_se), _fmt(base), drop, verdict or "")
+    return table
 
 
 def serving_skew_line(stats, top: int = 3) -> str:
@@ -138,7 +196,9 @@ def monitor_cmd(
         f"baseline {_fmt(s.auc_baseline)}); early-label AUC {_fmt(s.early_auc)} vs "
         f"{_fmt(s.early_auc_baseline)}"
     )
-    lines = decision_lines(res.decision, res.stats.segment_psi)
+    if perf.segments:
+        console.print(segment_table(perf.segments, res.decision, cfg.monitoring.policy.segment_min_drop))
+    lines = decision_lines(res.decision, res.stats.segment_psi, segment_drop=res.stats.segment_auc_drop)
     for line in lines[:-1]:
         console.print(f"  {line}", markup=False, highlight=False)
     console.print(lines[-1], style="bold", markup=False, highlight=False)
