@@ -89,39 +89,3 @@ def register_webhook(client, url: str, events: tuple[str, ...] | None = None) ->
     return hook.webhook_id
 
 
-class AlertSink:
-    """An Alertmanager stand-in on a real loopback socket: records the JSON of every POST
-    (``alerts``) and sets ``received``. Context manager; ``url`` is its endpoint."""
-
-    def __init__(self) -> None:
-        import json
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        sink = self
-        self.alerts: list = []
-        self.received = threading.Event()
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                sink.alerts.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                sink.received.set()
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api/v2/alerts"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def __enter__(self) -> AlertSink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

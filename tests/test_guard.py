@@ -6,8 +6,6 @@ gated and canary-evaluated by the project's own recording code (tests/guard_supp
 
 from __future__ import annotations
 
-import time
-
 import mlflow
 import pytest
 from guard_support import (
@@ -22,10 +20,10 @@ from guard_support import (
     set_alias,
     to_stage,
 )
-from hooks_support import AlertSink
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mlflow_churn.alerts.receiver import AlertReceiver
 from mlflow_churn.registry.aliases import PREVIOUS_CHAMPION
 from mlflow_churn.registry.promotion import OVERRIDE_TAG, check_promotion
 from mlflow_churn.registry.signing import record_signed
@@ -35,7 +33,7 @@ pytestmark = pytest.mark.slow  # one server start for the module (~10-30 s)
 
 @pytest.fixture(scope="module")
 def sink():
-    with AlertSink() as found:
+    with AlertReceiver() as found:
         yield found
 
 
@@ -115,16 +113,13 @@ def test_a_refusal_and_an_override_are_alerts(server, setup, sink) -> None:
     _sign(client, cfg, name, v[3], "override", "override", v[1], "incident 43")
     assert set_alias(server, name, "champion", v[3]).status_code == 200
 
-    def mine() -> dict[str, dict]:
-        return {a["labels"]["alertname"]: a for m in list(sink.alerts) for a in m["alerts"]
-                if a["labels"].get("model") == name and m["status"] == "firing"}
+    def mine(receiver: AlertReceiver) -> dict[str, dict]:
+        found = {a["labels"]["alertname"]: a for a in receiver.alerts
+                 if a["labels"].get("model") == name and a["status"] == "firing"}
+        return found if len(found) >= 2 else {}
 
-    deadline = time.monotonic() + 60
-    while len(mine()) < 2 and time.monotonic() < deadline:
-        sink.received.wait(1.0)
-        sink.received.clear()
-    found = mine()
-    assert set(found) == {"PromotionRefused", "PromotionOverride"}, sink.alerts
+    found = sink.wait_for(mine, 60)
+    assert found and set(found) == {"PromotionRefused", "PromotionOverride"}, sink.messages
     refusal = found["PromotionRefused"]
     assert refusal["labels"]["version"] == v[2] and refusal["labels"]["rule"] == "not_gated"
     assert refusal["labels"]["actor"].startswith("anonymous@127.0.0.1")

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hooks_support import AlertSink, Receiver, register_webhook
+from hooks_support import Receiver, register_webhook
 from mlflow.tracking import MlflowClient
 from proxy_support import TripwireProxy
 
 from mlflow_churn.alerts import stop_sender
+from mlflow_churn.alerts.receiver import AlertReceiver
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.hooks.deliveries import (
     ERROR,
@@ -185,7 +186,7 @@ def test_outage_is_retried_with_back_off_then_one_alert_error_is_not(config: Chu
         return run_gate(cfg, job)
 
     clock, metrics = Clock(), Metrics()
-    with AlertSink() as sink:
+    with AlertReceiver() as sink:
         cfg.alerts.webhook_url = sink.url  # Alertmanager's webhook payload: one firing, one resolved
         cfg.hooks.max_gate_attempts, cfg.hooks.reconcile_backoff_seconds = 3, 10
         log = DeliveryLog(cfg.workspace / "hooks.db", clock)
@@ -207,7 +208,7 @@ def test_outage_is_retried_with_back_off_then_one_alert_error_is_not(config: Chu
         assert "back-off" in {i.version: i for i in early.items}[v1].detail
         run(T0 + 10)  # attempt 2, then 20 s of back-off
         assert log.get(rid1)["attempts"] == 2 and log.get(rid1)["next_attempt_at"] == T0 + 30
-        assert not sink.alerts
+        assert not sink.messages
         run(T0 + 30)  # attempt 3 = max_gate_attempts: given up, one alert
         assert sink.received.wait(30)
         for later in (T0 + 1_000, T0 + 100_000):  # no more attempts, no more alerts
@@ -217,7 +218,7 @@ def test_outage_is_retried_with_back_off_then_one_alert_error_is_not(config: Chu
         row1 = log.get(rid1)
         assert (row1["status"], row1["attempts"], row1["next_attempt_at"]) == ("failed", 3, None)
         assert log.get(rid2)["attempts"] == 1  # the error was never retried
-        (message,) = sink.alerts
+        (message,) = sink.messages
         (alert,) = message["alerts"]
         assert message["status"] == "firing"
         assert alert["labels"] == {"alertname": ALERT_NAME, "severity": "critical", "model": name,
@@ -241,15 +242,15 @@ def test_outage_is_retried_with_back_off_then_one_alert_error_is_not(config: Chu
         forced = run(T0 + 100_003, force=True)
         assert {i.version for i in forced.queued} == {v1, v2}
         assert log.get(rid1)["attempts"] == 2 and log.get(rid2)["attempts"] == 2
-        assert len(sink.alerts) == 1
+        assert len(sink.messages) == 1
 
         # the server is back: the next attempt gates v1 and the alert resolves
         server_back = True
         run(T0 + 100_100)
         assert log.get(rid1)["status"] == "done"
-        _wait("the resolved alert", lambda: len(sink.alerts) == 2, 60)
-        assert sink.alerts[1]["status"] == "resolved"
-        assert sink.alerts[1]["alerts"][0]["labels"]["version"] == v1
+        _wait("the resolved alert", lambda: len(sink.messages) == 2, 60)
+        assert sink.messages[1]["status"] == "resolved"
+        assert sink.messages[1]["alerts"][0]["labels"]["version"] == v1
     stop_sender(cfg, wait=10)
 
 

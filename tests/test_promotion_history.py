@@ -15,10 +15,11 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 from guard_support import canary_verdict, gate
-from hooks_support import AlertSink, Receiver, register_webhook
+from hooks_support import Receiver, register_webhook
 from mlflow.tracking import MlflowClient
 from serving_support import BATCH_AS_OF, run_cli
 
+from mlflow_churn.alerts.receiver import AlertReceiver
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.registry.history import RECONCILED, UNKNOWN, read_moves, version_at
@@ -135,7 +136,7 @@ def test_receiver_history_unguarded_revert_ui_promotion_and_reconcile(
     # versions above the champion and the canary that have no gate decision, so it leaves v2
     # (below the canary) and v3 alone instead of racing this test's own moves
     gate(client, cfg, v3, passed=True)
-    sink = AlertSink()  # a webhook outlet (Alertmanager's webhook payload: firing, then resolved)
+    sink = AlertReceiver()  # a webhook outlet (Alertmanager's webhook payload: firing, then resolved)
     receiver = Receiver(cfg, url, tmp_path / "hooks.log", CHURN_REGISTRY__REVERT_UNGUARDED="true",
                         CHURN_ALERTS__WEBHOOK_URL=sink.url)
     hook_id = register_webhook(client, f"{receiver.url}/webhook")
@@ -155,8 +156,8 @@ def test_receiver_history_unguarded_revert_ui_promotion_and_reconcile(
             _wait("the revert", lambda: _aliases(client, name).get("champion") == v1, receiver)
             assert _counter(receiver) == 1.0
             # one alert for the unguarded move, resolved once the revert moved champion back
-            _wait("the alert and its resolution", lambda: len(sink.alerts) >= 2, receiver)
-            fired, cleared = sink.alerts[:2]
+            _wait("the alert and its resolution", lambda: len(sink.messages) >= 2, receiver)
+            fired, cleared = sink.messages[:2]
             assert [fired["status"], cleared["status"]] == ["firing", "resolved"]
             labels = fired["alerts"][0]["labels"]
             assert labels["alertname"] == "UnguardedPromotion" and labels["version"] == v2
@@ -262,9 +263,9 @@ def test_unguarded_move_without_revert_stays_and_is_counted(
     client = _client(url)
     v1 = _first_champion(cfg, register_version)
     v2 = register_version(cfg, "bad", alias=None, seed=1).version
-    sink = AlertSink()
-    alerts = sink.alerts
-    receiver = Receiver(cfg, url, tmp_path / "hooks.log", CHURN_ALERTS__ALERTMANAGER_URL=sink.url)
+    sink = AlertReceiver()
+    alerts = sink.messages
+    receiver = Receiver(cfg, url, tmp_path / "hooks.log", CHURN_ALERTS__ALERTMANAGER_URL=sink.api_url)
     hook_id = register_webhook(client, f"{receiver.url}/webhook")
     try:
         with receiver:
