@@ -159,6 +159,12 @@ def test_auto_takes_the_served_rows_only_when_there_are_enough() -> None:
         choose_source("both", _served(5), "1", 1)
 
 
+def test_an_unreachable_log_is_an_error_not_an_empty_window() -> None:
+    with pytest.raises(ChurnError, match="cannot open the prediction log at postgresql://") as err:
+        read_served("postgresql://churn:secret@127.0.0.1:1/none", T0, 7)
+    assert "secret" not in str(err.value)  # the URL's password is masked
+
+
 def test_churn_monitor_refuses_an_unknown_source(churn_main, tmp_path: Path) -> None:
     res = churn_main(["--workspace", str(tmp_path), "monitor", "--source", "both", "--as-of", "2026-04-01"])
     assert res.returncode == 2
@@ -186,15 +192,17 @@ def test_served_frame_has_the_offline_frame_shape(small_cfg) -> None:
     served_at = as_of - timedelta(days=2) + timedelta(hours=3)  # counts for the cutoff as_of - 1 day
     truth = _truth_rows(small_cfg, served_at, 50)
     rows = pd.DataFrame({
-        "customer_id": [c for c, _ in truth] + [truth[0][0], 999_999],
-        "model_version": ["1"] * 51 + ["2"],  # the last row: another version's
-        "status": "ok", "score": [0.1] * 50 + [0.9, 0.5],
-        "as_of": [served_at] * 50 + [served_at + timedelta(hours=1), served_at],
-        "served_at": pd.Timestamp(T0), "values": [v for _, v in truth] + [truth[0][1], truth[1][1]]})
+        "customer_id": [c for c, _ in truth] + [truth[0][0], 999_999, -1, -1],
+        "model_version": ["1"] * 51 + ["2", "1", "1"],  # 999_999: another version's
+        "status": "ok", "score": [0.1] * 50 + [0.9, 0.5, 0.3, 0.3],
+        "as_of": [served_at] * 50 + [served_at + timedelta(hours=1), served_at, served_at, served_at],
+        "served_at": pd.Timestamp(T0),
+        "values": [v for _, v in truth] + [truth[0][1], truth[1][1], truth[2][1], truth[3][1]]})
     frame, scores = served_frame(ServedRows(rows), fs, "1", as_of, 7)
     offline = window_frame(small_cfg.data_dir, fs, [as_of - timedelta(days=1)], 30)
     assert list(frame.columns) == list(offline.columns) and frame.dtypes.equals(offline.dtypes)
-    assert len(frame) == 50 and (frame["cutoff"] == as_of - timedelta(days=1)).all()
+    assert (frame["customer_id"] == -1).sum() == 2  # records without an id: each one counts
+    assert len(frame) == 52 and (frame["cutoff"] == as_of - timedelta(days=1)).all()
     assert scores[(frame["customer_id"] == truth[0][0]).to_numpy()][0] == 0.9  # served twice: the newest
     served = dict(zip(frame["customer_id"], frame["monthly_usage"], strict=True))
     assert all(served[c] == pytest.approx(v["monthly_usage"]) for c, v in truth)  # the served values

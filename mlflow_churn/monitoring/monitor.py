@@ -385,11 +385,11 @@ def _log_run(cfg: ChurnConfig, exp_id: str, result: MonitorResult, profile: dict
     with step_run(name, exp_id, parent_run_id) as run:
         log_window(result, profile, frame, scores, cfg, cfg.training.model_name, alias, report, report_rows,
                    tags, history)
-        _log_served(result, skew)
+        _log_served(cfg, result, skew)
         return run.info.run_id
 
 
-def _log_served(result: MonitorResult, skew: ServingSkew | None) -> None:
+def _log_served(cfg: ChurnConfig, result: MonitorResult, skew: ServingSkew | None) -> None:
     """Into the active run: the source (param ``source``, tags ``monitor.source`` and
     ``monitor.source_reason``) and the serving-skew check: metrics
     ``serving_skew.mismatch_rate.<feature>``, ``serving_skew.psi.<feature>``,
@@ -412,4 +412,6 @@ def _log_served(result: MonitorResult, skew: ServingSkew | None) -> None:
     mlflow.log_dict(jsonable(skew.to_dict()), "serving_skew.json")
     if skew.report.mismatch_rate:
         title = f"v{result.model_version}, window to {result.as_of:%Y-%m-%d}"
-        mlflow.log_figure(skew_figure(skew, title), "serving_skew.png")
+        policy = cfg.monitoring.policy
+        limits = (policy.max_serving_mismatch_rate, policy.max_serving_skew_psi)
+        mlflow.log_figure(skew_figure(skew, title, limits), "serving_skew.png")

@@ -15,8 +15,8 @@ module turns a window of those rows into what monitoring needs:
   monitored version served. A row counts for the window's daily cutoff at or after its
   ``as_of`` (cutoffs are ``as_of - i`` days, as offline); a customer served several times
   in one day counts once (the newest row), as the offline frame has one row per customer
-  and cutoff. Rows of other versions (the canary, a champion replaced in the window) are
-  left out: their scores are another model's;
+  and cutoff (records sent without a customer id all count). Rows of other versions (the
+  canary, a champion replaced in the window) are left out: their scores are another model's;
 - :func:`serving_skew`: the serving-skew check. A sample of the window's served rows (any
   version; ``monitoring.serving_skew_sample``) is recomputed offline
   (:func:`mlflow_churn.features.skew.check_served_skew`) at the instant the values should
@@ -44,9 +44,9 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from mlflow_churn.config import ChurnConfig
+from mlflow_churn.config import ChurnConfig, mask_text
 from mlflow_churn.data.bounds import data_bounds
-from mlflow_churn.errors import ChurnError
+from mlflow_churn.errors import ChurnError, first_line
 from mlflow_churn.features.definitions import FeatureSet
 from mlflow_churn.features.offline import longest_window
 from mlflow_churn.features.registry import registry_for
@@ -91,9 +91,9 @@ def read_served(log_url: str, as_of: datetime, window_days: int) -> ServedRows:
         counts = log.feature_counts(since=since, until=until)
     except ChurnError:
         raise
-    except Exception as exc:  # sqlite3 / psycopg2 errors
-        raise ChurnError(f"cannot read the prediction log at {log_url}: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    except Exception as exc:  # sqlite3 / psycopg2 errors: an outage is a failure, never an empty window
+        what = f"cannot read the prediction log at {log_url}: {first_line(exc)}"
+        raise ChurnError(mask_text(what)) from None
     finally:
         log.close()
     rows["values"] = served_values(rows)
@@ -128,8 +128,10 @@ def served_frame(served: ServedRows, fs: FeatureSet, version: str, as_of: dateti
     rows = served.of_version(version).copy()
     lag = (pd.Timestamp(as_of) - rows["as_of"]) // pd.Timedelta(days=1)  # whole days before as_of
     rows["cutoff"] = pd.Timestamp(as_of) - pd.to_timedelta(lag.clip(0, window_days - 1), unit="D")
-    rows = rows.sort_values(["as_of", "served_at"]).drop_duplicates(["customer_id", "cutoff"], keep="last")
-    rows = rows.sort_values(["cutoff", "customer_id"]).reset_index(drop=True)
+    rows = rows.sort_values(["as_of", "served_at"])
+    known = rows["customer_id"] != ANONYMOUS_ID  # records sent without an id are all kept
+    rows = pd.concat([rows[known].drop_duplicates(["customer_id", "cutoff"], keep="last"), rows[~known]])
+    rows = rows.sort_values(["cutoff", "customer_id"], kind="stable").reset_index(drop=True)
     values = pd.DataFrame.from_records(list(rows["values"]), index=rows.index)
     present = [c for c in fs.columns if c in values.columns]
     for c in fs.columns:
@@ -190,9 +192,10 @@ def serving_skew(cfg: ChurnConfig, served: ServedRows, seed: int = 0) -> Serving
     return ServingSkew(report, outside, age_h)
 
 
-def skew_figure(skew: ServingSkew, title: str) -> Any:
+def skew_figure(skew: ServingSkew, title: str, limits: tuple[float, float] | None = None) -> Any:
     """Per feature: the share of sampled served values that differ from their offline
-    recomputation (left) and the PSI of served against recomputed values (right)."""
+    recomputation (left) and the PSI of served against recomputed values (right); ``limits``
+    (mismatch rate, PSI) dashed."""
     from matplotlib.figure import Figure
 
     rep = skew.report
@@ -206,6 +209,11 @@ def skew_figure(skew: ServingSkew, title: str) -> Any:
     ax1.set_xlabel("share of served values != offline recomputation")
     ax2.barh(y, [rep.psi.get(k, 0.0) for k in order], color="tab:purple")
     ax2.set_xlabel("PSI served vs recomputed")
+    if limits is not None:
+        ax1.axvline(limits[0], color="k", ls="--", lw=1, label="policy.max_serving_mismatch_rate")
+        ax2.axvline(limits[1], color="k", ls="--", lw=1, label="policy.max_serving_skew_psi")
+        ax1.legend(fontsize=7, loc="lower right")
+        ax2.legend(fontsize=7, loc="lower right")
     ax1.set_title(f"serving skew ({rep.compared} of {rep.sampled} sampled rows compared): {title}",
                   fontsize=9)
     fig.tight_layout()
