@@ -250,6 +250,8 @@ def test_invalid_inputs_in_both_modes_over_a_socket(config, register_version, tm
     assert run.data.metrics["input_invalid.plan.unknown_category"] == 1  # the canary's are its own
     assert run.data.metrics["input_invalid.monthly_charge.null"] == 1
     assert run.data.metrics["input_invalid.plan"] == 1
+    names = {a.path for a in MlflowClient(cfg.mlflow_tracking_uri).list_artifacts(result.run_id)}
+    assert "input_warnings.png" in names
 
     # reject: 422 before anything is scored, naming each field and what it allows
     strict = serving_config(config, canary_fraction=0.5, routing_salt="ic", on_invalid="reject")

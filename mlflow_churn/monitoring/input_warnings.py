@@ -11,7 +11,9 @@ monitored version scored whose ``as_of`` lies in the monitoring window
   window), ``input_flagged_rows`` (rows with at least one warning);
 - tag ``monitor.input_warnings``: ``counted`` | ``no prediction log`` (nothing served with
   this workspace's log) | ``unavailable: <why>`` (the log could not be read: no counts are
-  logged rather than zeros).
+  logged rather than zeros);
+- ``input_warnings.png`` when some row had a warning (:func:`warnings_figure`: invalid values
+  per feature, by kind, as a share of the checked rows).
 
 Requests answered 422 under ``serving.on_invalid=reject`` were never scored, so they are not
 in the log: their counts are in the service's ``/metrics`` (``churn_input_invalid_total``).
@@ -21,10 +23,11 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from mlflow_churn.config import ChurnConfig, mask_text
 from mlflow_churn.errors import ChurnError, first_line
-from mlflow_churn.serving.input_checks import WarningCounts, served_warning_counts
+from mlflow_churn.serving.input_checks import KINDS, WarningCounts, served_warning_counts
 from mlflow_churn.serving.prediction_log import PredictionLog
 
 TAG = "monitor.input_warnings"
@@ -65,4 +68,30 @@ def log_input_warnings(cfg: ChurnConfig, as_of: datetime, version: str) -> Warni
         return None
     mlflow.set_tag(TAG, "counted")
     mlflow.log_metrics(counts.metrics())
+    if counts.flagged_rows:
+        mlflow.log_figure(warnings_figure(counts, f"served input warnings, v{version}, window to "
+                                                  f"{as_of:%Y-%m-%d}"), "input_warnings.png")
     return counts
+
+
+def warnings_figure(counts: WarningCounts, title: str) -> Any:
+    """Horizontal bars: per feature (most invalid first), its invalid values by kind as a share
+    of the window's checked rows."""
+    from matplotlib.figure import Figure
+
+    features = sorted({f for f, _ in counts.counts}, key=lambda f: -sum(
+        n for (g, _), n in counts.counts.items() if g == f))
+    fig = Figure(figsize=(8, 0.35 * len(features) + 1.6))
+    ax = fig.subplots()
+    left = [0.0] * len(features)
+    rows = max(counts.rows, 1)
+    for kind, color in zip(KINDS, ("tab:orange", "tab:red", "tab:purple"), strict=True):
+        share = [counts.counts.get((f, kind), 0) / rows for f in features]
+        ax.barh(features, share, left=left, color=color, label=kind)
+        left = [a + b for a, b in zip(left, share, strict=True)]
+    ax.invert_yaxis()
+    ax.set_xlabel(f"share of the {counts.rows} checked rows")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{title}: {counts.flagged_rows} row(s) with a warning", fontsize=9)
+    fig.tight_layout()
+    return fig
