@@ -355,8 +355,8 @@ class ScoringService:
             "canary": pair.canary.version if pair.canary else None,
             "canary_fraction": self.cfg.serving.canary_fraction,
             "refused": pair.refused,
-            "input_checks": {m.alias: ("on" if m.checker else f"off: {m.checks_off}")
-                             for m in (pair.champion, pair.canary) if m is not None},
+            "input_checks": {m.alias: _checks_state(m) for m in (pair.champion, pair.canary)
+                             if m is not None},
             "on_invalid": self.cfg.serving.on_invalid,
             "error": pair.error,
             "loaded_at": pair.loaded_at.isoformat() if pair.loaded_at else None,
@@ -371,6 +371,14 @@ def _record_id(record: dict[str, Any], index: int) -> int:
         raise ServiceError(422, f"records.{index}.customer_id must be an integer 0 .. {INT64_MAX}, got "
                                 f"{web_errors.quote(cid)}")
     return int(cid)
+
+
+def _checks_state(model: LoadedModel) -> str:
+    """``on`` (naming the features its profile cannot check, if any) or ``off: <why>``."""
+    if model.checker is None:
+        return f"off: {model.checks_off}"
+    partial = "; ".join(f"{f} ({why})" for f, why in model.checker.unchecked.items())
+    return f"on; not checked: {partial}" if partial else "on"
 
 
 def _field(req: PredictRequest, ids: list[int], issue: InputIssue) -> str:
