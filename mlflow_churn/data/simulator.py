@@ -210,8 +210,8 @@ class _Population:
         self.d = rng.normal(0.0, 0.9, n)
         self.f = rng.normal(0.0, 0.4, n)
         self.churned = np.zeros(n, dtype=bool)
-        #: segment_concept: the log-hazard shift that keeps the segment's churn rate at the onset
-        self.concept_offset: float | None = None
+        #: segment_concept: the segment's mean daily hazard factor at the onset, held afterwards
+        self.concept_level: float | None = None
         self.outage = rng.random(n) < p.outage_fraction
         codes = {"region": self.region, "plan": self.plan, "contract": self.contract,
                  "payment_method": self.payment}
@@ -255,16 +255,19 @@ def _segment_concept_logit(pop: _Population, p: HazardParams, alive: np.ndarray,
                            behaviour: np.ndarray) -> np.ndarray:
     """``segment_concept``: the log-hazard ``old`` with its ``behaviour`` terms weighted by
     ``segment_concept_keep`` and price by ``segment_concept_price`` (``b_price`` is 0 before),
-    shifted by a constant fixed at the onset so that the segment's mean hazard (its churn rate)
-    stays what it was then."""
+    shifted each day by the constant that keeps the mean hazard of the segment's live
+    customers at its level of the onset day: who churns changes, how many does not. (A shift
+    fixed at the onset lets the price-driven churners deplete and the churn rate sink; matching
+    the old drivers' hazard of each day's survivors makes it climb, since the dissatisfied no
+    longer leave first.)"""
     price = (pop.charge - 60.0) / 25.0
     new = old - (1.0 - p.segment_concept_keep) * behaviour + (p.segment_concept_price - p.b_price) * price
-    if pop.concept_offset is None:
-        live = pop.segment & alive
-        if not live.any():
-            return new
-        pop.concept_offset = float(np.log(np.mean(np.exp(old[live]))) - np.log(np.mean(np.exp(new[live]))))
-    return new + pop.concept_offset
+    live = pop.segment & alive
+    if not live.any():
+        return new
+    if pop.concept_level is None:
+        pop.concept_level = float(np.mean(np.exp(old[live])))
+    return new + float(np.log(pop.concept_level) - np.log(np.mean(np.exp(new[live]))))
 
 
 def _simulate_day(

@@ -16,7 +16,14 @@ Scoring (onset = first drifted day of the simulation):
 * **detection delay**: days from the onset to the end of the first alarmed window after
   it, and the same in windows (days / window_days);
 * **attribution** (segment_shift): whether the first post-onset alarm names the
-  scenario's segment (``region=pacific``) and the population PSI max at that time;
+  scenario's segment (``region=pacific``: by performance, else as drift context) and the
+  population PSI max at that time;
+* **segment by performance** (segment_concept): the first window whose decision names the
+  scenario's segment through the segment rule (``segment_named``), its delay in windows after
+  the labels of the onset day mature (``onset + min(label_horizon_days, label_delay_days)``;
+  negative when the label-free estimate named it before), the segment's drop and its SE then,
+  the population's ``auc_drop`` and PSI max in that window, and every other segment the rule
+  named after the onset (``other_segments_named``);
 * **AUC over time**: realised AUC per window on every customer (labels matured
   ``label_delay_days`` after scoring) and the early-label AUC; ``pre_drift_auc`` averages
   the first model's windows whose label periods end by the onset (``as_of <= onset``);
@@ -45,7 +52,7 @@ from mlflow import MlflowClient
 
 from mlflow_churn.config import SCENARIOS, ChurnConfig
 from mlflow_churn.data.bounds import data_bounds, latest_as_of
-from mlflow_churn.data.simulator import SimulationSpec, read_manifest, simulate
+from mlflow_churn.data.simulator import HazardParams, SimulationSpec, read_manifest, simulate
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.offline import longest_window
 from mlflow_churn.features.registry import registry_for
@@ -81,6 +88,14 @@ class WindowRecord:
     early_auc_drop: float | None = None
     retrained_to: str | None = None
     reasons: list[str] = field(default_factory=list)
+    #: segments the segment rule named (performance) and those whose PSI moved (context)
+    named_segments: list[str] = field(default_factory=list)
+    drift_segments: list[str] = field(default_factory=list)
+    #: the scenario's segment in this window: AUC drop vs its baseline, its SE, the rule's limit, source
+    segment_drop: float | None = None
+    segment_drop_se: float | None = None
+    segment_drop_limit: float | None = None
+    segment_source: str | None = None
 
 
 @dataclass
@@ -108,6 +123,14 @@ class BacktestResult:
     post_retrain_version: str | None = None
     post_retrain_windows: int = 0
     pre_drift_windows: int = 0
+    labels_matured: str | None = None
+    segment_named: bool | None = None
+    segment_delay_windows: float | None = None
+    segment_drop_at_detection: float | None = None
+    segment_se_at_detection: float | None = None
+    population_auc_drop_at_segment: float | None = None
+    population_psi_at_segment: float | None = None
+    other_segments_named: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
@@ -152,6 +175,8 @@ def _log_backtest(cfg: ChurnConfig, exp_id: str, result: BacktestResult, spec: A
                 "bt_realised_auc": w.realised_auc, "bt_estimated_auc": w.estimated_auc,
                 "bt_alarm": float(w.action != "ok"), "bt_retrain": float(w.retrained_to is not None),
                 "bt_top_segment_psi": w.top_segment_psi, "bt_early_auc": w.early_auc,
+                "bt_segment_drop": w.segment_drop, "bt_segment_drop_limit": w.segment_drop_limit,
+                "bt_segments_named": float(len(w.named_segments)),
             }.items() if v is not None and math.isfinite(v)}, step=w.index)
         mlflow.log_metrics({k: float(v) for k, v in result.summary().items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -218,7 +243,8 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _simulate(cfg: ChurnConfig, scenario: str, days: int, customers: int | None, onset_day: int | None,
-              seed: int | None, warmup_days: int) -> tuple[SimulationSpec, dict[str, Any], datetime]:
+              seed: int | None, warmup_days: int,
+              hazard: HazardParams | None = None) -> tuple[SimulationSpec, dict[str, Any], datetime]:
     """Step 1: the scenario simulated into ``cfg.data_dir``: (spec, manifest, onset)."""
     if scenario not in SCENARIOS:
         raise ChurnError(f"--scenario must be one of {', '.join(SCENARIOS)}, got '{scenario}'")
@@ -233,7 +259,7 @@ def _simulate(cfg: ChurnConfig, scenario: str, days: int, customers: int | None,
     spec = SimulationSpec(
         customers=customers or sim.customers, days=days, start=sim.start, scenario=scenario,
         seed=sim.seed if seed is None else seed, onset_day=min(onset, days),
-        segment_column=sim.segment_column, segment_value=sim.segment_value,
+        segment_column=sim.segment_column, segment_value=sim.segment_value, params=hazard or HazardParams(),
     )
     simulate(spec, cfg.data_dir, overwrite=True)
     manifest = read_manifest(cfg.data_dir)
@@ -249,19 +275,26 @@ def _window_times(first: datetime, last: datetime, step_days: int) -> list[datet
     return times
 
 
-def _record(index: int, as_of: datetime, version: str, res: Any, onset: datetime) -> WindowRecord:
-    """One window's row of the replay, from its monitoring result."""
-    s = res.stats
+def _record(index: int, as_of: datetime, version: str, res: Any, onset: datetime, seg_key: str = "",
+            min_drop: float = 0.0) -> WindowRecord:
+    """One window's row of the replay, from its monitoring result (``seg_key``: the scenario's
+    segment, whose drop and limit, max(``min_drop``, z x SE), are recorded)."""
+    s, d = res.stats, res.decision
     top_feat = max(s.psi.items(), key=lambda kv: kv[1])[0] if s.psi else ""
     top_seg = max(s.segment_psi.items(), key=lambda kv: kv[1]) if s.segment_psi else ("", None)
+    seg = res.performance.segments.get(seg_key)
+    limit = max(seg.threshold, min_drop) if seg is not None and seg.threshold is not None else None
     return WindowRecord(
-        index=index, as_of=as_of.isoformat(), model_version=version, action=res.decision.action,
+        index=index, as_of=as_of.isoformat(), model_version=version, action=d.action,
         population_psi_max=res.population_psi_max, top_feature=top_feat, score_psi=s.score_psi,
-        top_segment=res.decision.segments[0] if res.decision.segments else "",
+        top_segment=(d.segments or d.drift_segments or [""])[0],
         top_segment_psi=top_seg[1], realised_auc=s.realised_auc,
         estimated_auc=res.performance.estimated_auc, post_onset=as_of > onset,
-        reasons=res.decision.reasons[:4], early_auc=s.early_auc, auc_drop=s.auc_drop,
-        early_auc_drop=s.early_auc_drop,
+        reasons=d.reasons[:4], early_auc=s.early_auc, auc_drop=s.auc_drop,
+        early_auc_drop=s.early_auc_drop, named_segments=list(d.segments),
+        drift_segments=list(d.drift_segments),
+        segment_drop=seg.drop if seg else None, segment_drop_se=seg.drop_se if seg else None,
+        segment_drop_limit=limit, segment_source=seg.source if seg else None,
     )
 
 
@@ -273,7 +306,8 @@ class _Replay:
 
 
 def _replay(cfg: ChurnConfig, times: list[datetime], version: str, onset: datetime, n_trials: int,
-            fast: bool, progress: ProgressArg, on_window: Callable[[WindowRecord], None] | None) -> _Replay:
+            fast: bool, progress: ProgressArg, on_window: Callable[[WindowRecord], None] | None,
+            seg_key: str = "") -> _Replay:
     """Step 3: monitor each window with the model in service; retrain (gate, promote) when
     the policy says so, and go on with the new champion."""
     out = _Replay()
@@ -284,7 +318,7 @@ def _replay(cfg: ChurnConfig, times: list[datetime], version: str, onset: dateti
             hist = history.setdefault(version, [])
             res = monitor(cfg, as_of, history=list(hist), report=False, log=not fast, cache=cache)
             hist.append(res.stats)
-            rec = _record(i, as_of, version, res, onset)
+            rec = _record(i, as_of, version, res, onset, seg_key, cfg.monitoring.policy.segment_min_drop)
             if res.decision.action == "retrain":
                 new = _retrain(cfg, as_of, n_trials, progress, res.decision.to_dict())
                 if new is not None:
@@ -312,13 +346,15 @@ def backtest(
     fast: bool = False,
     progress: ProgressArg = None,
     on_window: Callable[[WindowRecord], None] | None = None,
+    hazard: HazardParams | None = None,
 ) -> BacktestResult:
     """Replay ``scenario`` over ``days`` simulated days (see module doc); returns the scores.
 
     ``onset_day`` defaults to 28 days after the first training day, so four weekly windows
-    precede the drift. Overwrites ``cfg.data_dir``.
+    precede the drift. ``hazard``: the simulator's hazard and drift sizes (default
+    :class:`~mlflow_churn.data.simulator.HazardParams`). Overwrites ``cfg.data_dir``.
     """
-    spec, manifest, onset = _simulate(cfg, scenario, days, customers, onset_day, seed, warmup_days)
+    spec, manifest, onset = _simulate(cfg, scenario, days, customers, onset_day, seed, warmup_days, hazard)
     exp_id = setup_mlflow(cfg, monitoring_experiment(cfg))
     as_of0 = _first_train_day(cfg) + timedelta(days=warmup_days)
     with without_project_run():
@@ -326,11 +362,12 @@ def backtest(
     move_alias(MlflowClient(), cfg.training.model_name, CHAMPION, first_version, cfg.evaluation.mirror_stages)
     step = step_days or cfg.monitoring.window_days
     times = _window_times(as_of0, latest_as_of(cfg.data_dir), step)
-    replay = _replay(cfg, times, first_version, onset, n_trials, fast, progress, on_window)
     sim = cfg.simulation
+    seg_key = f"{sim.segment_column}={sim.segment_value}"
+    replay = _replay(cfg, times, first_version, onset, n_trials, fast, progress, on_window, seg_key)
     horizon = min(cfg.features.label_horizon_days, cfg.monitoring.label_delay_days)
     result = _score(scenario, onset, replay.records, cfg.monitoring.window_days, step, replay.retrains,
-                    replay.retrain_days, first_version, horizon, f"{sim.segment_column}={sim.segment_value}")
+                    replay.retrain_days, first_version, horizon, seg_key)
     result.run_id = _log_backtest(cfg, exp_id, result, spec, manifest, step, n_trials, fast,
                                   replay.retrain_days)
     return result
@@ -367,7 +404,9 @@ def _score(
         if post:
             post_version = version
             break
+    named = _segment_named(scenario, onset, records, window_days, horizon, seg_key)
     return BacktestResult(
+        **named,
         scenario=scenario,
         onset=onset.isoformat(),
         windows=records,
@@ -389,3 +428,23 @@ def _score(
         post_retrain_windows=len(post),
         pre_drift_windows=len(pre),
     )
+
+
+def _segment_named(scenario: str, onset: datetime, records: list[WindowRecord], window_days: int,
+                   horizon: int, seg_key: str) -> dict[str, Any]:
+    """The segment-by-performance scores of ``segment_concept`` (module doc); empty otherwise."""
+    if scenario != "segment_concept":
+        return {}
+    matured = onset + timedelta(days=horizon)
+    post = [r for r in records if r.post_onset]
+    first = next((r for r in post if seg_key in r.named_segments), None)
+    delay = ((datetime.fromisoformat(first.as_of) - matured).total_seconds() / 86400 / window_days
+             if first else None)
+    others = sorted({k for r in post for k in r.named_segments if k != seg_key})
+    return {"labels_matured": matured.isoformat(), "segment_named": first is not None,
+            "segment_delay_windows": delay,
+            "segment_drop_at_detection": first.segment_drop if first else None,
+            "segment_se_at_detection": first.segment_drop_se if first else None,
+            "population_auc_drop_at_segment": first.auc_drop if first else None,
+            "population_psi_at_segment": first.population_psi_max if first else None,
+            "other_segments_named": others}
