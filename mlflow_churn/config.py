@@ -335,6 +335,81 @@ class MonitoringConfig(_Section):
         return self
 
 
+#: the canary judge's metrics (mlflow_churn.serving.judge) and the group each belongs to
+JUDGE_METRIC_GROUPS = {"error_rate": "errors", "refusal_rate": "errors", "latency_ms": "latency",
+                       "score": "scores", "auc": "performance", "recall_at_k": "performance"}
+
+
+class CanaryJudgeConfig(_Section):
+    """The canary judge (mlflow_churn.serving.judge): canary arm vs champion arm, per metric a
+    test at ``confidence`` and a tolerance band; weighted groups give a score and a verdict."""
+
+    enabled: bool = Field(
+        False, description="`churn canary evaluate` (evaluate_canary) takes its verdict from the judge "
+        "(pass = promote, fail = rollback, marginal = wait) instead of the fixed serving.max_* limits"
+    )
+    confidence: float = Field(
+        0.98, gt=0.5, lt=1, description="a metric fails only when its test is significant at this "
+        "confidence (p < 1 - confidence) and its effect lies beyond the metric's tolerance"
+    )
+    tolerance: dict[str, float] = Field(
+        default_factory=lambda: {"error_rate": 0.005, "refusal_rate": 0.01, "latency_ms": 0.25,
+                                 "score": 0.1, "auc": 0.02, "recall_at_k": 0.05},
+        description="per metric, the effect inside which a difference is not a failure: error_rate / "
+        "refusal_rate absolute increase of the rate; latency_ms relative increase of the median "
+        "(0.25 = 25 %); score |P(canary score > champion score) - 0.5|; auc / recall_at_k absolute drop; "
+        "a metric left out has tolerance 0",
+    )
+    trim: float = Field(
+        0.01, ge=0, lt=0.5, description="share of each arm's rows cut from each tail before the "
+        "Mann-Whitney tests of latency and scores (outlier trimming)"
+    )
+    min_rows: int = Field(
+        50, ge=2, description="rows an arm needs for a metric; fewer = NODATA for that metric (never a pass)"
+    )
+    min_labelled: int = Field(
+        200, ge=2, description="matured labels per arm before AUC / recall@k are realised; fewer = the "
+        "label-free estimate (CBPE) of the calibrated scores"
+    )
+    bootstrap: int = Field(
+        200, ge=20, le=100_000, description="bootstrap resamples of the standard error of the label-free "
+        "AUC / recall@k estimates (fixed seed: the same rows give the same verdict)"
+    )
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {"errors": 30.0, "latency": 20.0, "scores": 20.0, "performance": 30.0},
+        description="weight of each metric group (errors, latency, scores, performance) in the score: "
+        "100 x sum(weight x share of the group's metrics that passed) / sum(weight) over the groups with "
+        "data; a NODATA metric is left out of the score and caps the verdict at marginal; a group left "
+        "out has weight 0",
+    )
+    critical: list[str] = Field(
+        default_factory=lambda: ["error_rate", "score", "auc"],
+        description="metrics whose failure fails the verdict whatever the score",
+    )
+    pass_score: float = Field(95.0, ge=0, le=100, description="score at or above which the verdict is pass")
+    marginal_score: float = Field(
+        75.0, ge=0, le=100, description="score at or above which (below pass_score) the verdict is "
+        "marginal; below = fail"
+    )
+
+    @model_validator(mode="after")
+    def _known_names(self) -> CanaryJudgeConfig:
+        metrics, groups = set(JUDGE_METRIC_GROUPS), set(JUDGE_METRIC_GROUPS.values())
+        for where, names, known in (("tolerance", self.tolerance, metrics),
+                                    ("critical", self.critical, metrics), ("weights", self.weights, groups)):
+            unknown = sorted(set(names) - known)
+            if unknown:
+                raise ValueError(f"canary.judge.{where}: unknown {unknown}; use {sorted(known)}")
+        if any(v < 0 for v in self.tolerance.values()) or any(v < 0 for v in self.weights.values()):
+            raise ValueError("canary.judge.tolerance and canary.judge.weights must be >= 0")
+        if not sum(self.weights.values()) > 0:
+            raise ValueError("canary.judge.weights are all 0; give at least one group a weight")
+        if self.marginal_score > self.pass_score:
+            raise ValueError(f"canary.judge.marginal_score {self.marginal_score} > pass_score "
+                             f"{self.pass_score}: lower marginal_score")
+        return self
+
+
 class ServingConfig(_Section):
     """Online scoring service, canary split and canary analysis."""
 
@@ -417,6 +492,11 @@ class CanaryConfig(_Section):
     def needed(self, serving: ServingConfig) -> int:
         """The request floor of a promotion."""
         return self.min_requests if self.min_requests is not None else serving.min_canary_samples
+
+    judge: CanaryJudgeConfig = Field(
+        default_factory=CanaryJudgeConfig,
+        description="the canary judge (canary.judge.*): per-metric tests, tolerance bands, weighted groups",
+    )
 
 
 class HooksConfig(_Section):

@@ -1,0 +1,393 @@
+"""The canary judge: canary arm vs champion arm over the same period, metric by metric.
+
+Interface (pure: frames in, a typed result out; no MLflow, no I/O, no clock)::
+
+    judge(champion_rows, canary_rows, cfg, labels=None, calibration=None) -> JudgeVerdict
+
+- ``champion_rows`` / ``canary_rows``: prediction-log rows of one arm each (columns ``status``,
+  ``score``, ``latency_ms``; ``request_id`` and ``customer_id`` when ``labels`` are given), the
+  same period for both arms: the judge never compares an arm with history.
+- ``cfg``: the :class:`~mlflow_churn.config.ChurnConfig` (``canary.judge.*`` and
+  ``evaluation.top_k_pct``), or a :class:`~mlflow_churn.config.CanaryJudgeConfig` (then
+  ``top_k_pct`` = 10).
+- ``labels``: matured labels, a frame with ``request_id``, ``customer_id`` and ``label`` (0/1)
+  (what :func:`~mlflow_churn.serving.prediction_log.attach_labels` adds), or a ``label`` column
+  in the rows themselves. With at least ``canary.judge.min_labelled`` labelled rows per arm AUC
+  and recall@k are *realised*; else they are the label-free *estimate* (CBPE,
+  :func:`~mlflow_churn.stats.performance.expected_auc` / ``expected_business`` of the
+  calibrated scores). :attr:`MetricResult.source` says which.
+- ``calibration``: ``{"champion": platt_map, "canary": platt_map}`` (each version's profile
+  ``calibration``), applied to each arm's scores before the estimate; raw scores without it.
+
+Rows with status ``not_found`` or ``refused`` / ``rejected`` are left out of every score and
+performance comparison and counted on their own (:attr:`JudgeVerdict.excluded`); the
+refusal rate is a metric of its own.
+
+Per metric (:class:`MetricResult`: statistic, effect, p-value, tolerance, decision
+``pass | fail | nodata``, rows per arm), with ``alpha = 1 - canary.judge.confidence``:
+
+===========  ===========  ==============================================  =============================
+metric       group        test (one-sided unless said)                    effect (bad direction > 0 ...)
+===========  ===========  ==============================================  =============================
+error_rate   errors       two-proportion z, canary higher                 canary rate - champion rate
+refusal_rate errors       two-proportion z, canary higher                 canary rate - champion rate
+latency_ms   latency      Mann-Whitney U (trimmed), canary slower         median ratio - 1
+score        scores       Mann-Whitney U (trimmed), two-sided             P(canary > champion) - 0.5
+auc          performance  z on the difference (realised: Hanley-McNeil    canary - champion (a drop < 0)
+                          SEs; estimate: bootstrap SEs), canary lower
+recall_at_k  performance  z on the difference (binomial / bootstrap SEs)  canary - champion
+===========  ===========  ==============================================  =============================
+
+A metric **fails** when its test is significant (``p < alpha``) *and* its effect lies beyond
+its tolerance band (``canary.judge.tolerance``) in the bad direction (for ``score``: either
+direction); a difference inside the band passes however significant. **NODATA** when an arm has
+fewer than ``canary.judge.min_rows`` rows for the metric: explicit, and never counted as a pass.
+
+Verdict (Kayenta's shape): each group's share of passed metrics (NODATA metrics left out),
+weighted by ``canary.judge.weights``, gives a score 0-100; ``pass`` at >= ``pass_score``,
+``marginal`` at >= ``marginal_score``, else ``fail``; a failed metric named in
+``canary.judge.critical`` fails the verdict whatever the score; any NODATA metric caps the
+verdict at ``marginal`` (wait: never a pass, nor a rollback, on partial data).
+:data:`ACTIONS` maps the verdict onto the canary's ``promote | wait | rollback``.
+:meth:`JudgeVerdict.to_dict` is the ``decision.json`` body.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from mlflow_churn.config import JUDGE_METRIC_GROUPS, CanaryJudgeConfig, ChurnConfig
+from mlflow_churn.errors import ChurnError
+from mlflow_churn.jsonable import jsonable
+from mlflow_churn.stats.metrics import classification_metrics
+from mlflow_churn.stats.performance import auc_standard_error, calibrate, expected_auc, expected_business
+
+#: verdict -> the canary's action
+ACTIONS = {"pass": "promote", "marginal": "wait", "fail": "rollback"}
+#: statuses counted on their own and left out of the score comparisons
+NOT_FOUND = ("not_found",)
+REFUSED = ("refused", "rejected")
+#: bootstrap seed of the estimate's standard error (the same rows give the same verdict)
+SEED = 20261206
+
+
+@dataclass
+class MetricResult:
+    """One metric, canary vs champion: the test's statistic and p-value, the effect (see the
+    module table for its unit), the tolerance band, the decision and the rows per arm."""
+
+    name: str
+    group: str
+    statistic: float
+    effect: float
+    p_value: float
+    tolerance: float
+    decision: str  # pass | fail | nodata
+    n_champion: int
+    n_canary: int
+    champion: float = float("nan")  # the metric's value on each arm (rate, median, AUC...)
+    canary: float = float("nan")
+    critical: bool = False
+    source: str = ""  # auc / recall_at_k: realised | estimated; else the test's name
+    reason: str = ""
+
+
+@dataclass
+class JudgeVerdict:
+    """The judge's verdict (pass | marginal | fail), its score and every metric's evidence."""
+
+    verdict: str
+    score: float
+    metrics: list[MetricResult]
+    groups: dict[str, float]  # group -> share of its metrics that passed (0..1)
+    reasons: list[str]
+    excluded: dict[str, dict[str, int]]  # arm -> {"not_found": n, "refused": n}
+    rows: dict[str, int]  # arm -> rows judged on (not_found / refused excluded)
+    confidence: float
+    performance_source: str  # realised | estimated | none
+
+    @property
+    def action(self) -> str:
+        """``promote`` | ``wait`` | ``rollback``."""
+        return ACTIONS[self.verdict]
+
+    def metric(self, name: str) -> MetricResult:
+        for m in self.metrics:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["action"] = self.action
+        return jsonable(out)
+
+    def mlflow_metrics(self, prefix: str = "judge_") -> dict[str, float]:
+        """The finite numbers of the verdict, flat, for ``mlflow.log_metrics``."""
+        out = {f"{prefix}score": self.score}
+        for m in self.metrics:
+            for key in ("statistic", "effect", "p_value", "champion", "canary"):
+                value = float(getattr(m, key))
+                if math.isfinite(value):
+                    out[f"{prefix}{m.name}_{key}"] = value
+            out[f"{prefix}{m.name}_failed"] = float(m.decision == "fail")
+        return out
+
+
+# --------------------------------------------------------------------------- tests
+def trim(values: np.ndarray, fraction: float) -> np.ndarray:
+    """``values`` without the lowest and highest ``fraction`` of them (each tail, floor)."""
+    v = np.sort(np.asarray(values, dtype="float64"))
+    cut = int(math.floor(v.size * fraction))
+    return v[cut: v.size - cut] if cut else v
+
+
+def two_proportion_z(x_champion: int, n_champion: int, x_canary: int, n_canary: int) -> tuple[float, float]:
+    """Pooled two-proportion z test of "the canary's rate is higher": ``(z, one-sided p)``;
+    ``(0, 1)`` when neither arm has an event."""
+    if n_champion <= 0 or n_canary <= 0:
+        raise ChurnError(f"two_proportion_z needs rows on both arms (got {n_champion} and {n_canary})")
+    pooled = (x_champion + x_canary) / (n_champion + n_canary)
+    var = pooled * (1 - pooled) * (1 / n_champion + 1 / n_canary)
+    if var <= 0:
+        return 0.0, 1.0
+    z = (x_canary / n_canary - x_champion / n_champion) / math.sqrt(var)
+    return float(z), float(sps.norm.sf(z))
+
+
+def _nodata(name: str, tol: float, n0: int, n1: int, critical: bool, why: str,
+            source: str = "") -> MetricResult:
+    return MetricResult(name, JUDGE_METRIC_GROUPS[name], float("nan"), float("nan"), float("nan"), tol,
+                        "nodata", n0, n1, critical=critical, source=source, reason=why)
+
+
+def _decide(significant: bool, beyond: bool) -> str:
+    return "fail" if significant and beyond else "pass"
+
+
+def _rate_metric(name: str, champ: pd.DataFrame, can: pd.DataFrame, hit: tuple[str, ...],
+                 jc: CanaryJudgeConfig, alpha: float) -> MetricResult:
+    tol, critical = jc.tolerance.get(name, 0.0), name in jc.critical
+    n0, n1 = len(champ), len(can)
+    if min(n0, n1) < jc.min_rows:
+        return _nodata(name, tol, n0, n1, critical, f"{min(n0, n1)} rows on an arm < canary.judge.min_rows "
+                       f"{jc.min_rows}", "two-proportion z")
+    x0, x1 = int(champ["status"].isin(hit).sum()), int(can["status"].isin(hit).sum())
+    z, p = two_proportion_z(x0, n0, x1, n1)
+    r0, r1 = x0 / n0, x1 / n1
+    effect = r1 - r0
+    decision = _decide(p < alpha, effect > tol)
+    return MetricResult(name, JUDGE_METRIC_GROUPS[name], z, effect, p, tol, decision, n0, n1, r0, r1,
+                        critical, "two-proportion z", f"{x1}/{n1} canary vs {x0}/{n0} champion")
+
+
+def _mann_whitney(name: str, champ: np.ndarray, can: np.ndarray, jc: CanaryJudgeConfig,
+                  alpha: float) -> MetricResult:
+    tol, critical = jc.tolerance.get(name, 0.0), name in jc.critical
+    champ, can = champ[np.isfinite(champ)], can[np.isfinite(can)]
+    if min(champ.size, can.size) < jc.min_rows:
+        return _nodata(name, tol, int(champ.size), int(can.size), critical,
+                       f"{min(champ.size, can.size)} values on an arm < canary.judge.min_rows {jc.min_rows}",
+                       "Mann-Whitney U")
+    a, b = trim(champ, jc.trim), trim(can, jc.trim)
+    if name == "latency_ms":
+        res = sps.mannwhitneyu(b, a, alternative="greater")
+        m0, m1 = float(np.median(a)), float(np.median(b))
+        effect = m1 / m0 - 1 if m0 > 0 else (0.0 if m1 == m0 else math.inf)
+        beyond = effect > tol
+    else:  # score: any shift of the distribution, either way
+        res = sps.mannwhitneyu(b, a, alternative="two-sided")
+        m0, m1 = float(np.median(a)), float(np.median(b))
+        effect = float(res.statistic) / (a.size * b.size) - 0.5
+        beyond = abs(effect) > tol
+    p = float(res.pvalue)
+    return MetricResult(name, JUDGE_METRIC_GROUPS[name], float(res.statistic), float(effect), p, tol,
+                        _decide(p < alpha, beyond), int(champ.size), int(can.size), m0, m1, critical,
+                        "Mann-Whitney U", f"medians {m1:.4g} canary vs {m0:.4g} champion (trimmed "
+                        f"{jc.trim:g} per tail)")
+
+
+def _difference(name: str, v0: float, v1: float, se: float, n0: int, n1: int, tol: float, critical: bool,
+                alpha: float, source: str) -> MetricResult:
+    effect = v1 - v0
+    if not (math.isfinite(effect) and math.isfinite(se)):
+        return _nodata(name, tol, n0, n1, critical, f"{name} not measurable on an arm (one class only?)",
+                       source)
+    z = effect / se if se > 0 else (0.0 if effect == 0 else math.copysign(math.inf, effect))
+    p = float(sps.norm.cdf(z))  # one-sided: the canary is worse
+    return MetricResult(name, JUDGE_METRIC_GROUPS[name], float(z), float(effect), p, tol,
+                        _decide(p < alpha, -effect > tol), n0, n1, v0, v1, critical, source,
+                        f"{source}: {v1:.4f} canary vs {v0:.4f} champion, SE of the difference {se:.4f}")
+
+
+def _estimates(p: np.ndarray, top_k_pct: float) -> tuple[float, float]:
+    return expected_auc(p), expected_business(p, _TopK(top_k_pct))["recall_at_k"]
+
+
+@dataclass
+class _TopK:
+    """The business parameters the recall@k estimate reads (only ``top_k_pct`` matters)."""
+
+    top_k_pct: float
+    save_rate: float = 0.0
+    monthly_revenue: float = 0.0
+    offer_cost: float = 0.0
+    segments: tuple = ()
+    min_segment_size: int = 1
+
+
+def _bootstrap_se(p: np.ndarray, top_k_pct: float, resamples: int, seed: int) -> tuple[float, float]:
+    """Standard errors of the AUC and recall@k estimates of ``p`` over bootstrap resamples of
+    its rows (which customers an arm happened to serve)."""
+    rng = np.random.default_rng(seed)
+    aucs, recalls = np.empty(resamples), np.empty(resamples)
+    for i in range(resamples):
+        aucs[i], recalls[i] = _estimates(p[rng.integers(0, p.size, p.size)], top_k_pct)
+    return float(np.nanstd(aucs, ddof=1)), float(np.nanstd(recalls, ddof=1))
+
+
+def _estimated(scores: dict[str, np.ndarray], jc: CanaryJudgeConfig, top_k_pct: float, alpha: float,
+               calibration: dict[str, Any] | None) -> list[MetricResult]:
+    n0, n1 = scores["champion"].size, scores["canary"].size
+    crit = {m: m in jc.critical for m in ("auc", "recall_at_k")}
+    tol = {m: jc.tolerance.get(m, 0.0) for m in ("auc", "recall_at_k")}
+    if min(n0, n1) < jc.min_rows:
+        why = f"{min(n0, n1)} scored rows on an arm < canary.judge.min_rows {jc.min_rows}"
+        return [_nodata(m, tol[m], n0, n1, crit[m], why, "estimated") for m in ("auc", "recall_at_k")]
+    est, se = {}, {}
+    for i, arm in enumerate(("champion", "canary")):
+        p = calibrate(scores[arm], (calibration or {}).get(arm))
+        est[arm] = _estimates(p, top_k_pct)
+        se[arm] = _bootstrap_se(p, top_k_pct, jc.bootstrap, SEED + i)
+    return [_difference(m, est["champion"][j], est["canary"][j],
+                        math.hypot(se["champion"][j], se["canary"][j]),
+                        n0, n1, tol[m], crit[m], alpha, "estimated")
+            for j, m in enumerate(("auc", "recall_at_k"))]
+
+
+def _realised(labelled: dict[str, pd.DataFrame], jc: CanaryJudgeConfig, top_k_pct: float,
+              alpha: float) -> list[MetricResult]:
+    vals: dict[str, dict[str, float]] = {}
+    for arm, rows in labelled.items():
+        y, s = rows["label"].to_numpy(), rows["score"].to_numpy(float)
+        m = classification_metrics(y, s, _TopK(top_k_pct))
+        pos = int(m["positives"])
+        auc, recall = float(m["roc_auc"]), float(m["recall_at_k"])
+        vals[arm] = {"auc": auc, "recall_at_k": recall,
+                     "se_auc": auc_standard_error(auc, pos, len(y) - pos),
+                     "se_recall": math.sqrt(max(recall * (1 - recall), 0.0) / pos) if pos else float("nan")}
+    n0, n1 = len(labelled["champion"]), len(labelled["canary"])
+    c, k = vals["champion"], vals["canary"]
+    return [
+        _difference("auc", c["auc"], k["auc"], math.hypot(c["se_auc"], k["se_auc"]), n0, n1,
+                    jc.tolerance.get("auc", 0.0), "auc" in jc.critical, alpha, "realised"),
+        _difference("recall_at_k", c["recall_at_k"], k["recall_at_k"],
+                    math.hypot(c["se_recall"], k["se_recall"]), n0, n1,
+                    jc.tolerance.get("recall_at_k", 0.0), "recall_at_k" in jc.critical, alpha, "realised"),
+    ]
+
+
+def _labelled(rows: pd.DataFrame, labels: pd.DataFrame | None) -> pd.DataFrame:
+    """The arm's scored rows with a matured ``label``."""
+    if "label" in rows.columns:
+        out = rows
+    elif labels is None or not len(labels):
+        return rows.iloc[0:0].assign(label=pd.Series(dtype="int8"))
+    else:
+        keys = [c for c in ("request_id", "customer_id") if c in labels.columns and c in rows.columns]
+        if not keys:
+            raise ChurnError("judge labels need request_id and/or customer_id columns to join on; "
+                             f"got {sorted(labels.columns)}")
+        out = rows.merge(labels[[*keys, "label"]].drop_duplicates(keys), on=keys, how="inner")
+    return out[out["label"].notna()]
+
+
+def _score(metrics: list[MetricResult], weights: dict[str, float]) -> tuple[float, dict[str, float]]:
+    """100 x the weighted share of passed metrics over the groups with data (NODATA metrics
+    left out, as Kayenta does; the caller caps a verdict with NODATA at marginal); NaN when no
+    weighted group has data."""
+    groups: dict[str, list[MetricResult]] = {}
+    for m in metrics:
+        if m.decision != "nodata":
+            groups.setdefault(m.group, []).append(m)
+    shares = {g: sum(m.decision == "pass" for m in ms) / len(ms) for g, ms in groups.items()}
+    total = sum(weights.get(g, 0.0) for g in shares)
+    if total <= 0:
+        return float("nan"), shares
+    return 100.0 * sum(weights.get(g, 0.0) * s for g, s in shares.items()) / total, shares
+
+
+# --------------------------------------------------------------------------- the judge
+def judge(champion_rows: pd.DataFrame, canary_rows: pd.DataFrame, cfg: ChurnConfig | CanaryJudgeConfig,
+          labels: pd.DataFrame | None = None, calibration: dict[str, Any] | None = None) -> JudgeVerdict:
+    """Judge the canary arm against the champion arm (see the module docstring)."""
+    if isinstance(cfg, ChurnConfig):
+        jc, top_k_pct = cfg.canary.judge, cfg.evaluation.top_k_pct
+    else:
+        jc, top_k_pct = cfg, 10.0
+    arms = {"champion": champion_rows, "canary": canary_rows}
+    for arm, rows in arms.items():
+        missing = {"status", "score", "latency_ms"} - set(rows.columns)
+        if missing:
+            raise ChurnError(f"judge: the {arm} rows lack columns {sorted(missing)}; pass prediction-log "
+                             "rows")
+    alpha = 1.0 - jc.confidence
+    excluded, kept = {}, {}
+    for arm, rows in arms.items():
+        nf, rf = rows["status"].isin(NOT_FOUND), rows["status"].isin(REFUSED)
+        excluded[arm] = {"not_found": int(nf.sum()), "refused": int(rf.sum())}
+        kept[arm] = rows[~(nf | rf)]
+    metrics = [
+        _rate_metric("error_rate", kept["champion"], kept["canary"], ("error",), jc, alpha),
+        # refusals are counted against every request the arm was asked for (not_found excluded)
+        _rate_metric("refusal_rate", arms["champion"][~arms["champion"]["status"].isin(NOT_FOUND)],
+                     arms["canary"][~arms["canary"]["status"].isin(NOT_FOUND)], REFUSED, jc, alpha),
+        _mann_whitney("latency_ms", *(kept[a]["latency_ms"].to_numpy(dtype="float64", na_value=np.nan)
+                                      for a in ("champion", "canary")), jc, alpha),
+    ]
+    ok = {a: kept[a][kept[a]["status"] == "ok"] for a in arms}
+    scores = {a: ok[a]["score"].to_numpy(dtype="float64", na_value=np.nan) for a in arms}
+    scores = {a: s[np.isfinite(s)] for a, s in scores.items()}
+    metrics.append(_mann_whitney("score", scores["champion"], scores["canary"], jc, alpha))
+    labelled = {a: _labelled(ok[a], labels) for a in arms}
+    if min(len(v) for v in labelled.values()) >= jc.min_labelled:
+        source = "realised"
+        metrics += _realised(labelled, jc, top_k_pct, alpha)
+    else:
+        source = "estimated"
+        metrics += _estimated(scores, jc, top_k_pct, alpha, calibration)
+    if all(m.decision == "nodata" for m in metrics if m.group == "performance"):
+        source = "none"
+    score, shares = _score(metrics, jc.weights)
+    reasons: list[str] = []
+    critical_failed = [m.name for m in metrics if m.decision == "fail" and m.critical]
+    if critical_failed:
+        verdict = "fail"
+        reasons.append(f"critical metric(s) failed: {', '.join(critical_failed)}")
+    elif math.isnan(score) or score >= jc.marginal_score:
+        verdict = "pass" if score >= jc.pass_score else "marginal"
+    else:
+        verdict = "fail"
+    nodata = [m.name for m in metrics if m.decision == "nodata"]
+    if verdict == "pass" and nodata:  # a decision is never taken on partial data
+        verdict = "marginal"
+        reasons.append(f"NODATA for {', '.join(nodata)}: marginal at best until every metric has data")
+    reasons.append(f"score {score:.1f} (pass >= {jc.pass_score:g}, marginal >= {jc.marginal_score:g})")
+    for m in metrics:
+        if m.decision == "fail":
+            reasons.append(f"{m.name} failed: effect {m.effect:+.4g} beyond tolerance {m.tolerance:g}, "
+                           f"p {m.p_value:.3g} < {alpha:.3g} ({m.reason})")
+        elif m.decision == "nodata":
+            reasons.append(f"{m.name}: NODATA ({m.reason})")
+    rows = {a: len(kept[a]) for a in arms}
+    return JudgeVerdict(verdict, float(score), metrics, shares, reasons, excluded, rows, jc.confidence,
+                        source)
+
+
+__all__ = ["ACTIONS", "JudgeVerdict", "MetricResult", "judge", "trim", "two_proportion_z"]
