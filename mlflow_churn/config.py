@@ -30,7 +30,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mlflow_churn.errors import ConfigError
+from mlflow_churn.errors import ChurnError, ConfigError
+from mlflow_churn.times import parse_duration
 
 ENV_PREFIX = "CHURN_"
 DEFAULT_WORKSPACE = Path("churn-workspace")
@@ -481,13 +482,75 @@ class ServingConfig(_Section):
     )
 
 
+class RolloutStep(_Section):
+    """One step of the canary rollout plan: ``{weight: 25, bake: 2h}`` (route ``weight`` % of
+    customers to the canary for at least ``bake``) or ``{pause: true}`` (wait for `churn canary
+    resume`). ``weight: 100`` is the promotion itself: only the last step may have it."""
+
+    weight: float | None = Field(
+        None, gt=0, le=100, description="percent (0 < weight <= 100) of customers routed to the canary "
+        "during this step; 100 = promote the canary"
+    )
+    bake: str = Field(
+        "0s", description="least time at this weight before the judge may advance the plan, a duration "
+        "like 90s, 30m, 2h, 1d (0s = as soon as the judge passes)"
+    )
+    pause: bool = Field(False, description="true = a pause step: the rollout waits for `churn canary resume`")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RolloutStep:
+        if self.pause and self.weight is not None:
+            raise ValueError(f"a step is either {{pause: true}} or {{weight: W, bake: D}}, not both "
+                             f"(got weight {self.weight:g} with pause); split it into two steps")
+        if not self.pause and self.weight is None:
+            raise ValueError("a step needs a weight (percent of customers, 0 < weight <= 100) or pause: true")
+        try:
+            parse_duration(self.bake, "bake", zero=True)
+        except ChurnError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @property
+    def bake_seconds(self) -> float:
+        return parse_duration(self.bake, "bake", zero=True).total_seconds()
+
+
+def _default_steps() -> list[RolloutStep]:
+    return [RolloutStep(weight=10, bake="30m"), RolloutStep(weight=100)]
+
+
 class CanaryConfig(_Section):
-    """Promotion of the canary (`churn canary promote`, the admin route, the auto loop)."""
+    """Promotion of the canary (`churn canary promote`, the admin route, the auto loop) and the
+    rollout plan `churn canary run` follows."""
 
     min_requests: int | None = Field(
-        None, ge=1, description="logged canary requests `promote` needs (unless --force --reason); "
+        None, ge=1, description="logged canary requests `promote` needs (unless --force --reason), and "
+        "the requests each arm must serve during a rollout step before it may advance; "
         "None = serving.min_canary_samples, the number the canary verdict needs"
     )
+    steps: list[RolloutStep] = Field(
+        default_factory=_default_steps,
+        description="the rollout plan of `churn canary run`: steps {weight: <percent>, bake: <duration>} "
+        "or {pause: true}, in order; reaching a weight-100 step (only the last may have it) promotes; "
+        "default [{weight: 10, bake: 30m}, {weight: 100}]",
+    )
+
+    @model_validator(mode="after")
+    def _plan(self) -> CanaryConfig:
+        if not self.steps:
+            raise ValueError("canary.steps is empty; give at least one step, e.g. [{weight: 10, bake: 30m}, "
+                             "{weight: 100}]")
+        if self.steps[0].pause:
+            raise ValueError("canary.steps[0] is a pause; start the plan with a weight step "
+                             "(e.g. {weight: 5, bake: 30m})")
+        if self.steps[-1].pause:
+            raise ValueError(f"canary.steps[{len(self.steps) - 1}] (the last) is a pause; end the plan with a "
+                             "weight step (e.g. {weight: 100})")
+        for i, step in enumerate(self.steps[:-1]):
+            if step.weight == 100:
+                raise ValueError(f"canary.steps[{i}] has weight 100 (the promotion) but is not the last step; "
+                                 "lower its weight or drop the steps after it")
+        return self
 
     def needed(self, serving: ServingConfig) -> int:
         """The request floor of a promotion."""

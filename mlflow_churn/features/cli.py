@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from datetime import timedelta
 
 import typer
@@ -19,25 +18,14 @@ from mlflow_churn.cli_common import (
     progress_arg,
 )
 from mlflow_churn.errors import ChurnError
+from mlflow_churn.times import parse_duration
 
 features_app = typer.Typer(help="Feature store: definitions, materialization, online API.",
                            no_args_is_help=True)
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
-_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-
-
 def parse_every(value: str) -> timedelta:
     """``1h``, ``30m``, ``1h30m``, ``90s``, ``1d`` -> timedelta; ChurnError otherwise."""
-    text = value.strip().lower()
-    if not text or _DURATION.sub("", text) != "":
-        raise ChurnError(f"--every must be a duration like 1h, 30m, 1h30m or 1d, got '{value}'")
-    seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(text))
-    if seconds <= 0:
-        raise ChurnError(f"--every must be longer than 0 s, got '{value}'")
-    if seconds > 366 * 86400:
-        raise ChurnError(f"--every must be at most a year (366d), got '{value}'")
-    return timedelta(seconds=seconds)
+    return parse_duration(value, "--every")
 
 
 def _sets_of(cfg) -> dict[str, list[str]]:

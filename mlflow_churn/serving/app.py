@@ -25,7 +25,9 @@ shell (routes, tokens, error answers) over :class:`~mlflow_churn.serving.service
   ``feature_set_hash`` tag or ``feature_set.json`` differs from the feature registry's
   definition of that set is refused (visible in ``/ready`` and ``/admin/status``).
 - ``serving.canary_fraction`` of customers (sticky hash of the id with
-  ``serving.routing_salt``, :mod:`mlflow_churn.serving.routing`) go to the canary.
+  ``serving.routing_salt``, :mod:`mlflow_churn.serving.routing`) go to the canary, or,
+  while `churn canary run` rolls it out, the weight of its current step (the canary
+  version's tag ``churn.rollout.weight``, read on every reload: no restart).
   When the canary fails to score them, whatever the reason (its model raised, records or
   the online batch lack a column only the canary uses), they get the champion's score and
   the canary error is logged (it counts against the canary in ``churn canary evaluate``).
@@ -157,8 +159,9 @@ def create_app(cfg: ChurnConfig, start_background: bool = True) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         """Open: the process answers; the model it serves and its canary fraction (what
-        ``churn canary status`` reports), nothing else."""
-        return {"status": "ok", "model": service.models.name, "canary_fraction": sv.canary_fraction}
+        ``churn canary status`` reports: the canary's rollout weight when its rollout set one,
+        else ``serving.canary_fraction``), nothing else."""
+        return {"status": "ok", "model": service.models.name, "canary_fraction": service.canary_fraction()}
 
     @app.get("/ready", dependencies=[Depends(need_api)])
     async def ready() -> JSONResponse:

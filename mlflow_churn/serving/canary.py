@@ -283,12 +283,15 @@ def evaluate_canary(
     since: datetime | None = None,
     churn_events: pd.DataFrame | None = None,
     log_run: bool = True,
+    served_since: datetime | None = None,
 ) -> CanaryEvaluation:
     """Compare canary and champion on the logged traffic of ``[since, as_of]``.
 
     ``as_of`` (tz-aware UTC) also decides which predictions have matured labels;
     ``churn_events`` defaults to ``<data_dir>/churn_events.parquet`` (no labels when
     absent). ``log_run`` records the evaluation as an MLflow run with ``decision.json``.
+    ``served_since`` (wall clock, tz-aware UTC) keeps only the rows served at or after it
+    (a rollout step's own traffic: :mod:`mlflow_churn.serving.rollout`).
     """
     as_of = utc(as_of)
     since = utc(since) if since else None
@@ -299,6 +302,8 @@ def evaluate_canary(
     versions = {r: (str(mv.version) if mv else None) for r, mv in holders.items()}
     expected_psi = gate_score_psi(holders["canary"], holders["champion"])
     frame = _logged(cfg, as_of, since)
+    if served_since is not None and len(frame):
+        frame = frame[frame["served_at"] >= pd.Timestamp(utc(served_since, "served_since"))]
     per_route = {r: _served_by(frame, r, holders[r]) for r in ROUTES}
     stats = {r: _route_stats(r, versions[r], per_route[r]) for r in ROUTES}
     score_psi = float("nan")
@@ -331,6 +336,7 @@ def evaluate_canary(
                              "champion_version": str(versions["champion"]),
                              "canary_version": str(versions["canary"])})
             mlflow.log_params({"as_of": as_of.isoformat(), "since": since.isoformat() if since else "",
+                               "served_since": served_since.isoformat() if served_since else "",
                                "min_canary_samples": sv.min_canary_samples,
                                "max_error_rate": sv.max_error_rate, "max_p99_ms": sv.max_p99_ms,
                                "max_p99_ratio": sv.max_p99_ratio,

@@ -1,4 +1,4 @@
-"""`churn serve`, `churn canary status|evaluate|auto|promote|rollback`, `churn compress`."""
+"""`churn serve`, `churn canary status|evaluate|auto|promote|rollback|run|resume`, `churn compress`."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from mlflow_churn.cli_common import (
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
 
-canary_app = typer.Typer(help="Canary analysis and transitions: status, evaluate, promote, rollback.",
+canary_app = typer.Typer(help="Canary analysis and transitions: status, evaluate, promote, rollback; the "
+                         "rollout controller: run, resume.",
                          no_args_is_help=True)
 
 _AS_OF = typer.Option(None, "--as-of", help="Evaluation time, ISO UTC (default: the data's newest event, "
@@ -103,6 +104,7 @@ def canary_status_cmd(
     config's serving.canary_fraction, said so, when no service answers) and the predictions
     logged per route and version."""
     from mlflow_churn.serving.canary import canary_status
+    from mlflow_churn.serving.rollout import rollout_state
     from mlflow_churn.serving.traffic import live_canary_fraction
 
     if opt_str(reason):
@@ -111,9 +113,11 @@ def canary_status_cmd(
     cfg = get_config(ctx)
     st = canary_status(cfg, until, _since(since))
     live = live_canary_fraction(_service_url(cfg, service_url), st.model_name, st.canary_fraction)
+    _, rollout = rollout_state(cfg)
     if as_json:
         print_json({**st.to_dict(), "canary_fraction": live.canary_fraction,
                     "canary_fraction_source": live.source, "service_url": live.service_url,
+                    "rollout": rollout.to_dict() if rollout else None,
                     **({"note": live.note} if live.note else {})})
         return
     where = f"the scoring service at {live.service_url}" if live.source == "service" else "the config"
@@ -124,6 +128,13 @@ def canary_status_cmd(
     console.print("aliases: " + (", ".join(f"{a}=v{v}" for a, v in sorted(st.aliases.items())) or "none"))
     logged = ", ".join(f"{k}: {n}" for k, n in sorted(st.logged.items()))
     console.print("logged: " + (logged or "nothing yet"))
+    if rollout is None:
+        console.print("rollout: not started (`churn canary run` starts it)")
+    else:
+        console.print(f"rollout of v{rollout.version}: {rollout.status} at step {rollout.step} of "
+                      f"{len(rollout.plan) - 1}, weight {rollout.weight:g} % since "
+                      f"{rollout.step_started_at.isoformat()}"
+                      + (f" ({rollout.paused_reason})" if rollout.paused_reason else ""), soft_wrap=True)
 
 
 def _evaluate(ctx: typer.Context, as_of: str | None, since: str | None, reason: str, as_json: bool,
@@ -217,6 +228,95 @@ def canary_rollback_cmd(
     (champion untouched). After a promotion (no canary): champion back on the version the
     champion's signed promotion replaced (previous-champion). The run carries the evidence."""
     _transition(ctx, "rollback", reason, version, as_of, since, as_json)
+
+
+def _unused(value: str | None, option: str, command: str) -> None:
+    """MLproject passes every canary option to every action: refuse one this action would ignore."""
+    if opt_str(value):
+        raise ChurnError(f"`churn canary {command}` takes no {option} (got '{value}')")
+
+
+def _print_tick(res: object) -> None:
+    from mlflow_churn.serving.rollout import TickResult
+
+    assert isinstance(res, TickResult)
+    st = res.state
+    where = f" [step {st.step}/{len(st.plan) - 1}, {st.weight:g} %, {st.status}]" if st else ""
+    console.print(f"{datetime.now(UTC):%H:%M:%S} {res.action}{where}: {res.message}", soft_wrap=True)
+    if res.run_id:
+        console.print(f"  run: {res.run_id}" + (f" (transition run {res.transition_run_id})"
+                                                if res.transition_run_id else ""))
+
+
+@canary_app.command("run")
+def canary_run_cmd(
+    ctx: typer.Context,
+    every: str = typer.Option("60s", "--every", help="Time between two ticks, a duration like 30s, 1m, 5m."),
+    once: bool = typer.Option(False, "--once", help="One tick, then exit (for cron or the scheduler)."),
+    as_json: bool = typer.Option(False, "--json", help="Print each tick as one JSON object per line."),
+    as_of: str = typer.Option(None, "--as-of", help="Business time the judge takes label maturity at, ISO "
+                              "UTC (default: the data's newest event, else the newest logged prediction)."),
+    since: str = typer.Option(None, "--since", hidden=True, help="Must be empty: each step's own traffic."),
+    reason: str = typer.Option("", "--reason", hidden=True, help="Must be empty."),
+    progress: bool = _PROGRESS,
+) -> None:
+    """The rollout controller: walk the canary through canary.steps (advance when the judge
+    passes and the bake is over with canary.min_requests per arm, pause on marginal, roll back on
+    fail, wait at a pause step for `churn canary resume`, promote at the end). Every --every
+    until Ctrl-C, or --once. State lives on the canary version: a restarted controller goes on
+    where it was; two controllers never act at once."""
+    import json
+    import time
+
+    from mlflow_churn.errors import first_line
+    from mlflow_churn.jsonable import jsonable
+    from mlflow_churn.serving.rollout import tick
+    from mlflow_churn.times import parse_duration
+
+    _unused(since, "--since", "run")
+    _unused(reason, "--reason", "run")
+    period = parse_duration(every, "--every").total_seconds()
+    when = parse_datetime(as_of, "--as-of") if opt_str(as_of) else None
+    cfg = get_config(ctx)
+    while True:
+        try:
+            res = tick(cfg, datetime.now(UTC), as_of=when)
+        except Exception as exc:  # an outage: reported, nothing decided, the next tick tries again
+            if once:
+                raise
+            why = str(exc) if isinstance(exc, ChurnError) else f"{type(exc).__name__}: {first_line(exc)}"
+            console.print(f"{datetime.now(UTC):%H:%M:%S} tick failed (nothing decided): {why}",
+                          soft_wrap=True)
+        else:
+            if as_json:
+                typer.echo(json.dumps(jsonable(res.to_dict()), default=str))
+            else:
+                _print_tick(res)
+        if once:
+            return
+        time.sleep(period)
+
+
+@canary_app.command("resume")
+def canary_resume_cmd(
+    ctx: typer.Context,
+    reason: str = typer.Option("", "--reason", help="Why (recorded on the resume's run)."),
+    as_json: bool = JSON_OPTION,
+    as_of: str = typer.Option(None, "--as-of", hidden=True, help="Must be empty."),
+    since: str = typer.Option(None, "--since", hidden=True, help="Must be empty."),
+    progress: bool = _PROGRESS,
+) -> None:
+    """Continue a paused rollout: past a plan pause step to the next step, or, after a marginal
+    verdict or a refused promotion, the same step again (bake and counts start anew)."""
+    from mlflow_churn.serving.rollout import resume
+
+    _unused(as_of, "--as-of", "resume")
+    _unused(since, "--since", "resume")
+    res = resume(get_config(ctx), datetime.now(UTC), opt_str(reason) or "")
+    if as_json:
+        print_json(res.to_dict())
+    else:
+        _print_tick(res)
 
 
 def serve_cmd(

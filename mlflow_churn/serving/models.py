@@ -17,6 +17,7 @@ from mlflow_churn.registry.promotion import read_evidence
 from mlflow_churn.registry.signing import download_version, files_digest, sig_tag, verifier_for, version_ref
 from mlflow_churn.serving.encoding import InputEncoder
 from mlflow_churn.serving.input_checks import InputChecker
+from mlflow_churn.serving.routing import weight_fraction
 from mlflow_churn.tracking import setup_mlflow
 from mlflow_churn.training.model import Scorer, load_scorer
 from mlflow_churn.training.profile import NoProfile, profile_for_version
@@ -50,6 +51,9 @@ class ModelPair:
     refused: dict[str, str] = field(default_factory=dict)  # alias -> why it is not served
     error: str | None = None  # last registry / load error
     loaded_at: datetime | None = None
+    #: the canary's rollout weight (0..1, tag churn.rollout.weight of the canary version); None =
+    #: serving.canary_fraction
+    canary_weight: float | None = None
 
 
 def _check_feature_set(cfg: ChurnConfig, tags: dict[str, str], scorer: Scorer) -> str | None:
@@ -172,18 +176,20 @@ class ModelManager:
                         refused[alias] = f"version {mv.version}: {why}"
                 keep = {_cache_key(mv) for mv in found.values() if mv is not None}
                 self._cache = {k: c for k, c in self._cache.items() if k in keep}
-                new = ModelPair(loaded[CHAMPION], loaded[CANARY], refused, None, datetime.now(UTC))
+                weight = weight_fraction(found[CANARY].tags) if found[CANARY] is not None else None
+                new = ModelPair(loaded[CHAMPION], loaded[CANARY], refused, None, datetime.now(UTC), weight)
                 self.metrics.inc("churn_model_reloads_total", {"result": "ok"})
             except Exception as exc:  # registry unreachable, bad store: keep serving the old pair
                 first = first_line(exc)
                 old = self.pair
-                new = ModelPair(old.champion, old.canary, old.refused, first, old.loaded_at)
+                new = replace(old, error=first)
                 self.metrics.inc("churn_model_reloads_total", {"result": "error"})
                 log.warning("model reload failed: %s", first)
             old = self.pair
             self.pair = new  # the atomic swap
-            if _versions(old) != _versions(new):
-                log.info("serving champion=%s canary=%s", *_versions(new))
+            if _versions(old) != _versions(new) or old.canary_weight != new.canary_weight:
+                log.info("serving champion=%s canary=%s (canary weight %s)", *_versions(new),
+                         "config" if new.canary_weight is None else f"{new.canary_weight:.2%}")
             return new
 
 

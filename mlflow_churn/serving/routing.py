@@ -14,7 +14,20 @@ from typing import Literal
 import numpy as np
 
 Route = Literal["champion", "canary"]
+#: tag of the canary version holding the percent of customers its rollout routes to it now
+#: (written by :mod:`mlflow_churn.serving.rollout`, read by the service on every alias reload)
+WEIGHT_TAG = "churn.rollout.weight"
 _SCALE = float(2**64)
+
+
+def weight_fraction(tags: dict[str, str] | None) -> float | None:
+    """The canary fraction (0..1) a version's :data:`WEIGHT_TAG` sets, None without a valid one."""
+    text = (tags or {}).get(WEIGHT_TAG)
+    try:
+        value = float(text) if text is not None else float("nan")
+    except ValueError:
+        return None
+    return value / 100.0 if 0.0 <= value <= 100.0 else None
 
 
 def bucket(customer_id: int | str, salt: str = "") -> float:

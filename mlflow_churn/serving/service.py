@@ -164,9 +164,10 @@ class ScoringService:
             values_as_of = None  # the client's values: no computation time
         known = np.array([i != ANONYMOUS_ID for i in ids], dtype=bool)
         to_canary = np.zeros(len(ids), dtype=bool)
-        if pair.canary is not None and self.cfg.serving.canary_fraction > 0:
+        fraction = self.canary_fraction(pair)
+        if pair.canary is not None and fraction > 0:
             to_canary[known] = routes([i for i, k in zip(ids, known, strict=True) if k],
-                                      self.cfg.serving.canary_fraction, self.cfg.serving.routing_salt)
+                                      fraction, self.cfg.serving.routing_salt)
         route = np.where(to_canary, CANARY_ROUTE, CHAMPION_ROUTE).astype(object)
         version = np.where(to_canary, pair.canary.version if pair.canary else "",
                            pair.champion.version).astype(object)
@@ -347,13 +348,20 @@ class ScoringService:
         out.append(("churn_online_store_circuit_open", {}, float(self.breaker.is_open)))
         return out
 
+    def canary_fraction(self, pair: ModelPair | None = None) -> float:
+        """The share of customers routed to the canary now: its rollout weight (the canary
+        version's tag, picked up on every alias reload), else ``serving.canary_fraction``."""
+        pair = pair or self.models.pair
+        return pair.canary_weight if pair.canary_weight is not None else self.cfg.serving.canary_fraction
+
     def status(self) -> dict[str, Any]:
         pair = self.models.pair
         return {
             "model_name": self.models.name,
             "champion": pair.champion.version if pair.champion else None,
             "canary": pair.canary.version if pair.canary else None,
-            "canary_fraction": self.cfg.serving.canary_fraction,
+            "canary_fraction": self.canary_fraction(pair),
+            "canary_fraction_source": "config" if pair.canary_weight is None else "rollout",
             "refused": pair.refused,
             "input_checks": {m.alias: _checks_state(m) for m in (pair.champion, pair.canary)
                              if m is not None},
