@@ -3,7 +3,9 @@ numbers, tolerance bands, NODATA, excluded statuses, weights, critical metrics, 
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -173,3 +175,67 @@ def test_decision_json_carries_every_metric(cfg):
                                                  "recall_at_k"]
     for m in d["metrics"]:
         assert {"statistic", "effect", "p_value", "decision", "tolerance", "n_champion", "n_canary"} <= set(m)
+
+
+# --------------------------------------------------------------------------- evaluate_canary
+def _log_arms(cfg, versions: dict[str, str], canary_shift: float, n: int = 400) -> None:
+    """``n`` logged rows per route (``ok``, beta(1, 9) scores; the canary's shifted), served now."""
+    from datetime import UTC, datetime
+
+    from serving_support import BATCH_AS_OF
+
+    from mlflow_churn.serving.prediction_log import PredictionLog, PredictionRecord
+
+    rng = np.random.default_rng(30)
+    now = datetime.now(UTC)
+    records = []
+    for route, version in versions.items():
+        shift = canary_shift if route == "canary" else 0.0
+        for i in range(n):
+            records.append(PredictionRecord(f"{route}-{i}", i, version, route,
+                                            float(min(1.0, rng.beta(1, 9) + shift)),
+                                            float(rng.lognormal(math.log(5), 0.2)), "ok", now, BATCH_AS_OF))
+        records.append(PredictionRecord(f"{route}-nf", -1, version, route, None, 1.0, "not_found", now,
+                                        BATCH_AS_OF))
+    log = PredictionLog(cfg.prediction_log_url)
+    log.write(records)
+    log.close()
+
+
+def test_evaluate_canary_takes_the_judges_verdict_and_logs_it(config, register_version):
+    from datetime import timedelta
+
+    from mlflow.tracking import MlflowClient
+    from serving_support import BATCH_AS_OF, serving_config
+
+    from mlflow_churn.registry.aliases import move_alias
+    from mlflow_churn.serving.canary import evaluate_canary
+
+    cfg = serving_config(config, min_canary_samples=300)
+    champ = register_version(cfg, alias=None, seed=0)
+    move_alias(MlflowClient(cfg.mlflow_tracking_uri), cfg.training.model_name, "champion", champ.version,
+               reason="first champion")
+    canary = register_version(cfg, alias="canary", seed=1)
+    _log_arms(cfg, {"champion": str(champ.version), "canary": str(canary.version)}, canary_shift=0.15)
+    as_of = BATCH_AS_OF + timedelta(seconds=1)
+    fixed = evaluate_canary(cfg, as_of, log_run=False)  # the fixed limits: no judge in the result
+    assert fixed.judge is None
+    ev = evaluate_canary(cfg, as_of, use_judge=True)
+    assert ev.verdict == "rollback" and ev.reasons[0].startswith("judge: fail"), ev.reasons
+    assert ev.judge["excluded"]["canary"] == {"not_found": 1, "refused": 0}
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    run = client.get_run(ev.run_id)
+    assert run.data.tags["judge_verdict"] == "fail"
+    assert run.data.metrics["judge_score_failed"] == 1.0 and run.data.metrics["judge_score_p_value"] < 0.02
+    decision = json.loads(Path(client.download_artifacts(ev.run_id, "decision.json")).read_text())
+    metrics = {m["name"]: m for m in decision["judge"]["metrics"]}
+    assert metrics["score"]["decision"] == "fail" and metrics["auc"]["source"] == "estimated"
+    assert all({"statistic", "effect", "p_value", "decision"} <= set(m) for m in metrics.values())
+    mv = client.get_model_version(cfg.training.model_name, canary.version)
+    assert mv.tags["canary_decision"] == "rollback"
+    # the config key turns it on for `churn canary evaluate`; too few rows still wait
+    on = cfg.model_copy(deep=True)
+    on.canary.judge.enabled = True
+    on.serving.min_canary_samples = 1000
+    ev = evaluate_canary(on, as_of, log_run=False)
+    assert ev.verdict == "wait" and ev.judge is not None and "min_canary_samples" in ev.reasons[0]

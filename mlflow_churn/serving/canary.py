@@ -28,6 +28,13 @@ With ``log_run`` the verdict is recorded on the canary version: tags for people
 compared with, a digest of the metrics), which is what the guard and ``churn canary promote``
 trust. The transitions that act on a verdict (promote, rollback) are in
 :mod:`mlflow_churn.serving.transitions`.
+
+With ``canary.judge.enabled`` (or ``evaluate_canary(..., use_judge=True)``) the verdict comes
+from the canary judge instead (:func:`judge_canary` over
+:func:`mlflow_churn.serving.judge.judge`: per metric a test and a tolerance band, weighted
+groups, pass / marginal / fail): ``pass`` = promote, ``marginal`` = wait, ``fail`` = rollback,
+still ``wait`` below ``serving.min_canary_samples`` canary rows; ``decision.json`` then carries
+the judge's every metric (statistic, effect, p-value, decision) under ``judge``.
 """
 
 from __future__ import annotations
@@ -58,12 +65,14 @@ from mlflow_churn.registry.aliases import (
 )
 from mlflow_churn.registry.promotion import record_canary_verdict
 from mlflow_churn.registry.signing import record_signed, version_ref
+from mlflow_churn.serving.judge import ACTIONS, JudgeVerdict, judge
 from mlflow_churn.serving.prediction_log import PredictionLog, attach_labels
 from mlflow_churn.stats.drift import psi
 from mlflow_churn.stats.metrics import classification_metrics
 from mlflow_churn.stats.performance import auc_standard_error
 from mlflow_churn.times import utc
 from mlflow_churn.tracking import setup_mlflow, step_run
+from mlflow_churn.training.profile import NoProfile, profile_for_version
 
 ROUTES = ("champion", "canary")
 
@@ -102,6 +111,7 @@ class CanaryEvaluation:
     routes: dict[str, RouteStats]
     score_psi: float = float("nan")
     run_id: str | None = None
+    judge: dict[str, Any] | None = None  # the canary judge's verdict (JudgeVerdict.to_dict) when it decided
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -283,6 +293,7 @@ def evaluate_canary(
     since: datetime | None = None,
     churn_events: pd.DataFrame | None = None,
     log_run: bool = True,
+    use_judge: bool | None = None,
     served_since: datetime | None = None,
 ) -> CanaryEvaluation:
     """Compare canary and champion on the logged traffic of ``[since, as_of]``.
@@ -328,8 +339,12 @@ def evaluate_canary(
                                            cfg.evaluation)
                 st.auc, st.recall_at_k = float(m["roc_auc"]), float(m["recall_at_k"])
     verdict, reasons = canary_verdict(stats["champion"], stats["canary"], cfg, score_psi, expected_psi)
+    judged: JudgeVerdict | None = None
+    if cfg.canary.judge.enabled if use_judge is None else use_judge:  # the judge decides instead
+        judged = judge_canary(client, cfg, holders, per_route, events, as_of)
+        verdict, reasons = judge_action(judged, stats["canary"], cfg)
     result = CanaryEvaluation(verdict, reasons, name, versions["champion"], versions["canary"], as_of,
-                              since, stats, score_psi)
+                              since, stats, score_psi, judge=judged.to_dict() if judged else None)
     if log_run:
         with decision_run(cfg, f"canary-evaluate v{versions['canary']}") as run:
             mlflow.set_tags({"decision": verdict, "kind": "canary-evaluate", "model_name": name,
@@ -342,6 +357,9 @@ def evaluate_canary(
                                "max_p99_ratio": sv.max_p99_ratio,
                                "max_score_psi": sv.max_score_psi, "max_auc_drop": sv.max_auc_drop})
             mlflow.log_metrics(metrics_of(result))
+            if judged is not None:
+                mlflow.set_tags({"judge_verdict": judged.verdict,
+                                 "judge_performance": judged.performance_source})
             log_json(result.to_dict(), "decision.json")
             result.run_id = run.info.run_id
         if versions["canary"] is not None:
@@ -376,6 +394,44 @@ def _performance_limits(cfg: ChurnConfig, champ: RouteStats, can: RouteStats) ->
     return auc_limit, max(cfg.evaluation.recall_tolerance, NOISE_Z * se_recall)
 
 
+def judge_canary(client: MlflowClient, cfg: ChurnConfig, holders: dict[str, ModelVersion | None],
+                 per_route: dict[str, pd.DataFrame], churn_events: pd.DataFrame | None,
+                 as_of: datetime) -> JudgeVerdict:
+    """The canary judge on what each route served (``per_route``: prediction-log rows of the
+    champion and the canary route): labels matured by ``as_of`` from ``churn_events`` (none
+    when None), each version's calibration from its training profile (raw scores for a
+    version without one; an outage reading it raises)."""
+    labels = None
+    if churn_events is not None:
+        parts = []
+        for rows in per_route.values():
+            ok = rows[(rows["status"] == "ok") & (rows["customer_id"] >= 0)]
+            if len(ok):
+                parts.append(attach_labels(ok, churn_events, cfg.features.label_horizon_days, as_of))
+        labels = pd.concat(parts)[["request_id", "customer_id", "label"]] if parts else None
+    calibration: dict[str, Any] = {}
+    for route, mv in holders.items():
+        if mv is not None:
+            try:
+                calibration[route] = profile_for_version(client, mv.name, mv.version).get("calibration")
+            except NoProfile:
+                calibration[route] = None
+    return judge(per_route["champion"], per_route["canary"], cfg, labels=labels, calibration=calibration)
+
+
+def judge_action(judged: JudgeVerdict, canary: RouteStats, cfg: ChurnConfig) -> tuple[str, list[str]]:
+    """The canary's ``(promote | wait | rollback, reasons)`` from the judge's verdict: ``wait``
+    without a canary or below ``serving.min_canary_samples`` canary rows, whatever the judge says."""
+    head = (f"judge: {judged.verdict} (score {judged.score:.1f}, performance {judged.performance_source}, "
+            f"confidence {judged.confidence:g})")
+    if canary.version is None:
+        return "wait", [f"no version of '{cfg.training.model_name}' has alias canary", head]
+    if canary.rows < cfg.serving.min_canary_samples:
+        return "wait", [f"canary version {canary.version} has {canary.rows} logged predictions; a verdict "
+                        f"needs serving.min_canary_samples={cfg.serving.min_canary_samples}", head]
+    return ACTIONS[judged.verdict], [head, *judged.reasons]
+
+
 def metrics_of(evaluation: CanaryEvaluation) -> dict[str, float]:
     out: dict[str, float] = {}
     if math.isfinite(evaluation.score_psi):
@@ -386,7 +442,14 @@ def metrics_of(evaluation: CanaryEvaluation) -> dict[str, float]:
             value = float(getattr(st, key))
             if math.isfinite(value):
                 out[f"{r}_{key}"] = value
-    return out
+    if evaluation.judge:
+        out["judge_score"] = evaluation.judge["score"]
+        for m in evaluation.judge["metrics"]:
+            for key in ("statistic", "effect", "p_value"):
+                if m[key] is not None and math.isfinite(m[key]):
+                    out[f"judge_{m['name']}_{key}"] = float(m[key])
+            out[f"judge_{m['name']}_failed"] = float(m["decision"] == "fail")
+    return {k: v for k, v in out.items() if v is not None and math.isfinite(v)}
 
 
 # --------------------------------------------------------------------------- runs, locks
