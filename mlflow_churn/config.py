@@ -372,10 +372,6 @@ class CanaryJudgeConfig(_Section):
         200, ge=2, description="matured labels per arm before AUC / recall@k are realised; fewer = the "
         "label-free estimate (CBPE) of the calibrated scores"
     )
-    bootstrap: int = Field(
-        200, ge=20, le=100_000, description="bootstrap resamples of the standard error of the label-free "
-        "AUC / recall@k estimates (fixed seed: the same rows give the same verdict)"
-    )
     weights: dict[str, float] = Field(
         default_factory=lambda: {"errors": 30.0, "latency": 20.0, "scores": 20.0, "performance": 30.0},
         description="weight of each metric group (errors, latency, scores, performance) in the score: "

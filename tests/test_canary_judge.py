@@ -239,3 +239,22 @@ def test_evaluate_canary_takes_the_judges_verdict_and_logs_it(config, register_v
     on.serving.min_canary_samples = 1000
     ev = evaluate_canary(on, as_of, log_run=False)
     assert ev.verdict == "wait" and ev.judge is not None and "min_canary_samples" in ev.reasons[0]
+
+
+def test_estimate_standard_errors_match_a_bootstrap():
+    from mlflow_churn.serving.judge import estimated_auc_se, estimated_recall_se
+    from mlflow_churn.stats.performance import expected_auc, expected_business
+
+    class TopK:
+        top_k_pct, save_rate, monthly_revenue = 10.0, 0.0, 0.0
+
+    rng = np.random.default_rng(22)
+    p = 1 / (1 + np.exp(-rng.normal(-2.3, 0.8, 800)))
+    auc, se = estimated_auc_se(p)
+    recall, rse = estimated_recall_se(p, 10.0)
+    assert auc == pytest.approx(expected_auc(p), rel=1e-9)
+    assert recall == pytest.approx(expected_business(p, TopK())["recall_at_k"], rel=1e-9)
+    boot = [rng.integers(0, p.size, p.size) for _ in range(400)]
+    b_auc = np.std([expected_auc(p[i]) for i in boot])
+    b_rec = np.std([expected_business(p[i], TopK())["recall_at_k"] for i in boot])
+    assert se == pytest.approx(b_auc, rel=0.15) and rse == pytest.approx(b_rec, rel=0.15)

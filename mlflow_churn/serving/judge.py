@@ -26,17 +26,18 @@ refusal rate is a metric of its own.
 Per metric (:class:`MetricResult`: statistic, effect, p-value, tolerance, decision
 ``pass | fail | nodata``, rows per arm), with ``alpha = 1 - canary.judge.confidence``:
 
-===========  ===========  ==============================================  =============================
-metric       group        test (one-sided unless said)                    effect (bad direction > 0 ...)
-===========  ===========  ==============================================  =============================
-error_rate   errors       two-proportion z, canary higher                 canary rate - champion rate
-refusal_rate errors       two-proportion z, canary higher                 canary rate - champion rate
-latency_ms   latency      Mann-Whitney U (trimmed), canary slower         median ratio - 1
-score        scores       Mann-Whitney U (trimmed), two-sided             P(canary > champion) - 0.5
-auc          performance  z on the difference (realised: Hanley-McNeil    canary - champion (a drop < 0)
-                          SEs; estimate: bootstrap SEs), canary lower
-recall_at_k  performance  z on the difference (binomial / bootstrap SEs)  canary - champion
-===========  ===========  ==============================================  =============================
+============  ===========  ==========================================  ============================
+metric        group        test (one-sided: the canary worse)          effect
+============  ===========  ==========================================  ============================
+error_rate    errors       two-proportion z                            canary rate - champion rate
+refusal_rate  errors       two-proportion z                            canary rate - champion rate
+latency_ms    latency      Mann-Whitney U (trimmed)                    median ratio - 1
+score         scores       Mann-Whitney U (trimmed), two-sided         P(canary > champion) - 0.5
+auc           performance  z on the difference; SEs: Hanley-McNeil     canary - champion
+                           (realised), delta method (estimate)
+recall_at_k   performance  z on the difference; SEs: binomial          canary - champion
+                           (realised), delta method (estimate)
+============  ===========  ==========================================  ============================
 
 A metric **fails** when its test is significant (``p < alpha``) *and* its effect lies beyond
 its tolerance band (``canary.judge.tolerance``) in the bad direction (for ``score``: either
@@ -65,16 +66,14 @@ from scipy import stats as sps
 from mlflow_churn.config import JUDGE_METRIC_GROUPS, CanaryJudgeConfig, ChurnConfig
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.jsonable import jsonable
-from mlflow_churn.stats.metrics import classification_metrics
-from mlflow_churn.stats.performance import auc_standard_error, calibrate, expected_auc, expected_business
+from mlflow_churn.stats.metrics import classification_metrics, top_k_count
+from mlflow_churn.stats.performance import auc_standard_error, calibrate
 
 #: verdict -> the canary's action
 ACTIONS = {"pass": "promote", "marginal": "wait", "fail": "rollback"}
 #: statuses counted on their own and left out of the score comparisons
 NOT_FOUND = ("not_found",)
 REFUSED = ("refused", "rejected")
-#: bootstrap seed of the estimate's standard error (the same rows give the same verdict)
-SEED = 20261206
 
 
 @dataclass
@@ -226,13 +225,9 @@ def _difference(name: str, v0: float, v1: float, se: float, n0: int, n1: int, to
                         f"{source}: {v1:.4f} canary vs {v0:.4f} champion, SE of the difference {se:.4f}")
 
 
-def _estimates(p: np.ndarray, top_k_pct: float) -> tuple[float, float]:
-    return expected_auc(p), expected_business(p, _TopK(top_k_pct))["recall_at_k"]
-
-
 @dataclass
 class _TopK:
-    """The business parameters the recall@k estimate reads (only ``top_k_pct`` matters)."""
+    """The business parameters ``classification_metrics`` reads (only ``top_k_pct`` matters here)."""
 
     top_k_pct: float
     save_rate: float = 0.0
@@ -242,14 +237,48 @@ class _TopK:
     min_segment_size: int = 1
 
 
-def _bootstrap_se(p: np.ndarray, top_k_pct: float, resamples: int, seed: int) -> tuple[float, float]:
-    """Standard errors of the AUC and recall@k estimates of ``p`` over bootstrap resamples of
-    its rows (which customers an arm happened to serve)."""
-    rng = np.random.default_rng(seed)
-    aucs, recalls = np.empty(resamples), np.empty(resamples)
-    for i in range(resamples):
-        aucs[i], recalls[i] = _estimates(p[rng.integers(0, p.size, p.size)], top_k_pct)
-    return float(np.nanstd(aucs, ddof=1)), float(np.nanstd(recalls, ddof=1))
+def estimated_auc_se(p: np.ndarray) -> tuple[float, float]:
+    """The label-free AUC estimate of calibrated scores ``p``
+    (:func:`~mlflow_churn.stats.performance.expected_auc`, the same number) and its standard
+    error over which customers were sampled: the estimate is a ratio of two U-statistics of
+    order 2 (concordant-pair mass over all-pair mass), so its variance is the delta method over
+    their Hajek projections, ``4 / n * var_i((N_i - A M_i) / 2 (n - 1)) / U_D^2`` with ``N_i``,
+    ``M_i`` unit i's pair sums; O(n log n). It matches a bootstrap within a few % (tests)."""
+    s = np.sort(np.clip(np.asarray(p, dtype="float64"), 0.0, 1.0))
+    n = s.size
+    if n < 3:
+        return float("nan"), float("nan")
+    uniq, start, counts = np.unique(s, return_index=True, return_counts=True)
+    pos, neg = np.add.reduceat(s, start), np.add.reduceat(1.0 - s, start)
+    cpos, cneg = np.cumsum(pos), np.cumsum(neg)
+    g = np.repeat(np.arange(uniq.size), counts)
+    above_pos = cpos[-1] - cpos[g]  # sum of p over strictly higher scores
+    below_neg = (cneg - neg)[g]  # sum of 1 - p over strictly lower scores
+    tie_pos, tie_neg = pos[g] - s, neg[g] - (1.0 - s)
+    n_i = (1 - s) * (above_pos + 0.5 * tie_pos) + s * (below_neg + 0.5 * tie_neg)
+    m_i = (1 - s) * (cpos[-1] - s) + s * (cneg[-1] - (1 - s))
+    if m_i.sum() <= 0:
+        return float("nan"), float("nan")
+    auc = float(n_i.sum() / m_i.sum())
+    u_d = m_i.sum() / 2 / (n * (n - 1))
+    h = (n_i - auc * m_i) / (2 * (n - 1))
+    return auc, float(math.sqrt(4.0 / n * np.var(h, ddof=1)) / u_d)
+
+
+def estimated_recall_se(p: np.ndarray, top_k_pct: float) -> tuple[float, float]:
+    """The label-free recall@k estimate of calibrated scores ``p`` (expected churners in the
+    top k over all expected churners, as
+    :func:`~mlflow_churn.stats.performance.expected_business`) and its standard error (delta
+    method; the top-k sum's influence is ``max(p - t, 0)``, ``t`` the k-th score)."""
+    p = np.asarray(p, dtype="float64")
+    n = p.size
+    if n < 3 or not p.sum() > 0:
+        return float("nan"), float("nan")
+    ranked = np.sort(p)[::-1]
+    k = top_k_count(n, top_k_pct)
+    recall = float(ranked[:k].sum() / p.sum())
+    h = np.maximum(p - ranked[k - 1], 0.0) - recall * p
+    return recall, float(math.sqrt(np.var(h, ddof=1) / n) / p.mean())
 
 
 def _estimated(scores: dict[str, np.ndarray], jc: CanaryJudgeConfig, top_k_pct: float, alpha: float,
@@ -261,10 +290,10 @@ def _estimated(scores: dict[str, np.ndarray], jc: CanaryJudgeConfig, top_k_pct: 
         why = f"{min(n0, n1)} scored rows on an arm < canary.judge.min_rows {jc.min_rows}"
         return [_nodata(m, tol[m], n0, n1, crit[m], why, "estimated") for m in ("auc", "recall_at_k")]
     est, se = {}, {}
-    for i, arm in enumerate(("champion", "canary")):
+    for arm in ("champion", "canary"):
         p = calibrate(scores[arm], (calibration or {}).get(arm))
-        est[arm] = _estimates(p, top_k_pct)
-        se[arm] = _bootstrap_se(p, top_k_pct, jc.bootstrap, SEED + i)
+        (auc, se_auc), (recall, se_recall) = estimated_auc_se(p), estimated_recall_se(p, top_k_pct)
+        est[arm], se[arm] = (auc, recall), (se_auc, se_recall)
     return [_difference(m, est["champion"][j], est["canary"][j],
                         math.hypot(se["champion"][j], se["canary"][j]),
                         n0, n1, tol[m], crit[m], alpha, "estimated")
@@ -390,4 +419,5 @@ def judge(champion_rows: pd.DataFrame, canary_rows: pd.DataFrame, cfg: ChurnConf
                         source)
 
 
-__all__ = ["ACTIONS", "JudgeVerdict", "MetricResult", "judge", "trim", "two_proportion_z"]
+__all__ = ["ACTIONS", "JudgeVerdict", "MetricResult", "estimated_auc_se", "estimated_recall_se", "judge", "trim",
+           "two_proportion_z"]
