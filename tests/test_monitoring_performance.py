@@ -139,7 +139,16 @@ def test_segment_auc_is_sklearn_roc_auc_on_the_segments_rows() -> None:
         churners = frame.loc[rows & (frame["label"] == 1).to_numpy(), "customer_id"].nunique()
         customers = frame.loc[rows, "customer_id"].nunique()
         assert (p.churners, p.customers) == (churners, customers)
-        assert p.auc_se == pytest.approx(auc_standard_error(p.auc, churners, customers - churners))
+        # the SE: a bootstrap over customers (a customer's rows together), redone here by resampling
+        seg_ids = frame["customer_id"].to_numpy()[rows]
+        uniq, inverse = np.unique(seg_ids, return_inverse=True)
+        members = [np.flatnonzero(inverse == i) for i in range(uniq.size)]
+        boot = []
+        for _ in range(100):
+            take = np.concatenate([members[i] for i in rng.integers(0, uniq.size, uniq.size)])
+            boot.append(roc_auc_score(y[take], np.asarray(s)[take]))
+        assert p.auc_se == pytest.approx(np.std(boot, ddof=1), rel=0.25)
+        assert p.auc_se < auc_standard_error(p.auc, churners, customers - churners) * 1.2
         by_hand = classification_metrics(y, s, cfg)
         assert p.recall_at_k == pytest.approx(by_hand["recall_at_k"])
         assert p.revenue_lift == pytest.approx(by_hand["revenue_lift"])

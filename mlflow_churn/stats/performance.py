@@ -54,16 +54,20 @@ with AUC_hat of the current scores, both calibrated.
 Per segment (:func:`segment_performance`, one :class:`SegmentPerformance` per key
 ``column=value``):
 
-* realised, on the segment's matured rows: ROC AUC with its Hanley-McNeil SE over distinct
-  customers (:func:`auc_check`); recall@k and revenue lift as the evaluation defines them
-  (:func:`~mlflow_churn.stats.metrics.classification_metrics` on the segment's rows, its own
-  top k%) with standard errors from binomial counts over customers (a customer's rows move
-  together): recall@k r = A / (A + B) with A = r P churners in the top k and B = (1 - r) P
-  outside it (P distinct churners), each binomial, so SE(r) = r (1 - r) sqrt((1 - q) / A +
-  (1 - q') / B) with q the precision in the top k and q' the churn rate below it (the delta
-  method; sqrt(r (1 - r) / P) when A or B is 0); SE(revenue lift) = value / n *
-  sqrt(c (k q (1 - q) + k^2 b (1 - b) / n)), b the base rate, value = save_rate x
-  monthly_revenue, c = rows per customer (a binomial count of customers scaled to rows);
+* realised, on the segment's matured rows: ROC AUC with its standard error from a Poisson
+  bootstrap over customers (:func:`clustered_auc_se`: a customer's rows on the window's
+  cutoffs share one weight; the Hanley-McNeil error over distinct customers, which the
+  population's check uses, overstated it by ~40% on the simulator: 0.021 against a bootstrap
+  0.015 for ``region=pacific`` with 40,000 customers); recall@k and revenue lift as the
+  evaluation defines them (:func:`~mlflow_churn.stats.metrics.classification_metrics` on
+  the segment's rows, its own top k%), with standard errors from binomial counts over
+  customers (a customer's rows move together). Recall@k is r = A / (A + B), A = r P
+  churners in the top k and B = (1 - r) P outside it (P distinct churners), each binomial,
+  so SE(r) = r (1 - r) sqrt((1 - q) / A + (1 - q') / B), q the precision in the top k and
+  q' the churn rate below it (the delta method; sqrt(r (1 - r) / P) when A or B is 0).
+  SE(revenue lift) = value / n * sqrt(c (k q (1 - q) + k^2 b (1 - b) / n)), b the base
+  rate, value = save_rate x monthly_revenue, c = rows per customer (a binomial count of
+  customers scaled to rows);
 * estimated, on the segment's current rows: AUC_hat of the calibrated scores with SE =
   Hanley-McNeil at the expected class counts over distinct customers (sum of p / c and
   sum of (1 - p) / c): the spread of the AUC these customers' labels will show if the CBPE
@@ -98,7 +102,7 @@ from mlflow_churn.stats.metrics import (
     scalar_metrics,
     top_k_count,
 )
-from mlflow_churn.stats.uncertainty import segment_z
+from mlflow_churn.stats.uncertainty import customer_weights, segment_z, weighted_auc
 
 
 def expected_auc(scores: Any) -> float:
@@ -421,12 +425,8 @@ def _fill_realised(p: SegmentPerformance, y: np.ndarray, s: np.ndarray, ids: np.
     if neg == 0 or y.sum() == y.size:
         p.reason = "every customer churned: no AUC"
         return
-    check = auc_check(y, s, ids, None, None, 0.0)
-    if check is None:
-        p.reason = "one class only: no AUC"
-        return
-    p.auc, p.auc_se = check.auc, check.se
     m = classification_metrics(y, s, eval_cfg)
+    p.auc, p.auc_se = float(m["roc_auc"]), clustered_auc_se(y, s, ids)
     r, n, k = float(m["recall_at_k"]), float(y.size), float(m["k"])
     c = n / max(p.customers, 1)
     q, b = float(m["precision_at_k"]), float(m["base_rate"])
@@ -438,6 +438,25 @@ def _fill_realised(p: SegmentPerformance, y: np.ndarray, s: np.ndarray, ids: np.
     value = eval_cfg.save_rate * eval_cfg.monthly_revenue
     p.revenue_lift = float(m["revenue_lift"])
     p.revenue_lift_se = value / n * math.sqrt(c * (k * q * (1 - q) + k * k * b * (1 - b) / n))
+
+
+#: bootstrap replicates of a segment's AUC standard error, computed this many at a time
+SEGMENT_REPLICATES, _REPLICATE_CHUNK = 100, 20
+
+
+def clustered_auc_se(labels: Any, scores: Any, customer_ids: Any, replicates: int = SEGMENT_REPLICATES,
+                     seed: int = 0) -> float:
+    """Standard error of the ROC AUC of ``scores`` on ``labels`` from a Poisson bootstrap over
+    customers (:func:`~mlflow_churn.stats.uncertainty.customer_weights`: a customer's rows share
+    a weight), drawn and computed a chunk of replicates at a time to bound memory (chunk ``i``
+    seeded ``seed + i``); NaN when fewer than 10 replicates have both classes."""
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype="float64")
+    ids = np.asarray(customer_ids)
+    chunks = [(i, min(_REPLICATE_CHUNK, replicates - i)) for i in range(0, replicates, _REPLICATE_CHUNK)]
+    aucs = np.concatenate([weighted_auc(y, s, customer_weights(ids, n, seed + i)) for i, n in chunks])
+    aucs = aucs[np.isfinite(aucs)]
+    return float(np.std(aucs, ddof=1)) if aucs.size >= 10 else float("nan")
 
 
 def _fill_estimate(p: SegmentPerformance, calibrated: np.ndarray, ids: np.ndarray, min_rows: int,
