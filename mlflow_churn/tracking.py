@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import urllib.error
@@ -303,6 +304,26 @@ def _end_run_failed(cfg: ChurnConfig, run_id: str) -> bool:
     return ok
 
 
+def _cleanup_after(error: BaseException, cleanup: Callable[[], Any]) -> None:
+    """Run the cleanup of a block that raised ``error``. After an interrupt (Ctrl-C's
+    KeyboardInterrupt, SIGTERM's SystemExit) the store may still be settling what the signal
+    cut short (an SQLAlchemy flush, a SQLite transaction): a cleanup that fails is tried once
+    more, then logged, and the interrupt goes on - it is never replaced by the cleanup's
+    error (the command must still end as interrupted, exit 130). After an ordinary error a
+    failing cleanup raises, as before."""
+    interrupted = not isinstance(error, Exception)
+    for attempt in range(2 if interrupted else 1):
+        try:
+            cleanup()
+            return
+        except Exception as exc:
+            if not interrupted:
+                raise
+            if attempt == 1:
+                logging.getLogger(__name__).warning(
+                    "after %s, ending the run failed: %s", type(error).__name__, first_line(exc))
+
+
 def _terminate_failed(cfg: ChurnConfig, client: MlflowClient, run_id: str) -> bool:
     """:func:`_end_run_failed` for a run made with explicit client calls (no fluent state)."""
     ok = _cleanup(cfg, f"marking run {run_id} FAILED", lambda: client.set_terminated(run_id, "FAILED"),
@@ -321,9 +342,9 @@ def failed_on_error(cfg: ChurnConfig) -> Iterator[None]:
     run = mlflow.active_run()
     try:
         yield
-    except BaseException:
+    except BaseException as exc:
         if run is not None:
-            _end_run_failed(cfg, run.info.run_id)
+            _cleanup_after(exc, lambda: _end_run_failed(cfg, run.info.run_id))
         raise
 
 
@@ -557,8 +578,8 @@ def client_run(client: MlflowClient, cfg: ChurnConfig, run_name: str, *, experim
     _mark_kind(client, experiment_id)  # after the run: a dead server fails the run, not this
     try:
         yield run_id
-    except BaseException:
-        _terminate_failed(cfg, client, run_id)
+    except BaseException as exc:
+        _cleanup_after(exc, lambda: _terminate_failed(cfg, client, run_id))
         raise
     client.set_terminated(run_id, "FINISHED")
 

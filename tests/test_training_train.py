@@ -259,3 +259,38 @@ def _running_runs(db: Path) -> list:
         return list(client.search_runs(exps, "attributes.status = 'RUNNING'", max_results=100))
     except Exception:  # the store is being created by the command: ask again
         return []
+
+
+def test_an_interrupt_is_not_replaced_by_a_failing_cleanup(config: ChurnConfig, monkeypatch) -> None:
+    """Ctrl-C inside a run's block: ending the run FAILED may itself fail while the store settles
+    what the signal cut short (seen as an SQLAlchemy autoflush error: exit 2 instead of 130).
+    The cleanup is tried again, and the KeyboardInterrupt goes on either way; an ordinary
+    error's failing cleanup still raises."""
+    from mlflow.exceptions import MlflowException
+
+    from mlflow_churn.tracking import client_run
+
+    exp_id = setup_mlflow(config)
+    client = MlflowClient(config.mlflow_tracking_uri)
+    real = client.set_terminated
+    failures = {"left": 1}
+
+    def flaky(run_id, status=None, *args, **kwargs):
+        if status == "FAILED" and failures["left"] > 0:
+            failures["left"] -= 1
+            raise MlflowException("(raised as a result of Query-invoked autoflush)")
+        return real(run_id, status, *args, **kwargs)
+
+    monkeypatch.setattr(client, "set_terminated", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        with client_run(client, config, "interrupted", experiment_id=exp_id) as run_id:
+            raise KeyboardInterrupt
+    assert client.get_run(run_id).info.status == "FAILED"  # the second attempt ended it
+    failures["left"] = 5
+    with pytest.raises(KeyboardInterrupt):  # both attempts fail: still the interrupt
+        with client_run(client, config, "interrupted twice", experiment_id=exp_id):
+            raise KeyboardInterrupt
+    failures["left"] = 1
+    with pytest.raises(MlflowException, match="autoflush"):  # an ordinary error: as before
+        with client_run(client, config, "failed", experiment_id=exp_id):
+            raise ValueError("boom")
