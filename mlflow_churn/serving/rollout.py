@@ -34,10 +34,9 @@ lock when the tracking store is PostgreSQL, else ``fcntl`` on
 ``<workspace>/locks/rollout/``) and re-reads the state after taking it, so the second finds
 the step the first just started and waits for its bake.
 
-The judge is a callback ``judge(cfg, as_of, served_since, record) -> JudgeOutcome``;
-:func:`canary_judge` maps the canary verdict of
-:func:`mlflow_churn.serving.canary.evaluate_canary` onto it (promote -> pass,
-rollback -> fail, wait -> insufficient).
+The judge is a callback ``judge(cfg, as_of, served_since, record) -> JudgeOutcome``, by
+default :func:`canary_judge`: the statistical canary judge (:mod:`mlflow_churn.serving.judge`)
+on the step's own traffic, through :func:`mlflow_churn.serving.canary.evaluate_canary`.
 """
 
 from __future__ import annotations
@@ -113,17 +112,22 @@ class JudgeOutcome:
 #: the signed canary decision (only asked for before a promotion)
 Judge = Callable[[ChurnConfig, datetime, datetime, bool], JudgeOutcome]
 
-_FROM_CANARY: dict[str, Verdict] = {"promote": "pass", "rollback": "fail", "wait": "insufficient"}
-
-
 def canary_judge(cfg: ChurnConfig, as_of: datetime, served_since: datetime, record: bool) -> JudgeOutcome:
-    """The judge over :func:`~mlflow_churn.serving.canary.evaluate_canary` (the rows served
-    since ``served_since``): promote -> pass, rollback -> fail, wait -> insufficient (it
-    waits only for ``serving.min_canary_samples``). With ``record`` the evaluation is a run
-    and its verdict is signed on the canary version."""
-    ev = evaluate_canary(cfg, as_of, None, log_run=record, served_since=served_since)
-    return JudgeOutcome(_FROM_CANARY[ev.verdict], list(ev.reasons),
-                        {r: st.rows for r, st in ev.routes.items()}, ev, run_id=ev.run_id)
+    """The canary judge (:mod:`mlflow_churn.serving.judge`, through
+    :func:`~mlflow_churn.serving.canary.evaluate_canary` with ``use_judge=True``) on the rows
+    served since ``served_since``: its pass | marginal | fail, or ``insufficient`` while the
+    canary has fewer than ``serving.min_canary_samples`` logged predictions (no verdict yet).
+    With ``record`` the evaluation is a run and its verdict (pass = promote) is signed on the
+    canary version: the decision the guard and the promotion read."""
+    ev = evaluate_canary(cfg, as_of, None, log_run=record, use_judge=True, served_since=served_since)
+    rows = {r: st.rows for r, st in ev.routes.items()}
+    judged = ev.judge or {}
+    verdict: Verdict
+    if ev.canary_version is None or rows.get("canary", 0) < cfg.serving.min_canary_samples or not judged:
+        verdict = "insufficient"
+    else:
+        verdict = judged["verdict"]
+    return JudgeOutcome(verdict, list(ev.reasons), rows, ev, run_id=ev.run_id)
 
 
 # --------------------------------------------------------------------------- the state
