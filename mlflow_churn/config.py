@@ -355,7 +355,7 @@ class CanaryJudgeConfig(_Section):
     )
     tolerance: dict[str, float] = Field(
         default_factory=lambda: {"error_rate": 0.005, "refusal_rate": 0.01, "latency_ms": 0.25,
-                                 "score": 0.1, "auc": 0.02, "recall_at_k": 0.05},
+                                 "score": 0.05, "auc": 0.02, "recall_at_k": 0.05},
         description="per metric, the effect inside which a difference is not a failure: error_rate / "
         "refusal_rate absolute increase of the rate; latency_ms relative increase of the median "
         "(0.25 = 25 %); score |P(canary score > champion score) - 0.5|; auc / recall_at_k absolute drop; "
@@ -367,6 +367,10 @@ class CanaryJudgeConfig(_Section):
     )
     min_rows: int = Field(
         50, ge=2, description="rows an arm needs for a metric; fewer = NODATA for that metric (never a pass)"
+    )
+    min_churners: float = Field(
+        10.0, ge=1, description="churners an arm needs for AUC / recall@k (realised: labelled positives; "
+        "estimate: the sum of its calibrated scores); fewer = NODATA for both"
     )
     min_labelled: int = Field(
         200, ge=2, description="matured labels per arm before AUC / recall@k are realised; fewer = the "

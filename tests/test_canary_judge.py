@@ -46,6 +46,22 @@ def test_two_proportion_z_matches_hand_numbers():
     assert z < 0 and p > 0.99
 
 
+def test_rate_band_test_matches_hand_numbers(cfg):
+    # 2/1000 champion vs 40/1000 canary errors: effect 0.038, unpooled SE
+    # sqrt(0.002 * 0.998 / 1000 + 0.04 * 0.96 / 1000) = 0.0063561; against the 0.005 band edge
+    # z = (0.038 - 0.005) / 0.0063561 = 5.1918
+    champ = pd.DataFrame({"status": ["error"] * 2 + ["ok"] * 998, "score": 0.1, "latency_ms": 5.0})
+    can = pd.DataFrame({"status": ["error"] * 40 + ["ok"] * 960, "score": 0.1, "latency_ms": 5.0})
+    m = judge(champ, can, cfg).metric("error_rate")
+    se = math.sqrt(0.002 * 0.998 / 1000 + 0.04 * 0.96 / 1000)
+    assert m.effect == pytest.approx(0.038) and se == pytest.approx(0.0063561, rel=1e-4)
+    assert m.p_band == pytest.approx(sps.norm.sf((0.038 - 0.005) / se), rel=1e-9) and m.decision == "fail"
+    # 1 error in 100 canary requests vs 1 in 900: significant-looking, inside what the band allows
+    small = judge(champ.iloc[:900].assign(status=["error"] + ["ok"] * 899),
+                  can.iloc[:100].assign(status=["error"] + ["ok"] * 99), cfg).metric("error_rate")
+    assert small.decision == "pass" and small.p_band > 0.2
+
+
 def test_mann_whitney_matches_scipy_on_trimmed_values(cfg):
     champ, can = arm(400, 1), arm(400, 2, latency=23.0, score_shift=0.02)
     v = judge(champ, can, cfg)
@@ -61,6 +77,12 @@ def test_mann_whitney_matches_scipy_on_trimmed_values(cfg):
     assert v.metric("score").effect == pytest.approx(v.metric("score").statistic / (392 * 392) - 0.5)
     lat = v.metric("latency_ms")
     assert lat.effect == pytest.approx(lat.canary / lat.champion - 1)
+    # the decision's test: the canary against the champion's latencies x (1 + tolerance)
+    a = trim(champ["latency_ms"].to_numpy(), frac)
+    b = trim(can["latency_ms"].to_numpy(), frac)
+    tol = cfg.canary.judge.tolerance["latency_ms"]
+    assert lat.p_band == pytest.approx(sps.mannwhitneyu(b, a * (1 + tol), alternative="greater").pvalue)
+    assert lat.p_value < lat.p_band
     assert len(trim(np.arange(100.0), 0.05)) == 90 and trim(np.arange(100.0), 0.05)[0] == 5.0
 
 
@@ -258,3 +280,22 @@ def test_estimate_standard_errors_match_a_bootstrap():
     b_auc = np.std([expected_auc(p[i]) for i in boot])
     b_rec = np.std([expected_business(p[i], TopK())["recall_at_k"] for i in boot])
     assert se == pytest.approx(b_auc, rel=0.15) and rse == pytest.approx(b_rec, rel=0.15)
+
+
+# --------------------------------------------------------------------------- backtest
+def test_backtest_aa_passes_and_bad_model_rolls_back(workspace, small_data, churn_main):
+    """`churn canary backtest` on the shared small dataset: real models, few replays."""
+    (workspace / "data").symlink_to(small_data)
+    res = churn_main(["--workspace", str(workspace), "canary", "backtest", "--scenario", "aa", "--scenario",
+                      "bad_model", "--scenario", "bad_feature", "--replays", "6", "--json"])
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    by = {s["scenario"]: s for s in out["scenarios"]}
+    assert set(by) == {"aa", "bad_model", "bad_feature"} and out["min_requests"] == 500
+    assert set(out["holdout_auc"]) == {"champion", "good", "bad_model", "bad_feature"}
+    assert by["aa"]["promoted"] >= 5 / 6 and by["aa"]["rolled_back"] <= 1 / 6
+    for bad in ("bad_model", "bad_feature"):
+        assert by[bad]["rolled_back"] == 1.0 and by[bad]["requests_median"] <= out["min_requests"]
+        assert by[bad]["failed_metrics"]
+    for s in by.values():
+        assert s["promoted"] + s["rolled_back"] + s["paused"] == pytest.approx(1.0)

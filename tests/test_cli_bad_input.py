@@ -67,6 +67,8 @@ BAD: dict[str, list[tuple[list[str], str]]] = {
                       (["--since", "whenever"], "whenever")],
     "canary evaluate": [(["--as-of", "nope"], "nope"), (["--since", "whenever"], "whenever")],
     "canary auto": [(["--as-of", "nope"], "nope"), (["--since", "whenever"], "whenever")],
+    "canary backtest": [(["--scenario", "chaos"], "chaos"), (["--replays", "0"], "--replays"),
+                        (["--replays", "many"], "many")],
     "canary promote": [([], "--reason"), (["--reason", "r", "--version", "abc"], "'abc'"),
                        (["--reason", "r", "--version", "0"], "'0'"),
                        (["--reason", "r", "--version", "١٢"], "--version")],

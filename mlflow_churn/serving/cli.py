@@ -319,6 +319,50 @@ def canary_resume_cmd(
         _print_tick(res)
 
 
+@canary_app.command("backtest")
+def canary_backtest_cmd(
+    ctx: typer.Context,
+    scenario: list[str] = typer.Option(None, "--scenario", help="good | bad_feature | bad_model | aa; repeat "
+                                       "for several (default: all four)."),
+    replays: int = typer.Option(200, "--replays",
+                                help="Simulated first rollout steps per scenario (1..100000)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the models and the replayed traffic."),
+    as_json: bool = JSON_OPTION,
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Replay simulated traffic through the canary judge: per scenario the share promoted / rolled
+    back / paused at the rollout's first step and the canary requests the decision needed (the
+    workspace's data; models trained on it)."""
+    from mlflow_churn.cli_common import rich_progress
+    from mlflow_churn.serving.judge_backtest import SCENARIOS, judge_backtest
+
+    chosen = tuple(scenario) if scenario else SCENARIOS
+    bad = [s for s in chosen if s not in SCENARIOS]
+    if bad:
+        raise ChurnError(f"--scenario must be one of {', '.join(SCENARIOS)}, got '{bad[0]}'")
+    if not 1 <= replays <= 100_000:
+        raise ChurnError(f"--replays must be between 1 and 100000, got {replays}")
+    cfg = get_config(ctx)
+    res = judge_backtest(cfg, cfg.data_dir, chosen, replays, seed=seed,
+                         progress=rich_progress if progress and not as_json else None)
+    if as_json:
+        print_json(res.to_dict())
+        return
+    table = Table(title=f"canary judge backtest: first step at {res.canary_weight:g} % weight, "
+                  f"{res.min_requests} canary requests ({res.champion_requests} champion), a look every "
+                  f"{res.look_every}")
+    for col in ("scenario", "replays", "promoted", "rolled back", "paused", "requests (median)",
+                "rollback requests (median)", "metrics failed at rollback"):
+        table.add_column(col)
+    for s in res.scenarios:
+        table.add_row(s.scenario, str(s.replays), f"{s.promoted:.1%}", f"{s.rolled_back:.1%}",
+                      f"{s.paused:.1%}", _num(s.requests_median), _num(s.rollback_requests_median),
+                      ", ".join(f"{k} {v}" for k, v in sorted(s.failed_metrics.items())) or "-")
+    console.print(table)
+    console.print(f"bad_feature: {res.feature} x {res.feature_scale:g}; AUC on matured holdout labels: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in res.holdout_auc.items()))
+
+
 def serve_cmd(
     ctx: typer.Context,
     host: str = typer.Option(None, "--host", help=from_config("Bind address.", "serving.host")),

@@ -39,10 +39,16 @@ recall_at_k   performance  z on the difference; SEs: binomial          canary - 
                            (realised), delta method (estimate)
 ============  ===========  ==========================================  ============================
 
-A metric **fails** when its test is significant (``p < alpha``) *and* its effect lies beyond
-its tolerance band (``canary.judge.tolerance``) in the bad direction (for ``score``: either
-direction); a difference inside the band passes however significant. **NODATA** when an arm has
-fewer than ``canary.judge.min_rows`` rows for the metric: explicit, and never counted as a pass.
+``p_value`` is the test of "no difference". A metric **fails** when its effect lies beyond its
+tolerance band (``canary.judge.tolerance``) in the bad direction (for ``score``: either
+direction) *significantly*: the test of "the effect is inside the band" is rejected,
+``p_band < alpha`` (Kayenta's rule: the effect's confidence bound at ``confidence`` lies
+beyond the band). For the rates and AUC / recall@k that is a z test of ``effect`` against the
+band edge; for latency the Mann-Whitney U of the canary against the champion's latencies x
+(1 + tolerance); for scores the normal approximation of U against 0.5 +- tolerance (two-sided).
+A difference inside the band passes however significant. **NODATA** when an arm has
+fewer than ``canary.judge.min_rows`` rows for the metric (AUC / recall@k: fewer than
+``canary.judge.min_churners`` churners, expected or labelled): explicit, never a pass.
 
 Verdict (Kayenta's shape): each group's share of passed metrics (NODATA metrics left out),
 weighted by ``canary.judge.weights``, gives a score 0-100; ``pass`` at >= ``pass_score``,
@@ -85,7 +91,7 @@ class MetricResult:
     group: str
     statistic: float
     effect: float
-    p_value: float
+    p_value: float  # the test of "no difference"
     tolerance: float
     decision: str  # pass | fail | nodata
     n_champion: int
@@ -93,6 +99,7 @@ class MetricResult:
     champion: float = float("nan")  # the metric's value on each arm (rate, median, AUC...)
     canary: float = float("nan")
     critical: bool = False
+    p_band: float = float("nan")  # the test of "the effect is inside the band": decides the metric
     source: str = ""  # auc / recall_at_k: realised | estimated; else the test's name
     reason: str = ""
 
@@ -131,7 +138,7 @@ class JudgeVerdict:
         """The finite numbers of the verdict, flat, for ``mlflow.log_metrics``."""
         out = {f"{prefix}score": self.score}
         for m in self.metrics:
-            for key in ("statistic", "effect", "p_value", "champion", "canary"):
+            for key in ("statistic", "effect", "p_value", "p_band", "champion", "canary"):
                 value = float(getattr(m, key))
                 if math.isfinite(value):
                     out[f"{prefix}{m.name}_{key}"] = value
@@ -166,8 +173,10 @@ def _nodata(name: str, tol: float, n0: int, n1: int, critical: bool, why: str,
                         "nodata", n0, n1, critical=critical, source=source, reason=why)
 
 
-def _decide(significant: bool, beyond: bool) -> str:
-    return "fail" if significant and beyond else "pass"
+def _decide(p_band: float, alpha: float) -> str:
+    """``fail`` when "the effect lies inside the band" is rejected at ``alpha``: the effect's
+    one-sided confidence bound lies beyond the tolerance (Kayenta's rule)."""
+    return "fail" if p_band < alpha else "pass"
 
 
 def _rate_metric(name: str, champ: pd.DataFrame, can: pd.DataFrame, hit: tuple[str, ...],
@@ -181,9 +190,11 @@ def _rate_metric(name: str, champ: pd.DataFrame, can: pd.DataFrame, hit: tuple[s
     z, p = two_proportion_z(x0, n0, x1, n1)
     r0, r1 = x0 / n0, x1 / n1
     effect = r1 - r0
-    decision = _decide(p < alpha, effect > tol)
-    return MetricResult(name, JUDGE_METRIC_GROUPS[name], z, effect, p, tol, decision, n0, n1, r0, r1,
-                        critical, "two-proportion z", f"{x1}/{n1} canary vs {x0}/{n0} champion")
+    se = math.sqrt(r0 * (1 - r0) / n0 + r1 * (1 - r1) / n1)  # unpooled: the band edge is not 0
+    p_band = float(sps.norm.sf((effect - tol) / se)) if se > 0 else (0.0 if effect > tol else 1.0)
+    return MetricResult(name, JUDGE_METRIC_GROUPS[name], z, effect, p, tol, _decide(p_band, alpha), n0, n1,
+                        r0, r1, critical, p_band, "two-proportion z",
+                        f"{x1}/{n1} canary vs {x0}/{n0} champion")
 
 
 def _mann_whitney(name: str, champ: np.ndarray, can: np.ndarray, jc: CanaryJudgeConfig,
@@ -195,19 +206,21 @@ def _mann_whitney(name: str, champ: np.ndarray, can: np.ndarray, jc: CanaryJudge
                        f"{min(champ.size, can.size)} values on an arm < canary.judge.min_rows {jc.min_rows}",
                        "Mann-Whitney U")
     a, b = trim(champ, jc.trim), trim(can, jc.trim)
+    m0, m1 = float(np.median(a)), float(np.median(b))
     if name == "latency_ms":
         res = sps.mannwhitneyu(b, a, alternative="greater")
-        m0, m1 = float(np.median(a)), float(np.median(b))
         effect = m1 / m0 - 1 if m0 > 0 else (0.0 if m1 == m0 else math.inf)
-        beyond = effect > tol
+        # the band edge: the canary slower than the champion x (1 + tolerance)?
+        p_band = float(sps.mannwhitneyu(b, a * (1 + tol), alternative="greater").pvalue)
     else:  # score: any shift of the distribution, either way
         res = sps.mannwhitneyu(b, a, alternative="two-sided")
-        m0, m1 = float(np.median(a)), float(np.median(b))
         effect = float(res.statistic) / (a.size * b.size) - 0.5
-        beyond = abs(effect) > tol
+        # |P(canary > champion) - 0.5| beyond the band, either side (normal approximation of U)
+        se = math.sqrt((a.size + b.size + 1) / (12.0 * a.size * b.size))
+        p_band = min(1.0, 2 * float(sps.norm.sf((abs(effect) - tol) / se)))
     p = float(res.pvalue)
     return MetricResult(name, JUDGE_METRIC_GROUPS[name], float(res.statistic), float(effect), p, tol,
-                        _decide(p < alpha, beyond), int(champ.size), int(can.size), m0, m1, critical,
+                        _decide(p_band, alpha), int(champ.size), int(can.size), m0, m1, critical, p_band,
                         "Mann-Whitney U", f"medians {m1:.4g} canary vs {m0:.4g} champion (trimmed "
                         f"{jc.trim:g} per tail)")
 
@@ -220,8 +233,9 @@ def _difference(name: str, v0: float, v1: float, se: float, n0: int, n1: int, to
                        source)
     z = effect / se if se > 0 else (0.0 if effect == 0 else math.copysign(math.inf, effect))
     p = float(sps.norm.cdf(z))  # one-sided: the canary is worse
+    p_band = float(sps.norm.cdf((effect + tol) / se)) if se > 0 else (0.0 if -effect > tol else 1.0)
     return MetricResult(name, JUDGE_METRIC_GROUPS[name], float(z), float(effect), p, tol,
-                        _decide(p < alpha, -effect > tol), n0, n1, v0, v1, critical, source,
+                        _decide(p_band, alpha), n0, n1, v0, v1, critical, p_band, source,
                         f"{source}: {v1:.4f} canary vs {v0:.4f} champion, SE of the difference {se:.4f}")
 
 
@@ -290,8 +304,14 @@ def _estimated(scores: dict[str, np.ndarray], jc: CanaryJudgeConfig, top_k_pct: 
         why = f"{min(n0, n1)} scored rows on an arm < canary.judge.min_rows {jc.min_rows}"
         return [_nodata(m, tol[m], n0, n1, crit[m], why, "estimated") for m in ("auc", "recall_at_k")]
     est, se = {}, {}
+    calibrated = {arm: calibrate(scores[arm], (calibration or {}).get(arm)) for arm in scores}
+    churners = min(float(p.sum()) for p in calibrated.values())
+    if churners < jc.min_churners:
+        why = (f"{churners:.1f} expected churners (sum of calibrated scores) on an arm < "
+               f"canary.judge.min_churners {jc.min_churners:g}")
+        return [_nodata(m, tol[m], n0, n1, crit[m], why, "estimated") for m in ("auc", "recall_at_k")]
     for arm in ("champion", "canary"):
-        p = calibrate(scores[arm], (calibration or {}).get(arm))
+        p = calibrated[arm]
         (auc, se_auc), (recall, se_recall) = estimated_auc_se(p), estimated_recall_se(p, top_k_pct)
         est[arm], se[arm] = (auc, recall), (se_auc, se_recall)
     return [_difference(m, est["champion"][j], est["canary"][j],
@@ -302,6 +322,12 @@ def _estimated(scores: dict[str, np.ndarray], jc: CanaryJudgeConfig, top_k_pct: 
 
 def _realised(labelled: dict[str, pd.DataFrame], jc: CanaryJudgeConfig, top_k_pct: float,
               alpha: float) -> list[MetricResult]:
+    n0, n1 = len(labelled["champion"]), len(labelled["canary"])
+    churners = min(int(rows["label"].sum()) for rows in labelled.values())
+    if churners < jc.min_churners:
+        why = f"{churners} labelled churners on an arm < canary.judge.min_churners {jc.min_churners:g}"
+        return [_nodata(m, jc.tolerance.get(m, 0.0), n0, n1, m in jc.critical, why, "realised")
+                for m in ("auc", "recall_at_k")]
     vals: dict[str, dict[str, float]] = {}
     for arm, rows in labelled.items():
         y, s = rows["label"].to_numpy(), rows["score"].to_numpy(float)
@@ -311,7 +337,6 @@ def _realised(labelled: dict[str, pd.DataFrame], jc: CanaryJudgeConfig, top_k_pc
         vals[arm] = {"auc": auc, "recall_at_k": recall,
                      "se_auc": auc_standard_error(auc, pos, len(y) - pos),
                      "se_recall": math.sqrt(max(recall * (1 - recall), 0.0) / pos) if pos else float("nan")}
-    n0, n1 = len(labelled["champion"]), len(labelled["canary"])
     c, k = vals["champion"], vals["canary"]
     return [
         _difference("auc", c["auc"], k["auc"], math.hypot(c["se_auc"], k["se_auc"]), n0, n1,
@@ -410,8 +435,8 @@ def judge(champion_rows: pd.DataFrame, canary_rows: pd.DataFrame, cfg: ChurnConf
     reasons.append(f"score {score:.1f} (pass >= {jc.pass_score:g}, marginal >= {jc.marginal_score:g})")
     for m in metrics:
         if m.decision == "fail":
-            reasons.append(f"{m.name} failed: effect {m.effect:+.4g} beyond tolerance {m.tolerance:g}, "
-                           f"p {m.p_value:.3g} < {alpha:.3g} ({m.reason})")
+            reasons.append(f"{m.name} failed: effect {m.effect:+.4g} beyond tolerance {m.tolerance:g} "
+                           f"(p {m.p_band:.3g} < {alpha:.3g} against the band edge; {m.reason})")
         elif m.decision == "nodata":
             reasons.append(f"{m.name}: NODATA ({m.reason})")
     rows = {a: len(kept[a]) for a in arms}
@@ -419,5 +444,5 @@ def judge(champion_rows: pd.DataFrame, canary_rows: pd.DataFrame, cfg: ChurnConf
                         source)
 
 
-__all__ = ["ACTIONS", "JudgeVerdict", "MetricResult", "estimated_auc_se", "estimated_recall_se", "judge", "trim",
-           "two_proportion_z"]
+__all__ = ["ACTIONS", "JudgeVerdict", "MetricResult", "estimated_auc_se", "estimated_recall_se", "judge",
+           "trim", "two_proportion_z"]
