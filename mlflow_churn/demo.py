@@ -1,9 +1,11 @@
 """`make demo`: the whole loop, end to end, on embedded defaults.
 
 simulate (usage + segment shift) -> materialize -> train a champion -> gate -> promote ->
-days pass, weekly monitoring -> the policy asks for a retrain -> retrain (train + gate) ->
-canary with simulated traffic through the real scoring service -> canary analysis ->
-promotion. Every step is an MLflow run in ``<workspace>/mlflow.db``.
+days pass, weekly monitoring -> the last window as production runs it: ``churn scheduler
+--once`` materializes, monitors (the policy asks for a retrain; its decision is an alert) and
+retrains (train + gate) -> canary with simulated traffic through the real scoring service ->
+canary analysis -> promotion -> the alert delivered to a local receiver the demo started.
+Every step is an MLflow run in ``<workspace>/mlflow.db``.
 
 The story's dates (day indexes from ``start``): the champion is trained at ``champion_day``
 (its window ends ``horizon + holdout`` days earlier, all before the drift), the drift
@@ -25,6 +27,7 @@ import httpx
 import numpy as np
 from rich.table import Table
 
+from mlflow_churn.alerts.receiver import AlertReceiver
 from mlflow_churn.cli_common import make_console, rich_progress
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.data.simulator import SimulationSpec, simulate
@@ -78,18 +81,47 @@ class DemoReport:
         console.print(f"[bold green]✓[/] {step}: {outcome}  [dim]{evidence}[/]")
 
 
-def demo_config(workspace: Path, spec: DemoSpec) -> ChurnConfig:
-    """The embedded defaults, with the two demo choices spelled out.
+def demo_overrides(spec: DemoSpec, alert_url: str | None = None) -> dict[str, object]:
+    """The demo's choices over the embedded defaults (dotted keys).
 
     ``monitoring.policy.drift_alone = retrain``: drift alone triggers a retrain (the default,
     ``investigate``, waits for evidence of lost performance). ``training.n_trials`` is kept
-    small so the demo finishes in minutes.
+    small so the demo finishes in minutes. ``alert_url``: the local receiver the alerts go to
+    (``alerts.webhook_url``). The scheduler runs materialize, monitor and retrain (not the
+    freshness check: the demo's batch is as old as its simulated data).
     """
-    return load_config(workspace=workspace, overrides={
+    found: dict[str, object] = {
         "training.n_trials": spec.n_trials,
         "monitoring.policy.drift_alone": "retrain",
         "serving.min_canary_samples": spec.min_canary_samples,
-    })
+        "scheduler.freshness.enabled": False,
+    }
+    if alert_url:
+        found["alerts.webhook_url"] = alert_url
+    return found
+
+
+def demo_config(workspace: Path, spec: DemoSpec, alert_url: str | None = None) -> ChurnConfig:
+    """The embedded defaults with :func:`demo_overrides`."""
+    return load_config(workspace=workspace, overrides=demo_overrides(spec, alert_url))
+
+
+def write_demo_config(path: Path, spec: DemoSpec, alert_url: str | None = None) -> Path:
+    """:func:`demo_overrides` as a YAML file: the config the scheduler's jobs load (they run as
+    `churn scheduler --once` would, from a config file and the workspace)."""
+    import yaml
+
+    tree: dict[str, object] = {}
+    for dotted, value in demo_overrides(spec, alert_url).items():
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})  # type: ignore[assignment]
+        node[leaf] = value  # type: ignore[index]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# written by `churn demo`: the demo's choices over the embedded defaults\n"
+                    + yaml.safe_dump(tree, sort_keys=True))
+    return path
 
 
 def _day(spec: DemoSpec, index: int) -> datetime:
@@ -152,20 +184,38 @@ class DemoContext:
     spec: DemoSpec
     report: DemoReport
     await_gate: Callable[[str], GateOutcome] | None = None
+    #: the demo's config as a file (the scheduler's jobs load it) and its local alert receiver
+    config_file: Path | None = None
+    alerts: AlertReceiver | None = None
 
     @property
     def end(self) -> datetime:
         return _day(self.spec, self.spec.days)
 
 
-def start_demo(workspace: Path, spec: DemoSpec = DemoSpec()) -> DemoContext:
-    """Configure MLflow on ``workspace`` and return the context the steps share."""
+#: the demo's files in its workspace: its config, and where its receiver writes what it got
+DEMO_CONFIG_FILE, RECEIVED_FILE = "demo.yaml", "alerts-received.jsonl"
+#: the state of the scheduler and of the alerts: the demo starts them afresh, like its data
+_FRESH_STATE = ("scheduler.db", "alerts.db", RECEIVED_FILE)
+
+
+def start_demo(workspace: Path, spec: DemoSpec = DemoSpec(),
+               alerts: AlertReceiver | None = None) -> DemoContext:
+    """Configure MLflow on ``workspace`` and return the context the steps share. ``alerts``: a
+    local receiver the demo's alerts go to (the embedded demo starts one)."""
     from mlflow_churn.tracking import setup_mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    cfg = demo_config(workspace, spec)
+    workspace = Path(workspace)
+    for name in _FRESH_STATE:
+        for path in (workspace / name, workspace / f"{name}-wal", workspace / f"{name}-shm"):
+            path.unlink(missing_ok=True)
+    alert_url = alerts.url if alerts else None
+    config_file = write_demo_config(workspace / DEMO_CONFIG_FILE, spec, alert_url)
+    cfg = load_config(config_file, workspace)
     exp_id = setup_mlflow(cfg)
-    return DemoContext(cfg, spec, DemoReport(tracking_uri=cfg.mlflow_tracking_uri, experiment_id=exp_id))
+    return DemoContext(cfg, spec, DemoReport(tracking_uri=cfg.mlflow_tracking_uri, experiment_id=exp_id),
+                       config_file=config_file, alerts=alerts)
 
 
 def step_simulate(ctx: DemoContext) -> None:
@@ -214,12 +264,13 @@ def monitor_days(spec: DemoSpec) -> list[int]:
     return days + [spec.days - spec.monitor_every_days, spec.days]
 
 
-def step_monitor(ctx: DemoContext) -> list:
-    """Weekly monitoring of the champion; the MonitorResult of each window."""
+def step_monitor(ctx: DemoContext, days: list[int] | None = None) -> list:
+    """Weekly monitoring of the champion (``days``, default :func:`monitor_days`); the
+    MonitorResult of each window."""
     from mlflow_churn.monitoring.monitor import monitor
 
     results = []
-    for day in monitor_days(ctx.spec):
+    for day in monitor_days(ctx.spec) if days is None else days:
         t = time.perf_counter()
         result = monitor(ctx.cfg, _day(ctx.spec, day))
         d = result.decision
@@ -290,18 +341,92 @@ def step_canary(ctx: DemoContext):
     return verdict
 
 
+def step_scheduler(ctx: DemoContext) -> None:
+    """The last window as production runs it: ``churn scheduler --once`` with materialize,
+    monitor and retrain due (they run in that order, each under its lock, each recorded): the
+    monitor's decision is an alert, the retrain trains and gates a challenger."""
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_churn.registry.aliases import CANARY, alias_version
+    from mlflow_churn.scheduler.runs import last_run
+    from mlflow_churn.scheduler.service import run_due
+
+    cfg = ctx.cfg
+    console.print("churn scheduler --once: materialize, monitor and retrain are due (training takes a minute "
+                  "or two)", soft_wrap=True)
+    statuses = run_due(cfg, str(ctx.config_file))
+    url = cfg.scheduler_store_url
+    for job in ("materialize", "monitor", "retrain"):
+        rec = last_run(url, job)
+        if rec is None or statuses.get(job) != "ok":
+            raise RuntimeError(f"scheduler job {job}: {statuses.get(job, 'not run')}"
+                               + (f": {rec.detail}" if rec else ""))
+        evidence = f"run {rec.run_id}" if rec.run_id else "churn scheduler status"
+        ctx.report.steps.append(DemoStep(f"scheduler: {job}", rec.detail.split("; latest decision")[0][:120],
+                                         evidence,
+                                         (rec.ended_at - rec.started_at).total_seconds()))
+        console.print(f"[bold green]✓[/] scheduler: {job}: {rec.detail[:200]}  [dim]{evidence}[/]",
+                      soft_wrap=True)
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    canary = alias_version(client, cfg.training.model_name, CANARY)
+    if canary is None:
+        raise RuntimeError("the scheduler's retrain left no canary: " + last_run(url, "retrain").detail)
+    t = time.perf_counter()
+    gate_run = client.get_run(canary.tags["gate_run_id"]) if canary.tags.get("gate_run_id") else None
+    m = gate_run.data.metrics if gate_run else {}
+    ctx.report.add("gate", f"version {canary.version} -> canary (holdout AUC "
+                   f"{m.get('challenger_roc_auc', float('nan')):.3f} vs champion "
+                   f"{m.get('champion_roc_auc', float('nan')):.3f})",
+                   f"decision run {gate_run.info.run_id if gate_run else '-'}", t)
+
+
+def step_alert(ctx: DemoContext) -> None:
+    """The monitoring decision's alert, delivered by the alert path to the local receiver."""
+    from mlflow_churn.alerts import flush
+    from mlflow_churn.monitoring.alerting import ALERT_NAME
+
+    if ctx.alerts is None:
+        return
+    t = time.perf_counter()
+    left = flush(ctx.cfg, timeout=60)
+
+    def delivered(receiver: AlertReceiver) -> list:
+        return [a for a in receiver.alerts if a["labels"].get("alertname") == ALERT_NAME]
+
+    got = ctx.alerts.wait_for(delivered, 60)
+    if not got:
+        raise RuntimeError(f"no {ALERT_NAME} alert reached the local receiver {ctx.alerts.url} "
+                           f"({left} deliveries still owed; `churn alerts list` shows them)")
+    alert = got[-1]
+    ctx.report.add("alert delivered", f"{ALERT_NAME} ({alert['labels'].get('decision', '?')}, "
+                   f"{alert['status']}) -> {ctx.alerts.url}",
+                   f"{ctx.cfg.workspace / RECEIVED_FILE}", t)
+
+
 def run_demo(workspace: Path, spec: DemoSpec = DemoSpec(),
              await_gate: Callable[[str], GateOutcome] | None = None) -> DemoReport:
     """Run the loop end to end in ``workspace`` (its data is replaced); return the report.
-    ``await_gate``: see :class:`DemoContext` (None: gates run in process)."""
-    ctx = start_demo(workspace, spec)
-    ctx.await_gate = await_gate
-    step_simulate(ctx)
-    step_champion(ctx)
-    step_monitor(ctx)
-    step_retrain(ctx)
-    step_canary(ctx)
-    step_verify(ctx)
+    ``await_gate``: see :class:`DemoContext` (None: gates run in process, the last window and
+    the retrain are run by the scheduler, and the alert goes to a local receiver)."""
+    if await_gate is not None:  # the server demo: every gate by webhook
+        ctx = start_demo(workspace, spec)
+        ctx.await_gate = await_gate
+        step_simulate(ctx)
+        step_champion(ctx)
+        step_monitor(ctx)
+        step_retrain(ctx)
+        step_canary(ctx)
+        step_verify(ctx)
+        return ctx.report
+    with AlertReceiver(log_path=Path(workspace) / RECEIVED_FILE) as receiver:
+        ctx = start_demo(workspace, spec, alerts=receiver)
+        step_simulate(ctx)
+        step_champion(ctx)
+        step_monitor(ctx, monitor_days(spec)[:-1])  # the windows that passed before
+        step_scheduler(ctx)  # the last one, then the retrain, as production runs them
+        step_canary(ctx)
+        step_verify(ctx)
+        step_alert(ctx)
     return ctx.report
 
 

@@ -105,7 +105,14 @@ def job_monitor(cfg: ChurnConfig) -> JobOutcome:
 def job_retrain(cfg: ChurnConfig) -> JobOutcome:
     """``churn retrain`` at the newest data: acts on the newest monitoring decision."""
     res = retrain(cfg, latest_as_of(cfg.data_dir))
-    return JobOutcome(f"{res.action}: {res.reason}", res.run_id)
+    done = ""
+    if res.train is not None:
+        done = f"version {res.train.version}"
+        if res.gate is not None:
+            verdict = "passed -> canary" if res.gate.passed else "rejected: " + "; ".join(res.gate.reasons)
+            done += f", gate {verdict}"
+        done += "; "
+    return JobOutcome(f"{res.action}: {done}{res.reason}", res.run_id)
 
 
 #: job name -> function; the names are the config keys under ``scheduler``
