@@ -248,6 +248,7 @@ def test_evaluate_canary_takes_the_judges_verdict_and_logs_it(config, register_v
     client = MlflowClient(cfg.mlflow_tracking_uri)
     run = client.get_run(ev.run_id)
     assert run.data.tags["judge_verdict"] == "fail"
+    assert "judge.png" in [a.path for a in client.list_artifacts(ev.run_id)]
     assert run.data.metrics["judge_score_failed"] == 1.0 and run.data.metrics["judge_score_p_value"] < 0.02
     decision = json.loads(Path(client.download_artifacts(ev.run_id, "decision.json")).read_text())
     metrics = {m["name"]: m for m in decision["judge"]["metrics"]}

@@ -65,7 +65,7 @@ from mlflow_churn.registry.aliases import (
 )
 from mlflow_churn.registry.promotion import record_canary_verdict
 from mlflow_churn.registry.signing import record_signed, version_ref
-from mlflow_churn.serving.judge import ACTIONS, JudgeVerdict, judge
+from mlflow_churn.serving.judge import ACTIONS, JudgeVerdict, judge, judge_figure
 from mlflow_churn.serving.prediction_log import PredictionLog, attach_labels
 from mlflow_churn.stats.drift import psi
 from mlflow_churn.stats.metrics import classification_metrics
@@ -360,6 +360,9 @@ def evaluate_canary(
             if judged is not None:
                 mlflow.set_tags({"judge_verdict": judged.verdict,
                                  "judge_performance": judged.performance_source})
+                mlflow.log_figure(judge_figure(judged, f"canary v{versions['canary']} vs champion "
+                                               f"v{versions['champion']}: {judged.verdict}, score "
+                                               f"{judged.score:.1f}"), "judge.png")
             log_json(result.to_dict(), "decision.json")
             result.run_id = run.info.run_id
         if versions["canary"] is not None:

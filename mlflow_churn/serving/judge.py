@@ -67,6 +67,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 from scipy import stats as sps
 
 from mlflow_churn.config import JUDGE_METRIC_GROUPS, CanaryJudgeConfig, ChurnConfig
@@ -444,5 +445,36 @@ def judge(champion_rows: pd.DataFrame, canary_rows: pd.DataFrame, cfg: ChurnConf
                         source)
 
 
+#: the sign that makes each metric's effect "worse" when positive
+_BAD_SIGN = {"error_rate": 1.0, "refusal_rate": 1.0, "latency_ms": 1.0, "score": 0.0, "auc": -1.0,
+             "recall_at_k": -1.0}
+
+
+def judge_figure(verdict: JudgeVerdict, title: str = "") -> Figure:
+    """Each metric's effect in the bad direction as a multiple of its tolerance band (the band
+    edge at 1; ``score`` either way), coloured by decision, NODATA shown as such."""
+    ms = verdict.metrics
+    fig = Figure(figsize=(8, 0.6 * len(ms) + 1.6))
+    ax = fig.add_subplot()
+    colours = {"pass": "tab:green", "fail": "tab:red", "nodata": "tab:gray"}
+    for i, m in enumerate(ms):
+        sign = _BAD_SIGN.get(m.name, 1.0)
+        worse = abs(m.effect) if sign == 0.0 else sign * m.effect
+        x = worse / m.tolerance if m.tolerance > 0 else (math.copysign(10.0, worse) if worse else 0.0)
+        x = 0.0 if not math.isfinite(x) else max(-10.0, min(10.0, x))
+        ax.barh(i, x, color=colours[m.decision])
+        label = "NODATA" if m.decision == "nodata" else f"{m.decision}, p_band {m.p_band:.2g}"
+        ax.text(x, i, f"  {label}" + (" (critical)" if m.critical else ""), va="center", fontsize=8)
+    ax.axvline(1.0, color="black", linestyle="--", linewidth=1, label="tolerance band edge")
+    ax.axvline(0.0, color="black", linewidth=0.5)
+    ax.set_yticks(range(len(ms)), [f"{m.name} ({m.group})" for m in ms])
+    ax.invert_yaxis()
+    ax.set_xlabel("canary worse than champion, in tolerances (effect / tolerance)")
+    ax.set_title(title or f"canary judge: {verdict.verdict}, score {verdict.score:.1f}")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 __all__ = ["ACTIONS", "JudgeVerdict", "MetricResult", "estimated_auc_se", "estimated_recall_se", "judge",
-           "trim", "two_proportion_z"]
+           "judge_figure", "trim", "two_proportion_z"]
