@@ -544,12 +544,12 @@ class CanaryConfig(_Section):
             raise ValueError("canary.steps[0] is a pause; start the plan with a weight step "
                              "(e.g. {weight: 5, bake: 30m})")
         if self.steps[-1].pause:
-            raise ValueError(f"canary.steps[{len(self.steps) - 1}] (the last) is a pause; end the plan with a "
-                             "weight step (e.g. {weight: 100})")
+            raise ValueError(f"canary.steps[{len(self.steps) - 1}] (the last) is a pause; end the plan "
+                             "with a weight step (e.g. {weight: 100})")
         for i, step in enumerate(self.steps[:-1]):
             if step.weight == 100:
-                raise ValueError(f"canary.steps[{i}] has weight 100 (the promotion) but is not the last step; "
-                                 "lower its weight or drop the steps after it")
+                raise ValueError(f"canary.steps[{i}] has weight 100 (the promotion) but is not the last "
+                                 "step; lower its weight or drop the steps after it")
         return self
 
     def needed(self, serving: ServingConfig) -> int:
@@ -769,6 +769,10 @@ class SchedulerConfig(_Section):
     retrain: SchedulerJobConfig = Field(
         default_factory=lambda: SchedulerJobConfig(every_minutes=1440.0),
         description="`churn retrain`: acts on the newest monitoring decision")
+    canary: SchedulerJobConfig = Field(
+        default_factory=lambda: SchedulerJobConfig(enabled=False, every_minutes=1.0),
+        description="`churn canary run --once`: one tick of the rollout controller (canary.steps); off by "
+        "default (it moves aliases): enable it or run `churn canary run`")
 
 
 class ChurnConfig(_Section):

@@ -354,3 +354,21 @@ def test_a_real_service_follows_the_plan_and_the_guard_accepts_only_the_judged_p
                                                               "promote"]
             assert runs[-1].data.tags["judge_verdict"] == "pass"
             assert tick(cfg, datetime.now(UTC)).action == "idle"
+
+
+def test_the_scheduler_canary_job_is_one_tick(workspace) -> None:
+    from mlflow_churn.scheduler.jobs import run_job
+    from mlflow_churn.scheduler.runs import list_runs
+
+    cfg = _file_config(workspace, {"training.model_name": f"ro-{uuid.uuid4().hex[:6]}",
+                                   "canary.steps": [{"weight": 30, "bake": "1h"}, {"weight": 100}]})
+    assert not cfg.scheduler.canary.enabled  # opt-in: it moves aliases
+    assert run_job("canary", str(workspace), str(workspace / "churn.yaml")) == "ok"
+    [run] = list_runs(cfg.scheduler_store_url, "canary")
+    assert run.detail.startswith("idle: ") and run.run_id is None  # no canary yet
+    _, canary = _pair(cfg)
+    assert run_job("canary", str(workspace), str(workspace / "churn.yaml")) == "ok"
+    run = list_runs(cfg.scheduler_store_url, "canary")[-1]
+    assert run.detail.startswith("start: ") and run.run_id
+    _, state = rollout_state(cfg)
+    assert state.step == 0 and state.weight == 30 and _tags(cfg, canary)[WEIGHT_TAG] == "30"
