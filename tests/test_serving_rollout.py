@@ -372,3 +372,18 @@ def test_the_scheduler_canary_job_is_one_tick(workspace) -> None:
     assert run.detail.startswith("start: ") and run.run_id
     _, state = rollout_state(cfg)
     assert state.step == 0 and state.weight == 30 and _tags(cfg, canary)[WEIGHT_TAG] == "30"
+
+
+def test_a_marginal_recorded_verdict_at_the_end_pauses_instead_of_promoting(workspace) -> None:
+    cfg = _cfg(workspace, [{"weight": 10}, {"weight": 100}], **{"canary.min_requests": 5})
+    champ, canary = _pair(cfg)
+
+    def judge(cfg, as_of, served_since, record) -> JudgeOutcome:  # passes until asked to record
+        verdict = "marginal" if record else "pass"
+        return JudgeOutcome(verdict, [f"injected {verdict}"], {"champion": 10, "canary": 10})
+
+    assert tick(cfg, T0, judge, as_of=AS_OF).action == "start"
+    res = tick(cfg, T0 + timedelta(seconds=1), judge, as_of=AS_OF)
+    assert res.action == "pause" and res.state.status == "paused" and res.judge.verdict == "marginal"
+    assert aliases(MlflowClient(cfg.mlflow_tracking_uri), cfg.training.model_name) == \
+        {"champion": champ, "canary": canary}
