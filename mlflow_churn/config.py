@@ -361,6 +361,10 @@ class CanaryJudgeConfig(_Section):
         "(0.25 = 25 %); score |P(canary score > champion score) - 0.5|; auc / recall_at_k absolute drop; "
         "a metric left out has tolerance 0",
     )
+    latency_min_ms: float = Field(
+        5.0, ge=0, description="latency: a canary slower by less than this many ms is inside the band "
+        "whatever the relative tolerance (the band edge is max(champion x (1 + tolerance), champion + this))"
+    )
     trim: float = Field(
         0.01, ge=0, lt=0.5, description="share of each arm's rows cut from each tail before the "
         "Mann-Whitney tests of latency and scores (outlier trimming)"

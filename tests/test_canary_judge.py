@@ -77,12 +77,24 @@ def test_mann_whitney_matches_scipy_on_trimmed_values(cfg):
     assert v.metric("score").effect == pytest.approx(v.metric("score").statistic / (392 * 392) - 0.5)
     lat = v.metric("latency_ms")
     assert lat.effect == pytest.approx(lat.canary / lat.champion - 1)
-    # the decision's test: the canary against the champion's latencies x (1 + tolerance)
+    # the decision's test: the canary against the champion's latencies x (1 + tolerance), or + the
+    # absolute floor when that is more
     a = trim(champ["latency_ms"].to_numpy(), frac)
     b = trim(can["latency_ms"].to_numpy(), frac)
-    tol = cfg.canary.judge.tolerance["latency_ms"]
-    assert lat.p_band == pytest.approx(sps.mannwhitneyu(b, a * (1 + tol), alternative="greater").pvalue)
+    tol, floor = cfg.canary.judge.tolerance["latency_ms"], cfg.canary.judge.latency_min_ms
+    edge = np.maximum(a * (1 + tol), a + floor)
+    assert lat.p_band == pytest.approx(sps.mannwhitneyu(b, edge, alternative="greater").pvalue)
     assert lat.p_value < lat.p_band
+
+
+def test_latency_below_the_absolute_floor_is_no_regression(cfg):
+    # 2 ms -> 3 ms is +50 % (beyond the 25 % band) but only 1 ms: inside canary.judge.latency_min_ms
+    fast, slower = arm(3000, 23, latency=2.0), arm(3000, 24, latency=3.0)
+    m = judge(fast, slower, cfg).metric("latency_ms")
+    assert m.effect > 0.4 and m.p_value < 1e-6 and m.decision == "pass"
+    no_floor = cfg.model_copy(deep=True)
+    no_floor.canary.judge.latency_min_ms = 0.0
+    assert judge(fast, slower, no_floor).metric("latency_ms").decision == "fail"
     assert len(trim(np.arange(100.0), 0.05)) == 90 and trim(np.arange(100.0), 0.05)[0] == 5.0
 
 

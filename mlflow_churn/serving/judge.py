@@ -45,7 +45,8 @@ direction) *significantly*: the test of "the effect is inside the band" is rejec
 ``p_band < alpha`` (Kayenta's rule: the effect's confidence bound at ``confidence`` lies
 beyond the band). For the rates and AUC / recall@k that is a z test of ``effect`` against the
 band edge; for latency the Mann-Whitney U of the canary against the champion's latencies x
-(1 + tolerance); for scores the normal approximation of U against 0.5 +- tolerance (two-sided).
+(1 + tolerance), or + ``canary.judge.latency_min_ms`` when that is more; for scores the
+normal approximation of U against 0.5 +- tolerance (two-sided).
 A difference inside the band passes however significant. **NODATA** when an arm has
 fewer than ``canary.judge.min_rows`` rows for the metric (AUC / recall@k: fewer than
 ``canary.judge.min_churners`` churners, expected or labelled): explicit, never a pass.
@@ -211,8 +212,10 @@ def _mann_whitney(name: str, champ: np.ndarray, can: np.ndarray, jc: CanaryJudge
     if name == "latency_ms":
         res = sps.mannwhitneyu(b, a, alternative="greater")
         effect = m1 / m0 - 1 if m0 > 0 else (0.0 if m1 == m0 else math.inf)
-        # the band edge: the canary slower than the champion x (1 + tolerance)?
-        p_band = float(sps.mannwhitneyu(b, a * (1 + tol), alternative="greater").pvalue)
+        # the band edge: the canary slower than the champion x (1 + tolerance), and by more than
+        # canary.judge.latency_min_ms (sub-millisecond noise of a loaded host is no regression)?
+        edge = np.maximum(a * (1 + tol), a + jc.latency_min_ms)
+        p_band = float(sps.mannwhitneyu(b, edge, alternative="greater").pvalue)
     else:  # score: any shift of the distribution, either way
         res = sps.mannwhitneyu(b, a, alternative="two-sided")
         effect = float(res.statistic) / (a.size * b.size) - 0.5
