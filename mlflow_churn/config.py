@@ -108,8 +108,13 @@ class TrainingConfig(_Section):
     history_weight: float = Field(0.5, ge=0, le=1, description="sample weight of history rows")
     segment_weight: float = Field(
         3.0, ge=1, le=100,
-        description="targeted retrain: sample weight of the production-window rows (and validation rows) "
+        description="targeted retrain: sample weight of the recent training rows (and the validation rows) "
         "of the segments the monitoring decision names; 1 = plain retrain",
+    )
+    segment_recent_days: int = Field(
+        14, ge=1,
+        description="targeted retrain: the recent rows are those at production cutoffs within this many days "
+        "of the newest training cutoff (>= window_days: the whole production window; history rows never)",
     )
     cutoff_every_days: int = Field(7, ge=1, description="spacing of training cutoffs (days)")
     validation_fraction: float = Field(

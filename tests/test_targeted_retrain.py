@@ -31,10 +31,12 @@ AS_OF = datetime(2026, 5, 1, tzinfo=UTC)
 
 @pytest.fixture
 def window_cfg(workspace: Path, small_data: Path) -> ChurnConfig:
-    """small_data with a 14-day production window and 14 days of history (weight 0.5)."""
+    """small_data with a 21-day production window (cutoffs 03-11, 03-18, 03-25), 7 days of
+    history (03-04, weight 0.5) and targeted rows at cutoffs within 14 days of the newest."""
     cfg = load_config(workspace=workspace, environ={},
-                      overrides={"training.window_days": 14, "training.history_days": 14,
-                                 "training.history_weight": 0.5, "training.segment_weight": 4.0})
+                      overrides={"training.window_days": 21, "training.history_days": 7,
+                                 "training.history_weight": 0.5, "training.segment_weight": 4.0,
+                                 "training.segment_recent_days": 14})
     os.symlink(small_data, cfg.data_dir)
     return cfg
 
@@ -45,13 +47,16 @@ def test_weights_exactly_the_named_segments_recent_rows(window_cfg: ChurnConfig)
     assert targets == SegmentTargets(("region=pacific", "contract=two-year"), 4.0)
     prep = prepare_window(window_cfg, AS_OF, targets)
     plain = prepare_window(window_cfg, AS_OF)
-    history = {pd.Timestamp(c) for c in ("2026-03-04", "2026-03-11")}
+    assert prep.params["history_start"].startswith("2026-03-04")
+    assert prep.params["window_start"].startswith("2026-03-11")
     for frame in (prep.train, prep.valid):
-        in_history = frame["cutoff"].dt.tz_localize(None).isin(history).to_numpy()
+        cutoff = frame["cutoff"].dt.tz_localize(None)
+        in_history = (cutoff == pd.Timestamp("2026-03-04")).to_numpy()
+        recent = (cutoff >= pd.Timestamp("2026-03-18")).to_numpy()  # 03-11 is production, not recent
         named = ((frame["region"].astype(str) == "pacific") | (frame["contract"].astype(str) == "two-year"))
         named = named.to_numpy()
-        assert in_history.any() or frame is prep.valid
-        expected = np.where(in_history, 0.5, np.where(named, 4.0, 1.0))
+        assert (in_history.any() and (~recent & ~in_history & named).any()) or frame is prep.valid
+        expected = np.where(in_history, 0.5, np.where(named & recent, 4.0, 1.0))
         np.testing.assert_array_equal(frame[WEIGHT].to_numpy(), expected)
     # the same rows as a plain retrain, which keeps 1 (0.5 on history) everywhere
     assert len(plain.train) == len(prep.train)
@@ -68,7 +73,7 @@ def test_weights_exactly_the_named_segments_recent_rows(window_cfg: ChurnConfig)
     train_rows = prep.train[(prep.train[WEIGHT] == 4.0).to_numpy()
                             & (prep.train["region"].astype(str) == "pacific").to_numpy()]
     assert prep.params["target_segments"] == "region=pacific,contract=two-year"
-    assert prep.params["segment_weight"] == "4"
+    assert prep.params["segment_weight"] == "4" and prep.params["segment_recent_days"] == "14"
     assert f"region=pacific:{len(train_rows)}" in prep.params["target_rows"]
     assert prep.recipe["target_segments"] == ["region=pacific", "contract=two-year"]
     assert prep.data_hash != plain.data_hash

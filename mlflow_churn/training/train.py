@@ -8,7 +8,8 @@ Two sources share one path, :func:`_fit_and_register`:
   customers whom training never sees, and holdout customers are left out for the gate
   (:mod:`mlflow_churn.data.groups` says why); history rows carry ``history_weight``; a
   targeted retrain (``targets``, :mod:`~mlflow_churn.training.targeting`) gives the named
-  segments' production-window and validation rows ``training.segment_weight``.
+  segments' recent rows (production cutoffs within ``training.segment_recent_days`` of the
+  newest) and validation rows ``training.segment_weight``.
 - :func:`train_table` (``source=table``): a user's CSV / Parquet
   (:mod:`~mlflow_churn.training.table`); validation is a seeded stratified holdout, since a
   flat table has no time axis.
@@ -39,7 +40,7 @@ import logging
 import re
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -144,8 +145,10 @@ def prepare_window(cfg: ChurnConfig, as_of: datetime,
         raise ChurnError(f"the training window {window.window_start.date()} .. {window.window_end.date()} "
                          f"has no customers in {cfg.data_dir}; check the data or --as-of")
     in_history = frame["cutoff"].isin(pd.to_datetime(list(window.history_cutoffs), utc=True)).to_numpy()
-    frame[WEIGHT], _ = target_weights(frame, np.where(in_history, window.history_weight, 1.0),
-                                      ~in_history, targets)
+    recent_from = window.window_end - timedelta(days=cfg.training.segment_recent_days)
+    recent = ~in_history & (frame["cutoff"] > pd.Timestamp(recent_from)).to_numpy()
+    frame[WEIGHT], _ = target_weights(frame, np.where(in_history, window.history_weight, 1.0), recent,
+                                      targets)
     train, valid = time_split(frame, window, cfg.training.validation_fraction, cfg)
     # the monitoring reference: every customer at the newest cutoff, one row each, like the
     # population that production scores (trained customers included, as in production)
@@ -164,7 +167,8 @@ def prepare_window(cfg: ChurnConfig, as_of: datetime,
         weighted = (train[WEIGHT] == targets.weight).to_numpy()  # the training rows that got it
         rows = {k: int((segment_mask(train, [k]) & weighted).sum()) for k in targets.segments}
         params |= {"target_segments": ",".join(targets.segments), "segment_weight": f"{targets.weight:g}",
-                   "target_rows": ",".join(f"{k}:{n}" for k, n in rows.items())}
+                   "target_rows": ",".join(f"{k}:{n}" for k, n in rows.items()),
+                   "segment_recent_days": str(cfg.training.segment_recent_days)}
         recipe |= {"target_segments": list(targets.segments), "segment_weight": targets.weight}
     return TrainingFrames(
         source="simulator", feature_set=fs, train=train, valid=valid,
