@@ -354,3 +354,36 @@ def test_a_real_service_follows_the_plan_and_the_guard_accepts_only_the_judged_p
                                                               "promote"]
             assert runs[-1].data.tags["judge_verdict"] == "pass"
             assert tick(cfg, datetime.now(UTC)).action == "idle"
+
+
+def test_the_scheduler_canary_job_is_one_tick(workspace) -> None:
+    from mlflow_churn.scheduler.jobs import run_job
+    from mlflow_churn.scheduler.runs import list_runs
+
+    cfg = _file_config(workspace, {"training.model_name": f"ro-{uuid.uuid4().hex[:6]}",
+                                   "canary.steps": [{"weight": 30, "bake": "1h"}, {"weight": 100}]})
+    assert not cfg.scheduler.canary.enabled  # opt-in: it moves aliases
+    assert run_job("canary", str(workspace), str(workspace / "churn.yaml")) == "ok"
+    [run] = list_runs(cfg.scheduler_store_url, "canary")
+    assert run.detail.startswith("idle: ") and run.run_id is None  # no canary yet
+    _, canary = _pair(cfg)
+    assert run_job("canary", str(workspace), str(workspace / "churn.yaml")) == "ok"
+    run = list_runs(cfg.scheduler_store_url, "canary")[-1]
+    assert run.detail.startswith("start: ") and run.run_id
+    _, state = rollout_state(cfg)
+    assert state.step == 0 and state.weight == 30 and _tags(cfg, canary)[WEIGHT_TAG] == "30"
+
+
+def test_a_marginal_recorded_verdict_at_the_end_pauses_instead_of_promoting(workspace) -> None:
+    cfg = _cfg(workspace, [{"weight": 10}, {"weight": 100}], **{"canary.min_requests": 5})
+    champ, canary = _pair(cfg)
+
+    def judge(cfg, as_of, served_since, record) -> JudgeOutcome:  # passes until asked to record
+        verdict = "marginal" if record else "pass"
+        return JudgeOutcome(verdict, [f"injected {verdict}"], {"champion": 10, "canary": 10})
+
+    assert tick(cfg, T0, judge, as_of=AS_OF).action == "start"
+    res = tick(cfg, T0 + timedelta(seconds=1), judge, as_of=AS_OF)
+    assert res.action == "pause" and res.state.status == "paused" and res.judge.verdict == "marginal"
+    assert aliases(MlflowClient(cfg.mlflow_tracking_uri), cfg.training.model_name) == \
+        {"champion": champ, "canary": canary}

@@ -1,5 +1,6 @@
 """What the scheduler runs: one function per job, calling the same core functions as the
-commands (``churn features materialize``, ``churn monitor``, ``churn retrain``), plus the
+commands (``churn features materialize``, ``churn monitor``, ``churn retrain``, ``churn canary
+run --once``), plus the
 freshness check, and :func:`run_job`, the one entry point APScheduler stores by textual
 reference (``mlflow_churn.scheduler.jobs:run_job``) with picklable arguments (job name,
 workspace, config file), so a restarted scheduler finds its jobs in the job store.
@@ -32,6 +33,7 @@ from mlflow_churn.monitoring.monitor import monitor
 from mlflow_churn.monitoring.retrain import retrain
 from mlflow_churn.registry.lock import model_lock
 from mlflow_churn.scheduler.runs import FAILED, OK, SKIPPED, RunRecord, last_run, record_run
+from mlflow_churn.serving.rollout import tick
 
 log = logging.getLogger("mlflow_churn.scheduler")
 
@@ -115,12 +117,19 @@ def job_retrain(cfg: ChurnConfig) -> JobOutcome:
     return JobOutcome(f"{res.action}: {done}{res.reason}", res.run_id)
 
 
+def job_canary(cfg: ChurnConfig) -> JobOutcome:
+    """``churn canary run --once``: one tick of the rollout controller (idle without a canary)."""
+    res = tick(cfg, datetime.now(UTC))
+    return JobOutcome(f"{res.action}: {res.message}", res.run_id)
+
+
 #: job name -> function; the names are the config keys under ``scheduler``
 JOBS: dict[str, Callable[[ChurnConfig], JobOutcome]] = {
     "materialize": job_materialize,
     "freshness": job_freshness,
     "monitor": job_monitor,
     "retrain": job_retrain,
+    "canary": job_canary,
 }
 
 _running: set[str] = set()
@@ -182,5 +191,5 @@ def _finish(url: str, name: str, started: datetime, status: str, detail: str, ru
     return status
 
 
-__all__ = ["FRESHNESS_ALERT", "JOBS", "JobOutcome", "freshness_key", "job_freshness", "job_lock_dir",
-           "job_materialize", "job_monitor", "job_retrain", "run_job", "running_jobs"]
+__all__ = ["FRESHNESS_ALERT", "JOBS", "JobOutcome", "freshness_key", "job_canary", "job_freshness",
+           "job_lock_dir", "job_materialize", "job_monitor", "job_retrain", "run_job", "running_jobs"]

@@ -383,6 +383,8 @@ def _promote(cfg: ChurnConfig, client: MlflowClient, state: RolloutState, now: d
     recorded = judge(cfg, when, state.step_started_at, True)
     if recorded.verdict == "fail":
         return _rollback(cfg, client, state, now, recorded, actor)
+    if recorded.verdict == "marginal":
+        return _pause(cfg, client, state, now, "judge: marginal: " + "; ".join(recorded.reasons), recorded)
     if recorded.verdict != "pass":
         return TickResult("wait", f"step {state.step}: the recorded judge says {recorded.verdict}: "
                           + "; ".join(recorded.reasons), state.model_name, state.version, state, recorded)
