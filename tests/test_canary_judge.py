@@ -236,6 +236,7 @@ def _log_arms(cfg, versions: dict[str, str], canary_shift: float, n: int = 400) 
     log.close()
 
 
+@pytest.mark.slow
 def test_evaluate_canary_takes_the_judges_verdict_and_logs_it(config, register_version):
     from datetime import timedelta
 
