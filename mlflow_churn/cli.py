@@ -164,8 +164,11 @@ def demo(
 
         check_ports({"--mlflow-port": mlflow_port, "--hooks-port": hooks_port})
     cfg = get_config(ctx)
-    spec = DemoSpec(customers=customers, n_trials=n_trials,
-                    traffic_customers=min(12_000, customers // 2))
+    traffic = min(12_000, customers // 2)
+    # the canary sees ~10% of the traffic: a smaller demo asks its verdict for fewer predictions
+    # (half of what it should get), or the canary analysis never had enough to decide
+    spec = DemoSpec(customers=customers, n_trials=n_trials, traffic_customers=traffic,
+                    min_canary_samples=min(DemoSpec.min_canary_samples, traffic // 20))
     if server:
         from mlflow_churn.demo_server import run_server_demo
 
