@@ -17,7 +17,7 @@ import pytest
 import yaml
 from guard_support import aliases, gate, guard_config, guard_server, new_version, set_alias
 from mlflow.tracking import MlflowClient
-from serving_support import CHURN, ServeProcess, cli_env, run_cli, two_versions, wait_ready
+from serving_support import CHURN, ServeProcess, cli_env, two_versions, wait_ready
 
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.errors import ChurnError, ConfigError
@@ -277,7 +277,7 @@ def _until(moment: datetime) -> None:
 
 @pytest.mark.slow  # a churn-guard server, a churn serve process, two trained versions
 def test_a_real_service_follows_the_plan_and_the_guard_accepts_only_the_judged_promotion(
-        tmp_path, register_version) -> None:
+        tmp_path, register_version, churn_main) -> None:
     ws = tmp_path / "ws"
     ws.mkdir()
     with guard_server(tmp_path / "server", CHURN_WORKSPACE=str(ws)) as server:
@@ -330,12 +330,12 @@ def test_a_real_service_follows_the_plan_and_the_guard_accepts_only_the_judged_p
             with pytest.raises(ChurnError, match="no signed canary decision"):
                 promote(cfg, "by hand, before the plan ends", version=canary, evidence=res.judge.evaluation)
             assert aliases(client, name) == {"champion": champ, "canary": canary}
-            # a controller process started now finds the pause; resume goes on to the promotion step
-            env = {"CHURN_CONFIG": str(ws / "churn.yaml")}
-            out = run_cli(cfg, ["canary", "run", "--once", "--json"], **env)
+            # a controller started now finds the pause; resume goes on to the promotion step
+            base = ["--config", str(ws / "churn.yaml"), "--workspace", str(ws), "canary"]
+            out = churn_main([*base, "run", "--once", "--json"])
             assert out.returncode == 0, out.stderr
             assert json.loads(out.stdout)["action"] == "paused"
-            out = run_cli(cfg, ["canary", "resume", "--reason", "scores look fine", "--json"], **env)
+            out = churn_main([*base, "resume", "--reason", "scores look fine", "--json"])
             assert out.returncode == 0, out.stderr
             resumed = json.loads(out.stdout)["state"]
             assert resumed["step"] == 3 and resumed["status"] == "running" and resumed["weight"] == 50
