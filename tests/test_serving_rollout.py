@@ -156,6 +156,8 @@ def test_bake_min_counts_marginal_pause_resume_and_refused_promotion(workspace) 
     decision = json.loads(Path(path).read_text())
     assert decision["judge"]["verdict"] == "pass" and decision["judge"]["rows"]["canary"] == 60
     assert decision["state"]["step"] == 1
+    artifacts = {a.path for a in MlflowClient(cfg.mlflow_tracking_uri).list_artifacts(runs[-1].info.run_id)}
+    assert {"decision.json", "rollout.png"} <= artifacts
 
 
 def test_fail_rolls_back_at_once(workspace) -> None:

@@ -50,6 +50,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import mlflow
+from matplotlib.figure import Figure
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -263,10 +264,39 @@ def _record(cfg: ChurnConfig, state: RolloutState, action: str, reason: str, fro
                  "verdict": judge.verdict if judge else None, "run_id": run_id,
                  "transition_run_id": transition_run_id}
         state.history.append(entry)
+        mlflow.log_figure(rollout_figure(state), "rollout.png")
         log_json({"action": action, "reason": reason, "state": state.to_dict(),
                   "judge": judge.to_dict() if judge else None, "transition_run_id": transition_run_id},
                  "decision.json")
     return run_id
+
+
+_MARKS = {"start": ("o", "tab:blue"), "advance": ("^", "tab:green"), "pause": ("s", "tab:orange"),
+          "blocked": ("s", "tab:red"), "resume": (">", "tab:blue"), "rollback": ("x", "tab:red"),
+          "promote": ("*", "tab:green")}
+
+
+def rollout_figure(state: RolloutState) -> Figure:
+    """The canary's weight over the rollout's step changes (a step line), each change marked by
+    its action and labelled with its step."""
+    fig = Figure(figsize=(8, 3.6))
+    ax = fig.add_subplot()
+    points = [(datetime.fromisoformat(h["at"]), float(h["weight"]), h["action"], h["to_step"])
+              for h in state.history]
+    if points:
+        ax.step([p[0] for p in points], [p[1] for p in points], where="post", color="tab:gray", linewidth=1)
+        for i, (at, weight, action, step) in enumerate(points):
+            marker, colour = _MARKS.get(action, ("o", "black"))
+            ax.plot([at], [weight], marker=marker, color=colour, linestyle="none")
+            ax.annotate(f"{action} -> step {step}", (at, weight), textcoords="offset points",
+                        xytext=(4, 5 if i % 2 == 0 else -12), fontsize=7)  # neighbours apart
+    ax.set_ylim(-5, 105)
+    ax.set_ylabel("canary weight (% of customers)")
+    ax.set_xlabel("time (UTC)")
+    ax.set_title(f"rollout of v{state.version} of '{state.model_name}': {state.status} at step {state.step}")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    return fig
 
 
 # --------------------------------------------------------------------------- the controller
@@ -441,4 +471,4 @@ def rollout_state(cfg: ChurnConfig) -> tuple[str | None, RolloutState | None]:
 
 
 __all__ = ["HISTORY_KEPT", "STATE_TAG", "Judge", "JudgeOutcome", "RolloutState", "TickResult",
-           "canary_judge", "read_state", "resume", "rollout_lock", "rollout_state", "tick"]
+           "canary_judge", "read_state", "resume", "rollout_figure", "rollout_lock", "rollout_state", "tick"]
