@@ -15,10 +15,11 @@ from mlflow_churn.data.simulator import HazardParams
 from mlflow_churn.monitoring.backtest import backtest
 
 #: inside month-to-month contracts (55% of customers, most churners) behaviour stops driving
-#: churn at all (the scenario keeps a tenth of it): a segment and a drop big enough to measure
-#: with 3,000 customers; 14-day labels mature in the replay (baselines: each segment's first
-#: measured window, since training's are 30-day ones); a 10% chance per window that noise
-#: names a segment (the default is 1%: bench/bench_segments.py measures it at scale)
+#: churn at all and price drives it harder than the scenario's defaults: a segment and a drop
+#: big enough to measure with 3,000 customers; 14-day labels mature in the replay (baselines:
+#: each segment's first measured window, since training's are 30-day ones); a 10% chance per
+#: window that noise names a segment (the default is 1%: bench/bench_segments.py measures it
+#: at scale)
 SEGMENT = {"simulation.segment_column": "contract", "simulation.segment_value": "month-to-month",
            "monitoring.label_delay_days": 14, "monitoring.segment_alpha": 0.1}
 
@@ -27,7 +28,7 @@ SEGMENT = {"simulation.segment_column": "contract", "simulation.segment_value": 
 def test_backtest_segment_concept_names_the_segment_by_performance(workspace: Path) -> None:
     cfg = backtest_cfg(workspace, **SEGMENT)
     res = backtest(cfg, "segment_concept", 160, **{**KW, "customers": 3000, "onset_day": 125},
-                   hazard=HazardParams(segment_concept_keep=0.0))
+                   hazard=HazardParams(segment_concept_keep=0.0, segment_concept_price=1.5))
     assert res.segment == "contract=month-to-month"
     pre = [w for w in res.windows if not w.post_onset]
     assert pre and not any(w.named_segments for w in pre), [(w.as_of, w.named_segments) for w in pre]

@@ -69,6 +69,7 @@ def test_monitor_logs_a_run_with_evidence_and_reads_history(trained) -> None:
     # baseline, so its first measured window (this one) is
     assert basic.estimated_auc is not None and basic.baseline_source == "first window"
     assert basic.drop == 0.0 and basic.source == "estimated"
+    assert basic.reference_source == "first window estimate"
     (est,) = client.get_metric_history(first.run_id, "segment_estimated_auc.plan.basic")
     assert est.step == step and est.value == pytest.approx(basic.estimated_auc)
     assert "segment_performance.png" in names
@@ -85,11 +86,12 @@ def test_monitor_logs_a_run_with_evidence_and_reads_history(trained) -> None:
     assert second.stats.segment_psi["region=pacific"] == max(second.stats.segment_psi.values())
     assert second.decision.drift_segments[0] == "region=pacific" and second.decision.segments == []
     # labels of the cutoffs after training have matured: each segment's realised AUC against the
-    # baseline training recorded for it on customers no model trained on
+    # one its calibrated scores promise on the same rows; training's baseline kept beside it
     assert "val_segment_auc.contract.month-to-month" in client.get_run(res.run_id).data.metrics
     mtm = second.performance.segments["contract=month-to-month"]
-    assert (mtm.source, mtm.baseline_source) == ("realised", "training")
-    assert mtm.drop == pytest.approx(mtm.baseline_auc - mtm.auc) and mtm.threshold > 0
+    assert (mtm.source, mtm.baseline_source) == ("realised", "training") and mtm.baseline_auc > 0.5
+    assert mtm.reference == mtm.expected_auc and mtm.reference_source == "expected from its calibrated scores"
+    assert mtm.drop == pytest.approx(mtm.expected_auc - mtm.auc) and mtm.drop_se == mtm.auc_se > 0
     assert second.stats.segment_auc_drop["contract=month-to-month"] == pytest.approx(mtm.drop)
     assert second.decision.action == "investigate"
     assert second.population_psi_max < 0.1

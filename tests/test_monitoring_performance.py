@@ -228,17 +228,23 @@ def test_compare_segments_drop_se_and_bonferroni_z() -> None:
     z = compare_segments(perfs, base, alpha=0.01)
     assert z == pytest.approx(segment_z(0.01, 2))  # north and south compared, tiny not
     south = perfs["region=south"]
-    assert south.source == "realised" and south.baseline_source == "first window"
-    assert south.drop == pytest.approx(0.9 - south.auc)
-    assert south.drop_se == pytest.approx(np.hypot(0.02, south.auc_se))
+    # realised: against what its own scores promise on the same rows (no baseline noise); the
+    # baseline is kept for reading
+    assert south.source == "realised" and south.reference_source == "expected from its calibrated scores"
+    assert south.expected_auc == pytest.approx(expected_auc(scores[(frame["region"] == "south").to_numpy()]))
+    assert south.drop == pytest.approx(south.expected_auc - south.auc) and south.drop > 0.1
+    assert south.drop_se == pytest.approx(south.auc_se)
     assert south.threshold == pytest.approx(z * south.drop_se)
-    assert perfs["region=north"].drop == pytest.approx(0.0)
+    assert (south.baseline_auc, south.baseline_source) == (0.9, "first window")
+    assert perfs["region=north"].drop < perfs["region=north"].threshold  # its scores still rank as promised
     assert perfs["region=tiny"].drop is None
     # before labels mature the estimate is compared
     est = segment_performance(["region"], frame, scores, cfg, min_rows=200, min_churners=20)
     compare_segments(est, {"region=north": SegmentBaseline(None, None, 0.7, 0.01, "training")}, 0.01)
     north = est["region=north"]
     assert north.source == "estimated" and north.drop == pytest.approx(0.7 - north.estimated_auc)
+    assert north.reference_source == "training estimate"
+    assert north.drop_se == pytest.approx(np.hypot(0.01, north.estimated_auc_se))
 
 
 def test_estimate_se_is_the_spread_of_the_auc_labels_will_show() -> None:

@@ -242,60 +242,46 @@ def test_existing_dataset_is_kept_without_overwrite(tmp_path: Path) -> None:
     assert read_manifest(out)["customers"] == 60
 
 
-def _scored_frame(data: Path, cutoff_day: int) -> tuple[pd.DataFrame, np.ndarray]:
-    """30-day aggregates of live customers at a cutoff, their static columns and the 30-day
-    churn label: (frame, a design matrix of what a churn model sees)."""
-    con = duckdb.connect()
-    register_views(con, TablePaths(data))
-    cutoff = pd.Timestamp(START + timedelta(days=cutoff_day), tz="UTC")
-    df = con.execute(
-        """WITH f AS (
-             SELECT customer_id, sum(minutes_used) AS usage, sum(support_calls) AS calls,
-                    sum(failed_payments) AS failed,
-                    sum(CASE WHEN event_timestamp > ? - INTERVAL 7 DAY THEN minutes_used ELSE 0 END) AS usage7
-             FROM activity WHERE event_timestamp <= ? AND event_timestamp > ? - INTERVAL 30 DAY
-             GROUP BY 1)
-           SELECT f.*, c.region, c.contract, c.monthly_charge,
-                  date_diff('day', c.signup_date, CAST(? AS DATE)) AS tenure,
-                  (e.event_timestamp IS NOT NULL AND e.event_timestamp <= ? + INTERVAL 30 DAY)::INT AS y
-           FROM f JOIN customers c USING (customer_id) LEFT JOIN churn_events e USING (customer_id)
-           WHERE e.event_timestamp IS NULL OR e.event_timestamp > ?""",
-        [cutoff] * 6,
-    ).df()
-    x = np.column_stack([np.log1p(df.usage), np.log1p(df.calls), df.failed,
-                         np.log1p(df.usage7) - np.log1p(df.usage / 4.3), df.contract == "month-to-month",
-                         df.contract == "two-year", df.tenure < 180, df.monthly_charge / 25])
-    return df, x.astype(float)
-
-
 @pytest.mark.slow
 def test_segment_concept_changes_who_churns_in_one_segment_only(tmp_path: Path) -> None:
-    """The seed's scenario (config seed 42, the bench's segment contract=one-year): a model
-    trained before the onset loses AUC on the segment while the population's moves by < 0.01
-    and the features do not drift; the segment's churn rate holds. Paired with ``stable`` at
-    the same seed, which it equals up to the onset."""
-    from sklearn.linear_model import LogisticRegression
+    """The seed's scenario (config seed 42, segment region=pacific): a model trained before the
+    onset on the feature store's features loses AUC on the segment while the population's moves
+    by < 0.01 and the features do not drift; churn rates hold. Paired with ``stable`` at the same
+    seed, which it equals up to the onset."""
+    import xgboost as xgb
 
-    spec = {"customers": 40_000, "days": 115, "start": START, "seed": 42, "onset_day": 60,
-            "segment_column": "contract", "segment_value": "one-year"}
+    from mlflow_churn.config import load_config
+    from mlflow_churn.features.offline import build_training_frame
+    from mlflow_churn.features.registry import registry_for
+    from mlflow_churn.stats.drift import psi
+    from mlflow_churn.times import midnight
+
+    spec = {"customers": 40_000, "days": 140, "start": START, "seed": 42, "onset_day": 100}
     simulate(SimulationSpec(scenario="stable", **spec), tmp_path / "stable")
     simulate(SimulationSpec(scenario="segment_concept", **spec), tmp_path / "concept")
-    before = {k: v for k, v in _digest(tmp_path / "stable").items() if "date=2026-02" in k}
+    before = {k: v for k, v in _digest(tmp_path / "stable").items() if "date=2026-03" in k}
     assert before and before == {k: v for k, v in _digest(tmp_path / "concept").items() if k in before}
-    assert read_manifest(tmp_path / "concept")["scenario"] == "segment_concept"
+    assert read_manifest(tmp_path / "concept")["segment"] == {"column": "region", "value": "pacific"}
 
-    train, x_train = _scored_frame(tmp_path / "stable", 30)  # labels end at the onset
-    model = LogisticRegression(max_iter=2000).fit(x_train, train.y)
-    (a, xa), (b, xb) = _scored_frame(tmp_path / "stable", 80), _scored_frame(tmp_path / "concept", 80)
-    pa, pb = model.predict_proba(xa)[:, 1], model.predict_proba(xb)[:, 1]
-    sa, sb = (a.contract == "one-year").to_numpy(), (b.contract == "one-year").to_numpy()
-    segment_drop = roc_auc_score(a.y[sa], pa[sa]) - roc_auc_score(b.y[sb], pb[sb])
-    population_move = abs(roc_auc_score(a.y, pa) - roc_auc_score(b.y, pb))
-    assert segment_drop > 0.06, segment_drop
-    assert population_move < 0.01, population_move
-    assert segment_drop > 7 * population_move
-    # only who churns changed: the same churn rates, no feature drift against the training rows
-    assert b.y.mean() == pytest.approx(a.y.mean(), rel=0.05)
-    assert b.y[sb].mean() == pytest.approx(a.y[sa].mean(), rel=0.25)
-    for col in ("usage", "calls", "usage7"):
-        assert _psi(train[col].to_numpy(dtype=float), b[col].to_numpy(dtype=float)) < 0.1
+    cfg = load_config(environ={})
+    fs = registry_for(cfg).feature_set(cfg.features.feature_set)
+    day = lambda i: midnight(START + timedelta(days=i))  # noqa: E731
+    train = build_training_frame(tmp_path / "stable", fs, [day(60), day(65), day(70)], 30, label=True)
+    model = xgb.XGBClassifier(n_estimators=150, max_depth=4, learning_rate=0.05, enable_categorical=True,
+                              tree_method="hist", nthread=2).fit(fs.coerce(train), train["label"])
+    auc, rate, frames = {}, {}, {}
+    for name in ("stable", "concept"):
+        frame = build_training_frame(tmp_path / name, fs, [day(102), day(106), day(109)], 30, label=True,
+                                     label_as_of=day(139))
+        scores, y = model.predict_proba(fs.coerce(frame))[:, 1], frame["label"].to_numpy()
+        seg = (frame["region"] == "pacific").to_numpy()
+        auc[name] = (roc_auc_score(y, scores), roc_auc_score(y[seg], scores[seg]))
+        rate[name] = (y.mean(), y[seg].mean())
+        frames[name] = frame
+    population_move, segment_drop = (auc["stable"][i] - auc["concept"][i] for i in (0, 1))
+    assert segment_drop > 0.05, segment_drop
+    assert abs(population_move) < 0.01, population_move
+    assert rate["concept"][0] == pytest.approx(rate["stable"][0], rel=0.05)
+    assert rate["concept"][1] == pytest.approx(rate["stable"][1], rel=0.25)
+    for col in ("monthly_usage", "support_calls_30d", "usage_trend", "monthly_charge"):
+        assert psi(train[col].to_numpy(dtype=float), frames["concept"][col].to_numpy(dtype=float)) < 0.1, col

@@ -91,11 +91,16 @@ class WindowRecord:
     #: segments the segment rule named (performance) and those whose PSI moved (context)
     named_segments: list[str] = field(default_factory=list)
     drift_segments: list[str] = field(default_factory=list)
-    #: the scenario's segment in this window: AUC drop vs its baseline, its SE, the rule's limit, source
+    #: the scenario's segment in this window: AUC drop vs its reference, its SE, the rule's limit,
+    #: source; its AUC and the reference; training's baseline AUC and that baseline's SE
     segment_drop: float | None = None
     segment_drop_se: float | None = None
     segment_drop_limit: float | None = None
     segment_source: str | None = None
+    segment_auc: float | None = None
+    segment_reference: float | None = None
+    segment_baseline_auc: float | None = None
+    segment_baseline_se: float | None = None
 
 
 @dataclass
@@ -295,6 +300,10 @@ def _record(index: int, as_of: datetime, version: str, res: Any, onset: datetime
         drift_segments=list(d.drift_segments),
         segment_drop=seg.drop if seg else None, segment_drop_se=seg.drop_se if seg else None,
         segment_drop_limit=limit, segment_source=seg.source if seg else None,
+        segment_auc=(seg.auc if seg.source == "realised" else seg.estimated_auc) if seg else None,
+        segment_reference=seg.reference if seg else None,
+        segment_baseline_auc=seg.baseline_auc if seg else None,
+        segment_baseline_se=seg.baseline_auc_se if seg else None,
     )
 
 

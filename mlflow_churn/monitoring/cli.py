@@ -37,10 +37,10 @@ def _trigger_line(st) -> str:
 
 
 def _segment_rule_lines(decision, segment_drop: dict[str, float] | None, top: int) -> list[str]:
-    """E.g. ``segment rule: region=pacific NAMED: realised AUC 0.612 vs baseline 0.756 (training),
-    drop 0.144, SE 0.031 > limit 0.101, in 2 of the last 3 windows``."""
-    lines = [f"segment rule: {d.segment} NAMED: {d.source} AUC {d.auc:.3f} vs baseline {d.baseline:.3f} "
-             f"({d.baseline_source}), drop {d.drop:.3f}, SE {d.se:.3f} > limit {d.limit:.3f}, in {d.hits} "
+    """E.g. ``segment rule: region=pacific NAMED: realised AUC 0.612 vs 0.706 expected from its
+    calibrated scores, drop 0.094, SE 0.013 > limit 0.050, in 2 of the last 3 windows``."""
+    lines = [f"segment rule: {d.segment} NAMED: {d.source} AUC {d.auc:.3f} vs {d.baseline:.3f} "
+             f"{d.baseline_source}, drop {d.drop:.3f}, SE {d.se:.3f} > limit {d.limit:.3f}, in {d.hits} "
              f"of the last {d.windows} windows" for d in decision.segment_drops[:top]]
     if len(decision.segment_drops) > top:
         lines.append(f"segment rule: and {len(decision.segment_drops) - top} more segment(s) named")
@@ -98,27 +98,30 @@ def _pm(value: float | None, se: float | None) -> str:
 
 def segment_table(segments, decision, min_drop: float = 0.0) -> Table:
     """Per segment: realised AUC, recall@k, revenue lift and the estimate, each +- its SE, the
-    baseline, the drop against its limit (max(``min_drop``, z x SE)), and the segment rule's
-    verdict (or why the segment was not measured)."""
-    table = Table(title="per-segment performance (+- standard error; drop = baseline - AUC)")
-    for col in ("segment", "churners", "AUC", "recall@k", "revenue lift", "estimated AUC", "baseline",
-                "drop (limit)", "segment rule"):
+    AUC the drop is measured against (realised: the one its calibrated scores promise on the
+    same rows; estimated: the segment's baseline estimate), the baseline training measured,
+    the drop against its limit (max(``min_drop``, z x SE)), and the segment rule's verdict (or
+    why the segment was not measured)."""
+    table = Table(title="per-segment performance (+- standard error; drop = reference - AUC)")
+    for col in ("segment", "churners", "AUC", "recall@k", "revenue lift", "estimated AUC", "reference",
+                "baseline AUC", "drop (limit)", "segment rule"):
         table.add_column(col, justify="left" if col in ("segment", "segment rule") else "right")
     for key, p in segments.items():
-        base = p.baseline_auc if p.source == "realised" else p.baseline_estimated_auc
         drop = "-" if p.drop is None else f"{p.drop:.3f} ({max(p.threshold or 0.0, min_drop):.3f})"
         if key in {d.segment for d in decision.segment_drops}:
             verdict = "NAMED"
         elif key in decision.pending_drops:
             verdict = "pending"
         elif p.source:
-            verdict = f"{p.source} vs {p.baseline_source} baseline"
+            verdict = f"{p.source} vs {p.reference_source}"
         else:
             verdict = ("no baseline" if p.estimated_auc is not None or p.auc is not None
                        else "; ".join(r for r in (p.reason, p.estimate_reason) if r))
         table.add_row(key, "-" if p.churners is None else str(p.churners), _pm(p.auc, p.auc_se),
                       _pm(p.recall_at_k, p.recall_at_k_se), _pm(p.revenue_lift, p.revenue_lift_se),
-                      _pm(p.estimated_auc, p.estimated_auc_se), _fmt(base), drop, verdict or "")
+                      _pm(p.estimated_auc, p.estimated_auc_se), _fmt(p.reference),
+                      f"{_fmt(p.baseline_auc)} ({p.baseline_source})" if p.baseline_auc is not None else "-",
+                      drop, verdict or "")
     return table
 
 

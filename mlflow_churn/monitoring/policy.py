@@ -34,8 +34,9 @@ Rules, in order:
    alarm on drift triggers alone -> ``drift_alone`` (``investigate`` by default, so
    PSI(monthly_usage) = 0.35 with AUC steady gives ``investigate`` naming the segments
    that moved).
-7. **Segment rule** (performance): a segment whose AUC drop against its own baseline
-   (``segment_auc_drop``: realised on matured labels, else the label-free estimate; see
+7. **Segment rule** (performance): a segment whose AUC drop (``segment_auc_drop``: once
+   labels mature, the realised AUC below the one its calibrated scores promise on the same
+   rows; before, the label-free estimate below the segment's baseline estimate; see
    :mod:`mlflow_churn.stats.performance`) exceeds max(``segment_min_drop``, its noise level
    ``z x SE`` recorded by monitoring, ``z`` Bonferroni over the window's tested segments at
    ``monitoring.segment_alpha``) in ``required`` of the last ``windows`` windows (the policy's
@@ -187,10 +188,12 @@ class SegmentDrop:
     segment: str  # column=value
     source: str  # "realised" (matured labels) | "estimated" (label-free CBPE, before labels mature)
     auc: float
-    baseline: float
-    baseline_source: str  # "training" (the version's reference rows) | "first window" (its first measured)
+    baseline: float  # what the AUC is compared with (the reference of the stats' segment_performance)
+    #: realised: "expected from its calibrated scores" (CBPE on the same rows); estimated: the
+    #: segment's "training estimate" or "first window estimate"
+    baseline_source: str
     drop: float  # baseline - auc
-    se: float  # standard error of the drop: sqrt(SE_baseline^2 + SE_auc^2)
+    se: float  # standard error of the drop
     z: float  # the noise level is z x se (Bonferroni over the window's tested segments)
     limit: float  # what it exceeded: max(policy.segment_min_drop, z x se)
     hits: int  # windows of the persistence span in which it was beyond
@@ -516,18 +519,19 @@ def _segment_drop(w: WindowStats, key: str, hits: int, windows: int, cfg: Policy
     drop, limit = _segment_drop_values(w, cfg.segment_min_drop)[key]
     source = perf.get("source") or "realised"
     auc = perf.get("auc" if source == "realised" else "estimated_auc")
-    base = perf.get("baseline_auc" if source == "realised" else "baseline_estimated_auc")
+    base = perf.get("reference")
     nan = float("nan")
     return SegmentDrop(segment=key, source=source, auc=nan if auc is None else float(auc),
                        baseline=nan if base is None else float(base),
-                       baseline_source=perf.get("baseline_source") or "", drop=drop,
+                       baseline_source=perf.get("reference_source") or "", drop=drop,
                        se=float(perf.get("drop_se") or nan), z=float(perf.get("z") or nan), limit=limit,
                        hits=hits, windows=windows)
 
 
 def _drop_text(d: SegmentDrop) -> str:
-    """``region=pacific: realised AUC 0.612 vs 0.756 (training baseline), drop 0.144 (SE 0.031)``."""
-    return (f"{d.segment}: {d.source} AUC {d.auc:.3f} vs {d.baseline:.3f} ({d.baseline_source} baseline), "
+    """``region=pacific: realised AUC 0.612 vs 0.706 expected from its calibrated scores, drop
+    0.094 (SE 0.013)``."""
+    return (f"{d.segment}: {d.source} AUC {d.auc:.3f} vs {d.baseline:.3f} {d.baseline_source}, "
             f"drop {d.drop:.3f} (SE {d.se:.3f})")
 
 

@@ -13,7 +13,8 @@ A window's run (experiment ``training.experiment``, or nested in a parent):
   ``realised_*``, ``auc_drop``, ``early_auc``, ``early_auc_drop``, their thresholds) and per
   segment (:data:`SEGMENT_RUN_METRICS`: ``segment_auc.<col>.<value>`` and its ``_se``,
   ``segment_estimated_auc.*``, ``segment_recall_at_k.*``, ``segment_revenue_lift.*``,
-  ``segment_auc_drop.*`` and its noise level, ``segment_churners.*``); with step = day index
+  ``segment_expected_auc.*``, ``segment_auc_reference.*``, ``segment_auc_drop.*`` and its noise
+  level, ``segment_churners.*``); with step = day index
   in the window: ``daily_psi.<feature>``, ``daily_score_psi``,
   ``daily_segment_psi.<col>.<value>``, ``daily_null_rate.activity.<column>``;
 - tags ``monitor.*`` (model, version, as_of, action, features, segments, drift_segments,
@@ -118,7 +119,8 @@ SEGMENT_RUN_METRICS = {
     "segment_auc": "auc", "segment_auc_se": "auc_se", "segment_estimated_auc": "estimated_auc",
     "segment_estimated_auc_se": "estimated_auc_se", "segment_recall_at_k": "recall_at_k",
     "segment_recall_at_k_se": "recall_at_k_se", "segment_revenue_lift": "revenue_lift",
-    "segment_revenue_lift_se": "revenue_lift_se", "segment_auc_drop": "drop",
+    "segment_revenue_lift_se": "revenue_lift_se", "segment_expected_auc": "expected_auc",
+    "segment_auc_reference": "reference", "segment_auc_drop": "drop",
     "segment_auc_drop_threshold": "threshold", "segment_churners": "churners",
 }
 
@@ -142,9 +144,10 @@ def _segment_metrics(result: MonitorResult) -> dict[str, float]:
 def segment_figure(segments: dict[str, SegmentPerformance], decision: PolicyDecision, title: str,
                    min_drop: float = 0.0) -> Any:
     """One row per segment: its AUC (realised: dot; estimated before labels mature: diamond) with
-    +-1 SE bars, its baseline (black tick) and the drop limit below it (grey band: max(
-    ``min_drop``, z x SE); a point left of its band dropped beyond it); segments the segment
-    rule named in red, pending ones in orange; an unmeasured segment says why."""
+    +-1 SE bars, its reference (black tick: the AUC its calibrated scores promise on the same
+    rows, or its baseline estimate) and the drop limit below it (grey band: max(``min_drop``,
+    z x SE); a point left of its band dropped beyond it); segments the segment rule named in
+    red, pending ones in orange; an unmeasured segment says why."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
@@ -157,7 +160,7 @@ def segment_figure(segments: dict[str, SegmentPerformance], decision: PolicyDeci
         seg = segments[key]
         realised = seg.auc is not None
         value, se = (seg.auc, seg.auc_se) if realised else (seg.estimated_auc, seg.estimated_auc_se)
-        base = seg.baseline_auc if realised else seg.baseline_estimated_auc
+        base = seg.reference
         if value is None:
             continue
         points.append(value)
@@ -182,7 +185,8 @@ def segment_figure(segments: dict[str, SegmentPerformance], decision: PolicyDeci
     handles = [Line2D([], [], marker="o", ls="", color="tab:blue", label="realised (matured labels)"),
                Line2D([], [], marker="D", ls="", color="tab:blue", mfc="white",
                       label="estimated (no labels yet)"),
-               Line2D([], [], marker="|", ls="", color="k", ms=12, mew=2, label="segment baseline"),
+               Line2D([], [], marker="|", ls="", color="k", ms=12, mew=2,
+                      label="reference: expected from the scores\n(estimate: baseline estimate)"),
                Line2D([], [], color="0.85", lw=7, label="drop limit (noise, min drop)"),
                Line2D([], [], marker="o", ls="", color="tab:red", label="named by the segment rule"),
                Line2D([], [], marker="o", ls="", color="tab:orange", label="dropped, not yet persistent")]

@@ -75,12 +75,23 @@ Per segment (:func:`segment_performance`, one :class:`SegmentPerformance` per ke
 * fewer than ``min_rows`` rows or ``min_churners`` distinct churners (expected churners for
   the estimate) give ``reason`` / ``estimate_reason`` instead of a number.
 
-:func:`compare_segments` sets each segment's drop against its baseline
-(:class:`SegmentBaseline`: training's reference rows, :func:`segment_baseline_metrics` /
-:func:`segment_baseline`, or the version's first window): ``drop = baseline - AUC`` on the
-realised AUC when both are measured, else on the estimate; ``drop_se = sqrt(SE_baseline^2 +
-SE^2)``; noise level ``threshold = z * drop_se`` with ``z`` one-sided Bonferroni over the
-segments compared (:func:`~mlflow_churn.stats.uncertainty.segment_z`).
+:func:`compare_segments` sets each segment's drop against a reference (``reference``,
+``reference_source``), and the noise level ``threshold = z * drop_se`` with ``z`` one-sided
+Bonferroni over the segments compared (:func:`~mlflow_churn.stats.uncertainty.segment_z`):
+
+* once labels have matured: ``drop = expected_auc - auc`` on the same matured rows, where
+  ``expected_auc`` is the CBPE expectation of their calibrated scores: what the model
+  promises if the relation it learned still holds. Concept drift makes the realised AUC fall
+  short of it; a change of case mix moves both. ``drop_se`` = the realised AUC's bootstrap
+  SE (the expectation has no sampling error of its own on those rows). A baseline measured
+  elsewhere adds its own noise and bias: in the ``segment_concept`` replay (80,000
+  customers) training's reference rows (customers no model trained on, at a few cutoffs)
+  gave ``region=pacific`` 0.830 +- 0.023 where the first matured windows realised 0.80 and
+  0.78 +- 0.015, so against it a drop needed twice the size to stand out;
+* before: ``drop = baseline estimate - estimated_auc`` against the segment's
+  :class:`SegmentBaseline` (training's reference rows, :func:`segment_baseline_metrics` /
+  :func:`segment_baseline`, or the version's first window), ``drop_se = sqrt(SE_baseline^2 +
+  SE^2)``. The baselines' realised AUCs are kept beside (``baseline_auc``) for reading.
 """
 
 from __future__ import annotations
@@ -336,10 +347,12 @@ class SegmentPerformance:
     """One segment's performance in a window (module doc, "Per segment"); None = not measured,
     with ``reason`` (realised) / ``estimate_reason`` (estimate) saying why.
 
-    ``rows`` / ``customers`` / ``churners`` count the matured rows; ``window_rows`` the current
-    ones. :func:`compare_segments` fills the rest: the segment's ``baseline_*`` and where it
-    comes from (``baseline_source``), ``source`` (``realised`` | ``estimated``: which AUC the drop
-    is on), ``drop`` = baseline - AUC, ``drop_se``, ``z`` and ``threshold`` = z x drop_se."""
+    ``rows`` / ``customers`` / ``churners`` count the matured rows, ``expected_auc`` is the CBPE
+    expectation of their calibrated scores; ``window_rows`` counts the current ones.
+    :func:`compare_segments` fills the rest: the segment's ``baseline_*`` and where they come
+    from (``baseline_source``), ``source`` (``realised`` | ``estimated``: which AUC the drop is
+    on), ``reference`` (what it is compared with) and ``reference_source``, ``drop`` =
+    reference - AUC, ``drop_se``, ``z`` and ``threshold`` = z x drop_se."""
 
     segment: str
     rows: int = 0
@@ -351,6 +364,7 @@ class SegmentPerformance:
     recall_at_k_se: float | None = None
     revenue_lift: float | None = None
     revenue_lift_se: float | None = None
+    expected_auc: float | None = None
     reason: str | None = None
     window_rows: int = 0
     expected_churners: float | None = None
@@ -363,6 +377,8 @@ class SegmentPerformance:
     baseline_estimated_auc_se: float | None = None
     baseline_source: str | None = None
     source: str | None = None
+    reference: float | None = None
+    reference_source: str | None = None
     drop: float | None = None
     drop_se: float | None = None
     z: float | None = None
@@ -411,9 +427,10 @@ def _ids(frame: pd.DataFrame) -> np.ndarray:
     return frame["customer_id"].to_numpy() if "customer_id" in frame.columns else np.arange(len(frame))
 
 
-def _fill_realised(p: SegmentPerformance, y: np.ndarray, s: np.ndarray, ids: np.ndarray,
-                   eval_cfg: BusinessParams, min_rows: int, min_churners: int) -> None:
-    """The realised numbers of segment ``p`` from its matured rows (labels ``y``, scores ``s``)."""
+def _fill_realised(p: SegmentPerformance, y: np.ndarray, s: np.ndarray, calibrated: np.ndarray,
+                   ids: np.ndarray, eval_cfg: BusinessParams, min_rows: int, min_churners: int) -> None:
+    """The realised numbers of segment ``p`` from its matured rows (labels ``y``, scores ``s``,
+    ``calibrated`` scores for the expected AUC)."""
     pos, neg = _cluster_counts(y, ids)
     p.rows, p.customers, p.churners = int(y.size), int(np.unique(ids).size), pos
     if y.size < min_rows:
@@ -427,6 +444,7 @@ def _fill_realised(p: SegmentPerformance, y: np.ndarray, s: np.ndarray, ids: np.
         return
     m = classification_metrics(y, s, eval_cfg)
     p.auc, p.auc_se = float(m["roc_auc"]), clustered_auc_se(y, s, ids)
+    p.expected_auc = _finite(expected_auc(calibrated))
     r, n, k = float(m["recall_at_k"]), float(y.size), float(m["k"])
     c = n / max(p.customers, 1)
     q, b = float(m["precision_at_k"]), float(m["base_rate"])
@@ -503,10 +521,10 @@ def segment_performance(
         s = np.asarray(matured_scores, dtype="float64").ravel()
         if s.size != y.size:
             raise ChurnError(f"matured scores have {s.size} values but the matured rows are {y.size}")
-        ids = _ids(matured)
+        ids, cal = _ids(matured), calibrate(s, calibration)
         for key, idx in segment_rows(matured, columns).items():
             out[key] = SegmentPerformance(key)
-            _fill_realised(out[key], y[idx], s[idx], ids[idx], eval_cfg, min_rows, min_churners)
+            _fill_realised(out[key], y[idx], s[idx], cal[idx], ids[idx], eval_cfg, min_rows, min_churners)
     no_labels = "labels not matured yet" if matured is None else "no matured rows of this segment"
     cal = calibrate(current_scores, calibration)
     if cal.size != len(current):
@@ -521,27 +539,32 @@ def segment_performance(
     return dict(sorted(out.items()))
 
 
+#: ``reference_source`` of a realised drop: the CBPE expectation of the same rows' scores
+EXPECTED = "expected from its calibrated scores"
+
+
 def compare_segments(perfs: Mapping[str, SegmentPerformance],
                      baselines: Mapping[str, SegmentBaseline | None], alpha: float) -> float:
-    """Each segment's drop against its baseline (module doc), in place; returns the Bonferroni z
-    over the segments compared (0 when none is)."""
-    pairs: dict[str, tuple[str, float, float, float, float]] = {}
+    """Each segment's drop against its reference (module doc), in place; ``baselines``: each
+    segment's baseline (for the estimate before labels mature, and kept for reading). Returns
+    the Bonferroni z over the segments compared (0 when none is)."""
+    pairs: dict[str, tuple[str, float, float, float, float, str]] = {}
     for key, p in perfs.items():
         base = baselines.get(key)
-        if base is None:
-            continue
-        p.baseline_auc, p.baseline_auc_se = base.auc, base.auc_se
-        p.baseline_estimated_auc, p.baseline_estimated_auc_se = base.estimated_auc, base.estimated_auc_se
-        p.baseline_source = base.source
-        if p.auc is not None and base.auc is not None:
-            pairs[key] = ("realised", base.auc, base.auc_se or 0.0, p.auc, p.auc_se or 0.0)
-        elif p.estimated_auc is not None and base.estimated_auc is not None:
+        if base is not None:
+            p.baseline_auc, p.baseline_auc_se = base.auc, base.auc_se
+            p.baseline_estimated_auc, p.baseline_estimated_auc_se = base.estimated_auc, base.estimated_auc_se
+            p.baseline_source = base.source
+        if p.auc is not None and p.expected_auc is not None:
+            pairs[key] = ("realised", p.expected_auc, 0.0, p.auc, p.auc_se or 0.0, EXPECTED)
+        elif p.estimated_auc is not None and base is not None and base.estimated_auc is not None:
             pairs[key] = ("estimated", base.estimated_auc, base.estimated_auc_se or 0.0, p.estimated_auc,
-                          p.estimated_auc_se or 0.0)
+                          p.estimated_auc_se or 0.0, f"{base.source} estimate")
     z = segment_z(alpha, len(pairs))
-    for key, (source, base_auc, base_se, auc, se) in pairs.items():
+    for key, (source, ref, ref_se, auc, se, ref_source) in pairs.items():
         p = perfs[key]
-        p.source, p.drop, p.drop_se, p.z = source, base_auc - auc, math.hypot(base_se, se), z
+        p.source, p.reference, p.reference_source = source, ref, ref_source
+        p.drop, p.drop_se, p.z = ref - auc, math.hypot(ref_se, se), z
         p.threshold = z * p.drop_se
     return z
 
