@@ -14,8 +14,10 @@ Two parts, in one temporary workspace:
    rule names the segment, ``retrain`` trains a targeted challenger
    (``training.segment_weight``) and the gate requires the segment to improve. The section
    lists each retrain the replay ran: its targets and the gate's ``segment_improves`` figures.
-2. **The comparison** at the replay's first targeted retrain (same ``as_of``, same data):
-   the champion in service then, a plain retrain (weight 1), targeted retrains with several
+2. **The comparison** on the first day a retrain's recent rows (``segment_recent_days``) have
+   labels that all follow the onset (the replay's first retrain targeting the segment from
+   then on, if any: before it no retrain can learn the new relation): the champion in
+   service then, a plain retrain (weight 1), targeted retrains with several
    weights and recent spans (``training.segment_recent_days``), and a per-segment model
    (a second model trained on the segment's rows alone, routed by segment at scoring; the
    plain retrain scores the others). Every retrain is the real ``train()`` (Optuna trials
@@ -150,7 +152,7 @@ def _arms(workspace: Path, as_of: datetime, named: tuple[str, ...], key: str, ch
         seg_prep = prepare_window(cfg, as_of)
         seg_train = seg_prep.train[segment_mask(seg_prep.train, [key])]
         seg_valid = seg_prep.valid[segment_mask(seg_prep.valid, [key])]
-        res = train_on_frame(cfg, seg_train, seg_valid, fs, source="simulator", n_trials=trials,
+        res = train_on_frame(cfg, seg_train, seg_valid, fs, source="table", n_trials=trials,
                              progress=False)
         routed = scores[PLAIN][-1].copy()
         routed[inside] = load_scorer(res.model_uri).predict_proba(frame[inside])
@@ -190,7 +192,7 @@ def _tolerance_margins(cfg: ChurnConfig, frame: Any, arm: Any, ref: Any, named: 
 
 
 def _report(result: Any, retrains: list[dict[str, Any]], key: str, named: tuple[str, ...],
-            scores: dict[str, list[Any]] | None, frame: Any, info: dict[str, Any], args: argparse.Namespace,
+            scores: dict[str, list[Any]], frame: Any, info: dict[str, Any], args: argparse.Namespace,
             cfg: ChurnConfig, default: str) -> None:
     print(f"## Targeted retrain (`{SCENARIO}` backtest, {args.customers:,} customers, segment `{key}`)\n")
     alarms = [w for w in result.windows if w.action != "ok"]
@@ -205,12 +207,16 @@ def _report(result: Any, retrains: list[dict[str, Any]], key: str, named: tuple[
                         if x.get("required") is not None else f"{x['metric']}: not measurable"
                         for x in r["improves"]) or "-"
         print(f"| {r['as_of'][:10]} | {r['targets']} | v{r['version']} | {r['gate']} | {imp} |")
-    if scores is None:
-        print(f"\nNo retrain targeted `{key}` in the replay: target not met (nothing to compare).")
-        return
+    named_first: dict[str, str] = {}
+    for w in result.windows:
+        if w.top_segment and w.action != "ok":
+            named_first.setdefault(w.top_segment, w.as_of[:10])
+    print("\nFirst named (top segment of a decision that was not ok): "
+          + (", ".join(f"`{k}` {d}" for k, d in named_first.items()) or "none") + ".")
     tables = {name: _mean_tables([_scores_table(cfg, frame, s) for s in ss]) for name, ss in scores.items()}
-    print(f"\nComparison at the first retrain targeting `{key}` ({info['as_of'][:10]}, targets "
-          f"{', '.join(named)}; training window {info['window']}; {args.seeds} training seed(s) x "
+    print(f"\nComparison on {info['as_of'][:10]} ({info['why']}; targets {', '.join(named)}; champion "
+          f"v{info['champion']}, in service then; training window {info['window']}; {args.seeds} training "
+          "seed(s) x "
           f"{args.trials} Optuna trials, AUCs averaged over the seeds): holdout customers at "
           f"{info['cutoffs']} ({info['eval_rows']:,} rows; `{key}` {info['segment_rows']:,} rows, "
           f"{info['segment_churners']} churned customers). Other segments: the gate's rule, the worst "
@@ -272,18 +278,28 @@ def main(argv: list[str]) -> int:
         default = f"targeted, weight {default_w:g}, recent 14 d"
         if cfg.training.segment_recent_days >= cfg.training.window_days:
             default = f"targeted, weight {default_w:g}, whole window"
-        first = next((r for r in retrains if key in r["targets"].split(",")), None)
-        scores, frame, info, named = None, None, {}, (key,)
-        if first is not None:
-            as_of = datetime.fromisoformat(first["as_of"])
-            named = tuple(first["targets"].split(","))
-            champion = next(w for w in result.windows if w.as_of == first["as_of"]).model_version
-            if default_w not in weights:
-                weights.append(default_w)
-            scores, frame, info = _arms(workspace, as_of, named, key,
-                                        f"models:/{cfg.training.model_name}/{champion}", args.seeds,
-                                        args.trials, args.eval_days, sorted(weights), log)
-            info["as_of"] = first["as_of"]
+        # the comparison: the first day a retrain's recent rows have labels that all follow the
+        # onset (earlier, no retrain can learn the new relation), or the replay's first retrain
+        # targeting the scenario's segment on or after it
+        onset = datetime.fromisoformat(result.onset)
+        as_of = onset + timedelta(days=cfg.features.label_horizon_days + cfg.evaluation.holdout_days
+                                  + cfg.training.segment_recent_days)
+        first = next((r for r in retrains if key in r["targets"].split(",")
+                      and datetime.fromisoformat(r["as_of"]) >= as_of), None)
+        named = tuple(first["targets"].split(",")) if first else (key,)
+        as_of = datetime.fromisoformat(first["as_of"]) if first else as_of
+        served = [w for w in result.windows if datetime.fromisoformat(w.as_of) <= as_of]
+        champion = (served[-1].retrained_to or served[-1].model_version) if served else "1"
+        if default_w not in weights:
+            weights.append(default_w)
+        scores, frame, info = _arms(workspace, as_of, named, key,
+                                    f"models:/{cfg.training.model_name}/{champion}", args.seeds, args.trials,
+                                    args.eval_days, sorted(weights), log)
+        info |= {"as_of": as_of.isoformat(), "champion": champion,
+                 "why": ("the replay's first retrain targeting it once its recent rows' labels followed the "
+                         "onset" if first else "no retrain of the replay targeted it once its recent "
+                         "training rows' labels followed the onset: a retrain targeted at it on the first "
+                         "such day")}
         log(f"total: {time.perf_counter() - start:.0f} s")
         _report(result, retrains, key, named, scores, frame, info, args, cfg, default)
     return 0

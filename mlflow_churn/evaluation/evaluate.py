@@ -379,7 +379,8 @@ def _targeted_rules(cfg: ChurnConfig, targets: SegmentTargets, both: pd.DataFram
         rows = both[(both["segment"] == column) & (both["value"] == value)]
         row = rows.iloc[0] if len(rows) else None
         n = int(row["n"]) if row is not None else 0
-        churners = int(row.get("churners", row["positives"])) if row is not None else 0
+        counted = row.get("churners", row["positives"]) if row is not None else 0
+        churners = int(counted) if pd.notna(counted) else 0
         se = float(row.get("auc_diff_se", float("nan"))) if row is not None else float("nan")
         cand = float(row["roc_auc"]) if row is not None else float("nan")
         base = float(row["roc_auc_champion"]) if row is not None else float("nan")
