@@ -300,7 +300,7 @@ def canary_run_cmd(
 @canary_app.command("resume")
 def canary_resume_cmd(
     ctx: typer.Context,
-    reason: str = typer.Option("", "--reason", help="Why (recorded on the resume's run)."),
+    reason: str = typer.Option("", "--reason", help="Why (recorded on the resume's run; default: none)."),
     as_json: bool = JSON_OPTION,
     as_of: str = typer.Option(None, "--as-of", hidden=True, help="Must be empty."),
     since: str = typer.Option(None, "--since", hidden=True, help="Must be empty."),
