@@ -101,7 +101,7 @@ def _one(scenario: str, customers: int, out: Path) -> None:
             print(f"{time.perf_counter() - start:6.0f} s window {w.index} {w.as_of[:10]} v{w.model_version} "
                   f"{w.action}: named {w.named_segments or '-'}; {r_seg} {w.segment_source or '-'} AUC "
                   f"{_fmt(w.segment_auc)} vs {_fmt(w.segment_reference)}: drop {_fmt(w.segment_drop)} (SE "
-                  f"{_fmt(w.segment_drop_se)}, limit {_fmt(w.segment_drop_limit)}); training baseline "
+                  f"{_fmt(w.segment_drop_se)}, limit {_fmt(w.segment_drop_limit)}); baseline "
                   f"{_fmt(w.segment_baseline_auc)} (SE {_fmt(w.segment_baseline_se)}); population AUC "
                   f"{_fmt(w.realised_auc)}, PSI {_fmt(w.population_psi_max)}", file=sys.stderr, flush=True)
 
@@ -132,28 +132,22 @@ def _verdicts(scenario: str, r: BacktestResult, paired: dict[str, float]) -> lis
             f"other segments named after the onset: {', '.join(r.other_segments_named) or 'none'}"]
 
 
-def main(argv: list[str]) -> int:
-    if "--one" in argv:  # a child: one scenario per process, so no MLflow / SQLite state is shared
-        _one(argv[argv.index("--one") + 1], int(argv[argv.index("--customers") + 1]), Path(argv[-1]))
-        return 0
-    quick = "--quick" in argv
+def render(results: list[tuple[str, int, dict]]) -> str:
+    """The Markdown section from ``(scenario, customers, child result)`` triples."""
     rows, verdicts = [], []
-    for scenario, (full, small, step, _after) in PLAN.items():
-        customers = small if quick else full
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "result.json"
-            subprocess.run([sys.executable, "-m", "bench.bench_segments", "--one", scenario, "--customers",
-                            str(customers), str(out)], check=True, stdout=subprocess.DEVNULL)
-            data = json.loads(out.read_text())
+    for scenario, customers, data in results:
         raw, took, paired = data["result"], data["seconds"], data["paired"]
+        step = PLAN[scenario][2]
         r = BacktestResult(**{k: v for k, v in raw.items() if k != "windows"}, windows=raw["windows"])
-        print(f"{scenario}: {took:.0f} s", file=sys.stderr, flush=True)
         first = next((w for w in r.windows if r.segment in w["named_segments"]), None)
         drop = (f"{first['segment_drop']:.3f} (SE {first['segment_drop_se']:.3f}, limit "
                 f"{first['segment_drop_limit']:.3f})" if first else "-")
-        pop = (f"{paired['stable_population_auc']:.3f} -> {paired['concept_population_auc']:.3f}"
-               if paired else "-")
-        seg = f"{paired['stable_segment_auc']:.3f} -> {paired['concept_segment_auc']:.3f}" if paired else "-"
+        pop = seg = "-"
+        if paired:
+            a, b = paired["stable_population_auc"], paired["concept_population_auc"]
+            pop = f"{a:.4f} -> {b:.4f} ({b - a:+.4f})"
+            a, b = paired["stable_segment_auc"], paired["concept_segment_auc"]
+            seg = f"{a:.3f} -> {b:.3f} ({b - a:+.3f})"
         named = sum(1 for w in r.windows if w["named_segments"])
         rows.append(f"| `{scenario}` | {customers:,} | {len(r.windows)} (every {step} d) | {r.onset[:10]} | "
                     f"{(r.labels_matured or '-')[:10]} | {first['as_of'][:10] if first else '-'} "
@@ -161,15 +155,31 @@ def main(argv: list[str]) -> int:
                     f"{_fmt(r.population_auc_drop_at_segment)} | {_fmt(r.population_psi_at_segment)} | "
                     f"{r.false_alarms}/{r.pre_onset_windows} | {named} | {len(r.retrains)} | {took:.0f} |")
         verdicts += [f"- `{scenario}`: {v}" for v in _verdicts(scenario, r, paired)]
-    print("## Performance per segment (backtest, default policy and segment rule)\n")
-    print("| scenario | customers | windows | onset | labels matured | segment named (delay, windows) "
-          "| its drop at naming | population AUC, paired (stable -> scenario) | segment AUC, paired "
-          "| population auc_drop (monitored) | population PSI | false alarms / pre-onset windows "
-          "| windows naming a segment | retrains | seconds |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
-    print()
-    print("\n".join(verdicts))
+    head = ("## Performance per segment (backtest, default policy and segment rule)\n\n"
+            "| scenario | customers | windows | onset | labels matured | segment named (delay, windows) "
+            "| its drop at naming | population AUC, paired (stable -> scenario) | segment AUC, paired "
+            "| population auc_drop (monitored) | population PSI | false alarms / pre-onset windows "
+            "| windows naming a segment | retrains | seconds |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    return head + "\n".join(rows) + "\n\n" + "\n".join(verdicts)
+
+
+def main(argv: list[str]) -> int:
+    if "--one" in argv:  # a child: one scenario per process, so no MLflow / SQLite state is shared
+        _one(argv[argv.index("--one") + 1], int(argv[argv.index("--customers") + 1]), Path(argv[-1]))
+        return 0
+    quick = "--quick" in argv
+    results = []
+    for scenario, (full, small, _step, _after) in PLAN.items():
+        customers = small if quick else full
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "result.json"
+            subprocess.run([sys.executable, "-m", "bench.bench_segments", "--one", scenario, "--customers",
+                            str(customers), str(out)], check=True, stdout=subprocess.DEVNULL)
+            data = json.loads(out.read_text())
+        print(f"{scenario}: {data['seconds']:.0f} s", file=sys.stderr, flush=True)
+        results.append((scenario, customers, data))
+    print(render(results))
     return 0
 
 

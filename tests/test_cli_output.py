@@ -146,10 +146,10 @@ def test_monitor_lines_name_the_segment_its_drop_and_se() -> None:
     from mlflow_churn.stats.performance import SegmentPerformance
 
     policy = load_config(environ={}).monitoring.policy
-    perf = SegmentPerformance("region=pacific", churners=61, auc=0.61, auc_se=0.03, expected_auc=0.76,
-                              source="realised", reference=0.76,
-                              reference_source="expected from its calibrated scores", baseline_auc=0.74,
-                              baseline_source="training", drop=0.15, drop_se=0.03, z=3.0, threshold=0.09)
+    perf = SegmentPerformance("region=pacific", churners=61, auc=0.61, auc_se=0.02, source="realised",
+                              baseline_auc=0.76, baseline_auc_se=0.0224, baseline_source="first window",
+                              reference=0.76, reference_source="first window", training_auc=0.74,
+                              training_auc_se=0.025, drop=0.15, drop_se=0.03, z=3.0, threshold=0.09)
     quiet = SegmentPerformance("plan=basic",
                                reason="too few churners: 12 < 20 (monitoring.segment_min_churners)",
                                estimate_reason="too few expected churners: 9.5 < 20 "
@@ -165,8 +165,7 @@ def test_monitor_lines_name_the_segment_its_drop_and_se() -> None:
     d = decide(hist, policy, hist[-1].as_of)
     lines = decision_lines(d, {}, segment_drop=hist[-1].segment_auc_drop)
     rule = next(line for line in lines if line.startswith("segment rule: region=pacific NAMED"))
-    assert ("realised AUC 0.610 vs 0.760 expected from its calibrated scores, drop 0.150, SE 0.030 > "
-            "limit 0.090") in rule
+    assert "realised AUC 0.610 vs 0.760 (first window), drop 0.150, SE 0.030 > limit 0.090" in rule
     assert "in 2 of the last 2 windows" in rule
     assert lines[-1].startswith("decision: retrain, because performance trigger(s) fired: "
                                 "segment_auc_drop[region=pacific] > 0.05"), lines[-1]
@@ -180,8 +179,8 @@ def test_monitor_lines_name_the_segment_its_drop_and_se() -> None:
     out = Console(width=250, record=True)
     out.print(segment_table({"plan=basic": quiet, "region=pacific": perf}, d, policy.segment_min_drop))
     text = out.export_text()
-    assert "0.610 +- 0.030" in text and "NAMED" in text and "too few churners: 12 < 20" in text
-    assert "0.740 (training)" in text
+    assert "0.610 +- 0.020" in text and "NAMED" in text and "too few churners: 12 < 20" in text
+    assert "0.740 +- 0.025" in text
 
 
 @pytest.mark.parametrize("width", [None, "60"])

@@ -85,13 +85,14 @@ def test_monitor_logs_a_run_with_evidence_and_reads_history(trained) -> None:
     assert [w.as_of for w in back] == [AS_OF, late - timedelta(days=7), late]
     assert second.stats.segment_psi["region=pacific"] == max(second.stats.segment_psi.values())
     assert second.decision.drift_segments[0] == "region=pacific" and second.decision.segments == []
-    # labels of the cutoffs after training have matured: each segment's realised AUC against the
-    # one its calibrated scores promise on the same rows; training's baseline kept beside it
+    # labels of the cutoffs after training have matured: this first realised AUC of each segment is
+    # its baseline from now on (drop 0); training's AUC and the scores' CBPE expectation beside it
     assert "val_segment_auc.contract.month-to-month" in client.get_run(res.run_id).data.metrics
     mtm = second.performance.segments["contract=month-to-month"]
-    assert (mtm.source, mtm.baseline_source) == ("realised", "training") and mtm.baseline_auc > 0.5
-    assert mtm.reference == mtm.expected_auc and mtm.reference_source == "expected from its calibrated scores"
-    assert mtm.drop == pytest.approx(mtm.expected_auc - mtm.auc) and mtm.drop_se == mtm.auc_se > 0
+    assert (mtm.source, mtm.baseline_source, mtm.reference_source) == ("realised", "first window",
+                                                                        "first window")
+    assert mtm.drop == 0.0 and mtm.reference == mtm.auc and mtm.drop_se > 0 and mtm.threshold > 0
+    assert mtm.training_auc > 0.5 and mtm.expected_auc > 0.5
     assert second.stats.segment_auc_drop["contract=month-to-month"] == pytest.approx(mtm.drop)
     assert second.decision.action == "investigate"
     assert second.population_psi_max < 0.1

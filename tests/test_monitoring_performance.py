@@ -224,19 +224,22 @@ def test_compare_segments_drop_se_and_bonferroni_z() -> None:
     assert "val_segment_auc.region.tiny" not in metrics
     base = {k: segment_baseline(metrics, k) for k in perfs}
     assert base["region=tiny"] is None and base["region=south"].source == "training"
-    base["region=south"] = SegmentBaseline(0.9, 0.02, 0.9, 0.03, "first window")
+    base["region=south"] = SegmentBaseline(0.9, 0.02, 0.9, 0.03, "first window", "training", 0.88, 0.03)
     z = compare_segments(perfs, base, alpha=0.01)
     assert z == pytest.approx(segment_z(0.01, 2))  # north and south compared, tiny not
     south = perfs["region=south"]
-    # realised: against what its own scores promise on the same rows (no baseline noise); the
-    # baseline is kept for reading
-    assert south.source == "realised" and south.reference_source == "expected from its calibrated scores"
-    assert south.expected_auc == pytest.approx(expected_auc(scores[(frame["region"] == "south").to_numpy()]))
-    assert south.drop == pytest.approx(south.expected_auc - south.auc) and south.drop > 0.1
-    assert south.drop_se == pytest.approx(south.auc_se)
+    assert south.source == "realised" and south.reference_source == "first window"
+    assert south.drop == pytest.approx(0.9 - south.auc) and south.reference == 0.9
+    assert south.drop_se == pytest.approx(np.hypot(0.02, south.auc_se))
     assert south.threshold == pytest.approx(z * south.drop_se)
-    assert (south.baseline_auc, south.baseline_source) == (0.9, "first window")
-    assert perfs["region=north"].drop < perfs["region=north"].threshold  # its scores still rank as promised
+    assert (south.estimate_baseline_source, south.training_auc) == ("training", 0.88)
+    # the CBPE expectation of the same rows' scores is kept for reading
+    assert south.expected_auc == pytest.approx(expected_auc(scores[(frame["region"] == "south").to_numpy()]))
+    # training's baseline alone: its estimate is the reference (a realised AUC is compared only
+    # with a first window's), its realised AUC kept for reading
+    north = perfs["region=north"]
+    assert base["region=north"].auc is None and north.training_auc == pytest.approx(north.auc)
+    assert (north.source, north.reference_source) == ("estimated", "training estimate")
     assert perfs["region=tiny"].drop is None
     # before labels mature the estimate is compared
     est = segment_performance(["region"], frame, scores, cfg, min_rows=200, min_churners=20)

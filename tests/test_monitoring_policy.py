@@ -269,8 +269,8 @@ def perf_win(i: int, drops: dict[str, tuple[float, float]],
         w.segment_auc_drop[key] = drop
         w.segment_auc_drop_threshold[key] = 3.0 * se
         w.segment_performance[key] = {"segment": key, "source": "realised", "auc": 0.76 - drop,
-                                      "reference": 0.76, "reference_source": "expected from its calibrated "
-                                      "scores", "drop": drop, "drop_se": se, "z": 3.0}
+                                      "reference": 0.76, "reference_source": "first window", "drop": drop,
+                                      "drop_se": se, "z": 3.0}
     for key, value in (psi or {}).items():
         w.segment_psi[key], w.segment_threshold[key] = value, 0.1
     return w
@@ -284,7 +284,7 @@ def test_segment_rule_fires_on_a_performance_drop_beyond_its_noise() -> None:
     assert d.segments == ["region=pacific"]
     (drop,) = d.segment_drops
     assert (drop.segment, drop.source) == ("region=pacific", "realised")
-    assert drop.baseline_source == "expected from its calibrated scores"
+    assert drop.baseline_source == "first window"
     assert drop.drop == pytest.approx(0.15) and drop.se == pytest.approx(0.03)
     assert drop.auc == pytest.approx(0.61) and drop.baseline == pytest.approx(0.76)
     assert drop.limit == pytest.approx(0.09) and (drop.hits, drop.windows) == (2, 2)

@@ -92,7 +92,7 @@ class WindowRecord:
     named_segments: list[str] = field(default_factory=list)
     drift_segments: list[str] = field(default_factory=list)
     #: the scenario's segment in this window: AUC drop vs its reference, its SE, the rule's limit,
-    #: source; its AUC and the reference; training's baseline AUC and that baseline's SE
+    #: source; its AUC and the reference; its realised baseline (the version's first window) and SE
     segment_drop: float | None = None
     segment_drop_se: float | None = None
     segment_drop_limit: float | None = None
@@ -295,7 +295,7 @@ def _record(index: int, as_of: datetime, version: str, res: Any, onset: datetime
         top_segment=(d.segments or d.drift_segments or [""])[0],
         top_segment_psi=top_seg[1], realised_auc=s.realised_auc,
         estimated_auc=res.performance.estimated_auc, post_onset=as_of > onset,
-        reasons=d.reasons[:4], early_auc=s.early_auc, auc_drop=s.auc_drop,
+        reasons=d.reasons[:8], early_auc=s.early_auc, auc_drop=s.auc_drop,
         early_auc_drop=s.early_auc_drop, named_segments=list(d.segments),
         drift_segments=list(d.drift_segments),
         segment_drop=seg.drop if seg else None, segment_drop_se=seg.drop_se if seg else None,

@@ -184,33 +184,39 @@ def _fill_performance(stats: WindowStats, perf: Performance) -> None:
 def _first_window_part(history: Sequence[WindowStats], version: str, key: str,
                        stat: str) -> tuple[float, float | None] | None:
     """(baseline, its SE) of ``stat`` (``auc`` | ``estimated_auc``) of segment ``key`` carried in
-    the version's windows whose segment baseline is their first measured window, or None."""
+    the version's windows whose baseline of it is their first measured window, or None."""
+    source = "baseline_source" if stat == "auc" else "estimate_baseline_source"
     for w in history:
         entry = (w.segment_performance.get(key) if w.model_version == version else None) or {}
-        if entry.get("baseline_source") == "first window" and entry.get(f"baseline_{stat}") is not None:
+        if entry.get(source) == "first window" and entry.get(f"baseline_{stat}") is not None:
             return float(entry[f"baseline_{stat}"]), entry.get(f"baseline_{stat}_se")
     return None
 
 
 def _segment_baseline(key: str, seg: SegmentPerformance, base: Baseline, history: Sequence[WindowStats],
                       version: str, same_labels: bool) -> SegmentBaseline | None:
-    """What segment ``key`` is compared with: training's ``val_segment_*`` metrics, else (a
-    version trained before they were recorded, training measured too few churners of the
-    segment, or labels shorter than training's) the segment's first measured window of the
-    version, carried forward in every window's stats; this window's own numbers when none is."""
+    """What segment ``key`` is compared with (:func:`~mlflow_churn.stats.performance.compare_segments`):
+    its realised AUC in the version's first window that measured it, carried forward in every
+    window's stats (this window's own when none did); its estimate against training's
+    ``val_segment_estimated_auc``, else (a version trained before they were recorded, too few
+    churners of the segment at training, labels shorter than training's) the first window's
+    estimate; training's realised AUC kept for reading."""
     trained = base.segment(key) if same_labels else None
-    if trained is not None:
-        return trained
     auc = _first_window_part(history, version, key, "auc")
     if auc is None and seg.auc is not None:
         auc = (seg.auc, seg.auc_se)
-    est = _first_window_part(history, version, key, "estimated_auc")
-    if est is None and seg.estimated_auc is not None:
-        est = (seg.estimated_auc, seg.estimated_auc_se)
-    if auc is None and est is None:
+    if trained is not None and trained.estimated_auc is not None:
+        est, est_source = (trained.estimated_auc, trained.estimated_auc_se), "training"
+    else:
+        est, est_source = _first_window_part(history, version, key, "estimated_auc"), "first window"
+        if est is None and seg.estimated_auc is not None:
+            est = (seg.estimated_auc, seg.estimated_auc_se)
+    if auc is None and est is None and trained is None:
         return None
     return SegmentBaseline(auc[0] if auc else None, auc[1] if auc else None, est[0] if est else None,
-                           est[1] if est else None, "first window")
+                           est[1] if est else None, "first window", est_source,
+                           trained.training_auc if trained else None,
+                           trained.training_auc_se if trained else None)
 
 
 def _segments(cfg: ChurnConfig, win: _Window, matured: _Labelled | None, base: Baseline,

@@ -35,8 +35,8 @@ Rules, in order:
    PSI(monthly_usage) = 0.35 with AUC steady gives ``investigate`` naming the segments
    that moved).
 7. **Segment rule** (performance): a segment whose AUC drop (``segment_auc_drop``: once
-   labels mature, the realised AUC below the one its calibrated scores promise on the same
-   rows; before, the label-free estimate below the segment's baseline estimate; see
+   labels mature, its realised AUC below the one of the version's first window that measured
+   it; before, the label-free estimate below the segment's baseline estimate; see
    :mod:`mlflow_churn.stats.performance`) exceeds max(``segment_min_drop``, its noise level
    ``z x SE`` recorded by monitoring, ``z`` Bonferroni over the window's tested segments at
    ``monitoring.segment_alpha``) in ``required`` of the last ``windows`` windows (the policy's
@@ -189,8 +189,8 @@ class SegmentDrop:
     source: str  # "realised" (matured labels) | "estimated" (label-free CBPE, before labels mature)
     auc: float
     baseline: float  # what the AUC is compared with (the reference of the stats' segment_performance)
-    #: realised: "expected from its calibrated scores" (CBPE on the same rows); estimated: the
-    #: segment's "training estimate" or "first window estimate"
+    #: realised: "first window" (its AUC in the version's first window that measured it);
+    #: estimated: "training estimate" or "first window estimate"
     baseline_source: str
     drop: float  # baseline - auc
     se: float  # standard error of the drop
@@ -529,9 +529,8 @@ def _segment_drop(w: WindowStats, key: str, hits: int, windows: int, cfg: Policy
 
 
 def _drop_text(d: SegmentDrop) -> str:
-    """``region=pacific: realised AUC 0.612 vs 0.706 expected from its calibrated scores, drop
-    0.094 (SE 0.013)``."""
-    return (f"{d.segment}: {d.source} AUC {d.auc:.3f} vs {d.baseline:.3f} {d.baseline_source}, "
+    """``region=pacific: realised AUC 0.712 vs 0.795 (first window), drop 0.083 (SE 0.021)``."""
+    return (f"{d.segment}: {d.source} AUC {d.auc:.3f} vs {d.baseline:.3f} ({d.baseline_source}), "
             f"drop {d.drop:.3f} (SE {d.se:.3f})")
 
 

@@ -144,8 +144,8 @@ def _segment_metrics(result: MonitorResult) -> dict[str, float]:
 def segment_figure(segments: dict[str, SegmentPerformance], decision: PolicyDecision, title: str,
                    min_drop: float = 0.0) -> Any:
     """One row per segment: its AUC (realised: dot; estimated before labels mature: diamond) with
-    +-1 SE bars, its reference (black tick: the AUC its calibrated scores promise on the same
-    rows, or its baseline estimate) and the drop limit below it (grey band: max(``min_drop``,
+    +-1 SE bars, its reference (black tick: its AUC in the version's first window that measured
+    it, or its baseline estimate) and the drop limit below it (grey band: max(``min_drop``,
     z x SE); a point left of its band dropped beyond it); segments the segment rule named in
     red, pending ones in orange; an unmeasured segment says why."""
     from matplotlib.figure import Figure
@@ -186,7 +186,7 @@ def segment_figure(segments: dict[str, SegmentPerformance], decision: PolicyDeci
                Line2D([], [], marker="D", ls="", color="tab:blue", mfc="white",
                       label="estimated (no labels yet)"),
                Line2D([], [], marker="|", ls="", color="k", ms=12, mew=2,
-                      label="reference: expected from the scores\n(estimate: baseline estimate)"),
+                      label="reference: first window's AUC\n(estimate: baseline estimate)"),
                Line2D([], [], color="0.85", lw=7, label="drop limit (noise, min drop)"),
                Line2D([], [], marker="o", ls="", color="tab:red", label="named by the segment rule"),
                Line2D([], [], marker="o", ls="", color="tab:orange", label="dropped, not yet persistent")]

@@ -79,19 +79,19 @@ Per segment (:func:`segment_performance`, one :class:`SegmentPerformance` per ke
 ``reference_source``), and the noise level ``threshold = z * drop_se`` with ``z`` one-sided
 Bonferroni over the segments compared (:func:`~mlflow_churn.stats.uncertainty.segment_z`):
 
-* once labels have matured: ``drop = expected_auc - auc`` on the same matured rows, where
-  ``expected_auc`` is the CBPE expectation of their calibrated scores: what the model
-  promises if the relation it learned still holds. Concept drift makes the realised AUC fall
-  short of it; a change of case mix moves both. ``drop_se`` = the realised AUC's bootstrap
-  SE (the expectation has no sampling error of its own on those rows). A baseline measured
-  elsewhere adds its own noise and bias: in the ``segment_concept`` replay (80,000
-  customers) training's reference rows (customers no model trained on, at a few cutoffs)
-  gave ``region=pacific`` 0.830 +- 0.023 where the first matured windows realised 0.80 and
-  0.78 +- 0.015, so against it a drop needed twice the size to stand out;
-* before: ``drop = baseline estimate - estimated_auc`` against the segment's
-  :class:`SegmentBaseline` (training's reference rows, :func:`segment_baseline_metrics` /
-  :func:`segment_baseline`, or the version's first window), ``drop_se = sqrt(SE_baseline^2 +
-  SE^2)``. The baselines' realised AUCs are kept beside (``baseline_auc``) for reading.
+* once labels have matured: ``drop = baseline AUC - auc``, the baseline being the segment's
+  realised AUC in the version's first window that measured it (the caller carries it
+  forward), ``drop_se = sqrt(SE_baseline^2 + SE^2)``: the same measurement on the same kind of
+  rows, so neither bias nor another population. Two references were measured and dropped:
+  training's reference rows (customers no model trained on, at a few cutoffs) gave
+  ``region=pacific`` 0.830 +- 0.023 (80,000 customers) and 0.893 +- 0.022 (20,000) where the
+  matured windows realised ~0.80 and ~0.78: biased and noisy; the CBPE expectation of the
+  matured rows' own scores (``expected_auc``, kept for reading) has no noise of its own but a
+  calibration bias per segment that grows as the model ages: in a ``stable`` replay it named
+  ``contract=month-to-month`` three months after training;
+* before: ``drop = baseline estimate - estimated_auc`` against the segment's baseline estimate
+  (training's reference rows, :func:`segment_baseline_metrics` / :func:`segment_baseline`,
+  else the version's first window), ``drop_se = sqrt(SE_baseline^2 + SE^2)``.
 """
 
 from __future__ import annotations
@@ -349,10 +349,12 @@ class SegmentPerformance:
 
     ``rows`` / ``customers`` / ``churners`` count the matured rows, ``expected_auc`` is the CBPE
     expectation of their calibrated scores; ``window_rows`` counts the current ones.
-    :func:`compare_segments` fills the rest: the segment's ``baseline_*`` and where they come
-    from (``baseline_source``), ``source`` (``realised`` | ``estimated``: which AUC the drop is
-    on), ``reference`` (what it is compared with) and ``reference_source``, ``drop`` =
-    reference - AUC, ``drop_se``, ``z`` and ``threshold`` = z x drop_se."""
+    :func:`compare_segments` fills the rest: the segment's baselines (``baseline_auc`` from
+    ``baseline_source``, ``baseline_estimated_auc`` from ``estimate_baseline_source``,
+    training's realised ``training_auc`` for reading), ``source`` (``realised`` |
+    ``estimated``: which AUC the drop is on), ``reference`` (what it is compared with) and
+    ``reference_source``, ``drop`` = reference - AUC, ``drop_se``, ``z`` and ``threshold`` =
+    z x drop_se."""
 
     segment: str
     rows: int = 0
@@ -376,6 +378,9 @@ class SegmentPerformance:
     baseline_estimated_auc: float | None = None
     baseline_estimated_auc_se: float | None = None
     baseline_source: str | None = None
+    estimate_baseline_source: str | None = None
+    training_auc: float | None = None
+    training_auc_se: float | None = None
     source: str | None = None
     reference: float | None = None
     reference_source: str | None = None
@@ -387,14 +392,19 @@ class SegmentPerformance:
 
 @dataclass(frozen=True)
 class SegmentBaseline:
-    """What a segment's performance is compared with; ``source``: ``training`` (the version's
-    reference rows) or ``first window`` (the version's first measured window)."""
+    """What a segment's performance is compared with: its realised AUC (``auc`` from ``source``)
+    and its estimate (``estimated_auc`` from ``estimate_source``, default ``source``), each
+    ``training`` (the version's reference rows) or ``first window`` (the version's first window
+    that measured it); ``training_auc`` / ``_se``: training's realised AUC, kept for reading."""
 
     auc: float | None
     auc_se: float | None
     estimated_auc: float | None
     estimated_auc_se: float | None
     source: str
+    estimate_source: str | None = None
+    training_auc: float | None = None
+    training_auc_se: float | None = None
 
 
 def _finite(value: Any) -> float | None:
@@ -539,27 +549,25 @@ def segment_performance(
     return dict(sorted(out.items()))
 
 
-#: ``reference_source`` of a realised drop: the CBPE expectation of the same rows' scores
-EXPECTED = "expected from its calibrated scores"
-
-
 def compare_segments(perfs: Mapping[str, SegmentPerformance],
                      baselines: Mapping[str, SegmentBaseline | None], alpha: float) -> float:
-    """Each segment's drop against its reference (module doc), in place; ``baselines``: each
-    segment's baseline (for the estimate before labels mature, and kept for reading). Returns
-    the Bonferroni z over the segments compared (0 when none is)."""
+    """Each segment's drop against its baseline (module doc), in place. Returns the Bonferroni z
+    over the segments compared (0 when none is)."""
     pairs: dict[str, tuple[str, float, float, float, float, str]] = {}
     for key, p in perfs.items():
         base = baselines.get(key)
-        if base is not None:
-            p.baseline_auc, p.baseline_auc_se = base.auc, base.auc_se
-            p.baseline_estimated_auc, p.baseline_estimated_auc_se = base.estimated_auc, base.estimated_auc_se
-            p.baseline_source = base.source
-        if p.auc is not None and p.expected_auc is not None:
-            pairs[key] = ("realised", p.expected_auc, 0.0, p.auc, p.auc_se or 0.0, EXPECTED)
-        elif p.estimated_auc is not None and base is not None and base.estimated_auc is not None:
+        if base is None:
+            continue
+        est_source = base.estimate_source or base.source
+        p.baseline_auc, p.baseline_auc_se, p.baseline_source = base.auc, base.auc_se, base.source
+        p.baseline_estimated_auc, p.baseline_estimated_auc_se = base.estimated_auc, base.estimated_auc_se
+        p.estimate_baseline_source = est_source
+        p.training_auc, p.training_auc_se = base.training_auc, base.training_auc_se
+        if p.auc is not None and base.auc is not None:
+            pairs[key] = ("realised", base.auc, base.auc_se or 0.0, p.auc, p.auc_se or 0.0, base.source)
+        elif p.estimated_auc is not None and base.estimated_auc is not None:
             pairs[key] = ("estimated", base.estimated_auc, base.estimated_auc_se or 0.0, p.estimated_auc,
-                          p.estimated_auc_se or 0.0, f"{base.source} estimate")
+                          p.estimated_auc_se or 0.0, f"{est_source} estimate")
     z = segment_z(alpha, len(pairs))
     for key, (source, ref, ref_se, auc, se, ref_source) in pairs.items():
         p = perfs[key]
@@ -589,11 +597,14 @@ def segment_baseline_metrics(perfs: Mapping[str, SegmentPerformance]) -> dict[st
 
 def segment_baseline(metrics: Mapping[str, Any], key: str,
                      source: str = "training") -> SegmentBaseline | None:
-    """Segment ``key``'s baseline from a training run's metrics (:func:`segment_baseline_metrics`);
-    None when training recorded neither its AUC nor its estimate."""
+    """Segment ``key``'s baseline from a training run's metrics (:func:`segment_baseline_metrics`):
+    its estimate, and its realised AUC as ``training_auc`` (for reading: a realised AUC is
+    compared with the version's first window, module doc); None when training recorded
+    neither."""
     suffix = segment_metric_suffix(key)
     got = {stat: _finite(metrics.get(f"{SEGMENT_BASELINE_PREFIX}{stat}.{suffix}"))
            for stat in SEGMENT_BASELINE_STATS}
     if got["auc"] is None and got["estimated_auc"] is None:
         return None
-    return SegmentBaseline(got["auc"], got["auc_se"], got["estimated_auc"], got["estimated_auc_se"], source)
+    return SegmentBaseline(None, None, got["estimated_auc"], got["estimated_auc_se"], source, source,
+                           got["auc"], got["auc_se"])
