@@ -420,6 +420,67 @@ class CanaryJudgeConfig(_Section):
         return self
 
 
+class CanaryAlarmsConfig(_Section):
+    """Alarms of a canary rollout (mlflow_churn.serving.alarms): checked on every controller tick
+    over the last ``window`` of the prediction log; a breach rolls the canary back at once (no
+    bake wait, no judge) and raises the alert ChurnCanaryAlarm."""
+
+    enabled: bool = Field(
+        True, description="check the alarms on every `churn canary run` tick of a running or paused rollout"
+    )
+    window: str = Field(
+        "5m", description="the alarms look at the rows served (wall clock) in this last stretch, a "
+        "duration like 90s, 5m, 1h"
+    )
+    min_requests: int = Field(
+        100, ge=1, description="rows the canary arm must have served in the window before any alarm may "
+        "fire (fewer = NODATA, never a breach); the score PSI needs this many scored rows in both arms"
+    )
+    max_error_rate: float = Field(
+        0.05, ge=0, le=1, description="the canary's error rate (rows with status error / its rows) above "
+        "this fires when it is also above the champion's by error_rate_margin"
+    )
+    error_rate_margin: float = Field(
+        0.02, ge=0, le=1, description="how far above the champion's error rate the canary's must be too "
+        "(a failure shared by both arms is not the canary's)"
+    )
+    max_p99_ms: float = Field(
+        1000.0, gt=0, description="the canary's p99 latency (ms) above this fires when it is also above "
+        "max_p99_ratio x the champion's"
+    )
+    max_p99_ratio: float = Field(
+        3.0, ge=1, description="how many times the champion's p99 the canary's must be too (a loaded "
+        "host slows both arms)"
+    )
+    score_min_mean: float | None = Field(
+        None, ge=0, le=1, description="the canary's mean score (P(churn)) below this fires; None = no limit"
+    )
+    score_max_mean: float | None = Field(
+        None, ge=0, le=1, description="the canary's mean score above this fires; None = no limit"
+    )
+    max_score_psi: float | None = Field(
+        0.5, gt=0, description="PSI of the canary's scores against the champion's above this (plus the PSI "
+        "the gate measured between the two versions, and never below what sampling noise gives at "
+        "these counts) fires; None = no limit"
+    )
+
+    @model_validator(mode="after")
+    def _limits(self) -> CanaryAlarmsConfig:
+        try:
+            parse_duration(self.window, "canary.alarms.window")
+        except ChurnError as exc:
+            raise ValueError(str(exc)) from None
+        if (self.score_min_mean is not None and self.score_max_mean is not None
+                and self.score_min_mean > self.score_max_mean):
+            raise ValueError(f"canary.alarms.score_min_mean {self.score_min_mean} > score_max_mean "
+                             f"{self.score_max_mean}")
+        return self
+
+    @property
+    def window_seconds(self) -> float:
+        return parse_duration(self.window, "canary.alarms.window").total_seconds()
+
+
 class ServingConfig(_Section):
     """Online scoring service, canary split and canary analysis."""
 
@@ -568,6 +629,11 @@ class CanaryConfig(_Section):
     judge: CanaryJudgeConfig = Field(
         default_factory=CanaryJudgeConfig,
         description="the canary judge (canary.judge.*): per-metric tests, tolerance bands, weighted groups",
+    )
+    alarms: CanaryAlarmsConfig = Field(
+        default_factory=CanaryAlarmsConfig,
+        description="alarms of a rollout (canary.alarms.*): error rate, p99 latency and score limits per "
+        "arm over the last window; a breach rolls back at once",
     )
 
 

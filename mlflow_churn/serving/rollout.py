@@ -7,6 +7,11 @@ step (only the last may have one) is the promotion. :func:`tick`, run every ``--
 under the model's rollout lock:
 
 - no state on the canary version yet: start at step 0 (its weight goes live);
+- an alarm breached (:mod:`mlflow_churn.serving.alarms`: the canary's error rate, p99 latency
+  or scores over the last ``canary.alarms.window``, checked on every tick of a running or
+  paused rollout from one read of the prediction log): roll back at once, without the judge,
+  and raise the alert ``ChurnCanaryAlarm`` (resolved when the next rollout starts or one is
+  promoted);
 - the judge says ``fail``: roll back at once, bake or not
   (:func:`mlflow_churn.serving.transitions.rollback`, signed);
 - the bake time is not over, or an arm (champion, canary) served fewer than
@@ -61,6 +66,7 @@ from mlflow_churn.jsonable import jsonable
 from mlflow_churn.registry.aliases import CANARY
 from mlflow_churn.registry.lock import model_lock
 from mlflow_churn.registry.signing import default_actor, version_ref
+from mlflow_churn.serving.alarms import AlarmCheck, check_rollout, clear_alarm, raise_alarm
 from mlflow_churn.serving.canary import (
     CanaryEvaluation,
     decision_run,
@@ -179,6 +185,7 @@ class TickResult:
     judge: JudgeOutcome | None = None
     run_id: str | None = None
     transition_run_id: str | None = None
+    alarms: AlarmCheck | None = None  # the tick's alarm check (None when not checked)
 
     @property
     def changed(self) -> bool:
@@ -190,7 +197,8 @@ class TickResult:
                          "version": self.version, "changed": self.changed,
                          "state": self.state.to_dict() if self.state else None,
                          "judge": self.judge.to_dict() if self.judge else None, "run_id": self.run_id,
-                         "transition_run_id": self.transition_run_id})
+                         "transition_run_id": self.transition_run_id,
+                         "alarms": self.alarms.to_dict() if self.alarms else None})
 
 
 @contextmanager
@@ -247,9 +255,11 @@ def _sync_weight(client: MlflowClient, mv: ModelVersion, state: RolloutState) ->
 
 
 def _record(cfg: ChurnConfig, state: RolloutState, action: str, reason: str, from_step: int,
-            now: datetime, judge: JudgeOutcome | None = None, transition_run_id: str | None = None) -> str:
+            now: datetime, judge: JudgeOutcome | None = None, transition_run_id: str | None = None,
+            alarms: AlarmCheck | None = None) -> str:
     """The MLflow run of one step change (kind ``canary-rollout``): tags, params, the judge's
-    rows, ``decision.json`` with the state and the judge's evidence. Appends to the history."""
+    rows, ``decision.json`` with the state and the judge's evidence (and, for an alarm's
+    rollback, the alarm check: metric, value, limit, rows per arm). Appends to the history."""
     with decision_run(cfg, f"rollout v{state.version}: {action} (step {from_step} -> {state.step})") as run:
         run_id = run.info.run_id
         mlflow.set_tags({"kind": "canary-rollout", "decision": action, "model_name": state.model_name,
@@ -259,14 +269,22 @@ def _record(cfg: ChurnConfig, state: RolloutState, action: str, reason: str, fro
                            "reason": reason[:500], "plan": json.dumps(state.plan)[:500]})
         if judge is not None:
             mlflow.log_metrics({f"{arm}_rows": float(n) for arm, n in judge.rows.items()})
+        breached = [a.metric for a in alarms.breaches] if alarms is not None else []
+        if alarms is not None:
+            mlflow.log_metrics(alarms.metrics())
+            mlflow.set_tags({"alarm": ",".join(breached) or "none", "alarm_window_start":
+                             alarms.window_start.isoformat()})
         entry = {"at": now.isoformat(), "action": action, "from_step": from_step, "to_step": state.step,
                  "weight": state.weight, "status": state.status, "reason": reason[:300],
                  "verdict": judge.verdict if judge else None, "run_id": run_id,
                  "transition_run_id": transition_run_id}
+        if breached:
+            entry["alarm"] = ",".join(breached)
         state.history.append(entry)
         mlflow.log_figure(rollout_figure(state), "rollout.png")
         log_json({"action": action, "reason": reason, "state": state.to_dict(),
-                  "judge": judge.to_dict() if judge else None, "transition_run_id": transition_run_id},
+                  "judge": judge.to_dict() if judge else None, "transition_run_id": transition_run_id,
+                  "alarms": alarms.to_dict() if alarms else None},
                  "decision.json")
     return run_id
 
@@ -318,13 +336,21 @@ def tick(cfg: ChurnConfig, now: datetime, judge: Judge = canary_judge, as_of: da
         if state is None:
             return _start(cfg, client, mv, now)
         _sync_weight(client, mv, state)
+        check = None
+        if state.status in ("running", "paused") and cfg.canary.alarms.enabled:
+            check = check_rollout(cfg, client, mv, now)  # one read of the prediction log
+            if check.breaches:
+                return _alarm_rollback(cfg, client, state, now, check, actor or default_actor())
         if state.status == "paused":
             return TickResult("paused", f"rollout of version {mv.version} is paused at step {state.step}: "
-                              f"{state.paused_reason}; run `churn canary resume`", name, state.version, state)
+                              f"{state.paused_reason}; run `churn canary resume`", name, state.version, state,
+                              alarms=check)
         if state.status != "running":
             return TickResult("done", f"rollout of version {mv.version} is {state.status}", name,
                               state.version, state)
-        return _judge_step(cfg, client, state, now, judge, as_of, actor or default_actor())
+        res = _judge_step(cfg, client, state, now, judge, as_of, actor or default_actor())
+        res.alarms = check
+        return res
 
 
 def _start(cfg: ChurnConfig, client: MlflowClient, mv: ModelVersion, now: datetime) -> TickResult:
@@ -338,6 +364,7 @@ def _start(cfg: ChurnConfig, client: MlflowClient, mv: ModelVersion, now: dateti
     reason = f"rollout started: step 0 routes {state.weight:g} % of customers to the canary"
     run_id = _record(cfg, state, "start", reason, 0, now)
     _write(client, state, now)
+    clear_alarm(cfg, state.model_name)  # the previous canary's alarm, if it fired
     return TickResult("start", reason, state.model_name, state.version, state, run_id=run_id)
 
 
@@ -405,6 +432,20 @@ def _rollback(cfg: ChurnConfig, client: MlflowClient, state: RolloutState, now: 
                       res.run_id)
 
 
+def _alarm_rollback(cfg: ChurnConfig, client: MlflowClient, state: RolloutState, now: datetime,
+                    check: AlarmCheck, actor: str) -> TickResult:
+    """An alarm breached: roll back at once (the judge's rollback path, with the alarm check as
+    the transition's evidence), record the step change with the alarm, raise the alert."""
+    reason = f"rollout step {state.step}: alarm: {check.summary()}"
+    res = rollback(cfg, reason, version=state.version, evidence=check.evidence(now), actor=actor)
+    state.status, state.weight = "rolled_back", 0.0
+    run_id = _record(cfg, state, "rollback", reason, state.step, now, None, res.run_id, check)
+    _write(client, state, now)
+    raise_alarm(cfg, check, run_id, res.run_id)
+    return TickResult("rollback", f"{res.message}: alarm: {check.summary()}", state.model_name, state.version,
+                      state, None, run_id, res.run_id, check)
+
+
 def _promote(cfg: ChurnConfig, client: MlflowClient, state: RolloutState, now: datetime, judge: Judge,
              when: datetime, actor: str) -> TickResult:
     """The end of the plan: the judge again, recorded (its verdict signed on the canary: the
@@ -428,6 +469,7 @@ def _promote(cfg: ChurnConfig, client: MlflowClient, state: RolloutState, now: d
     state.paused_reason = None
     run_id = _record(cfg, state, "promote", reason, from_step, now, recorded, res.run_id)
     _write(client, state, now)
+    clear_alarm(cfg, state.model_name)
     return TickResult("promote", res.message, state.model_name, state.version, state, recorded, run_id,
                       res.run_id)
 
