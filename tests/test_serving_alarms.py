@@ -141,8 +141,12 @@ def test_an_alarm_rolls_back_mid_bake_records_it_and_alerts_until_the_next_rollo
             stop_sender(cfg, wait=5)
 
 
-def test_a_healthy_canary_never_alarms_and_a_slow_one_does(workspace) -> None:
-    cfg = _cfg(workspace, **{"canary.alarms.max_p99_ms": 50})
+def test_a_healthy_canary_never_alarms_and_a_slow_one_does(workspace, churn_main) -> None:
+    name = f"al-{uuid.uuid4().hex[:6]}"
+    path = workspace / "churn.yaml"  # a file: `churn canary status` reads it too
+    path.write_text(f"training:\n  model_name: {name}\ncanary:\n  steps: [{{weight: 20, bake: 1h}}, "
+                    "{weight: 100}]\n  alarms: {min_requests: 50, max_p99_ms: 50}\n")
+    cfg = load_config(path, workspace, environ={})
     champ, canary = _pair(cfg)
     judge = Judge()
     assert tick(cfg, datetime.now(UTC), judge, as_of=AS_OF).action == "start"
@@ -155,6 +159,15 @@ def test_a_healthy_canary_never_alarms_and_a_slow_one_does(workspace) -> None:
             "error_rate": "ok", "p99_latency_ms": "ok", "mean_score": "off", "score_psi": "ok"}
     assert res.alarms.rows == {"champion": 1200, "canary": 300}
     assert res.to_dict()["alarms"]["breaches"] == []
+    # `churn canary status` shows what the next tick checks
+    base = ["--config", str(path), "--workspace", str(workspace), "canary", "status"]
+    out = churn_main([*base, "--json"])
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)["alarms"]
+    assert shown["rows"] == {"champion": 1200, "canary": 300} and shown["breaches"] == []
+    assert {a["metric"]: a["state"] for a in shown["alarms"]}["error_rate"] == "ok"
+    out = churn_main(base)
+    assert "alarms over the last 5m: error_rate ok (0, limit 0.05)" in out.stdout, out.stdout
     # a slow canary: p99 past max_p99_ms and 3 x the champion's
     _serve(cfg, "canary", canary, 100, latency_ms=400.0)
     res = tick(cfg, datetime.now(UTC), judge, as_of=AS_OF)

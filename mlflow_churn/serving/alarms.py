@@ -45,13 +45,14 @@ from mlflow.tracking import MlflowClient
 from mlflow_churn.alerts import fire, outbox_path, resolve
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.jsonable import jsonable
-from mlflow_churn.registry.aliases import CHAMPION, alias_version
+from mlflow_churn.registry.aliases import CANARY, CHAMPION, alias_version
 from mlflow_churn.serving.canary import (
     CanaryEvaluation,
     RouteStats,
     _route_stats,
     _served_by,
     gate_score_psi,
+    registry_client,
 )
 from mlflow_churn.serving.prediction_log import PredictionLog
 from mlflow_churn.stats.drift import psi, psi_threshold
@@ -106,7 +107,9 @@ class AlarmCheck:
         counts = ", ".join(f"{arm} {n}" for arm, n in self.rows.items())
         if self.breaches:
             return "; ".join(a.reason for a in self.breaches) + f" (rows in the window: {counts})"
-        return ", ".join(f"{a.metric} {a.state}" for a in self.alarms) + f" (rows in the window: {counts})"
+        shown = [f"{a.metric} {a.state}"
+                 + (f" ({a.value:.4g}, limit {a.limit:.4g})" if a.state == "ok" else "") for a in self.alarms]
+        return ", ".join(shown) + f" (rows in the window: {counts})"
 
     def metrics(self) -> dict[str, float]:
         """MLflow metrics: ``alarm_<metric>_value`` / ``_limit`` / ``_breach``, the arms' rows."""
@@ -279,6 +282,14 @@ def check_rollout(cfg: ChurnConfig, client: MlflowClient, canary: ModelVersion, 
                       score_psi)
 
 
+def current_alarms(cfg: ChurnConfig, now: datetime) -> AlarmCheck | None:
+    """The alarms of the configured model's canary at ``now`` (what the controller's next tick
+    checks; ``churn canary status`` shows them); None when no version has alias canary."""
+    client = registry_client(cfg)
+    canary = alias_version(client, cfg.training.model_name, CANARY)
+    return check_rollout(cfg, client, canary, now) if canary is not None else None
+
+
 # --------------------------------------------------------------------------- the alert
 def alarm_key(model: str) -> str:
     """The alert condition of a model's canary alarms (one at a time: one canary at a time)."""
@@ -310,4 +321,4 @@ def clear_alarm(cfg: ChurnConfig, model: str) -> None:
 
 
 __all__ = ["ALERT_NAME", "CANARY_ROUTES", "METRICS", "Alarm", "AlarmCheck", "alarm_key", "check_alarms",
-           "check_rollout", "clear_alarm", "raise_alarm", "window_rows"]
+           "check_rollout", "clear_alarm", "current_alarms", "raise_alarm", "window_rows"]

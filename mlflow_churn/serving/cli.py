@@ -103,6 +103,7 @@ def canary_status_cmd(
     """Aliases of the model, the canary fraction the running scoring service routes with (the
     config's serving.canary_fraction, said so, when no service answers) and the predictions
     logged per route and version."""
+    from mlflow_churn.serving.alarms import current_alarms
     from mlflow_churn.serving.canary import canary_status
     from mlflow_churn.serving.rollout import rollout_state
     from mlflow_churn.serving.traffic import live_canary_fraction
@@ -114,10 +115,13 @@ def canary_status_cmd(
     st = canary_status(cfg, until, _since(since))
     live = live_canary_fraction(_service_url(cfg, service_url), st.model_name, st.canary_fraction)
     _, rollout = rollout_state(cfg)
+    watched = rollout is not None and rollout.status in ("running", "paused") and cfg.canary.alarms.enabled
+    alarms = current_alarms(cfg, datetime.now(UTC)) if watched else None  # what the next tick checks
     if as_json:
         print_json({**st.to_dict(), "canary_fraction": live.canary_fraction,
                     "canary_fraction_source": live.source, "service_url": live.service_url,
                     "rollout": rollout.to_dict() if rollout else None,
+                    "alarms": alarms.to_dict() if alarms else None,
                     **({"note": live.note} if live.note else {})})
         return
     where = f"the scoring service at {live.service_url}" if live.source == "service" else "the config"
@@ -135,6 +139,8 @@ def canary_status_cmd(
                       f"{len(rollout.plan) - 1}, weight {rollout.weight:g} % since "
                       f"{rollout.step_started_at.isoformat()}"
                       + (f" ({rollout.paused_reason})" if rollout.paused_reason else ""), soft_wrap=True)
+    if alarms is not None:
+        console.print(f"alarms over the last {cfg.canary.alarms.window}: {alarms.summary()}", soft_wrap=True)
 
 
 def _evaluate(ctx: typer.Context, as_of: str | None, since: str | None, reason: str, as_json: bool,
