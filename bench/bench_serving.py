@@ -14,6 +14,14 @@ at the newest event, then starts each server in its own process on 127.0.0.1 and
 - throughput (requests/s) of both over one connection (sequential) and over
   ``--clients`` concurrent keep-alive connections.
 
+Shadow mode (issue 24 item 3), same run: a second version of the same model gets alias
+``canary``; two `churn serve` processes serve the pair, one with ``canary.mode=shadow`` (the
+canary scores every request again off the response path) and one in split mode with
+fraction 0 (the canary loaded, never used); ``--shadow-rounds`` alternating rounds of
+``--shadow-requests`` one-customer requests over one connection each, p99 per round, the
+median of the rounds' shadow/off p99 ratios. Target: within 1.5x. ``--shadow-only`` skips
+the comparison with `mlflow models serve` (a quicker run).
+
 Prints one Markdown section on stdout. Wall-clock numbers are reported, never asserted.
 """
 
@@ -42,12 +50,13 @@ from mlflow_churn.features.materialize import materialize
 from mlflow_churn.features.offline import build_training_frame, daily_cutoffs
 from mlflow_churn.features.online import open_store
 from mlflow_churn.features.registry import registry_for
-from mlflow_churn.registry.aliases import CHAMPION, move_alias
+from mlflow_churn.registry.aliases import CANARY, CHAMPION, move_alias
 from mlflow_churn.tracking import setup_mlflow
 from mlflow_churn.tracking_server import free_port
 from mlflow_churn.training.model import log_churn_model, to_model_input
 
 TARGET_P99_MS = 15.0
+TARGET_SHADOW_RATIO = 1.5
 
 
 def _log(msg: str) -> None:
@@ -113,6 +122,40 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def _shadow_rounds(cmd: list[str], payloads: list[dict], env: dict[str, str],
+                   args: argparse.Namespace) -> dict[str, list[float]]:
+    """p99 (ms) per round of shadow on and off: both servers up at once, rounds alternating
+    (off first in even rounds, shadow first in odd ones), one connection each."""
+    procs, urls = {}, {}
+    modes = {"off": {"CHURN_CANARY__MODE": "split"}, "shadow": {"CHURN_CANARY__MODE": "shadow"}}
+    try:
+        for mode, extra in modes.items():
+            port = free_port()
+            procs[mode] = subprocess.Popen([c.replace("{port}", str(port)) for c in cmd],
+                                           env={**env, **extra}, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.PIPE, text=True)
+            urls[mode] = f"http://127.0.0.1:{port}"
+        for mode in modes:
+            _wait(urls[mode], "/ready", procs[mode])
+            ready = httpx.get(urls[mode] + "/ready", timeout=10).json()
+            if ready.get("canary") is None or ready.get("canary_mode") != modes[mode]["CHURN_CANARY__MODE"]:
+                raise RuntimeError(f"{mode} server: no canary loaded or wrong mode: {ready}")
+        out: dict[str, list[float]] = {"off": [], "shadow": []}
+        for r in range(args.shadow_rounds):
+            order = ("off", "shadow") if r % 2 == 0 else ("shadow", "off")
+            for mode in order:
+                lat = _latencies(urls[mode], "/predict", payloads, args.shadow_requests)
+                out[mode].append(float(np.percentile(lat, 99)))
+                _log(f"round {r}: {mode} p99 {out[mode][-1]:.2f} ms")
+        dropped = httpx.get(urls["shadow"] + "/metrics", timeout=10).text
+        out["dropped"] = [float(line.split()[-1]) for line in dropped.splitlines()
+                          if line.startswith("churn_shadow_dropped_total")]
+        return out
+    finally:
+        for proc in procs.values():
+            _stop(proc)
+
+
 def _measure_server(label: str, cmd: list[str], ready: str, path: str, payloads: list[dict],
                     env: dict[str, str], args: argparse.Namespace) -> tuple:
     """Start ``cmd`` (``{port}`` filled in) and measure latencies and throughput of ``path``."""
@@ -138,6 +181,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--shadow-rounds", type=int, default=6)
+    ap.add_argument("--shadow-requests", type=int, default=1000)
+    ap.add_argument("--shadow-only", action="store_true",
+                    help="measure only shadow on vs off (no mlflow models serve comparison)")
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp_name:
@@ -164,6 +211,11 @@ def main(argv: list[str]) -> int:
         for key, value in {"feature_set": fs.name, "feature_set_hash": fs.hash}.items():
             client.set_model_version_tag(cfg.training.model_name, mv.version, key, value)
         move_alias(client, cfg.training.model_name, CHAMPION, mv.version)
+        # the same model again as the canary: shadow mode scores every request twice
+        canary = mlflow.register_model(info.model_uri, cfg.training.model_name)
+        for key, value in {"feature_set": fs.name, "feature_set_hash": fs.hash}.items():
+            client.set_model_version_tag(cfg.training.model_name, canary.version, key, value)
+        move_alias(client, cfg.training.model_name, CANARY, canary.version)
         batch = materialize(cfg, as_of)
         store = open_store(cfg)
         ids = store.customer_ids()
@@ -183,7 +235,9 @@ def main(argv: list[str]) -> int:
             theirs.append({"dataframe_split": {"columns": split["columns"], "data": data}})
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHURN_")}
-        env.update({"CHURN_WORKSPACE": str(ws), "MLFLOW_TRACKING_URI": cfg.mlflow_tracking_uri})
+        # the versions here are registered without the gate's signed decision
+        env.update({"CHURN_WORKSPACE": str(ws), "MLFLOW_TRACKING_URI": cfg.mlflow_tracking_uri,
+                    "CHURN_REGISTRY__REQUIRE_SIGNED_MODELS": "false"})
         bindir = os.path.dirname(sys.executable)
         env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
         results = {}
@@ -192,11 +246,18 @@ def main(argv: list[str]) -> int:
         theirs_cmd = [os.path.join(bindir, "mlflow"), "models", "serve", "-m",
                       f"models:/{cfg.training.model_name}@champion", "--env-manager", "local",
                       "-h", "127.0.0.1", "-p", "{port}", "-w", "1"]
-        results["churn serve (customer id, online features)"] = _measure_server(
-            "churn serve", ours_cmd, "/ready", "/predict", ours, env, args)
-        results["mlflow models serve (features in the request)"] = _measure_server(
-            "mlflow models serve", theirs_cmd, "/ping", "/invocations", theirs, env, args)
+        _log("measuring shadow on vs off")
+        shadow = _shadow_rounds(ours_cmd, ours, env, args)
+        if not args.shadow_only:
+            results["churn serve (customer id, online features)"] = _measure_server(
+                "churn serve", ours_cmd, "/ready", "/predict", ours, env, args)
+            results["mlflow models serve (features in the request)"] = _measure_server(
+                "mlflow models serve", theirs_cmd, "/ping", "/invocations", theirs, env, args)
 
+    shadow_lines = _shadow_section(shadow, args)
+    if args.shadow_only:
+        print("\n".join(["## Online scoring: shadow mode on vs off", "", *shadow_lines]))
+        return 0
     ours_lat, ours_seq, ours_conc = results["churn serve (customer id, online features)"]
     their_lat, their_seq, their_conc = results["mlflow models serve (features in the request)"]
     p99 = float(np.percentile(ours_lat, 99))
@@ -225,8 +286,33 @@ def main(argv: list[str]) -> int:
         f"- Median one-customer latency ratio churn serve / mlflow models serve: "
         f"{np.percentile(ours_lat, 50) / np.percentile(their_lat, 50):.2f}.",
     ]
-    print("\n".join(lines))
+    print("\n".join(lines + ["", *shadow_lines]))
     return 0
+
+
+def _shadow_section(shadow: dict[str, list[float]], args: argparse.Namespace) -> list[str]:
+    ratios = [s / o for s, o in zip(shadow["shadow"], shadow["off"], strict=True)]
+    ratio = float(np.median(ratios))
+    lines = [
+        f"Shadow mode (issue 24): the same model as champion and canary; {args.shadow_rounds} alternating "
+        f"rounds of {args.shadow_requests:,} one-customer requests over one connection against two "
+        "`churn serve` processes up at once (canary.mode shadow: the canary scores every request again "
+        "off the response path; split with fraction 0: the canary loaded, unused).",
+        "",
+        "| round | p99 ms, shadow off | p99 ms, shadow on | ratio |",
+        "|---:|---:|---:|---:|",
+    ]
+    for r, (o, s) in enumerate(zip(shadow["off"], shadow["shadow"], strict=True)):
+        lines.append(f"| {r} | {o:.2f} | {s:.2f} | {s / o:.2f} |")
+    dropped = int(sum(shadow.get("dropped", [])))
+    lines += [
+        "",
+        f"- Target (issue 24): POST /predict p99 with shadow on within {TARGET_SHADOW_RATIO}x of shadow off, "
+        f"one connection: median ratio {ratio:.2f} -> "
+        f"**{'met' if ratio <= TARGET_SHADOW_RATIO else 'not met'}** "
+        f"(shadow scorings dropped on a full queue: {dropped}).",
+    ]
+    return lines
 
 
 if __name__ == "__main__":

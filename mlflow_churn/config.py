@@ -604,6 +604,22 @@ class CanaryConfig(_Section):
         "or {pause: true}, in order; reaching a weight-100 step (only the last may have it) promotes; "
         "default [{weight: 10, bake: 30m}, {weight: 100}]",
     )
+    mode: Literal["split", "shadow"] = Field(
+        "split", description="how the canary meets traffic: split = a sticky share of customers is "
+        "answered by the canary (serving.canary_fraction or the rollout's weight); shadow = every "
+        "customer is answered by the champion and the canary scores the same rows off the response "
+        "path, logged with route shadow and judged like a split canary (a rollout's weights then "
+        "route nobody: the plan judges, then promotes at its last step); default split",
+    )
+    shadow_fraction: float = Field(
+        1.0, ge=0.0, le=1.0, description="shadow mode: the share of customers (sticky by customer id, "
+        "serving.routing_salt) whose found rows the canary also scores; default 1.0 (all)",
+    )
+    shadow_queue: int = Field(
+        256, ge=1, le=100_000, description="shadow mode: requests waiting for their shadow scoring at "
+        "most; beyond it a request's shadow scoring is dropped and counted in "
+        "churn_shadow_dropped_total (the response never waits for it); default 256",
+    )
 
     @model_validator(mode="after")
     def _plan(self) -> CanaryConfig:

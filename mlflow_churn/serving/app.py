@@ -31,6 +31,25 @@ shell (routes, tokens, error answers) over :class:`~mlflow_churn.serving.service
   When the canary fails to score them, whatever the reason (its model raised, records or
   the online batch lack a column only the canary uses), they get the champion's score and
   the canary error is logged (it counts against the canary in ``churn canary evaluate``).
+- ``canary.mode: shadow`` (default ``split``): the champion answers every customer (route
+  ``champion``) and the canary scores the same found rows (a sticky
+  ``canary.shadow_fraction`` of customers) after the response is built, on a background
+  executor with a bounded queue (``canary.shadow_queue``; full: dropped, counted in
+  ``churn_shadow_dropped_total``): its scores go to the log as route ``shadow`` rows with
+  the canary's version, never to the caller, and a failing canary counts as ``route=shadow``
+  errors without touching the response. The canary judge takes the ``shadow`` rows as the
+  canary's arm; a rollout's weights route nobody (the plan judges, then promotes at its end).
+- Header routing, for tests: ``X-Churn-Route: champion|canary`` sends the whole request to
+  that route. Only with the admin token (``Authorization: Bearer <serving.admin_token>``):
+  without it or with another token 403, another value 422 naming the allowed ones,
+  ``canary`` while no canary is served 409. Such rows are logged with their route and
+  ``forced = 1``; the judge and ``churn canary evaluate`` leave them out of both arms (a
+  test request is no evidence), and they get no shadow scoring.
+- Stage latency: ``churn_stage_latency_seconds{stage, route}`` (``feature``: the online
+  store read; ``model``: the route's scoring; ``log``: the prediction log submit) in
+  ``/metrics``; each logged row keeps its request's ``feature_ms`` and its model's
+  ``model_ms``, which the judge's evidence summarises per arm (p99) to say which stage a
+  latency regression comes from.
 - Every scored id goes to the durable prediction log (:mod:`mlflow_churn.serving.log_writer`:
   ``serving.prediction_log_mode`` sync commits a request's rows before its response is
   sent; async batches them off the request path, bounded, flushed on shutdown). A row's
@@ -82,6 +101,7 @@ from mlflow_churn.errors import ChurnError
 from mlflow_churn.serving import transitions
 from mlflow_churn.serving.service import (
     CHAMPION_ROUTE,
+    FORCEABLE,
     AdminRequest,
     PredictRequest,
     ScoringService,
@@ -91,6 +111,9 @@ from mlflow_churn.web import errors as web_errors
 from mlflow_churn.web.auth import bearer, check_bearer, same_token
 
 log = logging.getLogger("mlflow_churn.serving")
+
+#: the header of a test request that forces its route (admin token only)
+ROUTE_HEADER = "X-Churn-Route"
 
 
 def _registry_error(exc: Exception, what: str) -> ServiceError:
@@ -181,10 +204,21 @@ def create_app(cfg: ChurnConfig, start_background: bool = True) -> FastAPI:
     # the event loop and other requests
     @app.post("/predict", dependencies=[Depends(need_api)])
     def predict(req: PredictRequest, request: Request) -> JSONResponse:
-        if req.as_of is not None and not same_token(bearer(request), sv.admin_token):
+        is_admin = same_token(bearer(request), sv.admin_token)
+        if req.as_of is not None and not is_admin:
             raise ServiceError(403, "as_of: a client business time needs the admin token "
                                     "(serving.admin_token); leave as_of out to log the batch's as_of")
-        return JSONResponse(service.predict(req))
+        force = request.headers.get(ROUTE_HEADER)
+        if force is not None:
+            if not is_admin:
+                raise ServiceError(403, f"{ROUTE_HEADER}: forcing a route is for test requests and needs "
+                                        "the admin token ('Authorization: Bearer <serving.admin_token>'); "
+                                        "leave the header out to be routed by customer id")
+            force = force.strip().lower()
+            if force not in FORCEABLE:
+                raise ServiceError(422, f"{ROUTE_HEADER} must be one of {', '.join(FORCEABLE)}, got "
+                                        f"{web_errors.quote(request.headers[ROUTE_HEADER][:40])}")
+        return JSONResponse(service.predict(req, force=force))
 
     @app.get("/admin/status", dependencies=[Depends(need_admin)])
     def admin_status() -> dict[str, Any]:

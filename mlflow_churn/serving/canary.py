@@ -29,6 +29,10 @@ compared with, a digest of the metrics), which is what the guard and ``churn can
 trust. The transitions that act on a verdict (promote, rollback) are in
 :mod:`mlflow_churn.serving.transitions`.
 
+The canary's arm is the log's ``canary`` rows, or with ``canary.mode: shadow`` its
+``shadow`` rows (the canary's scores of customers the champion answered;
+:func:`arm_routes`); rows of forced test requests (``X-Churn-Route``) are in neither arm.
+
 With ``canary.judge.enabled`` (or ``evaluate_canary(..., use_judge=True)``) the verdict comes
 from the canary judge instead (:func:`judge_canary` over
 :func:`mlflow_churn.serving.judge.judge`: per metric a test and a tolerance band, weighted
@@ -67,6 +71,7 @@ from mlflow_churn.registry.promotion import record_canary_verdict
 from mlflow_churn.registry.signing import record_signed, version_ref
 from mlflow_churn.serving.judge import ACTIONS, JudgeVerdict, judge, judge_figure
 from mlflow_churn.serving.prediction_log import PredictionLog, attach_labels
+from mlflow_churn.serving.routing import CHAMPION_ROUTE, canary_arm_route
 from mlflow_churn.stats.drift import psi
 from mlflow_churn.stats.metrics import classification_metrics
 from mlflow_churn.stats.performance import auc_standard_error
@@ -167,12 +172,22 @@ def _logged(cfg: ChurnConfig, as_of: datetime | None, since: datetime | None) ->
 def _served_by(frame: pd.DataFrame, route: str, mv: ModelVersion | None) -> pd.DataFrame:
     """The rows ``route`` served with version ``mv`` itself: its number, and served after
     it was created. The log keeps numbers; a number re-used after the model was deleted and
-    re-created is another model (another identity), whose rows all predate the new one."""
+    re-created is another model (another identity), whose rows all predate the new one.
+    Rows of test requests whose route was forced (``forced``, the ``X-Churn-Route`` header)
+    are no evidence and are left out."""
     if mv is None:
         return frame.iloc[0:0]
     created = pd.Timestamp(int(mv.creation_timestamp or 0), unit="ms", tz="UTC")
     keep = (frame["route"] == route) & (frame["model_version"] == str(mv.version))
+    if "forced" in frame.columns:
+        keep &= pd.to_numeric(frame["forced"], errors="coerce").fillna(0).to_numpy() == 0
     return frame[keep & (frame["served_at"] >= created)]
+
+
+def arm_routes(cfg: ChurnConfig) -> dict[str, str]:
+    """Arm -> the log route whose rows it is judged on: the champion's ``champion`` rows; the
+    canary's ``canary`` rows (``canary.mode: split``) or ``shadow`` rows (``shadow``)."""
+    return {"champion": CHAMPION_ROUTE, "canary": canary_arm_route(cfg.canary.mode)}
 
 
 def default_as_of(cfg: ChurnConfig, now: datetime) -> datetime:
@@ -315,7 +330,8 @@ def evaluate_canary(
     frame = _logged(cfg, as_of, since)
     if served_since is not None and len(frame):
         frame = frame[frame["served_at"] >= pd.Timestamp(utc(served_since, "served_since"))]
-    per_route = {r: _served_by(frame, r, holders[r]) for r in ROUTES}
+    arms = arm_routes(cfg)  # shadow mode: the canary's arm is its shadow rows
+    per_route = {r: _served_by(frame, arms[r], holders[r]) for r in ROUTES}
     stats = {r: _route_stats(r, versions[r], per_route[r]) for r in ROUTES}
     score_psi = float("nan")
     champ_scores = per_route["champion"].loc[per_route["champion"]["status"] == "ok", "score"].to_numpy(float)

@@ -56,6 +56,13 @@ weighted by ``canary.judge.weights``, gives a score 0-100; ``pass`` at >= ``pass
 ``marginal`` at >= ``marginal_score``, else ``fail``; a failed metric named in
 ``canary.judge.critical`` fails the verdict whatever the score; any NODATA metric caps the
 verdict at ``marginal`` (wait: never a pass, nor a rollback, on partial data).
+**Stages.** When the rows carry the log's per-stage times (``feature_ms``: the feature
+fetch; ``model_ms``: the arm's own scoring), :attr:`JudgeVerdict.stages` holds each arm's
+p99 of each, and a latency that fails (or is marginal: slower beyond the band, not
+significantly) is attributed in the reasons and :attr:`JudgeVerdict.latency_attribution` to
+the stage whose p99 rose most, e.g. "model stage p99 3.1x the champion's: try `churn
+compress`" or "feature stage p99 2.5x the champion's: the feature path, not the model".
+(The log stage, timed in ``/metrics``, cannot be in a row: it is the row's own commit.)
 :data:`ACTIONS` maps the verdict onto the canary's ``promote | wait | rollback``.
 :meth:`JudgeVerdict.to_dict` is the ``decision.json`` body.
 """
@@ -63,7 +70,7 @@ verdict at ``marginal`` (wait: never a pass, nor a rollback, on partial data).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -82,6 +89,10 @@ ACTIONS = {"pass": "promote", "marginal": "wait", "fail": "rollback"}
 #: statuses counted on their own and left out of the score comparisons
 NOT_FOUND = ("not_found",)
 REFUSED = ("refused", "rejected")
+#: the request stages each prediction-log row times (stage -> its column, ms), summarised per
+#: arm as p99 in the evidence, and what to look at when that stage makes the canary slower
+STAGES = {"feature": "feature_ms", "model": "model_ms"}
+STAGE_HINTS = {"feature": "the feature path, not the model", "model": "try `churn compress`"}
 
 
 @dataclass
@@ -119,6 +130,11 @@ class JudgeVerdict:
     rows: dict[str, int]  # arm -> rows judged on (not_found / refused excluded)
     confidence: float
     performance_source: str  # realised | estimated | none
+    #: arm -> stage (feature | model, see :data:`STAGES`) -> p99 (ms) of the judged rows; NaN
+    #: without the log's per-stage columns
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: which stage a failed or marginal latency comes from ("" when latency is fine)
+    latency_attribution: str = ""
 
     @property
     def action(self) -> str:
@@ -145,6 +161,10 @@ class JudgeVerdict:
                 if math.isfinite(value):
                     out[f"{prefix}{m.name}_{key}"] = value
             out[f"{prefix}{m.name}_failed"] = float(m.decision == "fail")
+        for arm, stages in self.stages.items():
+            for stage, value in stages.items():
+                if math.isfinite(value):
+                    out[f"{prefix}stage_{stage}_p99_ms_{arm}"] = float(value)
         return out
 
 
@@ -443,9 +463,53 @@ def judge(champion_rows: pd.DataFrame, canary_rows: pd.DataFrame, cfg: ChurnConf
                            f"(p {m.p_band:.3g} < {alpha:.3g} against the band edge; {m.reason})")
         elif m.decision == "nodata":
             reasons.append(f"{m.name}: NODATA ({m.reason})")
+    stages = {a: stage_p99(kept[a]) for a in arms}
+    attribution = attribute_latency(stages, next(m for m in metrics if m.name == "latency_ms"))
+    if attribution:
+        reasons.append(attribution)
     rows = {a: len(kept[a]) for a in arms}
     return JudgeVerdict(verdict, float(score), metrics, shares, reasons, excluded, rows, jc.confidence,
-                        source)
+                        source, stages, attribution)
+
+
+def stage_p99(rows: pd.DataFrame) -> dict[str, float]:
+    """p99 (ms) of each of :data:`STAGES` over ``rows`` (NaN without the column or values)."""
+    out = {}
+    for stage, column in STAGES.items():
+        v = (rows[column].to_numpy(dtype="float64", na_value=np.nan) if column in rows.columns
+             else np.zeros(0))
+        v = v[np.isfinite(v)]
+        out[stage] = float(np.percentile(v, 99)) if v.size else float("nan")
+    return out
+
+
+def attribute_latency(stages: dict[str, dict[str, float]], latency: MetricResult) -> str:
+    """Which stage a canary latency that failed, or is marginal (median slower beyond the band,
+    not significantly), comes from: the stage whose p99 rose the most (ms) over the
+    champion's, with its ratio and what to look at; "" while latency is fine."""
+    beyond = math.isfinite(latency.effect) and latency.effect > latency.tolerance
+    if latency.decision == "fail":
+        state = "failed"
+    elif latency.decision == "pass" and beyond:
+        state = "marginal (slower beyond the band, not significantly)"
+    else:
+        return ""
+    rises = {}
+    for stage in STAGES:
+        c, k = stages.get("champion", {}).get(stage, math.nan), stages.get("canary", {}).get(stage, math.nan)
+        if math.isfinite(c) and math.isfinite(k):
+            rises[stage] = (k - c, c, k)
+    if not rises:
+        return (f"latency {state}: the rows carry no per-stage times (feature_ms, model_ms) to say "
+                "which stage it comes from")
+    stage = max(rises, key=lambda name: rises[name][0])
+    rise, c, k = rises[stage]
+    if rise <= 0:
+        return (f"latency {state}: neither the feature nor the model stage is slower at p99; the rest "
+                "of the request (parsing, the host) is")
+    ratio = f"{k / c:.1f}x" if c > 0 else "above"
+    return (f"latency {state}: {stage} stage p99 {ratio} the champion's ({k:.2f} ms vs {c:.2f} ms): "
+            f"{STAGE_HINTS[stage]}")
 
 
 #: the sign that makes each metric's effect "worse" when positive
@@ -479,5 +543,5 @@ def judge_figure(verdict: JudgeVerdict, title: str = "") -> Figure:
     return fig
 
 
-__all__ = ["ACTIONS", "JudgeVerdict", "MetricResult", "estimated_auc_se", "estimated_recall_se", "judge",
-           "judge_figure", "trim", "two_proportion_z"]
+__all__ = ["ACTIONS", "STAGES", "JudgeVerdict", "MetricResult", "attribute_latency", "estimated_auc_se",
+           "estimated_recall_se", "judge", "judge_figure", "stage_p99", "trim", "two_proportion_z"]

@@ -22,6 +22,16 @@ sampled". :func:`served_values` parses them back.
 :mod:`mlflow_churn.serving.input_checks`), NULL when there were none; the monitor run counts
 them per feature.
 
+**Stages and forced routes.** ``feature_ms`` is the request's feature fetch (the online
+store read; ~0 for records a client sent) and ``model_ms`` the scoring time of the row's own
+model over the request's rows (ms; NULL in rows written before they existed):
+``latency_ms`` = parsing + ``feature_ms`` + ``model_ms``, so the canary judge can say which
+stage a latency change comes from. ``forced`` is 1 for the rows of a test request whose
+route the admin forced with the ``X-Churn-Route`` header (0 otherwise, NULL in older rows):
+logged with their route, never counted in the canary judge's arms. A row with route
+``shadow`` is the canary's score of a customer the champion answered (``canary.mode:
+shadow``), never returned to the caller.
+
 A log written before these columns existed is migrated when opened (``ALTER TABLE ... ADD
 COLUMN``; the old rows keep everything they had and get NULL values). Rows are written and
 read by column name, so columns added by a migration may sit in any order.
@@ -62,6 +72,9 @@ ADDED_COLUMNS: dict[str, tuple[str, str]] = {
     "features": ("TEXT", "TEXT"),
     "features_as_of": ("TEXT", "TIMESTAMPTZ"),
     "input_warnings": ("TEXT", "TEXT"),
+    "feature_ms": ("REAL", "DOUBLE PRECISION"),
+    "model_ms": ("REAL", "DOUBLE PRECISION"),
+    "forced": ("INTEGER", "INTEGER"),
 }
 COLUMNS = BASE_COLUMNS + tuple(ADDED_COLUMNS)
 #: columns :meth:`PredictionLog.read` returns unless asked for the served values as well
@@ -94,6 +107,11 @@ class PredictionRecord:
     #: the row's input warnings (serving.on_invalid=flag) as ``{"feature": "kind"}`` JSON text
     #: (:func:`mlflow_churn.serving.input_checks.encode_warnings`); None = none
     input_warnings: str | None = None
+    #: the request's stages (ms): the feature fetch, and the scoring by this row's model
+    feature_ms: float | None = None
+    model_ms: float | None = None
+    #: a test request whose route was forced (header ``X-Churn-Route``): never judged
+    forced: bool = False
 
 
 class FeatureSampler:
@@ -239,6 +257,7 @@ class PredictionLog:
     def _row(self, r: PredictionRecord) -> tuple:
         values = {c: getattr(r, c) for c in COLUMNS}
         values["features"] = self.sampler.encode(r.features)
+        values["forced"] = int(bool(r.forced))
         if not self._pg:
             for c in _TIMES:
                 values[c] = values[c].isoformat() if values[c] is not None else None

@@ -14,10 +14,22 @@ from typing import Literal
 import numpy as np
 
 Route = Literal["champion", "canary"]
+#: the prediction log's ``route`` values: who answered the customer, or (``shadow``) the
+#: canary's score of a customer the champion answered (``canary.mode: shadow``, never returned)
+CHAMPION_ROUTE, CANARY_ROUTE, SHADOW_ROUTE = "champion", "canary", "shadow"
+#: the values the ``X-Churn-Route`` header of a test request may force
+FORCEABLE = (CHAMPION_ROUTE, CANARY_ROUTE)
 #: tag of the canary version holding the percent of customers its rollout routes to it now
 #: (written by :mod:`mlflow_churn.serving.rollout`, read by the service on every alias reload)
 WEIGHT_TAG = "churn.rollout.weight"
 _SCALE = float(2**64)
+
+
+def canary_arm_route(mode: str) -> str:
+    """The log route whose rows are the canary's arm in ``canary.mode`` ``mode``: ``canary``
+    (split: the customers it answered) or ``shadow`` (the customers it scored beside the
+    champion)."""
+    return SHADOW_ROUTE if mode == "shadow" else CANARY_ROUTE
 
 
 def weight_fraction(tags: dict[str, str] | None) -> float | None:

@@ -1,5 +1,15 @@
 """The scoring service: routes ids to champion / canary, fetches features, scores, logs
-predictions; raises :class:`ServiceError` (status + detail) for the HTTP shell to answer."""
+predictions; raises :class:`ServiceError` (status + detail) for the HTTP shell to answer.
+
+``canary.mode: shadow``: the champion answers every customer; the canary scores the found
+rows of a sticky ``canary.shadow_fraction`` of customers on a :class:`ShadowExecutor` after
+the response is built, logged as route ``shadow`` rows (never returned). A test request may
+force its route (``predict(req, force="champion"|"canary")``, the app's ``X-Churn-Route``
+header): its rows are logged ``forced`` and get no shadow scoring.
+
+Stages timed per request and route: ``feature`` (the online store read), ``model`` (the
+route's scoring), ``log`` (the prediction log submit), in ``churn_stage_latency_seconds``;
+the first two also in every logged row (``feature_ms``, ``model_ms``)."""
 
 from __future__ import annotations
 
@@ -9,19 +19,21 @@ import time
 import uuid
 from collections import defaultdict
 from datetime import UTC, datetime
+from functools import partial
 from typing import Annotated, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from mlflow_churn.config import ChurnConfig
-from mlflow_churn.errors import ChurnError
+from mlflow_churn.errors import ChurnError, first_line
 from mlflow_churn.features.online import StoreUnavailable, open_store
 from mlflow_churn.serving.input_checks import CheckResult, InputIssue, encode_warnings
 from mlflow_churn.serving.log_writer import LogWriter, PredictionLogUnavailable
 from mlflow_churn.serving.models import LoadedModel, ModelManager, ModelPair
 from mlflow_churn.serving.prediction_log import FeatureSampler, PredictionRecord
-from mlflow_churn.serving.routing import routes
+from mlflow_churn.serving.routing import CANARY_ROUTE, CHAMPION_ROUTE, FORCEABLE, SHADOW_ROUTE, routes
+from mlflow_churn.serving.shadow import ShadowExecutor
 from mlflow_churn.times import utc
 from mlflow_churn.web import errors as web_errors
 from mlflow_churn.web.breaker import CircuitBreaker, Unavailable
@@ -29,7 +41,7 @@ from mlflow_churn.web.metrics import Metrics
 
 log = logging.getLogger("mlflow_churn.serving")
 
-CHAMPION_ROUTE, CANARY_ROUTE = "champion", "canary"
+STAGE_METRIC = "churn_stage_latency_seconds"
 INVALID_METRIC = "churn_input_invalid_total"
 #: invalid values named in a 422 detail / listed in its ``invalid`` at most
 _SHOW_INVALID, _LIST_INVALID = 5, 100
@@ -79,6 +91,9 @@ class ScoringService:
             ("churn_predict_latency_seconds", "histogram", "POST /predict latency by route and version"),
             ("churn_model_reloads_total", "counter", "alias polls by result"),
             ("churn_model_loaded", "gauge", "1 for each alias and the version it serves"),
+            (STAGE_METRIC, "histogram", "seconds of one stage of POST /predict by route: feature (the "
+             "online store read, shared by a request's routes), model (the route's scoring), log (the "
+             "prediction log submit)"),
             (INVALID_METRIC, "counter", "feature values the scoring version's training profile calls "
              "invalid, by feature, kind (unknown_category | out_of_range | null) and route (flagged or "
              "rejected, serving.on_invalid)"),
@@ -89,6 +104,9 @@ class ScoringService:
         self.writer = LogWriter(cfg.prediction_log_url, self.metrics, sv.prediction_log_mode,
                                 sv.prediction_log_max_pending,
                                 FeatureSampler(sv.log_features_sample_rate, sv.log_features_max_bytes))
+        #: the canary's shadow scoring (canary.mode: shadow), off the response path
+        self.shadow = (ShadowExecutor(self.metrics, cfg.canary.shadow_queue)
+                       if cfg.canary.mode == "shadow" else None)
         self._store: Any = None
         self._store_lock = threading.Lock()
         self._stop = threading.Event()
@@ -103,6 +121,8 @@ class ScoringService:
     # lifecycle
     def start(self) -> None:
         self.writer.start()
+        if self.shadow is not None:
+            self.shadow.start()
         self._reloader = threading.Thread(target=self._poll, name="alias-reloader", daemon=True)
         self._reloader.start()
 
@@ -116,6 +136,8 @@ class ScoringService:
         self.breaker.stop()
         if self._reloader is not None:
             self._reloader.join(timeout=30)
+        if self.shadow is not None:  # its queued scores go to the log before the log closes
+            self.shadow.stop()
         self.writer.close()
         with self._store_lock:
             if self._store is not None:
@@ -132,13 +154,22 @@ class ScoringService:
             return self._store
 
     # scoring
-    def predict(self, req: PredictRequest) -> dict[str, Any]:
+    def predict(self, req: PredictRequest, force: str | None = None) -> dict[str, Any]:
+        """Score ``req``. ``force`` (``champion`` | ``canary``, the app checked who may) sends
+        every row to that route: a test request, logged ``forced``, never shadowed."""
         t0 = time.perf_counter()
         pair = self.models.pair  # one snapshot for the whole request
         if pair.champion is None:
             why = pair.refused.get(CHAMPION_ROUTE) or pair.error or (
                 f"no version of '{self.models.name}' has alias champion yet")
             raise ServiceError(503, f"no champion model is being served: {why}")
+        if force is not None and force not in FORCEABLE:
+            raise ServiceError(422, f"X-Churn-Route must be one of {', '.join(FORCEABLE)}, got "
+                                    f"{web_errors.quote(force)}")
+        if force == CANARY_ROUTE and pair.canary is None:
+            why = pair.refused.get(CANARY_ROUTE) or f"no version of '{self.models.name}' has alias canary"
+            raise ServiceError(409, f"X-Churn-Route: canary, but no canary model is being served ({why}); "
+                                    "send X-Churn-Route: champion or leave the header out")
         if (req.customer_ids is None) == (req.records is None):
             raise ServiceError(422, "send exactly one of 'customer_ids' (list of integers) or "
                                     "'records' (list of feature objects)")
@@ -150,9 +181,12 @@ class ScoringService:
                                     "(features.max_ids)")
         served_at = datetime.now(UTC)
         as_of = None if req.as_of is None else utc(req.as_of)
+        feature_s = 0.0  # the feature stage: the online store read (records: none)
         if req.customer_ids is not None:
             ids = [int(i) for i in req.customer_ids]
+            t_feature = time.perf_counter()
             values, found, batch_as_of = self._fetch(ids, pair)
+            feature_s = time.perf_counter() - t_feature
             as_of = as_of or batch_as_of or served_at
             values_as_of = batch_as_of  # when the logged feature values were computed
         else:
@@ -164,8 +198,10 @@ class ScoringService:
             values_as_of = None  # the client's values: no computation time
         known = np.array([i != ANONYMOUS_ID for i in ids], dtype=bool)
         to_canary = np.zeros(len(ids), dtype=bool)
-        fraction = self.canary_fraction(pair)
-        if pair.canary is not None and fraction > 0:
+        fraction = self.canary_fraction(pair)  # 0 in shadow mode: the champion answers everyone
+        if force is not None:
+            to_canary[:] = force == CANARY_ROUTE
+        elif pair.canary is not None and fraction > 0:
             to_canary[known] = routes([i for i, k in zip(ids, known, strict=True) if k],
                                       fraction, self.cfg.serving.routing_salt)
         route = np.where(to_canary, CANARY_ROUTE, CHAMPION_ROUTE).astype(object)
@@ -201,6 +237,8 @@ class ScoringService:
         # a row's latency: the shared preparation plus its own route's scoring (ms), so a slow
         # canary shows in the canary's numbers only
         latency_ms = {r: (prepared + spent[r]) * 1000.0 for r in spent}
+        feature_ms, model_ms = feature_s * 1000.0, {r: spent[r] * 1000.0 for r in spent}
+        forced = force is not None
         flagged: dict[int, list[InputIssue]] = {}
         if self.cfg.serving.on_invalid == "flag":  # against the version that scored each row
             flagged = self._check_inputs(pair, values, route, found).by_row()
@@ -217,18 +255,78 @@ class ScoringService:
             records_out.append(PredictionRecord(request_id, cid, version[i], route[i], p,
                                                 latency_ms[route[i]], status, served_at, as_of,
                                                 values[i] if ok else None, values_as_of,
-                                                input_warnings=encode_warnings(warnings)))
+                                                input_warnings=encode_warnings(warnings),
+                                                feature_ms=feature_ms, model_ms=model_ms[route[i]],
+                                                forced=forced))
         for row, r, v in errors:
             self.metrics.inc("churn_prediction_errors_total", {"route": r, "version": v})
             records_out.append(PredictionRecord(request_id, ids[row], v, r, None, latency_ms[r], "error",
-                                                served_at, as_of))
+                                                served_at, as_of, feature_ms=feature_ms,
+                                                model_ms=model_ms[r], forced=forced))
+        t_log = time.perf_counter()
         self._submit(records_out)  # sync mode: committed before the response is sent
+        log_s = time.perf_counter() - t_log
         for (r, v, s), count in _tally(route, version, found).items():
             self.metrics.inc("churn_predictions_total", {"route": r, "version": v, "status": s}, count)
         for r, v in {(r, v) for r, v in zip(route, version, strict=True)}:
             self.metrics.observe("churn_predict_latency_seconds", {"route": r, "version": v},
                                  latency_ms[r] / 1000.0)
+        for r in {str(r) for r in route} | {r for _, r, _ in errors}:
+            self._observe_stages(r, feature_s, spent[r], log_s)
+        if self.shadow is not None and pair.canary is not None and not forced:
+            shadowed = self._shadowed(ids, known, found)
+            if len(shadowed):  # after the response is built: a queue put, never a wait
+                self.shadow.submit(partial(self._shadow_score, pair.canary, values, shadowed, ids, request_id,
+                                           served_at, as_of, prepared, feature_s, from_client))
         return {"request_id": request_id, "as_of": as_of.isoformat(), "predictions": out}
+
+    def _observe_stages(self, route: str, feature_s: float, model_s: float, log_s: float) -> None:
+        for stage, seconds in (("feature", feature_s), ("model", model_s), ("log", log_s)):
+            self.metrics.observe(STAGE_METRIC, {"stage": stage, "route": route}, seconds)
+
+    def _shadowed(self, ids: list[int], known: np.ndarray, found: np.ndarray) -> np.ndarray:
+        """The rows the canary shadows: found, of a sticky ``canary.shadow_fraction`` of the
+        customers (anonymous records only at fraction 1)."""
+        fraction = self.cfg.canary.shadow_fraction
+        if fraction >= 1.0:
+            return np.flatnonzero(found)
+        chosen = np.zeros(len(ids), dtype=bool)
+        if fraction > 0:
+            chosen[known] = routes([i for i, k in zip(ids, known, strict=True) if k], fraction,
+                                   self.cfg.serving.routing_salt)
+        return np.flatnonzero(chosen & found)
+
+    def _shadow_score(self, model: LoadedModel, values: list[dict[str, Any]], rows: np.ndarray,
+                      ids: list[int], request_id: str, served_at: datetime, as_of: datetime,
+                      prepared: float, feature_s: float, from_client: bool) -> None:
+        """The canary's scores of ``rows`` as route ``shadow`` rows of the request's log (a
+        failing canary: ``error`` rows and route=shadow errors); runs on the shadow executor."""
+        t1 = time.perf_counter()
+        try:
+            scores: np.ndarray | None = self._score(model, values, rows, from_client)
+        except Exception as exc:  # the response has long gone: the log and the counters say it
+            scores = None
+            why = exc.detail if isinstance(exc, ServiceError) else f"{type(exc).__name__}: {first_line(exc)}"
+            log.warning("shadow: canary version %s failed to score: %s", model.version, why)
+        model_s = time.perf_counter() - t1
+        latency, labels = (prepared + model_s) * 1000.0, {"route": SHADOW_ROUTE, "version": model.version}
+        common = {"feature_ms": feature_s * 1000.0, "model_ms": model_s * 1000.0}
+        if scores is None:
+            self.metrics.inc("churn_prediction_errors_total", labels, len(rows))
+            records = [PredictionRecord(request_id, ids[r], model.version, SHADOW_ROUTE, None, latency,
+                                        "error", served_at, as_of, **common) for r in rows]
+        else:
+            self.metrics.inc("churn_predictions_total", {**labels, "status": "ok"}, len(rows))
+            records = [PredictionRecord(request_id, ids[r], model.version, SHADOW_ROUTE, float(sc), latency,
+                                        "ok", served_at, as_of, **common)
+                       for r, sc in zip(rows, scores, strict=True)]
+        t_log = time.perf_counter()
+        try:
+            self.writer.submit(records)
+        except PredictionLogUnavailable as exc:  # counted by the writer; nobody waits for an answer
+            log.warning("shadow: %d rows not logged: %s", len(records), exc)
+        self.metrics.observe("churn_predict_latency_seconds", labels, latency / 1000.0)
+        self._observe_stages(SHADOW_ROUTE, feature_s, model_s, time.perf_counter() - t_log)
 
     def _check_inputs(self, pair: ModelPair, values: list[dict[str, Any]], route: np.ndarray,
                       found: np.ndarray) -> CheckResult:
@@ -351,6 +449,8 @@ class ScoringService:
     def canary_fraction(self, pair: ModelPair | None = None) -> float:
         """The share of customers routed to the canary now: its rollout weight (the canary
         version's tag, picked up on every alias reload), else ``serving.canary_fraction``."""
+        if self.cfg.canary.mode == "shadow":  # the canary answers nobody; it scores beside
+            return 0.0
         pair = pair or self.models.pair
         return pair.canary_weight if pair.canary_weight is not None else self.cfg.serving.canary_fraction
 
@@ -362,6 +462,9 @@ class ScoringService:
             "canary": pair.canary.version if pair.canary else None,
             "canary_fraction": self.canary_fraction(pair),
             "canary_fraction_source": "config" if pair.canary_weight is None else "rollout",
+            "canary_mode": self.cfg.canary.mode,
+            "shadow_fraction": self.cfg.canary.shadow_fraction if self.shadow is not None else 0.0,
+            "shadow_dropped": self.shadow.dropped() if self.shadow is not None else 0,
             "refused": pair.refused,
             "input_checks": {m.alias: _checks_state(m) for m in (pair.champion, pair.canary)
                              if m is not None},
