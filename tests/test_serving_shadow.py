@@ -216,3 +216,33 @@ def test_mode_config_key(mode) -> None:
     cfg = load_config(environ={}, overrides={"canary.mode": mode, "canary.shadow_fraction": 0.25})
     assert cfg.canary.mode == mode and cfg.canary.shadow_fraction == 0.25
     assert load_config(environ={}).canary.mode == "split"
+
+
+def test_shadow_executor_drops_and_counts_when_its_queue_is_full() -> None:
+    import threading
+
+    from mlflow_churn.serving.shadow import ShadowExecutor
+    from mlflow_churn.web.metrics import Metrics
+
+    metrics = Metrics()
+    ex = ShadowExecutor(metrics, max_queued=2)
+    ex.start()
+    started, release, ran = threading.Event(), threading.Event(), []
+
+    def blocking() -> None:
+        started.set()
+        release.wait(30)
+
+    def boom() -> None:
+        raise RuntimeError("a job that raises")
+
+    assert ex.submit(blocking) and started.wait(30)  # the worker is busy with it
+    assert ex.submit(lambda: ran.append(1)) and ex.submit(boom)  # the queue (2) is full now
+    assert not ex.submit(lambda: ran.append(2))  # dropped at once, never waits
+    assert ex.dropped() == 1 and "churn_shadow_dropped_total 1.0" in metrics.render([])
+    release.set()
+    assert ex.flush(30) and ran == [1]
+    assert metrics.counter("churn_shadow_job_failures_total") == 1  # the worker outlived it
+    assert ex.submit(lambda: ran.append(3)) and ex.flush(30) and ran == [1, 3]
+    ex.stop()
+    assert not ex.submit(lambda: ran.append(4)) and ex.dropped() == 2
