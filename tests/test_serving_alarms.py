@@ -54,12 +54,13 @@ def _pair(cfg: ChurnConfig) -> tuple[str, str]:
 
 
 def _serve(cfg: ChurnConfig, route: str, version: str, n: int, status: str = "ok", latency_ms: float = 4.0,
-           score=lambda i: (i % 100) / 100) -> None:
-    """``n`` rows served now by ``route`` / ``version`` into the real prediction log."""
+           score=lambda i: (i % 100) / 100, forced: bool = False) -> None:
+    """``n`` rows served now by ``route`` / ``version`` into the real prediction log
+    (``forced``: test requests routed by the X-Churn-Route header)."""
     log = PredictionLog(cfg.prediction_log_url)
     stamp, now = uuid.uuid4().hex[:6], datetime.now(UTC)
     log.write([PredictionRecord(f"{stamp}-{i}", i, version, route, score(i) if status == "ok" else None,
-                                latency_ms, status, now, AS_OF) for i in range(n)])
+                                latency_ms, status, now, AS_OF, forced=forced) for i in range(n)])
     log.close()
 
 
@@ -178,6 +179,23 @@ def test_a_healthy_canary_never_alarms_and_a_slow_one_does(workspace, churn_main
     assert state is None  # no canary any more
     tags = MlflowClient(cfg.mlflow_tracking_uri).get_model_version(cfg.training.model_name, canary).tags
     assert json.loads(tags[STATE_TAG])["status"] == "rolled_back"
+
+
+def test_shadow_mode_alarms_on_the_shadow_rows_and_forced_test_requests_count_for_nothing(workspace) -> None:
+    cfg = _cfg(workspace, **{"canary.mode": "shadow"})
+    champ, canary = _pair(cfg)
+    judge = Judge()
+    assert tick(cfg, datetime.now(UTC), judge, as_of=AS_OF).action == "start"
+    _serve(cfg, "champion", champ, 300)
+    _serve(cfg, "canary", canary, 100, status="error", forced=True)  # header-routed tests: no evidence
+    _serve(cfg, "shadow", canary, 100)
+    res = tick(cfg, datetime.now(UTC), judge, as_of=AS_OF)
+    assert res.action == "wait" and res.alarms.rows == {"champion": 300, "canary": 100}
+    assert res.alarms.breaches == []
+    _serve(cfg, "shadow", canary, 100, status="error")  # the shadow canary fails half its scorings
+    res = tick(cfg, datetime.now(UTC), judge, as_of=AS_OF)
+    assert res.action == "rollback" and [a.metric for a in res.alarms.breaches] == ["error_rate"], res.message
+    assert "error rate 0.5000 (100 of 200)" in res.message
 
 
 def _rows(n: int, status: str = "ok", latency_ms: float = 4.0,

@@ -6,7 +6,8 @@ baked; an alarm is the fast guard beside it. On every controller tick
 :func:`check_rollout` reads the prediction log **once** (the rows served, wall clock, in the
 last ``canary.alarms.window``), splits it into the champion arm (route ``champion``, the
 champion's version) and the canary arm (route ``canary``, or ``shadow`` in shadow mode, the
-canary's version), and :func:`check_alarms` (pure) compares them:
+canary's version: :func:`~mlflow_churn.serving.canary.arm_routes`; forced test requests in
+neither), and :func:`check_alarms` (pure) compares them:
 
 - ``error_rate``: the canary's (rows with status ``error`` / its rows) above
   ``max_error_rate`` and above the champion's + ``error_rate_margin``;
@@ -51,6 +52,7 @@ from mlflow_churn.serving.canary import (
     RouteStats,
     _route_stats,
     _served_by,
+    arm_routes,
     gate_score_psi,
     registry_client,
 )
@@ -61,8 +63,6 @@ from mlflow_churn.times import utc
 ALERT_NAME = "ChurnCanaryAlarm"
 #: the metrics an alarm watches, in the order they are checked
 METRICS = ("error_rate", "p99_latency_ms", "mean_score", "score_psi")
-#: routes whose rows are the canary arm's (``shadow``: a canary scoring off the response path)
-CANARY_ROUTES = ("canary", "shadow")
 
 State = Literal["breach", "ok", "nodata", "off"]
 
@@ -271,9 +271,9 @@ def check_rollout(cfg: ChurnConfig, client: MlflowClient, canary: ModelVersion, 
     name = canary.name
     champion = alias_version(client, name, CHAMPION)
     frame, start = window_rows(cfg, now)
-    parts = [rows for rows in (_served_by(frame, route, canary) for route in CANARY_ROUTES) if len(rows)]
-    canary_rows = pd.concat(parts) if len(parts) > 1 else parts[0] if parts else frame.iloc[0:0]
-    champion_rows = _served_by(frame, "champion", champion)
+    arms = arm_routes(cfg)  # the canary's arm: its canary rows, or its shadow rows in shadow mode
+    canary_rows = _served_by(frame, arms["canary"], canary)
+    champion_rows = _served_by(frame, arms["champion"], champion)
     stats, alarms, score_psi = check_alarms(cfg, champion_rows, canary_rows,
                                             gate_score_psi(canary, champion))
     stats["champion"].version = str(champion.version) if champion is not None else None
@@ -320,5 +320,5 @@ def clear_alarm(cfg: ChurnConfig, model: str) -> None:
         resolve(cfg, alarm_key(model))
 
 
-__all__ = ["ALERT_NAME", "CANARY_ROUTES", "METRICS", "Alarm", "AlarmCheck", "alarm_key", "check_alarms",
+__all__ = ["ALERT_NAME", "METRICS", "Alarm", "AlarmCheck", "alarm_key", "check_alarms",
            "check_rollout", "clear_alarm", "current_alarms", "raise_alarm", "window_rows"]
