@@ -52,6 +52,14 @@ def machine() -> str:
 
 
 MARK = "<!-- bench:{} -->"
+#: pymdownx.snippets section markers around each section, so a docs page includes one section
+#: (``--8<-- "bench/RESULTS.md:bench_canary_judge"``) instead of copying its figures
+SNIPPET_START, SNIPPET_END = "<!-- --8<-- [start:{}] -->", "<!-- --8<-- [end:{}] -->"
+
+
+def wrap(name: str, body: str) -> str:
+    """A section as RESULTS.md holds it: the bench marker, then the body between snippet markers."""
+    return f"{MARK.format(name)}\n{SNIPPET_START.format(name)}\n{body.strip(chr(10))}\n{SNIPPET_END.format(name)}\n"
 
 
 def previous_sections(text: str) -> dict[str, str]:
@@ -60,7 +68,9 @@ def previous_sections(text: str) -> dict[str, str]:
     parts = text.split("<!-- bench:")
     for part in parts[1:]:
         name, _, body = part.partition(" -->")
-        out[name.strip()] = body.strip("\n")
+        name = name.strip()
+        body = body.replace(SNIPPET_START.format(name), "").replace(SNIPPET_END.format(name), "")
+        out[name] = body.strip("\n")
     return out
 
 
@@ -91,7 +101,7 @@ def main(argv: list[str]) -> int:
             sections[script.stem] = res.stdout.strip() + f"\n\n_(benchmark took {took:.0f} s, ran {stamp})_\n"
     header = (f"# Benchmark results\n\nWritten by `make bench` (`python -m bench.run [names]`); last "
               f"written {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.\n\n## Machine\n\n{machine()}\n")
-    body = "\n".join(f"{MARK.format(name)}\n{sections[name]}\n" for name in sorted(sections))
+    body = "\n".join(wrap(name, sections[name]) for name in sorted(sections))
     path.write_text(header + body)
     print(f"wrote {path}")
     return 1 if failed else 0
