@@ -52,7 +52,8 @@ class SimulationConfig(_Section):
         5000, ge=1, le=1_000_000_000, description="customers at the start of the simulation"
     )
     days: int = Field(120, ge=1, le=36_500, description="simulated days of daily activity")
-    start: date = Field(date(2026, 1, 1), description="first simulated day (UTC)")
+    start: date = Field(date(2026, 1, 1), ge=date(1970, 1, 1), le=date(2200, 12, 31),
+                        description="first simulated day (UTC), 1970-01-01 .. 2200-12-31")
     scenario: Literal[SCENARIOS] = "stable"  # type: ignore[valid-type]
     seed: int = Field(42, ge=0)
     onset_day: int | None = Field(
@@ -82,12 +83,30 @@ class FeaturesConfig(_Section):
         None, description="bearer token of GET /features and /metrics (None = open; needed to bind "
         "a non-loopback address); a secret: shown as *** by `config show`"
     )
-    max_body_bytes: int = Field(65_536, ge=1, description="feature API: larger request bodies get 413")
+    max_body_bytes: int = Field(
+        65_536, ge=1, le=1 << 30, description="feature API: larger request bodies get 413 (at most 1 GiB)"
+    )
+    max_header_bytes: int = Field(
+        16_384, ge=1024, le=1_048_576,
+        description="feature API: longest request head (request line + headers, bytes); a longer one "
+        "is answered 431 and nothing past the limit is read"
+    )
+    max_headers: int = Field(
+        100, ge=8, le=10_000, description="feature API: most header lines of a request (more: 431)"
+    )
+    read_timeout_seconds: float = Field(
+        10.0, gt=0, le=3600,
+        description="feature API: a client has this long from connecting (or from the first byte of a "
+        "request on a kept-alive connection) to send its whole request; then the "
+        "connection is closed (408 for a head begun), so slow clients are not held"
+    )
     redis_timeout_ms: float = Field(
-        50.0, gt=0, description="HTTP apps: Redis connect and socket timeout of one online-store read (ms)"
+        50.0, ge=1, le=60_000,
+        description="HTTP apps: Redis connect and socket timeout of one online-store read (ms, 1..60000)"
     )
     sqlite_timeout_ms: float = Field(
-        1000.0, gt=0, description="HTTP apps: SQLite busy timeout of one online-store read (ms)"
+        1000.0, ge=1, le=600_000,
+        description="HTTP apps: SQLite busy timeout of one online-store read (ms, 1..600000)"
     )
     breaker_failures: int = Field(
         3, ge=1, description="HTTP apps: consecutive online-store failures that open the circuit (503 at "
@@ -519,7 +538,23 @@ class ServingConfig(_Section):
         None, description="bearer token of /predict, /ready and /metrics (None = open; needed to bind a "
         "non-loopback address; the admin token is accepted too); a secret"
     )
-    max_body_bytes: int = Field(2_097_152, ge=1, description="scoring service: larger bodies get 413")
+    max_body_bytes: int = Field(
+        2_097_152, ge=1, le=1 << 30, description="scoring service: larger bodies get 413 (at most 1 GiB)"
+    )
+    max_header_bytes: int = Field(
+        16_384, ge=1024, le=1_048_576,
+        description="scoring service: longest request head (request line + headers, bytes); a longer one "
+        "is answered 431 and nothing past the limit is read"
+    )
+    max_headers: int = Field(
+        100, ge=8, le=10_000, description="scoring service: most header lines of a request (more: 431)"
+    )
+    read_timeout_seconds: float = Field(
+        10.0, gt=0, le=3600,
+        description="scoring service: a client has this long from connecting (or from the first byte of a "
+        "request on a kept-alive connection) to send its whole request; then the "
+        "connection is closed (408 for a head begun), so slow clients are not held"
+    )
     reload_seconds: float = Field(10.0, gt=0, description="how often aliases are re-checked")
     min_canary_samples: int = Field(500, ge=1, description="canary predictions before any verdict")
     max_error_rate: float = Field(0.01, ge=0, le=1)
@@ -661,7 +696,22 @@ class HooksConfig(_Section):
     secret: str | None = Field(None, description="webhook HMAC secret; env CHURN_HOOKS__SECRET")
     max_age_seconds: int = Field(300, ge=1, description="older deliveries are rejected as replays")
     max_body_bytes: int = Field(
-        1_048_576, ge=1, description="larger deliveries get 413 before any signature or JSON work"
+        1_048_576, ge=1, le=1 << 30,
+        description="larger deliveries get 413 before any signature or JSON work (at most 1 GiB)"
+    )
+    max_header_bytes: int = Field(
+        16_384, ge=1024, le=1_048_576,
+        description="webhook receiver: longest request head (request line + headers, bytes); a longer one "
+        "is answered 431 and nothing past the limit is read"
+    )
+    max_headers: int = Field(
+        100, ge=8, le=10_000, description="webhook receiver: most header lines of a request (more: 431)"
+    )
+    read_timeout_seconds: float = Field(
+        10.0, gt=0, le=3600,
+        description="webhook receiver: a client has this long from connecting (or from the first byte of a "
+        "request on a kept-alive connection) to send its whole request; then the "
+        "connection is closed (408 for a head begun), so slow clients are not held"
     )
     alert_url: str | None = Field(
         None, description="deprecated: read as alerts.alertmanager_url when that is unset (an Alertmanager "
@@ -1056,7 +1106,11 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
             )
         value: Any = raw
         if raw.startswith("[") or raw.startswith("{"):
-            value = yaml.safe_load(raw)
+            try:
+                value = safe_yaml(raw)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"environment variable {name} is not valid YAML: "
+                                  f"{getattr(exc, 'problem', None) or 'parse error'}") from None
         _set_dotted(tree, dotted, value)
     return tree
 
@@ -1071,13 +1125,31 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases (``*name``): a configuration has no use for them,
+    and nested aliases expand exponentially (a "billion laughs" file hangs whoever walks it)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"YAML aliases (*{event.anchor}) are not "
+                                              "allowed in a configuration; write the value out",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str) -> Any:
+    """``text`` parsed as YAML with the safe loader, aliases refused (:class:`_NoAliasLoader`)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     try:
-        data = yaml.safe_load(text) or {}
+        data = safe_yaml(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -14,7 +14,10 @@ its failures clean:
 - :func:`_end_run_failed` / :func:`_terminate_failed` mark a run FAILED with one quick attempt;
   what cannot be written because the server is gone (a run still RUNNING, a version to
   delete) goes to a journal, ``<workspace>/mlflow-pending.jsonl``, which the next
-  :func:`setup_mlflow` against the same server replays (:func:`_replay_pending`).
+  :func:`setup_mlflow` against the same server replays (:func:`_replay_pending`). The same
+  journal holds the runs a process has open (``client_run(..., journal=True)``, e.g. the gate's
+  decision run) with its pid: an entry whose process is gone (kill -9) is replayed too, so its
+  run ends FAILED at the next command instead of staying RUNNING for ever.
 
 The run a step logs into has one way per job: :func:`step_run` when the step logs with
 MLflow's fluent API in the calling thread (it opens, nests under or resumes the ``mlflow
@@ -35,8 +38,10 @@ import json
 import logging
 import os
 import re
+import socket
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -187,8 +192,10 @@ def _apply(client: MlflowClient, entry: dict[str, Any]) -> str:
         except MlflowException:
             return "run gone"
         if run.info.status == "RUNNING":
-            client.set_tag(entry["run_id"], "churn.failed",
-                           f"tracking server unreachable at {entry['at']}; marked FAILED on replay")
+            why = (f"its process (pid {entry['pid']} on {entry.get('host')}) ended without ending it "
+                   f"(started {entry['at']}); marked FAILED on replay" if entry.get("pid")
+                   else f"tracking server unreachable at {entry['at']}; marked FAILED on replay")
+            client.set_tag(entry["run_id"], "churn.failed", why)
             client.set_terminated(entry["run_id"], "FAILED")
             return f"run {entry['run_id']} marked FAILED"
         return f"run {entry['run_id']} already {run.info.status}"
@@ -224,7 +231,7 @@ def _replay_pending(cfg: ChurnConfig, client: MlflowClient | None = None) -> lis
         entries = [json.loads(line) for line in fh.read().splitlines() if line.strip()]
         keep = []
         for entry in entries:
-            if entry.get("tracking_uri") != uri:
+            if entry.get("tracking_uri") != uri or _owner_alive(entry):
                 keep.append(entry)
                 continue
             try:
@@ -240,6 +247,63 @@ def _replay_pending(cfg: ChurnConfig, client: MlflowClient | None = None) -> lis
     if not keep:
         path.unlink(missing_ok=True)
     return done
+
+
+def _started(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, /proc), None when unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_alive(entry: dict[str, Any]) -> bool:
+    """True when the process that journalled a pending run may still be running it (another
+    host: it cannot be told, so yes)."""
+    pid = entry.get("pid")
+    if not pid:
+        return False
+    if entry.get("host") != socket.gethostname():
+        return True
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    started = _started(int(pid))
+    return started is None or entry.get("pid_start") in (None, started)
+
+
+def _pending_run(cfg: ChurnConfig, run_id: str) -> str:
+    """Journal ``run_id`` as pending while this process runs it (the pending-run journal): if
+    the process dies without ending the run (kill -9, OOM), the next :func:`setup_mlflow` finds
+    the process gone and marks the run FAILED. Returns the entry's id for :func:`_forget`."""
+    key = uuid.uuid4().hex
+    defer(cfg, "end_run", run_id=run_id, entry_id=key, pid=os.getpid(), host=socket.gethostname(),
+          pid_start=_started(os.getpid()))
+    return key
+
+
+def _forget(cfg: ChurnConfig, key: str | None) -> None:
+    """Drop the journal entry ``key`` (the run it names was ended, or journalled again)."""
+    path = _journal(cfg)
+    if key is None or not path.is_file():
+        return
+    try:
+        with path.open("r+") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            lines = [line for line in fh.read().splitlines() if line.strip()]
+            keep = [line for line in lines if json.loads(line).get("entry_id") != key]
+            fh.seek(0)
+            fh.truncate()
+            fh.write("".join(line + "\n" for line in keep))
+            if not keep:
+                path.unlink(missing_ok=True)
+    except OSError:
+        logging.getLogger(__name__).warning("could not update the pending-run journal %s", path)
 
 
 # ------------------------------------------------------------------ failing cleanly
@@ -553,7 +617,7 @@ def step_run(run_name: str, experiment_id: str | None = None, parent_run_id: str
 @contextmanager
 def client_run(client: MlflowClient, cfg: ChurnConfig, run_name: str, *, experiment_id: str | None = None,
                parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-               resume: bool = False, start_time: int | None = None) -> Iterator[str]:
+               resume: bool = False, start_time: int | None = None, journal: bool = False) -> Iterator[str]:
     """The one way a step makes the run it logs into with explicit ``client`` calls (no fluent
     active-run state: ``MLFLOW_RUN_ID`` and the active run are neither read nor changed);
     yields the run id.
@@ -563,6 +627,8 @@ def client_run(client: MlflowClient, cfg: ChurnConfig, run_name: str, *, experim
     ends, FAILED through :func:`_terminate_failed` (one quick attempt, journalled when the
     server is gone) when it raises - the error goes on. ``resume`` with a parent: the
     parent itself (e.g. the ``mlflow run`` project run), left for its opener to end.
+    ``journal``: the run is in the pending-run journal while the block runs (:func:`_pending_run`),
+    so a process killed inside it (kill -9) leaves no RUNNING run after the next command.
     The experiment gets the ``mlflow.experimentKind`` tag when it lacks it (:func:`_mark_kind`:
     experiments made without :func:`ensure_experiment`, e.g. the guard's audit experiment).
     ChurnError when the parent run is not in the tracking store.
@@ -575,13 +641,16 @@ def client_run(client: MlflowClient, cfg: ChurnConfig, run_name: str, *, experim
             raise ValueError("client_run needs an experiment_id or a parent_run_id")
         experiment_id = _parent_experiment(client, parent_run_id)
     run_id = _create_run(client, experiment_id, run_name, tags or {}, parent_run_id, start_time)
-    _mark_kind(client, experiment_id)  # after the run: a dead server fails the run, not this
+    pending = _pending_run(cfg, run_id) if journal else None
     try:
+        _mark_kind(client, experiment_id)  # after the run: a dead server fails the run, not this
         yield run_id
     except BaseException as exc:
         _cleanup_after(exc, lambda: _terminate_failed(cfg, client, run_id))
+        _forget(cfg, pending)
         raise
     client.set_terminated(run_id, "FINISHED")
+    _forget(cfg, pending)
 
 
 def _parent_experiment(client: MlflowClient, parent: str) -> str:

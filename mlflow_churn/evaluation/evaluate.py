@@ -773,7 +773,7 @@ def _record_decision(client: MlflowClient, cfg: ChurnConfig, exp_id: str, as_of:
         tags["gate.segment_weight"] = f"{pair.targets.weight:g}"
     run_name = f"gate v{chal_mv.version} vs " + (f"v{champ_mv.version}" if champ_mv else "floors")
     with client_run(client, cfg, run_name, experiment_id=None if parent_run_id else exp_id,
-                    parent_run_id=parent_run_id, tags=tags) as run_id:
+                    parent_run_id=parent_run_id, tags=tags, journal=True) as run_id:
         doc = _decision_doc(cfg, as_of, refs, pair, scored, verdict, drift, run_id, parent_run_id)
         (tmp / DECISION_FILE).write_text(dumps(doc))
         _log_decision(client, cfg, run_id, as_of, pair, verdict, tmp)

@@ -52,6 +52,8 @@ from mlflow_churn.features.registry import FeatureRegistry, UnknownFeatureError,
 from mlflow_churn.web import errors as web_errors
 from mlflow_churn.web.auth import check_bearer
 from mlflow_churn.web.breaker import CircuitBreaker, Unavailable
+from mlflow_churn.web.limits import HttpLimits
+from mlflow_churn.web.limits import serve as serve_app
 from mlflow_churn.web.metrics import Metrics
 
 INT64_MAX = 2**63 - 1
@@ -476,10 +478,8 @@ def create_app(cfg: Any, store: OnlineStore | None = None,
 
 def serve(cfg: Any, host: str | None = None, port: int | None = None) -> None:
     """Run the API with uvicorn on ``host:port`` (default: features.host / features.port)."""
-    import uvicorn
-
-    uvicorn.run(create_app(cfg), host=host or cfg.features.host, port=port or cfg.features.port,
-                log_level="warning", access_log=False)
+    serve_app(create_app(cfg), host or cfg.features.host, port or cfg.features.port,
+              HttpLimits.of(cfg.features, "features"))
 
 
 __all__ = ["ApiError", "FeatureService", "Metrics", "RowCache", "create_app", "parse_ids", "serve"]

@@ -7,10 +7,12 @@ HMAC-SHA256 of ``{delivery_id}.{timestamp}.{body}`` keyed with the webhook's sec
 
 ``POST /webhook``, in this order:
 
+0. an ``X-MLflow-Signature`` over 1024 characters or a delivery id over 200 -> 400 before
+   any HMAC work (the whole request head is bounded by ``hooks.max_header_bytes``);
 1. missing or wrong signature -> 401 (``hooks.secret`` is the key; the app refuses to
    start without one);
-2. timestamp more than ``hooks.max_age_seconds`` away from the receiver's clock -> 401
-   (replay protection);
+2. timestamp not Unix seconds (at most 12 digits) or more than ``hooks.max_age_seconds``
+   away from the receiver's clock -> 401 (replay protection);
 3. a delivery id already recorded -> 200 ``{"status": "duplicate"}``, nothing runs again
    (ids persist in SQLite ``<workspace>/hooks.db``, so restarts keep them);
 4. body not a JSON delivery -> 400;
@@ -93,6 +95,10 @@ SIGNATURE_HEADER = "X-MLflow-Signature"
 TIMESTAMP_HEADER = "X-MLflow-Timestamp"
 DELIVERY_HEADER = "X-MLflow-Delivery-Id"
 SIGNATURE_VERSION = "v1"
+#: longest X-MLflow-Signature read (a few space-separated v1 signatures of 47 characters)
+MAX_SIGNATURE_CHARS = 1024
+#: longest X-MLflow-Delivery-Id read (MLflow sends a UUID)
+MAX_DELIVERY_ID_CHARS = 200
 EVENT = "model_version_alias.created"
 ALIAS_EVENTS = ("model_version_alias.created", "model_version_alias.deleted")
 _log = logging.getLogger(__name__)
@@ -211,13 +217,19 @@ def create_app(cfg: ChurnConfig, clock: Callable[[], float] = time.time,
         body = await request.body()
         delivery_id = request.headers.get(DELIVERY_HEADER, "")
         stamp = request.headers.get(TIMESTAMP_HEADER, "")
-        if not verify_signature(secret, delivery_id, stamp, body, request.headers.get(SIGNATURE_HEADER)):
+        signature = request.headers.get(SIGNATURE_HEADER)
+        # bounded before any parsing or HMAC work (the request head itself is bounded by
+        # hooks.max_header_bytes at the connection)
+        for name, value, most in ((SIGNATURE_HEADER, signature or "", MAX_SIGNATURE_CHARS),
+                                  (DELIVERY_HEADER, delivery_id, MAX_DELIVERY_ID_CHARS)):
+            if len(value) > most:
+                return error_response(400, f"{name} is {len(value)} characters, more than {most}")
+        if not verify_signature(secret, delivery_id, stamp, body, signature):
             return error_response(401, f"missing or invalid {SIGNATURE_HEADER} (check hooks.secret "
                                        "against the webhook's secret)")
-        try:
-            sent = int(stamp)
-        except ValueError:
+        if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 12):
             return error_response(401, f"{TIMESTAMP_HEADER} must be Unix seconds, got '{stamp[:40]}'")
+        sent = int(stamp)
         now = clock()
         if abs(now - sent) > cfg.hooks.max_age_seconds:
             return error_response(401, f"stale delivery: sent at {sent}, {abs(now - sent):.0f} s from now, "

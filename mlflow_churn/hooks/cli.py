@@ -29,16 +29,17 @@ def serve(
     """Receive webhooks on POST /webhook: gate each new `challenger`; record every alias move in the
     alias history; audit (and with registry.revert_unguarded, revert) protected-alias moves the
     promotion rules refuse; complete promotions made in the UI. GET /metrics counts them."""
-    import uvicorn
-
     from mlflow_churn.hooks.app import create_app
+    from mlflow_churn.web.limits import HttpLimits
+    from mlflow_churn.web.limits import serve as serve_app
 
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     cfg = get_config(ctx, {"hooks.host": opt_str(host), "hooks.port": port, "hooks.secret": opt_str(secret)})
     app = create_app(cfg, promote_by_hand=_promote_by_hand(cfg))
     console.print(f"churn hooks: http://{cfg.hooks.host}:{cfg.hooks.port}/webhook "
                   f"(model {cfg.training.model_name}, tracking {cfg.mlflow_tracking_uri})")
-    uvicorn.run(app, host=cfg.hooks.host, port=cfg.hooks.port, log_level="info")
+    serve_app(app, cfg.hooks.host, cfg.hooks.port, HttpLimits.of(cfg.hooks, "hooks"), log_level="info",
+              access_log=True)
 
 
 def _promote_by_hand(cfg):

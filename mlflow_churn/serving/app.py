@@ -109,6 +109,8 @@ from mlflow_churn.serving.service import (
 )
 from mlflow_churn.web import errors as web_errors
 from mlflow_churn.web.auth import bearer, check_bearer, same_token
+from mlflow_churn.web.limits import HttpLimits
+from mlflow_churn.web.limits import serve as serve_app
 
 log = logging.getLogger("mlflow_churn.serving")
 
@@ -266,7 +268,5 @@ _PATHS = {"/predict", "/health", "/ready", "/metrics", "/admin/status", "/admin/
 
 def serve(cfg: ChurnConfig, host: str | None = None, port: int | None = None) -> None:
     """Run the app under uvicorn until interrupted (flushes the prediction log on exit)."""
-    import uvicorn
-
-    uvicorn.run(create_app(cfg), host=host or cfg.serving.host, port=port or cfg.serving.port,
-                log_level="warning", access_log=False, timeout_graceful_shutdown=10)
+    serve_app(create_app(cfg), host or cfg.serving.host, port or cfg.serving.port,
+              HttpLimits.of(cfg.serving, "serving"), timeout_graceful_shutdown=10)

@@ -10,6 +10,7 @@ from rich.table import Table
 from mlflow_churn.cli_common import (
     JSON_OPTION,
     as_of_or_latest,
+    check_number,
     console,
     from_config,
     get_config,
@@ -44,8 +45,14 @@ def _when(cfg: ChurnConfig, value: str | None) -> datetime:
     return parse_datetime(value, "--as-of") if opt_str(value) else default_as_of(cfg, datetime.now(UTC))
 
 
-def _since(value: str | None) -> datetime | None:
-    return parse_datetime(value, "--since") if opt_str(value) else None
+def _since(value: str | None, until: datetime | None = None) -> datetime | None:
+    """--since parsed; a ChurnError when it is after ``until`` (the window's end, --as-of):
+    an empty window judges nothing and must not record a decision."""
+    start = parse_datetime(value, "--since") if opt_str(value) else None
+    if start is not None and until is not None and start > until:
+        raise ChurnError(f"--since {value} is after the window's end {until.isoformat()} (--as-of); "
+                         "give a --since before it")
+    return start
 
 
 def _service_url(cfg: ChurnConfig, given: str | None) -> str:
@@ -112,7 +119,7 @@ def canary_status_cmd(
         raise ChurnError(f"`churn canary status` changes nothing, so it takes no --reason (got '{reason}')")
     until = parse_datetime(as_of, "--as-of") if opt_str(as_of) else None
     cfg = get_config(ctx)
-    st = canary_status(cfg, until, _since(since))
+    st = canary_status(cfg, until, _since(since, until))
     live = live_canary_fraction(_service_url(cfg, service_url), st.model_name, st.canary_fraction)
     _, rollout = rollout_state(cfg)
     watched = rollout is not None and rollout.status in ("running", "paused") and cfg.canary.alarms.enabled
@@ -150,7 +157,8 @@ def _evaluate(ctx: typer.Context, as_of: str | None, since: str | None, reason: 
     from mlflow_churn.serving.transitions import act_on_verdict
 
     cfg = get_config(ctx)
-    when, start = _when(cfg, as_of), _since(since)
+    when = _when(cfg, as_of)
+    start = _since(since, when)
     if act:
         evaluation, res = act_on_verdict(cfg, when, start, opt_str(reason))
     else:
@@ -196,10 +204,12 @@ def _transition(ctx: typer.Context, action: str, reason: str, version: str | Non
         version = parse_version(version, "--version")
     # the transition run always carries the canary evidence of [--since, --as-of]
     if action == "promote":
-        res = promote(cfg, reason, version=opt_str(version), as_of=_when(cfg, as_of), since=_since(since),
+        when = _when(cfg, as_of)
+        res = promote(cfg, reason, version=opt_str(version), as_of=when, since=_since(since, when),
                       force=force)
     else:
-        res = rollback(cfg, reason, version=opt_str(version), as_of=_when(cfg, as_of), since=_since(since))
+        when = _when(cfg, as_of)
+        res = rollback(cfg, reason, version=opt_str(version), as_of=when, since=_since(since, when))
     if as_json:
         print_json(res.to_dict())
     else:
@@ -430,6 +440,13 @@ def traffic_cmd(
 
     if customers < 1:
         raise ChurnError(f"--customers must be >= 1, got {customers}")
+    if seed < 0:
+        raise ChurnError(f"--seed must be >= 0, got {seed}")
+    check_number(wait_seconds, "--wait-seconds", 0, 86_400)
+    check_number(max_seconds, "--max-seconds", 0, 604_800)
+    check_number(rate, "--rate", 0.001)
+    if batch < 1:
+        raise ChurnError(f"--batch must be >= 1, got {batch}")
     cfg = get_config(ctx)
     target = _service_url(cfg, url)
     loopback_url(target)  # refuse another machine before reading anything

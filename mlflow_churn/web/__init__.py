@@ -5,6 +5,9 @@
   the request body limit (413) before any handler, signature or JSON work;
 - :mod:`~mlflow_churn.web.auth`: bearer tokens (constant-time compare), the generated
   admin token file, the "no open port on the network" rule;
+- :mod:`~mlflow_churn.web.limits`: the connection edges every app is served with (request
+  head size and header count limits, a read timeout for slow clients, the port bound first so
+  a port in use is one line, no query strings in access logs);
 - :mod:`~mlflow_churn.web.breaker`: a circuit breaker that answers at once while a
   dependency (Redis) is down and probes it in the background;
 - :mod:`~mlflow_churn.web.metrics`: Prometheus metrics on ``prometheus_client``, one
@@ -28,5 +31,6 @@ _EXPORTS = {
     "CircuitBreaker": "mlflow_churn.web.breaker",
     "Unavailable": "mlflow_churn.web.breaker",
     "Metrics": "mlflow_churn.web.metrics",
+    "HttpLimits": "mlflow_churn.web.limits",
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -3,16 +3,19 @@
 - :func:`check_bearer`: ``Authorization: Bearer <token>`` compared with
   :func:`hmac.compare_digest`; missing -> 401 (with ``WWW-Authenticate``), wrong -> 403,
   each naming the config key that holds the token (never the token).
-- :func:`token_file`: read ``path`` or create it with a random token, mode 0600.
+- :func:`token_file`: read ``path`` or create it with a random token, mode 0600, never
+  through a symbolic link (O_NOFOLLOW), its directory kept 0700.
 - :func:`check_exposure`: a service bound to a non-loopback address must have its tokens.
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
 import ipaddress
 import os
 import secrets
+import stat
 from pathlib import Path
 
 from starlette.requests import HTTPConnection
@@ -51,24 +54,41 @@ def check_bearer(conn: HTTPConnection, tokens: dict[str, str | None], what: str)
 
 def token_file(path: Path) -> str:
     """The token in ``path``; a new random one (``secrets.token_urlsafe(32)``) written with
-    mode 0600 when the file does not exist. ChurnError when it cannot be read or written."""
+    mode 0600 when the file does not exist. Never follows a link: a symbolic link at ``path``
+    or in place of its directory is refused (O_NOFOLLOW), not read or written through; the
+    directory is kept 0700 and the file 0600. ChurnError when it cannot be read or written."""
     path = Path(path)
     try:
-        if path.is_file():
-            if path.stat().st_mode & 0o077:
-                path.chmod(0o600)  # never leave it readable by others
-            token = path.read_text().strip()
+        if path.parent.is_symlink():
+            raise ChurnError(f"the token directory {path.parent} is a symbolic link; remove it (the "
+                             "token is never written through a link)")
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700, follow_symlinks=False)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            fd = None
+        if fd is not None:
+            with os.fdopen(fd) as fh:
+                info = os.fstat(fh.fileno())
+                if not stat.S_ISREG(info.st_mode):
+                    raise ChurnError(f"the token file {path} is not a regular file; remove it")
+                if info.st_mode & 0o077:
+                    os.fchmod(fh.fileno(), 0o600)  # never leave it readable by others
+                token = fh.read().strip()
             if token:
                 return token
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)
+            os.unlink(path)
         token = secrets.token_urlsafe(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as fh:
+            os.fchmod(fh.fileno(), 0o600)
             fh.write(token + "\n")
-        path.chmod(0o600)
         return token
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ChurnError(f"the token file {path} is a symbolic link; remove it (the token is never "
+                             "read or written through a link)") from None
         raise ChurnError(f"cannot read or create the token file {path}: {exc.strerror}; fix its "
                          "permissions or set the token in the config") from None
 
