@@ -187,3 +187,44 @@ def test_port_in_use_is_one_line_exit_2(config: ChurnConfig, command: list[str])
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert res.returncode == 2, res.stderr[-2000:]
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0], res.stderr
+
+
+@pytest.mark.parametrize(("command", "section"),
+                         [(["serve"], "serving"), (["features", "serve"], "features")])
+def test_scoring_service_and_feature_api_refuse_huge_heads_in_bounded_memory(
+        config: ChurnConfig, tmp_path: Path, command: list[str], section: str) -> None:
+    """Four 100 MB headers in parallel to GET /health: each 431 naming the app's key, the
+    process grows by less than 20 MB (it was +180-200 MB per request)."""
+    import concurrent.futures
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(CHURN + command + ["--port", str(port)], env=cli_env(config), stdout=out,
+                                stderr=subprocess.STDOUT, cwd=config.workspace)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        before = _rss_kb(proc.pid)
+        head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (100 << 20) + b"\r\n\r\n"
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: _send_head(port, head), range(4)))
+        assert all(status == 431 and f"{section}.max_header_bytes" in body["detail"]
+                   for status, body in answers), answers
+        assert (_rss_kb(proc.pid) - before) / 1024 < 20
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code in (200, 503)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in log.read_text()
