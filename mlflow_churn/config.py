@@ -115,6 +115,18 @@ class FeaturesConfig(_Section):
     breaker_probe_seconds: float = Field(
         1.0, gt=0, description="HTTP apps: while the circuit is open, probe the store this often (s)"
     )
+    query_memory_limit: str = Field(
+        "2GB", pattern=r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$",
+        description="DuckDB memory_limit of every feature query (materialize, offline frames, loading "
+        "definitions), e.g. 2GB or 512MiB; a query over it fails in one line naming its definitions"
+    )
+    query_threads: int = Field(
+        2, ge=1, le=256, description="DuckDB threads of every feature query"
+    )
+    query_timeout_seconds: float = Field(
+        900.0, gt=0, le=86_400, description="wall-clock limit of one feature query (s); the query is "
+        "interrupted and its command fails in one line naming its definitions and this limit"
+    )
 
 
 class TrainingConfig(_Section):

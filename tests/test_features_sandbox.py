@@ -60,12 +60,12 @@ REFUSED = [
     ("read_text('/etc/hostname')", "customers", "read_text"),
     ("length(getenv('HOME'))", "customers", "getenv"),
     ("(SELECT count(*) FROM '/etc/passwd')", "customers", "'/etc/passwd'"),
-    ("(SELECT count(*) FROM churn_events)", "customers", "'churn_events'"),
-    ("(SELECT count(*) FROM spine)", "customers", "'spine'"),
-    ("sum((SELECT count(*) FROM customers))", "activity", "'customers'"),
-    ("(SELECT count(*) FROM main.customers)", "customers", "'main.customers'"),
-    ("(WITH t AS (SELECT 1) SELECT count(*) FROM t)", "customers", "CTE"),
-    ("(SELECT count(*) FROM (SUMMARIZE customers))", "customers", "SHOW_REF"),
+    ("(SELECT count(*) FROM churn_events)", "customers", "subquery not allowed"),
+    ("(SELECT count(*) FROM spine)", "customers", "subquery not allowed"),
+    ("sum((SELECT count(*) FROM customers))", "activity", "subquery not allowed"),
+    ("(SELECT count(*) FROM main.customers)", "customers", "subquery not allowed"),
+    ("(WITH t AS (SELECT 1) SELECT count(*) FROM t)", "customers", "subquery not allowed"),
+    ("(SELECT count(*) FROM (SUMMARIZE customers))", "customers", "subquery not allowed"),
     ("1) AS y, (2", "customers", "outside its parentheses"),
     ("1) AS y FROM customers UNION ALL SELECT (2", "customers", "outside its parentheses"),
     ("1) AS y FROM read_csv('/etc/passwd') --", "customers", "does not run: Parser Error"),
@@ -107,10 +107,9 @@ def test_refused_construct_names_the_definition(tmp_path: Path, monkeypatch: pyt
     "monthly_charge * 2",
     "date_diff('day', signup_date, CAST(cutoff AS DATE))",
     "CASE WHEN plan = 'premium' THEN 1 ELSE 0 END",
-    "monthly_charge / (SELECT avg(monthly_charge) FROM customers)",
-    "(SELECT count(*) FROM customers a JOIN customers b USING (customer_id) WHERE a.age > 90)",
-    "(SELECT max(v) FROM (VALUES (1), (2)) AS t(v))",
+    "monthly_charge / nullif(num_lines, 0)",
     "monthly_charge -- a trailing comment",
+    "monthly_charge /* a comment */ + 1",
 ])
 def test_allowed_expressions(expression: str) -> None:
     check_expression(expression, "customers", "feature 'x'")
@@ -205,8 +204,8 @@ def test_user_definition_materializes_and_builds_frames(tmp_path: Path, small_da
     defs.write_text(yaml.safe_dump({
         "features": [
             {"name": "charge_vs_mean", "version": 1, "dtype": "float64", "source": "customers",
-             "expression": "monthly_charge / (SELECT avg(monthly_charge) FROM customers)",
-             "description": "charge relative to the mean"},
+             "expression": "monthly_charge / nullif(num_lines, 0) -- per line",
+             "description": "charge per line"},
             {"name": "monthly_usage", "version": 3, "dtype": "float64", "source": "activity",
              "window_days": 28, "expression": "sum(minutes_used) FILTER (WHERE age_days < 28)",
              "default": 0, "description": "minutes, last 28 days"},
@@ -223,7 +222,7 @@ def test_user_definition_materializes_and_builds_frames(tmp_path: Path, small_da
     finally:
         store.close()
     assert len(served) > 1000 and served["charge_vs_mean"].notna().all()
-    assert abs(served["charge_vs_mean"].mean() - 1.0) < 0.2
+    assert served["charge_vs_mean"].gt(0).all()
     fs = load_registry(defs).feature_set("churn_custom")
     frame = build_training_frame(cfg.data_dir, fs, daily_cutoffs(T1.replace(day=13), T1, 7), 30)
     assert {"charge_vs_mean", "monthly_usage_v3", "plan", "label"} <= set(frame.columns)

@@ -47,6 +47,7 @@ from mlflow_churn.features.online import (
     open_store,
 )
 from mlflow_churn.features.registry import FeatureDefinition, registry_for
+from mlflow_churn.features.sandbox import limited
 from mlflow_churn.progress import ProgressArg, resolve
 from mlflow_churn.times import utc
 
@@ -67,13 +68,14 @@ def _active(data_dir: Any, lo: datetime, hi: datetime) -> set[int]:
     """Customers with an activity row whose event time lies in ``(lo, hi]`` (UTC)."""
     con = _connect(data_dir)
     try:
-        rows = con.execute(f"""
-            SELECT DISTINCT customer_id FROM activity
-            WHERE date >= DATE '{(lo - timedelta(days=1)).date().isoformat()}'
-              AND date <= DATE '{hi.date().isoformat()}'
-              AND event_timestamp > TIMESTAMPTZ '{lo.isoformat()}'
-              AND event_timestamp <= TIMESTAMPTZ '{hi.isoformat()}'
-        """).fetchall()
+        with limited(con, f"the activity scan of the data at {data_dir}"):
+            rows = con.execute(f"""
+                SELECT DISTINCT customer_id FROM activity
+                WHERE date >= DATE '{(lo - timedelta(days=1)).date().isoformat()}'
+                  AND date <= DATE '{hi.date().isoformat()}'
+                  AND event_timestamp > TIMESTAMPTZ '{lo.isoformat()}'
+                  AND event_timestamp <= TIMESTAMPTZ '{hi.isoformat()}'
+            """).fetchall()
     finally:
         con.close()
     return {int(r[0]) for r in rows}

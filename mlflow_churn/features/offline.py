@@ -23,15 +23,22 @@ import pandas as pd
 
 from mlflow_churn.data.bounds import data_bounds
 from mlflow_churn.data.tables import (
-    ACTIVITY_SCHEMA,
-    CUSTOMERS_SCHEMA,
     TablePaths,
     register_empty_views,
     register_views,
 )
 from mlflow_churn.errors import ChurnError, first_line
 from mlflow_churn.features.definitions import FeatureDefinition, FeatureSet
-from mlflow_churn.features.sandbox import check_expression, check_statement, lock_down
+from mlflow_churn.features.sandbox import (
+    check_expression,
+    check_statement,
+    limited,
+    lock_down,
+    query_limits,
+    shown,
+    usable_columns,
+    wrap,
+)
 from mlflow_churn.times import midnight, utc
 
 
@@ -87,11 +94,13 @@ def check_cutoffs(data_dir: Path, features: Sequence[FeatureDefinition], cutoffs
 def _connect(data_dir: Path, settings: dict[str, str] | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with views of the tables under ``data_dir``, in the feature SQL
     sandbox: it reads files below ``data_dir`` only, external access off, configuration
-    locked after ``settings`` (e.g. ``memory_limit``, ``temp_directory``) are applied."""
+    locked after the feature query limits (``memory_limit``, ``threads``: config
+    ``features.query_*``) and ``settings`` (e.g. ``temp_directory``; they win) are applied."""
     con = duckdb.connect()
     try:
         register_views(con, TablePaths(Path(data_dir)))
-        return lock_down(con, [data_dir], {"TimeZone": "UTC", **(settings or {})})
+        return lock_down(con, [data_dir],
+                         {"TimeZone": "UTC", **query_limits().settings(), **(settings or {})})
     except BaseException:
         con.close()
         raise
@@ -107,14 +116,7 @@ def _check_sandbox(features: Sequence[FeatureDefinition], where: str | Path) -> 
     :mod:`mlflow_churn.features.sandbox`)."""
     for f in features:
         if f.source in ("customers", "activity"):
-            check_expression(f.expression, f.source, _where(f, where), _usable_columns(f.source))
-
-
-def _usable_columns(source: str) -> list[str]:
-    """Columns an expression over ``source`` may use (the layout's, plus cutoff / age_days)."""
-    if source == "customers":
-        return [*CUSTOMERS_SCHEMA.names, "cutoff"]
-    return [*ACTIVITY_SCHEMA.names, "date", "cutoff", "age_days"]
+            check_expression(f.expression, f.source, _where(f, where), usable_columns(f.source))
 
 
 _EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
@@ -127,7 +129,8 @@ def _compile_error(con: duckdb.DuckDBPyConnection, feature: FeatureDefinition,
     sql = f"SELECT * FROM ({_feature_sql([feature], _EPOCH, _EPOCH, False)}) LIMIT 0"
     check_statement(sql, _where(feature, where))
     try:
-        con.execute(sql)
+        with limited(con, _where(feature, where)):
+            con.execute(sql)
         return None
     except duckdb.Error as exc:
         try:
@@ -136,7 +139,7 @@ def _compile_error(con: duckdb.DuckDBPyConnection, feature: FeatureDefinition,
             cols = []
         extra = ["cutoff"] + (["age_days"] if feature.source == "activity" else [])
         return ChurnError(
-            f"{_where(feature, where)}: expression '{feature.expression}' does not run: "
+            f"{_where(feature, where)}: expression '{shown(feature.expression)}' does not run: "
             f"{first_line(exc)}; fix the expression "
             f"(usable columns: {', '.join(cols + extra)})"
         )
@@ -154,7 +157,7 @@ def validate_definitions(features: Sequence[FeatureDefinition], where: str | Pat
     try:
         register_empty_views(con)
         con.execute("CREATE TEMP TABLE spine (customer_id BIGINT, cutoff TIMESTAMPTZ)")
-        lock_down(con, (), {"TimeZone": "UTC"})
+        lock_down(con, (), {"TimeZone": "UTC", **query_limits().settings()})
         for f in offline:
             err = _compile_error(con, f, str(where))
             if err is not None:
@@ -169,7 +172,8 @@ def _query(con: duckdb.DuckDBPyConnection, sql: str, features: Sequence[FeatureD
     (checked one by one on the same data) or, failing that, the data directory."""
     check_statement(sql, f"computing features on the data at {data_dir}")
     try:
-        return con.execute(sql).df()
+        with limited(con, _what(features, data_dir)):
+            return con.execute(sql).df()
     except duckdb.Error as exc:
         where = f"the data at {data_dir}"
         for f in features:
@@ -178,6 +182,14 @@ def _query(con: duckdb.DuckDBPyConnection, sql: str, features: Sequence[FeatureD
                 raise err from None
         raise ChurnError(f"computing features on {where} failed: {first_line(exc)}; check the "
                          "tables against the layout in mlflow_churn/data/tables.py") from None
+
+
+def _what(features: Sequence[FeatureDefinition], data_dir: Path) -> str:
+    """The feature query of ``features`` on ``data_dir``, named for a limit's error."""
+    names = [f.full_name for f in features if f.source in ("customers", "activity")]
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    what = f"feature '{names[0]}'" if len(names) == 1 else f"the feature query of {shown}"
+    return f"{what} on the data at {data_dir}"
 
 
 def _lit(ts: datetime) -> str:
@@ -210,7 +222,7 @@ def _feature_sql(features: Sequence[FeatureDefinition], min_cutoff: datetime, ma
           AND a.event_timestamp > s.cutoff - INTERVAL '{longest} days')"""]
     joins, cols = [], []
     for i, (window, feats) in enumerate(sorted(by_window.items())):
-        aggs = ", ".join(f'({f.expression}) AS "{f.full_name}"' for f in feats)
+        aggs = ", ".join(f'{wrap(f.expression)} AS "{f.full_name}"' for f in feats)
         ctes.append(f"""w{i} AS (SELECT customer_id, cutoff, {aggs} FROM act
             WHERE age_days < {window} GROUP BY customer_id, cutoff)""")
         joins.append(f"LEFT JOIN w{i} ON w{i}.customer_id = spine.customer_id AND w{i}.cutoff = spine.cutoff")
@@ -220,7 +232,7 @@ def _feature_sql(features: Sequence[FeatureDefinition], min_cutoff: datetime, ma
                 value = f"coalesce({value}, {float(f.default)!r})"
             cols.append(f'{value} AS "{f.full_name}"')
     static_cols = ", ".join(
-        ["c.event_timestamp AS signup_time"] + [f'({f.expression}) AS "{f.full_name}"' for f in static]
+        ["c.event_timestamp AS signup_time"] + [f'{wrap(f.expression)} AS "{f.full_name}"' for f in static]
     )
     ctes.append(f"stat AS (SELECT customer_id, cutoff, {static_cols} "
                 "FROM spine JOIN customers c USING (customer_id))")

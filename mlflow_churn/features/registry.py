@@ -29,8 +29,8 @@ Built-in definitions live in :data:`BUILTIN_FEATURES`; a YAML file (config
 The file may add features and sets, never replace built-in ones: a feature already
 defined (same name and version) or a set named like a built-in one is refused. Every
 definition is first parsed by the feature SQL sandbox (:mod:`mlflow_churn.features.sandbox`:
-one expression over its declared source table, no table functions, no other tables, no
-second statement; docs/security-features.md), then compiled when the registry loads, against
+one expression over its source's columns built from an allow-list of functions and operators,
+no subqueries, no second statement; docs/security-features.md), then compiled when the registry loads, against
 empty tables of the data layout (:mod:`mlflow_churn.data.tables`) on a locked connection, so
 a bad or refused expression fails there, naming the feature.
 Each definition has its own :attr:`FeatureDefinition.hash`; an online batch records them,
@@ -58,6 +58,7 @@ from mlflow_churn.features.definitions import (  # noqa: F401 (re-exported: the 
     UnknownFeatureError,
 )
 from mlflow_churn.features.offline import validate_definitions  # offline imports this module
+from mlflow_churn.features.sandbox import limits_of, set_query_limits
 
 
 def _num(name: str, expr: str, description: str, *, version: int = 1, window: int | None = None,
@@ -249,7 +250,10 @@ def load_registry(extra_file: Path | str | None = None) -> FeatureRegistry:
 
 
 def registry_for(cfg: Any) -> FeatureRegistry:
-    """The registry configured by ``cfg.features.definitions_file``."""
+    """The registry configured by ``cfg.features.definitions_file``; also makes
+    ``cfg.features.query_*`` the process's feature query limits (every command that computes
+    features resolves its definitions here first)."""
+    set_query_limits(limits_of(cfg.features))
     return load_registry(cfg.features.definitions_file)
 
 
