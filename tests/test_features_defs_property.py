@@ -390,16 +390,28 @@ def test_memory_limit_stops_the_query_in_one_line() -> None:
 
 
 def test_compute_under_a_tiny_timeout_names_the_definitions(small_data: Path) -> None:
-    """Through the builder: the configured limit reaches compute_latest's query."""
+    """Through the builder: the configured limit reaches the feature query, whose error names
+    its definitions (the spine is built first under the default limits; the query over 60
+    daily cutoffs runs far longer than the 1 ms limit)."""
+    from mlflow_churn.features.offline import _connect, _feature_sql, _query, _spine, daily_cutoffs
+
     defs = _defs([("activity", "sum(minutes_used)"), ("customers", "monthly_charge")])
-    previous = set_query_limits(QueryLimits(timeout_seconds=0.001))
+    cutoffs = daily_cutoffs(T1 - timedelta(days=59), T1)
+    con = _connect(small_data)
     try:
-        with pytest.raises(ChurnError) as err:
-            compute_latest(small_data, defs, T1)
+        _spine(con, cutoffs, None)
+        sql = _feature_sql(defs, cutoffs[0], cutoffs[-1], with_event_time=True)
+        previous = set_query_limits(QueryLimits(timeout_seconds=0.001))
+        try:
+            with pytest.raises(ChurnError) as err:
+                _query(con, sql, defs, small_data)
+        finally:
+            set_query_limits(previous)
     finally:
-        set_query_limits(previous)
+        con.close()
     msg = str(err.value)
-    assert "\n" not in msg and "f0, f1" in msg and "features.query_timeout_seconds" in msg
+    assert "\n" not in msg and "the feature query of f0, f1" in msg
+    assert "features.query_timeout_seconds = 0.001" in msg
 
 
 def test_materialize_hitting_a_limit_keeps_the_serving_batch(tmp_path: Path, small_data: Path) -> None:

@@ -259,11 +259,12 @@ def _spine(con: duckdb.DuckDBPyConnection, cutoffs: Sequence[datetime],
     if customer_ids is not None:
         con.register("ids_df", pd.DataFrame({"customer_id": pd.Series(list(customer_ids), dtype="int64")}))
         id_filter = "AND c.customer_id IN (SELECT customer_id FROM ids_df)"
-    con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE spine AS
-        SELECT c.customer_id, k.cutoff FROM customers c CROSS JOIN cutoffs_df k
-        WHERE {_ALIVE} {id_filter}
-    """)
+    with limited(con, "the spine (customers alive at the cutoffs)"):
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE spine AS
+            SELECT c.customer_id, k.cutoff FROM customers c CROSS JOIN cutoffs_df k
+            WHERE {_ALIVE} {id_filter}
+        """)
 
 
 def build_training_frame(
@@ -338,11 +339,12 @@ def compute_at(data_dir: Path, features: Sequence[FeatureDefinition], pairs: pd.
     con = _connect(data_dir)
     try:
         con.register("pairs_df", spine)
-        con.execute(f"""
-            CREATE OR REPLACE TEMP TABLE spine AS
-            SELECT k.customer_id, k.cutoff FROM pairs_df k JOIN customers c USING (customer_id)
-            WHERE {_ALIVE}
-        """)
+        with limited(con, "the spine (customers alive at the cutoffs)"):
+            con.execute(f"""
+                CREATE OR REPLACE TEMP TABLE spine AS
+                SELECT k.customer_id, k.cutoff FROM pairs_df k JOIN customers c USING (customer_id)
+                WHERE {_ALIVE}
+            """)
         sql = _feature_sql(features, first, last, with_event_time=False)
         frame = _query(con, f"SELECT * FROM ({sql}) ORDER BY cutoff, customer_id", features, data_dir)
     finally:
