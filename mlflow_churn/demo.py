@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -95,6 +95,7 @@ def demo_overrides(spec: DemoSpec, alert_url: str | None = None) -> dict[str, ob
         "monitoring.policy.drift_alone": "retrain",
         "serving.min_canary_samples": spec.min_canary_samples,
         "scheduler.freshness.enabled": False,
+        "canary.steps": DEMO_PLAN,
     }
     if alert_url:
         found["alerts.webhook_url"] = alert_url
@@ -311,34 +312,63 @@ def step_retrain(ctx: DemoContext):
     return outcome
 
 
+#: the demo's rollout plan (``canary.steps``): 10 % of customers, judged, then the promotion
+DEMO_PLAN: list[dict[str, object]] = [{"weight": 10, "bake": "0s"}, {"weight": 100}]
+
+
 def step_canary(ctx: DemoContext):
-    """Simulated traffic through the real service, canary analysis, promotion."""
+    """The rollout controller walks the canary through :data:`DEMO_PLAN`: its first tick puts
+    step 0's weight live, simulated traffic goes through the real scoring service (which reads
+    the weight from the registry), the next tick's judge compares the arms on that step's
+    traffic and, on a pass, promotes on its signed verdict. Returns the promoting tick."""
     from mlflow.tracking import MlflowClient
 
     from mlflow_churn.registry import aliases
-    from mlflow_churn.serving.canary import evaluate_canary
-    from mlflow_churn.serving.transitions import promote
+    from mlflow_churn.serving.rollout import tick
 
     cfg, spec = ctx.cfg, ctx.spec
-    t = time.perf_counter()
     ids = np.random.default_rng(spec.seed).permutation(np.arange(1, spec.customers + 1))
-    counts = _traffic(cfg, ids[:spec.traffic_customers])
-    ctx.report.add("canary traffic", f"{sum(counts.values()):,} predictions over HTTP",
-                   ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())), t)
     t = time.perf_counter()
-    verdict = evaluate_canary(cfg, ctx.end)
-    if verdict.verdict != "promote":
-        raise RuntimeError(f"canary analysis did not approve: {verdict.reasons}")
-    promote(cfg, reason="canary analysis passed: " + "; ".join(verdict.reasons),
-            version=verdict.canary_version, evidence=verdict)
-    client = MlflowClient(cfg.mlflow_tracking_uri)
-    name = cfg.training.model_name
-    champion = aliases.alias_version(client, name, aliases.CHAMPION)
-    previous = aliases.alias_version(client, name, aliases.PREVIOUS_CHAMPION)
-    ctx.report.add("canary -> champion", f"champion = version {champion.version}, previous-champion = "
-                   f"version {previous.version if previous else '-'}",
-                   f"canary PSI {verdict.score_psi:.3f}, run {verdict.run_id}", t)
-    return verdict
+    res = tick(cfg, datetime.now(UTC), as_of=ctx.end)
+    if res.action != "start":
+        raise RuntimeError(f"the rollout controller did not start a rollout: {res.action}: {res.message}")
+    ctx.report.add("rollout start", f"version {res.version}: {res.message}",
+                   f"plan {_plan_text(cfg)}, run {res.run_id}", t)
+    served = 0
+    for _ in range(2 * len(cfg.canary.steps) + 2):
+        t = time.perf_counter()
+        chunk = ids[served:served + spec.traffic_customers]
+        if len(chunk) == 0:
+            raise RuntimeError(f"the demo's {spec.customers:,} customers are all served and the rollout "
+                               f"is at step {res.state.step if res.state else '?'}: {res.message}")
+        counts = _traffic(cfg, chunk)
+        served += len(chunk)
+        weight = res.state.weight if res.state else 0.0
+        ctx.report.add("canary traffic", f"{sum(counts.values()):,} predictions over HTTP at {weight:g} %",
+                       ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())), t)
+        t = time.perf_counter()
+        res = tick(cfg, datetime.now(UTC), as_of=ctx.end)
+        judged = res.judge
+        verdict = (f"judge {judged.verdict}: " + "; ".join(judged.reasons[:3])) if judged else res.message
+        if res.action == "advance":
+            ctx.report.add("rollout advance", res.message, f"{verdict}; run {res.run_id}", t)
+            continue
+        if res.action != "promote":
+            raise RuntimeError(f"the rollout did not promote: {res.action}: {res.message}")
+        client = MlflowClient(cfg.mlflow_tracking_uri)
+        name = cfg.training.model_name
+        champion = aliases.alias_version(client, name, aliases.CHAMPION)
+        previous = aliases.alias_version(client, name, aliases.PREVIOUS_CHAMPION)
+        ctx.report.add("canary -> champion", f"champion = version {champion.version}, previous-champion = "
+                       f"version {previous.version if previous else '-'}",
+                       f"{verdict}; run {res.run_id}", t)
+        return res
+    raise RuntimeError(f"the rollout did not finish: {res.action}: {res.message}")
+
+
+def _plan_text(cfg: ChurnConfig) -> str:
+    """``10 % -> 100 %`` (a pause step: ``pause``)."""
+    return " -> ".join("pause" if s.pause else f"{s.weight:g} %" for s in cfg.canary.steps)
 
 
 def step_scheduler(ctx: DemoContext) -> None:

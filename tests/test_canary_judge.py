@@ -175,6 +175,26 @@ def test_shifted_scores_fail_and_estimate_says_so(cfg):
     assert aa.verdict == "pass" and aa.action == "promote" and aa.score == 100.0
 
 
+def test_score_shift_the_gate_measured_is_expected_and_only_the_rest_judged(cfg):
+    """A model retrained after drift scores differently from the drifted champion by design:
+    the gate measures that shift on its holdout (tag gate_score_shift); the judge fails only a
+    live shift beyond it, e.g. a feature read wrong in serving on top of the new model."""
+    from mlflow_churn.stats.drift import score_shift
+
+    champ, new = arm(2000, 21), arm(2000, 22, score_shift=0.05)
+    measured = score_shift(champ["score"], new["score"])  # what the gate would record
+    assert 0.1 < measured < 0.5
+    assert measured == pytest.approx(sps.mannwhitneyu(new["score"], champ["score"]).statistic / 2000**2 - 0.5)
+    live_champ, live_new = arm(800, 23), arm(800, 24, score_shift=0.05)
+    assert judge(live_champ, live_new, cfg).metric("score").decision == "fail"  # not expected: fails
+    ok = judge(live_champ, live_new, cfg, expected_score_shift=measured)
+    assert ok.metric("score").decision == "pass", ok.reasons  # (its estimate judges the rest)
+    assert abs(ok.metric("score").effect) < 0.05 and "the gate measured" in ok.metric("score").reason
+    # the same new model reading a feature wrong: its scores shift further than the gate saw
+    broken = judge(live_champ, arm(800, 24, score_shift=0.15), cfg, expected_score_shift=measured)
+    assert broken.metric("score").decision == "fail" and "score" in broken.reasons[0]
+
+
 def test_realised_performance_once_labels_matured(cfg):
     rng = np.random.default_rng(17)
     champ, can = arm(1500, 18), arm(1500, 19)

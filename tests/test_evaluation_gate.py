@@ -74,6 +74,9 @@ def test_better_challenger_reaches_canary_and_rerun_changes_nothing(config, regi
     assert mv.tags["gate_champion_version"] == str(champ.version)  # the canary analysis reads these two
     expected_psi = decision.metrics["score_psi_vs_champion"]
     assert float(mv.tags["gate_score_psi"]) == pytest.approx(expected_psi, abs=1e-6)
+    # and the score shift the canary judge expects between the two (P(chal > champ) - 0.5)
+    shift = decision.metrics["score_shift_vs_champion"]
+    assert -0.5 <= shift <= 0.5 and float(mv.tags["gate_score_shift"]) == pytest.approx(shift, abs=1e-6)
     run = client.get_run(decision.run_id)
     assert run.data.metrics["challenger_roc_auc"] > run.data.metrics["champion_roc_auc"] + 0.05
     arts = {a.path for a in client.list_artifacts(decision.run_id)}

@@ -91,7 +91,7 @@ from mlflow_churn.progress import ProgressArg, resolve
 from mlflow_churn.registry.aliases import CANARY, CHAMPION, alias_version, move_alias
 from mlflow_churn.registry.lock import registry_lock
 from mlflow_churn.registry.signing import Decision, record_signed, version_files_digest, version_ref
-from mlflow_churn.stats.drift import drift_against_entry, psi
+from mlflow_churn.stats.drift import drift_against_entry, psi, score_shift
 from mlflow_churn.stats.metrics import (
     add_segment_columns,
     classification_metrics,
@@ -604,6 +604,8 @@ def _judge(cfg: ChurnConfig, scored: _Scored, targets: SegmentTargets | None = N
     if p_champ is not None:  # what the canary's live score split should look like (serving.canary)
         metrics["score_psi_vs_champion"] = float(psi(p_champ, p_chal, bins=cfg.monitoring.bins,
                                                      epsilon=cfg.monitoring.psi_epsilon))
+        # the canary judge's score effect the two models show on the same rows (serving.judge)
+        metrics["score_shift_vs_champion"] = score_shift(p_champ, p_chal)
     return _Verdict(chal_m, champ_m, chal_seg, champ_seg, rules, metrics)
 
 
@@ -804,6 +806,9 @@ def _record_verdict(client: MlflowClient, cfg: ChurnConfig, version: str, passed
             "gate_champion_ref": version_ref(champion) if champion is not None else ""}
     if score_psi is not None:
         tags["gate_score_psi"] = f"{score_psi:.6f}"
+    score_shift_ = metrics.get("score_shift_vs_champion")
+    if score_shift_ is not None and math.isfinite(score_shift_):
+        tags["gate_score_shift"] = f"{score_shift_:.6f}"
     if not passed:
         tags["gate_reasons"] = "; ".join(reasons)[:_TAG_LIMIT]
     # the verdict last among the tags, the signed decision after them, the alias last: an

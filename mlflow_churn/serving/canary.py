@@ -235,18 +235,35 @@ def _churn_events(cfg: ChurnConfig) -> pd.DataFrame | None:
     return events
 
 
+def _gated_against(canary: ModelVersion | None, champion: ModelVersion | None, tag: str) -> float | None:
+    """A number the gate measured offline between ``canary`` and the champion it was gated
+    against (tag ``tag`` of the canary), when that champion, by identity
+    (``gate_champion_ref``, not its number alone), is still the one served; else None."""
+    if canary is None or champion is None or canary.tags.get("gate_champion_ref") != version_ref(champion):
+        return None
+    try:
+        value = float(canary.tags.get(tag, "nan"))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
 def gate_score_psi(canary: ModelVersion | None, champion: ModelVersion | None) -> float:
     """The score PSI the gate measured offline between ``canary`` and the champion it was
-    gated against (its ``gate_score_psi`` tag), when that champion, by identity
-    (``gate_champion_ref``, not its number alone), is still the one served; else 0. Two
-    models trained on different windows legitimately score differently."""
-    if canary is None or champion is None or canary.tags.get("gate_champion_ref") != version_ref(champion):
-        return 0.0
-    try:
-        value = float(canary.tags.get("gate_score_psi", "0"))
-    except ValueError:
-        return 0.0
-    return value if math.isfinite(value) and value > 0 else 0.0
+    gated against (its ``gate_score_psi`` tag, see :func:`_gated_against`); else 0. Two models
+    trained on different windows legitimately score differently."""
+    value = _gated_against(canary, champion, "gate_score_psi")
+    return value if value is not None and value > 0 else 0.0
+
+
+def gate_score_shift(canary: ModelVersion | None, champion: ModelVersion | None) -> float:
+    """P(canary score > champion score) - 0.5 the gate measured offline on its holdout rows
+    (tag ``gate_score_shift``, :func:`mlflow_churn.stats.drift.score_shift`), when the champion
+    gated against is still the one served; else 0: the score shift the judge expects between
+    the arms (a model retrained after drift scores differently from the drifted champion by
+    design; a live shift beyond it is the canary's, e.g. a feature read wrong in serving)."""
+    value = _gated_against(canary, champion, "gate_score_shift")
+    return value if value is not None else 0.0
 
 
 def canary_verdict(champ: RouteStats, can: RouteStats, cfg: ChurnConfig, score_psi: float = float("nan"),
@@ -435,7 +452,8 @@ def judge_canary(client: MlflowClient, cfg: ChurnConfig, holders: dict[str, Mode
                 calibration[route] = profile_for_version(client, mv.name, mv.version).get("calibration")
             except NoProfile:
                 calibration[route] = None
-    return judge(per_route["champion"], per_route["canary"], cfg, labels=labels, calibration=calibration)
+    return judge(per_route["champion"], per_route["canary"], cfg, labels=labels, calibration=calibration,
+                 expected_score_shift=gate_score_shift(holders.get("canary"), holders.get("champion")))
 
 
 def judge_action(judged: JudgeVerdict, canary: RouteStats, cfg: ChurnConfig) -> tuple[str, list[str]]:

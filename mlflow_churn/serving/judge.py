@@ -220,7 +220,7 @@ def _rate_metric(name: str, champ: pd.DataFrame, can: pd.DataFrame, hit: tuple[s
 
 
 def _mann_whitney(name: str, champ: np.ndarray, can: np.ndarray, jc: CanaryJudgeConfig,
-                  alpha: float) -> MetricResult:
+                  alpha: float, expected: float = 0.0) -> MetricResult:
     tol, critical = jc.tolerance.get(name, 0.0), name in jc.critical
     champ, can = champ[np.isfinite(champ)], can[np.isfinite(can)]
     if min(champ.size, can.size) < jc.min_rows:
@@ -236,17 +236,20 @@ def _mann_whitney(name: str, champ: np.ndarray, can: np.ndarray, jc: CanaryJudge
         # canary.judge.latency_min_ms (sub-millisecond noise of a loaded host is no regression)?
         edge = np.maximum(a * (1 + tol), a + jc.latency_min_ms)
         p_band = float(sps.mannwhitneyu(b, edge, alternative="greater").pvalue)
-    else:  # score: any shift of the distribution, either way
+    else:  # score: any shift of the distribution, either way, beyond the one the gate measured
         res = sps.mannwhitneyu(b, a, alternative="two-sided")
-        effect = float(res.statistic) / (a.size * b.size) - 0.5
-        # |P(canary > champion) - 0.5| beyond the band, either side (normal approximation of U)
+        effect = float(res.statistic) / (a.size * b.size) - 0.5 - expected
+        # |P(canary > champion) - 0.5 - expected| beyond the band, either side (normal
+        # approximation of U)
         se = math.sqrt((a.size + b.size + 1) / (12.0 * a.size * b.size))
         p_band = min(1.0, 2 * float(sps.norm.sf((abs(effect) - tol) / se)))
     p = float(res.pvalue)
+    why = (f"medians {m1:.4g} canary vs {m0:.4g} champion (trimmed {jc.trim:g} per tail)"
+           + (f"; effect net of the {expected:+.4f} the gate measured between the two models"
+              if expected else ""))
     return MetricResult(name, JUDGE_METRIC_GROUPS[name], float(res.statistic), float(effect), p, tol,
                         _decide(p_band, alpha), int(champ.size), int(can.size), m0, m1, critical, p_band,
-                        "Mann-Whitney U", f"medians {m1:.4g} canary vs {m0:.4g} champion (trimmed "
-                        f"{jc.trim:g} per tail)")
+                        "Mann-Whitney U", why)
 
 
 def _difference(name: str, v0: float, v1: float, se: float, n0: int, n1: int, tol: float, critical: bool,
@@ -403,8 +406,12 @@ def _score(metrics: list[MetricResult], weights: dict[str, float]) -> tuple[floa
 
 # --------------------------------------------------------------------------- the judge
 def judge(champion_rows: pd.DataFrame, canary_rows: pd.DataFrame, cfg: ChurnConfig | CanaryJudgeConfig,
-          labels: pd.DataFrame | None = None, calibration: dict[str, Any] | None = None) -> JudgeVerdict:
-    """Judge the canary arm against the champion arm (see the module docstring)."""
+          labels: pd.DataFrame | None = None, calibration: dict[str, Any] | None = None,
+          expected_score_shift: float = 0.0) -> JudgeVerdict:
+    """Judge the canary arm against the champion arm (see the module docstring).
+    ``expected_score_shift``: the score effect the gate measured between the two models on
+    the same rows (:func:`mlflow_churn.serving.canary.gate_score_shift`); the score metric
+    judges the live effect's distance from it."""
     if isinstance(cfg, ChurnConfig):
         jc, top_k_pct = cfg.canary.judge, cfg.evaluation.top_k_pct
     else:
@@ -432,7 +439,8 @@ def judge(champion_rows: pd.DataFrame, canary_rows: pd.DataFrame, cfg: ChurnConf
     ok = {a: kept[a][kept[a]["status"] == "ok"] for a in arms}
     scores = {a: ok[a]["score"].to_numpy(dtype="float64", na_value=np.nan) for a in arms}
     scores = {a: s[np.isfinite(s)] for a, s in scores.items()}
-    metrics.append(_mann_whitney("score", scores["champion"], scores["canary"], jc, alpha))
+    metrics.append(_mann_whitney("score", scores["champion"], scores["canary"], jc, alpha,
+                                 expected=expected_score_shift))
     labelled = {a: _labelled(ok[a], labels) for a in arms}
     if min(len(v) for v in labelled.values()) >= jc.min_labelled:
         source = "realised"

@@ -272,6 +272,17 @@ def _ks_pvalue(d: float, n1: int, n2: int, reference: np.ndarray | None = None,
     return float(np.clip(stats.kstwo.sf(d, np.round(en)), 0, 1))
 
 
+def score_shift(reference: Any, current: Any) -> float:
+    """P(a current value > a reference value) - 0.5, ties counted half (the Mann-Whitney U
+    statistic over ``n_ref x n_cur``, centred): 0 for the same distribution, +-0.5 for
+    distributions that do not overlap. The canary judge's effect on scores."""
+    ref, cur = _finite(reference), _finite(current)
+    if ref.size == 0 or cur.size == 0:
+        return float("nan")
+    u = float(stats.mannwhitneyu(cur, ref, alternative="two-sided").statistic)
+    return u / (ref.size * cur.size) - 0.5
+
+
 def ks(reference: Any, current: Any) -> tuple[float, float]:
     """Two-sample KS test -> (D in [0, 1], two-sided p-value), as scipy.stats.ks_2samp.
 
