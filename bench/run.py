@@ -59,7 +59,8 @@ SNIPPET_START, SNIPPET_END = "<!-- --8<-- [start:{}] -->", "<!-- --8<-- [end:{}]
 
 def wrap(name: str, body: str) -> str:
     """A section as RESULTS.md holds it: the bench marker, then the body between snippet markers."""
-    return f"{MARK.format(name)}\n{SNIPPET_START.format(name)}\n{body.strip(chr(10))}\n{SNIPPET_END.format(name)}\n"
+    start, end = SNIPPET_START.format(name), SNIPPET_END.format(name)
+    return f"{MARK.format(name)}\n{start}\n{body.strip(chr(10))}\n{end}\n"
 
 
 def previous_sections(text: str) -> dict[str, str]:

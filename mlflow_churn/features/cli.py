@@ -237,7 +237,7 @@ def serve_cmd(
 def check_skew_cmd(
     ctx: typer.Context,
     sample: int = typer.Option(1000, "--sample", help="Customers to recompute offline."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sample."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the sample (>= 0)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Recompute a sample of online values offline; exit 1 when any differ."""
