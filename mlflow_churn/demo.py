@@ -349,7 +349,10 @@ def step_canary(ctx: DemoContext):
         t = time.perf_counter()
         res = tick(cfg, datetime.now(UTC), as_of=ctx.end)
         judged = res.judge
-        verdict = (f"judge {judged.verdict}: " + "; ".join(judged.reasons[:3])) if judged else res.message
+        # e.g. "judge: pass (score 100.0, performance estimated, confidence 0.98)"
+        verdict = res.message
+        if judged:
+            verdict = judged.reasons[0] if judged.reasons else f"judge: {judged.verdict}"
         if res.action == "advance":
             ctx.report.add("rollout advance", res.message, f"{verdict}; run {res.run_id}", t)
             continue
