@@ -3,7 +3,9 @@
 For every operation of the scoring service, the feature API and the webhook receiver,
 a bounded number of generated requests, schema-conforming and not, each sent with no
 token, a wrong token and the right one: no 5xx, every error a JSON ``detail``, no
-exception text in any body.
+exception text in any body; and every answer is what the OpenAPI documents (schemathesis's
+conformance checks: a documented status, a documented content type, a body that validates
+against that status's schema).
 """
 
 from __future__ import annotations
@@ -19,12 +21,18 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
+from schemathesis.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 from serving_support import BATCH_AS_OF, ServerThread, serving_config, two_versions, wait_ready
 
 from mlflow_churn.config import ChurnConfig, load_config
 
 EXAMPLES = 20  # per operation and generation mode
 EXCEPTION_TEXT = re.compile(r"Traceback \(most recent|File \"|\b\w+(Error|Exception): ")
+CONFORMANCE = [status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
 def _check(label: str, headers: dict[str, str], res) -> None:
@@ -46,7 +54,9 @@ def _run(op, mode: GenerationMode, base_url: str, header_sets: list[dict[str, st
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
     def run(case: schemathesis.Case) -> None:
         for headers in header_sets:
-            _check(label, headers, case.call(base_url=base_url, headers=headers, timeout=30))
+            res = case.call(base_url=base_url, headers=headers, timeout=30)
+            _check(label, headers, res)
+            case.validate_response(res, checks=CONFORMANCE, headers=headers)
             sent[0] += 1
 
     try:
@@ -98,6 +108,13 @@ def test_fuzz_feature_api(workspace: Path, small_data: Path) -> None:
     with ServerThread(create_app(cfg, clock=lambda: fresh)) as srv:
         counts = _fuzz(srv.url, ({}, {"Authorization": "Bearer feat-token"}), examples=40)
     assert {"GET /features", "GET /health", "GET /metrics"} <= set(counts), counts
+    stale = BATCH_AS_OF + timedelta(days=30)  # the 503 of a stale batch is documented too
+    with ServerThread(create_app(cfg, clock=lambda: stale)) as srv:
+        case = schemathesis.openapi.from_url(f"{srv.url}/openapi.json")["/health"]["GET"].Case()
+        res = case.call(base_url=srv.url, timeout=30)
+        assert res.status_code == 503 and res.json()["status"] == "stale", res.text
+        assert isinstance(res.json()["detail"], str) and "stale" in res.json()["detail"], res.text
+        case.validate_response(res, checks=CONFORMANCE)
 
 
 def test_fuzz_webhook_receiver(config: ChurnConfig) -> None:

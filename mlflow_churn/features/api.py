@@ -45,6 +45,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
+from pydantic import BaseModel, ConfigDict
 
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.online import BatchInfo, OnlineStore, StoreUnavailable, open_store
@@ -67,6 +68,21 @@ ApiError = web_errors.HttpError
 
 
 RawRow = tuple[int | None, str]  # (event_time_ms, values JSON object text)
+
+
+class Health(BaseModel):
+    """``GET /health`` (OpenAPI only), 200 and 503: ``status`` ok | stale | no_batch |
+    store_unavailable, the SLA, the batch's age when there is one, else a ``detail``."""
+
+    model_config = ConfigDict(extra="allow")
+    status: str
+    sla_seconds: float
+    detail: str | None = None
+    batch_id: str | None = None
+    as_of: str | None = None
+    watermark: str | None = None
+    age_seconds: float | None = None
+    rows: int | None = None
 
 
 class RowCache:
@@ -385,12 +401,18 @@ class FeatureService:
                          "sla_seconds": self.sla_seconds}
         age = self.age(batch)
         fresh = age is not None and age <= self.sla_seconds
-        return (200 if fresh else 503), {
+        body = {
             "status": "ok" if fresh else "stale", "batch_id": batch.batch_id,
             "as_of": batch.as_of.isoformat(),
             "watermark": batch.watermark.isoformat() if batch.watermark else None,
             "age_seconds": age, "sla_seconds": self.sla_seconds, "rows": batch.rows,
         }
+        if not fresh:  # a 503 carries a detail like every other error answer
+            body["detail"] = (f"the serving batch {batch.batch_id} is stale: "
+                              + (f"{age:.0f} s old, more than features.freshness_sla_hours "
+                                 f"({self.sla_seconds:.0f} s)" if age is not None else "it has no watermark")
+                              + "; run `churn features materialize`")
+        return (200 if fresh else 503), body
 
     def age(self, batch: BatchInfo) -> float | None:
         return (self.clock() - batch.watermark).total_seconds() if batch.watermark else None
@@ -440,7 +462,8 @@ def create_app(cfg: Any, store: OnlineStore | None = None,
 
     # plain defs: FastAPI runs them in its thread pool, so a slow store read (bounded by
     # features.redis_timeout_ms) never stalls the event loop, /health or /metrics
-    @app.get("/features", dependencies=[Depends(need_token)])
+    @app.get("/features", dependencies=[Depends(need_token)],
+             responses=web_errors.error_responses(401, 403, 404, 409, 422))
     def get_features(request: Request, ids: str | None = None, features: str | None = None,
                      feature_set: str | None = None) -> Response:
         """Values, versions, event time and status per customer id (``ids`` and ``features``
@@ -455,7 +478,8 @@ def create_app(cfg: Any, store: OnlineStore | None = None,
                             media_type="application/json")
         return timed("/features", work)
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, responses={
+        **web_errors.error_responses(), 503: {"model": Health, "description": "stale, no batch or no store"}})
     def health() -> Response:
         """200 while the serving batch is fresher than the SLA, else 503 (age and SLA given)."""
         def work() -> Response:
@@ -463,7 +487,8 @@ def create_app(cfg: Any, store: OnlineStore | None = None,
             return JSONResponse(body, status_code=code)
         return timed("/health", work)
 
-    @app.get("/metrics", dependencies=[Depends(need_token)])
+    @app.get("/metrics", dependencies=[Depends(need_token)], response_class=PlainTextResponse,
+             responses=web_errors.error_responses(401, 403, plain_route=True))
     def metrics() -> Response:
         """Prometheus text format."""
         def work() -> Response:

@@ -64,6 +64,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
+from pydantic import BaseModel, ConfigDict
 
 from mlflow_churn.alerts import start_sender, stop_sender
 from mlflow_churn.config import ChurnConfig
@@ -87,7 +88,7 @@ from mlflow_churn.hooks.reconcile import (
 from mlflow_churn.registry.alias_events import AliasEvent, AliasWatcher, PromoteByHand
 from mlflow_churn.registry.aliases import CHALLENGER
 from mlflow_churn.times import utc
-from mlflow_churn.web.errors import error_response
+from mlflow_churn.web.errors import error_response, error_responses
 from mlflow_churn.web.errors import install as install_web_errors
 from mlflow_churn.web.metrics import Metrics
 
@@ -102,6 +103,21 @@ MAX_DELIVERY_ID_CHARS = 200
 EVENT = "model_version_alias.created"
 ALIAS_EVENTS = ("model_version_alias.created", "model_version_alias.deleted")
 _log = logging.getLogger(__name__)
+
+
+class Health(BaseModel):
+    """``GET /health``: the receiver answers, for the model it watches."""
+
+    status: str
+    model: str
+
+
+class WebhookAnswer(BaseModel):
+    """``POST /webhook`` (OpenAPI only): ``status`` duplicate | ignored (200) or queued (202)."""
+
+    model_config = ConfigDict(extra="allow")
+    status: str
+    delivery_id: str
 
 
 def sign(secret: str, delivery_id: str, timestamp: str, body: bytes | str) -> str:
@@ -191,28 +207,34 @@ def create_app(cfg: ChurnConfig, clock: Callable[[], float] = time.time,
     # the signature check or any JSON work reads them
     install_web_errors(app, cfg.hooks.max_body_bytes, "hooks.max_body_bytes")
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, responses=error_responses())
     def health() -> dict[str, str]:
         return {"status": "ok", "model": cfg.training.model_name}
 
-    @app.get("/deliveries")
+    @app.get("/deliveries", responses=error_responses(422))
     def deliveries(model: str | None = None, version: str | None = None,
                    source: Literal["webhook", "reconcile"] | None = None,
                    limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
         return {"deliveries": log.find(model, version, limit, source)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses=error_responses(plain_route=True))
     def metrics() -> PlainTextResponse:
         watcher = state.get("aliases")
         text = (watcher.metrics.render([]) if watcher else "") + gate_metrics.render([])
         return PlainTextResponse(text, media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
-    @app.get("/deliveries/{delivery_id}")
+    @app.get("/deliveries/{delivery_id}", response_model=None, responses={
+        200: {"description": "the delivery: status, detail, run id, failure kind"},
+        **error_responses(404, 422)})
     def delivery(delivery_id: str):
         row = log.get(delivery_id)
         return row if row is not None else error_response(404, f"no delivery {delivery_id} was received")
 
-    @app.post("/webhook")
+    @app.post("/webhook", response_model=None, responses={
+        200: {"model": WebhookAnswer, "description": "duplicate or ignored"},
+        202: {"model": WebhookAnswer, "description": "queued: the gate or the alias watcher runs it"},
+        **error_responses(401)})
     async def webhook(request: Request):
         body = await request.body()
         delivery_id = request.headers.get(DELIVERY_HEADER, "")

@@ -94,6 +94,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
+from pydantic import BaseModel, ConfigDict
 
 from mlflow_churn.alerts import start_sender, stop_sender
 from mlflow_churn.config import ChurnConfig
@@ -116,6 +117,24 @@ log = logging.getLogger("mlflow_churn.serving")
 
 #: the header of a test request that forces its route (admin token only)
 ROUTE_HEADER = "X-Churn-Route"
+
+_errors = web_errors.error_responses
+_AUTH = (401, 403)
+
+
+class Health(BaseModel):
+    """``GET /health``: the process answers, the model it serves, its canary fraction."""
+
+    status: str
+    model: str
+    canary_fraction: float
+
+
+class Ready(BaseModel):
+    """``GET /ready`` (200): ``status: ready`` and the serving state of ``/admin/status``."""
+
+    model_config = ConfigDict(extra="allow")
+    status: str
 
 
 def _registry_error(exc: Exception, what: str) -> ServiceError:
@@ -181,14 +200,14 @@ def create_app(cfg: ChurnConfig, start_background: bool = True) -> FastAPI:
             check_bearer(request, {"serving.api_token": sv.api_token, "serving.admin_token": sv.admin_token},
                          "/predict, /ready and /metrics")
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, responses=_errors())
     async def health() -> dict[str, Any]:
         """Open: the process answers; the model it serves and its canary fraction (what
         ``churn canary status`` reports: the canary's rollout weight when its rollout set one,
         else ``serving.canary_fraction``), nothing else."""
         return {"status": "ok", "model": service.models.name, "canary_fraction": service.canary_fraction()}
 
-    @app.get("/ready", dependencies=[Depends(need_api)])
+    @app.get("/ready", dependencies=[Depends(need_api)], response_model=Ready, responses=_errors(*_AUTH))
     async def ready() -> JSONResponse:
         st = service.status()
         if st["champion"] is None:
@@ -196,7 +215,8 @@ def create_app(cfg: ChurnConfig, start_background: bool = True) -> FastAPI:
             return web_errors.error_response(503, f"not ready: {why}")
         return JSONResponse({"status": "ready", **st})
 
-    @app.get("/metrics", dependencies=[Depends(need_api)])
+    @app.get("/metrics", dependencies=[Depends(need_api)], response_class=PlainTextResponse,
+             responses=_errors(*_AUTH, plain_route=True))
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(service.metrics.render(service.gauges()),
                                  media_type=CONTENT_TYPE_PLAIN_0_0_4)
@@ -204,7 +224,7 @@ def create_app(cfg: ChurnConfig, start_background: bool = True) -> FastAPI:
     # a plain def: FastAPI runs it in its thread pool, so the blocking work (store reads,
     # bounded by the store timeouts, the sync prediction-log commit, XGBoost) never stalls
     # the event loop and other requests
-    @app.post("/predict", dependencies=[Depends(need_api)])
+    @app.post("/predict", dependencies=[Depends(need_api)], responses=_errors(*_AUTH, 409, 422))
     def predict(req: PredictRequest, request: Request) -> JSONResponse:
         is_admin = same_token(bearer(request), sv.admin_token)
         if req.as_of is not None and not is_admin:
@@ -222,11 +242,12 @@ def create_app(cfg: ChurnConfig, start_background: bool = True) -> FastAPI:
                                         f"{web_errors.quote(request.headers[ROUTE_HEADER][:40])}")
         return JSONResponse(service.predict(req, force=force))
 
-    @app.get("/admin/status", dependencies=[Depends(need_admin)])
+    @app.get("/admin/status", dependencies=[Depends(need_admin)], responses=_errors(*_AUTH))
     def admin_status() -> dict[str, Any]:
         return service.status()
 
-    @app.post("/admin/reload", dependencies=[Depends(need_admin)])
+    @app.post("/admin/reload", dependencies=[Depends(need_admin)],
+              responses=_errors(*_AUTH, 404, 409, 422))
     def admin_reload() -> dict[str, Any]:
         service.models.reload()
         return service.status()
@@ -251,11 +272,13 @@ def create_app(cfg: ChurnConfig, start_background: bool = True) -> FastAPI:
         service.models.reload()
         return {"transition": result.to_dict(), "serving": service.status()}
 
-    @app.post("/admin/promote", dependencies=[Depends(need_admin)])
+    @app.post("/admin/promote", dependencies=[Depends(need_admin)],
+              responses=_errors(*_AUTH, 404, 409, 422))
     def admin_promote(body: AdminRequest | None = None) -> dict[str, Any]:
         return _transition(body, "promote")
 
-    @app.post("/admin/rollback", dependencies=[Depends(need_admin)])
+    @app.post("/admin/rollback", dependencies=[Depends(need_admin)],
+              responses=_errors(*_AUTH, 404, 409, 422))
     def admin_rollback(body: AdminRequest | None = None) -> dict[str, Any]:
         return _transition(body, "rollback")
 

@@ -10,7 +10,10 @@ Every answer that is not a success is ``{"detail": "..."}`` (plus optional extra
 - anything unexpected -> 503 with an error id; the exception goes to the log only,
   never to the client.
 
-:func:`install` puts the handlers and the :class:`Guard` middleware on an app.
+:func:`install` puts the handlers and the :class:`Guard` middleware on an app;
+:func:`error_responses` documents those answers in a route's OpenAPI ``responses``
+(:class:`ErrorDetail`, the string-detail shape, also in place of FastAPI's default 422
+schema, whose ``detail`` is a list the apps never send).
 """
 
 from __future__ import annotations
@@ -23,12 +26,53 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("mlflow_churn.web")
 
 #: longest client value quoted back in a detail
 _QUOTE = 60
+
+
+class ErrorDetail(BaseModel):
+    """The body of every error answer (OpenAPI only): a string ``detail`` naming the field
+    or the cause; some answers add fields (e.g. ``available``, ``invalid``)."""
+
+    model_config = ConfigDict(extra="allow")
+    detail: str
+
+
+#: what each error status means, for the OpenAPI descriptions
+_STATUS_TEXT = {
+    400: "Bad request (a malformed parameter or header, e.g. Content-Length)",
+    401: "Missing credentials (token or signature)",
+    403: "Wrong credentials, or a closed route",
+    404: "Not found",
+    409: "Conflict",
+    413: "Request body larger than the app's max_body_bytes",
+    422: "Invalid request: each bad field named, with its value",
+    431: "Request head larger than max_header_bytes, or too many header lines",
+    503: "Unavailable (a dependency is down, not ready, or an unexpected error, logged)",
+}
+#: what any route can answer: the guard (bad Content-Length, body limit, unexpected error)
+#: and the connection's head limits
+EDGE_STATUSES = (400, 413, 431, 503)
+
+
+def error_responses(*statuses: int, plain_route: bool = False) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` of a route: ``statuses`` plus :data:`EDGE_STATUSES`, each an
+    :class:`ErrorDetail` (a declared 422 replaces FastAPI's list-detail default).
+
+    ``plain_route``: the route answers ``text/plain`` (``response_class=PlainTextResponse``);
+    the schema is then given inline under ``application/json``, since FastAPI files a
+    ``model`` under the route's own media type."""
+    if plain_route:
+        content = {"application/json": {"schema": ErrorDetail.model_json_schema()}}
+        return {code: {"content": content, "description": _STATUS_TEXT[code]}
+                for code in sorted({*statuses, *EDGE_STATUSES})}
+    return {code: {"model": ErrorDetail, "description": _STATUS_TEXT[code]}
+            for code in sorted({*statuses, *EDGE_STATUSES})}
 
 
 class HttpError(Exception):
@@ -184,4 +228,5 @@ def install(app: FastAPI, max_body_bytes: int, limit_key: str,
     app.add_middleware(Guard, max_body_bytes=max_body_bytes, limit_key=limit_key, on_response=on_response)
 
 
-__all__ = ["Guard", "HttpError", "PayloadTooLarge", "error_response", "install", "quote", "validation_detail"]
+__all__ = ["EDGE_STATUSES", "ErrorDetail", "Guard", "HttpError", "PayloadTooLarge", "error_response",
+           "error_responses", "install", "quote", "validation_detail"]
