@@ -160,6 +160,31 @@ def test_bake_min_counts_marginal_pause_resume_and_refused_promotion(workspace) 
     assert {"decision.json", "rollout.png"} <= artifacts
 
 
+def test_a_weight_tag_set_by_hand_routes_nobody(workspace) -> None:
+    """Threat: a user with write access to the registry and no signing key sets the canary's
+    churn.rollout.weight (100: every customer on a version no judge passed). The service routes
+    with a weight only when its signed rollout decision verifies for this version and this
+    value; the controller puts a changed tag right on its next tick."""
+    from mlflow_churn.serving.models import ModelManager
+    from mlflow_churn.web.metrics import Metrics
+
+    cfg = _cfg(workspace, PLAN)
+    _champ, canary = _pair(cfg)
+    client, name = MlflowClient(cfg.mlflow_tracking_uri), cfg.training.model_name
+    metrics = Metrics()
+    manager = ModelManager(cfg, metrics)
+    client.set_model_version_tag(name, canary, WEIGHT_TAG, "100")  # the tag alone
+    assert manager.reload().canary_weight is None  # serving.canary_fraction routes
+    assert tick(cfg, T0, Judge(), as_of=AS_OF).action == "start"  # signs step 0's weight
+    assert "churn.sig.rollout" in _tags(cfg, canary)
+    assert manager.reload().canary_weight == pytest.approx(0.10)
+    client.set_model_version_tag(name, canary, WEIGHT_TAG, "100")  # the signature names 10
+    assert manager.reload().canary_weight is None
+    assert metrics.counter("churn_rollout_weight_refused_total", {"version": canary}) >= 1
+    assert tick(cfg, T0 + timedelta(minutes=1), Judge(), as_of=AS_OF).action == "wait"
+    assert _tags(cfg, canary)[WEIGHT_TAG] == "10" and manager.reload().canary_weight == pytest.approx(0.10)
+
+
 def test_fail_rolls_back_at_once(workspace) -> None:
     cfg = _cfg(workspace, [{"weight": 20, "bake": "1h"}, {"weight": 100}])
     champ, canary = _pair(cfg)

@@ -47,6 +47,9 @@ KINDS: dict[str, tuple[str, ...]] = {
     "rollback": ("rollback",),
     "override": ("override",),
     "approval": ("approved",),
+    #: the canary's rollout weight (``churn.rollout.weight``): its value is in ``metrics_sha256``
+    #: (:func:`metrics_digest` of ``{"weight": <the tag's text>}``), signed by the controller
+    "rollout": ("weight",),
 }
 #: files MLflow itself writes into a registered version's directory (``registered_model_meta``
 #: when ``models:/`` is loaded in place from a local store): not the model, not digested

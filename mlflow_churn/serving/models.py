@@ -13,11 +13,18 @@ from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError, first_line
 from mlflow_churn.features.registry import UnknownFeatureError, registry_for
 from mlflow_churn.registry.aliases import CANARY, CHAMPION, alias_version
-from mlflow_churn.registry.promotion import read_evidence
-from mlflow_churn.registry.signing import download_version, files_digest, sig_tag, verifier_for, version_ref
+from mlflow_churn.registry.promotion import read_evidence, verified_decision
+from mlflow_churn.registry.signing import (
+    download_version,
+    files_digest,
+    metrics_digest,
+    sig_tag,
+    verifier_for,
+    version_ref,
+)
 from mlflow_churn.serving.encoding import InputEncoder
 from mlflow_churn.serving.input_checks import InputChecker
-from mlflow_churn.serving.routing import weight_fraction
+from mlflow_churn.serving.routing import WEIGHT_TAG, weight_fraction
 from mlflow_churn.tracking import setup_mlflow
 from mlflow_churn.training.model import Scorer, load_scorer
 from mlflow_churn.training.profile import NoProfile, profile_for_version
@@ -92,6 +99,7 @@ class ModelManager:
         self._lock = threading.Lock()  # one reload at a time
         self._cache: dict[str, tuple[LoadedModel | None, str | None]] = {}  # version -> (model, refusal)
         self._client: Any = None
+        self._weight_refused: tuple[str, str | None] | None = None  # (version ref, weight) last warned
 
     def _connect(self) -> Any:
         if self._client is None:
@@ -159,6 +167,27 @@ class ModelManager:
                                  "changed after the gate")
             return load_scorer(str(local), version)
 
+    def _weight(self, mv: Any) -> float | None:
+        """The canary fraction its rollout weight tag sets (None: ``serving.canary_fraction``).
+        With ``registry.require_signed_models`` only a weight whose signed ``rollout``
+        decision verifies for this version and this value: a tag set by hand (a user with write
+        access to the registry, no key) routes nobody; it is logged and counted."""
+        weight = weight_fraction(mv.tags)
+        if weight is None or not self.cfg.registry.require_signed_models:
+            return weight
+        signed, why = verified_decision(mv, self.name, "rollout", verifier_for(self.cfg))
+        text = (mv.tags or {}).get(WEIGHT_TAG)
+        if signed is None or signed.metrics_sha256 != metrics_digest({"weight": text}):
+            why = why or ("no signed rollout decision" if signed is None else
+                          f"the signed rollout weight is not {text}")
+            if self._weight_refused != (version_ref(mv), text):
+                log.warning("canary version %s: rollout weight %s %% ignored (serving.canary_fraction "
+                            "routes): %s", mv.version, text, why)
+                self._weight_refused = (version_ref(mv), text)
+            self.metrics.inc("churn_rollout_weight_refused_total", {"version": str(mv.version)})
+            return None
+        return weight
+
     def reload(self) -> ModelPair:
         """Re-read both aliases; load what changed; swap. Keeps the old pair on registry errors."""
 
@@ -176,7 +205,7 @@ class ModelManager:
                         refused[alias] = f"version {mv.version}: {why}"
                 keep = {_cache_key(mv) for mv in found.values() if mv is not None}
                 self._cache = {k: c for k, c in self._cache.items() if k in keep}
-                weight = weight_fraction(found[CANARY].tags) if found[CANARY] is not None else None
+                weight = self._weight(found[CANARY]) if found[CANARY] is not None else None
                 new = ModelPair(loaded[CHAMPION], loaded[CANARY], refused, None, datetime.now(UTC), weight)
                 self.metrics.inc("churn_model_reloads_total", {"result": "ok"})
             except Exception as exc:  # registry unreachable, bad store: keep serving the old pair

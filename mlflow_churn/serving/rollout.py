@@ -65,7 +65,14 @@ from mlflow_churn.errors import ChurnError, first_line
 from mlflow_churn.jsonable import jsonable
 from mlflow_churn.registry.aliases import CANARY
 from mlflow_churn.registry.lock import model_lock
-from mlflow_churn.registry.signing import default_actor, version_ref
+from mlflow_churn.registry.promotion import verified_decision
+from mlflow_churn.registry.signing import (
+    default_actor,
+    metrics_digest,
+    record_signed,
+    verifier_for,
+    version_ref,
+)
 from mlflow_churn.serving.alarms import AlarmCheck, check_rollout, clear_alarm, raise_alarm
 from mlflow_churn.serving.canary import (
     CanaryEvaluation,
@@ -239,19 +246,36 @@ def read_state(mv: ModelVersion) -> RolloutState | None:
     return state
 
 
-def _write(client: MlflowClient, state: RolloutState, now: datetime) -> None:
-    """Weight first (what the service routes with), then the state, so an interrupted write
-    leaves a weight the next tick puts right (:func:`_sync_weight`)."""
+def _write(cfg: ChurnConfig, client: MlflowClient, state: RolloutState, now: datetime) -> None:
+    """Weight first (what the service routes with, signed), then the state, so an interrupted
+    write leaves a weight the next tick puts right (:func:`_sync_weight`)."""
     state.updated_at = now
     state.history = state.history[-HISTORY_KEPT:]
-    client.set_model_version_tag(state.model_name, state.version, WEIGHT_TAG, f"{state.weight:g}")
+    _set_weight(cfg, client, state, now)
     client.set_model_version_tag(state.model_name, state.version, STATE_TAG,
                                  json.dumps(state.to_dict(), sort_keys=True))
 
 
-def _sync_weight(client: MlflowClient, mv: ModelVersion, state: RolloutState) -> None:
-    if (mv.tags or {}).get(WEIGHT_TAG) != f"{state.weight:g}":
-        client.set_model_version_tag(state.model_name, state.version, WEIGHT_TAG, f"{state.weight:g}")
+def _set_weight(cfg: ChurnConfig, client: MlflowClient, state: RolloutState, now: datetime) -> None:
+    """The weight tag, then its signed ``rollout`` decision (the service routes with a weight
+    only when that signature verifies for this version and this value: a user with write
+    access to the registry and no key cannot route customers by setting the tag)."""
+    text = f"{state.weight:g}"
+    client.set_model_version_tag(state.model_name, state.version, WEIGHT_TAG, text)
+    record_signed(client, cfg, state.model_name, state.version, "rollout", "weight", champion=None,
+                  run_id="", metrics={"weight": text}, reason=f"rollout weight {text} % at step {state.step}",
+                  now=now)
+
+
+def _sync_weight(cfg: ChurnConfig, client: MlflowClient, mv: ModelVersion, state: RolloutState,
+                 now: datetime) -> None:
+    """Put the weight tag and its signature right when they are not the state's (an
+    interrupted write, or a tag changed by hand)."""
+    text = f"{state.weight:g}"
+    signed, _why = verified_decision(mv, state.model_name, "rollout", verifier_for(cfg))
+    if (mv.tags or {}).get(WEIGHT_TAG) != text or signed is None or \
+            signed.metrics_sha256 != metrics_digest({"weight": text}):
+        _set_weight(cfg, client, state, now)
 
 
 def _record(cfg: ChurnConfig, state: RolloutState, action: str, reason: str, from_step: int,
@@ -335,7 +359,7 @@ def tick(cfg: ChurnConfig, now: datetime, judge: Judge = canary_judge, as_of: da
         state = read_state(mv)
         if state is None:
             return _start(cfg, client, mv, now)
-        _sync_weight(client, mv, state)
+        _sync_weight(cfg, client, mv, state, now)
         check = None
         if state.status in ("running", "paused") and cfg.canary.alarms.enabled:
             check = check_rollout(cfg, client, mv, now)  # one read of the prediction log
@@ -363,7 +387,7 @@ def _start(cfg: ChurnConfig, client: MlflowClient, mv: ModelVersion, now: dateti
         state.weight = cfg.serving.canary_fraction * 100
     reason = f"rollout started: step 0 routes {state.weight:g} % of customers to the canary"
     run_id = _record(cfg, state, "start", reason, 0, now)
-    _write(client, state, now)
+    _write(cfg, client, state, now)
     clear_alarm(cfg, state.model_name)  # the previous canary's alarm, if it fired
     return TickResult("start", reason, state.model_name, state.version, state, run_id=run_id)
 
@@ -408,7 +432,7 @@ def _judge_step(cfg: ChurnConfig, client: MlflowClient, state: RolloutState, now
         reason = f"judge passed step {from_step}; step {nxt} routes {state.weight:g} % of customers"
         action = "advance"
     run_id = _record(cfg, state, action, reason, from_step, now, outcome)
-    _write(client, state, now)
+    _write(cfg, client, state, now)
     return TickResult(action, reason, name, state.version, state, outcome, run_id)
 
 
@@ -416,7 +440,7 @@ def _pause(cfg: ChurnConfig, client: MlflowClient, state: RolloutState, now: dat
            outcome: JudgeOutcome | None, action: str = "pause") -> TickResult:
     state.status, state.paused_reason = "paused", reason[:500]
     run_id = _record(cfg, state, action, reason, state.step, now, outcome)
-    _write(client, state, now)
+    _write(cfg, client, state, now)
     return TickResult(action, f"paused at step {state.step}: {reason}; run `churn canary resume`",
                       state.model_name, state.version, state, outcome, run_id)
 
@@ -427,7 +451,7 @@ def _rollback(cfg: ChurnConfig, client: MlflowClient, state: RolloutState, now: 
     res = rollback(cfg, reason, version=state.version, evidence=outcome.evaluation, actor=actor)
     state.status, state.weight = "rolled_back", 0.0
     run_id = _record(cfg, state, "rollback", reason, state.step, now, outcome, res.run_id)
-    _write(client, state, now)
+    _write(cfg, client, state, now)
     return TickResult("rollback", res.message, state.model_name, state.version, state, outcome, run_id,
                       res.run_id)
 
@@ -440,7 +464,7 @@ def _alarm_rollback(cfg: ChurnConfig, client: MlflowClient, state: RolloutState,
     res = rollback(cfg, reason, version=state.version, evidence=check.evidence(now), actor=actor)
     state.status, state.weight = "rolled_back", 0.0
     run_id = _record(cfg, state, "rollback", reason, state.step, now, None, res.run_id, check)
-    _write(client, state, now)
+    _write(cfg, client, state, now)
     raise_alarm(cfg, check, run_id, res.run_id)
     return TickResult("rollback", f"{res.message}: alarm: {check.summary()}", state.model_name, state.version,
                       state, None, run_id, res.run_id, check)
@@ -468,7 +492,7 @@ def _promote(cfg: ChurnConfig, client: MlflowClient, state: RolloutState, now: d
     state.step, state.status, state.weight = len(state.plan) - 1, "promoted", 100.0
     state.paused_reason = None
     run_id = _record(cfg, state, "promote", reason, from_step, now, recorded, res.run_id)
-    _write(client, state, now)
+    _write(cfg, client, state, now)
     clear_alarm(cfg, state.model_name)
     return TickResult("promote", res.message, state.model_name, state.version, state, recorded, run_id,
                       res.run_id)
@@ -501,7 +525,7 @@ def resume(cfg: ChurnConfig, now: datetime, reason: str = "") -> TickResult:
         state.status, state.paused_reason, state.step_started_at = "running", None, now
         why = f"resumed at step {state.step} ({state.weight:g} %)" + (f": {reason}" if reason else "")
         run_id = _record(cfg, state, "resume", why, from_step, now)
-        _write(client, state, now)
+        _write(cfg, client, state, now)
         return TickResult("resume", why, name, state.version, state, run_id=run_id)
 
 

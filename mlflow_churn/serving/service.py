@@ -90,6 +90,8 @@ class ScoringService:
             ("churn_prediction_errors_total", "counter", "failed scorings by route and model version"),
             ("churn_predict_latency_seconds", "histogram", "POST /predict latency by route and version"),
             ("churn_model_reloads_total", "counter", "alias polls by result"),
+            ("churn_rollout_weight_refused_total", "counter", "alias polls that ignored the canary's "
+             "rollout weight tag: its signed rollout decision is missing or does not verify"),
             ("churn_model_loaded", "gauge", "1 for each alias and the version it serves"),
             (STAGE_METRIC, "histogram", "seconds of one stage of POST /predict by route: feature (the "
              "online store read, shared by a request's routes), model (the route's scoring), log (the "
