@@ -168,3 +168,27 @@ def test_spark_engine_gives_identical_scores(config: ChurnConfig, champion, tmp_
     np.testing.assert_array_equal(merged["churn_probability_spark"], merged["churn_probability_local"])
     for col in ("model_version", "as_of", "feature_set_hash"):
         assert (merged[f"{col}_local"] == merged[f"{col}_spark"]).all(), col
+
+
+def test_the_streamed_feature_query_runs_under_the_wall_clock_limit(small_data: Path,
+                                                                    config: ChurnConfig) -> None:
+    """The stream is computed as it is read, so features.query_timeout_seconds covers the whole
+    read: a read that outlasts it stops in one line naming the limit (DuckDB's interrupt comes
+    back through pyarrow as an OSError)."""
+    import time
+
+    from mlflow_churn.errors import ChurnError
+    from mlflow_churn.features.sandbox import QueryLimits, set_query_limits
+
+    fs = registry_for(config).feature_set("churn_default")
+    previous = set_query_limits(QueryLimits(timeout_seconds=3.0))
+    try:
+        with pytest.raises(ChurnError) as err:
+            with stream_features(small_data, fs, AS_OF, batch_rows=1) as stream:
+                for _ in stream.batches:
+                    time.sleep(0.05)  # a slow reader: ~2,000 rows take far longer than 3 s
+    finally:
+        set_query_limits(previous)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("batch scoring: the feature query of")
+    assert "features.query_timeout_seconds = 3 s" in msg

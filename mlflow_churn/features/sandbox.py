@@ -446,13 +446,17 @@ def limited(con: duckdb.DuckDBPyConnection, what: str,
 
     watcher = threading.Thread(target=watch, name="feature-query-timeout", daemon=True)
     watcher.start()
+    timed_out = (f"{what} stopped: it hit features.query_timeout_seconds = {limits.timeout_seconds:g} s; "
+                 "simplify the definition or raise the limit")
     try:
         yield
     except duckdb.InterruptException:
         if state["fired"]:
-            raise ChurnError(
-                f"{what} stopped: it hit features.query_timeout_seconds = {limits.timeout_seconds:g} s; "
-                "simplify the definition or raise the limit") from None
+            raise ChurnError(timed_out) from None
+        raise
+    except OSError as exc:  # a streamed Arrow read: DuckDB's interrupt comes back through pyarrow
+        if state["fired"] and "INTERRUPT" in str(exc).upper():
+            raise ChurnError(timed_out) from None
         raise
     except duckdb.OutOfMemoryException as exc:
         raise ChurnError(

@@ -46,8 +46,9 @@ import pyarrow.parquet as pq
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.data.tables import TablePaths, check_parquet_files
 from mlflow_churn.errors import ChurnError, first_line
-from mlflow_churn.features.offline import _connect, _feature_sql, _spine, check_cutoffs
+from mlflow_churn.features.offline import _connect, _feature_sql, _spine, _what, check_cutoffs
 from mlflow_churn.features.registry import FeatureSet, registry_for
+from mlflow_churn.features.sandbox import limited
 from mlflow_churn.progress import ProgressArg, resolve
 from mlflow_churn.registry.aliases import CHAMPION
 from mlflow_churn.registry.aliases import model_uri as alias_uri
@@ -132,7 +133,10 @@ def stream_features(data_dir: Path, feature_set: FeatureSet, as_of: datetime,
         _spine(con, [as_of], None)
         rows = int(con.execute("SELECT count(*) FROM spine").fetchall()[0][0])
         sql = _feature_sql(feature_set.features, as_of, as_of, with_event_time=False)
-        yield FeatureStream(rows, con.sql(sql).to_arrow_reader(batch_rows))
+        # the stream is computed as it is read: the wall-clock limit covers the whole read
+        # (features.query_timeout_seconds; 860,000 customers take ~13 s end to end)
+        with limited(con, "batch scoring: " + _what(feature_set.features, data_dir)):
+            yield FeatureStream(rows, con.sql(sql).to_arrow_reader(batch_rows))
     finally:
         con.close()
         shutil.rmtree(spill, ignore_errors=True)
