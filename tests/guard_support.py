@@ -98,6 +98,19 @@ def gate(client: MlflowClient, cfg: ChurnConfig, version: str, passed: bool) -> 
     return run.info.run_id
 
 
+def champion_and_canary(cfg: ChurnConfig) -> tuple[str, str]:
+    """Cheap champion and canary versions (signed gates; the champion a first champion)."""
+    from mlflow_churn.registry.aliases import move_alias
+
+    client = MlflowClient(cfg.mlflow_tracking_uri, cfg.mlflow_tracking_uri)
+    champ = new_version(client, cfg)
+    gate(client, cfg, champ, passed=True)
+    move_alias(client, cfg.training.model_name, CHAMPION, champ, reason="first champion")
+    canary = new_version(client, cfg)
+    gate(client, cfg, canary, passed=True)  # alias canary
+    return champ, canary
+
+
 def canary_verdict(cfg: ChurnConfig, version: str, rows: int = TRAFFIC_ROWS,
                    canary_status: str = "ok") -> str:
     """Log ``rows`` predictions per route (champion: healthy; canary ``version``: with status

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from guard_support import aliases, gate, new_version
+from guard_support import aliases, champion_and_canary, gate, new_version
 from mlflow.tracking import MlflowClient
 from serving_support import BATCH_AS_OF, ServeProcess, wait_ready
 
@@ -43,14 +43,7 @@ def _cfg(workspace: Path, **extra) -> ChurnConfig:
         "canary.alarms.min_requests": 50, **extra})
 
 
-def _pair(cfg: ChurnConfig) -> tuple[str, str]:
-    client = MlflowClient(cfg.mlflow_tracking_uri, cfg.mlflow_tracking_uri)
-    champ = new_version(client, cfg)
-    gate(client, cfg, champ, passed=True)
-    move_alias(client, cfg.training.model_name, CHAMPION, champ, reason="first champion")
-    canary = new_version(client, cfg)
-    gate(client, cfg, canary, passed=True)  # alias canary
-    return champ, canary
+_pair = champion_and_canary  # cheap champion and canary versions, signed gates
 
 
 def _serve(cfg: ChurnConfig, route: str, version: str, n: int, status: str = "ok", latency_ms: float = 4.0,

@@ -15,14 +15,19 @@ import httpx
 import mlflow
 import pytest
 import yaml
-from guard_support import aliases, gate, guard_config, guard_server, new_version, set_alias
+from guard_support import (
+    aliases,
+    champion_and_canary,
+    guard_config,
+    guard_server,
+    set_alias,
+)
 from mlflow.tracking import MlflowClient
 from serving_support import CHURN, ServeProcess, cli_env, two_versions, wait_ready
 
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.errors import ChurnError, ConfigError
 from mlflow_churn.features.online import open_store
-from mlflow_churn.registry.aliases import CHAMPION, move_alias
 from mlflow_churn.serving.prediction_log import PredictionLog, PredictionRecord
 from mlflow_churn.serving.rollout import STATE_TAG, JudgeOutcome, resume, rollout_state, tick
 from mlflow_churn.serving.routing import WEIGHT_TAG, bucket
@@ -39,15 +44,7 @@ def _cfg(workspace: Path, steps: list[dict], **extra) -> ChurnConfig:
                                   **extra})
 
 
-def _pair(cfg: ChurnConfig) -> tuple[str, str]:
-    """Cheap champion and canary versions (signed gates; the champion a first champion)."""
-    client = MlflowClient(cfg.mlflow_tracking_uri, cfg.mlflow_tracking_uri)
-    champ = new_version(client, cfg)
-    gate(client, cfg, champ, passed=True)
-    move_alias(client, cfg.training.model_name, CHAMPION, champ, reason="first champion")
-    canary = new_version(client, cfg)
-    gate(client, cfg, canary, passed=True)  # alias canary
-    return champ, canary
+_pair = champion_and_canary  # cheap champion and canary versions, signed gates
 
 
 class Judge:
