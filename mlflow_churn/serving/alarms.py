@@ -250,12 +250,12 @@ def _scores(rows: pd.DataFrame) -> np.ndarray:
 # --------------------------------------------------------------------------- one read a tick
 def window_rows(cfg: ChurnConfig, now: datetime) -> tuple[pd.DataFrame, datetime]:
     """The prediction log's rows served (wall clock) in ``(now - canary.alarms.window, now]``,
-    from one read of the log, and the window's start."""
+    from one read of the window's rows (the ``served_at`` index), and the window's start."""
     now = utc(now, "now")
     start = now - timedelta(seconds=cfg.canary.alarms.window_seconds)
     log = PredictionLog(cfg.prediction_log_url)
     try:
-        frame = log.read()
+        frame = log.read(served_since=start)
     finally:
         log.close()
     if len(frame):

@@ -159,12 +159,14 @@ def canary_status(cfg: ChurnConfig, as_of: datetime | None = None,
     return CanaryStatus(name, aliases_of(client, name), cfg.serving.canary_fraction, logged)
 
 
-def _logged(cfg: ChurnConfig, as_of: datetime | None, since: datetime | None) -> pd.DataFrame:
-    """Rows of the prediction log with ``since <= as_of column <= as_of`` (bounds optional)."""
+def _logged(cfg: ChurnConfig, as_of: datetime | None, since: datetime | None,
+            served_since: datetime | None = None) -> pd.DataFrame:
+    """Rows of the prediction log with ``since <= as_of column <= as_of`` (bounds optional),
+    served at or after ``served_since`` (optional)."""
     log = PredictionLog(cfg.prediction_log_url)
     try:
         until = utc(as_of) + timedelta(microseconds=1) if as_of else None  # as_of inclusive
-        return log.read(since=utc(since) if since else None, until=until)
+        return log.read(since=utc(since) if since else None, until=until, served_since=served_since)
     finally:
         log.close()
 
@@ -344,9 +346,7 @@ def evaluate_canary(
     holders = {r: alias_version(client, name, r) for r in ROUTES}
     versions = {r: (str(mv.version) if mv else None) for r, mv in holders.items()}
     expected_psi = gate_score_psi(holders["canary"], holders["champion"])
-    frame = _logged(cfg, as_of, since)
-    if served_since is not None and len(frame):
-        frame = frame[frame["served_at"] >= pd.Timestamp(utc(served_since, "served_since"))]
+    frame = _logged(cfg, as_of, since, utc(served_since, "served_since") if served_since else None)
     arms = arm_routes(cfg)  # shadow mode: the canary's arm is its shadow rows
     per_route = {r: _served_by(frame, arms[r], holders[r]) for r in ROUTES}
     stats = {r: _route_stats(r, versions[r], per_route[r]) for r in ROUTES}

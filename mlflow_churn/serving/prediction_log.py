@@ -178,6 +178,7 @@ class PredictionLog:
                   status TEXT NOT NULL, served_at {ts} NOT NULL, as_of {ts} NOT NULL)"""
         )
         self._execute("CREATE INDEX IF NOT EXISTS predictions_as_of ON predictions (as_of)")
+        self._execute("CREATE INDEX IF NOT EXISTS predictions_served_at ON predictions (served_at)")
         self._migrate()
 
     def _existing_columns(self) -> set[str]:
@@ -269,8 +270,11 @@ class PredictionLog:
         return n
 
     def read(self, since: datetime | None = None, until: datetime | None = None,
-             with_features: bool = False, only_with_features: bool = False) -> pd.DataFrame:
-        """Rows with ``since <= as_of < until`` (either bound optional), oldest first.
+             with_features: bool = False, only_with_features: bool = False,
+             served_since: datetime | None = None) -> pd.DataFrame:
+        """Rows with ``since <= as_of < until`` (either bound optional), oldest first;
+        ``served_since``: only rows served (wall clock) at or after it (a rollout step's or an
+        alarm window's traffic, read through the ``served_at`` index, not the whole log).
 
         ``with_features`` adds the ``features`` column (JSON text, see the module doc: it is
         left out by default, since it is by far the largest); ``only_with_features`` keeps only
@@ -283,6 +287,9 @@ class PredictionLog:
         if until is not None:
             where.append(f"as_of < {self._ph}")
             params.append(until if self._pg else until.isoformat())
+        if served_since is not None:
+            where.append(f"served_at >= {self._ph}")
+            params.append(served_since if self._pg else served_since.isoformat())
         if only_with_features:
             where.append(f"features IS NOT NULL AND features NOT LIKE {self._ph}")
             params.append(_OMITTED_LIKE)
