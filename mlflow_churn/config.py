@@ -45,6 +45,25 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+# the HTTP edges of each of the three apps (features, serving, hooks: web.limits), one
+# definition each: the same bounds and defaults, the app named in the description
+def _max_header_bytes(app: str) -> Any:
+    return Field(16_384, ge=1024, le=1_048_576,
+                 description=f"{app}: longest request head (request line + headers, bytes); a longer one "
+                 "is answered 431 and nothing past the limit is read")
+
+
+def _max_headers(app: str) -> Any:
+    return Field(100, ge=8, le=10_000, description=f"{app}: most header lines of a request (more: 431)")
+
+
+def _read_timeout_seconds(app: str) -> Any:
+    return Field(10.0, gt=0, le=3600,
+                 description=f"{app}: a client has this long from connecting (or from the first byte of a "
+                 "request on a kept-alive connection) to send its whole request; then the "
+                 "connection is closed (408 for a head begun), so slow clients are not held")
+
+
 class SimulationConfig(_Section):
     """Defaults of ``churn simulate`` (every one can be overridden on the command line)."""
 
@@ -86,20 +105,9 @@ class FeaturesConfig(_Section):
     max_body_bytes: int = Field(
         65_536, ge=1, le=1 << 30, description="feature API: larger request bodies get 413 (at most 1 GiB)"
     )
-    max_header_bytes: int = Field(
-        16_384, ge=1024, le=1_048_576,
-        description="feature API: longest request head (request line + headers, bytes); a longer one "
-        "is answered 431 and nothing past the limit is read"
-    )
-    max_headers: int = Field(
-        100, ge=8, le=10_000, description="feature API: most header lines of a request (more: 431)"
-    )
-    read_timeout_seconds: float = Field(
-        10.0, gt=0, le=3600,
-        description="feature API: a client has this long from connecting (or from the first byte of a "
-        "request on a kept-alive connection) to send its whole request; then the "
-        "connection is closed (408 for a head begun), so slow clients are not held"
-    )
+    max_header_bytes: int = _max_header_bytes("feature API")
+    max_headers: int = _max_headers("feature API")
+    read_timeout_seconds: float = _read_timeout_seconds("feature API")
     redis_timeout_ms: float = Field(
         50.0, ge=1, le=60_000,
         description="HTTP apps: Redis connect and socket timeout of one online-store read (ms, 1..60000)"
@@ -553,20 +561,9 @@ class ServingConfig(_Section):
     max_body_bytes: int = Field(
         2_097_152, ge=1, le=1 << 30, description="scoring service: larger bodies get 413 (at most 1 GiB)"
     )
-    max_header_bytes: int = Field(
-        16_384, ge=1024, le=1_048_576,
-        description="scoring service: longest request head (request line + headers, bytes); a longer one "
-        "is answered 431 and nothing past the limit is read"
-    )
-    max_headers: int = Field(
-        100, ge=8, le=10_000, description="scoring service: most header lines of a request (more: 431)"
-    )
-    read_timeout_seconds: float = Field(
-        10.0, gt=0, le=3600,
-        description="scoring service: a client has this long from connecting (or from the first byte of a "
-        "request on a kept-alive connection) to send its whole request; then the "
-        "connection is closed (408 for a head begun), so slow clients are not held"
-    )
+    max_header_bytes: int = _max_header_bytes("scoring service")
+    max_headers: int = _max_headers("scoring service")
+    read_timeout_seconds: float = _read_timeout_seconds("scoring service")
     reload_seconds: float = Field(10.0, gt=0, description="how often aliases are re-checked")
     min_canary_samples: int = Field(500, ge=1, description="canary predictions before any verdict")
     max_error_rate: float = Field(0.01, ge=0, le=1)
@@ -711,20 +708,9 @@ class HooksConfig(_Section):
         1_048_576, ge=1, le=1 << 30,
         description="larger deliveries get 413 before any signature or JSON work (at most 1 GiB)"
     )
-    max_header_bytes: int = Field(
-        16_384, ge=1024, le=1_048_576,
-        description="webhook receiver: longest request head (request line + headers, bytes); a longer one "
-        "is answered 431 and nothing past the limit is read"
-    )
-    max_headers: int = Field(
-        100, ge=8, le=10_000, description="webhook receiver: most header lines of a request (more: 431)"
-    )
-    read_timeout_seconds: float = Field(
-        10.0, gt=0, le=3600,
-        description="webhook receiver: a client has this long from connecting (or from the first byte of a "
-        "request on a kept-alive connection) to send its whole request; then the "
-        "connection is closed (408 for a head begun), so slow clients are not held"
-    )
+    max_header_bytes: int = _max_header_bytes("webhook receiver")
+    max_headers: int = _max_headers("webhook receiver")
+    read_timeout_seconds: float = _read_timeout_seconds("webhook receiver")
     alert_url: str | None = Field(
         None, description="deprecated: read as alerts.alertmanager_url when that is unset (an Alertmanager "
         "/api/v2/alerts URL; docs/alerts.md)"
