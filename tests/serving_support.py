@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -155,3 +157,34 @@ def log_rows(config: ChurnConfig) -> int:
         return log.count()
     finally:
         log.close()
+
+
+@contextmanager
+def churn_app(config: ChurnConfig, args: list[str], log: Path, any_answer: bool = False,
+              **env: str) -> Iterator[tuple[int, subprocess.Popen]]:
+    """``churn <args> --port P`` (e.g. ``["hooks", "serve"]``) for ``config``'s workspace in a
+    subprocess, its output in ``log``; yields ``(port, process)`` once ``GET /health`` answers
+    200 (``any_answer``: any HTTP answer, e.g. the feature API's 503 without a batch);
+    terminated (killed after 20 s) on the way out."""
+    port = free_port()
+    with log.open("w") as out:
+        proc = subprocess.Popen(CHURN + args + ["--port", str(port)], env=cli_env(config, **env), stdout=out,
+                                stderr=subprocess.STDOUT, cwd=config.workspace)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200 or any_answer:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        yield port, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

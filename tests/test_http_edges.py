@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from ports import bound_socket
-from serving_support import cli_env, free_port
+from serving_support import churn_app, cli_env
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.hooks.app import DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
@@ -66,30 +66,10 @@ def _send_head(port: int, head: bytes, piece: int = 1 << 20) -> tuple[int, dict]
 @pytest.fixture
 def receiver(config: ChurnConfig, tmp_path: Path):
     """`churn hooks serve` (access log on) with a 1 s read timeout; yields (port, process, log)."""
-    port = free_port()
     log = tmp_path / "hooks.log"
-    env = cli_env(config, CHURN_HOOKS__SECRET=SECRET, CHURN_HOOKS__READ_TIMEOUT_SECONDS="1")
-    with log.open("w") as out:
-        proc = subprocess.Popen(CHURN + ["hooks", "serve", "--port", str(port)], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=config.workspace)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.2)
+    with churn_app(config, ["hooks", "serve"], log, CHURN_HOOKS__SECRET=SECRET,
+                   CHURN_HOOKS__READ_TIMEOUT_SECONDS="1") as (port, proc):
         yield port, proc, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_receiver_head_limits_signature_bound_and_no_query_in_log(receiver) -> None:
@@ -197,21 +177,8 @@ def test_scoring_service_and_feature_api_refuse_huge_heads_in_bounded_memory(
     process grows by less than 20 MB (it was +180-200 MB per request)."""
     import concurrent.futures
 
-    port = free_port()
     log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(CHURN + command + ["--port", str(port)], env=cli_env(config), stdout=out,
-                                stderr=subprocess.STDOUT, cwd=config.workspace)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.2)
+    with churn_app(config, command, log, any_answer=True) as (port, proc):
         before = _rss_kb(proc.pid)
         head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (100 << 20) + b"\r\n\r\n"
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -220,11 +187,4 @@ def test_scoring_service_and_feature_api_refuse_huge_heads_in_bounded_memory(
                    for status, body in answers), answers
         assert (_rss_kb(proc.pid) - before) / 1024 < 20
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code in (200, 503)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     assert "Traceback" not in log.read_text()

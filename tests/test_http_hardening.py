@@ -11,7 +11,6 @@ import re
 import select
 import socket
 import stat
-import sys
 import threading
 import time
 from pathlib import Path
@@ -376,26 +375,11 @@ def _big_post(port: int, total: int, chunked: bool) -> int:
 
 def test_receiver_refuses_100_mb_unsigned_posts_in_bounded_memory(config: ChurnConfig,
                                                                     tmp_path: Path) -> None:
-    import subprocess
 
-    from serving_support import cli_env, free_port
+    from serving_support import churn_app
 
-    port = free_port()
     log = tmp_path / "hooks.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mlflow_churn.cli", "hooks", "serve", "--port",
-                                 str(port)], env=cli_env(config, CHURN_HOOKS__SECRET="s3cret"), stdout=out,
-                                stderr=subprocess.STDOUT, cwd=config.workspace)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.2)
+    with churn_app(config, ["hooks", "serve"], log, CHURN_HOOKS__SECRET="s3cret") as (port, proc):
         before = _rss_kb(proc.pid)
         total = 100 * 2**20
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
@@ -406,12 +390,6 @@ def test_receiver_refuses_100_mb_unsigned_posts_in_bounded_memory(config: ChurnC
         res = httpx.post(f"http://127.0.0.1:{port}/webhook", content=b"{}", timeout=10)
         assert res.status_code == 401  # still serving; small bodies reach the signature check
         assert "hooks.max_body_bytes" not in res.text
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     assert "Traceback" not in log.read_text()
 
 
