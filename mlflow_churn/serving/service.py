@@ -204,8 +204,7 @@ class ScoringService:
         if force is not None:
             to_canary[:] = force == CANARY_ROUTE
         elif pair.canary is not None and fraction > 0:
-            to_canary[known] = routes([i for i, k in zip(ids, known, strict=True) if k],
-                                      fraction, self.cfg.serving.routing_salt)
+            to_canary = self._sticky(ids, known, fraction)
         route = np.where(to_canary, CANARY_ROUTE, CHAMPION_ROUTE).astype(object)
         version = np.where(to_canary, pair.canary.version if pair.canary else "",
                            pair.champion.version).astype(object)
@@ -292,11 +291,16 @@ class ScoringService:
         fraction = self.cfg.canary.shadow_fraction
         if fraction >= 1.0:
             return np.flatnonzero(found)
+        return np.flatnonzero(self._sticky(ids, known, fraction) & found)
+
+    def _sticky(self, ids: list[int], known: np.ndarray, fraction: float) -> np.ndarray:
+        """True for the known customers whose sticky hash (``serving.routing_salt``) falls
+        below ``fraction``: the canary's split, and its shadow share."""
         chosen = np.zeros(len(ids), dtype=bool)
         if fraction > 0:
             chosen[known] = routes([i for i, k in zip(ids, known, strict=True) if k], fraction,
                                    self.cfg.serving.routing_salt)
-        return np.flatnonzero(chosen & found)
+        return chosen
 
     def _shadow_score(self, model: LoadedModel, values: list[dict[str, Any]], rows: np.ndarray,
                       ids: list[int], request_id: str, served_at: datetime, as_of: datetime,
