@@ -5,8 +5,8 @@ its labels maturing (or of the label-free estimate, before), while the populatio
 by < 0.01 and the population PSI stays < 0.1; ``stable``: <= 1% false alarms with the
 per-segment rules on.
 
-- ``segment_concept``: inside ``region=pacific`` (10% of customers) behaviour drives churn a
-  fifth as much and price starts to; the default seed and configuration, a 7-day window every
+- ``segment_concept``: inside ``region=pacific`` (10% of customers) behaviour drives churn
+  0.45 as much and price starts to; the default seed and configuration, a 7-day window every
   week, the onset 4 weeks after the first training, replayed until 3 weeks after the onset's
   30-day labels mature. The population's AUC moves by about a tenth of the segment's drop, so
   a drop that keeps it < 0.01 is < 0.1, and a segment's noise shrinks only with its own

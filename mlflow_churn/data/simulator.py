@@ -55,7 +55,7 @@ Scenarios (each starts at ``onset_day``):
 - ``usage_and_segment``: ``usage_shift`` and ``segment_shift`` at the same onset (the demo);
 - ``segment_concept``: inside one segment (default region ``pacific``, ~10% of customers)
   the behavioural terms (dissatisfaction, usage, engagement) keep ``segment_concept_keep``
-  (0.35) of their weight and price starts to drive churn (``segment_concept_price`` = 1.0 on
+  (0.45) of their weight and price starts to drive churn (``segment_concept_price`` = 1.0 on
   (charge - 60) / 25), the log-hazard shifted each day so that the segment's mean hazard
   stays at its onset level (who churns changes, not how many). The features do not change
   (population PSI ~0.015 against the pre-onset rows, as in ``stable``). With the default
@@ -128,7 +128,7 @@ class HazardParams:
     concept_price: float = 1.2
     outage_fraction: float = 0.3
     new_signup_fraction: float = 0.1
-    segment_concept_keep: float = 0.35
+    segment_concept_keep: float = 0.45
     segment_concept_price: float = 1.0
 
 
