@@ -5,9 +5,11 @@ Sources, later ones win:
 1. the defaults below;
 2. a YAML file: ``--config PATH`` or ``CHURN_CONFIG``, else ``churn.yaml`` in the
    working directory when it exists;
-3. environment variables ``CHURN_<SECTION>__<KEY>`` (e.g. ``CHURN_TRAINING__WINDOW_DAYS=14``),
-   plus ``CHURN_WORKSPACE``, ``CHURN_TRACKING_URI`` and ``CHURN_MLFLOW_BACKEND_URI``
-   (= ``mlflow.server_backend_uri``);
+3. environment variables ``CHURN_<SECTION>__<KEY>`` (e.g. ``CHURN_TRAINING__WINDOW_DAYS=14``;
+   lists and mappings as JSON), plus ``CHURN_WORKSPACE``, ``CHURN_TRACKING_URI`` and the short
+   names ``CHURN_MLFLOW_BACKEND_URI`` (= ``mlflow.server_backend_uri``) and
+   ``CHURN_ADMIN_TOKEN`` (= ``serving.admin_token``), read by pydantic-settings; a ``CHURN_*``
+   variable that names no key is refused with the nearest known name;
 4. explicit overrides (CLI flags, MLproject parameters).
 
 The MLflow tracking URI is ``MLFLOW_TRACKING_URI`` when set (as everywhere in MLflow),
@@ -21,16 +23,21 @@ triggers, an early label horizon longer than the label horizon).
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
 import re
+from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
+from pydantic_settings.sources.utils import parse_env_vars
 
-from mlflow_churn.errors import ChurnError, ConfigError
+from mlflow_churn.errors import ChurnError, ConfigError, first_line
 from mlflow_churn.times import parse_duration
 
 ENV_PREFIX = "CHURN_"
@@ -1086,31 +1093,74 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-#: short environment names of nested keys (besides ``CHURN_<SECTION>__<KEY>``)
-ENV_ALIASES = {"CHURN_MLFLOW_BACKEND_URI": "mlflow.server_backend_uri"}
+#: short environment names of nested keys (besides ``CHURN_<SECTION>__<KEY>``); the long name
+#: wins when both are set
+ENV_ALIASES = {"CHURN_MLFLOW_BACKEND_URI": "mlflow.server_backend_uri",
+               "CHURN_ADMIN_TOKEN": "serving.admin_token"}
+#: ``CHURN_*`` variables that are not config keys
+ENV_OTHER = ("CHURN_CONFIG",)
+
+
+def env_name(dotted: str) -> str:
+    """The environment variable of a dotted config key (``training.window_days`` ->
+    ``CHURN_TRAINING__WINDOW_DAYS``)."""
+    return ENV_PREFIX + dotted.upper().replace(".", "__")
+
+
+class _EnvView(BaseSettings):
+    """The fields of :class:`ChurnConfig` as pydantic-settings reads them from ``CHURN_*``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__",
+                                      case_sensitive=False, extra="ignore")
+
+
+class _EnvironSource(EnvSettingsSource):
+    """pydantic-settings' environment source reading an explicit mapping, not ``os.environ``."""
+
+    def __init__(self, environ: dict[str, str]) -> None:
+        self._environ = environ
+        view = create_model("ChurnEnv", __base__=_EnvView, **{  # type: ignore[call-overload]
+            name: (field.annotation | None, None) for name, field in ChurnConfig.model_fields.items()})
+        super().__init__(view)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty,
+                              self.env_parse_none_str)
+
+
+def _unknown_env(environ: dict[str, str]) -> None:
+    """A one-line :class:`ConfigError` for the first ``CHURN_*`` variable that names no config
+    key, with the nearest known variable (difflib)."""
+    known = [env_name(key) for key in _known_keys(ChurnConfig)]
+    allowed = set(known) | set(ENV_ALIASES) | set(ENV_OTHER)
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in allowed:
+            near = difflib.get_close_matches(name, known + list(ENV_ALIASES), n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]}?" if near else "; see docs/configuration.md for the keys"
+            raise ConfigError(f"unknown environment variable {name}{hint}")
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    known = set(_known_keys(ChurnConfig))
-    for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == "CHURN_CONFIG":
-            continue
-        dotted = ENV_ALIASES.get(name) or name[len(ENV_PREFIX) :].lower().replace("__", ".")
-        if dotted not in known:
-            raise ConfigError(
-                f"unknown environment variable {name} (config key '{dotted}'); "
-                f"known keys: {', '.join(sorted(known))}"
-            )
-        value: Any = raw
-        if raw.startswith("[") or raw.startswith("{"):
+    """The ``CHURN_*`` variables of ``environ`` as a tree of raw values (pydantic-settings:
+    ``__`` nests, lists and mappings are JSON); validation happens on the merged tree."""
+    _unknown_env(environ)
+    env = {k: v for k, v in environ.items() if k.startswith(ENV_PREFIX) and k not in ENV_OTHER}
+    for alias, dotted in ENV_ALIASES.items():
+        long_name = env_name(dotted)
+        if alias in env:
+            env.setdefault(long_name, env[alias])
+            del env[alias]
+    for name, raw in env.items():
+        if raw.lstrip().startswith(("[", "{")):
             try:
-                value = safe_yaml(raw)
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"environment variable {name} is not valid YAML: "
-                                  f"{getattr(exc, 'problem', None) or 'parse error'}") from None
-        _set_dotted(tree, dotted, value)
-    return tree
+                json.loads(raw)
+            except ValueError as exc:
+                raise ConfigError(f"environment variable {name} is not valid JSON: {first_line(exc)}"
+                                  ) from None
+    try:
+        return _EnvironSource(env)()
+    except SettingsError as exc:
+        raise ConfigError(f"a CHURN_* variable cannot be read: {first_line(exc)}") from None
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
