@@ -102,12 +102,7 @@ def simulate(
         "simulation.onset_day": onset_day, "simulation.segment_column": seg_col,
         "simulation.segment_value": seg_val,
     })
-    sim = cfg.simulation
-    spec = SimulationSpec(
-        customers=sim.customers, days=sim.days, start=sim.start, scenario=sim.scenario,
-        seed=sim.seed, onset_day=sim.onset_day, segment_column=sim.segment_column,
-        segment_value=sim.segment_value,
-    )
+    spec = SimulationSpec.from_config(cfg.simulation)
     result = run_simulation(spec, cfg.data_dir, overwrite=overwrite, progress=progress_arg(progress))
     table = Table(title=f"churn simulate: scenario={spec.scenario} seed={spec.seed}")
     table.add_column("table")

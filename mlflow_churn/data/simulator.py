@@ -82,7 +82,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mlflow_churn.config import SCENARIOS
+from mlflow_churn.config import SCENARIOS, SimulationConfig
 from mlflow_churn.data.tables import ACTIVITY_SCHEMA, CHURN_EVENTS_SCHEMA, CUSTOMERS_SCHEMA
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.progress import ProgressArg, resolve
@@ -145,6 +145,14 @@ class SimulationSpec:
     segment_column: str = "region"
     segment_value: str = "pacific"
     params: HazardParams = field(default_factory=HazardParams)
+
+    @classmethod
+    def from_config(cls, sim: SimulationConfig) -> SimulationSpec:
+        """The spec of the ``simulation`` section (``cfg.simulation``): what ``churn simulate``
+        runs once its options are merged into the configuration."""
+        return cls(customers=sim.customers, days=sim.days, start=sim.start, scenario=sim.scenario,
+                   seed=sim.seed, onset_day=sim.onset_day, segment_column=sim.segment_column,
+                   segment_value=sim.segment_value)
 
     @property
     def onset(self) -> int:

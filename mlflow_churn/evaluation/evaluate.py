@@ -1,6 +1,6 @@
 """The champion/challenger gate: score both on the holdout, compare, move ``canary`` or reject.
 
-:func:`evaluate` resolves the two registered versions (aliases or version numbers), builds
+:func:`gate` resolves the two registered versions (aliases or version numbers), builds
 the holdout frame (:mod:`mlflow_churn.evaluation.holdout`), scores both models in process,
 computes :func:`~mlflow_churn.stats.metrics.classification_metrics` overall and per
 segment, and applies the gate. Each rule is checked with
@@ -112,7 +112,7 @@ DRIFT_JSON = "drift/drift.json"
 #: rows of reference / current data at most in the drift report (seeded sample)
 DRIFT_SAMPLE_ROWS = 20_000
 _TAG_LIMIT = 4000
-#: stages ``evaluate(progress=...)`` ticks through
+#: stages ``gate(progress=...)`` ticks through
 STEPS = 7
 #: the smallest AUC gain that counts as an improvement of a targeted segment (segment_alpha 0)
 MIN_SEGMENT_IMPROVEMENT = 1e-4
@@ -702,7 +702,7 @@ def _log_decision(client: MlflowClient, cfg: ChurnConfig, run_id: str, as_of: da
 
 
 # ----------------------------------------------------------------------------- entry point
-def evaluate(
+def gate(
     cfg: ChurnConfig,
     as_of: datetime,
     challenger_alias: str = "challenger",
@@ -846,3 +846,7 @@ def _move_canary(client: MlflowClient, cfg: ChurnConfig, name: str, version: str
         move_alias(client, name, CANARY, version, cfg.evaluation.mirror_stages)
         return True
 
+
+#: the gate's name before issue 26 (it shares its name with ``mlflow.evaluate``; the top-level
+#: ``mlflow_churn.evaluate`` warns that it is deprecated)
+evaluate = gate
