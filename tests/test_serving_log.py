@@ -129,3 +129,61 @@ def test_sync_writer_fails_loudly_then_reconnects(postgres_url: str) -> None:
     log = PredictionLog(postgres_url)
     assert log.count() == 7 and log.newest_as_of() == T0 + timedelta(days=2)
     log.close()
+
+
+def _held_submits(tmp_path: Path, n: int) -> tuple[LogWriter, list[str], list[object], list, sqlite3.Connection]:
+    """``n`` threads each submit one request's rows to a sync writer while another connection
+    holds SQLite's write lock: the first leads (blocked in its commit), the rest queue."""
+    import threading
+    import time
+
+    url = str(tmp_path / "predictions.sqlite")
+    writer = LogWriter(url, Metrics(), mode="sync")
+    writer.start()
+    statements: list[str] = []
+    writer._log._con.set_trace_callback(statements.append)  # what the writer's connection runs
+    blocker = sqlite3.connect(url, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    outcomes: list[object] = []
+
+    def submit(i: int) -> None:
+        try:
+            writer.submit(_records(n)[i:i + 1])
+            outcomes.append("ok")
+        except PredictionLogUnavailable as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while len(writer._group) < n - 1:  # the leader took its own row; the others wait for the next
+        assert time.monotonic() < deadline, f"only {len(writer._group)} requests queued"
+        time.sleep(0.01)
+    return writer, statements, outcomes, threads, blocker
+
+
+def test_sync_requests_arriving_together_share_one_commit(tmp_path: Path) -> None:
+    writer, statements, outcomes, threads, blocker = _held_submits(tmp_path, 8)
+    blocker.execute("ROLLBACK")  # the lock goes: the leader commits, then the 7 queued at once
+    blocker.close()
+    for t in threads:
+        t.join(60)
+    assert outcomes == ["ok"] * 8  # every submit returned only after its rows were committed
+    assert [s for s in statements if s == "COMMIT"] == ["COMMIT", "COMMIT"]  # 2 transactions, not 8
+    assert sorted(writer._log.read()["customer_id"]) == list(range(1, 9))
+    writer.close()
+
+
+def test_a_failed_group_commit_fails_every_request_of_the_group(tmp_path: Path) -> None:
+    writer, statements, outcomes, threads, blocker = _held_submits(tmp_path, 4)
+    for t in threads:  # the lock outlasts busy_timeout (5 s) for both groups
+        t.join(60)
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    assert len(outcomes) == 4 and all(isinstance(o, PredictionLogUnavailable) for o in outcomes)
+    assert all("database is locked" in str(o) for o in outcomes)
+    assert writer.metrics.counter("churn_prediction_log_failures_total") == 4
+    writer.submit(_records(2))  # the next request leads a new commit
+    assert writer._log.count() == 2 and "COMMIT" in statements
+    writer.close()

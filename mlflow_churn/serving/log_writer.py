@@ -2,12 +2,18 @@
 
 ``serving.prediction_log_mode``:
 
-- ``sync`` (default): :meth:`LogWriter.submit` commits the request's rows in the request
-  thread, before the response is sent. A killed process (even ``kill -9``) loses nothing
-  it answered. A failed commit raises :class:`PredictionLogUnavailable` and the request
-  is answered 503 instead of with unlogged predictions. Cost: one transaction per request
-  (SQLite WAL with ``synchronous=NORMAL``: no fsync, so an OS crash or power cut, not a
-  process kill, may lose the last transactions; PostgreSQL: its own ``synchronous_commit``).
+- ``sync`` (default): :meth:`LogWriter.submit` returns only once the request's rows are
+  committed, so the response is sent after its rows are durable. A killed process (even
+  ``kill -9``) loses nothing it answered. A failed commit raises
+  :class:`PredictionLogUnavailable` and the request is answered 503 instead of with
+  unlogged predictions. **Group commit**: requests arriving together share one
+  transaction. The first request to find no commit in progress leads: it commits its rows
+  in its own thread (one request alone pays no hand-off). Requests arriving while a commit
+  runs queue; when it ends, the first of them leads the next commit, of every row queued
+  by then, and the others wait for it. A failed group commit fails every request of the
+  group (none of their rows is in the log). SQLite WAL with ``synchronous=NORMAL``: no
+  fsync, so an OS crash or power cut, not a process kill, may lose the last transactions;
+  PostgreSQL: its own ``synchronous_commit``.
 - ``async``: rows are queued and committed by a background thread in batches of up to
   ``BATCH_ROWS`` rows at least every ``MAX_WAIT_S`` (0.2) seconds while the database keeps
   up; SIGTERM (graceful shutdown) commits everything queued. A hard kill loses the rows
@@ -57,6 +63,18 @@ class PredictionLogUnavailable(ChurnError):
     """Sync mode: the rows of a request could not be committed."""
 
 
+class _Pending:
+    """Sync mode: one request's rows waiting for a group commit (module doc)."""
+
+    __slots__ = ("records", "settled", "lead", "error")
+
+    def __init__(self, records: list[PredictionRecord]) -> None:
+        self.records = records
+        self.settled = threading.Event()  # committed or failed by a leader, or made the leader
+        self.lead = False
+        self.error: str | None = None
+
+
 class LogWriter:
     """Delivers prediction records to the :class:`PredictionLog` at ``url`` (see module doc)."""
 
@@ -78,6 +96,9 @@ class LogWriter:
         self._count_lock = threading.Lock()
         self._idle = threading.Event()
         self._idle.set()
+        self._group: list[_Pending] = []  # sync: requests waiting for the next group commit
+        self._group_lock = threading.Lock()
+        self._committing = False  # sync: a leader is committing a group
 
     def start(self) -> None:
         """Open the log (ChurnError naming it when it cannot be opened); async: start the thread."""
@@ -102,16 +123,60 @@ class LogWriter:
         self._queue.put(records)
 
     def _write_now(self, records: list[PredictionRecord]) -> None:
+        """Sync: return once ``records`` are committed, in a group commit (module doc)."""
         if self._log is None:
             raise PredictionLogUnavailable(f"the prediction log at {self.url} is not open")
+        mine = _Pending(records)
+        with self._group_lock:
+            self._group.append(mine)
+            mine.lead = not self._committing
+            self._committing = True
+        if not mine.lead:
+            mine.settled.wait()  # a leader commits these rows or hands this request the lead
+        if mine.lead:
+            self._lead()
+        if mine.error is not None:
+            raise PredictionLogUnavailable(mine.error)
+
+    def _lead(self) -> None:
+        """Commit every queued request's rows in one transaction, settle them, then hand the
+        lead to the first request queued meanwhile (or end the commit run)."""
+        with self._group_lock:
+            group, self._group = self._group, []
         try:
-            self._log.write(records)
-        except Exception as exc:  # sqlite3 / psycopg2 errors differ
-            self.metrics.inc(FAILURES, {})
-            first = first_line(exc)
-            raise PredictionLogUnavailable(
-                f"cannot write the prediction log at {self.url}: {first}") from None
-        self._count_written(len(records))
+            self._commit_group(group)
+        finally:
+            with self._group_lock:
+                nxt = self._group[0] if self._group else None
+                if nxt is None:
+                    self._committing = False
+                else:
+                    nxt.lead = True
+            for pending in group:
+                pending.settled.set()
+            if nxt is not None:
+                nxt.settled.set()
+
+    def _commit_group(self, group: list[_Pending]) -> None:
+        rows = [r for pending in group for r in pending.records]
+        error = None
+        try:
+            if self._log is None:
+                error = f"the prediction log at {self.url} is not open"
+            else:
+                self._log.write(rows)
+        except Exception as exc:  # sqlite3 / psycopg errors differ: each request of the group gets 503
+            error = f"cannot write the prediction log at {self.url}: {first_line(exc)}"
+        except BaseException:  # e.g. an interrupt in the leader's thread: the group is not logged
+            for pending in group:
+                pending.error = f"the prediction log write at {self.url} was interrupted"
+            raise
+        if error is not None:
+            self.metrics.inc(FAILURES, {}, len(group))
+            for pending in group:
+                pending.error = error
+            return
+        self._count_written(len(rows))
 
     def _count_written(self, n: int) -> None:
         self.metrics.inc(WRITTEN, {}, n)
