@@ -1,7 +1,8 @@
 """One writer at a time per online store: a file lock (SQLite) or a Redis lease.
 
-- :class:`FileWriterLock`: ``fcntl.flock`` on a lock file beside the SQLite file; the
-  kernel releases it when the holder exits, however it dies.
+- :class:`FileWriterLock`: a file lock (``filelock``, ``flock`` underneath) on a lock file
+  beside the SQLite file, the holder's JSON beside it; the kernel releases it when the holder
+  exits, however it dies.
 - :class:`RedisWriterLock`: redis-py's :class:`redis.lock.Lock` (``SET <key> <token> NX PX
   <ttl>``, token-checked renew and release), renewed by a heartbeat thread every ``ttl / 3``
   while held; a writer that dies stops renewing and its lease
@@ -15,7 +16,6 @@ second writer gets a ChurnError naming the holder (pid, host, start) at once, no
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -24,6 +24,8 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from mlflow_churn.errors import ChurnError
 
@@ -87,35 +89,34 @@ class WriterLock:
 
 
 class FileWriterLock(WriterLock):
-    """``flock`` on ``path`` (created if needed); the file holds the holder's JSON."""
+    """A file lock (``filelock``) on ``path``, taken without waiting; the holder's JSON in
+    ``<path>.holder`` (the lock file itself is filelock's)."""
 
     def __init__(self, path: Path, location: str) -> None:
         super().__init__()
         self.path, self.location = Path(path), location
-        self._fd: int | None = None
+        self.holder_path = self.path.with_name(self.path.name + ".holder")
+        self._file_lock = FileLock(self.path, thread_local=False)
 
     def _take(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0)
-            os.close(fd)
+            self._file_lock.acquire(blocking=False)
+        except Timeout:
+            try:
+                holder = self.holder_path.read_text()
+            except OSError:
+                holder = None
             raise _busy(self.location, holder, "") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, _holder_text().encode(), 0)
-        self._fd = fd
+        self.holder_path.write_text(_holder_text())
 
     def _drop(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        if self._file_lock.is_locked:
+            self.holder_path.unlink(missing_ok=True)
+            self._file_lock.release()
 
     def owned(self) -> bool:
         """True while this object holds the lock (a file lock cannot be lost while held)."""
-        return self._fd is not None
+        return self._file_lock.is_locked
 
 
 class RedisWriterLock(WriterLock):
