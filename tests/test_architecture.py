@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1] / "mlflow_churn"
 
 #: bottom first; a module may import its own package and any package listed before it
 LAYERS: tuple[str, ...] = (
-    "errors", "times", "jsonable", "lazy", "background", "interrupt", "config", "stats", "progress", "web",
+    "errors", "times", "jsonable", "lazy", "background", "interrupt", "config",
+    "config_reference", "stats", "progress", "web",
     "alerts",
     "tracking", "tracking_server",
     "data", "features", "registry", "training", "evaluation", "serving", "monitoring", "scheduler",

@@ -52,3 +52,56 @@ def test_license_is_apache_2() -> None:
     text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert "END OF TERMS AND CONDITIONS" in text
+
+
+def test_api_page_documents_the_top_level_api() -> None:
+    """docs/api.md (mkdocstrings) names every verb and result of ``mlflow_churn.__all__`` and
+    renders the function each one is."""
+    import mlflow_churn
+
+    page = (ROOT / "docs" / "api.md").read_text()
+    for name in mlflow_churn.__all__:
+        obj = getattr(mlflow_churn, name)
+        rendered = f"::: {obj.__module__}.{obj.__name__}\n" in page or f"::: {obj.__module__}\n" in page
+        assert rendered, f"docs/api.md renders mlflow_churn.{name}"
+    assert "api.md" in (ROOT / "mkdocs.yml").read_text()
+
+
+def test_configuration_reference_is_generated_from_the_model() -> None:
+    """docs/configuration.md's key reference is the one the configuration model generates
+    (``python -m mlflow_churn.config_reference --write docs/configuration.md`` after a change)."""
+    from mlflow_churn.config import ChurnConfig
+    from mlflow_churn.config_reference import BEGIN, END, reference_markdown
+
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    block = page[page.index(BEGIN) + len(BEGIN) + 1: page.index(END)]
+    assert block == reference_markdown(), "stale: run python -m mlflow_churn.config_reference --write " \
+                                          "docs/configuration.md"
+
+    def keys(model: type, prefix: str) -> list[str]:  # every leaf key of the model, walked here
+        out = []
+        for name, field in model.model_fields.items():
+            sub = field.annotation
+            if isinstance(sub, type) and hasattr(sub, "model_fields"):
+                out += keys(sub, f"{prefix}{name}.")
+            else:
+                out.append(f"{prefix}{name}")
+        return out
+
+    every = keys(ChurnConfig, "")
+    assert len(every) > 100
+    missing = [k for k in every if f"| `{k}` |" not in block]
+    assert missing == []
+
+
+def test_configuration_reference_check_flags_a_stale_page(tmp_path: Path) -> None:
+    from mlflow_churn.config_reference import BEGIN, END
+
+    page = tmp_path / "configuration.md"
+    page.write_text(f"# Configuration\n\n{BEGIN}\n| `workspace` | old |\n{END}\n")
+    cmd = [sys.executable, "-m", "mlflow_churn.config_reference"]
+    res = subprocess.run([*cmd, "--check", str(page)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "stale" in res.stderr
+    assert subprocess.run([*cmd, "--write", str(page)], timeout=120).returncode == 0
+    assert subprocess.run([*cmd, "--check", str(page)], timeout=120).returncode == 0
+    assert page.read_text().startswith("# Configuration\n\n") and "`simulation.customers`" in page.read_text()
