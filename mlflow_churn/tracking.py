@@ -52,14 +52,14 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig
-from mlflow_churn.errors import ChurnError, first_line
+from mlflow_churn.errors import ChurnError, Unavailable, first_line
+from mlflow_churn.tags import EXPERIMENT_KIND_TAG, FAILED_TAG
 
 PROBE_TIMEOUT_S = 5.0
 #: MLflow's declared kind of an experiment, on every experiment the project creates or writes
 #: runs into (:func:`ensure_experiment`, :func:`client_run`). MLflow 3.17's UI reads it only
 #: when its workflow-based navigation is off (it is on in the build): the view an experiment
 #: opens in is chosen per browser, see :mod:`mlflow_churn.web.mlflow_ui`.
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 #: (tracking URI, experiment id) pairs whose kind tag this process has checked
 _kind_checked: set[tuple[str, str]] = set()
@@ -74,10 +74,12 @@ CLEANUP_TIMEOUT_S = 5
 PENDING_FILE = "mlflow-pending.jsonl"
 
 
-class TrackingUnavailable(ChurnError):
+class TrackingUnavailable(Unavailable):
     """The tracking server (or store) did not answer, dropped the connection, timed out or
-    answered 5xx: an outage, worth retrying later, as opposed to bad input. Raised by
-    :func:`fail_fast`, :func:`probe_server` and :func:`setup_mlflow`."""
+    answered 5xx: an outage, worth retrying later, as opposed to bad input (exit 3, HTTP 503).
+    Raised by :func:`fail_fast`, :func:`probe_server` and :func:`setup_mlflow`."""
+
+    default_dependency = "tracking server"
 
 
 def export_http_limits(cfg: ChurnConfig) -> dict[str, str]:
@@ -195,7 +197,7 @@ def _apply(client: MlflowClient, entry: dict[str, Any]) -> str:
             why = (f"its process (pid {entry['pid']} on {entry.get('host')}) ended without ending it "
                    f"(started {entry['at']}); marked FAILED on replay" if entry.get("pid")
                    else f"tracking server unreachable at {entry['at']}; marked FAILED on replay")
-            client.set_tag(entry["run_id"], "churn.failed", why)
+            client.set_tag(entry["run_id"], FAILED_TAG, why)
             client.set_terminated(entry["run_id"], "FAILED")
             return f"run {entry['run_id']} marked FAILED"
         return f"run {entry['run_id']} already {run.info.status}"
@@ -697,3 +699,14 @@ def log_to_project_run(params: dict[str, Any] | None = None, metrics: dict[str, 
     for name, payload in (dicts or {}).items():
         client.log_dict(run_id, payload, name)
     return run_id
+
+
+def download_if_present(client: MlflowClient, run_id: str, path: str, dst: str | Path) -> str | None:
+    """The local copy of artifact ``path`` of run ``run_id`` (downloaded into ``dst``), or None
+    when the run has no such artifact (decided by listing its folder, never by catching a
+    failed download): a server that fails while listing or downloading raises, so an outage
+    is never taken for a missing artifact."""
+    folder = path.rsplit("/", 1)[0] if "/" in path else None
+    if path not in {f.path for f in client.list_artifacts(run_id, folder)}:
+        return None
+    return client.download_artifacts(run_id, path, str(dst))

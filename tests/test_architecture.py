@@ -5,6 +5,7 @@ docs/architecture.md, and only the shells import the CLI / presentation librarie
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,9 @@ ROOT = Path(__file__).resolve().parents[1] / "mlflow_churn"
 
 #: bottom first; a module may import its own package and any package listed before it
 LAYERS: tuple[str, ...] = (
-    "errors", "times", "jsonable", "lazy", "background", "interrupt", "config",
-    "config_reference", "stats", "progress", "web",
+    "errors", "tags", "times", "jsonable", "lazy", "background", "interrupt", "config",
+    "config_reference", "stats", "progress",
+    "web",
     "alerts",
     "tracking", "tracking_server",
     "data", "features", "registry", "training", "evaluation", "serving", "monitoring", "scheduler",
@@ -194,3 +196,25 @@ def test_core_imports_our_code_at_module_level() -> None:
                         "mlflow_churn")) and node.module not in DEFERRED:
                     hidden.append(f"{module}:{node.lineno} imports {node.module}")
     assert hidden == []
+
+
+#: a string constant that names one of our MLflow tags (``churn.sig.``, ``churn.rollout.weight``):
+#: a dotted name under ``churn.``, not a file name such as ``churn.yaml``
+_TAG_LITERAL = re.compile(r"churn\.[a-z_]+(\.[a-z_]+)*\.?")
+_FILE_SUFFIXES = (".yaml", ".yml", ".json", ".toml", ".db", ".log", ".lock", ".py")
+
+
+def test_tag_names_live_in_one_module() -> None:
+    """Every ``churn.<...>`` MLflow tag name is defined in :mod:`mlflow_churn.tags` and imported
+    from there: a literal elsewhere (an f-string's ``"churn.sig."`` part included) is a second
+    definition that a rename would miss."""
+    literals = []
+    for module, path in _modules().items():
+        if module == "mlflow_churn.tags":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                    and _TAG_LITERAL.fullmatch(node.value) and not node.value.endswith(_FILE_SUFFIXES)):
+                literals.append(f"{module}:{node.lineno} {node.value!r}")
+    assert literals == []
+

@@ -91,6 +91,7 @@ from mlflow_churn.progress import ProgressArg, resolve
 from mlflow_churn.registry.aliases import CANARY, CHAMPION, alias_version, move_alias
 from mlflow_churn.registry.lock import registry_lock
 from mlflow_churn.registry.signing import Decision, record_signed, version_files_digest, version_ref
+from mlflow_churn.registry.vocab import GateVerdict, SignedKind
 from mlflow_churn.stats.drift import drift_against_entry, psi, score_shift
 from mlflow_churn.stats.metrics import (
     add_segment_columns,
@@ -100,6 +101,7 @@ from mlflow_churn.stats.metrics import (
     segment_metrics,
 )
 from mlflow_churn.stats.uncertainty import segment_auc_diff_se, segment_z
+from mlflow_churn.tags import DECISION_KIND_TAG, GATE_KEY_TAG, GATE_RUN_TAG, GATE_TAG
 from mlflow_churn.times import utc
 from mlflow_churn.tracking import client_run, fail_fast, server_failure, setup_mlflow
 from mlflow_churn.training.model import Scorer, load_scorer
@@ -152,8 +154,9 @@ class GateDecision:
     segment_weight: float | None = None
 
     @property
-    def decision(self) -> str:
-        return "passed" if self.passed else "rejected"
+    def decision(self) -> GateVerdict:
+        """``passed`` | ``rejected`` (:class:`~mlflow_churn.registry.vocab.GateVerdict`)."""
+        return GateVerdict.of(self.passed)
 
     @classmethod
     def from_json(cls, data: dict[str, Any], run_id: str, reused: bool) -> GateDecision:
@@ -265,7 +268,7 @@ def _find_decision(client: MlflowClient, key: str) -> GateDecision | None:
     exp_ids = [e.experiment_id for e in client.search_experiments()]
     if not exp_ids:
         return None
-    query = f"tags.gate_key = '{key}' and attributes.status = 'FINISHED'"
+    query = f"tags.{GATE_KEY_TAG} = '{key}' and attributes.status = 'FINISHED'"
     runs = client.search_runs(exp_ids, filter_string=query,
                               order_by=["attributes.start_time ASC"], max_results=1)
     if not runs:
@@ -653,7 +656,7 @@ def _decision_doc(cfg: ChurnConfig, as_of: datetime, refs: tuple[str, str], pair
 
     return {
         "gate_key": pair.key, "passed": verdict.passed,
-        "decision": "passed" if verdict.passed else "rejected",
+        "decision": GateVerdict.of(verdict.passed),
         "reasons": verdict.reasons, "model": pair.name, "as_of": as_of.isoformat(),
         "challenger": side(chal_mv, refs[0], verdict.challenger, scored.challenger),
         "champion": (side(champ_mv, refs[1], verdict.champion or {}, scored.champion)
@@ -766,7 +769,7 @@ def _record_decision(client: MlflowClient, cfg: ChurnConfig, exp_id: str, as_of:
     Explicit client calls (:func:`~mlflow_churn.tracking.client_run`): no fluent active-run
     state (MLFLOW_RUN_ID, threads) involved. Returns the run id."""
     chal_mv, champ_mv, passed = pair.challenger, pair.champion, verdict.passed
-    tags = {"gate_key": pair.key, "churn.decision": "gate", "gate": "passed" if passed else "rejected",
+    tags = {GATE_KEY_TAG: pair.key, DECISION_KIND_TAG: "gate", GATE_TAG: GateVerdict.of(passed).value,
             "challenger_version": chal_mv.version,
             "champion_version": champ_mv.version if champ_mv else "none",
             "as_of": as_of.isoformat()}
@@ -782,8 +785,8 @@ def _record_decision(client: MlflowClient, cfg: ChurnConfig, exp_id: str, as_of:
         _record_verdict(client, cfg, chal_mv.version, passed, verdict.reasons, run_id, champ_mv,
                         verdict.metrics)
     if parent_run_id:
-        client.set_tag(parent_run_id, "gate_run_id", run_id)
-        client.set_tag(parent_run_id, "gate", "passed" if passed else "rejected")
+        client.set_tag(parent_run_id, GATE_RUN_TAG, run_id)
+        client.set_tag(parent_run_id, GATE_TAG, GateVerdict.of(passed))
         client.log_metric(parent_run_id, "gate_passed", float(passed))
     return run_id
 
@@ -799,7 +802,7 @@ def _record_verdict(client: MlflowClient, cfg: ChurnConfig, version: str, passed
     name = cfg.training.model_name
     metrics = dict(metrics or {})
     score_psi = metrics.get("score_psi_vs_champion")
-    tags = {"gate_run_id": run_id,
+    tags = {GATE_RUN_TAG: run_id,
             "drift_report": f"runs:/{run_id}/{DRIFT_HTML}", "drift_json": f"runs:/{run_id}/{DRIFT_JSON}",
             "decision": f"runs:/{run_id}/{DECISION_FILE}",
             "gate_champion_version": str(champion.version) if champion is not None else "",
@@ -814,12 +817,12 @@ def _record_verdict(client: MlflowClient, cfg: ChurnConfig, version: str, passed
     # the verdict last among the tags, the signed decision after them, the alias last: an
     # interruption never leaves a verdict without its evidence tags, nor `canary` on a version
     # without its signed verdict
-    tags["gate"] = "passed" if passed else "rejected"
+    tags[GATE_TAG] = GateVerdict.of(passed).value
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, v)
     if passed and "gate_reasons" in client.get_model_version(name, version).tags:  # an earlier rejection
         client.delete_model_version_tag(name, version, "gate_reasons")
-    signed = record_signed(client, cfg, name, version, "gate", tags["gate"], champion=champion,
+    signed = record_signed(client, cfg, name, version, SignedKind.GATE, tags[GATE_TAG], champion=champion,
                            run_id=run_id, metrics=metrics, reason="; ".join(reasons),
                            files_sha256=version_files_digest(client, name, version))
     if passed:

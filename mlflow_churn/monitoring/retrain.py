@@ -52,8 +52,9 @@ from mlflow_churn.monitoring.monitor import TAG_PREFIX as MON
 from mlflow_churn.monitoring.policy import PERFORMANCE_METRICS, REFRESH, REFRESH_TAG
 from mlflow_churn.progress import ProgressArg
 from mlflow_churn.registry.aliases import CHAMPION, alias_version
+from mlflow_churn.tags import DECISION_KIND_TAG
 from mlflow_churn.times import utc
-from mlflow_churn.tracking import client_run, fail_fast, project_run_id, setup_mlflow
+from mlflow_churn.tracking import client_run, download_if_present, fail_fast, project_run_id, setup_mlflow
 from mlflow_churn.training.targeting import segment_targets
 from mlflow_churn.training.train import TrainResult, train
 
@@ -138,11 +139,9 @@ def champion_decision(client: Any, model_name: str, version: str, as_of: datetim
         "as_of": tags[f"{MON}as_of"], "run_id": run.info.run_id, "model_version": version,
     }
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = client.download_artifacts(run.info.run_id, DECISION_FILE, tmp)
-            data = json.loads(Path(local).read_text())
-        except Exception:  # a decision run without its artifact: the tags still hold the action
-            data = {}
+        local = download_if_present(client, run.info.run_id, DECISION_FILE, tmp)
+        # a decision run without its artifact: the tags still hold the action
+        data = json.loads(Path(local).read_text()) if local is not None else {}
     decision = data.get("decision") or {}
     for key in ("action", "reasons", "features", "segments", "fired"):
         if decision.get(key) is not None:
@@ -273,7 +272,7 @@ def _retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: P
         client.set_tag(parent_id, f"{TAG_PREFIX}model_name", name)
         client.set_tag(parent_id, f"{TAG_PREFIX}as_of", as_of.isoformat())
         client.set_tag(parent_id, f"{TAG_PREFIX}decision_run_id", (decision or {}).get("run_id", "none"))
-        client.set_tag(parent_id, "churn.decision", "retrain")
+        client.set_tag(parent_id, DECISION_KIND_TAG, "retrain")
         if do_train:
             targets = segment_targets((decision or {}).get("segments"), t.segment_weight)
             client.log_param(parent_id, "segment_weight", t.segment_weight)

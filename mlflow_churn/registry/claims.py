@@ -30,11 +30,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, unquote
 
+from mlflow_churn.tags import CLAIM_PREFIX as TAG_PREFIX
+
 ACTOR_HEADER = "X-Churn-Actor"
 REASON_HEADER = "X-Churn-Reason"
 EVIDENCE_HEADER = "X-Churn-Evidence-Run"
-#: registered-model tag of the recent claims about one alias (receiver mode)
-TAG_PREFIX = "churn.claim."
 #: claims kept per alias in that tag (the newest last)
 TAG_KEEP = 8
 #: a claim names a delivered move when it was made at most this long before the delivery

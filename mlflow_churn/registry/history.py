@@ -60,9 +60,10 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mlflow_churn.errors import ChurnError
+from mlflow_churn.errors import ChurnError, is_missing
 from mlflow_churn.registry.lock import model_lock
 from mlflow_churn.registry.signing import version_ref
+from mlflow_churn.tags import HISTORY_WRITER_TAG as WRITER_TAG
 from mlflow_churn.times import utc
 from mlflow_churn.tracking import ensure_experiment
 
@@ -71,8 +72,6 @@ HISTORY_EXPERIMENT = "churn-alias-history"
 STALE_RUNNING_S = 300.0
 RECONCILED = "unknown (reconciled)"
 UNKNOWN = "unknown"
-#: registered-model tag by which the webhook receiver says it writes that model's history
-WRITER_TAG = "churn.history_writer"
 #: the route and response header by which a churn-guard server says it writes the history
 GUARD_ROUTE = "/churn-guard/health"
 GUARD_HEADER = "X-Churn-Guard"
@@ -241,7 +240,9 @@ def version_ref_of(client: MlflowClient, model: str, version: str | None) -> str
         return ""
     try:
         return version_ref(client.get_model_version(model, str(version)))
-    except MlflowException:
+    except MlflowException as exc:
+        if not is_missing(exc):  # an outage is not "the version is gone"
+            raise
         return ""
 
 
@@ -372,7 +373,9 @@ def writer_of(client: MlflowClient, model: str) -> str:
         return "guard"
     try:
         tags = client.get_registered_model(model).tags
-    except MlflowException:
+    except MlflowException as exc:
+        if not is_missing(exc):  # an outage must not elect the project as the writer
+            raise
         return "project"
     if tags.get(WRITER_TAG) == "receiver" and alias_webhook_active(client):
         return "receiver"

@@ -60,16 +60,18 @@ from mlflow_churn.registry.signing import (
     version_identity,
     version_ref,
 )
+from mlflow_churn.registry.vocab import CanaryVerdict, GateVerdict, SignedKind
+from mlflow_churn.tags import (
+    APPROVAL_TAG,
+    CANARY_AT_TAG,
+    CANARY_DECISION_TAG,
+    CANARY_RUN_TAG,
+    GATE_RUN_TAG,
+    OVERRIDE_AGAINST_TAG,
+    OVERRIDE_BY_TAG,
+    OVERRIDE_TAG,
+)
 
-OVERRIDE_TAG = "promotion_override"  # version tag: a person's reason (basic-auth: override users only)
-OVERRIDE_BY_TAG = "promotion_override_by"  # written by the guard only: who set the override
-OVERRIDE_AGAINST_TAG = "promotion_override_against"  # written by the guard only: champion ref then
-APPROVAL_TAG = "approved_by"  # version tag: who approved (basic-auth: approvers only, their own name)
-GATE_TAG = "gate"  # version tag the gate writes: passed | rejected
-GATE_RUN_TAG = "gate_run_id"  # version tag the gate writes: its decision run
-CANARY_DECISION_TAG = "canary_decision"  # version tag: latest canary verdict (promote | rollback | wait)
-CANARY_RUN_TAG = "canary_run_id"  # version tag: the canary-evaluate run of that verdict
-CANARY_AT_TAG = "canary_evaluated_at"  # version tag: as_of of that evaluation (UTC ISO 8601)
 #: version tags only the guard writes (a REST write of them is refused)
 GUARD_ONLY_TAGS = (OVERRIDE_BY_TAG, OVERRIDE_AGAINST_TAG)
 LIFECYCLE = (CHAMPION, PREVIOUS_CHAMPION, CANARY)
@@ -114,12 +116,13 @@ class VersionEvidence:
     def promotion(self) -> Decision | None:
         """The signed decision that made (or makes) this version champion: the newer of its
         canary ``promote`` and its override."""
-        found = [d for d in (self.get("canary", "promote"), self.get("override")) if d is not None]
+        candidates = (self.get(SignedKind.CANARY, CanaryVerdict.PROMOTE), self.get(SignedKind.OVERRIDE))
+        found = [d for d in candidates if d is not None]
         return max(found, key=lambda d: d.issued) if found else None
 
     def rolled_back_after(self, decision: Decision | None) -> Decision | None:
         """The version's signed rollback when it is newer than ``decision`` (or there is none)."""
-        rb = self.get("rollback")
+        rb = self.get(SignedKind.ROLLBACK)
         if rb is None or (decision is not None and decision.issued > rb.issued):
             return None
         return rb
@@ -174,9 +177,9 @@ def read_evidence(client: MlflowClient, name: str, version: str | None,
             problems[kind] = problem
         elif d is not None:
             decisions[kind] = d
-    gate = decisions.get("gate")
+    gate = decisions.get(SignedKind.GATE)
     for kind, d in list(decisions.items()):
-        if kind != "gate" and (gate is None or d.files_sha256 != gate.files_sha256):
+        if kind != SignedKind.GATE and (gate is None or d.files_sha256 != gate.files_sha256):
             problems[kind] = (f"the signed {kind} decision names other model files than the gate decision"
                               if gate else f"a signed {kind} decision without a signed gate decision")
             del decisions[kind]
@@ -222,7 +225,7 @@ def _approval(ev: VersionEvidence, name: str, alias: str, cfg: ChurnConfig,
         return PromotionCheck(True, name, version, alias, "approval_not_required",
                               "registry.require_approval is off", {})
     approvers: list[tuple[str, str]] = []
-    signed = ev.get("approval")
+    signed = ev.get(SignedKind.APPROVAL)
     if signed is not None and ev.rolled_back_after(signed) is None:
         approvers.append((signed.actor, f"signed approval ({signed.run_id or 'cli'})"))
     tagged = (ev.mv.tags.get(APPROVAL_TAG) or "").strip()
@@ -332,29 +335,29 @@ def check_promotion(client: MlflowClient, name: str, version: str | None, cfg: C
         return result(True, "rollback", f"version {version} of '{name}' is the champion that version "
                       f"{holder} replaced, restored by a signed rollback (run {hrollback.run_id})")
     current_ref = hev.ref if hev else ""
-    v_rollback = ev.get("rollback")
-    override = ev.get("override")
+    v_rollback = ev.get(SignedKind.ROLLBACK)
+    override = ev.get(SignedKind.OVERRIDE)
     how_override = ("or override: `churn canary promote --force --reason TEXT` (signed)"
                     + (", or tag promotion_override set by a user of registry.override_users"
                        if cfg.registry.guard_auth == "basic-auth" else ""))
     if override is not None and override.champion == current_ref and ev.rolled_back_after(override) is None:
         evidence["override_reason"] = override.reason
-        return _approved(ev, name, alias, cfg, actor, result, evidence, "override",
+        return _approved(ev, name, alias, cfg, actor, result, evidence, SignedKind.OVERRIDE,
                          f"version {version} of '{name}' carries a signed override by {override.actor}: "
                          f"{override.reason}")
     tags = dict(ev.mv.tags or {})
     if cfg.registry.guard_auth == "basic-auth" and (tags.get(OVERRIDE_TAG) or "").strip() \
             and tags.get(OVERRIDE_BY_TAG) and tags.get(OVERRIDE_AGAINST_TAG) == current_ref:
         evidence["override_reason"] = tags[OVERRIDE_TAG]
-        return _approved(ev, name, alias, cfg, actor, result, evidence, "override",
+        return _approved(ev, name, alias, cfg, actor, result, evidence, SignedKind.OVERRIDE,
                          f"version {version} of '{name}' carries an override by {tags[OVERRIDE_BY_TAG]}: "
                          f"{tags[OVERRIDE_TAG]}")
     refused = _gated(ev, refuse, result, version, keys, how_override)
     if refused is not None:
         return refused
-    canary = ev.get("canary")
+    canary = ev.get(SignedKind.CANARY)
     if (v_rollback is not None and (canary is None or canary.issued <= v_rollback.issued)) or \
-            (canary is not None and canary.decision == "rollback"):
+            (canary is not None and canary.decision == CanaryVerdict.ROLLBACK):
         why = (f"signed rollback {v_rollback.run_id}: {v_rollback.reason}" if v_rollback is not None
                and (canary is None or canary.issued <= v_rollback.issued)
                else f"canary run {canary.run_id} says rollback")
@@ -363,11 +366,11 @@ def check_promotion(client: MlflowClient, name: str, version: str | None, cfg: C
         return _approved(ev, name, alias, cfg, actor, result, evidence, "first_champion",
                          f"version {version} of '{name}' passed the gate (signed, run "
                          f"{ev.decisions['gate'].run_id}) and the model has no champion yet")
-    if canary is None or canary.decision != "promote":
+    if canary is None or canary.decision != CanaryVerdict.PROMOTE:
         why = "it has no signed canary decision" if canary is None else f"canary run {canary.run_id} says " \
             f"{canary.decision}"
-        if "canary" in ev.problems:
-            why = ev.problems["canary"]
+        if SignedKind.CANARY in ev.problems:
+            why = ev.problems[SignedKind.CANARY]
         return refuse("canary_pending", why, f"serve it as canary until `churn canary evaluate` says promote "
                       f"{how_override}")
     if canary.champion != current_ref:
@@ -383,16 +386,16 @@ def check_promotion(client: MlflowClient, name: str, version: str | None, cfg: C
 def _gated(ev: VersionEvidence, refuse: Any, result: Any, version: str, keys: str,
            how_override: str = "") -> PromotionCheck | None:
     """A refusal unless ``ev`` has a verified gate decision ``passed``."""
-    gate = ev.get("gate")
+    gate = ev.get(SignedKind.GATE)
     if gate is None:
-        if "gate" in ev.problems:
-            return refuse("bad_signature", ev.problems["gate"] + keys,
+        if SignedKind.GATE in ev.problems:
+            return refuse("bad_signature", ev.problems[SignedKind.GATE] + keys,
                           "re-run the gate (`churn evaluate`) with the project's signing key")
         run = ev.mv.tags.get(GATE_RUN_TAG)
         why = "it has no signed gate decision" + (f" (gate run {run} is not signed)" if run else "") + keys
         return refuse("not_gated", why, f"run the gate (`churn evaluate --challenger {version}`, or alias "
                       f"challenger -> {version} with the webhook receiver running) {how_override}".rstrip())
-    if gate.decision != "passed":
+    if gate.decision != GateVerdict.PASSED:
         why = ev.mv.tags.get("gate_reasons") or "see the gate run"
         return refuse("gate_rejected", f"signed gate run {gate.run_id}: {why[:300]}",
                       f"train and gate a better version {how_override}".rstrip())

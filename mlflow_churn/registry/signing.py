@@ -36,20 +36,21 @@ from typing import Any
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
+from mlflow_churn.registry.vocab import CanaryVerdict, GateVerdict, SignedKind
+from mlflow_churn.tags import SIG_PREFIX
 
 _log = logging.getLogger("mlflow_churn.signing")
 
-SIG_PREFIX = "churn.sig."  # version tags holding signed decisions
 #: the kinds of signed decision and what their ``decision`` field may say
 KINDS: dict[str, tuple[str, ...]] = {
-    "gate": ("passed", "rejected"),
-    "canary": ("promote", "rollback", "wait"),
-    "rollback": ("rollback",),
-    "override": ("override",),
-    "approval": ("approved",),
+    SignedKind.GATE: tuple(GateVerdict),
+    SignedKind.CANARY: (CanaryVerdict.PROMOTE, CanaryVerdict.ROLLBACK, CanaryVerdict.WAIT),
+    SignedKind.ROLLBACK: ("rollback",),
+    SignedKind.OVERRIDE: ("override",),
+    SignedKind.APPROVAL: ("approved",),
     #: the canary's rollout weight (``churn.rollout.weight``): its value is in ``metrics_sha256``
     #: (:func:`metrics_digest` of ``{"weight": <the tag's text>}``), signed by the controller
-    "rollout": ("weight",),
+    SignedKind.ROLLOUT: ("weight",),
 }
 #: files MLflow itself writes into a registered version's directory (``registered_model_meta``
 #: when ``models:/`` is loaded in place from a local store): not the model, not digested
@@ -354,7 +355,7 @@ def record_signed(client: Any, cfg: ChurnConfig, name: str, version: str, kind: 
     the version's signed gate decision names (the gate computes it from the files)."""
     mv = client.get_model_version(name, str(version))
     if files_sha256 is None:
-        gate = (mv.tags or {}).get(sig_tag("gate"))
+        gate = (mv.tags or {}).get(sig_tag(SignedKind.GATE))
         try:
             files_sha256 = verifier_for(cfg).verify(gate).files_sha256 if gate else None
         except SignatureError:

@@ -46,6 +46,7 @@ from mlflow_churn.registry.signing import (
     version_files_digest,
     version_ref,
 )
+from mlflow_churn.registry.vocab import GateVerdict, SignedKind
 from mlflow_churn.tracking import server_failure
 
 CHECKS = ("exists", "signatures", "files", "lifecycle", "distinct")
@@ -148,7 +149,7 @@ def _signatures(ev: VersionEvidence, add: Any) -> None:
 
 
 def _files(client: MlflowClient, name: str, version: str, ev: VersionEvidence, add: Any) -> None:
-    gate = ev.get("gate")
+    gate = ev.get(SignedKind.GATE)
     if gate is None:
         add("files", False, "no signed gate decision names the version's files")
         return
@@ -171,8 +172,8 @@ def _canary(ev: VersionEvidence, champ: str | None, add: Any) -> None:
     if champ == version:
         add("distinct", False, f"champion and canary are both on version {version} (an interrupted "
             "promotion: run `churn canary promote` again)")
-    gate = ev.get("gate")
-    if gate is None or gate.decision != "passed":
+    gate = ev.get(SignedKind.GATE)
+    if gate is None or gate.decision != GateVerdict.PASSED:
         why = "no signed gate decision" if gate is None else f"its signed gate decision says {gate.decision}"
         add("lifecycle", False, f"canary on version {version}, but {why}"
             + (f" (run {gate.run_id})" if gate else ""))
@@ -185,23 +186,23 @@ def _promoted(ev: VersionEvidence, alias: str, previous: str | None, add: Any) -
     first champion (signed gate passed, no promotion, no previous-champion)."""
     version = str(ev.mv.version)
     promo = ev.promotion
-    gate = ev.get("gate")
+    gate = ev.get(SignedKind.GATE)
     if promo is not None:
         rollback = ev.rolled_back_after(promo)
         if rollback is not None:
             add("lifecycle", False, f"{alias} on version {version}, whose signed rollback (run "
                 f"{rollback.run_id}) is newer than its promotion: an interrupted rollback, run "
                 "`churn canary rollback` again")
-        elif promo.kind == "canary" and (gate is None or gate.decision != "passed"):
+        elif promo.kind == SignedKind.CANARY and (gate is None or gate.decision != GateVerdict.PASSED):
             add("lifecycle", False, f"{alias} on version {version}: promoted on its canary, but its signed "
                 "gate did not pass")
         else:
-            how = "override" if promo.kind == "override" else "canary promote"
+            how = "override" if promo.kind == SignedKind.OVERRIDE else "canary promote"
             replaced = promo.champion.split(":")[0] or "none"
             add("lifecycle", True, f"signed promotion ({how}, run {promo.run_id or '-'}, by {promo.actor}) "
                 f"replacing version {replaced}")
         return
-    if gate is None or gate.decision != "passed":
+    if gate is None or gate.decision != GateVerdict.PASSED:
         why = "no signed gate decision" if gate is None else f"its signed gate decision says {gate.decision}"
         add("lifecycle", False, f"{alias} on version {version}, which has no signed promotion and {why}")
     elif previous is not None:

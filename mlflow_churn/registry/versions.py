@@ -32,11 +32,12 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mlflow_churn.errors import is_missing
 from mlflow_churn.registry.aliases import alias_version, move_alias
+from mlflow_churn.tags import MODEL_VERSIONS_TAG
 from mlflow_churn.tracking import current_failure, one_attempt, server_failure
 
 MODEL_DESCRIPTION = "Churn model: P(churn) within the label horizon."
-MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # mlflow.utils.mlflow_tags.MLFLOW_MODEL_VERSIONS
 
 
 def model_id_of(model: Any) -> str | None:
@@ -131,7 +132,7 @@ def _register(client: MlflowClient, name: str, model: Any, *, run_id: str | None
     try:
         client.get_registered_model(name)
     except MlflowException as exc:
-        if server_failure(exc) is not None:
+        if not is_missing(exc):  # an outage, a refusal: not "the model does not exist yet"
             raise
         client.create_registered_model(name, description=MODEL_DESCRIPTION)
         created_model = True

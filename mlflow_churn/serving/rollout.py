@@ -84,12 +84,11 @@ from mlflow_churn.serving.canary import (
 )
 from mlflow_churn.serving.routing import WEIGHT_TAG
 from mlflow_churn.serving.transitions import promote, rollback
+from mlflow_churn.tags import ROLLOUT_STATE_TAG as STATE_TAG
 from mlflow_churn.times import utc
 
 _log = logging.getLogger("mlflow_churn.rollout")
 
-#: tag of the canary version holding the rollout's state (JSON)
-STATE_TAG = "churn.rollout.state"
 #: step changes kept in the state tag (every one is also an MLflow run)
 HISTORY_KEPT = 30
 

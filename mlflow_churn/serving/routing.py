@@ -13,15 +13,14 @@ from typing import Literal
 
 import numpy as np
 
+from mlflow_churn.tags import ROLLOUT_WEIGHT_TAG as WEIGHT_TAG
+
 Route = Literal["champion", "canary"]
 #: the prediction log's ``route`` values: who answered the customer, or (``shadow``) the
 #: canary's score of a customer the champion answered (``canary.mode: shadow``, never returned)
 CHAMPION_ROUTE, CANARY_ROUTE, SHADOW_ROUTE = "champion", "canary", "shadow"
 #: the values the ``X-Churn-Route`` header of a test request may force
 FORCEABLE = (CHAMPION_ROUTE, CANARY_ROUTE)
-#: tag of the canary version holding the percent of customers its rollout routes to it now
-#: (written by :mod:`mlflow_churn.serving.rollout`, read by the service on every alias reload)
-WEIGHT_TAG = "churn.rollout.weight"
 _SCALE = float(2**64)
 
 

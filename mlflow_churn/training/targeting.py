@@ -28,10 +28,8 @@ import pandas as pd
 
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.stats.metrics import add_segment_columns
-
-#: training-run tags of a targeted retrain (the gate reads them from the version's source run)
-TARGETS_TAG = "churn.target_segments"
-WEIGHT_TAG = "churn.segment_weight"
+from mlflow_churn.tags import SEGMENT_WEIGHT_TAG as WEIGHT_TAG
+from mlflow_churn.tags import TARGETS_TAG
 
 
 def parse_segment_key(key: str) -> tuple[str, str]:
