@@ -42,6 +42,20 @@ def _need(service: str, host: str, port: int) -> None:
     pytest.skip(msg)
 
 
+#: the marker of the service a test needs, by the fixtures that reach it (the whole fixture
+#: closure counts: a fixture built on ``mlflow_server`` needs PostgreSQL too). A test reaching a
+#: service another way carries the marker itself; tests/test_markers.py checks both.
+SERVICE_FIXTURES = {"postgres_url": "postgres", "mlflow_server": "postgres", "redis_prefix": "redis",
+                    "redis_url": "redis", "browser": "chromium"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture in sorted(set(getattr(item, "fixturenames", ())) & SERVICE_FIXTURES.keys()):
+            item.add_marker(SERVICE_FIXTURES[fixture])
+
+
 #: Small SQLAlchemy pools for every MLflow store this session opens on PostgreSQL, in this
 #: process and in the servers it starts (they inherit the environment): MLflow's default
 #: (5 kept + 10 overflow per engine, two engines per server process) let two suites on one

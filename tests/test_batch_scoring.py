@@ -150,6 +150,7 @@ def test_cli_scores_into_the_project_run(config: ChurnConfig, champion, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.spark
 def test_spark_engine_gives_identical_scores(config: ChurnConfig, champion, tmp_path: Path) -> None:
     pytest.importorskip("pyspark")
     local = score_batch(config, AS_OF, out_dir=config.workspace / "local")

@@ -105,3 +105,42 @@ def test_configuration_reference_check_flags_a_stale_page(tmp_path: Path) -> Non
     assert subprocess.run([*cmd, "--write", str(page)], timeout=120).returncode == 0
     assert subprocess.run([*cmd, "--check", str(page)], timeout=120).returncode == 0
     assert page.read_text().startswith("# Configuration\n\n") and "`simulation.customers`" in page.read_text()
+
+
+#: a module path a page names: ``mlflow_churn.x.y`` (a module, or a name in one) or ``mlflow_churn/x/y.py``
+_DOTTED = re.compile(r"\bmlflow_churn(?:\.[A-Za-z_]\w*)+")
+_SLASHED = re.compile(r"\bmlflow_churn(?:/[A-Za-z_]\w*)+(?:\.py)?")
+
+
+def _resolves(dotted: str) -> bool:
+    """``dotted`` is a module, or a module and attributes of it."""
+    import importlib
+    import warnings
+
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # mlflow_churn.evaluate, named as such
+            for attr in parts[i:]:
+                obj = getattr(obj, attr, None)
+                if obj is None:
+                    return False
+        return True
+    return False
+
+
+def test_every_module_path_the_docs_name_exists() -> None:
+    """A module that moved (``monitoring/`` to ``stats/``, ``data/``, ``training/``) leaves no page
+    naming the old path."""
+    missing = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = page.read_text()
+        missing += [f"{page.name}: {m}" for m in sorted(set(_SLASHED.findall(text)))
+                    if not ((ROOT / m).exists() or (ROOT / f"{m}.py").exists())]
+        missing += [f"{page.name}: {m}" for m in sorted(set(_DOTTED.findall(text))) if not _resolves(m)]
+    assert missing == []
+    assert _resolves("mlflow_churn.stats.drift.psi") and not _resolves("mlflow_churn.monitoring.drift")

@@ -33,11 +33,10 @@ T2 = datetime(2026, 3, 27, tzinfo=UTC)
 T3 = datetime(2026, 4, 3, tzinfo=UTC)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 def backend(request: pytest.FixtureRequest) -> dict:
     """Config overrides of one backend (redis: a unique prefix on the machine's Redis)."""
     if request.param == "redis":
-        request.applymarker(pytest.mark.redis)
         return {"features.online_backend": "redis",
                 "features.redis_url": request.getfixturevalue("redis_url"),
                 "features.redis_prefix": request.getfixturevalue("redis_prefix")}

@@ -2,7 +2,7 @@
 headless Chromium (Debian packages ``chromium`` and ``chromium-driver``; .ci/run installs
 them) driven by Selenium.
 
-Deselect with ``-m "not browser"``. Skipped when Chromium is missing, except in CI (the
+Deselect with ``-m "not chromium"``. Skipped when Chromium is missing, except in CI (the
 ``browser`` fixture of conftest.py: a fresh profile per test).
 """
 
@@ -14,7 +14,7 @@ import pytest
 from guard_support import canary_verdict, gate, guard_config, guard_server, new_version, set_alias
 from mlflow.tracking import MlflowClient
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+pytestmark = [pytest.mark.chromium, pytest.mark.slow]
 
 
 def _add_alias(driver, url: str, name: str, version: str, alias: str, shots: Path) -> None:

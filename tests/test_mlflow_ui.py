@@ -4,7 +4,7 @@ MLflow 3.17's UI picks an experiment's view from a per-browser workflow type (UR
 else local storage, else GenAI), not from the ``mlflow.experimentKind`` tag: see
 :mod:`mlflow_churn.web.mlflow_ui`. Fast: the page rewrite, the kind tag on every experiment
 the project makes (``churn``, alias history, an experiment made elsewhere that a project run
-writes into). Browser (``-m browser``): a fresh Chromium profile opens ``churn`` from the
+writes into). Browser (``-m chromium``): a fresh Chromium profile opens ``churn`` from the
 experiment list of ``mlflow server --app-name churn-guard`` and sees the runs table.
 """
 
@@ -97,7 +97,7 @@ def test_every_experiment_the_project_makes_carries_the_kind(config) -> None:
 
 
 # ------------------------------------------------------------------ a person in a fresh browser
-@pytest.mark.browser
+@pytest.mark.chromium
 @pytest.mark.slow
 def test_fresh_browser_opens_churn_on_its_runs(browser, tmp_path: Path, workspace: Path) -> None:
     from guard_support import guard_config, guard_server, new_version, set_alias
