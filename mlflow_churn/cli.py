@@ -1,8 +1,9 @@
 """The ``churn`` command: parses options, calls one module function, prints the result.
 
-Bad input raises :class:`~mlflow_churn.errors.ChurnError` deep down; :func:`main` turns it,
-and Click's usage errors (a wrong option type, an unknown option or command), into one line
-``error: ...`` on stderr and exit code 2.
+Failures raise a :class:`~mlflow_churn.errors.ChurnError` of their kind deep down; :func:`main`
+turns it, and Click's usage errors (a wrong option type, an unknown option or command), into
+one line ``error: ...`` on stderr and the kind's exit code (``mlflow_churn.errors.ANSWERS``:
+2 for bad input, not found and conflict, 3 for an unavailable dependency, named).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from mlflow_churn.cli_common import (
     progress_arg,
 )
 from mlflow_churn.config import SCENARIOS, mask_text, masked
-from mlflow_churn.errors import ChurnError, first_line
+from mlflow_churn.errors import ChurnError, Unavailable, exit_code, first_line, outage
 from mlflow_churn.interrupt import SafeInterrupt
 
 app = typer.Typer(
@@ -211,6 +212,14 @@ _click = importlib.import_module(typer.BadParameter.__module__)
 _NO_ARGS = getattr(_click, "NoArgsIsHelpError", ())
 
 
+def _one_line_text(exc: ChurnError) -> str:
+    """A ChurnError's message on one line; an outage's names its dependency."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, Unavailable) and exc.dependency.lower() not in text.lower():
+        text = f"{exc.dependency} unavailable: {text}"
+    return text
+
+
 def _one_line(exc: Exception) -> str:
     """Click's message on one line, naming the rejected value, with where to find the usage."""
     text = " ".join(exc.format_message().split()).rstrip(".")
@@ -223,7 +232,8 @@ def _one_line(exc: Exception) -> str:
 
 #: (module, exception class) of failures a command can meet in its environment: a path that
 #: is missing or unwritable, a corrupt file, a service that does not answer, a registry that
-#: refuses a value. main() reports them in one line (exit 2) like a ChurnError; the module
+#: refuses a value. main() reports them in one line (exit 2, or 3 when :func:`failure_of` finds
+#: a dependency down) like a ChurnError; the module
 #: is looked up only when already imported (an exception cannot come from one that is not)
 _EXPECTED: tuple[tuple[str, str], ...] = (
     ("duckdb", "Error"), ("pyarrow", "ArrowException"), ("mlflow.exceptions", "MlflowException"),
@@ -248,8 +258,30 @@ def expected_failure(exc: BaseException) -> str | None:
     return None
 
 
+def failure_of(exc: BaseException) -> ChurnError | None:
+    """``exc`` as the :class:`ChurnError` of its kind: itself when it is one; an
+    :class:`~mlflow_churn.errors.Unavailable` naming the dependency for a connection-type
+    failure (the tracking server not answering or answering 5xx, Redis, PostgreSQL); bad input
+    for the other expected failures of :func:`expected_failure`; None for anything else (a bug)."""
+    if isinstance(exc, ChurnError):
+        return exc
+    if "mlflow" in sys.modules:
+        from mlflow_churn.tracking import TrackingUnavailable, server_failure
+
+        reason = server_failure(exc)
+        if reason is not None:
+            uri = sys.modules["mlflow"].get_tracking_uri()
+            return TrackingUnavailable(f"the MLflow tracking server at {uri} failed ({reason}); try again "
+                                       "when it answers")
+    down = outage(exc)
+    if down is not None:
+        return down
+    line = expected_failure(exc)
+    return ChurnError(line) if line is not None else None
+
+
 def main() -> None:
-    """Console-script entry point: one-line errors, exit code 2 on bad input."""
+    """Console-script entry point: one-line errors, the exit code of the error's kind."""
     # MLflow's per-download bars would interleave with the commands' own progress and tables
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # against `mlflow server` MLflow prints "View run ... at: URL" on stdout when a run ends,
@@ -269,18 +301,15 @@ def main() -> None:
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(1)
-    except ChurnError as exc:
-        typer.echo(f"error: {mask_text(str(exc))}", err=True)
-        sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as exc:
-        line = expected_failure(exc)
-        if line is None:
+        failure = failure_of(exc)
+        if failure is None:
             raise
-        typer.echo(f"error: {mask_text(line)}", err=True)
-        sys.exit(2)
+        typer.echo(f"error: {mask_text(_one_line_text(failure))}", err=True)
+        sys.exit(exit_code(failure))
     if code == 130:  # Typer turns a KeyboardInterrupt inside a command into Exit(130), silently
         typer.echo("interrupted", err=True)
     if isinstance(code, int) and code:  # typer.Exit(n) of a command (e.g. check-skew's 1)

@@ -278,7 +278,7 @@ def test_verify_of_an_unreachable_server_is_an_error(churn_main, workspace: Path
     assert res.returncode == 2 and "no registered model" in res.stderr  # nothing to verify is no pass
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nobody listens
     res = churn_main(["--workspace", str(workspace), "registry", "verify", "--json"])
-    assert res.returncode == 2 and "cannot reach" in res.stderr and res.stdout == ""
+    assert res.returncode == 3 and "cannot reach" in res.stderr and res.stdout == ""  # an outage
 
 
 def test_approve_then_promote_with_require_approval_and_self_approval_is_refused(

@@ -52,7 +52,7 @@ from mlflow_churn.features.online import BatchInfo, OnlineStore, StoreUnavailabl
 from mlflow_churn.features.registry import FeatureRegistry, UnknownFeatureError, registry_for
 from mlflow_churn.web import errors as web_errors
 from mlflow_churn.web.auth import check_bearer
-from mlflow_churn.web.breaker import CircuitBreaker, Unavailable
+from mlflow_churn.web.breaker import CircuitBreaker, Unavailable, is_outage
 from mlflow_churn.web.limits import HttpLimits
 from mlflow_churn.web.limits import serve as serve_app
 from mlflow_churn.web.metrics import Metrics
@@ -233,7 +233,7 @@ class FeatureService:
         self._conflicts: dict[tuple[str, tuple[str, ...]], list[str]] = {}
         fc = cfg.features
         self.breaker = CircuitBreaker(f"the online store ({fc.online_backend})", self._probe,
-                                      fc.breaker_failures, fc.breaker_probe_seconds, _store_failure)
+                                      fc.breaker_failures, fc.breaker_probe_seconds, is_outage)
         self.last_batch: BatchInfo | None = None  # the newest batch seen (for /metrics)
 
     def _probe(self) -> None:
@@ -416,13 +416,6 @@ class FeatureService:
 
     def age(self, batch: BatchInfo) -> float | None:
         return (self.clock() - batch.watermark).total_seconds() if batch.watermark else None
-
-
-def _store_failure(exc: BaseException) -> bool:
-    """A failure of the store itself (counts for the breaker), not an answer about the data."""
-    if isinstance(exc, ApiError | Unavailable):
-        return False
-    return isinstance(exc, StoreUnavailable) or not isinstance(exc, ChurnError)
 
 
 def _unavailable(err: BaseException) -> str:

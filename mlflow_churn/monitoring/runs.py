@@ -48,7 +48,7 @@ from mlflow_churn.monitoring.input_warnings import log_input_warnings
 from mlflow_churn.monitoring.policy import PolicyDecision, WindowStats, psi_floor
 from mlflow_churn.monitoring.report import evidently_report, psi_figure, timeline_figure
 from mlflow_churn.stats.performance import Performance, SegmentPerformance, segment_metric_suffix
-from mlflow_churn.tracking import setup_mlflow
+from mlflow_churn.tracking import download_if_present, setup_mlflow
 from mlflow_churn.training.baseline import UNSELECTED, early_key
 
 TAG_PREFIX = "monitor."
@@ -290,9 +290,8 @@ def read_history(cfg: ChurnConfig, model_name: str, version: str, before: dateti
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for _, run_id in items[-limit:]:
-            try:
-                local = client.download_artifacts(run_id, "window_stats.json", tmp)
-            except Exception:  # a run without the artifact (crashed window): skip it
+            local = download_if_present(client, run_id, "window_stats.json", tmp)
+            if local is None:  # a run without the artifact (crashed window): skip it
                 continue
             out.append(WindowStats.from_dict(json.loads(Path(local).read_text())))
     return out

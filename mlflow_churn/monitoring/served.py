@@ -46,7 +46,7 @@ import pandas as pd
 
 from mlflow_churn.config import ChurnConfig, mask_text
 from mlflow_churn.data.bounds import data_bounds
-from mlflow_churn.errors import ChurnError, first_line
+from mlflow_churn.errors import ChurnError, Unavailable, first_line
 from mlflow_churn.features.definitions import FeatureSet
 from mlflow_churn.features.offline import longest_window
 from mlflow_churn.features.registry import registry_for
@@ -93,7 +93,7 @@ def read_served(log_url: str, as_of: datetime, window_days: int) -> ServedRows:
         raise
     except Exception as exc:  # sqlite3 / psycopg2 errors: an outage is a failure, never an empty window
         what = f"cannot read the prediction log at {log_url}: {first_line(exc)}"
-        raise ChurnError(mask_text(what)) from None
+        raise Unavailable(mask_text(what), "prediction log") from None
     finally:
         log.close()
     rows["values"] = served_values(rows)

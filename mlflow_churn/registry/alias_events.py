@@ -63,6 +63,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_churn.alerts import fire, resolve
 from mlflow_churn.background import QueueWorker
 from mlflow_churn.config import ChurnConfig
+from mlflow_churn.errors import is_missing
 from mlflow_churn.registry import history
 from mlflow_churn.registry.aliases import CANARY, CHAMPION, aliases_of, move_alias, remove_alias
 from mlflow_churn.registry.claims import read_tag
@@ -288,7 +289,9 @@ class AliasWatcher(QueueWorker[AliasEvent]):
         at = event.at or now
         try:
             tags = self.client.get_registered_model(event.model).tags
-        except MlflowException:
+        except MlflowException as exc:
+            if not is_missing(exc):  # an outage is not "no claims"
+                raise
             tags = {}
         claim = read_tag(tags, event.alias or "", to, at, self._claims_taken)
         what = f"model_version_alias.{event.action} (delivery {event.delivery_id})"

@@ -14,6 +14,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mlflow_churn.errors import is_missing
 from mlflow_churn.registry.claims import Claim, claiming, write_tag
 from mlflow_churn.registry.history import default_actor, record_project_move, writer_of
 
@@ -30,10 +31,13 @@ def model_uri(name: str, alias: str) -> str:
 
 
 def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
-    """The version behind ``alias``, or None when the alias (or the model) does not exist."""
+    """The version behind ``alias``, or None when the alias (or the model) does not exist.
+    Any other failure (the registry down, a 5xx) propagates: it is never "no such alias"."""
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
+    except MlflowException as exc:
+        if not is_missing(exc, or_invalid=True):
+            raise
         return None
 
 
@@ -42,7 +46,9 @@ def aliases_of(client: MlflowClient, name: str) -> dict[str, str]:
     ints; empty when the model is unknown)."""
     try:
         return {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
-    except MlflowException:
+    except MlflowException as exc:
+        if not is_missing(exc):  # an outage is not "no aliases"
+            raise
         return {}
 
 

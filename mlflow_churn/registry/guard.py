@@ -73,6 +73,7 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_churn.alerts import fire
 from mlflow_churn.config import ChurnConfig, load_config
+from mlflow_churn.errors import is_missing
 from mlflow_churn.registry import history
 from mlflow_churn.registry.aliases import CHAMPION, aliases_of
 from mlflow_churn.registry.claims import claim_from_headers
@@ -519,7 +520,9 @@ class Guard:
                 return None  # MLflow refuses it itself
             try:
                 root = self.client.get_run(run_id).info.artifact_uri
-            except MlflowException:
+            except MlflowException as exc:
+                if not is_missing(exc):
+                    raise
                 return None  # MLflow answers the unknown run
             path = _relative(root.rstrip("/") + "/" + sub.lstrip("/"))
         else:

@@ -98,7 +98,6 @@ from pydantic import BaseModel, ConfigDict
 
 from mlflow_churn.alerts import start_sender, stop_sender
 from mlflow_churn.config import ChurnConfig
-from mlflow_churn.errors import ChurnError
 from mlflow_churn.serving import transitions
 from mlflow_churn.serving.service import (
     CHAMPION_ROUTE,
@@ -170,10 +169,6 @@ def create_app(cfg: ChurnConfig, start_background: bool = True) -> FastAPI:
     app = FastAPI(title="mlflow-churn scoring", version="1", lifespan=lifespan)
     app.state.service = service
     sv = cfg.serving
-
-    @app.exception_handler(ChurnError)
-    async def _churn_error(_req: Request, exc: ChurnError) -> JSONResponse:
-        return web_errors.error_response(409, str(exc))
 
     @app.exception_handler(MlflowException)
     async def _mlflow_error(_req: Request, exc: MlflowException) -> JSONResponse:

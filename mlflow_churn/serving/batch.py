@@ -53,7 +53,7 @@ from mlflow_churn.progress import ProgressArg, resolve
 from mlflow_churn.registry.aliases import CHAMPION
 from mlflow_churn.registry.aliases import model_uri as alias_uri
 from mlflow_churn.times import utc
-from mlflow_churn.tracking import setup_mlflow
+from mlflow_churn.tracking import server_failure, setup_mlflow
 from mlflow_churn.training.model import Scorer, load_scorer
 
 #: rows per Arrow record batch: large enough that per-batch overhead vanishes next to
@@ -261,6 +261,8 @@ def _resolve_model(cfg: ChurnConfig, model_uri: str | None) -> tuple[str, str | 
             latest = client.get_latest_versions(name, stages=[tail] if tail else None)
         return uri, str(latest[0].version) if latest else None
     except MlflowException as exc:
+        if server_failure(exc) is not None:
+            raise  # an outage: the CLI names the tracking server (exit 3)
         first = first_line(exc)
         hint = ("; register a model and set the alias (e.g. `churn train`, then promote it), "
                 "or pass --model-uri") if model_uri is None else ""

@@ -23,10 +23,11 @@ import mlflow
 import numpy as np
 import pandas as pd
 import xgboost as xgb
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig
-from mlflow_churn.errors import ChurnError
+from mlflow_churn.errors import ChurnError, NotFound, is_missing
 from mlflow_churn.evaluation.holdout import holdout_cutoffs, holdout_frame, parse_tag_time
 from mlflow_churn.features.registry import FeatureSet
 from mlflow_churn.registry.versions import register_model_version
@@ -138,8 +139,10 @@ def compress(cfg: ChurnConfig, version: str | int, as_of: datetime, budget: floa
     name = cfg.training.model_name
     try:
         parent = client.get_model_version(name, str(version))
-    except Exception:
-        raise ChurnError(f"model '{name}' has no version '{version}'; see `churn canary status`") from None
+    except MlflowException as exc:
+        if not is_missing(exc, or_invalid=True):
+            raise  # the registry did not answer: an outage, not a missing version
+        raise NotFound(f"model '{name}' has no version '{version}'; see `churn canary status`") from None
     scorer = load_scorer(f"models:/{name}/{parent.version}", parent.version)
     fs, booster = scorer.feature_set, scorer.booster
     if fs.from_table:

@@ -59,7 +59,7 @@ from typing import Any
 import pandas as pd
 
 from mlflow_churn.config import mask_text
-from mlflow_churn.errors import ChurnError, first_line
+from mlflow_churn.errors import ChurnError, Unavailable, first_line, outage
 from mlflow_churn.features.online import loads_payloads
 from mlflow_churn.jsonable import dumps
 
@@ -168,6 +168,8 @@ class PredictionLog:
                 self._con.execute("PRAGMA busy_timeout=5000")
         except Exception as exc:  # sqlite3 / psycopg2 errors differ
             first = f"cannot open the prediction log at {self.url}: {first_line(exc)}"
+            if outage(exc) is not None:  # its server down or unreachable: exit 3 / 503
+                raise Unavailable(mask_text(first), "prediction log") from None
             raise ChurnError(mask_text(first)) from None
         self._ph = "%s" if self._pg else "?"
         ts = "TIMESTAMPTZ" if self._pg else "TEXT"

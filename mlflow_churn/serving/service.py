@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError, first_line
-from mlflow_churn.features.online import StoreUnavailable, open_store
+from mlflow_churn.features.online import open_store
 from mlflow_churn.serving.input_checks import CheckResult, InputIssue, encode_warnings
 from mlflow_churn.serving.log_writer import LogWriter, PredictionLogUnavailable
 from mlflow_churn.serving.models import LoadedModel, ModelManager, ModelPair
@@ -36,7 +36,7 @@ from mlflow_churn.serving.routing import CANARY_ROUTE, CHAMPION_ROUTE, FORCEABLE
 from mlflow_churn.serving.shadow import ShadowExecutor
 from mlflow_churn.times import utc
 from mlflow_churn.web import errors as web_errors
-from mlflow_churn.web.breaker import CircuitBreaker, Unavailable
+from mlflow_churn.web.breaker import CircuitBreaker, Unavailable, is_outage
 from mlflow_churn.web.metrics import Metrics
 
 log = logging.getLogger("mlflow_churn.serving")
@@ -116,7 +116,7 @@ class ScoringService:
         fc = cfg.features
         self.breaker = CircuitBreaker(f"the online store ({fc.online_backend})",
                                       lambda: self.store().current_batch(), fc.breaker_failures,
-                                      fc.breaker_probe_seconds, _store_failure)
+                                      fc.breaker_probe_seconds, is_outage)
         self.metrics.describe("churn_online_store_circuit_open", "gauge",
                               "1 while the online store's circuit breaker is open (503 at once)")
 
@@ -504,14 +504,6 @@ def _field(req: PredictRequest, ids: list[int], issue: InputIssue) -> str:
     if req.records is not None:
         return f"records.{issue.row}.{issue.feature}"
     return f"customer_ids.{issue.row} (customer {ids[issue.row]}, online store) feature {issue.feature}"
-
-
-def _store_failure(exc: BaseException) -> bool:
-    """A failure of the online store itself (counts for the breaker), not an answer."""
-
-    if isinstance(exc, ServiceError | Unavailable):
-        return False
-    return isinstance(exc, StoreUnavailable) or not isinstance(exc, ChurnError)
 
 
 def _values(values: Any, columns: list[str]) -> dict[str, Any]:

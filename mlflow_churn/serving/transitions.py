@@ -32,7 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig
-from mlflow_churn.errors import ChurnError, first_line
+from mlflow_churn.errors import ChurnError, Conflict, NotFound, first_line
 from mlflow_churn.jsonable import jsonable
 from mlflow_churn.registry.aliases import (
     CANARY,
@@ -131,10 +131,10 @@ def promote(cfg: ChurnConfig, reason: str, version: str | None = None,
                 return _noop(cfg, "promote", name, str(version), before, reason,
                              f"already promoted: version {version} is the champion of '{name}'")
             if canary is None:
-                raise ChurnError(f"'{name}' has no canary to promote (aliases: {before or 'none'}); "
-                                 "pass a challenger through `churn evaluate` first")
-            raise ChurnError(f"version {version} is not the canary of '{name}' (canary is {canary}); "
-                             "check --version")
+                raise Conflict(f"'{name}' has no canary to promote (aliases: {before or 'none'}); "
+                               "pass a challenger through `churn evaluate` first")
+            raise Conflict(f"version {version} is not the canary of '{name}' (canary is {canary}); "
+                           "check --version")
         resuming = before.get(CHAMPION) == canary  # an interrupted promotion: champion moved already
         if resuming:
             replaced = _replaced_champion(client, name, canary, verifier)
@@ -144,7 +144,7 @@ def promote(cfg: ChurnConfig, reason: str, version: str | None = None,
             old = before.get(CHAMPION)
             approval = check_approval(client, name, canary, cfg, actor=actor, verifier=verifier)
             if not approval.allowed:  # registry.require_approval
-                raise ChurnError(approval.message)
+                raise Conflict(approval.message)
             # logged as a canary-evaluate run: it signs its verdict against the current champion,
             # the decision a guarded server (registry.promotion.check_promotion) reads
             proof, proof_error = _transition_evidence(cfg, evidence, as_of, since, log_run=old is not None)
@@ -161,7 +161,7 @@ def promote(cfg: ChurnConfig, reason: str, version: str | None = None,
                                   run_id=run_id, reason=reason, actor=actor)
                 check = check_promotion(client, name, canary, cfg, CHAMPION, actor=actor, verifier=verifier)
                 if not check.allowed:
-                    raise ChurnError(check.message)
+                    raise Conflict(check.message)
                 mlflow.set_tag("promotion_rule", check.rule)
                 move_alias(client, name, CHAMPION, canary, cfg.evaluation.mirror_stages, **who)
             result = _finish_promotion(cfg, client, canary, old, before, reason, run_id, who)
@@ -191,9 +191,9 @@ def _version_of_ref(client: MlflowClient, name: str, ref: str, what: str) -> Any
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        raise ChurnError(f"{what} names version {number} of '{name}', which no longer exists") from None
+        raise NotFound(f"{what} names version {number} of '{name}', which no longer exists") from None
     if version_ref(mv) != ref:
-        raise ChurnError(f"{what} names version {number} of '{name}', but that version was re-created "
+        raise Conflict(f"{what} names version {number} of '{name}', but that version was re-created "
                          "since (another identity); nothing was changed")
     return mv
 
@@ -203,13 +203,13 @@ def _require_promote_verdict(cfg: ChurnConfig, canary: str, proof: CanaryEvaluat
     """ChurnError unless ``proof`` is a ``promote`` verdict on ``canary`` with enough traffic."""
     fix = "; to promote anyway pass --force with --reason TEXT (recorded as an override)"
     if proof is None:
-        raise ChurnError(f"cannot promote version {canary}: no canary evidence ({proof_error}){fix}")
+        raise Conflict(f"cannot promote version {canary}: no canary evidence ({proof_error}){fix}")
     rows = proof.routes["canary"].rows if "canary" in proof.routes else 0
     need = cfg.canary.needed(cfg.serving)
     if proof.verdict != "promote" or rows < need:
         why = "; ".join(proof.reasons) or "no reason given"
-        raise ChurnError(f"cannot promote version {canary}: the canary verdict is '{proof.verdict}' on "
-                         f"{rows} logged predictions (canary.min_requests={need}): {why}{fix}")
+        raise Conflict(f"cannot promote version {canary}: the canary verdict is '{proof.verdict}' on "
+                       f"{rows} logged predictions (canary.min_requests={need}): {why}{fix}")
 
 
 def _finish_promotion(cfg: ChurnConfig, client: MlflowClient, canary: str, old: str | None,
@@ -254,9 +254,9 @@ def adopt_promotion(cfg: ChurnConfig, version: str, previous: str | None, actor:
                          f"champion of '{name}' is no longer version {version} ({before.get(CHAMPION)})")
         replaced = _replaced_champion(client, name, str(version), verifier_for(cfg))
         if replaced is not None and previous and previous != str(replaced.version):
-            raise ChurnError(f"champion of '{name}' moved from version {previous} to {version} by hand, "
-                             f"but the signed promotion of version {version} replaced version "
-                             f"{replaced.version}; previous-champion left as it is")
+            raise Conflict(f"champion of '{name}' moved from version {previous} to {version} by hand, "
+                           f"but the signed promotion of version {version} replaced version "
+                           f"{replaced.version}; previous-champion left as it is")
         # previous-champion goes only onto the version the signed promotion names (none after
         # the first champion, or a promotion no signed decision records)
         left_behind = str(replaced.version) if replaced is not None else None
@@ -309,18 +309,18 @@ def rollback(cfg: ChurnConfig, reason: str, version: str | None = None,
                                                   or _pending_rollback(client, name, champion, verifier))
         if version is not None and str(version) == champion and str(version) != canary:
             if not champion_back:
-                raise ChurnError(f"version {version} is the champion of '{name}' but there is no "
-                                 "previous-champion to go back to")
+                raise Conflict(f"version {version} is the champion of '{name}' but there is no "
+                               "previous-champion to go back to")
             return _rollback_champion(cfg, client, before, reason, evidence, as_of, since, actor, lock,
                                       verifier)
         if canary is None:
             if version is None and champion_back:
                 return _rollback_champion(cfg, client, before, reason, evidence, as_of, since, actor, lock,
                                           verifier)
-            raise ChurnError(f"'{name}' has no canary to roll back and no previous-champion to go back to "
-                             f"(aliases: {before or 'none'})")
+            raise Conflict(f"'{name}' has no canary to roll back and no previous-champion to go back to "
+                           f"(aliases: {before or 'none'})")
         if version is not None and str(version) != canary:
-            raise ChurnError(f"version {version} is not the canary of '{name}' (canary is {canary})")
+            raise Conflict(f"version {version} is not the canary of '{name}' (canary is {canary})")
         proof, proof_error = _transition_evidence(cfg, evidence, as_of, since)
         with fail_fast(cfg, f"rolling back v{canary} of '{name}'"), \
                 decision_run(cfg, f"rollback v{canary}") as run, failed_on_error(cfg):
@@ -373,14 +373,14 @@ def _rollback_champion(cfg: ChurnConfig, client: MlflowClient, before: dict[str,
     replaced = _replaced_champion(client, name, demoted, verifier)
     left = before.get(PREVIOUS_CHAMPION)
     if replaced is None:
-        raise ChurnError(f"version {demoted} of '{name}' has no signed promotion naming the champion it "
-                         f"replaced (previous-champion: {left or 'none'}); there is nothing to roll back to "
-                         "(promote another version, or `churn canary promote --force --reason TEXT`)")
+        raise Conflict(f"version {demoted} of '{name}' has no signed promotion naming the champion it "
+                       f"replaced (previous-champion: {left or 'none'}); there is nothing to roll back to "
+                       "(promote another version, or `churn canary promote --force --reason TEXT`)")
     restored = str(replaced.version)
     if left is not None and left != restored:
-        raise ChurnError(f"cannot roll back '{name}': previous-champion is version {left} but the signed "
-                         f"promotion of the champion (version {demoted}) replaced version {restored}; "
-                         "run `churn registry verify` and fix previous-champion first")
+        raise Conflict(f"cannot roll back '{name}': previous-champion is version {left} but the signed "
+                       f"promotion of the champion (version {demoted}) replaced version {restored}; "
+                       "run `churn registry verify` and fix previous-champion first")
     mirror = cfg.evaluation.mirror_stages
     proof, proof_error = _transition_evidence(cfg, evidence, as_of, since)
     with fail_fast(cfg, f"rolling champion of '{name}' back to v{restored}"), \

@@ -49,6 +49,7 @@ from mlflow_churn.config import ChurnConfig
 from mlflow_churn.data.groups import holdout_mask, validation_mask
 from mlflow_churn.data.sources import source_reference
 from mlflow_churn.data.tables import TablePaths
+from mlflow_churn.errors import is_missing
 from mlflow_churn.features.offline import build_training_frame
 from mlflow_churn.stats import performance
 from mlflow_churn.training.frames import TrainingFrames
@@ -198,7 +199,9 @@ def version_baseline(client: Any, tags: dict[str, str], early_days: int) -> Base
     if tags.get("train_run_id"):
         try:
             metrics = client.get_run(tags["train_run_id"]).data.metrics
-        except Exception:  # a version whose training run was deleted: tags only
+        except Exception as exc:  # a version whose training run was deleted: tags only
+            if not is_missing(exc):  # anything else (the server down, a 5xx) is no answer
+                raise
             metrics = {}
 
     def value(key: str) -> float | None:

@@ -43,9 +43,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlflow_churn.errors import ChurnError
+from mlflow_churn.errors import ChurnError, NotFound, is_missing
 from mlflow_churn.features.registry import FeatureSet
 from mlflow_churn.stats import drift
+from mlflow_churn.tracking import server_failure
 
 PROFILE_FORMAT = 1
 PROFILE_ARTIFACT = "reference/profile.json"
@@ -223,7 +224,9 @@ def profile_for_version(client: Any, name: str, version: str | int) -> dict[str,
     try:
         mv = client.get_model_version(name, str(version))
     except MlflowException as exc:
-        raise ChurnError(
+        if not is_missing(exc, or_invalid=True):
+            raise  # an outage (the CLI names the tracking server) or a refusal
+        raise NotFound(
             f"model '{name}' version {version} not found in the registry: {exc.message}"
         ) from exc
     run_id = (mv.tags or {}).get("train_run_id") or mv.run_id
@@ -237,6 +240,8 @@ def profile_for_version(client: Any, name: str, version: str | int) -> dict[str,
     try:
         listed = {f.path for f in client.list_artifacts(run_id, folder)}
     except (MlflowException, OSError) as exc:
+        if server_failure(exc) is not None:
+            raise  # an outage: the CLI names the tracking server (exit 3)
         raise ChurnError(f"cannot list the artifacts of run {run_id} of model '{name}' version {version}: "
                          f"{getattr(exc, 'message', exc)}") from exc
     if PROFILE_ARTIFACT not in listed:
@@ -245,6 +250,8 @@ def profile_for_version(client: Any, name: str, version: str | int) -> dict[str,
         try:
             local = client.download_artifacts(run_id, PROFILE_ARTIFACT, tmp)
         except (MlflowException, OSError) as exc:
+            if server_failure(exc) is not None:
+                raise
             raise ChurnError(f"cannot download {PROFILE_ARTIFACT} of run {run_id} (model '{name}' version "
                              f"{version}): {getattr(exc, 'message', exc)}") from exc
         return load_profile(local)

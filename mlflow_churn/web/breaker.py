@@ -1,6 +1,7 @@
 """A circuit breaker for a dependency an HTTP app reads on the request path (Redis).
 
-Closed: calls go through; ``failures`` consecutive dependency failures open it.
+Closed: calls go through; ``failures`` consecutive dependency failures open it (only outages:
+:func:`is_outage`; a bug such as a KeyError, or an answer about the data, never does).
 Open: calls fail at once with :class:`Unavailable` (no request waits on a dead or
 stalled dependency); a background thread runs ``probe`` every ``probe_seconds`` and
 closes the breaker on the first success.
@@ -9,26 +10,39 @@ closes the breaker on the first success.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from mlflow_churn import errors
+
 T = TypeVar("T")
 log = logging.getLogger("mlflow_churn.web")
 
 
-class Unavailable(Exception):
-    """The breaker is open: the dependency failed recently and is not called."""
+class Unavailable(errors.Unavailable):
+    """The breaker is open: the dependency failed recently and is not called (503)."""
+
+
+def is_outage(exc: BaseException) -> bool:
+    """A failure of the dependency itself, which counts towards opening a breaker: an
+    :class:`mlflow_churn.errors.Unavailable` (not the breaker's own answer), a connection-type
+    failure (:func:`mlflow_churn.errors.outage`), or SQLite's OperationalError (a file store's
+    busy timeout). Anything else (bad input, "not found", a KeyError bug) is not."""
+    if isinstance(exc, Unavailable):
+        return False
+    return errors.outage(exc) is not None or isinstance(exc, sqlite3.OperationalError)
 
 
 class CircuitBreaker:
-    """See the module doc. ``is_failure(exc)`` tells a dependency failure (counts) from an
-    answer the caller must handle (does not count, e.g. "no such batch")."""
+    """See the module doc. ``is_failure(exc)`` (default :func:`is_outage`) tells a dependency
+    failure (counts) from an answer the caller must handle or a bug (does not count)."""
 
     def __init__(self, name: str, probe: Callable[[], object], failures: int = 3,
                  probe_seconds: float = 1.0,
-                 is_failure: Callable[[BaseException], bool] = lambda exc: True) -> None:
+                 is_failure: Callable[[BaseException], bool] = is_outage) -> None:
         self.name, self._probe, self.threshold = name, probe, max(1, int(failures))
         self.probe_seconds, self._is_failure = float(probe_seconds), is_failure
         self._lock = threading.Lock()
@@ -52,7 +66,7 @@ class CircuitBreaker:
     def call(self, fn: Callable[[], T]) -> T:
         """``fn()``, or :class:`Unavailable` at once while open. Failures are re-raised."""
         if self._open_since is not None:
-            raise Unavailable(self.detail())
+            raise Unavailable(self.detail(), self.name)
         try:
             out = fn()
         except BaseException as exc:
@@ -100,4 +114,4 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-__all__ = ["CircuitBreaker", "Unavailable"]
+__all__ = ["CircuitBreaker", "Unavailable", "is_outage"]

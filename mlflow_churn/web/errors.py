@@ -3,6 +3,9 @@
 Every answer that is not a success is ``{"detail": "..."}`` (plus optional extra fields):
 
 - :class:`HttpError` raised anywhere -> its status and detail;
+- a :class:`~mlflow_churn.errors.ChurnError` -> the status of its kind
+  (:data:`mlflow_churn.errors.ANSWERS`: 422 bad input, 404 not found, 409 conflict, 503 an
+  unavailable dependency, named in the detail);
 - a request that does not validate -> 422 naming each bad field (and its value);
 - an unknown route or method -> 404 / 405 naming them;
 - a body over the app's limit -> 413, decided from ``Content-Length`` before the app runs
@@ -28,6 +31,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mlflow_churn.errors import ChurnError, Unavailable, http_status
 
 log = logging.getLogger("mlflow_churn.web")
 
@@ -131,6 +136,20 @@ async def _http_error(_req: Request, exc: Exception) -> JSONResponse:
     return exc.response()
 
 
+def churn_error_response(exc: ChurnError) -> JSONResponse:
+    """The answer to a ChurnError: the status of its kind, its message as the detail (an
+    outage's names the dependency that is down)."""
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, Unavailable) and exc.dependency.lower() not in detail.lower():
+        detail = f"{exc.dependency} unavailable: {detail}"
+    return error_response(http_status(exc), detail)
+
+
+async def _churn_error(_req: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ChurnError)
+    return churn_error_response(exc)
+
+
 async def _validation(_req: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     return error_response(422, validation_detail(exc))
@@ -223,10 +242,12 @@ def install(app: FastAPI, max_body_bytes: int, limit_key: str,
     """The shared error handlers and the :class:`Guard` (outermost of the app's middleware
     added so far; add counting middleware after it to count its answers too)."""
     app.add_exception_handler(HttpError, _http_error)
+    app.add_exception_handler(ChurnError, _churn_error)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _starlette)
     app.add_middleware(Guard, max_body_bytes=max_body_bytes, limit_key=limit_key, on_response=on_response)
 
 
-__all__ = ["EDGE_STATUSES", "ErrorDetail", "Guard", "HttpError", "PayloadTooLarge", "error_response",
+__all__ = ["EDGE_STATUSES", "ErrorDetail", "Guard", "HttpError", "PayloadTooLarge", "churn_error_response",
+           "error_response",
            "error_responses", "install", "quote", "validation_detail"]

@@ -15,7 +15,7 @@ import duckdb
 import orjson
 import pandas as pd
 
-from mlflow_churn.errors import ChurnError
+from mlflow_churn.errors import ChurnError, Unavailable
 from mlflow_churn.features.sandbox import lock_down
 from mlflow_churn.features.writer_lock import WriterLock
 from mlflow_churn.times import utc
@@ -270,8 +270,10 @@ def check_order(current: BatchInfo | None, as_of: datetime, allow_older: bool, l
         )
 
 
-class StoreUnavailable(ChurnError):
+class StoreUnavailable(Unavailable):
     """The online store's server cannot be reached (a 503 for the HTTP apps, not a 404)."""
+
+    default_dependency = "online store"
 
 
 def lost_batch(batch_id: str, location: str) -> ChurnError:
