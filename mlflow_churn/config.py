@@ -80,8 +80,9 @@ class SimulationConfig(_Section):
     days: int = Field(120, ge=1, le=36_500, description="simulated days of daily activity")
     start: date = Field(date(2026, 1, 1), ge=date(1970, 1, 1), le=date(2200, 12, 31),
                         description="first simulated day (UTC), 1970-01-01 .. 2200-12-31")
-    scenario: Literal[SCENARIOS] = "stable"  # type: ignore[valid-type]
-    seed: int = Field(42, ge=0)
+    scenario: Literal[SCENARIOS] = Field(  # type: ignore[valid-type]
+        "stable", description="what changes in the simulated data and when (docs/simulator.md)")
+    seed: int = Field(42, ge=0, description="random seed: the same seed and sizes give the same bytes")
     onset_day: int | None = Field(
         None, ge=0, description="day index where the scenario starts drifting; None = days // 2"
     )
@@ -92,8 +93,9 @@ class SimulationConfig(_Section):
 class FeaturesConfig(_Section):
     """Feature store: online backend, freshness SLA and label horizon."""
 
-    online_backend: Literal["sqlite", "redis"] = "sqlite"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    online_backend: Literal["sqlite", "redis"] = Field(
+        "sqlite", description="online store: sqlite (a file in the workspace) or redis (features.redis_url)")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis of the online store (redis)")
     redis_prefix: str = Field("churn", description="key prefix of every Redis key we write")
     feature_set: str = Field("churn_default", description="feature set the model trains on")
     label_horizon_days: int = Field(30, ge=1, description="churn within this many days = 1")
@@ -147,8 +149,8 @@ class FeaturesConfig(_Section):
 class TrainingConfig(_Section):
     """Training window, tuning budget and registration."""
 
-    model_name: str = "churn-model"
-    experiment: str = "churn"
+    model_name: str = Field("churn-model", description="registered model the loop trains, gates and serves")
+    experiment: str = Field("churn", description="MLflow experiment of the training runs")
     window_days: int = Field(30, ge=1, description="production window ending at as_of (days)")
     history_days: int = Field(0, ge=0, description="extra rolling history before the window")
     history_weight: float = Field(0.5, ge=0, le=1, description="sample weight of history rows")
@@ -170,9 +172,10 @@ class TrainingConfig(_Section):
         0.2, gt=0, lt=1,
         description="share of the non-holdout customers whose newest rows validate; never trained on",
     )
-    n_trials: int = Field(20, ge=1)
-    timeout_seconds: float | None = Field(None, gt=0)
-    seed: int = 42
+    n_trials: int = Field(20, ge=1, description="Optuna trials per training")
+    timeout_seconds: float | None = Field(
+        None, gt=0, description="time limit of the Optuna study (seconds); None: n_trials only")
+    seed: int = Field(42, description="seed of the split, the tuning and the bootstraps")
     storage: str | None = Field(
         None, description="Optuna RDB storage URL shared by workers (e.g. postgresql://...); None = in memory"
     )
@@ -192,7 +195,8 @@ class EvaluationConfig(_Section):
     monthly_revenue: float = Field(60.0, ge=0, description="revenue per customer per month")
     offer_cost: float = Field(10.0, ge=0, description="cost of one retention offer")
     save_rate: float = Field(0.3, ge=0, le=1, description="share of targeted churners kept")
-    segments: list[str] = Field(default_factory=lambda: ["plan", "region", "contract"])
+    segments: list[str] = Field(default_factory=lambda: ["plan", "region", "contract"],
+                                description="columns the gate compares the models on, per value")
     min_auc_delta: float = Field(0.0, ge=0, le=1, description="challenger AUC must beat by this")
     segment_tolerance: float = Field(0.02, ge=0, le=1, description="max per-segment AUC loss")
     segment_alpha: float = Field(
@@ -244,11 +248,13 @@ class TriggerConfig(_Section):
     noise-thresholded performance trigger that may act on one window).
     """
 
-    metric: Literal[TRIGGER_METRICS]  # type: ignore[valid-type]
+    metric: Literal[TRIGGER_METRICS] = Field(  # type: ignore[valid-type]
+        description="a drift statistic (per feature or segment) or a performance drop")
     feature: str = Field("*", description="feature name, or * for any feature")
-    op: Literal[">", ">=", "<", "<="] = ">"
-    value: float | None = None
-    persistence: PersistenceConfig | None = None
+    op: Literal[">", ">=", "<", "<="] = Field(">", description="how the metric compares with value")
+    value: float | None = Field(None, description="threshold; only ks may leave it out")
+    persistence: PersistenceConfig | None = Field(
+        None, description="this trigger's own persistence (windows, required); None: the policy's")
 
     @model_validator(mode="after")
     def _needs_value(self) -> TriggerConfig:
@@ -273,14 +279,17 @@ class PolicyConfig(_Section):
             TriggerConfig(metric="auc_drop", op=">", value=0.05),
             TriggerConfig(metric="early_auc_drop", op=">", value=0.05,
                           persistence=PersistenceConfig(windows=1, required=1)),
-        ]
+        ],
+        description="the retraining triggers, each metric op value; combine says how many must fire",
     )
-    combine: Literal["any", "all", "k_of_n"] = "any"
+    combine: Literal["any", "all", "k_of_n"] = Field(
+        "any", description="how the triggers combine: any, all, or k of them (k_of_n, k)")
     k: int = Field(1, ge=1, description="triggers that must fire when combine = k_of_n")
     persistence: PersistenceConfig = Field(default_factory=PersistenceConfig)
     hysteresis: HysteresisConfig = Field(default_factory=HysteresisConfig)
     cooldown_days: int = Field(7, ge=0, description="no retrain within this many days of the last")
-    integrity: Literal["block", "warn"] = "block"
+    integrity: Literal["block", "warn"] = Field(
+        "block", description="an integrity fault blocks the decision (block) or is only reported (warn)")
     max_null_increase: float = Field(
         0.05, ge=0, le=1,
         description="null-rate rise (absolute) of a feature or a raw source column that is an integrity "
@@ -330,7 +339,8 @@ class MonitoringConfig(_Section):
         "fires; not in the default triggers",
     )
     min_segment_size: int = Field(300, ge=1, description="smaller segments are not tested")
-    segments: list[str] = Field(default_factory=lambda: ["plan", "region", "contract"])
+    segments: list[str] = Field(default_factory=lambda: ["plan", "region", "contract"],
+                                description="customer columns monitored value by value (drift, performance)")
     auc_baseline: Literal["val_auc_unselected", "val_auc", "first_window"] = Field(
         "val_auc_unselected",
         description="what auc_drop compares the realised AUC (customers never trained on) with: the "
@@ -530,8 +540,8 @@ class CanaryAlarmsConfig(_Section):
 class ServingConfig(_Section):
     """Online scoring service, canary split and canary analysis."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="bind address of `churn serve`")
+    port: int = Field(8080, ge=1, le=65535, description="port of `churn serve`")
     canary_fraction: float = Field(0.1, ge=0, le=1, description="share of customers routed to canary")
     routing_salt: str = Field("churn", description="salt of the sticky customer hash")
     prediction_log: str | None = Field(
@@ -573,7 +583,7 @@ class ServingConfig(_Section):
     read_timeout_seconds: float = _read_timeout_seconds("scoring service")
     reload_seconds: float = Field(10.0, gt=0, description="how often aliases are re-checked")
     min_canary_samples: int = Field(500, ge=1, description="canary predictions before any verdict")
-    max_error_rate: float = Field(0.01, ge=0, le=1)
+    max_error_rate: float = Field(0.01, ge=0, le=1, description="canary error rate above: rollback")
     max_p99_ms: float = Field(
         50.0,
         gt=0,
@@ -707,8 +717,8 @@ class CanaryConfig(_Section):
 class HooksConfig(_Section):
     """Registry webhook receiver (`churn hooks serve`)."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(8090, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="bind address of `churn hooks serve` (the webhook receiver)")
+    port: int = Field(8090, ge=1, le=65535, description="port of `churn hooks serve`")
     secret: str | None = Field(None, description="webhook HMAC secret; env CHURN_HOOKS__SECRET")
     max_age_seconds: int = Field(300, ge=1, description="older deliveries are rejected as replays")
     max_body_bytes: int = Field(
