@@ -238,7 +238,7 @@ def _one_line(exc: Exception) -> str:
 _EXPECTED: tuple[tuple[str, str], ...] = (
     ("duckdb", "Error"), ("pyarrow", "ArrowException"), ("mlflow.exceptions", "MlflowException"),
     ("redis.exceptions", "RedisError"), ("sqlite3", "Error"), ("sqlalchemy.exc", "OperationalError"),
-    ("psycopg", "OperationalError"), ("psycopg2", "OperationalError"), ("yaml", "YAMLError"),
+    ("psycopg", "OperationalError"), ("yaml", "YAMLError"),
 )
 
 

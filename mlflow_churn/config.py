@@ -808,7 +808,7 @@ class MlflowServerConfig(_Section):
     # --- server mode of the demo (churn demo --server) ---
     server_backend_uri: str | None = Field(
         None, description="--backend-store-uri of the demo's `mlflow server`: a PostgreSQL URL "
-        "(postgresql://user@host:5432/db or postgresql+psycopg2://...; a new database is created on "
+        "(postgresql://user@host:5432/db, opened with psycopg 3; a new database is created on "
         "that server per run), env CHURN_MLFLOW_BACKEND_URI; None = a SQLite file in the workspace")
     http_max_retries: int = Field(
         3, ge=0, le=10, description="retries of one MLflow HTTP request (connection errors, timeouts, "
@@ -880,7 +880,7 @@ class AlertsConfig(_Section):
 
 
 #: the scheduler's job store: SQLite (a file) or PostgreSQL (e.g. the tracking server's)
-_JOB_STORE_URL = r"^(sqlite:///\S+|(postgresql|postgresql\+psycopg2|postgres)://\S+)$"
+_JOB_STORE_URL = r"^(sqlite:///\S+|(postgresql|postgresql\+psycopg2?|postgres)://\S+)$"
 
 
 class SchedulerJobConfig(_Section):
@@ -1058,6 +1058,35 @@ _SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_key|private_ke
 #: ``scheme://user:password@host`` in any string value (PostgreSQL, Redis, MLflow URLs)
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)(?P<pw>[^@/\s]+)(?P<at>@)")
 _QUERY_PASSWORD = re.compile(r"(?P<head>[?&](?:password|passwd|pwd|token|secret)=)(?P<pw>[^&\s]+)", re.I)
+
+
+#: the URL schemes of PostgreSQL, with or without a SQLAlchemy driver part
+_PG_SCHEMES = ("postgresql", "postgres")
+#: the SQLAlchemy driver the package uses for PostgreSQL (psycopg 3; psycopg2 is not a dependency)
+PG_DRIVER = "postgresql+psycopg"
+
+
+def is_postgres_url(url: str) -> bool:
+    """True for ``postgresql://``, ``postgres://`` and ``postgresql+<driver>://`` URLs."""
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    return scheme.split("+", 1)[0].lower() in _PG_SCHEMES
+
+
+def sqlalchemy_url(url: str) -> str:
+    """``url`` as SQLAlchemy (and ``mlflow server --backend-store-uri``) should open it here:
+    a PostgreSQL URL with psycopg 3 (``postgresql://``, ``postgres://`` or
+    ``postgresql+psycopg2://`` -> ``postgresql+psycopg://``); any other URL unchanged."""
+    if not is_postgres_url(url):
+        return url
+    return f"{PG_DRIVER}://{url.split('://', 1)[1]}"
+
+
+def libpq_url(url: str) -> str:
+    """A PostgreSQL URL as libpq / ``psycopg.connect`` take it (``postgresql://``, the
+    SQLAlchemy driver part dropped); any other URL unchanged."""
+    if not is_postgres_url(url):
+        return url
+    return f"postgresql://{url.split('://', 1)[1]}"
 
 
 def mask_text(text: str) -> str:

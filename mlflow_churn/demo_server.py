@@ -6,7 +6,8 @@ Ctrl-C, SIGTERM):
 - ``mlflow server`` (:func:`mlflow_churn.tracking_server.start_tracking_server`) on 127.0.0.1
   and a free port (or ``--mlflow-port``), ``--backend-store-uri`` = a NEW database on the PostgreSQL server of
   ``mlflow.server_backend_uri`` / ``CHURN_MLFLOW_BACKEND_URI`` (``postgresql://user@host/db``
-  or ``postgresql+psycopg2://...``; ``db`` is only where to connect to create it), or, when
+  or ``postgresql+psycopg://...``, opened with psycopg 3; ``db`` is only where to connect to create
+  it), or, when
   none is given, a new SQLite file ``<workspace>/mlflow-server.db``;
   ``--artifacts-destination <workspace>/mlartifacts`` (proxied: this process never touches it);
   webhooks enabled for loopback receivers;

@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from mlflow_churn.config import mask_text
+import psycopg
+
+from mlflow_churn.config import libpq_url, mask_text, sqlalchemy_url
 from mlflow_churn.errors import ChurnError, first_line
 
 LOOPBACK = "127.0.0.1"
@@ -227,7 +229,8 @@ def start_tracking_server(
 ) -> TrackingServer:
     """Start ``mlflow server`` and wait for ``/health``.
 
-    - ``backend_uri``: ``postgresql://...`` or ``sqlite:///...`` (webhooks need a SQL store);
+    - ``backend_uri``: ``postgresql://...`` (opened with psycopg 3: ``postgresql+psycopg://``)
+      or ``sqlite:///...`` (webhooks need a SQL store);
     - ``artifacts_dir``: ``--artifacts-destination`` (created; proxied by the server);
     - ``app_name``: ``--app-name`` (an ``mlflow.app`` entry point, e.g. ``churn-guard``);
     - ``env``: the child's environment (default :func:`server_env`);
@@ -237,6 +240,7 @@ def start_tracking_server(
     Raises ChurnError, with the end of the server's log, when it does not come up. Interrupted
     (KeyboardInterrupt) while it waits, it stops the child before the interrupt goes on.
     """
+    backend_uri = sqlalchemy_url(backend_uri)
     artifacts = Path(artifacts_dir).resolve()
     artifacts.mkdir(parents=True, exist_ok=True)
     child_env = dict(server_env() if env is None else env)
@@ -274,20 +278,12 @@ def start_tracking_server(
 
 
 # ------------------------------------------------------------------ PostgreSQL databases
-def _admin_connect(url: str):
-    """A psycopg2 connection in autocommit to the server of ``url`` (its database)."""
-    import psycopg2
-
-    parts = urlsplit(_plain_postgres(url))
-    return psycopg2.connect(host=parts.hostname or LOOPBACK, port=parts.port or 5432,
-                            user=parts.username or None, password=parts.password or None,
-                            dbname=(parts.path or "/").lstrip("/") or "postgres")
-
-
-def _plain_postgres(url: str) -> str:
-    """``postgresql+driver://`` -> ``postgresql://`` (libpq does not know the driver part)."""
-    scheme, rest = url.split("://", 1)
-    return f"{scheme.split('+', 1)[0]}://{rest}"
+def _admin_connect(url: str) -> psycopg.Connection:
+    """A psycopg 3 connection in autocommit to the server of ``url`` (its database)."""
+    parts = urlsplit(libpq_url(url))
+    return psycopg.connect(host=parts.hostname or LOOPBACK, port=parts.port or 5432,
+                           user=parts.username or None, password=parts.password or None,
+                           dbname=(parts.path or "/").lstrip("/") or "postgres", autocommit=True)
 
 
 def _admin_execute(url: str, sql: str) -> None:
@@ -295,15 +291,11 @@ def _admin_execute(url: str, sql: str) -> None:
     ChurnError naming the server (password masked) when it cannot be reached."""
     try:
         conn = _admin_connect(url)
-    except Exception as exc:  # psycopg2.OperationalError and friends
+    except psycopg.Error as exc:  # OperationalError (down, refused, no such role) and friends
         raise ChurnError(f"cannot connect to PostgreSQL at {mask_text(url)} ({first_line(exc)}); start it or "
                          "fix mlflow.server_backend_uri / CHURN_MLFLOW_BACKEND_URI") from None
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
+    with conn:
+        conn.execute(sql)
 
 
 def create_database(admin_url: str, name: str | None = None) -> str:

@@ -89,19 +89,16 @@ def _restore_mlflow_environ() -> Iterator[None]:
 def postgres_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL database for this test; dropped afterwards."""
     _need("PostgreSQL", PG_HOST, PG_PORT)
-    import psycopg2
+    import psycopg
 
     name = f"churn_test_{uuid.uuid4().hex[:12]}"
-    admin = psycopg2.connect(host=PG_HOST, port=PG_PORT, user="postgres", dbname="test")
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{name}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    admin_url = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/test"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
@@ -322,7 +319,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     from mlflow_churn.tracking_server import create_database, drop_database, start_tracking_server
 
     root = tmp_path_factory.mktemp("mlflow-server")
-    url = create_database(f"postgresql+psycopg2://postgres@{PG_HOST}:{PG_PORT}/test")
+    url = create_database(f"postgresql://postgres@{PG_HOST}:{PG_PORT}/test")
     try:
         server = start_tracking_server(url, root / "mlartifacts", log_path=root / "server.log", cwd=root)
         try:

@@ -29,11 +29,9 @@ AUDIT_EXPERIMENT = "churn-registry-audit"
 
 # --------------------------------------------------------------------------- PostgreSQL
 def _admin():
-    import psycopg2
+    import psycopg
 
-    con = psycopg2.connect(host=PG_HOST, port=PG_PORT, user="postgres", dbname="postgres")
-    con.autocommit = True
-    return con
+    return psycopg.connect(host=PG_HOST, port=PG_PORT, user="postgres", dbname="postgres", autocommit=True)
 
 
 @contextmanager

@@ -194,10 +194,11 @@ def test_server_mode_children_and_webhook_gate(config, register_version, monkeyp
 
 @pytest.mark.postgres
 @pytest.mark.slow
-def test_psycopg2_url_accepted_by_a_real_server(mlflow_server) -> None:
-    assert mlflow_server.backend_uri.startswith("postgresql+psycopg2://")
+def test_plain_postgres_url_runs_a_real_server_on_psycopg3(mlflow_server) -> None:
+    """The fixture passes a plain postgresql:// URL: the server is started on psycopg 3."""
+    assert mlflow_server.backend_uri.startswith("postgresql+psycopg://")
     client = MlflowClient(mlflow_server.url, mlflow_server.url)
-    exp = client.create_experiment(f"psycopg2-{os.getpid()}-{time.time_ns()}")
+    exp = client.create_experiment(f"psycopg-{os.getpid()}-{time.time_ns()}")
     assert client.get_experiment(exp).experiment_id == exp
 
 

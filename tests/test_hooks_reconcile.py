@@ -386,7 +386,7 @@ def test_server_killed_mid_gate_then_restarted_gets_the_version_gated(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow_churn.tracking_server import start_tracking_server, stop_process
 
-    backend = postgres_url.replace("postgresql://", "postgresql+psycopg2://", 1)
+    backend = postgres_url.replace("postgresql://", "postgresql+psycopg://", 1)
     artifacts = tmp_path / "mlartifacts"
     servers = [start_tracking_server(backend, artifacts, log_path=tmp_path / "server1.log", cwd=tmp_path)]
     url, port = servers[0].url, servers[0].port

@@ -127,9 +127,9 @@ def test_a_sqlite_log_of_the_old_schema_is_migrated(tmp_path: Path) -> None:
 
 @pytest.mark.postgres
 def test_a_postgres_log_of_the_old_schema_is_migrated(postgres_url: str) -> None:
-    import psycopg2
+    import psycopg
 
-    con = psycopg2.connect(postgres_url)
+    con = psycopg.connect(postgres_url)
     with con.cursor() as cur:
         cur.execute(_OLD_SCHEMA.format(ts="TIMESTAMPTZ"))
         cur.executemany("INSERT INTO predictions VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",

@@ -111,13 +111,12 @@ def test_async_writer_is_bounded_while_the_database_is_locked(tmp_path: Path) ->
 
 @pytest.mark.postgres
 def test_sync_writer_fails_loudly_then_reconnects(postgres_url: str) -> None:
-    import psycopg2
+    import psycopg
 
     writer = LogWriter(postgres_url, Metrics(), mode="sync")
     writer.start()
     writer.submit(_records(3))  # committed when submit returns
-    admin = psycopg2.connect(postgres_url)
-    admin.autocommit = True
+    admin = psycopg.connect(postgres_url, autocommit=True)
     with admin.cursor() as cur:  # the server drops the writer's session
         cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                     "WHERE datname = current_database() AND pid <> pg_backend_pid()")

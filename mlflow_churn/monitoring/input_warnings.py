@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from mlflow_churn.config import ChurnConfig, mask_text
+from mlflow_churn.config import ChurnConfig, is_postgres_url, mask_text
 from mlflow_churn.errors import ChurnError, first_line
 from mlflow_churn.serving.input_checks import KINDS, WarningCounts, served_warning_counts
 from mlflow_churn.serving.prediction_log import PredictionLog
@@ -39,7 +39,7 @@ def window_input_warnings(cfg: ChurnConfig, as_of: datetime, version: str) -> Wa
     there is no prediction log (an SQLite log file that does not exist). Raises ChurnError when
     the log cannot be read."""
     url = cfg.prediction_log_url
-    if not url.startswith(("postgresql://", "postgres://")) and not Path(url).exists():
+    if not is_postgres_url(url) and not Path(url).exists():
         return None
     since = as_of - timedelta(days=cfg.monitoring.window_days) + _TICK
     log = PredictionLog(url)  # ChurnError when it cannot be opened
@@ -47,7 +47,7 @@ def window_input_warnings(cfg: ChurnConfig, as_of: datetime, version: str) -> Wa
         return served_warning_counts(log, since, as_of + _TICK, version)
     except ChurnError:
         raise
-    except Exception as exc:  # sqlite3 / psycopg2 errors reading it
+    except Exception as exc:  # sqlite3 / psycopg errors reading it
         raise ChurnError(mask_text(f"cannot read the prediction log: {first_line(exc)}")) from None
     finally:
         log.close()

@@ -10,15 +10,8 @@ from pathlib import Path
 import psycopg
 from filelock import FileLock, Timeout
 
-from mlflow_churn.config import ChurnConfig
+from mlflow_churn.config import ChurnConfig, is_postgres_url, libpq_url
 from mlflow_churn.errors import ChurnError
-
-
-def _pg_url(uri: str) -> str | None:
-    for prefix in ("postgresql+psycopg2://", "postgresql+psycopg://", "postgresql://", "postgres://"):
-        if uri.startswith(prefix):
-            return "postgresql://" + uri[len(prefix):]
-    return None
 
 
 @contextmanager
@@ -50,11 +43,10 @@ def model_lock(store_uri: str, name: str, lock_dir: Path, timeout_s: float = 120
     own ``namespace`` / ``lock_dir`` (:func:`mlflow_churn.registry.history.history_lock`)."""
     busy = (f"the lock of model '{name}' is held by another promote / rollback / guard for more "
             f"than {timeout_s:g} s")
-    pg = _pg_url(store_uri)
-    if pg:
+    if is_postgres_url(store_uri):
         key = int.from_bytes(hashlib.blake2b(f"{namespace}:{name}".encode(), digest_size=8).digest(),
                              "big", signed=True)
-        with psycopg.connect(pg, autocommit=True) as con:
+        with psycopg.connect(libpq_url(store_uri), autocommit=True) as con:
             wait_ms = max(1, int(timeout_s * 1000))  # lock_timeout 0 would mean "wait for ever"
             con.execute("SELECT set_config('lock_timeout', %s, false)", (f"{wait_ms}ms",))
             try:

@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
+from mlflow_churn.config import sqlalchemy_url
+
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 TABLE = "churn_scheduler_runs"
 
@@ -34,7 +36,8 @@ def engine(url: str) -> sa.Engine:
     with _engines_lock:
         eng = _engines.get(url)
         if eng is None:
-            eng = sa.create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
+            eng = sa.create_engine(sqlalchemy_url(url),
+                                   connect_args={"timeout": 30} if url.startswith("sqlite") else {})
             _meta.create_all(eng)
             _engines[url] = eng
         return eng

@@ -57,8 +57,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import psycopg
 
-from mlflow_churn.config import mask_text
+from mlflow_churn.config import is_postgres_url, libpq_url, mask_text
 from mlflow_churn.errors import ChurnError, Unavailable, first_line, outage
 from mlflow_churn.features.online import loads_payloads
 from mlflow_churn.jsonable import dumps
@@ -144,7 +145,8 @@ class FeatureSampler:
 
 
 class PredictionLog:
-    """Append and read prediction rows; thread-safe; ``url`` is a path or ``postgresql://``.
+    """Append and read prediction rows; thread-safe; ``url`` is a path or ``postgresql://``
+    (psycopg 3).
 
     ``sampler`` decides which rows keep their served feature values (default: all rows,
     16 KiB each at most)."""
@@ -153,20 +155,17 @@ class PredictionLog:
         self.url = str(url)
         self.sampler = sampler or FeatureSampler()
         self._lock = threading.Lock()
-        self._pg = self.url.startswith(("postgresql://", "postgres://"))
+        self._pg = is_postgres_url(self.url)
         try:
             if self._pg:
-                import psycopg2
-
-                self._con = psycopg2.connect(self.url)
-                self._con.autocommit = False
+                self._con = psycopg.connect(libpq_url(self.url), autocommit=False)
             else:
                 Path(self.url).parent.mkdir(parents=True, exist_ok=True)
                 self._con = sqlite3.connect(self.url, check_same_thread=False, isolation_level=None)
                 self._con.execute("PRAGMA journal_mode=WAL")
                 self._con.execute("PRAGMA synchronous=NORMAL")
                 self._con.execute("PRAGMA busy_timeout=5000")
-        except Exception as exc:  # sqlite3 / psycopg2 errors differ
+        except Exception as exc:  # sqlite3 / psycopg errors differ
             first = f"cannot open the prediction log at {self.url}: {first_line(exc)}"
             if outage(exc) is not None:  # its server down or unreachable: exit 3 / 503
                 raise Unavailable(mask_text(first), "prediction log") from None
@@ -210,7 +209,7 @@ class PredictionLog:
                 if "duplicate column" not in str(exc):
                     raise ChurnError(mask_text(f"cannot add column {name} to the prediction log at "
                                                f"{self.url}: {first_line(exc)}")) from None
-            except Exception as exc:  # psycopg2 errors
+            except Exception as exc:  # psycopg errors
                 self._abort()
                 raise ChurnError(mask_text(f"cannot add column {name} to the prediction log at "
                                            f"{self.url}: {first_line(exc)}")) from None
@@ -231,9 +230,7 @@ class PredictionLog:
         with self._lock:  # the sampler's draws and counter too
             rows = [self._row(r) for r in records]
             if self._pg and self._con.closed:  # the server went away earlier: reconnect
-                import psycopg2
-
-                self._con = psycopg2.connect(self.url)
+                self._con = psycopg.connect(libpq_url(self.url), autocommit=False)
             cur = self._con.cursor()
             try:
                 if self._pg:

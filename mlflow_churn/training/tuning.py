@@ -39,7 +39,7 @@ import xgboost as xgb
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from mlflow_churn.config import ChurnConfig
+from mlflow_churn.config import ChurnConfig, sqlalchemy_url
 from mlflow_churn.errors import ChurnError, first_line
 from mlflow_churn.tracking import client_run
 
@@ -149,19 +149,9 @@ def fit_classifier(params: dict[str, Any], data: FitData, seed: int, early_stopp
 
 
 def storage_url(url: str | None) -> str | None:
-    """An Optuna storage URL SQLAlchemy can open here: ``postgresql://`` / ``postgres://`` use
-    psycopg2 (the installed driver; SQLAlchemy 2.1 would default to psycopg 3)."""
-    if not url:
-        return None
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            try:
-                import psycopg  # noqa: F401
-
-                return url
-            except ImportError:
-                return "postgresql+psycopg2://" + url[len(prefix):]
-    return url
+    """An Optuna storage URL SQLAlchemy can open here: a PostgreSQL one with psycopg 3
+    (:func:`mlflow_churn.config.sqlalchemy_url`)."""
+    return sqlalchemy_url(url) if url else None
 
 
 @functools.lru_cache(maxsize=8)
