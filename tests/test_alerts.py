@@ -37,6 +37,7 @@ import pandas as pd
 import pytest
 import yaml
 from ports import ServerThread, start_on_free_port
+from wait_support import wait_until
 
 from mlflow_churn.alerts import (
     Outbox,
@@ -71,13 +72,7 @@ def _binary(*names: str) -> str:
 
 
 def _wait(what: str, check: Callable[[], Any], timeout: float = 90.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_until(check, timeout, what)
 
 
 class Receiver:

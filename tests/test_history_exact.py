@@ -38,6 +38,7 @@ from guard_pg_support import config as guard_config
 from hooks_support import Receiver, register_webhook
 from mlflow.tracking import MlflowClient
 from serving_support import run_cli
+from wait_support import wait_until
 
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.errors import ChurnError
@@ -368,6 +369,7 @@ class Driver:
 
 
 @pytest.mark.slow
+@pytest.mark.postgres
 def test_200_random_moves_through_the_guard_are_recorded_exactly_once_in_server_order(tmp_path) -> None:
     _pg_or_skip()
     keys = make_keys(tmp_path / "keys")
@@ -436,16 +438,11 @@ def _alias_deliveries(workspace: Path) -> list[str]:
 
 
 def _wait(what: str, ok: Callable[[], object], timeout: float = 240, log: Callable[[], str] | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = ok()
-        if value:
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"{what} not within {timeout} s" + (f"; log: {log()}" if log else ""))
+    return wait_until(ok, timeout, what, interval=0.5, detail=(lambda: f"log: {log()}") if log else None)
 
 
 @pytest.mark.slow
+@pytest.mark.postgres
 def test_force_promote_then_rollback_with_the_receiver_running_records_no_phantom(tmp_path) -> None:
     _pg_or_skip()
     keys = make_keys(tmp_path / "keys")

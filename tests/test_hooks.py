@@ -7,11 +7,11 @@ import json
 import subprocess
 import sys
 import threading
-import time
 import uuid
 
 import pytest
 from fastapi.testclient import TestClient
+from wait_support import wait_until
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
@@ -186,18 +186,17 @@ def test_end_to_end_real_mlflow_server_fires_the_gate(config, register_version, 
             chal = register_version(cfg, "good", alias=None)
             client.set_registered_model_alias(name, "challenger", chal.version)
 
-            deadline = time.monotonic() + 120
-            run = None  # the gate tags the version from inside its run: wait for the run to end too
-            while time.monotonic() < deadline and (run is None or run.info.status == "RUNNING"):
+            def ended_gate_run():  # the gate tags the version from inside its run: wait for it to end too
                 run_id = client.get_model_version(name, chal.version).tags.get("gate_run_id")
                 run = client.get_run(run_id) if run_id else None
-                if run is None or run.info.status == "RUNNING":
-                    time.sleep(1)
-            assert run, f"no gate decision within 120 s; receiver log: {receiver.log()}"
+                return run if run is not None and run.info.status != "RUNNING" else None
+
+            run = wait_until(ended_gate_run, 120, "the gate's decision run to end", interval=1,
+                             detail=lambda: f"receiver log: {receiver.log()}")
             assert run.info.status == "FINISHED" and run.data.tags["gate"] == "passed"
             assert run.data.tags["challenger_version"] == chal.version
             assert alias_version(client, name, CANARY).version == chal.version
-            assert "decision.json" in {a.path for a in client.list_artifacts(run_id)}
+            assert "decision.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
         finally:
             for hook in client.list_webhooks():
                 if hook.name == hook_name:

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from ports import bound_socket
 from serving_support import churn_app, cli_env
+from wait_support import wait_until
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.hooks.app import DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
@@ -102,10 +103,8 @@ def test_receiver_head_limits_signature_bound_and_no_query_in_log(receiver) -> N
     assert res.status_code == 401 and TIMESTAMP_HEADER in res.json()["detail"]
     # the access log has the path, never the query string
     assert httpx.get(f"{url}/deliveries?model=secret-query-value").status_code == 200
-    deadline = time.monotonic() + 30
-    while "/deliveries" not in log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    text = log.read_text()
+    text = wait_until(lambda: t if "/deliveries" in (t := log.read_text()) else None, 30,
+                      "the access log line of GET /deliveries")
     assert "GET /deliveries HTTP/1.1" in text and "secret-query-value" not in text
     assert "Traceback" not in text
     _slow_clients_are_dropped(port)

@@ -26,6 +26,7 @@ from serving_support import (
     signed_gate,
     wait_ready,
 )
+from wait_support import wait_until
 
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.errors import ChurnError
@@ -179,10 +180,8 @@ def test_circuit_breaker_opens_answers_at_once_and_a_probe_closes_it() -> None:
         breaker.call(lambda: calls.append(1))
     assert not calls and time.monotonic() - t0 < 0.05  # not called at all
     up.set()
-    deadline = time.monotonic() + 5
-    while breaker.is_open and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not breaker.is_open and breaker.call(lambda: 7) == 7
+    wait_until(lambda: not breaker.is_open, 5, "the breaker to close", interval=0.01)
+    assert breaker.call(lambda: 7) == 7
     breaker.stop()
 
 

@@ -18,6 +18,7 @@ from guard_support import canary_verdict, gate
 from hooks_support import Receiver, register_webhook
 from mlflow.tracking import MlflowClient
 from serving_support import BATCH_AS_OF, run_cli
+from wait_support import wait_until
 
 from mlflow_churn.alerts.receiver import AlertReceiver
 from mlflow_churn.config import ChurnConfig
@@ -48,13 +49,8 @@ def _aliases(client: MlflowClient, name: str) -> dict[str, str]:
 def _wait(
     what: str, ok: Callable[[], object], receiver: Receiver | None = None, timeout: float = 90
 ) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = ok()
-        if value:
-            return value
-        time.sleep(0.3)
-    pytest.fail(f"{what} not within {timeout} s" + (f"; receiver log: {receiver.log()}" if receiver else ""))
+    return wait_until(ok, timeout, what, interval=0.3,
+                      detail=(lambda: f"receiver log: {receiver.log()}") if receiver else None)
 
 
 def _ui_set_alias(url: str, name: str, alias: str, version: str) -> None:

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from wait_support import wait_until
 
 from mlflow_churn.alerts import Outbox, outbox_path
 from mlflow_churn.config import load_config
@@ -64,13 +65,8 @@ def _runs(url: str) -> list:
 
 
 def _wait_runs(url: str, n: int, timeout: float = 60.0) -> list:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        runs = _runs(url)
-        if len(runs) >= n:
-            return runs
-        time.sleep(0.1)
-    raise AssertionError(f"{n} freshness runs not recorded within {timeout} s: {_runs(url)}")
+    return wait_until(lambda: runs if len(runs := _runs(url)) >= n else None, timeout,
+                      f"{n} freshness runs recorded", detail=lambda: f"runs: {_runs(url)}")
 
 
 def _next_run(ws: Path) -> datetime:

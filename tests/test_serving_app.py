@@ -27,6 +27,7 @@ from serving_support import (
     two_versions,
     wait_ready,
 )
+from wait_support import wait_until
 
 from mlflow_churn.features.materialize import materialize
 from mlflow_churn.features.online import open_store
@@ -145,9 +146,8 @@ def test_records_and_bad_input_get_4xx_naming_fields(config, register_version) -
 def test_no_model_503_and_admin_token_401(config) -> None:
     cfg = serving_config(config, admin_token="s3cret", reload_seconds=0.2)
     with ServerThread(create_app(cfg)) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
-        deadline = time.monotonic() + 30  # until the reloader has polled the empty registry
-        while "champion" not in (res := client.get("/ready")).text and time.monotonic() < deadline:
-            time.sleep(0.05)
+        res = wait_until(lambda: r if "champion" in (r := client.get("/ready")).text else None, 30,
+                         "the reloader to poll the empty registry", interval=0.05)
         assert res.status_code == 503 and "champion" in res.json()["detail"]
         res = client.post("/predict", json={"customer_ids": [1]})
         assert res.status_code == 503 and "no champion" in res.json()["detail"]
@@ -171,11 +171,9 @@ def test_feature_set_hash_mismatch_is_refused(config, register_version) -> None:
     client_ml.set_model_version_tag(config.training.model_name, champ, "feature_set_hash", "0" * 64)
     cfg = serving_config(config, canary_fraction=0.5)
     with ServerThread(create_app(cfg)) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
-        res = wait_ready(client, expect=503)
-        deadline = time.monotonic() + 30
-        while "feature_set_hash" not in res.json()["detail"] and time.monotonic() < deadline:
-            time.sleep(0.1)
-            res = client.get("/ready")
+        wait_ready(client, expect=503)
+        res = wait_until(lambda: r if "feature_set_hash" in (r := client.get("/ready")).json()["detail"]
+                         else None, 30, "the feature-set hash refusal in /ready")
         assert f"version {champ}" in res.json()["detail"] and "feature_set_hash" in res.json()["detail"]
         res = client.post("/predict", json={"customer_ids": [1, 2, 3]})  # refused = no model loaded
         assert res.status_code == 503 and "feature_set_hash" in res.json()["detail"]

@@ -24,6 +24,7 @@ from guard_support import (
 )
 from mlflow.tracking import MlflowClient
 from serving_support import CHURN, ServeProcess, cli_env, two_versions, wait_ready
+from wait_support import wait_until
 
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.errors import ChurnError, ConfigError
@@ -275,14 +276,10 @@ def _score_all(url: str, ids: list[int]) -> None:
 
 def _wait_fraction(url: str, fraction: float, timeout: float = 120.0) -> None:
     """Until the running service routes with ``fraction`` (its next alias reload)."""
-    deadline = time.monotonic() + timeout
-    seen = None
-    while time.monotonic() < deadline:
-        seen = httpx.get(f"{url}/health", timeout=10).json()["canary_fraction"]
-        if abs(seen - fraction) < 1e-9:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"the service still routes {seen} to the canary, not {fraction}")
+    def routed() -> bool:
+        return abs(httpx.get(f"{url}/health", timeout=10).json()["canary_fraction"] - fraction) < 1e-9
+
+    wait_until(routed, timeout, f"the service to route {fraction} to the canary", interval=0.2)
 
 
 def _canary_ids(cfg: ChurnConfig, since: datetime) -> tuple[set[int], int]:
