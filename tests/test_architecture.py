@@ -1,11 +1,14 @@
 """The import graph of the package, computed from the source (AST, function-level imports
 included): no cycles between modules or packages, every import points down the layers of
-docs/architecture.md, and only the shells import the CLI / presentation libraries."""
+docs/architecture.md, and only the shells import the CLI / presentation libraries; a broad
+``except`` either re-raises or says why it may swallow."""
 
 from __future__ import annotations
 
 import ast
+import io
 import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -218,3 +221,31 @@ def test_tag_names_live_in_one_module() -> None:
                 literals.append(f"{module}:{node.lineno} {node.value!r}")
     assert literals == []
 
+
+
+def _broad(node: ast.expr | None) -> bool:
+    """``except:``, ``except Exception`` / ``BaseException``, or a tuple holding one."""
+    if node is None:
+        return True
+    if isinstance(node, ast.Name):
+        return node.id in ("Exception", "BaseException")
+    return isinstance(node, ast.Tuple) and any(_broad(e) for e in node.elts)
+
+
+def test_a_broad_except_re_raises_or_says_why() -> None:
+    """An ``except Exception`` (bare ``except:``, ``except BaseException``) whose body raises
+    nothing must carry a comment on its ``except`` line (the header, if it spans lines)
+    saying why swallowing is right there: an outage or a bug silently taken for an answer is
+    how a decision changes without a failure (issue 26)."""
+    silent = []
+    for module, path in _modules().items():
+        source = path.read_text()
+        comments = {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                    if tok.type == tokenize.COMMENT}
+        for node in ast.walk(ast.parse(source)):
+            if not isinstance(node, ast.ExceptHandler) or not _broad(node.type):
+                continue
+            raises = any(isinstance(n, ast.Raise) for stmt in node.body for n in ast.walk(stmt))
+            if not raises and not comments.intersection(range(node.lineno, node.body[0].lineno)):
+                silent.append(f"{module}:{node.lineno}")
+    assert silent == [], "a broad except that neither re-raises nor says why in a comment"

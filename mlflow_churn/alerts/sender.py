@@ -266,7 +266,7 @@ def resolve(cfg: ChurnConfig, key: str, *, ends_at: datetime | float | None = No
     except (ChurnError, OSError) as exc:
         _log.error("alert %s not resolved: %s", key, exc)
         return None
-    except Exception as exc:
+    except Exception as exc:  # resolving is best effort beside the caller's work: logged, never raised
         _log.error("alert %s not resolved: %s: %s", key, type(exc).__name__, exc)
         return None
     if episode is not None:

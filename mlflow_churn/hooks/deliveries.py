@@ -213,7 +213,7 @@ def run_job(job: GateJob, run: Callable[[GateJob], str], log: DeliveryLog,
         _log.warning("gate of delivery %s interrupted; it runs again at the next start",
                      job.delivery_id)  # log still says running -> resume()
         raise
-    except Exception as exc:
+    except Exception as exc:  # recorded as the delivery's failure (outage -> retried), not lost
         kind = failure_kind(exc)
         if isinstance(exc, ChurnError):
             detail = str(exc)

@@ -417,7 +417,7 @@ class ReconcileLoop:
         while not self._stop.is_set():
             try:
                 self._run_pass()
-            except Exception:
+            except Exception:  # a background loop: logged; the next pass (every N s) tries again
                 _log.exception("reconciliation pass failed")
             self._stop.wait(self.every)
 

@@ -659,7 +659,7 @@ class Guard:
                 client.log_param(run_id, "evidence",
                                  json.dumps(chk.evidence, sort_keys=True, default=str)[:5000])
             return run_id
-        except Exception:
+        except Exception:  # the audit run is a record beside the decision already taken: logged
             _log.exception("churn-guard could not write the audit run of %s v%s", chk.name, chk.version)
             return None
 
