@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from mlflow_churn.config import PolicyConfig, load_config
 from mlflow_churn.errors import ChurnError
-from mlflow_churn.monitoring.policy import WindowStats, decide
+from mlflow_churn.monitoring.policy import (
+    DECISION_SCHEMA_VERSION,
+    PolicyAction,
+    WindowStats,
+    decide,
+    decision_from_dict,
+    decision_to_dict,
+)
 
 T0 = datetime(2026, 4, 1, tzinfo=UTC)
 
@@ -293,6 +301,11 @@ def test_segment_rule_fires_on_a_performance_drop_beyond_its_noise() -> None:
     text = " ".join(d.reasons)
     assert "region=pacific" in text and "drop 0.150" in text and "SE 0.030" in text
     assert d.to_dict()["segment_drops"][0]["se"] == pytest.approx(0.03)
+    # the decision as a payload: written and read back through its one writer / reader
+    payload = json.loads(json.dumps(decision_to_dict(d)))
+    assert payload["schema_version"] == DECISION_SCHEMA_VERSION == 1 and payload["action"] == "retrain"
+    back = decision_from_dict(payload)
+    assert back == d and back.action is PolicyAction.RETRAIN
     # investigate instead, when the config says so
     assert decide(hist, cfg(segment_action="investigate"), hist[-1].as_of).action == "investigate"
 
@@ -328,3 +341,23 @@ def test_segment_rule_has_persistence_and_hysteresis() -> None:
     # a retrain on a segment drop respects the cooldown
     d = decide(twice, cfg(), twice[-1].as_of, last_retrain=twice[-1].as_of - timedelta(days=2))
     assert d.action == "investigate" and d.segments == ["region=pacific"]
+
+
+
+def test_decision_payload_versions() -> None:
+    """A decision without schema_version (the previous release's decision.json) reads as
+    version 1 with its missing lists empty; a newer version, a missing action or an unknown
+    action is a ChurnError naming it."""
+    previous_release = {"action": "investigate", "reasons": ["psi"], "features": ["age"], "segments": [],
+                        "fired": ["psi[*] > 0.2"], "as_of": T0.isoformat()}
+    d = decision_from_dict(previous_release)
+    assert d.action == PolicyAction.INVESTIGATE == "investigate" and d.as_of == T0
+    assert (d.features, d.triggers, d.segment_drops, d.pending_drops) == (["age"], [], [], {})
+    assert decision_to_dict(d)["schema_version"] == 1
+    with pytest.raises(ChurnError, match="schema_version 2, newer than the 1"):
+        decision_from_dict({**previous_release, "schema_version": 2})
+    with pytest.raises(ChurnError, match="lacks action"):
+        decision_from_dict({"as_of": T0.isoformat()})
+    with pytest.raises(ChurnError, match="unknown action 'panic'"):
+        decision_from_dict({**previous_release, "action": "panic"})
+

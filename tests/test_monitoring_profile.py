@@ -19,9 +19,13 @@ from mlflow_churn.stats import drift
 from mlflow_churn.tracking import setup_mlflow
 from mlflow_churn.training.profile import (
     PROFILE_ARTIFACT,
+    PROFILE_SCHEMA_VERSION,
+    NoProfile,
     build_profile,
     load_profile,
     profile_for_version,
+    profile_from_dict,
+    profile_json,
     save_profile,
 )
 
@@ -102,6 +106,26 @@ def test_profile_round_trip_and_bad_input(ref_frame, tmp_path: Path) -> None:
         load_profile(tmp_path / "bad.json")
     with pytest.raises(ChurnError, match="cannot read profile"):
         load_profile(tmp_path / "none.json")
+
+
+def test_profile_schema_version_old_and_newer(ref_frame, tmp_path: Path) -> None:
+    """A profile carries its schema version; one an earlier release wrote (no schema_version)
+    still reads as version 1, one a newer release wrote is refused naming the version."""
+    frame, fs, scores = ref_frame
+    prof = build_profile(frame, fs, scores)
+    assert prof["schema_version"] == PROFILE_SCHEMA_VERSION == 1
+    assert json.loads(profile_json(prof))["schema_version"] == 1
+    previous_release = {k: v for k, v in json.loads(profile_json(prof)).items() if k != "schema_version"}
+    (tmp_path / "old.json").write_text(json.dumps(previous_release))
+    old = load_profile(tmp_path / "old.json")
+    assert old["schema_version"] == 1 and old["features"] == previous_release["features"]
+    assert profile_from_dict(previous_release)["score"] == previous_release["score"]
+    (tmp_path / "newer.json").write_text(json.dumps({**previous_release, "schema_version": 2}))
+    with pytest.raises(ChurnError, match="schema_version 2, newer than the 1") as caught:
+        load_profile(tmp_path / "newer.json")
+    assert not isinstance(caught.value, NoProfile)  # not "no profile": a release too old to read it
+    with pytest.raises(NoProfile, match="not a positive integer"):
+        profile_from_dict({**previous_release, "schema_version": "2"})
 
 
 def test_profile_for_version_reads_the_training_runs_artifact(ref_frame, config, tmp_path: Path) -> None:

@@ -70,6 +70,7 @@ from mlflow_churn.hooks.deliveries import (
 from mlflow_churn.registry.aliases import CANARY, CHALLENGER, CHAMPION
 from mlflow_churn.registry.promotion import verified_decision
 from mlflow_churn.registry.signing import Decision, Verifier, verifier_for, version_identity
+from mlflow_churn.registry.vocab import SignedKind
 from mlflow_churn.tracking import export_http_limits, probe_server, sqlite_store_ready
 
 _log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ def gate_decision(mv: Any, name: str, verifier: Verifier) -> Decision | None:
     """``mv``'s gate decision when its ``churn.sig.gate`` tag verifies and names exactly this
     model, version number and identity (:func:`~mlflow_churn.registry.promotion.verified_decision`);
     else None."""
-    return verified_decision(mv, name, "gate", verifier)[0]
+    return verified_decision(mv, name, SignedKind.GATE, verifier)[0]
 
 
 def _number(version: str | None) -> int | None:

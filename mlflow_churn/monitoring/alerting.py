@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from mlflow_churn.alerts import fire, resolve
 from mlflow_churn.config import ChurnConfig
+from mlflow_churn.monitoring.policy import PolicyAction
 from mlflow_churn.monitoring.runs import MonitorResult
 
 ALERT_NAME = "ChurnMonitorDecision"
-ALERTING_ACTIONS = ("investigate", "retrain", "blocked")
+ALERTING_ACTIONS = (PolicyAction.INVESTIGATE, PolicyAction.RETRAIN, PolicyAction.BLOCKED)
 
 
 def alert_key(model: str) -> str:
@@ -30,7 +31,8 @@ def alert_decision(cfg: ChurnConfig, result: MonitorResult) -> str:
     if d.action not in ALERTING_ACTIONS:
         resolve(cfg, alert_key(model))
         return "resolved"
-    labels = {"alertname": ALERT_NAME, "severity": "critical" if d.action == "blocked" else "warning",
+    severity = "critical" if d.action == PolicyAction.BLOCKED else "warning"
+    labels = {"alertname": ALERT_NAME, "severity": severity,
               "model": model, "decision": d.action}
     notes = {"summary": f"{model} v{result.model_version}: monitoring decided {d.action} for the window "
                         f"{result.window_start:%Y-%m-%d} .. {result.as_of:%Y-%m-%d}",

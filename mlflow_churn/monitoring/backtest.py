@@ -58,7 +58,7 @@ from mlflow_churn.features.offline import longest_window
 from mlflow_churn.features.registry import registry_for
 from mlflow_churn.monitoring.frames import FrameCache
 from mlflow_churn.monitoring.monitor import monitor, monitoring_experiment
-from mlflow_churn.monitoring.policy import WindowStats
+from mlflow_churn.monitoring.policy import PolicyAction, WindowStats
 from mlflow_churn.monitoring.retrain import retrain
 from mlflow_churn.progress import ProgressArg
 from mlflow_churn.registry.aliases import CHAMPION, move_alias
@@ -74,7 +74,7 @@ class WindowRecord:
     index: int
     as_of: str
     model_version: str
-    action: str
+    action: PolicyAction
     population_psi_max: float
     top_feature: str
     score_psi: float | None
@@ -178,7 +178,8 @@ def _log_backtest(cfg: ChurnConfig, exp_id: str, result: BacktestResult, spec: A
             mlflow.log_metrics({k: float(v) for k, v in {
                 "bt_population_psi_max": w.population_psi_max, "bt_score_psi": w.score_psi,
                 "bt_realised_auc": w.realised_auc, "bt_estimated_auc": w.estimated_auc,
-                "bt_alarm": float(w.action != "ok"), "bt_retrain": float(w.retrained_to is not None),
+                "bt_alarm": float(w.action != PolicyAction.OK),
+                "bt_retrain": float(w.retrained_to is not None),
                 "bt_top_segment_psi": w.top_segment_psi, "bt_early_auc": w.early_auc,
                 "bt_segment_drop": w.segment_drop, "bt_segment_drop_limit": w.segment_drop_limit,
                 "bt_segments_named": float(len(w.named_segments)),
@@ -216,7 +217,8 @@ def _timeline(result: BacktestResult, retrain_days: list[str]) -> Any:
     ax1.plot(x, [w.population_psi_max for w in result.windows], label="population PSI (max feature)")
     ax1.plot(x, [w.score_psi or 0 for w in result.windows], label="score PSI")
     ax1.plot(x, [w.top_segment_psi or 0 for w in result.windows], label="top segment PSI", alpha=0.7)
-    alarms = [(xi, w.population_psi_max) for xi, w in zip(x, result.windows, strict=True) if w.action != "ok"]
+    alarms = [(xi, w.population_psi_max) for xi, w in zip(x, result.windows, strict=True)
+              if w.action != PolicyAction.OK]
     if alarms:
         ax1.scatter(*zip(*alarms, strict=True), color="red", zorder=3, s=18, label="alarm (not ok)")
     ax1.set_ylabel("PSI")
@@ -328,7 +330,7 @@ def _replay(cfg: ChurnConfig, times: list[datetime], version: str, onset: dateti
             res = monitor(cfg, as_of, history=list(hist), report=False, log=not fast, cache=cache)
             hist.append(res.stats)
             rec = _record(i, as_of, version, res, onset, seg_key, cfg.monitoring.policy.segment_min_drop)
-            if res.decision.action == "retrain":
+            if res.decision.action == PolicyAction.RETRAIN:
                 new = _retrain(cfg, as_of, n_trials, progress, res.decision.to_dict())
                 if new is not None:
                     res.stats.retrained = True
@@ -395,13 +397,14 @@ def _score(
     seg_key: str,
 ) -> BacktestResult:
     quiet = [r for r in records if scenario == "stable" or not r.post_onset]
-    false = [r for r in quiet if r.action != "ok"]
+    false = [r for r in quiet if r.action != PolicyAction.OK]
     post = [r for r in records if r.post_onset and scenario != "stable"]
-    first = next((r for r in post if r.action != "ok"), None)
+    first = next((r for r in post if r.action != PolicyAction.OK), None)
     delay_days = (datetime.fromisoformat(first.as_of) - onset).total_seconds() / 86400 if first else None
     attributed = None
     if scenario in ("segment_shift", "usage_and_segment"):
-        attributed = bool(first and any(seg_key == r.top_segment for r in post if r.action != "ok"))
+        attributed = bool(first and any(seg_key == r.top_segment for r in post
+                                         if r.action != PolicyAction.OK))
     lag = timedelta(days=horizon + window_days)
     pre = [r for r in records if r.model_version == first_version and datetime.fromisoformat(r.as_of) <= onset
            and r.realised_auc is not None]

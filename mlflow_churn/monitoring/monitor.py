@@ -55,7 +55,7 @@ from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.offline import check_cutoffs, longest_window
 from mlflow_churn.jsonable import jsonable
 from mlflow_churn.monitoring.frames import FrameCache, window_frame
-from mlflow_churn.monitoring.policy import REFRESH_TAG, WindowStats, decide
+from mlflow_churn.monitoring.policy import WindowStats, decide
 from mlflow_churn.monitoring.runs import (
     TAG_PREFIX,
     MonitorResult,
@@ -86,6 +86,7 @@ from mlflow_churn.stats.performance import (
     compare_segments,
     segment_performance,
 )
+from mlflow_churn.tags import REFRESH_TAG
 from mlflow_churn.tracking import setup_mlflow, step_run
 from mlflow_churn.training.baseline import Baseline, unseen_mask, version_baseline
 from mlflow_churn.training.model import Scorer, load_scorer

@@ -2,9 +2,10 @@
 
 Input: the history of monitoring windows (:class:`WindowStats`, oldest first, the window
 being decided last) and the policy config. Output: a :class:`PolicyDecision` with the
-action ``ok | investigate | retrain | blocked``, the reasons, the features that moved, the
-segments whose performance dropped (``segments``, with ``segment_drops``: each one's AUC,
-baseline, drop and standard error) and the segments whose inputs drifted (``drift_segments``).
+action (:class:`PolicyAction`: ``ok | investigate | retrain | blocked``), the reasons, the
+features that moved, the segments whose performance dropped (``segments``, with
+``segment_drops``: each one's AUC, baseline, drop and standard error) and the segments whose
+inputs drifted (``drift_segments``).
 
 Rules, in order:
 
@@ -56,6 +57,12 @@ Rules, in order:
 
 A stricter preset is one config line, e.g.
 ``triggers: [{metric: psi, value: 0.15}, {metric: auc_drop, value: 0.03}]``.
+
+The decision is a payload monitoring writes (``decision.json``) and retrain, the alerts and
+the scheduler read: it is written by :func:`decision_to_dict` and read by
+:func:`decision_from_dict` only, with a ``schema_version`` (:data:`DECISION_SCHEMA_VERSION`);
+a dict without one (written before it existed) is version 1, a newer version than this
+release knows is a ChurnError.
 """
 
 from __future__ import annotations
@@ -65,20 +72,34 @@ import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any, Literal
 
 from mlflow_churn.config import MonitoringConfig, PersistenceConfig, PolicyConfig, TriggerConfig
 from mlflow_churn.errors import ChurnError
 
-Action = Literal["ok", "investigate", "retrain", "blocked"]
+
+class PolicyAction(StrEnum):
+    """What the policy asks for: ``ok`` (nothing), ``investigate`` (a person looks: drift alone,
+    a cooldown), ``retrain`` (a performance trigger or the segment rule fired) or ``blocked``
+    (an integrity fault: never act on broken data). A StrEnum: it equals (and is written as)
+    its string, so ``monitor.action`` tags and ``decision.json`` keep their values."""
+
+    OK = "ok"
+    INVESTIGATE = "investigate"
+    RETRAIN = "retrain"
+    BLOCKED = "blocked"
+
+
+Action = PolicyAction
+#: the ``schema_version`` :func:`decision_to_dict` writes; a dict without one is version 1
+DECISION_SCHEMA_VERSION = 1
 PERFORMANCE_METRICS = ("auc_drop", "early_auc_drop", "estimated_auc_drop", "recall_drop", "lift_drop",
                        "segment_auc_drop")
 #: the ``fired`` entry of the segment rule: ``segment_auc_drop[region=pacific] > 0.05``
 SEGMENT_RULE = "segment_auc_drop"
 #: the ``fired`` entry of a decision that retrains because a refresh is due
 REFRESH = "refresh_after_drift"
-#: model-version tag: when a version trained on a performance drop is due for its refresh
-REFRESH_TAG = "refresh_due"
 KEYED_METRICS = ("psi", "ks", "js", "chi2_p", "segment_psi")
 #: a ks trigger without a value (a PolicyConfig built outside MonitoringConfig) uses this
 KS_DEFAULT = float(MonitoringConfig.model_fields["ks_threshold"].default)
@@ -221,9 +242,53 @@ class PolicyDecision:
     pending_drops: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["as_of"] = self.as_of.isoformat()
-        return out
+        """:func:`decision_to_dict` of this decision."""
+        return decision_to_dict(self)
+
+
+def decision_to_dict(decision: PolicyDecision) -> dict[str, Any]:
+    """The JSON-able payload of ``decision`` (``as_of`` in ISO 8601, ``schema_version``
+    :data:`DECISION_SCHEMA_VERSION`): the one way a policy decision is written."""
+    out = asdict(decision)
+    out["as_of"] = decision.as_of.isoformat()
+    out["schema_version"] = DECISION_SCHEMA_VERSION
+    return out
+
+
+def decision_from_dict(data: Mapping[str, Any]) -> PolicyDecision:
+    """The :class:`PolicyDecision` of a payload :func:`decision_to_dict` wrote: the one way a
+    policy decision is read. A payload without ``schema_version`` is version 1 (written
+    before the field existed); lists and nested records missing from it are empty. ChurnError
+    on a newer schema version than this release knows, a missing ``action`` or ``as_of``, or
+    an unknown action."""
+    version = data.get("schema_version", 1)
+    if not isinstance(version, int) or version < 1:
+        raise ChurnError(f"policy decision: schema_version {version!r} is not a positive integer")
+    if version > DECISION_SCHEMA_VERSION:
+        raise ChurnError(f"policy decision has schema_version {version}, newer than the "
+                         f"{DECISION_SCHEMA_VERSION} this release reads; upgrade mlflow-churn")
+    missing = [k for k in ("action", "as_of") if data.get(k) is None]
+    if missing:
+        raise ChurnError(f"policy decision lacks {', '.join(missing)}; not a decision.json 'decision'")
+    try:
+        action = PolicyAction(data["action"])
+    except ValueError:
+        raise ChurnError(f"policy decision: unknown action {data['action']!r}; expected one of "
+                         f"{', '.join(PolicyAction)}") from None
+    as_of = data["as_of"]
+    return PolicyDecision(
+        action=action,
+        reasons=list(data.get("reasons") or []),
+        features=list(data.get("features") or []),
+        segments=list(data.get("segments") or []),
+        fired=list(data.get("fired") or []),
+        as_of=datetime.fromisoformat(as_of) if isinstance(as_of, str) else as_of,
+        triggers=[TriggerStatus(**t) for t in data.get("triggers") or []],
+        pending_segments=dict(data.get("pending_segments") or {}),
+        segment_drops=[SegmentDrop(**d) for d in data.get("segment_drops") or []],
+        drift_segments=list(data.get("drift_segments") or []),
+        pending_drops=dict(data.get("pending_drops") or {}),
+    )
 
 
 def _trigger_name(t: TriggerConfig) -> str:
@@ -375,7 +440,8 @@ def decide(
 
     faults, fault_cols = _integrity(cur, policy_cfg)
     if faults and policy_cfg.integrity == "block":
-        return PolicyDecision("blocked", [f"integrity: {f}" for f in faults], fault_cols, [], [], as_of)
+        return PolicyDecision(PolicyAction.BLOCKED, [f"integrity: {f}" for f in faults], fault_cols, [], [],
+                              as_of)
     reasons += [f"integrity warning: {f}" for f in faults]
 
     frac = policy_cfg.hysteresis.clear_below_fraction
@@ -415,35 +481,36 @@ def decide(
     if not alarm:
         if persistent:
             reasons.append(f"{len(persistent)} trigger(s) persistent, combine={policy_cfg.combine} needs {k}")
-        action: Action = "investigate" if (drift_list or faults) else "ok"
+        action = PolicyAction.INVESTIGATE if (drift_list or faults) else PolicyAction.OK
         if drift_list:
             reasons.append("segments drifted (PSI) beyond their size-aware threshold, their performance not "
                            "shown to drop (context, not the segment rule): " + ", ".join(drift_list[:5]))
     elif any(t.metric in PERFORMANCE_METRICS for t in persistent):
-        action = "retrain"
+        action = PolicyAction.RETRAIN
     else:
-        action = policy_cfg.drift_alone
+        action = PolicyAction(policy_cfg.drift_alone)
         reasons.append(f"drift without evidence of lost performance -> {action} (policy.drift_alone)")
     if drops:
         fired += [f"{SEGMENT_RULE}[{d.segment}] > {policy_cfg.segment_min_drop:g}" for d in drops]
-        if action != "retrain":
-            action = "retrain" if policy_cfg.segment_action == "retrain" else "investigate"
+        if action != PolicyAction.RETRAIN:
+            action = PolicyAction(policy_cfg.segment_action)
         reasons.append(f"segment rule: performance dropped beyond noise in {', '.join(seg_list[:5])} -> "
                        f"{policy_cfg.segment_action} (policy.segment_action)")
-    if action != "retrain" and policy_cfg.refresh_after_drift and refresh_due and as_of >= refresh_due:
-        action = "retrain"
+    refresh_now = policy_cfg.refresh_after_drift and refresh_due is not None and as_of >= refresh_due
+    if action != PolicyAction.RETRAIN and refresh_now:
+        action = PolicyAction.RETRAIN
         fired.append(REFRESH)
         reasons.append(f"refresh due since {refresh_due.isoformat()}: this version learnt from labels "
                        "before the performance drop; the training window now holds only later data "
                        "(policy.refresh_after_drift)")
-    if action == "retrain":
+    if action == PolicyAction.RETRAIN:
         last = _last_retrain(wins[:-1], last_retrain)
         if last is not None and as_of - last < timedelta(days=policy_cfg.cooldown_days):
             reasons.append(
                 f"cooldown: last retrain {last.isoformat()} is within "
                 f"{policy_cfg.cooldown_days} days -> investigate"
             )
-            action = "investigate"
+            action = PolicyAction.INVESTIGATE
     return PolicyDecision(action, reasons or ["no trigger fired"], sorted(features), seg_list, fired, as_of,
                           statuses, pending_segments, drops, drift_list, pending_drops)
 

@@ -49,10 +49,15 @@ from typing import Any
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.evaluation.evaluate import GateDecision, evaluate
 from mlflow_churn.monitoring.monitor import TAG_PREFIX as MON
-from mlflow_churn.monitoring.policy import PERFORMANCE_METRICS, REFRESH, REFRESH_TAG
+from mlflow_churn.monitoring.policy import (
+    PERFORMANCE_METRICS,
+    REFRESH,
+    PolicyAction,
+    decision_from_dict,
+)
 from mlflow_churn.progress import ProgressArg
 from mlflow_churn.registry.aliases import CHAMPION, alias_version
-from mlflow_churn.tags import DECISION_KIND_TAG
+from mlflow_churn.tags import DECISION_KIND_TAG, REFRESH_TAG
 from mlflow_churn.times import utc
 from mlflow_churn.tracking import client_run, download_if_present, fail_fast, project_run_id, setup_mlflow
 from mlflow_churn.training.targeting import segment_targets
@@ -142,10 +147,10 @@ def champion_decision(client: Any, model_name: str, version: str, as_of: datetim
         local = download_if_present(client, run.info.run_id, DECISION_FILE, tmp)
         # a decision run without its artifact: the tags still hold the action
         data = json.loads(Path(local).read_text()) if local is not None else {}
-    decision = data.get("decision") or {}
-    for key in ("action", "reasons", "features", "segments", "fired"):
-        if decision.get(key) is not None:
-            out[key] = decision[key]
+    if data.get("decision"):  # read through the policy's one reader (its schema version checked)
+        parsed = decision_from_dict(data["decision"])
+        out.update(action=parsed.action, reasons=parsed.reasons, features=parsed.features,
+                   segments=parsed.segments, fired=parsed.fired)
     return out
 
 
@@ -196,7 +201,7 @@ def plan(cfg: ChurnConfig, client: Any, as_of: datetime, force: bool) -> tuple[b
         return True, f"forced; {what}{extra}", version, decision
     if decision is None:
         return False, f"{what} as of {as_of.isoformat()}; run churn monitor first", version, None
-    if decision["action"] != "retrain":
+    if decision["action"] != PolicyAction.RETRAIN:
         why = "; ".join(decision.get("reasons") or [])
         return False, f"{what}{': ' + why if why else ''}", version, decision
     acted = _retrain_runs(client, name, decision_run_id=decision["run_id"])

@@ -120,6 +120,7 @@ def approve_cmd(
     from mlflow_churn.errors import ChurnError
     from mlflow_churn.registry.aliases import CHAMPION, alias_version
     from mlflow_churn.registry.signing import record_signed
+    from mlflow_churn.registry.vocab import SignedKind
     from mlflow_churn.tracking import client_run, ensure_experiment, fail_fast
 
     number = parse_version(version, "--version")
@@ -137,8 +138,8 @@ def approve_cmd(
         with client_run(client, cfg, f"approve v{number}", experiment_id=exp_id, tags=tags) as run_id:
             if reason:
                 client.log_param(run_id, "reason", reason[:500])
-            signed = record_signed(client, cfg, name, number, "approval", "approved", champion=champion,
-                                   run_id=run_id, reason=reason, actor=who)
+            signed = record_signed(client, cfg, name, number, SignedKind.APPROVAL, "approved",
+                                   champion=champion, run_id=run_id, reason=reason, actor=who)
     out = {"model": name, "version": number, "approver": signed.actor, "run_id": run_id,
            "champion": signed.champion, "issued_at": signed.issued_at, "key_id": signed.key_id}
     if as_json:

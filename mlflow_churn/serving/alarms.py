@@ -47,6 +47,7 @@ from mlflow_churn.alerts import fire, outbox_path, resolve
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.jsonable import jsonable
 from mlflow_churn.registry.aliases import CANARY, CHAMPION, alias_version
+from mlflow_churn.registry.vocab import CanaryVerdict
 from mlflow_churn.serving.canary import (
     CanaryEvaluation,
     RouteStats,
@@ -126,7 +127,7 @@ class AlarmCheck:
     def evidence(self, as_of: datetime) -> CanaryEvaluation:
         """The check as the canary analysis a transition carries as its evidence (verdict
         ``rollback`` on a breach, else ``wait``): the rollback run records what each arm served."""
-        verdict = "rollback" if self.breaches else "wait"
+        verdict = CanaryVerdict.ROLLBACK if self.breaches else CanaryVerdict.WAIT
         reasons = [f"alarm: {a.reason}" for a in self.breaches] or [self.summary()]
         return CanaryEvaluation(verdict=verdict, reasons=reasons, model_name=self.model_name,
                                 champion_version=self.champion_version, canary_version=self.canary_version,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from mlflow_churn.alerts import fire, resolve
 from mlflow_churn.config import ChurnConfig
+from mlflow_churn.registry.vocab import CanaryVerdict
 from mlflow_churn.serving.canary import CanaryEvaluation
 from mlflow_churn.serving.transitions import TransitionResult
 
@@ -30,10 +31,10 @@ def alert_canary(cfg: ChurnConfig, evaluation: CanaryEvaluation,
     """Fire, resolve or leave ``canary:<model>`` for ``evaluation``; returns ``fired`` |
     ``resolved`` | None (wait)."""
     model = evaluation.model_name
-    if evaluation.verdict == "promote":
+    if evaluation.verdict == CanaryVerdict.PROMOTE:
         resolve(cfg, alert_key(model))
         return "resolved"
-    if evaluation.verdict != "rollback":
+    if evaluation.verdict != CanaryVerdict.ROLLBACK:
         return None
     done = transition is not None and transition.action == "rollback" and not transition.noop
     what = "was rolled back" if done else "should be rolled back (`churn canary rollback --reason ...`)"

@@ -69,7 +69,8 @@ from mlflow_churn.registry.aliases import (
 )
 from mlflow_churn.registry.promotion import record_canary_verdict
 from mlflow_churn.registry.signing import record_signed, version_ref
-from mlflow_churn.serving.judge import ACTIONS, JudgeVerdict, judge, judge_figure
+from mlflow_churn.registry.vocab import CanaryVerdict, SignedKind
+from mlflow_churn.serving.judge import ACTIONS, JudgeVerdict, MetricCall, judge, judge_figure
 from mlflow_churn.serving.prediction_log import PredictionLog, attach_labels
 from mlflow_churn.serving.routing import CHAMPION_ROUTE, canary_arm_route
 from mlflow_churn.stats.drift import psi
@@ -104,9 +105,10 @@ class RouteStats:
 
 @dataclass
 class CanaryEvaluation:
-    """The verdict (promote | rollback | wait), why, and the evidence."""
+    """The verdict (:class:`~mlflow_churn.registry.vocab.CanaryVerdict`: promote | rollback |
+    wait), why, and the evidence."""
 
-    verdict: str
+    verdict: CanaryVerdict
     reasons: list[str]
     model_name: str
     champion_version: str | None
@@ -282,10 +284,10 @@ def canary_verdict(champ: RouteStats, can: RouteStats, cfg: ChurnConfig, score_p
     sv = cfg.serving
     reasons: list[str] = []
     if can.version is None:
-        verdict = "wait"
+        verdict = CanaryVerdict.WAIT
         reasons.append(f"no version of '{cfg.training.model_name}' has alias canary")
     elif can.rows < sv.min_canary_samples:
-        verdict = "wait"
+        verdict = CanaryVerdict.WAIT
         reasons.append(f"canary version {can.version} has {can.rows} logged predictions; "
                        f"a verdict needs serving.min_canary_samples={sv.min_canary_samples}")
     else:
@@ -311,8 +313,8 @@ def canary_verdict(champ: RouteStats, can: RouteStats, cfg: ChurnConfig, score_p
                 reasons.append(f"canary recall@k {can.recall_at_k:.4f} < champion {champ.recall_at_k:.4f} "
                                f"- {recall_limit:.4f} (max of evaluation.recall_tolerance "
                                f"{cfg.evaluation.recall_tolerance} and the sampling noise)")
-        verdict = "rollback" if reasons else "promote"
-        if verdict == "promote":
+        verdict = CanaryVerdict.ROLLBACK if reasons else CanaryVerdict.PROMOTE
+        if verdict == CanaryVerdict.PROMOTE:
             reasons.append(f"canary version {can.version} within every limit on {can.rows} "
                            "predictions")
             if not labelled_enough:
@@ -405,7 +407,7 @@ def evaluate_canary(
             # naming the champion it replaces, must stay)
             record_canary_verdict(client, name, versions["canary"], verdict, result.run_id, as_of)
             if versions["canary"] != versions["champion"]:
-                record_signed(client, cfg, name, versions["canary"], "canary", verdict,
+                record_signed(client, cfg, name, versions["canary"], SignedKind.CANARY, verdict,
                               champion=holders["champion"], run_id=result.run_id or "",
                               metrics=metrics_of(result), reason="; ".join(reasons))
     return result
@@ -456,16 +458,18 @@ def judge_canary(client: MlflowClient, cfg: ChurnConfig, holders: dict[str, Mode
                  expected_score_shift=gate_score_shift(holders.get("canary"), holders.get("champion")))
 
 
-def judge_action(judged: JudgeVerdict, canary: RouteStats, cfg: ChurnConfig) -> tuple[str, list[str]]:
+def judge_action(judged: JudgeVerdict, canary: RouteStats,
+                 cfg: ChurnConfig) -> tuple[CanaryVerdict, list[str]]:
     """The canary's ``(promote | wait | rollback, reasons)`` from the judge's verdict: ``wait``
     without a canary or below ``serving.min_canary_samples`` canary rows, whatever the judge says."""
     head = (f"judge: {judged.verdict} (score {judged.score:.1f}, performance {judged.performance_source}, "
             f"confidence {judged.confidence:g})")
     if canary.version is None:
-        return "wait", [f"no version of '{cfg.training.model_name}' has alias canary", head]
+        return CanaryVerdict.WAIT, [f"no version of '{cfg.training.model_name}' has alias canary", head]
     if canary.rows < cfg.serving.min_canary_samples:
-        return "wait", [f"canary version {canary.version} has {canary.rows} logged predictions; a verdict "
-                        f"needs serving.min_canary_samples={cfg.serving.min_canary_samples}", head]
+        return CanaryVerdict.WAIT, [f"canary version {canary.version} has {canary.rows} logged predictions; "
+                                    "a verdict needs "
+                                    f"serving.min_canary_samples={cfg.serving.min_canary_samples}", head]
     return ACTIONS[judged.verdict], [head, *judged.reasons]
 
 
@@ -485,7 +489,7 @@ def metrics_of(evaluation: CanaryEvaluation) -> dict[str, float]:
             for key in ("statistic", "effect", "p_value"):
                 if m[key] is not None and math.isfinite(m[key]):
                     out[f"judge_{m['name']}_{key}"] = float(m[key])
-            out[f"judge_{m['name']}_failed"] = float(m["decision"] == "fail")
+            out[f"judge_{m['name']}_failed"] = float(m["decision"] == MetricCall.FAIL)
     return {k: v for k, v in out.items() if v is not None and math.isfinite(v)}
 
 

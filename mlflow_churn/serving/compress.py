@@ -33,12 +33,13 @@ from mlflow_churn.features.registry import FeatureSet
 from mlflow_churn.registry.versions import register_model_version
 from mlflow_churn.serving.canary import decision_run, log_json
 from mlflow_churn.stats.metrics import classification_metrics
+from mlflow_churn.tags import TRAIN_RUN_TAG
 from mlflow_churn.tracking import fail_fast, failed_on_error, setup_mlflow
 from mlflow_churn.training.model import input_example, load_scorer, log_churn_model, predict_proba
 
 #: training tags copied from the parent version to the compressed one
 INHERITED_TAGS = ("feature_set", "feature_set_hash", "window_start", "window_end", "as_of", "horizon_days",
-                  "data_hash", "train_run_id", "source")
+                  "data_hash", TRAIN_RUN_TAG, "source")
 
 
 @dataclass

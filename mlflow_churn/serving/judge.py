@@ -63,7 +63,9 @@ significantly) is attributed in the reasons and :attr:`JudgeVerdict.latency_attr
 the stage whose p99 rose most, e.g. "model stage p99 3.1x the champion's: try `churn
 compress`" or "feature stage p99 2.5x the champion's: the feature path, not the model".
 (The log stage, timed in ``/metrics``, cannot be in a row: it is the row's own commit.)
-:data:`ACTIONS` maps the verdict onto the canary's ``promote | wait | rollback``.
+:class:`JudgeGrade` is the verdict's vocabulary (``pass | marginal | fail``, and ``insufficient``
+for the rollout controller's "too few rows to ask"); :data:`ACTIONS` maps it onto the canary's
+:class:`~mlflow_churn.registry.vocab.CanaryVerdict` (``promote | wait | rollback``).
 :meth:`JudgeVerdict.to_dict` is the ``decision.json`` body.
 """
 
@@ -71,6 +73,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -81,11 +84,35 @@ from scipy import stats as sps
 from mlflow_churn.config import JUDGE_METRIC_GROUPS, CanaryJudgeConfig, ChurnConfig
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.jsonable import jsonable
+from mlflow_churn.registry.vocab import CanaryVerdict
 from mlflow_churn.stats.metrics import classification_metrics, top_k_count
 from mlflow_churn.stats.performance import auc_standard_error, calibrate
 
+
+class JudgeGrade(StrEnum):
+    """The canary judge's verdict: ``pass`` (advance / promote), ``marginal`` (wait: pause for a
+    person, never a pass nor a rollback on partial data), ``fail`` (roll back); ``insufficient``
+    is the rollout controller's own "too few canary rows to ask the judge" (never the judge's).
+    A StrEnum: it equals (and is written as) its string."""
+
+    PASS = "pass"
+    MARGINAL = "marginal"
+    FAIL = "fail"
+    INSUFFICIENT = "insufficient"
+
+
+class MetricCall(StrEnum):
+    """One metric's decision: ``pass`` (inside the tolerance band), ``fail`` (beyond it) or
+    ``nodata`` (too few rows on an arm: left out of the score, caps the verdict at marginal)."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    NODATA = "nodata"
+
+
 #: verdict -> the canary's action
-ACTIONS = {"pass": "promote", "marginal": "wait", "fail": "rollback"}
+ACTIONS = {JudgeGrade.PASS: CanaryVerdict.PROMOTE, JudgeGrade.MARGINAL: CanaryVerdict.WAIT,
+           JudgeGrade.FAIL: CanaryVerdict.ROLLBACK}
 #: statuses counted on their own and left out of the score comparisons
 NOT_FOUND = ("not_found",)
 REFUSED = ("refused", "rejected")
@@ -106,7 +133,7 @@ class MetricResult:
     effect: float
     p_value: float  # the test of "no difference"
     tolerance: float
-    decision: str  # pass | fail | nodata
+    decision: MetricCall  # pass | fail | nodata
     n_champion: int
     n_canary: int
     champion: float = float("nan")  # the metric's value on each arm (rate, median, AUC...)
@@ -119,9 +146,10 @@ class MetricResult:
 
 @dataclass
 class JudgeVerdict:
-    """The judge's verdict (pass | marginal | fail), its score and every metric's evidence."""
+    """The judge's verdict (:class:`JudgeGrade`: pass | marginal | fail), its score and every
+    metric's evidence."""
 
-    verdict: str
+    verdict: JudgeGrade
     score: float
     metrics: list[MetricResult]
     groups: dict[str, float]  # group -> share of its metrics that passed (0..1)
@@ -137,7 +165,7 @@ class JudgeVerdict:
     latency_attribution: str = ""
 
     @property
-    def action(self) -> str:
+    def action(self) -> CanaryVerdict:
         """``promote`` | ``wait`` | ``rollback``."""
         return ACTIONS[self.verdict]
 
@@ -160,7 +188,7 @@ class JudgeVerdict:
                 value = float(getattr(m, key))
                 if math.isfinite(value):
                     out[f"{prefix}{m.name}_{key}"] = value
-            out[f"{prefix}{m.name}_failed"] = float(m.decision == "fail")
+            out[f"{prefix}{m.name}_failed"] = float(m.decision == MetricCall.FAIL)
         for arm, stages in self.stages.items():
             for stage, value in stages.items():
                 if math.isfinite(value):
@@ -192,13 +220,13 @@ def two_proportion_z(x_champion: int, n_champion: int, x_canary: int, n_canary: 
 def _nodata(name: str, tol: float, n0: int, n1: int, critical: bool, why: str,
             source: str = "") -> MetricResult:
     return MetricResult(name, JUDGE_METRIC_GROUPS[name], float("nan"), float("nan"), float("nan"), tol,
-                        "nodata", n0, n1, critical=critical, source=source, reason=why)
+                        MetricCall.NODATA, n0, n1, critical=critical, source=source, reason=why)
 
 
 def _decide(p_band: float, alpha: float) -> str:
     """``fail`` when "the effect lies inside the band" is rejected at ``alpha``: the effect's
     one-sided confidence bound lies beyond the tolerance (Kayenta's rule)."""
-    return "fail" if p_band < alpha else "pass"
+    return MetricCall.FAIL if p_band < alpha else MetricCall.PASS
 
 
 def _rate_metric(name: str, champ: pd.DataFrame, can: pd.DataFrame, hit: tuple[str, ...],
@@ -395,9 +423,9 @@ def _score(metrics: list[MetricResult], weights: dict[str, float]) -> tuple[floa
     weighted group has data."""
     groups: dict[str, list[MetricResult]] = {}
     for m in metrics:
-        if m.decision != "nodata":
+        if m.decision != MetricCall.NODATA:
             groups.setdefault(m.group, []).append(m)
-    shares = {g: sum(m.decision == "pass" for m in ms) / len(ms) for g, ms in groups.items()}
+    shares = {g: sum(m.decision == MetricCall.PASS for m in ms) / len(ms) for g, ms in groups.items()}
     total = sum(weights.get(g, 0.0) for g in shares)
     if total <= 0:
         return float("nan"), shares
@@ -448,28 +476,28 @@ def judge(champion_rows: pd.DataFrame, canary_rows: pd.DataFrame, cfg: ChurnConf
     else:
         source = "estimated"
         metrics += _estimated(scores, jc, top_k_pct, alpha, calibration)
-    if all(m.decision == "nodata" for m in metrics if m.group == "performance"):
+    if all(m.decision == MetricCall.NODATA for m in metrics if m.group == "performance"):
         source = "none"
     score, shares = _score(metrics, jc.weights)
     reasons: list[str] = []
-    critical_failed = [m.name for m in metrics if m.decision == "fail" and m.critical]
+    critical_failed = [m.name for m in metrics if m.decision == MetricCall.FAIL and m.critical]
     if critical_failed:
-        verdict = "fail"
+        verdict = JudgeGrade.FAIL
         reasons.append(f"critical metric(s) failed: {', '.join(critical_failed)}")
     elif math.isnan(score) or score >= jc.marginal_score:
-        verdict = "pass" if score >= jc.pass_score else "marginal"
+        verdict = JudgeGrade.PASS if score >= jc.pass_score else JudgeGrade.MARGINAL
     else:
-        verdict = "fail"
-    nodata = [m.name for m in metrics if m.decision == "nodata"]
-    if verdict == "pass" and nodata:  # a decision is never taken on partial data
-        verdict = "marginal"
+        verdict = JudgeGrade.FAIL
+    nodata = [m.name for m in metrics if m.decision == MetricCall.NODATA]
+    if verdict == JudgeGrade.PASS and nodata:  # a decision is never taken on partial data
+        verdict = JudgeGrade.MARGINAL
         reasons.append(f"NODATA for {', '.join(nodata)}: marginal at best until every metric has data")
     reasons.append(f"score {score:.1f} (pass >= {jc.pass_score:g}, marginal >= {jc.marginal_score:g})")
     for m in metrics:
-        if m.decision == "fail":
+        if m.decision == MetricCall.FAIL:
             reasons.append(f"{m.name} failed: effect {m.effect:+.4g} beyond tolerance {m.tolerance:g} "
                            f"(p {m.p_band:.3g} < {alpha:.3g} against the band edge; {m.reason})")
-        elif m.decision == "nodata":
+        elif m.decision == MetricCall.NODATA:
             reasons.append(f"{m.name}: NODATA ({m.reason})")
     stages = {a: stage_p99(kept[a]) for a in arms}
     attribution = attribute_latency(stages, next(m for m in metrics if m.name == "latency_ms"))
@@ -496,9 +524,9 @@ def attribute_latency(stages: dict[str, dict[str, float]], latency: MetricResult
     not significantly), comes from: the stage whose p99 rose the most (ms) over the
     champion's, with its ratio and what to look at; "" while latency is fine."""
     beyond = math.isfinite(latency.effect) and latency.effect > latency.tolerance
-    if latency.decision == "fail":
+    if latency.decision == MetricCall.FAIL:
         state = "failed"
-    elif latency.decision == "pass" and beyond:
+    elif latency.decision == MetricCall.PASS and beyond:
         state = "marginal (slower beyond the band, not significantly)"
     else:
         return ""
@@ -531,14 +559,14 @@ def judge_figure(verdict: JudgeVerdict, title: str = "") -> Figure:
     ms = verdict.metrics
     fig = Figure(figsize=(8, 0.6 * len(ms) + 1.6))
     ax = fig.add_subplot()
-    colours = {"pass": "tab:green", "fail": "tab:red", "nodata": "tab:gray"}
+    colours = {MetricCall.PASS: "tab:green", MetricCall.FAIL: "tab:red", MetricCall.NODATA: "tab:gray"}
     for i, m in enumerate(ms):
         sign = _BAD_SIGN.get(m.name, 1.0)
         worse = abs(m.effect) if sign == 0.0 else sign * m.effect
         x = worse / m.tolerance if m.tolerance > 0 else (math.copysign(10.0, worse) if worse else 0.0)
         x = 0.0 if not math.isfinite(x) else max(-10.0, min(10.0, x))
         ax.barh(i, x, color=colours[m.decision])
-        label = "NODATA" if m.decision == "nodata" else f"{m.decision}, p_band {m.p_band:.2g}"
+        label = "NODATA" if m.decision == MetricCall.NODATA else f"{m.decision}, p_band {m.p_band:.2g}"
         ax.text(x, i, f"  {label}" + (" (critical)" if m.critical else ""), va="center", fontsize=8)
     ax.axvline(1.0, color="black", linestyle="--", linewidth=1, label="tolerance band edge")
     ax.axvline(0.0, color="black", linewidth=0.5)

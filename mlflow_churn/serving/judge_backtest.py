@@ -48,7 +48,7 @@ from mlflow_churn.features.offline import build_training_frame, daily_cutoffs
 from mlflow_churn.features.registry import FeatureSet, registry_for
 from mlflow_churn.jsonable import jsonable
 from mlflow_churn.progress import ProgressArg, resolve
-from mlflow_churn.serving.judge import judge
+from mlflow_churn.serving.judge import JudgeGrade, MetricCall, judge
 from mlflow_churn.stats.performance import fit_calibration
 from mlflow_churn.training.model import predict_proba
 
@@ -195,10 +195,10 @@ def replay(pool: _Pool, scenario: str, cfg: ChurnConfig, rng: np.random.Generato
     for k in looks:
         v = judge(champ_all.iloc[: int(math.ceil(k * champion_per_canary))], canary_all.iloc[:k], cfg,
                   calibration=calibration)
-        failed = [m.name for m in v.metrics if m.decision == "fail"]
-        if v.verdict == "fail":
+        failed = [m.name for m in v.metrics if m.decision == MetricCall.FAIL]
+        if v.verdict == JudgeGrade.FAIL:
             return "rolled_back", k, failed
-    return ("promoted" if v.verdict == "pass" else "paused"), min_requests, failed
+    return ("promoted" if v.verdict == JudgeGrade.PASS else "paused"), min_requests, failed
 
 
 def judge_backtest(cfg: ChurnConfig, data_dir: Path, scenarios: tuple[str, ...] = SCENARIOS,

@@ -22,6 +22,7 @@ from mlflow_churn.registry.signing import (
     verifier_for,
     version_ref,
 )
+from mlflow_churn.registry.vocab import GateVerdict, SignedKind
 from mlflow_churn.serving.encoding import InputEncoder
 from mlflow_churn.serving.input_checks import InputChecker
 from mlflow_churn.serving.routing import WEIGHT_TAG, weight_fraction
@@ -154,9 +155,9 @@ class ModelManager:
 
         client = self._connect()
         ev = read_evidence(client, self.name, version, verifier_for(self.cfg))
-        gate = ev.decisions.get("gate") if ev else None
-        if gate is None or gate.decision != "passed":
-            why = (ev.problems.get("gate") if ev else None) or "no signed gate decision 'passed'"
+        gate = ev.decisions.get(SignedKind.GATE) if ev else None
+        if gate is None or gate.decision != GateVerdict.PASSED:
+            why = (ev.problems.get(SignedKind.GATE) if ev else None) or "no signed gate decision 'passed'"
             raise ChurnError(f"not loaded: {why} (registry.require_signed_models is on)")
         with tempfile.TemporaryDirectory(prefix="churn-serve-") as tmp:
             local = download_version(client, self.name, version, tmp)
@@ -175,7 +176,7 @@ class ModelManager:
         weight = weight_fraction(mv.tags)
         if weight is None or not self.cfg.registry.require_signed_models:
             return weight
-        signed, why = verified_decision(mv, self.name, "rollout", verifier_for(self.cfg))
+        signed, why = verified_decision(mv, self.name, SignedKind.ROLLOUT, verifier_for(self.cfg))
         text = (mv.tags or {}).get(WEIGHT_TAG)
         if signed is None or signed.metrics_sha256 != metrics_digest({"weight": text}):
             why = why or ("no signed rollout decision" if signed is None else
@@ -226,7 +227,7 @@ def _cache_key(mv: Any) -> tuple[str, str]:
     """What a loaded model (or a refusal) is kept under: the version's identity, not its
     number (a model deleted and re-created re-uses numbers), and its signed gate decision
     (a version refused before its gate signed it is looked at again once it has)."""
-    return version_ref(mv), str((mv.tags or {}).get(sig_tag("gate"), ""))
+    return version_ref(mv), str((mv.tags or {}).get(sig_tag(SignedKind.GATE), ""))
 
 
 def _versions(pair: ModelPair) -> tuple[str | None, str | None]:

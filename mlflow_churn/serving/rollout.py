@@ -73,6 +73,7 @@ from mlflow_churn.registry.signing import (
     verifier_for,
     version_ref,
 )
+from mlflow_churn.registry.vocab import SignedKind
 from mlflow_churn.serving.alarms import AlarmCheck, check_rollout, clear_alarm, raise_alarm
 from mlflow_churn.serving.canary import (
     CanaryEvaluation,
@@ -82,6 +83,7 @@ from mlflow_churn.serving.canary import (
     log_json,
     registry_client,
 )
+from mlflow_churn.serving.judge import JudgeGrade
 from mlflow_churn.serving.routing import WEIGHT_TAG
 from mlflow_churn.serving.transitions import promote, rollback
 from mlflow_churn.tags import ROLLOUT_STATE_TAG as STATE_TAG
@@ -92,7 +94,8 @@ _log = logging.getLogger("mlflow_churn.rollout")
 #: step changes kept in the state tag (every one is also an MLflow run)
 HISTORY_KEPT = 30
 
-Verdict = Literal["pass", "marginal", "fail", "insufficient"]
+#: the judge's verdict, or ``insufficient`` (too few canary rows to ask it)
+Verdict = JudgeGrade
 Status = Literal["running", "paused", "rolled_back", "promoted"]
 
 
@@ -137,9 +140,9 @@ def canary_judge(cfg: ChurnConfig, as_of: datetime, served_since: datetime, reco
     judged = ev.judge or {}
     verdict: Verdict
     if ev.canary_version is None or rows.get("canary", 0) < cfg.serving.min_canary_samples or not judged:
-        verdict = "insufficient"
+        verdict = JudgeGrade.INSUFFICIENT
     else:
-        verdict = judged["verdict"]
+        verdict = JudgeGrade(judged["verdict"])
     return JudgeOutcome(verdict, list(ev.reasons), rows, ev, run_id=ev.run_id)
 
 
@@ -261,7 +264,7 @@ def _set_weight(cfg: ChurnConfig, client: MlflowClient, state: RolloutState, now
     access to the registry and no key cannot route customers by setting the tag)."""
     text = f"{state.weight:g}"
     client.set_model_version_tag(state.model_name, state.version, WEIGHT_TAG, text)
-    record_signed(client, cfg, state.model_name, state.version, "rollout", "weight", champion=None,
+    record_signed(client, cfg, state.model_name, state.version, SignedKind.ROLLOUT, "weight", champion=None,
                   run_id="", metrics={"weight": text}, reason=f"rollout weight {text} % at step {state.step}",
                   now=now)
 
@@ -271,7 +274,7 @@ def _sync_weight(cfg: ChurnConfig, client: MlflowClient, mv: ModelVersion, state
     """Put the weight tag and its signature right when they are not the state's (an
     interrupted write, or a tag changed by hand)."""
     text = f"{state.weight:g}"
-    signed, _why = verified_decision(mv, state.model_name, "rollout", verifier_for(cfg))
+    signed, _why = verified_decision(mv, state.model_name, SignedKind.ROLLOUT, verifier_for(cfg))
     if (mv.tags or {}).get(WEIGHT_TAG) != text or signed is None or \
             signed.metrics_sha256 != metrics_digest({"weight": text}):
         _set_weight(cfg, client, state, now)
@@ -398,7 +401,7 @@ def _judge_step(cfg: ChurnConfig, client: MlflowClient, state: RolloutState, now
     name = state.model_name
     when = utc(as_of) if as_of is not None else default_as_of(cfg, now)
     outcome = judge(cfg, when, state.step_started_at, False)
-    if outcome.verdict == "fail":  # never waits for the bake
+    if outcome.verdict == JudgeGrade.FAIL:  # never waits for the bake
         return _rollback(cfg, client, state, now, outcome, actor)
     baked = now - state.step_started_at
     bake = timedelta(seconds=step.bake_seconds)
@@ -409,12 +412,12 @@ def _judge_step(cfg: ChurnConfig, client: MlflowClient, state: RolloutState, now
     need = cfg.canary.needed(cfg.serving)
     rows = {arm: outcome.rows.get(arm, 0) for arm in ("champion", "canary")}
     short = {arm: n for arm, n in rows.items() if n < need}
-    if short or outcome.verdict == "insufficient":
+    if short or outcome.verdict == JudgeGrade.INSUFFICIENT:
         counts = ", ".join(f"{arm} {n}" for arm, n in rows.items())
         return TickResult("wait", f"step {state.step} at {state.weight:g} %: waiting for canary.min_requests="
                           f"{need} logged predictions per arm since the step started ({counts}); "
                           + "; ".join(outcome.reasons), name, state.version, state, outcome)
-    if outcome.verdict == "marginal":
+    if outcome.verdict == JudgeGrade.MARGINAL:
         return _pause(cfg, client, state, now, "judge: marginal: " + "; ".join(outcome.reasons), outcome)
     # pass: the next step, or the end of the plan
     nxt = state.step + 1
@@ -475,11 +478,11 @@ def _promote(cfg: ChurnConfig, client: MlflowClient, state: RolloutState, now: d
     decision the guard and :func:`~mlflow_churn.serving.transitions.promote` require), then
     the promotion on that evidence. A refused promotion pauses the rollout with the reason."""
     recorded = judge(cfg, when, state.step_started_at, True)
-    if recorded.verdict == "fail":
+    if recorded.verdict == JudgeGrade.FAIL:
         return _rollback(cfg, client, state, now, recorded, actor)
-    if recorded.verdict == "marginal":
+    if recorded.verdict == JudgeGrade.MARGINAL:
         return _pause(cfg, client, state, now, "judge: marginal: " + "; ".join(recorded.reasons), recorded)
-    if recorded.verdict != "pass":
+    if recorded.verdict != JudgeGrade.PASS:
         return TickResult("wait", f"step {state.step}: the recorded judge says {recorded.verdict}: "
                           + "; ".join(recorded.reasons), state.model_name, state.version, state, recorded)
     reason = f"rollout finished at step {state.step}: judge passed: " + "; ".join(recorded.reasons)

@@ -53,6 +53,7 @@ from mlflow_churn.registry.signing import (
     verifier_for,
     version_ref,
 )
+from mlflow_churn.registry.vocab import CanaryVerdict, SignedKind
 from mlflow_churn.serving.canary import (
     CanaryEvaluation,
     decision_run,
@@ -156,7 +157,7 @@ def promote(cfg: ChurnConfig, reason: str, version: str | None = None,
             who = {"actor": actor, "reason": reason, "evidence_run_id": run_id}
             if not resuming:
                 if force:
-                    record_signed(client, cfg, name, canary, "override", "override",
+                    record_signed(client, cfg, name, canary, SignedKind.OVERRIDE, "override",
                                   champion=client.get_model_version(name, old) if old else None,
                                   run_id=run_id, reason=reason, actor=actor)
                 check = check_promotion(client, name, canary, cfg, CHAMPION, actor=actor, verifier=verifier)
@@ -206,7 +207,7 @@ def _require_promote_verdict(cfg: ChurnConfig, canary: str, proof: CanaryEvaluat
         raise Conflict(f"cannot promote version {canary}: no canary evidence ({proof_error}){fix}")
     rows = proof.routes["canary"].rows if "canary" in proof.routes else 0
     need = cfg.canary.needed(cfg.serving)
-    if proof.verdict != "promote" or rows < need:
+    if proof.verdict != CanaryVerdict.PROMOTE or rows < need:
         why = "; ".join(proof.reasons) or "no reason given"
         raise Conflict(f"cannot promote version {canary}: the canary verdict is '{proof.verdict}' on "
                        f"{rows} logged predictions (canary.min_requests={need}): {why}{fix}")
@@ -329,7 +330,7 @@ def rollback(cfg: ChurnConfig, reason: str, version: str | None = None,
             # Removing a canary is always allowed, so a signing key that cannot be used (missing,
             # readable by others) does not hold the incident up: the run says it was not signed
             try:
-                record_signed(client, cfg, name, canary, "rollback", "rollback",
+                record_signed(client, cfg, name, canary, SignedKind.ROLLBACK, "rollback",
                               champion=client.get_model_version(name, champion) if champion else None,
                               run_id=run.info.run_id, reason=reason, actor=actor)
             except ChurnError as exc:
@@ -386,7 +387,7 @@ def _rollback_champion(cfg: ChurnConfig, client: MlflowClient, before: dict[str,
     with fail_fast(cfg, f"rolling champion of '{name}' back to v{restored}"), \
             decision_run(cfg, f"rollback champion v{demoted} -> v{restored}") as run, failed_on_error(cfg):
         who = {"actor": actor, "reason": reason, "evidence_run_id": run.info.run_id}
-        record_signed(client, cfg, name, demoted, "rollback", "rollback", champion=replaced,
+        record_signed(client, cfg, name, demoted, SignedKind.ROLLBACK, "rollback", champion=replaced,
                       run_id=run.info.run_id, reason=reason, actor=actor)
         remove_alias(client, name, PREVIOUS_CHAMPION, False, **who)  # its stage becomes Production below
         move_alias(client, name, CHAMPION, restored, mirror, **who)
@@ -466,10 +467,10 @@ def act_on_verdict(cfg: ChurnConfig, as_of: datetime, since: datetime | None = N
     `churn canary auto` and `churn canary evaluate --auto` run."""
     evaluation = evaluate_canary(cfg, as_of, since)
     why = (reason + ": " if reason else "") + "; ".join(evaluation.reasons)
-    if evaluation.verdict == "promote":
+    if evaluation.verdict == CanaryVerdict.PROMOTE:
         return evaluation, promote(cfg, f"auto: {why}", version=evaluation.canary_version,
                                    evidence=evaluation)
-    if evaluation.verdict == "rollback":
+    if evaluation.verdict == CanaryVerdict.ROLLBACK:
         return evaluation, rollback(cfg, f"auto: {why}", version=evaluation.canary_version,
                                     evidence=evaluation)
     return evaluation, None

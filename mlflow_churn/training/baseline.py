@@ -52,6 +52,7 @@ from mlflow_churn.data.tables import TablePaths
 from mlflow_churn.errors import is_missing
 from mlflow_churn.features.offline import build_training_frame
 from mlflow_churn.stats import performance
+from mlflow_churn.tags import TRAIN_RUN_TAG
 from mlflow_churn.training.frames import TrainingFrames
 from mlflow_churn.training.model import predict_proba
 from mlflow_churn.training.window import training_window
@@ -196,9 +197,9 @@ def version_baseline(client: Any, tags: dict[str, str], early_days: int) -> Base
     """The baselines of the version with ``tags`` (its tags, else its training run's metrics,
     via ``train_run_id``) and their standard errors."""
     metrics: dict[str, float] = {}
-    if tags.get("train_run_id"):
+    if tags.get(TRAIN_RUN_TAG):
         try:
-            metrics = client.get_run(tags["train_run_id"]).data.metrics
+            metrics = client.get_run(tags[TRAIN_RUN_TAG]).data.metrics
         except Exception as exc:  # a version whose training run was deleted: tags only
             if not is_missing(exc):  # anything else (the server down, a 5xx) is no answer
                 raise

@@ -5,9 +5,9 @@ scores on it, and logs the result as ``reference/profile.json`` in the training 
 Monitoring reads it back with :func:`profile_for_version`, so it never re-reads the
 training data.
 
-Layout (JSON-able dict)::
+Layout (JSON-able dict, typed as :class:`ReferenceProfile`)::
 
-    {"format": 1, "bins": 10, "rows": N, "feature_set": ..., "feature_set_hash": ...,
+    {"schema_version": 1, "format": 1, "bins": 10, "rows": N, "feature_set": ..., "feature_set_hash": ...,
      "features": {name: ENTRY, ...},
      "score": ENTRY (numeric),
      "segments": {column: {value: {"count": n, "share": s,
@@ -31,6 +31,14 @@ PSI threshold (:func:`mlflow_churn.stats.drift.psi_threshold`). ``calibration`` 
 Platt map of the scores, fitted on the validation rows) and ``sources`` (null rates of the
 raw source columns over the training window, :mod:`mlflow_churn.data.sources`) are
 given by training (:mod:`mlflow_churn.training.baseline`); older profiles lack them.
+
+The profile is a payload training writes and evaluation, monitoring, serving and retrain
+read: it is written by :func:`profile_json` only (:func:`save_profile` and training's
+``reference/profile.json`` both use it) and read by :func:`profile_from_dict` only
+(:func:`load_profile`, :func:`profile_for_version`). ``schema_version`` is
+:data:`PROFILE_SCHEMA_VERSION`; a profile without one (written by an earlier release) is
+version 1, a newer version than this release knows is a ChurnError. ``format`` (1) stays for
+the readers of earlier releases.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -46,11 +54,58 @@ import pandas as pd
 from mlflow_churn.errors import ChurnError, NotFound, is_missing
 from mlflow_churn.features.registry import FeatureSet
 from mlflow_churn.stats import drift
-from mlflow_churn.tracking import server_failure
+from mlflow_churn.tags import TRAIN_RUN_TAG
+from mlflow_churn.tracking import download_artifact, server_failure
 
 PROFILE_FORMAT = 1
+#: the ``schema_version`` :func:`build_profile` writes; a profile without one is version 1
+PROFILE_SCHEMA_VERSION = 1
 PROFILE_ARTIFACT = "reference/profile.json"
 SCORE = "__score__"
+
+
+class ProfileEntry(TypedDict, total=False):
+    """One column's reference distribution (see the module doc): ``kind`` numeric (``edges``,
+    ``sample``, ``mean``, ``std``, ``min``, ``max``) or categorical (``categories``), with the
+    bins' ``shares``, the non-missing ``count`` and the ``null_rate``."""
+
+    kind: str
+    edges: list[float]
+    categories: list[str]
+    shares: list[float]
+    count: int
+    null_rate: float
+    sample: list[float]
+    mean: float | None
+    std: float | None
+    min: float | None
+    max: float | None
+
+
+class SegmentProfile(TypedDict):
+    """One segment value's rows: their count and share, and each feature's and the score's
+    shares in the population's bins."""
+
+    count: int
+    share: float
+    features: dict[str, dict[str, Any]]
+    score: dict[str, Any]
+
+
+class ReferenceProfile(TypedDict):
+    """The reference profile of a model's training data (module doc: layout and versions)."""
+
+    schema_version: int
+    format: int
+    bins: int
+    rows: int
+    feature_set: str
+    feature_set_hash: str
+    features: dict[str, ProfileEntry]
+    score: ProfileEntry
+    segments: dict[str, dict[str, SegmentProfile]]
+    calibration: dict[str, Any] | None
+    sources: dict[str, Any] | None
 
 
 class NoProfile(ChurnError):
@@ -116,7 +171,7 @@ def build_profile(
     seed: int = 0,
     calibration: dict[str, Any] | None = None,
     sources: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> ReferenceProfile:
     """The reference profile (see module doc) of ``frame``'s feature-set columns and scores.
 
     ``frame`` holds the set's columns (raw or coerced); ``scores`` are the model's
@@ -169,6 +224,7 @@ def build_profile(
                 "score": _segment_entry(score_entry, score_arr[pos]),
             }
     return {
+        "schema_version": PROFILE_SCHEMA_VERSION,
         "format": PROFILE_FORMAT,
         "bins": int(bins),
         "rows": int(n),
@@ -182,15 +238,40 @@ def build_profile(
     }
 
 
-def save_profile(profile: dict[str, Any], path: str | Path) -> Path:
-    """Write ``profile`` as JSON to ``path`` (parents created); returns the path."""
+def profile_json(profile: ReferenceProfile) -> str:
+    """The JSON text of ``profile`` (compact, no NaN): the one way a profile is written.
+    A profile without ``schema_version`` gets :data:`PROFILE_SCHEMA_VERSION`."""
+    return json.dumps({"schema_version": PROFILE_SCHEMA_VERSION, **profile}, separators=(",", ":"),
+                      allow_nan=False)
+
+
+def profile_from_dict(data: Any, where: str = "the profile") -> ReferenceProfile:
+    """``data`` (parsed JSON) as a :class:`ReferenceProfile`: the one way a profile is read.
+    Without ``schema_version`` it is version 1 (an earlier release wrote it); ChurnError on a
+    newer version than this release reads, :class:`NoProfile` if it is not a profile."""
+    if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT or "features" not in data:
+        raise NoProfile(
+            f"{where} is not a format-{PROFILE_FORMAT} reference profile; rebuild it with build_profile"
+        )
+    version = data.get("schema_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise NoProfile(f"{where} has schema_version {version!r}, not a positive integer; rebuild it "
+                        "with build_profile")
+    if version > PROFILE_SCHEMA_VERSION:
+        raise ChurnError(f"{where} has schema_version {version}, newer than the {PROFILE_SCHEMA_VERSION} "
+                         "this release reads; upgrade mlflow-churn")
+    return {**data, "schema_version": version}  # type: ignore[return-value, typeddict-item]
+
+
+def save_profile(profile: ReferenceProfile, path: str | Path) -> Path:
+    """Write ``profile`` (:func:`profile_json`) to ``path`` (parents created); returns the path."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(profile, separators=(",", ":"), allow_nan=False))
+    p.write_text(profile_json(profile))
     return p
 
 
-def load_profile(path: str | Path) -> dict[str, Any]:
+def load_profile(path: str | Path) -> ReferenceProfile:
     """Read a profile written by :func:`save_profile`; ChurnError if unreadable,
     :class:`NoProfile` if it is not one."""
     p = Path(path)
@@ -202,14 +283,10 @@ def load_profile(path: str | Path) -> dict[str, Any]:
         ) from exc
     except json.JSONDecodeError as exc:
         raise NoProfile(f"profile {p} is not valid JSON ({exc.msg}); re-log it with save_profile") from exc
-    if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT or "features" not in data:
-        raise NoProfile(
-            f"{p} is not a format-{PROFILE_FORMAT} reference profile; rebuild it with build_profile"
-        )
-    return data
+    return profile_from_dict(data, str(p))
 
 
-def profile_for_version(client: Any, name: str, version: str | int) -> dict[str, Any]:
+def profile_for_version(client: Any, name: str, version: str | int) -> ReferenceProfile:
     """The profile logged by the training run of registered model ``name`` version ``version``.
 
     Uses the version's ``train_run_id`` tag (else the version's own run id) and downloads
@@ -229,7 +306,7 @@ def profile_for_version(client: Any, name: str, version: str | int) -> dict[str,
         raise NotFound(
             f"model '{name}' version {version} not found in the registry: {exc.message}"
         ) from exc
-    run_id = (mv.tags or {}).get("train_run_id") or mv.run_id
+    run_id = (mv.tags or {}).get(TRAIN_RUN_TAG) or mv.run_id
     if not run_id:
         raise NoProfile(
             f"model '{name}' version {version} has no train_run_id tag nor run; cannot find its profile"
@@ -248,7 +325,7 @@ def profile_for_version(client: Any, name: str, version: str | int) -> dict[str,
         raise NoProfile(missing)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            local = client.download_artifacts(run_id, PROFILE_ARTIFACT, tmp)
+            local = download_artifact(client, run_id, PROFILE_ARTIFACT, tmp)
         except (MlflowException, OSError) as exc:
             if server_failure(exc) is not None:
                 raise

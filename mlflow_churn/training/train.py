@@ -58,12 +58,13 @@ from mlflow_churn.features.registry import FeatureSet, registry_for
 from mlflow_churn.progress import ProgressArg, resolve
 from mlflow_churn.registry.aliases import CHALLENGER
 from mlflow_churn.registry.versions import registered_version
+from mlflow_churn.tags import TRAIN_RUN_TAG
 from mlflow_churn.tracking import fail_fast, failed_on_error, setup_mlflow, step_run
 from mlflow_churn.training import tuning
 from mlflow_churn.training.baseline import training_baselines
 from mlflow_churn.training.frames import TrainingFrames
 from mlflow_churn.training.model import log_churn_model, predict_proba
-from mlflow_churn.training.profile import build_profile
+from mlflow_churn.training.profile import PROFILE_ARTIFACT, build_profile, profile_json
 from mlflow_churn.training.table import load_table
 from mlflow_churn.training.targeting import SegmentTargets, segment_mask, target_weights
 from mlflow_churn.training.window import TrainingWindow, training_window
@@ -251,7 +252,7 @@ def _log_profile(prep: TrainingFrames, booster: Any, bins: int, extras: dict[str
     rows = prep.valid if prep.reference is None else prep.reference
     scores = predict_proba(booster, prep.feature_set, prep.feature_set.coerce(rows))
     profile = build_profile(rows, prep.feature_set, scores, bins=bins, segments=prep.segments, **extras)
-    mlflow.log_dict(profile, "reference/profile.json")
+    mlflow.log_text(profile_json(profile), PROFILE_ARTIFACT)
     return True
 
 
@@ -376,7 +377,7 @@ def _fit_and_register(cfg: ChurnConfig, prep: TrainingFrames, *, n_trials: int |
             "feature_set": fs.name, "feature_set_hash": fs.hash, "window_start": prep.window_start,
             "window_end": prep.window_end, "as_of": prep.as_of,
             "horizon_days": str(cfg.features.label_horizon_days) if prep.source == "simulator" else "",
-            "val_auc": f"{metrics['val_auc']:.6f}", "data_hash": prep.data_hash, "train_run_id": run_id,
+            "val_auc": f"{metrics['val_auc']:.6f}", "data_hash": prep.data_hash, TRAIN_RUN_TAG: run_id,
             "source": prep.source,
         } | baselines.tags | (prep.targets.to_tags() if prep.targets is not None else {})
         description = f"Trained on {fs.name} ({prep.source}); val AUC {metrics['val_auc']:.4f}; run {run_id}."
