@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from wait_support import wait_until
 
 from mlflow_churn.config import load_config
 from mlflow_churn.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, setup_mlflow
@@ -45,12 +46,12 @@ def _gone(pid: int) -> bool:
 def _assert_all_gone(pids: list[int], context: str = "", wait_s: float = 15.0) -> None:
     """Every process of these groups ends within ``wait_s`` (a stopped leader's workers are
     reaped a moment after it)."""
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline and not all(_gone(pid) for pid in pids):
-        time.sleep(0.2)
-    left = subprocess.run(["ps", "-o", "pid,pgid,stat,cmd", "-g", ",".join(map(str, pids))],
-                          capture_output=True, text=True).stdout
-    assert all(_gone(pid) for pid in pids), f"left running:\n{left}\n{context}"
+    def left() -> str:
+        return subprocess.run(["ps", "-o", "pid,pgid,stat,cmd", "-g", ",".join(map(str, pids))],
+                              capture_output=True, text=True).stdout
+
+    wait_until(lambda: all(_gone(pid) for pid in pids), wait_s, "every process of the groups to end",
+               interval=0.2, detail=lambda: f"left running:\n{left()}\n{context}")
 
 
 # ------------------------------------------------------------------ fast, embedded store
@@ -214,15 +215,13 @@ def test_demo_server_stops_its_children_on_signal(tmp_path: Path, sig: int) -> N
              "--server", "--customers", "2000", "--n-trials", "1"],
             cwd=tmp_path, env=_clean_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 300
-        pids: list[int] = []
-        while time.monotonic() < deadline and demo.poll() is None:
+        def announced() -> re.Match | bool:  # the children's line, or True once the demo ended
             m = re.search(r"mlflow server http://\S+ \(pid (\d+)\); webhook receiver "
                           r"http://\S+ \(pid (\d+)\)", " ".join(log.read_text().split()))
-            if m:
-                pids = [int(m.group(1)), int(m.group(2))]
-                break
-            time.sleep(0.5)
+            return m or demo.poll() is not None
+
+        m = wait_until(announced, 300, "the demo to start its two children", interval=0.5)
+        pids = [int(m.group(1)), int(m.group(2))] if isinstance(m, re.Match) else []
         assert pids, log.read_text()[-3000:]
         assert not any(_gone(pid) for pid in pids)
         assert (tmp_path / "ws" / "mlflow-server.db").exists()
@@ -308,22 +307,18 @@ def test_demo_server_on_given_ports_stops_during_training(tmp_path: Path) -> Non
                             "--hooks-port", str(hooks_port))
             demo = subprocess.Popen(cmd, cwd=tmp_path, env=_clean_env(), stdout=out, stderr=subprocess.STDOUT)
         pids: list[int] = []
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and demo.poll() is None and not pids:
-            m = ready.search(" ".join(log.read_text().split()))
-            if m:
-                urls, pids = (m.group(1), m.group(3)), [int(m.group(2)), int(m.group(4))]
-            time.sleep(0.3)
+        m = wait_until(lambda: ready.search(" ".join(log.read_text().split())) or demo.poll() is not None,  # noqa: B023 (this attempt's demo)
+                       300, "the demo to start its children on the given ports", interval=0.3)
+        if isinstance(m, re.Match):
+            urls, pids = (m.group(1), m.group(3)), [int(m.group(2)), int(m.group(4))]
         if pids or not any(s in log.read_text().lower() for s in ADDRESS_IN_USE):
             break
         demo.wait(60)
     try:
         assert pids, log.read_text()[-3000:]
         assert urls == (f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{hooks_port}")
-        deadline = time.monotonic() + 600
-        while demo.poll() is None and not _training_running(urls[0]):
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+        wait_until(lambda: demo.poll() is not None or _training_running(urls[0]), 600,
+                   "a tuning trial to run", interval=0.5, detail=lambda: log.read_text()[-3000:])
         assert demo.poll() is None, log.read_text()[-3000:]
         demo.send_signal(signal.SIGINT)
         code = demo.wait(60)

@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import sqlite3
-import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +24,7 @@ import pytest
 from hooks_support import Receiver, register_webhook
 from mlflow.tracking import MlflowClient
 from proxy_support import TripwireProxy
+from wait_support import wait_until
 
 from mlflow_churn.alerts import stop_sender
 from mlflow_churn.alerts.receiver import AlertReceiver
@@ -309,13 +309,7 @@ def test_cli_reconcile_once_json_runs_the_real_gate(config: ChurnConfig, registe
 # ------------------------------------------------------------------------- real processes
 def _wait(what: str, check, deadline_s: float, log=lambda: "") -> object:
     """Poll ``check()`` until it returns something truthy; fail naming ``what`` after the deadline."""
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.5)
-    pytest.fail(f"{what} not seen within {deadline_s:.0f} s; receiver log: {log()}")
+    return wait_until(check, deadline_s, what, interval=0.5, detail=lambda: f"receiver log: {log()}")
 
 
 def _rows(receiver: Receiver, name: str, version: str) -> list[dict]:

@@ -25,6 +25,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 from proxy_support import FlakyProxy
+from wait_support import wait_until
 
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.errors import ChurnError
@@ -79,23 +80,36 @@ def _churn(ws: Path, env: dict[str, str], *args: str, timeout: float = 600) -> s
 
 
 # ----------------------------------------------------------------------------- fast pieces
-def test_http_limits_come_from_config_unless_the_user_set_them(workspace: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in HTTP_ENV:
-        monkeypatch.delenv(var, raising=False)
-    cfg = load_config(workspace=workspace, environ={}, overrides={"mlflow.http_max_retries": 1,
-                                                                  "mlflow.http_timeout_seconds": 7})
-    assert export_http_limits(cfg) == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-                                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "7",
-                                       "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-    # a later config wins over what we exported; a value the user set wins over both
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
-    cfg.mlflow.http_max_retries = 2
-    got = export_http_limits(cfg)
-    assert got["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2" and got["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "0"
-    env = {"CHURN_MLFLOW__HTTP_TIMEOUT_SECONDS": "0"}
+_LIMITS_TWICE = """
+import json, os
+from mlflow_churn.config import load_config
+from mlflow_churn.tracking import export_http_limits
+cfg = load_config(environ={}, overrides={"mlflow.http_max_retries": 1, "mlflow.http_timeout_seconds": 7})
+first = export_http_limits(cfg)
+cfg.mlflow.http_max_retries = 2
+second = export_http_limits(cfg)
+print(json.dumps([first, second, {var: os.environ.get(var) for var in first}]))
+"""
+
+
+def test_http_limits_are_set_once_from_config_unless_the_user_set_them(tmp_path: Path) -> None:
+    """A real process: the first call exports the config's limits (a variable the user set
+    wins); a later call with another config changes nothing (no process-wide change once
+    threads may run)."""
+    env = {k: v for k, v in os.environ.items() if k not in HTTP_ENV and not k.startswith("CHURN_")}
+    env["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "0"
+    out = subprocess.run([sys.executable, "-c", _LIMITS_TWICE], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, second, environ = json.loads(out.stdout)
+    assert first == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "7",
+                     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}
+    assert second == first and environ == first
+
+
+def test_bad_http_limit_names_the_key(workspace: Path) -> None:
     with pytest.raises(ChurnError, match="mlflow.http_timeout_seconds"):
-        load_config(workspace=workspace, environ=env)
+        load_config(workspace=workspace, environ={"CHURN_MLFLOW__HTTP_TIMEOUT_SECONDS": "0"})
 
 
 def test_a_refusing_server_is_one_line_in_seconds(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -248,15 +262,11 @@ def test_server_killed_after_tuning_fails_fast_and_leaves_nothing(workspace: Pat
                              str(n_trials), "--no-progress"], env=_env(url, name), cwd=ws,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            trials = [r for r in _runs(client) if "mlflow.parentRunId" in r.data.tags
-                      and r.info.status == "FINISHED"]
-            if len(trials) >= n_trials:  # tuning done: registration is next
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail(f"tuning did not finish in time: {proc.poll()=}")
+        def tuned() -> bool:  # tuning done: registration is next
+            return len([r for r in _runs(client) if "mlflow.parentRunId" in r.data.tags
+                        and r.info.status == "FINISHED"]) >= n_trials
+
+        wait_until(lambda: proc.poll() is not None or tuned(), 300, "the tuning to finish", interval=0.2)
         os.killpg(server.process.pid, signal.SIGKILL)
         killed = time.monotonic()
         out, err = proc.communicate(timeout=120)

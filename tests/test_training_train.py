@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from ports import free_port
+from wait_support import wait_until
 
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.errors import ChurnError
@@ -225,12 +226,9 @@ def test_sigint_during_training_ends_it_promptly_and_cleanly(tmp_path: Path, sma
         proc = subprocess.Popen(CHURN + args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         try:
-            deadline = time.monotonic() + 600
-            while proc.poll() is None and time.monotonic() < deadline:
-                if db.exists() and any((r.info.run_name or "").startswith("trial-")
-                                       for r in _running_runs(db)):
-                    break
-                time.sleep(0.5)
+            wait_until(lambda: proc.poll() is not None or (db.exists() and any(  # noqa: B023 (this attempt's)
+                (r.info.run_name or "").startswith("trial-") for r in _running_runs(db))), 600,
+                "a tuning trial to run", interval=0.5)
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             time.sleep(rng.uniform(0.0, 2.0))
             proc.send_signal(signal.SIGINT)
