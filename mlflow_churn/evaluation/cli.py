@@ -53,14 +53,14 @@ def evaluate_command(
     """Score challenger and champion on the holdout; pass -> alias canary, fail -> tag gate=rejected."""
     cfg = get_config(ctx)
     when = as_of_or_latest(cfg, as_of)  # bad input first, then the heavy imports
-    from mlflow_churn.evaluation.evaluate import evaluate
+    from mlflow_churn.evaluation.evaluate import gate
     from mlflow_churn.tracking import without_project_run
 
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     # inside `mlflow run` the project run is the parent of the decision run
     with without_project_run() as parent:
-        decision = evaluate(cfg, when, opt_str(challenger) or "challenger", opt_str(champion) or "champion",
-                            parent_run_id=parent, progress=progress_arg(progress))
+        decision = gate(cfg, when, opt_str(challenger) or "challenger", opt_str(champion) or "champion",
+                        parent_run_id=parent, progress=progress_arg(progress))
     console.print(summary_table(decision))
     for reason in decision.reasons:
         console.print(f"[red]rejected:[/red] {reason}")
