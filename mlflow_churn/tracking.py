@@ -3,15 +3,19 @@
 Against a tracking server (``http(s)://``) this module also keeps MLflow's waits bounded and
 its failures clean:
 
-- :func:`export_http_limits` (called by :func:`setup_mlflow`) exports the ``mlflow.http_*``
-  config keys as ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``_TIMEOUT`` / ``_BACKOFF_FACTOR``
-  unless the user set those variables, so a dead server costs seconds, not minutes;
+- :func:`export_http_limits` (called by :func:`setup_mlflow`; servers call it before they start
+  threads) exports the ``mlflow.http_*`` config keys as ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` /
+  ``_TIMEOUT`` / ``_BACKOFF_FACTOR`` unless the user set those variables, so a dead server
+  costs seconds, not minutes. It writes ``os.environ`` once per process, at start-up; later
+  calls change nothing (no process-wide state changes while threads run);
 - :func:`fail_fast` turns a server failure inside a command (connection refused or reset,
   timeout, 5xx after the retries; :func:`server_failure` recognises them) into ONE
   :class:`TrackingUnavailable` (a :class:`ChurnError`: an outage, worth retrying, which the
   webhook receiver tells from bad input by its type) naming the server, what was being done
   and what was left;
-- :func:`_end_run_failed` / :func:`_terminate_failed` mark a run FAILED with one quick attempt;
+- :func:`_end_run_failed` / :func:`_terminate_failed` mark a run FAILED with one quick attempt
+  (:func:`one_attempt`: a client whose REST stores make each call once, with a short timeout,
+  instead of changing MLflow's variables for everyone);
   what cannot be written because the server is gone (a run still RUNNING, a version to
   delete) goes to a journal, ``<workspace>/mlflow-pending.jsonl``, which the next
   :func:`setup_mlflow` against the same server replays (:func:`_replay_pending`). The same
@@ -39,11 +43,13 @@ import logging
 import os
 import re
 import socket
+import threading
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -67,8 +73,9 @@ _kind_checked: set[tuple[str, str]] = set()
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "http_max_retries",
             "MLFLOW_HTTP_REQUEST_TIMEOUT": "http_timeout_seconds",
             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "http_backoff_factor"}
-#: what :func:`export_http_limits` last exported (a value still equal to it was not set by the user)
+#: what :func:`export_http_limits` exported, once per process (empty before the first call)
 _exported: dict[str, str] = {}
+_export_lock = threading.Lock()
 #: the timeout (s) of a clean-up request made after the server already failed once
 CLEANUP_TIMEOUT_S = 5
 PENDING_FILE = "mlflow-pending.jsonl"
@@ -84,32 +91,111 @@ class TrackingUnavailable(Unavailable):
 
 def export_http_limits(cfg: ChurnConfig) -> dict[str, str]:
     """Export ``cfg.mlflow.http_*`` as MLflow's HTTP retry / timeout / back-off variables,
-    leaving any the user set; return the values in force."""
-    for var, key in HTTP_ENV.items():
-        value = str(getattr(cfg.mlflow, key))
-        current = os.environ.get(var)
-        if current is None or current == _exported.get(var):
-            os.environ[var] = value
-            _exported[var] = value
-    return {var: os.environ[var] for var in HTTP_ENV}
+    leaving any the user set; return the values in force. Only the first call in a process
+    writes ``os.environ`` (a command or server calls it at start-up, before it starts
+    threads); later calls, whatever their ``cfg``, return what is in force and change nothing."""
+    with _export_lock:
+        if not _exported:
+            for var, key in HTTP_ENV.items():
+                value = os.environ.get(var)
+                if value is None:
+                    value = str(getattr(cfg.mlflow, key))
+                    os.environ[var] = value
+                _exported[var] = value
+        return dict(_exported)
 
 
-@contextmanager
-def one_attempt(timeout_s: int = CLEANUP_TIMEOUT_S) -> Iterator[None]:
-    """MLflow HTTP requests inside the block: no retries, at most ``timeout_s`` (never more
-    than the configured timeout). For clean-up after the server already failed once."""
-    saved = {v: os.environ.get(v) for v in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    configured = int(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or timeout_s)
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, min(timeout_s, configured)))
-    try:
-        yield
-    finally:
-        for var, value in saved.items():
-            if value is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = value
+def http_limits() -> dict[str, str]:
+    """The MLflow HTTP variables :func:`export_http_limits` put in force in this process
+    (empty before its first call)."""
+    return dict(_exported)
+
+
+def _once_timeout(timeout_s: float) -> float:
+    """The timeout of a one-attempt call: ``timeout_s``, never more than the configured one."""
+    configured = float(_exported.get("MLFLOW_HTTP_REQUEST_TIMEOUT")
+                       or os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or timeout_s)
+    return max(1.0, min(float(timeout_s), configured))
+
+
+class _OnceCalls:
+    """Mixin of MLflow's REST stores: each call is made once (no retries, no back-off) and
+    waits at most ``timeout_s`` - MLflow's ``http_request`` with explicit limits, so that no
+    process-wide variable changes. The rest of the call is MLflow's own ``call_endpoint``."""
+
+    timeout_s: float = CLEANUP_TIMEOUT_S
+
+    def _call_once(self, endpoint: str, method: str, json_body: str | None, response_proto: Any,
+                   extra_headers: dict[str, str] | None = None) -> Any:
+        from mlflow.utils.proto_json_utils import parse_dict
+        from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+        body = json.loads(json_body) if json_body is not None else None
+        kwargs: dict[str, Any] = {"params": body} if method == "GET" else {"json": body}
+        if extra_headers:
+            kwargs["extra_headers"] = extra_headers
+        response = http_request(self.get_host_creds(), endpoint, method, max_retries=0,  # type: ignore[attr-defined]
+                                backoff_factor=0, timeout=self.timeout_s, **kwargs)
+        response = verify_rest_response(response, endpoint)
+        if response.status_code == 204:
+            return response_proto
+        parse_dict(js_dict=json.loads(response.text), message=response_proto)
+        return response_proto
+
+
+def one_attempt(client: MlflowClient, timeout_s: float = CLEANUP_TIMEOUT_S) -> MlflowClient:
+    """A client of ``client``'s tracking and registry servers whose requests are made once:
+    no retries, at most ``timeout_s`` each (never more than the configured timeout). For
+    clean-up after the server already failed once. ``client`` itself when its stores are not
+    HTTP servers (a local store makes no requests)."""
+    from mlflow.store.model_registry.rest_store import RestStore as RegistryRestStore
+    from mlflow.store.tracking.rest_store import RestStore as TrackingRestStore
+    from mlflow.tracking._model_registry.client import ModelRegistryClient
+    from mlflow.tracking._tracking_service.client import TrackingServiceClient
+    from mlflow.utils.credentials import get_default_host_creds
+
+    tracking_uri, registry_uri = client.tracking_uri, client._registry_uri
+    if not (tracking_uri.startswith(("http://", "https://")) and registry_uri.startswith(("http://", "https://"))):
+        return client
+    limit = _once_timeout(timeout_s)
+
+    class OnceTrackingStore(_OnceCalls, TrackingRestStore):
+        timeout_s = limit
+
+        def _call_endpoint(self, api: Any, json_body: str | None = None, endpoint: str | None = None,
+                           retry_timeout_seconds: float | None = None, response_proto: Any = None) -> Any:
+            paths = self._V3_METHOD_TO_INFO if api in self._V3_APIS else self._METHOD_TO_INFO
+            path, method = paths[api]
+            return self._call_once(endpoint or path, method, json_body, response_proto or api.Response())
+
+    class OnceRegistryStore(_OnceCalls, RegistryRestStore):
+        timeout_s = limit
+
+        def _call_endpoint(self, api: Any, json_body: str | None, call_all_endpoints: bool = False,
+                           extra_headers: dict[str, str] | None = None) -> Any:
+            if call_all_endpoints:  # fallbacks over several endpoints: MLflow's own loop
+                return super()._call_endpoint(api, json_body, call_all_endpoints, extra_headers)
+            path, method = self._get_endpoint_from_method(api)
+            proto = self._get_response_from_method(api)
+            return self._call_once(path, method, json_body, proto, extra_headers)
+
+    tracking_store = OnceTrackingStore(lambda: get_default_host_creds(tracking_uri))
+    registry_store = OnceRegistryStore(lambda: get_default_host_creds(registry_uri))
+
+    class OnceTracking(TrackingServiceClient):
+        @property
+        def store(self) -> Any:
+            return tracking_store
+
+    class OnceRegistry(ModelRegistryClient):
+        @property
+        def store(self) -> Any:
+            return registry_store
+
+    once = MlflowClient(tracking_uri, registry_uri)
+    once._tracking_client = OnceTracking(tracking_uri)
+    once._registry_client_lazy = OnceRegistry(registry_uri, tracking_uri)
+    return once
 
 
 # ------------------------------------------------------------------ recognising a server failure
@@ -327,21 +413,24 @@ class Failure:
         self.pending = True
 
 
-_current: list[Failure] = []
+#: the open :func:`fail_fast` blocks of this thread / task, innermost last (a ContextVar:
+#: the gate worker and the alias watcher each see their own)
+_failures: ContextVar[tuple[Failure, ...]] = ContextVar("churn_fail_fast", default=())
 
 
 def current_failure() -> Failure | None:
-    """The innermost :func:`fail_fast` block's record (None outside one)."""
-    return _current[-1] if _current else None
+    """The innermost :func:`fail_fast` block's record in this context (None outside one)."""
+    stack = _failures.get()
+    return stack[-1] if stack else None
 
 
 def _cleanup(cfg: ChurnConfig, what: str, call: Callable[[], Any], op: str, **fields: Any) -> bool:
-    """Run ``call`` once (no retries, short timeout); on a server failure journal ``op`` with
-    ``fields`` and note it in the current :func:`fail_fast` block. True when it went through."""
+    """Run ``call`` (which makes its requests through a :func:`one_attempt` client: no
+    retries, short timeout); on a server failure journal ``op`` with ``fields`` and note it in
+    the current :func:`fail_fast` block. True when it went through."""
     failure = current_failure()
     try:
-        with one_attempt():
-            call()
+        call()
         return True
     except Exception as exc:
         if server_failure(exc) is None:
@@ -358,16 +447,33 @@ def _end_run_failed(cfg: ChurnConfig, run_id: str) -> bool:
     """End the active (fluent) run ``run_id`` as FAILED with one quick attempt; when the
     server cannot take it, journal it. True when it was marked."""
     def end() -> None:
-        if mlflow.active_run() is not None and mlflow.active_run().info.run_id == run_id:
-            mlflow.end_run("FAILED")  # pops the run first: its context manager does nothing more
+        uri = cfg.mlflow_tracking_uri
+        once = one_attempt(MlflowClient(uri, uri))
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run_id:
+            try:
+                once.set_terminated(run_id, "FAILED")
+            finally:  # off the fluent stack whatever the server said: its context manager does nothing more
+                _pop_active_run(run_id)
         else:
-            MlflowClient(cfg.mlflow_tracking_uri).set_terminated(run_id, "FAILED")
+            once.set_terminated(run_id, "FAILED")
 
     ok = _cleanup(cfg, f"marking run {run_id} FAILED", end, "end_run", run_id=run_id)
     failure = current_failure()
     if ok and failure is not None:
         failure.note(f"run {run_id} marked FAILED")
     return ok
+
+
+def _pop_active_run(run_id: str) -> None:
+    """Take the active fluent run ``run_id`` off this thread's run stack without a request
+    (MLflow's ``end_run`` would ask the server again, with its retries). The one place the
+    package touches MLflow's fluent stack; the run's status was written by the caller."""
+    from mlflow.tracking.fluent import _active_run_stack
+
+    stack = _active_run_stack.get()
+    if stack and stack[-1].info.run_id == run_id:
+        stack.pop()
 
 
 def _cleanup_after(error: BaseException, cleanup: Callable[[], Any]) -> None:
@@ -392,8 +498,8 @@ def _cleanup_after(error: BaseException, cleanup: Callable[[], Any]) -> None:
 
 def _terminate_failed(cfg: ChurnConfig, client: MlflowClient, run_id: str) -> bool:
     """:func:`_end_run_failed` for a run made with explicit client calls (no fluent state)."""
-    ok = _cleanup(cfg, f"marking run {run_id} FAILED", lambda: client.set_terminated(run_id, "FAILED"),
-                  "end_run", run_id=run_id)
+    ok = _cleanup(cfg, f"marking run {run_id} FAILED",
+                  lambda: one_attempt(client).set_terminated(run_id, "FAILED"), "end_run", run_id=run_id)
     failure = current_failure()
     if ok and failure is not None:
         failure.note(f"run {run_id} marked FAILED")
@@ -420,7 +526,7 @@ def fail_fast(cfg: ChurnConfig, doing: str) -> Iterator[Failure]:
     ChurnError: ``the MLflow tracking server at URI failed while DOING (REASON); NOTES``.
     Other errors pass unchanged. Blocks nest; the innermost one speaks."""
     failure = Failure(cfg)
-    _current.append(failure)
+    token = _failures.set((*_failures.get(), failure))
     try:
         yield failure
     except ChurnError:
@@ -435,7 +541,7 @@ def fail_fast(cfg: ChurnConfig, doing: str) -> Iterator[Failure]:
         raise TrackingUnavailable(f"the MLflow tracking server at {cfg.mlflow_tracking_uri} failed while "
                                   f"{doing} ({reason}); {notes}") from None
     finally:
-        _current.remove(failure)
+        _failures.reset(token)
 
 
 def probe_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:

@@ -83,6 +83,9 @@ def _restore_mlflow_environ() -> Iterator[None]:
         if name not in _BASE_MLFLOW_ENV:
             del os.environ[name]
     os.environ.update(_BASE_MLFLOW_ENV)
+    tracking = sys.modules.get("mlflow_churn.tracking")
+    if tracking is not None:  # the HTTP limits are set once per process and stay (tracking.py)
+        os.environ.update(tracking.http_limits())
 
 
 @pytest.fixture

@@ -86,21 +86,18 @@ def _undo(client: MlflowClient, name: str, mv: ModelVersion, alias: str | None, 
     failure = current_failure()
     version = str(mv.version)
 
-    def steps() -> None:
+    def steps(c: MlflowClient) -> None:
         if alias and previous and previous != version:
-            current = alias_version(client, name, alias)
+            current = alias_version(c, name, alias)
             if current is not None and str(current.version) == version:
-                move_alias(client, name, alias, previous, mirror_stages)
-        client.delete_model_version(name, version)  # drops any alias still on it
-        if created_model and not client.search_model_versions(f"name = '{name}'"):
-            client.delete_registered_model(name)
+                move_alias(c, name, alias, previous, mirror_stages)
+        c.delete_model_version(name, version)  # drops any alias still on it
+        if created_model and not c.search_model_versions(f"name = '{name}'"):
+            c.delete_registered_model(name)
 
     try:
-        if server_failed:  # the server failed once already: one quick attempt, no retries
-            with one_attempt():
-                steps()
-        else:
-            steps()
+        # the server failed once already: one quick attempt per request, no retries
+        steps(one_attempt(client) if server_failed else client)
         if failure is not None:
             failure.note(f"version {version} of '{name}' deleted again"
                          + (f", alias {alias} back on version {previous}" if alias and previous else ""))

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -59,11 +61,17 @@ from mlflow_churn.serving.canary import (
     decision_run,
     default_as_of,
     evaluate_canary,
-    log_json,
     metrics_of,
     registry_client,
 )
-from mlflow_churn.tracking import fail_fast, failed_on_error
+from mlflow_churn.tracking import (
+    client_run,
+    ensure_experiment,
+    fail_fast,
+    failed_on_error,
+    project_run_id,
+    sqlite_store_ready,
+)
 
 _log = logging.getLogger("mlflow_churn.transitions")
 
@@ -129,7 +137,7 @@ def promote(cfg: ChurnConfig, reason: str, version: str | None = None,
         canary = before.get(CANARY)
         if canary is None or (version is not None and str(version) != canary):
             if version is not None and before.get(CHAMPION) == str(version):
-                return _noop(cfg, "promote", name, str(version), before, reason,
+                return _noop(cfg, client, "promote", name, str(version), before, reason,
                              f"already promoted: version {version} is the champion of '{name}'")
             if canary is None:
                 raise Conflict(f"'{name}' has no canary to promote (aliases: {before or 'none'}); "
@@ -168,7 +176,7 @@ def promote(cfg: ChurnConfig, reason: str, version: str | None = None,
             result = _finish_promotion(cfg, client, canary, old, before, reason, run_id, who)
             if force:
                 mlflow.set_tag("override", reason[:500])
-            _log_transition(result, lock, proof, proof_error)
+            _log_transition(client, result, lock, proof, proof_error)
         return result
 
 
@@ -245,13 +253,18 @@ def adopt_promotion(cfg: ChurnConfig, version: str, previous: str | None, actor:
     transition run with the canary evidence, ``previous-champion`` -> the champion the
     version's signed promotion replaced (``previous`` when it has none, as after the first
     champion; ChurnError when the two disagree), ``canary`` removed, stages mirrored when
-    configured. A no-op (decision ``noop``) when ``champion`` is no longer on ``version``."""
-    client = registry_client(cfg)
+    configured. A no-op (decision ``noop``) when ``champion`` is no longer on ``version``.
+
+    It runs on the alias watcher's thread: explicit client calls only (:func:`_client_decision_run`),
+    no fluent run, no process-wide tracking URI or experiment."""
+    uri = cfg.mlflow_tracking_uri
+    sqlite_store_ready(uri)
+    client = MlflowClient(uri, uri)
     name = cfg.training.model_name
     with registry_lock(cfg) as lock:
         before = aliases_of(client, name)
         if before.get(CHAMPION) != str(version):
-            return _noop(cfg, "promote", name, str(version), before, reason,
+            return _noop(cfg, client, "promote", name, str(version), before, reason,
                          f"champion of '{name}' is no longer version {version} ({before.get(CHAMPION)})")
         replaced = _replaced_champion(client, name, str(version), verifier_for(cfg))
         if replaced is not None and previous and previous != str(replaced.version):
@@ -262,8 +275,8 @@ def adopt_promotion(cfg: ChurnConfig, version: str, previous: str | None, actor:
         # the first champion, or a promotion no signed decision records)
         left_behind = str(replaced.version) if replaced is not None else None
         proof, proof_error = _transition_evidence(cfg, None, None, None)
-        with decision_run(cfg, f"promote v{version} (by hand)") as run:
-            who = {"actor": actor, "reason": reason, "evidence_run_id": run.info.run_id}
+        with _client_decision_run(cfg, client, f"promote v{version} (by hand)") as run_id:
+            who = {"actor": actor, "reason": reason, "evidence_run_id": run_id}
             if cfg.evaluation.mirror_stages:  # the champion's stage, as move_alias mirrors it
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", FutureWarning)
@@ -272,10 +285,10 @@ def adopt_promotion(cfg: ChurnConfig, version: str, previous: str | None, actor:
                             client.get_model_version(name, previous).current_stage == STAGE_OF[CHAMPION]:
                         client.transition_model_version_stage(name, previous, "None")
             result = _finish_promotion(cfg, client, str(version), left_behind, before, reason,
-                                       run.info.run_id, who)
+                                       run_id, who)
             when = (moved_at or datetime.now(UTC)).isoformat()
-            mlflow.set_tags({"promoted_by": actor, "promoted_at": when})
-            _log_transition(result, lock, proof, proof_error)
+            _log_transition(client, result, lock, proof, proof_error,
+                            tags={"promoted_by": actor, "promoted_at": when})
         return result
 
 
@@ -302,7 +315,7 @@ def rollback(cfg: ChurnConfig, reason: str, version: str | None = None,
         if version is not None:
             mv = client.get_model_version(name, str(version))
             if mv.tags.get("rolled_back") == "true" and str(version) not in (canary, champion):
-                return _noop(cfg, "rollback", name, str(version), before, reason,
+                return _noop(cfg, client, "rollback", name, str(version), before, reason,
                              f"already rolled back: version {version} ({mv.tags.get('rollback_reason')})")
         # a champion to go back from: previous-champion is set, or a signed rollback of the
         # champion was interrupted after previous-champion was removed
@@ -341,7 +354,7 @@ def rollback(cfg: ChurnConfig, reason: str, version: str | None = None,
             after = aliases_of(client, name)
             result = TransitionResult("rollback", False, f"canary version {canary} of '{name}' rolled back",
                                       name, canary, before, after, reason, run.info.run_id)
-            _log_transition(result, lock, proof, proof_error)
+            _log_transition(client, result, lock, proof, proof_error)
         return result
 
 
@@ -402,7 +415,7 @@ def _rollback_champion(cfg: ChurnConfig, client: MlflowClient, before: dict[str,
                                   f"(version {demoted} rolled back)", name, demoted, before, after, reason,
                                   run.info.run_id)
         mlflow.set_tags({"rollback_of": "champion", "restored_version": restored})
-        _log_transition(result, lock, proof, proof_error)
+        _log_transition(client, result, lock, proof, proof_error)
     return result
 
 
@@ -423,41 +436,70 @@ def _transition_evidence(cfg: ChurnConfig, evidence: CanaryEvaluation | None, as
         return None, f"{type(exc).__name__}: {first}"
 
 
-def _log_transition(result: TransitionResult, lock: str, evidence: CanaryEvaluation | None,
-                    evidence_error: str | None) -> None:
-    """Tags, params, the evidence's metrics (as a canary-evaluate run names them) and
-    ``decision.json`` of a transition run; fills ``result.evidence``."""
+@contextmanager
+def _client_decision_run(cfg: ChurnConfig, client: MlflowClient, run_name: str) -> Iterator[str]:
+    """A decision run made with explicit ``client`` calls (:func:`~mlflow_churn.tracking.client_run`):
+    a child of the ``mlflow run`` project run when there is one, else in the training
+    experiment; yields its id. For threads (the alias watcher), where :func:`decision_run`'s
+    fluent run and process-wide experiment have no place."""
+    parent = project_run_id()
+    experiment_id = None if parent else ensure_experiment(client, cfg, cfg.training.experiment)
+    with client_run(client, cfg, run_name, experiment_id=experiment_id, parent_run_id=parent) as run_id:
+        yield run_id
+
+
+def _log_run(client: MlflowClient, run_id: str, tags: dict[str, Any], params: dict[str, Any],
+             metrics: dict[str, float] | None = None) -> None:
+    """``tags``, ``params`` and ``metrics`` of run ``run_id`` in one explicit batch."""
+    import time
+
+    from mlflow.entities import Metric, Param, RunTag
+
+    now_ms = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now_ms, 0) for k, v in (metrics or {}).items()],
+                     params=[Param(k, str(v)) for k, v in params.items()],
+                     tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def _log_transition(client: MlflowClient, result: TransitionResult, lock: str,
+                    evidence: CanaryEvaluation | None, evidence_error: str | None,
+                    tags: dict[str, str] | None = None) -> None:
+    """Tags (``tags`` too), params, the evidence's metrics (as a canary-evaluate run names
+    them) and ``decision.json`` of the transition run ``result.run_id``, with explicit
+    ``client`` calls (the same run whether a fluent run is active or not: the alias watcher's
+    thread has none); fills ``result.evidence``."""
     if evidence is not None:
         result.evidence = evidence.to_dict()
     result.evidence_error = evidence_error
-    mlflow.set_tags({"decision": {"promote": "promoted", "rollback": "rolled_back"}[result.action],
-                     "kind": f"canary-{result.action}", "model_name": result.model_name,
-                     "version": str(result.version), "lock": lock,
-                     "evidence": evidence.verdict if evidence else "unavailable"})
+    run_tags = {"decision": {"promote": "promoted", "rollback": "rolled_back"}[result.action],
+                "kind": f"canary-{result.action}", "model_name": result.model_name,
+                "version": str(result.version), "lock": lock,
+                "evidence": evidence.verdict if evidence else "unavailable", **(tags or {})}
     params = {"reason": result.reason[:500], "version": result.version,
               "champion_before": result.before.get(CHAMPION, ""),
               "canary_before": result.before.get(CANARY, ""),
               "champion_after": result.after.get(CHAMPION, "")}
+    metrics: dict[str, float] = {}
     if evidence is not None:
         params.update({"evidence_as_of": evidence.as_of.isoformat(),
                        "evidence_since": evidence.since.isoformat() if evidence.since else ""})
-        mlflow.log_metrics(metrics_of(evidence))
+        metrics = metrics_of(evidence)
     else:
         params["evidence_error"] = (evidence_error or "")[:500]
-    mlflow.log_params(params)
-    log_json(result.to_dict(), "decision.json")
+    assert result.run_id is not None
+    _log_run(client, result.run_id, run_tags, params, metrics)
+    client.log_dict(result.run_id, result.to_dict(), "decision.json")
 
 
-def _noop(cfg: ChurnConfig, action: str, name: str, version: str, before: dict[str, str],
-          reason: str, message: str) -> TransitionResult:
-    """Record a transition that another process already made (decision ``noop``)."""
-    with decision_run(cfg, f"{action} v{version} (no-op)") as run:
-        result = TransitionResult(action, True, message, name, version, before, before, reason,
-                                  run.info.run_id)
-        mlflow.set_tags({"decision": "noop", "kind": f"canary-{action}", "model_name": name,
-                         "version": version})
-        mlflow.log_params({"reason": reason[:500], "version": version})
-        log_json(result.to_dict(), "decision.json")
+def _noop(cfg: ChurnConfig, client: MlflowClient, action: str, name: str, version: str,
+          before: dict[str, str], reason: str, message: str) -> TransitionResult:
+    """Record a transition that another process already made (decision ``noop``), with
+    explicit ``client`` calls (:func:`_client_decision_run`)."""
+    with _client_decision_run(cfg, client, f"{action} v{version} (no-op)") as run_id:
+        result = TransitionResult(action, True, message, name, version, before, before, reason, run_id)
+        _log_run(client, run_id, {"decision": "noop", "kind": f"canary-{action}", "model_name": name,
+                                  "version": version}, {"reason": reason[:500], "version": version})
+        client.log_dict(run_id, result.to_dict(), "decision.json")
     return result
 
 
