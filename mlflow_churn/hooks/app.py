@@ -88,6 +88,7 @@ from mlflow_churn.hooks.reconcile import (
 from mlflow_churn.registry.alias_events import AliasEvent, AliasWatcher, PromoteByHand
 from mlflow_churn.registry.aliases import CHALLENGER
 from mlflow_churn.times import utc
+from mlflow_churn.tracking import export_http_limits
 from mlflow_churn.web.errors import error_response, error_responses
 from mlflow_churn.web.errors import install as install_web_errors
 from mlflow_churn.web.metrics import Metrics
@@ -183,6 +184,7 @@ def create_app(cfg: ChurnConfig, clock: Callable[[], float] = time.time,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        export_http_limits(cfg)  # once, before the gate worker's and the alias watcher's threads
         state["worker"] = GateWorker(run, log, FollowUp(cfg, log, clock, gate_metrics))
         state["worker"].resume()
         app.state.worker = state["worker"]
