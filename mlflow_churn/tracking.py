@@ -223,7 +223,8 @@ def server_failure(exc: BaseException) -> str | None:
         text = str(err)
         hit = isinstance(err, requests.exceptions.ConnectionError | requests.exceptions.Timeout
                          | requests.exceptions.RetryError | ConnectionError | TimeoutError)
-        if not hit and text.startswith("API request to"):
+        # an artifact download reports its files' failures inside one MlflowException
+        if not hit and text.startswith(("API request to", "The following failures occurred while download")):
             status = _STATUS.search(text)
             hit = ("failed with exception" in text or "failed with timeout exception" in text
                    or bool(status and (status.group(1) or status.group(2) or "").startswith("5")))
@@ -815,4 +816,15 @@ def download_if_present(client: MlflowClient, run_id: str, path: str, dst: str |
     folder = path.rsplit("/", 1)[0] if "/" in path else None
     if path not in {f.path for f in client.list_artifacts(run_id, folder)}:
         return None
-    return client.download_artifacts(run_id, path, str(dst))
+    return download_artifact(client, run_id, path, dst)
+
+
+def download_artifact(client: MlflowClient, run_id: str, path: str, dst: str | Path) -> str:
+    """The local copy of artifact ``path`` of run ``run_id`` (downloaded into ``dst``), through
+    the run's artifact repository, so that a failure raises its own error (a server's 5xx is
+    recognised by :func:`server_failure`): ``MlflowClient.download_artifacts`` swallows the
+    repository's error, an outage included, and raises RESOURCE_DOES_NOT_EXIST instead."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri, tracking_uri=client.tracking_uri)
+    return repo.download_artifacts(path, str(dst))

@@ -78,11 +78,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import MetricThreshold
 from mlflow.models.evaluation import EvaluationResult
 from mlflow.models.evaluation.validation import ModelValidationFailedException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig
-from mlflow_churn.errors import ChurnError
+from mlflow_churn.errors import ChurnError, NotFound, is_missing
 from mlflow_churn.evaluation import plots
 from mlflow_churn.evaluation.holdout import holdout_cutoffs, holdout_frame, parse_tag_time
 from mlflow_churn.features.offline import daily_cutoffs
@@ -103,7 +102,7 @@ from mlflow_churn.stats.metrics import (
 from mlflow_churn.stats.uncertainty import segment_auc_diff_se, segment_z
 from mlflow_churn.tags import DECISION_KIND_TAG, GATE_KEY_TAG, GATE_RUN_TAG, GATE_TAG
 from mlflow_churn.times import utc
-from mlflow_churn.tracking import client_run, fail_fast, server_failure, setup_mlflow
+from mlflow_churn.tracking import client_run, download_artifact, fail_fast, setup_mlflow
 from mlflow_churn.training.model import Scorer, load_scorer
 from mlflow_churn.training.profile import build_profile
 from mlflow_churn.training.targeting import SegmentTargets, parse_segment_key
@@ -174,12 +173,10 @@ class GateDecision:
 
 
 # ----------------------------------------------------------------------------- resolving
-_MISSING = ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
-#: error codes with which the registry says "no such alias": RESOURCE_DOES_NOT_EXIST, and
+#: "no such alias" is errors.is_missing(exc, or_invalid=True): RESOURCE_DOES_NOT_EXIST, and
 #: INVALID_PARAMETER_VALUE, which MLflow's own stores (sqlalchemy, file, hence `mlflow
 #: server` too) answer for an alias the model does not have or a malformed alias name.
 #: Any other error (an outage, a 5xx) propagates: it must never read as "no champion".
-_NO_SUCH_ALIAS = frozenset({_MISSING, ErrorCode.Name(INVALID_PARAMETER_VALUE)})
 
 
 def _model_aliases(client: MlflowClient, name: str) -> dict[str, str]:
@@ -188,7 +185,7 @@ def _model_aliases(client: MlflowClient, name: str) -> dict[str, str]:
     try:
         return {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
     except MlflowException as exc:
-        if exc.error_code != _MISSING:
+        if not is_missing(exc):
             raise
         return {}
 
@@ -199,7 +196,7 @@ def _alias_target(client: MlflowClient, name: str, alias: str) -> ModelVersion |
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
-        if exc.error_code not in _NO_SUCH_ALIAS or alias in _model_aliases(client, name):
+        if not is_missing(exc, or_invalid=True) or alias in _model_aliases(client, name):
             raise
         return None
 
@@ -221,19 +218,19 @@ def _resolve(client: MlflowClient, name: str, ref: str, role: str, required: boo
         try:
             return client.get_model_version(name, ref)
         except MlflowException as exc:
-            if server_failure(exc) is not None:  # an outage, not a missing version (fail_fast says so)
+            if not is_missing(exc, or_invalid=True):  # an outage, not a missing version (fail_fast says so)
                 raise
-            raise ChurnError(f"{role} version {ref} of model '{name}' does not exist; "
-                             "list versions in the MLflow UI or pass an alias") from None
+            raise NotFound(f"{role} version {ref} of model '{name}' does not exist; "
+                           "list versions in the MLflow UI or pass an alias") from None
     mv = _alias_target(client, name, ref)
     if mv is not None or (not required and ref == CHAMPION):
         return mv
     if required:
-        raise ChurnError(
+        raise NotFound(
             f"model '{name}' has no version with alias '{ref}' ({role}; aliases: "
             f"{_alias_listing(client, name)}); train one with `churn train` or pass --{role} VERSION"
         )
-    raise ChurnError(
+    raise NotFound(
         f"--{role} {ref}: model '{name}' has no alias '{ref}' (aliases: {_alias_listing(client, name)}); "
         f"pass an existing alias or a version number, or omit --{role}"
     )
@@ -275,7 +272,7 @@ def _find_decision(client: MlflowClient, key: str) -> GateDecision | None:
         return None
     run = runs[0]
     with tempfile.TemporaryDirectory() as tmp:
-        path = client.download_artifacts(run.info.run_id, DECISION_FILE, tmp)
+        path = download_artifact(client, run.info.run_id, DECISION_FILE, tmp)
         data = json.loads(Path(path).read_text())
     return GateDecision.from_json(data, run.info.run_id, reused=True)
 
@@ -547,7 +544,7 @@ def _challenger_targets(client: MlflowClient, mv: ModelVersion) -> SegmentTarget
         try:
             tags = client.get_run(mv.run_id).data.tags
         except MlflowException as exc:
-            if exc.error_code != _MISSING:
+            if not is_missing(exc):
                 raise
     return SegmentTargets.from_tags(tags)
 

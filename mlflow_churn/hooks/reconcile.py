@@ -56,7 +56,7 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_churn.alerts import fire, resolve
 from mlflow_churn.config import ChurnConfig
-from mlflow_churn.errors import first_line
+from mlflow_churn.errors import first_line, is_missing
 from mlflow_churn.hooks.deliveries import (
     IN_PROGRESS,
     OUTAGE,
@@ -197,7 +197,7 @@ def _registry(client: MlflowClient, name: str) -> tuple[dict[str, str], list[Any
     try:
         model = client.get_registered_model(name)
     except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+        if is_missing(exc):
             return {}, []
         raise
     aliases = {a: str(v) for a, v in (model.aliases or {}).items()}

@@ -261,11 +261,12 @@ def _retrain(cfg: ChurnConfig, as_of: datetime, force: bool = False, progress: P
     name = cfg.training.model_name
     run_name = f"retrain {as_of:%Y-%m-%d}"
     project = project_run_id()  # inside `mlflow run`: the retrain run is the project run itself
+    # what to do is read before any run is opened: an outage here fails with nothing recorded
+    do_train, reason, champ_version, found = plan(cfg, client, as_of, force)
     with client_run(client, cfg, run_name, experiment_id=exp_id, parent_run_id=project,
                     resume=True) as parent_id:
         result = RetrainResult(action=NOOP, reason="", train=None, gate=None, run_id=parent_id, as_of=as_of,
                                forced=force)
-        do_train, reason, champ_version, found = plan(cfg, client, as_of, force)
         decision = decision or found
         result.reason, result.champion_version, result.monitor_decision = reason, champ_version, decision
         t, pol = cfg.training, cfg.monitoring.policy

@@ -48,7 +48,7 @@ from mlflow_churn.monitoring.input_warnings import log_input_warnings
 from mlflow_churn.monitoring.policy import PolicyDecision, WindowStats, psi_floor
 from mlflow_churn.monitoring.report import evidently_report, psi_figure, timeline_figure
 from mlflow_churn.stats.performance import Performance, SegmentPerformance, segment_metric_suffix
-from mlflow_churn.tracking import download_if_present, setup_mlflow
+from mlflow_churn.tracking import download_artifact, download_if_present, setup_mlflow
 from mlflow_churn.training.baseline import UNSELECTED, early_key
 
 TAG_PREFIX = "monitor."
@@ -312,7 +312,7 @@ def latest_decision(cfg: ChurnConfig, model_name: str | None = None) -> dict[str
     newest = max(runs, key=lambda r: r.data.tags[f"{TAG_PREFIX}as_of"])
     with tempfile.TemporaryDirectory() as tmp:
         data = json.loads(
-            Path(client.download_artifacts(newest.info.run_id, "decision.json", tmp)).read_text()
+            Path(download_artifact(client, newest.info.run_id, "decision.json", tmp)).read_text()
         )
     data["run_id"] = newest.info.run_id
     return data

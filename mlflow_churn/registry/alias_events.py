@@ -210,7 +210,7 @@ class AliasWatcher(QueueWorker[AliasEvent]):
         try:
             self.client.get_registered_model(event.model)
         except MlflowException as exc:
-            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            if is_missing(exc):
                 return  # no model (yet, or any more): no alias to verify
             raise
         with registry_lock(self.cfg):  # a promotion / rollback in flight finishes first
@@ -274,7 +274,7 @@ class AliasWatcher(QueueWorker[AliasEvent]):
         try:
             tags = self.client.get_registered_model(model).tags
         except MlflowException as exc:
-            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            if is_missing(exc):
                 return  # no model yet: tagged at its first delivery
             raise
         if tags.get(history.WRITER_TAG) != "receiver":

@@ -152,14 +152,14 @@ def approve_cmd(
 def _existing_version(client: Any, name: str, version: str) -> Any:
     from mlflow.exceptions import MlflowException
 
-    from mlflow_churn.errors import ChurnError
+    from mlflow_churn.errors import NotFound, is_missing
 
     try:
         return client.get_model_version(name, version)
     except MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+        if not is_missing(exc):
             raise
-        raise ChurnError(f"version {version} of model '{name}' does not exist; see `churn canary status`") \
+        raise NotFound(f"version {version} of model '{name}' does not exist; see `churn canary status`") \
             from None
 
 

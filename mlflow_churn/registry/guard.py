@@ -478,7 +478,7 @@ class Guard:
             return refused("bad_signature", f"tag '{key}' of version {version} of '{name}': {exc}; only the "
                            "project's signing key writes it")
         except MlflowException as exc:
-            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            if not is_missing(exc):
                 raise
             return refused("unknown_version", f"tag '{key}': there is no version {version} of '{name}'")
         wrong = [f for f, want in (("kind", kind), ("model", name), ("version", str(mv.version)),
@@ -509,7 +509,7 @@ class Guard:
             if auth_store.get_user(user).is_admin:
                 return True
             return auth_store.get_registered_model_permission(name, user).permission == "MANAGE"
-        except Exception:  # no such permission row: the default permission is not MANAGE
+        except Exception:  # no permission row, or the auth store failing: not MANAGE (refused, closed)
             return False
 
     # ------------------------------------------------------------------ artifacts

@@ -307,7 +307,7 @@ def aliases_now(client: MlflowClient, model: str) -> dict[str, str]:
     try:
         return {a: str(v) for a, v in client.get_registered_model(model).aliases.items()}
     except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+        if is_missing(exc):
             return {}
         raise
 

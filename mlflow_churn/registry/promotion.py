@@ -49,6 +49,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig
+from mlflow_churn.errors import is_missing
 from mlflow_churn.registry.aliases import CANARY, CHAMPION, PREVIOUS_CHAMPION, aliases_of
 from mlflow_churn.registry.signing import (
     KINDS,
@@ -166,7 +167,7 @@ def read_evidence(client: MlflowClient, name: str, version: str | None,
     try:
         mv = client.get_model_version(name, str(version))
     except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+        if is_missing(exc):
             return None
         raise
     decisions: dict[str, Decision] = {}

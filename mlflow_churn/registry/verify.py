@@ -35,7 +35,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig
-from mlflow_churn.errors import ChurnError, first_line
+from mlflow_churn.errors import NotFound, first_line, is_missing
 from mlflow_churn.registry.aliases import CANARY, CHAMPION, PREVIOUS_CHAMPION
 from mlflow_churn.registry.promotion import VersionEvidence, guarded_aliases, read_evidence
 from mlflow_churn.registry.signing import (
@@ -96,8 +96,8 @@ def _model_aliases(client: MlflowClient, name: str) -> dict[str, str]:
     try:
         model = client.get_registered_model(name)
     except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise ChurnError(f"no registered model '{name}'; check --model / training.model_name") from None
+        if is_missing(exc):
+            raise NotFound(f"no registered model '{name}'; check --model / training.model_name") from None
         raise
     return {a: str(v) for a, v in model.aliases.items()}
 

@@ -98,6 +98,7 @@ from pydantic import BaseModel, ConfigDict
 
 from mlflow_churn.alerts import start_sender, stop_sender
 from mlflow_churn.config import ChurnConfig
+from mlflow_churn.errors import is_missing
 from mlflow_churn.serving import transitions
 from mlflow_churn.serving.service import (
     CHAMPION_ROUTE,
@@ -139,7 +140,7 @@ class Ready(BaseModel):
 def _registry_error(exc: Exception, what: str) -> ServiceError:
     """An MlflowException of an admin route as a client answer (never its text)."""
     code = str(getattr(exc, "error_code", "") or "")
-    if code == "RESOURCE_DOES_NOT_EXIST":
+    if is_missing(exc):
         return ServiceError(404, f"{what} does not exist in the model registry")
     if code == "INVALID_PARAMETER_VALUE":
         return ServiceError(422, f"the model registry refused {what} as invalid")

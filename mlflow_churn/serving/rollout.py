@@ -61,7 +61,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig, RolloutStep
-from mlflow_churn.errors import ChurnError, first_line
+from mlflow_churn.errors import ChurnError, first_line, is_missing
 from mlflow_churn.jsonable import jsonable
 from mlflow_churn.registry.aliases import CANARY
 from mlflow_churn.registry.lock import model_lock
@@ -225,7 +225,7 @@ def _canary(client: MlflowClient, name: str) -> ModelVersion | None:
     try:
         model = client.get_registered_model(name)
     except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+        if is_missing(exc):
             return None
         raise
     number = dict(model.aliases or {}).get(CANARY)

@@ -382,7 +382,7 @@ class ScoringService:
             raise
         except (ChurnError, Unavailable) as exc:
             raise ServiceError(503, f"online feature store: {exc}") from None
-        except Exception as exc:  # Redis / SQLite failed or timed out: the breaker counted it
+        except Exception as exc:  # the store failed (the breaker counted it if an outage) or a bug: 503
             raise ServiceError(503, f"online feature store unavailable: {type(exc).__name__} (a read "
                                     "waits at most features.redis_timeout_ms / features.sqlite_timeout_ms)"
                                ) from None

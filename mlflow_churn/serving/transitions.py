@@ -34,7 +34,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig
-from mlflow_churn.errors import ChurnError, Conflict, NotFound, first_line
+from mlflow_churn.errors import ChurnError, Conflict, NotFound, first_line, is_missing
 from mlflow_churn.jsonable import jsonable
 from mlflow_churn.registry.aliases import (
     CANARY,
@@ -198,7 +198,7 @@ def _version_of_ref(client: MlflowClient, name: str, ref: str, what: str) -> Any
     try:
         mv = client.get_model_version(name, number)
     except MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+        if not is_missing(exc):
             raise
         raise NotFound(f"{what} names version {number} of '{name}', which no longer exists") from None
     if version_ref(mv) != ref:
