@@ -144,6 +144,12 @@ class FeaturesConfig(_Section):
         900.0, gt=0, le=86_400, description="wall-clock limit of one feature query (s); the query is "
         "interrupted and its command fails in one line naming its definitions and this limit"
     )
+    snapshot_keep_days: int = Field(
+        7, ge=0, le=3650,
+        description="materialize also writes its rows as an offline Parquet snapshot (by date and "
+        "definitions) that `churn score` reads instead of computing the features again; snapshots older "
+        "than this many days are removed; 0 = no snapshots",
+    )
 
 
 class TrainingConfig(_Section):
@@ -972,6 +978,11 @@ class ChurnConfig(_Section):
         if self.tracking_uri:
             return self.tracking_uri
         return f"sqlite:///{self.workspace.resolve() / 'mlflow.db'}"
+
+    @property
+    def feature_snapshot_dir(self) -> Path:
+        """Where materialize writes its offline snapshots (:mod:`mlflow_churn.features.snapshots`)."""
+        return self.workspace / "feature-snapshots"
 
     @property
     def online_store_path(self) -> Path:

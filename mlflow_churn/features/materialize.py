@@ -48,6 +48,7 @@ from mlflow_churn.features.online import (
 )
 from mlflow_churn.features.registry import FeatureDefinition, registry_for
 from mlflow_churn.features.sandbox import limited
+from mlflow_churn.features.snapshots import write_snapshot
 from mlflow_churn.progress import ProgressArg, resolve
 from mlflow_churn.times import utc
 
@@ -166,6 +167,9 @@ def materialize(
                 parent_batch_id=prev.batch_id if prev else None,
                 feature_hashes={f.full_name: f.hash for f in features},
             )
+            # the same rows offline, for `churn score` at this as_of (features/snapshots.py)
+            write_snapshot(cfg.feature_snapshot_dir, frame, as_of, features, info.batch_id,
+                           cfg.features.snapshot_keep_days)
             chunks = max(1, -(-len(frame) // CHUNK_ROWS))
             with resolve(progress)(f"writing {len(frame):,} rows ({mode})", chunks) as tick:
                 return store.write_batch(frame, info, on_chunk=lambda _rows: tick(1), allow_older=force)

@@ -49,6 +49,7 @@ from mlflow_churn.errors import ChurnError, first_line
 from mlflow_churn.features.offline import _connect, _feature_sql, _spine, _what, check_cutoffs
 from mlflow_churn.features.registry import FeatureSet, registry_for
 from mlflow_churn.features.sandbox import limited
+from mlflow_churn.features.snapshots import Snapshot, find_snapshot, read_snapshot
 from mlflow_churn.progress import ProgressArg, resolve
 from mlflow_churn.registry.aliases import CHAMPION
 from mlflow_churn.registry.aliases import model_uri as alias_uri
@@ -96,6 +97,8 @@ class ScoreResult:
     as_of: datetime
     engine: str
     feature_set_hash: str
+    #: "snapshot" (materialize's offline snapshot at this as_of, same definitions) or "computed"
+    features_from: str = "computed"
 
 
 @dataclass
@@ -103,7 +106,7 @@ class FeatureStream:
     """Feature rows of every customer alive at ``as_of``: their count and an Arrow stream."""
 
     rows: int
-    batches: pa.RecordBatchReader
+    batches: Iterable[pa.RecordBatch]
 
 
 @contextmanager
@@ -140,6 +143,18 @@ def stream_features(data_dir: Path, feature_set: FeatureSet, as_of: datetime,
     finally:
         con.close()
         shutil.rmtree(spill, ignore_errors=True)
+
+
+@contextmanager
+def _features(cfg: ChurnConfig, fs: FeatureSet, as_of: datetime, batch_rows: int,
+              snapshot: Snapshot | None) -> Iterator[FeatureStream]:
+    """The feature stream of ``score_batch``: ``snapshot``'s rows, else computed."""
+    if snapshot is None:
+        with stream_features(cfg.data_dir, fs, as_of, batch_rows) as stream:
+            yield stream
+        return
+    with read_snapshot(snapshot, fs, batch_rows) as (rows, batches):
+        yield FeatureStream(rows, batches)
 
 
 @contextmanager
@@ -307,8 +322,13 @@ def score_batch(
     spark: Any = None,
     spark_master: str | None = None,
     staging: str | None = None,
+    recompute: bool = False,
 ) -> ScoreResult:
     """Score every customer alive at ``as_of`` and write ``<out_dir>/date=<as_of date>/``.
+
+    The features come from materialize's offline snapshot at exactly ``as_of`` when one holds
+    the model's definitions (:mod:`mlflow_churn.features.snapshots`; ``features_from`` says
+    which), else, or with ``recompute``, they are computed from the tables.
 
     ``model_uri`` defaults to ``models:/<training.model_name>@champion``; ``out_dir`` to
     ``<workspace>/scores``. ``engine="spark"`` uses ``mlflow.pyfunc.spark_udf`` on
@@ -344,8 +364,10 @@ def score_batch(
                          "--out directory") from None
     start = time.perf_counter()
     try:
-        with _data_errors(cfg.data_dir), stream_features(cfg.data_dir, fs, as_of, batch_rows) as stream:
-            desc = f"scoring {stream.rows:,} customers ({engine}, model {label})"
+        snapshot = None if recompute else find_snapshot(cfg.feature_snapshot_dir, as_of, fs)
+        source = "computed" if snapshot is None else "snapshot"
+        with _data_errors(cfg.data_dir), _features(cfg, fs, as_of, batch_rows, snapshot) as stream:
+            desc = f"scoring {stream.rows:,} customers ({engine}, model {label}, features {source})"
             with resolve(progress)(desc, stream.rows) as tick:
                 if engine == "local":
                     rows = score_stream(scorer, stream.batches, as_of, tmp / PART_FILE, label, tick)
@@ -360,7 +382,8 @@ def score_batch(
     seconds = time.perf_counter() - start
     return ScoreResult(rows=rows, path=final, version=version, seconds=seconds,
                        rows_per_second=rows / seconds if seconds > 0 else float("inf"),
-                       model_uri=uri, as_of=as_of, engine=engine, feature_set_hash=fs.hash)
+                       model_uri=uri, as_of=as_of, engine=engine, feature_set_hash=fs.hash,
+                       features_from=source)
 
 
 def read_scores(out_dir: Path | str, as_of: datetime | None = None) -> pd.DataFrame:

@@ -35,6 +35,10 @@ def score(
         None, "--staging", help="engine spark: directory (path or URI) the driver and every executor "
         "can read, for the staged features and scores (default: a local temporary directory)."
     ),
+    recompute: bool = typer.Option(
+        False, "--recompute", help="Compute the features from the tables even when materialize left a "
+        "snapshot at --as-of with the model's definitions (default: read the snapshot)."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Score every customer alive at --as-of from the offline features into Parquet.
@@ -54,15 +58,16 @@ def score(
     result = score_batch(cfg, when, model_uri=opt_str(model_uri), out_dir=opt_str(out),
                          engine=engine, batch_rows=batch_rows or DEFAULT_BATCH_ROWS,
                          progress=progress_arg(progress), spark_master=opt_str(spark_master),
-                         staging=opt_str(staging))
+                         staging=opt_str(staging), recompute=recompute)
     table = Table(title=f"churn score: {result.engine} engine")
     table.add_column("as_of")
     table.add_column("model")
+    table.add_column("features")
     table.add_column("rows", justify="right")
     table.add_column("seconds", justify="right")
     table.add_column("rows/s", justify="right")
     table.add_column("path")
-    table.add_row(result.as_of.isoformat(), f"{result.model_uri} (v{result.version})",
+    table.add_row(result.as_of.isoformat(), f"{result.model_uri} (v{result.version})", result.features_from,
                   f"{result.rows:,}", f"{result.seconds:.2f}", f"{result.rows_per_second:,.0f}",
                   str(result.path))
     console.print(table)
@@ -73,7 +78,8 @@ def score(
     log_to_project_run(
         params={"scored_as_of": result.as_of.isoformat(), "engine": result.engine,
                 "resolved_model_uri": result.model_uri, "model_version": result.version,
-                "feature_set_hash": result.feature_set_hash, "output": str(result.path)},
+                "feature_set_hash": result.feature_set_hash, "output": str(result.path),
+                "features_from": result.features_from},
         metrics={"rows": result.rows, "seconds": result.seconds, "rows_per_second": result.rows_per_second})
 
 
