@@ -160,3 +160,19 @@ def test_only_an_outage_opens_a_breaker() -> None:
         assert svc.breaker._is_failure is is_outage
     finally:
         svc.breaker.stop()
+
+
+def test_the_receiver_retries_any_outage_not_a_bug() -> None:
+    """A gate that failed on any unavailable dependency is an outage (run again); a bug or
+    bad input is an error (running it again changes nothing)."""
+    import redis
+
+    from mlflow_churn.features.online import StoreUnavailable
+    from mlflow_churn.hooks.deliveries import ERROR, OUTAGE, failure_kind
+    from mlflow_churn.tracking import TrackingUnavailable
+
+    for exc in (TrackingUnavailable("x"), StoreUnavailable("x"), Unavailable("x", "PostgreSQL"),
+                redis.ConnectionError("refused")):
+        assert failure_kind(exc) == OUTAGE, exc
+    for exc in (KeyError("x"), ChurnError("bad"), NotFound("no v3"), Conflict("no canary")):
+        assert failure_kind(exc) == ERROR, exc

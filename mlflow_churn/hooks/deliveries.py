@@ -6,9 +6,10 @@ MLflow's ``X-MLflow-Delivery-Id``) or a gate the reconciliation started (``sourc
 ``reconcile``, keyed ``reconcile:<model>:<version>:<identity[:16]>``, see
 :mod:`mlflow_churn.hooks.reconcile`). Its ``status`` goes ``received`` -> ``queued`` ->
 ``running`` -> ``done`` (with the decision run) or ``failed``; a failed gate says why in
-``detail`` and what kind of failure it was in ``failure_kind``: ``outage`` when the tracking
-server did not answer (:class:`~mlflow_churn.tracking.TrackingUnavailable`, or an error that
-:func:`~mlflow_churn.tracking.server_failure` recognises: worth running again), ``error``
+``detail`` and what kind of failure it was in ``failure_kind``: ``outage`` when a dependency
+did not answer (an :class:`~mlflow_churn.errors.Unavailable` such as the tracking server's,
+or an error that :func:`~mlflow_churn.tracking.server_failure` recognises: worth running
+again), ``error``
 otherwise (bad input, a missing tag: running it again changes nothing). A gate that ran and
 rejected the version is ``done``: a rejection is a decision, not a failure. ``attempts``
 counts the times the gate started; ``next_attempt_at`` (Unix seconds) is when the
@@ -29,9 +30,9 @@ from typing import Any
 
 from mlflow_churn.background import QueueWorker
 from mlflow_churn.config import ChurnConfig
-from mlflow_churn.errors import ChurnError
+from mlflow_churn.errors import ChurnError, outage
 from mlflow_churn.registry.aliases import CHAMPION
-from mlflow_churn.tracking import TrackingUnavailable, server_failure
+from mlflow_churn.tracking import server_failure
 
 _log = logging.getLogger("mlflow_churn.hooks.app")
 
@@ -46,10 +47,12 @@ _ADDED = {"model": "TEXT", "version": "TEXT", "source": f"TEXT NOT NULL DEFAULT 
 
 
 def failure_kind(exc: BaseException) -> str:
-    """:data:`OUTAGE` when ``exc`` says the tracking server (or store) did not answer, else
-    :data:`ERROR`. Decided by type (:class:`~mlflow_churn.tracking.TrackingUnavailable`) or by
-    :func:`~mlflow_churn.tracking.server_failure` on the exception chain, never by its text."""
-    return OUTAGE if isinstance(exc, TrackingUnavailable) or server_failure(exc) is not None else ERROR
+    """:data:`OUTAGE` when ``exc`` says a dependency (the tracking server, PostgreSQL, Redis, ...)
+    did not answer, else :data:`ERROR`. Decided by kind (:class:`~mlflow_churn.errors.Unavailable`,
+    :func:`~mlflow_churn.errors.outage`) or by :func:`~mlflow_churn.tracking.server_failure` on
+    the exception chain, never by its text."""
+    down = outage(exc) is not None or server_failure(exc) is not None
+    return OUTAGE if down else ERROR
 
 
 class DeliveryLog:
