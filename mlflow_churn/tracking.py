@@ -44,8 +44,6 @@ import os
 import re
 import socket
 import threading
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -54,6 +52,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import mlflow
 from mlflow.tracking import MlflowClient
 
@@ -553,12 +552,10 @@ def probe_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
         return
     url = uri.rstrip("/") + "/health"
     try:
-        with urllib.request.urlopen(url, timeout=timeout):  # noqa: S310 (the configured server)
-            return
-    except urllib.error.HTTPError:
-        return  # it answers (a proxy or an auth layer may refuse /health): let MLflow talk to it
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
+        # any HTTP answer will do (a proxy or an auth layer may refuse /health): let MLflow talk to it
+        httpx.get(url, timeout=timeout, follow_redirects=True)
+    except httpx.TransportError as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
         raise TrackingUnavailable(f"cannot reach the MLflow tracking server at {uri} ({reason}); start it "
                                   "or fix MLFLOW_TRACKING_URI / tracking_uri") from None
 

@@ -22,14 +22,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import httpx
 import psycopg
 
 from mlflow_churn.config import libpq_url, mask_text, sqlalchemy_url
@@ -196,10 +195,9 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float, log_path: Path |
             raise ChurnError(f"{url}: the process exited with code {proc.returncode} before answering"
                              + (f"; its log ends with: {tail}" if tail else ""))
         try:
-            with urllib.request.urlopen(url, timeout=2.0) as resp:  # noqa: S310 (our own child)
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.TransportError:
             pass
         time.sleep(0.3)
     raise ChurnError(f"{url} did not answer within {timeout:.0f} s"

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import json
 import logging
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime
+
+import httpx
 
 from mlflow_churn.errors import ChurnError, first_line
 
@@ -124,19 +124,18 @@ class Answer:
 
 
 def post_json(url: str, body: object, timeout: float, headers: dict[str, str] | None = None) -> Answer:
-    """POST ``body`` as JSON to ``url``; never raises for a network or HTTP failure."""
-    data = json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method="POST",
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+    """POST ``body`` as JSON to ``url`` (httpx, no redirects followed); never raises for a
+    network or HTTP failure."""
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 (the configured outlet)
-            return Answer(True, resp.status, None)
-    except urllib.error.HTTPError as exc:
-        detail = first_line(exc.read(300).decode(errors="replace"), 200, empty="") if exc.fp else ""
-        return Answer(False, exc.code, f"HTTP {exc.code}" + (f": {detail}" if detail else ""))
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = " ".join(str(getattr(exc, "reason", exc)).split())[:200]
+        resp = httpx.post(url, content=json.dumps(body).encode(), timeout=timeout,
+                          headers={"Content-Type": "application/json", **(headers or {})})
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:200]
         return Answer(False, None, f"{type(exc).__name__}: {reason}")
+    if resp.is_success:
+        return Answer(True, resp.status_code, None)
+    detail = first_line(resp.text[:300], 200, empty="") if resp.content else ""  # type: ignore[arg-type]
+    return Answer(False, resp.status_code, f"HTTP {resp.status_code}" + (f": {detail}" if detail else ""))
 
 
 def send(outlet: str, url: str, message: Message, timeout: float) -> Answer:

@@ -3,7 +3,7 @@
 The newcomer's missing step between ``churn serve`` and ``churn canary evaluate``: the canary
 analysis needs ``serving.min_canary_samples`` logged canary predictions, which only traffic
 gives. :func:`send_traffic` posts customer ids drawn from the workspace's customer table
-(:func:`draw_customers`) in small requests over one keep-alive connection, optionally paced
+(:func:`draw_customers`) in small requests over one keep-alive ``httpx.Client``, optionally paced
 to a rate, and stops after ``max_seconds`` whatever happens. It only talks to a loopback
 address (:func:`loopback_url`): this is a test-traffic generator, not a load tool to point
 at someone else's service. :func:`live_canary_fraction` asks a running service (``GET
@@ -12,7 +12,6 @@ at someone else's service. :func:`live_canary_fraction` asks a running service (
 
 from __future__ import annotations
 
-import http.client
 import ipaddress
 import json
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import numpy as np
 
 from mlflow_churn.errors import ChurnError
@@ -96,34 +96,29 @@ def _detail(body: bytes) -> str:
 
 
 class _Client:
-    """One keep-alive HTTP/1.1 connection that reconnects after a dropped one."""
+    """One ``httpx.Client`` (keep-alive HTTP/1.1 connections) that tries a request a second
+    time after a dropped connection; a transport failure is a ``ConnectionError`` (an
+    OSError) naming httpx's error class."""
 
     def __init__(self, host: str, port: int, base: str, token: str | None, timeout: float) -> None:
-        self.host, self.port, self.base, self.timeout = host, port, base, timeout
-        self.headers = {"content-type": "application/json"}
+        headers = {"content-type": "application/json"}
         if token:
-            self.headers["authorization"] = f"Bearer {token}"
-        self.conn: http.client.HTTPConnection | None = None
+            headers["authorization"] = f"Bearer {token}"
+        self.http = httpx.Client(base_url=f"http://{host}:{port}{base}", headers=headers, timeout=timeout)
 
     def request(self, method: str, path: str, payload: Any = None) -> tuple[int, bytes]:
         body = None if payload is None else json.dumps(payload).encode()
         for attempt in (0, 1):
-            if self.conn is None:
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             try:
-                self.conn.request(method, self.base + path, body=body, headers=self.headers)
-                res = self.conn.getresponse()
-                return res.status, res.read()
-            except (ConnectionError, http.client.HTTPException, TimeoutError, OSError):
-                self.close()
+                res = self.http.request(method, path, content=body)
+                return res.status_code, res.content
+            except httpx.TransportError as exc:
                 if attempt:
-                    raise
+                    raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
         raise AssertionError("unreachable")
 
     def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        self.http.close()
 
 
 def wait_ready(client: _Client, url: str, wait_seconds: float, clock: Callable[[], float],
