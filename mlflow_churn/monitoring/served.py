@@ -44,7 +44,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from mlflow_churn.config import ChurnConfig, mask_text
+from mlflow_churn.config import ChurnConfig, is_postgres_url, mask_text
 from mlflow_churn.data.bounds import data_bounds
 from mlflow_churn.errors import ChurnError, Unavailable, first_line
 from mlflow_churn.features.definitions import FeatureSet
@@ -80,7 +80,7 @@ def read_served(log_url: str, as_of: datetime, window_days: int) -> ServedRows:
     """Rows of the prediction log at ``log_url`` with ``as_of`` in ``(as_of - window_days, as_of]``
     and stored values. A SQLite log that does not exist yet is empty (nothing was served);
     a log that cannot be opened or read raises ChurnError."""
-    if not str(log_url).startswith(("postgresql://", "postgres://")) and not Path(log_url).exists():
+    if not is_postgres_url(str(log_url)) and not Path(log_url).exists():
         return ServedRows(pd.DataFrame(columns=["customer_id", "as_of", "values"]),
                           {"rows": 0, "with_features": 0, "omitted": 0})
     eps = timedelta(microseconds=1)
@@ -91,7 +91,7 @@ def read_served(log_url: str, as_of: datetime, window_days: int) -> ServedRows:
         counts = log.feature_counts(since=since, until=until)
     except ChurnError:
         raise
-    except Exception as exc:  # sqlite3 / psycopg2 errors: an outage is a failure, never an empty window
+    except Exception as exc:  # sqlite3 / psycopg errors: an outage is a failure, never an empty window
         what = f"cannot read the prediction log at {log_url}: {first_line(exc)}"
         raise Unavailable(mask_text(what), "prediction log") from None
     finally:
