@@ -125,9 +125,10 @@ def reference_markdown(model: type[BaseModel] = ChurnConfig) -> str:
     out = [
         "## Every key",
         "",
-        f"Generated from `{model.__module__}.{model.__name__}`. A key `section.name` is set in "
-        f"`churn.yaml` as `section: {{name: ...}}` or as the variable `{ENV_PREFIX}SECTION__NAME`; "
-        "a key ending in `[]` is a field of each item of a list.",
+        f"Generated from `{model.__module__}.{model.__name__}`. A key such as `training.window_days` is "
+        f"set in `churn.yaml` as `training: {{window_days: 14}}` or by the variable "
+        f"`{ENV_PREFIX}TRAINING__WINDOW_DAYS=14` (section, two underscores, key); a key ending in `[]` "
+        "is a field of each item of a list.",
     ]
     _section("", model, model.model_construct(), out)  # the defaults only: no environment read
     return "\n".join(out) + "\n"
