@@ -122,6 +122,7 @@ def _cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Complete
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # among the slowest of make test-fast (mlflow run in a subprocess)
 def test_cli_scores_into_the_project_run(config: ChurnConfig, champion, tmp_path: Path) -> None:
     client = MlflowClient(config.mlflow_tracking_uri)
     exp = client.get_experiment_by_name(config.training.experiment)

@@ -576,6 +576,7 @@ for i in range(int(sys.argv[5])):
 """
 
 
+@pytest.mark.slow  # among the slowest of make test-fast (several processes)
 def test_embedded_store_project_moves_from_several_processes_recorded_once_in_order(workspace) -> None:
     cfg = load_config(workspace=workspace, environ={})
     uri = cfg.mlflow_tracking_uri

@@ -276,6 +276,7 @@ def test_delivery_log_of_an_older_receiver_is_migrated(config: ChurnConfig) -> N
     assert [r["delivery_id"] for r in log.find("churn-model", source=RECONCILE)] == ["d2"]
 
 
+@pytest.mark.slow  # among the slowest of make test-fast (the real gate)
 def test_cli_reconcile_once_json_runs_the_real_gate(config: ChurnConfig, register_version, churn_main,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = config

@@ -9,6 +9,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +53,7 @@ def _files(data: Path) -> dict[str, str]:
             for p in sorted(data.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # among the slowest of make test-fast (mlflow run in a subprocess)
 def test_mlflow_run_simulate(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CHURN_", "MLFLOW_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"

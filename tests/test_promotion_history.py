@@ -298,6 +298,7 @@ def _log_canary(cfg: ChurnConfig, version: str, n: int) -> None:
         log.close()
 
 
+@pytest.mark.slow  # among the slowest of make test-fast (churn CLI processes)
 def test_promote_refuses_wait_and_few_requests_force_records_override_and_rollback_restores(
     server_cfg, register_version, mlflow_server
 ) -> None:

@@ -164,6 +164,7 @@ def test_receiver_deliveries_once_in_event_time_order(config) -> None:
     assert [m.seq for m in read_moves(client, name)] == [1, 2, 3, 4, 5, 6, 7]
 
 
+@pytest.mark.slow  # among the slowest of make test-fast (churn CLI processes)
 def test_registry_history_cli_lists_positions_actors_and_identities(config) -> None:
     client, name = _model(config)
     move_alias(client, name, "champion", "1", actor="alice", reason="first")

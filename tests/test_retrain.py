@@ -108,6 +108,7 @@ def test_force_trains_and_gates_then_ok_decision_is_a_noop(cfg: ChurnConfig, reg
     assert champion_decision(client, cfg.training.model_name, str(new), earlier) is None
 
 
+@pytest.mark.slow  # among the slowest of make test-fast (mlflow run and churn processes)
 def test_cli_noop_into_the_project_run_and_bad_input(cfg: ChurnConfig, register_version,
                                                      tmp_path: Path) -> None:
     register_version(cfg, alias=CHAMPION)

@@ -74,6 +74,7 @@ def _next_run(ws: Path) -> datetime:
     return next(s for s in status(cfg) if s.job == "freshness").next_run_time
 
 
+@pytest.mark.slow  # among the slowest of make test-fast (scheduler processes killed and restarted)
 def test_killed_and_restarted_mid_interval_no_double_run_missed_run_once(workspace: Path) -> None:
     url = load_config(workspace=workspace, environ={}).scheduler_store_url
     log = workspace.parent / "scheduler.log"

@@ -158,6 +158,7 @@ def test_bad_canary_rolls_back_automatically(config, register_version) -> None:
     assert res.returncode == 0 and "already rolled back" in res.stdout
 
 
+@pytest.mark.slow  # among the slowest of make test-fast (churn CLI processes)
 def test_manual_rollback_through_cli(config, register_version) -> None:
     champ, canary = two_versions(config, register_version)
     log = PredictionLog(config.prediction_log_url)  # traffic the canary served before the spike

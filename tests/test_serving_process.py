@@ -145,6 +145,7 @@ def test_postgres_advisory_lock_serialises_holders(workspace, postgres_url) -> N
     assert events == ["a-in", "a-out", "b-in"]
 
 
+@pytest.mark.slow  # among the slowest of make test-fast (a churn serve process and a trained pair)
 def test_canary_status_reports_the_running_services_fraction(config) -> None:
     """`churn canary status` shows the fraction the running `churn serve` routes with (0.3 from
     its own environment, not the config default 0.1); with no service, the config's, said so."""

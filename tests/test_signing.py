@@ -217,6 +217,7 @@ def _model_file(client: MlflowClient, name: str, version: str) -> Path:
     return next(p for p in files if p.name == "MLmodel")
 
 
+@pytest.mark.slow  # among the slowest of make test-fast (churn CLI processes)
 def test_promotion_through_the_cli_is_signed_and_verify_catches_a_replaced_file(
         churn_main, config: ChurnConfig, register_version) -> None:
     ws = ["--workspace", str(config.workspace)]

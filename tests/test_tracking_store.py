@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 CHILD = r"""
 import sys, time
 from pathlib import Path
@@ -21,6 +23,7 @@ print(setup_mlflow(cfg))
 """
 
 
+@pytest.mark.slow  # among the slowest of make test-fast (several processes opening one store)
 def test_processes_opening_a_new_workspace_store_at_once_all_succeed(tmp_path: Path) -> None:
     """Eight processes released together on a workspace with no ``mlflow.db`` yet (what
     ``churn serve`` and ``churn canary status`` beside it do on a first start) all get the
