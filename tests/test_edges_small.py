@@ -8,11 +8,11 @@ import signal
 import sqlite3
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from serving_support import CHURN, cli_env, run_cli
+from wait_support import wait_until
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError
@@ -80,13 +80,12 @@ def test_evaluate_killed_in_its_decision_run_leaves_no_running_run(config: Churn
     proc = subprocess.Popen(CHURN + args, env=cli_env(config), cwd=config.workspace,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 300
-        running: list[str] = []
-        while not running:
-            assert proc.poll() is None, "evaluate ended before its decision run was seen RUNNING"
-            assert time.monotonic() < deadline, "no decision run within 300 s"
-            running = [r for r, status in _gate_runs(db).items() if status == "RUNNING"]
-            time.sleep(0.01)
+        def running_runs() -> list[str] | bool:  # the RUNNING decision run, or True once evaluate ended
+            runs = [r for r, status in _gate_runs(db).items() if status == "RUNNING"]
+            return runs or proc.poll() is not None
+
+        running = wait_until(running_runs, 300, "the gate's decision run RUNNING", interval=0.01)
+        assert running is not True, "evaluate ended before its decision run was seen RUNNING"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(60)
     finally:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from ports import ServerThread
+from wait_support import wait_until
 
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.features.api import create_app
@@ -317,9 +318,7 @@ def test_scoring_refuses_online_values_under_other_definitions(workspace: Path, 
         wait_ready(client)
         assert client.post("/predict", json=ids).status_code == 200
     with TestClient(scoring_app(edited)) as client:  # the registry's definition changed
-        deadline = time.monotonic() + 60  # 503 while loading, then 503 naming the refusal
-        refused = "differs from the registry's definition"
-        while refused not in (resp := client.post("/predict", json=ids)).text:
-            assert resp.status_code == 503 and time.monotonic() < deadline, resp.text
-            time.sleep(0.1)
-        assert resp.status_code == 503  # no champion is served: it was refused
+        refused = "differs from the registry's definition"  # 503 while loading, then 503 naming it
+        resp = wait_until(lambda: r if refused in (r := client.post("/predict", json=ids)).text
+                          or r.status_code != 503 else None, 60, "the edited definition refused")
+        assert resp.status_code == 503 and refused in resp.text  # no champion is served: it was refused

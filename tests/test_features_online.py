@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from wait_support import wait_until
 
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.data.bounds import data_bounds
@@ -199,10 +200,7 @@ def _start_writer(cfg: ChurnConfig, backend: dict, lock_ttl_s: float = 30.0) -> 
 def _wait_for_lock_release(store: OnlineStore) -> None:
     """A killed Redis writer's lease runs out after its TTL (a file lock goes with the process)."""
     if isinstance(store, RedisStore):
-        deadline = time.monotonic() + 60
-        while store._r.exists(store.writer().key):
-            assert time.monotonic() < deadline, "the dead writer's lease never expired"
-            time.sleep(0.1)
+        wait_until(lambda: not store._r.exists(store.writer().key), 60, "the dead writer's lease to expire")
 
 
 @pytest.mark.slow

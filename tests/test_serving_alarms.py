@@ -7,7 +7,6 @@ fails is rolled back by the controller's alarm."""
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 from guard_support import aliases, champion_and_canary, gate, new_version
 from mlflow.tracking import MlflowClient
 from serving_support import BATCH_AS_OF, ServeProcess, wait_ready
+from wait_support import wait_until
 
 from mlflow_churn.alerts import stop_sender
 from mlflow_churn.alerts.receiver import AlertReceiver
@@ -239,10 +239,7 @@ def test_alarm_settings_are_validated(tmp_path) -> None:
 
 # --------------------------------------------------------------------------- a real service
 def _wait(predicate, what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.2)
+    wait_until(predicate, timeout, what, interval=0.2)
 
 
 @pytest.mark.slow  # a churn serve process, two trained versions
