@@ -35,8 +35,8 @@ TEST_WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-# everything but the tests marked slow (pytest markers: docs/development.md); the target is
-# under 3 minutes on 2 cores (bench/RESULTS.md). `make test` still runs every test.
+# everything but the tests marked slow (pytest markers: docs/development.md); its target is
+# under 3 minutes on an idle 2-core machine (not yet measured idle). `make test` runs every test.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
