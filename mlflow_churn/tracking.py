@@ -597,6 +597,7 @@ def setup_mlflow(cfg: ChurnConfig, experiment: str | None = None) -> str:
     if uri.startswith("sqlite:///"):
         cfg.workspace.mkdir(parents=True, exist_ok=True)
     export_http_limits(cfg)
+    project_run_id()  # MLFLOW_RUN_ID read once, now, before any fluent run or thread
     probe_server(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -672,21 +673,29 @@ def _mark_kind(client: MlflowClient, experiment_id: str) -> None:
 PROJECT_RUN_ENV = "MLFLOW_RUN_ID"
 
 
+#: this process's ``mlflow run`` project run: ``MLFLOW_RUN_ID`` as the process found it, read
+#: once (empty before the first :func:`project_run_id`)
+_project_run: list[str | None] = []
+_project_lock = threading.Lock()
+
+
 def project_run_id() -> str | None:
-    """The run ``mlflow run`` opened for this entry point (``MLFLOW_RUN_ID``), if any."""
-    return os.environ.get(PROJECT_RUN_ENV) or None
+    """The run ``mlflow run`` opened for this entry point (``MLFLOW_RUN_ID`` as the process
+    found it), if any. The first call - :func:`setup_mlflow`, at the start of a command -
+    takes the variable out of ``os.environ`` for good (while it is set, MLflow's fluent
+    ``start_run``, even ``nested=True``, resumes that run instead of opening a new one, and
+    deletes it itself); no later call changes the environment."""
+    with _project_lock:
+        if not _project_run:
+            _project_run.append(os.environ.pop(PROJECT_RUN_ENV, None) or None)
+        return _project_run[0]
 
 
 @contextmanager
 def without_project_run() -> Iterator[str | None]:
-    """Hide ``MLFLOW_RUN_ID`` inside the block (yields it): while it is set, MLflow's fluent
-    ``start_run`` - even ``nested=True`` - resumes that run instead of opening a new one."""
-    saved = os.environ.pop(PROJECT_RUN_ENV, None)
-    try:
-        yield saved
-    finally:
-        if saved is not None:
-            os.environ[PROJECT_RUN_ENV] = saved
+    """Yields the project run (:func:`project_run_id`); fluent runs opened inside are new runs,
+    not that run resumed (``MLFLOW_RUN_ID`` left the environment at start-up)."""
+    yield project_run_id()
 
 
 @contextmanager
@@ -701,8 +710,9 @@ def step_run(run_name: str, experiment_id: str | None = None, parent_run_id: str
     - no parent: a new run ``run_name`` in ``experiment_id`` (default: the active
       experiment), nested under the active fluent run when there is one.
 
-    ``MLFLOW_RUN_ID`` is hidden inside the block, so runs opened there are children, not the
-    project run resumed. ChurnError when the parent run is not in the tracking store.
+    ``MLFLOW_RUN_ID`` left the environment at start-up (:func:`project_run_id`), so runs opened
+    inside are children, not the project run resumed. ChurnError when the parent run is not in
+    the tracking store.
     """
     with without_project_run() as project:
         parent = parent_run_id or project
