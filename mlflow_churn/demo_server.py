@@ -61,7 +61,9 @@ from mlflow_churn.errors import ChurnError
 from mlflow_churn.interrupt import SafeInterrupt
 from mlflow_churn.tracking_server import (
     LOOPBACK,
+    PortInUse,
     TrackingServer,
+    address_in_use,
     check_ports,
     create_database,
     free_port,
@@ -165,14 +167,12 @@ def start_receiver(cfg: ChurnConfig, tracking_url: str, secret: str, log_path: P
             return proc, url
         except BaseException as exc:  # a ChurnError, or Ctrl-C / SIGTERM while it starts
             stop_process(proc, 5.0)
-            text = log_path.read_text(errors="replace").lower()
-            taken = "address already in use" in text or "errno 98" in text
-            if isinstance(exc, ChurnError) and taken:
+            if isinstance(exc, ChurnError) and address_in_use(log_path):
                 if attempt + 1 < tries:
                     continue
                 if port:
-                    raise ChurnError(f"--hooks-port {port}: the webhook receiver could not listen on "
-                                     f"{LOOPBACK}:{port}, the port is already in use") from None
+                    raise PortInUse(f"--hooks-port {port}: the webhook receiver could not listen on "
+                                    f"{LOOPBACK}:{port}, the port is already in use") from None
             raise
     raise ChurnError("the webhook receiver could not find a free port")  # pragma: no cover
 
@@ -207,10 +207,10 @@ def start_stack(cfg: ChurnConfig, say: Callable[[str], None] = console.print, *,
         server = start_tracking_server(backend, artifacts, app_name="churn-guard", port=mlflow_port,
                                        log_path=logs / "mlflow-server.log", cwd=cfg.workspace.resolve(),
                                        env=env)
-    except ChurnError as exc:
-        if mlflow_port and "already in use" in str(exc):
-            raise ChurnError(f"--mlflow-port {mlflow_port}: mlflow server could not listen on "
-                             f"{LOOPBACK}:{mlflow_port}, the port is already in use") from None
+    except PortInUse:
+        if mlflow_port:
+            raise PortInUse(f"--mlflow-port {mlflow_port}: mlflow server could not listen on "
+                            f"{LOOPBACK}:{mlflow_port}, the port is already in use") from None
         raise
     receiver = None
     try:

@@ -32,7 +32,7 @@ import httpx
 import psycopg
 
 from mlflow_churn.config import libpq_url, mask_text, sqlalchemy_url
-from mlflow_churn.errors import ChurnError, first_line
+from mlflow_churn.errors import ChurnError, Conflict, first_line
 
 LOOPBACK = "127.0.0.1"
 READY_TIMEOUT_S = 120.0
@@ -175,15 +175,19 @@ def check_ports(ports: Mapping[str, int | None], host: str = LOOPBACK) -> None:
         check_port(host, port, option)
 
 
+class PortInUse(Conflict):
+    """The port asked for is taken by another process (the message names it)."""
+
+
 def check_port(host: str, port: int, option: str | None = None) -> None:
-    """A one-line ChurnError naming the port (and the ``option`` that chose it) when ``port`` on
-    ``host`` is taken (see :func:`port_taken`)."""
+    """A one-line :class:`PortInUse` naming the port (and the ``option`` that chose it) when
+    ``port`` on ``host`` is taken (see :func:`port_taken`)."""
     if not port_taken(host, port):
         return
     if option:
-        raise ChurnError(f"{option} {port}: {host}:{port} is already in use; pick another port or leave "
+        raise PortInUse(f"{option} {port}: {host}:{port} is already in use; pick another port or leave "
                          f"{option} out for a free one")
-    raise ChurnError(f"port {port} on {host} is already in use")
+    raise PortInUse(f"port {port} on {host} is already in use")
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float, log_path: Path | None = None) -> None:
@@ -204,7 +208,9 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float, log_path: Path |
                      + (f" (log: {log_path})" if log_path else ""))
 
 
-def _address_in_use(log_path: Path) -> bool:
+def address_in_use(log_path: Path) -> bool:
+    """Whether the log of a child server that did not come up says its port was taken (the
+    child's own words: it is another process, there is no exception of ours to look at)."""
     try:
         text = log_path.read_text(errors="replace")
     except OSError:
@@ -263,11 +269,11 @@ def start_tracking_server(
             wait_http(f"{url}/health", proc, ready_timeout, log)
         except BaseException as exc:  # a ChurnError, or Ctrl-C / SIGTERM while it starts
             stop_process(proc, 5.0)
-            if isinstance(exc, ChurnError) and _address_in_use(log):
+            if isinstance(exc, ChurnError) and address_in_use(log):
                 if attempt + 1 < tries:
                     continue
                 if port:
-                    raise ChurnError(f"mlflow server could not listen on {host}:{port}: the port is already "
+                    raise PortInUse(f"mlflow server could not listen on {host}:{port}: the port is already "
                                      "in use") from None
             raise
         return TrackingServer(url=url, backend_uri=backend_uri, artifacts_dir=artifacts, process=proc,

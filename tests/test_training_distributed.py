@@ -102,6 +102,22 @@ def test_worker_without_study_is_one_line_error(tmp_path: Path, small_data: Path
     assert len(lines) == 1 and "--storage" in lines[0]
 
 
+def test_a_worker_waits_for_a_missing_study_not_for_a_broken_storage(tmp_path: Path) -> None:
+    """Waiting for the leader is decided by the error's type: a study not created yet
+    (NotFound) is waited for until the deadline; a storage that cannot be opened fails at once."""
+    from mlflow_churn.errors import ChurnError, NotFound
+    from mlflow_churn.training.tuning import make_study, wait_for_study
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    make_study("other", url, seed=0)  # the storage exists, the study asked for does not
+    with pytest.raises(NotFound, match="no Optuna study 'leaderless'"):
+        wait_for_study("leaderless", url, wait_seconds=0.0, poll=0.01)
+    broken = f"sqlite:///{tmp_path / 'missing-dir' / 'optuna.db'}"
+    with pytest.raises(ChurnError, match="cannot open Optuna storage") as caught:
+        wait_for_study("leaderless", broken, wait_seconds=3600.0, poll=0.01)
+    assert not isinstance(caught.value, NotFound)
+
+
 @pytest.mark.slow
 def test_mlflow_run_train_registers_challenger_with_5_nested_runs(tmp_path: Path) -> None:
     from datetime import date

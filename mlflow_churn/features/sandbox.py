@@ -417,6 +417,16 @@ def limits_of(features_cfg: Any) -> QueryLimits:
     )
 
 
+def _is_arrow_interrupt(exc: OSError) -> bool:
+    """Whether ``exc`` is DuckDB's interrupt come back through pyarrow (a streamed Arrow read).
+
+    The one place the package reads an exception's text to decide: pyarrow turns the
+    InterruptException DuckDB raises inside its record-batch reader into a plain
+    ``OSError`` (``ArrowIOError``) whose only trace of the cause is the message
+    ("INTERRUPT Error: Interrupted!"): neither library offers a type or a code for it."""
+    return "INTERRUPT" in str(exc).upper()
+
+
 @contextmanager
 def limited(con: duckdb.DuckDBPyConnection, what: str,
             limits: QueryLimits | None = None) -> Iterator[None]:
@@ -455,7 +465,7 @@ def limited(con: duckdb.DuckDBPyConnection, what: str,
             raise ChurnError(timed_out) from None
         raise
     except OSError as exc:  # a streamed Arrow read: DuckDB's interrupt comes back through pyarrow
-        if state["fired"] and "INTERRUPT" in str(exc).upper():
+        if state["fired"] and _is_arrow_interrupt(exc):
             raise ChurnError(timed_out) from None
         raise
     except duckdb.OutOfMemoryException as exc:

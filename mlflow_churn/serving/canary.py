@@ -72,7 +72,7 @@ from mlflow_churn.registry.signing import record_signed, version_ref
 from mlflow_churn.registry.vocab import CanaryVerdict, SignedKind
 from mlflow_churn.serving.judge import ACTIONS, JudgeVerdict, MetricCall, judge, judge_figure
 from mlflow_churn.serving.prediction_log import PredictionLog, attach_labels
-from mlflow_churn.serving.routing import CHAMPION_ROUTE, canary_arm_route
+from mlflow_churn.serving.routing import CHAMPION_ROUTE, Route, canary_arm_route
 from mlflow_churn.stats.drift import psi
 from mlflow_churn.stats.metrics import classification_metrics
 from mlflow_churn.stats.performance import auc_standard_error
@@ -80,7 +80,7 @@ from mlflow_churn.times import utc
 from mlflow_churn.tracking import setup_mlflow, step_run
 from mlflow_churn.training.profile import NoProfile, profile_for_version
 
-ROUTES = ("champion", "canary")
+ROUTES = (Route.CHAMPION, Route.CANARY)
 
 
 @dataclass
@@ -191,7 +191,7 @@ def _served_by(frame: pd.DataFrame, route: str, mv: ModelVersion | None) -> pd.D
 def arm_routes(cfg: ChurnConfig) -> dict[str, str]:
     """Arm -> the log route whose rows it is judged on: the champion's ``champion`` rows; the
     canary's ``canary`` rows (``canary.mode: split``) or ``shadow`` rows (``shadow``)."""
-    return {"champion": CHAMPION_ROUTE, "canary": canary_arm_route(cfg.canary.mode)}
+    return {Route.CHAMPION: CHAMPION_ROUTE, Route.CANARY: canary_arm_route(cfg.canary.mode)}
 
 
 def default_as_of(cfg: ChurnConfig, now: datetime) -> datetime:

@@ -205,8 +205,10 @@ class PredictionLog:
                     self._execute(f"ALTER TABLE predictions ADD COLUMN IF NOT EXISTS {name} {pg}")
                 else:
                     self._execute(f"ALTER TABLE predictions ADD COLUMN {name} {lite}")
-            except sqlite3.OperationalError as exc:  # another process added it meanwhile
-                if "duplicate column" not in str(exc):
+            except sqlite3.OperationalError as exc:
+                # another process may have added it meanwhile: SQLite has no ADD COLUMN IF NOT
+                # EXISTS nor an error code of its own for a duplicate column, so look again
+                if name not in self._existing_columns():
                     raise ChurnError(mask_text(f"cannot add column {name} to the prediction log at "
                                                f"{self.url}: {first_line(exc)}")) from None
             except Exception as exc:  # psycopg errors

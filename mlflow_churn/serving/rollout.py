@@ -52,7 +52,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Any
 
 import mlflow
 from matplotlib.figure import Figure
@@ -96,7 +97,20 @@ HISTORY_KEPT = 30
 
 #: the judge's verdict, or ``insufficient`` (too few canary rows to ask it)
 Verdict = JudgeGrade
-Status = Literal["running", "paused", "rolled_back", "promoted"]
+
+
+class RolloutStatus(StrEnum):
+    """Where a rollout is: ``running`` (stepping through its plan), ``paused`` (a marginal
+    judge, a plan pause or a refused promotion: waits for ``resume``), ``rolled_back`` or
+    ``promoted`` (done). A StrEnum: it equals (and is stored as) its string."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    ROLLED_BACK = "rolled_back"
+    PROMOTED = "promoted"
+
+
+Status = RolloutStatus
 
 
 # --------------------------------------------------------------------------- the judge
@@ -175,6 +189,7 @@ class RolloutState:
         data["step_started_at"] = utc(datetime.fromisoformat(data["step_started_at"]), "step_started_at")
         if data.get("updated_at"):
             data["updated_at"] = utc(datetime.fromisoformat(data["updated_at"]), "updated_at")
+        data["status"] = RolloutStatus(data["status"])
         return cls(**data)
 
 
@@ -363,15 +378,15 @@ def tick(cfg: ChurnConfig, now: datetime, judge: Judge = canary_judge, as_of: da
             return _start(cfg, client, mv, now)
         _sync_weight(cfg, client, mv, state, now)
         check = None
-        if state.status in ("running", "paused") and cfg.canary.alarms.enabled:
+        if state.status in (RolloutStatus.RUNNING, RolloutStatus.PAUSED) and cfg.canary.alarms.enabled:
             check = check_rollout(cfg, client, mv, now)  # one read of the prediction log
             if check.breaches:
                 return _alarm_rollback(cfg, client, state, now, check, actor or default_actor())
-        if state.status == "paused":
+        if state.status == RolloutStatus.PAUSED:
             return TickResult("paused", f"rollout of version {mv.version} is paused at step {state.step}: "
                               f"{state.paused_reason}; run `churn canary resume`", name, state.version, state,
                               alarms=check)
-        if state.status != "running":
+        if state.status != RolloutStatus.RUNNING:
             return TickResult("done", f"rollout of version {mv.version} is {state.status}", name,
                               state.version, state)
         res = _judge_step(cfg, client, state, now, judge, as_of, actor or default_actor())
@@ -384,7 +399,8 @@ def _start(cfg: ChurnConfig, client: MlflowClient, mv: ModelVersion, now: dateti
     first = steps[0]
     assert first.weight is not None  # the config refuses a plan starting with a pause
     state = RolloutState(cfg.training.model_name, str(mv.version), version_ref(mv),
-                         [s.model_dump() for s in steps], 0, now, "running", float(first.weight))
+                         [s.model_dump() for s in steps], 0, now, RolloutStatus.RUNNING,
+                         float(first.weight))
     if first.weight >= 100:  # a plan of one step {weight: 100}: judged at the config's canary_fraction
         state.weight = cfg.serving.canary_fraction * 100
     reason = f"rollout started: step 0 routes {state.weight:g} % of customers to the canary"
@@ -426,7 +442,7 @@ def _judge_step(cfg: ChurnConfig, client: MlflowClient, state: RolloutState, now
     from_step = state.step
     state.step, state.step_started_at = nxt, now
     if steps[nxt].pause:
-        state.status, state.paused_reason = "paused", f"plan pause at step {nxt}"
+        state.status, state.paused_reason = RolloutStatus.PAUSED, f"plan pause at step {nxt}"
         reason = f"judge passed step {from_step}; plan pause at step {nxt} (weight stays {state.weight:g} %)"
         action = "pause"
     else:
@@ -440,7 +456,7 @@ def _judge_step(cfg: ChurnConfig, client: MlflowClient, state: RolloutState, now
 
 def _pause(cfg: ChurnConfig, client: MlflowClient, state: RolloutState, now: datetime, reason: str,
            outcome: JudgeOutcome | None, action: str = "pause") -> TickResult:
-    state.status, state.paused_reason = "paused", reason[:500]
+    state.status, state.paused_reason = RolloutStatus.PAUSED, reason[:500]
     run_id = _record(cfg, state, action, reason, state.step, now, outcome)
     _write(cfg, client, state, now)
     return TickResult(action, f"paused at step {state.step}: {reason}; run `churn canary resume`",
@@ -451,7 +467,7 @@ def _rollback(cfg: ChurnConfig, client: MlflowClient, state: RolloutState, now: 
               outcome: JudgeOutcome, actor: str) -> TickResult:
     reason = f"rollout step {state.step}: judge failed the canary: " + "; ".join(outcome.reasons)
     res = rollback(cfg, reason, version=state.version, evidence=outcome.evaluation, actor=actor)
-    state.status, state.weight = "rolled_back", 0.0
+    state.status, state.weight = RolloutStatus.ROLLED_BACK, 0.0
     run_id = _record(cfg, state, "rollback", reason, state.step, now, outcome, res.run_id)
     _write(cfg, client, state, now)
     return TickResult("rollback", res.message, state.model_name, state.version, state, outcome, run_id,
@@ -464,7 +480,7 @@ def _alarm_rollback(cfg: ChurnConfig, client: MlflowClient, state: RolloutState,
     the transition's evidence), record the step change with the alarm, raise the alert."""
     reason = f"rollout step {state.step}: alarm: {check.summary()}"
     res = rollback(cfg, reason, version=state.version, evidence=check.evidence(now), actor=actor)
-    state.status, state.weight = "rolled_back", 0.0
+    state.status, state.weight = RolloutStatus.ROLLED_BACK, 0.0
     run_id = _record(cfg, state, "rollback", reason, state.step, now, None, res.run_id, check)
     _write(cfg, client, state, now)
     raise_alarm(cfg, check, run_id, res.run_id)
@@ -491,7 +507,7 @@ def _promote(cfg: ChurnConfig, client: MlflowClient, state: RolloutState, now: d
     except ChurnError as exc:
         return _pause(cfg, client, state, now, f"promotion refused: {exc}", recorded, "blocked")
     from_step = state.step
-    state.step, state.status, state.weight = len(state.plan) - 1, "promoted", 100.0
+    state.step, state.status, state.weight = len(state.plan) - 1, RolloutStatus.PROMOTED, 100.0
     state.paused_reason = None
     run_id = _record(cfg, state, "promote", reason, from_step, now, recorded, res.run_id)
     _write(cfg, client, state, now)
@@ -513,7 +529,7 @@ def resume(cfg: ChurnConfig, now: datetime, reason: str = "") -> TickResult:
         if mv is None:
             raise ChurnError(f"'{name}' has no canary, so no rollout to resume")
         state = read_state(mv)
-        if state is None or state.status != "paused":
+        if state is None or state.status != RolloutStatus.PAUSED:
             what = "has not started" if state is None else f"is {state.status}"
             raise ChurnError(f"the rollout of canary version {mv.version} of '{name}' {what}; "
                              "only a paused rollout can be resumed (see `churn canary status`)")
@@ -524,7 +540,7 @@ def resume(cfg: ChurnConfig, now: datetime, reason: str = "") -> TickResult:
             nxt = steps[state.step]
             if nxt.weight is not None and nxt.weight < 100:
                 state.weight = float(nxt.weight)
-        state.status, state.paused_reason, state.step_started_at = "running", None, now
+        state.status, state.paused_reason, state.step_started_at = RolloutStatus.RUNNING, None, now
         why = f"resumed at step {state.step} ({state.weight:g} %)" + (f": {reason}" if reason else "")
         run_id = _record(cfg, state, "resume", why, from_step, now)
         _write(cfg, client, state, now)

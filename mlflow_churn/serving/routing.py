@@ -9,22 +9,31 @@ Change the salt (e.g. the canary version) to draw a fresh sample of customers.
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from enum import StrEnum
 
 import numpy as np
 
 from mlflow_churn.tags import ROLLOUT_WEIGHT_TAG as WEIGHT_TAG
 
-Route = Literal["champion", "canary"]
-#: the prediction log's ``route`` values: who answered the customer, or (``shadow``) the
-#: canary's score of a customer the champion answered (``canary.mode: shadow``, never returned)
-CHAMPION_ROUTE, CANARY_ROUTE, SHADOW_ROUTE = "champion", "canary", "shadow"
+
+class Route(StrEnum):
+    """The prediction log's ``route`` values: who answered the customer (``champion`` |
+    ``canary``), or (``shadow``) the canary's score of a customer the champion answered
+    (``canary.mode: shadow``, never returned). A StrEnum: it equals (and is logged as) its
+    string, so the log's rows and the ``route`` metric labels keep their values."""
+
+    CHAMPION = "champion"
+    CANARY = "canary"
+    SHADOW = "shadow"
+
+
+CHAMPION_ROUTE, CANARY_ROUTE, SHADOW_ROUTE = Route.CHAMPION, Route.CANARY, Route.SHADOW
 #: the values the ``X-Churn-Route`` header of a test request may force
 FORCEABLE = (CHAMPION_ROUTE, CANARY_ROUTE)
 _SCALE = float(2**64)
 
 
-def canary_arm_route(mode: str) -> str:
+def canary_arm_route(mode: str) -> Route:
     """The log route whose rows are the canary's arm in ``canary.mode`` ``mode``: ``canary``
     (split: the customers it answered) or ``shadow`` (the customers it scored beside the
     champion)."""
@@ -50,8 +59,8 @@ def bucket(customer_id: int | str, salt: str = "") -> float:
 def route(customer_id: int | str, fraction: float, salt: str = "") -> Route:
     """``canary`` for a sticky ``fraction`` (0..1) of customers, else ``champion``."""
     if fraction <= 0.0:
-        return "champion"
-    return "canary" if bucket(customer_id, salt) < fraction else "champion"
+        return Route.CHAMPION
+    return Route.CANARY if bucket(customer_id, salt) < fraction else Route.CHAMPION
 
 
 def routes(customer_ids: list[int] | np.ndarray, fraction: float, salt: str = "") -> np.ndarray:

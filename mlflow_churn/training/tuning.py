@@ -40,7 +40,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig, sqlalchemy_url
-from mlflow_churn.errors import ChurnError, first_line
+from mlflow_churn.errors import ChurnError, NotFound, first_line
 from mlflow_churn.tracking import client_run
 
 REPORT_EVERY = 10
@@ -170,7 +170,9 @@ def study_storage(url: str | None) -> optuna.storages.BaseStorage | None:
 
 
 def make_study(study_name: str, storage: str | None, seed: int | None, create: bool = True) -> optuna.Study:
-    """Create (or, with ``create=False``, load) a maximising TPE study with a median pruner."""
+    """Create (or, with ``create=False``, load) a maximising TPE study with a median pruner.
+    NotFound when ``create=False`` and the storage has no such study; ChurnError when the
+    storage cannot be opened."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage_url(storage)
     sampler = optuna.samplers.TPESampler(seed=seed)
@@ -183,7 +185,7 @@ def make_study(study_name: str, storage: str | None, seed: int | None, create: b
                                        pruner=pruner, direction="maximize", load_if_exists=True)
         return optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
     except KeyError:
-        raise ChurnError(f"no Optuna study '{study_name}' in {url}; start the leader "
+        raise NotFound(f"no Optuna study '{study_name}' in {url}; start the leader "
                          "(`churn train --storage URL --study NAME`) first") from None
     except Exception as exc:  # SQLAlchemy / driver errors for an unreachable storage
         first = first_line(exc)
@@ -193,15 +195,16 @@ def make_study(study_name: str, storage: str | None, seed: int | None, create: b
 
 def wait_for_study(study_name: str, storage: str, wait_seconds: float, poll: float = 1.0) -> optuna.Study:
     """Load ``study_name`` once its leader has published ``parent_run_id`` (ChurnError after
-    ``wait_seconds``)."""
+    ``wait_seconds``; a storage that cannot be opened fails at once: only a study not created
+    yet, :class:`~mlflow_churn.errors.NotFound`, is waited for)."""
     deadline = time.monotonic() + wait_seconds
     while True:
         try:
             study = make_study(study_name, storage, seed=None, create=False)
             if "parent_run_id" in study.user_attrs:
                 return study
-        except ChurnError as exc:
-            if "cannot open" in str(exc) or time.monotonic() > deadline:
+        except NotFound:  # the leader has not created it yet
+            if time.monotonic() > deadline:
                 raise
         if time.monotonic() > deadline:
             raise ChurnError(f"study '{study_name}' in {storage} has no parent run after "

@@ -64,6 +64,10 @@ class HttpLimits:
         return cls(section=section, **values)
 
 
+class _TooManyHeaders(h11.RemoteProtocolError):
+    """Our refusal of a head with more than ``max_headers`` lines (its message is the answer)."""
+
+
 class _Connection(h11.Connection):
     """h11's server connection that also refuses a request with too many header lines and
     remembers the protocol error it raised (its status hint picks the answer)."""
@@ -86,7 +90,7 @@ class _Connection(h11.Connection):
                 self.refusal = h11.RemoteProtocolError("head too long", error_status_hint=431)
                 raise self.refusal
             if len(event.headers) > self.limits.max_headers:
-                self.refusal = h11.RemoteProtocolError(
+                self.refusal = _TooManyHeaders(
                     f"more than {self.limits.section}.max_headers ({self.limits.max_headers}) header lines "
                     f"({len(event.headers)})", error_status_hint=431)
                 raise self.refusal
@@ -154,7 +158,7 @@ def protocol_class(limits: HttpLimits) -> type:
         def send_400_response(self, msg: str) -> None:
             exc = self.conn.refusal
             if exc is not None and exc.error_status_hint == 431:
-                detail = str(exc) if "max_headers" in str(exc) else (
+                detail = str(exc) if isinstance(exc, _TooManyHeaders) else (
                     f"request head over {limits.section}.max_header_bytes ({limits.max_header_bytes} bytes)")
                 status = 431
             else:

@@ -183,8 +183,12 @@ class SqliteStore:
         try:
             return self._con().execute(
                 f"SELECT customer_id, payload FROM {table} WHERE customer_id IN ({marks})", ids).fetchall()
-        except sqlite3.OperationalError as exc:
-            if "no such table" not in str(exc):
+        except sqlite3.OperationalError:
+            # SQLite gives "no such table" no error code of its own (SQLITE_ERROR): ask the
+            # schema instead of reading the message; any other failure propagates
+            gone = self._con().execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                       (table,)).fetchone() is None
+            if not gone:
                 raise
             self._tables.pop(batch_id, None)
             raise ChurnError(f"batch {batch_id} no longer keeps its rows in {self.location} (only the "
