@@ -49,6 +49,7 @@ from mlflow_churn.config import PolicyConfig
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.monitoring.policy import WindowStats, _active_keys, _trigger_name, _values
 from mlflow_churn.stats import drift
+from mlflow_churn.stats.drift import ColumnKind
 
 #: the report's column of the model's scores
 SCORE_COLUMN = "score"
@@ -220,7 +221,7 @@ def _reference_frame(profile: dict[str, Any], rows: int, seed: int = 0) -> pd.Da
     rng = np.random.default_rng(seed)
     out = {}
     for name, e in list(profile["features"].items()) + [("score", profile["score"])]:
-        if e["kind"] == "numeric":
+        if e["kind"] == ColumnKind.NUMERIC:
             out[name] = (
                 rng.choice(np.asarray(e["sample"], float), size=rows, replace=True)
                 if e["sample"]
@@ -263,7 +264,7 @@ def evidently_report(
         {
             c: (
                 frame[c].iloc[idx].astype("object").astype(str).to_numpy()
-                if feats[c]["kind"] == "categorical"
+                if feats[c]["kind"] == ColumnKind.CATEGORICAL
                 else frame[c].iloc[idx].to_numpy(float)
             )
             for c in cols
@@ -271,8 +272,8 @@ def evidently_report(
     )
     cur[SCORE_COLUMN] = np.asarray(scores)[idx]
     ref = _reference_frame(profile, take, seed)[cols + [SCORE_COLUMN]]
-    num = [c for c in cols if feats[c]["kind"] == "numeric"] + [SCORE_COLUMN]
-    cat = [c for c in cols if feats[c]["kind"] == "categorical"]
+    num = [c for c in cols if feats[c]["kind"] == ColumnKind.NUMERIC] + [SCORE_COLUMN]
+    cat = [c for c in cols if feats[c]["kind"] == ColumnKind.CATEGORICAL]
     dd = DataDefinition(numerical_columns=num, categorical_columns=cat)
     rules = {c: r for c, r in policy_rules(windows, policy).items() if c in cols or c == SCORE_COLUMN}
     judged = [c for c in cols + [SCORE_COLUMN] if c in rules]

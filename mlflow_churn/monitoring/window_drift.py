@@ -30,6 +30,7 @@ import pandas as pd
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.monitoring.policy import WindowStats
 from mlflow_churn.stats import drift
+from mlflow_churn.stats.drift import ColumnKind
 
 NOISE_QUANTILE = 0.99
 SCORE = "__score__"
@@ -70,11 +71,11 @@ def _feature_stats(stats: WindowStats, name: str, entry: dict[str, Any], counts:
     stats.psi[name] = drift.psi_from_shares(entry["shares"], drift.shares(counts), size.eps)
     stats.psi_threshold[name] = drift.psi_noise_quantile(
         int(entry["count"]), n_cur, len(entry["shares"]), size.q)
-    if entry["kind"] == "numeric" and entry.get("sample"):
+    if entry["kind"] == ColumnKind.NUMERIC and entry.get("sample"):
         sample = np.asarray(entry["sample"], dtype="float64")
         stats.ks[name] = drift.ks_at_sample_points(sample, values)
         stats.ks_threshold[name] = drift.ks_noise_quantile(sample.size, n_cur, size.q)
-    elif entry["kind"] == "categorical":
+    elif entry["kind"] == ColumnKind.CATEGORICAL:
         ref_counts = np.asarray(entry["shares"], dtype="float64") * float(entry["count"])
         stats.js[name] = drift.js_from_shares(entry["shares"], counts)
         stats.chi2[name], stats.chi2_p[name] = drift.chi2_from_counts(ref_counts, counts * (n_cur / n))

@@ -36,6 +36,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from mlflow_churn.errors import ChurnError
+from mlflow_churn.stats.drift import ColumnKind
 
 Kind = Literal["unknown_category", "out_of_range", "null"]
 KINDS: tuple[Kind, ...] = ("unknown_category", "out_of_range", "null")
@@ -51,7 +52,7 @@ class FieldRule:
     """What training saw of one feature (from its profile entry)."""
 
     feature: str
-    kind: Literal["numeric", "categorical"]
+    kind: ColumnKind
     nullable: bool | None  # None: the profile does not say (nulls not judged)
     categories: frozenset[str] | None = None  # categorical: allowed values (None: not judged)
     category_list: tuple[str, ...] = ()  # the same, in the profile's order (for messages)
@@ -128,21 +129,22 @@ def _fmt(x: float) -> str:
 def _rule(feature: str, entry: Mapping[str, Any], margin: float) -> FieldRule:
     rate = entry.get("null_rate")
     nullable = None if rate is None else bool(rate > 0)
-    if entry.get("kind") == "categorical":
+    if entry.get("kind") == ColumnKind.CATEGORICAL:
         cats = entry.get("categories")
         if not cats:
-            return FieldRule(feature, "categorical", nullable)
+            return FieldRule(feature, ColumnKind.CATEGORICAL, nullable)
         listed = tuple(str(c) for c in cats)
-        return FieldRule(feature, "categorical", nullable, frozenset(listed), listed)
+        return FieldRule(feature, ColumnKind.CATEGORICAL, nullable, frozenset(listed), listed)
     low, high = entry.get("min"), entry.get("max")
     if low is None or high is None:  # an older profile: the ends of its sorted sample
         sample = entry.get("sample") or []
         low, high = (sample[0], sample[-1]) if sample else (None, None)
     if low is None or high is None:
-        return FieldRule(feature, "numeric", nullable)
+        return FieldRule(feature, ColumnKind.NUMERIC, nullable)
     low, high = float(low), float(high)
     pad = margin * (high - low)
-    return FieldRule(feature, "numeric", nullable, observed=(low, high), allowed=(low - pad, high + pad))
+    return FieldRule(feature, ColumnKind.NUMERIC, nullable, observed=(low, high),
+                     allowed=(low - pad, high + pad))
 
 
 class InputChecker:
@@ -168,8 +170,8 @@ class InputChecker:
         for name, r in self.rules.items():
             lacking = [what for what, missing in (
                 ("nulls", r.nullable is None),
-                ("categories", r.kind == "categorical" and r.categories is None),
-                ("range", r.kind == "numeric" and r.allowed is None)) if missing]
+                ("categories", r.kind == ColumnKind.CATEGORICAL and r.categories is None),
+                ("range", r.kind == ColumnKind.NUMERIC and r.allowed is None)) if missing]
             if lacking:
                 self.unchecked[name] = f"the profile does not record its {' / '.join(lacking)}"
 
@@ -178,7 +180,7 @@ class InputChecker:
         result = CheckResult()
         where = [int(i) for i in (range(len(rows)) if positions is None else positions)]
         for r in self.rules.values():  # feature by feature: a tight loop over the rows
-            feature, categories, numeric = r.feature, r.categories, r.kind == "numeric"
+            feature, categories, numeric = r.feature, r.categories, r.kind == ColumnKind.NUMERIC
             low, high = r.allowed or (-math.inf, math.inf)
             for i in where:
                 value = rows[i].get(feature, _ABSENT)
@@ -199,7 +201,7 @@ class InputChecker:
                 return InputIssue(row, r.feature, "null", None, None,
                                   f"null, but training had no nulls for '{r.feature}'; send a value")
             return None
-        if r.kind == "categorical":
+        if r.kind == ColumnKind.CATEGORICAL:
             if r.categories is None or str(value) in r.categories:
                 return None
             shown = ", ".join(repr(c) for c in r.category_list[:_SHOW_CATEGORIES])

@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +50,15 @@ from mlflow_churn.errors import ChurnError
 DEFAULT_EPSILON = 1e-4
 UNSEEN = "__unseen__"
 Binning = Literal["quantile", "evidently"]
+
+
+class ColumnKind(StrEnum):
+    """How a profile entry (:mod:`mlflow_churn.training.profile`) bins its column:
+    ``numeric`` (quantile edges, a sample for KS) or ``categorical`` (a category list plus
+    ``__unseen__``). A StrEnum: it equals (and is written as) its string."""
+
+    NUMERIC = "numeric"
+    CATEGORICAL = "categorical"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -365,7 +375,7 @@ def feature_psi_against_profile(entry: Mapping[str, Any], current: Any,
 
 def current_counts(entry: Mapping[str, Any], current: Any) -> np.ndarray:
     """Counts of ``current`` in the bins of a stored profile entry."""
-    if entry["kind"] == "categorical":
+    if entry["kind"] == ColumnKind.CATEGORICAL:
         return category_counts(current, entry["categories"])
     return bin_counts(current, np.asarray(entry["edges"], dtype="float64"))
 
@@ -410,7 +420,7 @@ def drift_against_entry(name: str, entry: Mapping[str, Any], current: Any, psi_v
     n = int(counts.sum())
     value = psi_from_shares(entry["shares"], cur_sh, epsilon) if n else float("nan")
     d = None
-    if with_ks and entry["kind"] == "numeric" and entry.get("sample"):
+    if with_ks and entry["kind"] == ColumnKind.NUMERIC and entry.get("sample"):
         d = ks_against_sample(np.asarray(entry["sample"], float), current)
     n_ref = int(entry.get("count", 0))
     n_bins = len(entry["shares"])
@@ -446,7 +456,7 @@ class StreamAccumulator:
                 raise ChurnError(f"column '{c}' is not in the profile; profiled: {', '.join(feats)}")
             self.counts[c] = np.zeros(len(feats[c]["shares"]), dtype="int64")
             self.nulls[c] = 0
-            if feats[c]["kind"] == "numeric" and feats[c].get("sample"):
+            if feats[c]["kind"] == ColumnKind.NUMERIC and feats[c].get("sample"):
                 self.ecdf[c] = np.zeros(len(feats[c]["sample"]), dtype="int64")
         self._samples = {c: np.asarray(feats[c]["sample"], float) for c in self.ecdf}
 
@@ -457,7 +467,7 @@ class StreamAccumulator:
         for c in self.columns:
             col = batch[c]
             entry = feats[c]
-            if entry["kind"] == "categorical":
+            if entry["kind"] == ColumnKind.CATEGORICAL:
                 s = pd.Series(col)
                 self.nulls[c] += int(s.isna().sum())
                 self.counts[c] += category_counts(s, entry["categories"])
@@ -567,7 +577,7 @@ def bin_index(entry: Mapping[str, Any], values: Any) -> np.ndarray:
     last bin (``__unseen__``) for unknown ones; pandas categoricals map by their codes
     (no per-row string work).
     """
-    if entry["kind"] == "categorical":
+    if entry["kind"] == ColumnKind.CATEGORICAL:
         cats = [str(c) for c in entry["categories"]]
         unseen = len(cats)
         s = values if isinstance(values, pd.Series) else pd.Series(values)

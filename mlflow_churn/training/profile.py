@@ -54,6 +54,7 @@ import pandas as pd
 from mlflow_churn.errors import ChurnError, NotFound, is_missing
 from mlflow_churn.features.registry import FeatureSet
 from mlflow_churn.stats import drift
+from mlflow_churn.stats.drift import ColumnKind
 from mlflow_churn.tags import TRAIN_RUN_TAG
 from mlflow_churn.tracking import download_artifact, server_failure
 
@@ -124,7 +125,7 @@ def _numeric_entry(values: Any, bins: int, sample_size: int, rng: np.random.Gene
     else:
         sample = np.sort(finite)
     return {
-        "kind": "numeric",
+        "kind": ColumnKind.NUMERIC.value,
         "edges": edges.tolist(),
         "shares": drift.shares(counts).tolist(),
         "count": int(finite.size),
@@ -144,7 +145,7 @@ def _categorical_entry(values: Any, categories: Sequence[str]) -> dict[str, Any]
     cats = cats + observed
     counts = drift.category_counts(s, cats)
     return {
-        "kind": "categorical",
+        "kind": ColumnKind.CATEGORICAL.value,
         "categories": cats,
         "shares": drift.shares(counts).tolist(),
         "count": int(counts.sum()),
