@@ -36,7 +36,7 @@ import threading
 import time
 from typing import Literal
 
-from mlflow_churn.errors import ChurnError, first_line
+from mlflow_churn.errors import ChurnError, Unavailable, first_line
 from mlflow_churn.serving.prediction_log import FeatureSampler, PredictionLog, PredictionRecord
 from mlflow_churn.web.metrics import Metrics
 
@@ -59,8 +59,10 @@ METRICS = (
 )
 
 
-class PredictionLogUnavailable(ChurnError):
-    """Sync mode: the rows of a request could not be committed."""
+class PredictionLogUnavailable(Unavailable):
+    """Sync mode: the rows of a request could not be committed (503)."""
+
+    default_dependency = "prediction log"
 
 
 class _Pending:
