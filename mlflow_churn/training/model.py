@@ -176,6 +176,29 @@ class Scorer:
         return predict_proba(self.booster, self.feature_set, frame)
 
 
+def _load_lean(model_uri: str, tmp: Path) -> tuple[xgb.Booster, FeatureSet] | None:
+    """The booster and feature set of a model logged by :func:`log_churn_model`, downloading
+    only its ``MLmodel`` file and those two artifacts (3 files, where the whole model is ~140
+    with the package's code copy: against a tracking server, one request each). None when the
+    model is not laid out that way (:func:`load_scorer` then loads it whole and says why)."""
+    import yaml
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+    root = (ModelsArtifactRepository.get_underlying_uri(model_uri) if model_uri.startswith("models:/")
+            else model_uri).rstrip("/")
+    meta = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{root}/MLmodel", dst_path=str(tmp / "meta"))).read_text()) or {}
+    arts = ((meta.get("flavors") or {}).get("python_function") or {}).get("artifacts") or {}
+    paths = {key: (arts.get(key) or {}).get("path") for key in ("booster", "feature_set")}
+    if not all(isinstance(v, str) and v.startswith("artifacts/") for v in paths.values()):
+        return None
+    local = {key: mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{path}", dst_path=str(tmp / key))
+             for key, path in paths.items()}
+    booster = xgb.Booster()
+    booster.load_model(local["booster"])
+    return booster, FeatureSet.from_dict(json.loads(Path(local["feature_set"]).read_text()))
+
+
 def load_scorer(model_uri: str, version: str | None = None) -> Scorer:
     """Load a model logged by :func:`log_churn_model` (any MLflow model URI).
 
@@ -187,6 +210,9 @@ def load_scorer(model_uri: str, version: str | None = None) -> Scorer:
 
     try:
         with tempfile.TemporaryDirectory(prefix="churn-load-") as tmp:
+            lean = _load_lean(model_uri, Path(tmp))
+            if lean is not None:
+                return Scorer(lean[0], lean[1], model_uri, version)
             model = mlflow.pyfunc.load_model(model_uri, dst_path=tmp)
     except Exception as exc:  # MLflow raises several types for a missing model
         first = first_line(exc)
