@@ -169,3 +169,53 @@ def test_canary_status_reports_the_running_services_fraction(config) -> None:
     assert f"no scoring service answered at {srv.url}" in data["note"]
     res = run_cli(config, ["canary", "status", "--service-url", srv.url])
     assert "canary fraction 0.1 (from the config)" in res.stdout and "note: no scoring service" in res.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_group_commit_under_concurrent_load_survives_a_kill_9(config, register_version, backend,
+                                                               request) -> None:
+    """Six clients send one-customer requests at once (so their rows share group commits);
+    SIGKILL lands while requests are in flight: every request that got its answer is in the
+    log, whatever group it was committed in."""
+    two_versions(config, register_version)
+    store = open_store(config)
+    ids = store.customer_ids()[:300]
+    store.close()
+    extra = {}
+    if backend == "postgres":
+        extra["CHURN_SERVING__PREDICTION_LOG"] = request.getfixturevalue("postgres_url")
+    answered: list[str] = []
+    stop = threading.Event()
+    with ServeProcess(config, **extra) as srv:
+        with httpx.Client(base_url=srv.url, timeout=30) as client:
+            wait_ready(client, timeout=120)
+
+        def work(k: int) -> None:
+            with httpx.Client(base_url=srv.url, timeout=30) as client:
+                i = k
+                while not stop.is_set():
+                    try:
+                        res = client.post("/predict", json={"customer_ids": [ids[i % len(ids)]]})
+                    except httpx.TransportError:  # the server is gone: no answer, nothing promised
+                        return
+                    if res.status_code == 200:
+                        answered.append(res.json()["request_id"])
+                    i += 6
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 120
+        while len(answered) < 400 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.kill() == -signal.SIGKILL  # mid-load: requests in flight, groups open
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert len(answered) >= 400
+    log = PredictionLog(extra.get("CHURN_SERVING__PREDICTION_LOG") or config.prediction_log_url)
+    logged = set(log.read()["request_id"])
+    log.close()
+    missing = set(answered) - logged
+    assert not missing, f"{len(missing)} answered requests not in the log"
