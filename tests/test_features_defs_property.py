@@ -172,6 +172,7 @@ def _checked(expression: str, source: str) -> str | None:
 SOURCES = st.sampled_from(["customers", "activity"])
 
 
+@pytest.mark.slow  # among the slowest of make test-fast (2,000 Hypothesis examples)
 @settings(max_examples=2000, deadline=CHECK_DEADLINE, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), source=SOURCES)
 def test_checker_verdicts_follow_the_allow_list(data: st.DataObject, source: str) -> None:

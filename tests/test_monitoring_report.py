@@ -66,6 +66,7 @@ def _policy_active(windows, policy) -> set[str]:
     return out
 
 
+@pytest.mark.slow  # among the slowest of make test-fast (an Evidently report)
 def test_evidently_marks_drifted_exactly_what_the_policy_flags(drifted, tmp_path: Path) -> None:
     profile, policy, frame, scores, w1, w2 = drifted
     # the window alone: monthly_usage and plan cross their triggers; age (PSI 0.18, KS 0.098)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import mlflow
+import pytest
 from guard_support import gate
 from mlflow.tracking import MlflowClient
 
@@ -16,6 +17,7 @@ def _stages(client: MlflowClient, name: str) -> dict[str, str]:
     return {v.version: v.current_stage for v in client.search_model_versions(f"name = '{name}'")}
 
 
+@pytest.mark.slow  # among the slowest of make test-fast (trained versions moved through)
 def test_stages_follow_canary_promotion_and_replacement(config: ChurnConfig, register_version) -> None:
     cfg = config.model_copy(deep=True)
     cfg.evaluation.mirror_stages = True

@@ -54,6 +54,7 @@ def test_compress_registers_smaller_version_within_budget(config, register_versi
     assert exact.auc >= exact.parent_auc and exact.trees <= n
 
 
+@pytest.mark.slow  # among the slowest of make test-fast (churn processes)
 def test_compress_bad_version_is_one_line(config) -> None:
     res = run_cli(config, ["compress", "--version", "99", "--as-of", LABELS_AS_OF.isoformat()])
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]

@@ -159,6 +159,7 @@ def test_a_signing_key_readable_by_the_group_is_refused(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- secrecy
+@pytest.mark.slow  # among the slowest of make test-fast (the CLI through a promotion)
 def test_the_private_key_never_appears_in_output_logs_or_runs(churn_main, config: ChurnConfig,
                                                               register_version, caplog, capsys) -> None:
     import logging

@@ -93,6 +93,7 @@ def test_two_workers_share_one_study_and_one_parent_run(tmp_path: Path, small_da
     assert mv.tags["train_run_id"] == parent_id
 
 
+@pytest.mark.slow  # among the slowest of make test-fast (a churn train process)
 def test_worker_without_study_is_one_line_error(tmp_path: Path, small_data: Path) -> None:
     ws = _workspace(tmp_path, small_data)
     res = subprocess.run(CHURN + ["--workspace", str(ws), "train", "--worker", "--no-progress"],

@@ -38,6 +38,7 @@ def _cfg(workspace: Path, small_data: Path, **extra: object) -> ChurnConfig:
     return load_config(workspace=workspace, environ={}, overrides=FAST | extra)
 
 
+@pytest.mark.slow  # among the slowest of make test-fast (a training)
 def test_train_registers_a_tagged_challenger(workspace: Path, small_data: Path, register_version,
                                             capfd: pytest.CaptureFixture[str]) -> None:
     cfg = _cfg(workspace, small_data)
