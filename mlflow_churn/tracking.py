@@ -599,8 +599,9 @@ def setup_mlflow(cfg: ChurnConfig, experiment: str | None = None) -> str:
     export_http_limits(cfg)
     project_run_id()  # MLFLOW_RUN_ID read once, now, before any fluent run or thread
     probe_server(uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    mlflow.set_tracking_uri(uri)  # a no-op when unchanged (MLflow compares first)
+    if os.environ.get("MLFLOW_REGISTRY_URI") != uri:  # MLflow writes it on every call: only on a change
+        mlflow.set_registry_uri(uri)
     name = experiment or cfg.training.experiment
     try:
         sqlite_store_ready(uri)
@@ -615,7 +616,10 @@ def setup_mlflow(cfg: ChurnConfig, experiment: str | None = None) -> str:
             f"cannot reach the MLflow tracking store at {uri} ({first[:200]}); "
             "check MLFLOW_TRACKING_URI / tracking_uri"
         ) from None
-    mlflow.set_experiment(experiment_id=exp_id)
+    if os.environ.get("MLFLOW_EXPERIMENT_ID") != exp_id:
+        # MLflow writes the variable (and a global) on every set_experiment: only when it
+        # changes, so a server's threads (same config) change nothing after start-up
+        mlflow.set_experiment(experiment_id=exp_id)
     if _journal(cfg).is_file():
         _replay_pending(cfg, client)
     return exp_id
