@@ -100,3 +100,16 @@ def test_serve_starts_with_the_short_name(config: ChurnConfig, tmp_path: Path) -
         assert httpx.get(url, headers={"Authorization": "Bearer abd"}, timeout=30).status_code in (401, 403)
     assert "from the config" in log.read_text()
     assert not (config.workspace / "secrets" / "admin_token").exists()
+
+
+def test_postgres_urls_are_opened_with_psycopg3() -> None:
+    from mlflow_churn.config import is_postgres_url, libpq_url, sqlalchemy_url
+
+    for given in ("postgresql://u@h:5432/db", "postgres://u@h:5432/db", "postgresql+psycopg2://u@h:5432/db",
+                  "postgresql+psycopg://u@h:5432/db"):
+        assert is_postgres_url(given)
+        assert sqlalchemy_url(given) == "postgresql+psycopg://u@h:5432/db"
+        assert libpq_url(given) == "postgresql://u@h:5432/db"
+    for other in ("sqlite:///x.db", "/tmp/predictions.db", "http://127.0.0.1:5000"):
+        assert not is_postgres_url(other)
+        assert sqlalchemy_url(other) == other == libpq_url(other)
