@@ -189,7 +189,8 @@ def main(argv: list[str]) -> int:
     print(f"| this project end to end (`score_batch`: model load, DuckDB features, scoring, Parquet) "
           f"| {rows:,} | {e2e_s:.2f} | {e2e_rps:,.0f} | {e2e_rps / raw_rps:.2f} |")
     print(f"| this project end to end from materialize's snapshot (`score_batch`: model load, Parquet "
-          f"features, scoring, Parquet) | {rows:,} | {snap_s:.2f} | {snap_rps:,.0f} | {snap_rps / raw_rps:.2f} |")
+          f"features, scoring, Parquet) | {rows:,} | {snap_s:.2f} | {snap_rps:,.0f} | "
+          f"{snap_rps / raw_rps:.2f} |")
     for line in spark_lines:
         print(line)
     print(f"\nFeature computation alone (DuckDB, offline SQL, one cutoff): {feature_seconds:.1f} s "

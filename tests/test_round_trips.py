@@ -53,7 +53,8 @@ class CountingProxy(ForwardingProxy):
         return out
 
 
-def test_requests_per_trial_and_per_gate_are_bounded(mlflow_server, workspace: Path, register_version) -> None:
+def test_requests_per_trial_and_per_gate_are_bounded(mlflow_server, workspace: Path,
+                                                      register_version) -> None:
     from mlflow_churn.evaluation.evaluate import gate
     from mlflow_churn.registry.aliases import CHAMPION, move_alias
     from mlflow_churn.training.train import train

@@ -130,7 +130,8 @@ def test_sync_writer_fails_loudly_then_reconnects(postgres_url: str) -> None:
     log.close()
 
 
-def _held_submits(tmp_path: Path, n: int) -> tuple[LogWriter, list[str], list[object], list, sqlite3.Connection]:
+def _held_submits(tmp_path: Path,
+                  n: int) -> tuple[LogWriter, list[str], list[object], list, sqlite3.Connection]:
     """``n`` threads each submit one request's rows to a sync writer while another connection
     holds SQLite's write lock: the first leads (blocked in its commit), the rest queue."""
     import threading
