@@ -31,6 +31,12 @@ ROLLOUT_WEIGHT_TAG = "churn.rollout.weight"
 #: canary-version tag: the rollout controller's state (JSON)
 ROLLOUT_STATE_TAG = "churn.rollout.state"
 
+# -- run-tag prefixes of the loop's steps ----------------------------------------------------
+#: tags of a monitoring run (``monitor.model_name``, ``monitor.as_of``, ``monitor.action``, ...)
+MONITOR_PREFIX = "monitor."
+#: tags of a retrain run (``retrain.model_name``, ``retrain.action``, ...)
+RETRAIN_PREFIX = "retrain."
+
 # -- model-version tags of the promotion rules (people read them; the guard trusts signatures) --
 #: a person's reason to promote without the rules (basic-auth: override users only)
 OVERRIDE_TAG = "promotion_override"

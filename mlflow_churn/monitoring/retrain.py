@@ -58,6 +58,7 @@ from mlflow_churn.monitoring.policy import (
 from mlflow_churn.progress import ProgressArg
 from mlflow_churn.registry.aliases import CHAMPION, alias_version
 from mlflow_churn.tags import DECISION_KIND_TAG, REFRESH_TAG
+from mlflow_churn.tags import RETRAIN_PREFIX as TAG_PREFIX
 from mlflow_churn.times import utc
 from mlflow_churn.tracking import client_run, download_if_present, fail_fast, project_run_id, setup_mlflow
 from mlflow_churn.training.targeting import segment_targets
@@ -65,7 +66,6 @@ from mlflow_churn.training.train import TrainResult, train
 
 RETRAINED = "retrained"
 NOOP = "noop"
-TAG_PREFIX = "retrain."
 DECISION_FILE = "decision.json"
 
 

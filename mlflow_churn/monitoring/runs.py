@@ -45,13 +45,12 @@ import pandas as pd
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.monitoring.input_warnings import log_input_warnings
-from mlflow_churn.monitoring.policy import PolicyDecision, WindowStats, psi_floor
+from mlflow_churn.monitoring.policy import PolicyDecision, WindowStats, decision_from_dict, psi_floor
 from mlflow_churn.monitoring.report import evidently_report, psi_figure, timeline_figure
 from mlflow_churn.stats.performance import Performance, SegmentPerformance, segment_metric_suffix
+from mlflow_churn.tags import MONITOR_PREFIX as TAG_PREFIX
 from mlflow_churn.tracking import download_artifact, download_if_present, setup_mlflow
 from mlflow_churn.training.baseline import UNSELECTED, early_key
-
-TAG_PREFIX = "monitor."
 
 
 @dataclass
@@ -314,5 +313,7 @@ def latest_decision(cfg: ChurnConfig, model_name: str | None = None) -> dict[str
         data = json.loads(
             Path(download_artifact(client, newest.info.run_id, "decision.json", tmp)).read_text()
         )
+    # through the policy's one reader: a decision a newer release wrote is refused, not misread
+    data["decision"] = decision_from_dict(data["decision"]).to_dict()
     data["run_id"] = newest.info.run_id
     return data
