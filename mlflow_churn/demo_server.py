@@ -59,6 +59,8 @@ from mlflow_churn.config import ChurnConfig, mask_text
 from mlflow_churn.demo import DemoReport, DemoSpec, GateOutcome, console, demo_config, print_report, run_demo
 from mlflow_churn.errors import ChurnError
 from mlflow_churn.interrupt import SafeInterrupt
+from mlflow_churn.registry.vocab import GateVerdict
+from mlflow_churn.tags import GATE_TAG
 from mlflow_churn.tracking_server import (
     LOOPBACK,
     PortInUse,
@@ -274,7 +276,7 @@ def await_webhook_gate(stack: ServerStack, cfg: ChurnConfig, version: str,
         reasons = list(mlflow.artifacts.load_dict(f"runs:/{row['run_id']}/decision.json").get("reasons", []))
     except Exception:  # the tags and metrics still tell the outcome
         reasons = []
-    passed = run.data.tags.get("gate") == "passed"
+    passed = run.data.tags.get(GATE_TAG) == GateVerdict.PASSED
     say(f"webhook delivery {delivery_id}: done, gate {'passed' if passed else 'rejected'} "
         f"(decision run {row['run_id']})")
     return GateOutcome(passed, reasons, row["run_id"], dict(run.data.metrics),

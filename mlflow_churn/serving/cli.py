@@ -112,7 +112,7 @@ def canary_status_cmd(
     logged per route and version."""
     from mlflow_churn.serving.alarms import current_alarms
     from mlflow_churn.serving.canary import canary_status
-    from mlflow_churn.serving.rollout import rollout_state
+    from mlflow_churn.serving.rollout import RolloutStatus, rollout_state
     from mlflow_churn.serving.traffic import live_canary_fraction
 
     if opt_str(reason):
@@ -122,7 +122,8 @@ def canary_status_cmd(
     st = canary_status(cfg, until, _since(since, until))
     live = live_canary_fraction(_service_url(cfg, service_url), st.model_name, st.canary_fraction)
     _, rollout = rollout_state(cfg)
-    watched = rollout is not None and rollout.status in ("running", "paused") and cfg.canary.alarms.enabled
+    watched = (rollout is not None and rollout.status in (RolloutStatus.RUNNING, RolloutStatus.PAUSED)
+               and cfg.canary.alarms.enabled)
     alarms = current_alarms(cfg, datetime.now(UTC)) if watched else None  # what the next tick checks
     if as_json:
         print_json({**st.to_dict(), "canary_fraction": live.canary_fraction,
