@@ -169,7 +169,7 @@ def test_server_mode_children_and_webhook_gate(config, register_version, monkeyp
     lines: list[str] = []
     stack = start_stack(cfg, say=lines.append)
     try:
-        assert stack.backend_uri.startswith("postgresql+psycopg://") and "/churn_" in stack.backend_uri  # psycopg 3
+        assert stack.backend_uri.startswith("postgresql+psycopg://") and "/churn_" in stack.backend_uri
         assert stack.tracking.alive() and stack.receiver.poll() is None
         client = MlflowClient(stack.url, stack.url)
         assert [w.name for w in client.list_webhooks()] == ["churn-gate"]
