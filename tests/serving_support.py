@@ -188,3 +188,11 @@ def churn_app(config: ChurnConfig, args: list[str], log: Path, any_answer: bool 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def rss_kb(pid: int) -> int:
+    """Resident set size (kB) of process ``pid``, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")

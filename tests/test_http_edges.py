@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from ports import bound_socket
-from serving_support import churn_app, cli_env
+from serving_support import churn_app, cli_env, rss_kb
 from wait_support import wait_until
 
 from mlflow_churn.config import ChurnConfig
@@ -24,13 +24,6 @@ from mlflow_churn.hooks.app import DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_
 
 SECRET = "s3cret-edges"
 CHURN = [sys.executable, "-m", "mlflow_churn.cli"]
-
-
-def _rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def _answer(sock: socket.socket) -> tuple[int, dict]:
@@ -50,16 +43,16 @@ def _answer(sock: socket.socket) -> tuple[int, dict]:
     return int(m.group(1)), (json.loads(body) if b"application/json" in head.lower() and body else {})
 
 
-def _steady_rss_kb(pid: int, timeout: float = 60.0) -> int:
+def _steadyrss_kb(pid: int, timeout: float = 60.0) -> int:
     """``pid``'s RSS once it has stopped growing: three samples 0.5 s apart within 512 kB
     (start-up work such as imports and the first registry poll still runs after /health answers)."""
     import time
 
-    samples = [_rss_kb(pid)]
+    samples = [rss_kb(pid)]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.5)
-        samples.append(_rss_kb(pid))
+        samples.append(rss_kb(pid))
         if len(samples) >= 3 and max(samples[-3:]) - min(samples[-3:]) < 512:
             break
     return samples[-1]
@@ -90,12 +83,12 @@ def receiver(config: ChurnConfig, tmp_path: Path):
 
 def test_receiver_head_limits_signature_bound_and_no_query_in_log(receiver) -> None:
     port, proc, log = receiver
-    before = _rss_kb(proc.pid)
+    before = rss_kb(proc.pid)
     # a 100 MB header: 431 naming the key after at most the limit (+ one socket read) was read
     status, body = _send_head(port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (100 << 20)
                               + b"\r\n\r\n")
     assert status == 431 and "hooks.max_header_bytes" in body["detail"]
-    assert (_rss_kb(proc.pid) - before) / 1024 < 20
+    assert (rss_kb(proc.pid) - before) / 1024 < 20
     # a long head sent in one piece is measured too
     status, body = _send_head(port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000
                               + b"\r\n\r\n")
@@ -198,12 +191,12 @@ def test_scoring_service_and_feature_api_refuse_huge_heads_in_bounded_memory(
         small = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n"
         assert _send_head(port, small)[0] == 431
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
-        before = _steady_rss_kb(proc.pid)  # after start-up's own growth (imports, the first alias poll)
+        before = _steadyrss_kb(proc.pid)  # after start-up's own growth (imports, the first alias poll)
         head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (100 << 20) + b"\r\n\r\n"
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(lambda _: _send_head(port, head), range(4)))
         assert all(status == 431 and f"{section}.max_header_bytes" in body["detail"]
                    for status, body in answers), answers
-        assert (_rss_kb(proc.pid) - before) / 1024 < 20
+        assert (rss_kb(proc.pid) - before) / 1024 < 20
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code in (200, 503)
     assert "Traceback" not in log.read_text()

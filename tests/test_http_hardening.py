@@ -21,6 +21,7 @@ from serving_support import (
     BATCH_AS_OF,
     ServeProcess,
     ServerThread,
+    rss_kb,
     run_cli,
     serving_config,
     signed_gate,
@@ -338,13 +339,6 @@ def test_stalled_redis_answers_503_fast_and_health_stays_fast(config: ChurnConfi
 
 
 # --------------------------------------------------------------------------- webhook receiver
-def _rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def _big_post(port: int, total: int, chunked: bool) -> int:
     """POST ``total`` bytes to /webhook unsigned; the status the receiver answered."""
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
@@ -386,12 +380,12 @@ def test_receiver_refuses_100_mb_unsigned_posts_in_bounded_memory(config: ChurnC
 
     log = tmp_path / "hooks.log"
     with churn_app(config, ["hooks", "serve"], log, CHURN_HOOKS__SECRET="s3cret") as (port, proc):
-        before = _rss_kb(proc.pid)
+        before = rss_kb(proc.pid)
         total = 100 * 2**20
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             codes = list(pool.map(lambda chunked: _big_post(port, total, chunked), (False, True, True)))
         assert codes == [413, 413, 413]
-        grown_mb = (_rss_kb(proc.pid) - before) / 1024
+        grown_mb = (rss_kb(proc.pid) - before) / 1024
         assert grown_mb < 20, f"receiver RSS grew {grown_mb:.1f} MB"
         res = httpx.post(f"http://127.0.0.1:{port}/webhook", content=b"{}", timeout=10)
         assert res.status_code == 401  # still serving; small bodies reach the signature check
