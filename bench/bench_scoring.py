@@ -47,7 +47,8 @@ from mlflow_churn.serving.batch import (
     score_stream,
     stream_features,
 )
-from mlflow_churn.serving.batch_spark import score_parquet_spark, spark_session, write_model_input
+from mlflow_churn.serving.batch_spark import score_parquet_spark, write_model_input
+from mlflow_churn.spark import spark_session
 from mlflow_churn.tracking import setup_mlflow
 from mlflow_churn.training.model import load_scorer, log_churn_model
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1] / "mlflow_churn"
 #: bottom first; a module may import its own package and any package listed before it
 LAYERS: tuple[str, ...] = (
     "errors", "tags", "times", "jsonable", "lazy", "background", "interrupt", "config",
-    "config_reference", "stats", "progress",
+    "config_reference", "stats", "progress", "spark",
     "web",
     "alerts",
     "tracking", "tracking_server",

@@ -53,6 +53,7 @@ from mlflow_churn.features.snapshots import Snapshot, find_snapshot, read_snapsh
 from mlflow_churn.progress import ProgressArg, resolve
 from mlflow_churn.registry.aliases import CHAMPION
 from mlflow_churn.registry.aliases import model_uri as alias_uri
+from mlflow_churn.spark import DEFAULT_SPARK_MASTER, check_staging
 from mlflow_churn.times import utc
 from mlflow_churn.tracking import server_failure, setup_mlflow
 from mlflow_churn.training.model import Scorer, load_scorer
@@ -342,7 +343,6 @@ def score_batch(
     if engine not in ENGINES:
         raise ChurnError(f"engine must be one of {', '.join(ENGINES)}, got '{engine}'")
     if engine == "spark":
-        from mlflow_churn.serving.batch_spark import DEFAULT_SPARK_MASTER, check_staging
 
         spark_master = spark_master or DEFAULT_SPARK_MASTER
         check_staging(staging, spark_master)

@@ -22,11 +22,6 @@ a local temporary directory, is refused for a non-local master. The run's direct
 
 from __future__ import annotations
 
-import os
-import shutil
-import sys
-import tempfile
-import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
@@ -37,83 +32,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from mlflow_churn.errors import ChurnError
 from mlflow_churn.features.registry import FeatureSet
+from mlflow_churn.spark import Staging, spark_session
 from mlflow_churn.times import utc
-
-DEFAULT_SPARK_MASTER = "local[*]"
-
-
-def spark_session(master: str = DEFAULT_SPARK_MASTER) -> Any:
-    """A Spark session for scoring (UTC, Arrow on; this Python on local workers)."""
-    try:
-        from pyspark.sql import SparkSession
-    except ImportError:
-        raise ChurnError(
-            "engine 'spark' needs pyspark: pip install 'mlflow-churn[spark]' (and Java 17+)"
-        ) from None
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    return (SparkSession.builder.master(master).appName("churn-score")
-            .config("spark.sql.session.timeZone", "UTC")
-            .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-            .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
-            .config("spark.ui.enabled", "false")
-            .config("spark.driver.memory", "1g")
-            .getOrCreate())
-
-
-def _is_local_master(master: str) -> bool:
-    """True for ``local``, ``local[N]``, ``local[*]`` (driver and executors on this machine)."""
-    return master == "local" or master.startswith("local[")
-
-
-def check_staging(staging: str | None, master: str) -> None:
-    """ChurnError when executors of ``master`` could not read the default local staging."""
-    if staging is None and not _is_local_master(master):
-        raise ChurnError(
-            f"--spark-master {master} runs executors on other machines, which cannot read this "
-            "machine's temporary directory; pass --staging DIR on storage every executor can read "
-            "(hdfs://..., s3://..., a shared mount)")
-
-
-class Staging:
-    """One run's directory under ``staging`` (a path or URI), for pyarrow and for Spark."""
-
-    def __init__(self, staging: str | None, master: str) -> None:
-        check_staging(staging, master)
-        if staging is None:
-            self._own_tmp: str | None = tempfile.mkdtemp(prefix="churn-spark-")
-            base = self._own_tmp
-        else:
-            self._own_tmp = None
-            base = staging
-        name = f"churn-score-{uuid.uuid4().hex[:12]}"
-        if "://" in base:
-            try:
-                self.fs, root = pafs.FileSystem.from_uri(base)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
-                raise ChurnError(f"--staging {base}: pyarrow cannot open it ({exc}); use a path or an "
-                                 "hdfs://, s3://, gs:// URI") from None
-            spark_base = base.rstrip("/")
-        else:
-            self.fs, root = pafs.LocalFileSystem(), str(Path(base).resolve())
-            spark_base = f"file://{root}"  # not the cluster's default filesystem
-        self.path = f"{root.rstrip('/')}/{name}"  # for pyarrow
-        self.uri = f"{spark_base}/{name}"  # the same directory, for Spark
-        try:
-            self.fs.create_dir(self.path, recursive=True)
-        except OSError as exc:
-            raise ChurnError(f"--staging {base}: cannot create {self.path} ({exc})") from None
-
-    def cleanup(self) -> None:
-        """Delete this run's directory (and the temporary base when it made one)."""
-        try:
-            self.fs.delete_dir(self.path)
-        except OSError:
-            pass
-        if self._own_tmp is not None:
-            shutil.rmtree(self._own_tmp, ignore_errors=True)
 
 
 def write_model_input(fs: FeatureSet, batches: Iterable[pa.RecordBatch], path: str | Path,
@@ -169,7 +90,7 @@ def score_spark(spark: Any, master: str, staging: str | None, uri: str, fs: Feat
     try:
         rows = write_model_input(fs, batches, stage.path + "/features.parquet", on_batch, stage.fs)
         if own:
-            spark = spark_session(master)
+            spark = spark_session(master, "churn-score")
         score_parquet_spark(spark, uri, fs, stage.uri + "/features.parquet", as_of, version,
                             stage.uri + "/scores")
         files = stage.fs.get_file_info(pafs.FileSelector(stage.path + "/scores"))
