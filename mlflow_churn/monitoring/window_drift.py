@@ -31,6 +31,7 @@ from mlflow_churn.config import ChurnConfig
 from mlflow_churn.monitoring.policy import WindowStats
 from mlflow_churn.stats import drift
 from mlflow_churn.stats.drift import ColumnKind
+from mlflow_churn.stats.drift_counts import ks_from_sample_counts
 
 NOISE_QUANTILE = 0.99
 SCORE = "__score__"
@@ -58,7 +59,7 @@ class _Sizes:
 
 
 def _feature_stats(stats: WindowStats, name: str, entry: dict[str, Any], counts: np.ndarray,
-                   values: pd.Series, nulls: float, size: _Sizes) -> None:
+                   ks_le: tuple[np.ndarray, int] | None, nulls: float, size: _Sizes) -> None:
     """Fill the per-feature statistics of ``name`` from its window totals ``counts``."""
     stats.null_rate[name] = nulls
     stats.ref_null_rate[name] = float(entry.get("null_rate", 0.0))
@@ -73,7 +74,8 @@ def _feature_stats(stats: WindowStats, name: str, entry: dict[str, Any], counts:
         int(entry["count"]), n_cur, len(entry["shares"]), size.q)
     if entry["kind"] == ColumnKind.NUMERIC and entry.get("sample"):
         sample = np.asarray(entry["sample"], dtype="float64")
-        stats.ks[name] = drift.ks_at_sample_points(sample, values)
+        le, n_finite = ks_le if ks_le is not None else (np.zeros(sample.size, dtype="int64"), 0)
+        stats.ks[name] = ks_from_sample_counts(sample, le, n_finite)
         stats.ks_threshold[name] = drift.ks_noise_quantile(sample.size, n_cur, size.q)
     elif entry["kind"] == ColumnKind.CATEGORICAL:
         ref_counts = np.asarray(entry["shares"], dtype="float64") * float(entry["count"])
@@ -81,26 +83,97 @@ def _feature_stats(stats: WindowStats, name: str, entry: dict[str, Any], counts:
         stats.chi2[name], stats.chi2_p[name] = drift.chi2_from_counts(ref_counts, counts * (n_cur / n))
 
 
-def _segment_stats(stats: WindowStats, col: str, values: dict[str, Any], frame: pd.DataFrame,
-                   idx: dict[str, np.ndarray], entries: dict[str, dict[str, Any]], day_codes: np.ndarray,
-                   n_days: int, cfg: ChurnConfig, size: _Sizes) -> dict[str, np.ndarray]:
+@dataclass
+class SegmentCounts:
+    """Histograms of one segment column: its values (sorted), the distinct customers of each,
+    and per feature (and ``__score__``) a (values, days, bins) count array."""
+
+    values: list[Any]
+    distinct: list[int]
+    per_day: dict[str, np.ndarray] = field(repr=False)
+
+
+@dataclass
+class WindowCounts:
+    """Everything :func:`drift_from_counts` needs from a window's rows: counts only, so the
+    local engine (numpy, :func:`window_counts`) and the Spark engine
+    (:func:`mlflow_churn.monitoring.spark_drift.spark_window_counts`) feed the same statistics.
+
+    ``per_day[name]``: (days, bins) counts of the non-missing values per profile bin;
+    ``nulls[name]``: rows whose value is missing; ``ks_le[name]``: (counts of the non-NaN
+    values <= each reference-sample point, how many non-NaN values) for numeric features with
+    a sample; ``segments[col]``: :class:`SegmentCounts`."""
+
+    days: pd.DatetimeIndex
+    rows: int
+    n_eff: int
+    present: list[str]
+    missing_features: list[str]
+    per_day: dict[str, np.ndarray] = field(repr=False)
+    nulls: dict[str, int] = field(repr=False)
+    ks_le: dict[str, tuple[np.ndarray, int]] = field(repr=False)
+    segments: dict[str, SegmentCounts] = field(repr=False)
+
+
+def _entries(profile: dict[str, Any], present: list[str]) -> dict[str, dict[str, Any]]:
+    feats = profile["features"]
+    return {**{f: feats[f] for f in present}, SCORE: profile["score"]}
+
+
+def segment_columns(profile: dict[str, Any], cfg: ChurnConfig, columns: Any) -> list[str]:
+    """The profile's segment columns that ``cfg.monitoring.segments`` watches and the rows have."""
+    return [c for c in profile.get("segments", {}) if c in cfg.monitoring.segments and c in columns]
+
+
+def window_counts(frame: pd.DataFrame, scores: np.ndarray, profile: dict[str, Any],
+                  cfg: ChurnConfig) -> WindowCounts:
+    """The local engine's :class:`WindowCounts` of ``frame`` and ``scores`` (numpy: one
+    :func:`~mlflow_churn.stats.drift.bin_index` per column, one ``bincount`` per histogram)."""
+    feats = profile["features"]
+    present = [f for f in feats if f in frame.columns]
+    entries = _entries(profile, present)
+    idx = {f: drift.bin_index(feats[f], frame[f]) for f in present}
+    idx[SCORE] = drift.bin_index(profile["score"], scores)
+    day_codes, days = pd.factorize(frame["cutoff"], sort=True)
+    per_day = {name: drift.grouped_counts(idx[name], day_codes, len(days), len(entry["shares"]))
+               for name, entry in entries.items()}
+    nulls = {f: int((idx[f] < 0).sum()) for f in present}
+    ks_le: dict[str, tuple[np.ndarray, int]] = {}
+    for f in present:
+        if feats[f]["kind"] == ColumnKind.NUMERIC and feats[f].get("sample"):
+            sample = np.asarray(feats[f]["sample"], dtype="float64")
+            cur = drift.as_float_array(frame[f])
+            cur = cur[~np.isnan(cur)]
+            cur.sort()
+            ks_le[f] = (np.searchsorted(cur, sample, side="right"), int(cur.size))
+    cust = frame["customer_id"].to_numpy() if "customer_id" in frame else np.arange(len(frame))
+    segments: dict[str, SegmentCounts] = {}
+    for col in segment_columns(profile, cfg, frame.columns):
+        seg_codes, uniques = pd.factorize(frame[col], sort=True)
+        k = len(uniques)
+        distinct = pd.Series(cust).groupby(seg_codes).nunique() if k else pd.Series(dtype=int)
+        groups = np.where(seg_codes >= 0, seg_codes * len(days) + day_codes, -1)
+        per = {n: drift.grouped_counts(idx[n], groups, k * len(days), len(entries[n]["shares"])).reshape(
+            k, len(days), -1) for n in idx if n != col}
+        segments[col] = SegmentCounts(list(uniques), [int(distinct.get(i, 0)) for i in range(k)], per)
+    n_eff = int(frame["customer_id"].nunique()) if "customer_id" in frame else len(frame)
+    return WindowCounts(pd.DatetimeIndex(days), len(frame), n_eff, present,
+                        [f for f in feats if f not in frame.columns], per_day, nulls, ks_le, segments)
+
+
+def _segment_stats(stats: WindowStats, col: str, values: dict[str, Any], seg: SegmentCounts,
+                   entries: dict[str, dict[str, Any]], cfg: ChurnConfig,
+                   size: _Sizes) -> dict[str, np.ndarray]:
     """Per value of segment column ``col``: PSI (max over features and score) against the
     segment's reference, its size-aware threshold, the features that moved most; returns the
     daily max PSI per segment key."""
     mon = cfg.monitoring
-    seg_codes, uniques = pd.factorize(frame[col])
-    k = len(uniques)
-    cust = frame["customer_id"].to_numpy() if "customer_id" in frame else np.arange(len(frame))
-    distinct = pd.Series(cust).groupby(seg_codes).nunique() if k else pd.Series(dtype=int)
-    groups = np.where(seg_codes >= 0, seg_codes * n_days + day_codes, -1)
-    names = [n for n in idx if n != col]
-    per = {n: drift.grouped_counts(idx[n], groups, k * n_days, len(entries[n]["shares"])).reshape(
-        k, n_days, -1) for n in names}
-    q_seg = 1.0 - (1.0 - NOISE_QUANTILE) / max(len(names) * 10, 1)
+    per = seg.per_day
+    q_seg = 1.0 - (1.0 - NOISE_QUANTILE) / max(len(per) * 10, 1)
     daily: dict[str, np.ndarray] = {}
-    for i, value in enumerate(uniques):
+    for i, value in enumerate(seg.values):
         ref = values.get(str(value))
-        n_seg = int(distinct.get(i, 0))
+        n_seg = seg.distinct[i]
         if ref is None or n_seg < mon.min_segment_size or ref["count"] < mon.min_segment_size:
             continue
         psi: dict[str, float] = {}
@@ -129,39 +202,38 @@ def window_drift(frame: pd.DataFrame, scores: np.ndarray, profile: dict[str, Any
                  cfg: ChurnConfig) -> WindowDrift:
     """Drift of ``frame`` (rows at the window's cutoffs, with ``customer_id`` and ``cutoff``)
     and its ``scores`` against ``profile`` (see the module doc)."""
+    return drift_from_counts(window_counts(frame, scores, profile, cfg), profile, cfg)
+
+
+def drift_from_counts(counts: WindowCounts, profile: dict[str, Any], cfg: ChurnConfig) -> WindowDrift:
+    """The window's drift statistics from its :class:`WindowCounts` (either engine's)."""
     import warnings
 
     feats = profile["features"]
-    n_eff = int(frame["customer_id"].nunique()) if "customer_id" in frame else len(frame)
+    n_eff = counts.n_eff
     size = _Sizes(n_eff=n_eff, ref_rows=int(profile.get("rows", 0)),
                   q=1.0 - (1.0 - NOISE_QUANTILE) / (len(feats) + 1), eps=cfg.monitoring.psi_epsilon)
     # the newest cutoff (the caller sets the window's as_of); no clock read for an empty frame
-    as_of = frame["cutoff"].max().to_pydatetime() if len(frame) else datetime.fromtimestamp(0, UTC)
+    as_of = counts.days.max().to_pydatetime() if len(counts.days) else datetime.fromtimestamp(0, UTC)
     stats = WindowStats(as_of=as_of)
-    stats.missing_features = [f for f in feats if f not in frame.columns]
-    present = [f for f in feats if f in frame.columns]
-    entries = {**{f: feats[f] for f in present}, SCORE: profile["score"]}
-    idx = {f: drift.bin_index(feats[f], frame[f]) for f in present}
-    idx[SCORE] = drift.bin_index(profile["score"], scores)
-    day_codes, days = pd.factorize(frame["cutoff"], sort=True)
+    stats.missing_features = list(counts.missing_features)
+    entries = _entries(profile, counts.present)
     daily: dict[str, np.ndarray] = {}
     for name, entry in entries.items():
-        per_day = drift.grouped_counts(idx[name], day_codes, len(days), len(entry["shares"]))
+        per_day = counts.per_day[name]
         daily[name] = drift.psi_rows(entry["shares"], per_day, size.eps)
-        counts = per_day.sum(axis=0)
+        totals = per_day.sum(axis=0)
         if name == SCORE:
-            stats.score_psi = drift.psi_from_shares(entry["shares"], drift.shares(counts), size.eps)
+            stats.score_psi = drift.psi_from_shares(entry["shares"], drift.shares(totals), size.eps)
             stats.score_psi_threshold = drift.psi_noise_quantile(
                 int(entry["count"]), n_eff, len(entry["shares"]), NOISE_QUANTILE)
             continue
-        nulls = float((idx[name] < 0).mean()) if len(frame) else 0.0
-        _feature_stats(stats, name, entry, counts, frame[name], nulls, size)
+        nulls = counts.nulls[name] / counts.rows if counts.rows else 0.0
+        _feature_stats(stats, name, entry, totals, counts.ks_le.get(name), nulls, size)
     seg_daily: dict[str, np.ndarray] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN days of a small segment
-        for col, values in profile.get("segments", {}).items():
-            if col in cfg.monitoring.segments and col in frame.columns:
-                seg_daily |= _segment_stats(stats, col, values, frame, idx, entries, day_codes, len(days),
-                                            cfg, size)
-    index = pd.DatetimeIndex(days)
+        for col, seg in counts.segments.items():
+            seg_daily |= _segment_stats(stats, col, profile["segments"][col], seg, entries, cfg, size)
+    index = pd.DatetimeIndex(counts.days)
     return WindowDrift(stats, pd.DataFrame(daily, index=index), pd.DataFrame(seg_daily, index=index))
