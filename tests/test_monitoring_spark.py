@@ -1,0 +1,86 @@
+"""Drift on Spark: the window's counts as Spark aggregations give the local engine's statistics."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlflow_churn.config import load_config
+from mlflow_churn.features.offline import build_training_frame
+from mlflow_churn.features.registry import load_registry
+from mlflow_churn.monitoring.monitor import window_cutoffs
+from mlflow_churn.monitoring.spark_drift import spark_window_counts
+from mlflow_churn.monitoring.window_drift import drift_from_counts, window_counts, window_drift
+from mlflow_churn.training.profile import build_profile
+
+AS_OF = datetime(2026, 4, 7, tzinfo=UTC)
+
+
+def assert_same(a, b, where: str = "") -> None:
+    """Equal structures, floats to 1e-9 relative (NaN equals NaN)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), f"{where}: keys {set(a) ^ set(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        if a is None or b is None:
+            assert a is b, where
+        elif math.isnan(a) or math.isnan(b):
+            assert math.isnan(a) and math.isnan(b), f"{where}: {a} vs {b}"
+        else:
+            assert a == pytest.approx(b, rel=1e-9, abs=1e-12), f"{where}: {a} vs {b}"
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+@pytest.fixture(scope="module")
+def window(small_data: Path):
+    fs = load_registry().feature_set("churn_default")
+    ref = build_training_frame(small_data, fs, [datetime(2026, 3, 10, tzinfo=UTC)], 30, label=False)
+    rng = np.random.default_rng(0)
+    profile = build_profile(ref, fs, rng.beta(1, 8, len(ref)), segments=["plan", "region", "contract"])
+    cur = build_training_frame(small_data, fs, window_cutoffs(AS_OF, 7), 30, label=False)
+    # edge values: on an edge (right-closed bins), beyond the outer edges, +-inf, NaN, unseen category
+    num = next(f for f, e in profile["features"].items() if e["kind"] == "numeric" and len(e["edges"]) > 2)
+    cur[num] = cur[num].astype("float64")
+    edges = profile["features"][num]["edges"]
+    cur.loc[cur.index[:8], num] = [edges[0], edges[1], edges[-1], np.inf, -np.inf, np.nan, -0.0, 1e12]
+    cat = next(f for f, e in profile["features"].items() if e["kind"] == "categorical")
+    cur[cat] = cur[cat].astype("object")
+    cur.loc[cur.index[8:10], cat] = ["never-seen", None]
+    cfg = load_config(environ={}, overrides={"monitoring.min_segment_size": 100})
+    return profile, cur, rng.beta(1, 8, len(cur)), cfg
+
+
+@pytest.mark.spark
+def test_spark_counts_give_the_local_statistics(spark, window) -> None:
+    profile, cur, scores, cfg = window
+    local = window_drift(cur, scores, profile, cfg)
+    sdf = spark.createDataFrame(cur.assign(churn_probability=scores))
+    counts = spark_window_counts(sdf, profile, cfg)
+    mine = window_counts(cur, scores, profile, cfg)
+    for name, arr in mine.per_day.items():  # the histograms themselves, integer for integer
+        assert np.array_equal(arr, counts.per_day[name]), name
+    assert mine.nulls == counts.nulls and mine.n_eff == counts.n_eff and mine.rows == counts.rows
+    for name, (le, n) in mine.ks_le.items():
+        assert n == counts.ks_le[name][1] and np.array_equal(le, counts.ks_le[name][0]), name
+    remote = drift_from_counts(counts, profile, cfg)
+    a, b = json.loads(json.dumps(local.stats.to_dict(), default=str)), \
+        json.loads(json.dumps(remote.stats.to_dict(), default=str))
+    assert_same(a, b, "stats")
+    assert a["segment_psi"] and a["ks"] and a["chi2"] and a["js"]
+    pd.testing.assert_frame_equal(local.daily, remote.daily, check_exact=False, rtol=1e-9, check_freq=False,
+                                  check_index_type=False)
+    pd.testing.assert_frame_equal(local.daily_segments.sort_index(axis=1),
+                                  remote.daily_segments.sort_index(axis=1), check_exact=False, rtol=1e-9,
+                                  check_freq=False, check_index_type=False)
