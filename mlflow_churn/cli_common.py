@@ -59,6 +59,24 @@ def from_config(text: str, key: str, secret: bool = False) -> str:
 JSON_OPTION = typer.Option(False, "--json", help="Print the result as JSON (for scripts) instead of tables.")
 
 
+def engine_option(spark_does: str) -> Any:
+    """``--engine local|spark`` of a command with a Spark engine (``spark_does``: what Spark runs)."""
+    return typer.Option("local", "--engine", help=f"local (this machine) or spark ({spark_does}).")
+
+
+#: ``--spark-master`` of every command with ``--engine spark``
+SPARK_MASTER_OPTION = typer.Option(
+    None, "--spark-master", help="engine spark: Spark master URL, e.g. spark://HOST:7077, yarn "
+    "(default local[*]: this machine).")
+
+
+def staging_option(staged: str) -> Any:
+    """``--staging`` of a command with ``--engine spark`` (``staged``: what is staged there)."""
+    return typer.Option(
+        None, "--staging", help="engine spark: directory (path or URI) the driver and every executor "
+        f"can read, for {staged} (default: a local temporary directory).")
+
+
 def print_json(data: Any) -> None:
     """``data`` as indented JSON on stdout (dates and paths as strings, NaN as null)."""
     typer.echo(dumps(data))

@@ -7,11 +7,14 @@ from rich.table import Table
 
 from mlflow_churn.cli_common import (
     JSON_OPTION,
+    SPARK_MASTER_OPTION,
     as_of_or_latest,
     console,
+    engine_option,
     get_config,
     opt_str,
     print_json,
+    staging_option,
     with_progress,
 )
 from mlflow_churn.config import SCENARIOS
@@ -156,25 +159,36 @@ def monitor_cmd(
         "when the window holds monitoring.min_served_rows served rows, else offline). The serving-skew "
         "check runs on the window's served values whichever source is used.",
     ),
+    engine: str = engine_option("scores the window with spark_udf and counts its drift with Spark "
+                                "aggregations; the same statistics and decision"),
+    spark_master: str = SPARK_MASTER_OPTION,
+    staging: str = staging_option("the window's staged rows"),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Monitor the last monitoring.window_days days: drift, performance, serving skew, policy decision."""
     from mlflow_churn.monitoring.alerting import alert_decision
-    from mlflow_churn.monitoring.monitor import monitor
+    from mlflow_churn.monitoring.monitor import SparkEngine, monitor
     from mlflow_churn.monitoring.retrain_cli import parse_bool
     from mlflow_churn.monitoring.served import SOURCES
+    from mlflow_churn.serving.batch import ENGINES
+    from mlflow_churn.spark import DEFAULT_SPARK_MASTER, check_staging
 
     if report_value is not None:
         report = parse_bool(report_value, "--report-value")
     source = opt_str(source) or "auto"
     if source not in SOURCES:
         raise ChurnError(f"--source must be one of {', '.join(SOURCES)}, got '{source}'")
+    engine = opt_str(engine) or "local"
+    if engine not in ENGINES:
+        raise ChurnError(f"--engine must be one of {', '.join(ENGINES)}, got '{engine}'")
+    spark = SparkEngine(opt_str(spark_master) or DEFAULT_SPARK_MASTER, opt_str(staging))
+    check_staging(spark.staging, spark.master)
     cfg = get_config(ctx)
     when = as_of_or_latest(cfg, as_of)
     res = with_progress("monitoring window", 1, progress and not as_json,
                         lambda tick: (monitor(cfg, when, alias=opt_str(alias) or "champion", report=report,
                                               on_decision=lambda r: alert_decision(cfg, r),
-                                              source=source), tick(1))[0])
+                                              source=source, engine=engine, spark=spark), tick(1))[0])
     if as_json:
         print_json(res.to_dict())
         return

@@ -74,8 +74,12 @@ from mlflow_churn.monitoring.served import (
     serving_skew,
     skew_figure,
 )
-from mlflow_churn.monitoring.window_drift import window_drift
+from mlflow_churn.monitoring.spark_drift import spark_window_counts
+from mlflow_churn.monitoring.window_drift import WindowDrift, drift_from_counts, window_drift
 from mlflow_churn.registry.aliases import alias_version, model_uri
+from mlflow_churn.serving.batch import ENGINES
+from mlflow_churn.serving.batch_spark import score_frame_spark
+from mlflow_churn.spark import DEFAULT_SPARK_MASTER, Staging, check_staging, spark_session
 from mlflow_churn.stats.performance import (
     AucCheck,
     Performance,
@@ -92,8 +96,8 @@ from mlflow_churn.training.baseline import Baseline, unseen_mask, version_baseli
 from mlflow_churn.training.model import Scorer, load_scorer
 from mlflow_churn.training.profile import profile_for_version
 
-__all__ = ["TAG_PREFIX", "MonitorResult", "latest_decision", "monitor", "monitoring_experiment",
-           "read_history", "window_cutoffs"]
+__all__ = ["TAG_PREFIX", "MonitorResult", "SparkEngine", "latest_decision", "monitor",
+           "monitoring_experiment", "read_history", "window_cutoffs"]
 
 
 def window_cutoffs(as_of: datetime, days: int) -> list[datetime]:
@@ -258,10 +262,55 @@ class _Window:
     source: str = "offline"
     source_reason: str = ""
     served: ServedRows | None = None
+    drift: WindowDrift | None = None  # the Spark engine's (computed where it scored)
+
+
+@dataclass
+class SparkEngine:
+    """``engine="spark"`` of :func:`monitor`: a session on ``master`` (or the caller's ``spark``,
+    left running) and a staging directory executors can read (``staging``, see
+    :class:`~mlflow_churn.spark.Staging`)."""
+
+    master: str = DEFAULT_SPARK_MASTER
+    staging: str | None = None
+    spark: Any = None
+
+    def score_and_drift(self, frame: pd.DataFrame, uri: str, scorer: Scorer, profile: dict[str, Any],
+                        cfg: ChurnConfig) -> tuple[np.ndarray, WindowDrift]:
+        """Scores of ``frame`` (``mlflow.pyfunc.spark_udf`` on the executors, in the frame's row
+        order) and its drift from counts aggregated on Spark
+        (:func:`~mlflow_churn.monitoring.spark_drift.spark_window_counts`)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        stage = Staging(self.staging, self.master)
+        own = self.spark is None
+        spark = self.spark
+        try:
+            with stage.fs.open_output_stream(stage.path + "/window.parquet") as out:
+                pq.write_table(pa.Table.from_pandas(frame.assign(__row=np.arange(len(frame))),
+                                                    preserve_index=False), out)
+            if own:
+                spark = spark_session(self.master, "churn-monitor")
+            rows = spark.read.parquet(stage.uri + "/window.parquet")
+            sdf = score_frame_spark(spark, uri, scorer.feature_set, rows).persist()
+            try:
+                scored = sdf.select("__row", "churn_probability").toPandas()
+                scores = np.empty(len(frame), dtype="float64")
+                scores[scored["__row"].to_numpy()] = scored["churn_probability"].to_numpy()
+                counts = spark_window_counts(sdf, profile, cfg, "churn_probability")
+            finally:
+                sdf.unpersist()
+            return scores, drift_from_counts(counts, profile, cfg)
+        finally:
+            if own and spark is not None:
+                spark.stop()
+            stage.cleanup()
 
 
 def _scored_window(cfg: ChurnConfig, client: MlflowClient, alias: str, as_of: datetime,
-                   cache: FrameCache | None, source: str = "auto") -> _Window:
+                   cache: FrameCache | None, source: str = "auto",
+                   engine: SparkEngine | None = None) -> _Window:
     name = cfg.training.model_name
     mv = alias_version(client, name, alias)
     if mv is None:
@@ -283,6 +332,9 @@ def _scored_window(cfg: ChurnConfig, client: MlflowClient, alias: str, as_of: da
     frame = window_frame(cfg.data_dir, fs, cutoffs, cfg.features.label_horizon_days, cache=cache)
     if frame.empty:
         raise ChurnError(f"no live customers in the window ending {as_of.isoformat()}")
+    if engine is not None:
+        scores, wd = engine.score_and_drift(frame, model_uri(name, alias), scorer, profile, cfg)
+        return _Window(mv, profile, scorer, cutoffs, frame, scores, chosen, reason, served, wd)
     return _Window(mv, profile, scorer, cutoffs, frame, scorer.predict_proba(frame), chosen, reason, served)
 
 
@@ -334,6 +386,8 @@ def monitor(
     cache: FrameCache | None = None,
     on_decision: Callable[[MonitorResult], Any] | None = None,
     source: str = "auto",
+    engine: str = "local",
+    spark: SparkEngine | None = None,
 ) -> MonitorResult:
     """Monitor the window ending at ``as_of`` (tz-aware UTC) for ``models:/name@alias``.
 
@@ -346,6 +400,10 @@ def monitor(
     ChurnError when the alias is not set, the version has no profile, or the window is
     outside the data. ``source``: ``auto`` | ``served`` | ``offline`` (see the module doc);
     ``served`` with fewer than ``monitoring.min_served_rows`` served rows raises ChurnError.
+    ``engine="spark"``: the offline window is scored with ``mlflow.pyfunc.spark_udf`` and its
+    drift counted by Spark aggregations (``spark``: the master, staging and session; default
+    ``local[*]``); the statistics code, the performance and the decision are the local engine's
+    (docs/scale.md says what stays on the driver). Served rows are judged locally.
 
     The steps: the window scored, drift against the version's profile, performance, the
     policy's decision, the run.
@@ -354,11 +412,16 @@ def monitor(
         raise ChurnError(f"as_of must be timezone-aware (UTC), got {as_of.isoformat()}")
     if source not in SOURCES:
         raise ChurnError(f"source must be one of {', '.join(SOURCES)}, got '{source}'")
+    if engine not in ENGINES:
+        raise ChurnError(f"engine must be one of {', '.join(ENGINES)}, got '{engine}'")
+    if engine == "spark":
+        spark = spark or SparkEngine()
+        check_staging(spark.staging, spark.master)  # before any work: a bad --staging fails at once
     exp_id = setup_mlflow(cfg, monitoring_experiment(cfg))
     client = MlflowClient()
-    win = _scored_window(cfg, client, alias, as_of, cache, source)
+    win = _scored_window(cfg, client, alias, as_of, cache, source, spark if engine == "spark" else None)
     version, tags = str(win.version.version), win.version.tags or {}
-    wd = window_drift(win.frame, win.scores, win.profile, cfg)
+    wd = win.drift or window_drift(win.frame, win.scores, win.profile, cfg)
     stats = wd.stats
     stats.as_of, stats.model_version = as_of, version
     source_daily = _fill_integrity(stats, cfg, win.profile, as_of)

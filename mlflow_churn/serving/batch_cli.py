@@ -6,11 +6,14 @@ import typer
 from rich.table import Table
 
 from mlflow_churn.cli_common import (
+    SPARK_MASTER_OPTION,
     as_of_or_latest,
     console,
+    engine_option,
     get_config,
     opt_str,
     progress_arg,
+    staging_option,
     writable_dir,
 )
 from mlflow_churn.errors import ChurnError
@@ -21,20 +24,14 @@ def score(
     as_of: str = typer.Option(
         None, "--as-of", help="Score at this instant, ISO date/time UTC (default: the newest data)."
     ),
-    engine: str = typer.Option("local", help="local (Arrow batches, all cores) or spark (spark_udf)."),
+    engine: str = engine_option("spark_udf; local: Arrow batches, all cores"),
     model_uri: str = typer.Option(
         None, "--model-uri", help="MLflow model URI (default: models:/<training.model_name>@champion)."
     ),
     out: str = typer.Option(None, "--out", help="Output directory (default: <workspace>/scores)."),
     batch_rows: int = typer.Option(None, "--batch-rows", help="Rows per Arrow batch (default 131072)."),
-    spark_master: str = typer.Option(
-        None, "--spark-master", help="engine spark: Spark master URL, e.g. spark://HOST:7077, yarn "
-        "(default local[*]: this machine)."
-    ),
-    staging: str = typer.Option(
-        None, "--staging", help="engine spark: directory (path or URI) the driver and every executor "
-        "can read, for the staged features and scores (default: a local temporary directory)."
-    ),
+    spark_master: str = SPARK_MASTER_OPTION,
+    staging: str = staging_option("the staged features and scores"),
     recompute: bool = typer.Option(
         False, "--recompute", help="Compute the features from the tables even when materialize left a "
         "snapshot at --as-of with the model's definitions (default: read the snapshot)."

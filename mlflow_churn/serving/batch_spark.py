@@ -59,19 +59,30 @@ def write_model_input(fs: FeatureSet, batches: Iterable[pa.RecordBatch], path: s
     return rows
 
 
-def score_parquet_spark(spark: Any, model_uri: str, fs: FeatureSet, features_path: str,
-                        as_of: datetime, version: str, out: str) -> None:
-    """Score the model-input Parquet at ``features_path`` with ``mlflow.pyfunc.spark_udf``
-    and write Parquet with the batch output columns to the directory ``out`` (Spark URIs)."""
+def score_frame_spark(spark: Any, model_uri: str, fs: FeatureSet, frame: Any,
+                      out_col: str = "churn_probability") -> Any:
+    """``frame`` (a Spark DataFrame with the feature set's columns) plus ``out_col``, the model's
+    P(churn) from ``mlflow.pyfunc.spark_udf`` (executors score; ``env_manager="local"``). The
+    inputs are cast to the pyfunc's schema (strings for categories, doubles)."""
     import mlflow.pyfunc
     from pyspark.sql import functions as F
 
     udf = mlflow.pyfunc.spark_udf(spark, model_uri, result_type="double", env_manager="local")
-    frame = spark.read.parquet(features_path)
+    cols = [F.col(f.full_name).cast("string" if f.dtype == "category" else "double") for f in fs.features]
+    return frame.withColumn(out_col, udf(*cols))
+
+
+def score_parquet_spark(spark: Any, model_uri: str, fs: FeatureSet, features_path: str,
+                        as_of: datetime, version: str, out: str) -> None:
+    """Score the model-input Parquet at ``features_path`` with ``mlflow.pyfunc.spark_udf``
+    and write Parquet with the batch output columns to the directory ``out`` (Spark URIs)."""
+    from pyspark.sql import functions as F
+
+    frame = score_frame_spark(spark, model_uri, fs, spark.read.parquet(features_path))
     as_of = utc(as_of, "as_of")
     scored = frame.select(
         F.col("customer_id").cast("long").alias("customer_id"),
-        udf(*[F.col(c) for c in fs.columns]).alias("churn_probability"),
+        F.col("churn_probability"),
         F.lit(version).alias("model_version"),
         F.lit(as_of).cast("timestamp").alias("as_of"),  # aware datetime: converted as UTC
         F.lit(fs.hash).alias("feature_set_hash"),
