@@ -84,3 +84,48 @@ def test_spark_counts_give_the_local_statistics(spark, window) -> None:
     pd.testing.assert_frame_equal(local.daily_segments.sort_index(axis=1),
                                   remote.daily_segments.sort_index(axis=1), check_exact=False, rtol=1e-9,
                                   check_freq=False, check_index_type=False)
+
+
+MONITOR_AS_OF = datetime(2026, 4, 20, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    """A trained champion on segment_shift data (the drift and segment rules have work to do)."""
+    from datetime import date
+
+    from mlflow import MlflowClient
+
+    from mlflow_churn.data.simulator import SimulationSpec, simulate
+    from mlflow_churn.registry.aliases import move_alias
+    from mlflow_churn.training.train import train
+
+    ws = tmp_path_factory.mktemp("monspark") / "ws"
+    simulate(SimulationSpec(customers=3000, days=150, start=date(2026, 1, 1), seed=3,
+                            scenario="segment_shift", onset_day=110), ws / "data")
+    cfg = load_config(workspace=ws, environ={}, overrides={
+        "training.n_trials": 1, "monitoring.min_segment_size": 100})
+    res = train(cfg, MONITOR_AS_OF, n_trials=1, progress=False)
+    move_alias(MlflowClient(cfg.mlflow_tracking_uri, cfg.mlflow_tracking_uri), cfg.training.model_name,
+               "champion", res.version)
+    return cfg
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_monitor_engine_spark_same_decision_and_metrics(spark, trained, tmp_path: Path) -> None:
+    from mlflow_churn.monitoring.monitor import SparkEngine, monitor
+    from mlflow_churn.monitoring.runs import _segment_metrics, _window_metrics
+
+    cfg = trained
+    local = monitor(cfg, MONITOR_AS_OF, report=False, log=False, source="offline")
+    remote = monitor(cfg, MONITOR_AS_OF, report=False, log=False, source="offline", engine="spark",
+                     spark=SparkEngine("local[2]", str(tmp_path), spark))
+    assert remote.decision.action == local.decision.action and remote.decision.fired == local.decision.fired
+    assert remote.rows == local.rows
+    metrics = [_window_metrics(r) | _segment_metrics(r) for r in (local, remote)]
+    assert_same(*metrics, "metrics")
+    assert_same(json.loads(json.dumps(local.stats.to_dict(), default=str)),
+                json.loads(json.dumps(remote.stats.to_dict(), default=str)), "stats")
+    assert local.stats.psi and local.stats.segment_psi
+    assert not list(tmp_path.iterdir())  # the staged window is removed
