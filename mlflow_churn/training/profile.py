@@ -115,51 +115,94 @@ class NoProfile(ChurnError):
     Not an outage of the store (that is a plain ChurnError): asking again will not help."""
 
 
-def _numeric_entry(values: Any, bins: int, sample_size: int, rng: np.random.Generator) -> dict[str, Any]:
+def _numeric_entry(values: Any, bins: int, sample_size: int, rng: np.random.Generator,
+                   row_bins: bool = True) -> tuple[dict[str, Any], np.ndarray | None]:
+    """A numeric column's entry and the bin of each of its rows (-1 = missing; None unless
+    ``row_bins``: only segments need them).
+
+    One sort of the non-missing values gives the quantile edges (``np.quantile`` of sorted
+    data is cheap and order-free) and the bin counts (one lookup per edge); the sample is
+    drawn from the values in row order, as before, so the entry's numbers do not change."""
     arr = drift.as_float_array(values)
-    finite = arr[~np.isnan(arr)]
-    edges = drift.quantile_edges(finite, bins)
-    counts = drift.bin_counts(finite, edges)
+    missing = np.isnan(arr)
+    finite = arr[~missing]
+    ordered = np.sort(finite)
+    edges = drift.quantile_edges(ordered, bins)
+    below = np.searchsorted(ordered, edges, side="right")  # values <= each edge
+    counts = np.diff(np.concatenate([[0], below, [ordered.size]]))
     if finite.size > sample_size:
         sample = np.sort(rng.choice(finite, size=sample_size, replace=False))
     else:
-        sample = np.sort(finite)
+        sample = ordered
+    idx = None
+    if row_bins:
+        idx = np.searchsorted(edges, arr, side="left")
+        idx[missing] = -1
     return {
         "kind": ColumnKind.NUMERIC.value,
         "edges": edges.tolist(),
         "shares": drift.shares(counts).tolist(),
         "count": int(finite.size),
-        "null_rate": float(np.isnan(arr).mean()) if arr.size else 0.0,
+        "null_rate": float(missing.mean()) if arr.size else 0.0,
         "sample": sample.tolist(),
         "mean": float(finite.mean()) if finite.size else None,
         "std": float(finite.std()) if finite.size else None,
         "min": float(finite.min()) if finite.size else None,
         "max": float(finite.max()) if finite.size else None,
-    }
+    }, idx
 
 
-def _categorical_entry(values: Any, categories: Sequence[str]) -> dict[str, Any]:
-    s = pd.Series(values)
+def _codes(values: Any) -> tuple[np.ndarray, list[str]]:
+    """Codes of a column's values (-1 = missing) and each code's value as a string; a pandas
+    categorical by its codes, anything else by ``pd.factorize`` (no per-row string work)."""
+    s = values if isinstance(values, pd.Series) else pd.Series(values)
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        return s.cat.codes.to_numpy().astype("int64"), [str(c) for c in s.cat.categories]
+    codes, uniques = pd.factorize(s)
+    return codes.astype("int64"), [str(u) for u in pd.Series(uniques).astype("object")]
+
+
+def _categorical_entry(values: Any, categories: Sequence[str]) -> tuple[dict[str, Any], np.ndarray]:
+    """A categorical column's entry (the given categories, then the observed others sorted)
+    and the bin of each of its rows (-1 = missing)."""
+    codes, names = _codes(values)
+    seen = np.bincount(codes[codes >= 0], minlength=len(names))
     cats = [str(c) for c in categories]
-    observed = sorted({str(v) for v in s[s.notna()].unique()} - set(cats))
-    cats = cats + observed
-    counts = drift.category_counts(s, cats)
+    known = set(cats)
+    cats = cats + sorted({names[i] for i in np.flatnonzero(seen)} - known)
+    pos = {c: i for i, c in enumerate(cats)}
+    lookup = np.array([pos.get(name, len(cats)) for name in names] + [-1], dtype="int64")
+    idx = lookup[codes]  # code -1 (missing) -> the appended -1
+    counts = np.bincount(idx[idx >= 0], minlength=len(cats) + 1)
     return {
         "kind": ColumnKind.CATEGORICAL.value,
         "categories": cats,
         "shares": drift.shares(counts).tolist(),
         "count": int(counts.sum()),
-        "null_rate": float(s.isna().mean()) if len(s) else 0.0,
-    }
+        "null_rate": float(np.count_nonzero(codes < 0) / codes.size) if codes.size else 0.0,
+    }, idx
 
 
-def _segment_entry(entry: dict[str, Any], values: Any) -> dict[str, Any]:
-    counts = drift.current_counts(entry, values)
-    return {
-        "shares": drift.shares(counts).tolist(),
-        "count": int(counts.sum()),
-        "null_rate": drift.null_rate(values),
-    }
+def _segment_codes(values: Any) -> tuple[np.ndarray, list[str]]:
+    """Each row's segment (-1 = missing) and the segments' values as strings, sorted."""
+    codes, names = _codes(values)
+    used = np.bincount(codes[codes >= 0], minlength=len(names)) > 0
+    keys = sorted({n for n, u in zip(names, used, strict=True) if u})
+    pos = {k: i for i, k in enumerate(keys)}
+    lookup = np.array([pos.get(n, -1) for n in names] + [-1], dtype="int64")
+    return lookup[codes], keys
+
+
+def _segment_entries(idx: np.ndarray, isna: np.ndarray, seg: np.ndarray, n_seg: int,
+                     n_bins: int) -> list[dict[str, Any]]:
+    """Per segment: the shares of a column's rows in the population's bins (``idx``), their
+    non-missing count and the share of rows ``isna`` (pandas' missing values), from one
+    ``bincount`` over (segment, bin)."""
+    counts = drift.grouped_counts(idx, seg, n_seg, n_bins)
+    rows = np.bincount(seg[seg >= 0], minlength=n_seg)
+    nulls = np.bincount(seg[(seg >= 0) & isna], minlength=n_seg)
+    return [{"shares": drift.shares(counts[i]).tolist(), "count": int(counts[i].sum()),
+             "null_rate": float(nulls[i] / rows[i]) if rows[i] else 0.0} for i in range(n_seg)]
 
 
 def build_profile(
@@ -200,30 +243,33 @@ def build_profile(
     rng = np.random.default_rng(seed)
     categorical = feature_set.categorical
     features: dict[str, dict[str, Any]] = {}
+    bin_of: dict[str, Any] = {}  # row bins (None without segments)
     for name in feature_set.columns:
         if name in categorical:
-            features[name] = _categorical_entry(frame[name], categorical[name])
+            features[name], bin_of[name] = _categorical_entry(frame[name], categorical[name])
         else:
-            features[name] = _numeric_entry(frame[name], bins, sample_size, rng)
-    score_entry = _numeric_entry(score_arr, bins, sample_size, rng)
+            features[name], bin_of[name] = _numeric_entry(frame[name], bins, sample_size, rng, bool(segments))
+    score_entry, score_bins = _numeric_entry(score_arr, bins, sample_size, rng, bool(segments))
 
     seg_out: dict[str, dict[str, Any]] = {}
     n = len(frame)
+    isna = {f: frame[f].isna().to_numpy() for f in feature_set.columns} if segments else {}
     for col in segments:
-        keys = frame[col].astype("object").where(frame[col].notna(), None).map(
-            lambda v: None if v is None else str(v)
-        )
-        codes, uniques = pd.factorize(keys, sort=True)
-        seg_out[col] = {}
-        for i, value in enumerate(uniques):
-            pos = np.flatnonzero(codes == i)
-            part = frame.iloc[pos]
-            seg_out[col][str(value)] = {
-                "count": int(pos.size),
-                "share": float(pos.size / n),
-                "features": {f: _segment_entry(features[f], part[f]) for f in feature_set.columns},
-                "score": _segment_entry(score_entry, score_arr[pos]),
+        seg, keys = _segment_codes(frame[col])
+        rows = np.bincount(seg[seg >= 0], minlength=len(keys))
+        per_feature = {f: _segment_entries(bin_of[f], isna[f], seg, len(keys), len(features[f]["shares"]))
+                       for f in feature_set.columns}
+        per_score = _segment_entries(score_bins, np.isnan(score_arr), seg, len(keys),
+                                     len(score_entry["shares"]))
+        seg_out[col] = {
+            value: {
+                "count": int(rows[i]),
+                "share": float(rows[i] / n),
+                "features": {f: per_feature[f][i] for f in feature_set.columns},
+                "score": per_score[i],
             }
+            for i, value in enumerate(keys)
+        }
     return {
         "schema_version": PROFILE_SCHEMA_VERSION,
         "format": PROFILE_FORMAT,
