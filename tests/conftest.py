@@ -46,7 +46,7 @@ def _need(service: str, host: str, port: int) -> None:
 #: closure counts: a fixture built on ``mlflow_server`` needs PostgreSQL too). A test reaching a
 #: service another way carries the marker itself; tests/test_markers.py checks both.
 SERVICE_FIXTURES = {"postgres_url": "postgres", "mlflow_server": "postgres", "redis_prefix": "redis",
-                    "redis_url": "redis", "browser": "chromium"}
+                    "redis_url": "redis", "browser": "chromium", "spark": "spark"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
@@ -180,6 +180,20 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("small") / "data"
     simulate(SimulationSpec(customers=3000, days=120, start=date(2026, 1, 1), seed=7), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """The session's one Spark session (local[2], UTC; :func:`mlflow_churn.spark.spark_session`):
+    every Spark test shares it (starting one costs ~10 s); never stop it in a test, pass it
+    to the code under test (``spark=``) so the code does not start and stop its own."""
+    pytest.importorskip("pyspark")
+    from mlflow_churn.spark import spark_session
+
+    session = spark_session("local[2]", "churn-tests")
+    session.conf.set("spark.sql.shuffle.partitions", "4")
+    yield session
+    session.stop()
 
 
 # --- registered model versions for gate / serving / monitoring tests ----------------------

@@ -39,6 +39,7 @@ from mlflow_churn.features.sandbox import (
     usable_columns,
     wrap,
 )
+from mlflow_churn.features.spark_sql import spark_problem
 from mlflow_churn.times import midnight, utc
 
 
@@ -117,6 +118,11 @@ def _check_sandbox(features: Sequence[FeatureDefinition], where: str | Path) -> 
     for f in features:
         if f.source in ("customers", "activity"):
             check_expression(f.expression, f.source, _where(f, where), usable_columns(f.source))
+            on_spark = spark_problem(f.expression, f.source)
+            if on_spark is not None:  # both engines must be able to run every definition
+                raise ChurnError(f"{_where(f, where)}: expression '{shown(f.expression)}' cannot run on "
+                                 f"both engines: {on_spark}; rewrite it with functions of "
+                                 "mlflow_churn/features/spark_sql.py SPARK_FUNCTIONS")
 
 
 _EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
@@ -267,6 +273,52 @@ def _spine(con: duckdb.DuckDBPyConnection, cutoffs: Sequence[datetime],
         """)
 
 
+def frame_cutoffs(cutoffs: Sequence[datetime], horizon_days: int, label: bool,
+                  label_as_of: datetime | None) -> list[datetime]:
+    """The sorted distinct UTC cutoffs of a training frame; ChurnError when there are none,
+    the horizon is not positive or a label would mature after ``label_as_of``."""
+    if not cutoffs:
+        raise ChurnError("no cutoffs: the time window is empty; widen it or move --as-of")
+    if horizon_days < 1:
+        raise ChurnError(f"horizon_days must be >= 1, got {horizon_days}")
+    cuts = sorted({utc(c, "cutoff") for c in cutoffs})
+    if label and label_as_of is not None:
+        label_as_of = utc(label_as_of, "label_as_of")
+        late = [c for c in cuts if c + timedelta(days=horizon_days) > label_as_of]
+        if late:
+            raise ChurnError(
+                f"labels of cutoff {late[0].date()} mature only at "
+                f"{(late[0] + timedelta(days=horizon_days)).date()}, after {label_as_of.date()}; "
+                "use earlier cutoffs"
+            )
+    return cuts
+
+
+def labelled_sql(sql: str, horizon_days: int, label_as_of: datetime | None) -> str:
+    """``sql`` (a feature query over the spine) with the ``label`` column (int8: a churn event
+    in ``(cutoff, cutoff + horizon_days]``, known by ``label_as_of``)."""
+    known = f"AND e.event_timestamp <= {_lit(utc(label_as_of, 'label_as_of'))}" if label_as_of else ""
+    return f"""SELECT f.*, CAST(EXISTS (SELECT 1 FROM churn_events e
+        WHERE e.customer_id = f.customer_id AND e.event_timestamp > f.cutoff
+          AND e.event_timestamp <= f.cutoff + INTERVAL '{horizon_days} days' {known}) AS TINYINT)
+        AS label FROM ({sql}) f"""
+
+
+def coerce_frame(raw: pd.DataFrame, feature_set: FeatureSet, label: bool) -> pd.DataFrame:
+    """A training frame from the raw query result ``raw`` (any engine): ``customer_id``
+    (int64), ``cutoff`` (UTC), the set's columns coerced, ``label`` (int8) when ``label``."""
+    out = pd.concat(
+        [raw[["customer_id", "cutoff"]].reset_index(drop=True),
+         feature_set.coerce(raw).reset_index(drop=True)],
+        axis=1,
+    )
+    out["customer_id"] = out["customer_id"].astype("int64")
+    out["cutoff"] = pd.to_datetime(out["cutoff"], utc=True)
+    if label:
+        out["label"] = raw["label"].astype("int8").to_numpy()
+    return out
+
+
 def build_training_frame(
     data_dir: Path,
     feature_set: FeatureSet,
@@ -282,46 +334,21 @@ def build_training_frame(
     ``label`` (int8: churn in ``(cutoff, cutoff + horizon_days]``) when ``label``.
     ``label_as_of`` hides churn events after it (a backtest replaying that day); a cutoff
     whose horizon ends after it raises ChurnError, since its label is not known yet.
+    The same frame on Spark: :func:`mlflow_churn.features.spark_frames.spark_training_frame`.
     """
-    if not cutoffs:
-        raise ChurnError("no cutoffs: the time window is empty; widen it or move --as-of")
-    if horizon_days < 1:
-        raise ChurnError(f"horizon_days must be >= 1, got {horizon_days}")
-    cuts = sorted({utc(c, "cutoff") for c in cutoffs})
-    if label and label_as_of is not None:
-        label_as_of = utc(label_as_of, "label_as_of")
-        late = [c for c in cuts if c + timedelta(days=horizon_days) > label_as_of]
-        if late:
-            raise ChurnError(
-                f"labels of cutoff {late[0].date()} mature only at "
-                f"{(late[0] + timedelta(days=horizon_days)).date()}, after {label_as_of.date()}; "
-                "use earlier cutoffs"
-            )
+    cuts = frame_cutoffs(cutoffs, horizon_days, label, label_as_of)
     check_cutoffs(data_dir, feature_set.features, cuts)
     con = _connect(data_dir)
     try:
         _spine(con, cuts, customer_ids)
         sql = _feature_sql(feature_set.features, cuts[0], cuts[-1], with_event_time=False)
         if label:
-            known = f"AND e.event_timestamp <= {_lit(label_as_of)}" if label_as_of else ""
-            sql = f"""SELECT f.*, CAST(EXISTS (SELECT 1 FROM churn_events e
-                WHERE e.customer_id = f.customer_id AND e.event_timestamp > f.cutoff
-                  AND e.event_timestamp <= f.cutoff + INTERVAL '{horizon_days} days' {known}) AS TINYINT)
-                AS label FROM ({sql}) f"""
+            sql = labelled_sql(sql, horizon_days, label_as_of)
         raw = _query(con, f"SELECT * FROM ({sql}) ORDER BY cutoff, customer_id", feature_set.features,
                      data_dir)
     finally:
         con.close()
-    out = pd.concat(
-        [raw[["customer_id", "cutoff"]].reset_index(drop=True),
-         feature_set.coerce(raw).reset_index(drop=True)],
-        axis=1,
-    )
-    out["customer_id"] = out["customer_id"].astype("int64")
-    out["cutoff"] = pd.to_datetime(out["cutoff"], utc=True)
-    if label:
-        out["label"] = raw["label"].astype("int8").to_numpy()
-    return out
+    return coerce_frame(raw, feature_set, label)
 
 
 def compute_at(data_dir: Path, features: Sequence[FeatureDefinition], pairs: pd.DataFrame) -> pd.DataFrame:

@@ -342,6 +342,28 @@ def _problem(expression: str, source: str) -> str | None:
     return _tree_problem(select[0], frozenset(c.lower() for c in usable_columns(source)))
 
 
+@lru_cache(maxsize=1024)
+def called_names(expression: str, source: str) -> tuple[frozenset[str], frozenset[str]]:
+    """(function names, cast type names) ``expression`` uses, by DuckDB's parse tree (lower-case
+    functions, upper-case types); call it on an expression :func:`problem` accepts."""
+    tree = _serialize(f"SELECT {wrap(expression)} AS {_ALIAS} FROM {source}")
+    if isinstance(tree, str):
+        raise ChurnError(tree)
+    functions, casts = set(), set()
+    stack: list[Any] = [tree]
+    while stack:
+        cur = stack.pop()
+        if isinstance(cur, list):
+            stack.extend(cur)
+        elif isinstance(cur, dict):
+            if cur.get("class") == "FUNCTION":
+                functions.add(str(cur.get("function_name")).lower())
+            elif cur.get("class") == "CAST":
+                casts.add(str((cur.get("type_expr") or {}).get("type_name", "?")).upper())
+            stack.extend(v for v in cur.values() if isinstance(v, dict | list))
+    return frozenset(functions), frozenset(casts)
+
+
 def problem(expression: str, source: str) -> str | None:
     """Why ``expression`` is refused over ``source`` (one line), or None when it is allowed.
 
@@ -507,7 +529,7 @@ def lock_down(con: duckdb.DuckDBPyConnection, allowed_directories: Iterable[Path
 
 __all__ = [
     "ALLOWED_FUNCTIONS", "CAST_TYPES", "DECLARED_TABLES", "FILE_FUNCTIONS", "MAX_DEPTH",
-    "MAX_EXPRESSION_CHARS", "QueryLimits", "check_expression", "check_statement", "limited",
+    "MAX_EXPRESSION_CHARS", "QueryLimits", "called_names", "check_expression", "check_statement", "limited",
     "limits_of", "lock_down", "problem", "query_limits", "set_query_limits", "shown", "usable_columns",
     "wrap",
 ]
