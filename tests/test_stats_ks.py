@@ -50,7 +50,11 @@ def test_ks_many_is_scipy_exactly_per_column() -> None:
     ref = np.column_stack([sample(rng, n1, k) for k in kinds])
     cur = np.column_stack([sample(rng, n2, k, shift=0.05 * j) for j, k in enumerate(kinds)])
     expected = {j: scipy_ks(ref[:, j], cur[:, j]) for j in range(len(kinds))}
+    before = ref.copy(), cur.copy()
     assert drift.ks_many(ref, cur) == expected
+    assert drift.ks_many(np.asfortranarray(ref), cur) == expected
+    np.testing.assert_array_equal(ref, before[0])  # never sorted in place
+    np.testing.assert_array_equal(cur, before[1])
     frames = pd.DataFrame(ref, columns=[f"c{j}" for j in range(6)]), pd.DataFrame(
         cur, columns=[f"c{j}" for j in range(6)])
     assert drift.ks_many(*frames) == {f"c{j}": v for j, v in expected.items()}

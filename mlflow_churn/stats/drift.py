@@ -78,6 +78,12 @@ def _finite(values: Any) -> np.ndarray:
     return arr[~np.isnan(arr)]
 
 
+def _sorted_finite(values: Any) -> np.ndarray:
+    """The non-missing values sorted (a new array): one sort, NaNs (sorted last) cut off."""
+    arr = np.sort(as_float_array(values))
+    return arr[: arr.size - int(np.count_nonzero(np.isnan(arr)))]
+
+
 def quantile_edges(reference: Any, bins: int = 10) -> np.ndarray:
     """Interior bin edges at the reference's 1/bins .. (bins-1)/bins quantiles (unique).
 
@@ -294,7 +300,9 @@ def _ks_extremes_sorted(sorted_reference: np.ndarray, sorted_current: np.ndarray
         k1 = np.cumsum(from_ref)[at]
         diff = k1 / n1 - (at + 1 - k1) / n2
         return float(diff.max()), float(diff.min())
-    walk = np.where(from_ref, np.int64(n2), np.int64(-n1))
+    walk = order  # reused: the argsort's int64 buffer becomes the walk (no new pages)
+    np.multiply(from_ref, n1 + n2, out=walk)
+    walk -= n1  # +n2 for a reference value, -n1 for a current one
     np.cumsum(walk, out=walk)
     run_ends = None if ends.all() else np.flatnonzero(ends)  # no ties: every position
     at_ends = walk if run_ends is None else walk[run_ends]
@@ -356,8 +364,8 @@ def ks(reference: Any, current: Any) -> tuple[float, float]:
     Missing values are dropped. Threshold D (``cfg.monitoring.ks_threshold``), since
     p-values at large n flag negligible shifts. Many columns: :func:`ks_many`.
     """
-    ref = np.sort(_finite(reference))
-    cur = np.sort(_finite(current))
+    ref = _sorted_finite(reference)
+    cur = _sorted_finite(current)
     if ref.size == 0 or cur.size == 0:
         raise ChurnError("KS needs at least one non-missing value on each side")
     return _ks_sorted(ref, cur)
@@ -366,18 +374,14 @@ def ks(reference: Any, current: Any) -> tuple[float, float]:
 def _sorted_columns(data: Any, side: str) -> dict[Any, np.ndarray]:
     """Every column of ``data`` sorted with its NaNs cut off: a mapping name -> values
     (DataFrame, dict) or a 2-D array (columns along axis 1, keys 0..k-1), sorted in one
-    ``np.sort`` over the transposed block."""
+    ``np.sort`` over a transposed copy (the caller's data is never sorted in place)."""
     if isinstance(data, Mapping) or isinstance(data, pd.DataFrame):
-        out = {}
-        for name in data.keys():
-            arr = np.sort(as_float_array(data[name]))  # NaN sorts last
-            out[name] = arr[: arr.size - int(np.isnan(arr).sum())]
-        return out
+        return {name: _sorted_finite(data[name]) for name in data.keys()}
     block = np.asarray(data, dtype="float64")
     if block.ndim != 2:
         raise ChurnError(f"ks_many's {side} must be a 2-D array (rows x columns) or a mapping of "
                          f"columns, got {block.ndim} dimension(s)")
-    cols = np.ascontiguousarray(block.T)  # one row per column: a contiguous sort each
+    cols = np.array(block.T, order="C")  # a copy, one row per column: a contiguous sort each
     cols.sort(axis=1)  # NaN sorts last
     valid = block.shape[0] - np.isnan(cols).sum(axis=1)
     return {j: cols[j, : valid[j]] for j in range(cols.shape[0])}
