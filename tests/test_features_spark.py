@@ -134,3 +134,78 @@ def test_every_spark_function_evaluates_equal_on_both_engines(spark, sample_tabl
         wrong += _engines_disagree(con, spark, fns, source)
     con.close()
     assert wrong == [], "\n".join(wrong)
+
+
+def test_training_frame_and_latest_values_are_equal_on_both_engines(spark, small_data: Path) -> None:
+    from mlflow_churn.features.offline import build_training_frame, compute_latest
+    from mlflow_churn.features.registry import BUILTIN_FEATURES, load_registry
+    from mlflow_churn.features.spark_frames import spark_latest, to_pandas, training_frame_on_spark
+
+    fs = load_registry().feature_set("churn_default")
+    cuts = [datetime(2026, 3, 8, tzinfo=UTC), datetime(2026, 3, 22, tzinfo=UTC)]
+    local = build_training_frame(small_data, fs, cuts, 30)
+    on_spark = training_frame_on_spark(spark, small_data, fs, cuts, 30)
+    assert local["label"].sum() > 0 and len(local) > 4000
+    pd.testing.assert_frame_equal(on_spark, local, rtol=1e-9)  # categories exact, dtypes equal
+    latest = compute_latest(small_data, BUILTIN_FEATURES, AS_OF).frame
+    remote = to_pandas(spark_latest(spark, small_data, BUILTIN_FEATURES, AS_OF))
+    remote = remote.sort_values("customer_id", ignore_index=True)[list(latest.columns)]
+    pd.testing.assert_frame_equal(remote, latest, rtol=1e-9)
+
+
+def test_materialize_on_spark_writes_the_local_batch_and_a_killed_executor_keeps_the_previous(
+        spark, workspace: Path, small_data: Path, redis_url: str, redis_prefix: str,
+        tmp_path: Path) -> None:
+    import redis
+
+    from mlflow_churn.config import load_config
+    from mlflow_churn.features.materialize import materialize
+    from mlflow_churn.features.online import open_store
+
+    (workspace / "data").symlink_to(small_data, target_is_directory=True)
+
+    def cfg(prefix: str):
+        return load_config(workspace=workspace, environ={}, overrides={
+            "features.online_backend": "redis", "features.redis_url": redis_url,
+            "features.redis_prefix": prefix})
+
+    local_cfg, spark_cfg = cfg(f"{redis_prefix}:local"), cfg(f"{redis_prefix}:spark")
+    t1, t2 = datetime(2026, 4, 10, tzinfo=UTC), AS_OF
+    local = materialize(local_cfg, t1, progress=False)
+    first = materialize(spark_cfg, t1, progress=False, engine="spark", spark=spark)
+    assert (first.rows, first.watermark, first.features, first.feature_hashes) == \
+        (local.rows, local.watermark, local.features, local.feature_hashes)
+    client = redis.Redis.from_url(redis_url)
+    a = client.hgetall(f"{redis_prefix}:local:rows:{local.batch_id}")
+    b = client.hgetall(f"{redis_prefix}:spark:rows:{first.batch_id}")
+    assert len(a) == local.rows > 2000 and a == b  # the same payloads, byte for byte
+
+    marker = tmp_path / "kill-one-worker"
+    marker.write_text("once")
+    path = str(marker)
+
+    def kill_once() -> None:  # runs in a Python worker of an executor
+        import os
+
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        os._exit(17)
+
+    with pytest.raises(ChurnError) as err:
+        materialize(spark_cfg, t2, progress=False, engine="spark", spark=spark, partition_hook=kill_once)
+    msg = str(err.value)
+    assert "\n" not in msg and "the serving batch is unchanged" in msg, msg
+    store, local_store = open_store(spark_cfg), open_store(local_cfg)
+    try:
+        assert store.current_batch().batch_id == first.batch_id
+        assert store.get([1, 2, 3]) == local_store.get([1, 2, 3])  # still serves
+        assert not [k for k in client.scan_iter(f"{redis_prefix}:spark:rows:*")
+                    if not k.decode().endswith(first.batch_id)]  # the failed batch's rows dropped
+        second = materialize(spark_cfg, t2, progress=False, engine="spark", spark=spark)
+        assert store.current_batch().batch_id == second.batch_id and second.rows > 2000
+    finally:
+        store.close()
+        local_store.close()
+        client.close()

@@ -9,8 +9,10 @@ from rich.table import Table
 
 from mlflow_churn.cli_common import (
     JSON_OPTION,
+    SPARK_MASTER_OPTION,
     as_of_or_latest,
     console,
+    engine_option,
     from_config,
     get_config,
     opt_str,
@@ -161,11 +163,19 @@ def materialize_cmd(
     force: bool = typer.Option(False, "--force",
                                help="Accept an --as-of older than the serving one (roll back)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    engine: str = engine_option("executors compute the features and write Redis in parallel"),
+    spark_master: str = SPARK_MASTER_OPTION,
 ) -> None:
     """Compute every registered feature and swap the batch in online atomically."""
     from mlflow_churn.features.materialize import materialize, run_every
     cfg = get_config(ctx)
     as_of_s, every_s = opt_str(as_of), opt_str(every)
+    if engine not in ("local", "spark"):
+        raise ChurnError(f"--engine must be local or spark, got '{engine}'")
+    if engine == "local" and opt_str(spark_master):
+        raise ChurnError(f"--spark-master {spark_master} needs --engine spark; add it or drop --spark-master")
+    if engine == "spark" and every_s:
+        raise ChurnError("--every runs on the local engine only; drop --engine spark or --every")
     if max_runs is not None and not every_s:
         raise ChurnError(f"--max-runs {max_runs} needs --every (it bounds a schedule); add e.g. --every 1h")
     if every_s:
@@ -185,7 +195,8 @@ def materialize_cmd(
                   progress=progress_arg(progress), on_run=report)
         return
     when = as_of_or_latest(cfg, as_of_s)
-    info = materialize(cfg, when, incremental=incremental, progress=progress_arg(progress), force=force)
+    info = materialize(cfg, when, incremental=incremental, progress=progress_arg(progress), force=force,
+                       engine=engine, spark_master=opt_str(spark_master))
     console.print(_batch_table("churn features materialize", [info]))
     console.print(f"serving batch {info.batch_id} from {cfg.features.online_backend} store")
     _log_batch_to_project_run(info)

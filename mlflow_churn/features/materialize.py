@@ -130,8 +130,17 @@ def materialize(
     store: OnlineStore | None = None,
     progress: ProgressArg = None,
     force: bool = False,
+    engine: str = "local",
+    spark: Any = None,
+    spark_master: str | None = None,
+    partition_hook: Any = None,
 ) -> BatchInfo:
     """Compute every registered feature at ``as_of`` (UTC) and make it the serving batch.
+
+    ``engine="spark"``: the features are computed (and, with Redis, written) by Spark
+    executors on ``spark`` (default: a session on ``spark_master``, default ``local[*]``,
+    started and stopped here); :mod:`mlflow_churn.features.materialize_spark`. Full batches
+    only. ``partition_hook``: called in each Spark partition before it writes (tests).
 
     ``incremental``: build on the serving batch (see the module docstring; falls back to a
     full batch when there is none). ``force``: accept an ``as_of`` older than the serving
@@ -141,16 +150,37 @@ def materialize(
     the serving batch's or its features or definitions changed.
     """
     as_of = utc(as_of, "as_of")
+    if engine not in ("local", "spark"):
+        raise ChurnError(f"--engine must be local or spark, got '{engine}'")
+    if engine == "spark" and incremental:
+        raise ChurnError("--incremental runs on the local engine only; drop --engine spark (a full "
+                         "batch on Spark) or --incremental")
     features = served_features(cfg)
     names = tuple(f.full_name for f in features)
     check_cutoffs(cfg.data_dir, features, [as_of])
     own = store is None
     store = open_store(cfg, must_exist=False) if own else store
+    own_spark = engine == "spark" and spark is None
     try:
         with store.writer():
             started = datetime.now(UTC)
             current = store.current_batch()
             check_order(current, as_of, force, store.location)
+            if engine == "spark":
+                from mlflow_churn.features.materialize_spark import write_batch_on_spark
+                from mlflow_churn.spark import DEFAULT_SPARK_MASTER, spark_session
+
+                master = spark_master or DEFAULT_SPARK_MASTER
+                if own_spark:
+                    spark = spark_session(master, "churn-materialize")
+                info = BatchInfo(
+                    batch_id=new_batch_id(as_of), as_of=as_of, watermark=None, rows=0, features=names,
+                    started_at=started, mode="full", feature_hashes={f.full_name: f.hash for f in features})
+                with resolve(progress)(f"computing and writing {len(names)} features on Spark", 1) as tick:
+                    done = write_batch_on_spark(spark, master, cfg, store, features, info, force,
+                                                partition_hook)
+                    tick(1)
+                return done
             prev = current if incremental else None
             if prev is None:
                 frame = compute_latest(cfg.data_dir, features, as_of).frame
@@ -174,6 +204,8 @@ def materialize(
             with resolve(progress)(f"writing {len(frame):,} rows ({mode})", chunks) as tick:
                 return store.write_batch(frame, info, on_chunk=lambda _rows: tick(1), allow_older=force)
     finally:
+        if own_spark and spark is not None:
+            spark.stop()
         if own:
             store.close()
 

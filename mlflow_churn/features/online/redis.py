@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -38,6 +39,22 @@ redis.call('LPUSH', KEYS[6], ARGV[2])
 redis.call('HDEL', KEYS[2], ARGV[2])
 return 1
 """
+
+
+def write_payloads(client: Any, rows_key: str, rows: Sequence[tuple[int, str]],
+                   on_chunk: ChunkCallback | None = None) -> int:
+    """HSET ``rows`` (customer id, payload) into ``rows_key`` in pipelines of
+    :data:`~mlflow_churn.features.online.base.CHUNK_ROWS`; returns how many (the local writer
+    and each Spark partition use it)."""
+    for start in range(0, len(rows), base.CHUNK_ROWS):
+        chunk = rows[start:start + base.CHUNK_ROWS]
+        pipe = client.pipeline(transaction=False)
+        for i in range(0, len(chunk), 5000):
+            pipe.hset(rows_key, mapping=dict(chunk[i:i + 5000]))
+        pipe.execute()
+        if on_chunk:
+            on_chunk(min(start + base.CHUNK_ROWS, len(rows)))
+    return len(rows)
 
 
 class RedisStore:
@@ -82,14 +99,30 @@ class RedisStore:
 
     def write_batch(self, frame: pd.DataFrame, info: BatchInfo,
                     on_chunk: ChunkCallback | None = None, allow_older: bool = False) -> BatchInfo:
+        return self.write_batch_by(
+            info, lambda key: finish_batch(info, self._write_rows(key, frame, info, on_chunk)), allow_older)
+
+    def rows_key(self, batch_id: str) -> str:
+        """The hash holding ``batch_id``'s rows (customer id -> payload)."""
+        return self._k("rows", batch_id)
+
+    def write_batch_by(self, info: BatchInfo, write_rows: Callable[[str], BatchInfo],
+                       allow_older: bool = False) -> BatchInfo:
+        """:meth:`write_batch` with the rows written by ``write_rows(rows_key)`` (e.g. Spark
+        executors, each with its own connection), which returns the info to record
+        (:func:`~mlflow_churn.features.online.base.finish_batch`): the same lock,
+        order check, staging and atomic flip. If it raises, the batch's rows are dropped and
+        the serving batch is unchanged."""
         r, lock = self._r, self._lock
         with lock:
             check_order(self.current_batch(), info.as_of, allow_older, self.location)
             self._drop_abandoned()
             r.hset(self._k("writers"), info.batch_id, lock.value)
-            rows_key = self._k("rows", info.batch_id)
+            rows_key = self.rows_key(info.batch_id)
             try:
-                done = self._write_rows(rows_key, frame, info, on_chunk)
+                done = write_rows(rows_key)
+                if done.batch_id != info.batch_id:
+                    raise ChurnError(f"rows of batch {info.batch_id} were recorded as {done.batch_id}")
                 payload = done.to_json()
                 flipped = r.eval(_FLIP, 6, lock.key, self._k("writers"), self._k("batch", done.batch_id),
                                  self._k("current"), self._k("current_info"), self._k("history"),
@@ -104,17 +137,8 @@ class RedisStore:
             return done
 
     def _write_rows(self, rows_key: str, frame: pd.DataFrame, info: BatchInfo,
-                    on_chunk: ChunkCallback | None) -> BatchInfo:
-        rows = encode_rows(frame, info.features)
-        for start in range(0, len(rows), base.CHUNK_ROWS):
-            chunk = rows[start:start + base.CHUNK_ROWS]
-            pipe = self._r.pipeline(transaction=False)
-            for i in range(0, len(chunk), 5000):
-                pipe.hset(rows_key, mapping=dict(chunk[i:i + 5000]))
-            pipe.execute()
-            if on_chunk:
-                on_chunk(min(start + base.CHUNK_ROWS, len(rows)))
-        return finish_batch(info, len(rows))
+                    on_chunk: ChunkCallback | None) -> int:
+        return write_payloads(self._r, rows_key, encode_rows(frame, info.features), on_chunk)
 
     def _abandon(self, batch_id: str) -> None:
         """Best effort after a failed write: drop the batch's rows unless it went live."""
