@@ -152,13 +152,15 @@ def test_cli_scores_into_the_project_run(config: ChurnConfig, champion, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.spark
-def test_spark_engine_gives_identical_scores(config: ChurnConfig, champion, tmp_path: Path) -> None:
-    pytest.importorskip("pyspark")
+def test_spark_engine_gives_identical_scores(config: ChurnConfig, champion, tmp_path: Path,
+                                             spark) -> None:
+    """Features computed by the executors (no snapshot), scored with spark_udf."""
     local = score_batch(config, AS_OF, out_dir=config.workspace / "local")
     staging = tmp_path / "staging"  # stands for the shared storage of a cluster
-    spark = score_batch(config, AS_OF, out_dir=config.workspace / "spark", engine="spark",
-                        spark_master="local[2]", staging=str(staging))
-    assert spark.engine == "spark" and spark.rows == local.rows
+    on_spark = score_batch(config, AS_OF, out_dir=config.workspace / "spark", engine="spark",
+                           spark=spark, spark_master="local[2]", staging=str(staging))
+    assert on_spark.engine == "spark" and on_spark.rows == local.rows
+    assert on_spark.features_from == "computed"
     assert staging.is_dir() and not any(staging.iterdir())  # the run's staged files are removed
     a = read_scores(config.workspace / "local", AS_OF)
     b = read_scores(config.workspace / "spark", AS_OF)

@@ -18,8 +18,9 @@ day; scoring the same day again replaces it.
 ``engine="spark"`` scores the same features through ``mlflow.pyfunc.spark_udf`` on a
 Spark cluster (``spark_master``, default ``local[*]``), staged through a directory every
 executor can read (:mod:`mlflow_churn.serving.batch_spark` says what runs where: the
-features are still computed by DuckDB on this machine; Spark spreads the scoring). Both
-engines give the same probabilities (the pyfunc runs the same booster on the same values).
+executors compute the features with the offline builder's query transpiled to Spark SQL,
+or read materialize's snapshot when one holds the model's definitions). Both engines give
+the same probabilities (the pyfunc runs the same booster on the same values).
 """
 
 from __future__ import annotations
@@ -366,16 +367,24 @@ def score_batch(
     try:
         snapshot = None if recompute else find_snapshot(cfg.feature_snapshot_dir, as_of, fs)
         source = "computed" if snapshot is None else "snapshot"
-        with _data_errors(cfg.data_dir), _features(cfg, fs, as_of, batch_rows, snapshot) as stream:
-            desc = f"scoring {stream.rows:,} customers ({engine}, model {label}, features {source})"
-            with resolve(progress)(desc, stream.rows) as tick:
-                if engine == "local":
-                    rows = score_stream(scorer, stream.batches, as_of, tmp / PART_FILE, label, tick)
-                else:
-                    from mlflow_churn.serving.batch_spark import score_spark
+        if engine == "spark" and snapshot is None:  # features computed by the executors
+            from mlflow_churn.serving.batch_spark import score_spark
 
-                    rows = score_spark(spark, spark_master, staging, uri, fs, stream.batches, as_of,
-                                       label, tmp, tick)
+            desc = f"scoring ({engine}, model {label}, features computed on Spark)"
+            with resolve(progress)(desc, 1) as tick:
+                rows = score_spark(spark, spark_master, staging, uri, fs, None, as_of, label, tmp,
+                                   lambda _rows: tick(1), data_dir=Path(cfg.data_dir))
+        else:
+            with _data_errors(cfg.data_dir), _features(cfg, fs, as_of, batch_rows, snapshot) as stream:
+                desc = f"scoring {stream.rows:,} customers ({engine}, model {label}, features {source})"
+                with resolve(progress)(desc, stream.rows) as tick:
+                    if engine == "local":
+                        rows = score_stream(scorer, stream.batches, as_of, tmp / PART_FILE, label, tick)
+                    else:
+                        from mlflow_churn.serving.batch_spark import score_spark
+
+                        rows = score_spark(spark, spark_master, staging, uri, fs, stream.batches, as_of,
+                                           label, tmp, tick)
         _replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

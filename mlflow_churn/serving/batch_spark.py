@@ -2,13 +2,15 @@
 
 What runs where:
 
-- the driver (the machine running ``churn score``) resolves the model, computes the
-  features for every customer with DuckDB from ``<workspace>/data`` (the same streaming,
-  spilling query as the local engine: one machine's work), writes them as Parquet into a
-  fresh directory under ``staging``, and finally copies the score files Spark wrote back
-  into the output partition;
+- the driver (the machine running ``churn score``) resolves the model and finally copies
+  the score files Spark wrote back into the output partition; when materialize left an
+  offline snapshot at exactly ``as_of`` it stages that snapshot's rows as Parquet under
+  ``staging``;
 - the Spark executors (``spark_master``: ``local[*]`` = this machine, or e.g.
-  ``spark://host:7077``, ``yarn``) read the staged features, score them with the
+  ``spark://host:7077``, ``yarn``) compute the features from the tables under
+  ``<workspace>/data`` (the offline builder's query transpiled to Spark SQL:
+  :mod:`mlflow_churn.features.spark_frames`; the data directory must be readable by every
+  executor) or read the staged snapshot rows, score them with the
   registered model (``spark_udf`` ships the model to them; ``env_manager="local"``, so
   their Python needs mlflow, xgboost, pandas and pyarrow) and write the scores, also
   under ``staging``.
@@ -72,13 +74,13 @@ def score_frame_spark(spark: Any, model_uri: str, fs: FeatureSet, frame: Any,
     return frame.withColumn(out_col, udf(*cols))
 
 
-def score_parquet_spark(spark: Any, model_uri: str, fs: FeatureSet, features_path: str,
-                        as_of: datetime, version: str, out: str) -> None:
-    """Score the model-input Parquet at ``features_path`` with ``mlflow.pyfunc.spark_udf``
-    and write Parquet with the batch output columns to the directory ``out`` (Spark URIs)."""
+def score_to_parquet(spark: Any, model_uri: str, fs: FeatureSet, frame: Any, as_of: datetime,
+                     version: str, out: str) -> None:
+    """Score ``frame`` (Spark: ``customer_id`` and the set's columns) with ``spark_udf`` and
+    write Parquet with the batch output columns to the directory ``out`` (a Spark URI)."""
     from pyspark.sql import functions as F
 
-    frame = score_frame_spark(spark, model_uri, fs, spark.read.parquet(features_path))
+    frame = score_frame_spark(spark, model_uri, fs, frame)
     as_of = utc(as_of, "as_of")
     scored = frame.select(
         F.col("customer_id").cast("long").alias("customer_id"),
@@ -90,25 +92,44 @@ def score_parquet_spark(spark: Any, model_uri: str, fs: FeatureSet, features_pat
     scored.write.mode("overwrite").parquet(out)
 
 
+def score_parquet_spark(spark: Any, model_uri: str, fs: FeatureSet, features_path: str,
+                        as_of: datetime, version: str, out: str) -> None:
+    """Score the model-input Parquet at ``features_path`` with ``mlflow.pyfunc.spark_udf``
+    and write Parquet with the batch output columns to the directory ``out`` (Spark URIs)."""
+    score_to_parquet(spark, model_uri, fs, spark.read.parquet(features_path), as_of, version, out)
+
+
 def score_spark(spark: Any, master: str, staging: str | None, uri: str, fs: FeatureSet,
-                batches: Iterable[pa.RecordBatch], as_of: datetime, version: str, out: Path,
-                on_batch: Callable[[int], None] | None) -> int:
-    """Stage the features under ``staging``, score them with ``spark_udf`` on ``spark``
-    (default: a session on ``master``, started and stopped here) and copy the score files
-    into the local directory ``out``. Returns the rows scored."""
+                batches: Iterable[pa.RecordBatch] | None, as_of: datetime, version: str, out: Path,
+                on_batch: Callable[[int], None] | None, data_dir: Path | None = None) -> int:
+    """Score with ``spark_udf`` on ``spark`` (default: a session on ``master``, started and
+    stopped here) and copy the score files into the local directory ``out``; returns the rows
+    scored. The features: ``batches`` (e.g. a snapshot's) staged under ``staging``, or, when
+    ``batches`` is None, computed on Spark from the tables under ``data_dir``
+    (:func:`~mlflow_churn.features.spark_frames.spark_latest`: executors, not the driver)."""
     stage = Staging(staging, master)
     own = spark is None
     try:
-        rows = write_model_input(fs, batches, stage.path + "/features.parquet", on_batch, stage.fs)
+        if batches is not None:
+            write_model_input(fs, batches, stage.path + "/features.parquet", on_batch, stage.fs)
         if own:
             spark = spark_session(master, "churn-score")
-        score_parquet_spark(spark, uri, fs, stage.uri + "/features.parquet", as_of, version,
-                            stage.uri + "/scores")
-        files = stage.fs.get_file_info(pafs.FileSelector(stage.path + "/scores"))
-        for info in files:
+        if batches is None:
+            from mlflow_churn.features.spark_frames import spark_latest
+
+            frame = spark_latest(spark, data_dir, fs.features, as_of, with_event_time=False)
+            score_to_parquet(spark, uri, fs, frame, as_of, version, stage.uri + "/scores")
+        else:
+            score_parquet_spark(spark, uri, fs, stage.uri + "/features.parquet", as_of, version,
+                                stage.uri + "/scores")
+        rows = 0
+        for info in stage.fs.get_file_info(pafs.FileSelector(stage.path + "/scores")):
             if info.is_file and info.base_name.endswith(".parquet"):
                 pafs.copy_files(info.path, str(out / info.base_name), source_filesystem=stage.fs,
                                 destination_filesystem=pafs.LocalFileSystem())
+                rows += pq.read_metadata(str(out / info.base_name)).num_rows
+        if batches is None and on_batch is not None:
+            on_batch(rows)
         return rows
     finally:
         if own and spark is not None:
