@@ -617,6 +617,17 @@ class ServingConfig(_Section):
         description="input checks: a number is out of range when it lies below the training profile's "
         "observed min or above its max by more than this fraction of (max - min)",
     )
+    predictor: Literal["xgboost", "compiled"] = Field(
+        "xgboost",
+        description="what computes the probabilities of /predict: xgboost = the booster's "
+        "inplace_predict; compiled = the trees compiled to C (treelite + tl2cgen, extra `compiled`, "
+        "needs gcc), once per model digest into compiled_cache_dir, equal to xgboost within 1e-6 "
+        "(bench/RESULTS.md, bench_predictor, has both measured)",
+    )
+    compiled_cache_dir: Path | None = Field(
+        None, description="where compiled models are kept, one directory per model digest; None = "
+        "<workspace>/compiled"
+    )
 
 
 class RolloutStep(_Section):
@@ -983,6 +994,11 @@ class ChurnConfig(_Section):
     def feature_snapshot_dir(self) -> Path:
         """Where materialize writes its offline snapshots (:mod:`mlflow_churn.features.snapshots`)."""
         return self.workspace / "feature-snapshots"
+
+    @property
+    def compiled_cache_dir(self) -> Path:
+        """Where ``serving.predictor: compiled`` keeps its compiled models."""
+        return self.serving.compiled_cache_dir or self.workspace / "compiled"
 
     @property
     def online_store_path(self) -> Path:

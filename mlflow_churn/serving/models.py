@@ -23,6 +23,7 @@ from mlflow_churn.registry.signing import (
     version_ref,
 )
 from mlflow_churn.registry.vocab import GateVerdict, SignedKind
+from mlflow_churn.serving.compiled import PredictFn, predictor_for
 from mlflow_churn.serving.encoding import InputEncoder
 from mlflow_churn.serving.input_checks import InputChecker
 from mlflow_churn.serving.routing import WEIGHT_TAG, weight_fraction
@@ -41,6 +42,8 @@ class LoadedModel:
     version: str
     scorer: Scorer
     encoder: InputEncoder
+    #: the encoded matrix -> P(churn) per row (``serving.predictor``: the booster, or it compiled)
+    predict: PredictFn
     #: the version's input checks (its training profile); None = off, ``checks_off`` says why
     checker: InputChecker | None = None
     checks_off: str | None = None
@@ -121,6 +124,8 @@ class ModelManager:
                 # one thread per prediction: a request scores a few rows, and a thread pool per
                 # call costs more than it saves (x5-10 on a busy 2-core machine)
                 scorer.booster.set_param({"nthread": 1})
+                predict = predictor_for(self.cfg.serving.predictor, scorer.booster,
+                                        self.cfg.compiled_cache_dir)
             except ChurnError as exc:
                 self._cache[key] = (None, str(exc))
             else:
@@ -129,7 +134,7 @@ class ModelManager:
                 if not refusal:  # an outage reading the profile raises: not cached, tried again
                     checker, off = self._checker(version, scorer)
                     encoder = InputEncoder(scorer.feature_set)
-                    model = LoadedModel(alias, version, scorer, encoder, checker, off)
+                    model = LoadedModel(alias, version, scorer, encoder, predict, checker, off)
                 self._cache[key] = (model, refusal)
         model, refusal = self._cache[key]
         if model is not None and model.alias != alias:

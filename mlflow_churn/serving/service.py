@@ -424,8 +424,7 @@ class ScoringService:
             x = model.encoder.encode(chosen)
         except ChurnError as exc:
             raise ServiceError(422, f"{exc} (model version {model.version})") from None
-        return np.asarray(model.scorer.booster.inplace_predict(
-            x, predict_type="value", validate_features=False), dtype="float64").reshape(-1)
+        return model.predict(x)
 
     def _log_errors(self, ids: list[int], errors: list[tuple[int, str, str]], served_at: datetime,
                     as_of: datetime, t0: float) -> None:
