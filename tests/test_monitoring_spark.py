@@ -111,14 +111,21 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     return cfg
 
 
+@pytest.fixture(scope="module")
+def local_result(trained):
+    """The local engine's monitor of the window (no run), for both engines' comparisons."""
+    from mlflow_churn.monitoring.monitor import monitor
+
+    return monitor(trained, MONITOR_AS_OF, report=False, log=False, source="offline")
+
+
 @pytest.mark.spark
 @pytest.mark.slow
-def test_monitor_engine_spark_same_decision_and_metrics(spark, trained, tmp_path: Path) -> None:
+def test_monitor_engine_spark_same_decision_and_metrics(spark, trained, local_result, tmp_path: Path) -> None:
     from mlflow_churn.monitoring.monitor import SparkEngine, monitor
     from mlflow_churn.monitoring.runs import _segment_metrics, _window_metrics
 
-    cfg = trained
-    local = monitor(cfg, MONITOR_AS_OF, report=False, log=False, source="offline")
+    cfg, local = trained, local_result
     remote = monitor(cfg, MONITOR_AS_OF, report=False, log=False, source="offline", engine="spark",
                      spark=SparkEngine("local[2]", str(tmp_path), spark))
     assert remote.decision.action == local.decision.action and remote.decision.fired == local.decision.fired
@@ -129,3 +136,31 @@ def test_monitor_engine_spark_same_decision_and_metrics(spark, trained, tmp_path
                 json.loads(json.dumps(remote.stats.to_dict(), default=str)), "stats")
     assert local.stats.psi and local.stats.segment_psi
     assert not list(tmp_path.iterdir())  # the staged window is removed
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_monitor_on_a_standalone_cluster(trained, local_result, tmp_path: Path) -> None:
+    """``churn monitor --engine spark`` against a real standalone master + worker (the pyspark
+    wheel's daemons), staging on a directory both sides read; the local engine's decision."""
+    import subprocess
+    import sys
+
+    from spark_cluster_support import spark_env, standalone_cluster
+
+    ws = trained.workspace
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    with standalone_cluster(tmp_path) as master:
+        out = subprocess.run(
+            [sys.executable, "-m", "mlflow_churn.cli", "--workspace", str(ws), "monitor", "--engine", "spark",
+             "--spark-master", master, "--staging", str(staging), "--no-report", "--no-progress",
+             "--source", "offline", "--as-of", MONITOR_AS_OF.isoformat(), "--json"],
+            env=spark_env(tmp_path) | {"CHURN_MONITORING__MIN_SEGMENT_SIZE": "100"},  # the fixture's config
+            capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    remote = json.loads(out.stdout[out.stdout.index("{"):])
+    local = local_result
+    assert remote["decision"]["action"] == local.decision.action
+    assert_same(remote["stats"]["psi"], local.stats.psi, "psi")
+    assert not list(staging.iterdir())
