@@ -75,3 +75,15 @@ def test_profile_without_segments_is_the_same_population(mixed) -> None:
     plain = build_profile(frame, fs, scores)
     assert plain["segments"] == {}
     assert plain["features"] == with_segments["features"] and plain["score"] == with_segments["score"]
+
+
+def test_edge_bins_is_searchsorted_left() -> None:
+    rng = np.random.default_rng(1)
+    for n_edges in (0, 1, 9, 200):  # 200: past the small-integer path
+        edges = np.sort(rng.normal(size=n_edges))
+        values = rng.normal(size=3000)
+        values[:4] = [np.nan, np.inf, -np.inf, edges[0] if n_edges else 0.0]  # an edge goes left
+        expected = np.searchsorted(edges, values, side="left")
+        expected[np.isnan(values)] = -1
+        np.testing.assert_array_equal(drift.edge_bins(values, edges), expected)
+        assert drift.edge_bins(values, edges).dtype == np.int64

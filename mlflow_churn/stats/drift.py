@@ -695,8 +695,24 @@ def bin_index(entry: Mapping[str, Any], values: Any) -> np.ndarray:
         pos = {c: i for i, c in enumerate(cats)}
         lookup = np.array([pos.get(str(u), unseen) for u in uniques] + [-1], dtype="int64")
         return lookup[np.where(codes < 0, len(lookup) - 1, codes)]
+    return edge_bins(values, entry["edges"])
+
+
+def edge_bins(values: Any, edges: Any) -> np.ndarray:
+    """Bin of every value among sorted interior ``edges`` (int64; x <= edge: left, as
+    ``searchsorted(edges, x, side="left")``; -1 = missing): one vectorised comparison per edge
+    summed in a small integer (a profile has about ten), cheaper than a binary search per row."""
     arr = as_float_array(values)
-    idx = np.searchsorted(np.asarray(entry["edges"], dtype="float64"), arr, side="left").astype("int64")
+    cuts = np.asarray(edges, dtype="float64")
+    if cuts.size > 120:
+        idx = np.searchsorted(cuts, arr, side="left").astype("int64")
+    else:
+        small = np.zeros(arr.size, dtype=np.int8)
+        above = np.empty(arr.size, dtype=bool)
+        for cut in cuts:
+            np.greater(arr, cut, out=above)
+            small += above
+        idx = small.astype("int64")
     idx[np.isnan(arr)] = -1
     return idx
 

@@ -134,10 +134,7 @@ def _numeric_entry(values: Any, bins: int, sample_size: int, rng: np.random.Gene
         sample = np.sort(rng.choice(finite, size=sample_size, replace=False))
     else:
         sample = ordered
-    idx = None
-    if row_bins:
-        idx = np.searchsorted(edges, arr, side="left")
-        idx[missing] = -1
+    idx = drift.edge_bins(arr, edges) if row_bins else None
     return {
         "kind": ColumnKind.NUMERIC.value,
         "edges": edges.tolist(),
