@@ -191,7 +191,6 @@ def spark():
     from mlflow_churn.spark import spark_session
 
     session = spark_session("local[2]", "churn-tests")
-    session.conf.set("spark.sql.shuffle.partitions", "4")
     yield session
     session.stop()
 

@@ -1,0 +1,158 @@
+"""Spark engine vs DuckDB engine on the same 2 cores (issue 28): one function per step.
+
+``materialize_rows``: `churn features materialize` on a simulated base (default 1M
+customers x 65 days), DuckDB (local engine) vs Spark local[2] (executors compute and write
+Redis per partition), both into Redis under a bench-own prefix (deleted afterwards),
+snapshots off for both (the Spark path to Redis writes none). The Spark session's start is
+timed apart (paid once per process). Then the same at 4x the customers, only when the load
+average is below 4 (linearity 1M -> 4M). Wall clock, one run each; the load average is
+printed beside the figures.
+
+Other steps (helper of part B) add a function of the same shape and a line in ``STEPS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+TARGET_RATIO = 3.0  # Spark within 3x of DuckDB on the same 2 cores
+LINEAR_SLACK = 1.5  # 4x rows within 4 * 1.5 = 6x the time counts as linear
+
+
+def _log(msg: str) -> None:
+    print(f"[bench_spark {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _load() -> str:
+    return Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
+
+
+def _materialize_once(customers: int, days: int, spark, redis_url: str, tmp: Path) -> dict:
+    """Seconds of a local and a Spark materialize of ``customers`` (and the rows)."""
+    import redis
+
+    from mlflow_churn.config import load_config
+    from mlflow_churn.data.bounds import data_bounds
+    from mlflow_churn.data.simulator import SimulationSpec, simulate
+    from mlflow_churn.features.materialize import materialize
+
+    prefix = f"bench-spark-{uuid.uuid4().hex[:8]}"
+
+    def cfg(engine: str):
+        return load_config(workspace=tmp / f"ws-{customers}", environ={}, overrides={
+            "features.online_backend": "redis", "features.redis_url": redis_url,
+            "features.redis_prefix": f"{prefix}:{engine}", "features.snapshot_keep_days": 0})
+
+    local_cfg = cfg("local")
+    t0 = time.perf_counter()
+    simulate(SimulationSpec(customers=customers, days=days, start=date(2026, 1, 1), seed=3),
+             local_cfg.data_dir)
+    _log(f"simulated {customers:,} x {days} days in {time.perf_counter() - t0:.0f} s")
+    as_of = data_bounds(local_cfg.data_dir).last_event
+    client = redis.Redis.from_url(redis_url)
+    out: dict = {"customers": customers}
+    try:
+        t0 = time.perf_counter()
+        info = materialize(local_cfg, as_of, progress=False)
+        out["duckdb_s"], out["rows"] = time.perf_counter() - t0, info.rows
+        _log(f"DuckDB materialize: {info.rows:,} rows in {out['duckdb_s']:.1f} s (load {_load()})")
+        for key in client.scan_iter(f"{prefix}:local*", count=10_000):
+            client.delete(key)  # keep one batch in Redis at a time
+        t0 = time.perf_counter()
+        info = materialize(cfg("spark"), as_of, progress=False, engine="spark", spark=spark)
+        out["spark_s"] = time.perf_counter() - t0
+        out["same_rows"] = info.rows == out["rows"]
+        _log(f"Spark materialize: {info.rows:,} rows in {out['spark_s']:.1f} s (load {_load()})")
+    finally:
+        for key in client.scan_iter(f"{prefix}*", count=10_000):
+            client.delete(key)
+        client.close()
+    out["load"] = _load()
+    return out
+
+
+def materialize_rows(args: argparse.Namespace, spark, tmp: Path) -> list[str]:
+    """The materialize section's lines (Markdown)."""
+    first = _materialize_once(args.customers, args.days, spark, args.redis_url, tmp)
+    ratio = first["spark_s"] / first["duckdb_s"]
+    lines = [
+        f"Materialize, {args.customers:,} simulated customers x {args.days} days "
+        f"({first['rows']:,} live at as_of, 21 features), into Redis; Spark local[2] "
+        f"(session start {args.session_s:.1f} s, not counted), one run each.",
+        "",
+        "| customers | DuckDB (s) | Spark local[2] (s) | Spark / DuckDB | load average |",
+        "|---:|---:|---:|---:|---:|",
+        f"| {args.customers:,} | {first['duckdb_s']:.1f} | {first['spark_s']:.1f} | {ratio:.2f} | "
+        f"{first['load']} |",
+    ]
+    bigger = None
+    if float(_load()) < 4 or args.force_4x:
+        bigger = _materialize_once(args.customers * 4, args.days, spark, args.redis_url, tmp)
+        lines.append(f"| {bigger['customers']:,} | {bigger['duckdb_s']:.1f} | {bigger['spark_s']:.1f} | "
+                     f"{bigger['spark_s'] / bigger['duckdb_s']:.2f} | {bigger['load']} |")
+    lines.append("")
+    lines.append(f"- target (issue 28): Spark materialize within {TARGET_RATIO:g}x of DuckDB at "
+                 f"{args.customers:,} customers on local[2]: "
+                 f"{'met' if ratio <= TARGET_RATIO else 'not met'} ({first['spark_s']:.1f} s vs "
+                 f"{first['duckdb_s']:.1f} s = {ratio:.2f}x, load {first['load']}; rows equal: "
+                 f"{first['same_rows']})")
+    if bigger is None:
+        lines.append(f"- target (issue 28): Spark materialize linear from {args.customers:,} to "
+                     f"{args.customers * 4:,} customers: not measured (load average {_load()} >= 4 "
+                     "on 2 cores shared with other sessions)")
+    else:
+        growth = bigger["spark_s"] / first["spark_s"]
+        lines.append(f"- target (issue 28): Spark materialize linear from {args.customers:,} to "
+                     f"{args.customers * 4:,} customers: "
+                     f"{'met' if growth <= 4 * LINEAR_SLACK else 'not met'} (4x rows took "
+                     f"{growth:.2f}x the time; DuckDB {bigger['duckdb_s'] / first['duckdb_s']:.2f}x)")
+    return lines
+
+
+#: (section heading, function) of each step
+STEPS: list[tuple[str, Callable[[argparse.Namespace, object, Path], list[str]]]] = [
+    ("Materialize: DuckDB vs Spark", materialize_rows),
+]
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--customers", type=int, default=1_000_000)
+    ap.add_argument("--days", type=int, default=65)
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    ap.add_argument("--force-4x", action="store_true", help="run the 4x size whatever the load")
+    ap.add_argument("--only", default=None, help="run only the step whose function has this name")
+    args = ap.parse_args(argv)
+    from mlflow_churn.spark import spark_session
+
+    t0 = time.perf_counter()
+    spark = spark_session("local[2]", "bench-spark")
+    spark.sparkContext.setLogLevel("ERROR")
+    args.session_s = time.perf_counter() - t0
+    out = [f"## Spark engine vs DuckDB engine (issue 28)\n\nRun {time.strftime('%Y-%m-%d %H:%M')} UTC "
+           f"on {os.cpu_count()} cores; load average at the start {_load()} (the cores are shared "
+           "with other sessions: figures are slower than on an idle machine).\n"]
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-spark-") as tmp:
+            for heading, step in STEPS:
+                if args.only and step.__name__ != args.only:
+                    continue
+                out.append(f"### {heading}\n")
+                out += step(args, spark, Path(tmp))
+                out.append("")
+    finally:
+        spark.stop()
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
