@@ -719,10 +719,19 @@ def edge_bins(values: Any, edges: Any) -> np.ndarray:
 
 def grouped_counts(idx: np.ndarray, groups: np.ndarray, n_groups: int, n_bins: int) -> np.ndarray:
     """(n_groups, n_bins) counts of bin indices per group code in one ``bincount``
-    (rows with a missing bin or group code < 0 are left out)."""
-    ok = (idx >= 0) & (groups >= 0)
-    flat = np.bincount(groups[ok] * n_bins + idx[ok], minlength=n_groups * n_bins)
-    return flat.reshape(n_groups, n_bins)
+    (rows with a missing bin or group code < 0 are left out).
+
+    Codes of -1 (missing) get their own row / column of the count table, cut off afterwards,
+    so no row is masked or copied: one integer key per row, then the ``bincount``."""
+    idx, groups = np.asarray(idx), np.asarray(groups)
+    if idx.size and (idx.min() < -1 or groups.min() < -1):  # other negative codes: mask them
+        ok = (idx >= 0) & (groups >= 0)
+        idx, groups = np.where(ok, idx, -1), np.where(ok, groups, -1)
+    key = np.multiply(groups, n_bins + 1, dtype=np.int64)
+    key += idx
+    key += n_bins + 2  # (group + 1) * (n_bins + 1) + (idx + 1)
+    flat = np.bincount(key, minlength=(n_groups + 1) * (n_bins + 1))
+    return np.ascontiguousarray(flat.reshape(n_groups + 1, n_bins + 1)[1:, 1:])
 
 
 def ks_at_sample_points(sorted_sample: np.ndarray, current: Any) -> float:

@@ -190,14 +190,14 @@ def _segment_codes(values: Any) -> tuple[np.ndarray, list[str]]:
     return lookup[codes], keys
 
 
-def _segment_entries(idx: np.ndarray, isna: np.ndarray, seg: np.ndarray, n_seg: int,
+def _segment_entries(idx: np.ndarray, isna: np.ndarray, seg: np.ndarray, rows: np.ndarray,
                      n_bins: int) -> list[dict[str, Any]]:
     """Per segment: the shares of a column's rows in the population's bins (``idx``), their
     non-missing count and the share of rows ``isna`` (pandas' missing values), from one
     ``bincount`` over (segment, bin)."""
+    n_seg = rows.size  # rows of each segment
     counts = drift.grouped_counts(idx, seg, n_seg, n_bins)
-    rows = np.bincount(seg[seg >= 0], minlength=n_seg)
-    nulls = np.bincount(seg[(seg >= 0) & isna], minlength=n_seg)
+    nulls = np.bincount(seg[(seg >= 0) & isna], minlength=n_seg) if isna.any() else np.zeros(n_seg)
     return [{"shares": drift.shares(counts[i]).tolist(), "count": int(counts[i].sum()),
              "null_rate": float(nulls[i] / rows[i]) if rows[i] else 0.0} for i in range(n_seg)]
 
@@ -254,10 +254,9 @@ def build_profile(
     for col in segments:
         seg, keys = _segment_codes(frame[col])
         rows = np.bincount(seg[seg >= 0], minlength=len(keys))
-        per_feature = {f: _segment_entries(bin_of[f], isna[f], seg, len(keys), len(features[f]["shares"]))
+        per_feature = {f: _segment_entries(bin_of[f], isna[f], seg, rows, len(features[f]["shares"]))
                        for f in feature_set.columns}
-        per_score = _segment_entries(score_bins, np.isnan(score_arr), seg, len(keys),
-                                     len(score_entry["shares"]))
+        per_score = _segment_entries(score_bins, np.isnan(score_arr), seg, rows, len(score_entry["shares"]))
         seg_out[col] = {
             value: {
                 "count": int(rows[i]),
