@@ -6,6 +6,7 @@ from mlflow_churn.lazy import lazy_exports
 _EXPORTS = {
     "psi": "mlflow_churn.stats.drift",
     "ks": "mlflow_churn.stats.drift",
+    "ks_many": "mlflow_churn.stats.drift",
     "chi2": "mlflow_churn.stats.drift",
     "js": "mlflow_churn.stats.drift",
     "categorical_psi": "mlflow_churn.stats.drift",
