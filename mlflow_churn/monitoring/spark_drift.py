@@ -67,8 +67,16 @@ def spark_window_counts(sdf: Any, profile: dict[str, Any], cfg: ChurnConfig,
     source = {n: F.col(score_col if n == SCORE else n) for n in names}
     segs = segment_columns(profile, cfg, sdf.columns)
 
-    sel = [F.col("customer_id"), F.col("cutoff").alias("__day"),
-           *[F.col(c).alias(f"__s{j}") for j, c in enumerate(segs)]]
+    # segment values as small integers: the profile's values by position (as str(value), like
+    # the local engine's lookup), null -1, a value the profile lacks -2 (the local engine skips
+    # those segments: no reference), so the grouping keys are integers
+    seg_values = [sorted(profile["segments"][c]) for c in segs]
+    sel = [F.col("customer_id"), F.col("cutoff").alias("__day")]
+    for j, c in enumerate(segs):
+        expr = F.when(F.col(c).isNull(), F.lit(-1))
+        for pos, value in enumerate(seg_values[j]):
+            expr = expr.when(F.col(c).cast("string") == F.lit(value), F.lit(pos))
+        sel.append(expr.otherwise(F.lit(-2)).alias(f"__s{j}"))
     buckets: list[tuple[str, str, list[float]]] = []  # (input, output, splits)
     ks_points: dict[str, np.ndarray] = {}
     for i, n in enumerate(names):
@@ -109,7 +117,7 @@ def spark_window_counts(sdf: Any, profile: dict[str, Any], cfg: ChurnConfig,
             out.append(F.when(F.col(f"__m{i}"), F.lit(-1)).otherwise(q).alias(f"__q{i}"))
     binned = frame.select(*out).persist()
     try:
-        return _collect(binned, profile, entries, names, segs, present, ks_points)
+        return _collect(binned, profile, entries, names, segs, seg_values, present, ks_points)
     finally:
         binned.unpersist()
 
@@ -119,7 +127,8 @@ def _stack(pairs: list[tuple[int, str]], alias: str) -> str:
 
 
 def _collect(binned: Any, profile: dict[str, Any], entries: dict[str, dict[str, Any]], names: list[str],
-             segs: list[str], present: list[str], ks_points: dict[str, np.ndarray]) -> WindowCounts:
+             segs: list[str], seg_values: list[list[str]], present: list[str],
+             ks_points: dict[str, np.ndarray]) -> WindowCounts:
     from pyspark.sql import functions as F
 
     seg_cols = [f"__s{j}" for j in range(len(segs))]
@@ -158,26 +167,30 @@ def _collect(binned: Any, profile: dict[str, Any], entries: dict[str, dict[str, 
             total = int(per_day[n].sum())
             ks_le[n] = (np.zeros(len(entries[n]["sample"]), dtype="int64"), total)
 
-    totals = binned.agg(F.count(F.lit(1)).alias("rows"), F.countDistinct("customer_id").alias("n")).first()
+    # distinct customers overall and per known segment value, in one aggregation
+    keys = [F.col(f"__s{j}") for j in range(len(segs))]
+    dist = (binned.select("customer_id", F.explode(F.array(
+        F.lit(-1).cast("int"), *[F.when(k >= 0, F.lit(j * 1_000_000) + k).otherwise(F.lit(-3)) for j, k in
+                                 enumerate(keys)])).alias("__g"))
+            .where("__g >= -1").groupBy("__g").agg(F.countDistinct("customer_id").alias("n")).toPandas())
+    n_by = dict(zip(dist["__g"].astype("int64"), dist["n"].astype("int64"), strict=True))
+    rows = int(hist.loc[hist["__f"] == 0, "count"].sum())
     segments: dict[str, SegmentCounts] = {}
     for j, col in enumerate(segs):
-        dist = (binned.where(F.col(f"__s{j}").isNotNull()).groupBy(f"__s{j}")
-                .agg(F.countDistinct("customer_id").alias("n")).toPandas())
-        values = sorted(dist[f"__s{j}"].tolist())
-        pos = {v: p for p, v in enumerate(values)}
-        distinct = dict(zip(dist[f"__s{j}"], dist["n"], strict=True))
-        part = ok[ok[f"__s{j}"].notna()]
+        values = seg_values[j]
+        part = ok[ok[f"__s{j}"] >= 0]
         per: dict[str, np.ndarray] = {}
         for i, n in enumerate(names):
             if n == col:
                 continue
             p = part[part["__f"] == i]
             arr = np.zeros((len(values), len(days), len(entries[n]["shares"])), dtype="int64")
-            np.add.at(arr, (p[f"__s{j}"].map(pos).to_numpy(), p["__d"].to_numpy(), p["__bin"].to_numpy()),
+            np.add.at(arr, (p[f"__s{j}"].to_numpy(), p["__d"].to_numpy(), p["__bin"].to_numpy()),
                       p["count"].to_numpy())
             per[n] = arr
-        segments[col] = SegmentCounts(values, [int(distinct[v]) for v in values], per)
+        distinct = [int(n_by.get(j * 1_000_000 + v, 0)) for v in range(len(values))]
+        segments[col] = SegmentCounts(values, distinct, per)
     feats = profile["features"]
-    return WindowCounts(days, int(totals["rows"]), int(totals["n"]), present,
+    return WindowCounts(days, rows, int(n_by.get(-1, 0)), present,
                         [f for f in feats if f not in present], per_day, nulls, ks_le, segments)
 
