@@ -209,3 +209,14 @@ def test_materialize_on_spark_writes_the_local_batch_and_a_killed_executor_keeps
         store.close()
         local_store.close()
         client.close()
+
+
+def test_sqlite_store_with_a_cluster_master_is_refused_in_one_line(spark, config, small_data: Path) -> None:
+    from mlflow_churn.features.materialize import materialize
+
+    (config.workspace / "data").symlink_to(small_data, target_is_directory=True)
+    with pytest.raises(ChurnError) as err:
+        materialize(config, datetime(2026, 4, 10, tzinfo=UTC), progress=False, engine="spark",
+                    spark=spark, spark_master="spark://head:7077")
+    msg = str(err.value)
+    assert "\n" not in msg and "features.online_backend: redis" in msg and "spark://head:7077" in msg

@@ -37,6 +37,7 @@ import redis
 
 from mlflow_churn.data.bounds import latest_as_of
 from mlflow_churn.errors import ChurnError
+from mlflow_churn.features.materialize_spark import write_batch_on_spark
 from mlflow_churn.features.offline import _connect, check_cutoffs, compute_latest, longest_window
 from mlflow_churn.features.online import (
     CHUNK_ROWS,
@@ -50,6 +51,7 @@ from mlflow_churn.features.registry import FeatureDefinition, registry_for
 from mlflow_churn.features.sandbox import limited
 from mlflow_churn.features.snapshots import write_snapshot
 from mlflow_churn.progress import ProgressArg, resolve
+from mlflow_churn.spark import DEFAULT_SPARK_MASTER, spark_session
 from mlflow_churn.times import utc
 
 log = logging.getLogger(__name__)
@@ -167,9 +169,6 @@ def materialize(
             current = store.current_batch()
             check_order(current, as_of, force, store.location)
             if engine == "spark":
-                from mlflow_churn.features.materialize_spark import write_batch_on_spark
-                from mlflow_churn.spark import DEFAULT_SPARK_MASTER, spark_session
-
                 master = spark_master or DEFAULT_SPARK_MASTER
                 if own_spark:
                     spark = spark_session(master, "churn-materialize")

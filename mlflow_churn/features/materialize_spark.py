@@ -33,8 +33,8 @@ import pandas as pd
 from mlflow_churn.errors import ChurnError, first_line
 from mlflow_churn.features.definitions import FeatureDefinition
 from mlflow_churn.features.online import BatchInfo, OnlineStore
-from mlflow_churn.features.online.base import finish_batch
-from mlflow_churn.features.online.redis import RedisStore
+from mlflow_churn.features.online.base import encode_rows, finish_batch
+from mlflow_churn.features.online.redis import RedisStore, write_payloads
 from mlflow_churn.features.snapshots import write_snapshot
 from mlflow_churn.features.spark_frames import spark_latest, to_pandas
 from mlflow_churn.spark import is_local_master
@@ -51,9 +51,6 @@ def _partition_writer(url: str, rows_key: str, features: Sequence[str],
 
     def write(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         import redis
-
-        from mlflow_churn.features.online.base import encode_rows
-        from mlflow_churn.features.online.redis import write_payloads
 
         client = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5)
         try:

@@ -35,6 +35,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from mlflow_churn.features.registry import FeatureSet
+from mlflow_churn.features.spark_frames import spark_latest
 from mlflow_churn.spark import Staging, spark_session
 from mlflow_churn.times import utc
 
@@ -115,8 +116,6 @@ def score_spark(spark: Any, master: str, staging: str | None, uri: str, fs: Feat
         if own:
             spark = spark_session(master, "churn-score")
         if batches is None:
-            from mlflow_churn.features.spark_frames import spark_latest
-
             frame = spark_latest(spark, data_dir, fs.features, as_of, with_event_time=False)
             score_to_parquet(spark, uri, fs, frame, as_of, version, stage.uri + "/scores")
         else:
