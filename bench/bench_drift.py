@@ -191,7 +191,8 @@ def issue27(n: int = 200_000) -> None:
           f"for a core; both are shown. KS: `drift.ks_many` on {KS_COLUMNS} numeric "
           f"columns x {n:,} rows per side (a DataFrame each; NaNs dropped) against `scipy.stats.ks_2samp` "
           f"called per column on the same non-missing values (method auto: asymptotic p at this size); "
-          f"interleaved, median of 7. Load average before: {LOAD_BEFORE}, after: {_loadavg()}.\n")
+          f"interleaved, median of 7. Load average before: {LOAD_BEFORE}, after: {_loadavg()}"
+          f"{SHARED if float(_loadavg().split()[0]) > 2 else ''}.\n")
     print("| measure | wall s | CPU s |\n|---|---:|---:|")
     print(f"| build the profile ({n:,} x {len(fs.columns)}) | {b_wall:.3f} | {b_cpu:.3f} |")
     print(f"| judge one window against it (`window_drift`) | {j_wall:.3f} | {j_cpu:.3f} |")
@@ -224,6 +225,8 @@ def _loadavg() -> str:
 
 
 LOAD_BEFORE = _loadavg()
+SHARED = (" (more than the 2 cores: other processes, such as other sessions' tests and benchmarks, "
+          "shared the machine)")
 
 
 def main(quick: bool = False) -> None:
