@@ -13,7 +13,7 @@ Layout (JSON-able dict, typed as :class:`ReferenceProfile`)::
      "segments": {column: {value: {"count": n, "share": s,
                                     "features": {name: {"shares": [...], "null_rate": r,
                                                         "count": n}},
-                                    "score": {"shares": [...], "count": n}}}},
+                                    "score": {"shares": [...], "count": n, "null_rate": r}}}},
      "calibration": {"method": "platt", "a": .., "b": .., "rows": n, "positives": k} | None,
      "sources": {"activity.<column>": {"null_rate": r, "rows": n}} | None}
 
