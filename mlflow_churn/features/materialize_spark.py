@@ -23,6 +23,7 @@ features on Spark instead).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -41,6 +42,21 @@ from mlflow_churn.spark import is_local_master
 
 #: called in every partition before it writes (tests use it to kill a worker); None = nothing
 PartitionHook = Callable[[], None] | None
+
+
+_CAUSE = re.compile(r"^\s*(?::\s*)?(?:Caused by: )?([\w.$]+(?:Exception|Error)(?:: .*)?)$")
+
+
+def spark_cause(exc: BaseException, limit: int = 240) -> str:
+    """The most telling line of a Spark failure: the first ``...Exception: ...`` /
+    ``...Error`` line of a Py4J error's Java trace (its first line only names the call),
+    cut to ``limit`` characters."""
+    text = str(exc)
+    for line in text.splitlines()[1:]:
+        found = _CAUSE.match(line)
+        if found:
+            return found.group(1)[:limit]
+    return f"{type(exc).__name__}: {first_line(exc, limit)}"
 
 
 def _partition_writer(url: str, rows_key: str, features: Sequence[str],
@@ -86,7 +102,7 @@ def _executors_write(spark: Any, cfg: Any, store: RedisStore, features: list[Fea
                 writer, "rows long, newest timestamp").collect()
         except Exception as exc:  # noqa: BLE001 - any Spark / executor failure: one line
             raise ChurnError(
-                f"materialize on Spark failed ({type(exc).__name__}: {first_line(exc, 200)}); batch "
+                f"materialize on Spark failed ({spark_cause(exc)}); batch "
                 f"{info.batch_id} was not published, the serving batch is unchanged; re-run "
                 "`churn features materialize --engine spark`") from None
         rows = sum(int(p["rows"]) for p in parts)
@@ -118,4 +134,4 @@ def write_batch_on_spark(spark: Any, master: str, cfg: Any, store: OnlineStore,
     return store.write_batch(frame, info, allow_older=force)
 
 
-__all__ = ["PartitionHook", "write_batch_on_spark"]
+__all__ = ["PartitionHook", "spark_cause", "write_batch_on_spark"]
