@@ -19,6 +19,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 #: upper bounds (seconds) of the latency histogram buckets
+#: labelled children kept by :meth:`Metrics._metric` at most (label values are bounded: routes,
+#: versions, statuses; past this a child is looked up each time, as before)
+_MAX_CHILDREN = 10_000
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 # no `<name>_created` series: the exposition stays the one the dashboards were built on
@@ -35,6 +38,9 @@ class Metrics:
         self._render_lock = threading.Lock()
         self._help: dict[str, tuple[str, str]] = {}
         self._metrics: dict[str, tuple[Any, tuple[str, ...]]] = {}
+        #: (name, *label items in the caller's order) -> the labelled child (skips
+        #: prometheus_client's per-call label validation on the request path)
+        self._children: dict[tuple, Any] = {}
         self._gauges: list[tuple[str, dict[str, str], float]] = []
         self.registry.register(_Gauges(self))
 
@@ -43,6 +49,17 @@ class Metrics:
         self._help[name] = (kind, text)
 
     def _metric(self, name: str, kind: str, labels: dict[str, str]) -> Any:
+        key = (name, *labels.items())  # the child of these label values, made once
+        child = self._children.get(key)
+        if child is not None:
+            return child
+        child = self._labelled(name, kind, labels)
+        with self._lock:
+            if len(self._children) < _MAX_CHILDREN:
+                self._children[key] = child
+        return child
+
+    def _labelled(self, name: str, kind: str, labels: dict[str, str]) -> Any:
         names = tuple(sorted(labels))
         with self._lock:
             got = self._metrics.get(name)
