@@ -12,7 +12,12 @@ at the newest event, then starts each server in its own process on 127.0.0.1 and
   --env-manager local` (``POST /invocations`` with the row's features, which the client
   must already hold: no feature fetch): p50 / p99;
 - throughput (requests/s) of both over one connection (sequential) and over
-  ``--clients`` concurrent keep-alive connections.
+  ``--clients`` concurrent keep-alive connections (driven by ``wrk`` from its own process when
+  it is installed, else by client threads in this process), with the p99 latency under that load;
+- `churn serve`'s ``GET /health`` (the HTTP floor) over the same connection, alternating with
+  ``/predict`` in rounds. Issue 27's online targets, each on a ``- target (issue 27)`` line:
+  p50 <= 2x /health and p99 <= 5 ms on one connection; >= 800 req/s on ``--clients`` (4)
+  connections with p99 <= 15 ms; still >= 3x `mlflow models serve` (req/s).
 
 Shadow mode (issue 24 item 3), same run: a second version of the same model gets alias
 ``canary``; two `churn serve` processes serve the pair, one with ``canary.mode=shadow`` (the
@@ -28,7 +33,10 @@ Prints one Markdown section on stdout. Wall-clock numbers are reported, never as
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,8 +63,13 @@ from mlflow_churn.tracking import setup_mlflow
 from mlflow_churn.tracking_server import free_port
 from mlflow_churn.training.model import log_churn_model, to_model_input
 
+OURS = "churn serve (customer id, online features), serving.predictor"
 TARGET_P99_MS = 15.0
 TARGET_SHADOW_RATIO = 1.5
+#: issue 27: one connection p50 / health p50, one connection p99 (ms), req/s and p99 (ms) on
+#: 4 connections, req/s ratio over `mlflow models serve`
+TARGET_HEALTH_RATIO, TARGET_P99_1_MS, TARGET_VS_MLFLOW = 2.0, 5.0, 3.0
+TARGET_RPS, TARGET_P99_4_MS = 800.0, 15.0
 
 
 def _log(msg: str) -> None:
@@ -92,7 +105,73 @@ def _latencies(url: str, path: str, bodies: list[dict], n: int) -> np.ndarray:
     return out
 
 
-def _throughput(url: str, path: str, bodies: list[dict], clients: int, seconds: float) -> float:
+def _paired_latencies(url: str, path: str, bodies: list[dict], n: int,
+                      floor: str, rounds: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """(``path`` latencies, ``floor`` GET latencies) in ms over ONE keep-alive connection, the
+    two alternating in ``rounds`` rounds of ``n / rounds`` requests each."""
+    lat, base = [], []
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for body in bodies[:50]:
+            client.post(path, json=body).raise_for_status()
+            client.get(floor).raise_for_status()
+        per = max(1, n // rounds)
+        for r in range(rounds):
+            for _ in range(per):
+                t0 = time.perf_counter()
+                client.get(floor)
+                base.append((time.perf_counter() - t0) * 1000.0)
+            for k in range(per):
+                body = bodies[(r * per + k) % len(bodies)]
+                t0 = time.perf_counter()
+                res = client.post(path, json=body)
+                lat.append((time.perf_counter() - t0) * 1000.0)
+                if res.status_code != 200:
+                    raise RuntimeError(f"{path}: {res.status_code} {res.text[:300]}")
+    return np.array(lat), np.array(base)
+
+
+_WRK_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _wrk(url: str, path: str, bodies: list[dict], clients: int, seconds: float) -> tuple[float, float]:
+    """(req/s, p99 ms) of ``clients`` keep-alive connections posting ``bodies`` in turn for
+    ``seconds``, driven by wrk (one thread) in its own process; non-2xx answers raise."""
+    import json
+
+    quoted = ",\n".join("[=[" + json.dumps(b) + "]=]" for b in bodies[:500])  # Lua long strings
+    script = (f"local bodies = {{\n{quoted}\n}}\nlocal i = 0\n"
+              "request = function()\n  i = i % #bodies + 1\n"
+              f"  return wrk.format('POST', '{path}', {{['Content-Type'] = 'application/json'}}, bodies[i])\n"
+              "end\n")
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(script)
+    try:
+        cmd = ["wrk", "-t", "1", "-c", str(clients), "-d", f"{seconds:.0f}s", "--latency", "-s", f.name,
+               url + path]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
+    finally:
+        os.unlink(f.name)
+    if out.returncode != 0 or "Non-2xx" in out.stdout:
+        raise RuntimeError(f"wrk {path}: {out.stdout[-800:]} {out.stderr[-400:]}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out.stdout).group(1))
+    value, unit = re.search(r"^\s*99%\s+([\d.]+)(us|ms|s)\s*$", out.stdout, re.MULTILINE).groups()
+    errors = re.search(r"Socket errors:.*", out.stdout)
+    if errors:  # e.g. wrk's own 2 s timeout on an overloaded server: said, not hidden
+        _log(f"wrk {url}{path}: {errors.group(0)}")
+    return rps, float(value) * _WRK_UNITS[unit]
+
+
+def _load(url: str, path: str, bodies: list[dict], clients: int, seconds: float) -> tuple[float, float, str]:
+    """(req/s, p99 ms, driver) of ``clients`` connections: wrk when installed, else threads here."""
+    if shutil.which("wrk"):
+        return (*_wrk(url, path, bodies, clients, seconds), "wrk")
+    lat: list[float] = []
+    rps = _throughput(url, path, bodies, clients, seconds, lat)
+    return rps, float(np.percentile(lat, 99)), "client threads"
+
+
+def _throughput(url: str, path: str, bodies: list[dict], clients: int, seconds: float,
+                latencies: list[float] | None = None) -> float:
     counts = [0] * clients
     stop = time.perf_counter() + seconds
 
@@ -100,7 +179,10 @@ def _throughput(url: str, path: str, bodies: list[dict], clients: int, seconds: 
         with httpx.Client(base_url=url, timeout=30) as client:
             i = k
             while time.perf_counter() < stop:
+                t0 = time.perf_counter()
                 client.post(path, json=bodies[i % len(bodies)]).raise_for_status()
+                if latencies is not None:
+                    latencies.append((time.perf_counter() - t0) * 1000.0)
                 counts[k] += 1
                 i += clients
 
@@ -157,8 +239,9 @@ def _shadow_rounds(cmd: list[str], payloads: list[dict], env: dict[str, str],
 
 
 def _measure_server(label: str, cmd: list[str], ready: str, path: str, payloads: list[dict],
-                    env: dict[str, str], args: argparse.Namespace) -> tuple:
-    """Start ``cmd`` (``{port}`` filled in) and measure latencies and throughput of ``path``."""
+                    env: dict[str, str], args: argparse.Namespace, floor: str | None = None) -> tuple:
+    """Start ``cmd`` (``{port}`` filled in) and measure latencies and throughput of ``path``
+    (and, with ``floor``, that GET path's latencies alternating with them)."""
     port = free_port()
     proc = subprocess.Popen([c.replace("{port}", str(port)) for c in cmd], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -166,9 +249,12 @@ def _measure_server(label: str, cmd: list[str], ready: str, path: str, payloads:
         url = f"http://127.0.0.1:{port}"
         _wait(url, ready, proc)
         _log(f"measuring {label}")
-        return (_latencies(url, path, payloads, args.requests),
-                _throughput(url, path, payloads, 1, args.seconds),
-                _throughput(url, path, payloads, args.clients, args.seconds))
+        if floor is not None:
+            lat, base = _paired_latencies(url, path, payloads, args.requests, floor)
+        else:
+            lat, base = _latencies(url, path, payloads, args.requests), None
+        return (lat, _throughput(url, path, payloads, 1, args.seconds),
+                _load(url, path, payloads, args.clients, args.seconds), base)
     finally:
         _stop(proc)
 
@@ -183,9 +269,15 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--shadow-rounds", type=int, default=6)
     ap.add_argument("--shadow-requests", type=int, default=1000)
+    ap.add_argument("--predictor", choices=("xgboost", "compiled", "both"), default="both",
+                    help="serving.predictor of the measured churn serve (both: one after the other; "
+                    "compiled needs the `compiled` extra)")
     ap.add_argument("--shadow-only", action="store_true",
                     help="measure only shadow on vs off (no mlflow models serve comparison)")
     args = ap.parse_args(argv)
+    predictors = ["xgboost", "compiled"] if args.predictor == "both" else [args.predictor]
+    if args.predictor == "both" and importlib.util.find_spec("tl2cgen") is None:
+        predictors = ["xgboost"]  # the `compiled` extra is not installed
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp_name:
         ws = Path(tmp_name) / "ws"
@@ -249,8 +341,10 @@ def main(argv: list[str]) -> int:
         _log("measuring shadow on vs off")
         shadow = _shadow_rounds(ours_cmd, ours, env, args)
         if not args.shadow_only:
-            results["churn serve (customer id, online features)"] = _measure_server(
-                "churn serve", ours_cmd, "/ready", "/predict", ours, env, args)
+            for predictor in predictors:
+                results[f"{OURS} {predictor}"] = _measure_server(
+                    f"churn serve ({predictor})", ours_cmd, "/ready", "/predict", ours,
+                    {**env, "CHURN_SERVING__PREDICTOR": predictor}, args, floor="/health")
             results["mlflow models serve (features in the request)"] = _measure_server(
                 "mlflow models serve", theirs_cmd, "/ping", "/invocations", theirs, env, args)
 
@@ -258,8 +352,8 @@ def main(argv: list[str]) -> int:
     if args.shadow_only:
         print("\n".join(["## Online scoring: shadow mode on vs off", "", *shadow_lines]))
         return 0
-    ours_lat, ours_seq, ours_conc = results["churn serve (customer id, online features)"]
-    their_lat, their_seq, their_conc = results["mlflow models serve (features in the request)"]
+    ours_lat, ours_seq, (ours_conc, _, driver), _ = results[f"{OURS} {predictors[0]}"]  # xgboost unless told
+    their_lat, their_seq, (their_conc, _, _), _ = results["mlflow models serve (features in the request)"]
     p99 = float(np.percentile(ours_lat, 99))
     lines = [
         "## Online scoring (`churn serve`) vs `mlflow models serve`",
@@ -267,15 +361,22 @@ def main(argv: list[str]) -> int:
         f"{args.customers:,} simulated customers, online batch of {batch.rows:,} rows (SQLite), one "
         f"XGBoost model of {args.rounds} trees (depth 6, {len(fs.columns)} features) served by both. "
         f"{args.requests:,} one-customer requests over one keep-alive connection after 50 warm-up "
-        f"requests; throughput for {args.seconds:.0f} s on 1 and {args.clients} connections.",
+        f"requests; throughput for {args.seconds:.0f} s on 1 and {args.clients} connections ({driver}); "
+        "`churn serve` once per `serving.predictor` (xgboost, the default; compiled: the trees compiled "
+        "by TL2cgen, see bench_predictor), sync prediction log (SQLite). Load average before "
+        f"{LOAD_BEFORE}, after {_loadavg()} on {os.cpu_count()} cores: above ~2 the machine was shared "
+        "(other work ran beside this benchmark) and every figure is slower than on an idle machine.",
         "",
         "| server | p50 ms | p99 ms | req/s, 1 connection | req/s, "
-        f"{args.clients} connections |",
-        "|---|---:|---:|---:|---:|",
+        f"{args.clients} connections | p99 ms, {args.clients} connections |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, (lat, seq, conc) in results.items():
+    for name, (lat, seq, (conc, p99_conc, _), health) in results.items():
         lines.append(f"| {name} | {np.percentile(lat, 50):.2f} | {np.percentile(lat, 99):.2f} | "
-                     f"{seq:.0f} | {conc:.0f} |")
+                     f"{seq:.0f} | {conc:.0f} | {p99_conc:.2f} |")
+        if health is not None:
+            lines.append(f"| {name}: `GET /health` (same connection, alternating) | "
+                         f"{np.percentile(health, 50):.2f} | {np.percentile(health, 99):.2f} | | | |")
     lines += [
         "",
         f"- Throughput ratio churn serve / mlflow models serve: {ours_seq / their_seq:.2f} (1 connection), "
@@ -286,8 +387,48 @@ def main(argv: list[str]) -> int:
         f"- Median one-customer latency ratio churn serve / mlflow models serve: "
         f"{np.percentile(ours_lat, 50) / np.percentile(their_lat, 50):.2f}.",
     ]
+    for predictor in predictors:
+        lat, seq, (conc, p99_conc, _), health = results[f"{OURS} {predictor}"]
+        lines += _issue27_lines(predictor, lat, health, conc, p99_conc, seq / their_seq, conc / their_conc,
+                                args.clients)
     print("\n".join(lines + ["", *shadow_lines]))
     return 0
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "not met"
+
+
+def _issue27_lines(predictor: str, lat: np.ndarray, health: np.ndarray, rps: float, p99_conc: float,
+                   vs_seq: float, vs_conc: float, clients: int) -> list[str]:
+    """Issue 27's online targets of the server with ``predictor``, one ``- target (issue 27)``
+    line each (bench/run.py's summary)."""
+    p50, p99, h50 = (float(np.percentile(lat, 50)), float(np.percentile(lat, 99)),
+                     float(np.percentile(health, 50)))
+    lines = [
+        f"- target (issue 27): POST /predict one customer, sync durable log, p50 <= {TARGET_HEALTH_RATIO:g}x "
+        f"the same server's GET /health on one connection: {_verdict(p50 <= TARGET_HEALTH_RATIO * h50)} "
+        f"({p50:.2f} ms vs {h50:.2f} ms, {p50 / h50:.2f}x)",
+        f"- target (issue 27): POST /predict p99 <= {TARGET_P99_1_MS:g} ms on one connection: "
+        f"{_verdict(p99 <= TARGET_P99_1_MS)} ({p99:.2f} ms)",
+        f"- target (issue 27): >= {TARGET_RPS:.0f} req/s on {clients} connections with p99 <= "
+        f"{TARGET_P99_4_MS:g} ms: {_verdict(rps >= TARGET_RPS and p99_conc <= TARGET_P99_4_MS)} "
+        f"({rps:.0f} req/s, p99 {p99_conc:.2f} ms)",
+        f"- target (issue 27): still >= {TARGET_VS_MLFLOW:g}x mlflow models serve in req/s: "
+        f"{_verdict(min(vs_seq, vs_conc) >= TARGET_VS_MLFLOW)} ({vs_seq:.2f}x on 1 connection, "
+        f"{vs_conc:.2f}x on {clients})",
+    ]
+    # the text before the last ':' is the target; the predictor goes into it, after the words
+    # bench/run.py's summary matches on
+    return [line.replace(": met (", f", serving.predictor {predictor}: met (", 1).replace(
+        ": not met (", f", serving.predictor {predictor}: not met (", 1) for line in lines]
+
+
+def _loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
+
+
+LOAD_BEFORE = _loadavg()
 
 
 def _shadow_section(shadow: dict[str, list[float]], args: argparse.Namespace) -> list[str]:
