@@ -52,7 +52,8 @@ from mlflow_churn.config import ChurnConfig
 from mlflow_churn.data.bounds import data_bounds
 from mlflow_churn.data.sources import daily_source_nulls, source_integrity
 from mlflow_churn.errors import ChurnError
-from mlflow_churn.features.offline import check_cutoffs, longest_window
+from mlflow_churn.features.offline import check_cutoffs, coerce_frame, longest_window
+from mlflow_churn.features.spark_frames import spark_training_frame
 from mlflow_churn.jsonable import jsonable
 from mlflow_churn.monitoring.frames import FrameCache, window_frame
 from mlflow_churn.monitoring.policy import WindowStats, decide
@@ -268,40 +269,43 @@ class _Window:
 @dataclass
 class SparkEngine:
     """``engine="spark"`` of :func:`monitor`: a session on ``master`` (or the caller's ``spark``,
-    left running) and a staging directory executors can read (``staging``, see
-    :class:`~mlflow_churn.spark.Staging`)."""
+    left running) and a staging directory the driver and the executors can read (``staging``,
+    see :class:`~mlflow_churn.spark.Staging`); the executors also read ``<workspace>/data``."""
 
     master: str = DEFAULT_SPARK_MASTER
     staging: str | None = None
     spark: Any = None
 
-    def score_and_drift(self, frame: pd.DataFrame, uri: str, scorer: Scorer, profile: dict[str, Any],
-                        cfg: ChurnConfig) -> tuple[np.ndarray, WindowDrift]:
-        """Scores of ``frame`` (``mlflow.pyfunc.spark_udf`` on the executors, in the frame's row
-        order) and its drift from counts aggregated on Spark
-        (:func:`~mlflow_churn.monitoring.spark_drift.spark_window_counts`)."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    def window(self, cfg: ChurnConfig, cutoffs: Sequence[datetime], uri: str, scorer: Scorer,
+               profile: dict[str, Any]) -> tuple[pd.DataFrame, np.ndarray, WindowDrift]:
+        """The window's frame built on Spark (the offline builder's query,
+        :func:`~mlflow_churn.features.spark_frames.spark_training_frame`), scored there
+        (``mlflow.pyfunc.spark_udf``), its drift from counts aggregated there
+        (:func:`~mlflow_churn.monitoring.spark_drift.spark_window_counts`); the scored rows reach
+        the driver through ``staging`` (executors write Parquet, the driver reads it) for the
+        performance and the report. Returns (frame as the local builder's, scores, drift)."""
+        import pyarrow.dataset as pads
 
+        fs = scorer.feature_set
         stage = Staging(self.staging, self.master)
         own = self.spark is None
         spark = self.spark
         try:
-            with stage.fs.open_output_stream(stage.path + "/window.parquet") as out:
-                pq.write_table(pa.Table.from_pandas(frame.assign(__row=np.arange(len(frame))),
-                                                    preserve_index=False), out)
             if own:
                 spark = spark_session(self.master, "churn-monitor")
-            rows = spark.read.parquet(stage.uri + "/window.parquet")
-            sdf = score_frame_spark(spark, uri, scorer.feature_set, rows).persist()
+            rows = spark_training_frame(spark, cfg.data_dir, fs, cutoffs, cfg.features.label_horizon_days,
+                                        label=False)
+            sdf = score_frame_spark(spark, uri, fs, rows).persist()
             try:
-                scored = sdf.select("__row", "churn_probability").toPandas()
-                scores = np.empty(len(frame), dtype="float64")
-                scores[scored["__row"].to_numpy()] = scored["churn_probability"].to_numpy()
-                counts = spark_window_counts(sdf, profile, cfg, "churn_probability")
+                sdf.write.mode("overwrite").parquet(stage.uri + "/scored")
+                counts = spark_window_counts(sdf, profile, cfg)
             finally:
                 sdf.unpersist()
-            return scores, drift_from_counts(counts, profile, cfg)
+            scored = pads.dataset(stage.path + "/scored", filesystem=stage.fs, format="parquet")
+            raw = scored.to_table().to_pandas()
+            raw = raw.sort_values(["cutoff", "customer_id"], ignore_index=True)
+            scores = raw.pop("churn_probability").to_numpy(dtype="float64")
+            return coerce_frame(raw, fs, label=False), scores, drift_from_counts(counts, profile, cfg)
         finally:
             if own and spark is not None:
                 spark.stop()
@@ -329,12 +333,14 @@ def _scored_window(cfg: ChurnConfig, client: MlflowClient, alias: str, as_of: da
     if chosen == "served":
         frame, scores = served_frame(served, fs, version, as_of, cfg.monitoring.window_days)
         return _Window(mv, profile, scorer, cutoffs, frame, scores, chosen, reason, served)
+    if engine is not None:
+        frame, scores, wd = engine.window(cfg, cutoffs, model_uri(name, alias), scorer, profile)
+        if frame.empty:
+            raise ChurnError(f"no live customers in the window ending {as_of.isoformat()}")
+        return _Window(mv, profile, scorer, cutoffs, frame, scores, chosen, reason, served, wd)
     frame = window_frame(cfg.data_dir, fs, cutoffs, cfg.features.label_horizon_days, cache=cache)
     if frame.empty:
         raise ChurnError(f"no live customers in the window ending {as_of.isoformat()}")
-    if engine is not None:
-        scores, wd = engine.score_and_drift(frame, model_uri(name, alias), scorer, profile, cfg)
-        return _Window(mv, profile, scorer, cutoffs, frame, scores, chosen, reason, served, wd)
     return _Window(mv, profile, scorer, cutoffs, frame, scorer.predict_proba(frame), chosen, reason, served)
 
 
