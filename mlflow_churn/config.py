@@ -192,6 +192,13 @@ class TrainingConfig(_Section):
         ge=0,
         description="XGBoost threads per trial; 0 = all cores (1 is faster on an oversubscribed machine)",
     )
+    engine: Literal["local", "spark"] = Field(
+        "local", description="where the training frame is built: local (DuckDB) or spark (the offline "
+        "builder's query on Spark, sampled there; the trainer fits on the collected sample)")
+    spark_master: str = Field("local[*]", description="engine spark: Spark master URL (e.g. spark://HOST:7077)")
+    max_rows: int | None = Field(
+        None, ge=1, description="row budget of the training frame: above it, customers are sampled by a "
+        "stable hash (all their cutoffs kept) to about this many rows; None = every row")
 
 
 class EvaluationConfig(_Section):

@@ -53,7 +53,6 @@ from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.data.groups import holdout_mask, validation_mask
 from mlflow_churn.errors import ChurnError
-from mlflow_churn.features.offline import build_training_frame
 from mlflow_churn.features.registry import FeatureSet, registry_for
 from mlflow_churn.progress import ProgressArg, resolve
 from mlflow_churn.registry.aliases import CHALLENGER
@@ -65,6 +64,7 @@ from mlflow_churn.training.baseline import training_baselines
 from mlflow_churn.training.frames import TrainingFrames
 from mlflow_churn.training.model import log_churn_model, predict_proba
 from mlflow_churn.training.profile import PROFILE_ARTIFACT, build_profile, profile_json
+from mlflow_churn.training.spark_window import training_frame
 from mlflow_churn.training.table import load_table
 from mlflow_churn.training.targeting import SegmentTargets, segment_mask, target_weights
 from mlflow_churn.training.window import TrainingWindow, training_window
@@ -141,7 +141,7 @@ def prepare_window(cfg: ChurnConfig, as_of: datetime,
     ``targets``, the targeted segments' rows at the production cutoffs weigh ``targets.weight``."""
     window = training_window(as_of, cfg)
     fs = registry_for(cfg).feature_set(cfg.features.feature_set)
-    frame = build_training_frame(cfg.data_dir, fs, window.cutoffs, cfg.features.label_horizon_days)
+    frame = training_frame(cfg, fs, window.cutoffs, cfg.features.label_horizon_days)
     if frame.empty:
         raise ChurnError(f"the training window {window.window_start.date()} .. {window.window_end.date()} "
                          f"has no customers in {cfg.data_dir}; check the data or --as-of")
