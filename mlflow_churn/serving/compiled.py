@@ -176,7 +176,12 @@ def compile_booster(booster: xgb.Booster, cache_dir: Path, nthread: int | None =
             if _cached(entry, digest) is not None:
                 return Compiled(digest, entry / LIBRARY, None)
             shutil.rmtree(entry, ignore_errors=True)
-        os.replace(work, entry)
+        try:
+            os.replace(work, entry)
+        except OSError:  # another process put its (same) entry there first: use it if it verifies
+            if _cached(entry, digest) is None:
+                raise
+            return Compiled(digest, entry / LIBRARY, None)
     except ChurnError:
         raise
     except Exception as exc:
