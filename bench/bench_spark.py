@@ -42,6 +42,7 @@ def _materialize_once(customers: int, days: int, spark, redis_url: str, tmp: Pat
     from mlflow_churn.config import load_config
     from mlflow_churn.data.bounds import data_bounds
     from mlflow_churn.data.simulator import SimulationSpec, simulate
+    from mlflow_churn.errors import ChurnError
     from mlflow_churn.features.materialize import materialize
 
     prefix = f"bench-spark-{uuid.uuid4().hex[:8]}"
@@ -67,10 +68,15 @@ def _materialize_once(customers: int, days: int, spark, redis_url: str, tmp: Pat
         for key in client.scan_iter(f"{prefix}:local*", count=10_000):
             client.delete(key)  # keep one batch in Redis at a time
         t0 = time.perf_counter()
-        info = materialize(cfg("spark"), as_of, progress=False, engine="spark", spark=spark)
-        out["spark_s"] = time.perf_counter() - t0
-        out["same_rows"] = info.rows == out["rows"]
-        _log(f"Spark materialize: {info.rows:,} rows in {out['spark_s']:.1f} s (load {_load()})")
+        try:
+            info = materialize(cfg("spark"), as_of, progress=False, engine="spark", spark=spark)
+        except ChurnError as exc:  # reported in the section (e.g. out of memory on a small driver)
+            out["spark_s"], out["same_rows"], out["error"] = time.perf_counter() - t0, False, str(exc)
+            _log(f"Spark materialize failed after {out['spark_s']:.1f} s: {exc}")
+        else:
+            out["spark_s"] = time.perf_counter() - t0
+            out["same_rows"] = info.rows == out["rows"]
+            _log(f"Spark materialize: {info.rows:,} rows in {out['spark_s']:.1f} s (load {_load()})")
     finally:
         for key in client.scan_iter(f"{prefix}*", count=10_000):
             client.delete(key)
@@ -99,9 +105,12 @@ def materialize_rows(args: argparse.Namespace, spark, tmp: Path) -> list[str]:
         lines.append(f"| {bigger['customers']:,} | {bigger['duckdb_s']:.1f} | {bigger['spark_s']:.1f} | "
                      f"{bigger['spark_s'] / bigger['duckdb_s']:.2f} | {bigger['load']} |")
     lines.append("")
+    if "error" in first:
+        lines.append(f"Spark run failed after {first['spark_s']:.0f} s: {first['error']}")
     lines.append(f"- target (issue 28): Spark materialize within {TARGET_RATIO:g}x of DuckDB at "
                  f"{args.customers:,} customers on local[2]: "
-                 f"{'met' if ratio <= TARGET_RATIO else 'not met'} ({first['spark_s']:.1f} s vs "
+                 f"{'met' if ratio <= TARGET_RATIO and 'error' not in first else 'not met'} "
+                 f"({first['spark_s']:.1f} s vs "
                  f"{first['duckdb_s']:.1f} s = {ratio:.2f}x, load {first['load']}; rows equal: "
                  f"{first['same_rows']})")
     if bigger is None:
