@@ -10,17 +10,19 @@ Bins exactly as :func:`mlflow_churn.stats.drift.bin_index`:
 
 - numeric: bin ``i`` holds ``edges[i-1] < x <= edges[i]`` (right-closed); ``+inf`` is in the
   last bin, ``-inf`` in the first, NaN and null are missing (-1; Spark orders NaN above
-  every number, so it is tested first). Spark's ``Bucketizer`` is left-closed
-  (``[a, b)``), so it bins ``0.0 - x`` on the negated, reversed edges: ``-x`` in
-  ``[-e_{i}, -e_{i-1})`` is ``e_{i-1} < x <= e_i`` (``0.0 - x`` and ``0.0 - e`` also turn
-  ``-0.0`` into ``0.0``, which Bucketizer's binary search would order below ``0.0``);
+  every number, so it is tested first). The profile's few edges: a ``CASE`` chain
+  (``x <= e_0`` -> 0, ``x <= e_1`` -> 1, ...);
 - categorical: the category's position by its string, unknown values the last bin
   (``__unseen__``), null missing;
-- KS: the same numeric bins on the reference sample's distinct points; the cumulative counts
+- KS: the same bins on the reference sample's distinct points (thousands: Spark's
+  ``Bucketizer``, a binary search; it is left-closed, ``[a, b)``, so it bins ``0.0 - x`` on
+  the negated, reversed points: ``-x`` in ``[-e_i, -e_{i-1})`` is ``e_{i-1} < x <= e_i``;
+  ``0.0 - x`` also turns ``-0.0`` into ``0.0``, which its binary search would order below
+  ``0.0``); the cumulative counts
   give, per sample point, the current values at or below it
   (:func:`~mlflow_churn.stats.drift_counts.le_counts_from_bins`).
 
-One pass bins every column (a projection plus one multi-column Bucketizer), the binned
+One pass bins every column (a projection plus one multi-column Bucketizer for the KS points), the binned
 integers are cached, and three aggregations read them: (day, segment values, feature, bin)
 counts (per-day and per-segment histograms and null counts are sums of it on the driver),
 (feature, KS bin) counts, and distinct customers overall and per segment value.
@@ -90,9 +92,12 @@ def spark_window_counts(sdf: Any, profile: dict[str, Any], cfg: ChurnConfig,
             continue
         sel.append(_missing(v).alias(f"__m{i}"))
         sel.append(F.when(_missing(v), F.lit(0.0)).otherwise(F.lit(0.0) - v.cast("double")).alias(f"__n{i}"))
-        edges = np.asarray(e["edges"], dtype="float64")
-        if edges.size:
-            buckets.append((f"__n{i}", f"__e{i}", _negated_splits(edges)))
+        # the few profile edges: a CASE chain (compiled by code generation), the first edge >= x
+        d = v.cast("double")
+        expr = F.when(_missing(v), F.lit(-1))
+        for pos, edge in enumerate(np.asarray(e["edges"], dtype="float64")):
+            expr = expr.when(d <= F.lit(float(edge)), F.lit(pos))
+        sel.append(expr.otherwise(F.lit(len(e["edges"]))).alias(f"__b{i}"))
         if n != SCORE and e.get("sample"):
             sample = np.asarray(e["sample"], dtype="float64")
             ks_points[n] = np.unique(sample[np.isfinite(sample)])
@@ -108,9 +113,7 @@ def spark_window_counts(sdf: Any, profile: dict[str, Any], cfg: ChurnConfig,
         if entries[n]["kind"] == ColumnKind.CATEGORICAL:
             out.append(F.col(f"__b{i}").cast("int").alias(f"__b{i}"))
             continue
-        k = len(entries[n]["edges"])
-        b = (F.lit(k) - F.col(f"__e{i}")).cast("int") if f"__e{i}" in have else F.lit(0)
-        out.append(F.when(F.col(f"__m{i}"), F.lit(-1)).otherwise(b).alias(f"__b{i}"))
+        out.append(F.col(f"__b{i}").cast("int").alias(f"__b{i}"))
         if n in ks_points:
             k = len(ks_points[n])
             q = (F.lit(k) - F.col(f"__q{i}")).cast("int") if f"__q{i}" in have else F.lit(0)
