@@ -136,6 +136,7 @@ def test_every_spark_function_evaluates_equal_on_both_engines(spark, sample_tabl
     assert wrong == [], "\n".join(wrong)
 
 
+@pytest.mark.slow  # ~15 s idle (60 s at load 14); latest values are also checked byte for byte below
 def test_training_frame_and_latest_values_are_equal_on_both_engines(spark, small_data: Path) -> None:
     from mlflow_churn.features.offline import build_training_frame, compute_latest
     from mlflow_churn.features.registry import BUILTIN_FEATURES, load_registry
