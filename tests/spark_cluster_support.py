@@ -22,9 +22,14 @@ def spark_env(tmp: Path) -> dict[str, str]:
     """The environment of the daemons and of a driver talking to them (SPARK_HOME, loopback)."""
     import pyspark
 
+    # spark-defaults.conf as a cluster's operator would tune it: a handful of shuffle partitions
+    # for test-sized data (Spark's 200 cost one task each on the 1-core worker: minutes)
+    conf = tmp / "spark-conf"
+    conf.mkdir(exist_ok=True)
+    (conf / "spark-defaults.conf").write_text("spark.sql.shuffle.partitions 4\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHURN_")}
     env.update(SPARK_HOME=str(Path(pyspark.__file__).parent), SPARK_LOCAL_IP="127.0.0.1",
-               SPARK_LOG_DIR=str(tmp / "logs"), SPARK_DAEMON_MEMORY="256m")
+               SPARK_LOG_DIR=str(tmp / "logs"), SPARK_DAEMON_MEMORY="256m", SPARK_CONF_DIR=str(conf))
     return env
 
 

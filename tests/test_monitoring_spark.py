@@ -140,27 +140,41 @@ def test_monitor_engine_spark_same_decision_and_metrics(spark, trained, local_re
 
 @pytest.mark.spark
 @pytest.mark.slow
-def test_monitor_on_a_standalone_cluster(trained, local_result, tmp_path: Path) -> None:
-    """``churn monitor --engine spark`` against a real standalone master + worker (the pyspark
-    wheel's daemons), staging on a directory both sides read; the local engine's decision."""
+def test_materialize_and_monitor_on_a_standalone_cluster(trained, local_result, redis_url: str,
+                                                          redis_prefix: str, tmp_path: Path) -> None:
+    """``churn features materialize`` and ``churn monitor`` with ``--engine spark`` against a
+    real standalone master + worker (the pyspark wheel's daemons): executors write the online
+    batch to Redis; the monitor stages on a directory both sides read and gives the local
+    engine's decision."""
     import subprocess
     import sys
 
+    import redis
     from spark_cluster_support import spark_env, standalone_cluster
 
     ws = trained.workspace
     staging = tmp_path / "staging"
     staging.mkdir()
+    env = spark_env(tmp_path) | {  # the fixture's config, and the online store in Redis
+        "CHURN_MONITORING__MIN_SEGMENT_SIZE": "100", "CHURN_FEATURES__ONLINE_BACKEND": "redis",
+        "CHURN_FEATURES__REDIS_URL": redis_url, "CHURN_FEATURES__REDIS_PREFIX": redis_prefix}
+    churn = [sys.executable, "-m", "mlflow_churn.cli", "--workspace", str(ws)]
     with standalone_cluster(tmp_path) as master:
-        out = subprocess.run(
-            [sys.executable, "-m", "mlflow_churn.cli", "--workspace", str(ws), "monitor", "--engine", "spark",
-             "--spark-master", master, "--staging", str(staging), "--no-report", "--no-progress",
-             "--source", "offline", "--as-of", MONITOR_AS_OF.isoformat(), "--json"],
-            env=spark_env(tmp_path) | {"CHURN_MONITORING__MIN_SEGMENT_SIZE": "100"},  # the fixture's config
-            capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    remote = json.loads(out.stdout[out.stdout.index("{"):])
-    local = local_result
-    assert remote["decision"]["action"] == local.decision.action
-    assert_same(remote["stats"]["psi"], local.stats.psi, "psi")
+        mat = subprocess.run(
+            [*churn, "features", "materialize", "--engine", "spark", "--spark-master", master,
+             "--as-of", MONITOR_AS_OF.isoformat()], env=env, capture_output=True, text=True, timeout=600)
+        assert mat.returncode == 0, mat.stderr[-3000:]
+        mon = subprocess.run(
+            [*churn, "monitor", "--engine", "spark", "--spark-master", master, "--staging", str(staging),
+             "--no-report", "--no-progress", "--source", "offline", "--as-of", MONITOR_AS_OF.isoformat(),
+             "--json"], env=env, capture_output=True, text=True, timeout=600)
+    assert mon.returncode == 0, mon.stderr[-3000:]
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert next(client.scan_iter(match=f"{redis_prefix}*", count=1000), None) is not None
+    finally:
+        client.close()
+    remote = json.loads(mon.stdout[mon.stdout.index("{"):])
+    assert remote["decision"]["action"] == local_result.decision.action
+    assert_same(remote["stats"]["psi"], local_result.stats.psi, "psi")
     assert not list(staging.iterdir())
