@@ -35,6 +35,7 @@ from mlflow_churn.features.offline import (
 )
 from mlflow_churn.features.sandbox import lock_down
 from mlflow_churn.features.spark_sql import to_spark
+from mlflow_churn.spark import is_local_master
 from mlflow_churn.times import utc
 
 #: DuckDB result type -> Spark SQL type (the casts that make both engines' columns alike)
@@ -98,7 +99,14 @@ def _spine(spark: Any, cutoffs: Sequence[datetime], customer_ids: Sequence[int] 
         id_filter = "AND c.customer_id IN (SELECT customer_id FROM ids_df)"
     sql = (f"SELECT c.customer_id, k.cutoff FROM customers c CROSS JOIN cutoffs_df k "
            f"WHERE {_ALIVE} {id_filter}")
-    spark.sql(to_spark(sql)).createOrReplaceTempView("spine")
+    spine = spark.sql(to_spark(sql))
+    if is_local_master(spark.sparkContext.master):
+        # one process: the spine joins every activity row by hash in memory instead of a
+        # shuffle and sort of the activity (once per window: Spark does not reuse the CTE)
+        from pyspark.sql.functions import broadcast
+
+        spine = broadcast(spine)
+    spine.createOrReplaceTempView("spine")
 
 
 def _run(spark: Any, sql: str) -> Any:
