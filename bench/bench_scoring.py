@@ -76,6 +76,24 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def champion_for_bench(cfg, fs, first_event, as_of, customers: int, rounds: int):
+    """One model (``rounds`` trees of depth 6) trained on a 50k-customer sample, logged,
+    registered and made champion exactly as the project does; returns (model info, version)."""
+    setup_mlflow(cfg)
+    first_ok = first_event + timedelta(days=60)
+    horizon = max(1, (as_of - first_ok).days)
+    train = build_training_frame(cfg.data_dir, fs, [first_ok], horizon,
+                                 customer_ids=range(min(50_000, customers)))
+    dtrain = xgb.DMatrix(fs.coerce(train), label=train["label"], enable_categorical=True)
+    booster = xgb.train({"objective": "binary:logistic", "max_depth": 6, "eta": 0.05, "seed": 0,
+                         "tree_method": "hist"}, dtrain, rounds)
+    with mlflow.start_run(run_name="bench-scoring"):
+        info = log_churn_model(booster, fs, train)
+    mv = mlflow.register_model(info.model_uri, cfg.training.model_name)
+    move_alias(mlflow.MlflowClient(), cfg.training.model_name, CHAMPION, mv.version)
+    return info, mv
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--customers", type=int, default=1_000_000)
@@ -98,19 +116,7 @@ def main(argv: list[str]) -> int:
         as_of = bounds.last_event
         fs = registry_for(cfg).feature_set(cfg.features.feature_set)
 
-        # one model, trained on a sample, logged and loaded exactly as the project does
-        setup_mlflow(cfg)
-        first_ok = bounds.first_event + timedelta(days=60)
-        horizon = max(1, (as_of - first_ok).days)
-        train = build_training_frame(cfg.data_dir, fs, [first_ok], horizon,
-                                     customer_ids=range(min(50_000, args.customers)))
-        dtrain = xgb.DMatrix(fs.coerce(train), label=train["label"], enable_categorical=True)
-        booster = xgb.train({"objective": "binary:logistic", "max_depth": 6, "eta": 0.05, "seed": 0,
-                             "tree_method": "hist"}, dtrain, args.rounds)
-        with mlflow.start_run(run_name="bench-scoring"):
-            info = log_churn_model(booster, fs, train)
-        mv = mlflow.register_model(info.model_uri, cfg.training.model_name)
-        move_alias(mlflow.MlflowClient(), cfg.training.model_name, CHAMPION, mv.version)
+        info, mv = champion_for_bench(cfg, fs, bounds.first_event, as_of, args.customers, args.rounds)
         scorer = load_scorer(info.model_uri, str(mv.version))
 
         # the feature matrix at as_of, computed once by the offline SQL
