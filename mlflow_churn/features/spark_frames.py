@@ -100,9 +100,10 @@ def _spine(spark: Any, cutoffs: Sequence[datetime], customer_ids: Sequence[int] 
     sql = (f"SELECT c.customer_id, k.cutoff FROM customers c CROSS JOIN cutoffs_df k "
            f"WHERE {_ALIVE} {id_filter}")
     spine = spark.sql(to_spark(sql))
-    if is_local_master(spark.sparkContext.master):
-        # one process: the spine joins every activity row by hash in memory instead of a
-        # shuffle and sort of the activity (once per window: Spark does not reuse the CTE)
+    if len(cutoffs) == 1 and is_local_master(spark.sparkContext.master):
+        # one process, one row per customer: the spine joins every activity row by hash in
+        # memory instead of a shuffle and sort of the activity (once per window: Spark does
+        # not reuse the CTE). Many cutoffs (training frames) multiply the spine: not broadcast
         from pyspark.sql.functions import broadcast
 
         spine = broadcast(spine)
