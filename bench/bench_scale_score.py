@@ -12,7 +12,8 @@ process's high-water mark):
 
 Target (issue 27): 10M simulated customers end to end <= 2 min on 2 cores with peak RSS
 <= 2.5 GB, for ``churn score`` with materialize's snapshot present. ``--data DIR`` reuses
-(or keeps) a simulated dataset, since simulating 10M customers takes ~10 minutes.
+(or keeps) a simulated dataset (default ``bench/.work/scale-data``), since simulating 10M
+customers takes ~10 minutes; a kept dataset of other ``--customers`` / ``--days`` is made anew.
 Prints one Markdown section on stdout. Wall-clock numbers are reported, never asserted.
 """
 
@@ -67,13 +68,23 @@ def run_child(args: list[str], env: dict[str, str]) -> Child:
     return Child(seconds, kb / 1024**2, lines[-1] if lines else "")
 
 
+def _same_spec(data: Path, args: argparse.Namespace) -> bool:
+    """True when the kept dataset at ``data`` was simulated with these customers and days."""
+    import json
+
+    spec = json.loads((data / "manifest.json").read_text())
+    spec = spec.get("spec", spec)
+    return spec.get("customers") == args.customers and spec.get("days") == args.days
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--customers", type=int, default=10_000_000)
     ap.add_argument("--days", type=int, default=65)
     ap.add_argument("--rounds", type=int, default=300)
-    ap.add_argument("--data", type=Path, default=None,
-                    help="simulated data directory to reuse (made there when missing, and kept)")
+    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parent / ".work" / "scale-data",
+                    help="simulated data directory to reuse (made there when missing, and kept; "
+                         "default bench/.work/scale-data, ignored by git)")
     ap.add_argument("--no-recompute", action="store_true",
                     help="skip the context run that computes the features (minutes at 10M)")
     args = ap.parse_args(argv)
@@ -90,6 +101,8 @@ def main(argv: list[str]) -> int:
                if not k.startswith(("MLFLOW_", "CHURN_"))}
         data = args.data
         t0 = time.perf_counter()
+        if data is not None and (data / "manifest.json").exists() and not _same_spec(data, args):
+            shutil.rmtree(data)
         if data is None or not (data / "manifest.json").exists():
             target = data or cfg.data_dir
             simulate(SimulationSpec(customers=args.customers, days=args.days, start=date(2026, 1, 1),
