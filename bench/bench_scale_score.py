@@ -163,7 +163,7 @@ def main(argv: list[str]) -> int:
     context = ("the computing run was skipped: --no-recompute" if comp is None
                else f"computing the features instead: {comp.seconds:.0f} s, {comp.rss_gb:.2f} GB")
     print(f"\n- target (issue 27): 10M simulated customers end to end <= 2 min on 2 cores, peak RSS "
-          f"<= {TARGET_RSS_GB} GB (`churn score`, materialize's snapshot present): "
+          f"<= {TARGET_RSS_GB} GB (the scoring command, with materialize's features stored for the day): "
           f"{snap.seconds:.0f} s, {snap.rss_gb:.2f} GB -> **{'met' if met else 'not met'}** "
           f"(load average {load_after:.1f}; {context})")
     return 0
