@@ -30,8 +30,23 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+#: value types :func:`jsonable` returns unchanged (exact types: numpy scalars and subclasses convert)
+_PLAIN = frozenset((str, int, bool, type(None)))
+
+
+def _flat_plain(value: Any) -> bool:
+    """True for a dict of text keys to plain values (finite floats included), which
+    :func:`jsonable` would return equal: the common case on request paths (feature rows)."""
+    return type(value) is dict and all(
+        type(k) is str and (type(v) in _PLAIN or (type(v) is float and math.isfinite(v)))
+        for k, v in value.items())
+
+
 def dumps(value: Any, indent: int | None = 2) -> str:
-    """``json.dumps`` of :func:`jsonable` (anything still unknown as its text)."""
+    """``json.dumps`` of :func:`jsonable` (anything still unknown as its text); a flat dict of
+    plain values is dumped as it is (the same text, without the converting copy)."""
+    if _flat_plain(value):
+        return json.dumps(value, indent=indent)
     return json.dumps(jsonable(value), indent=indent, default=str)
 
 

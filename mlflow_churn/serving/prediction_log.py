@@ -136,10 +136,7 @@ class FeatureSampler:
         when over the bound."""
         if values is None or self.rate <= 0.0 or (self.rate < 1.0 and self._rng.random() >= self.rate):
             return None
-        try:  # plain values (what the online store and clients send): json alone, same text
-            text = json.dumps(values if type(values) is dict else dict(values), allow_nan=False)
-        except (TypeError, ValueError):  # numpy scalars, NaN, dates: the one converter
-            text = dumps(dict(values), indent=None)
+        text = dumps(values if type(values) is dict else dict(values), indent=None)
         size = len(text.encode("utf-8"))
         if size > self.max_bytes:
             self.omitted += 1
