@@ -127,10 +127,8 @@ def files_digest(root: str | Path) -> str:
     outer = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix()
                        not in UNSIGNED_FILES):
-        inner = hashlib.sha256()
         with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                inner.update(chunk)
+            inner = hashlib.file_digest(fh, "sha256")
         outer.update(f"{path.relative_to(root).as_posix()}\0{inner.hexdigest()}\n".encode())
     return outer.hexdigest()
 
