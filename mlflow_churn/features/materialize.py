@@ -51,7 +51,7 @@ from mlflow_churn.features.registry import FeatureDefinition, registry_for
 from mlflow_churn.features.sandbox import limited
 from mlflow_churn.features.snapshots import write_snapshot
 from mlflow_churn.progress import ProgressArg, resolve
-from mlflow_churn.spark import DEFAULT_SPARK_MASTER, spark_session
+from mlflow_churn.spark import DEFAULT_SPARK_MASTER, session_for
 from mlflow_churn.times import utc
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,6 @@ def materialize(
     check_cutoffs(cfg.data_dir, features, [as_of])
     own = store is None
     store = open_store(cfg, must_exist=False) if own else store
-    own_spark = engine == "spark" and spark is None
     try:
         with store.writer():
             started = datetime.now(UTC)
@@ -170,13 +169,12 @@ def materialize(
             check_order(current, as_of, force, store.location)
             if engine == "spark":
                 master = spark_master or DEFAULT_SPARK_MASTER
-                if own_spark:
-                    spark = spark_session(master, "churn-materialize")
                 info = BatchInfo(
                     batch_id=new_batch_id(as_of), as_of=as_of, watermark=None, rows=0, features=names,
                     started_at=started, mode="full", feature_hashes={f.full_name: f.hash for f in features})
-                with resolve(progress)(f"computing and writing {len(names)} features on Spark", 1) as tick:
-                    done = write_batch_on_spark(spark, master, cfg, store, features, info, force,
+                with session_for(spark, master, "churn-materialize") as session, \
+                        resolve(progress)(f"computing and writing {len(names)} features on Spark", 1) as tick:
+                    done = write_batch_on_spark(session, master, cfg, store, features, info, force,
                                                 partition_hook)
                     tick(1)
                 return done
@@ -203,8 +201,6 @@ def materialize(
             with resolve(progress)(f"writing {len(frame):,} rows ({mode})", chunks) as tick:
                 return store.write_batch(frame, info, on_chunk=lambda _rows: tick(1), allow_older=force)
     finally:
-        if own_spark and spark is not None:
-            spark.stop()
         if own:
             store.close()
 

@@ -80,7 +80,7 @@ from mlflow_churn.monitoring.window_drift import WindowDrift, drift_from_counts,
 from mlflow_churn.registry.aliases import alias_version, model_uri
 from mlflow_churn.serving.batch import ENGINES
 from mlflow_churn.serving.batch_spark import score_frame_spark
-from mlflow_churn.spark import DEFAULT_SPARK_MASTER, Staging, check_staging, spark_session
+from mlflow_churn.spark import DEFAULT_SPARK_MASTER, Staging, check_staging, session_for
 from mlflow_churn.stats.performance import (
     AucCheck,
     Performance,
@@ -288,27 +288,22 @@ class SparkEngine:
 
         fs = scorer.feature_set
         stage = Staging(self.staging, self.master)
-        own = self.spark is None
-        spark = self.spark
         try:
-            if own:
-                spark = spark_session(self.master, "churn-monitor")
-            rows = spark_training_frame(spark, cfg.data_dir, fs, cutoffs, cfg.features.label_horizon_days,
-                                        label=False)
-            sdf = score_frame_spark(spark, uri, fs, rows).persist()
-            try:
-                sdf.write.mode("overwrite").parquet(stage.uri + "/scored")
-                counts = spark_window_counts(sdf, profile, cfg)
-            finally:
-                sdf.unpersist()
+            with session_for(self.spark, self.master, "churn-monitor") as spark:
+                rows = spark_training_frame(spark, cfg.data_dir, fs, cutoffs, cfg.features.label_horizon_days,
+                                            label=False)
+                sdf = score_frame_spark(spark, uri, fs, rows).persist()
+                try:
+                    sdf.write.mode("overwrite").parquet(stage.uri + "/scored")
+                    counts = spark_window_counts(sdf, profile, cfg)
+                finally:
+                    sdf.unpersist()
             scored = pads.dataset(stage.path + "/scored", filesystem=stage.fs, format="parquet")
             raw = scored.to_table().to_pandas()
             raw = raw.sort_values(["cutoff", "customer_id"], ignore_index=True)
             scores = raw.pop("churn_probability").to_numpy(dtype="float64")
             return coerce_frame(raw, fs, label=False), scores, drift_from_counts(counts, profile, cfg)
         finally:
-            if own and spark is not None:
-                spark.stop()
             stage.cleanup()
 
 

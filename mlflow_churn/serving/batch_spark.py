@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from mlflow_churn.features.registry import FeatureSet
 from mlflow_churn.features.spark_frames import spark_latest
-from mlflow_churn.spark import Staging, spark_session
+from mlflow_churn.spark import Staging, session_for
 from mlflow_churn.times import utc
 
 
@@ -109,18 +109,16 @@ def score_spark(spark: Any, master: str, staging: str | None, uri: str, fs: Feat
     ``batches`` is None, computed on Spark from the tables under ``data_dir``
     (:func:`~mlflow_churn.features.spark_frames.spark_latest`: executors, not the driver)."""
     stage = Staging(staging, master)
-    own = spark is None
     try:
         if batches is not None:
             write_model_input(fs, batches, stage.path + "/features.parquet", on_batch, stage.fs)
-        if own:
-            spark = spark_session(master, "churn-score")
-        if batches is None:
-            frame = spark_latest(spark, data_dir, fs.features, as_of, with_event_time=False)
-            score_to_parquet(spark, uri, fs, frame, as_of, version, stage.uri + "/scores")
-        else:
-            score_parquet_spark(spark, uri, fs, stage.uri + "/features.parquet", as_of, version,
-                                stage.uri + "/scores")
+        with session_for(spark, master, "churn-score") as session:
+            if batches is None:
+                frame = spark_latest(session, data_dir, fs.features, as_of, with_event_time=False)
+                score_to_parquet(session, uri, fs, frame, as_of, version, stage.uri + "/scores")
+            else:
+                score_parquet_spark(session, uri, fs, stage.uri + "/features.parquet", as_of, version,
+                                    stage.uri + "/scores")
         rows = 0
         for info in stage.fs.get_file_info(pafs.FileSelector(stage.path + "/scores")):
             if info.is_file and info.base_name.endswith(".parquet"):
@@ -131,6 +129,4 @@ def score_spark(spark: Any, master: str, staging: str | None, uri: str, fs: Feat
             on_batch(rows)
         return rows
     finally:
-        if own and spark is not None:
-            spark.stop()
         stage.cleanup()

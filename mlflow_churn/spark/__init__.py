@@ -14,6 +14,8 @@ import shutil
 import sys
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,8 @@ import pyarrow.fs as pafs
 
 from mlflow_churn.errors import ChurnError
 
-__all__ = ["DEFAULT_SPARK_MASTER", "Staging", "check_staging", "is_local_master", "spark_session"]
+__all__ = ["DEFAULT_SPARK_MASTER", "Staging", "check_staging", "is_local_master", "session_for",
+           "spark_session"]
 
 DEFAULT_SPARK_MASTER = "local[*]"
 
@@ -53,6 +56,20 @@ def spark_session(master: str = DEFAULT_SPARK_MASTER, app_name: str = "churn") -
             .config("spark.driver.memory", "1g")
             .getOrCreate())
 
+
+
+@contextmanager
+def session_for(spark: Any, master: str = DEFAULT_SPARK_MASTER, app_name: str = "churn") -> Iterator[Any]:
+    """The caller's running session ``spark`` (left running), or, when it is None, one started
+    on ``master`` by :func:`spark_session` and stopped when the block ends."""
+    if spark is not None:
+        yield spark
+        return
+    own = spark_session(master, app_name)
+    try:
+        yield own
+    finally:
+        own.stop()
 
 def is_local_master(master: str) -> bool:
     """True for ``local``, ``local[N]``, ``local[*]`` (driver and executors on this machine)."""

@@ -28,7 +28,7 @@ from mlflow_churn.data.groups import customer_unit
 from mlflow_churn.features.offline import build_training_frame, coerce_frame
 from mlflow_churn.features.registry import FeatureSet
 from mlflow_churn.features.spark_frames import spark_training_frame, to_pandas
-from mlflow_churn.spark import spark_session
+from mlflow_churn.spark import session_for
 
 __all__ = ["budget_fraction", "sample_unit", "training_frame"]
 
@@ -75,11 +75,5 @@ def training_frame(cfg: ChurnConfig, fs: FeatureSet, cutoffs: Sequence[datetime]
     ``training.spark_master``, started and stopped here)."""
     if cfg.training.engine != "spark":
         return _local(cfg, fs, cutoffs, horizon)
-    own = spark is None
-    if own:
-        spark = spark_session(cfg.training.spark_master, "churn-train")
-    try:
-        return _spark(spark, cfg, fs, cutoffs, horizon)
-    finally:
-        if own:
-            spark.stop()
+    with session_for(spark, cfg.training.spark_master, "churn-train") as session:
+        return _spark(session, cfg, fs, cutoffs, horizon)
