@@ -132,6 +132,33 @@ STEPS: list[tuple[str, Callable[[argparse.Namespace, object, Path], list[str]]]]
 ]
 
 
+def section_on_spark(args: argparse.Namespace, title: str, app_name: str,
+                     steps: list[tuple[str | None, Callable]]) -> list[str]:
+    """The lines of one section: its header, then each ``(heading, step)``'s rows, every step
+    called as ``step(args, spark, tmp)`` on one local[2] session (its start-up time, not
+    counted, in ``args.session_s``) and one temporary directory."""
+    from mlflow_churn.spark import spark_session
+
+    t0 = time.perf_counter()
+    spark = spark_session("local[2]", app_name)
+    spark.sparkContext.setLogLevel("ERROR")
+    args.session_s = time.perf_counter() - t0
+    out = [f"## {title}\n\nRun {time.strftime('%Y-%m-%d %H:%M')} UTC on {os.cpu_count()} cores; load "
+           f"average at the start {_load()} (the cores are shared with other sessions: figures are slower "
+           "than on an idle machine).\n"]
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"{app_name}-") as tmp:
+            for heading, step in steps:
+                if heading:
+                    out.append(f"### {heading}\n")
+                out += step(args, spark, Path(tmp))
+                if heading:
+                    out.append("")
+    finally:
+        spark.stop()
+    return out
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--customers", type=int, default=1_000_000)
@@ -140,25 +167,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--force-4x", action="store_true", help="run the 4x size whatever the load")
     ap.add_argument("--only", default=None, help="run only the step whose function has this name")
     args = ap.parse_args(argv)
-    from mlflow_churn.spark import spark_session
-
-    t0 = time.perf_counter()
-    spark = spark_session("local[2]", "bench-spark")
-    spark.sparkContext.setLogLevel("ERROR")
-    args.session_s = time.perf_counter() - t0
-    out = [f"## Spark engine vs DuckDB engine (issue 28)\n\nRun {time.strftime('%Y-%m-%d %H:%M')} UTC "
-           f"on {os.cpu_count()} cores; load average at the start {_load()} (the cores are shared "
-           "with other sessions: figures are slower than on an idle machine).\n"]
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-spark-") as tmp:
-            for heading, step in STEPS:
-                if args.only and step.__name__ != args.only:
-                    continue
-                out.append(f"### {heading}\n")
-                out += step(args, spark, Path(tmp))
-                out.append("")
-    finally:
-        spark.stop()
+    steps = [(heading, step) for heading, step in STEPS if not args.only or step.__name__ == args.only]
+    out = section_on_spark(args, "Spark engine vs DuckDB engine (issue 28)", "bench-spark", steps)
     print("\n".join(out))
     return 0
 

@@ -19,12 +19,10 @@ import time
 from datetime import UTC, date, datetime
 from pathlib import Path
 
+from bench.bench_spark import _load, section_on_spark
+
 TARGET_RATIO = 3.0
 LINEAR_SLACK = 1.5
-
-
-def _load() -> str:
-    return Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
 
 
 def _window(tmp: Path, customers: int, cutoffs: int) -> tuple[Path, dict, object]:
@@ -136,28 +134,13 @@ def drift_rows(args: argparse.Namespace, spark, tmp: Path) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    import os
-    import tempfile
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--customers", type=int, default=1_000_000)
     ap.add_argument("--drift-cutoffs", type=int, default=1, help="daily cutoffs per customer (1..7)")
     ap.add_argument("--force-4x", action="store_true", help="run the 4x size whatever the load")
     args = ap.parse_args(argv)
-    from mlflow_churn.spark import spark_session
-
-    t0 = time.perf_counter()
-    spark = spark_session("local[2]", "bench-spark-drift")
-    spark.sparkContext.setLogLevel("ERROR")
-    args.session_s = time.perf_counter() - t0
-    out = [f"## Window drift: local engine vs Spark (issue 28)\n\nRun {time.strftime('%Y-%m-%d %H:%M')} UTC "
-           f"on {os.cpu_count()} cores; load average at the start {_load()} (the cores are shared with "
-           "other sessions: figures are slower than on an idle machine).\n"]
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-spark-drift-") as tmp:
-            out += drift_rows(args, spark, Path(tmp))
-    finally:
-        spark.stop()
+    out = section_on_spark(args, "Window drift: local engine vs Spark (issue 28)", "bench-spark-drift",
+                           [(None, drift_rows)])
     print("\n".join(out))
     return 0
 
