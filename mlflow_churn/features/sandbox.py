@@ -281,17 +281,23 @@ def _tree_problem(root: dict, columns: frozenset[str]) -> str | None:
 def _table_function_in(root: dict) -> str | None:
     """A refusal naming the first table function (a file read) below ``root``, if any: said
     before the subquery that holds it, so the message names the read."""
+    for cur in _dict_nodes(root):
+        if cur.get("type") == "TABLE_FUNCTION" and "class" not in cur:
+            fn = (cur.get("function") or {}).get("function_name", "?")
+            return f"table function {fn}() is not allowed (no subqueries, no file reads)"
+    return None
+
+
+def _dict_nodes(root: Any) -> Iterator[dict]:
+    """Every dict of a parse tree below ``root`` (lists walked through), with an explicit stack."""
     stack: list[Any] = [root]
     while stack:
         cur = stack.pop()
         if isinstance(cur, list):
             stack.extend(cur)
         elif isinstance(cur, dict):
-            if cur.get("type") == "TABLE_FUNCTION" and "class" not in cur:
-                fn = (cur.get("function") or {}).get("function_name", "?")
-                return f"table function {fn}() is not allowed (no subqueries, no file reads)"
+            yield cur
             stack.extend(v for v in cur.values() if isinstance(v, dict | list))
-    return None
 
 
 @lru_cache(maxsize=1024)
@@ -350,17 +356,11 @@ def called_names(expression: str, source: str) -> tuple[frozenset[str], frozense
     if isinstance(tree, str):
         raise ChurnError(tree)
     functions, casts = set(), set()
-    stack: list[Any] = [tree]
-    while stack:
-        cur = stack.pop()
-        if isinstance(cur, list):
-            stack.extend(cur)
-        elif isinstance(cur, dict):
-            if cur.get("class") == "FUNCTION":
-                functions.add(str(cur.get("function_name")).lower())
-            elif cur.get("class") == "CAST":
-                casts.add(str((cur.get("type_expr") or {}).get("type_name", "?")).upper())
-            stack.extend(v for v in cur.values() if isinstance(v, dict | list))
+    for cur in _dict_nodes(tree):
+        if cur.get("class") == "FUNCTION":
+            functions.add(str(cur.get("function_name")).lower())
+        elif cur.get("class") == "CAST":
+            casts.add(str((cur.get("type_expr") or {}).get("type_name", "?")).upper())
     return frozenset(functions), frozenset(casts)
 
 
