@@ -1,11 +1,13 @@
-"""Ctrl-C that never lands inside xgboost's ctypes callbacks.
+"""Ctrl-C that never lands inside xgboost's ctypes callbacks, SQLAlchemy or a run's start or end.
 
 Python's own SIGINT handler raises KeyboardInterrupt wherever the main thread is. Inside
 Python code that C calls through ctypes (:data:`FRAGILE_CALLBACKS`: xgboost's ``DataIter``
 callbacks, which catch Exception only) ctypes drops it and xgboost then frees its iterator
 state twice: the process aborts, segfaults or hangs (24 of 30 Ctrl-C during
 ``XGBClassifier.fit``, measured here). :class:`SafeInterrupt` raises it
-:data:`RETRY_INTERRUPT_S` s later instead, outside the callback (none of 30).
+:data:`RETRY_INTERRUPT_S` s later instead, outside the callback (none of 30). The same holds
+inside SQLAlchemy (:data:`FRAGILE_MODULES`) and inside an :func:`uninterruptible` block (a
+run being created or ended), so Ctrl-C never leaves a run RUNNING.
 
 ``churn`` runs every command inside a :class:`SafeInterrupt` (:func:`mlflow_churn.cli.main`);
 ``churn demo --server`` extends it (:class:`mlflow_churn.demo_server.PromptStop`) with a
@@ -19,6 +21,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 #: (module, class, function) of Python code that C calls through ctypes and that must not see a
@@ -26,12 +31,33 @@ from typing import Any
 FRAGILE_CALLBACKS = (("xgboost.core", "DataIter", "_next_wrapper"),
                      ("xgboost.core", "DataIter", "_reset_wrapper"),
                      ("xgboost.core", None, "_log_callback"))
+#: modules inside which a KeyboardInterrupt is not raised either: SQLAlchemy cut in a flush or a
+#: commit leaves its connection's transaction open, SQLite's write lock stays held and the
+#: clean-up that ends the run FAILED fails "database is locked" (CI: a tuning trial left RUNNING)
+FRAGILE_MODULES = ("sqlalchemy.",)
 #: seconds between two tries to interrupt the main thread while it is inside a fragile callback
 RETRY_INTERRUPT_S = 0.02
 
+#: how many :func:`uninterruptible` blocks the current context is inside
+_uninterruptible: ContextVar[int] = ContextVar("churn_uninterruptible", default=0)
+
+
+@contextmanager
+def uninterruptible() -> Iterator[None]:
+    """A block that a :class:`SafeInterrupt` signal never cuts in two: its KeyboardInterrupt
+    lands just after the block instead. For a call whose effect the caller must learn to undo
+    it, e.g. creating a run on the tracking server (a Ctrl-C after the server made it and
+    before the caller has its id leaves it RUNNING for ever) or ending one."""
+    token = _uninterruptible.set(_uninterruptible.get() + 1)
+    try:
+        yield
+    finally:
+        _uninterruptible.reset(token)
+
 
 def in_fragile_callback(frame: Any) -> bool:
-    """True when ``frame`` or a frame below it runs one of :data:`FRAGILE_CALLBACKS`."""
+    """True when ``frame`` or a frame below it runs one of :data:`FRAGILE_CALLBACKS` or code
+    of :data:`FRAGILE_MODULES`."""
     codes = set()
     for module, owner, name in FRAGILE_CALLBACKS:
         mod = sys.modules.get(module)
@@ -39,8 +65,8 @@ def in_fragile_callback(frame: Any) -> bool:
         code = getattr(getattr(holder, name, None), "__code__", None)
         if code is not None:
             codes.add(code)
-    while codes and frame is not None:
-        if frame.f_code in codes:
+    while frame is not None:
+        if frame.f_code in codes or frame.f_globals.get("__name__", "").startswith(FRAGILE_MODULES):
             return True
         frame = frame.f_back
     return False
@@ -48,9 +74,10 @@ def in_fragile_callback(frame: Any) -> bool:
 
 class SafeInterrupt:
     """While the block runs (main thread only; elsewhere a no-op), each of ``signals`` raises
-    KeyboardInterrupt in the main thread, once, outside :data:`FRAGILE_CALLBACKS` (a signal
-    that finds the main thread inside one is raised again a moment later, by SIGINT to the
-    main thread, until it lands outside). The previous handlers come back at the end."""
+    KeyboardInterrupt in the main thread, once, outside :data:`FRAGILE_CALLBACKS` and
+    :data:`FRAGILE_MODULES` (a signal that finds the main thread inside one, or inside an
+    :func:`uninterruptible` block, is raised again a moment later, by SIGINT to the main
+    thread, until it lands outside). The previous handlers come back at the end."""
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGINT,)) -> None:
         self.signals = signals
@@ -82,7 +109,7 @@ class SafeInterrupt:
         """Raise KeyboardInterrupt here, or a moment later when ``frame`` is fragile."""
         if self._raised:
             return
-        if in_fragile_callback(frame):
+        if in_fragile_callback(frame) or _uninterruptible.get() > 0:
             self._retry_later()
             return
         self._raised = True
@@ -104,4 +131,6 @@ class SafeInterrupt:
         threading.Thread(target=poke, name="safe-interrupt-retry", daemon=True).start()
 
 
-__all__ = ["FRAGILE_CALLBACKS", "RETRY_INTERRUPT_S", "SafeInterrupt", "in_fragile_callback"]
+__all__ = ["FRAGILE_CALLBACKS", "FRAGILE_MODULES", "RETRY_INTERRUPT_S", "SafeInterrupt",
+           "in_fragile_callback",
+           "uninterruptible"]

@@ -58,6 +58,7 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError, Unavailable, first_line
+from mlflow_churn.interrupt import uninterruptible
 from mlflow_churn.tags import EXPERIMENT_KIND_TAG, FAILED_TAG
 
 PROBE_TIMEOUT_S = 5.0
@@ -721,17 +722,42 @@ def step_run(run_name: str, experiment_id: str | None = None, parent_run_id: str
     with without_project_run() as project:
         parent = parent_run_id or project
         if not parent:
-            with mlflow.start_run(run_name=run_name, experiment_id=experiment_id,
-                                  nested=mlflow.active_run() is not None) as run:
-                yield run
+            yield from _fluent_run(lambda: mlflow.start_run(run_name=run_name, experiment_id=experiment_id,
+                                                            nested=mlflow.active_run() is not None))
             return
         client = MlflowClient()
         exp = _parent_experiment(client, parent)
         mlflow.set_experiment(experiment_id=exp)  # start_run(run_id) refuses a run of another experiment
-        run_id = parent if resume else _create_run(client, exp, run_name, {}, parent)
-        nested = mlflow.active_run() is not None and mlflow.active_run().info.run_id != run_id
-        with mlflow.start_run(run_id=run_id, nested=nested) as run:
-            yield run
+
+        def start() -> Any:
+            run_id = parent if resume else _create_run(client, exp, run_name, {}, parent)
+            nested = mlflow.active_run() is not None and mlflow.active_run().info.run_id != run_id
+            return mlflow.start_run(run_id=run_id, nested=nested)
+
+        yield from _fluent_run(start)
+
+
+def _fluent_run(start: Callable[[], Any]) -> Iterator[Any]:
+    """The fluent run ``start()`` opens, active while the caller's block runs, ended FINISHED
+    after it or FAILED when it raises (what ``with mlflow.start_run()`` does), with the start
+    and the end :func:`uninterruptible`: a Ctrl-C never finds a run made and not yet ended
+    by this block."""
+    run = None
+    try:
+        with uninterruptible():
+            run = start()
+        yield run
+    except BaseException:
+        if run is not None:
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == run.info.run_id:
+                with uninterruptible():
+                    mlflow.end_run("FAILED")
+        raise
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run.info.run_id:
+        with uninterruptible():
+            mlflow.end_run("FINISHED")
 
 
 @contextmanager
@@ -760,17 +786,22 @@ def client_run(client: MlflowClient, cfg: ChurnConfig, run_name: str, *, experim
         if not parent_run_id:
             raise ValueError("client_run needs an experiment_id or a parent_run_id")
         experiment_id = _parent_experiment(client, parent_run_id)
-    run_id = _create_run(client, experiment_id, run_name, tags or {}, parent_run_id, start_time)
-    pending = _pending_run(cfg, run_id) if journal else None
+    run_id: str | None = None
+    pending = None
     try:
+        with uninterruptible():  # a Ctrl-C lands once the id is known and this try can end it
+            run_id = _create_run(client, experiment_id, run_name, tags or {}, parent_run_id, start_time)
+            pending = _pending_run(cfg, run_id) if journal else None
         _mark_kind(client, experiment_id)  # after the run: a dead server fails the run, not this
         yield run_id
     except BaseException as exc:
-        _cleanup_after(exc, lambda: _terminate_failed(cfg, client, run_id))
-        _forget(cfg, pending)
+        if run_id is not None:
+            _cleanup_after(exc, lambda: _terminate_failed(cfg, client, run_id))
+            _forget(cfg, pending)
         raise
-    client.set_terminated(run_id, "FINISHED")
-    _forget(cfg, pending)
+    with uninterruptible():
+        client.set_terminated(run_id, "FINISHED")
+        _forget(cfg, pending)
 
 
 def _parent_experiment(client: MlflowClient, parent: str) -> str:
