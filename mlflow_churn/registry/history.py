@@ -61,6 +61,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.errors import ChurnError, is_missing
+from mlflow_churn.interrupt import uninterruptible
 from mlflow_churn.registry.lock import model_lock
 from mlflow_churn.registry.signing import version_ref
 from mlflow_churn.tags import HISTORY_WRITER_TAG as WRITER_TAG
@@ -284,10 +285,11 @@ def record_move(client: MlflowClient, model: str, alias: str, from_version: str 
     tags = _tags(model, alias, from_v, to_v, actor=who, reason=reason, evidence_run_id=evidence_run_id,
                  source=source, moved_at=moved_at, position=position, seq=seq, from_ref=from_ref,
                  to_ref=to_ref, moved_after=moved_after, claimed=claimed, delivery_id=delivery_id, via=via)
-    run = client.create_run(experiment or experiment_id(client), start_time=int(moved_at.timestamp() * 1000),
-                            tags=tags)
-    if not running:
-        client.set_terminated(run.info.run_id, _FINISHED)
+    with uninterruptible():  # Ctrl-C never leaves a finished move's run RUNNING
+        run = client.create_run(experiment or experiment_id(client),
+                                start_time=int(moved_at.timestamp() * 1000), tags=tags)
+        if not running:
+            client.set_terminated(run.info.run_id, _FINISHED)
     return AliasMove(model, alias, from_v, to_v, moved_at, who, reason, evidence_run_id or None, source,
                      tags["move_key"], run.info.run_id, moved_after, _RUNNING if running else _FINISHED,
                      position, seq, from_ref, to_ref, claimed, delivery_id, via)
