@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -86,7 +87,99 @@ def test_spark_counts_give_the_local_statistics(spark, window) -> None:
                                   check_freq=False, check_index_type=False)
 
 
-MONITOR_AS_OF = datetime(2026, 4, 20, tzinfo=UTC)
+SEGMENTS = ["plan", "region", "contract", "tenure_bucket"]
+
+
+def perf_dicts(perfs) -> dict:
+    """Every field of each segment's performance, as plain values."""
+    return {k: asdict(p) for k, p in perfs.items()}
+
+
+@pytest.fixture(scope="module")
+def performance_rows(small_data: Path, window):
+    """Raw rows of the window (tenure on the buckets' edges, missing, infinite; plans missing or
+    unknown) and matured rows (30-day labels up to the window's end) with scores: one region
+    only in the matured rows, one in 5 matured rows only. Returns (feature set, (raw window,
+    its frame as the local builder coerces it, scores), (raw matured, frame, scores))."""
+    from mlflow_churn.features.offline import coerce_frame
+
+    _, cur, scores, _ = window
+    fs = load_registry().feature_set("churn_default")
+    matured = build_training_frame(small_data, fs, window_cutoffs(datetime(2026, 3, 8, tzinfo=UTC), 7), 30,
+                                   label=True, label_as_of=AS_OF)
+    rng = np.random.default_rng(1)
+    m_scores = np.clip(rng.beta(1, 8, len(matured)) + 0.3 * matured["label"].to_numpy(), 0, 1)
+    cur = cur.astype({c: "object" for c in fs.categorical})
+    matured = matured.astype({c: "object" for c in fs.categorical})
+    cur["tenure_days"] = cur["tenure_days"].astype("float64")
+    cur.loc[cur.index[10:30], "tenure_days"] = [np.nan] * 10 + [-1.0, 0.0, 89.999, 90.0, 365.0, 729.0, 730.0,
+                                                               1e9, np.inf, -np.inf]
+    cur.loc[cur.index[30:40], "plan"] = [None] * 5 + ["not-a-plan"] * 5
+    only_matured, few = fs.categorical["region"][-1], fs.categorical["region"][-2]
+    other = fs.categorical["region"][0]
+    cur.loc[cur["region"] == only_matured, "region"] = other
+    rare = matured.index[matured["region"] == few][5:]
+    matured.loc[rare, "region"] = other
+    return (fs, (cur, coerce_frame(cur, fs, label=False), scores),
+            (matured, coerce_frame(matured, fs, label=True), m_scores))
+
+
+def _as_spark_rows(spark, raw: pd.DataFrame, scores: np.ndarray):
+    """Raw rows and their scores as a Spark DataFrame (missing categories null)."""
+    raw = raw.assign(churn_probability=scores)
+    for col in raw.columns:
+        if raw[col].dtype == object:
+            raw[col] = raw[col].where(raw[col].notna(), None)
+    return spark.createDataFrame(raw)
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("with_matured", [True, False])
+def test_segment_performance_on_spark_is_the_local_one(spark, performance_rows, with_matured: bool) -> None:
+    """The per-segment performance computed per segment on the executors equals the local
+    function's on the whole frames, field for field."""
+    from mlflow_churn.monitoring.spark_performance import spark_segment_performance
+    from mlflow_churn.stats.performance import segment_performance
+
+    fs, (cur_raw, cur, scores), (mat_raw, matured, m_scores) = performance_rows
+    cfg = load_config(environ={})
+    kwargs = {"calibration": {"method": "platt", "a": 1.3, "b": 0.2}, "min_rows": 40, "min_churners": 5}
+    local = segment_performance(SEGMENTS, cur, scores, cfg.evaluation,
+                                matured=matured if with_matured else None,
+                                matured_scores=m_scores if with_matured else None, **kwargs)
+    remote = spark_segment_performance(
+        SEGMENTS, _as_spark_rows(spark, cur_raw, scores), fs, cfg.evaluation,
+        matured=_as_spark_rows(spark, mat_raw, m_scores) if with_matured else None, **kwargs)
+    assert list(remote) == list(local)
+    assert_same(perf_dicts(local), perf_dicts(remote), "segments")
+    assert {k.partition("=")[0] for k in local} == set(SEGMENTS)
+    assert "plan=not-a-plan" not in local
+    regions = fs.categorical["region"]
+    if with_matured:  # the edge cases are reached
+        assert local[f"region={regions[-1]}"].estimate_reason == "no rows of this segment in the window"
+        assert local[f"region={regions[-2]}"].rows == 5
+        assert local[f"region={regions[-2]}"].reason.startswith("too few rows")
+        assert sum(p.auc is not None for p in local.values()) >= 5
+        assert all(p.auc_se is not None and math.isfinite(p.auc_se) for p in local.values() if p.auc)
+    else:
+        assert {p.reason for p in local.values()} == {"labels not matured yet"}
+        assert sum(p.estimated_auc is not None for p in local.values()) >= 5
+
+
+@pytest.mark.spark
+def test_segment_performance_on_spark_refuses_a_lacking_column(spark, performance_rows) -> None:
+    from mlflow_churn.errors import ChurnError
+    from mlflow_churn.monitoring.spark_performance import spark_segment_performance
+
+    fs, (cur_raw, _, scores), _ = performance_rows
+    with pytest.raises(ChurnError, match="segment column.*no_such_column"):
+        spark_segment_performance(["plan", "no_such_column"], _as_spark_rows(spark, cur_raw, scores), fs,
+                                  load_config(environ={}).evaluation)
+
+
+TRAIN_AS_OF = datetime(2026, 4, 20, tzinfo=UTC)
+#: 38 days after training: the window's matured (30-day) and early labels are after it
+MONITOR_AS_OF = datetime(2026, 5, 28, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +198,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
                             scenario="segment_shift", onset_day=110), ws / "data")
     cfg = load_config(workspace=ws, environ={}, overrides={
         "training.n_trials": 1, "monitoring.min_segment_size": 100})
-    res = train(cfg, MONITOR_AS_OF, n_trials=1, progress=False)
+    res = train(cfg, TRAIN_AS_OF, n_trials=1, progress=False)
     move_alias(MlflowClient(cfg.mlflow_tracking_uri, cfg.mlflow_tracking_uri), cfg.training.model_name,
                "champion", res.version)
     return cfg
@@ -126,8 +219,10 @@ def test_monitor_engine_spark_same_decision_and_metrics(spark, trained, local_re
     from mlflow_churn.monitoring.runs import _segment_metrics, _window_metrics
 
     cfg, local = trained, local_result
-    remote = monitor(cfg, MONITOR_AS_OF, report=False, log=False, source="offline", engine="spark",
+    # logged with the report: the Spark engine reads every column of the window back for it
+    remote = monitor(cfg, MONITOR_AS_OF, report=True, log=True, history=[], source="offline", engine="spark",
                      spark=SparkEngine("local[2]", str(tmp_path), spark))
+    assert remote.run_id
     assert remote.decision.action == local.decision.action and remote.decision.fired == local.decision.fired
     assert remote.rows == local.rows
     metrics = [_window_metrics(r) | _segment_metrics(r) for r in (local, remote)]
@@ -135,6 +230,14 @@ def test_monitor_engine_spark_same_decision_and_metrics(spark, trained, local_re
     assert_same(json.loads(json.dumps(local.stats.to_dict(), default=str)),
                 json.loads(json.dumps(remote.stats.to_dict(), default=str)), "stats")
     assert local.stats.psi and local.stats.segment_psi
+    # every segment's performance figure (realised, estimated, the baselines and the drops)
+    assert_same(perf_dicts(local.performance.segments), perf_dicts(remote.performance.segments), "segments")
+    assert local.performance.matured_rows and local.performance.auc and local.performance.early
+    assert any(p.auc is not None for p in local.performance.segments.values())
+    assert any(p.estimated_auc is not None for p in local.performance.segments.values())
+    assert remote.performance.segment_z == local.performance.segment_z
+    overall = [{k: v for k, v in asdict(r.performance).items() if k != "segments"} for r in (local, remote)]
+    assert_same(*overall, "performance")
     assert not list(tmp_path.iterdir())  # the staged window is removed
 
 

@@ -38,7 +38,7 @@ What the run holds: :mod:`mlflow_churn.monitoring.runs`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -76,6 +76,7 @@ from mlflow_churn.monitoring.served import (
     skew_figure,
 )
 from mlflow_churn.monitoring.spark_drift import spark_window_counts
+from mlflow_churn.monitoring.spark_performance import spark_segment_performance
 from mlflow_churn.monitoring.window_drift import WindowDrift, drift_from_counts, window_drift
 from mlflow_churn.registry.aliases import alias_version, model_uri
 from mlflow_churn.serving.batch import ENGINES
@@ -124,16 +125,29 @@ class _Labelled:
         return self.frame["label"].to_numpy()[m], self.scores[m], self.frame["customer_id"].to_numpy()[m]
 
 
-def _labelled(cfg: ChurnConfig, fs: Any, scorer: Any, as_of: datetime, horizon: int,
-              not_before: datetime | None, cache: FrameCache | None) -> _Labelled | None:
+def _label_cutoffs(cfg: ChurnConfig, fs: Any, as_of: datetime, horizon: int,
+                   not_before: datetime | None) -> list[datetime]:
     """The window's cutoffs ``horizon`` days before ``as_of`` (only those at or after
-    ``not_before``), labelled with churn in the next ``horizon`` days up to ``as_of``."""
-
+    ``not_before`` and with every feature's history in the data)."""
     cutoffs = window_cutoffs(as_of - timedelta(days=horizon), cfg.monitoring.window_days)
     if not_before is not None:
         cutoffs = [c for c in cutoffs if c >= not_before]
     first = data_bounds(cfg.data_dir).first_event + timedelta(days=longest_window(fs.features))
-    cutoffs = [c for c in cutoffs if c >= first]
+    return [c for c in cutoffs if c >= first]
+
+
+def _label_horizons(cfg: ChurnConfig, tags: dict[str, str]) -> tuple[int, int, datetime | None]:
+    """(matured labels' horizon, early labels' horizon, the version's training ``as_of``)."""
+    trained_at = datetime.fromisoformat(tags["as_of"]) if tags.get("as_of") else None
+    mon = cfg.monitoring
+    return min(cfg.features.label_horizon_days, mon.label_delay_days), mon.early_label_days, trained_at
+
+
+def _labelled(cfg: ChurnConfig, fs: Any, scorer: Any, as_of: datetime, horizon: int,
+              not_before: datetime | None, cache: FrameCache | None) -> _Labelled | None:
+    """The rows of :func:`_label_cutoffs`, labelled with churn in the next ``horizon`` days up
+    to ``as_of``."""
+    cutoffs = _label_cutoffs(cfg, fs, as_of, horizon, not_before)
     if not cutoffs:
         return None
     frame = window_frame(cfg.data_dir, fs, cutoffs, horizon, label_horizon=horizon, label_as_of=as_of,
@@ -225,17 +239,23 @@ def _segment_baseline(key: str, seg: SegmentPerformance, base: Baseline, history
                            trained.training_auc_se if trained else None)
 
 
+def _segment_columns(cfg: ChurnConfig, present: Sequence[str]) -> list[str]:
+    """The configured segment columns the window's rows have (``tenure_bucket`` is derived)."""
+    return [c for c in cfg.monitoring.segments if c in present or c == "tenure_bucket"]
+
+
 def _segments(cfg: ChurnConfig, win: _Window, matured: _Labelled | None, base: Baseline,
               history: Sequence[WindowStats], version: str) -> tuple[dict[str, SegmentPerformance], float]:
     """Per-segment performance of the window compared with each segment's baseline, and the z
     of the noise levels."""
     mon = cfg.monitoring
-    columns = [c for c in mon.segments if c in win.frame.columns or c == "tenure_bucket"]
-    segs = segment_performance(columns, win.frame, win.scores, cfg.evaluation,
-                               matured=matured.frame if matured else None,
-                               matured_scores=matured.scores if matured else None,
-                               calibration=win.profile.get("calibration"), min_rows=mon.segment_min_rows,
-                               min_churners=mon.segment_min_churners)
+    segs = win.segments
+    if segs is None:
+        segs = segment_performance(_segment_columns(cfg, win.frame.columns), win.frame, win.scores,
+                                   cfg.evaluation, matured=matured.frame if matured else None,
+                                   matured_scores=matured.scores if matured else None,
+                                   calibration=win.profile.get("calibration"), min_rows=mon.segment_min_rows,
+                                   min_churners=mon.segment_min_churners)
     same_labels = matured is None or matured.horizon == cfg.features.label_horizon_days
     baselines = {k: _segment_baseline(k, seg, base, history, version, same_labels) for k, seg in segs.items()}
     return segs, compare_segments(segs, baselines, mon.segment_alpha)
@@ -263,7 +283,10 @@ class _Window:
     source: str = "offline"
     source_reason: str = ""
     served: ServedRows | None = None
-    drift: WindowDrift | None = None  # the Spark engine's (computed where it scored)
+    #: the Spark engine's, computed where it scored (None: computed on the driver from ``frame``)
+    drift: WindowDrift | None = None
+    labelled: dict[int, _Labelled | None] | None = None  # by label horizon
+    segments: dict[str, SegmentPerformance] | None = None
 
 
 @dataclass
@@ -277,39 +300,94 @@ class SparkEngine:
     spark: Any = None
 
     def window(self, cfg: ChurnConfig, cutoffs: Sequence[datetime], uri: str, scorer: Scorer,
-               profile: dict[str, Any]) -> tuple[pd.DataFrame, np.ndarray, WindowDrift]:
+               profile: dict[str, Any], as_of: datetime, labels: Mapping[int, list[datetime]],
+               segment_labels: int, rows: bool) -> _SparkWindow:
         """The window's frame built on Spark (the offline builder's query,
         :func:`~mlflow_churn.features.spark_frames.spark_training_frame`), scored there
         (``mlflow.pyfunc.spark_udf``), its drift from counts aggregated there
-        (:func:`~mlflow_churn.monitoring.spark_drift.spark_window_counts`); the scored rows reach
-        the driver through ``staging`` (executors write Parquet, the driver reads it) for the
-        performance and the report. Returns (frame as the local builder's, scores, drift)."""
-        import pyarrow.dataset as pads
-
-        fs = scorer.feature_set
+        (:func:`~mlflow_churn.monitoring.spark_drift.spark_window_counts`); the labelled rows of
+        ``labels`` (label horizon -> cutoffs, labels up to ``as_of``) built and scored there too,
+        and the per-segment performance of the window and of the labelled rows of horizon
+        ``segment_labels`` computed there
+        (:func:`~mlflow_churn.monitoring.spark_performance.spark_segment_performance`). What the
+        driver reads back through ``staging`` (executors write Parquet, the driver reads it):
+        the window's scores for the overall estimate, every column of its rows only with
+        ``rows`` (the report), and (customer, cutoff, label, score) of the labelled rows for
+        the overall realised AUC checks."""
+        fs, mon = scorer.feature_set, cfg.monitoring
         stage = Staging(self.staging, self.master)
         try:
             with session_for(self.spark, self.master, "churn-monitor") as spark:
-                rows = spark_training_frame(spark, cfg.data_dir, fs, cutoffs, cfg.features.label_horizon_days,
-                                            label=False)
-                sdf = score_frame_spark(spark, uri, fs, rows).persist()
+                raw = spark_training_frame(spark, cfg.data_dir, fs, cutoffs, cfg.features.label_horizon_days,
+                                           label=False)
+                sdf = score_frame_spark(spark, uri, fs, raw).persist()
+                on_spark: dict[int, Any] = {}  # the labelled rows, scored
+                labelled: dict[int, _Labelled | None] = {}
                 try:
-                    sdf.write.mode("overwrite").parquet(stage.uri + "/scored")
+                    wanted = sdf.columns if rows else ["customer_id", "cutoff", "churn_probability"]
+                    sdf.select(*wanted).write.mode("overwrite").parquet(stage.uri + "/scored")
                     counts = spark_window_counts(sdf, profile, cfg)
+                    for horizon, cuts in labels.items():
+                        if cuts:
+                            lab = spark_training_frame(spark, cfg.data_dir, fs, cuts, horizon, label=True,
+                                                       label_as_of=as_of)
+                            on_spark[horizon] = score_frame_spark(spark, uri, fs, lab).persist()
+                        labelled[horizon] = _labelled_rows(stage, on_spark.get(horizon), horizon)
+                    segments = spark_segment_performance(
+                        _segment_columns(cfg, sdf.columns), sdf, fs, cfg.evaluation,
+                        matured=on_spark[segment_labels] if labelled.get(segment_labels) else None,
+                        calibration=profile.get("calibration"), min_rows=mon.segment_min_rows,
+                        min_churners=mon.segment_min_churners)
                 finally:
-                    sdf.unpersist()
-            scored = pads.dataset(stage.path + "/scored", filesystem=stage.fs, format="parquet")
-            raw = scored.to_table().to_pandas()
-            raw = raw.sort_values(["cutoff", "customer_id"], ignore_index=True)
-            scores = raw.pop("churn_probability").to_numpy(dtype="float64")
-            return coerce_frame(raw, fs, label=False), scores, drift_from_counts(counts, profile, cfg)
+                    for frame in (sdf, *on_spark.values()):
+                        frame.unpersist()
+            window = _staged(stage, "scored")
+            scores = window.pop("churn_probability").to_numpy(dtype="float64")
+            frame = coerce_frame(window, fs, label=False) if rows else window
+            return _SparkWindow(frame, scores, drift_from_counts(counts, profile, cfg), labelled, segments)
         finally:
             stage.cleanup()
 
 
+@dataclass
+class _SparkWindow:
+    """What :meth:`SparkEngine.window` hands the driver."""
+
+    frame: pd.DataFrame
+    scores: np.ndarray
+    drift: WindowDrift
+    labelled: dict[int, _Labelled | None]
+    segments: dict[str, SegmentPerformance]
+
+
+def _labelled_rows(stage: Staging, sdf: Any, horizon: int) -> _Labelled | None:
+    """The labelled rows ``sdf`` (Spark, scored; None: no cutoff) on the driver as the local
+    engine's :func:`_labelled` gives them, with only (customer, cutoff, label) of the frame:
+    staged as Parquet, read back (None when empty)."""
+    if sdf is None:
+        return None
+    sdf.select("customer_id", "cutoff", "label", "churn_probability").write.mode("overwrite") \
+        .parquet(f"{stage.uri}/labelled-{horizon}")
+    part = _staged(stage, f"labelled-{horizon}")
+    if part.empty:
+        return None
+    scores = part.pop("churn_probability").to_numpy(dtype="float64")
+    return _Labelled(part.astype({"label": "int8"}), scores, horizon)
+
+
+def _staged(stage: Staging, name: str) -> pd.DataFrame:
+    """The Parquet directory ``name`` of ``stage`` as pandas, in the local builder's order."""
+    import pyarrow.dataset as pads
+
+    raw = pads.dataset(f"{stage.path}/{name}", filesystem=stage.fs, format="parquet").to_table().to_pandas()
+    return raw.sort_values(["cutoff", "customer_id"], ignore_index=True)
+
+
 def _scored_window(cfg: ChurnConfig, client: MlflowClient, alias: str, as_of: datetime,
                    cache: FrameCache | None, source: str = "auto",
-                   engine: SparkEngine | None = None) -> _Window:
+                   engine: SparkEngine | None = None, rows: bool = True) -> _Window:
+    """Step 1 of :func:`monitor`. ``rows``: the Spark engine brings every column of the window's
+    rows to the driver (the report needs them), else only customer, cutoff and score."""
     name = cfg.training.model_name
     mv = alias_version(client, name, alias)
     if mv is None:
@@ -329,10 +407,14 @@ def _scored_window(cfg: ChurnConfig, client: MlflowClient, alias: str, as_of: da
         frame, scores = served_frame(served, fs, version, as_of, cfg.monitoring.window_days)
         return _Window(mv, profile, scorer, cutoffs, frame, scores, chosen, reason, served)
     if engine is not None:
-        frame, scores, wd = engine.window(cfg, cutoffs, model_uri(name, alias), scorer, profile)
-        if frame.empty:
+        horizon, early, trained_at = _label_horizons(cfg, mv.tags or {})
+        labels = {h: _label_cutoffs(cfg, fs, as_of, h, trained_at) for h in (horizon, early)}
+        got = engine.window(cfg, cutoffs, model_uri(name, alias), scorer, profile, as_of, labels, horizon,
+                            rows)
+        if got.frame.empty:
             raise ChurnError(f"no live customers in the window ending {as_of.isoformat()}")
-        return _Window(mv, profile, scorer, cutoffs, frame, scores, chosen, reason, served, wd)
+        return _Window(mv, profile, scorer, cutoffs, got.frame, got.scores, chosen, reason, served, got.drift,
+                       got.labelled, got.segments)
     frame = window_frame(cfg.data_dir, fs, cutoffs, cfg.features.label_horizon_days, cache=cache)
     if frame.empty:
         raise ChurnError(f"no live customers in the window ending {as_of.isoformat()}")
@@ -357,11 +439,13 @@ def _performance(cfg: ChurnConfig, client: MlflowClient, win: _Window, as_of: da
     baseline, the early-label check and the label-free estimate."""
     mon, tags, version = cfg.monitoring, win.version.tags or {}, str(win.version.version)
     base = version_baseline(client, tags, mon.early_label_days)
-    trained_at = datetime.fromisoformat(tags["as_of"]) if tags.get("as_of") else None
-    horizon = min(cfg.features.label_horizon_days, mon.label_delay_days)
-    fs, scorer = win.scorer.feature_set, win.scorer
-    matured = _labelled(cfg, fs, scorer, as_of, horizon, trained_at, cache)
-    early = _labelled(cfg, fs, scorer, as_of, mon.early_label_days, trained_at, cache)
+    horizon, early_days, trained_at = _label_horizons(cfg, tags)
+    if win.labelled is not None:  # the Spark engine's
+        matured, early = win.labelled[horizon], win.labelled[early_days]
+    else:
+        fs, scorer = win.scorer.feature_set, win.scorer
+        matured = _labelled(cfg, fs, scorer, as_of, horizon, trained_at, cache)
+        early = _labelled(cfg, fs, scorer, as_of, early_days, trained_at, cache)
     perf = assess(win.scores, win.profile["score"]["sample"], cfg.evaluation,
                   matured.frame["label"].to_numpy() if matured else None,
                   matured.scores if matured else None, horizon if matured else None,
@@ -401,10 +485,13 @@ def monitor(
     ChurnError when the alias is not set, the version has no profile, or the window is
     outside the data. ``source``: ``auto`` | ``served`` | ``offline`` (see the module doc);
     ``served`` with fewer than ``monitoring.min_served_rows`` served rows raises ChurnError.
-    ``engine="spark"``: the offline window is scored with ``mlflow.pyfunc.spark_udf`` and its
-    drift counted by Spark aggregations (``spark``: the master, staging and session; default
-    ``local[*]``); the statistics code, the performance and the decision are the local engine's
-    (docs/scale.md says what stays on the driver). Served rows are judged locally.
+    ``engine="spark"``: the offline window and its labelled windows are built and scored on
+    Spark (``mlflow.pyfunc.spark_udf``), the window's drift counted by Spark aggregations and
+    the per-segment performance computed per segment there
+    (:mod:`~mlflow_churn.monitoring.spark_performance`); ``spark``: the master, staging and
+    session (default ``local[*]``). The statistics code, the overall performance and the
+    decision are the local engine's (docs/scale.md says what stays on the driver). Served rows
+    are judged locally.
 
     The steps: the window scored, drift against the version's profile, performance, the
     policy's decision, the run.
@@ -420,7 +507,8 @@ def monitor(
         check_staging(spark.staging, spark.master)  # before any work: a bad --staging fails at once
     exp_id = setup_mlflow(cfg, monitoring_experiment(cfg))
     client = MlflowClient()
-    win = _scored_window(cfg, client, alias, as_of, cache, source, spark if engine == "spark" else None)
+    win = _scored_window(cfg, client, alias, as_of, cache, source, spark if engine == "spark" else None,
+                         rows=log and report)
     version, tags = str(win.version.version), win.version.tags or {}
     wd = win.drift or window_drift(win.frame, win.scores, win.profile, cfg)
     stats = wd.stats
