@@ -1,35 +1,38 @@
-"""The monitoring window's counts as Spark aggregations (``churn monitor --engine spark``).
+"""The monitoring window's counts on Spark (``churn monitor --engine spark``).
 
 :func:`spark_window_counts` turns a Spark DataFrame of the window's rows (``customer_id``,
 ``cutoff``, the feature columns, a score column) into the same
-:class:`~mlflow_churn.monitoring.window_drift.WindowCounts` the local engine computes with
-numpy; :func:`~mlflow_churn.monitoring.window_drift.drift_from_counts` then gives the same
+:class:`~mlflow_churn.monitoring.window_drift.WindowCounts` the local engine computes;
+:func:`~mlflow_churn.monitoring.window_drift.drift_from_counts` then gives the same
 PSI / KS / chi-square / JS. Only counts reach the driver.
 
-Bins exactly as :func:`mlflow_churn.stats.drift.bin_index`:
+Two Spark jobs, each one pass over the rows:
 
-- numeric: bin ``i`` holds ``edges[i-1] < x <= edges[i]`` (right-closed); ``+inf`` is in the
-  last bin, ``-inf`` in the first, NaN and null are missing (-1; Spark orders NaN above
-  every number, so it is tested first). The profile's few edges: a ``CASE`` chain
-  (``x <= e_0`` -> 0, ``x <= e_1`` -> 1, ...);
-- categorical: the category's position by its string, unknown values the last bin
-  (``__unseen__``), null missing;
-- KS: the same bins on the reference sample's distinct points (thousands: Spark's
-  ``Bucketizer``, a binary search; it is left-closed, ``[a, b)``, so it bins ``0.0 - x`` on
-  the negated, reversed points: ``-x`` in ``[-e_i, -e_{i-1})`` is ``e_{i-1} < x <= e_i``;
-  ``0.0 - x`` also turns ``-0.0`` into ``0.0``, which its binary search would order below
-  ``0.0``); the cumulative counts
-  give, per sample point, the current values at or below it
-  (:func:`~mlflow_churn.stats.drift_counts.le_counts_from_bins`).
+- **Histograms and KS counts** (``mapInArrow``): every partition runs the local engine's own
+  numpy code on its Arrow batches: :func:`~mlflow_churn.stats.drift.bin_index` per column,
+  :func:`~mlflow_churn.stats.drift.grouped_counts` per (day) and per (segment value, day),
+  :func:`~mlflow_churn.stats.drift.sample_le_counts` at the reference sample's points. The
+  same functions on the same values give the same integers (no second implementation of
+  the bins, the edges, NaN, +-inf or unseen categories). A partition returns its sums as
+  (day, key, count) rows for its non-zero cells; Spark adds them up by (day, key). Per name
+  (feature or score) the key space holds a (groups, bins + 1) block: group 0 all rows, then
+  one group per known value of each segment column; bin column 0 the missing values.
+  The KS counts (values <= each sample point, summed over partitions) follow the blocks.
+- **Distinct customers** overall and per known segment value (a customer has one row per
+  daily cutoff, so the effective sample sizes count customers, not rows): one row per
+  customer (``groupBy``) with, per segment column, the bit set of the values it had
+  (``bit_or``, one 64-bit word per 63 values), then one aggregation counts the customers
+  and each bit.
 
-One pass bins every column (a projection plus one multi-column Bucketizer for the KS points), the binned
-integers are cached, and three aggregations read them: (day, segment values, feature, bin)
-counts (per-day and per-segment histograms and null counts are sums of it on the driver),
-(feature, KS bin) counts, and distinct customers overall and per segment value.
+Segment values become small integers once, in SQL, for both jobs: the profile's values by
+position (as ``str(value)``, like the local engine's lookup), -1 for null and for a value the
+profile lacks (the local engine has no reference for those segments and skips them).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -37,163 +40,205 @@ import pandas as pd
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.monitoring.window_drift import SCORE, SegmentCounts, WindowCounts, segment_columns
+from mlflow_churn.stats import drift
 from mlflow_churn.stats.drift import ColumnKind
-from mlflow_churn.stats.drift_counts import le_counts_from_bins
 
 __all__ = ["spark_window_counts"]
 
-
-def _negated_splits(points: np.ndarray) -> list[float]:
-    """Bucketizer splits binning ``0.0 - x`` so that bucket ``j`` is searchsorted-left ``k - j``."""
-    return [-np.inf, *[0.0 - float(p) for p in points[::-1]], np.inf]
+ARROW_BATCH_ROWS = 200_000  # rows per Arrow batch to the counting workers (Spark's default: 10,000)
+_WORD = 63  # segment values per bit-set word (a signed 64-bit integer)
 
 
-def _missing(col: Any) -> Any:
+def _block_offsets(bins: list[int], groups: int) -> list[int]:
+    """Start of each name's (groups, bins + 1) block in the key space, and the end last."""
+    return [0, *np.cumsum([groups * (b + 1) for b in bins]).tolist()]
+
+
+def _column(batch: Any, name: str) -> pd.Series:
+    """One column of an Arrow batch as the local engine's frame holds it (text as a
+    pandas categorical, which :func:`~mlflow_churn.stats.drift.bin_index` maps by its codes)."""
+    import pyarrow as pa
+
+    col = batch.column(name)
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        col = col.dictionary_encode()
+    return col.to_pandas()
+
+
+def _count_partition(batches: Iterator[Any], entries: list[dict[str, Any]], cols: list[str],
+                     seg_sizes: list[int], seg_skip: list[int | None], samples: list[np.ndarray],
+                     ks_of: list[int]) -> Iterator[Any]:
+    """``mapInArrow``: one partition's (day, key, count) rows (see the module doc). Batches hold
+    ``__day`` (microseconds), the ``cols`` of ``entries`` and ``__s{j}`` segment codes;
+    ``seg_skip[j]``: the entry that is segment column j itself (no per-segment counts)."""
+    import pyarrow as pa
+
+    groups = 1 + sum(seg_sizes)
+    bins = [len(e["shares"]) for e in entries]
+    offs = _block_offsets(bins, groups)
+    per_day: dict[int, np.ndarray] = {}
+    le = [np.zeros(s.size, dtype="int64") for s in samples]
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        day_codes, days = pd.factorize(batch.column("__day").to_numpy(zero_copy_only=False))
+        nd = len(days)
+        segs = [batch.column(f"__s{j}").to_numpy(zero_copy_only=False) for j in range(len(seg_sizes))]
+        flat = np.zeros((nd, offs[-1]), dtype="int64")
+        for i, (entry, col) in enumerate(zip(entries, cols, strict=True)):
+            values = _column(batch, col)
+            idx = drift.bin_index(entry, values) + 1  # 0: missing
+            b = bins[i] + 1
+            block = flat[:, offs[i]:offs[i + 1]].reshape(nd, groups, b)
+            block[:, 0] = drift.grouped_counts(idx, day_codes, nd, b)
+            start = 1
+            for j, k in enumerate(seg_sizes):
+                if seg_skip[j] != i and k:
+                    codes = np.where(segs[j] >= 0, segs[j] * nd + day_codes, -1)
+                    block[:, start:start + k] = drift.grouped_counts(idx, codes, k * nd, b).reshape(
+                        k, nd, b).transpose(1, 0, 2)
+                start += k
+            if i in ks_of:
+                q = ks_of.index(i)
+                le[q] += drift.sample_le_counts(samples[q], values)[0]
+        for d, day in enumerate(days.tolist()):
+            if day in per_day:
+                per_day[day] += flat[d]
+            else:
+                per_day[day] = flat[d]
+    day_col, key_col, n_col = [], [], []
+    for day, vec in per_day.items():
+        nz = np.flatnonzero(vec)
+        day_col.append(np.full(nz.size, day, dtype="int64"))
+        key_col.append(nz)
+        n_col.append(vec[nz])
+    ks = np.concatenate([np.zeros(0, dtype="int64"), *le])
+    day_col.append(np.zeros(ks.size, dtype="int64"))  # KS keys follow the blocks; any day
+    key_col.append(offs[-1] + np.arange(ks.size))
+    n_col.append(ks)
+    yield pa.RecordBatch.from_arrays(
+        [pa.array(np.concatenate(day_col)), pa.array(np.concatenate(key_col).astype("int64")),
+         pa.array(np.concatenate(n_col).astype("int64"))], names=["day", "key", "n"])
+
+
+def _segment_codes(segs: list[str], seg_values: list[list[str]]) -> list[Any]:
+    """``__s{j}``: the profile's position of segment column j's value (as text), else -1."""
     from pyspark.sql import functions as F
 
-    d = col.cast("double")
-    return d.isNull() | F.isnan(d)
+    out = []
+    for j, c in enumerate(segs):
+        expr = F.lit(-1)
+        if seg_values[j]:
+            text = F.col(f"`{c}`").cast("string")
+            expr = F.when(text == F.lit(seg_values[j][0]), F.lit(0))
+            for pos, value in enumerate(seg_values[j][1:], start=1):
+                expr = expr.when(text == F.lit(value), F.lit(pos))
+            expr = expr.otherwise(F.lit(-1))
+        out.append(expr.alias(f"__s{j}"))
+    return out
+
+
+class _ArrowBatchRows:
+    """Within the block, ``spark.sql.execution.arrow.maxRecordsPerBatch`` is ``rows`` (the
+    counting does numpy work per batch: fewer, longer batches cost less per row)."""
+
+    KEY = "spark.sql.execution.arrow.maxRecordsPerBatch"
+
+    def __init__(self, spark: Any, rows: int) -> None:
+        self.spark, self.rows, self.old = spark, rows, None
+
+    def __enter__(self) -> None:
+        self.old = self.spark.conf.get(self.KEY, None)
+        self.spark.conf.set(self.KEY, str(self.rows))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.old is None:
+            self.spark.conf.unset(self.KEY)
+        else:
+            self.spark.conf.set(self.KEY, self.old)
 
 
 def spark_window_counts(sdf: Any, profile: dict[str, Any], cfg: ChurnConfig,
                         score_col: str = "churn_probability") -> WindowCounts:
     """:class:`WindowCounts` of the Spark DataFrame ``sdf`` (``customer_id``, ``cutoff``,
     features, ``score_col``) against ``profile`` (see the module doc)."""
-    from pyspark.ml.feature import Bucketizer
     from pyspark.sql import functions as F
 
     feats = profile["features"]
     present = [f for f in feats if f in sdf.columns]
-    entries = {**{f: feats[f] for f in present}, SCORE: profile["score"]}
-    names = list(entries)
-    source = {n: F.col(score_col if n == SCORE else n) for n in names}
+    names = [*present, SCORE]
+    entries = [*(feats[f] for f in present), profile["score"]]
+    cols = [*present, score_col]
     segs = segment_columns(profile, cfg, sdf.columns)
-
-    # segment values as small integers: the profile's values by position (as str(value), like
-    # the local engine's lookup), null -1, a value the profile lacks -2 (the local engine skips
-    # those segments: no reference), so the grouping keys are integers
     seg_values = [sorted(profile["segments"][c]) for c in segs]
-    sel = [F.col("customer_id"), F.col("cutoff").alias("__day")]
-    for j, c in enumerate(segs):
-        expr = F.when(F.col(c).isNull(), F.lit(-1))
-        for pos, value in enumerate(seg_values[j]):
-            expr = expr.when(F.col(c).cast("string") == F.lit(value), F.lit(pos))
-        sel.append(expr.otherwise(F.lit(-2)).alias(f"__s{j}"))
-    buckets: list[tuple[str, str, list[float]]] = []  # (input, output, splits)
-    ks_points: dict[str, np.ndarray] = {}
-    for i, n in enumerate(names):
-        e, v = entries[n], source[n]
-        if e["kind"] == ColumnKind.CATEGORICAL:
-            cats = [str(c) for c in e["categories"]]
-            expr = F.when(v.isNull(), F.lit(-1))
-            for pos, c in enumerate(cats):
-                expr = expr.when(v.cast("string") == F.lit(c), F.lit(pos))
-            sel.append(expr.otherwise(F.lit(len(cats))).alias(f"__b{i}"))
-            continue
-        sel.append(_missing(v).alias(f"__m{i}"))
-        sel.append(F.when(_missing(v), F.lit(0.0)).otherwise(F.lit(0.0) - v.cast("double")).alias(f"__n{i}"))
-        # the few profile edges: a CASE chain (compiled by code generation), the first edge >= x
-        d = v.cast("double")
-        expr = F.when(_missing(v), F.lit(-1))
-        for pos, edge in enumerate(np.asarray(e["edges"], dtype="float64")):
-            expr = expr.when(d <= F.lit(float(edge)), F.lit(pos))
-        sel.append(expr.otherwise(F.lit(len(e["edges"]))).alias(f"__b{i}"))
-        if n != SCORE and e.get("sample"):
-            sample = np.asarray(e["sample"], dtype="float64")
-            ks_points[n] = np.unique(sample[np.isfinite(sample)])
-            if ks_points[n].size:
-                buckets.append((f"__n{i}", f"__q{i}", _negated_splits(ks_points[n])))
-    frame = sdf.select(*sel)
-    if buckets:
-        frame = Bucketizer(inputCols=[b[0] for b in buckets], outputCols=[b[1] for b in buckets],
-                           splitsArray=[b[2] for b in buckets]).transform(frame)
-    have = {b[1] for b in buckets}
-    out = [F.col("customer_id"), F.col("__day"), *[F.col(f"__s{j}") for j in range(len(segs))]]
-    for i, n in enumerate(names):
-        if entries[n]["kind"] == ColumnKind.CATEGORICAL:
-            out.append(F.col(f"__b{i}").cast("int").alias(f"__b{i}"))
-            continue
-        out.append(F.col(f"__b{i}").cast("int").alias(f"__b{i}"))
-        if n in ks_points:
-            k = len(ks_points[n])
-            q = (F.lit(k) - F.col(f"__q{i}")).cast("int") if f"__q{i}" in have else F.lit(0)
-            out.append(F.when(F.col(f"__m{i}"), F.lit(-1)).otherwise(q).alias(f"__q{i}"))
-    binned = frame.select(*out).persist()
-    try:
-        return _collect(binned, profile, entries, names, segs, seg_values, present, ks_points)
-    finally:
-        binned.unpersist()
+    seg_sizes = [len(v) for v in seg_values]
+    ks_of = [i for i, f in enumerate(present)
+             if feats[f]["kind"] == ColumnKind.NUMERIC and feats[f].get("sample")]
+    samples = [np.asarray(entries[i]["sample"], dtype="float64") for i in ks_of]
+    rows = sdf.select(F.col("customer_id"), F.unix_micros(F.col("cutoff").cast("timestamp")).alias("__day"),
+                      *[F.col(f"`{c}`") for c in dict.fromkeys(cols)], *_segment_codes(segs, seg_values))
+    count = partial(_count_partition, entries=entries, cols=cols, seg_sizes=seg_sizes,
+                    seg_skip=[names.index(c) if c in names else None for c in segs], samples=samples,
+                    ks_of=ks_of)
+    with _ArrowBatchRows(sdf.sparkSession, ARROW_BATCH_ROWS):
+        sums = (rows.drop("customer_id").mapInArrow(count, "day long, key long, n long")
+                .groupBy("day", "key").agg(F.sum("n").alias("n")).toPandas())
+    distinct = _distinct_customers(rows, seg_sizes)
 
+    groups = 1 + sum(seg_sizes)
+    bins = [len(e["shares"]) for e in entries]
+    offs = _block_offsets(bins, groups)
+    hist = sums[sums["key"] < offs[-1]]
+    day_us = np.unique(hist["day"].to_numpy(dtype="int64"))
+    days = pd.DatetimeIndex(pd.to_datetime(day_us, unit="us", utc=True))
+    table = np.zeros((len(days), offs[-1]), dtype="int64")
+    np.add.at(table, (np.searchsorted(day_us, hist["day"].to_numpy(dtype="int64")), hist["key"].to_numpy()),
+              hist["n"].to_numpy(dtype="int64"))
+    blocks = {n: table[:, offs[i]:offs[i + 1]].reshape(len(days), groups, bins[i] + 1)
+              for i, n in enumerate(names)}
+    per_day = {n: np.ascontiguousarray(b[:, 0, 1:]) for n, b in blocks.items()}
+    nulls = {n: int(blocks[n][:, 0, 0].sum()) for n in present}
 
-def _stack(pairs: list[tuple[int, str]], alias: str) -> str:
-    return f"stack({len(pairs)}, " + ", ".join(f"{i}, {c}" for i, c in pairs) + f") as (__f, {alias})"
-
-
-def _collect(binned: Any, profile: dict[str, Any], entries: dict[str, dict[str, Any]], names: list[str],
-             segs: list[str], seg_values: list[list[str]], present: list[str],
-             ks_points: dict[str, np.ndarray]) -> WindowCounts:
-    from pyspark.sql import functions as F
-
-    seg_cols = [f"__s{j}" for j in range(len(segs))]
-    stacked = _stack([(i, f"__b{i}") for i in range(len(names))], "__bin")
-    hist = (binned.selectExpr("__day", *seg_cols, stacked)
-            .groupBy("__day", *seg_cols, "__f", "__bin").count().toPandas())
-    day = pd.to_datetime(hist["__day"])
-    if day.dt.tz is None:
-        day = day.dt.tz_localize("UTC")  # Spark hands back UTC wall times (session time zone UTC)
-    days = pd.DatetimeIndex(sorted(day.unique()))
-    hist["__d"] = day.map({d: p for p, d in enumerate(days)}).astype("int64")
-    per_day: dict[str, np.ndarray] = {}
-    nulls: dict[str, int] = {}
-    ok = hist[hist["__bin"] >= 0]
-    for i, n in enumerate(names):
-        part = ok[ok["__f"] == i]
-        arr = np.zeros((len(days), len(entries[n]["shares"])), dtype="int64")
-        np.add.at(arr, (part["__d"].to_numpy(), part["__bin"].to_numpy()), part["count"].to_numpy())
-        per_day[n] = arr
-        if n != SCORE:
-            nulls[n] = int(hist.loc[(hist["__f"] == i) & (hist["__bin"] < 0), "count"].sum())
-
+    ks = sums[sums["key"] >= offs[-1]]
+    le_all = np.zeros(sum(s.size for s in samples), dtype="int64")
+    np.add.at(le_all, ks["key"].to_numpy() - offs[-1], ks["n"].to_numpy(dtype="int64"))
     ks_le: dict[str, tuple[np.ndarray, int]] = {}
-    ks_cols = [(i, f"__q{i}") for i, n in enumerate(names) if n in ks_points and len(ks_points[n])]
-    if ks_cols:
-        ks = (binned.selectExpr(_stack(ks_cols, "__q")).where("__q >= 0").groupBy("__f", "__q").count()
-              .toPandas())
-        for i, _ in ks_cols:
-            n, part = names[i], ks[ks["__f"] == i]
-            counts = np.zeros(len(ks_points[n]) + 1, dtype="int64")
-            np.add.at(counts, part["__q"].to_numpy(), part["count"].to_numpy())
-            sample = np.asarray(entries[n]["sample"], dtype="float64")
-            ks_le[n] = (le_counts_from_bins(sample, ks_points[n], counts), int(counts.sum()))
-    for n in present:  # a sample without finite points: every value at or below none of them
-        if n not in ks_le and entries[n]["kind"] == ColumnKind.NUMERIC and entries[n].get("sample"):
-            total = int(per_day[n].sum())
-            ks_le[n] = (np.zeros(len(entries[n]["sample"]), dtype="int64"), total)
+    start = 0
+    for i, sample in zip(ks_of, samples, strict=True):
+        ks_le[names[i]] = (le_all[start:start + sample.size], int(per_day[names[i]].sum()))
+        start += sample.size
 
-    # distinct customers overall and per known segment value, in one aggregation
-    keys = [F.col(f"__s{j}") for j in range(len(segs))]
-    dist = (binned.select("customer_id", F.explode(F.array(
-        F.lit(-1).cast("int"), *[F.when(k >= 0, F.lit(j * 1_000_000) + k).otherwise(F.lit(-3)) for j, k in
-                                 enumerate(keys)])).alias("__g"))
-            .where("__g >= -1").groupBy("__g").agg(F.countDistinct("customer_id").alias("n")).toPandas())
-    n_by = dict(zip(dist["__g"].astype("int64"), dist["n"].astype("int64"), strict=True))
-    rows = int(hist.loc[hist["__f"] == 0, "count"].sum())
     segments: dict[str, SegmentCounts] = {}
+    start = 1
     for j, col in enumerate(segs):
-        values = seg_values[j]
-        part = ok[ok[f"__s{j}"] >= 0]
-        per: dict[str, np.ndarray] = {}
-        for i, n in enumerate(names):
-            if n == col:
-                continue
-            p = part[part["__f"] == i]
-            arr = np.zeros((len(values), len(days), len(entries[n]["shares"])), dtype="int64")
-            np.add.at(arr, (p[f"__s{j}"].to_numpy(), p["__d"].to_numpy(), p["__bin"].to_numpy()),
-                      p["count"].to_numpy())
-            per[n] = arr
-        distinct = [int(n_by.get(j * 1_000_000 + v, 0)) for v in range(len(values))]
-        segments[col] = SegmentCounts(values, distinct, per)
-    feats = profile["features"]
-    return WindowCounts(days, rows, int(n_by.get(-1, 0)), present,
+        k = seg_sizes[j]
+        per = {n: np.ascontiguousarray(b[:, start:start + k, 1:].transpose(1, 0, 2))
+               for n, b in blocks.items() if n != col}
+        segments[col] = SegmentCounts(seg_values[j], distinct[j], per)
+        start += k
+    return WindowCounts(days, int(blocks[SCORE][:, 0].sum()), distinct[-1][0], present,
                         [f for f in feats if f not in present], per_day, nulls, ks_le, segments)
 
+
+def _distinct_customers(rows: Any, seg_sizes: list[int]) -> list[list[int]]:
+    """Distinct customers per known value of each segment column (a list per column), and
+    overall (the last list, one number); see the module doc."""
+    from pyspark.sql import functions as F
+
+    words = [(j, w) for j, k in enumerate(seg_sizes) for w in range(-(-k // _WORD))]
+    sets = []
+    for j, w in words:
+        code = F.col(f"__s{j}")
+        inside = (code >= w * _WORD) & (code < (w + 1) * _WORD)
+        bit = F.expr(f"shiftleft(CAST(1 AS BIGINT), __s{j} - {w * _WORD})")
+        sets.append(F.bit_or(F.when(inside, bit).otherwise(F.lit(0).cast("long"))).alias(f"__w{j}_{w}"))
+    customers = (rows.where(F.col("customer_id").isNotNull()).groupBy("customer_id")
+                 .agg(*(sets or [F.count(F.lit(1)).alias("__rows")])))
+    counts = [F.count(F.lit(1)).alias("__all")]
+    for j, k in enumerate(seg_sizes):
+        for v in range(k):
+            bit = F.col(f"__w{j}_{v // _WORD}").bitwiseAND(F.lit(1 << (v % _WORD)).cast("long"))
+            counts.append(F.count_if(bit != 0).alias(f"__n{j}_{v}"))
+    got = customers.agg(*counts).collect()[0]
+    per_value = [[int(got[f"__n{j}_{v}"]) for v in range(k)] for j, k in enumerate(seg_sizes)]
+    return [*per_value, [int(got["__all"])]]

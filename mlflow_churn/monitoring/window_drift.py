@@ -141,11 +141,7 @@ def window_counts(frame: pd.DataFrame, scores: np.ndarray, profile: dict[str, An
     ks_le: dict[str, tuple[np.ndarray, int]] = {}
     for f in present:
         if feats[f]["kind"] == ColumnKind.NUMERIC and feats[f].get("sample"):
-            sample = np.asarray(feats[f]["sample"], dtype="float64")
-            cur = drift.as_float_array(frame[f])
-            cur = cur[~np.isnan(cur)]
-            cur.sort()
-            ks_le[f] = (np.searchsorted(cur, sample, side="right"), int(cur.size))
+            ks_le[f] = drift.sample_le_counts(np.asarray(feats[f]["sample"], dtype="float64"), frame[f])
     cust = frame["customer_id"].to_numpy() if "customer_id" in frame else np.arange(len(frame))
     segments: dict[str, SegmentCounts] = {}
     for col in segment_columns(profile, cfg, frame.columns):

@@ -734,17 +734,23 @@ def grouped_counts(idx: np.ndarray, groups: np.ndarray, n_groups: int, n_bins: i
     return np.ascontiguousarray(flat.reshape(n_groups + 1, n_bins + 1)[1:, 1:])
 
 
+def sample_le_counts(sorted_sample: Any, current: Any) -> tuple[np.ndarray, int]:
+    """(how many non-missing ``current`` values are <= each point of ``sorted_sample``, how many
+    non-missing values): one sort of ``current`` (numpy's vectorised sort) + k lookups, cheaper
+    than n lookups into the sample. Both counts add up over parts of ``current``."""
+    cur = _sorted_finite(current)
+    return np.searchsorted(cur, np.asarray(sorted_sample, dtype="float64"), side="right"), int(cur.size)
+
+
 def ks_at_sample_points(sorted_sample: np.ndarray, current: Any) -> float:
     """KS D between a stored sorted reference sample and ``current``, evaluated at the
     sample's points: max_j |F_ref(x_j) - F_cur(x_j)| with F_cur(x_j) = share of current
-    values <= x_j. One sort of ``current`` + k lookups; equals the streamed KS of
+    values <= x_j (:func:`sample_le_counts`); equals the streamed KS of
     :class:`StreamAccumulator` and is a lower bound of :func:`ks_against_sample`
     (within one reference step, 1/k, for continuous data)."""
     sample = np.asarray(sorted_sample, dtype="float64")
-    cur = _finite(current)
-    if cur.size == 0 or sample.size == 0:
+    le, n = sample_le_counts(sample, current)
+    if n == 0 or sample.size == 0:
         return float("nan")
-    cur.sort()  # numpy's vectorised sort, then k lookups: cheaper than n lookups into the sample
-    le = np.searchsorted(cur, sample, side="right")
     ref_cdf = np.searchsorted(sample, sample, side="right") / sample.size
-    return float(np.abs(ref_cdf - le / cur.size).max())
+    return float(np.abs(ref_cdf - le / n).max())

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ks_from_sample_counts", "le_counts_from_bins"]
+__all__ = ["ks_from_sample_counts"]
 
 
 def ks_from_sample_counts(sorted_sample: Any, le: Any, n: int) -> float:
@@ -25,11 +25,3 @@ def ks_from_sample_counts(sorted_sample: Any, le: Any, n: int) -> float:
     ref_cdf = np.searchsorted(sample, sample, side="right") / sample.size
     return float(np.abs(ref_cdf - np.asarray(le, dtype="float64") / n).max())
 
-
-def le_counts_from_bins(sorted_sample: Any, points: Any, bin_counts: Any) -> np.ndarray:
-    """Counts of values <= each sample point from the values' counts in the bins of
-    ``points`` (the sample's sorted unique values; bin i holds ``points[i-1] < x <=
-    points[i]``, as :func:`~mlflow_churn.stats.drift.bin_counts`)."""
-    sample = np.asarray(sorted_sample, dtype="float64")
-    cum = np.cumsum(np.asarray(bin_counts, dtype="int64"))
-    return cum[np.searchsorted(np.asarray(points, dtype="float64"), sample, side="left")]
