@@ -5,8 +5,8 @@ customers x 65 days), DuckDB (local engine) vs Spark local[2] (executors compute
 Redis per partition), both into Redis under a bench-own prefix (deleted afterwards),
 snapshots off for both (the Spark path to Redis writes none). The Spark session's start is
 timed apart (paid once per process). Then the same at 4x the customers, only when the load
-average is below 4 (linearity 1M -> 4M). Wall clock, one run each; the load average is
-printed beside the figures.
+average is below 4 (linearity 1M -> 4M). Wall clock, medians of ``--repeats`` runs (default
+3) taken in turns on one dataset; the load average is printed beside the figures.
 
 Other steps (helper of part B) add a function of the same shape and a line in ``STEPS``.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -35,8 +36,9 @@ def _load() -> str:
     return Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
 
 
-def _materialize_once(customers: int, days: int, spark, redis_url: str, tmp: Path) -> dict:
-    """Seconds of a local and a Spark materialize of ``customers`` (and the rows)."""
+def _materialize_runs(customers: int, days: int, spark, redis_url: str, tmp: Path, repeats: int) -> dict:
+    """Median seconds of ``repeats`` local and Spark materializes of ``customers``, taken in
+    turns (DuckDB, Spark, DuckDB, ...) on one simulated dataset, and the rows."""
     import redis
 
     from mlflow_churn.config import load_config
@@ -52,6 +54,10 @@ def _materialize_once(customers: int, days: int, spark, redis_url: str, tmp: Pat
             "features.online_backend": "redis", "features.redis_url": redis_url,
             "features.redis_prefix": f"{prefix}:{engine}", "features.snapshot_keep_days": 0})
 
+    def drop(pattern: str) -> None:  # keep one batch in Redis at a time
+        for key in client.scan_iter(pattern, count=10_000):
+            client.delete(key)
+
     local_cfg = cfg("local")
     t0 = time.perf_counter()
     simulate(SimulationSpec(customers=customers, days=days, start=date(2026, 1, 1), seed=3),
@@ -59,60 +65,77 @@ def _materialize_once(customers: int, days: int, spark, redis_url: str, tmp: Pat
     _log(f"simulated {customers:,} x {days} days in {time.perf_counter() - t0:.0f} s")
     as_of = data_bounds(local_cfg.data_dir).last_event
     client = redis.Redis.from_url(redis_url)
-    out: dict = {"customers": customers}
+    out: dict = {"customers": customers, "duckdb": [], "spark": [], "loads": [], "same_rows": True}
     try:
-        t0 = time.perf_counter()
-        info = materialize(local_cfg, as_of, progress=False)
-        out["duckdb_s"], out["rows"] = time.perf_counter() - t0, info.rows
-        _log(f"DuckDB materialize: {info.rows:,} rows in {out['duckdb_s']:.1f} s (load {_load()})")
-        for key in client.scan_iter(f"{prefix}:local*", count=10_000):
-            client.delete(key)  # keep one batch in Redis at a time
-        t0 = time.perf_counter()
-        try:
-            info = materialize(cfg("spark"), as_of, progress=False, engine="spark", spark=spark)
-        except ChurnError as exc:  # reported in the section (e.g. out of memory on a small driver)
-            out["spark_s"], out["same_rows"], out["error"] = time.perf_counter() - t0, False, str(exc)
-            _log(f"Spark materialize failed after {out['spark_s']:.1f} s: {exc}")
-        else:
-            out["spark_s"] = time.perf_counter() - t0
-            out["same_rows"] = info.rows == out["rows"]
-            _log(f"Spark materialize: {info.rows:,} rows in {out['spark_s']:.1f} s (load {_load()})")
+        for run in range(repeats):
+            t0 = time.perf_counter()
+            info = materialize(local_cfg, as_of, progress=False)
+            out["duckdb"].append(time.perf_counter() - t0)
+            out["rows"] = info.rows
+            _log(f"run {run + 1}: DuckDB materialize {info.rows:,} rows in {out['duckdb'][-1]:.1f} s "
+                 f"(load {_load()})")
+            drop(f"{prefix}:local*")
+            t0 = time.perf_counter()
+            try:
+                info = materialize(cfg("spark"), as_of, progress=False, engine="spark", spark=spark)
+            except ChurnError as exc:  # reported in the section (e.g. out of memory on a small driver)
+                out["spark"].append(time.perf_counter() - t0)
+                out["same_rows"], out["error"] = False, str(exc)
+                _log(f"Spark materialize failed after {out['spark'][-1]:.1f} s: {exc}")
+                break
+            out["spark"].append(time.perf_counter() - t0)
+            out["same_rows"] = out["same_rows"] and info.rows == out["rows"]
+            out["loads"].append(_load())
+            _log(f"run {run + 1}: Spark materialize {info.rows:,} rows in {out['spark'][-1]:.1f} s "
+                 f"(load {_load()})")
+            drop(f"{prefix}:spark*")
     finally:
-        for key in client.scan_iter(f"{prefix}*", count=10_000):
-            client.delete(key)
+        drop(f"{prefix}*")
         client.close()
-    out["load"] = _load()
+    out["duckdb_s"], out["spark_s"] = statistics.median(out["duckdb"]), statistics.median(out["spark"])
+    loads = sorted(set(out["loads"]), key=float)
+    out["load"] = f"{loads[0]}-{loads[-1]}" if len(loads) > 1 else (loads or [_load()])[0]
     return out
+
+
+def _row(run: dict) -> str:
+    return (f"| {run['customers']:,} | {run['duckdb_s']:.1f} | {run['spark_s']:.1f} | "
+            f"{run['spark_s'] / run['duckdb_s']:.2f} | {' / '.join(f'{s:.0f}' for s in run['duckdb'])} | "
+            f"{' / '.join(f'{s:.0f}' for s in run['spark'])} | {run['load']} |")
 
 
 def materialize_rows(args: argparse.Namespace, spark, tmp: Path) -> list[str]:
     """The materialize section's lines (Markdown)."""
-    first = _materialize_once(args.customers, args.days, spark, args.redis_url, tmp)
+    from mlflow_churn.spark import local_driver_memory
+
+    first = _materialize_runs(args.customers, args.days, spark, args.redis_url, tmp, args.repeats)
     ratio = first["spark_s"] / first["duckdb_s"]
     lines = [
         f"Materialize, {args.customers:,} simulated customers x {args.days} days "
         f"({first['rows']:,} live at as_of, 21 features), into Redis; Spark local[2] "
-        f"(session start {args.session_s:.1f} s, not counted), one run each.",
+        f"(driver memory {local_driver_memory()}; session start {args.session_s:.1f} s, not counted); "
+        f"medians of {args.repeats} runs taken in turns (DuckDB, Spark, DuckDB, ...). Spark's first run is "
+        "the session's first feature query (cold JVM: it compiles the generated code and starts the "
+        "Python workers), which a fresh `churn features materialize --engine spark` process pays too.",
         "",
-        "| customers | DuckDB (s) | Spark local[2] (s) | Spark / DuckDB | load average |",
-        "|---:|---:|---:|---:|---:|",
-        f"| {args.customers:,} | {first['duckdb_s']:.1f} | {first['spark_s']:.1f} | {ratio:.2f} | "
-        f"{first['load']} |",
+        "| customers | DuckDB (s) | Spark local[2] (s) | Spark / DuckDB | DuckDB runs (s) | Spark runs (s) "
+        "| load average |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        _row(first),
     ]
     bigger = None
     if float(_load()) < 4 or args.force_4x:
-        bigger = _materialize_once(args.customers * 4, args.days, spark, args.redis_url, tmp)
-        lines.append(f"| {bigger['customers']:,} | {bigger['duckdb_s']:.1f} | {bigger['spark_s']:.1f} | "
-                     f"{bigger['spark_s'] / bigger['duckdb_s']:.2f} | {bigger['load']} |")
+        bigger = _materialize_runs(args.customers * 4, args.days, spark, args.redis_url, tmp, args.repeats)
+        lines.append(_row(bigger))
     lines.append("")
     if "error" in first:
-        lines.append(f"Spark run failed after {first['spark_s']:.0f} s: {first['error']}")
+        lines.append(f"Spark run failed after {first['spark'][-1]:.0f} s: {first['error']}")
     lines.append(f"- target (issue 28): Spark materialize within {TARGET_RATIO:g}x of DuckDB at "
                  f"{args.customers:,} customers on local[2]: "
                  f"{'met' if ratio <= TARGET_RATIO and 'error' not in first else 'not met'} "
                  f"({first['spark_s']:.1f} s vs "
-                 f"{first['duckdb_s']:.1f} s = {ratio:.2f}x, load {first['load']}; rows equal: "
-                 f"{first['same_rows']})")
+                 f"{first['duckdb_s']:.1f} s = {ratio:.2f}x, medians of {args.repeats}, "
+                 f"load {first['load']}; rows equal: {first['same_rows']})")
     if bigger is None:
         lines.append(f"- target (issue 28): Spark materialize linear from {args.customers:,} to "
                      f"{args.customers * 4:,} customers: not measured (load average {_load()} >= 4 "
@@ -122,7 +145,8 @@ def materialize_rows(args: argparse.Namespace, spark, tmp: Path) -> list[str]:
         lines.append(f"- target (issue 28): Spark materialize linear from {args.customers:,} to "
                      f"{args.customers * 4:,} customers: "
                      f"{'met' if growth <= 4 * LINEAR_SLACK else 'not met'} (4x rows took "
-                     f"{growth:.2f}x the time; DuckDB {bigger['duckdb_s'] / first['duckdb_s']:.2f}x)")
+                     f"{growth:.2f}x the time; DuckDB {bigger['duckdb_s'] / first['duckdb_s']:.2f}x; "
+                     f"load {bigger['load']})")
     return lines
 
 
@@ -165,6 +189,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--days", type=int, default=65)
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--force-4x", action="store_true", help="run the 4x size whatever the load")
+    ap.add_argument("--repeats", type=int, default=3, help="materialize runs per engine and size (median)")
     ap.add_argument("--only", default=None, help="run only the step whose function has this name")
     args = ap.parse_args(argv)
     steps = [(heading, step) for heading, step in STEPS if not args.only or step.__name__ == args.only]

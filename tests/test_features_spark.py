@@ -19,18 +19,16 @@ from mlflow_churn.features.definitions import FeatureDefinition
 from mlflow_churn.features.offline import validate_definitions
 from mlflow_churn.features.sandbox import ALLOWED_FUNCTIONS
 from mlflow_churn.features.spark_sql import (
+    AGGREGATES,
     SPARK_FUNCTIONS,
     SPARK_REFUSED,
+    filtered,
     spark_problem,
     to_spark,
     unmapped_functions,
 )
 
 AS_OF = datetime(2026, 4, 20, tzinfo=UTC)
-_AGGREGATES = {"sum", "avg", "mean", "count", "count_star", "min", "max", "stddev", "stddev_samp",
-               "stddev_pop", "variance", "var_samp", "var_pop", "count_if", "bool_and", "bool_or",
-               "corr", "covar_pop", "covar_samp", "arg_max", "arg_min", "max_by", "min_by",
-               "regr_slope", "regr_intercept", "regr_r2", "regr_count"}
 
 
 def _plain(v):
@@ -83,6 +81,51 @@ def test_a_duckdb_only_definition_is_refused_at_registration(expression: str, so
     assert "\n" not in msg and "feature 'odd' (v1, source " in msg and named in msg, msg
 
 
+def test_filtered_adds_the_window_to_every_aggregate_and_keeps_an_expressions_own_filter() -> None:
+    assert filtered("sum(minutes_used) * 30.0 / count(*)", "age_days < 7") == (
+        "SUM(minutes_used) FILTER(WHERE age_days < 7) * 30.0 / COUNT(*) FILTER(WHERE age_days < 7)")
+    assert filtered("avg(sessions) FILTER (WHERE age_days >= 14)", "age_days < 60") == (
+        "AVG(sessions) FILTER(WHERE (age_days >= 14) AND age_days < 60)")
+    for fn in AGGREGATES:  # every aggregate a definition may call is found (mean is not a sqlglot AggFunc)
+        assert filtered(SPARK_FUNCTIONS[fn], "age_days < 7").count("FILTER(WHERE age_days < 7)") == 1, fn
+    for fn in set(SPARK_FUNCTIONS) - AGGREGATES:  # scalars are left alone
+        assert "FILTER" not in filtered(SPARK_FUNCTIONS[fn], "age_days < 7"), fn
+
+
+def _every_aggregate() -> list[FeatureDefinition]:
+    """The built-in definitions and one window feature per aggregate sample (windows 7, 30, 60;
+    numbers with and without a default)."""
+    from mlflow_churn.features.registry import BUILTIN_FEATURES
+
+    not_numbers = {"bool_and", "bool_or", "max"}  # max(event_timestamp)
+    # arg_max & co. pick any row of a tie (minutes_used has many): ordered by time they have none
+    by_time = {"arg_max", "arg_min", "max_by", "min_by"}
+    extra = [FeatureDefinition(name=f"agg_{fn}", version=1, dtype="float64", description=fn,
+                               source="activity",
+                               expression=SPARK_FUNCTIONS[fn].replace("minutes_used", "event_timestamp")
+                               if fn in by_time else SPARK_FUNCTIONS[fn],
+                               window_days=(7, 30, 60)[i % 3],
+                               default=0.0 if i % 2 and fn not in not_numbers else None)
+             for i, fn in enumerate(sorted(AGGREGATES))]
+    return [*BUILTIN_FEATURES, *extra]
+
+
+def test_the_one_pass_query_gives_the_per_window_querys_values(small_data: Path) -> None:
+    """DuckDB runs both forms of the builder's query (two cutoffs, event times): equal frames."""
+    from mlflow_churn.features.offline import _connect, _feature_sql, _spine
+
+    features, cuts = _every_aggregate(), [datetime(2026, 3, 8, tzinfo=UTC), AS_OF]
+    con = _connect(small_data)
+    try:
+        _spine(con, cuts, None)
+        frames = [con.execute(f"SELECT * FROM ({_feature_sql(features, cuts[0], cuts[-1], True, one_pass)}) "
+                              "ORDER BY cutoff, customer_id").df() for one_pass in (False, True)]
+    finally:
+        con.close()
+    assert len(frames[0]) > 4000 and frames[0]["agg_count_star"].isna().any()  # windows without rows
+    pd.testing.assert_frame_equal(frames[1], frames[0], rtol=1e-9)
+
+
 @pytest.fixture(scope="module")
 def sample_tables(small_data: Path) -> dict[str, pd.DataFrame]:
     """40 customers (with a cutoff column) and their activity in the 30 days before AS_OF."""
@@ -128,7 +171,7 @@ def test_every_spark_function_evaluates_equal_on_both_engines(spark, sample_tabl
         spark.createDataFrame(frame).createOrReplaceTempView(name)
     wrong = []
     for source in ("customers", "activity"):
-        fns = sorted(fn for fn in SPARK_FUNCTIONS if (fn in _AGGREGATES) == (source == "activity"))
+        fns = sorted(fn for fn in SPARK_FUNCTIONS if (fn in AGGREGATES) == (source == "activity"))
         for fn in fns:
             assert spark_problem(SPARK_FUNCTIONS[fn], source) is None, fn
         wrong += _engines_disagree(con, spark, fns, source)
@@ -152,6 +195,22 @@ def test_training_frame_and_latest_values_are_equal_on_both_engines(spark, small
     remote = to_pandas(spark_latest(spark, small_data, BUILTIN_FEATURES, AS_OF))
     remote = remote.sort_values("customer_id", ignore_index=True)[list(latest.columns)]
     pd.testing.assert_frame_equal(remote, latest, rtol=1e-9)
+
+
+def test_every_aggregate_in_a_window_is_equal_on_both_engines(spark, small_data: Path) -> None:
+    """The Spark engine's one-pass query (FILTER on each aggregate) against DuckDB's
+    per-window query, for every aggregate a definition may call, over 300 customers."""
+    from mlflow_churn.features.offline import compute_latest
+    from mlflow_churn.features.spark_frames import spark_latest, to_pandas
+
+    features, ids = _every_aggregate(), list(range(1, 301))
+    local = compute_latest(small_data, features, AS_OF, customer_ids=ids).frame
+    remote = to_pandas(spark_latest(spark, small_data, features, AS_OF, customer_ids=ids))
+    remote = remote.sort_values("customer_id", ignore_index=True)
+    assert len(local) > 200 and list(remote.columns) == list(local.columns)
+    wrong = [(col, i, a, b) for col in local.columns
+             for i, (a, b) in enumerate(zip(local[col], remote[col], strict=True)) if not _same(a, b)]
+    assert wrong == [], wrong[:5]
 
 
 def test_materialize_on_spark_writes_the_local_batch_and_a_killed_executor_keeps_the_previous(

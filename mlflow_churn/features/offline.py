@@ -39,7 +39,7 @@ from mlflow_churn.features.sandbox import (
     usable_columns,
     wrap,
 )
-from mlflow_churn.features.spark_sql import spark_problem
+from mlflow_churn.features.spark_sql import filtered, spark_problem
 from mlflow_churn.times import midnight, utc
 
 
@@ -203,11 +203,19 @@ def _lit(ts: datetime) -> str:
 
 
 def _feature_sql(features: Sequence[FeatureDefinition], min_cutoff: datetime, max_cutoff: datetime,
-                 with_event_time: bool) -> str:
+                 with_event_time: bool, one_pass: bool = False) -> str:
     """SELECT over ``spine(customer_id, cutoff)`` computing ``features`` point-in-time.
 
     Every definition is checked by the sandbox's parser first (cached), wherever it came
-    from (the registry, a model's logged feature set)."""
+    from (the registry, a model's logged feature set).
+
+    The activity rows of the longest window are joined to the spine once (``act``); each
+    window is then one aggregation over ``act`` (``w0``, ``w1``, ...; DuckDB computes ``act``
+    once and reads it for each). ``one_pass`` (the Spark engine, which would recompute
+    ``act`` for each reader) computes every window in one aggregation instead: each window's
+    expressions with ``FILTER (WHERE age_days < window)`` on their aggregates
+    (:func:`~mlflow_churn.features.spark_sql.filtered`), NULL when the window has no row
+    (as the left join of ``w<i>`` gives): the same values."""
     _check_sandbox(features, "the feature set")
     static = [f for f in features if f.source == "customers"]
     by_window: dict[int, list[FeatureDefinition]] = {}
@@ -227,29 +235,60 @@ def _feature_sql(features: Sequence[FeatureDefinition], min_cutoff: datetime, ma
           AND a.event_timestamp <= s.cutoff
           AND a.event_timestamp > s.cutoff - INTERVAL '{longest} days')"""]
     joins, cols = [], []
-    for i, (window, feats) in enumerate(sorted(by_window.items())):
-        aggs = ", ".join(f'{wrap(f.expression)} AS "{f.full_name}"' for f in feats)
-        ctes.append(f"""w{i} AS (SELECT customer_id, cutoff, {aggs} FROM act
+    if one_pass:
+        aggs, cols = _one_pass_columns(by_window, with_event_time)
+        if aggs:
+            ctes.append(f"agg AS (SELECT customer_id, cutoff, {', '.join(aggs)} FROM act "
+                        "GROUP BY customer_id, cutoff)")
+            joins.append(_left_join("agg"))
+    else:
+        for i, (window, feats) in enumerate(sorted(by_window.items())):
+            aggs = ", ".join(f'{wrap(f.expression)} AS "{f.full_name}"' for f in feats)
+            ctes.append(f"""w{i} AS (SELECT customer_id, cutoff, {aggs} FROM act
             WHERE age_days < {window} GROUP BY customer_id, cutoff)""")
-        joins.append(f"LEFT JOIN w{i} ON w{i}.customer_id = spine.customer_id AND w{i}.cutoff = spine.cutoff")
-        for f in feats:
-            value = f'w{i}."{f.full_name}"'
-            if f.default is not None:
-                value = f"coalesce({value}, {float(f.default)!r})"
-            cols.append(f'{value} AS "{f.full_name}"')
+            joins.append(_left_join(f"w{i}"))
+            cols += [_defaulted(f'w{i}."{f.full_name}"', f) for f in feats]
     static_cols = ", ".join(
         ["c.event_timestamp AS signup_time"] + [f'{wrap(f.expression)} AS "{f.full_name}"' for f in static]
     )
     ctes.append(f"stat AS (SELECT customer_id, cutoff, {static_cols} "
                 "FROM spine JOIN customers c USING (customer_id))")
-    if with_event_time:
+    if with_event_time and not one_pass:
         ctes.append("ev AS (SELECT customer_id, cutoff, max(event_timestamp) AS event_time "
                     "FROM act GROUP BY customer_id, cutoff)")
-        joins.append("LEFT JOIN ev ON ev.customer_id = spine.customer_id AND ev.cutoff = spine.cutoff")
+        joins.append(_left_join("ev"))
         cols.append("coalesce(ev.event_time, spine.signup_time) AS event_time")
     cols += [f'spine."{f.full_name}"' for f in static]
     select = ",\n  ".join(["spine.customer_id", "spine.cutoff"] + cols)
     return "WITH " + ",\n".join(ctes) + f"\nSELECT {select}\nFROM stat AS spine\n" + "\n".join(joins)
+
+
+def _left_join(name: str) -> str:
+    return f"LEFT JOIN {name} ON {name}.customer_id = spine.customer_id AND {name}.cutoff = spine.cutoff"
+
+
+def _defaulted(value: str, f: FeatureDefinition) -> str:
+    """The output column of window feature ``f`` from ``value`` (its default when NULL)."""
+    if f.default is not None:
+        value = f"coalesce({value}, {float(f.default)!r})"
+    return f'{value} AS "{f.full_name}"'
+
+
+def _one_pass_columns(by_window: dict[int, list[FeatureDefinition]],
+                      with_event_time: bool) -> tuple[list[str], list[str]]:
+    """The one-pass form's aggregates over ``act`` (``agg``, own column names: a feature may
+    be called anything) and the output columns over ``agg``."""
+    aggs, cols = [], []
+    for i, (window, feats) in enumerate(sorted(by_window.items())):
+        cond = f"age_days < {window}"
+        aggs.append(f'count(*) FILTER (WHERE {cond}) AS "n{i}"')
+        for j, f in enumerate(feats):
+            aggs.append(f'{wrap(filtered(f.expression, cond))} AS "w{i}_{j}"')
+            cols.append(_defaulted(f'CASE WHEN agg."n{i}" > 0 THEN agg."w{i}_{j}" END', f))
+    if with_event_time:
+        aggs.append('max(event_timestamp) AS "newest"')
+        cols.append('coalesce(agg."newest", spine.signup_time) AS event_time')
+    return aggs, cols
 
 
 #: a customer ``c`` is in the spine at cutoff ``k.cutoff``: signed up by then, not churned yet

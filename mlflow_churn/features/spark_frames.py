@@ -4,7 +4,9 @@
 values for the online store) run the SQL of :mod:`mlflow_churn.features.offline`
 (``_feature_sql``, the spine's ``_ALIVE`` condition, :func:`~mlflow_churn.features.offline.labelled_sql`)
 transpiled to Spark SQL by :func:`mlflow_churn.features.spark_sql.to_spark`, over temp views
-of the same Parquet tables (:func:`register_tables`). Each output column is cast to the type
+of the same Parquet tables (:func:`register_tables`), in its one-pass form (``one_pass``:
+every window in one aggregation, so Spark reads the activity once; it would compute the
+query's ``act`` CTE again for each window that reads it). Each output column is cast to the type
 DuckDB gives it (read from the query compiled on empty tables: no data), so both engines
 hand over the same values with the same types: the online payloads are byte-identical.
 
@@ -43,6 +45,7 @@ _SPARK_TYPES = {
     "DOUBLE": "double", "FLOAT": "float", "BIGINT": "bigint", "INTEGER": "int", "SMALLINT": "smallint",
     "TINYINT": "tinyint", "BOOLEAN": "boolean", "VARCHAR": "string", "DATE": "date",
     "TIMESTAMP WITH TIME ZONE": "timestamp", "TIMESTAMP": "timestamp", "HUGEINT": "double",
+    "UINTEGER": "bigint",  # regr_count
 }
 
 
@@ -102,8 +105,8 @@ def _spine(spark: Any, cutoffs: Sequence[datetime], customer_ids: Sequence[int] 
     spine = spark.sql(to_spark(sql))
     if len(cutoffs) == 1 and is_local_master(spark.sparkContext.master):
         # one process, one row per customer: the spine joins every activity row by hash in
-        # memory instead of a shuffle and sort of the activity (once per window: Spark does
-        # not reuse the CTE). Many cutoffs (training frames) multiply the spine: not broadcast
+        # memory instead of a shuffle and sort of the activity. Many cutoffs (training
+        # frames) multiply the spine: not broadcast
         from pyspark.sql.functions import broadcast
 
         spine = broadcast(spine)
@@ -128,7 +131,7 @@ def spark_training_frame(spark: Any, data_dir: Path | str, feature_set: FeatureS
     check_cutoffs(Path(data_dir), feature_set.features, cuts)
     register_tables(spark, data_dir)
     _spine(spark, cuts, customer_ids)
-    sql = _feature_sql(feature_set.features, cuts[0], cuts[-1], with_event_time=False)
+    sql = _feature_sql(feature_set.features, cuts[0], cuts[-1], with_event_time=False, one_pass=True)
     if label:
         sql = labelled_sql(sql, horizon_days, label_as_of)
     return _run(spark, sql)
@@ -154,7 +157,7 @@ def spark_latest(spark: Any, data_dir: Path | str, features: Sequence[FeatureDef
     as_of = utc(as_of, "as_of")
     register_tables(spark, data_dir)
     _spine(spark, [as_of], customer_ids)
-    sql = _feature_sql(features, as_of, as_of, with_event_time=with_event_time)
+    sql = _feature_sql(features, as_of, as_of, with_event_time=with_event_time, one_pass=True)
     return _run(spark, sql).drop("cutoff")
 
 

@@ -12,7 +12,10 @@ is registered. A definition runs on both engines only when
 - sqlglot transpiles it duckdb -> spark with ``unsupported_level=RAISE``.
 
 :func:`to_spark` transpiles the offline builder's whole generated query
-(:func:`mlflow_churn.features.offline._feature_sql`), so both engines run one query text.
+(:func:`mlflow_churn.features.offline._feature_sql`), so both engines run the builder's
+query: Spark its one-pass form (``one_pass=True``), which computes every window of a
+customer in one aggregation instead of one per window, with :func:`filtered` adding each
+window's condition to every aggregate of its expressions.
 """
 
 from __future__ import annotations
@@ -85,6 +88,13 @@ SPARK_FUNCTIONS: dict[str, str] = {
     "regexp_matches": "regexp_matches(plan, 'a.d')", "md5": "md5(plan)",
 }
 
+#: the aggregate functions of :data:`SPARK_FUNCTIONS` (a window's feature calls them over its rows)
+AGGREGATES = frozenset({
+    "sum", "avg", "mean", "count", "count_star", "min", "max", "stddev", "stddev_samp", "stddev_pop",
+    "variance", "var_samp", "var_pop", "count_if", "bool_and", "bool_or", "corr", "covar_pop",
+    "covar_samp", "arg_max", "arg_min", "max_by", "min_by", "regr_slope", "regr_intercept", "regr_r2",
+    "regr_count"})
+
 _NO_SPARK = "no Spark SQL function gives the same result (sqlglot has no mapping)"
 _SEMANTICS = "DuckDB and Spark disagree on it"
 _RANDOM = "not deterministic (the engines may pick different rows)"
@@ -138,6 +148,35 @@ def to_spark(sql: str) -> str:
         raise ChurnError(f"cannot transpile to Spark SQL: {first_line(exc, 200)}") from None
 
 
+def _is_aggregate(node: exp.Expression) -> bool:
+    """An aggregate call (sqlglot knows all of :data:`AGGREGATES` but ``mean`` as AggFunc)."""
+    return isinstance(node, exp.AggFunc) or (isinstance(node, exp.Anonymous)
+                                             and node.name.lower() in AGGREGATES)
+
+
+@lru_cache(maxsize=1024)
+def filtered(expression: str, condition: str) -> str:
+    """``expression`` (DuckDB SQL over rows of the activity) with ``condition`` added to every
+    aggregate call it makes, as DuckDB SQL: ``sum(x) / count(*)`` with ``age_days < 7`` is
+    ``SUM(x) FILTER(WHERE age_days < 7) / COUNT(*) FILTER(WHERE age_days < 7)``; an existing
+    ``FILTER (WHERE c)`` becomes ``FILTER (WHERE (c) AND condition)``. Over a group with at
+    least one row meeting ``condition`` it gives what ``expression`` gives over those rows."""
+    try:
+        tree = sqlglot.parse_one(expression, read="duckdb")
+        cond = sqlglot.parse_one(condition, read="duckdb")
+    except SqlglotError as exc:
+        raise ChurnError(f"cannot parse {expression!r}: {first_line(exc, 200)}") from None
+
+    def add(node: exp.Expression) -> exp.Expression:
+        if isinstance(node, exp.Filter):
+            node.expression.set("this", exp.and_(exp.paren(node.expression.this.copy()), cond.copy()))
+        elif _is_aggregate(node) and not isinstance(node.parent, exp.Filter):
+            return exp.Filter(this=node.copy(), expression=exp.Where(this=cond.copy()))
+        return node
+
+    return tree.transform(add).sql(dialect="duckdb")
+
+
 @lru_cache(maxsize=1024)
 def spark_problem(expression: str, source: str) -> str | None:
     """Why ``expression`` (already accepted by the sandbox over ``source``) cannot run on
@@ -163,5 +202,5 @@ def unmapped_functions() -> list[str]:
     return sorted(ALLOWED_FUNCTIONS - set(SPARK_FUNCTIONS) - set(SPARK_REFUSED))
 
 
-__all__ = ["SPARK_CAST_TYPES", "SPARK_FUNCTIONS", "SPARK_REFUSED", "spark_problem", "to_spark",
-           "unmapped_functions"]
+__all__ = ["AGGREGATES", "SPARK_CAST_TYPES", "SPARK_FUNCTIONS", "SPARK_REFUSED", "filtered", "spark_problem",
+           "to_spark", "unmapped_functions"]
