@@ -12,9 +12,10 @@ issue on one line of its own::
     - target (issue 27): <the target>: <figures> -> not met (<more figures>)
 
 ("Target", ``**met**`` in bold and figures before ``->`` are accepted). :func:`targets_summary`
-collects them from every section, old and new, into the "Targets of issue 27" table at the
-top of RESULTS.md, beside the issue's list of targets (one without a line shows "not
-measured"). ``python -m bench.run --summary-only`` rebuilds that table from the sections
+collects them from every section, old and new, into a "Targets of issue N" table per issue of
+:data:`ISSUE_TARGETS` (27 and 28) at the top of RESULTS.md, beside the issue's list of targets
+(one without a line shows "not measured"). ``python -m bench.run --summary-only`` rebuilds the
+tables from the sections
 already in RESULTS.md without running anything.
 """
 
@@ -106,6 +107,11 @@ ISSUE_TARGETS: dict[int, list[tuple[str, str]]] = {27: [
     ("profile build for 200k x 21 <= the window drift time", r"profile"),
     ("`drift.ks` for 20 columns x 200k >= 3x faster than scipy, identical D and p", r"\bks\b|ks_many"),
     ("compiled predictor: one-row predict and 1M-row batch vs xgboost", r"compiled"),
+], 28: [
+    ("Spark materialize within 3x of DuckDB at 1M customers on local[2]", r"materialize within 3x"),
+    ("Spark materialize linear in rows from 1M to 4M customers", r"materialize linear"),
+    ("Spark drift within 3x of the local engine at 1M customers on local[2]", r"drift within 3x"),
+    ("Spark drift linear in rows from 1M to 4M customers", r"drift linear"),
 ]}
 
 
@@ -170,9 +176,11 @@ def targets_summary(sections: dict[str, str], issue: int = 27) -> str:
 
 
 def render(sections: dict[str, str]) -> str:
-    """RESULTS.md: header, the issue 27 summary, the machine, every section (by name)."""
+    """RESULTS.md: header, the summary of each issue of ISSUE_TARGETS, the machine, every
+    section (by name)."""
+    summaries = "\n".join(targets_summary(sections, issue) for issue in sorted(ISSUE_TARGETS))
     header = (f"# Benchmark results\n\nWritten by `make bench` (`python -m bench.run [names]`); last "
-              f"written {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.\n\n{targets_summary(sections)}\n"
+              f"written {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.\n\n{summaries}\n"
               f"## Machine\n\n{machine()}\n")
     return header + "\n".join(wrap(name, sections[name]) for name in sorted(sections))
 
