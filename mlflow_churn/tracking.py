@@ -743,21 +743,21 @@ def _fluent_run(start: Callable[[], Any]) -> Iterator[Any]:
     and the end :func:`uninterruptible`: a Ctrl-C never finds a run made and not yet ended
     by this block."""
     run = None
+
+    def end(status: str) -> None:
+        active = mlflow.active_run()
+        if run is not None and active is not None and active.info.run_id == run.info.run_id:
+            with uninterruptible():
+                mlflow.end_run(status)
+
     try:
         with uninterruptible():
             run = start()
         yield run
     except BaseException:
-        if run is not None:
-            active = mlflow.active_run()
-            if active is not None and active.info.run_id == run.info.run_id:
-                with uninterruptible():
-                    mlflow.end_run("FAILED")
+        end("FAILED")
         raise
-    active = mlflow.active_run()
-    if active is not None and active.info.run_id == run.info.run_id:
-        with uninterruptible():
-            mlflow.end_run("FINISHED")
+    end("FINISHED")
 
 
 @contextmanager
