@@ -16,9 +16,13 @@ from datetime import date
 from pathlib import Path
 
 import pytest
+from spark_cluster_support import TEST_JVM_OPTIONS
 
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.data.simulator import SimulationSpec, simulate
+
+# every Spark driver JVM of the suite, in this process and in the CLI subprocesses (see TEST_JVM_OPTIONS)
+os.environ.setdefault("SPARK_SUBMIT_OPTS", TEST_JVM_OPTIONS)
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379

@@ -17,6 +17,15 @@ from pathlib import Path
 from ports import start_on_free_port
 from wait_support import wait_until
 
+#: The JVM options of every JVM the suite starts: the test sessions' drivers (``SPARK_SUBMIT_OPTS``,
+#: set by conftest.py and inherited by the CLI subprocesses), the standalone daemons
+#: (``SPARK_DAEMON_JAVA_OPTS``) and their executors (``spark.executor.extraJavaOptions``). The
+#: suite's data is small and its JVMs short-lived: the C2 compiler's threads and the parallel
+#: collector's cost more CPU than they save. C1 only and the serial collector took about a third
+#: less CPU on tests/test_features_spark.py and on the Spark training and scoring tests (cgroup
+#: CPU accounting, 2026-12-07); the numbers Spark computes do not depend on the JIT tier.
+TEST_JVM_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+
 
 def spark_env(tmp: Path) -> dict[str, str]:
     """The environment of the daemons and of a driver talking to them (SPARK_HOME, loopback)."""
@@ -26,10 +35,12 @@ def spark_env(tmp: Path) -> dict[str, str]:
     # for test-sized data (Spark's 200 cost one task each on the 1-core worker: minutes)
     conf = tmp / "spark-conf"
     conf.mkdir(exist_ok=True)
-    (conf / "spark-defaults.conf").write_text("spark.sql.shuffle.partitions 4\n")
+    (conf / "spark-defaults.conf").write_text("spark.sql.shuffle.partitions 4\n"
+                                              f"spark.executor.extraJavaOptions {TEST_JVM_OPTIONS}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHURN_")}
     env.update(SPARK_HOME=str(Path(pyspark.__file__).parent), SPARK_LOCAL_IP="127.0.0.1",
-               SPARK_LOG_DIR=str(tmp / "logs"), SPARK_DAEMON_MEMORY="256m", SPARK_CONF_DIR=str(conf))
+               SPARK_LOG_DIR=str(tmp / "logs"), SPARK_DAEMON_MEMORY="256m", SPARK_CONF_DIR=str(conf),
+               SPARK_DAEMON_JAVA_OPTS=TEST_JVM_OPTIONS)
     return env
 
 
