@@ -23,6 +23,11 @@ from mlflow_churn.data.simulator import SimulationSpec, simulate
 
 # every Spark driver JVM of the suite, in this process and in the CLI subprocesses (see TEST_JVM_OPTIONS)
 os.environ.setdefault("SPARK_SUBMIT_OPTS", TEST_JVM_OPTIONS)
+# One OpenMP thread per process (XGBoost's training and prediction, here and in every subprocess): the
+# suite runs more xdist workers than cores, and OpenMP threads that spin-wait for a busy core burn CPU
+# the other workers need (tests/test_retrain.py: 44.9 -> 36.2 CPU-s, cgroup accounting, 2026-12-07).
+# Tests that set training.nthread themselves keep their value; every process of a test sees the same count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
