@@ -6,32 +6,44 @@
 :func:`~mlflow_churn.monitoring.window_drift.drift_from_counts` then gives the same
 PSI / KS / chi-square / JS. Only counts reach the driver.
 
-Two Spark jobs, each one pass over the rows:
+Two Spark jobs, each one pass over the rows, submitted at once from two driver threads (each
+keeps a core busy while the other waits on a stage start-up, a shuffle or its result):
 
 - **Histograms and KS counts** (``mapInArrow``): every partition runs the local engine's own
   numpy code on its Arrow batches: :func:`~mlflow_churn.stats.drift.bin_index` per column,
   :func:`~mlflow_churn.stats.drift.grouped_counts` per (day) and per (segment value, day),
   :func:`~mlflow_churn.stats.drift.sample_le_counts` at the reference sample's points. The
   same functions on the same values give the same integers (no second implementation of
-  the bins, the edges, NaN, +-inf or unseen categories). A partition returns its sums as
-  (day, key, count) rows for its non-zero cells; Spark adds them up by (day, key). Per name
-  (feature or score) the key space holds a (groups, bins + 1) block: group 0 all rows, then
-  one group per known value of each segment column; bin column 0 the missing values.
-  The KS counts (values <= each sample point, summed over partitions) follow the blocks.
+  the bins, the edges, NaN, +-inf or unseen categories). Per name (feature or score) the key
+  space holds a (groups, bins + 1) block: group 0 all rows, then one group per known value of
+  each segment column; bin column 0 the missing values. A partition returns one row: its
+  (days, keys) table and its KS counts (values <= each sample point), as numpy arrays; the RDD's
+  ``treeAggregate`` adds them up (on the driver for a few partitions, in a tree of Python
+  tasks for many), with no shuffle stage for a local session's one or two partitions.
 - **Distinct customers** overall and per known segment value (a customer has one row per
   daily cutoff, so the effective sample sizes count customers, not rows): one row per
-  customer (``groupBy``) with, per segment column, the bit set of the values it had
-  (``bit_or``, one 64-bit word per 63 values), then one aggregation counts the customers
-  and each bit.
+  customer (``groupBy``) with the bit set of the segment values it had (``bit_or``; the
+  values of all segment columns side by side, one 64-bit word per 63 values), then one
+  aggregation counts the customers and each bit.
 
-Segment values become small integers once, in SQL, for both jobs: the profile's values by
-position (as ``str(value)``, like the local engine's lookup), -1 for null and for a value the
-profile lacks (the local engine has no reference for those segments and skips them).
+What the JVM sends the counting workers (moving rows to the Python workers as Arrow is most of
+the counting pass's time, and it costs about the same per field of a row whatever its type, so
+fewer, wider fields): the day (``unix_micros`` of the cutoff); the numeric columns of type
+double as one array column (a (columns, rows) matrix in the worker); one integer array column
+of codes: per categorical column of text its category's position in the profile's categories
+(their count for another value, -1 for null), which the worker turns into a pandas categorical
+on those categories plus one value the profile lacks (``bin_index`` gives it the same bins as
+the text), then per segment column its value's position among the profile's values (as
+``str(value)``, like the local engine's lookup; -1 for null and for a value the profile lacks:
+the local engine has no reference for those segments and skips them); any other profiled
+column as it is.
 """
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -48,6 +60,10 @@ __all__ = ["spark_window_counts"]
 ARROW_BATCH_ROWS = 200_000  # rows per Arrow batch to the counting workers (Spark's default: 10,000)
 _WORD = 63  # segment values per bit-set word (a signed 64-bit integer)
 
+#: counts of a partition or a sum of partitions: its days (microseconds, sorted), the (days, keys)
+#: table of the histogram blocks, the KS counts (see the module doc)
+_Counts = tuple[np.ndarray, np.ndarray, np.ndarray]
+
 
 def _block_offsets(bins: list[int], groups: int) -> list[int]:
     """Start of each name's (groups, bins + 1) block in the key space, and the end last."""
@@ -55,8 +71,8 @@ def _block_offsets(bins: list[int], groups: int) -> list[int]:
 
 
 def _column(batch: Any, name: str) -> pd.Series:
-    """One column of an Arrow batch as the local engine's frame holds it (text as a
-    pandas categorical, which :func:`~mlflow_churn.stats.drift.bin_index` maps by its codes)."""
+    """One column of an Arrow batch as the local engine's frame holds it (text as a pandas
+    categorical, which :func:`~mlflow_churn.stats.drift.bin_index` maps by its codes)."""
     import pyarrow as pa
 
     col = batch.column(name)
@@ -65,12 +81,29 @@ def _column(batch: Any, name: str) -> pd.Series:
     return col.to_pandas()
 
 
+def _decoded(codes: np.ndarray, categories: list[str]) -> pd.Series:
+    """A coded column (each row's position among the profile's ``categories``, their count for
+    another value, -1 for null; see :func:`_category_codes`) as a pandas categorical on the
+    categories and one value the profile lacks, which :func:`~mlflow_churn.stats.drift.bin_index`
+    maps to its unseen bin, as it maps the text of such a value."""
+    other = "\0" * (max(map(len, categories), default=0) + 1)  # not one of them
+    return pd.Series(pd.Categorical.from_codes(codes, [*categories, other]))
+
+
+def _unpacked(batch: Any, name: str, width: int) -> np.ndarray:
+    """The array column ``name`` (``width`` values a row) as a (width, rows) array."""
+    flat = batch.column(name).flatten().to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(flat.reshape(batch.num_rows, width).T)
+
+
 def _count_partition(batches: Iterator[Any], entries: list[dict[str, Any]], cols: list[str],
                      seg_sizes: list[int], seg_skip: list[int | None], samples: list[np.ndarray],
-                     ks_of: list[int]) -> Iterator[Any]:
-    """``mapInArrow``: one partition's (day, key, count) rows (see the module doc). Batches hold
-    ``__day`` (microseconds), the ``cols`` of ``entries`` and ``__s{j}`` segment codes;
-    ``seg_skip[j]``: the entry that is segment column j itself (no per-segment counts)."""
+                     ks_of: list[int], dense: list[str], coded: dict[str, list[str]]) -> Iterator[Any]:
+    """``mapInArrow``: one partition's counts as one row (see the module doc). Batches hold
+    ``__day`` (microseconds), ``__x`` (the ``dense`` columns' values), ``__c`` (the ``coded``
+    columns' category codes, then the segment columns' codes) and the other ``cols`` of
+    ``entries`` as they are; ``seg_skip[j]``: the entry that is segment column j itself (no
+    per-segment counts)."""
     import pyarrow as pa
 
     groups = 1 + sum(seg_sizes)
@@ -83,10 +116,18 @@ def _count_partition(batches: Iterator[Any], entries: list[dict[str, Any]], cols
             continue
         day_codes, days = pd.factorize(batch.column("__day").to_numpy(zero_copy_only=False))
         nd = len(days)
-        segs = [batch.column(f"__s{j}").to_numpy(zero_copy_only=False) for j in range(len(seg_sizes))]
+        x = _unpacked(batch, "__x", len(dense)) if dense else np.zeros((0, batch.num_rows))
+        n_codes = len(coded) + len(seg_sizes)
+        c = _unpacked(batch, "__c", n_codes) if n_codes else np.zeros((0, batch.num_rows), dtype="int32")
+        columns: dict[str, Any] = {name: x[p] for p, name in enumerate(dense)}
+        columns |= {name: _decoded(c[q], cats) for q, (name, cats) in enumerate(coded.items())}
+        seg_days = []  # (segment value, day) codes of each segment column, -1 outside its values
+        for j in range(len(seg_sizes)):
+            seg = c[len(coded) + j]
+            seg_days.append(np.where(seg >= 0, seg * nd + day_codes, -1))
         flat = np.zeros((nd, offs[-1]), dtype="int64")
         for i, (entry, col) in enumerate(zip(entries, cols, strict=True)):
-            values = _column(batch, col)
+            values = columns[col] if col in columns else _column(batch, col)
             idx = drift.bin_index(entry, values) + 1  # 0: missing
             b = bins[i] + 1
             block = flat[:, offs[i]:offs[i + 1]].reshape(nd, groups, b)
@@ -94,8 +135,7 @@ def _count_partition(batches: Iterator[Any], entries: list[dict[str, Any]], cols
             start = 1
             for j, k in enumerate(seg_sizes):
                 if seg_skip[j] != i and k:
-                    codes = np.where(segs[j] >= 0, segs[j] * nd + day_codes, -1)
-                    block[:, start:start + k] = drift.grouped_counts(idx, codes, k * nd, b).reshape(
+                    block[:, start:start + k] = drift.grouped_counts(idx, seg_days[j], k * nd, b).reshape(
                         k, nd, b).transpose(1, 0, 2)
                 start += k
             if i in ks_of:
@@ -106,36 +146,62 @@ def _count_partition(batches: Iterator[Any], entries: list[dict[str, Any]], cols
                 per_day[day] += flat[d]
             else:
                 per_day[day] = flat[d]
-    day_col, key_col, n_col = [], [], []
-    for day, vec in per_day.items():
-        nz = np.flatnonzero(vec)
-        day_col.append(np.full(nz.size, day, dtype="int64"))
-        key_col.append(nz)
-        n_col.append(vec[nz])
+    day_us = np.array(sorted(per_day), dtype="int64")
+    table = np.array([per_day[d] for d in day_us.tolist()], dtype="int64").reshape(day_us.size, offs[-1])
     ks = np.concatenate([np.zeros(0, dtype="int64"), *le])
-    day_col.append(np.zeros(ks.size, dtype="int64"))  # KS keys follow the blocks; any day
-    key_col.append(offs[-1] + np.arange(ks.size))
-    n_col.append(ks)
-    yield pa.RecordBatch.from_arrays(
-        [pa.array(np.concatenate(day_col)), pa.array(np.concatenate(key_col).astype("int64")),
-         pa.array(np.concatenate(n_col).astype("int64"))], names=["day", "key", "n"])
+    yield pa.RecordBatch.from_arrays([pa.array([pickle.dumps((day_us, table, ks))], pa.binary())],
+                                     names=["counts"])
+
+
+def _add(a: _Counts, b: _Counts) -> _Counts:
+    """The sum of two partitions' (or sums') counts: tables aligned on the union of their days."""
+    days = np.union1d(a[0], b[0])
+    table = np.zeros((days.size, a[1].shape[1]), dtype="int64")
+    for d, t in (a[:2], b[:2]):
+        table[np.searchsorted(days, d)] += t  # each side's days are distinct
+    return days, table, a[2] + b[2]
+
+
+def _add_row(acc: _Counts, row: Any) -> _Counts:
+    return _add(acc, pickle.loads(row[0]))
+
+
+def _position(column: str, values: list[str], other: int) -> Any:
+    """Spark expression: the position of ``column``'s value (as text) among ``values``,
+    ``other`` for another value, -1 for null."""
+    from pyspark.sql import functions as F
+
+    text = F.col(f"`{column}`").cast("string")
+    expr = F.when(text.isNull(), F.lit(-1))
+    for pos, value in enumerate(values):
+        expr = expr.when(text == F.lit(value), F.lit(pos))
+    return expr.otherwise(F.lit(other))
 
 
 def _segment_codes(segs: list[str], seg_values: list[list[str]]) -> list[Any]:
-    """``__s{j}``: the profile's position of segment column j's value (as text), else -1."""
-    from pyspark.sql import functions as F
+    """Code of segment column j: the profile's position of its value (as text), else -1."""
+    return [_position(c, seg_values[j], -1) for j, c in enumerate(segs)]
 
-    out = []
-    for j, c in enumerate(segs):
-        expr = F.lit(-1)
-        if seg_values[j]:
-            text = F.col(f"`{c}`").cast("string")
-            expr = F.when(text == F.lit(seg_values[j][0]), F.lit(0))
-            for pos, value in enumerate(seg_values[j][1:], start=1):
-                expr = expr.when(text == F.lit(value), F.lit(pos))
-            expr = expr.otherwise(F.lit(-1))
-        out.append(expr.alias(f"__s{j}"))
-    return out
+
+def _category_codes(sdf: Any, entries: list[dict[str, Any]], cols: list[str]) -> dict[str, list[str]]:
+    """The categorical columns of text type, with their profile categories (as text): the
+    JVM sends their positions (:func:`_position`) to the counting workers instead of the text
+    (the same bins, see :func:`_decoded`)."""
+    from pyspark.sql.types import StringType
+
+    types = {f.name: f.dataType for f in sdf.schema.fields}
+    coded = {c: [str(v) for v in e["categories"]] for e, c in zip(entries, cols, strict=True)
+             if e["kind"] == ColumnKind.CATEGORICAL and isinstance(types.get(c), StringType)}
+    return {c: cats for c, cats in coded.items() if len(set(cats)) == len(cats)}  # else: as text
+
+
+def _dense_columns(sdf: Any, entries: list[dict[str, Any]], cols: list[str]) -> list[str]:
+    """The numeric columns of type double, which the JVM sends as one array column."""
+    from pyspark.sql.types import DoubleType
+
+    types = {f.name: f.dataType for f in sdf.schema.fields}
+    return list(dict.fromkeys(c for e, c in zip(entries, cols, strict=True)
+                              if e["kind"] == ColumnKind.NUMERIC and isinstance(types.get(c), DoubleType)))
 
 
 class _ArrowBatchRows:
@@ -175,33 +241,36 @@ def spark_window_counts(sdf: Any, profile: dict[str, Any], cfg: ChurnConfig,
     ks_of = [i for i, f in enumerate(present)
              if feats[f]["kind"] == ColumnKind.NUMERIC and feats[f].get("sample")]
     samples = [np.asarray(entries[i]["sample"], dtype="float64") for i in ks_of]
-    rows = sdf.select(F.col("customer_id"), F.unix_micros(F.col("cutoff").cast("timestamp")).alias("__day"),
-                      *[F.col(f"`{c}`") for c in dict.fromkeys(cols)], *_segment_codes(segs, seg_values))
+    coded = _category_codes(sdf, entries, cols)
+    dense = _dense_columns(sdf, entries, cols)
+    codes = [*(_position(c, cats, len(cats)) for c, cats in coded.items()), *_segment_codes(segs, seg_values)]
+    rows = sdf.select(F.unix_micros(F.col("cutoff").cast("timestamp")).alias("__day"),
+                      *([F.array(*(F.col(f"`{c}`") for c in dense)).alias("__x")] if dense else []),
+                      *([F.array(*codes).alias("__c")] if codes else []),
+                      *(F.col(f"`{c}`") for c in dict.fromkeys(cols) if c not in coded and c not in dense))
     count = partial(_count_partition, entries=entries, cols=cols, seg_sizes=seg_sizes,
                     seg_skip=[names.index(c) if c in names else None for c in segs], samples=samples,
-                    ks_of=ks_of)
-    with _ArrowBatchRows(sdf.sparkSession, ARROW_BATCH_ROWS):
-        sums = (rows.drop("customer_id").mapInArrow(count, "day long, key long, n long")
-                .groupBy("day", "key").agg(F.sum("n").alias("n")).toPandas())
-    distinct = _distinct_customers(rows, seg_sizes)
-
+                    ks_of=ks_of, dense=dense, coded=coded)
     groups = 1 + sum(seg_sizes)
     bins = [len(e["shares"]) for e in entries]
     offs = _block_offsets(bins, groups)
-    hist = sums[sums["key"] < offs[-1]]
-    day_us = np.unique(hist["day"].to_numpy(dtype="int64"))
+    zero = (np.zeros(0, dtype="int64"), np.zeros((0, offs[-1]), dtype="int64"),
+            np.zeros(sum(s.size for s in samples), dtype="int64"))
+    # the two jobs at once, from two driver threads: each keeps a core busy while the other waits
+    # (a scan is one task per input split; stage start-ups, the result fetches)
+    with ThreadPoolExecutor(1, thread_name_prefix="churn-distinct") as pool:
+        distinct_job = pool.submit(_distinct_customers, sdf, segs, seg_values)
+        with _ArrowBatchRows(sdf.sparkSession, ARROW_BATCH_ROWS):
+            day_us, table, le_all = rows.mapInArrow(count, "counts binary").rdd.treeAggregate(
+                zero, _add_row, _add)
+        distinct = distinct_job.result()
+
     days = pd.DatetimeIndex(pd.to_datetime(day_us, unit="us", utc=True))
-    table = np.zeros((len(days), offs[-1]), dtype="int64")
-    np.add.at(table, (np.searchsorted(day_us, hist["day"].to_numpy(dtype="int64")), hist["key"].to_numpy()),
-              hist["n"].to_numpy(dtype="int64"))
     blocks = {n: table[:, offs[i]:offs[i + 1]].reshape(len(days), groups, bins[i] + 1)
               for i, n in enumerate(names)}
     per_day = {n: np.ascontiguousarray(b[:, 0, 1:]) for n, b in blocks.items()}
     nulls = {n: int(blocks[n][:, 0, 0].sum()) for n in present}
 
-    ks = sums[sums["key"] >= offs[-1]]
-    le_all = np.zeros(sum(s.size for s in samples), dtype="int64")
-    np.add.at(le_all, ks["key"].to_numpy() - offs[-1], ks["n"].to_numpy(dtype="int64"))
     ks_le: dict[str, tuple[np.ndarray, int]] = {}
     start = 0
     for i, sample in zip(ks_of, samples, strict=True):
@@ -220,25 +289,32 @@ def spark_window_counts(sdf: Any, profile: dict[str, Any], cfg: ChurnConfig,
                         [f for f in feats if f not in present], per_day, nulls, ks_le, segments)
 
 
-def _distinct_customers(rows: Any, seg_sizes: list[int]) -> list[list[int]]:
+def _distinct_customers(sdf: Any, segs: list[str], seg_values: list[list[str]]) -> list[list[int]]:
     """Distinct customers per known value of each segment column (a list per column), and
     overall (the last list, one number); see the module doc."""
     from pyspark.sql import functions as F
 
-    words = [(j, w) for j, k in enumerate(seg_sizes) for w in range(-(-k // _WORD))]
+    seg_sizes = [len(v) for v in seg_values]
+    first = np.cumsum([0, *seg_sizes]).tolist()  # bit of (column j, value v): first[j] + v
+    rows = sdf.select(F.col("customer_id"),
+                      *(code.alias(f"__s{j}") for j, code in enumerate(_segment_codes(segs, seg_values))))
     sets = []
-    for j, w in words:
-        code = F.col(f"__s{j}")
-        inside = (code >= w * _WORD) & (code < (w + 1) * _WORD)
-        bit = F.expr(f"shiftleft(CAST(1 AS BIGINT), __s{j} - {w * _WORD})")
-        sets.append(F.bit_or(F.when(inside, bit).otherwise(F.lit(0).cast("long"))).alias(f"__w{j}_{w}"))
+    for w in range(-(-first[-1] // _WORD)):
+        bits = [F.when((F.col(f"__s{j}") >= max(w * _WORD - first[j], 0))
+                       & (F.col(f"__s{j}") < min((w + 1) * _WORD - first[j], k)),
+                       F.expr(f"shiftleft(CAST(1 AS BIGINT), __s{j} + {first[j] - w * _WORD})"))
+                .otherwise(F.lit(0).cast("long"))
+                for j, k in enumerate(seg_sizes) if first[j] < (w + 1) * _WORD and first[j] + k > w * _WORD]
+        word = bits[0]
+        for b in bits[1:]:
+            word = word.bitwiseOR(b)
+        sets.append(F.bit_or(word).alias(f"__w{w}"))
     customers = (rows.where(F.col("customer_id").isNotNull()).groupBy("customer_id")
                  .agg(*(sets or [F.count(F.lit(1)).alias("__rows")])))
     counts = [F.count(F.lit(1)).alias("__all")]
-    for j, k in enumerate(seg_sizes):
-        for v in range(k):
-            bit = F.col(f"__w{j}_{v // _WORD}").bitwiseAND(F.lit(1 << (v % _WORD)).cast("long"))
-            counts.append(F.count_if(bit != 0).alias(f"__n{j}_{v}"))
+    for bit in range(first[-1]):
+        mask = F.col(f"__w{bit // _WORD}").bitwiseAND(F.lit(1 << (bit % _WORD)).cast("long"))
+        counts.append(F.count_if(mask != 0).alias(f"__n{bit}"))
     got = customers.agg(*counts).collect()[0]
-    per_value = [[int(got[f"__n{j}_{v}"]) for v in range(k)] for j, k in enumerate(seg_sizes)]
+    per_value = [[int(got[f"__n{first[j] + v}"]) for v in range(k)] for j, k in enumerate(seg_sizes)]
     return [*per_value, [int(got["__all"])]]
