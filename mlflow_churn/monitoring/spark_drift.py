@@ -109,8 +109,8 @@ def _count_partition(batches: Iterator[Any], entries: list[dict[str, Any]], cols
     groups = 1 + sum(seg_sizes)
     bins = [len(e["shares"]) for e in entries]
     offs = _block_offsets(bins, groups)
-    per_day: dict[int, np.ndarray] = {}
-    le = [np.zeros(s.size, dtype="int64") for s in samples]
+    ks_start = np.cumsum([0, *(s.size for s in samples)]).tolist()
+    total = _no_counts(offs[-1], ks_start[-1])
     for batch in batches:
         if batch.num_rows == 0:
             continue
@@ -126,6 +126,7 @@ def _count_partition(batches: Iterator[Any], entries: list[dict[str, Any]], cols
             seg = c[len(coded) + j]
             seg_days.append(np.where(seg >= 0, seg * nd + day_codes, -1))
         flat = np.zeros((nd, offs[-1]), dtype="int64")
+        ks = np.zeros(ks_start[-1], dtype="int64")
         for i, (entry, col) in enumerate(zip(entries, cols, strict=True)):
             values = columns[col] if col in columns else _column(batch, col)
             idx = drift.bin_index(entry, values) + 1  # 0: missing
@@ -140,21 +141,18 @@ def _count_partition(batches: Iterator[Any], entries: list[dict[str, Any]], cols
                 start += k
             if i in ks_of:
                 q = ks_of.index(i)
-                le[q] += drift.sample_le_counts(samples[q], values)[0]
-        for d, day in enumerate(days.tolist()):
-            if day in per_day:
-                per_day[day] += flat[d]
-            else:
-                per_day[day] = flat[d]
-    day_us = np.array(sorted(per_day), dtype="int64")
-    table = np.array([per_day[d] for d in day_us.tolist()], dtype="int64").reshape(day_us.size, offs[-1])
-    ks = np.concatenate([np.zeros(0, dtype="int64"), *le])
-    yield pa.RecordBatch.from_arrays([pa.array([pickle.dumps((day_us, table, ks))], pa.binary())],
-                                     names=["counts"])
+                ks[ks_start[q]:ks_start[q + 1]] = drift.sample_le_counts(samples[q], values)[0]
+        total = _add(total, (np.asarray(days, dtype="int64"), flat, ks))
+    yield pa.RecordBatch.from_arrays([pa.array([pickle.dumps(total)], pa.binary())], names=["counts"])
+
+
+def _no_counts(keys: int, ks: int) -> _Counts:
+    """The counts of no rows: no days, ``keys`` histogram keys, ``ks`` KS counts."""
+    return np.zeros(0, dtype="int64"), np.zeros((0, keys), dtype="int64"), np.zeros(ks, dtype="int64")
 
 
 def _add(a: _Counts, b: _Counts) -> _Counts:
-    """The sum of two partitions' (or sums') counts: tables aligned on the union of their days."""
+    """The sum of two counts (batches', partitions' or sums'): tables aligned on the union of their days."""
     days = np.union1d(a[0], b[0])
     table = np.zeros((days.size, a[1].shape[1]), dtype="int64")
     for d, t in (a[:2], b[:2]):
@@ -254,8 +252,7 @@ def spark_window_counts(sdf: Any, profile: dict[str, Any], cfg: ChurnConfig,
     groups = 1 + sum(seg_sizes)
     bins = [len(e["shares"]) for e in entries]
     offs = _block_offsets(bins, groups)
-    zero = (np.zeros(0, dtype="int64"), np.zeros((0, offs[-1]), dtype="int64"),
-            np.zeros(sum(s.size for s in samples), dtype="int64"))
+    zero = _no_counts(offs[-1], sum(s.size for s in samples))
     # the two jobs at once, from two driver threads: each keeps a core busy while the other waits
     # (a scan is one task per input split; stage start-ups, the result fetches)
     with ThreadPoolExecutor(1, thread_name_prefix="churn-distinct") as pool:
