@@ -44,6 +44,9 @@ def guard_server(root: Path, **churn_env: str) -> Iterator[TrackingServer]:
     sign, verify = root / "keys" / "signing.key", root / "keys" / "verify.pub"
     keygen(sign, verify)
     env["CHURN_REGISTRY__VERIFY_KEY_FILE"] = str(verify)
+    # as the product's servers (tracking_server.server_env): MLflow's GenAI job runner off, which
+    # would start eight more processes per server and leave its store in /dev/shm when killed
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     env.update(churn_env)
     server = start_tracking_server(f"sqlite:///{root}/db.sqlite", root / "artifacts", app_name="churn-guard",
                                    env=env, cwd=root, log_path=root / "server.log")
