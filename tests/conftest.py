@@ -33,7 +33,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 #: machine have room, else pytest's default (/tmp, on disk). The suite's SQLite, DuckDB and file
 #: stores commit thousands of times, and on disk each commit waits for an fsync:
 #: tests/test_evaluation_gate.py took 81 s and 89 s on tmpfs against 86 s and 99 s on disk (two
-#: alternating pairs, 2026-12-07). ``--basetemp`` given, or CHURN_TEST_TMPFS=0, keeps pytest's choice.
+#: alternating pairs, 2026-12-07). ``--basetemp`` given, or PYTEST_TMPFS=0, keeps pytest's choice.
 TMPFS, TMPFS_MIN_FREE = Path("/dev/shm"), 8 << 30
 _TMPFS_PREFIX = "churn-pytest-"
 _TMPFS_KEY, _TMPFS_KEPT = pytest.StashKey[Path](), pytest.StashKey[Path]()  # the session's dir; kept
@@ -65,7 +65,7 @@ def _tmpfs_basetemp() -> Path | None:
 def pytest_configure(config: pytest.Config) -> None:
     """The session's temp dirs on :data:`TMPFS` when it has room (the xdist workers get
     subdirectories of the controller's choice)."""
-    if hasattr(config, "workerinput") or config.option.basetemp or os.environ.get("CHURN_TEST_TMPFS") == "0":
+    if hasattr(config, "workerinput") or config.option.basetemp or os.environ.get("PYTEST_TMPFS") == "0":
         return
     base = _tmpfs_basetemp()
     if base is not None:
