@@ -46,7 +46,10 @@ value, -1 for null), which the worker turns into a pandas categorical on those c
 one value the profile lacks (``bin_index`` gives it the same bins as the text), then per
 segment column its value's position among the profile's values (as ``str(value)``, like the
 local engine's lookup; -1 for null and for a value the profile lacks: the local engine has no
-reference for those segments and skips them); any other profiled column as it is.
+reference for those segments and skips them), except for a segment column that is also such a
+categorical column with all its segment values among the categories: the worker looks its
+segment codes up from the category codes (:func:`_segment_sources`); any other profiled column
+as it is.
 """
 
 from __future__ import annotations
@@ -166,13 +169,14 @@ def _joints(seg_sizes: list[int], cells: int) -> list[list[int]]:
 def _count_partition(batches: Iterator[Any], entries: list[dict[str, Any]], cols: list[str],
                      seg_sizes: list[int], seg_skip: list[int | None], samples: list[np.ndarray],
                      ks_of: list[int], dense: list[str], coded: dict[str, list[str]],
-                     tops: list[int]) -> Iterator[Any]:
+                     tops: list[int], seg_from: list[tuple[int, np.ndarray | None]]) -> Iterator[Any]:
     """``mapInArrow``: one partition's counts as one row (see the module doc). Batches hold
     ``__day`` (microseconds), ``__x`` (the ``dense`` columns' values), ``__c0``, ... (the ``coded``
     columns' category codes, then the segment columns' codes, packed: :func:`_packed_codes`;
     ``tops``: the codes' largest values) and the other ``cols`` of
     ``entries`` as they are; ``seg_skip[j]``: the entry that is segment column j itself (no
-    per-segment counts)."""
+    per-segment counts); ``seg_from[j]``: where segment column j's codes come from (see
+    :func:`_segment_sources`)."""
     import pyarrow as pa
 
     groups = 1 + sum(seg_sizes)
@@ -190,13 +194,14 @@ def _count_partition(batches: Iterator[Any], entries: list[dict[str, Any]], cols
         c = _unpacked_codes(batch, tops)
         columns: dict[str, Any] = {name: x[p] for p, name in enumerate(dense)}
         columns |= {name: _decoded(c[q], cats) for q, (name, cats) in enumerate(coded.items())}
+        segments = [c[q] if lookup is None else lookup[c[q] + 1] for q, lookup in seg_from]
         joints = _joints(seg_sizes, nd * (max(bins) + 1))
         keys = []  # per group of segment columns: each row's cell (code + 1 of each column, day)
         for joint in joints:
             key = np.zeros(batch.num_rows, dtype="int64")
             for j in joint:
                 key *= seg_sizes[j] + 1
-                key += c[len(coded) + j]
+                key += segments[j]
                 key += 1  # -1 (none of the profile's values) -> 0
             key *= nd
             key += day_codes
@@ -252,6 +257,29 @@ def _position(column: str, values: list[str], other: int) -> Any:
     for pos, value in enumerate(values):
         expr = expr.when(text == F.lit(value), F.lit(pos))
     return expr.otherwise(F.lit(other))
+
+
+def _segment_sources(segs: list[str], seg_values: list[list[str]], coded: dict[str, list[str]]
+                     ) -> tuple[list[int], list[tuple[int, np.ndarray | None]]]:
+    """Segment columns whose codes the JVM sends (their indices), and per segment column where
+    the counting worker finds its codes: (position among the packed codes, None), or, for a
+    coded categorical column whose categories hold all its segment values (as text), (the
+    categorical's position, a lookup from its code + 1 to the segment code): the same text
+    comparisons give both codes, so the JVM codes the column once."""
+    sent: list[int] = []
+    sources: list[tuple[int, np.ndarray | None]] = []
+    names = list(coded)
+    for j, (col, values) in enumerate(zip(segs, seg_values, strict=True)):
+        cats = coded.get(col)
+        if cats is not None and all(isinstance(v, str) for v in values) and set(values) <= set(cats):
+            where = {v: p for p, v in enumerate(values)}
+            # code + 1: 0 null, 1 + position among cats, 1 + len(cats) another value
+            lookup = np.array([-1, *(where.get(cat, -1) for cat in cats), -1], dtype="int64")
+            sources.append((names.index(col), lookup))
+        else:
+            sources.append((len(coded) + len(sent), None))
+            sent.append(j)
+    return sent, sources
 
 
 def _segment_codes(segs: list[str], seg_values: list[list[str]]) -> list[Any]:
@@ -319,15 +347,17 @@ def spark_window_counts(sdf: Any, profile: dict[str, Any], cfg: ChurnConfig,
     samples = [np.asarray(entries[i]["sample"], dtype="float64") for i in ks_of]
     coded = _category_codes(sdf, entries, cols)
     dense = _dense_columns(sdf, entries, cols)
-    codes = [*(_position(c, cats, len(cats)) for c, cats in coded.items()), *_segment_codes(segs, seg_values)]
-    tops = [*(len(cats) for cats in coded.values()), *(len(v) - 1 for v in seg_values)]  # largest codes
+    sent, seg_from = _segment_sources(segs, seg_values, coded)
+    codes = [*(_position(c, cats, len(cats)) for c, cats in coded.items()),
+             *(_position(segs[j], seg_values[j], -1) for j in sent)]
+    tops = [*(len(cats) for cats in coded.values()), *(len(seg_values[j]) - 1 for j in sent)]  # largest codes
     rows = sdf.select(F.unix_micros(F.col("cutoff").cast("timestamp")).alias("__day"),
                       *([F.array(*(F.col(f"`{c}`") for c in dense)).alias("__x")] if dense else []),
                       *_packed_codes(codes, tops),
                       *(F.col(f"`{c}`") for c in dict.fromkeys(cols) if c not in coded and c not in dense))
     count = partial(_count_partition, entries=entries, cols=cols, seg_sizes=seg_sizes,
                     seg_skip=[names.index(c) if c in names else None for c in segs], samples=samples,
-                    ks_of=ks_of, dense=dense, coded=coded, tops=tops)
+                    ks_of=ks_of, dense=dense, coded=coded, tops=tops, seg_from=seg_from)
     groups = 1 + sum(seg_sizes)
     bins = [len(e["shares"]) for e in entries]
     offs = _block_offsets(bins, groups)
