@@ -50,6 +50,11 @@ reference for those segments and skips them), except for a segment column that i
 categorical column with all its segment values among the categories: the worker looks its
 segment codes up from the category codes (:func:`_segment_sources`); any other profiled column
 as it is.
+
+Both queries are written as Spark SQL text (``selectExpr``): one call to the JVM per query
+instead of a few per category value with the Column API, which cost more driver and JIT time
+than the codes' work on the rows; the profile's texts go in as hex bytes (:func:`_sql_text`),
+so no value can break the quoting.
 """
 
 from __future__ import annotations
@@ -120,16 +125,13 @@ def _pack_layout(tops: list[int]) -> list[tuple[int, int, int]]:
     return layout
 
 
-def _packed_codes(codes: list[Any], tops: list[int]) -> list[Any]:
-    """Spark expressions: the packed columns of ``codes`` (int expressions, values -1 ..
+def _packed_codes(codes: list[str], tops: list[int]) -> list[str]:
+    """Spark SQL: the packed columns of ``codes`` (SQL of int expressions, values -1 ..
     ``tops[q]``), see :func:`_pack_layout`."""
-    from pyspark.sql import functions as F
-
-    words: dict[int, Any] = {}
+    words: dict[int, list[str]] = {}
     for code, (column, shift, _) in zip(codes, _pack_layout(tops), strict=True):
-        part = F.shiftleft((code + F.lit(1)).cast("long"), shift)
-        words[column] = words[column].bitwiseOR(part) if column in words else part
-    return [words[w].alias(f"__c{w}") for w in sorted(words)]
+        words.setdefault(column, []).append(f"shiftleft(CAST(({code}) + 1 AS BIGINT), {shift})")
+    return [f"{' | '.join(words[w])} AS __c{w}" for w in sorted(words)]
 
 
 def _unpacked_codes(batch: Any, tops: list[int]) -> np.ndarray:
@@ -247,16 +249,25 @@ def _add_row(acc: _Counts, row: Any) -> _Counts:
     return _add(acc, pickle.loads(row[0]))
 
 
-def _position(column: str, values: list[str], other: int) -> Any:
-    """Spark expression: the position of ``column``'s value (as text) among ``values``,
-    ``other`` for another value, -1 for null."""
-    from pyspark.sql import functions as F
+def _sql_name(column: str) -> str:
+    """Spark SQL: the column ``column``."""
+    return "`" + column.replace("`", "``") + "`"
 
-    text = F.col(f"`{column}`").cast("string")
-    expr = F.when(text.isNull(), F.lit(-1))
-    for pos, value in enumerate(values):
-        expr = expr.when(text == F.lit(value), F.lit(pos))
-    return expr.otherwise(F.lit(other))
+
+def _sql_text(value: str) -> str:
+    """Spark SQL: the text ``value`` (its UTF-8 bytes in hex, cast to a string: a constant, with
+    no quoting or escaping to get wrong whatever the value and the parser's settings)."""
+    return f"CAST(X'{value.encode('utf-8').hex()}' AS STRING)"
+
+
+def _position(column: str, values: list[str], other: int) -> str:
+    """Spark SQL: the position of ``column``'s value (as text) among ``values`` (as text),
+    ``other`` for another value, -1 for null. Expressions are built as SQL text: one call to
+    the JVM each instead of a few per value (building the queries was a good part of the
+    driver's time)."""
+    text = f"CAST({_sql_name(column)} AS STRING)"
+    whens = "".join(f" WHEN {text} = {_sql_text(str(v))} THEN {p}" for p, v in enumerate(values))
+    return f"CASE WHEN {text} IS NULL THEN -1{whens} ELSE {other} END"
 
 
 def _segment_sources(segs: list[str], seg_values: list[list[str]], coded: dict[str, list[str]]
@@ -280,11 +291,6 @@ def _segment_sources(segs: list[str], seg_values: list[list[str]], coded: dict[s
             sources.append((len(coded) + len(sent), None))
             sent.append(j)
     return sent, sources
-
-
-def _segment_codes(segs: list[str], seg_values: list[list[str]]) -> list[Any]:
-    """Code of segment column j: the profile's position of its value (as text), else -1."""
-    return [_position(c, seg_values[j], -1) for j, c in enumerate(segs)]
 
 
 def _category_codes(sdf: Any, entries: list[dict[str, Any]], cols: list[str]) -> dict[str, list[str]]:
@@ -332,8 +338,6 @@ def spark_window_counts(sdf: Any, profile: dict[str, Any], cfg: ChurnConfig,
                         score_col: str = "churn_probability") -> WindowCounts:
     """:class:`WindowCounts` of the Spark DataFrame ``sdf`` (``customer_id``, ``cutoff``,
     features, ``score_col``) against ``profile`` (see the module doc)."""
-    from pyspark.sql import functions as F
-
     feats = profile["features"]
     present = [f for f in feats if f in sdf.columns]
     names = [*present, SCORE]
@@ -351,10 +355,10 @@ def spark_window_counts(sdf: Any, profile: dict[str, Any], cfg: ChurnConfig,
     codes = [*(_position(c, cats, len(cats)) for c, cats in coded.items()),
              *(_position(segs[j], seg_values[j], -1) for j in sent)]
     tops = [*(len(cats) for cats in coded.values()), *(len(seg_values[j]) - 1 for j in sent)]  # largest codes
-    rows = sdf.select(F.unix_micros(F.col("cutoff").cast("timestamp")).alias("__day"),
-                      *([F.array(*(F.col(f"`{c}`") for c in dense)).alias("__x")] if dense else []),
-                      *_packed_codes(codes, tops),
-                      *(F.col(f"`{c}`") for c in dict.fromkeys(cols) if c not in coded and c not in dense))
+    rows = sdf.selectExpr(f"unix_micros(CAST({_sql_name('cutoff')} AS TIMESTAMP)) AS __day",
+                          *([f"array({', '.join(map(_sql_name, dense))}) AS __x"] if dense else []),
+                          *_packed_codes(codes, tops),
+                          *(_sql_name(c) for c in dict.fromkeys(cols) if c not in coded and c not in dense))
     count = partial(_count_partition, entries=entries, cols=cols, seg_sizes=seg_sizes,
                     seg_skip=[names.index(c) if c in names else None for c in segs], samples=samples,
                     ks_of=ks_of, dense=dense, coded=coded, tops=tops, seg_from=seg_from)
@@ -403,29 +407,25 @@ def _distinct_customers(sdf: Any, segs: list[str], seg_values: list[list[str]]) 
 
     seg_sizes = [len(v) for v in seg_values]
     first = np.cumsum([0, *seg_sizes]).tolist()  # bit of (column j, value v): first[j] + v
-    rows = sdf.select(F.col("customer_id"),
-                      *(code.alias(f"__s{j}") for j, code in enumerate(_segment_codes(segs, seg_values))))
-    sets = []
+    words = []  # the bit set of a row: its segment values' bits, one 63-bit word per 63 values
     for w in range(-(-first[-1] // _WORD)):
-        bits = [F.when((F.col(f"__s{j}") >= max(w * _WORD - first[j], 0))
-                       & (F.col(f"__s{j}") < min((w + 1) * _WORD - first[j], k)),
-                       F.expr(f"shiftleft(CAST(1 AS BIGINT), __s{j} + {first[j] - w * _WORD})"))
-                .otherwise(F.lit(0).cast("long"))
-                for j, k in enumerate(seg_sizes) if first[j] < (w + 1) * _WORD and first[j] + k > w * _WORD]
-        word = bits[0]
-        for b in bits[1:]:
-            word = word.bitwiseOR(b)
-        sets.append(F.bit_or(word).alias(f"__w{w}"))
-    customers = (rows.where(F.col("customer_id").isNotNull()).groupBy("customer_id")
-                 .agg(*(sets or [F.count(F.lit(1)).alias("__rows")])))
-    counts = [F.count(F.lit(1)).alias("__all")]
-    for bit in range(first[-1]):
-        mask = F.col(f"__w{bit // _WORD}").bitwiseAND(F.lit(1 << (bit % _WORD)).cast("long"))
-        counts.append(F.count_if(mask != 0).alias(f"__n{bit}"))
+        parts = []
+        for j, (col, values) in enumerate(zip(segs, seg_values, strict=True)):
+            text = f"CAST({_sql_name(col)} AS STRING)"
+            whens = "".join(f" WHEN {text} = {_sql_text(str(v))} THEN {1 << (first[j] + p - w * _WORD)}L"
+                            for p, v in enumerate(values) if w * _WORD <= first[j] + p < (w + 1) * _WORD)
+            if whens:
+                parts.append(f"CASE{whens} ELSE 0L END")  # null, another value: no bit
+        words.append(f"{' | '.join(parts)} AS __b{w}")
+    rows = sdf.selectExpr("customer_id", *words).where("customer_id IS NOT NULL")
+    sets = [f"bit_or(__b{w}) AS __w{w}" for w in range(len(words))] or ["count(1) AS __rows"]
+    customers = rows.groupBy("customer_id").agg(*map(F.expr, sets))
+    counts = ["count(1) AS __all", *(f"count_if((__w{b // _WORD} & {1 << (b % _WORD)}L) != 0) AS __n{b}"
+                                      for b in range(first[-1]))]
     # a customer's rows are seldom together in a partition (one row a day, the rows laid out by
     # day or by file): an aggregation before the shuffle would only copy every row into a hash
     # table; bypassed, the groupBy is one aggregation after the shuffle
     with _SessionConf(sdf.sparkSession, {BYPASS_PARTIAL: "true"}):
-        got = customers.agg(*counts).collect()[0]
+        got = customers.selectExpr(*counts).collect()[0]
     per_value = [[int(got[f"__n{first[j] + v}"]) for v in range(k)] for j, k in enumerate(seg_sizes)]
     return [*per_value, [int(got["__all"])]]
