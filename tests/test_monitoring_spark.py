@@ -285,32 +285,40 @@ def test_materialize_and_monitor_on_a_standalone_cluster(trained, local_result, 
 
 @pytest.mark.spark
 def test_spark_counts_with_many_segment_values_and_customers_moving(spark) -> None:
-    """A segment column of 70 values (two 63-value words of the distinct count's bit sets),
-    customers whose value changes from day to day, values the profile lacks and nulls: the
-    Spark counts equal the local engine's, and the session's Arrow batch size is left as it was."""
+    """Segment columns of 70 values (two 63-value words of the distinct count's bit sets) and
+    of 306 (with the 70, a joint table too big for one ``bincount``: the counting splits them;
+    quotes, backslashes, empty and non-ASCII text among them),
+    customers whose values change from day to day, values the profile lacks and nulls: the
+    Spark counts equal the local engine's, and the session's settings are left as they were."""
+    from mlflow_churn.monitoring.spark_drift import BYPASS_PARTIAL, _joints
+
     rng = np.random.default_rng(5)
     n, days = 3000, pd.date_range("2026-03-01", periods=3, freq="D", tz="UTC")
-    values = [f"g{v:02d}" for v in range(70)]
+    odd = ["", "it's", "back\\slash", "new\nline", "`tick`", "ünï ☃"]  # text the SQL must keep
+    tiers = sorted([*(f"t{v:03d}" for v in range(300)), *odd])
+    values = {"grp": [f"g{v:02d}" for v in range(70)], "tier": tiers}
     frame = pd.concat([pd.DataFrame({
         "customer_id": np.arange(n, dtype="int64"), "cutoff": day,
         "x": np.where(rng.random(n) < 0.05, np.nan, rng.normal(0.0, 1.0, n)),
-        "grp": rng.choice([*values, "g99", None], n),
+        "grp": rng.choice([*values["grp"], "g99", None], n),
+        "tier": rng.choice([*values["tier"], "t999", None], n),
     }) for day in days], ignore_index=True)
     scores = rng.beta(1, 8, len(frame))
     sample = np.sort(rng.normal(0.0, 1.0, 500))
     numeric = {"kind": "numeric", "edges": [-1.0, 0.0, 1.0], "shares": [0.15, 0.35, 0.35, 0.15], "sample":
                sample.tolist(), "count": 1000, "null_rate": 0.0}
+    entry = {"count": 50, "features": {"x": numeric}, "score": numeric}
     profile = {"rows": 1000, "features": {"x": numeric},
                "score": {"kind": "numeric", "edges": [0.1, 0.2], "shares": [0.6, 0.3, 0.1], "count": 1000},
-               "segments": {"grp": {v: {"count": 50, "features": {"x": numeric}, "score": numeric}
-                                    for v in values}}}
-    cfg = load_config(environ={}, overrides={"monitoring.segments": ["grp"],
+               "segments": {col: dict.fromkeys(vals, entry) for col, vals in values.items()}}
+    cfg = load_config(environ={}, overrides={"monitoring.segments": ["grp", "tier"],
                                              "monitoring.min_segment_size": 10})
-    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
-    before = spark.conf.get(key)
+    assert len(_joints([70, 306], len(days) * 5)) == 2  # a batch holding every day: two tables
+    keys = ["spark.sql.execution.arrow.maxRecordsPerBatch", BYPASS_PARTIAL]
+    before = [spark.conf.get(k, None) for k in keys]
     counts = spark_window_counts(spark.createDataFrame(frame.assign(churn_probability=scores)).repartition(3),
                                  profile, cfg)
-    assert spark.conf.get(key) == before
+    assert [spark.conf.get(k, None) for k in keys] == before
     mine = window_counts(frame, scores, profile, cfg)
     assert list(counts.days) == list(mine.days) and counts.rows == mine.rows and counts.n_eff == mine.n_eff
     assert mine.nulls == counts.nulls
@@ -318,12 +326,13 @@ def test_spark_counts_with_many_segment_values_and_customers_moving(spark) -> No
         assert np.array_equal(arr, counts.per_day[name]), name
     assert np.array_equal(mine.ks_le["x"][0], counts.ks_le["x"][0])
     assert mine.ks_le["x"][1] == counts.ks_le["x"][1]
-    local, remote = mine.segments["grp"], counts.segments["grp"]
-    assert remote.values == values
-    for i, value in enumerate(local.values):
-        if value in values:
-            j = values.index(value)
-            assert local.distinct[i] == remote.distinct[j], value
-            for name in local.per_day:
-                assert np.array_equal(local.per_day[name][i], remote.per_day[name][j]), (value, name)
-    assert sum(remote.distinct) < 3 * n and max(remote.distinct) > 0
+    for col, vals in values.items():
+        local, remote = mine.segments[col], counts.segments[col]
+        assert remote.values == vals
+        for i, value in enumerate(local.values):
+            if value in vals:
+                j = vals.index(value)
+                assert local.distinct[i] == remote.distinct[j], value
+                for name in local.per_day:
+                    assert np.array_equal(local.per_day[name][i], remote.per_day[name][j]), (value, name)
+        assert sum(remote.distinct) < 3 * n and max(remote.distinct) > 0
