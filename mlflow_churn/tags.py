@@ -15,6 +15,8 @@ from __future__ import annotations
 # -- tags of our own namespace (``churn.``) -------------------------------------------------
 #: run tag: why a run left RUNNING by a dead process or an outage was marked FAILED on replay
 FAILED_TAG = "churn.failed"
+#: run tag: the pending-run journal's entry that covers the run (journalled before the run is made)
+JOURNAL_ENTRY_TAG = "churn.journal_entry"
 #: run tag: which decision a run records (``gate``, ``retrain``)
 DECISION_KIND_TAG = "churn.decision"
 #: training-run tags of a targeted retrain (the gate reads them from the version's source run)

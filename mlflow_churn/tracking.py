@@ -54,12 +54,13 @@ from typing import Any
 
 import httpx
 import mlflow
+from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig
 from mlflow_churn.errors import ChurnError, Unavailable, first_line
 from mlflow_churn.interrupt import uninterruptible
-from mlflow_churn.tags import EXPERIMENT_KIND_TAG, FAILED_TAG
+from mlflow_churn.tags import EXPERIMENT_KIND_TAG, FAILED_TAG, JOURNAL_ENTRY_TAG
 
 PROBE_TIMEOUT_S = 5.0
 #: MLflow's declared kind of an experiment, on every experiment the project creates or writes
@@ -275,6 +276,12 @@ def defer(cfg: ChurnConfig, op: str, **fields: Any) -> Path:
 def _apply(client: MlflowClient, entry: dict[str, Any]) -> str:
     from mlflow.exceptions import MlflowException
 
+    if entry["op"] == "end_run" and not entry.get("run_id"):  # journalled before the run was made
+        runs = client.search_runs([entry["experiment_id"]],
+                                  f"tags.`{JOURNAL_ENTRY_TAG}` = '{entry['entry_id']}'", ViewType.ALL)
+        if not runs:
+            return "run never made"
+        return "; ".join(_apply(client, {**entry, "run_id": run.info.run_id}) for run in runs)
     if entry["op"] == "end_run":
         try:
             run = client.get_run(entry["run_id"])
@@ -366,13 +373,16 @@ def _owner_alive(entry: dict[str, Any]) -> bool:
     return started is None or entry.get("pid_start") in (None, started)
 
 
-def _pending_run(cfg: ChurnConfig, run_id: str) -> str:
-    """Journal ``run_id`` as pending while this process runs it (the pending-run journal): if
-    the process dies without ending the run (kill -9, OOM), the next :func:`setup_mlflow` finds
-    the process gone and marks the run FAILED. Returns the entry's id for :func:`_forget`."""
+def _pending_run(cfg: ChurnConfig, experiment_id: str) -> str:
+    """Journal the run this process is about to make in ``experiment_id`` as pending while it
+    runs it (the pending-run journal): if the process dies without ending the run (kill -9,
+    OOM), the next :func:`setup_mlflow` finds the process gone and marks the run FAILED. The
+    entry is written before the run exists (a kill between the two would leave a RUNNING run
+    no entry covers), so it names the run by its tag :data:`JOURNAL_ENTRY_TAG` = the entry's id,
+    which it returns (for the run's tags and for :func:`_forget`)."""
     key = uuid.uuid4().hex
-    defer(cfg, "end_run", run_id=run_id, entry_id=key, pid=os.getpid(), host=socket.gethostname(),
-          pid_start=_started(os.getpid()))
+    defer(cfg, "end_run", run_id=None, experiment_id=experiment_id, entry_id=key, pid=os.getpid(),
+          host=socket.gethostname(), pid_start=_started(os.getpid()))
     return key
 
 
@@ -790,14 +800,15 @@ def client_run(client: MlflowClient, cfg: ChurnConfig, run_name: str, *, experim
     pending = None
     try:
         with uninterruptible():  # a Ctrl-C lands once the id is known and this try can end it
-            run_id = _create_run(client, experiment_id, run_name, tags or {}, parent_run_id, start_time)
-            pending = _pending_run(cfg, run_id) if journal else None
+            pending = _pending_run(cfg, experiment_id) if journal else None  # before the run: see there
+            run_tags = {**(tags or {}), **({JOURNAL_ENTRY_TAG: pending} if pending else {})}
+            run_id = _create_run(client, experiment_id, run_name, run_tags, parent_run_id, start_time)
         _mark_kind(client, experiment_id)  # after the run: a dead server fails the run, not this
         yield run_id
     except BaseException as exc:
         if run_id is not None:
             _cleanup_after(exc, lambda: _terminate_failed(cfg, client, run_id))
-            _forget(cfg, pending)
+        _forget(cfg, pending)
         raise
     with uninterruptible():
         client.set_terminated(run_id, "FINISHED")

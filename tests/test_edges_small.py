@@ -153,3 +153,37 @@ def test_yaml_alias_bomb_is_refused_at_once(workspace: Path) -> None:
 
 def cli_env_plain() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("CHURN_", "MLFLOW_"))}
+
+
+def test_a_run_journalled_before_it_is_made_is_failed_on_replay_or_dropped(config: ChurnConfig) -> None:
+    """The pending-run journal's entry is written before the run exists (a kill -9 between the
+    run's creation and a later entry left a RUNNING run nothing covered; seen once under load).
+    A process that died after making the run: the next setup_mlflow finds the run by its entry
+    tag and marks it FAILED. One that died before: the entry is dropped, no run is touched."""
+    import sys
+
+    from mlflow import MlflowClient
+
+    from mlflow_churn.tags import FAILED_TAG, JOURNAL_ENTRY_TAG
+    from mlflow_churn.tracking import PENDING_FILE, _pending_run, setup_mlflow
+
+    exp_id = setup_mlflow(config)
+    client = MlflowClient(config.mlflow_tracking_uri, config.mlflow_tracking_uri)
+    bystander = client.create_run(exp_id, run_name="another process's run").info.run_id
+    # two entries as a process killed at each point would leave them (its pid, then ended)
+    dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        made, unmade = _pending_run(config, exp_id), _pending_run(config, exp_id)
+        journal = config.workspace / PENDING_FILE
+        text = journal.read_text().replace(f'"pid": {os.getpid()}', f'"pid": {dead.pid}')
+        journal.write_text(text)
+        run_id = client.create_run(exp_id, run_name="gate v1", tags={JOURNAL_ENTRY_TAG: made}).info.run_id
+    finally:
+        dead.kill()
+        dead.wait(30)
+    assert unmade and client.get_run(run_id).info.status == "RUNNING"
+    setup_mlflow(config)  # the next command replays the journal
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and f"pid {dead.pid}" in run.data.tags[FAILED_TAG]
+    assert client.get_run(bystander).info.status == "RUNNING"
+    assert not journal.exists()
