@@ -20,8 +20,9 @@ its failures clean:
   delete) goes to a journal, ``<workspace>/mlflow-pending.jsonl``, which the next
   :func:`setup_mlflow` against the same server replays (:func:`_replay_pending`). The same
   journal holds the runs a process has open (``client_run(..., journal=True)``, e.g. the gate's
-  decision run) with its pid: an entry whose process is gone (kill -9) is replayed too, so its
-  run ends FAILED at the next command instead of staying RUNNING for ever.
+  decision run) with its pid, written before the run is made (the run names its entry by the
+  tag ``churn.journal_entry``): an entry whose process is gone (kill -9) is replayed too, so
+  its run ends FAILED at the next command instead of staying RUNNING for ever.
 
 The run a step logs into has one way per job: :func:`step_run` when the step logs with
 MLflow's fluent API in the calling thread (it opens, nests under or resumes the ``mlflow
