@@ -36,7 +36,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 #: alternating pairs, 2026-12-07). ``--basetemp`` given, or PYTEST_TMPFS=0, keeps pytest's choice.
 TMPFS, TMPFS_MIN_FREE = Path("/dev/shm"), 8 << 30
 _TMPFS_PREFIX = "churn-pytest-"
-_TMPFS_KEY, _TMPFS_KEPT = pytest.StashKey[Path](), pytest.StashKey[Path]()  # the session's dir; kept
+_TMPFS_KEY = pytest.StashKey[Path]()  # the session's directory there
 
 
 def _tmpfs_basetemp() -> Path | None:
@@ -83,13 +83,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         import shutil
 
         shutil.rmtree(base, ignore_errors=True)
-    else:
-        session.config.stash[_TMPFS_KEPT] = base
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    kept = config.stash.get(_TMPFS_KEPT, None)
-    if kept is not None:
+    kept = config.stash.get(_TMPFS_KEY, None)
+    if kept is not None and exitstatus != 0:
         terminalreporter.write_line(f"temp dirs kept at {kept} (tmpfs, in memory): remove it when done; the "
                                     "next session does")
 

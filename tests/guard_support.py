@@ -3,7 +3,6 @@ versions whose gate / canary records are written by the project's own recording 
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,13 +10,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import requests
+from guard_pg_support import make_keys, server_env
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_churn.config import ChurnConfig, load_config
 from mlflow_churn.evaluation.evaluate import _record_verdict
 from mlflow_churn.registry.aliases import CHAMPION, alias_version
-from mlflow_churn.registry.signing import keygen
 from mlflow_churn.serving.canary import evaluate_canary
 from mlflow_churn.serving.prediction_log import PredictionLog, PredictionRecord
 from mlflow_churn.tracking import setup_mlflow
@@ -38,19 +37,11 @@ def guard_server(root: Path, **churn_env: str) -> Iterator[TrackingServer]:
     """``mlflow server --app-name churn-guard`` on SQLite under ``root``; ``churn_env`` are the
     server's CHURN_* variables (e.g. CHURN_REGISTRY__REQUIRE_APPROVAL="true"). A key pair is
     made under ``root/keys``: the server gets only the verify file."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("CHURN_") and k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID",
-                                                       "MLFLOW_EXPERIMENT_ID")}
-    sign, verify = root / "keys" / "signing.key", root / "keys" / "verify.pub"
-    keygen(sign, verify)
-    env["CHURN_REGISTRY__VERIFY_KEY_FILE"] = str(verify)
-    # as the product's servers (tracking_server.server_env): MLflow's GenAI job runner off, which
-    # would start eight more processes per server and leave its store in /dev/shm when killed
-    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    env.update(churn_env)
+    keys = make_keys(root)
+    env = server_env(keys, **churn_env)  # the PostgreSQL guard's environment (job runner off)
     server = start_tracking_server(f"sqlite:///{root}/db.sqlite", root / "artifacts", app_name="churn-guard",
                                    env=env, cwd=root, log_path=root / "server.log")
-    KEYS[server.url] = (sign, verify)
+    KEYS[server.url] = (keys.signing_file, keys.verify_file)
     try:
         yield server
     finally:
